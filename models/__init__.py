@@ -1,0 +1,33 @@
+"""The tenant model zoo: small, seeded, code-defined models and demo tenant sets.
+
+Factories in ``zoo`` return ``(model, example_inputs)`` (``mlp_fx`` returns
+``(graph_module, input_shapes)``), build weights deterministically from a seed without
+disturbing the caller's RNG, and download nothing. ``sets`` groups them into the
+tenant sets used by the demo, tests and benchmarks; ``get_set(name)`` builds one.
+"""
+
+from .sets import SETS, get_set, heterogeneous, same_arch, shared_backbone
+from .zoo import (
+    encoder_onnx,
+    head_classes,
+    mlp,
+    mlp_fx,
+    resnet_cnn,
+    shared_backbone_tenant,
+    transformer_encoder,
+)
+
+__all__ = [
+    "SETS",
+    "encoder_onnx",
+    "get_set",
+    "head_classes",
+    "heterogeneous",
+    "mlp",
+    "mlp_fx",
+    "resnet_cnn",
+    "same_arch",
+    "shared_backbone",
+    "shared_backbone_tenant",
+    "transformer_encoder",
+]

@@ -1,0 +1,39 @@
+"""Errors raised by mtcompile. Each names what was wrong, where, and what was expected."""
+
+from __future__ import annotations
+
+
+class MTCompileError(Exception):
+    """Base class of every error mtcompile raises on purpose."""
+
+
+class TenantError(MTCompileError):
+    """A tenant is malformed: bad name, missing shapes, duplicate, unreadable model."""
+
+
+class UnsupportedOperatorError(TenantError):
+    """A tenant uses an operator that TVM's importer cannot translate."""
+
+    def __init__(self, tenant: str, ops: list[tuple[str, str]], frontend: str):
+        self.tenant, self.ops, self.frontend = tenant, ops, frontend
+        lines = [f"  - {op} (from {where})" for op, where in ops]
+        super().__init__(
+            f"tenant '{tenant}': {len(ops)} operator(s) not supported by TVM's {frontend} "
+            "importer:\n" + "\n".join(lines)
+        )
+
+
+class InputError(MTCompileError):
+    """Inputs given at run time do not match a tenant's signature."""
+
+
+class ArtifactError(MTCompileError):
+    """A saved bundle cannot be loaded: missing, corrupt or mismatched files."""
+
+
+class SpecError(MTCompileError):
+    """A TOML build spec is malformed."""
+
+
+class VerifyError(MTCompileError):
+    """The IR verifier found a broken invariant."""

@@ -1,0 +1,252 @@
+"""Tenant models -> per-tenant Relax modules, through TVM's own importers.
+
+PyTorch modules go through ``torch.export``, fx GraphModules through ``from_fx``, ONNX
+through ``from_onnx``. We write no op mappings; we only check a model against the
+importer's operator table first so that an unsupported operator is reported with the
+tenant, the operator and where it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import TenantError, UnsupportedOperatorError
+from .tenant import Tenant
+
+
+@dataclass(frozen=True)
+class ImportedTenant:
+    """A tenant imported into Relax: the module, its input names and where it came from."""
+
+    name: str
+    mod: Any  # tvm.IRModule with a "main" function
+    input_names: list[str]
+    kind: str  # "torch.export" | "torch.fx" | "onnx"
+    source_hash: str
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def to_numpy(x) -> np.ndarray:
+    """A numpy array from a numpy array, torch tensor or array-like."""
+    torch = _torch()
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().contiguous().numpy()
+    return np.asarray(x)
+
+
+def _to_torch(x):
+    torch = _torch()
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _hash_torch(code: str, tensors) -> str:
+    h = hashlib.sha256(code.encode())
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _where(node) -> str:
+    """Source line of an fx node, from its stack trace, else its name."""
+    trace = (node.meta or {}).get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
+    return lines[-1] if lines else f"fx node {node.name}"
+
+
+def import_tenant(t: Tenant) -> ImportedTenant:
+    """Import one tenant into Relax, or raise an error naming the tenant and the problem."""
+    torch = _torch()
+    model = t.model
+    if isinstance(model, torch.fx.GraphModule):
+        return _import_fx(t)
+    if isinstance(model, torch.export.ExportedProgram):
+        return _import_exported(t, model)
+    if isinstance(model, torch.nn.Module):
+        if t.example_inputs is None:
+            raise TenantError(f"tenant '{t.name}': a torch.nn.Module needs example_inputs "
+                              "(a tuple of tensors) to be traced with torch.export")
+        was_training = model.training
+        model.eval()  # mtcompile compiles inference; restore the caller's mode afterwards
+        try:
+            args = tuple(_to_torch(x) for x in t.example_inputs)
+            ep = torch.export.export(model, args)
+        except Exception as e:
+            raise TenantError(f"tenant '{t.name}': torch.export failed: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+        finally:
+            model.train(was_training)
+        return _import_exported(t, ep)
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - onnx is a dependency
+        onnx = None
+    if isinstance(model, str | os.PathLike) or (onnx and isinstance(model, onnx.ModelProto)):
+        return _import_onnx(t)
+    raise TenantError(f"tenant '{t.name}': model of type {type(model).__name__} is not "
+                      "supported; expected torch.nn.Module, torch.fx.GraphModule, "
+                      "torch.export.ExportedProgram, onnx.ModelProto or a path to an .onnx file")
+
+
+def _import_exported(t: Tenant, ep) -> ImportedTenant:
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    known = ExportedProgramImporter().convert_map
+    missing = [(n.target.__name__, _where(n)) for n in ep.graph.nodes
+               if n.op == "call_function" and n.target.__name__ not in known]
+    if missing:
+        raise UnsupportedOperatorError(t.name, _unique(missing), "torch.export")
+    names = [s.arg.name for s in ep.graph_signature.input_specs
+             if s.kind.name == "USER_INPUT"]
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=False)
+    except Exception as e:
+        raise TenantError(f"tenant '{t.name}': TVM's torch.export importer failed: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    state = sorted(ep.state_dict.items()) + sorted(ep.constants.items())
+    return ImportedTenant(t.name, mod, names, "torch.export",
+                          _hash_torch(str(ep.graph_module.code), state))
+
+
+def _import_fx(t: Tenant) -> ImportedTenant:
+    from tvm.relax.frontend.torch import from_fx
+    from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
+
+    gm = t.model
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    shapes = _fx_shapes(t, placeholders)
+    known = TorchFXImporter().convert_map
+    modules = dict(gm.named_modules())
+    missing = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) not in known:
+            missing.append((getattr(n.target, "__name__", str(n.target)), _where(n)))
+        elif n.op == "call_method" and n.target not in known:
+            missing.append((f"Tensor.{n.target}", _where(n)))
+        elif n.op == "call_module" and type(modules[n.target]) not in known:
+            missing.append((type(modules[n.target]).__name__, f"submodule '{n.target}'"))
+    if missing:
+        raise UnsupportedOperatorError(t.name, _unique(missing), "torch.fx")
+    try:
+        mod = from_fx(gm, [shapes[p] for p in placeholders])
+    except Exception as e:
+        raise TenantError(f"tenant '{t.name}': TVM's fx importer failed: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    state = sorted(gm.state_dict().items())
+    return ImportedTenant(t.name, mod, placeholders, "torch.fx",
+                          _hash_torch(str(gm.code), state))
+
+
+def _fx_shapes(t: Tenant, placeholders: list[str]) -> dict[str, tuple[list[int], str]]:
+    if t.input_shapes is not None:
+        if list(t.input_shapes) != placeholders:
+            raise TenantError(f"tenant '{t.name}': input_shapes names {list(t.input_shapes)} "
+                              f"do not match the GraphModule's inputs {placeholders}")
+        return {k: (list(s), str(d)) for k, (s, d) in t.input_shapes.items()}
+    if t.example_inputs is not None:
+        if len(t.example_inputs) != len(placeholders):
+            raise TenantError(f"tenant '{t.name}': {len(t.example_inputs)} example inputs for "
+                              f"a GraphModule with inputs {placeholders}")
+        arrays = [to_numpy(x) for x in t.example_inputs]
+        return {p: (list(a.shape), str(a.dtype)) for p, a in zip(placeholders, arrays, strict=True)}
+    raise TenantError(f"tenant '{t.name}': a torch.fx.GraphModule needs input_shapes "
+                      f"({{name: (shape, dtype)}} for inputs {placeholders}) or example_inputs")
+
+
+def load_onnx(t: Tenant):
+    """The tenant's ONNX ModelProto, loaded and checked, or a clear error."""
+    import onnx
+
+    model = t.model
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.is_file():
+            raise TenantError(f"tenant '{t.name}': ONNX file {str(path)!r} does not exist")
+        try:
+            model = onnx.load(str(path))
+        except Exception as e:
+            raise TenantError(f"tenant '{t.name}': {str(path)!r} is not a readable ONNX file: "
+                              f"{type(e).__name__}: {e}") from e
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise TenantError(f"tenant '{t.name}': invalid ONNX model: {str(e).splitlines()[0]}") from e
+    if not model.graph.node:
+        raise TenantError(f"tenant '{t.name}': the ONNX graph has no nodes")
+    return model
+
+
+def onnx_signature(t: Tenant, model) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Input name -> (shape, dtype) of an ONNX model, from the file or `t.input_shapes`."""
+    import onnx
+
+    inits = {i.name for i in model.graph.initializer}
+    sig = {}
+    given = dict(t.input_shapes or {})
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        if inp.name in given:
+            shape, dtype = given.pop(inp.name)
+            sig[inp.name] = (tuple(int(d) for d in shape), str(dtype))
+            continue
+        dims = []
+        for i, d in enumerate(tt.shape.dim):
+            if not d.HasField("dim_value"):
+                raise TenantError(
+                    f"tenant '{t.name}': ONNX input {inp.name!r} has a symbolic dimension "
+                    f"{d.dim_param or '?'} at axis {i}; give input_shapes={{{inp.name!r}: "
+                    "(shape, dtype)}}")
+            dims.append(int(d.dim_value))
+        sig[inp.name] = (tuple(dims), dtype)
+    if given:
+        raise TenantError(f"tenant '{t.name}': input_shapes names {sorted(given)} that are not "
+                          f"inputs of the ONNX model (inputs: {list(sig)})")
+    return sig
+
+
+def _import_onnx(t: Tenant) -> ImportedTenant:
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    model = load_onnx(t)
+    known = _get_convert_map()
+    missing = [(n.op_type, f"node {n.name!r}" if n.name else f"node #{i}")
+               for i, n in enumerate(model.graph.node)
+               if n.op_type not in known and n.op_type not in ("Constant", "If")]
+    if missing:
+        raise UnsupportedOperatorError(t.name, _unique(missing), "ONNX")
+    sig = onnx_signature(t, model)
+    try:
+        mod = from_onnx(model, {k: list(s) for k, (s, _) in sig.items()},
+                        {k: d for k, (_, d) in sig.items()})
+        mod = relax.transform.FoldConstant()(mod)
+    except Exception as e:
+        raise TenantError(f"tenant '{t.name}': TVM's ONNX importer failed: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    digest = hashlib.sha256(model.SerializeToString()).hexdigest()
+    return ImportedTenant(t.name, mod, list(sig), "onnx", digest)
+
+
+def _unique(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen, out = set(), []
+    for op, where in pairs:
+        if op not in seen:
+            seen.add(op)
+            out.append((op, where))
+    return out

@@ -1,0 +1,129 @@
+"""Graph -> one Relax IRModule (an entry per tenant, ``run_all``, the manifest) -> TVM executable.
+
+Every node is re-emitted generically with `relax.BlockBuilder`: the operator, attrs and
+arguments it was lifted with. The entry of a tenant holds the nodes its outputs need;
+``run_all`` holds every node once, takes every tenant's inputs and returns every
+tenant's outputs in one flat tuple.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .abi import MANIFEST_FN, RUN_ALL
+from .errors import MTCompileError
+from .ir import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Opaque, Ref, TensorTy
+from .lift import lift_type
+
+TARGETS = ("llvm", "cuda")
+
+
+class LoweringError(MTCompileError):
+    """The graph could not be re-emitted as Relax."""
+
+
+def make_target(target: str) -> tvm.target.Target:
+    """A TVM target from ``"llvm"`` or ``"cuda"`` (the GPU code gets an llvm host)."""
+    if target == "llvm":
+        return tvm.target.Target("llvm")
+    if target == "cuda":
+        return tvm.target.Target({"kind": "cuda"}, host={"kind": "llvm"})
+    raise MTCompileError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
+
+
+def device_for(target: str):
+    """The runtime device of a target name."""
+    return tvm.cuda(0) if target == "cuda" else tvm.cpu(0)
+
+
+def run_all_params(graph: Graph) -> list[tuple[str, str]]:
+    """(tenant, signature name) of every ``run_all`` parameter, in order."""
+    return [(t, local) for t, io in graph.tenants.items() for local, _ in io.inputs]
+
+
+class _Emitter:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.consts: dict[str, relax.Expr] = {}
+
+    def const(self, key: str) -> relax.Expr:
+        if key not in self.consts:
+            arr = self.graph.constants[key]
+            self.consts[key] = relax.const(arr, dtype=str(arr.dtype))  # keep int64/float64
+        return self.consts[key]
+
+    def arg(self, a, env):
+        if isinstance(a, Ref):
+            return env[a.name]
+        if isinstance(a, ConstRef):
+            return self.const(a.key)
+        if isinstance(a, Opaque):
+            return a.obj
+        if isinstance(a, tuple):
+            return relax.Tuple([self.arg(x, env) for x in a])
+        raise LoweringError(f"cannot emit argument {a!r}")
+
+    def expr(self, n, env):
+        if n.op == TUPLE:
+            return relax.Tuple([self.arg(a, env) for a in n.args])
+        if n.op == GET_ITEM:
+            return relax.TupleGetItem(self.arg(n.args[0], env), n.attrs)
+        args = [self.arg(a, env) for a in n.args]
+        attrs = n.attrs.obj if n.attrs is not None else None
+        return relax.Call(tvm.ir.Op.get(n.op), args, attrs, [t.obj for t in n.ty_args])
+
+    def function(self, bb: relax.BlockBuilder, fname: str, tenants: list[str],
+                 param_names: list[str]) -> None:
+        g = self.graph
+        outputs = [o for t in tenants for o in g.tenants[t].outputs]
+        live = {o.name for o in outputs if isinstance(o, Ref)}
+        for n in reversed(g.nodes):
+            if n.name in live:
+                live.update(n.inputs)
+        input_nodes = [name for t in tenants for _, name in g.tenants[t].inputs]
+        params, env = [], {}
+        for pname, node_name in zip(param_names, input_nodes, strict=True):
+            ty = g.node(node_name).ty
+            assert isinstance(ty, TensorTy)
+            env[node_name] = relax.Var(pname, relax.TensorType(list(ty.shape), ty.dtype))
+            params.append(env[node_name])
+        with bb.function(fname, params):
+            with bb.dataflow():
+                for n in g.nodes:
+                    if n.name not in live or n.op == INPUT:
+                        continue
+                    try:
+                        env[n.name] = bb.emit(self.expr(n, env), name_hint=n.name.replace(".", "_"))
+                    except Exception as e:
+                        raise LoweringError(f"tenant '{n.tenant}': cannot emit %{n.name} = "
+                                            f"{n.op}: {type(e).__name__}: {e}") from e
+                    got = lift_type(env[n.name].ty, n.name)
+                    if got != n.ty:
+                        raise LoweringError(f"tenant '{n.tenant}': %{n.name} = {n.op} has type "
+                                            f"{got} after emission, the graph says {n.ty}")
+                out = bb.emit_output(relax.Tuple([self.arg(o, env) for o in outputs]))
+            bb.emit_func_output(out)
+
+
+def emit_module(graph: Graph, manifest: dict | None = None) -> tvm.IRModule:
+    """One IRModule: an entry per tenant, ``run_all`` and (optionally) the manifest entry."""
+    em = _Emitter(graph)
+    bb = relax.BlockBuilder()
+    for t, io in graph.tenants.items():
+        em.function(bb, t, [t], [local for local, _ in io.inputs])
+    em.function(bb, RUN_ALL, list(graph.tenants),
+                [f"{t}__{local}" for t, local in run_all_params(graph)])
+    if manifest is not None:
+        data = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
+        with bb.function(MANIFEST_FN, []):
+            bb.emit_func_output(relax.const(data, dtype="uint8"))
+    return bb.get()
+
+
+def build(mod: tvm.IRModule, target: str):
+    """Compile the module with TVM for `target`; returns the executable."""
+    return tvm.compile(mod, make_target(target))

@@ -1,0 +1,43 @@
+"""A tenant: a name, a model, and the shapes and dtypes of its inputs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import TenantError
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+RESERVED_NAMES = frozenset({"run_all", "main"})
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One model to compile into a bundle.
+
+    model: a ``torch.nn.Module`` (needs ``example_inputs``), a ``torch.fx.GraphModule``
+    (needs ``example_inputs`` or ``input_shapes``), a ``torch.export.ExportedProgram``,
+    an ``onnx.ModelProto`` or a path to an ``.onnx`` file (shapes from the file unless
+    ``input_shapes`` is given).
+
+    input_shapes: ``{input_name: (shape, dtype)}`` in the model's input order.
+    example_inputs: a tuple of tensors/arrays; also used as the inputs of ``verify``.
+    """
+
+    name: str
+    model: Any
+    example_inputs: tuple | None = None
+    input_shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise TenantError(
+                f"tenant name {self.name!r} is not valid: expected a letter followed by "
+                "letters, digits or '_' (it becomes a function name in the executable)"
+            )
+        if self.name in RESERVED_NAMES:
+            raise TenantError(f"tenant name {self.name!r} is reserved; choose another name")
+        if self.example_inputs is not None and not isinstance(self.example_inputs, tuple):
+            object.__setattr__(self, "example_inputs", tuple(self.example_inputs))

@@ -1,0 +1,114 @@
+"""Numerics check: each tenant's source model (PyTorch eager or onnxruntime) vs the bundle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import MTCompileError
+from .frontends import load_onnx, to_numpy
+from .tenant import Tenant
+
+INT_HIGH = 16  # random integer inputs (token ids, indices) are drawn from [0, INT_HIGH)
+
+
+def seeded_inputs(signature: dict, seed: int) -> tuple[np.ndarray, ...]:
+    """Random inputs matching a tenant's signature: normal floats, small non-negative ints."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in signature["inputs"]:
+        shape, dtype = tuple(s["shape"]), np.dtype(s["dtype"])
+        if dtype.kind == "f":
+            out.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype.kind == "b":
+            out.append(rng.integers(0, 2, shape).astype(dtype))
+        else:
+            out.append(rng.integers(0, INT_HIGH, shape).astype(dtype))
+    return tuple(out)
+
+
+def reference_outputs(tenant: Tenant, inputs: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    """Run the tenant's source model on `inputs` (numpy) and return its flat outputs."""
+    import torch
+
+    model = tenant.model
+    if isinstance(model, torch.nn.Module | torch.export.ExportedProgram):
+        fn = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+        args = [torch.from_numpy(np.array(a)) for a in inputs]
+        was_training = getattr(fn, "training", False)
+        if isinstance(fn, torch.nn.Module) and not isinstance(model, torch.export.ExportedProgram):
+            fn.eval()
+        try:
+            with torch.no_grad():
+                result = fn(*args)
+        finally:
+            if was_training and isinstance(fn, torch.nn.Module):
+                fn.train()
+        leaves, _ = torch.utils._pytree.tree_flatten(result)
+        return [to_numpy(x) for x in leaves]
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise MTCompileError(f"tenant '{tenant.name}': verifying an ONNX tenant needs "
+                             "onnxruntime (pip install onnxruntime)") from e
+    proto = load_onnx(tenant)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(proto.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    feed = {i.name: a for i, a in zip(sess.get_inputs(), inputs, strict=True)}
+    return list(sess.run(None, feed))
+
+
+def compare(got: list[np.ndarray], want: list[np.ndarray], atol: float) -> dict[str, Any]:
+    """Per-output errors. max_rel is max|got - want| / max|want| (error relative to scale)."""
+    if len(got) != len(want):
+        return {"ok": False, "error": f"{len(got)} outputs, source model gives {len(want)}"}
+    outs, ok = [], True
+    for g, w in zip(got, want, strict=True):
+        w = np.asarray(w)
+        if g.shape != w.shape:
+            outs.append({"ok": False, "error": f"shape {g.shape} vs source {w.shape}"})
+            ok = False
+            continue
+        diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(w).max()) if w.size else 0.0
+        good = bool(max_abs <= atol) and not np.isnan(diff).any()
+        outs.append({"ok": good, "max_abs": max_abs,
+                     "max_rel": max_abs / scale if scale else max_abs})
+        ok &= good
+    return {"ok": ok, "outputs": outs}
+
+
+def verify_bundle(bundle, inputs: dict[str, tuple] | None, seed: int, atol: float) -> dict:
+    """Compare every tenant through `run`, and all of them through `run_all`."""
+    if not bundle.sources:
+        raise MTCompileError("verify needs the source models: compile the bundle in this "
+                             "process, or pass load(dir, sources={name: Tenant})")
+    inputs = dict(inputs or {})
+    for i, name in enumerate(bundle.tenant_names):
+        if name not in inputs:
+            src = bundle.sources.get(name)
+            if src is not None and src.example_inputs is not None:
+                inputs[name] = tuple(to_numpy(x) for x in src.example_inputs)
+            else:
+                inputs[name] = seeded_inputs(bundle.signature(name), seed + i)
+    inputs = {k: tuple(to_numpy(x) for x in v) for k, v in inputs.items()}
+    all_out = bundle.run_all(inputs)
+    result: dict[str, Any] = {"ok": True, "atol": atol, "tenants": {}}
+    for name in bundle.tenant_names:
+        if name not in bundle.sources:
+            result["tenants"][name] = {"ok": False, "error": "no source model given"}
+            result["ok"] = False
+            continue
+        want = reference_outputs(bundle.sources[name], inputs[name])
+        single = compare(bundle.run(name, *inputs[name]), want, atol)
+        together = compare(all_out[name], want, atol)
+        entry = dict(single, run_all_ok=together["ok"])
+        entry["ok"] = single["ok"] and together["ok"]
+        result["tenants"][name] = entry
+        result["ok"] &= entry["ok"]
+    return result

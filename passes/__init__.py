@@ -1,0 +1,28 @@
+"""The optimization passes, registered in `mtcompile.pass_infra.REGISTRY`, and the default pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtcompile.pass_infra import REGISTRY, Pass, make_pass
+
+from . import eliminate_dead_nodes  # noqa: F401  (registers the pass)
+
+DEFAULT_PIPELINE: list[str] = [
+    "eliminate-dead-nodes",  # drop values no tenant output needs
+]
+
+
+def build_pipeline(names: list[str] | None = None,
+                   options: dict[str, dict[str, Any]] | None = None) -> list[Pass]:
+    """Pass instances for `names` (default pipeline when None) with per-pass `options`."""
+    names = list(DEFAULT_PIPELINE if names is None else names)
+    options = options or {}
+    stray = set(options) - set(names)
+    if stray:
+        raise ValueError(f"options given for passes not in the pipeline: {sorted(stray)} "
+                         f"(pipeline: {names})")
+    return [make_pass(n, options.get(n)) for n in names]
+
+
+__all__ = ["DEFAULT_PIPELINE", "REGISTRY", "build_pipeline"]
