@@ -12,7 +12,7 @@ from .errors import MTCompileError, TenantError
 from .frontends import import_tenant
 from .ir import ConstRef, Graph, TensorTy
 from .lift import lift
-from .lowering import TARGETS, build, emit_module
+from .lowering import TARGETS, build, emit_module, input_index_bounds
 from .merge import constant_bytes_before_merge, merge
 from .pass_infra import Instrument, PassContext, run_passes
 from .runtime import Bundle
@@ -30,10 +30,13 @@ def _versions() -> dict[str, str]:
 
 def _io(graph: Graph, t: str, kind: str, source_hash: str, output_names=None) -> dict:
     io = graph.tenants[t]
+    bounds = input_index_bounds(graph)
     inputs = []
     for local, node in io.inputs:
         ty = graph.node(node).ty
         inputs.append({"name": local, "shape": list(ty.shape), "dtype": ty.dtype})
+        if node in bounds:
+            inputs[-1]["index_bound"] = bounds[node]
     outputs = []
     for i, o in enumerate(io.outputs):
         ty = graph.node(o.name).ty if not isinstance(o, ConstRef) else TensorTy(

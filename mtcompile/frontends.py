@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,15 @@ class ImportedTenant:
     input_names: list[str]
     kind: str  # "torch.export" | "torch.fx" | "onnx"
     source_hash: str
+
+
+@contextmanager
+def _quiet_torch():
+    """Hide torch's FutureWarnings about its own pytree internals (nothing a user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\..*")
+        yield
 
 
 def _torch():
@@ -81,7 +92,8 @@ def import_tenant(t: Tenant) -> ImportedTenant:
         model.eval()  # mtcompile compiles inference; restore the caller's mode afterwards
         try:
             args = tuple(_to_torch(x) for x in t.example_inputs)
-            ep = torch.export.export(model, args)
+            with _quiet_torch():
+                ep = torch.export.export(model, args)
         except Exception as e:
             raise TenantError(f"tenant '{t.name}': torch.export failed: "
                               f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
@@ -111,7 +123,8 @@ def _import_exported(t: Tenant, ep) -> ImportedTenant:
     names = [s.arg.name for s in ep.graph_signature.input_specs
              if s.kind.name == "USER_INPUT"]
     try:
-        mod = from_exported_program(ep, keep_params_as_input=False)
+        with _quiet_torch():
+            mod = from_exported_program(ep, keep_params_as_input=False)
     except Exception as e:
         raise TenantError(f"tenant '{t.name}': TVM's torch.export importer failed: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e

@@ -16,7 +16,7 @@ from tvm import relax
 
 from .abi import MANIFEST_FN, RUN_ALL
 from .errors import MTCompileError
-from .ir import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Opaque, Ref, TensorTy
+from .ir import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Opaque, Ref, TensorTy, iter_refs
 from .lift import lift_type
 
 TARGETS = ("llvm", "cuda")
@@ -43,6 +43,59 @@ def device_for(target: str):
 def run_all_params(graph: Graph) -> list[tuple[str, str]]:
     """(tenant, signature name) of every ``run_all`` parameter, in order."""
     return [(t, local) for t, io in graph.tenants.items() for local, _ in io.inputs]
+
+
+# Ops through which an index value keeps its meaning (casts, reshapes, the negative-index
+# wrap that ONNX Gather imports as where(less(i, 0), i + n, i)).
+_INDEX_PATH_OPS = {"relax.astype", "relax.reshape", "relax.expand_dims", "relax.squeeze",
+                   "relax.permute_dims", "relax.broadcast_to", "relax.where", "relax.less",
+                   "relax.add"}
+
+
+def input_index_bounds(graph: Graph) -> dict[str, int]:
+    """Input node -> number of rows it indexes, for inputs that feed a ``take`` in fast mode.
+
+    TVM's fast-mode take reads out of bounds (and may crash the process) on a bad index,
+    so the runtime checks such inputs before calling into the executable.
+    """
+    bounds: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op != "relax.take" or n.attrs is None or str(n.attrs.obj.mode) != "fast":
+            continue
+        table, idx = n.args
+        rows = _rows(graph, table, int(n.attrs.obj.axis) if n.attrs.obj.axis is not None else 0)
+        src = _index_source(graph, idx)
+        if rows is not None and src is not None:
+            bounds[src] = min(rows, bounds.get(src, rows))
+    return bounds
+
+
+def _rows(graph: Graph, table, axis: int) -> int | None:
+    if isinstance(table, ConstRef):
+        shape = graph.constants[table.key].shape
+    elif isinstance(table, Ref) and isinstance(graph.node(table.name).ty, TensorTy):
+        shape = graph.node(table.name).ty.shape
+    else:
+        return None
+    return int(shape[axis]) if shape else None
+
+
+def _index_source(graph: Graph, idx) -> str | None:
+    """The one input node an index value is computed from, through index-keeping ops."""
+    sources: set[str] = set()
+    stack = [idx]
+    while stack:
+        a = stack.pop()
+        if not isinstance(a, Ref):
+            continue  # constants (the n of the wrap) are fine
+        node = graph.node(a.name)
+        if node.op == INPUT:
+            sources.add(node.name)
+        elif node.op in _INDEX_PATH_OPS:
+            stack.extend(node.args)
+        else:
+            return None
+    return sources.pop() if len(sources) == 1 else None
 
 
 class _Emitter:

@@ -11,7 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,30 @@ def _to_array(x) -> np.ndarray:
     if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().contiguous().numpy()
     return np.ascontiguousarray(np.asarray(x))
+
+
+# TVM 0.27 logs one "Scope Saving:"/"Scope Loaded:" warning per constant when an
+# executable is exported or loaded (a leftover debug LOG in vm/executable.cc).
+_NATIVE_NOISE = ("Scope Saving:", "Scope Loaded:")
+
+
+@contextmanager
+def quiet_native_log():
+    """Drop TVM's per-constant debug lines from fd 2; everything else is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(p in line for p in _NATIVE_NOISE):
+                    sys.stderr.write(line)
 
 
 def sha256_file(path: Path) -> str:
@@ -87,7 +113,8 @@ class Bundle:
             from tvm import relax
 
             dev = tvm.cuda(0) if self.target == "cuda" else tvm.cpu(0)
-            self._local.vm = relax.VirtualMachine(self.executable, dev)
+            with quiet_native_log():
+                self._local.vm = relax.VirtualMachine(self.executable, dev)
             self._local.dev = dev
             cache = self._local.fns = {}
         if entry not in cache:
@@ -106,6 +133,11 @@ class Bundle:
                 raise InputError(f"tenant '{name}', input '{s['name']}': expected "
                                  f"{s['dtype']}{list(s['shape'])}, got {a.dtype}{list(a.shape)} "
                                  f"(signature: {_sig_str(sig)})")
+            bound = s.get("index_bound")
+            if bound is not None and a.size and (a.min() < 0 or a.max() >= bound):
+                raise InputError(f"tenant '{name}', input '{s['name']}': values index a table "
+                                 f"of {bound} rows and must be in [0, {bound}); got values in "
+                                 f"[{a.min()}, {a.max()}]")
             arrays.append(a)
         return arrays
 
@@ -189,7 +221,8 @@ class Bundle:
             if self._library_path is not None:
                 shutil.copyfile(self._library_path, tmp_lib)
             else:
-                self.executable.export_library(str(tmp_lib))
+                with quiet_native_log():
+                    self.executable.export_library(str(tmp_lib))
             readable = dict(self.manifest, library_sha256=sha256_file(tmp_lib))
             tmp_manifest.write_text(json.dumps(readable, indent=2, sort_keys=True) + "\n")
             os.replace(tmp_lib, out / lib_name)
@@ -232,7 +265,8 @@ def load(directory: str | os.PathLike, sources: dict | None = None) -> Bundle:
     import tvm
 
     try:
-        module = tvm.runtime.load_module(str(lib))
+        with quiet_native_log():
+            module = tvm.runtime.load_module(str(lib))
     except Exception as e:
         raise ArtifactError(f"{lib}: cannot be loaded by TVM: {e}") from e
     bundle = Bundle(module, manifest, sources=sources, library_path=lib)

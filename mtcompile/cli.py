@@ -1,0 +1,240 @@
+"""The `mtcompile` command line: build, run, inspect, demo, passes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, MTCompileError
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def print_verify(result: dict) -> None:
+    """One line per tenant output: ok/FAIL with the max abs and relative error."""
+    for name, entry in result["tenants"].items():
+        if "error" in entry:
+            _say(f"  {name:<12} FAIL  {entry['error']}")
+            continue
+        for i, o in enumerate(entry["outputs"]):
+            status = "ok  " if o["ok"] and entry["run_all_ok"] else "FAIL"
+            detail = o.get("error") or f"max_abs={o['max_abs']:.2e}  max_rel={o['max_rel']:.2e}"
+            _say(f"  {name:<12} {status}  output{i}: {detail}")
+    _say(f"numerics: {'PASS' if result['ok'] else 'FAIL'} (tolerance {result['atol']:g} abs, "
+         "run and run_all vs the source model)")
+
+
+def _compile(tenants, name: str, target: str, passes, options, args) -> object:
+    import mtcompile
+    from mtcompile.pass_infra import DumpToDir, PrintAfter
+
+    instruments = []
+    if getattr(args, "dump_passes", None):
+        instruments.append(DumpToDir(args.dump_passes))
+    if getattr(args, "print_after", None):
+        instruments.append(PrintAfter(None if args.print_after == "all"
+                                      else args.print_after.split(",")))
+    if getattr(args, "passes", None) is not None:
+        passes = [p for p in args.passes.split(",") if p]
+    return mtcompile.compile(tenants, target=target, passes=passes, pass_options=options,
+                             name=name, instruments=instruments, progress=_say)
+
+
+def cmd_build(args) -> int:
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    target = args.target or spec.target
+    _say(f"building {len(spec.tenants)} tenant(s) from {args.spec} for {target}")
+    bundle = _compile(spec.tenants, spec.name, target, spec.passes, spec.pass_options, args)
+    ok = True
+    if not args.no_verify:
+        t0 = time.perf_counter()
+        result = bundle.verify()
+        _say(f"verify   {time.perf_counter() - t0:7.2f} s")
+        print_verify(result)
+        ok = result["ok"]
+    out = bundle.save(args.output)
+    lib = out / bundle.manifest["library"]
+    _say(f"saved {lib} ({_fmt_bytes(lib.stat().st_size)}) and {out / 'manifest.json'}")
+    return 0 if ok else 2
+
+
+def _parse_inputs(items: list[str], sig: list[dict], tenant: str) -> list[np.ndarray]:
+    given = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--input {item!r}: expected NAME=FILE.npy")
+        k, v = item.split("=", 1)
+        try:
+            given[k] = np.load(v, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--input {k}: cannot read {v!r} as .npy: {e}") from e
+    names = [s["name"] for s in sig]
+    if set(given) != set(names):
+        expected = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in sig)
+        raise InputError(f"tenant '{tenant}' takes inputs ({expected}); got "
+                         f"{sorted(given) or 'none'}")
+    return [given[n] for n in names]
+
+
+def cmd_run(args) -> int:
+    import mtcompile
+
+    bundle = mtcompile.load(args.bundle)
+    sig = bundle.signature(args.tenant)
+    outs = bundle.run(args.tenant, *_parse_inputs(args.input, sig["inputs"], args.tenant))
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for spec, arr in zip(sig["outputs"], outs, strict=True):
+        path = out_dir / f"{args.tenant}.{spec['name']}.npy"
+        np.save(path, arr)
+        _say(f"wrote {path}  {arr.dtype}{list(arr.shape)}")
+    return 0
+
+
+def describe(manifest: dict, library_bytes: int | None = None) -> str:
+    """A readable summary of a bundle manifest."""
+    lines = [f"bundle {manifest['name']!r}  target={manifest['target']}  "
+             f"format={manifest['format']}"]
+    if library_bytes is not None:
+        lines.append(f"library  {manifest['library']} ({_fmt_bytes(library_bytes)})")
+    v = manifest["versions"]
+    lines.append("built by " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
+    g = manifest["graph"]
+    lines.append(f"graph    {g['nodes']} nodes, {g['constants']} constants, weights "
+                 f"{_fmt_bytes(g['weight_bytes'])} (tenants separately: "
+                 f"{_fmt_bytes(g['weight_bytes_before_merge'])})")
+    lines.append("pipeline " + (" -> ".join(p["name"] for p in manifest["pipeline"]) or "(none)"))
+    lines.append("tenants")
+    for t in manifest["tenant_order"]:
+        s = manifest["tenants"][t]
+        ins = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in s["inputs"])
+        outs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in s["outputs"])
+        lines.append(f"  {t:<12} [{s['source']}, sha256 {s['source_sha256'][:12]}]  "
+                     f"({ins}) -> ({outs})")
+    lines.append("entries  " + ", ".join(manifest["tenant_order"]) + ", run_all")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    import mtcompile
+
+    bundle = mtcompile.load(args.bundle)
+    if args.json:
+        print(json.dumps(bundle.manifest, indent=2, sort_keys=True))
+        return 0
+    lib = Path(args.bundle) / bundle.manifest["library"]
+    _say(describe(bundle.manifest, lib.stat().st_size))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mtcompile.models import get_set
+
+    tenants = get_set(args.set, batch=args.batch)
+    _say(f"demo set {args.set!r}: {len(tenants)} tenants ({', '.join(t.name for t in tenants)}), "
+         f"batch {args.batch}")
+    bundle = _compile(tenants, args.set.replace("-", "_"), "llvm", None, None, args)
+    out = bundle.save(args.output)
+    _say(f"saved {out / bundle.manifest['library']}")
+    _say(describe(bundle.manifest))
+    inputs = {t.name: t.example_inputs for t in tenants}
+    t0 = time.perf_counter()
+    outputs = bundle.run_all(inputs)
+    _say(f"run_all  {1e3 * (time.perf_counter() - t0):7.1f} ms (first call, includes warm-up)")
+    for name, outs in outputs.items():
+        _say(f"  {name:<12} -> " + ", ".join(f"{o.dtype}{list(o.shape)}" for o in outs))
+    result = bundle.verify(inputs)
+    print_verify(result)
+    return 0 if result["ok"] else 2
+
+
+def cmd_passes(args) -> int:
+    import mtcompile.passes as passes
+    from mtcompile.pass_infra import REGISTRY
+
+    for name in sorted(REGISTRY):
+        doc = (sys.modules[REGISTRY[name].__module__].__doc__ or "").strip().splitlines()
+        default = " (default)" if name in passes.DEFAULT_PIPELINE else ""
+        _say(f"{name}{default}: {doc[0].split(':', 1)[-1].strip() if doc else ''}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtcompile", description="Compile several models into one "
+                                "multi-tenant TVM executable.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def pass_flags(sp):
+        sp.add_argument("--passes", help="comma-separated pass names (default pipeline if absent)")
+        sp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
+        sp.add_argument("--print-after", metavar="PASSES", help="print the graph after these "
+                        "passes (comma-separated, or 'all')")
+
+    b = sub.add_parser("build", help="build a TOML spec of tenants into OUT/")
+    b.add_argument("spec")
+    b.add_argument("-o", "--output", required=True, help="output directory")
+    b.add_argument("--target", choices=["llvm", "cuda"], help="override the spec's target")
+    b.add_argument("--no-verify", action="store_true", help="skip the numerics check")
+    pass_flags(b)
+    b.set_defaults(fn=cmd_build)
+
+    r = sub.add_parser("run", help="run one tenant of a saved bundle on .npy inputs")
+    r.add_argument("bundle")
+    r.add_argument("--tenant", required=True)
+    r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
+    r.add_argument("-o", "--output", default="outputs", help="directory for <tenant>.<output>.npy")
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("inspect", help="summarize a saved bundle")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print the whole manifest")
+    i.set_defaults(fn=cmd_inspect)
+
+    d = sub.add_parser("demo", help="build, run and check a bundled demo tenant set")
+    d.add_argument("--set", default="heterogeneous",
+                   choices=["heterogeneous", "same-arch", "shared-backbone"])
+    d.add_argument("--batch", type=int, default=1)
+    d.add_argument("-o", "--output", default="out/demo")
+    pass_flags(d)
+    d.set_defaults(fn=cmd_demo)
+
+    ps = sub.add_parser("passes", help="list the registered passes")
+    ps.set_defaults(fn=cmd_passes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # torch and TVM importers warn about their own internals; users cannot act on those.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        return args.fn(args)
+    except MTCompileError as e:
+        print(f"mtcompile: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mtcompile: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

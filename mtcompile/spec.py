@@ -1,0 +1,134 @@
+"""TOML build specs: the tenants of a bundle, its target and its pass pipeline.
+
+    name = "demo"                  # bundle name: OUT/<name>.so
+    target = "llvm"                # or "cuda"
+
+    [pipeline]                     # optional; the default pipeline when absent
+    passes = ["eliminate-dead-nodes"]
+    [pipeline.options.eliminate-dead-nodes]
+
+    [[tenants]]
+    name = "vision"
+    factory = "mtcompile.models:resnet_cnn"   # returns (module, example_inputs) or a Tenant
+    args = { seed = 0 }
+
+    [[tenants]]
+    name = "text"
+    onnx = "encoder.onnx"                      # relative to this file
+    input_shapes = { input_ids = [[1, 16], "int64"] }   # optional for ONNX
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import MTCompileError, SpecError
+from .tenant import Tenant
+
+_TOP_KEYS = {"name", "target", "pipeline", "tenants"}
+_TENANT_KEYS = {"name", "factory", "args", "onnx", "input_shapes"}
+
+
+@dataclass
+class BuildSpec:
+    """A parsed spec: bundle name, target, pipeline and the tenants, ready to compile."""
+
+    name: str
+    target: str
+    tenants: list[Tenant]
+    passes: list[str] | None = None
+    pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _shapes(raw: Any, where: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: input_shapes must be a table {{name = [[dims...], dtype]}}")
+    out = {}
+    for k, v in raw.items():
+        if (not isinstance(v, list) or len(v) != 2 or not isinstance(v[0], list)
+                or not all(isinstance(d, int) for d in v[0]) or not isinstance(v[1], str)):
+            raise SpecError(f"{where}: input_shapes.{k} must be [[dims...], \"dtype\"], got {v!r}")
+        out[k] = (tuple(v[0]), v[1])
+    return out
+
+
+def call_factory(ref: str, kwargs: dict[str, Any], where: str) -> Any:
+    """Import ``package.module:function`` and call it with `kwargs`."""
+    if ":" not in ref:
+        raise SpecError(f"{where}: factory {ref!r} must look like 'package.module:function'")
+    mod_name, fn_name = ref.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"{where}: cannot import factory {ref!r}: {e}") from e
+    try:
+        return fn(**kwargs)
+    except TypeError as e:
+        raise SpecError(f"{where}: factory {ref!r} rejected args {kwargs}: {e}") from e
+
+
+def tenant_from_factory(name: str, made: Any, shapes, where: str) -> Tenant:
+    """A Tenant from what a factory returned: a Tenant, (model, inputs) or (model, shapes)."""
+    if isinstance(made, Tenant):
+        return replace(made, name=name)
+    if isinstance(made, tuple) and len(made) == 2:
+        model, extra = made
+        if isinstance(extra, dict):
+            return Tenant(name, model, input_shapes=shapes or extra)
+        return Tenant(name, model, example_inputs=tuple(extra), input_shapes=shapes)
+    if shapes is not None:
+        return Tenant(name, made, input_shapes=shapes)
+    raise SpecError(f"{where}: the factory returned a {type(made).__name__}; expected a Tenant, "
+                    "(model, example_inputs) or (model, input_shapes)")
+
+
+def load_spec(path: str | Path) -> BuildSpec:
+    """Parse a TOML spec into a BuildSpec, with errors that name the file and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise SpecError(f"spec file {str(path)!r} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: invalid TOML: {e}") from e
+    stray = set(raw) - _TOP_KEYS
+    if stray:
+        raise SpecError(f"{path}: unknown key(s) {sorted(stray)}; allowed: {sorted(_TOP_KEYS)}")
+    entries = raw.get("tenants")
+    if not isinstance(entries, list) or not entries:
+        raise SpecError(f"{path}: needs at least one [[tenants]] table")
+    tenants = []
+    for i, e in enumerate(entries):
+        name = e.get("name")
+        where = f"{path}: tenant #{i + 1}" + (f" ({name!r})" if name else "")
+        if not isinstance(name, str):
+            raise SpecError(f"{where}: needs a name")
+        bad = set(e) - _TENANT_KEYS
+        if bad:
+            raise SpecError(f"{where}: unknown key(s) {sorted(bad)}; allowed: {sorted(_TENANT_KEYS)}")
+        if ("factory" in e) == ("onnx" in e):
+            raise SpecError(f"{where}: give exactly one of 'factory' or 'onnx'")
+        shapes = _shapes(e["input_shapes"], where) if "input_shapes" in e else None
+        try:
+            if "onnx" in e:
+                tenants.append(Tenant(name, str((path.parent / e["onnx"]).resolve()),
+                                      input_shapes=shapes))
+            else:
+                made = call_factory(e["factory"], dict(e.get("args", {})), where)
+                tenants.append(tenant_from_factory(name, made, shapes, where))
+        except SpecError:
+            raise
+        except MTCompileError as err:
+            raise SpecError(f"{where}: {err}") from err
+    pipeline = raw.get("pipeline", {})
+    return BuildSpec(
+        name=str(raw.get("name", path.stem)),
+        target=str(raw.get("target", "llvm")),
+        tenants=tenants,
+        passes=pipeline.get("passes"),
+        pass_options=dict(pipeline.get("options", {})),
+    )
