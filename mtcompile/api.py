@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,12 +12,14 @@ from .abi import FORMAT
 from .errors import MTCompileError, TenantError
 from .frontends import import_tenant
 from .ir import ConstRef, Graph, TensorTy
+from .kernels import resolve_providers
 from .lift import lift
-from .lowering import TARGETS, build, emit_module, input_index_bounds
+from .lowering import TARGETS, build, emit_module, input_index_ranges
 from .merge import constant_bytes_before_merge, merge
 from .pass_infra import Instrument, PassContext, run_passes
 from .runtime import Bundle
 from .tenant import Tenant
+from .tuning import load_database
 
 
 def _versions() -> dict[str, str]:
@@ -30,13 +33,13 @@ def _versions() -> dict[str, str]:
 
 def _io(graph: Graph, t: str, kind: str, source_hash: str, output_names=None) -> dict:
     io = graph.tenants[t]
-    bounds = input_index_bounds(graph)
+    ranges = input_index_ranges(graph)
     inputs = []
     for local, node in io.inputs:
         ty = graph.node(node).ty
         inputs.append({"name": local, "shape": list(ty.shape), "dtype": ty.dtype})
-        if node in bounds:
-            inputs[-1]["index_bound"] = bounds[node]
+        if node in ranges:
+            inputs[-1]["index_range"] = list(ranges[node])
     outputs = []
     for i, o in enumerate(io.outputs):
         ty = graph.node(o.name).ty if not isinstance(o, ConstRef) else TensorTy(
@@ -58,25 +61,7 @@ def _output_names(model) -> list[str] | None:
     return None
 
 
-def compile(  # noqa: A001 - the public name the API promises
-    tenants: Sequence[Tenant],
-    target: str = "llvm",
-    passes: list[str] | None = None,
-    pass_options: dict[str, dict[str, Any]] | None = None,
-    *,
-    name: str = "bundle",
-    instruments: Sequence[Instrument] = (),
-    progress: Callable[[str], None] | None = None,
-) -> Bundle:
-    """Compile tenants into one Bundle: one TVM executable with an entry per tenant.
-
-    passes: pass names to run (the default pipeline when None, ``[]`` for none);
-    pass_options: ``{pass name: {option: value}}``; progress: called with one line per
-    stage (the CLI prints them).
-    """
-    from mtcompile.passes import build_pipeline
-
-    say = progress or (lambda _msg: None)
+def _check_tenants(tenants: Sequence[Tenant]) -> list[Tenant]:
     tenants = list(tenants)
     if not tenants:
         raise TenantError("compile needs at least one tenant")
@@ -87,16 +72,22 @@ def compile(  # noqa: A001 - the public name the API promises
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
         raise TenantError(f"duplicate tenant name(s) {dups}: every tenant needs its own name")
-    if target not in TARGETS:
-        raise MTCompileError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
-    pipeline = build_pipeline(passes, pass_options)  # bad pass names fail before any work
+    return tenants
 
-    stages: dict[str, float] = {}
 
-    def stage(label: str, t0: float) -> None:
-        stages[label] = round(time.perf_counter() - t0, 4)
-        say(f"{label:<8} {stages[label]:7.2f} s")
+class _Stages:
+    """Times the compile stages and reports one line per stage."""
 
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.seconds = say, {}
+
+    def done(self, label: str, t0: float) -> None:
+        self.seconds[label] = round(time.perf_counter() - t0, 4)
+        self.say(f"{label:<8} {self.seconds[label]:7.2f} s")
+
+
+def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _Stages):
+    """Import, lift, merge and optimize: the tenants' merged Graph and what it came from."""
     t0 = time.perf_counter()
     imported, graphs = [], []
     for t in tenants:
@@ -104,17 +95,50 @@ def compile(  # noqa: A001 - the public name the API promises
         it = import_tenant(t)
         imported.append(it)
         graphs.append(lift(it.mod["main"], t.name, it.input_names))
-        say(f"  import {t.name} ({it.kind}): {len(graphs[-1])} nodes, "
-            f"{time.perf_counter() - t1:.2f} s")
-    stage("import", t0)
-
+        stages.say(f"  import {t.name} ({it.kind}): {len(graphs[-1])} nodes, "
+                   f"{time.perf_counter() - t1:.2f} s")
+    stages.done("import", t0)
     t0 = time.perf_counter()
     graph = merge(graphs)
-    stage("merge", t0)
-
+    stages.done("merge", t0)
     t0 = time.perf_counter()
     graph, records = run_passes(graph, pipeline, PassContext(target=target), list(instruments))
-    stage("passes", t0)
+    stages.done("passes", t0)
+    return graph, imported, graphs, records
+
+
+def compile(  # noqa: A001 - the public name the API promises
+    tenants: Sequence[Tenant],
+    target: str = "llvm",
+    passes: list[str] | None = None,
+    pass_options: dict[str, dict[str, Any]] | None = None,
+    *,
+    name: str = "bundle",
+    kernels: str | dict[str, str] | None = None,
+    tuning_db: str | None = None,
+    instruments: Sequence[Instrument] = (),
+    progress: Callable[[str], None] | None = None,
+) -> Bundle:
+    """Compile tenants into one Bundle: one TVM executable with an entry per tenant.
+
+    passes: pass names to run (the default pipeline when None, ``[]`` for none);
+    pass_options: ``{pass name: {option: value}}``; kernels: the provider of heavy ops,
+    ``"library"`` or ``"tvm"`` for all, or ``{"matmul": ..., "conv2d": ...}`` (default: library
+    on CPU); tuning_db: a directory written by `tune` whose schedules are applied to TVM
+    kernels; progress: called with one line per stage (the CLI prints them).
+    """
+    from mtcompile.passes import build_pipeline
+
+    tenants = _check_tenants(tenants)
+    if target not in TARGETS:
+        raise MTCompileError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise MTCompileError(f"bundle name {name!r} is not a valid file name stem")
+    pipeline = build_pipeline(passes, pass_options)  # bad pass names fail before any work
+    providers = resolve_providers(target, kernels)
+    database = load_database(tuning_db, target) if tuning_db else None
+    stages = _Stages(progress or (lambda _msg: None))
+    graph, imported, graphs, records = _front(tenants, target, pipeline, instruments, stages)
 
     manifest = {
         "format": FORMAT,
@@ -123,7 +147,9 @@ def compile(  # noqa: A001 - the public name the API promises
         "target": target,
         "versions": _versions(),
         "pipeline": [{"name": p.name, "options": p.options()} for p in pipeline],
-        "tenant_order": names,
+        "kernels": providers,
+        "tuning_db": str(tuning_db) if tuning_db else None,
+        "tenant_order": [t.name for t in tenants],
         "tenants": {it.name: _io(graph, it.name, it.kind, it.source_hash,
                                  _output_names(t.model))
                     for it, t in zip(imported, tenants, strict=True)},
@@ -131,14 +157,54 @@ def compile(  # noqa: A001 - the public name the API promises
     }
     t0 = time.perf_counter()
     mod = emit_module(graph, manifest)
-    stage("lower", t0)
+    stages.done("lower", t0)
 
     t0 = time.perf_counter()
-    executable = build(mod, target)
-    stage("build", t0)
+    executable, build_info = build(mod, target, providers, database)
+    stages.done("build", t0)
 
-    report = {"stages_s": stages,
+    report = {"stages_s": stages.seconds, "build": build_info,
               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
                           "nodes_after": r.nodes_after, **r.info} for r in records]}
     return Bundle(executable, manifest, graph=graph, sources={t.name: t for t in tenants},
                   compile_report=report)
+
+
+def tune(
+    tenants: Sequence[Tenant],
+    out_dir: str,
+    trials: int = 64,
+    passes: list[str] | None = None,
+    pass_options: dict[str, dict[str, Any]] | None = None,
+    *,
+    kernels: str | dict[str, str] | None = "tvm",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Tune the TVM kernels of the merged tenants with MetaSchedule into `out_dir`.
+
+    Build with the same tenants, passes and `kernels` and ``tuning_db=out_dir`` to use it.
+    Returns the number of tasks of the merged module, the sum over tenants compiled
+    alone (the difference is what merging saved), records written and time taken.
+    """
+    from mtcompile.passes import build_pipeline
+
+    from . import kernels as kernel_mod
+    from .lowering import make_target
+    from .tuning import count_tasks
+    from .tuning import tune as run_tuning
+
+    say = progress or (lambda _msg: None)
+    tenants = _check_tenants(tenants)
+    pipeline = build_pipeline(passes, pass_options)
+    providers = resolve_providers("llvm", kernels)
+    graph, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say))
+    target = make_target("llvm")
+
+    def prepared(g: Graph):
+        return kernel_mod.offload(kernel_mod.prepare(emit_module(g)), providers)[0]
+
+    separate = sum(count_tasks(prepared(g), target) for g in graphs)
+    result = run_tuning(prepared(graph), target, out_dir, trials, progress=say)
+    result.update(tasks_tenants_alone=separate, tasks_removed_by_merge=separate - result["tasks"],
+                  kernels=providers)
+    return result

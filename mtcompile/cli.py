@@ -53,7 +53,19 @@ def _compile(tenants, name: str, target: str, passes, options, args) -> object:
     if getattr(args, "passes", None) is not None:
         passes = [p for p in args.passes.split(",") if p]
     return mtcompile.compile(tenants, target=target, passes=passes, pass_options=options,
-                             name=name, instruments=instruments, progress=_say)
+                             name=name, kernels=parse_kernels(getattr(args, "kernels", None)),
+                             tuning_db=getattr(args, "tuning_db", None), instruments=instruments,
+                             progress=_say)
+
+
+def parse_kernels(text: str | None) -> str | dict[str, str] | None:
+    """``library``, ``tvm`` or ``matmul=tvm,conv2d=library`` -> what `compile` takes."""
+    if not text or "=" not in text:
+        return text
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(p) != 2 for p in pairs):
+        raise MTCompileError(f"--kernels {text!r}: expected PROVIDER or KIND=PROVIDER,...")
+    return dict(pairs)
 
 
 def cmd_build(args) -> int:
@@ -122,6 +134,10 @@ def describe(manifest: dict, library_bytes: int | None = None) -> str:
                  f"{_fmt_bytes(g['weight_bytes'])} (tenants separately: "
                  f"{_fmt_bytes(g['weight_bytes_before_merge'])})")
     lines.append("pipeline " + (" -> ".join(p["name"] for p in manifest["pipeline"]) or "(none)"))
+    kernels = manifest.get("kernels", {})
+    lines.append("kernels  " + ", ".join(f"{k}: {v}" for k, v in sorted(kernels.items()))
+                 + (f"; tuning database {manifest['tuning_db']}" if manifest.get("tuning_db")
+                    else ""))
     lines.append("tenants")
     for t in manifest["tenant_order"]:
         s = manifest["tenants"][t]
@@ -142,6 +158,34 @@ def cmd_inspect(args) -> int:
         return 0
     lib = Path(args.bundle) / bundle.manifest["library"]
     _say(describe(bundle.manifest, lib.stat().st_size))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .api import tune
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    _say(f"tuning {len(spec.tenants)} tenant(s) from {args.spec} into {args.output}")
+    res = tune(spec.tenants, args.output, args.trials, spec.passes, spec.pass_options,
+               kernels=parse_kernels(args.kernels) or "tvm", progress=_say)
+    _say(f"tasks: {res['tasks']} in the merged module, {res['tasks_tenants_alone']} for the "
+         f"tenants compiled alone ({res['tasks_removed_by_merge']} removed by merging)")
+    _say(f"records: {res['records']} in {args.output}, {res['seconds']:.1f} s; build with "
+         f"--tuning-db {args.output} --kernels {args.kernels or 'tvm'}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    import mtcompile
+
+    bundle = mtcompile.load(args.bundle)
+    prof = bundle.profile(repeat=args.repeat)
+    for name, p in prof["tenants"].items():
+        _say(f"{name}: {p['total_us']:.0f} us in {sum(k['calls'] for k in p['kernels'])} calls")
+        for k in p["kernels"][:args.top]:
+            _say(f"  {100 * k['share']:5.1f}%  {k['total_us']:9.1f} us  x{k['calls']:<3} "
+                 f"{k['name']}")
     return 0
 
 
@@ -183,6 +227,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def pass_flags(sp):
+        sp.add_argument("--kernels", metavar="PROVIDER", help="heavy-op provider: library | tvm "
+                        "| matmul=tvm,conv2d=library (default: library on CPU)")
         sp.add_argument("--passes", help="comma-separated pass names (default pipeline if absent)")
         sp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
         sp.add_argument("--print-after", metavar="PASSES", help="print the graph after these "
@@ -193,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", required=True, help="output directory")
     b.add_argument("--target", choices=["llvm", "cuda"], help="override the spec's target")
     b.add_argument("--no-verify", action="store_true", help="skip the numerics check")
+    b.add_argument("--tuning-db", metavar="DIR", help="apply schedules written by `tune`")
     pass_flags(b)
     b.set_defaults(fn=cmd_build)
 
@@ -215,6 +262,19 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="out/demo")
     pass_flags(d)
     d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("tune", help="tune the TVM kernels of a spec into a database (offline)")
+    t.add_argument("spec")
+    t.add_argument("-o", "--output", required=True, help="database directory")
+    t.add_argument("--trials", type=int, default=64, help="trials per task")
+    t.add_argument("--kernels", default="tvm", help="providers the build will use (default tvm)")
+    t.set_defaults(fn=cmd_tune)
+
+    pr = sub.add_parser("profile", help="time per kernel of a saved bundle, by tenant")
+    pr.add_argument("bundle")
+    pr.add_argument("--repeat", type=int, default=10)
+    pr.add_argument("--top", type=int, default=8, help="kernels shown per tenant")
+    pr.set_defaults(fn=cmd_profile)
 
     ps = sub.add_parser("passes", help="list the registered passes")
     ps.set_defaults(fn=cmd_passes)

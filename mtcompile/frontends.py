@@ -42,6 +42,19 @@ def _quiet_torch():
         yield
 
 
+@contextmanager
+def eval_mode(module):
+    """Run `module` in eval mode, then give every submodule back its own training flag
+    (``train(was_training)`` would also flip submodules the caller froze, e.g. BatchNorm)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _torch():
     import torch
 
@@ -58,7 +71,8 @@ def to_numpy(x) -> np.ndarray:
 
 def _to_torch(x):
     torch = _torch()
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    # np.asarray(order="C") keeps a 0-d input 0-d (np.ascontiguousarray makes it 1-d).
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, order="C"))
 
 
 def _hash_torch(code: str, tensors) -> str:
@@ -88,17 +102,13 @@ def import_tenant(t: Tenant) -> ImportedTenant:
         if t.example_inputs is None:
             raise TenantError(f"tenant '{t.name}': a torch.nn.Module needs example_inputs "
                               "(a tuple of tensors) to be traced with torch.export")
-        was_training = model.training
-        model.eval()  # mtcompile compiles inference; restore the caller's mode afterwards
-        try:
+        try:  # mtcompile compiles inference; the caller's modes come back afterwards
             args = tuple(_to_torch(x) for x in t.example_inputs)
-            with _quiet_torch():
+            with _quiet_torch(), eval_mode(model):
                 ep = torch.export.export(model, args)
         except Exception as e:
             raise TenantError(f"tenant '{t.name}': torch.export failed: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
-        finally:
-            model.train(was_training)
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         return _import_exported(t, ep)
     try:
         import onnx
@@ -195,7 +205,9 @@ def load_onnx(t: Tenant):
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise TenantError(f"tenant '{t.name}': invalid ONNX model: {str(e).splitlines()[0]}") from e
+        # The checker names the node on later lines: keep them, on one line.
+        raise TenantError(f"tenant '{t.name}': invalid ONNX model: {' '.join(str(e).split())}"
+                          ) from e
     if not model.graph.node:
         raise TenantError(f"tenant '{t.name}': the ONNX graph has no nodes")
     return model
@@ -223,13 +235,17 @@ def onnx_signature(t: Tenant, model) -> dict[str, tuple[tuple[int, ...], str]]:
                 raise TenantError(
                     f"tenant '{t.name}': ONNX input {inp.name!r} has a symbolic dimension "
                     f"{d.dim_param or '?'} at axis {i}; give input_shapes={{{inp.name!r}: "
-                    "(shape, dtype)}}")
+                    "(shape, dtype)}")
             dims.append(int(d.dim_value))
         sig[inp.name] = (tuple(dims), dtype)
     if given:
         raise TenantError(f"tenant '{t.name}': input_shapes names {sorted(given)} that are not "
                           f"inputs of the ONNX model (inputs: {list(sig)})")
     return sig
+
+
+# Operator domains whose op names TVM's ONNX importer implements (com.microsoft: contrib ops).
+_ONNX_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
 def _import_onnx(t: Tenant) -> ImportedTenant:
@@ -239,9 +255,13 @@ def _import_onnx(t: Tenant) -> ImportedTenant:
 
     model = load_onnx(t)
     known = _get_convert_map()
-    missing = [(n.op_type, f"node {n.name!r}" if n.name else f"node #{i}")
+    # TVM's importer looks ops up by op_type alone: a custom-domain op named like a standard
+    # one (com.example.Relu) would silently compile as the standard op, so reject it here.
+    missing = [(f"{n.domain}.{n.op_type}" if n.domain not in _ONNX_DOMAINS else n.op_type,
+                f"node {n.name!r}" if n.name else f"node #{i}")
                for i, n in enumerate(model.graph.node)
-               if n.op_type not in known and n.op_type not in ("Constant", "If")]
+               if n.domain not in _ONNX_DOMAINS
+               or (n.op_type not in known and n.op_type not in ("Constant", "If"))]
     if missing:
         raise UnsupportedOperatorError(t.name, _unique(missing), "ONNX")
     sig = onnx_signature(t, model)

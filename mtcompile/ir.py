@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class OtherTy:
         return self.text
 
 
-Ty = Union[TensorTy, TupleTy, OtherTy]
+Ty = TensorTy | TupleTy | OtherTy
 
 _DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64",
                 "int64": "i64", "int32": "i32", "int8": "i8", "uint8": "u8", "bool": "bool"}
@@ -106,7 +106,7 @@ class Opaque:
         return self.text
 
 
-Arg = Union[Ref, ConstRef, Opaque, tuple]  # a tuple holds Args, recursively
+Arg = Ref | ConstRef | Opaque | tuple  # a tuple holds Args, recursively
 
 
 def iter_refs(args: tuple) -> Iterator[Ref]:
@@ -361,6 +361,9 @@ def _type_problems(n: Node, seen: Mapping[str, Node]) -> list[str]:
     if n.op == INPUT and not isinstance(n.ty, TensorTy):
         return [f"input %{n.name} is not a tensor: {n.ty}"]
     if n.op == GET_ITEM:
+        if len(n.args) != 1 or not isinstance(n.attrs, int):
+            return [f"get_item %{n.name} needs one tuple argument and an integer index, "
+                    f"has {len(n.args)} argument(s) and index {n.attrs!r}"]
         (src,) = n.args
         ty = seen[src.name].ty if isinstance(src, Ref) and src.name in seen else None
         if ty is not None and (not isinstance(ty, TupleTy) or not 0 <= n.attrs < len(ty.fields)):

@@ -16,7 +16,7 @@ from tvm import relax
 
 from .abi import MANIFEST_FN, RUN_ALL
 from .errors import MTCompileError
-from .ir import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Opaque, Ref, TensorTy, iter_refs
+from .ir import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Opaque, Ref, TensorTy
 from .lift import lift_type
 
 TARGETS = ("llvm", "cuda")
@@ -52,22 +52,29 @@ _INDEX_PATH_OPS = {"relax.astype", "relax.reshape", "relax.expand_dims", "relax.
                    "relax.add"}
 
 
-def input_index_bounds(graph: Graph) -> dict[str, int]:
-    """Input node -> number of rows it indexes, for inputs that feed a ``take`` in fast mode.
+def input_index_ranges(graph: Graph) -> dict[str, tuple[int, int]]:
+    """Input node -> the [low, high) range of valid values, for inputs that index a table
+    through a fast-mode ``take``: [0, rows), or [-rows, rows) where the import wraps
+    negative indices (ONNX Gather).
 
     TVM's fast-mode take reads out of bounds (and may crash the process) on a bad index,
     so the runtime checks such inputs before calling into the executable.
     """
-    bounds: dict[str, int] = {}
+    ranges: dict[str, tuple[int, int]] = {}
     for n in graph.nodes:
         if n.op != "relax.take" or n.attrs is None or str(n.attrs.obj.mode) != "fast":
             continue
         table, idx = n.args
         rows = _rows(graph, table, int(n.attrs.obj.axis) if n.attrs.obj.axis is not None else 0)
         src = _index_source(graph, idx)
-        if rows is not None and src is not None:
-            bounds[src] = min(rows, bounds.get(src, rows))
-    return bounds
+        if rows is None or src is None:
+            continue
+        name, wraps = src
+        lo, hi = (-rows if wraps else 0), rows
+        if name in ranges:  # several tables: the tightest range serves them all
+            lo, hi = max(lo, ranges[name][0]), min(hi, ranges[name][1])
+        ranges[name] = (lo, hi)
+    return ranges
 
 
 def _rows(graph: Graph, table, axis: int) -> int | None:
@@ -80,9 +87,11 @@ def _rows(graph: Graph, table, axis: int) -> int | None:
     return int(shape[axis]) if shape else None
 
 
-def _index_source(graph: Graph, idx) -> str | None:
-    """The one input node an index value is computed from, through index-keeping ops."""
+def _index_source(graph: Graph, idx) -> tuple[str, bool] | None:
+    """The one input node an index value is computed from, through index-keeping ops, and
+    whether negative values are wrapped on the way (``where``)."""
     sources: set[str] = set()
+    wraps = False
     stack = [idx]
     while stack:
         a = stack.pop()
@@ -92,10 +101,11 @@ def _index_source(graph: Graph, idx) -> str | None:
         if node.op == INPUT:
             sources.add(node.name)
         elif node.op in _INDEX_PATH_OPS:
+            wraps |= node.op == "relax.where"
             stack.extend(node.args)
         else:
             return None
-    return sources.pop() if len(sources) == 1 else None
+    return (sources.pop(), wraps) if len(sources) == 1 else None
 
 
 class _Emitter:
@@ -177,6 +187,22 @@ def emit_module(graph: Graph, manifest: dict | None = None) -> tvm.IRModule:
     return bb.get()
 
 
-def build(mod: tvm.IRModule, target: str):
-    """Compile the module with TVM for `target`; returns the executable."""
-    return tvm.compile(mod, make_target(target))
+def build(mod: tvm.IRModule, target: str, providers: dict[str, str], database=None):
+    """Compile the module for `target` with the heavy-op `providers`.
+
+    Returns the executable and facts for the manifest (library calls per entry).
+    """
+    from . import kernels, library
+
+    mod = kernels.prepare(mod)
+    mod, calls = kernels.offload(mod, providers)
+    if calls:
+        library.register()
+    tgt = make_target(target)
+    if target == "llvm":
+        executable = tvm.compile(mod, tgt, relax_pipeline=kernels.cpu_pipeline(tgt, database))
+    else:
+        if database is not None:
+            raise MTCompileError("tuning databases are applied for target llvm only")
+        executable = tvm.compile(mod, tgt)
+    return executable, {"library_calls": calls}

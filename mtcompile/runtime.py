@@ -10,8 +10,8 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,15 +28,16 @@ def _sig_str(inputs: list[dict]) -> str:
 
 
 def _to_array(x) -> np.ndarray:
+    # np.asarray(order="C"), not np.ascontiguousarray: that one turns a 0-d array into 1-d.
     if isinstance(x, np.ndarray):
-        return np.ascontiguousarray(x)
+        return np.asarray(x, order="C")
     try:
         import torch
     except ImportError:  # pragma: no cover
         torch = None
     if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().contiguous().numpy()
-    return np.ascontiguousarray(np.asarray(x))
+    return np.asarray(x, order="C")
 
 
 # TVM 0.27 logs one "Scope Saving:"/"Scope Loaded:" warning per constant when an
@@ -61,6 +62,22 @@ def quiet_native_log():
             for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
                 if not any(p in line for p in _NATIVE_NOISE):
                     sys.stderr.write(line)
+
+
+def _load_library(lib: Path):
+    """``tvm.runtime.load_module`` through a fresh path: dlopen hands back a library already
+    loaded from the same (real) path, so a bundle re-saved into a directory this process
+    loaded from before would otherwise run the old code. A hard link costs nothing; a copy
+    is the fallback across file systems."""
+    import tvm
+
+    with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
+        private = Path(tmp) / lib.name
+        try:
+            os.link(lib, private)
+        except OSError:
+            shutil.copyfile(lib, private)
+        return tvm.runtime.load_module(str(private))
 
 
 def sha256_file(path: Path) -> str:
@@ -106,6 +123,10 @@ class Bundle:
         return self.manifest["tenants"][name]
 
     # ------------------------------------------------------------------ running
+    def _vm(self):
+        self._fn(RUN_ALL)
+        return self._local.vm
+
     def _fn(self, entry: str):
         cache = getattr(self._local, "fns", None)
         if cache is None:
@@ -113,6 +134,10 @@ class Bundle:
             from tvm import relax
 
             dev = tvm.cuda(0) if self.target == "cuda" else tvm.cpu(0)
+            if "library" in self.manifest.get("kernels", {}).values():
+                from . import library
+
+                library.register()  # the executable calls PyTorch kernels by name
             with quiet_native_log():
                 self._local.vm = relax.VirtualMachine(self.executable, dev)
             self._local.dev = dev
@@ -128,16 +153,22 @@ class Bundle:
                              f"got {len(inputs)}")
         arrays = []
         for x, s in zip(inputs, sig, strict=True):
-            a = _to_array(x)
+            try:
+                a = _to_array(x)
+            except (TypeError, ValueError) as e:  # e.g. a bfloat16 tensor, a ragged list
+                raise InputError(f"tenant '{name}', input '{s['name']}': cannot use a "
+                                 f"{type(x).__name__} as an array ({e}); expected "
+                                 f"{s['dtype']}{list(s['shape'])}") from e
             if tuple(a.shape) != tuple(s["shape"]) or str(a.dtype) != s["dtype"]:
                 raise InputError(f"tenant '{name}', input '{s['name']}': expected "
                                  f"{s['dtype']}{list(s['shape'])}, got {a.dtype}{list(a.shape)} "
                                  f"(signature: {_sig_str(sig)})")
-            bound = s.get("index_bound")
-            if bound is not None and a.size and (a.min() < 0 or a.max() >= bound):
-                raise InputError(f"tenant '{name}', input '{s['name']}': values index a table "
-                                 f"of {bound} rows and must be in [0, {bound}); got values in "
-                                 f"[{a.min()}, {a.max()}]")
+            if "index_range" in s and a.size:
+                lo, hi = s["index_range"]
+                if a.min() < lo or a.max() >= hi:
+                    raise InputError(f"tenant '{name}', input '{s['name']}': values index a "
+                                     f"table of {hi} rows and must be in [{lo}, {hi}); got "
+                                     f"values in [{a.min()}, {a.max()}]")
             arrays.append(a)
         return arrays
 
@@ -173,6 +204,64 @@ class Bundle:
             k = len(self.signature(t)["outputs"])
             out[t], i = flat[i:i + k], i + k
         return out
+
+    def trace(self, entry: str, arrays: list[np.ndarray], repeat: int = 1) -> list[list]:
+        """Run `entry` `repeat` times under the VM instrument; per run, the calls it made
+        as ``(symbol, microseconds)`` in order (kernels, library calls and VM builtins)."""
+        import time
+
+        runs: list[list] = []
+        starts: list[float] = []
+
+        def instrument(func, symbol, before, ret, *args):
+            if before:
+                starts.append(time.perf_counter())
+            else:
+                runs[-1].append((symbol, 1e6 * (time.perf_counter() - starts.pop())))
+            return 0
+
+        vm = self._vm()
+        vm.set_instrument(instrument)
+        try:
+            for _ in range(repeat):
+                runs.append([])
+                self._call(entry, arrays)
+        finally:
+            vm.set_instrument(None)
+        return runs
+
+    def profile(self, inputs: dict[str, Any] | None = None, repeat: int = 10,
+                warmup: int = 3) -> dict:
+        """Time per kernel, grouped by tenant (each tenant's entry run `repeat` times).
+
+        Returns ``{"tenants": {name: {"total_us", "kernels": [{name, calls, total_us,
+        mean_us, share}]}}}``, kernels sorted by time; each call's time is its median over
+        the repeats. VM builtins (allocation, shape checks) appear as ``vm.builtin.*``.
+        """
+        from .verify import seeded_inputs
+
+        inputs = dict(inputs or {})
+        result: dict[str, Any] = {"repeat": repeat, "tenants": {}}
+        for i, name in enumerate(self.tenant_names):
+            given = inputs.get(name)
+            arrays = (self._check(name, tuple(given)) if given is not None
+                      else list(seeded_inputs(self.signature(name), i)))
+            for _ in range(warmup):
+                self._call(name, arrays)
+            runs = self.trace(name, arrays, repeat)
+            kernels: dict[str, dict] = {}
+            for calls in zip(*runs, strict=True):
+                symbol = calls[0][0]
+                k = kernels.setdefault(symbol, {"name": symbol, "calls": 0, "total_us": 0.0})
+                k["calls"] += 1
+                k["total_us"] += float(np.median([us for _, us in calls]))
+            total = sum(k["total_us"] for k in kernels.values())
+            rows = sorted(kernels.values(), key=lambda k: -k["total_us"])
+            for k in rows:
+                k["mean_us"] = k["total_us"] / k["calls"]
+                k["share"] = k["total_us"] / total if total else 0.0
+            result["tenants"][name] = {"total_us": total, "kernels": rows}
+        return result
 
     # ------------------------------------------------------------------ reports
     def report(self) -> dict:
@@ -223,7 +312,11 @@ class Bundle:
             else:
                 with quiet_native_log():
                     self.executable.export_library(str(tmp_lib))
-            readable = dict(self.manifest, library_sha256=sha256_file(tmp_lib))
+            digest = sha256_file(tmp_lib)
+            if self._library_path is not None and digest != self.manifest.get("library_sha256"):
+                raise ArtifactError(f"{self._library_path} changed since this bundle was loaded "
+                                    "from it; load it again before saving")
+            readable = dict(self.manifest, library_sha256=digest)
             tmp_manifest.write_text(json.dumps(readable, indent=2, sort_keys=True) + "\n")
             os.replace(tmp_lib, out / lib_name)
             os.replace(tmp_manifest, out / MANIFEST)
@@ -246,6 +339,10 @@ def load(directory: str | os.PathLike, sources: dict | None = None) -> Bundle:
     try:
         manifest = json.loads(mpath.read_text())
         lib_name, lib_hash = manifest["library"], manifest["library_sha256"]
+        if not isinstance(lib_name, str) or not lib_name or Path(lib_name).name != lib_name:
+            raise ValueError(f"library {lib_name!r} is not a file name")
+        if not isinstance(lib_hash, str):
+            raise TypeError(f"library_sha256 {lib_hash!r} is not a string")
         if manifest.get("format") != FORMAT:
             raise ArtifactError(f"{mpath}: format {manifest.get('format')!r}, "
                                 f"this mtcompile reads {FORMAT!r}")
@@ -262,11 +359,9 @@ def load(directory: str | os.PathLike, sources: dict | None = None) -> Bundle:
         raise ArtifactError(f"{lib} does not match {mpath}: library sha256 {actual[:16]}..., "
                             f"manifest expects {lib_hash[:16]}...; the files come from "
                             "different builds")
-    import tvm
-
     try:
         with quiet_native_log():
-            module = tvm.runtime.load_module(str(lib))
+            module = _load_library(lib)
     except Exception as e:
         raise ArtifactError(f"{lib}: cannot be loaded by TVM: {e}") from e
     bundle = Bundle(module, manifest, sources=sources, library_path=lib)

@@ -21,10 +21,11 @@
 from __future__ import annotations
 
 import importlib
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .errors import MTCompileError, SpecError
 from .tenant import Tenant

@@ -6,10 +6,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .abi import MANIFEST_FN, RUN_ALL
 from .errors import TenantError
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-RESERVED_NAMES = frozenset({"run_all", "main"})
+# Entry names of the executable that a tenant entry must not clash with.
+RESERVED_NAMES = frozenset({RUN_ALL, MANIFEST_FN, "main"})
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class Tenant:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        # fullmatch, not match: "$" would also accept a trailing newline.
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise TenantError(
                 f"tenant name {self.name!r} is not valid: expected a letter followed by "
                 "letters, digits or '_' (it becomes a function name in the executable)"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
 
 from .errors import MTCompileError
-from .frontends import load_onnx, to_numpy
+from .frontends import eval_mode, load_onnx, to_numpy
 from .tenant import Tenant
 
 INT_HIGH = 16  # random integer inputs (token ids, indices) are drawn from [0, INT_HIGH)
@@ -34,17 +35,12 @@ def reference_outputs(tenant: Tenant, inputs: tuple[np.ndarray, ...]) -> list[np
 
     model = tenant.model
     if isinstance(model, torch.nn.Module | torch.export.ExportedProgram):
-        fn = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+        exported = isinstance(model, torch.export.ExportedProgram)
+        fn = model.module() if exported else model
         args = [torch.from_numpy(np.array(a)) for a in inputs]
-        was_training = getattr(fn, "training", False)
-        if isinstance(fn, torch.nn.Module) and not isinstance(model, torch.export.ExportedProgram):
-            fn.eval()
-        try:
-            with torch.no_grad():
-                result = fn(*args)
-        finally:
-            if was_training and isinstance(fn, torch.nn.Module):
-                fn.train()
+        # An exported program's module() cannot change mode (train() raises): leave it be.
+        with torch.no_grad(), contextlib.nullcontext() if exported else eval_mode(fn):
+            result = fn(*args)
         leaves, _ = torch.utils._pytree.tree_flatten(result)
         return [to_numpy(x) for x in leaves]
     try:

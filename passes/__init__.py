@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mtcompile.errors import MTCompileError
 from mtcompile.pass_infra import REGISTRY, Pass, make_pass
 
 from . import eliminate_dead_nodes  # noqa: F401  (registers the pass)
@@ -20,8 +21,8 @@ def build_pipeline(names: list[str] | None = None,
     options = options or {}
     stray = set(options) - set(names)
     if stray:
-        raise ValueError(f"options given for passes not in the pipeline: {sorted(stray)} "
-                         f"(pipeline: {names})")
+        raise MTCompileError(f"options given for passes not in the pipeline: {sorted(stray)} "
+                             f"(pipeline: {names})")
     return [make_pass(n, options.get(n)) for n in names]
 
 

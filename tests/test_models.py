@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from mtcompile.models import (
     SETS,
     encoder_onnx,
@@ -17,7 +18,6 @@ from mtcompile.models import (
     shared_backbone_tenant,
     transformer_encoder,
 )
-
 from mtcompile.tenant import Tenant
 
 # Small configurations keep the tests fast; defaults are covered by the sets tests.

@@ -1,0 +1,170 @@
+"""Kernel providers and the CPU compile pipeline.
+
+Per heavy op kind (``matmul``, ``conv2d``) the provider is ``library`` (PyTorch's kernels
+through ``call_dps_packed``, see `library`) or ``tvm`` (TVM code, scheduled by a tuning
+database when one is given, else by TVM's default rules). Everything else is TVM code
+that gets our parallel, vectorized default CPU schedule (TVM has none for it).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+from . import library
+from .errors import MTCompileError
+
+HEAVY_OPS = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
+PROVIDERS = ("library", "tvm")
+DEFAULT_PROVIDERS = {"llvm": {"matmul": "library", "conv2d": "library"},
+                     "cuda": {"matmul": "tvm", "conv2d": "tvm"}}
+
+
+def resolve_providers(target: str, kernels: str | dict[str, str] | None) -> dict[str, str]:
+    """Provider per heavy op kind: the target's default, one name for all, or a dict."""
+    chosen = dict(DEFAULT_PROVIDERS.get(target, {"matmul": "tvm", "conv2d": "tvm"}))
+    if kernels is None:
+        return chosen
+    given = {k: kernels for k in chosen} if isinstance(kernels, str) else dict(kernels)
+    for kind, prov in given.items():
+        if kind not in chosen:
+            raise MTCompileError(f"unknown op kind {kind!r} for kernels; expected {sorted(chosen)}")
+        if prov not in PROVIDERS:
+            raise MTCompileError(f"unknown kernel provider {prov!r} for {kind}; "
+                                 f"expected one of {list(PROVIDERS)}")
+        if prov == "library" and target != "llvm":
+            raise MTCompileError(f"the library provider exists for target llvm only, not {target}")
+    chosen.update(given)
+    return chosen
+
+
+def _f32(e) -> bool:
+    ty = e.ty
+    return isinstance(ty, relax.TensorType) and str(ty.dtype) == "float32"
+
+
+def _conv_params(attrs) -> list[int] | None:
+    if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"
+            or attrs.out_layout != "NCHW"):
+        return None
+    if attrs.out_dtype not in ("", "float32") and str(attrs.out_dtype) not in ("", "float32"):
+        return None
+    return [*map(int, attrs.strides), *map(int, attrs.padding), *map(int, attrs.dilation),
+            int(attrs.groups)]
+
+
+@relax.expr_functor.mutator
+class _Offload(relax.PyExprMutator):
+    """matmul/conv2d (float32, NCHW/OIHW) -> call_dps_packed of the library kernels."""
+
+    def __init__(self, mod, kinds: set[str]):
+        super().__init__(mod)
+        self.kinds = kinds
+        self.count = 0
+
+    def visit_call_(self, call):
+        new = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or HEAVY_OPS.get(call.op.name) not in self.kinds:
+            return new
+        out_ty = call.ty
+        if not (all(_f32(a) for a in call.args[:2]) and isinstance(out_ty, relax.TensorType)
+                and str(out_ty.dtype) == "float32"):
+            return new
+        if call.op.name == "relax.matmul":
+            self.count += 1
+            return relax.op.call_dps_packed(library.MATMUL, relax.Tuple(list(new.args)), out_ty)
+        params = _conv_params(call.attrs)
+        if params is None:
+            return new
+        self.count += 1
+        args = [new.args[0], new.args[1], relax.ShapeExpr(params)]
+        return relax.op.call_dps_packed(library.CONV2D, relax.Tuple(args), out_ty)
+
+
+def offload(mod: tvm.IRModule, providers: dict[str, str]) -> tuple[tvm.IRModule, int]:
+    """Rewrite heavy ops whose provider is ``library``; returns the module and the count."""
+    kinds = {k for k, p in providers.items() if p == "library"}
+    if not kinds:
+        return mod, 0
+    out, total = tvm.IRModule(), 0
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            m = _Offload(mod, kinds)
+            func = m.visit_expr(func)
+            total += m.count
+        out[gv] = func
+    return out, total
+
+
+class CPUDefault(CPUScheduleRule):
+    """Default CPU schedule for any kernel: inline, fuse spatial loops, parallel, vectorize."""
+
+    MIN_PARALLEL = 4096  # below this many output elements, threads cost more than they give
+    LANES = 8  # float32 lanes of AVX2
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = dl.normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = dl.try_inline(sch, infos)
+        for info in infos:
+            block = info.block_rv
+            loops = sch.get_loops(block)
+            kinds = info.dom_kind()
+            if not loops or len(kinds) != len(loops):
+                continue
+            s_loops = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+            r_loops = [lp for lp, k in zip(loops, kinds, strict=True) if k != "S"]
+            if not s_loops:
+                continue
+            sch.reorder(*s_loops, *r_loops)
+            fused = sch.fuse(*s_loops)
+            extent = sch.get(fused).extent
+            if not isinstance(extent, tirx.IntImm):
+                continue
+            n = int(extent)
+            if not r_loops and n % self.LANES == 0 and n >= 2 * self.LANES:
+                outer, inner = sch.split(fused, [None, self.LANES])
+                sch.vectorize(inner)
+                fused = outer
+            if n >= self.MIN_PARALLEL or (r_loops and n >= 8):
+                sch.parallel(fused)
+        return sch
+
+
+def cpu_pipeline(target: tvm.target.Target, database=None):
+    """Our CPU relax pipeline: TVM's default passes plus kernel schedules after fusion."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    def schedules():
+        passes = []
+        if database is not None:
+            passes.append(relax.transform.MetaScheduleApplyDatabase(database, enable_warning=True))
+        passes.append(dl.ApplyDefaultSchedule(CPUDefault()))
+        return passes
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                + schedules() + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def prepare(mod: tvm.IRModule) -> tvm.IRModule:
+    """Inference simplifications before kernels are chosen: batch-norm folded into conv."""
+    seq = tvm.transform.Sequential([
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.FoldConstant(),
+        relax.transform.CanonicalizeBindings(),
+    ])
+    return seq(mod)

@@ -1,0 +1,42 @@
+"""Library kernels: PyTorch's MKL/oneDNN matmul and convolution, called from TVM code.
+
+Compiled bundles call these through ``R.call_dps_packed`` by name; the tensors cross by
+DLPack without copies. They are registered before any VM is created (compile, load), so
+a saved bundle that uses them runs in a fresh process that has torch.
+"""
+
+from __future__ import annotations
+
+MATMUL = "mtcompile.library.matmul"
+CONV2D = "mtcompile.library.conv2d"
+_registered = False
+
+
+def register() -> None:
+    """Register the library kernels as TVM global functions (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import torch
+    import tvm_ffi
+
+    from_dlpack = torch.from_dlpack
+    aten_conv = torch.ops.aten.convolution.out
+    pad = torch.nn.functional.pad
+
+    @tvm_ffi.register_global_func(MATMUL, override=True)
+    def _matmul(a, b, out):
+        torch.matmul(from_dlpack(a), from_dlpack(b), out=from_dlpack(out))
+
+    @tvm_ffi.register_global_func(CONV2D, override=True)
+    def _conv2d(x, w, params, out):
+        # params: stride h/w, padding top/left/bottom/right, dilation h/w, groups
+        sh, sw, pt, pl, pb, pr, dh, dw, groups = (int(v) for v in params)
+        x = from_dlpack(x)
+        if pt != pb or pl != pr:  # torch pads symmetrically; pad the odd side first
+            x = pad(x, (pl, pr, pt, pb))
+            pt = pl = 0
+        aten_conv(x, from_dlpack(w), None, [sh, sw], [pt, pl], [dh, dw], False, [0, 0], groups,
+                  out=from_dlpack(out))
+
+    _registered = True

@@ -1,0 +1,173 @@
+"""Shared fixtures: tiny torch modules, hand-built graphs and bundles compiled once per session.
+
+The tiny modules compile in a fraction of a second, so fast tests may build them; the
+heterogeneous demo set is compiled once per session and only by tests marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mtcompile
+from mtcompile import Tenant
+from mtcompile.ir import (
+    GET_ITEM,
+    INPUT,
+    TUPLE,
+    ConstRef,
+    Graph,
+    Node,
+    Opaque,
+    Ref,
+    TenantIO,
+    TensorTy,
+    TupleTy,
+    const_key,
+)
+
+# --------------------------------------------------------------------------- tiny modules
+
+
+class LinearReLU(nn.Module):
+    """Linear(8 -> 4) + ReLU on (2, 8) float32."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.fc = nn.Linear(8, 4)
+        self.eval()
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class TinyConv(nn.Module):
+    """Conv + BatchNorm + ReLU + global pool + Linear on (1, 3, 8, 8) float32 -> (1, 5)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(6)
+            with torch.no_grad():
+                self.bn.running_mean.normal_(0, 0.1)
+                self.bn.running_var.uniform_(0.5, 1.5)
+            self.fc = nn.Linear(6, 5)
+        self.eval()
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+class MultiOut(nn.Module):
+    """Three outputs of different shapes and dtypes: (relu(x), 2 * x sum over rows, argmax)."""
+
+    def forward(self, x):
+        return torch.relu(x), (2 * x).sum(dim=1), torch.argmax(x, dim=1)
+
+
+def seeded_input(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def linear_relu(seed: int = 0):
+    """(module, example_inputs) of a LinearReLU."""
+    return LinearReLU(seed), (seeded_input(100 + seed, 2, 8),)
+
+
+def tiny_conv(seed: int = 0):
+    """(module, example_inputs) of a TinyConv."""
+    return TinyConv(seed), (seeded_input(200 + seed, 1, 3, 8, 8),)
+
+
+def torch_outputs(module, inputs) -> list[np.ndarray]:
+    """Eager outputs of `module` as a flat list of numpy arrays."""
+    with torch.no_grad():
+        out = module(*inputs)
+    out = out if isinstance(out, tuple) else (out,)
+    return [o.numpy() for o in out]
+
+
+# --------------------------------------------------------------------------- hand-built graphs
+
+F24 = TensorTy((2, 4), "float32")
+F23 = TensorTy((2, 3), "float32")
+W = np.arange(12, dtype=np.float32).reshape(4, 3)
+WKEY = const_key(W)
+
+
+def attrs(text: str) -> Opaque:
+    """A stand-in for TVM attrs in hand-built graphs (printed as `text`)."""
+    return Opaque(None, f"test:{text}", text)
+
+
+def small_graph() -> Graph:
+    """Two tenants: a = relu(x @ W), b = (y, y) split back into its first item."""
+    a = [
+        Node("a.x", INPUT, (), F24, ("a",)),
+        Node("a.mm", "relax.matmul", (Ref("a.x"), ConstRef(WKEY)), F23, ("a",),
+             attrs("out_dtype=float32")),
+        Node("a.r", "relax.nn.relu", (Ref("a.mm"),), F23, ("a",)),
+    ]
+    b = [
+        Node("b.y", INPUT, (), F23, ("b",)),
+        Node("b.t", TUPLE, (Ref("b.y"), Ref("b.y")), TupleTy((F23, F23)), ("b",)),
+        Node("b.g", GET_ITEM, (Ref("b.t"),), F23, ("b",), 0),
+    ]
+    tenants = {
+        "a": TenantIO((("x", "a.x"),), (Ref("a.r"),)),
+        "b": TenantIO((("y", "b.y"),), (Ref("b.g"),)),
+    }
+    return Graph(tuple(a + b), tenants, {WKEY: W})
+
+
+@pytest.fixture
+def graph() -> Graph:
+    g = small_graph()
+    g.verify()
+    return g
+
+
+# --------------------------------------------------------------------------- compiled bundles
+
+
+def tiny_tenants() -> list[Tenant]:
+    """Three tiny tenants: one output, a conv net, and three outputs of mixed dtypes."""
+    m1, x1 = linear_relu(0)
+    m2, x2 = tiny_conv(0)
+    return [
+        Tenant("lin", m1, example_inputs=x1),
+        Tenant("conv", m2, example_inputs=x2),
+        Tenant("multi", MultiOut(), example_inputs=(seeded_input(300, 3, 5),)),
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
+    """The tiny tenants compiled once per session (well under a second)."""
+    return mtcompile.compile(tiny_tenants())
+
+
+@pytest.fixture(scope="session")
+def tiny_saved(tiny_bundle, tmp_path_factory):
+    """`tiny_bundle` saved once per session; tests must not modify this directory."""
+    return tiny_bundle.save(tmp_path_factory.mktemp("tiny_saved"))
+
+
+@pytest.fixture(scope="session")
+def hetero_tenants():
+    from mtcompile.models import get_set
+
+    return get_set("heterogeneous")
+
+
+@pytest.fixture(scope="session")
+def hetero_bundle(hetero_tenants):
+    """The heterogeneous demo set compiled once per session (a few seconds; slow tests only)."""
+    return mtcompile.compile(hetero_tenants)

@@ -1,0 +1,325 @@
+"""Bundle: run, run_all, report, manifest, and the save/load round trip (also in a fresh process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import MultiOut, linear_relu, tiny_tenants, torch_outputs
+
+import mtcompile
+from mtcompile.abi import FORMAT, MANIFEST
+from mtcompile.errors import MTCompileError
+from mtcompile.runtime import sha256_file
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def sources():
+    return {t.name: t for t in tiny_tenants()}
+
+
+def _inputs(sources, name):
+    return sources[name].example_inputs
+
+
+def test_run_matches_torch_and_returns_numpy_in_order(tiny_bundle, sources):
+    assert tiny_bundle.tenant_names == ["lin", "conv", "multi"]
+    for name, t in sources.items():
+        got = tiny_bundle.run(name, *t.example_inputs)
+        want = torch_outputs(t.model, t.example_inputs)
+        assert isinstance(got, list) and all(isinstance(g, np.ndarray) for g in got)
+        assert [(g.shape, g.dtype) for g in got] == [(w.shape, w.dtype) for w in want]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=0, atol=ATOL)
+    # Three outputs come back in the model's order with their own dtypes.
+    relu, sums, argmax = tiny_bundle.run("multi", *_inputs(sources, "multi"))
+    assert relu.shape == (3, 5) and sums.shape == (3,) and argmax.dtype == np.int64
+    assert [o["dtype"] for o in tiny_bundle.signature("multi")["outputs"]] == [
+        "float32", "float32", "int64"]
+
+
+def test_run_accepts_numpy_and_torch(tiny_bundle, sources):
+    (x,) = _inputs(sources, "conv")
+    from_torch = tiny_bundle.run("conv", x)
+    from_numpy = tiny_bundle.run("conv", x.numpy())
+    np.testing.assert_array_equal(from_torch[0], from_numpy[0])
+    # Non-contiguous inputs are fine too.
+    xt = torch.randn(8, 2).t()
+    assert not xt.is_contiguous()
+    np.testing.assert_array_equal(tiny_bundle.run("lin", xt)[0],
+                                  tiny_bundle.run("lin", xt.contiguous().numpy())[0])
+
+
+class Scale(torch.nn.Module):
+    def forward(self, x, s):
+        return x * s
+
+
+def test_scalar_inputs():
+    # 0-d inputs stay 0-d, from torch or numpy, as example inputs and at run time.
+    x, s = np.arange(3, dtype=np.float32), np.array(2.5, np.float32)
+    b = mtcompile.compile([mtcompile.Tenant("s", Scale(), example_inputs=(x, s))])
+    assert b.signature("s")["inputs"][1] == {"name": "s", "shape": [], "dtype": "float32"}
+    want = [0.0, 2.5, 5.0]
+    assert b.run("s", x, s)[0].tolist() == want
+    assert b.run("s", torch.from_numpy(x), torch.tensor(2.5))[0].tolist() == want
+    assert b.run("s", x, np.float32(2.5))[0].tolist() == want  # a numpy scalar
+    assert b.run_all({"s": (x, s)})["s"][0].tolist() == want
+    assert b.verify()["ok"]
+
+
+class ConstOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", torch.arange(3.0))
+
+    def forward(self, x):
+        return self.c
+
+
+class Identity(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Twice(torch.nn.Module):
+    def forward(self, x, unused):
+        y = x + 1
+        return y, y
+
+
+def test_degenerate_tenants():
+    # A constant output, an input returned as is, one value returned twice, an unused input.
+    x = torch.ones(3)
+    b = mtcompile.compile([
+        mtcompile.Tenant("const", ConstOut(), example_inputs=(x,)),
+        mtcompile.Tenant("ident", Identity(), example_inputs=(x,)),
+        mtcompile.Tenant("twice", Twice(), example_inputs=(x, torch.zeros(2))),
+    ])
+    out = b.run_all({"const": x, "ident": 2 * x, "twice": (x, torch.zeros(2))})
+    assert [o.tolist() for o in out["const"]] == [[0.0, 1.0, 2.0]]
+    assert [o.tolist() for o in out["ident"]] == [[2.0, 2.0, 2.0]]
+    assert [o.tolist() for o in out["twice"]] == [[2.0, 2.0, 2.0]] * 2
+    assert [i["name"] for i in b.signature("twice")["inputs"]] == ["x", "unused"]
+    first, second = b.run("twice", x, torch.zeros(2))
+    first[0] = 99.0  # outputs are separate arrays
+    assert second[0] == 2.0
+    assert b.verify()["ok"]
+
+
+def test_run_from_several_threads(tiny_bundle, sources):
+    # One VM per calling thread over the one executable: concurrent calls give the same results.
+    from concurrent.futures import ThreadPoolExecutor
+
+    want = {n: tiny_bundle.run(n, *t.example_inputs) for n, t in sources.items()}
+
+    def work(i):
+        name = list(sources)[i % len(sources)]
+        for _ in range(20):
+            got = tiny_bundle.run(name, *sources[name].example_inputs)
+            if not all(np.array_equal(a, b) for a, b in zip(got, want[name], strict=True)):
+                return False
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(8)))
+
+
+def test_run_all(tiny_bundle, sources):
+    as_torch = {n: t.example_inputs for n, t in sources.items()}
+    as_numpy = {n: tuple(x.numpy() for x in t.example_inputs) for n, t in sources.items()}
+    # A single input may be given bare instead of in a tuple.
+    as_numpy["lin"] = as_numpy["lin"][0]
+    out_t, out_n = tiny_bundle.run_all(as_torch), tiny_bundle.run_all(as_numpy)
+    assert list(out_t) == ["lin", "conv", "multi"] == list(out_n)
+    for name in out_t:
+        single = tiny_bundle.run(name, *sources[name].example_inputs)
+        assert len(out_t[name]) == len(single)
+        for a, b, c in zip(out_t[name], out_n[name], single, strict=True):
+            assert isinstance(a, np.ndarray)
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, c)
+
+
+def test_verify_report(tiny_bundle):
+    r = tiny_bundle.verify(atol=ATOL)
+    assert r["ok"] and r["atol"] == ATOL and list(r["tenants"]) == tiny_bundle.tenant_names
+    multi = r["tenants"]["multi"]
+    assert multi["run_all_ok"] and len(multi["outputs"]) == 3
+    assert all(o["max_abs"] <= ATOL for o in multi["outputs"])
+    # Seeded inputs instead of the example inputs give the same verdict.
+    inputs = {"lin": (np.ones((2, 8), np.float32),)}
+    assert tiny_bundle.verify(inputs, seed=3, atol=ATOL)["ok"]
+
+
+def test_verify_catches_a_mismatch(tiny_saved, sources):
+    # Pair the compiled "lin" with a model of other weights: verify must say so.
+    wrong = dict(sources, lin=mtcompile.Tenant("lin", linear_relu(5)[0],
+                                               example_inputs=sources["lin"].example_inputs))
+    r = mtcompile.load(tiny_saved, sources=wrong).verify(atol=ATOL)
+    assert not r["ok"]
+    assert not r["tenants"]["lin"]["ok"] and not r["tenants"]["lin"]["run_all_ok"]
+    assert r["tenants"]["lin"]["outputs"][0]["max_abs"] > 1e-2
+    assert r["tenants"]["conv"]["ok"] and r["tenants"]["multi"]["ok"]
+    # A tenant without a source model is reported, not skipped.
+    partial = {k: v for k, v in sources.items() if k != "conv"}
+    r = mtcompile.load(tiny_saved, sources=partial).verify(atol=ATOL)
+    assert not r["ok"] and r["tenants"]["conv"] == {"ok": False, "error": "no source model given"}
+
+
+def test_report_is_json(tiny_bundle):
+    r = tiny_bundle.report()
+    assert json.loads(json.dumps(r)) == r
+    assert list(r["tenants"]) == ["lin", "conv", "multi"]
+    assert r["tenants"]["lin"] == {"source": "torch.export", "inputs": "x: float32[2, 8]",
+                                   "outputs": "output0: float32[2, 4]"}
+    assert [p["name"] for p in r["pipeline"]] == ["eliminate-dead-nodes"]
+    assert r["graph"]["nodes"] == len(tiny_bundle.graph)
+    assert r["graph"]["nodes_per_tenant"].keys() == {"lin", "conv", "multi"}
+    assert set(r["stages_s"]) >= {"import", "merge", "passes", "lower", "build"}
+    assert r["passes"][0]["name"] == "eliminate-dead-nodes"
+
+
+def test_manifest_json(tiny_bundle, tiny_saved):
+    m = json.loads((tiny_saved / MANIFEST).read_text())
+    assert m["format"] == FORMAT
+    assert set(m["versions"]) >= {"mtcompile", "tvm", "torch", "onnx"}
+    assert m["versions"]["mtcompile"] == mtcompile.__version__
+    assert m["target"] == "llvm" and m["library"] == "bundle.so"
+    assert m["tenant_order"] == ["lin", "conv", "multi"]
+    assert m["tenants"]["lin"]["inputs"] == [{"name": "x", "shape": [2, 8], "dtype": "float32"}]
+    assert m["tenants"]["conv"]["outputs"] == [{"name": "output0", "shape": [1, 5],
+                                                "dtype": "float32"}]
+    for t in m["tenant_order"]:
+        h = m["tenants"][t]["source_sha256"]
+        assert len(h) == 64 and int(h, 16) >= 0
+        assert m["tenants"][t]["source"] == "torch.export"
+    assert m["library_sha256"] == sha256_file(tiny_saved / "bundle.so")
+    assert m["pipeline"] == [{"name": "eliminate-dead-nodes", "options": {}}]
+    # The readable copy is the in-memory manifest plus the library's hash.
+    assert {k: v for k, v in m.items() if k != "library_sha256"} == json.loads(
+        json.dumps(tiny_bundle.manifest))
+
+
+def test_save_load_round_trip_in_process(tiny_bundle, tiny_saved, sources):
+    loaded = mtcompile.load(tiny_saved)
+    assert loaded.tenant_names == tiny_bundle.tenant_names
+    assert loaded.graph is None and loaded.sources == {}
+    for name, t in sources.items():
+        for a, b in zip(loaded.run(name, *t.example_inputs),
+                        tiny_bundle.run(name, *t.example_inputs), strict=True):
+            np.testing.assert_array_equal(a, b)
+    ins = {n: t.example_inputs for n, t in sources.items()}
+    assert all(np.array_equal(a, b) for n in ins for a, b in
+               zip(loaded.run_all(ins)[n], tiny_bundle.run_all(ins)[n], strict=True))
+    assert loaded.report()["tenants"] == tiny_bundle.report()["tenants"]
+    # verify needs the sources: an error without them, a verdict with them.
+    with pytest.raises(MTCompileError, match="verify needs the source models"):
+        loaded.verify()
+    assert mtcompile.load(tiny_saved, sources=sources).verify(atol=ATOL)["ok"]
+
+
+def test_loaded_bundle_saves_again(tiny_saved, tmp_path, sources):
+    loaded = mtcompile.load(tiny_saved)
+    loaded.save(tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["bundle.so", MANIFEST]
+    assert (tmp_path / "copy" / "bundle.so").read_bytes() == (tiny_saved / "bundle.so").read_bytes()
+    again = mtcompile.load(tmp_path / "copy")
+    (x,) = sources["conv"].example_inputs
+    np.testing.assert_array_equal(again.run("conv", x)[0], loaded.run("conv", x)[0])
+
+
+def test_save_overwrites_and_uses_the_bundle_name(tmp_path):
+    m = MultiOut()
+    x = (torch.randn(3, 5),)
+    b = mtcompile.compile([mtcompile.Tenant("m", m, example_inputs=x)], name="my_models")
+    out = b.save(tmp_path)
+    assert out == tmp_path
+    b.save(tmp_path)  # saving twice into the same directory is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "my_models.so"]
+    loaded = mtcompile.load(tmp_path)
+    assert loaded.manifest["name"] == "my_models"
+    np.testing.assert_array_equal(loaded.run("m", *x)[2], b.run("m", *x)[2])
+
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import mtcompile
+    d, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    b = mtcompile.load(d)
+    inputs = [np.load(f"{d}/../in{i}.npy") for i in range(n)]
+    outs = b.run(name, *inputs)
+    for i, o in enumerate(outs):
+        np.save(f"{d}/../out{i}.npy", o)
+    loaded = sorted(m for m in sys.modules if m.startswith("mtcompile"))
+    print(json.dumps({"outputs": len(outs), "modules": loaded}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vision", "text", "mlp"])
+def test_load_in_a_fresh_process(hetero_bundle, hetero_tenants, tmp_path_factory, name):
+    root = tmp_path_factory.mktemp(f"fresh_{name}")
+    saved = hetero_bundle.save(root / "bundle")
+    tenant = next(t for t in hetero_tenants if t.name == name)
+    inputs = [x.numpy() for x in tenant.example_inputs]
+    for i, a in enumerate(inputs):
+        np.save(root / f"in{i}.npy", a)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(saved), name, str(len(inputs))],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = hetero_bundle.run(name, *inputs)
+    assert info["outputs"] == len(want)
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(np.load(root / f"out{i}.npy"), w)
+    # A loaded bundle needs no model code: neither the frontends nor the passes were imported.
+    assert "mtcompile.frontends" not in info["modules"]
+    assert not any(m.startswith("mtcompile.passes") for m in info["modules"])
+
+
+@pytest.mark.slow
+def test_heterogeneous_bundle_run_all_and_round_trip(hetero_bundle, hetero_tenants, tmp_path):
+    inputs = {t.name: t.example_inputs for t in hetero_tenants}
+    together = hetero_bundle.run_all(inputs)
+    loaded = mtcompile.load(hetero_bundle.save(tmp_path))
+    again = loaded.run_all({k: tuple(x.numpy() for x in v) for k, v in inputs.items()})
+    for t in hetero_bundle.tenant_names:
+        single = hetero_bundle.run(t, *inputs[t])
+        for a, b, c in zip(together[t], again[t], single, strict=True):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, c)
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    assert [m["tenants"][t]["source"] for t in m["tenant_order"]] == [
+        "torch.export", "onnx", "torch.fx"]
+    assert m["tenants"]["text"]["inputs"][0]["dtype"] == "int64"
+    assert len({m["tenants"][t]["source_sha256"] for t in m["tenant_order"]}) == 3
+
+
+def test_reload_after_resaving_into_the_same_directory(tmp_path):
+    # dlopen returns an already loaded library for the same path: a bundle re-saved into a
+    # directory this process has loaded from must still come back as the new code.
+    (ma, x), (mb, _) = linear_relu(1), linear_relu(2)
+    a = mtcompile.compile([mtcompile.Tenant("lin", ma, example_inputs=x)])
+    b = mtcompile.compile([mtcompile.Tenant("lin", mb, example_inputs=x)])
+    a.save(tmp_path)
+    old = mtcompile.load(tmp_path)
+    np.testing.assert_array_equal(old.run("lin", *x)[0], a.run("lin", *x)[0])
+    b.save(tmp_path)
+    new = mtcompile.load(tmp_path)
+    np.testing.assert_array_equal(new.run("lin", *x)[0], b.run("lin", *x)[0])
+    np.testing.assert_array_equal(old.run("lin", *x)[0], a.run("lin", *x)[0])  # still a
+    assert not np.array_equal(a.run("lin", *x)[0], b.run("lin", *x)[0])
+    # The old bundle's library file is gone: saving it now must not pair b's library
+    # with a's manifest.
+    with pytest.raises(MTCompileError, match="changed since this bundle was loaded from it"):
+        old.save(tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == []
