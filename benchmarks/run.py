@@ -202,11 +202,18 @@ def to_markdown(res: dict, command: str) -> str:
                      f"| {r['ratio_to_bundle']:.2f} | {r['gflops']:.1f} "
                      f"| {100 * r['gflops'] / res['ceiling_gflops']:.1f} "
                      f"| {res['kernels'].get(k, '')} | {compile_s} |")
-    lines += ["", "Where the bundle's time goes (per tenant entry, top kernels):", ""]
+    lines += ["", "Where the bundle's time goes (per tenant entry: share of library kernels, "
+              "TVM-generated kernels, VM builtins; top calls):", ""]
     for t, p in res["profile"]["tenants"].items():
+        shares = {"library": 0.0, "tvm": 0.0, "vm": 0.0}
+        for k in p["kernels"]:
+            kind = ("library" if k["name"].startswith("mtcompile.library")
+                    else "vm" if k["name"].startswith("vm.builtin") else "tvm")
+            shares[kind] += k["share"]
         top = ", ".join(f"{k['name']} x{k['calls']} {k['total_us']:.0f} us"
                         for k in p["kernels"][:4])
-        lines.append(f"- {t}: {p['total_us']:.0f} us in kernels; {top}")
+        lines.append(f"- {t}: {p['total_us']:.0f} us (library {100 * shares['library']:.0f}%, "
+                     f"TVM {100 * shares['tvm']:.0f}%, VM {100 * shares['vm']:.0f}%); {top}")
     return "\n".join(lines) + "\n"
 
 

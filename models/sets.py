@@ -38,13 +38,14 @@ def same_arch(n: int = 4, batch: int = 1) -> list[Tenant]:
 
 def shared_backbone(n: int = 3, batch: int = 1) -> list[Tenant]:
     """``n`` tenants "head0".."head{n-1}": one backbone (bit-identical weights), different
-    heads, and the same example input tensor object (the dedup case)."""
+    heads, and one input declared shared as "image" (the dedup case)."""
     tenants = []
     shared_inputs = None
     for i in range(n):
         model, inputs = shared_backbone_tenant(head_seed=i, backbone_seed=0, batch=batch)
         shared_inputs = shared_inputs if shared_inputs is not None else inputs
-        tenants.append(Tenant(f"head{i}", model, example_inputs=shared_inputs))
+        tenants.append(Tenant(f"head{i}", model, example_inputs=shared_inputs,
+                              shared_inputs={"x": "image"}))
     return tenants
 
 

@@ -14,7 +14,7 @@ from .frontends import import_tenant
 from .ir import ConstRef, Graph, TensorTy
 from .kernels import resolve_providers
 from .lift import lift
-from .lowering import TARGETS, build, emit_module, input_index_ranges
+from .lowering import TARGETS, build, emit_module, input_index_ranges, run_all_params
 from .merge import constant_bytes_before_merge, merge
 from .pass_infra import Instrument, PassContext, run_passes
 from .runtime import Bundle
@@ -40,6 +40,8 @@ def _io(graph: Graph, t: str, kind: str, source_hash: str, output_names=None) ->
         inputs.append({"name": local, "shape": list(ty.shape), "dtype": ty.dtype})
         if node in ranges:
             inputs[-1]["index_range"] = list(ranges[node])
+        if node.startswith("shared."):
+            inputs[-1]["shared_as"] = node.removeprefix("shared.")
     outputs = []
     for i, o in enumerate(io.outputs):
         ty = graph.node(o.name).ty if not isinstance(o, ConstRef) else TensorTy(
@@ -99,7 +101,7 @@ def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _S
                    f"{time.perf_counter() - t1:.2f} s")
     stages.done("import", t0)
     t0 = time.perf_counter()
-    graph = merge(graphs)
+    graph = merge(graphs, {t.name: t.shared_inputs for t in tenants if t.shared_inputs})
     stages.done("merge", t0)
     t0 = time.perf_counter()
     graph, records = run_passes(graph, pipeline, PassContext(target=target), list(instruments))
@@ -150,6 +152,7 @@ def compile(  # noqa: A001 - the public name the API promises
         "kernels": providers,
         "tuning_db": str(tuning_db) if tuning_db else None,
         "tenant_order": [t.name for t in tenants],
+        "run_all_inputs": [[list(u) for u in uses] for _, uses in run_all_params(graph)],
         "tenants": {it.name: _io(graph, it.name, it.kind, it.source_hash,
                                  _output_names(t.model))
                     for it, t in zip(imported, tenants, strict=True)},

@@ -8,7 +8,9 @@ a saved bundle that uses them runs in a fresh process that has torch.
 from __future__ import annotations
 
 MATMUL = "mtcompile.library.matmul"
+MATMUL_BIAS = "mtcompile.library.matmul_bias"
 CONV2D = "mtcompile.library.conv2d"
+CONV2D_BIAS = "mtcompile.library.conv2d_bias"
 _registered = False
 
 
@@ -23,20 +25,34 @@ def register() -> None:
     from_dlpack = torch.from_dlpack
     aten_conv = torch.ops.aten.convolution.out
     pad = torch.nn.functional.pad
+    addmm = torch.addmm
 
     @tvm_ffi.register_global_func(MATMUL, override=True)
     def _matmul(a, b, out):
         torch.matmul(from_dlpack(a), from_dlpack(b), out=from_dlpack(out))
 
-    @tvm_ffi.register_global_func(CONV2D, override=True)
-    def _conv2d(x, w, params, out):
+    @tvm_ffi.register_global_func(MATMUL_BIAS, override=True)
+    def _matmul_bias(a, w, bias, out):
+        # w is 2-D, bias 1-D: one addmm over the rows of a (a view, no copy)
+        a, w, o = from_dlpack(a), from_dlpack(w), from_dlpack(out)
+        addmm(from_dlpack(bias), a.reshape(-1, a.shape[-1]), w, out=o.view(-1, o.shape[-1]))
+
+    def conv(x, w, bias, params, out):
         # params: stride h/w, padding top/left/bottom/right, dilation h/w, groups
         sh, sw, pt, pl, pb, pr, dh, dw, groups = (int(v) for v in params)
         x = from_dlpack(x)
         if pt != pb or pl != pr:  # torch pads symmetrically; pad the odd side first
             x = pad(x, (pl, pr, pt, pb))
             pt = pl = 0
-        aten_conv(x, from_dlpack(w), None, [sh, sw], [pt, pl], [dh, dw], False, [0, 0], groups,
+        aten_conv(x, from_dlpack(w), bias, [sh, sw], [pt, pl], [dh, dw], False, [0, 0], groups,
                   out=from_dlpack(out))
+
+    @tvm_ffi.register_global_func(CONV2D, override=True)
+    def _conv2d(x, w, params, out):
+        conv(x, w, None, params, out)
+
+    @tvm_ffi.register_global_func(CONV2D_BIAS, override=True)
+    def _conv2d_bias(x, w, bias, params, out):
+        conv(x, w, from_dlpack(bias), params, out)
 
     _registered = True

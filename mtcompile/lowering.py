@@ -40,9 +40,14 @@ def device_for(target: str):
     return tvm.cuda(0) if target == "cuda" else tvm.cpu(0)
 
 
-def run_all_params(graph: Graph) -> list[tuple[str, str]]:
-    """(tenant, signature name) of every ``run_all`` parameter, in order."""
-    return [(t, local) for t, io in graph.tenants.items() for local, _ in io.inputs]
+def run_all_params(graph: Graph) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``run_all``'s parameters in order: (input node, the (tenant, input name) pairs it
+    serves). An input shared by several tenants is one parameter."""
+    params: dict[str, list[tuple[str, str]]] = {}
+    for t, io in graph.tenants.items():
+        for local, node in io.inputs:
+            params.setdefault(node, []).append((t, local))
+    return list(params.items())
 
 
 # Ops through which an index value keeps its meaning (casts, reshapes, the negative-index
@@ -140,21 +145,20 @@ class _Emitter:
         return relax.Call(tvm.ir.Op.get(n.op), args, attrs, [t.obj for t in n.ty_args])
 
     def function(self, bb: relax.BlockBuilder, fname: str, tenants: list[str],
-                 param_names: list[str]) -> None:
+                 params: list[tuple[str, str]]) -> None:
+        """Emit `fname` computing `tenants`' outputs from `params` ((node, name) pairs)."""
         g = self.graph
         outputs = [o for t in tenants for o in g.tenants[t].outputs]
         live = {o.name for o in outputs if isinstance(o, Ref)}
         for n in reversed(g.nodes):
             if n.name in live:
                 live.update(n.inputs)
-        input_nodes = [name for t in tenants for _, name in g.tenants[t].inputs]
-        params, env = [], {}
-        for pname, node_name in zip(param_names, input_nodes, strict=True):
+        env = {}
+        for node_name, pname in params:
             ty = g.node(node_name).ty
             assert isinstance(ty, TensorTy)
             env[node_name] = relax.Var(pname, relax.TensorType(list(ty.shape), ty.dtype))
-            params.append(env[node_name])
-        with bb.function(fname, params):
+        with bb.function(fname, [env[node] for node, _ in params]):
             with bb.dataflow():
                 for n in g.nodes:
                     if n.name not in live or n.op == INPUT:
@@ -177,9 +181,9 @@ def emit_module(graph: Graph, manifest: dict | None = None) -> tvm.IRModule:
     em = _Emitter(graph)
     bb = relax.BlockBuilder()
     for t, io in graph.tenants.items():
-        em.function(bb, t, [t], [local for local, _ in io.inputs])
+        em.function(bb, t, [t], [(node, local) for local, node in io.inputs])
     em.function(bb, RUN_ALL, list(graph.tenants),
-                [f"{t}__{local}" for t, local in run_all_params(graph)])
+                [(node, "__".join(uses[0])) for node, uses in run_all_params(graph)])
     if manifest is not None:
         data = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
         with bb.function(MANIFEST_FN, []):

@@ -193,11 +193,23 @@ class Bundle:
         if unknown or missing:
             raise InputError(f"run_all needs inputs for exactly the tenants {self.tenant_names}; "
                              f"missing {missing}, unknown {unknown}")
-        arrays = []
+        checked = {}
         for t in self.tenant_names:
             given = inputs[t]
             given = tuple(given) if isinstance(given, list | tuple) else (given,)
-            arrays += self._check(t, given)
+            sig = self.signature(t)["inputs"]
+            checked.update({(t, s["name"]): a
+                            for s, a in zip(sig, self._check(t, given), strict=True)})
+        arrays = []
+        for uses in self.manifest["run_all_inputs"]:
+            first = checked[tuple(uses[0])]
+            for use in uses[1:]:  # one shared tensor: the tenants must agree on its value
+                other = checked[tuple(use)]
+                if other is not first and not np.array_equal(other, first):
+                    raise InputError(f"tenants '{uses[0][0]}' and '{use[0]}' share input "
+                                     f"'{uses[0][1]}'/'{use[1]}' but were given different "
+                                     "values")
+            arrays.append(first)
         flat = self._call(RUN_ALL, arrays)
         out, i = {}, 0
         for t in self.tenant_names:
@@ -347,6 +359,7 @@ def load(directory: str | os.PathLike, sources: dict | None = None) -> Bundle:
             raise ArtifactError(f"{mpath}: format {manifest.get('format')!r}, "
                                 f"this mtcompile reads {FORMAT!r}")
         manifest["tenants"], manifest["tenant_order"], manifest["target"]  # noqa: B018
+        manifest["run_all_inputs"]  # noqa: B018
     except ArtifactError:
         raise
     except (ValueError, KeyError, TypeError) as e:

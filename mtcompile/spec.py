@@ -16,6 +16,7 @@
     name = "text"
     onnx = "encoder.onnx"                      # relative to this file
     input_shapes = { input_ids = [[1, 16], "int64"] }   # optional for ONNX
+    shared_inputs = { input_ids = "tokens" }   # inputs of several tenants that are one tensor
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .errors import MTCompileError, SpecError
 from .tenant import Tenant
 
 _TOP_KEYS = {"name", "target", "pipeline", "tenants"}
-_TENANT_KEYS = {"name", "factory", "args", "onnx", "input_shapes"}
+_TENANT_KEYS = {"name", "factory", "args", "onnx", "input_shapes", "shared_inputs"}
 
 
 @dataclass
@@ -114,13 +115,17 @@ def load_spec(path: str | Path) -> BuildSpec:
         if ("factory" in e) == ("onnx" in e):
             raise SpecError(f"{where}: give exactly one of 'factory' or 'onnx'")
         shapes = _shapes(e["input_shapes"], where) if "input_shapes" in e else None
+        shared = e.get("shared_inputs", {})
+        if not isinstance(shared, dict):
+            raise SpecError(f"{where}: shared_inputs must be a table {{input = \"shared name\"}}")
         try:
             if "onnx" in e:
-                tenants.append(Tenant(name, str((path.parent / e["onnx"]).resolve()),
-                                      input_shapes=shapes))
+                tenant = Tenant(name, str((path.parent / e["onnx"]).resolve()),
+                                input_shapes=shapes)
             else:
                 made = call_factory(e["factory"], dict(e.get("args", {})), where)
-                tenants.append(tenant_from_factory(name, made, shapes, where))
+                tenant = tenant_from_factory(name, made, shapes, where)
+            tenants.append(replace(tenant, shared_inputs=dict(shared)) if shared else tenant)
         except SpecError:
             raise
         except MTCompileError as err:

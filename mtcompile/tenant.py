@@ -25,13 +25,16 @@ class Tenant:
 
     input_shapes: ``{input_name: (shape, dtype)}`` in the model's input order.
     example_inputs: a tuple of tensors/arrays; also used as the inputs of ``verify``.
+    shared_inputs: ``{input_name: shared_name}``: inputs of different tenants declared
+    with the same shared name are one tensor (e.g. the same camera frame); ``run_all``
+    then reads it once and the ``dedup`` pass can share the work done on it.
     """
 
     name: str
     model: Any
     example_inputs: tuple | None = None
     input_shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    shared_inputs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         # fullmatch, not match: "$" would also accept a trailing newline.
@@ -42,5 +45,9 @@ class Tenant:
             )
         if self.name in RESERVED_NAMES:
             raise TenantError(f"tenant name {self.name!r} is reserved; choose another name")
+        for local, shared in self.shared_inputs.items():
+            if not isinstance(shared, str) or not _NAME.fullmatch(shared):
+                raise TenantError(f"tenant {self.name!r}: shared input name {shared!r} for "
+                                  f"{local!r} is not valid (a letter, then letters, digits, '_')")
         if self.example_inputs is not None and not isinstance(self.example_inputs, tuple):
             object.__setattr__(self, "example_inputs", tuple(self.example_inputs))

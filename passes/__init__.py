@@ -7,9 +7,10 @@ from typing import Any
 from mtcompile.errors import MTCompileError
 from mtcompile.pass_infra import REGISTRY, Pass, make_pass
 
-from . import eliminate_dead_nodes  # noqa: F401  (registers the pass)
+from . import dedup, eliminate_dead_nodes  # noqa: F401  (importing registers the passes)
 
 DEFAULT_PIPELINE: list[str] = [
+    "dedup",  # compute what several tenants compute alike once
     "eliminate-dead-nodes",  # drop values no tenant output needs
 ]
 

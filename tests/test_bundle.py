@@ -180,11 +180,11 @@ def test_report_is_json(tiny_bundle):
     assert list(r["tenants"]) == ["lin", "conv", "multi"]
     assert r["tenants"]["lin"] == {"source": "torch.export", "inputs": "x: float32[2, 8]",
                                    "outputs": "output0: float32[2, 4]"}
-    assert [p["name"] for p in r["pipeline"]] == ["eliminate-dead-nodes"]
+    assert [p["name"] for p in r["pipeline"]] == ["dedup", "eliminate-dead-nodes"]
     assert r["graph"]["nodes"] == len(tiny_bundle.graph)
     assert r["graph"]["nodes_per_tenant"].keys() == {"lin", "conv", "multi"}
     assert set(r["stages_s"]) >= {"import", "merge", "passes", "lower", "build"}
-    assert r["passes"][0]["name"] == "eliminate-dead-nodes"
+    assert [p["name"] for p in r["passes"]] == ["dedup", "eliminate-dead-nodes"]
 
 
 def test_manifest_json(tiny_bundle, tiny_saved):
@@ -202,7 +202,8 @@ def test_manifest_json(tiny_bundle, tiny_saved):
         assert len(h) == 64 and int(h, 16) >= 0
         assert m["tenants"][t]["source"] == "torch.export"
     assert m["library_sha256"] == sha256_file(tiny_saved / "bundle.so")
-    assert m["pipeline"] == [{"name": "eliminate-dead-nodes", "options": {}}]
+    assert m["pipeline"] == [{"name": "dedup", "options": {}},
+                             {"name": "eliminate-dead-nodes", "options": {}}]
     # The readable copy is the in-memory manifest plus the library's hash.
     assert {k: v for k, v in m.items() if k != "library_sha256"} == json.loads(
         json.dumps(tiny_bundle.manifest))

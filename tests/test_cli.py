@@ -114,8 +114,8 @@ def test_dump_passes_writes_graphs(tmp_path):
     dump = tmp_path / "dump"
     assert main(["build", str(spec), "-o", str(tmp_path / "o"), "--no-verify",
                  "--dump-passes", str(dump)]) == 0
-    assert sorted(p.name for p in dump.iterdir()) == ["000_input.txt",
-                                                     "001_eliminate-dead-nodes.txt"]
+    assert sorted(p.name for p in dump.iterdir()) == ["000_input.txt", "001_dedup.txt",
+                                                     "002_eliminate-dead-nodes.txt"]
     assert "%m.x = input()" in (dump / "000_input.txt").read_text()
 
 
