@@ -109,22 +109,22 @@ class Opaque:
 Arg = Ref | ConstRef | Opaque | tuple  # a tuple holds Args, recursively
 
 
-def iter_refs(args: tuple) -> Iterator[Ref]:
-    """Every `Ref` inside a (nested) argument tuple, in order."""
+def _iter_args(args: tuple, kind: type) -> Iterator:
     for a in args:
-        if isinstance(a, Ref):
+        if isinstance(a, kind):
             yield a
         elif isinstance(a, tuple):
-            yield from iter_refs(a)
+            yield from _iter_args(a, kind)
+
+
+def iter_refs(args: tuple) -> Iterator[Ref]:
+    """Every `Ref` inside a (nested) argument tuple, in order."""
+    return _iter_args(args, Ref)
 
 
 def iter_const_refs(args: tuple) -> Iterator[ConstRef]:
     """Every `ConstRef` inside a (nested) argument tuple, in order."""
-    for a in args:
-        if isinstance(a, ConstRef):
-            yield a
-        elif isinstance(a, tuple):
-            yield from iter_const_refs(a)
+    return _iter_args(args, ConstRef)
 
 
 def map_refs(args: tuple, fn) -> tuple:

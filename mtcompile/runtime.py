@@ -134,10 +134,17 @@ class Bundle:
             from tvm import relax
 
             dev = tvm.cuda(0) if self.target == "cuda" else tvm.cpu(0)
+            if not dev.exist:
+                raise MTCompileError(f"this bundle was built for {self.target} and this "
+                                     "machine has no such device")
             if "library" in self.manifest.get("kernels", {}).values():
                 from . import library
 
-                library.register()  # the executable calls PyTorch kernels by name
+                try:
+                    library.register()  # the executable calls PyTorch kernels by name
+                except ImportError as e:
+                    raise MTCompileError("this bundle calls PyTorch kernels (kernel provider "
+                                         f"'library') and needs torch installed: {e}") from e
             with quiet_native_log():
                 self._local.vm = relax.VirtualMachine(self.executable, dev)
             self._local.dev = dev
@@ -376,7 +383,9 @@ def load(directory: str | os.PathLike, sources: dict | None = None) -> Bundle:
         with quiet_native_log():
             module = _load_library(lib)
     except Exception as e:
-        raise ArtifactError(f"{lib}: cannot be loaded by TVM: {e}") from e
+        hint = (" (a bundle built for cuda loads only where TVM finds a CUDA GPU and driver)"
+                if manifest["target"] == "cuda" else "")
+        raise ArtifactError(f"{lib}: cannot be loaded by TVM: {e}{hint}") from e
     bundle = Bundle(module, manifest, sources=sources, library_path=lib)
     try:
         embedded = json.loads(bytes(bundle._fn(MANIFEST_FN)().numpy()).decode())

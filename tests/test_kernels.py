@@ -1,0 +1,756 @@
+"""Kernel providers (library/tvm), library offload, CPU default schedule, profiling, tuning."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import tvm
+from conftest import seeded_input, tiny_conv, tiny_tenants
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from tvm import relax, tirx
+
+import mtcompile
+import mtcompile.api
+from mtcompile import kernels, library
+from mtcompile.cli import main, parse_kernels
+from mtcompile.errors import MTCompileError
+from mtcompile.frontends import import_tenant
+from mtcompile.lift import lift
+from mtcompile.lowering import build, emit_module, make_target
+
+ATOL = 1e-4
+LIBRARY = {"matmul": "library", "conv2d": "library"}
+TVM = {"matmul": "tvm", "conv2d": "tvm"}
+MIXED = {"matmul": "tvm", "conv2d": "library"}
+CALL_DPS = tvm.ir.Op.get("relax.call_dps_packed")
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------------- resolve_providers
+
+
+def test_default_providers_per_target():
+    assert kernels.resolve_providers("llvm", None) == LIBRARY
+    assert kernels.resolve_providers("cuda", None) == TVM
+
+
+@pytest.mark.parametrize("target, name", [("llvm", "library"), ("llvm", "tvm"), ("cuda", "tvm")])
+def test_one_provider_name_for_every_kind(target, name):
+    assert kernels.resolve_providers(target, name) == {"matmul": name, "conv2d": name}
+
+
+def test_provider_dict_per_kind_keeps_the_defaults_of_the_rest():
+    assert kernels.resolve_providers("llvm", {"matmul": "tvm"}) == MIXED
+    assert kernels.resolve_providers("llvm", MIXED) == MIXED
+    assert kernels.resolve_providers("llvm", {"conv2d": "tvm"}) == {"matmul": "library",
+                                                                    "conv2d": "tvm"}
+    assert kernels.resolve_providers("cuda", {"conv2d": "tvm"}) == TVM
+    given = {"matmul": "tvm"}
+    kernels.resolve_providers("llvm", given)
+    assert given == {"matmul": "tvm"}  # the caller's dict is not changed
+
+
+@pytest.mark.parametrize("target, given, message", [
+    ("llvm", {"dense": "tvm"},
+     "unknown op kind 'dense' for kernels; expected ['conv2d', 'matmul']"),
+    ("llvm", "cublas", "unknown kernel provider 'cublas' for matmul; expected one of "
+                       "['library', 'tvm']"),
+    ("llvm", {"conv2d": "torch"}, "unknown kernel provider 'torch' for conv2d"),
+    ("cuda", "library", "the library provider exists for target llvm only, not cuda"),
+    ("cuda", {"conv2d": "library"}, "the library provider exists for target llvm only, not cuda"),
+])
+def test_bad_providers_fail_clearly(target, given, message):
+    with pytest.raises(MTCompileError) as e:
+        kernels.resolve_providers(target, given)
+    assert message in str(e.value)
+
+
+def test_compile_rejects_a_bad_provider_before_any_work(monkeypatch):
+    def no_import(*_a, **_k):
+        raise AssertionError("tenants were imported before the providers were checked")
+
+    monkeypatch.setattr(mtcompile.api, "import_tenant", no_import)
+    tenants = tiny_tenants()[:1]
+    with pytest.raises(MTCompileError, match="unknown kernel provider 'fast'"):
+        mtcompile.compile(tenants, kernels="fast")
+    with pytest.raises(MTCompileError, match="for target llvm only"):
+        mtcompile.compile(tenants, target="cuda", kernels="library")
+
+
+def test_cli_parse_kernels():
+    assert parse_kernels(None) is None
+    assert parse_kernels("tvm") == "tvm"
+    assert parse_kernels("matmul=tvm,conv2d=library") == MIXED
+    with pytest.raises(MTCompileError, match="expected PROVIDER or KIND=PROVIDER"):
+        parse_kernels("matmul=tvm,conv2d")
+
+
+# --------------------------------------------------------------------------- offload: structure
+
+
+def calls_of(func: relax.Function) -> list[str]:
+    """Each call of `func` in order: the op name, or the packed function a call_dps_packed calls."""
+    out = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
+                out.append(v.args[0].global_symbol if v.op.same_as(CALL_DPS) else v.op.name)
+    return out
+
+
+def one_function(build_body, params: list[tuple[str, tuple, str]]) -> tvm.IRModule:
+    """A module whose "main" takes `params` and returns what `build_body(bb, *vars)` returns."""
+    bb = relax.BlockBuilder()
+    args = [relax.Var(n, relax.TensorType(shape, dtype)) for n, shape, dtype in params]
+    with bb.function("main", args):
+        with bb.dataflow():
+            gv = bb.emit_output(build_body(bb, *args))
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+def const(arr: np.ndarray) -> relax.Expr:
+    return relax.const(arr, dtype=str(arr.dtype))
+
+
+def run_main(mod: tvm.IRModule, providers: dict, *inputs: np.ndarray) -> list[np.ndarray]:
+    """Build `mod` as `compile` does (prepare, offload, our CPU pipeline) and run "main"."""
+    ex, _ = build(mod, "llvm", providers)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(x) for x in inputs])
+    return [o.numpy() for o in out] if not hasattr(out, "numpy") else [out.numpy()]
+
+
+def imported(model: nn.Module, *inputs) -> tvm.IRModule:
+    """`model` as compile sees it: imported, lifted, emitted and prepared; "t" is its entry."""
+    it = import_tenant(mtcompile.Tenant("t", model, example_inputs=inputs))
+    return kernels.prepare(emit_module(lift(it.mod["main"], "t", it.input_names)))
+
+
+W84 = _rng(0).standard_normal((8, 4)).astype(np.float32)
+B4 = _rng(1).standard_normal(4).astype(np.float32)
+X28 = _rng(2).standard_normal((2, 8)).astype(np.float32)
+
+
+def test_float32_matmul_becomes_a_library_call():
+    mod = one_function(lambda bb, x: relax.op.matmul(x, const(W84)), [("x", (2, 8), "float32")])
+    out, n = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["main"]) == [library.MATMUL] and n == 1
+    (got,) = run_main(mod, LIBRARY, X28)
+    np.testing.assert_allclose(got, X28 @ W84, rtol=0, atol=1e-5)
+
+
+def test_nchw_conv_becomes_a_library_call_with_its_parameters():
+    w = _rng(3).standard_normal((6, 2, 3, 3)).astype(np.float32)
+
+    def body(bb, x):
+        return relax.op.nn.conv2d(x, const(w), strides=(2, 1), padding=(0, 1, 1, 2),
+                                  dilation=(1, 2), groups=2)
+
+    mod = one_function(body, [("x", (1, 4, 9, 9), "float32")])
+    out, n = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["main"]) == [library.CONV2D] and n == 1
+    call = out["main"].body.blocks[0].bindings[0].value
+    # stride h/w, padding top/left/bottom/right, dilation h/w, groups
+    assert [int(v) for v in call.args[1].fields[2].values] == [2, 1, 0, 1, 1, 2, 1, 2, 2]
+    x = _rng(4).standard_normal((1, 4, 9, 9)).astype(np.float32)
+    want = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(torch.from_numpy(x), (1, 2, 0, 1)), torch.from_numpy(w),
+        stride=(2, 1), dilation=(1, 2), groups=2).numpy()
+    for providers in (LIBRARY, TVM):
+        (got,) = run_main(mod, providers, x)
+        np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_linear_bias_is_folded_into_matmul_bias():
+    lin = nn.Linear(8, 4).eval()
+    mod = imported(lin, torch.from_numpy(X28))
+    assert "relax.matmul" in calls_of(mod["t"]) and "relax.add" in calls_of(mod["t"])
+    out, n = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["t"]) == [library.MATMUL_BIAS]
+    assert calls_of(out["run_all"]) == [library.MATMUL_BIAS]
+    assert n == 2  # one per function: the tenant's entry and run_all
+    # The bias is the 1-D bias of the layer.
+    call = out["t"].body.blocks[0].bindings[0].value
+    bias = call.args[1].fields[2]
+    np.testing.assert_array_equal(bias.value.numpy(), lin.bias.detach().numpy())
+
+
+def test_conv_batchnorm_folds_into_conv_with_bias():
+    model, (x,) = tiny_conv(0)  # conv (no bias) -> batch-norm -> relu -> mean -> linear
+    mod = imported(model, x)
+    # prepare folded the batch-norm into the conv: a conv and one constant add are left
+    before = calls_of(mod["t"])
+    assert "relax.nn.batch_norm" not in before and before.count("relax.add") == 2
+    out, n = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["t"]) == [library.CONV2D_BIAS, "relax.nn.relu", "relax.mean",
+                                  library.MATMUL_BIAS]
+    assert n == 4
+
+
+def test_tvm_provider_leaves_the_module_alone():
+    model, inputs = tiny_conv(0)
+    mod = imported(model, *inputs)
+    out, n = kernels.offload(mod, TVM)
+    assert out is mod and n == 0
+
+
+def test_mixed_providers_offload_only_their_kind():
+    model, inputs = tiny_conv(0)
+    mod = imported(model, *inputs)
+    out, _ = kernels.offload(mod, MIXED)
+    calls = calls_of(out["t"])
+    assert calls[0] == library.CONV2D_BIAS and "relax.matmul" in calls
+    assert not any(c.startswith("mtcompile.library.matmul") for c in calls)
+    out, _ = kernels.offload(mod, {"matmul": "library", "conv2d": "tvm"})
+    calls = calls_of(out["t"])
+    assert "relax.nn.conv2d" in calls and calls[-1] == library.MATMUL_BIAS
+
+
+@pytest.mark.parametrize("out_dtype", ["int32", "float32"])
+def test_int_matmul_is_not_offloaded(out_dtype):
+    w = _rng(5).integers(-3, 4, (8, 4)).astype(np.int32)
+    mod = one_function(lambda bb, x: relax.op.matmul(x, const(w), out_dtype=out_dtype),
+                       [("x", (2, 8), "int32")])
+    out, n = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["main"]) == ["relax.matmul"] and n == 0
+    x = _rng(6).integers(-3, 4, (2, 8)).astype(np.int32)
+    (got,) = run_main(mod, LIBRARY, x)
+    assert got.dtype == out_dtype
+    np.testing.assert_array_equal(got, (x @ w).astype(out_dtype))
+
+
+def test_nhwc_conv_is_not_offloaded():
+    w = _rng(7).standard_normal((3, 3, 4, 6)).astype(np.float32)  # HWIO
+
+    def body(bb, x):
+        return relax.op.nn.conv2d(x, const(w), padding=1, data_layout="NHWC",
+                                  kernel_layout="HWIO")
+
+    mod = one_function(body, [("x", (1, 5, 5, 4), "float32")])
+    out, n = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["main"]) == ["relax.nn.conv2d"] and n == 0
+    x = _rng(8).standard_normal((1, 5, 5, 4)).astype(np.float32)
+    want = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
+                                      torch.from_numpy(w).permute(3, 2, 0, 1), padding=1)
+    (got,) = run_main(mod, LIBRARY, x)
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=ATOL)
+
+
+def _used_by_multiply(bb, x):
+    mm = bb.emit(relax.op.matmul(x, const(W84)))
+    biased = bb.emit(relax.op.add(mm, const(B4)))
+    return relax.op.multiply(biased, mm)
+
+
+def _used_as_output(bb, x):
+    mm = bb.emit(relax.op.matmul(x, const(W84)))
+    biased = bb.emit(relax.op.add(const(B4), mm))
+    return relax.Tuple([biased, mm])
+
+
+@pytest.mark.parametrize("body, reference", [
+    (_used_by_multiply, lambda x: (x @ W84 + B4) * (x @ W84)),
+    (_used_as_output, lambda x: ((x @ W84 + B4), x @ W84)),
+])
+def test_bias_is_not_folded_into_a_matmul_used_twice(body, reference):
+    mod = one_function(body, [("x", (2, 8), "float32")])
+    out, n = kernels.offload(mod, LIBRARY)
+    calls = calls_of(out["main"])
+    assert calls[:2] == [library.MATMUL, "relax.add"] and library.MATMUL_BIAS not in calls
+    assert n == 1
+    got = run_main(mod, LIBRARY, X28)
+    want = reference(X28)
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias_shape", [(4, 1), (4, 4), (1, 4, 4)])
+def test_matmul_bias_not_along_the_last_axis_is_not_folded(bias_shape):
+    # x (4, 8) @ W (8, 4) -> (4, 4): a (4, 1) bias adds along rows, a (4, 4) one everywhere,
+    # a (1, 4, 4) one also adds an axis; none of them is a 1-D bias of the columns.
+    bias = _rng(9).standard_normal(bias_shape).astype(np.float32)
+
+    def body(bb, x):
+        mm = bb.emit(relax.op.matmul(x, const(W84)))
+        return relax.op.add(mm, const(bias))
+
+    mod = one_function(body, [("x", (4, 8), "float32")])
+    out, _ = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["main"]) == [library.MATMUL, "relax.add"]
+    x = _rng(10).standard_normal((4, 8)).astype(np.float32)
+    (got,) = run_main(mod, LIBRARY, x)
+    np.testing.assert_allclose(got, x @ W84 + bias, rtol=0, atol=1e-5)
+
+
+def test_conv_bias_along_the_width_is_not_folded():
+    # 4 channels and width 4: a (4,) bias adds along the width, not the channels.
+    w = _rng(11).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    bias = np.arange(4, dtype=np.float32)
+
+    def body(bb, x):
+        conv = bb.emit(relax.op.nn.conv2d(x, const(w)))
+        return relax.op.add(conv, const(bias))
+
+    mod = one_function(body, [("x", (1, 2, 8, 6), "float32")])
+    out, _ = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["main"]) == [library.CONV2D, "relax.add"]
+    x = _rng(12).standard_normal((1, 2, 8, 6)).astype(np.float32)
+    (got,) = run_main(mod, LIBRARY, x)
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy() + bias
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_channel_bias_of_a_conv_is_folded():
+    w = _rng(13).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    bias = np.arange(4, dtype=np.float32).reshape(4, 1, 1)
+
+    def body(bb, x):
+        conv = bb.emit(relax.op.nn.conv2d(x, const(w)))
+        return relax.op.add(conv, const(bias))
+
+    mod = one_function(body, [("x", (1, 2, 8, 6), "float32")])
+    out, _ = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["main"]) == [library.CONV2D_BIAS]
+    x = _rng(14).standard_normal((1, 2, 8, 6)).astype(np.float32)
+    (got,) = run_main(mod, LIBRARY, x)
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
+                                      torch.from_numpy(bias.reshape(4))).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_sum_of_two_matmuls_is_not_a_bias():
+    def body(bb, x):
+        a = bb.emit(relax.op.matmul(x, const(W84)))
+        b = bb.emit(relax.op.matmul(x, const(2 * W84)))
+        return relax.op.add(a, b)
+
+    mod = one_function(body, [("x", (2, 8), "float32")])
+    out, n = kernels.offload(mod, LIBRARY)
+    assert calls_of(out["main"]) == [library.MATMUL, library.MATMUL, "relax.add"] and n == 2
+    (got,) = run_main(mod, LIBRARY, X28)
+    np.testing.assert_allclose(got, 3 * (X28 @ W84), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+class Convs(nn.Module):
+    """Grouped + dilated + strided conv, depthwise conv, strided 1x1 conv (some with bias)."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(21)
+            self.grouped = nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, groups=2)
+            self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+            self.pointwise = nn.Conv2d(8, 6, 1, stride=2)
+        self.eval()
+
+    def forward(self, x):
+        y = torch.relu(self.grouped(x))
+        return self.pointwise(self.depthwise(y) + y)
+
+
+class Matmuls(nn.Module):
+    """Batched 3-D x 3-D (two inputs and with a weight), 3-D x 2-D, batch broadcasting,
+    Linear on 3-D and 2-D inputs (1-D bias)."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(22)
+            self.w3 = nn.Parameter(torch.randn(2, 8, 5))
+            self.w2 = nn.Parameter(torch.randn(8, 6))
+            self.wb = nn.Parameter(torch.randn(4, 8, 5))
+            self.lin3 = nn.Linear(8, 7)
+            self.lin2 = nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x, y):
+        return (torch.matmul(x, y),                    # (2,3,8) @ (2,8,5)
+                torch.matmul(x, self.w3),              # (2,3,8) @ (2,8,5) weight
+                torch.matmul(x, self.w2),              # (2,3,8) @ (8,6)
+                torch.matmul(x.unsqueeze(1), self.wb),  # (2,1,3,8) @ (4,8,5) -> (2,4,3,5)
+                self.lin3(x),                          # (2,3,7), bias along the last axis
+                self.lin2(x.sum(dim=1)))               # (2,3)
+
+
+ASYM_PADS = [0, 2, 1, 0]  # ONNX order: top, left, bottom, right
+ASYM_W = _rng(23).standard_normal((4, 3, 3, 3)).astype(np.float32)
+ASYM_B = _rng(24).standard_normal(4).astype(np.float32)
+
+
+def asym_conv_onnx() -> onnx.ModelProto:
+    """One ONNX Conv with asymmetric padding and stride (2, 1) on (1, 3, 7, 7)."""
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=ASYM_PADS, strides=[2, 1])
+    graph = helper.make_graph(
+        [node], "asym",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 7])],
+        initializer=[numpy_helper.from_array(ASYM_W, "w"), numpy_helper.from_array(ASYM_B, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def asym_conv_reference(x: torch.Tensor) -> np.ndarray:
+    top, left, bottom, right = ASYM_PADS
+    padded = torch.nn.functional.pad(x, (left, right, top, bottom))
+    return torch.nn.functional.conv2d(padded, torch.from_numpy(ASYM_W), torch.from_numpy(ASYM_B),
+                                      stride=(2, 1)).numpy()
+
+
+def numerics_cases():
+    """name -> (Tenant, eager reference outputs)."""
+    convs, mms = Convs(), Matmuls()
+    xc = seeded_input(31, 1, 4, 11, 11)
+    xm, ym = seeded_input(32, 2, 3, 8), seeded_input(33, 2, 8, 5)
+    xa = seeded_input(34, 1, 3, 7, 7)
+    with torch.no_grad():
+        return {
+            "convs": (mtcompile.Tenant("convs", convs, example_inputs=(xc,)), [convs(xc).numpy()]),
+            "mms": (mtcompile.Tenant("mms", mms, example_inputs=(xm, ym)),
+                    [o.numpy() for o in mms(xm, ym)]),
+            "asym": (mtcompile.Tenant("asym", asym_conv_onnx(), example_inputs=(xa,)),
+                     [asym_conv_reference(xa)]),
+        }
+
+
+def test_onnx_conv_really_has_asymmetric_padding():
+    it = import_tenant(mtcompile.Tenant("asym", asym_conv_onnx()))
+    convs = [b.value for blk in it.mod["main"].body.blocks for b in blk.bindings
+             if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") ==
+             "relax.nn.conv2d"]
+    assert len(convs) == 1
+    assert [int(p) for p in convs[0].attrs.padding] == ASYM_PADS
+    # The ONNX importer leaves out_dtype unset (None): the conv must still be offloaded.
+    mod = kernels.prepare(emit_module(lift(it.mod["main"], "asym", it.input_names)))
+    assert calls_of(kernels.offload(mod, LIBRARY)[0]["asym"]) == [library.CONV2D_BIAS]
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return numerics_cases()
+
+
+@pytest.fixture(scope="module", params=["library", "tvm", "mixed"])
+def provider_bundle(request, cases):
+    kernels_arg = {"library": None, "tvm": "tvm", "mixed": MIXED}[request.param]
+    bundle = mtcompile.compile([t for t, _ in cases.values()], kernels=kernels_arg)
+    return request.param, bundle
+
+
+def library_symbols(bundle, name: str, inputs) -> list[str]:
+    """The library kernels one run of tenant `name` calls, sorted."""
+    (run,) = bundle.trace(name, [x.numpy() for x in inputs])
+    return sorted(s for s, _ in run if s.startswith("mtcompile.library."))
+
+
+def test_numerics_match_eager(provider_bundle, cases):
+    which, bundle = provider_bundle
+    for name, (tenant, want) in cases.items():
+        got = bundle.run(name, *tenant.example_inputs)
+        assert [g.shape for g in got] == [w.shape for w in want], name
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            np.testing.assert_allclose(g, w, rtol=0, atol=ATOL, err_msg=f"{which} {name} {i}")
+        together = bundle.run_all({n: t.example_inputs for n, (t, _) in cases.items()})[name]
+        for g, t in zip(got, together, strict=True):
+            np.testing.assert_array_equal(g, t)
+
+
+def test_providers_decide_which_kernels_run(provider_bundle, cases):
+    which, bundle = provider_bundle
+    expected = {"library": LIBRARY, "tvm": TVM, "mixed": MIXED}[which]
+    assert bundle.manifest["kernels"] == expected
+    syms = {n: library_symbols(bundle, n, t.example_inputs) for n, (t, _) in cases.items()}
+    conv = "mtcompile.library.conv2d"
+    if which == "tvm":
+        assert syms == {"convs": [], "mms": [], "asym": []}
+        assert bundle.compile_report["build"]["library_calls"] == 0
+        return
+    # Three convs, the first and last with a bias; the asymmetric ONNX conv has a bias.
+    assert syms["convs"] == [conv, conv + "_bias", conv + "_bias"]
+    assert syms["asym"] == [conv + "_bias"]
+    mm = "mtcompile.library.matmul"
+    assert syms["mms"] == ([] if which == "mixed" else [mm] * 4 + [mm + "_bias"] * 2)
+
+
+def test_manifest_and_inspect_show_the_providers(provider_bundle, tmp_path, capsys):
+    which, bundle = provider_bundle
+    saved = bundle.save(tmp_path)
+    assert json.loads((saved / "manifest.json").read_text())["kernels"] == bundle.manifest[
+        "kernels"]
+    assert main(["inspect", str(saved)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("kernels"))
+    want = {"library": "conv2d: library, matmul: library", "tvm": "conv2d: tvm, matmul: tvm",
+            "mixed": "conv2d: library, matmul: tvm"}[which]
+    assert line.split(None, 1)[1] == want
+
+
+# --------------------------------------------------------------------------- fresh process
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tvm_ffi
+    import mtcompile
+    NAMES = ["mtcompile.library.matmul", "mtcompile.library.matmul_bias",
+             "mtcompile.library.conv2d", "mtcompile.library.conv2d_bias"]
+    def registered():
+        return [n for n in NAMES if tvm_ffi.get_global_func(n, allow_missing=True) is not None]
+    d, out = sys.argv[1], sys.argv[2]
+    before = {"library_imported": "mtcompile.library" in sys.modules, "registered": registered()}
+    b = mtcompile.load(d)
+    inputs = dict(np.load(f"{out}/in.npz"))
+    outs = {n: b.run(n, inputs[n])[0] for n in ("lin", "conv")}
+    np.savez(f"{out}/out.npz", **outs)
+    (run,) = b.trace("conv", [inputs["conv"]])
+    print(json.dumps({"before": before, "kernels": b.manifest["kernels"],
+                      "library_imported": "mtcompile.library" in sys.modules,
+                      "registered": registered(), "symbols": [s for s, _ in run]}))
+""")
+
+
+def test_library_bundle_runs_in_a_fresh_process(tiny_bundle, tiny_saved, tmp_path):
+    assert tiny_bundle.manifest["kernels"] == LIBRARY
+    sources = {t.name: t for t in tiny_tenants()}
+    inputs = {n: sources[n].example_inputs[0].numpy() for n in ("lin", "conv")}
+    np.savez(tmp_path / "in.npz", **inputs)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_saved), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Nothing was registered until the bundle was loaded; loading registered the kernels.
+    assert info["before"] == {"library_imported": False, "registered": []}
+    assert info["kernels"] == LIBRARY and info["library_imported"]
+    assert len(info["registered"]) == 4
+    assert {library.CONV2D_BIAS, library.MATMUL_BIAS} <= set(info["symbols"])
+    got = np.load(tmp_path / "out.npz")
+    for n, x in inputs.items():
+        np.testing.assert_array_equal(got[n], tiny_bundle.run(n, x)[0])
+
+
+# --------------------------------------------------------------------------- CPU default schedule
+
+
+class Elementwise(nn.Module):
+    """Layer norm, GELU, scaling and softmax on (4, 32, 64): elementwise and row reductions."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(41)
+            self.ln = nn.LayerNorm(64)
+            with torch.no_grad():
+                self.ln.weight.normal_(1, 0.2)
+                self.ln.bias.normal_(0, 0.2)
+        self.eval()
+
+    def forward(self, x):
+        y = nn.functional.gelu(self.ln(x)) * 2.0
+        return torch.softmax(y, dim=-1), torch.tanh(y) + torch.sigmoid(x)
+
+
+def scheduled_scripts(mod: tvm.IRModule) -> dict[str, str]:
+    """TVM's CPU pipeline up to kernel scheduling, with our default rule; PrimFunc scripts."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    target = make_target("llvm")
+    with target:
+        out = tvm.transform.Sequential(
+            cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            + [dl.ApplyDefaultSchedule(kernels.CPUDefault())])(mod)
+    return {gv.name_hint: f.script() for gv, f in out.functions.items()
+            if isinstance(f, tirx.PrimFunc)}
+
+
+def test_cpu_default_schedule_parallelizes_and_vectorizes():
+    x = seeded_input(42, 4, 32, 64)
+    mod = imported(Elementwise(), x)
+    scripts = scheduled_scripts(mod)
+    assert scripts
+    assert any("T.parallel" in s for s in scripts.values())
+    assert any("T.vectorized" in s for s in scripts.values())
+    # the softmax kernel (a row reduction) runs its rows in parallel
+    softmax = [s for n, s in scripts.items() if "softmax" in n]
+    assert softmax and all("T.parallel" in s for s in softmax)
+
+
+def test_compile_applies_the_cpu_default_schedule(monkeypatch):
+    seen = []
+    apply = kernels.CPUDefault.apply
+
+    def spy(self, func, target, tunable):
+        sch = apply(self, func, target, tunable)
+        seen.append(None if sch is None else sch.mod.script())
+        return sch
+
+    monkeypatch.setattr(kernels.CPUDefault, "apply", spy)
+    model, x = Elementwise(), seeded_input(43, 4, 32, 64)
+    bundle = mtcompile.compile([mtcompile.Tenant("e", model, example_inputs=(x,))])
+    assert seen and any(s is not None and "T.parallel" in s for s in seen)
+    assert any(s is not None and "T.vectorized" in s for s in seen)
+    with torch.no_grad():
+        want = [o.numpy() for o in model(x)]
+    got = bundle.run("e", x)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+    # The same module built by TVM's own pipeline (no schedules) gives the same numbers.
+    ex = tvm.compile(imported(model, x), make_target("llvm"))
+    plain = relax.VirtualMachine(ex, tvm.cpu())["t"](tvm.runtime.tensor(x.numpy()))
+    for g, p in zip(got, plain, strict=True):
+        np.testing.assert_allclose(g, p.numpy(), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def test_profile_matches_trace(tiny_bundle):
+    sources = {t.name: t for t in tiny_tenants()}
+    inputs = {n: tuple(x.numpy() for x in t.example_inputs) for n, t in sources.items()}
+    prof = tiny_bundle.profile(inputs, repeat=3, warmup=1)
+    assert prof["repeat"] == 3 and list(prof["tenants"]) == tiny_bundle.tenant_names
+    for name, p in prof["tenants"].items():
+        (run,) = tiny_bundle.trace(name, list(inputs[name]))
+        rows = p["kernels"]
+        assert {r["name"]: r["calls"] for r in rows} == dict(collections.Counter(s for s, _ in run))
+        assert sum(r["calls"] for r in rows) == len(run)
+        assert sum(r["share"] for r in rows) == pytest.approx(1.0, abs=1e-9)
+        assert sum(r["total_us"] for r in rows) == pytest.approx(p["total_us"])
+        assert [r["total_us"] for r in rows] == sorted((r["total_us"] for r in rows), reverse=True)
+        for r in rows:
+            assert r["total_us"] > 0 and r["mean_us"] == pytest.approx(r["total_us"] / r["calls"])
+    names = {n: {r["name"] for r in p["kernels"]} for n, p in prof["tenants"].items()}
+    assert library.MATMUL_BIAS in names["lin"]
+    assert {library.CONV2D_BIAS, library.MATMUL_BIAS} <= names["conv"]
+    assert not any(s.startswith("mtcompile.library.") for s in names["multi"])
+    assert all(s.startswith("vm.builtin.") for n in names.values() for s in n
+               if "." in s and not s.startswith("mtcompile.library."))
+
+
+def test_profile_cli_prints_per_tenant_lines(tiny_bundle, tiny_saved, capsys):
+    assert main(["profile", str(tiny_saved), "--repeat", "2", "--top", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    heads = [ln for ln in lines if not ln.startswith("  ")]
+    assert [h.split(":")[0] for h in heads] == tiny_bundle.tenant_names
+    sources = {t.name: t for t in tiny_tenants()}
+    for h in heads:
+        name = h.split(":")[0]
+        (run,) = tiny_bundle.trace(name, [x.numpy() for x in sources[name].example_inputs])
+        assert h.endswith(f" us in {len(run)} calls")
+        block = lines[lines.index(h) + 1:]
+        rows = [ln for ln in block[:3] if ln.startswith("  ")]
+        assert len(rows) == 3 and all("%" in r and " us  x" in r for r in rows)
+    assert any("mtcompile.library.conv2d_bias" in ln for ln in lines)
+
+
+# --------------------------------------------------------------------------- tuning
+
+
+def small_mlps() -> list[mtcompile.Tenant]:
+    from mtcompile.models import mlp_fx
+
+    tenants = []
+    for seed, name in enumerate(["a", "b"]):
+        gm, shapes = mlp_fx(seed=seed, batch=2, d_in=16, hidden=32, d_out=8)
+        tenants.append(mtcompile.Tenant(name, gm, input_shapes=shapes))
+    return tenants
+
+
+@pytest.mark.slow
+def test_tune_two_tenants_and_build_with_the_database(tmp_path, monkeypatch):
+    from mtcompile.api import tune
+    from mtcompile.tuning import RECORDS, WORKLOADS
+
+    db = tmp_path / "db"
+    lines = []
+    res = tune(small_mlps(), str(db), trials=2, progress=lines.append)
+    assert (db / WORKLOADS).is_file() and (db / RECORDS).is_file()
+    assert res["tasks"] >= 1 and res["records"] >= res["tasks"]
+    # Two tenants of identical shapes share every task: merging halves them.
+    assert res["tasks_tenants_alone"] == 2 * res["tasks"]
+    assert res["tasks_removed_by_merge"] == res["tasks"] > 0
+    assert res["kernels"] == TVM
+    assert any(ln.startswith("tuning ") for ln in lines)
+
+    # The build applies the database to the TVM kernels (they come back scheduled).
+    applied = []
+    original = relax.transform.MetaScheduleApplyDatabase
+
+    def spy(*args, **kwargs):
+        inner = original(*args, **kwargs)
+
+        @tvm.transform.module_pass(opt_level=0)
+        def wrapped(mod, ctx):
+            out = inner(mod)
+            applied.extend(gv.name_hint for gv, f in out.functions.items()
+                           if isinstance(f, tirx.PrimFunc) and f.attrs
+                           and f.attrs.get("tirx.is_scheduled"))
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(relax.transform, "MetaScheduleApplyDatabase", spy)
+    bundle = mtcompile.compile(small_mlps(), kernels="tvm", tuning_db=str(db))
+    assert len(applied) == res["tasks"]
+    assert bundle.manifest["kernels"] == TVM and bundle.manifest["tuning_db"] == str(db)
+    assert bundle.compile_report["build"]["library_calls"] == 0
+    result = bundle.verify(atol=ATOL)
+    assert result["ok"], result
+
+
+TUNE_SPEC = """
+[[tenants]]
+name = "m"
+factory = "mtcompile.models:mlp_fx"
+args = { batch = 2, d_in = 16, hidden = 32, d_out = 8, layers = 1 }
+"""
+
+
+@pytest.mark.slow
+def test_tune_cli_end_to_end(tmp_path, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(TUNE_SPEC)
+    db = tmp_path / "db"
+    assert main(["tune", str(spec), "-o", str(db), "--trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tasks: 1 in the merged module, 1 for the tenants compiled alone" in out
+    assert f"--tuning-db {db} --kernels tvm" in out
+    assert main(["build", str(spec), "-o", str(tmp_path / "out"), "--kernels", "tvm",
+                 "--tuning-db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "numerics: PASS" in out
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    assert f"kernels  conv2d: tvm, matmul: tvm; tuning database {db}" in capsys.readouterr().out
+
+
+def test_tuning_db_that_is_not_a_database_fails_clearly(tmp_path, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(TUNE_SPEC)
+    not_db = tmp_path / "empty"
+    not_db.mkdir()
+    (not_db / "database_workload.json").write_text("")  # only one of the two files
+    out = tmp_path / "out"
+    assert main(["build", str(spec), "-o", str(out), "--tuning-db", str(not_db)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mtcompile: error: {not_db} is not a tuning database: expected "
+                          "database_workload.json and database_tuning_record.json")
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(MTCompileError, match="is not a tuning database"):
+        mtcompile.compile(small_mlps(), kernels="tvm", tuning_db=str(tmp_path / "missing"))
