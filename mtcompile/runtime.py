@@ -389,6 +389,8 @@ def load(directory: str | os.PathLike, sources: dict | None = None) -> Bundle:
     bundle = Bundle(module, manifest, sources=sources, library_path=lib)
     try:
         embedded = json.loads(bytes(bundle._fn(MANIFEST_FN)().numpy()).decode())
+    except MTCompileError:
+        raise  # no device, no torch for library kernels: said plainly by _fn
     except Exception as e:
         raise ArtifactError(f"{lib}: has no readable embedded manifest: {e}") from e
     readable = {k: v for k, v in manifest.items() if k != "library_sha256"}
