@@ -106,6 +106,14 @@ def kernel_launches(bundle, entry: str, arrays) -> int:
     return sum(1 for symbol, _ in calls if not symbol.startswith("vm.builtin"))
 
 
+def run_all_args(bundle, inputs: dict) -> list:
+    """The flat argument list of the ``run_all`` entry (a shared input appears once)."""
+    def position(tenant: str, name: str) -> int:
+        return [s["name"] for s in bundle.signature(tenant)["inputs"]].index(name)
+
+    return [inputs[t][position(t, name)] for (t, name), *_ in bundle.manifest["run_all_inputs"]]
+
+
 def measure(contenders: dict, repeat: int, warmup: int) -> dict[str, list[float]]:
     """Run every contender `warmup` times, then `repeat` rounds, each contender once a round."""
     for fn in contenders.values():
@@ -172,8 +180,8 @@ def run(set_name: str, n: int, batch: int, repeat: int, warmup: int) -> dict:
         rows[k] = {"median_ms": 1e3 * med, "p10_ms": 1e3 * float(np.percentile(ts, 10)),
                    "p90_ms": 1e3 * float(np.percentile(ts, 90)), "ratio_to_bundle": med / base,
                    "gflops": flops / med / 1e9}
-    flat = [x for t in tenants for x in inputs[t.name]]
-    kernels = {label: kernel_launches(b, "run_all", flat) for label, b in bundles.items()}
+    kernels = {label: kernel_launches(b, "run_all", run_all_args(b, inputs))
+               for label, b in bundles.items()}
     kernels["tvm separate"] = sum(kernel_launches(b, name, inputs[name])
                                   for name, b in separate.items())
     return {"set": set_name, "n": len(tenants), "batch": batch, "repeat": repeat,

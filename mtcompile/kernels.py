@@ -160,7 +160,8 @@ def offload(mod: tvm.IRModule, providers: dict[str, str]) -> tuple[tvm.IRModule,
 class CPUDefault(CPUScheduleRule):
     """Default CPU schedule for any kernel: inline, fuse spatial loops, parallel, vectorize."""
 
-    MIN_PARALLEL = 4096  # below this many output elements, threads cost more than they give
+    MIN_PARALLEL = 32768  # below this much work per block (elements x reduction length),
+    # waking the thread pool costs more than the second core gives (measured on softmax)
     LANES = 8  # float32 lanes of AVX2
 
     def apply(self, func, target, _tunable):
@@ -191,7 +192,11 @@ class CPUDefault(CPUScheduleRule):
                 outer, inner = sch.split(fused, [None, self.LANES])
                 sch.vectorize(inner)
                 fused = outer
-            if n >= self.MIN_PARALLEL or (r_loops and n >= 8):
+            work = n
+            for lp in r_loops:
+                ext = sch.get(lp).extent
+                work *= int(ext) if isinstance(ext, tirx.IntImm) else self.MIN_PARALLEL
+            if work >= self.MIN_PARALLEL and n >= 2:
                 sch.parallel(fused)
         return sch
 
@@ -218,12 +223,46 @@ def cpu_pipeline(target: tvm.target.Target, database=None):
     return _pipeline
 
 
+def _gelu(x):
+    from tvm import topi
+
+    return x * 0.5 * (1.0 + topi.fast_erf(x * 0.7071067811865476))
+
+
+@relax.expr_functor.mutator
+class _FastErf(relax.PyExprMutator):
+    """erf and erf-GELU -> TVM's polynomial erf (vectorizes; the libm call does not: 8x faster
+    on this CPU, within 1e-6 of erf)."""
+
+    def visit_call_(self, call):
+        new = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or not _f32(call):
+            return new
+        from tvm import topi
+
+        if call.op.name == "relax.erf":
+            return self.builder_.call_te(topi.fast_erf, new.args[0])
+        if call.op.name == "relax.nn.gelu":
+            return self.builder_.call_te(_gelu, new.args[0])
+        return new
+
+
+def fast_erf(mod: tvm.IRModule) -> tvm.IRModule:
+    """Apply `_FastErf` to every Relax function of `mod`."""
+    m = _FastErf(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            m.builder_.update_func(gv, m.visit_expr(func))
+    return m.builder_.get()
+
+
 def prepare(mod: tvm.IRModule) -> tvm.IRModule:
-    """Inference simplifications before kernels are chosen: batch-norm folded into conv."""
+    """Inference simplifications before kernels are chosen: batch-norm folded into conv,
+    erf computed by a vectorizable polynomial."""
     seq = tvm.transform.Sequential([
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
         relax.transform.CanonicalizeBindings(),
     ])
-    return seq(mod)
+    return fast_erf(seq(mod))

@@ -581,7 +581,7 @@ def scheduled_scripts(mod: tvm.IRModule) -> dict[str, str]:
 
 
 def test_cpu_default_schedule_parallelizes_and_vectorizes():
-    x = seeded_input(42, 4, 32, 64)
+    x = seeded_input(42, 16, 64, 64)  # large enough to be worth threads
     mod = imported(Elementwise(), x)
     scripts = scheduled_scripts(mod)
     assert scripts
@@ -602,7 +602,7 @@ def test_compile_applies_the_cpu_default_schedule(monkeypatch):
         return sch
 
     monkeypatch.setattr(kernels.CPUDefault, "apply", spy)
-    model, x = Elementwise(), seeded_input(43, 4, 32, 64)
+    model, x = Elementwise(), seeded_input(43, 16, 64, 64)
     bundle = mtcompile.compile([mtcompile.Tenant("e", model, example_inputs=(x,))])
     assert seen and any(s is not None and "T.parallel" in s for s in seen)
     assert any(s is not None and "T.vectorized" in s for s in seen)
