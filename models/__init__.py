@@ -4,8 +4,10 @@ Factories in ``zoo`` return ``(model, example_inputs)`` (``mlp_fx`` returns
 ``(graph_module, input_shapes)``), build weights deterministically from a seed without
 disturbing the caller's RNG, and download nothing. ``sets`` groups them into the
 tenant sets used by the demo, tests and benchmarks; ``get_set(name)`` builds one.
+``real_onnx(name)`` gives the real CNN architectures shipped in the onnx package.
 """
 
+from .onnx_real import REAL_MODELS, real_onnx
 from .sets import SETS, get_set, heterogeneous, same_arch, shared_backbone
 from .zoo import (
     encoder_onnx,
@@ -18,6 +20,7 @@ from .zoo import (
 )
 
 __all__ = [
+    "REAL_MODELS",
     "SETS",
     "encoder_onnx",
     "get_set",
@@ -25,6 +28,7 @@ __all__ = [
     "heterogeneous",
     "mlp",
     "mlp_fx",
+    "real_onnx",
     "resnet_cnn",
     "same_arch",
     "shared_backbone",
