@@ -16,7 +16,7 @@ from .kernels import resolve_providers
 from .lift import lift
 from .lowering import TARGETS, build, emit_module, input_index_ranges, run_all_params
 from .merge import constant_bytes_before_merge, merge
-from .pass_infra import Instrument, PassContext, run_passes
+from .pass_infra import EntryGraph, Instrument, PassContext, run_passes
 from .runtime import Bundle
 from .tenant import Tenant
 from .tuning import load_database
@@ -104,9 +104,11 @@ def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _S
     graph = merge(graphs, {t.name: t.shared_inputs for t in tenants if t.shared_inputs})
     stages.done("merge", t0)
     t0 = time.perf_counter()
-    graph, records = run_passes(graph, pipeline, PassContext(target=target), list(instruments))
+    entry = EntryGraph()
+    graph, records = run_passes(graph, pipeline, PassContext(target=target),
+                                [*instruments, entry])
     stages.done("passes", t0)
-    return graph, imported, graphs, records
+    return graph, entry.graph or graph, imported, graphs, records
 
 
 def compile(  # noqa: A001 - the public name the API promises
@@ -140,7 +142,8 @@ def compile(  # noqa: A001 - the public name the API promises
     providers = resolve_providers(target, kernels)
     database = load_database(tuning_db, target) if tuning_db else None
     stages = _Stages(progress or (lambda _msg: None))
-    graph, imported, graphs, records = _front(tenants, target, pipeline, instruments, stages)
+    graph, entry_graph, imported, graphs, records = _front(tenants, target, pipeline,
+                                                           instruments, stages)
 
     manifest = {
         "format": FORMAT,
@@ -153,13 +156,17 @@ def compile(  # noqa: A001 - the public name the API promises
         "tuning_db": str(tuning_db) if tuning_db else None,
         "tenant_order": [t.name for t in tenants],
         "run_all_inputs": [[list(u) for u in uses] for _, uses in run_all_params(graph)],
-        "tenants": {it.name: _io(graph, it.name, it.kind, it.source_hash,
+        "tenants": {it.name: _io(entry_graph, it.name, it.kind, it.source_hash,
                                  _output_names(t.model))
                     for it, t in zip(imported, tenants, strict=True)},
-        "graph": dict(graph.stats(), weight_bytes_before_merge=constant_bytes_before_merge(graphs)),
+        # weights stored in the library: run_all's and the tenant entries' (they differ once a
+        # run_all-only pass such as fuse-horizontal stacks weights)
+        "graph": dict(graph.stats(), weight_bytes=int(sum(
+            a.nbytes for a in {**entry_graph.constants, **graph.constants}.values())),
+            weight_bytes_before_merge=constant_bytes_before_merge(graphs)),
     }
     t0 = time.perf_counter()
-    mod = emit_module(graph, manifest)
+    mod = emit_module(graph, manifest, entry_graph)
     stages.done("lower", t0)
 
     t0 = time.perf_counter()
@@ -200,14 +207,15 @@ def tune(
     tenants = _check_tenants(tenants)
     pipeline = build_pipeline(passes, pass_options)
     providers = resolve_providers("llvm", kernels)
-    graph, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say))
+    graph, entry_graph, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say))
     target = make_target("llvm")
 
-    def prepared(g: Graph):
-        return kernel_mod.offload(kernel_mod.prepare(emit_module(g)), providers)[0]
+    def prepared(g: Graph, entries: Graph | None = None):
+        return kernel_mod.offload(kernel_mod.prepare(emit_module(g, None, entries)),
+                                  providers)[0]
 
     separate = sum(count_tasks(prepared(g), target) for g in graphs)
-    result = run_tuning(prepared(graph), target, out_dir, trials, progress=say)
+    result = run_tuning(prepared(graph, entry_graph), target, out_dir, trials, progress=say)
     result.update(tasks_tenants_alone=separate, tasks_removed_by_merge=separate - result["tasks"],
                   kernels=providers)
     return result

@@ -146,6 +146,7 @@ def _arg_str(a: Any) -> str:
 INPUT = "input"
 TUPLE = "tuple"
 GET_ITEM = "get_item"
+STACK = "relax.stack"
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,8 @@ def verify_problems(g: Graph) -> list[str]:
             if src is None:
                 where = "later" if i in g else "nowhere"
                 problems.append(f"%{n.name} reads %{i}, which is defined {where}")
+            elif n.op == STACK and set(src.tenants) & set(n.tenants):
+                pass  # a stack gathers one value per tenant of a batched region
             elif not set(n.tenants) <= set(src.tenants):
                 problems.append(f"%{n.name} (tenant {n.tenant}) reads %{i} of tenant "
                                 f"{src.tenant}: a cross-tenant edge no pass declared")

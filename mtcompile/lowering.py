@@ -114,9 +114,9 @@ def _index_source(graph: Graph, idx) -> tuple[str, bool] | None:
 
 
 class _Emitter:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, consts: dict[str, relax.Expr]):
         self.graph = graph
-        self.consts: dict[str, relax.Expr] = {}
+        self.consts = consts  # one Relax constant per content key, shared by every entry
 
     def const(self, key: str) -> relax.Expr:
         if key not in self.consts:
@@ -176,12 +176,18 @@ class _Emitter:
             bb.emit_func_output(out)
 
 
-def emit_module(graph: Graph, manifest: dict | None = None) -> tvm.IRModule:
-    """One IRModule: an entry per tenant, ``run_all`` and (optionally) the manifest entry."""
-    em = _Emitter(graph)
+def emit_module(graph: Graph, manifest: dict | None = None,
+                entry_graph: Graph | None = None) -> tvm.IRModule:
+    """One IRModule: an entry per tenant, ``run_all`` and (optionally) the manifest entry.
+
+    Tenant entries come from `entry_graph` when given (the graph before passes whose
+    result only ``run_all`` can use), ``run_all`` from `graph`.
+    """
+    consts: dict[str, relax.Expr] = {}
+    em, entries = _Emitter(graph, consts), _Emitter(entry_graph or graph, consts)
     bb = relax.BlockBuilder()
-    for t, io in graph.tenants.items():
-        em.function(bb, t, [t], [(node, local) for local, node in io.inputs])
+    for t, io in entries.graph.tenants.items():
+        entries.function(bb, t, [t], [(node, local) for local, node in io.inputs])
     em.function(bb, RUN_ALL, list(graph.tenants),
                 [(node, "__".join(uses[0])) for node, uses in run_all_params(graph)])
     if manifest is not None:

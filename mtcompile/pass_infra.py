@@ -39,6 +39,9 @@ class Pass:
     """Base class of passes; subclasses are frozen dataclasses whose fields are options."""
 
     name: ClassVar[str] = ""
+    # True for passes whose result only ``run_all`` may use (e.g. batching several tenants
+    # into one op): each tenant's own entry is built from the graph before the first such pass.
+    run_all_only: ClassVar[bool] = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
@@ -142,6 +145,17 @@ class DumpToDir(Instrument):
 
     def after_pass(self, p, result, index, seconds):
         (self.dir / f"{index + 1:03d}_{p.name}.txt").write_text(str(result.graph) + "\n")
+
+
+class EntryGraph(Instrument):
+    """Keeps the graph as it was before the first ``run_all_only`` pass (for tenant entries)."""
+
+    def __init__(self) -> None:
+        self.graph: Graph | None = None
+
+    def before_pass(self, p, graph, index):
+        if p.run_all_only and self.graph is None:
+            self.graph = graph
 
 
 class VerifyAfter(Instrument):

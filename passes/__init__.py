@@ -7,10 +7,11 @@ from typing import Any
 from mtcompile.errors import MTCompileError
 from mtcompile.pass_infra import REGISTRY, Pass, make_pass
 
-from . import dedup, eliminate_dead_nodes  # noqa: F401  (importing registers the passes)
+from . import dedup, eliminate_dead_nodes, fuse_horizontal  # noqa: F401  (registers them)
 
 DEFAULT_PIPELINE: list[str] = [
     "dedup",  # compute what several tenants compute alike once
+    "fuse-horizontal",  # batch same-architecture tenants through stacked weights (run_all)
     "eliminate-dead-nodes",  # drop values no tenant output needs
 ]
 

@@ -14,6 +14,7 @@ import pytest
 from mtcompile.cli import main
 from mtcompile.errors import SpecError
 from mtcompile.models import encoder_onnx
+from mtcompile.passes import DEFAULT_PIPELINE
 from mtcompile.spec import load_spec
 
 SMALL_MLP = 'factory = "mtcompile.models:mlp_fx"\nargs = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }'
@@ -114,8 +115,8 @@ def test_dump_passes_writes_graphs(tmp_path):
     dump = tmp_path / "dump"
     assert main(["build", str(spec), "-o", str(tmp_path / "o"), "--no-verify",
                  "--dump-passes", str(dump)]) == 0
-    assert sorted(p.name for p in dump.iterdir()) == ["000_input.txt", "001_dedup.txt",
-                                                     "002_eliminate-dead-nodes.txt"]
+    expected = [f"{i + 1:03d}_{name}.txt" for i, name in enumerate(DEFAULT_PIPELINE)]
+    assert sorted(p.name for p in dump.iterdir()) == ["000_input.txt", *expected]
     assert "%m.x = input()" in (dump / "000_input.txt").read_text()
 
 

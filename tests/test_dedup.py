@@ -95,7 +95,7 @@ def test_dedup_numerics_shared_backbone_runs_once_and_matches_torch():
 
 def test_dedup_numerics_different_weights_stay_apart():
     tenants = _mlp_pair(same_weights=False, shared=True)
-    b = mtcompile.compile(tenants)
+    b = mtcompile.compile(tenants, passes=["dedup", "eliminate-dead-nodes"])
     assert not any(len(n.tenants) > 1 for n in b.graph.nodes if n.op != INPUT)
     x = tenants[0].example_inputs[0]
     out = b.run_all({"a": (x,), "b": (x,)})

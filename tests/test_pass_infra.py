@@ -217,9 +217,9 @@ def test_dump_to_dir_through_compile(tmp_path):
     m, x = tiny_conv(0)
     bundle = mtcompile.compile([Tenant("a", m, example_inputs=x)],
                                instruments=[DumpToDir(tmp_path)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000_input.txt", "001_dedup.txt",
-                                                          "002_eliminate-dead-nodes.txt"]
-    assert (tmp_path / "002_eliminate-dead-nodes.txt").read_text() == f"{bundle.graph}\n"
+    expected = [f"{i + 1:03d}_{name}.txt" for i, name in enumerate(DEFAULT_PIPELINE)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000_input.txt", *expected]
+    assert (tmp_path / expected[-1]).read_text() == f"{bundle.graph}\n"
     assert "%a.gv = tuple" in (tmp_path / "000_input.txt").read_text()
 
 

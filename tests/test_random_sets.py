@@ -125,8 +125,9 @@ def check_case(seed: int) -> dict:
     result = bundle.verify()
     assert result["ok"], (seed, result)
     # dedup only ever shares a node among tenants that read the same input with equal weights
+    # (fuse-horizontal's batched nodes, named hfuse*, serve several tenants by design)
     for n in bundle.graph.nodes:
-        if len(n.tenants) > 1 and n.op != "input":
+        if len(n.tenants) > 1 and n.op != "input" and not n.name.startswith("hfuse"):
             owners = [t for t in tenants if t.name in n.tenants]
             assert all(t.shared_inputs for t in owners), (seed, str(n))
     shared = sum(1 for n in bundle.graph.nodes if len(n.tenants) > 1)

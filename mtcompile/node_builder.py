@@ -1,0 +1,77 @@
+"""Build graph nodes by calling Relax op constructors on typed placeholders.
+
+TVM infers the result type and builds the attrs, so a pass that creates nodes writes no
+type rules of its own: ``make(typeof, name, tenants, relax.op.permute_dims, [Ref(x)],
+axes=[0, 2, 1])`` returns the Node, its type and attrs filled in; ``typeof`` gives the
+type of each Ref/ConstRef argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import relax
+
+from .ir import ConstRef, Graph, Node, Opaque, Ref, TensorTy
+from .lift import lift_type, opaque
+
+
+def graph_types(graph: Graph, extra_nodes: dict | None = None,
+                extra_constants: dict | None = None) -> Callable:
+    """``typeof`` over a graph, plus nodes and constants a pass is adding."""
+    nodes = extra_nodes if extra_nodes is not None else {}  # live views: the pass adds to them
+    consts = extra_constants if extra_constants is not None else {}
+
+    def typeof(arg) -> TensorTy:
+        if isinstance(arg, ConstRef):
+            a = consts[arg.key] if arg.key in consts else graph.constants[arg.key]
+            return TensorTy(tuple(a.shape), str(a.dtype))
+        return nodes[arg.name].ty if arg.name in nodes else graph.node(arg.name).ty
+
+    return typeof
+
+
+def _relax_type(ty):
+    return relax.TensorType(list(ty.shape), ty.dtype)
+
+
+def make(typeof: Callable, name: str, tenants: tuple[str, ...], fn: Callable, args: list,
+         **kwargs) -> Node:
+    """The node ``fn(*args, **kwargs)`` (a Relax op constructor) over graph values `args`."""
+    placeholders, back = [], {}
+    for i, a in enumerate(args):
+        if isinstance(a, Ref | ConstRef):
+            v = relax.Var(f"a{i}", _relax_type(typeof(a)))
+            back[v] = a
+            placeholders.append(v)
+        elif isinstance(a, list):  # a list of graph values (stack, concat)
+            vs = [relax.Var(f"a{i}_{j}", _relax_type(typeof(x))) for j, x in enumerate(a)]
+            back.update(zip(vs, a, strict=True))
+            placeholders.append(vs)
+        else:
+            placeholders.append(a)
+    call = relax.BlockBuilder().normalize(fn(*placeholders, **kwargs))
+
+    def to_arg(e):
+        if isinstance(e, relax.Var):
+            return back[e]
+        if isinstance(e, relax.Tuple):
+            return tuple(to_arg(f) for f in e.fields)
+        return opaque(e)
+
+    assert isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
+    return Node(name, call.op.name, tuple(to_arg(a) for a in call.args),
+                lift_type(call.ty, name), tenants,
+                opaque(call.attrs) if call.attrs is not None else None,
+                tuple(opaque(t) for t in call.ty_args))
+
+
+def same_op(typeof: Callable, node: Node, name: str, tenants: tuple[str, ...],
+            args: list) -> Node:
+    """`node`'s operator and attrs applied to new arguments (types re-inferred)."""
+    def fn(*xs):
+        attrs = node.attrs.obj if isinstance(node.attrs, Opaque) else None
+        return relax.Call(tvm.ir.Op.get(node.op), list(xs), attrs, [t.obj for t in node.ty_args])
+
+    return make(typeof, name, tenants, fn, args)
