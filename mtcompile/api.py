@@ -88,7 +88,8 @@ class _Stages:
         self.say(f"{label:<8} {self.seconds[label]:7.2f} s")
 
 
-def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _Stages):
+def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _Stages,
+           providers: dict[str, str]):
     """Import, lift, merge and optimize: the tenants' merged Graph and what it came from."""
     t0 = time.perf_counter()
     imported, graphs = [], []
@@ -105,7 +106,7 @@ def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _S
     stages.done("merge", t0)
     t0 = time.perf_counter()
     entry = EntryGraph()
-    graph, records = run_passes(graph, pipeline, PassContext(target=target),
+    graph, records = run_passes(graph, pipeline, PassContext(target, providers),
                                 [*instruments, entry])
     stages.done("passes", t0)
     return graph, entry.graph or graph, imported, graphs, records
@@ -143,7 +144,7 @@ def compile(  # noqa: A001 - the public name the API promises
     database = load_database(tuning_db, target) if tuning_db else None
     stages = _Stages(progress or (lambda _msg: None))
     graph, entry_graph, imported, graphs, records = _front(tenants, target, pipeline,
-                                                           instruments, stages)
+                                                           instruments, stages, providers)
 
     manifest = {
         "format": FORMAT,
@@ -207,7 +208,8 @@ def tune(
     tenants = _check_tenants(tenants)
     pipeline = build_pipeline(passes, pass_options)
     providers = resolve_providers("llvm", kernels)
-    graph, entry_graph, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say))
+    graph, entry_graph, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say),
+                                              providers)
     target = make_target("llvm")
 
     def prepared(g: Graph, entries: Graph | None = None):

@@ -165,6 +165,7 @@ class Node:
     tenants: tuple[str, ...]
     attrs: Any = None
     ty_args: tuple = ()
+    group: str | None = None  # fusion group (one kernel), set by fuse-vertical
 
     @property
     def tenant(self) -> str:
@@ -183,7 +184,8 @@ class Node:
             parts.append(f"{{{self.attrs}}}")
         if self.ty_args:
             parts.append("<" + ", ".join(map(str, self.ty_args)) + ">")
-        parts.append(f"{{tenant={self.tenant}}} : {self.ty}")
+        group = f", group={self.group}" if self.group else ""
+        parts.append(f"{{tenant={self.tenant}{group}}} : {self.ty}")
         return " ".join(parts)
 
 

@@ -16,7 +16,18 @@ from tvm import relax
 
 from .abi import MANIFEST_FN, RUN_ALL
 from .errors import MTCompileError
-from .ir import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Opaque, Ref, TensorTy
+from .ir import (
+    GET_ITEM,
+    INPUT,
+    TUPLE,
+    ConstRef,
+    Graph,
+    Opaque,
+    Ref,
+    TensorTy,
+    iter_const_refs,
+    iter_refs,
+)
 from .lift import lift_type
 
 TARGETS = ("llvm", "cuda")
@@ -125,10 +136,12 @@ class _Emitter:
         return self.consts[key]
 
     def arg(self, a, env):
+        """The Relax value of an argument; `env` maps node names (and, inside a group
+        function, constant keys) to Relax values."""
         if isinstance(a, Ref):
             return env[a.name]
         if isinstance(a, ConstRef):
-            return self.const(a.key)
+            return env[a.key] if a.key in env else self.const(a.key)
         if isinstance(a, Opaque):
             return a.obj
         if isinstance(a, tuple):
@@ -143,6 +156,27 @@ class _Emitter:
         args = [self.arg(a, env) for a in n.args]
         attrs = n.attrs.obj if n.attrs is not None else None
         return relax.Call(tvm.ir.Op.get(n.op), args, attrs, [t.obj for t in n.ty_args])
+
+    def group(self, bb: relax.BlockBuilder, fname: str, members: list, env: dict):
+        """Emit a fusion group as one primitive function (TVM makes it one kernel) and call it."""
+        inputs = _group_inputs(members)
+        params, local = [], {}
+        for i, a in enumerate(inputs):
+            ty = self.graph.node(a.name).ty if isinstance(a, Ref) else TensorTy(
+                tuple(self.graph.constants[a.key].shape), str(self.graph.constants[a.key].dtype))
+            v = relax.Var(f"p{i}", relax.TensorType(list(ty.shape), ty.dtype))
+            local[a.name if isinstance(a, Ref) else a.key] = v
+            params.append(v)
+        gbb = relax.BlockBuilder()
+        with gbb.function(fname, params, attrs={"Primitive": 1}, private=True):
+            with gbb.dataflow():
+                for m in members[:-1]:
+                    local[m.name] = gbb.emit(self.expr(m, local))
+                out = gbb.emit_output(self.expr(members[-1], local))
+            gbb.emit_func_output(out)
+        gv = bb.add_func(gbb.get()[fname], fname)
+        outer = [self.arg(a, env) for a in inputs]
+        return bb.emit(relax.Call(gv, outer), name_hint=members[-1].name.replace(".", "_"))
 
     def function(self, bb: relax.BlockBuilder, fname: str, tenants: list[str],
                  params: list[tuple[str, str]]) -> None:
@@ -160,8 +194,17 @@ class _Emitter:
             env[node_name] = relax.Var(pname, relax.TensorType(list(ty.shape), ty.dtype))
         with bb.function(fname, [env[node] for node, _ in params]):
             with bb.dataflow():
+                groups: dict[str, list] = {}
+                for n in g.nodes:
+                    if n.group is not None and n.name in live:
+                        groups.setdefault(n.group, []).append(n)
+                tails = {members[-1].name: members for members in groups.values()}
                 for n in g.nodes:
                     if n.name not in live or n.op == INPUT:
+                        continue
+                    if n.group is not None:
+                        if n.name in tails:
+                            env[n.name] = self.group(bb, f"{fname}_{n.group}", tails[n.name], env)
                         continue
                     try:
                         env[n.name] = bb.emit(self.expr(n, env), name_hint=n.name.replace(".", "_"))
@@ -174,6 +217,19 @@ class _Emitter:
                                             f"{got} after emission, the graph says {n.ty}")
                 out = bb.emit_output(relax.Tuple([self.arg(o, env) for o in outputs]))
             bb.emit_func_output(out)
+
+
+def _group_inputs(members) -> list:
+    """The Refs (to nodes outside the group) and ConstRefs a group reads, each once."""
+    inside = {m.name for m in members}
+    seen, out = set(), []
+    for m in members:
+        for a in [*iter_refs(m.args), *iter_const_refs(m.args)]:
+            key = a.name if isinstance(a, Ref) else a.key
+            if key not in seen and not (isinstance(a, Ref) and a.name in inside):
+                seen.add(key)
+                out.append(a)
+    return out
 
 
 def emit_module(graph: Graph, manifest: dict | None = None,

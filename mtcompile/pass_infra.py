@@ -29,9 +29,11 @@ class PassResult:
 
 @dataclass(frozen=True)
 class PassContext:
-    """What passes may know about the build: the target and its properties."""
+    """What passes may know about the build: the target and the kernel provider per heavy
+    op kind (``{"matmul": "library", ...}``; a library call is a kernel of its own)."""
 
     target: str = "llvm"
+    kernels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,18 @@ from typing import Any
 from mtcompile.errors import MTCompileError
 from mtcompile.pass_infra import REGISTRY, Pass, make_pass
 
-from . import dedup, eliminate_dead_nodes, fuse_horizontal  # noqa: F401  (registers them)
+from . import (  # noqa: F401  (importing registers the passes)
+    dedup,
+    eliminate_dead_nodes,
+    fuse_horizontal,
+    fuse_vertical,
+)
 
 DEFAULT_PIPELINE: list[str] = [
     "dedup",  # compute what several tenants compute alike once
     "fuse-horizontal",  # batch same-architecture tenants through stacked weights (run_all)
     "eliminate-dead-nodes",  # drop values no tenant output needs
+    "fuse-vertical",  # fusion groups: each becomes exactly one kernel
 ]
 
 

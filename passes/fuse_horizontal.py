@@ -64,8 +64,10 @@ def _signature(graph: Graph, own: list[Node]) -> tuple:
 class _Group:
     """Builds the batched region of one group of K isomorphic tenants."""
 
-    def __init__(self, graph: Graph, tenants: list[str], seqs: list[list[Node]], prefix: str):
+    def __init__(self, graph: Graph, tenants: list[str], seqs: list[list[Node]], prefix: str,
+                 ops: tuple[str, ...] = ()):
         self.graph, self.tenants, self.seqs, self.prefix = graph, tuple(tenants), seqs, prefix
+        self.ops = set(ops)
         self.k = len(tenants)
         self.added: dict[str, Node] = {}
         self.constants: dict[str, np.ndarray] = {}
@@ -128,6 +130,8 @@ class _Group:
 
     def _rule(self, j: int) -> Ref | None:
         n = self.seqs[0][j]
+        if self.ops and n.op != INPUT and n.op not in self.ops:
+            return None
         if n.op == INPUT:
             return self.node(relax.op.stack, [[Ref(seq[j].name) for seq in self.seqs]], axis=0)
         if not isinstance(n.ty, TensorTy):
@@ -216,6 +220,7 @@ class FuseHorizontal(Pass):
     run_all_only: ClassVar[bool] = True
     min_group: int = 2
     max_group: int = 64
+    ops: tuple[str, ...] = ()  # op names to batch (e.g. "relax.matmul"); empty: every rule
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         by_sig: dict[tuple, list[str]] = {}
@@ -230,7 +235,7 @@ class FuseHorizontal(Pass):
             return PassResult(graph, False)
         added, constants, redirect, fused = {}, {}, {}, 0
         for gi, tenants in enumerate(groups):
-            grp = _Group(graph, tenants, [seqs[t] for t in tenants], f"hfuse{gi}")
+            grp = _Group(graph, tenants, [seqs[t] for t in tenants], f"hfuse{gi}", tuple(self.ops))
             for j in range(len(seqs[tenants[0]])):
                 b = grp.batch(j)
                 if b is None:
@@ -242,6 +247,8 @@ class FuseHorizontal(Pass):
                         redirect[seqs[t][j].name] = (b, i, t)
             added.update(grp.added)
             constants.update(grp.constants)
+        if not fused:
+            return PassResult(graph, False)
         typeof = graph_types(graph, added, constants)
         splits: dict[str, str] = {}
 

@@ -204,7 +204,7 @@ def test_manifest_json(tiny_bundle, tiny_saved):
         assert m["tenants"][t]["source"] == "torch.export"
     assert m["library_sha256"] == sha256_file(tiny_saved / "bundle.so")
     assert [p["name"] for p in m["pipeline"]] == DEFAULT_PIPELINE
-    assert m["pipeline"][-1] == {"name": "eliminate-dead-nodes", "options": {}}
+    assert {"name": "eliminate-dead-nodes", "options": {}} in m["pipeline"]
     # The readable copy is the in-memory manifest plus the library's hash.
     assert {k: v for k, v in m.items() if k != "library_sha256"} == json.loads(
         json.dumps(tiny_bundle.manifest))

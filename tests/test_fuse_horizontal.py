@@ -62,6 +62,14 @@ def test_negative_min_group_option():
     assert not FuseHorizontal(min_group=3).run(g, PassContext()).changed
 
 
+def test_ops_option_limits_what_is_batched():
+    g = _merged(_pair())
+    only_mm = FuseHorizontal(ops=("relax.matmul",)).run(g, PassContext()).graph
+    batched = {n.op for n in only_mm.nodes if n.name.startswith("hfuse")}
+    assert "relax.matmul" in batched and "relax.nn.relu" not in batched
+    assert not FuseHorizontal(ops=("relax.nn.conv2d",)).run(g, PassContext()).changed
+
+
 def test_max_group_splits_large_groups():
     tenants = [Tenant(f"t{i}", LinearReLU(i), example_inputs=(seeded_input(i, 2, 8),))
                for i in range(5)]

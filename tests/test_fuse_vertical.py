@@ -1,0 +1,132 @@
+"""fuse-vertical: fusion groups as a decision on our graph, one kernel each after lowering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import F23, F24, WKEY, W, attrs, seeded_input, torch_outputs
+
+import mtcompile
+from mtcompile import Tenant
+from mtcompile.ir import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
+from mtcompile.pass_infra import PassContext
+from mtcompile.passes.fuse_vertical import FuseVertical
+
+WITHOUT = ["dedup", "fuse-horizontal", "eliminate-dead-nodes"]  # TVM's FuseOps decides
+
+
+def _chain(extra_user: bool = False) -> Graph:
+    """x -> matmul(W) -> add(b) -> relu -> sum -> exp; optionally relu also returned."""
+    b = np.ones(3, np.float32)
+    bkey = const_key(b)
+    f2 = TensorTy((2,), "float32")
+    nodes = [
+        Node("t.x", INPUT, (), F24, ("t",)),
+        Node("t.mm", "relax.matmul", (Ref("t.x"), ConstRef(WKEY)), F23, ("t",),
+             attrs("out_dtype=float32")),
+        Node("t.add", "relax.add", (Ref("t.mm"), ConstRef(bkey)), F23, ("t",)),
+        Node("t.relu", "relax.nn.relu", (Ref("t.add"),), F23, ("t",)),
+        Node("t.sum", "relax.sum", (Ref("t.relu"),), f2, ("t",), attrs("axis=[1]")),
+        Node("t.exp", "relax.exp", (Ref("t.sum"),), f2, ("t",)),
+    ]
+    outs = (Ref("t.exp"), Ref("t.relu")) if extra_user else (Ref("t.exp"),)
+    g = Graph(tuple(nodes), {"t": TenantIO((("x", "t.x"),), outs)}, {WKEY: W, bkey: b})
+    g.verify()
+    return g
+
+
+def groups(g: Graph) -> list[list[str]]:
+    out: dict[str, list[str]] = {}
+    for n in g.nodes:
+        if n.group:
+            out.setdefault(n.group, []).append(n.name.split(".")[1])
+    return list(out.values())
+
+
+def test_structure_tvm_matmul_takes_its_elementwise_followers():
+    result = FuseVertical().run(_chain(), PassContext(kernels={"matmul": "tvm"}))
+    assert result.changed
+    # the anchor takes add and relu; the reduction starts a group and takes exp
+    assert groups(result.graph) == [["mm", "add", "relu"], ["sum", "exp"]]
+    assert result.info["kernels"] == 2 and result.info["library_calls"] == 0
+    assert "{tenant=t, group=g0} : f32[2,3]" in str(result.graph)
+
+
+def test_library_matmul_is_its_own_kernel_and_its_bias_is_left_to_the_offload():
+    result = FuseVertical().run(_chain(), PassContext(kernels={"matmul": "library"}))
+    assert groups(result.graph) == [["relu", "sum", "exp"]]  # elementwise chain + reduction
+    assert result.graph.node("t.mm").group is None  # the library call
+    assert result.graph.node("t.add").group is None  # folded into the call as its bias
+    assert result.info["kernels"] == 2 and result.info["library_calls"] == 1
+
+
+def test_negative_a_value_used_twice_ends_its_group():
+    result = FuseVertical().run(_chain(extra_user=True), PassContext(kernels={"matmul": "tvm"}))
+    assert groups(result.graph) == [["mm", "add", "relu"], ["sum", "exp"]]
+    # relu is read by sum and returned: sum may not join relu's group (two users)
+    g = result.graph
+    assert g.node("t.relu").group != g.node("t.sum").group
+
+
+def test_negative_constant_only_values_are_left_for_constant_folding():
+    g = _chain()
+    w_t = Node("t.wt", "relax.permute_dims", (ConstRef(WKEY),), F23, ("t",), attrs("axes=[1,0]"))
+    g2 = Graph((g.nodes[0], w_t, *g.nodes[1:]), g.tenants, g.constants)
+    result = FuseVertical().run(g2, PassContext(kernels={"matmul": "tvm"}))
+    assert result.graph.node("t.wt").group is None
+
+
+class Block(torch.nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.fc = torch.nn.Linear(16, 16)
+            self.norm = torch.nn.LayerNorm(16)
+        self.eval()
+
+    def forward(self, x):
+        y = torch.nn.functional.gelu(self.fc(x)) * 0.5 + x
+        return torch.softmax(self.norm(y), dim=-1)
+
+
+@pytest.mark.parametrize("kernels", ["library", "tvm"])
+def test_numerics_and_one_kernel_per_group(kernels):
+    x = seeded_input(5, 4, 16)
+    tenants = [Tenant("a", Block(0), example_inputs=(x,)),
+               Tenant("b", torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh()).eval(),
+                      example_inputs=(x,))]
+    bundle = mtcompile.compile(tenants, kernels=kernels)
+    assert bundle.verify()["ok"]
+    for t in tenants:
+        np.testing.assert_allclose(bundle.run(t.name, x)[0], torch_outputs(t.model, (x,))[0],
+                                   atol=1e-5)
+    info = {p["name"]: p for p in bundle.compile_report["passes"]}["fuse-vertical"]
+    (calls,) = bundle.trace("run_all", [np.asarray(x), np.asarray(x)])
+    launched = [s for s, _ in calls if not s.startswith("vm.builtin")]
+    assert len(launched) == info["kernels"]  # the groups are the kernels that run
+    plain = mtcompile.compile(tenants, kernels=kernels, passes=WITHOUT)
+    (calls,) = plain.trace("run_all", [np.asarray(x), np.asarray(x)])
+    assert len(launched) <= sum(1 for s, _ in calls if not s.startswith("vm.builtin"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["heterogeneous", "same-arch", "shared-backbone"])
+def test_demo_sets_no_more_kernels_than_tvm_fuseops(name):
+    from mtcompile.models import get_set
+
+    tenants = get_set(name)
+    ours, tvms = mtcompile.compile(tenants), mtcompile.compile(tenants, passes=WITHOUT)
+
+    def launched(b):
+        args = [np.asarray(x) for t in tenants for x in t.example_inputs]
+        if len(b.manifest["run_all_inputs"]) == 1:
+            args = args[:1]
+        return sum(1 for s, _ in b.trace("run_all", args)[0] if not s.startswith("vm.builtin"))
+
+    info = {p["name"]: p for p in ours.compile_report["passes"]}["fuse-vertical"]
+    assert launched(ours) == info["kernels"] <= launched(tvms)
+    assert ours.verify()["ok"]
+
+
