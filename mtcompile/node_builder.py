@@ -67,11 +67,11 @@ def make(typeof: Callable, name: str, tenants: tuple[str, ...], fn: Callable, ar
                 tuple(opaque(t) for t in call.ty_args))
 
 
-def same_op(typeof: Callable, node: Node, name: str, tenants: tuple[str, ...],
-            args: list) -> Node:
-    """`node`'s operator and attrs applied to new arguments (types re-inferred)."""
+def op_of(node: Node) -> Callable:
+    """A constructor applying `node`'s operator, attrs and type arguments to new arguments."""
+    attrs = node.attrs.obj if isinstance(node.attrs, Opaque) else None
+
     def fn(*xs):
-        attrs = node.attrs.obj if isinstance(node.attrs, Opaque) else None
         return relax.Call(tvm.ir.Op.get(node.op), list(xs), attrs, [t.obj for t in node.ty_args])
 
-    return make(typeof, name, tenants, fn, args)
+    return fn

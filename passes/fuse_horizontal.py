@@ -28,7 +28,7 @@ from mtcompile.ir import (
     const_key,
     map_refs,
 )
-from mtcompile.node_builder import graph_types, make, same_op
+from mtcompile.node_builder import graph_types, make, op_of
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 
 from .eliminate_dead_nodes import EliminateDeadNodes
@@ -41,8 +41,9 @@ BROADCAST = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "r
              "relax.matmul"}
 
 
-def _shift(axis: int, rank: int) -> int:
-    return axis + 1 if axis >= 0 else axis if axis < -rank else axis
+def _shift(axis: int) -> int:
+    """An axis of the unbatched value, on the batched one (a leading axis was added)."""
+    return axis + 1 if axis >= 0 else axis
 
 
 def _signature(graph: Graph, own: list[Node]) -> tuple:
@@ -146,10 +147,7 @@ class _Group:
             args = [self.operand(j, i, rank) for i in range(len(n.args))]
             if None in args:
                 return None
-            node = same_op(self.typeof, n, f"{self.prefix}.{self.counter + 1}", self.tenants, args)
-            self.counter += 1
-            self.added[node.name] = node
-            return Ref(node.name)
+            return self.node(op_of(n), args)
         x = self.operand(j, 0)
         if x is None or isinstance(x, ConstRef) or x.name in {r.name for r in n.args
                                                                 if isinstance(r, Ref)}:
@@ -163,14 +161,14 @@ class _Group:
             return self.node(relax.op.permute_dims, [x],
                              axes=[0] + [int(ax) % in_rank + 1 for ax in axes])
         if n.op == "relax.nn.softmax":
-            return self.node(relax.op.nn.softmax, [x], axis=_shift(int(a.axis), in_rank))
+            return self.node(relax.op.nn.softmax, [x], axis=_shift(int(a.axis)))
         if n.op in ("relax.mean", "relax.sum", "relax.max") and a.axis is not None:
             fn = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum,
                   "relax.max": relax.op.max}[n.op]
-            return self.node(fn, [x], axis=[_shift(int(ax), in_rank) for ax in a.axis],
+            return self.node(fn, [x], axis=[_shift(int(ax)) for ax in a.axis],
                              keepdims=bool(a.keepdims))
         if n.op == "relax.nn.layer_norm":
-            return self._layer_norm(j, x, a, in_rank)
+            return self._layer_norm(j, x, a)
         return None
 
     def _take(self, j: int, a) -> Ref | None:
@@ -193,9 +191,9 @@ class _Group:
         return self.node(relax.op.take, [self.const(np.concatenate(arrays)), shifted], axis=0,
                          mode=mode)
 
-    def _layer_norm(self, j: int, x: Ref, a, in_rank: int) -> Ref | None:
+    def _layer_norm(self, j: int, x: Ref, a) -> Ref | None:
         gamma, beta = self.operand(j, 1), self.operand(j, 2)
-        axes = [_shift(int(ax), in_rank) for ax in a.axes]
+        axes = [_shift(int(ax)) for ax in a.axes]
         kw = {"axes": axes, "epsilon": float(a.epsilon), "center": bool(a.center),
               "scale": bool(a.scale)}
         args0 = self.seqs[0][j].args
