@@ -8,18 +8,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .abi import FORMAT
+from .abi import FORMAT, RUN_ALL
 from .errors import MTCompileError, TenantError
 from .frontends import import_tenant
 from .ir import ConstRef, Graph, TensorTy
 from .kernels import resolve_providers
 from .lift import lift
 from .lowering import TARGETS, build, emit_module, input_index_ranges, run_all_params
+from .memory import MemoryPlan, memory_report
 from .merge import constant_bytes_before_merge, merge
 from .pass_infra import EntryGraph, Instrument, PassContext, run_passes
 from .runtime import Bundle
 from .tenant import Tenant
 from .tuning import load_database
+from .viz import graph_view
 
 
 def _versions() -> dict[str, str]:
@@ -105,11 +107,21 @@ def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _S
     graph = merge(graphs, {t.name: t.shared_inputs for t in tenants if t.shared_inputs})
     stages.done("merge", t0)
     t0 = time.perf_counter()
-    entry = EntryGraph()
-    graph, records = run_passes(graph, pipeline, PassContext(target, providers),
+    ctx = PassContext(target, providers)
+    entry = EntryGraph(ctx)
+    graph, records = run_passes(graph, pipeline, ctx,
                                 [*instruments, entry])
     stages.done("passes", t0)
     return graph, entry.graph or graph, imported, graphs, records
+
+
+def _with_tenant_plans(graph: Graph, entry_graph: Graph) -> MemoryPlan:
+    """``run_all``'s plan from the optimized graph, the tenants' from their entries' graph."""
+    plans = dict(graph.analyses["memory"].functions)
+    entry = entry_graph.analyses.get("memory")
+    if entry is not None:
+        plans.update({t: p for t, p in entry.functions.items() if t != RUN_ALL})
+    return MemoryPlan(plans)
 
 
 def compile(  # noqa: A001 - the public name the API promises
@@ -165,6 +177,7 @@ def compile(  # noqa: A001 - the public name the API promises
         "graph": dict(graph.stats(), weight_bytes=int(sum(
             a.nbytes for a in {**entry_graph.constants, **graph.constants}.values())),
             weight_bytes_before_merge=constant_bytes_before_merge(graphs)),
+        "graph_view": graph_view(graph, records),  # nodes and per-pass rows, for reports
     }
     t0 = time.perf_counter()
     mod = emit_module(graph, manifest, entry_graph)
@@ -174,6 +187,11 @@ def compile(  # noqa: A001 - the public name the API promises
     executable, build_info = build(mod, target, providers, database)
     stages.done("build", t0)
 
+    # known once TVM has built the module, so kept beside the library's embedded manifest
+    manifest["memory"] = memory_report(
+        graph.analyses.get("memory") and _with_tenant_plans(graph, entry_graph),
+        build_info["memory"], [t.name for t in tenants], manifest["graph"]["weight_bytes"],
+        manifest["graph"]["weight_bytes_before_merge"])
     report = {"stages_s": stages.seconds, "build": build_info,
               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
                           "nodes_after": r.nodes_after, **r.info} for r in records]}

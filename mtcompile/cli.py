@@ -138,6 +138,9 @@ def describe(manifest: dict, library_bytes: int | None = None) -> str:
     lines.append("kernels  " + ", ".join(f"{k}: {v}" for k, v in sorted(kernels.items()))
                  + (f"; tuning database {manifest['tuning_db']}" if manifest.get("tuning_db")
                     else ""))
+    mem = manifest.get("memory")
+    if mem:
+        lines.append(_memory_line(mem))
     lines.append("tenants")
     for t in manifest["tenant_order"]:
         s = manifest["tenants"][t]
@@ -147,6 +150,18 @@ def describe(manifest: dict, library_bytes: int | None = None) -> str:
                      f"({ins}) -> ({outs})")
     lines.append("entries  " + ", ".join(manifest["tenant_order"]) + ", run_all")
     return "\n".join(lines)
+
+
+def _memory_line(mem: dict) -> str:
+    """run_all's arena against its lower bound, TVM's own plan, no planning, and the
+    tenants' plans compiled separately."""
+    if not mem.get("planned"):
+        return (f"memory   run_all: TVM's plan {_fmt_bytes(mem['tvm_plan_bytes'])} "
+                "(plan-memory not in the pipeline)")
+    return (f"memory   run_all arena {_fmt_bytes(mem['arena_bytes'])} (lower bound "
+            f"{_fmt_bytes(mem['lower_bound_bytes'])}, TVM's plan "
+            f"{_fmt_bytes(mem['tvm_plan_bytes'])}, unplanned {_fmt_bytes(mem['naive_bytes'])}, "
+            f"tenants compiled separately {_fmt_bytes(mem['separate_plans_bytes'])})")
 
 
 def cmd_inspect(args) -> int:
@@ -217,6 +232,14 @@ def cmd_demo(args) -> int:
     return 0 if result["ok"] else 2
 
 
+def cmd_report(args) -> int:
+    from .html_report import write_report
+
+    out = write_report(args.bundle, args.output)
+    _say(f"wrote {out} ({out.stat().st_size // 1024} KiB, self-contained HTML)")
+    return 0
+
+
 def cmd_passes(args) -> int:
     import mtcompile.passes as passes
     from mtcompile.pass_infra import REGISTRY
@@ -282,6 +305,11 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--repeat", type=int, default=10)
     pr.add_argument("--top", type=int, default=8, help="kernels shown per tenant")
     pr.set_defaults(fn=cmd_profile)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a saved bundle")
+    rp.add_argument("bundle")
+    rp.add_argument("-o", "--output", default="report.html", help="HTML file to write")
+    rp.set_defaults(fn=cmd_report)
 
     ps = sub.add_parser("passes", help="list the registered passes")
     ps.set_defaults(fn=cmd_passes)

@@ -221,6 +221,9 @@ class Graph:
     nodes: tuple[Node, ...]
     tenants: Mapping[str, TenantIO]
     constants: Mapping[str, np.ndarray] = field(default_factory=dict)
+    # analysis results about these very nodes (stream assignment, memory plan), by name;
+    # `with_nodes` drops them, so a pass that changes nodes never leaves a stale one behind
+    analyses: Mapping[str, Any] = field(default_factory=dict)
 
     # -- lookup
     def node(self, name: str) -> Node:
@@ -269,6 +272,10 @@ class Graph:
         used = g.used_constants()
         return replace(g, constants={k: v for k, v in self.constants.items() if k in used})
 
+    def with_analysis(self, name: str, value: Any) -> Graph:
+        """The same graph with one more analysis result attached."""
+        return replace(self, analyses={**self.analyses, name: value})
+
     # -- sizes
     def weight_bytes(self) -> int:
         """Bytes of all constants, each stored once."""
@@ -299,6 +306,12 @@ class Graph:
             for i in n.inputs:
                 g.add_edge(i, n.name)
         return g
+
+    def _repr_svg_(self) -> str:
+        """Jupyter: the layered drawing (a summary when large; see `mtcompile.viz`)."""
+        from .viz import draw_graph  # lazy: the IR itself needs no matplotlib
+
+        return draw_graph(self).svg
 
     def __str__(self) -> str:
         lines = []

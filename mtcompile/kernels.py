@@ -13,7 +13,7 @@ from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from . import library
+from . import arena, library
 from .errors import MTCompileError
 
 HEAVY_OPS = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
@@ -201,8 +201,9 @@ class CPUDefault(CPUScheduleRule):
         return sch
 
 
-def cpu_pipeline(target: tvm.target.Target, database=None):
-    """Our CPU relax pipeline: TVM's default passes plus kernel schedules after fusion."""
+def cpu_pipeline(target: tvm.target.Target, database=None, memory: dict | None = None):
+    """Our CPU relax pipeline: TVM's default passes plus kernel schedules after fusion, and
+    our memory plans realized before TVM plans the rest (`memory` gets their figures)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     def schedules():
@@ -217,7 +218,26 @@ def cpu_pipeline(target: tvm.target.Target, database=None):
         with target:
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                + schedules() + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+                + schedules() + cpu.dataflow_lower_passes(target)
+                + [arena.realize_pass({} if memory is None else memory)]
+                + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def gpu_pipeline(target: tvm.target.Target, memory: dict | None = None):
+    """TVM's CUDA pipeline with our memory plans realized before TVM plans the rest."""
+    from tvm.relax.backend.cuda import pipeline as gpu
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                gpu.library_dispatch_passes(target) + gpu.legalize_passes(target)
+                + gpu.dataflow_lower_passes(target)
+                + [arena.realize_pass({} if memory is None else memory)]
+                + gpu.finalize_passes(target))
             return seq(mod)
 
     return _pipeline

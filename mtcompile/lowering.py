@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 
 from .abi import MANIFEST_FN, RUN_ALL
+from .arena import ATTR
 from .errors import MTCompileError
 from .ir import (
     GET_ITEM,
@@ -128,6 +129,7 @@ class _Emitter:
     def __init__(self, graph: Graph, consts: dict[str, relax.Expr]):
         self.graph = graph
         self.consts = consts  # one Relax constant per content key, shared by every entry
+        self.var_names: dict[str, dict[str, str]] = {}  # function -> node -> Relax var name
 
     def const(self, key: str) -> relax.Expr:
         if key not in self.consts:
@@ -188,6 +190,7 @@ class _Emitter:
             if n.name in live:
                 live.update(n.inputs)
         env = {}
+        self.var_names[fname] = names = {}
         for node_name, pname in params:
             ty = g.node(node_name).ty
             assert isinstance(ty, TensorTy)
@@ -205,12 +208,14 @@ class _Emitter:
                     if n.group is not None:
                         if n.name in tails:
                             env[n.name] = self.group(bb, f"{fname}_{n.group}", tails[n.name], env)
+                            names[n.name] = env[n.name].name
                         continue
                     try:
                         env[n.name] = bb.emit(self.expr(n, env), name_hint=n.name.replace(".", "_"))
                     except Exception as e:
                         raise LoweringError(f"tenant '{n.tenant}': cannot emit %{n.name} = "
                                             f"{n.op}: {type(e).__name__}: {e}") from e
+                    names[n.name] = env[n.name].name
                     got = lift_type(env[n.name].ty, n.name)
                     if got != n.ty:
                         raise LoweringError(f"tenant '{n.tenant}': %{n.name} = {n.op} has type "
@@ -250,7 +255,22 @@ def emit_module(graph: Graph, manifest: dict | None = None,
         data = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
         with bb.function(MANIFEST_FN, []):
             bb.emit_func_output(relax.const(data, dtype="uint8"))
-    return bb.get()
+    mod = bb.get()
+    for e, fnames in ((entries, list(entries.graph.tenants)), (em, [RUN_ALL])):
+        plans = e.graph.analyses.get("memory")
+        for fname in fnames if plans is not None else ():
+            gv = mod.get_global_var(fname)
+            mod[gv] = mod[gv].with_attr(ATTR, json.dumps(
+                _arena_attr(plans.functions[fname], e.var_names[fname])))
+    return mod
+
+
+def _arena_attr(plan, var_names: dict[str, str]) -> dict:
+    """A function's memory plan keyed by the Relax var names lowering emitted."""
+    slots = [s for s in plan.slots if s.tensor in var_names]
+    return {"bytes": plan.arena_bytes,
+            "offsets": {var_names[s.tensor]: s.offset for s in slots},
+            "sizes": {var_names[s.tensor]: s.size for s in slots}}
 
 
 def build(mod: tvm.IRModule, target: str, providers: dict[str, str], database=None):
@@ -265,10 +285,12 @@ def build(mod: tvm.IRModule, target: str, providers: dict[str, str], database=No
     if calls:
         library.register()
     tgt = make_target(target)
+    memory: dict[str, dict] = {}  # per function: planned and left-to-TVM bytes
     if target == "llvm":
-        executable = tvm.compile(mod, tgt, relax_pipeline=kernels.cpu_pipeline(tgt, database))
+        executable = tvm.compile(mod, tgt, relax_pipeline=kernels.cpu_pipeline(
+            tgt, database, memory))
     else:
         if database is not None:
             raise MTCompileError("tuning databases are applied for target llvm only")
-        executable = tvm.compile(mod, tgt)
-    return executable, {"library_calls": calls}
+        executable = tvm.compile(mod, tgt, relax_pipeline=kernels.gpu_pipeline(tgt, memory))
+    return executable, {"library_calls": calls, "memory": memory}

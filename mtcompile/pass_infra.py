@@ -108,17 +108,27 @@ class PassRecord:
     changed: bool
     nodes_after: int
     info: dict[str, Any]
+    kernels_after: int | None = None  # kernels of run_all after the pass (for reports)
+    weight_bytes_after: int | None = None
 
 
 class Timing(Instrument):
     """Records the time and effect of every pass (the runner always uses one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernels: dict[str, str] | None = None) -> None:
         self.records: list[PassRecord] = []
+        self.kernels = kernels or {}  # heavy-op providers: a library call is a kernel
 
     def after_pass(self, p, result, index, seconds):
-        self.records.append(PassRecord(p.name, seconds, result.changed,
-                                       len(result.graph.nodes), dict(result.info)))
+        from .schedule import kernel_dag
+
+        g = result.graph
+        try:
+            kernels = len(kernel_dag(g, self.kernels).kernels)
+        except Exception:  # a broken graph is the verifier's to report, not the timer's
+            kernels = None
+        self.records.append(PassRecord(p.name, seconds, result.changed, len(g.nodes),
+                                       dict(result.info), kernels, g.weight_bytes()))
 
 
 class PrintAfter(Instrument):
@@ -150,14 +160,21 @@ class DumpToDir(Instrument):
 
 
 class EntryGraph(Instrument):
-    """Keeps the graph as it was before the first ``run_all_only`` pass (for tenant entries)."""
+    """The graph the tenants' own entries are built from: the pipeline without its
+    ``run_all_only`` passes. Passes after the first such pass run a second time, on the
+    graph as it was before it (so entries get fusion groups and memory plans too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ctx: PassContext | None = None) -> None:
+        self.ctx = ctx or PassContext()
         self.graph: Graph | None = None
 
     def before_pass(self, p, graph, index):
         if p.run_all_only and self.graph is None:
             self.graph = graph
+
+    def after_pass(self, p, result, index, seconds):
+        if self.graph is not None and not p.run_all_only:
+            self.graph = p.run(self.graph, self.ctx).graph
 
 
 class VerifyAfter(Instrument):
@@ -171,7 +188,7 @@ def run_passes(graph: Graph, passes: list[Pass], ctx: PassContext | None = None,
                instruments: list[Instrument] = ()) -> tuple[Graph, list[PassRecord]]:
     """Run `passes` in order; returns the final graph and one record per pass."""
     ctx = ctx or PassContext()
-    timing = Timing()
+    timing = Timing(ctx.kernels)
     hooks = [*instruments, timing]
     done: list[str] = []
     for i, p in enumerate(passes):

@@ -80,6 +80,10 @@ def _load_library(lib: Path):
         return tvm.runtime.load_module(str(private))
 
 
+# manifest entries known only once the library is built: in manifest.json, not embedded
+BUILT_AFTER = ("library_sha256", "memory")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -297,8 +301,16 @@ class Bundle:
             "graph": m["graph"],
             "versions": m["versions"],
         }
+        if "memory" in m:
+            rep["memory"] = m["memory"]
         rep.update(self.compile_report)
         return json.loads(json.dumps(rep))
+
+    def _repr_html_(self) -> str:
+        """Jupyter: tables and pictures of the bundle (see `mtcompile.html_report`)."""
+        from .html_report import bundle_html
+
+        return bundle_html(self)
 
     def verify(self, inputs: dict[str, tuple] | None = None, seed: int = 0,
                atol: float = 1e-4) -> dict:
@@ -393,7 +405,7 @@ def load(directory: str | os.PathLike, sources: dict | None = None) -> Bundle:
         raise  # no device, no torch for library kernels: said plainly by _fn
     except Exception as e:
         raise ArtifactError(f"{lib}: has no readable embedded manifest: {e}") from e
-    readable = {k: v for k, v in manifest.items() if k != "library_sha256"}
+    readable = {k: v for k, v in manifest.items() if k not in BUILT_AFTER}
     if embedded != readable:
         diff = sorted(k for k in set(embedded) | set(readable)
                       if embedded.get(k) != readable.get(k))

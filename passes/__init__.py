@@ -8,10 +8,12 @@ from mtcompile.errors import MTCompileError
 from mtcompile.pass_infra import REGISTRY, Pass, make_pass
 
 from . import (  # noqa: F401  (importing registers the passes)
+    assign_streams,
     dedup,
     eliminate_dead_nodes,
     fuse_horizontal,
     fuse_vertical,
+    plan_memory,
 )
 
 DEFAULT_PIPELINE: list[str] = [
@@ -19,6 +21,7 @@ DEFAULT_PIPELINE: list[str] = [
     "fuse-horizontal",  # batch same-architecture tenants through stacked weights (run_all)
     "eliminate-dead-nodes",  # drop values no tenant output needs
     "fuse-vertical",  # fusion groups: each becomes exactly one kernel
+    "plan-memory",  # one arena per function: offsets by liveness over the kernels that run
 ]
 
 

@@ -11,69 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mtcompile.ir import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Node, TensorTy
+from mtcompile.ir import INPUT, Graph
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
-
-ELEMWISE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.power",
-            "relax.maximum", "relax.minimum", "relax.less", "relax.greater", "relax.equal",
-            "relax.where", "relax.nn.relu", "relax.nn.gelu", "relax.nn.silu", "relax.tanh",
-            "relax.exp", "relax.erf", "relax.sigmoid", "relax.sqrt", "relax.rsqrt",
-            "relax.negative", "relax.astype", "relax.abs", "relax.log", "relax.clip"}
-INJECTIVE = {"relax.reshape", "relax.permute_dims", "relax.broadcast_to", "relax.expand_dims",
-             "relax.squeeze", "relax.strided_slice", "relax.concat", "relax.stack",
-             "relax.take"}
-REDUCTION = {"relax.sum", "relax.mean", "relax.max", "relax.min", "relax.nn.softmax",
-             "relax.nn.layer_norm", "relax.nn.batch_norm"}
-HEAVY = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
-
-
-def _kind(n: Node, kernels: dict[str, str]) -> str | None:
-    """'library', 'anchor', 'reduce', 'elemwise' (elementwise or injective), or None."""
-    if n.op in HEAVY:
-        return "library" if kernels.get(HEAVY[n.op]) == "library" else "anchor"
-    if not isinstance(n.ty, TensorTy) or n.op in (TUPLE, GET_ITEM):
-        return None  # tuples and their items stay out of groups
-    if n.op in REDUCTION:
-        return "reduce"
-    if n.op in ELEMWISE or n.op in INJECTIVE:
-        return "elemwise"
-    return "anchor"  # any other op: a kernel of its own that may take followers
-
-
-def _left_to_tvm(graph: Graph, kinds: dict, users: dict) -> set[str]:
-    """Nodes that must stay outside groups so TVM's preparation can remove them:
-    values computed from constants alone (folded at compile time), a batch-norm right
-    after a convolution (folded into its weights) and a constant bias added right after
-    a library call (joins the call as addmm / conv bias)."""
-    const: set[str] = set()
-    for n in graph.nodes:
-        if n.op != INPUT and all(i in const for i in n.inputs):
-            const.add(n.name)
-    out = set(const)
-    for n in graph.nodes:
-        srcs = n.inputs
-        if not srcs or srcs[0] not in graph or users[srcs[0]] != [n.name]:
-            continue
-        src = graph.node(srcs[0])
-        if n.op == "relax.nn.batch_norm" and src.op == "relax.nn.conv2d":
-            out.add(n.name)
-            out.update(u for u in users[n.name] if graph.node(u).op == GET_ITEM)
-        elif n.op == "relax.add" and kinds.get(src.name) == "library" and any(
-                _is_bias(graph, a, src) for a in n.args):
-            out.add(n.name)
-    return out
-
-
-def _is_bias(graph: Graph, arg, producer: Node) -> bool:
-    """A constant holding one value per output channel of a matmul (last axis) or a
-    convolution (axis 1): the offload folds it into the library call."""
-    if not isinstance(arg, ConstRef) or not isinstance(producer.ty, TensorTy):
-        return False
-    arr, shape = graph.constants[arg.key], producer.ty.shape
-    axis = 1 if producer.op == "relax.nn.conv2d" else len(shape) - 1
-    channels = shape[axis] if shape else 0
-    padded = (1,) * (len(shape) - arr.ndim) + tuple(arr.shape)
-    return arr.size == channels and len(padded) == len(shape) and padded[axis] == channels
+from mtcompile.schedule import left_to_tvm, op_kind
 
 
 @register
@@ -90,8 +30,8 @@ class FuseVertical(Pass):
         users = graph.users()
         for o in graph.output_names():
             users[o].append("<output>")
-        kinds = {n.name: _kind(n, ctx.kernels) for n in graph.nodes}
-        for name in _left_to_tvm(graph, kinds, users):
+        kinds = {n.name: op_kind(n, ctx.kernels) for n in graph.nodes}
+        for name in left_to_tvm(graph, kinds, users):
             kinds[name] = None
         group_of: dict[str, str] = {}
         heavy_in: dict[str, bool] = {}  # group -> it already holds an anchor or a reduction

@@ -1,0 +1,169 @@
+"""Realizing a memory plan in TVM: after ``CallTIRRewrite`` every intermediate is an
+``R.builtin.alloc_tensor``; the planned ones become tensors at their offsets in one
+``R.memory.alloc_storage`` per function (through ``ensure_zero_offset``, which folds the
+offset into the pointer). TVM's ``StaticPlanBlockMemory`` still plans what is left.
+
+The plan was made on our graph; here it meets the Relax TVM really produced. Liveness is
+recomputed on that Relax (following every alias: reshape views, tuples, the returned
+value), and a plan that would let two live tensors share a byte, or give a tensor fewer
+bytes than TVM allocates, is refused with an error instead of computing wrong numbers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .errors import MTCompileError
+
+ATTR = "mtcompile.arena"  # function attribute, JSON: {"bytes": arena size,
+# "offsets": {Relax var name: byte offset}, "sizes": {Relax var name: planned bytes}}
+_ALLOC = "relax.builtin.alloc_tensor"
+_STORAGE = "relax.memory.alloc_storage"
+
+
+class ArenaError(MTCompileError):
+    """A memory plan does not fit the module TVM produced."""
+
+
+def _op_name(value) -> str | None:
+    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+        return value.op.name
+    return None
+
+
+def _nbytes(ty) -> int:
+    return int(np.prod([int(s) for s in ty.shape], dtype=np.int64)) * np.dtype(
+        str(ty.dtype)).itemsize
+
+
+def _is_kernel_call(b) -> bool:
+    """A call that writes into the tensors it is given (a TIR kernel, a library call)."""
+    v = b.value
+    return isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar | relax.ExternFunc)
+
+
+def liveness(func: relax.Function) -> tuple[dict, dict, dict, set]:
+    """For each allocation (its var): first and last binding index that touches it through
+    any alias, the names of the vars that alias it, and the allocations the function
+    returns (they leave any arena)."""
+    bindings = [b for blk in func.body.blocks for b in blk.bindings]
+    roots: dict = {}  # var -> the allocation vars whose memory it may hold
+    first, last, names = {}, {}, {}
+    for i, b in enumerate(bindings):
+        if _op_name(b.value) == _ALLOC:
+            roots[b.var] = {b.var}
+            first[b.var], last[b.var], names[b.var] = i, i, {b.var.name}
+            continue
+        used = set()
+        for v in relax.analysis.free_vars(b.value):
+            used |= roots.get(v, set())
+        for r in used:
+            last[r] = i
+        if used and not _is_kernel_call(b):
+            roots[b.var] = used  # a view, tuple, item or copy of the name: an alias
+            for r in used:
+                names[r].add(b.var.name)
+    returned = set()
+    for v in relax.analysis.free_vars(func.body.body):
+        returned |= roots.get(v, set())
+    return first, last, names, returned
+
+
+def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
+    """Place `func`'s planned allocations in one storage; fill `stats[fname]`."""
+    plan = json.loads(str(func.attrs[ATTR]))
+    offsets, arena = plan["offsets"], int(plan["bytes"])
+    first, last, names, returned = liveness(func)
+    placed = {}  # alloc var -> (offset, bytes)
+    for var in first:
+        hits = [offsets[n] for n in names[var] if n in offsets]
+        if hits and var not in returned:
+            placed[var] = (int(hits[0]), _nbytes(var.ty))
+    _check(fname, placed, first, last, arena, plan["sizes"], names)
+    unplanned = [v for v in first if v not in placed and v not in returned]
+    stats[fname] = {"arena_bytes": arena, "planned_tensors": len(placed),
+                    "unplanned_tensors": len(unplanned),
+                    "unplanned_bytes": sum(_nbytes(v.ty) for v in unplanned),
+                    "output_bytes": sum(_nbytes(v.ty) for v in returned)}
+    if not placed:
+        return func
+    storage = relax.Var("mtcompile_arena", relax.ObjectType())
+    new = [relax.VarBinding(storage, relax.op.memory.alloc_storage(
+        relax.ShapeExpr([arena]), 0, "global", "uint8"))]
+    for blk in func.body.blocks:
+        for b in blk.bindings:
+            if b.var not in placed:
+                new.append(b)
+                continue
+            offset, _ = placed[b.var]
+            raw = relax.Var(b.var.name + "_at", b.var.ty)
+            new.append(relax.VarBinding(raw, relax.op.memory.alloc_tensor(
+                storage, offset, b.value.args[0], str(b.var.ty.dtype))))
+            new.append(relax.VarBinding(b.var, relax.op.memory.ensure_zero_offset(raw)))
+    body = relax.SeqExpr([relax.BindingBlock(new)], func.body.body)
+    return relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
+
+
+def _check(fname, placed, first, last, arena, sizes, names) -> None:
+    problems = []
+    for var, (off, n) in placed.items():
+        name = next(n for n in sorted(names[var]) if n in sizes)
+        if n > sizes[name] or off + n > arena:
+            problems.append(f"{name}: TVM allocates {n} bytes, the plan gives {sizes[name]} "
+                            f"at offset {off} in an arena of {arena}")
+    items = sorted(placed.items(), key=lambda kv: kv[1][0])
+    for i, (a, (oa, na)) in enumerate(items):
+        for b, (ob, nb) in items[i + 1:]:
+            if ob >= oa + na:
+                break
+            if not (last[a] < first[b] or last[b] < first[a]):
+                problems.append(f"{sorted(names[a])[-1]} and {sorted(names[b])[-1]} are live "
+                                f"together but share bytes [{ob}, {min(oa + na, ob + nb)})")
+    if problems:
+        raise ArenaError(f"function '{fname}': the memory plan does not fit the module TVM "
+                         "produced (a bug in the plan's model of TVM; build with "
+                         "passes without plan-memory to work around it):\n  "
+                         + "\n  ".join(problems[:10]))
+
+
+def storage_bytes(func: relax.Function) -> int:
+    """Bytes of every ``alloc_storage`` in `func` (what a function plans to hold)."""
+    total = 0
+    for blk in func.body.blocks:
+        for b in blk.bindings:
+            if _op_name(b.value) == _STORAGE:
+                shape = b.value.args[0]
+                total += int(np.prod([int(v) for v in shape.values], dtype=np.int64))
+    return total
+
+
+def realize_pass(stats: dict):
+    """Module pass: realize every function's plan; record per function what TVM's own
+    ``StaticPlanBlockMemory`` would plan (``tvm_plan_bytes``) beside ours."""
+
+    @tvm.transform.module_pass(opt_level=0, name="mtcompile.RealizeArena")
+    def _realize(mod, _ctx):
+        tvm_plan = relax.transform.StaticPlanBlockMemory()(mod)
+        out = mod
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function) or "global_symbol" not in (
+                    func.attrs.keys() if func.attrs is not None else ()):
+                continue  # private helpers: not an entry
+            name = gv.name_hint
+            if ATTR in func.attrs.keys():
+                out[gv] = realize(func, name, stats)
+            else:
+                first, _, _, returned = liveness(func)
+                left = [v for v in first if v not in returned]
+                stats[name] = {"arena_bytes": 0, "planned_tensors": 0,
+                               "unplanned_tensors": len(left),
+                               "unplanned_bytes": sum(_nbytes(v.ty) for v in left),
+                               "output_bytes": sum(_nbytes(v.ty) for v in returned)}
+            stats[name]["tvm_plan_bytes"] = storage_bytes(tvm_plan[gv])
+        return out
+
+    return _realize
