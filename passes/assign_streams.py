@@ -1,0 +1,96 @@
+"""assign-streams: the kernel DAG of run_all -> streams (minimum chain cover) and minimal
+syncs, attached as the graph's ``"streams"`` analysis (a `StreamAssignment`); nodes unchanged.
+
+No profile exists at compile time, so kernel times are estimated from the graph: per
+kernel ``overhead + max(flops / (rate * threads), bytes / bandwidth)`` with the rates of
+`RATES` for the target. On CPU one stream gives every kernel all `cores`; N streams give
+each kernel ``cores // N`` (the executor splits the cores), so only kernels that do not
+scale with threads (launch-bound ones) gain, and at most `cores` kernels run at once. A measured profile (`Bundle.profile`) can
+replace these estimates later through `mtcompile.streams.assign` / `estimate`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from mtcompile.ir import ConstRef, Graph, Ref, TensorTy
+from mtcompile.pass_infra import Pass, PassContext, PassResult, register
+from mtcompile.schedule import Kernel, kernel_dag
+from mtcompile.streams import AUTO_MIN_SPEEDUP, POLICIES, assign
+
+# target -> (flops per us per thread, bytes per us, overhead us of a TVM kernel / library call)
+RATES = {"llvm": (2.0e4, 1.0e4, 3.0, 8.0), "cuda": (1.0e7, 1.0e6, 5.0, 8.0)}
+
+
+def _shape(graph: Graph, arg) -> tuple[int, ...]:
+    if isinstance(arg, ConstRef):
+        return tuple(graph.constants[arg.key].shape)
+    if isinstance(arg, Ref) and isinstance(graph.node(arg.name).ty, TensorTy):
+        return graph.node(arg.name).ty.shape
+    return ()
+
+
+def kernel_work(graph: Graph, k: Kernel) -> tuple[float, float]:
+    """(flops, bytes moved) of one kernel: 2*M*N*K for matmul, 2*out*Cin/g*kh*kw for conv,
+    one op per output (or input, for reductions) element otherwise."""
+    flops = 0.0
+    for name in k.nodes:
+        n = graph.node(name)
+        if not isinstance(n.ty, TensorTy):
+            continue
+        out = math.prod(n.ty.shape)
+        if n.op == "relax.matmul":
+            flops += 2.0 * out * (_shape(graph, n.args[0]) or (1,))[-1]
+        elif n.op == "relax.nn.conv2d":
+            w = _shape(graph, n.args[1])
+            flops += 2.0 * out * math.prod(w[1:]) if w else out
+        else:
+            flops += max(out, max((math.prod(_shape(graph, a)) for a in n.args
+                                   if isinstance(a, Ref)), default=0))
+    moved = k.nbytes + sum(graph.node(r).ty.nbytes for r in k.reads
+                           if r in graph and isinstance(graph.node(r).ty, TensorTy))
+    return flops, float(moved)
+
+
+@register
+@dataclass(frozen=True)
+class AssignStreams(Pass):
+    """Streams for run_all's kernels (Nimble's assignment), by `mtcompile.streams.assign`.
+
+    streams: N forces at most N streams (1 = sequential); max_streams: a cap that `auto`
+    may still reduce to 1; policy: ``auto`` (fall back to one stream when the estimated
+    speedup is below `min_speedup`), ``max`` or ``sequential``; cores: CPU cores the
+    streams share (None: this machine's count on CPU; ignored on CUDA).
+    """
+
+    name = "assign-streams"
+    streams: int | None = None
+    max_streams: int | None = None
+    policy: str = "auto"
+    cores: int | None = None
+    min_speedup: float = AUTO_MIN_SPEEDUP
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
+        dag = kernel_dag(graph, ctx.kernels)
+        order = [k.name for k in dag.kernels]
+        work = {k.name: kernel_work(graph, k) for k in dag.kernels}
+        kinds = {k.name: k.kind for k in dag.kernels}
+        cpu = ctx.target != "cuda"
+        cores = max(1, self.cores or os.cpu_count() or 1) if cpu else 1
+        rate, bandwidth, tvm_over, lib_over = RATES["llvm" if cpu else "cuda"]
+
+        def cost(threads: int) -> dict[str, float]:
+            return {k: 0.0 if kinds[k] == "view" else
+                    (lib_over if kinds[k] == "library" else tvm_over)
+                    + max(f / (rate * threads), b / bandwidth) for k, (f, b) in work.items()}
+
+        a = assign(order, dag.deps, streams=self.streams, max_streams=self.max_streams,
+                   policy=self.policy, cost_us=cost(cores),
+                   concurrent_cost_us=lambda n: cost(max(1, cores // n)),
+                   lanes=cores if cpu else None, min_speedup=self.min_speedup)
+        info = {**a.summary(), "kernels": len(order), "cost_model": "graph", "cores": cores}
+        return PassResult(graph.with_analysis("streams", a), False, info)
