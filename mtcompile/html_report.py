@@ -1,0 +1,165 @@
+"""A self-contained HTML report of a bundle (tables and inline SVG pictures), made from its
+manifest alone so that offline pipelines can report on a saved bundle without TVM."""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from . import viz
+from .abi import FORMAT, MANIFEST
+from .errors import ArtifactError
+
+_CSS = """
+body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1300px; }
+h1 { font-size: 22px; } h2 { font-size: 17px; border-bottom: 1px solid #ccc; margin-top: 28px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.pic svg { max-width: 100%; height: auto; } .note { color: #a33; font-style: italic; }
+details { margin: 6px 0; } summary { cursor: pointer; font-weight: bold; }
+"""
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a saved bundle directory, or one clear `ArtifactError`."""
+    d = Path(directory)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise ArtifactError(f"{d} is not a directory (expected a bundle written by save)")
+    if not path.is_file():
+        raise ArtifactError(f"{d} is not a bundle: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{path}: format {got!r}, this mtcompile reads {FORMAT!r}")
+    return manifest
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    def cell(v):
+        num = isinstance(v, int | float) and not isinstance(v, bool)
+        return f"<td class='num'>{v}</td>" if num else f"<td>{escape(str(v))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
+    return ("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
+            + body + "</table>")
+
+
+def _pic(picture: viz.Picture) -> str:
+    svg = picture.svg
+    picture.figure.clear()  # figures hold a lot of memory; the SVG text is all we keep
+    return f"<div class='pic'>{svg}</div>"
+
+
+def _missing(what: str, key: str) -> str:
+    return (f"<p class='note'>{escape(what)}: not available in this bundle (its manifest has "
+            f"no '{escape(key)}').</p>")
+
+
+def sections(manifest: dict, memory: dict | None = None, streams: dict | None = None) -> str:
+    """The report body: tables and pictures of `manifest` (memory timeline and stream lanes
+    default to the manifest's own)."""
+    out = []
+    tenants = manifest.get("tenant_order", [])
+    rows = []
+    for t in tenants:
+        s = manifest["tenants"][t]
+        sig = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in s["inputs"])
+        res = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in s["outputs"])
+        rows.append([t, s.get("source", ""), sig, res])
+    out.append("<h2>Tenants</h2>" + _table(["tenant", "source", "inputs", "outputs"], rows))
+    g = manifest.get("graph", {})
+    facts = [["nodes (merged, after passes)", g.get("nodes", "-")],
+             ["constants", g.get("constants", "-")],
+             ["weights stored", _fmt_bytes(g.get("weight_bytes"))],
+             ["weights of the tenants separately", _fmt_bytes(g.get("weight_bytes_before_merge"))],
+             ["pipeline", " -> ".join(p["name"] for p in manifest.get("pipeline", [])) or "none"],
+             ["kernel providers", ", ".join(f"{k}: {v}" for k, v in
+                                            sorted(manifest.get("kernels", {}).items()))]]
+    out.append("<h2>Build</h2>" + _table(["what", "value"], facts))
+    view = manifest.get("graph_view")
+    if view and view.get("passes"):
+        prow = [[r["name"], "yes" if r["changed"] else "no", r["nodes_after"],
+                 r["kernels_after"] if r["kernels_after"] is not None else "-",
+                 _fmt_bytes(r["weight_bytes_after"])] for r in map(viz.pass_row, view["passes"])]
+        out.append("<h2>Passes</h2>" + _table(["pass", "changed", "nodes after",
+                                               "kernels after", "weights after"], prow)
+                   + _pic(viz.draw_passes(view["passes"])))
+    else:
+        out.append("<h2>Passes</h2>" + _missing("per-pass summary", "graph_view"))
+    out.append("<h2>Merged graph</h2>")
+    if view:
+        out.append(_pic(viz.draw_graph(view)))
+        for t in view["tenants"]:
+            n = len(viz.select(view, t))
+            if len(view["nodes"]) > viz.MAX_NODES and n <= viz.MAX_NODES:
+                out.append(f"<details><summary>tenant {escape(t)} ({n} nodes)</summary>"
+                           + _pic(viz.draw_graph(view, tenant=t)) + "</details>")
+    else:
+        out.append(_missing("graph structure", "graph_view"))
+    streams = streams or manifest.get("streams")
+    out.append("<h2>Stream lanes</h2>" + (_pic(viz.draw_streams(streams)) if streams
+                                           else _missing("stream assignment", "streams")))
+    memory = memory or (manifest.get("memory") or {}).get("timeline")
+    if memory:
+        t = memory
+        out.append("<h2>Memory</h2>" + _table(["function", "tensors", "arena", "lower bound"],
+                                              [[t.get("function", ""), len(t["tensors"]),
+                                                _fmt_bytes(t["arena_bytes"]),
+                                                _fmt_bytes(t["lower_bound_bytes"])]])
+                   + _pic(viz.draw_memory(memory)))
+    else:
+        out.append("<h2>Memory</h2>" + _missing("memory plan", "memory.timeline"))
+    return "\n".join(out)
+
+
+def render(manifest: dict, memory: dict | None = None, streams: dict | None = None) -> str:
+    """A whole self-contained HTML page (inline CSS and SVG, no scripts, no links)."""
+    name = escape(str(manifest.get("name", "bundle")))
+    v = manifest.get("versions", {})
+    sub = (f"target {escape(str(manifest.get('target')))}, "
+           + ", ".join(f"{escape(k)} {escape(str(x))}" for k, x in sorted(v.items())))
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>mtcompile report: "
+            f"{name}</title><style>{_CSS}</style></head><body><h1>mtcompile bundle {name}</h1>"
+            f"<p>{sub}</p>{sections(manifest, memory, streams)}</body></html>\n")
+
+
+def write_report(directory: str | Path, out: str | Path) -> Path:
+    """Render the report of the saved bundle in `directory` into the file `out`."""
+    html = render(read_manifest(directory))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html)
+    return path
+
+
+def bundle_html(bundle) -> str:
+    """Rich display of a Bundle: the report body, with the memory timeline and stream lanes
+    of its report when the manifest has none."""
+    rep = bundle.report()
+    memory = (rep.get("memory") or {}).get("timeline") or graph_timeline(bundle.graph)
+    return (f"<div><b>mtcompile bundle {escape(str(bundle.manifest.get('name')))}</b>"
+            f"{sections(bundle.manifest, memory, rep.get('streams'))}</div>")
+
+
+def graph_timeline(graph, function: str = "run_all") -> dict | None:
+    """The memory timeline a ``plan-memory`` pass attached to `graph`, if any."""
+    plan = getattr(graph, "analyses", {}).get("memory")
+    functions = getattr(plan, "functions", {})
+    return functions[function].timeline() if function in functions else None

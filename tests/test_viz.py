@@ -1,0 +1,242 @@
+"""mtcompile.viz and the HTML report: pictures as SVG (counted by the ids given to their
+shapes), rich display, the graph view in the manifest and the `report` command."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from mtcompile import viz
+from mtcompile.cli import main
+from mtcompile.errors import MTCompileError
+from mtcompile.html_report import render
+from mtcompile.ir import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
+
+F = TensorTy((1, 8), "float32")
+
+
+def ids(svg: str, kind: str) -> list[str]:
+    """The SVG ids of the shapes of one kind (``node``, ``group``, ``tensor``, ``lane``...)."""
+    return re.findall(rf'id="{kind}-([^"]*)"', svg)
+
+
+def chain_graph(tenants: list[str], length: int, shared: int = 0, hfused: int = 0) -> Graph:
+    """Tenants with a chain of `length` ops each on their own input; then `shared` nodes
+    serving every tenant, and `hfused` nodes named as fuse-horizontal names its nodes.
+    Consecutive pairs of a chain form fusion groups."""
+    w = np.ones((8, 8), np.float32)
+    key = const_key(w)
+    nodes, ios = [], {}
+    for t in tenants:
+        prev = f"{t}.x"
+        nodes.append(Node(prev, INPUT, (), F, (t,)))
+        for i in range(length):
+            op = "relax.matmul" if i % 2 == 0 else "relax.nn.relu"
+            args = (Ref(prev), ConstRef(key)) if i % 2 == 0 else (Ref(prev),)
+            nodes.append(Node(f"{t}.n{i}", op, args, F, (t,), group=f"{t}.g{i // 2}"))
+            prev = f"{t}.n{i}"
+        ios[t] = TenantIO((("x", f"{t}.x"),), (Ref(prev),))
+    if shared or hfused:  # a chain on an input every tenant shares
+        every, last = tuple(tenants), Ref("shared.s")
+        nodes.append(Node("shared.s", INPUT, (), F, every))
+        names = [f"s{i}" for i in range(shared)] + [f"hfuse0.{i}" for i in range(hfused)]
+        for name in names:
+            nodes.append(Node(name, "relax.nn.relu", (last,), F, every))
+            last = Ref(name)
+        ios = {t: TenantIO((*io.inputs, ("s", "shared.s")), (*io.outputs, last))
+               for t, io in ios.items()}
+    g = Graph(tuple(nodes), ios, {key: w})
+    g.verify()
+    return g
+
+
+def timeline(n_tensors: int = 5) -> dict:
+    tensors = [{"tensor": f"t{i}", "tenant": "ab"[i % 2], "offset": 64 * (i % 3), "size": 64,
+                "first": i, "last": i + 1} for i in range(n_tensors)]
+    return {"function": "run_all", "kernels": [f"k{i}" for i in range(n_tensors + 1)],
+            "arena_bytes": 192, "lower_bound_bytes": 128, "tensors": tensors}
+
+
+def lanes() -> dict:
+    rows = [{"kernel": f"k{i}", "stream": i % 2, "tenant": "ab"[i % 2],
+             "start_us": 10.0 * (i // 2), "end_us": 10.0 * (i // 2) + 8} for i in range(6)]
+    return {"num_streams": 2, "lanes": rows, "syncs": [["k0", "k3"], ["k1", "k4"]]}
+
+
+# --------------------------------------------------------------------------- graph drawings
+
+
+def test_small_graph_is_drawn_node_by_node_with_tenant_legend(graph):
+    svg = viz.draw_graph(graph).svg
+    assert sorted(ids(svg, "node")) == sorted(n.name for n in graph.nodes)
+    assert sorted(ids(svg, "legend")) == ["a", "b"]
+    assert ">a<" in svg and ">b<" in svg  # tenant names are text in the legend
+    colors = viz.tenant_colors(["a", "b"])
+    assert colors["a"] != colors["b"] and colors["a"].lower() in svg.lower()
+
+
+def test_fusion_groups_are_boxed_and_shared_and_fused_nodes_marked():
+    g = chain_graph(["a", "b"], 4, shared=2, hfused=3)
+    svg = viz.draw_graph(g).svg
+    assert sorted(ids(svg, "group")) == ["a.g0", "a.g1", "b.g0", "b.g1"]
+    assert "shared by several tenants (3)"  # 2 relus + the input in svg
+    assert "horizontally fused (3)" in svg
+    assert viz.node_kind("hfuse0.1", ("a", "b")) == "hfused"
+    assert viz.node_kind("s0", ("a", "b")) == "shared"
+    assert viz.node_kind("a.n0", ("a",)) == "own"
+
+
+def test_large_graph_is_summarized_and_one_tenant_or_region_drawn():
+    g = chain_graph(["t0", "t1", "t2", "t3"], 75)  # 4 tenants, 304 nodes
+    summary = viz.draw_graph(g).svg
+    assert ids(summary, "node") == []  # no node-by-node hairball
+    assert "graph-summary" in summary and "304 nodes, 4 tenants" in summary
+    assert sorted(set(ids(summary, "strip"))) == [f"t{i}-own" for i in range(4)]
+    one = viz.draw_graph(g, tenant="t2").svg
+    assert sorted(ids(one, "node")) == sorted(n.name for n in g.tenant_nodes("t2"))
+    region = viz.draw_graph(g, region=(10, 40)).svg
+    assert sorted(ids(region, "node")) == sorted(n.name for n in g.nodes[10:40])
+    assert viz.draw_graph(g, max_nodes=400).svg.count('id="node-') == 304
+
+
+def test_unknown_tenant_and_bad_region_are_clear_errors(graph):
+    with pytest.raises(MTCompileError, match=r"unknown tenant 'zz'.*\['a', 'b'\]"):
+        viz.draw_graph(graph, tenant="zz")
+    with pytest.raises(MTCompileError, match="region"):
+        viz.draw_graph(graph, region=(5, 2))
+    with pytest.raises(MTCompileError, match="graph view"):
+        viz.draw_graph({"nodes": []})
+
+
+def test_graph_displays_itself_as_svg(graph):
+    svg = graph._repr_svg_()
+    assert svg.startswith("<svg") and len(ids(svg, "node")) == len(graph.nodes)
+
+
+def test_graph_view_is_compact_json_and_draws_like_the_graph():
+    g = chain_graph(["t0", "t1", "t2", "t3"], 75)
+    view = json.loads(json.dumps(viz.graph_view(g)))
+    assert view["tenants"] == ["t0", "t1", "t2", "t3"]
+    assert len(view["nodes"]) == 304 and view["nodes"][1]["group"] == "t0.g0"
+    assert view["nodes"][1]["inputs"] == ["t0.x"] and view["nodes"][1]["type"] == "f32[1,8]"
+    assert len(json.dumps(view)) < 60_000
+    assert ids(viz.draw_graph(view, tenant="t1").svg, "node") == \
+        ids(viz.draw_graph(g, tenant="t1").svg, "node")
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_memory_timeline_has_one_rectangle_per_tensor_and_marks_bounds():
+    svg = viz.draw_memory(timeline(5)).svg
+    assert sorted(ids(svg, "tensor")) == [f"t{i}" for i in range(5)]
+    assert 'id="arena-line"' in svg and 'id="lower-bound-line"' in svg
+    assert "arena 0.2 KiB" in svg and "lower bound 0.1 KiB" in svg
+    assert sorted(ids(svg, "legend")) == ["a", "b"]
+    # a tensor of several tenants is grey, as shared nodes are; tenants keep their colours
+    colors = viz.tenant_colors(["a", "a+b", "b"])
+    assert colors["a+b"] == viz.SHARED_DARK and colors["b"] == viz.tenant_colors(["a", "b"])["b"]
+
+
+def test_stream_lanes_have_one_bar_per_kernel():
+    svg = viz.draw_streams(lanes()).svg
+    assert sorted(ids(svg, "lane")) == [f"k{i}" for i in range(6)]
+    assert "6 kernels on 2 stream(s), 2 sync(s)" in svg
+    with pytest.raises(MTCompileError, match="draw_streams needs a dict with keys"):
+        viz.draw_streams({"lanes": []})
+
+
+def test_pass_summary_shows_nodes_kernels_and_bytes():
+    rows = [{"name": "dedup", "changed": True, "nodes_after": 60, "kernels_after": 28,
+             "weight_bytes_after": 3 << 20},
+            {"name": "fuse-vertical", "changed": True, "nodes_after": 57, "kernels_after": 24,
+             "weight_bytes_after": 3 << 20}]
+    svg = viz.draw_passes(rows).svg
+    for text in ("nodes after each pass", "kernels after each pass", ">28<", ">24<", ">3<"):
+        assert text in svg
+    with pytest.raises(MTCompileError):
+        viz.draw_passes([])
+
+
+def test_timing_records_kernels_and_weight_bytes_per_pass(graph):
+    from mtcompile.pass_infra import PassContext, run_passes
+    from mtcompile.passes import build_pipeline
+
+    _, records = run_passes(graph, build_pipeline(["dedup", "fuse-vertical"]),
+                            PassContext(kernels={"matmul": "tvm"}))
+    rows = [viz.pass_row(r) for r in records]
+    # a: matmul and relu, one kernel once fused; b's tuple and item are no kernels
+    assert [r["kernels_after"] for r in rows] == [2, 1]
+    assert all(r["weight_bytes_after"] == graph.weight_bytes() for r in rows)
+
+
+# --------------------------------------------------------------------------- HTML report
+
+
+def manifest_with(view: dict, memory=None, streams=None) -> dict:
+    m = {"format": "mtcompile-bundle/1", "name": "demo", "target": "llvm", "versions": {},
+         "tenant_order": ["a"], "pipeline": [{"name": "dedup"}], "kernels": {},
+         "tenants": {"a": {"source": "torch", "inputs": [{"name": "x", "shape": [1, 8],
+                                                           "dtype": "float32"}],
+                           "outputs": []}},
+         "graph": {"nodes": 3}, "graph_view": view}
+    if memory:
+        m["memory"] = {"timeline": memory}
+    if streams:
+        m["streams"] = streams
+    return m
+
+
+def test_report_says_what_a_manifest_lacks_and_draws_what_it_has(graph):
+    view = viz.graph_view(graph)
+    bare = render(manifest_with(view))
+    assert bare.startswith("<!DOCTYPE html>")
+    for external in ("<script", "<link", "src=", 'href="http', "url(http"):
+        assert external not in bare  # self-contained: opens offline
+    assert bare.count("not available in this bundle") == 3  # passes, streams, memory
+    full = render(manifest_with(dict(view, passes=[{"name": "dedup", "changed": False,
+                                                    "nodes_after": 6}]),
+                                timeline(4), lanes()))
+    assert "not available" not in full
+    assert len(ids(full, "tensor")) == 4 and len(ids(full, "lane")) == 6
+    assert len(ids(full, "node")) == len(graph.nodes)
+
+
+def test_report_command_rejects_a_directory_that_is_not_a_bundle(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a bundle" in err
+    (tmp_path / "manifest.json").write_text('{"format": "other/9"}')
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 1
+    assert "format 'other/9'" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_report_command_writes_the_report_of_a_saved_bundle(tiny_saved, tmp_path):
+    out = tmp_path / "sub" / "report.html"
+    assert main(["report", str(tiny_saved), "-o", str(out)]) == 0
+    html = out.read_text()
+    manifest = json.loads((tiny_saved / "manifest.json").read_text())
+    view = manifest["graph_view"]
+    assert view["tenants"] == ["lin", "conv", "multi"]
+    assert [p["name"] for p in view["passes"]] == [p["name"] for p in manifest["pipeline"]]
+    assert all(p["kernels_after"] > 0 for p in view["passes"])
+    assert len(ids(html, "node")) == len(view["nodes"])  # small: drawn whole
+    for t in ("lin", "conv", "multi"):
+        assert f"<td>{t}</td>" in html
+
+
+def test_bundle_displays_itself_as_html(tiny_bundle):
+    html = tiny_bundle._repr_html_()
+    assert "mtcompile bundle" in html and "<svg" in html
+    assert len(ids(html, "node")) == len(tiny_bundle.graph.nodes)
+
+
+def test_drawing_a_pass_changed_graph_keeps_groups(graph):
+    grouped = replace(graph, nodes=tuple(replace(n, group="g1") if n.name in ("a.mm", "a.r")
+                                         else n for n in graph.nodes))
+    assert ids(viz.draw_graph(grouped).svg, "group") == ["g1"]
