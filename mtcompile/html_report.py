@@ -114,8 +114,10 @@ def sections(manifest: dict, memory: dict | None = None, streams: dict | None = 
     else:
         out.append(_missing("graph structure", "graph_view"))
     streams = streams or manifest.get("streams")
-    out.append("<h2>Stream lanes</h2>" + (_pic(viz.draw_streams(streams)) if streams
-                                           else _missing("stream assignment", "streams")))
+    if streams and streams.get("lanes"):
+        out.append("<h2>Stream lanes</h2>" + _pic(viz.draw_streams(streams)))
+    else:  # no assignment, or only its summary (e.g. one stream): nothing to draw
+        out.append("<h2>Stream lanes</h2>" + _missing("stream lanes", "streams.lanes"))
     memory = memory or (manifest.get("memory") or {}).get("timeline")
     if memory:
         t = memory

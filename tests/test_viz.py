@@ -202,6 +202,8 @@ def test_report_says_what_a_manifest_lacks_and_draws_what_it_has(graph):
                                                     "nodes_after": 6}]),
                                 timeline(4), lanes()))
     assert "not available" not in full
+    summary_only = render(manifest_with(view, streams={"num_streams": 1, "num_syncs": 0}))
+    assert "stream lanes: not available" in summary_only
     assert len(ids(full, "tensor")) == 4 and len(ids(full, "lane")) == 6
     assert len(ids(full, "node")) == len(graph.nodes)
 
