@@ -154,11 +154,21 @@ def place(lives: Sequence[Lifetime], alignment: int,
     return slots, arena
 
 
+def place_naive(lives: Sequence[Lifetime], alignment: int) -> tuple[list[Slot], int]:
+    """Every tensor in bytes of its own, one after another (no reuse: the baseline)."""
+    slots, offset = [], 0
+    for lt in lives:
+        slots.append(Slot(lt.tensor, lt.tenant, lt.size, offset, lt.first, lt.last))
+        offset += align(lt.size, alignment)
+    return slots, offset
+
+
 def plan_function(function: str, dag: KernelDAG, alignment: int,
-                  hb: HappensBefore = sequential) -> FunctionPlan:
-    """Liveness and offsets for one function's kernels."""
+                  hb: HappensBefore = sequential, strategy: str = "greedy") -> FunctionPlan:
+    """Liveness and offsets for one function's kernels (`strategy` greedy or naive)."""
     lives = lifetimes(dag)
-    slots, arena = place(lives, alignment, hb)
+    slots, arena = place(lives, alignment, hb) if strategy == "greedy" else place_naive(
+        lives, alignment)
     return FunctionPlan(function, tuple(k.name for k in dag.kernels), tuple(slots), arena,
                         lower_bound(lives, len(dag.kernels)),
                         sum(align(lt.size, alignment) for lt in lives), alignment)

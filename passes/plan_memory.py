@@ -10,6 +10,8 @@ from mtcompile.memory import ALIGNMENT, MemoryPlan, plan_function, sequential
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 from mtcompile.schedule import kernel_dag
 
+STRATEGIES = ("greedy", "naive")
+
 
 def _stream_order(graph: Graph, dag):
     """Happens-before over `dag`'s kernel indices from the stream assignment, if any."""
@@ -19,7 +21,7 @@ def _stream_order(graph: Graph, dag):
     from mtcompile.streams import happens_before
 
     names = [k.name for k in dag.kernels]
-    hb = happens_before(streams, dag.deps)
+    hb = happens_before(streams)
     return lambda a, b: hb(names[a], names[b])
 
 
@@ -32,21 +34,27 @@ class PlanMemory(Pass):
     ``"memory"``; lowering realizes it as one storage per function.
 
     alignment: bytes every offset is a multiple of (default: 64 on CPU, 256 on CUDA).
+    strategy: ``greedy`` (by size, best fit) or ``naive`` (every intermediate in bytes of
+    its own: the no-reuse baseline benchmarks compare against).
     """
 
     name = "plan-memory"
     alignment: int | None = None
+    strategy: str = "greedy"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         alignment = self.alignment or ALIGNMENT.get(ctx.target, 256)
         if alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"alignment must be a power of two, got {alignment}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         functions = {}
         dag = kernel_dag(graph, ctx.kernels)
         functions["run_all"] = plan_function("run_all", dag, alignment,
-                                             _stream_order(graph, dag))
+                                             _stream_order(graph, dag), self.strategy)
         for t in graph.tenants:
-            functions[t] = plan_function(t, kernel_dag(graph, ctx.kernels, [t]), alignment)
+            functions[t] = plan_function(t, kernel_dag(graph, ctx.kernels, [t]), alignment,
+                                         strategy=self.strategy)
         run_all = functions["run_all"]
         return PassResult(graph.with_analysis("memory", MemoryPlan(functions)), False, {
             "arena_bytes": run_all.arena_bytes, "lower_bound_bytes": run_all.lower_bound_bytes,
