@@ -14,7 +14,14 @@ from .frontends import import_tenant
 from .ir import ConstRef, Graph, TensorTy
 from .kernels import resolve_providers
 from .lift import lift
-from .lowering import TARGETS, build, emit_module, input_index_ranges, run_all_params
+from .lowering import (
+    TARGETS,
+    build,
+    emit_module,
+    input_index_ranges,
+    run_all_params,
+    stream_layout,
+)
 from .memory import MemoryPlan, memory_report
 from .merge import constant_bytes_before_merge, merge
 from .pass_infra import EntryGraph, Instrument, PassContext, run_passes
@@ -124,6 +131,25 @@ def _with_tenant_plans(graph: Graph, entry_graph: Graph) -> MemoryPlan:
     return MemoryPlan(plans)
 
 
+def streams_manifest(graph: Graph, providers: dict[str, str], layout) -> dict:
+    """The manifest's ``"streams"``: the assignment's summary, lanes and syncs of its
+    simulated schedule (compile-time cost estimate) for notebooks, and what the runtime
+    needs to run the stream functions when there are several; one stream without one."""
+    a = graph.analyses.get("streams")
+    if a is None:
+        return {"num_streams": 1, "num_syncs": 0, "estimated_speedup": 1.0, "policy": None}
+    from mtcompile.passes.assign_streams import graph_costs
+
+    from .schedule import kernel_dag
+    from .streams import lanes_view
+
+    dag = layout.dag if layout is not None else kernel_dag(graph, providers)
+    view = lanes_view(a, {k.name: k.tenant for k in dag.kernels}, graph_costs(graph, dag))
+    # lowered: run_all runs on these streams (not without plan-memory: no shared arena)
+    view["lowered"] = layout is not None
+    return {**a.summary(), **view, **(layout.manifest() if layout is not None else {})}
+
+
 def compile(  # noqa: A001 - the public name the API promises
     tenants: Sequence[Tenant],
     target: str = "llvm",
@@ -179,8 +205,10 @@ def compile(  # noqa: A001 - the public name the API promises
             weight_bytes_before_merge=constant_bytes_before_merge(graphs)),
         "graph_view": graph_view(graph, records),  # nodes and per-pass rows, for reports
     }
+    streams = stream_layout(graph, providers)
+    manifest["streams"] = streams_manifest(graph, providers, streams)
     t0 = time.perf_counter()
-    mod = emit_module(graph, manifest, entry_graph)
+    mod = emit_module(graph, manifest, entry_graph, streams)
     stages.done("lower", t0)
 
     t0 = time.perf_counter()

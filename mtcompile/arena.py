@@ -18,9 +18,17 @@ import tvm
 from tvm import relax
 
 from .errors import MTCompileError
+from .executor import GET, PUT, SIGNAL, WAIT
 
 ATTR = "mtcompile.arena"  # function attribute, JSON: {"bytes": arena size,
 # "offsets": {Relax var name: byte offset}, "sizes": {Relax var name: planned bytes}}
+ERROR = "error"  # key of the stats dict that holds an ArenaError raised inside TVM
+STREAM_ATTR = "mtcompile.stream"  # function attribute of a stream function, JSON:
+# {"imports": {param name: value id}, "outputs": how many of the returned tuple's fields
+# are tenant outputs, "exports": [[value id, stage]] for the rest, "launches": TVM kernel
+# launches per stage (a stage: one kernel of the stream, in order; a last one may hold the
+# outputs' views), "num_stages", "waits"/"signals": {stage: [event ids]} (waited for
+# before the stage, signalled after it)}
 _ALLOC = "relax.builtin.alloc_tensor"
 _STORAGE = "relax.memory.alloc_storage"
 
@@ -74,7 +82,14 @@ def liveness(func: relax.Function) -> tuple[dict, dict, dict, set]:
 
 
 def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
-    """Place `func`'s planned allocations in one storage; fill `stats[fname]`."""
+    """Place `func`'s planned allocations in one storage; fill `stats[fname]`.
+
+    A stream function (`STREAM_ATTR`) first gets its event points (`_with_events`), and
+    its storage is its first parameter (one arena shared by all streams, made per run by
+    ``run_all__arena``) instead of an ``alloc_storage`` of its own."""
+    streamed = STREAM_ATTR in func.attrs.keys()
+    if streamed:
+        func = _with_events(func, fname, json.loads(str(func.attrs[STREAM_ATTR])))
     plan = json.loads(str(func.attrs[ATTR]))
     offsets, arena = plan["offsets"], int(plan["bytes"])
     first, last, names, returned = liveness(func)
@@ -83,17 +98,33 @@ def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
         hits = [offsets[n] for n in names[var] if n in offsets]
         if hits and var not in returned:
             placed[var] = (int(hits[0]), _nbytes(var.ty))
-    _check(fname, placed, first, last, arena, plan["sizes"], names)
+    try:
+        _check(fname, placed, first, last, arena, plan["sizes"], names)
+    except ArenaError as e:
+        stats[ERROR] = str(e)  # TVM turns exceptions from a pass into RuntimeError
+        raise
     unplanned = [v for v in first if v not in placed and v not in returned]
     stats[fname] = {"arena_bytes": arena, "planned_tensors": len(placed),
                     "unplanned_tensors": len(unplanned),
                     "unplanned_bytes": sum(_nbytes(v.ty) for v in unplanned),
                     "output_bytes": sum(_nbytes(v.ty) for v in returned)}
+    if streamed:
+        exported = {b.value.args[1] for blk in func.body.blocks for b in blk.bindings
+                    if isinstance(b.value, relax.Call) and isinstance(b.value.op, relax.ExternFunc)
+                    and str(b.value.op.global_symbol) == PUT}
+        lost = [n for v in first if v not in placed and v not in returned
+                for n in [sorted(names[v])[-1]] if names[v] & {x.name for x in exported}]
+        if lost:  # TVM's own plan could reuse its bytes while another stream reads it
+            raise ArenaError(f"function '{fname}': values handed to other streams are not in "
+                             f"the shared arena: {lost}")
     if not placed:
         return func
-    storage = relax.Var("mtcompile_arena", relax.ObjectType())
-    new = [relax.VarBinding(storage, relax.op.memory.alloc_storage(
-        relax.ShapeExpr([arena]), 0, "global", "uint8"))]
+    if streamed:
+        storage, new = func.params[0], []
+    else:
+        storage = relax.Var("mtcompile_arena", relax.ObjectType())
+        new = [relax.VarBinding(storage, relax.op.memory.alloc_storage(
+            relax.ShapeExpr([arena]), 0, "global", "uint8"))]
     for blk in func.body.blocks:
         for b in blk.bindings:
             if b.var not in placed:
@@ -106,6 +137,96 @@ def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
             new.append(relax.VarBinding(b.var, relax.op.memory.ensure_zero_offset(raw)))
     body = relax.SeqExpr([relax.BindingBlock(new)], func.body.body)
     return relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
+
+
+_NONE = relax.TupleType([])
+
+
+def _packed(name: str, *args, ty=_NONE) -> relax.Call:
+    return relax.Call(relax.ExternFunc(name), list(args), ty_args=[ty])
+
+
+def _with_events(func: relax.Function, fname: str, info: dict) -> relax.Function:
+    """Event points of a stream function: each binding belongs to the stage (kernel of the
+    stream) its var names, or to the next named one; before a stage's first binding, wait
+    for its events; after its last, signal its events. An imported parameter becomes a
+    fetch (``get``) right before its first use, an exported value is handed over (``put``)
+    right after it is computed; the exports leave the returned tuple."""
+    bindings = [b for blk in func.body.blocks for b in blk.bindings]
+    imports = {p: int(info["imports"][p.name]) for p in func.params[1:]
+               if p.name in info["imports"]}
+    n_stages = int(info["num_stages"])
+    waits = {int(k): v for k, v in info["waits"].items()}
+    signals = {int(k): v for k, v in info["signals"].items()}
+    # the returned tuple: tenant outputs, then exports (drop those)
+    ret = func.body.body
+    tuple_of = {b.var: b.value for b in bindings}
+    fields = tuple_of.get(ret, ret)
+    if not isinstance(fields, relax.Tuple):
+        raise ArenaError(f"function '{fname}': unexpected return value {type(fields).__name__}")
+    # exports outside the plan stay returned: TVM's own plan (per function) must not reuse
+    # their bytes while another stream may still read them
+    planned = json.loads(str(func.attrs[ATTR]))["offsets"]
+    n_out = int(info["outputs"])
+    kept = [*fields.fields[:n_out], *(f for f in fields.fields[n_out:]
+                                      if getattr(f, "name_hint", None) not in planned)]
+    outs = relax.Var("mtcompile_outputs", relax.TupleType([f.ty for f in kept]))
+    # stage of each binding: our kernel model says each kernel of the stream is one launch
+    # (a call of a TIR kernel or a library function), in order; other bindings belong to
+    # the next launch (allocations, views), trailing ones to the last stage
+    slots = [st for st, n in enumerate(info["launches"]) for _ in range(n)]
+    launch_at = [i for i, b in enumerate(bindings) if _is_kernel_call(b)]
+    if len(launch_at) != len(slots):
+        raise ArenaError(f"function '{fname}': {len(launch_at)} kernel launches after TVM's "
+                         f"passes, the stream's kernels are {len(slots)}")
+    stage_of, j = [], 0
+    for i in range(len(bindings)):
+        stage_of.append(slots[j] if j < len(slots) else n_stages - 1)
+        if j < len(launch_at) and launch_at[j] == i:
+            j += 1
+    # each export: handed over right after the launch that writes it (through aliases)
+    value_of = {b.var: b.value for b in bindings}
+    put_after: dict[int, list] = {}
+    for (vid, stage), var in zip(info["exports"], fields.fields[n_out:], strict=True):
+        root = var
+        while isinstance(value_of.get(root), relax.Var):
+            root = value_of[root]
+        at = next((i for i in launch_at if any(a.same_as(root) for a in bindings[i].value.args)),
+                  None)
+        if at is None or stage_of[at] != stage:
+            raise ArenaError(f"function '{fname}': cannot find the kernel that writes the "
+                             f"value handed to other streams as {vid} ({var.name_hint})")
+        put_after.setdefault(at, []).append(relax.VarBinding(relax.Var("_", _NONE), _packed(
+            PUT, relax.prim_value(int(vid)), root)))
+    new, cur, fetched = [], -1, set()
+
+    def advance(to: int) -> None:
+        nonlocal cur
+        while cur < to:
+            for e in signals.get(cur, ()) if cur >= 0 else ():
+                new.append(relax.VarBinding(relax.Var("_", _NONE), _packed(
+                    SIGNAL, relax.prim_value(e))))
+            cur += 1
+            for e in waits.get(cur, ()):
+                new.append(relax.VarBinding(relax.Var("_", _NONE), _packed(
+                    WAIT, relax.prim_value(e))))
+
+    for i, (b, st) in enumerate(zip(bindings, stage_of, strict=True)):
+        if b.var.same_as(ret):
+            continue  # the returned tuple: rebuilt below without the exports
+        advance(st)
+        for v in relax.analysis.free_vars(b.value):
+            if v in imports and v not in fetched:
+                fetched.add(v)
+                new.append(relax.VarBinding(v, _packed(GET, relax.prim_value(imports[v]),
+                                                       ty=v.ty)))
+        new.append(b)
+        new.extend(put_after.get(i, ()))
+    advance(n_stages)
+    new.append(relax.VarBinding(outs, relax.Tuple(kept)))
+    params = [p for p in func.params if p not in imports]
+    body = relax.SeqExpr([relax.BindingBlock(new)], outs)
+    return relax.Function(params, body, outs.ty, False, func.attrs)
 
 
 def _check(fname, placed, first, last, arena, sizes, names) -> None:

@@ -30,6 +30,10 @@ from .errors import MTCompileError
 
 SIGNAL = "mtcompile.streams.signal"
 WAIT = "mtcompile.streams.wait"
+# values that cross streams: ``put(value id, tensor)`` right after the producer computes it,
+# ``get(value id) -> tensor`` in the consumer, after the waits that order the two
+PUT = "mtcompile.streams.put"
+GET = "mtcompile.streams.get"
 _local = threading.local()  # .run: the _Run this thread's stream belongs to, .stream: index
 _registered = False
 
@@ -47,8 +51,9 @@ class StreamError(MTCompileError):
 class _Run:
     """One call of `StreamExecutor.run`: its events, abort flag and deadline."""
 
-    def __init__(self, ex: StreamExecutor, diagnose: bool = False):
+    def __init__(self, ex: StreamExecutor, diagnose: bool = False, values=None):
         self.ex, self.diagnose = ex, diagnose
+        self.values: dict[int, Any] = dict(values or {})  # value id -> tensor (put/get)
         self.events = [threading.Event() for _ in range(ex.num_events)]
         self.abort = threading.Event()
         self.aborted: set[int] = set()  # streams stopped because another one failed
@@ -87,6 +92,19 @@ def _wait(event: int) -> None:
                                f"{event} (signalled by stream {src}): a missing signal?")
 
 
+def _put(value: int, tensor) -> None:
+    _current().values[int(value)] = tensor
+
+
+def _get(value: int):
+    run = _current()
+    try:
+        return run.values[int(value)]
+    except KeyError:
+        raise RuntimeError(f"stream {_local.stream} reads value {value} before its producer "
+                           "handed it over: a missing event") from None
+
+
 def register() -> None:
     """Register the event points as TVM global functions (idempotent)."""
     global _registered
@@ -95,6 +113,8 @@ def register() -> None:
 
         tvm_ffi.register_global_func(SIGNAL, _signal, override=True)
         tvm_ffi.register_global_func(WAIT, _wait, override=True)
+        tvm_ffi.register_global_func(PUT, _put, override=True)
+        tvm_ffi.register_global_func(GET, _get, override=True)
         _registered = True
 
 
@@ -197,13 +217,14 @@ class StreamExecutor:
             if failed:
                 i, exc = failed[0]
                 kernel = (WAIT if i in run.timed_out else
-                          self._locate(i, args[i]) if self.diagnose else None)
+                          self._locate(i, args[i], run.values) if self.diagnose else None)
                 tenant = self.kernel_tenant.get(kernel or "", self.stream_tenants[i])
                 raise StreamError(i, tenant, kernel, exc) from exc
             return [f.result() for f in futures]
 
-    def _locate(self, i: int, args: Sequence) -> str | None:
-        """The VM symbol that raises when stream `i` runs again alone (waits skipped)."""
+    def _locate(self, i: int, args: Sequence, values=None) -> str | None:
+        """The VM symbol that raises when stream `i` runs again alone (waits skipped; the
+        values other streams handed over in the failed run are fetched again)."""
         open_calls: list[str] = []
 
         def instrument(func, symbol, before, ret, *rest):
@@ -214,10 +235,11 @@ class StreamExecutor:
             return 0
 
         try:
-            self._pools[i].submit(self._run_stream, i, _Run(self, diagnose=True), args,
+            self._pools[i].submit(self._run_stream, i, _Run(self, True, values), args,
                                   instrument).result()
         except Exception:
-            return next((s for s in reversed(open_calls) if not s.startswith("vm.builtin")),
+            return next((s for s in reversed(open_calls) if not s.startswith("vm.builtin")
+                         and not s.startswith("mtcompile.streams.")),
                         open_calls[-1] if open_calls else None)
         return None
 

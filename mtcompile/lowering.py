@@ -14,8 +14,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from . import arena
 from .abi import MANIFEST_FN, RUN_ALL
-from .arena import ATTR
+from .arena import ATTR, STREAM_ATTR
 from .errors import MTCompileError
 from .ir import (
     GET_ITEM,
@@ -130,6 +131,7 @@ class _Emitter:
         self.graph = graph
         self.consts = consts  # one Relax constant per content key, shared by every entry
         self.var_names: dict[str, dict[str, str]] = {}  # function -> node -> Relax var name
+        self.stream_attrs: dict[str, str] = {}  # stream function -> its STREAM_ATTR
 
     def const(self, key: str) -> relax.Expr:
         if key not in self.consts:
@@ -223,6 +225,243 @@ class _Emitter:
                 out = bb.emit_output(relax.Tuple([self.arg(o, env) for o in outputs]))
             bb.emit_func_output(out)
 
+    def stream_function(self, bb: relax.BlockBuilder, layout: StreamLayout, i: int) -> None:
+        """Emit stream `i` of `layout`: its kernels' nodes in stream program order. Params:
+        the shared arena storage, the run_all inputs it reads, then the values it imports
+        from other streams (the realize pass turns those into fetches after waits). Returns
+        its tenant outputs, then the values it exports (so TVM keeps them; realize drops
+        them from the result and hands them over at the event points instead)."""
+        g, fname = self.graph, layout.functions[i]
+        env: dict = {}
+        self.var_names[fname] = names = {}
+        storage = relax.Var("mtcompile_arena", relax.ObjectType())
+        params = [storage]
+        for node in layout.inputs[i]:
+            ty = g.node(node).ty
+            env[node] = relax.Var(node.replace(".", "_"), relax.TensorType(list(ty.shape), ty.dtype))
+            params.append(env[node])
+        imports = {}
+        for node in layout.imports[i]:
+            ty = g.node(node).ty
+            env[node] = relax.Var(f"import_{node.replace('.', '_')}",
+                                  relax.TensorType(list(ty.shape), ty.dtype))
+            params.append(env[node])
+            imports[env[node].name] = layout.value_id[node]
+        with bb.function(fname, params):
+            with bb.dataflow():
+                for node_names in layout.emission[i]:
+                    for name in node_names:
+                        n = g.node(name)
+                        if n.group is not None:
+                            env[name] = self.group(bb, f"{fname}_{n.group}",
+                                                   layout.groups[n.group], env)
+                        else:
+                            try:
+                                env[name] = bb.emit(self.expr(n, env),
+                                                    name_hint=name.replace(".", "_"))
+                            except Exception as e:
+                                raise LoweringError(f"tenant '{n.tenant}': cannot emit %{name} = "
+                                                    f"{n.op}: {type(e).__name__}: {e}") from e
+                        names[name] = env[name].name
+                outs = [self.arg(o, env) for o in layout.outputs[i]]
+                exports = [env[x] for x in layout.exports[i]]
+                out = bb.emit_output(relax.Tuple(outs + exports))
+            bb.emit_func_output(out)
+        kernels = layout.assignment.streams[i]
+        self.stream_attrs[fname] = json.dumps({  # arena.STREAM_ATTR: read by arena.realize
+            "imports": imports, "outputs": len(outs),
+            "exports": [[layout.value_id[x], layout.stage_of(i, x)] for x in layout.exports[i]],
+            # TVM launches per stage: one per kernel, none for views and the tail
+            "launches": [int(layout.dag.kernel(k).kind != "view") for k in kernels]
+            + [0] * (len(layout.emission[i]) - len(kernels)),
+            "num_stages": len(layout.emission[i]),
+            "waits": layout.waits[i], "signals": layout.signals[i]})
+
+
+class StreamLayout:
+    """How run_all's kernels are split into stream functions (``run_all__s{i}``): per
+    stream the nodes to emit (per kernel, in stream order, each preceded by the free nodes
+    it needs: views, tuples, items, constant-only values), the run_all inputs it reads, the
+    values it imports from and exports to other streams, its tenant outputs (indices into
+    run_all's flat outputs), and the event points: sync `e` = (producer, consumer) is
+    signalled after the producer's stage and waited for before the consumer's."""
+
+    def __init__(self, graph: Graph, providers: dict[str, str]):
+        from .schedule import kernel_dag
+
+        a = graph.analyses["streams"]
+        self.assignment = a
+        dag = kernel_dag(graph, providers)
+        self.dag = dag
+        n = a.num_streams
+        self.functions = [f"{RUN_ALL}__s{i}" for i in range(n)]
+        stream_of = a.stream_of
+        # nodes of kernels that compute (views are free: re-emitted where needed)
+        self.owner = {node: stream_of[k.name] for k in dag.kernels if k.kind != "view"
+                      for node in k.nodes}
+        self.kernel_of = kernel_of = {node: k.name for k in dag.kernels for node in k.nodes}
+        # a kernel's nodes, plus the items of its tuple result: computed on its stream, so
+        # another stream imports a field (a tensor), never the tuple
+        self.kernel_nodes = {k.name: list(k.nodes) for k in dag.kernels}
+        for nd in graph.nodes:
+            src = nd.inputs[0] if nd.op == GET_ITEM and nd.inputs else None
+            if src in self.owner and nd.name not in self.owner and isinstance(nd.ty, TensorTy):
+                self.owner[nd.name] = self.owner[src]
+                kernel_of[nd.name] = kernel_of[src]
+                self.kernel_nodes[kernel_of[src]].append(nd.name)
+        outputs = [o for t in graph.tenants for o in graph.tenants[t].outputs]
+        self.live = _live_nodes(graph, outputs)
+        groups: dict[str, list] = {}
+        for nd in graph.nodes:
+            if nd.group is not None and nd.name in self.live:
+                groups.setdefault(nd.group, []).append(nd)
+        self.group_of = {nd.name: nd.group for nd in graph.nodes if nd.group is not None}
+        params = [node for node, _ in run_all_params(graph)]
+        self.inputs: list[list[str]] = []
+        self.imports: list[list[str]] = []
+        self.emission: list[list[list[str]]] = []
+        self.outputs: list[list] = [[] for _ in range(n)]
+        self.output_index: list[list[int]] = [[] for _ in range(n)]
+        self.exports: list[list[str]] = [[] for _ in range(n)]
+        self.value_id: dict[str, int] = {}
+
+        # each output: the stream owning the tensor it holds (inputs/constants: stream 0)
+        for j, o in enumerate(outputs):
+            s = 0
+            if isinstance(o, Ref):
+                srcs = [self.owner[t] for t in _holders(graph, o.name, dag) if t in self.owner]
+                s = srcs[0] if srcs else 0
+            self.outputs[s].append(o)
+            self.output_index[s].append(j)
+
+        self.graph, self.groups, self._before = graph, groups, _hb(a)
+        for i in range(n):
+            ins, imp, stages = self._stream_nodes(i)
+            self.inputs.append(sorted(ins, key=params.index))
+            self.imports.append(imp)
+            self.emission.append(stages)
+        for imp in self.imports:
+            for x in imp:
+                s = self.owner[x]
+                if x not in self.value_id:
+                    self.value_id[x] = len(self.value_id)
+                    self.exports[s].append(x)
+        self.input_index = [[params.index(x) for x in ins] for ins in self.inputs]
+        pos = [{k: j for j, k in enumerate(ks)} for ks in a.streams]
+        self.waits: list[dict[int, list[int]]] = [{} for _ in range(n)]
+        self.signals: list[dict[int, list[int]]] = [{} for _ in range(n)]
+        self.event_streams = []
+        for e, (p, c) in enumerate(a.syncs):
+            sp, sc = stream_of[p], stream_of[c]
+            self.signals[sp].setdefault(pos[sp][p], []).append(e)
+            self.waits[sc].setdefault(pos[sc][c], []).append(e)
+            self.event_streams.append((sp, sc))
+
+    def _stream_nodes(self, i: int) -> tuple[list[str], list[str], list[list[str]]]:
+        """Stream `i`'s run_all inputs, imports, and nodes to emit per stage (one stage per
+        kernel, in stream order; a last one for outputs that are views)."""
+        graph, kernels = self.graph, self.assignment.streams[i]
+        done: set[str] = set()
+        ins: list[str] = []
+        imp: list[str] = []
+
+        def need(name: str, order: list[str], stage_kernel: str | None) -> None:
+            if name in done:
+                return
+            nd = graph.node(name)
+            if nd.op == INPUT:
+                ins.append(name)
+                done.add(name)
+                return
+            if self.owner.get(name, i) != i:  # computed on another stream: imported
+                if not isinstance(nd.ty, TensorTy):
+                    raise LoweringError(f"stream {i} reads %{name}, a {nd.ty} computed on "
+                                        f"stream {self.owner[name]}: only tensors cross streams")
+                producer = self.kernel_of[name]
+                if stage_kernel is None or not self._before(producer, stage_kernel):
+                    raise LoweringError(f"stream {i} reads %{name} of kernel {producer} "
+                                        f"(stream {self.owner[name]}) where no event orders "
+                                        "it first")
+                imp.append(name)
+                done.add(name)
+                return
+            members = self.groups.get(nd.group, [nd]) if nd.group is not None else [nd]
+            inside = {m.name for m in members}
+            for m in members:
+                for r in m.inputs:
+                    if r not in inside:
+                        need(r, order, stage_kernel)
+            order.append(members[-1].name)
+            done.update(inside)
+
+        stages: list[list[str]] = []
+        for k in kernels:
+            order: list[str] = []
+            for node in self.kernel_nodes[k]:
+                need(node, order, k)
+            stages.append(order)
+        tail: list[str] = []
+        for o in self.outputs[i]:
+            if isinstance(o, Ref):
+                need(o.name, tail, kernels[-1])
+        if tail:
+            stages.append(tail)
+        return ins, imp, stages
+
+    def stage_of(self, i: int, node: str) -> int:
+        """Index in stream `i` of the kernel computing `node`."""
+        return self.assignment.streams[i].index(self.kernel_of[node])
+
+    def manifest(self) -> dict:
+        """What the runtime needs to run the stream functions, JSON-able."""
+        a = self.assignment
+        kernel_tenant = {}  # VM symbol of a fused kernel -> its tenant(s)
+        for s, ks in enumerate(a.streams):
+            for k in ks:
+                kn = self.dag.kernel(k)
+                group = self.group_of.get(kn.nodes[-1])
+                if group is not None:
+                    kernel_tenant[f"{self.functions[s]}_{group}"] = kn.tenant
+        return {"functions": self.functions, "arena_function": ARENA_FN,
+                "num_events": a.num_syncs, "event_streams": [list(e) for e in self.event_streams],
+                "stream_inputs": self.input_index, "stream_outputs": self.output_index,
+                "stream_tenants": ["+".join(dict.fromkeys(
+                    t for k in ks for t in self.dag.kernel(k).tenants)) or "?"
+                    for ks in a.streams],
+                "kernel_tenant": kernel_tenant}
+
+
+ARENA_FN = f"{RUN_ALL}__arena"  # zero-argument entry: a fresh storage of run_all's arena size
+
+
+def stream_layout(graph: Graph, providers: dict[str, str]) -> StreamLayout | None:
+    """The stream functions to emit, when the graph carries an assignment of > 1 stream
+    and a memory plan (the one arena all streams share)."""
+    a = graph.analyses.get("streams")
+    if a is None or a.num_streams <= 1 or graph.analyses.get("memory") is None:
+        return None
+    return StreamLayout(graph, providers)
+
+
+def _hb(a):
+    from .streams import happens_before
+
+    return happens_before(a)
+
+
+def _live_nodes(graph: Graph, outputs) -> set[str]:
+    live = {o.name for o in outputs if isinstance(o, Ref)}
+    for n in reversed(graph.nodes):
+        if n.name in live:
+            live.update(n.inputs)
+    return live
+
+
+def _holders(graph: Graph, name: str, dag) -> list[str]:
+    from .schedule import _tensors
+
+    return _tensors(graph, name, dag.alias)
+
 
 def _group_inputs(members) -> list:
     """The Refs (to nodes outside the group) and ConstRefs a group reads, each once."""
@@ -238,11 +477,13 @@ def _group_inputs(members) -> list:
 
 
 def emit_module(graph: Graph, manifest: dict | None = None,
-                entry_graph: Graph | None = None) -> tvm.IRModule:
+                entry_graph: Graph | None = None,
+                streams: StreamLayout | None = None) -> tvm.IRModule:
     """One IRModule: an entry per tenant, ``run_all`` and (optionally) the manifest entry.
 
     Tenant entries come from `entry_graph` when given (the graph before passes whose
-    result only ``run_all`` can use), ``run_all`` from `graph`.
+    result only ``run_all`` can use), ``run_all`` from `graph`. With a `streams` layout,
+    also one function per stream and ``run_all__arena`` (the storage they share).
     """
     consts: dict[str, relax.Expr] = {}
     em, entries = _Emitter(graph, consts), _Emitter(entry_graph or graph, consts)
@@ -251,17 +492,28 @@ def emit_module(graph: Graph, manifest: dict | None = None,
         entries.function(bb, t, [t], [(node, local) for local, node in io.inputs])
     em.function(bb, RUN_ALL, list(graph.tenants),
                 [(node, "__".join(uses[0])) for node, uses in run_all_params(graph)])
+    if streams is not None:
+        for i in range(len(streams.functions)):
+            em.stream_function(bb, streams, i)
+        size = max(graph.analyses["memory"].functions[RUN_ALL].arena_bytes, 64)
+        with bb.function(ARENA_FN, []):
+            bb.emit_func_output(bb.emit(relax.op.memory.alloc_storage(
+                relax.ShapeExpr([size]), 0, "global", "uint8")))
     if manifest is not None:
         data = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
         with bb.function(MANIFEST_FN, []):
             bb.emit_func_output(relax.const(data, dtype="uint8"))
     mod = bb.get()
-    for e, fnames in ((entries, list(entries.graph.tenants)), (em, [RUN_ALL])):
+    stream_fns = streams.functions if streams is not None else []
+    for e, fnames in ((entries, list(entries.graph.tenants)), (em, [RUN_ALL, *stream_fns])):
         plans = e.graph.analyses.get("memory")
         for fname in fnames if plans is not None else ():
             gv = mod.get_global_var(fname)
+            plan = plans.functions[RUN_ALL if fname in stream_fns else fname]
             mod[gv] = mod[gv].with_attr(ATTR, json.dumps(
-                _arena_attr(plans.functions[fname], e.var_names[fname])))
+                _arena_attr(plan, e.var_names[fname])))
+            if fname in em.stream_attrs:
+                mod[gv] = mod[gv].with_attr(STREAM_ATTR, em.stream_attrs[fname])
     return mod
 
 
@@ -287,10 +539,15 @@ def build(mod: tvm.IRModule, target: str, providers: dict[str, str], database=No
     tgt = make_target(target)
     memory: dict[str, dict] = {}  # per function: planned and left-to-TVM bytes
     if target == "llvm":
-        executable = tvm.compile(mod, tgt, relax_pipeline=kernels.cpu_pipeline(
-            tgt, database, memory))
+        pipeline = kernels.cpu_pipeline(tgt, database, memory)
     else:
         if database is not None:
             raise MTCompileError("tuning databases are applied for target llvm only")
-        executable = tvm.compile(mod, tgt, relax_pipeline=kernels.gpu_pipeline(tgt, memory))
+        pipeline = kernels.gpu_pipeline(tgt, memory)
+    try:
+        executable = tvm.compile(mod, tgt, relax_pipeline=pipeline)
+    except Exception as e:
+        if arena.ERROR in memory:
+            raise arena.ArenaError(memory[arena.ERROR]) from e
+        raise
     return executable, {"library_calls": calls, "memory": memory}

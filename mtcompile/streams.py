@@ -16,6 +16,8 @@ import networkx as nx
 Deps = Mapping[str, Sequence[str]]
 # per-kernel cost (us) while streams run at once, or a function of the stream count to it
 CostFor = Mapping[str, float] | Callable[[int], Mapping[str, float]]
+# what running several streams costs per run besides the kernels: (streams, syncs) -> us
+Overhead = Callable[[int, int], float]
 # `auto` keeps several streams only when they are predicted at least this much faster than
 # one: below it the threads, events and split core counts cost more than they may win.
 AUTO_MIN_SPEEDUP = 1.10
@@ -91,7 +93,9 @@ def min_chain_cover(order: Sequence[str], deps: Deps) -> list[list[str]]:
     left = [("out", k) for k in order]
     bip.add_nodes_from(left)
     bip.add_nodes_from(("in", k) for k in order)
-    bip.add_edges_from((("out", u), ("in", v)) for u, v in closure.edges)
+    # sorted: the closure's edge order depends on string hashing; the matching on it
+    bip.add_edges_from((("out", u), ("in", v)) for u, v in sorted(
+        closure.edges, key=lambda e: (pos[e[0]], pos[e[1]])))
     match = nx.bipartite.hopcroft_karp_matching(bip, top_nodes=left)
     nxt = {u[1]: v[1] for u, v in match.items() if u[0] == "out"}
     has_prev = set(nxt.values())
@@ -144,7 +148,8 @@ def assign(order: Sequence[str], deps: Deps, *, streams: int | None = None,
            max_streams: int | None = None, policy: str = "auto",
            cost_us: Mapping[str, float] | None = None,
            concurrent_cost_us: CostFor | None = None, lanes: int | None = None,
-           min_speedup: float = AUTO_MIN_SPEEDUP) -> StreamAssignment:
+           min_speedup: float = AUTO_MIN_SPEEDUP,
+           overhead_us: Overhead | None = None) -> StreamAssignment:
     """The stream assignment of a kernel DAG.
 
     streams=1 or policy ``sequential``: everything on one stream in program order.
@@ -153,7 +158,9 @@ def assign(order: Sequence[str], deps: Deps, *, streams: int | None = None,
     one stream is below `min_speedup`, then one stream. Costs (microseconds per kernel;
     1 each when None) drive merging and the estimate; `concurrent_cost_us` is a kernel's
     cost while streams run at once (e.g. with its share of the CPU cores), or a function
-    of the stream count giving them; `lanes`: kernels the device runs at once (`simulate`).
+    of the stream count giving them; `lanes`: kernels the device runs at once (`simulate`);
+    `overhead_us(streams, syncs)`: the executor's cost per run, added to a multi-stream
+    makespan.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown stream policy {policy!r}; expected one of {POLICIES}")
@@ -171,7 +178,7 @@ def assign(order: Sequence[str], deps: Deps, *, streams: int | None = None,
         chains = merge_chains(chains, cap, order, cost)
     a = StreamAssignment(tuple(map(tuple, chains)), tuple(minimal_syncs(chains, order, deps)),
                          policy=policy, logical_concurrency=max(width, 1))
-    est = estimate(a, order, cost, concurrent_cost_us, lanes)
+    est = estimate(a, order, cost, concurrent_cost_us, lanes, overhead_us)
     a = _with_estimate(a, est)
     if policy == "auto" and a.num_streams > 1 and a.estimated_speedup < min_speedup:
         seq = StreamAssignment(((*order,),), (), policy=policy, logical_concurrency=width)
@@ -242,6 +249,17 @@ def simulate(a: StreamAssignment, cost_us: Mapping[str, float],
     return Schedule(start, end)
 
 
+def lanes_view(a: StreamAssignment, tenant_of: Mapping[str, str],
+               cost_us: Mapping[str, float]) -> dict:
+    """JSON for reports and notebooks: the simulated schedule of `a` with `cost_us`,
+    ``{"lanes": [{kernel, stream, tenant, start_us, end_us}], "syncs": [[p, c], ...]}``."""
+    sched = simulate(a, cost_us)
+    return {"lanes": [{"kernel": k, "stream": s, "tenant": tenant_of.get(k, "?"),
+                       "start_us": round(sched.start[k], 3), "end_us": round(sched.end[k], 3)}
+                      for s, ks in enumerate(a.streams) for k in ks],
+            "syncs": [list(e) for e in a.syncs]}
+
+
 def check(a: StreamAssignment, order: Sequence[str], deps: Deps,
           cost_us: Mapping[str, float] | None = None) -> Schedule:
     """Raises unless `a` runs every kernel once, without deadlock, and every dependency
@@ -265,11 +283,13 @@ def check(a: StreamAssignment, order: Sequence[str], deps: Deps,
 
 def estimate(a: StreamAssignment, order: Sequence[str], cost_us: Mapping[str, float],
              concurrent_cost_us: CostFor | None = None,
-             lanes: int | None = None) -> dict[str, float]:
+             lanes: int | None = None,
+             overhead_us: Overhead | None = None) -> dict[str, float]:
     """Predicted makespan of `a` vs one stream, from per-kernel times (e.g. measured by
     `Bundle.profile`). One stream: the sum of `cost_us`. Several: the simulated makespan
     with `concurrent_cost_us` (default `cost_us`: streams don't slow each other, as on a
-    GPU with room to spare) and at most `lanes` kernels at once. Also the estimated
+    GPU with room to spare) and at most `lanes` kernels at once, plus `overhead_us`
+    (streams, syncs) when given. Also the estimated
     concurrency: busy time over makespan."""
     seq = float(sum(cost_us.get(k, 1.0) for k in order))
     if a.num_streams <= 1:
@@ -278,16 +298,19 @@ def estimate(a: StreamAssignment, order: Sequence[str], cost_us: Mapping[str, fl
     cc = concurrent_cost_us if concurrent_cost_us is not None else cost_us
     cc = cc(a.num_streams) if callable(cc) else cc
     span = simulate(a, cc, lanes).makespan
+    if overhead_us is not None:  # the executor's own cost per run: threads, events
+        span += float(overhead_us(a.num_streams, a.num_syncs))
     busy = float(sum(cc.get(k, 1.0) for k in order))
     return {"makespan_us": span, "sequential_us": seq,
             "speedup": seq / span if span else 1.0, "concurrency": busy / span if span else 0.0}
 
 
-def happens_before(a: StreamAssignment) -> Callable[[str, str], bool]:
+def happens_before(a: StreamAssignment, deps: Deps | None = None) -> Callable[[str, str], bool]:
     """``before(x, y)``: kernel `x` surely ends before kernel `y` starts, in every run: a
     path from `x` to `y` through stream program order and sync edges. Kernels for which it
     is False both ways may run at the same time (a memory planner must not let their
-    tensors share bytes). Every DAG dependency is such a path (`check` tests it)."""
+    tensors share bytes). Every DAG dependency is such a path (`check` tests it), so
+    `deps` is not needed (accepted for callers that pass it)."""
     succ: dict[str, list[str]] = {k: [] for ks in a.streams for k in ks}
     for ks in a.streams:
         for x, y in zip(ks, ks[1:], strict=False):

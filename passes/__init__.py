@@ -21,6 +21,7 @@ DEFAULT_PIPELINE: list[str] = [
     "fuse-horizontal",  # batch same-architecture tenants through stacked weights (run_all)
     "eliminate-dead-nodes",  # drop values no tenant output needs
     "fuse-vertical",  # fusion groups: each becomes exactly one kernel
+    "assign-streams",  # run_all's kernels -> streams (auto: one stream unless it pays off)
     "plan-memory",  # one arena per function: offsets by liveness over the kernels that run
 ]
 

@@ -5,8 +5,10 @@ No profile exists at compile time, so kernel times are estimated from the graph:
 kernel ``overhead + max(flops / (rate * threads), bytes / bandwidth)`` with the rates of
 `RATES` for the target. On CPU one stream gives every kernel all `cores`; N streams give
 each kernel ``cores // N`` (the executor splits the cores), so only kernels that do not
-scale with threads (launch-bound ones) gain, and at most `cores` kernels run at once. A measured profile (`Bundle.profile`) can
-replace these estimates later through `mtcompile.streams.assign` / `estimate`.
+scale with threads (launch-bound ones) gain, and at most `cores` kernels run at once; the
+executor's own cost per run (`EXECUTOR_US`) is added, so on a small CPU `auto` keeps one
+stream. A measured profile (`Bundle.profile`) can replace these estimates later through
+`mtcompile.streams.assign` / `estimate`.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ from dataclasses import dataclass
 from mtcompile.ir import ConstRef, Graph, Ref, TensorTy
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 from mtcompile.schedule import Kernel, kernel_dag
-from mtcompile.streams import AUTO_MIN_SPEEDUP, POLICIES, assign
+from mtcompile.streams import AUTO_MIN_SPEEDUP, POLICIES, StreamAssignment, assign
 
 # target -> (flops per us per thread, bytes per us, overhead us of a TVM kernel / library call)
 RATES = {"llvm": (2.0e4, 1.0e4, 3.0, 8.0), "cuda": (1.0e7, 1.0e6, 5.0, 8.0)}
+# target -> (us per stream, us per sync) the executor costs per run: thread hand-offs and
+# events in Python (CPU: measured with `StreamExecutor` on the tiny and random sets, ~30-50
+# us per stream; CUDA: a guess, untested)
+EXECUTOR_US = {"llvm": (40.0, 20.0), "cuda": (10.0, 5.0)}
+# stream lowering and the executor's CUDA path have not run on a GPU yet: until they have,
+# `auto` keeps one stream on CUDA (forced streams still build)
+CUDA_AUTO = False
 
 
 def _shape(graph: Graph, arg) -> tuple[int, ...]:
@@ -54,6 +63,27 @@ def kernel_work(graph: Graph, k: Kernel) -> tuple[float, float]:
     return flops, float(moved)
 
 
+def kernel_costs(graph: Graph, kernels, cpu: bool, threads: int) -> dict[str, float]:
+    """Estimated microseconds per kernel with `threads` threads each (the cost model)."""
+    rate, bandwidth, tvm_over, lib_over = RATES["llvm" if cpu else "cuda"]
+    out = {}
+    for k in kernels:
+        f, b = kernel_work(graph, k)
+        out[k.name] = 0.0 if k.kind == "view" else (
+            (lib_over if k.kind == "library" else tvm_over)
+            + max(f / (rate * threads), b / bandwidth))
+    return out
+
+
+def graph_costs(graph: Graph, dag) -> dict[str, float]:
+    """The compile-time estimate the assignment was made with, for run_all's kernels
+    while all streams run (lanes drawn in reports)."""
+    a = graph.analyses["streams"]
+    cpu = "cores" in a.info
+    cores = int(a.info.get("cores", 1))
+    return kernel_costs(graph, dag.kernels, cpu, max(1, cores // max(a.num_streams, 1)))
+
+
 @register
 @dataclass(frozen=True)
 class AssignStreams(Pass):
@@ -77,20 +107,21 @@ class AssignStreams(Pass):
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
         dag = kernel_dag(graph, ctx.kernels)
         order = [k.name for k in dag.kernels]
-        work = {k.name: kernel_work(graph, k) for k in dag.kernels}
-        kinds = {k.name: k.kind for k in dag.kernels}
         cpu = ctx.target != "cuda"
         cores = max(1, self.cores or os.cpu_count() or 1) if cpu else 1
-        rate, bandwidth, tvm_over, lib_over = RATES["llvm" if cpu else "cuda"]
+
+        per_stream, per_sync = EXECUTOR_US["llvm" if cpu else "cuda"]
 
         def cost(threads: int) -> dict[str, float]:
-            return {k: 0.0 if kinds[k] == "view" else
-                    (lib_over if kinds[k] == "library" else tvm_over)
-                    + max(f / (rate * threads), b / bandwidth) for k, (f, b) in work.items()}
+            return kernel_costs(graph, dag.kernels, cpu, threads)
 
         a = assign(order, dag.deps, streams=self.streams, max_streams=self.max_streams,
                    policy=self.policy, cost_us=cost(cores),
                    concurrent_cost_us=lambda n: cost(max(1, cores // n)),
-                   lanes=cores if cpu else None, min_speedup=self.min_speedup)
+                   lanes=cores if cpu else None,
+                   min_speedup=self.min_speedup if cpu or CUDA_AUTO else math.inf,
+                   overhead_us=lambda n, syncs: n * per_stream + syncs * per_sync)
+        a = StreamAssignment(a.streams, a.syncs, a.policy, a.estimated_speedup,
+                             a.logical_concurrency, {**a.info, **({"cores": cores} if cpu else {})})
         info = {**a.summary(), "kernels": len(order), "cost_model": "graph", "cores": cores}
         return PassResult(graph.with_analysis("streams", a), False, info)
