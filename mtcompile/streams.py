@@ -89,15 +89,36 @@ def min_chain_cover(order: Sequence[str], deps: Deps) -> list[list[str]]:
     in program order, which is a valid order for each chain."""
     pos = _check_order(order, deps)
     closure = nx.transitive_closure_dag(_dag(order, deps))
-    bip = nx.Graph()
-    left = [("out", k) for k in order]
-    bip.add_nodes_from(left)
-    bip.add_nodes_from(("in", k) for k in order)
-    # sorted: the closure's edge order depends on string hashing; the matching on it
-    bip.add_edges_from((("out", u), ("in", v)) for u, v in sorted(
-        closure.edges, key=lambda e: (pos[e[0]], pos[e[1]])))
-    match = nx.bipartite.hopcroft_karp_matching(bip, top_nodes=left)
-    nxt = {u[1]: v[1] for u, v in match.items() if u[0] == "out"}
+    # a maximum matching by augmenting paths (Kuhn), visiting kernels in program order:
+    # deterministic, unlike networkx's Hopcroft-Karp, which iterates over sets
+    succ = {u: sorted(closure.successors(u), key=pos.__getitem__) for u in order}
+    prev: dict[str, str] = {}  # matched: kernel -> the kernel before it in its chain
+
+    def augment(u: str, seen: set[str]) -> bool:
+        stack = [(u, iter(succ[u]))]
+        path: list[tuple[str, str]] = []
+        while stack:
+            x, it = stack[-1]
+            for v in it:
+                if v in seen:
+                    continue
+                seen.add(v)
+                path.append((x, v))
+                if v not in prev:
+                    for a, b in path:  # flip the augmenting path
+                        prev[b] = a
+                    return True
+                stack.append((prev[v], iter(succ[prev[v]])))
+                break
+            else:
+                stack.pop()
+                if path:
+                    path.pop()
+        return False
+
+    for u in order:
+        augment(u, set())
+    nxt = {a: b for b, a in prev.items()}
     has_prev = set(nxt.values())
     chains = []
     for k in order:
