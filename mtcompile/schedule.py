@@ -29,8 +29,11 @@ REDUCTION = {"relax.sum", "relax.mean", "relax.max", "relax.min", "relax.nn.soft
              "relax.nn.layer_norm", "relax.nn.batch_norm"}
 HEAVY = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
 # ops that only reinterpret the shape of a row-major tensor: TVM turns a kernel made of
-# them alone into a view of its input (no copy, no new tensor)
-VIEW_OPS = {"relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten"}
+# them alone into a view of its input (no copy, no new tensor). Inference dropout is an
+# identity copy, which RewriteDataflowReshape also makes a view (seen on SqueezeNet); where
+# TVM copies instead, treating it as a view only keeps its input alive longer.
+VIEW_OPS = {"relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten",
+            "relax.nn.dropout"}
 
 
 def op_kind(n: Node, kernels: dict[str, str]) -> str | None:
