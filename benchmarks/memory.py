@@ -33,11 +33,11 @@ SETS = ("heterogeneous", "same-arch", "shared-backbone")
 _RSS = """
 import os, sys
 import mtcompile
-from mtcompile.verify import seeded_inputs
+from mtcompile.verify import seeded_run_all_inputs
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 b = mtcompile.load(sys.argv[1])
-inputs = {t: seeded_inputs(b.signature(t), 0) for t in b.tenant_names}
+inputs = seeded_run_all_inputs(b)
 b._fn("run_all")
 before = rss()
 b.run_all(inputs)

@@ -21,24 +21,12 @@ import numpy as np
 import mtcompile
 from mtcompile.models import get_set
 from mtcompile.passes import DEFAULT_PIPELINE
-from mtcompile.verify import seeded_inputs
+from mtcompile.verify import seeded_run_all_inputs
 
 from .run import measure
 
 PIPELINE = [p for p in DEFAULT_PIPELINE if p not in ("assign-streams", "plan-memory")] + [
     "assign-streams", "plan-memory"]
-
-
-def inputs_for(bundle, seed: int = 0) -> dict:
-    shared, out = {}, {}
-    for i, t in enumerate(bundle.tenant_names):
-        sig = bundle.signature(t)
-        arrays = list(seeded_inputs(sig, seed * 100 + i))
-        for j, s in enumerate(sig["inputs"]):
-            if "shared_as" in s:
-                arrays[j] = shared.setdefault(s["shared_as"], arrays[j])
-        out[t] = tuple(arrays)
-    return out
 
 
 def run(set_name: str, repeat: int, warmup: int) -> dict:
@@ -50,7 +38,7 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
         "max": mtcompile.compile(tenants, passes=PIPELINE,
                                  pass_options={"assign-streams": {"policy": "max"}}),
     }
-    inputs = inputs_for(bundles["one"])
+    inputs = seeded_run_all_inputs(bundles["one"])
     ref = bundles["one"].run_all(inputs)
     got = bundles["max"].run_all(inputs)
     exact = all(np.array_equal(a, b) for t in ref for a, b in zip(ref[t], got[t], strict=True))

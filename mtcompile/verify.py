@@ -29,6 +29,21 @@ def seeded_inputs(signature: dict, seed: int) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
+def seeded_run_all_inputs(bundle, seed: int = 0) -> dict[str, tuple[np.ndarray, ...]]:
+    """Seeded inputs for every tenant of `bundle` (``run_all``'s argument); an input several
+    tenants share gets one value for all of them."""
+    shared: dict[str, np.ndarray] = {}
+    out = {}
+    for i, t in enumerate(bundle.tenant_names):
+        sig = bundle.signature(t)
+        arrays = list(seeded_inputs(sig, seed * 100 + i))
+        for j, s in enumerate(sig["inputs"]):
+            if "shared_as" in s:
+                arrays[j] = shared.setdefault(s["shared_as"], arrays[j])
+        out[t] = tuple(arrays)
+    return out
+
+
 def reference_outputs(tenant: Tenant, inputs: tuple[np.ndarray, ...]) -> list[np.ndarray]:
     """Run the tenant's source model on `inputs` (numpy) and return its flat outputs."""
     import torch

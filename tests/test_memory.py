@@ -282,11 +282,11 @@ def test_saved_manifest_and_inspect_show_the_memory(hetero_bundle, tmp_path, cap
 RSS_GROWTH = textwrap.dedent("""
     import os, sys
     import mtcompile
-    from mtcompile.verify import seeded_inputs
+    from mtcompile.verify import seeded_run_all_inputs
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     b = mtcompile.load(sys.argv[1])
-    inputs = {t: seeded_inputs(b.signature(t), 0) for t in b.tenant_names}  # shared: equal
+    inputs = seeded_run_all_inputs(b)
     b._fn("run_all")  # the VM exists before we look
     before = rss()
     b.run_all(inputs)

@@ -19,7 +19,7 @@ from mtcompile.memory import lifetimes, overlap_problems
 from mtcompile.passes import DEFAULT_PIPELINE, build_pipeline
 from mtcompile.schedule import kernel_dag
 from mtcompile.streams import happens_before
-from mtcompile.verify import seeded_inputs
+from mtcompile.verify import seeded_run_all_inputs
 
 # assign-streams before plan-memory, whether or not the default pipeline has it yet
 PIPELINE = [p for p in DEFAULT_PIPELINE if p not in ("assign-streams", "plan-memory")] + [
@@ -32,19 +32,6 @@ def _graph(tenants, options=None, pipeline=PIPELINE):
     graph, *_ = _front(tenants, "llvm", build_pipeline(pipeline, options), (),
                        _Stages(lambda _m: None), providers)
     return graph, providers
-
-
-def run_inputs(bundle, seed: int) -> dict:
-    """Seeded inputs for every tenant; a shared input gets one value for all."""
-    shared, out = {}, {}
-    for i, t in enumerate(bundle.tenant_names):
-        sig = bundle.signature(t)
-        arrays = list(seeded_inputs(sig, seed * 100 + i))
-        for j, s in enumerate(sig["inputs"]):
-            if "shared_as" in s:
-                arrays[j] = shared.setdefault(s["shared_as"], arrays[j])
-        out[t] = tuple(arrays)
-    return out
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -119,7 +106,7 @@ def _pair(tenants):
 def _check_equal_many(seq, par, runs: int = 24):
     assert seq.num_streams == 1 and par.num_streams > 1
     for r in range(runs):
-        inputs = run_inputs(seq, r % 3)
+        inputs = seeded_run_all_inputs(seq, r % 3)
         assert_same(seq.run_all(inputs), par.run_all(inputs))
 
 
@@ -138,7 +125,7 @@ def test_demo_sets_streams_equal_sequential_bit_for_bit(name, tmp_path):
     assert seq.report()["streams"]["num_streams"] == 1
     loaded = mtcompile.load(par.save(tmp_path / "b"))
     assert loaded.num_streams == par.num_streams
-    inputs = run_inputs(seq, 7)
+    inputs = seeded_run_all_inputs(seq, 7)
     assert_same(seq.run_all(inputs), loaded.run_all(inputs))
 
 
@@ -161,7 +148,7 @@ def test_injected_kernel_error_surfaces_as_stream_error_then_recovers(hetero_ten
     calls = bundle.compile_report["build"]["library_calls"]
     symbol = library.MATMUL_BIAS
     assert bundle.num_streams > 1 and calls
-    inputs = run_inputs(bundle, 0)
+    inputs = seeded_run_all_inputs(bundle, 0)
     expected = mtcompile.compile(hetero_tenants, passes=PIPELINE,
                                  pass_options={"assign-streams": {"streams": 1}}).run_all(inputs)
 
