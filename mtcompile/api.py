@@ -220,6 +220,9 @@ def compile(  # noqa: A001 - the public name the API promises
         graph.analyses.get("memory") and _with_tenant_plans(graph, entry_graph),
         build_info["memory"], [t.name for t in tenants], manifest["graph"]["weight_bytes"],
         manifest["graph"]["weight_bytes_before_merge"])
+    for fname, why in manifest["memory"]["mismatches"].items():
+        stages.say(f"  memory: {fname}: {len(why)} tensor(s) left to TVM's own plan, the "
+                   f"arena did not fit TVM's module ({why[0]})")
     report = {"stages_s": stages.seconds, "build": build_info,
               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
                           "nodes_after": r.nodes_after, **r.info} for r in records]}

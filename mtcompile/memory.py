@@ -224,6 +224,9 @@ def memory_report(plan: MemoryPlan | None, built: dict[str, dict], tenants: list
         "weight_bytes_before_dedup": int(weight_bytes_before_dedup),
         "planned": run_all is not None,
         "functions": {},
+        # tensors the build took out of the arena because the plan's model of TVM missed
+        # something (left to TVM's own plan; correct, only less compact): function -> why
+        "mismatches": built.get("mismatches", {}),
     }
     for name in [*tenants, "run_all"]:
         fp = plan.functions.get(name) if plan is not None else None
