@@ -160,7 +160,7 @@ def _memory_line(mem: dict) -> str:
                 "(plan-memory not in the pipeline)")
     return (f"memory   run_all arena {_fmt_bytes(mem['arena_bytes'])} (lower bound "
             f"{_fmt_bytes(mem['lower_bound_bytes'])}, TVM's plan "
-            f"{_fmt_bytes(mem['tvm_plan_bytes'])}, unplanned {_fmt_bytes(mem['naive_bytes'])}, "
+            f"{_fmt_bytes(mem['tvm_plan_bytes'])}, no planning {_fmt_bytes(mem['naive_bytes'])}, "
             f"tenants compiled separately {_fmt_bytes(mem['separate_plans_bytes'])})")
 
 
