@@ -33,7 +33,7 @@ SETS = ("heterogeneous", "same-arch", "shared-backbone")
 _RSS = """
 import os, sys
 import mtcompile
-from mtcompile.verify import seeded_run_all_inputs
+from mtcompile.tools.verify import seeded_run_all_inputs
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 b = mtcompile.load(sys.argv[1])

@@ -55,7 +55,7 @@ def graph_flops(graph) -> int:
 
 
 def _shape(graph, arg) -> tuple[int, ...]:
-    from mtcompile.ir import ConstRef
+    from mtcompile.ir.graph import ConstRef
 
     if isinstance(arg, ConstRef):
         return graph.constants[arg.key].shape

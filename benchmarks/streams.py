@@ -21,7 +21,7 @@ import numpy as np
 import mtcompile
 from mtcompile.models import get_set
 from mtcompile.passes import DEFAULT_PIPELINE
-from mtcompile.verify import seeded_run_all_inputs
+from mtcompile.tools.verify import seeded_run_all_inputs
 
 from .run import measure
 

@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from mtcompile.errors import (  # noqa: E402
     ArtifactError,
     InputError,
     MTCompileError,
@@ -15,17 +15,17 @@ from .errors import (  # noqa: E402
     UnsupportedOperatorError,
     VerifyError,
 )
-from .tenant import Tenant  # noqa: E402
+from mtcompile.tenant import Tenant  # noqa: E402
 
 
 def __getattr__(name):
     # compile/load pull in TVM and torch: import them on first use, keep `import mtcompile` light.
     if name == "compile":
-        from .api import compile
+        from mtcompile.api import compile
 
         return compile
     if name in ("load", "Bundle"):
-        from . import runtime
+        from mtcompile.runtime import bundle as runtime
 
         return getattr(runtime, name)
     raise AttributeError(f"module 'mtcompile' has no attribute {name!r}")

@@ -7,14 +7,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
-from .abi import FORMAT, RUN_ALL
-from .errors import MTCompileError, TenantError
-from .frontends import import_tenant
-from .ir import ConstRef, Graph, TensorTy
-from .kernels import resolve_providers
-from .lift import lift
-from .lowering import (
+from mtcompile import __version__
+from mtcompile.analysis.memory import MemoryPlan, memory_report
+from mtcompile.backend.kernels import resolve_providers
+from mtcompile.backend.lowering import (
     TARGETS,
     build,
     emit_module,
@@ -22,13 +18,17 @@ from .lowering import (
     run_all_params,
     stream_layout,
 )
-from .memory import MemoryPlan, memory_report
-from .merge import constant_bytes_before_merge, merge
-from .pass_infra import EntryGraph, Instrument, PassContext, run_passes
-from .runtime import Bundle
-from .tenant import Tenant
-from .tuning import load_database
-from .viz import graph_view
+from mtcompile.backend.tuning import load_database
+from mtcompile.errors import MTCompileError, TenantError
+from mtcompile.frontend.importers import import_tenant
+from mtcompile.frontend.lift import lift
+from mtcompile.frontend.merge import constant_bytes_before_merge, merge
+from mtcompile.ir.graph import ConstRef, Graph, TensorTy
+from mtcompile.pass_infra import EntryGraph, Instrument, PassContext, run_passes
+from mtcompile.runtime.abi import FORMAT, RUN_ALL
+from mtcompile.runtime.bundle import Bundle
+from mtcompile.tenant import Tenant
+from mtcompile.tools.viz import graph_view
 
 
 def _versions() -> dict[str, str]:
@@ -138,10 +138,9 @@ def streams_manifest(graph: Graph, providers: dict[str, str], layout) -> dict:
     a = graph.analyses.get("streams")
     if a is None:
         return {"num_streams": 1, "num_syncs": 0, "estimated_speedup": 1.0, "policy": None}
+    from mtcompile.analysis.schedule import kernel_dag
+    from mtcompile.analysis.streams import lanes_view
     from mtcompile.passes.assign_streams import graph_costs
-
-    from .schedule import kernel_dag
-    from .streams import lanes_view
 
     dag = layout.dag if layout is not None else kernel_dag(graph, providers)
     view = lanes_view(a, {k.name: k.tenant for k in dag.kernels}, graph_costs(graph, dag))
@@ -246,12 +245,11 @@ def tune(
     Returns the number of tasks of the merged module, the sum over tenants compiled
     alone (the difference is what merging saved), records written and time taken.
     """
+    from mtcompile.backend import kernels as kernel_mod
+    from mtcompile.backend.lowering import make_target
+    from mtcompile.backend.tuning import count_tasks
+    from mtcompile.backend.tuning import tune as run_tuning
     from mtcompile.passes import build_pipeline
-
-    from . import kernels as kernel_mod
-    from .lowering import make_target
-    from .tuning import count_tasks
-    from .tuning import tune as run_tuning
 
     say = progress or (lambda _msg: None)
     tenants = _check_tenants(tenants)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-from .errors import MTCompileError
-from .ir import Graph
+from mtcompile.errors import MTCompileError
+from mtcompile.ir.graph import Graph
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Timing(Instrument):
         self.kernels = kernels or {}  # heavy-op providers: a library call is a kernel
 
     def after_pass(self, p, result, index, seconds):
-        from .schedule import kernel_dag
+        from mtcompile.analysis.schedule import kernel_dag
 
         g = result.graph
         try:

@@ -8,7 +8,7 @@ each kernel ``cores // N`` (the executor splits the cores), so only kernels that
 scale with threads (launch-bound ones) gain, and at most `cores` kernels run at once; the
 executor's own cost per run (`EXECUTOR_US`) is added, so on a small CPU `auto` keeps one
 stream. A measured profile (`Bundle.profile`) can replace these estimates later through
-`mtcompile.streams.assign` / `estimate`.
+`mtcompile.analysis.streams.assign` / `estimate`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import math
 import os
 from dataclasses import dataclass
 
-from mtcompile.ir import ConstRef, Graph, Ref, TensorTy
+from mtcompile.analysis.schedule import Kernel, kernel_dag
+from mtcompile.analysis.streams import AUTO_MIN_SPEEDUP, POLICIES, StreamAssignment, assign
+from mtcompile.ir.graph import ConstRef, Graph, Ref, TensorTy
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
-from mtcompile.schedule import Kernel, kernel_dag
-from mtcompile.streams import AUTO_MIN_SPEEDUP, POLICIES, StreamAssignment, assign
 
 # target -> (flops per us per thread, bytes per us, overhead us of a TVM kernel / library call)
 RATES = {"llvm": (2.0e4, 1.0e4, 3.0, 8.0), "cuda": (1.0e7, 1.0e6, 5.0, 8.0)}
@@ -87,7 +87,7 @@ def graph_costs(graph: Graph, dag) -> dict[str, float]:
 @register
 @dataclass(frozen=True)
 class AssignStreams(Pass):
-    """Streams for run_all's kernels (Nimble's assignment), by `mtcompile.streams.assign`.
+    """Streams for run_all's kernels (Nimble's assignment), by `mtcompile.analysis.streams.assign`.
 
     streams: N forces at most N streams (1 = sequential); max_streams: a cap that `auto`
     may still reduce to 1; policy: ``auto`` (fall back to one stream when the estimated

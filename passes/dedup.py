@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mtcompile.ir import INPUT, Graph, Node, Ref, TenantIO, map_refs
+from mtcompile.ir.graph import INPUT, Graph, Node, Ref, TenantIO, map_refs
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtcompile.ir import INPUT, Graph
+from mtcompile.ir.graph import INPUT, Graph
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 
 

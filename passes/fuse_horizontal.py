@@ -16,7 +16,8 @@ from typing import ClassVar
 import numpy as np
 from tvm import relax
 
-from mtcompile.ir import (
+from mtcompile.ir.builder import graph_types, make, op_of
+from mtcompile.ir.graph import (
     INPUT,
     ConstRef,
     Graph,
@@ -28,7 +29,6 @@ from mtcompile.ir import (
     const_key,
     map_refs,
 )
-from mtcompile.node_builder import graph_types, make, op_of
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 
 from .eliminate_dead_nodes import EliminateDeadNodes

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mtcompile.ir import INPUT, Graph
+from mtcompile.analysis.schedule import left_to_tvm, op_kind
+from mtcompile.ir.graph import INPUT, Graph
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
-from mtcompile.schedule import left_to_tvm, op_kind
 
 
 @register

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtcompile.ir import Graph
-from mtcompile.memory import ALIGNMENT, MemoryPlan, plan_function, sequential
+from mtcompile.analysis.memory import ALIGNMENT, MemoryPlan, plan_function, sequential
+from mtcompile.analysis.schedule import kernel_dag
+from mtcompile.ir.graph import Graph
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
-from mtcompile.schedule import kernel_dag
 
 STRATEGIES = ("greedy", "naive")
 
@@ -18,7 +18,7 @@ def _stream_order(graph: Graph, dag):
     streams = graph.analyses.get("streams")
     if streams is None or streams.num_streams <= 1:
         return sequential
-    from mtcompile.streams import happens_before
+    from mtcompile.analysis.streams import happens_before
 
     names = [k.name for k in dag.kernels]
     hb = happens_before(streams)

@@ -13,7 +13,7 @@ from torch import nn
 
 import mtcompile
 from mtcompile import Tenant
-from mtcompile.ir import (
+from mtcompile.ir.graph import (
     GET_ITEM,
     INPUT,
     TUPLE,

@@ -13,10 +13,10 @@ import torch
 from conftest import MultiOut, linear_relu, tiny_tenants, torch_outputs
 
 import mtcompile
-from mtcompile.abi import FORMAT, MANIFEST
 from mtcompile.errors import MTCompileError
 from mtcompile.passes import DEFAULT_PIPELINE
-from mtcompile.runtime import sha256_file
+from mtcompile.runtime.abi import FORMAT, MANIFEST
+from mtcompile.runtime.bundle import sha256_file
 
 ATOL = 1e-5
 
@@ -284,7 +284,7 @@ def test_load_in_a_fresh_process(hetero_bundle, hetero_tenants, tmp_path_factory
     for i, w in enumerate(want):
         np.testing.assert_array_equal(np.load(root / f"out{i}.npy"), w)
     # A loaded bundle needs no model code: neither the frontends nor the passes were imported.
-    assert "mtcompile.frontends" not in info["modules"]
+    assert "mtcompile.frontend.importers" not in info["modules"]
     assert not any(m.startswith("mtcompile.passes") for m in info["modules"])
 
 

@@ -10,11 +10,11 @@ from conftest import F23, F24, WKEY, W, attrs, linear_relu, seeded_input, torch_
 import mtcompile
 from mtcompile import Tenant
 from mtcompile.errors import InputError, SpecError, TenantError
-from mtcompile.ir import INPUT, ConstRef, Graph, Node, Ref, TenantIO
-from mtcompile.merge import merge
+from mtcompile.frontend.merge import merge
+from mtcompile.ir.graph import INPUT, ConstRef, Graph, Node, Ref, TenantIO
 from mtcompile.pass_infra import PassContext
 from mtcompile.passes.dedup import Dedup
-from mtcompile.spec import load_spec
+from mtcompile.tools.spec import load_spec
 
 
 def _twin_graph(shared_input: bool) -> Graph:
@@ -136,8 +136,8 @@ def test_shared_inputs_must_name_an_input():
 
 
 def test_merge_unifies_declared_inputs():
-    from mtcompile.frontends import import_tenant
-    from mtcompile.lift import lift
+    from mtcompile.frontend.importers import import_tenant
+    from mtcompile.frontend.lift import lift
 
     graphs = []
     for t in _mlp_pair(same_weights=False, shared=True):

@@ -25,7 +25,7 @@ from mtcompile import (
     TenantError,
     UnsupportedOperatorError,
 )
-from mtcompile.abi import FORMAT, MANIFEST
+from mtcompile.runtime.abi import FORMAT, MANIFEST
 
 # --------------------------------------------------------------------------- helpers
 
@@ -495,7 +495,7 @@ def test_load_library_that_is_not_a_library(saved):
     lib = saved / "bundle.so"
     lib.write_bytes(b"\x7fELF but not really" * 50)
     m = _manifest(saved)
-    m["library_sha256"] = mtcompile.runtime.sha256_file(lib)
+    m["library_sha256"] = mtcompile.runtime.bundle.sha256_file(lib)
     _write_manifest(saved, m)
     with pytest.raises(ArtifactError, match=re.escape(f"{lib}: cannot be loaded by TVM: ")):
         mtcompile.load(saved)
@@ -509,7 +509,7 @@ def test_load_library_without_embedded_manifest(saved):
     lib = saved / "bundle.so"
     tvm.compile(bb.get(), "llvm").export_library(str(lib))
     m = _manifest(saved)
-    m["library_sha256"] = mtcompile.runtime.sha256_file(lib)
+    m["library_sha256"] = mtcompile.runtime.bundle.sha256_file(lib)
     _write_manifest(saved, m)
     with pytest.raises(ArtifactError, match=re.escape(f"{lib}: has no readable embedded manifest")):
         mtcompile.load(saved)
@@ -534,7 +534,7 @@ def test_failed_save_leaves_the_earlier_bundle(saved, monkeypatch, where):
     if where == "export_library":
         monkeypatch.setattr(type(newer.executable), "export_library", fail)
     else:  # after the library is written, before anything is renamed into place
-        monkeypatch.setattr(mtcompile.runtime, "sha256_file", fail)
+        monkeypatch.setattr(mtcompile.runtime.bundle, "sha256_file", fail)
     with pytest.raises(OSError, match="disk full"):
         newer.save(saved)
     monkeypatch.undo()

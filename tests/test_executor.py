@@ -14,7 +14,7 @@ import tvm_ffi
 from tvm import relax
 
 from mtcompile.errors import MTCompileError
-from mtcompile.executor import SIGNAL, WAIT, StreamError, StreamExecutor
+from mtcompile.runtime.executor import SIGNAL, WAIT, StreamError, StreamExecutor
 
 SEEN: dict[str, object] = {}
 

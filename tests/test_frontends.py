@@ -13,7 +13,7 @@ from conftest import LinearReLU, TinyConv, linear_relu, seeded_input, tiny_conv,
 
 import mtcompile
 from mtcompile import Tenant
-from mtcompile.frontends import import_tenant
+from mtcompile.frontend.importers import import_tenant
 from mtcompile.models.zoo import export_onnx
 
 ATOL = 1e-4

@@ -10,9 +10,9 @@ from conftest import LinearReLU, linear_relu, seeded_input, torch_outputs
 import mtcompile
 from mtcompile import Tenant
 from mtcompile.errors import InputError
-from mtcompile.frontends import import_tenant
-from mtcompile.lift import lift
-from mtcompile.merge import merge
+from mtcompile.frontend.importers import import_tenant
+from mtcompile.frontend.lift import lift
+from mtcompile.frontend.merge import merge
 from mtcompile.pass_infra import PassContext
 from mtcompile.passes.fuse_horizontal import FuseHorizontal
 

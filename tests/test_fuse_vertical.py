@@ -9,7 +9,7 @@ from conftest import F23, F24, WKEY, W, attrs, seeded_input, torch_outputs
 
 import mtcompile
 from mtcompile import Tenant
-from mtcompile.ir import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
+from mtcompile.ir.graph import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
 from mtcompile.pass_infra import PassContext
 from mtcompile.passes.fuse_vertical import FuseVertical
 

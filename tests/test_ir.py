@@ -9,7 +9,7 @@ import pytest
 from conftest import F23, F24, WKEY, small_graph
 
 from mtcompile.errors import VerifyError
-from mtcompile.ir import (
+from mtcompile.ir.graph import (
     GET_ITEM,
     INPUT,
     TUPLE,

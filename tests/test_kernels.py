@@ -20,12 +20,13 @@ from tvm import relax, tirx
 
 import mtcompile
 import mtcompile.api
-from mtcompile import kernels, library
-from mtcompile.cli import main, parse_kernels
+from mtcompile.backend import kernels
+from mtcompile.backend.lowering import build, emit_module, make_target
 from mtcompile.errors import MTCompileError
-from mtcompile.frontends import import_tenant
-from mtcompile.lift import lift
-from mtcompile.lowering import build, emit_module, make_target
+from mtcompile.frontend.importers import import_tenant
+from mtcompile.frontend.lift import lift
+from mtcompile.runtime import library
+from mtcompile.tools.cli import main, parse_kernels
 
 ATOL = 1e-4
 LIBRARY = {"matmul": "library", "conv2d": "library"}
@@ -514,14 +515,14 @@ CHILD = textwrap.dedent("""
     def registered():
         return [n for n in NAMES if tvm_ffi.get_global_func(n, allow_missing=True) is not None]
     d, out = sys.argv[1], sys.argv[2]
-    before = {"library_imported": "mtcompile.library" in sys.modules, "registered": registered()}
+    before = {"library_imported": "mtcompile.runtime.library" in sys.modules, "registered": registered()}
     b = mtcompile.load(d)
     inputs = dict(np.load(f"{out}/in.npz"))
     outs = {n: b.run(n, inputs[n])[0] for n in ("lin", "conv")}
     np.savez(f"{out}/out.npz", **outs)
     (run,) = b.trace("conv", [inputs["conv"]])
     print(json.dumps({"before": before, "kernels": b.manifest["kernels"],
-                      "library_imported": "mtcompile.library" in sys.modules,
+                      "library_imported": "mtcompile.runtime.library" in sys.modules,
                       "registered": registered(), "symbols": [s for s, _ in run]}))
 """)
 
@@ -676,7 +677,7 @@ def small_mlps() -> list[mtcompile.Tenant]:
 @pytest.mark.slow
 def test_tune_two_tenants_and_build_with_the_database(tmp_path, monkeypatch):
     from mtcompile.api import tune
-    from mtcompile.tuning import RECORDS, WORKLOADS
+    from mtcompile.backend.tuning import RECORDS, WORKLOADS
 
     db = tmp_path / "db"
     lines = []

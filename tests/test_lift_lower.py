@@ -15,15 +15,16 @@ from conftest import MultiOut, linear_relu, seeded_input, tiny_conv
 from tvm import relax
 
 from mtcompile import Tenant
-from mtcompile.abi import RUN_ALL
+from mtcompile.backend.lowering import LoweringError, emit_module
 from mtcompile.errors import TenantError
-from mtcompile.frontends import import_tenant
-from mtcompile.ir import INPUT, TensorTy
-from mtcompile.lift import lift, lift_type
-from mtcompile.lowering import LoweringError, emit_module
+from mtcompile.frontend.importers import import_tenant
+from mtcompile.frontend.lift import lift
+from mtcompile.ir.graph import INPUT, TensorTy
+from mtcompile.ir.relax_types import lift_type
 from mtcompile.models.zoo import export_onnx
 from mtcompile.pass_infra import PassContext
 from mtcompile.passes.eliminate_dead_nodes import EliminateDeadNodes
+from mtcompile.runtime.abi import RUN_ALL
 
 
 class AddInt64(torch.nn.Module):

@@ -14,8 +14,7 @@ import pytest
 
 import mtcompile
 from mtcompile import api
-from mtcompile.kernels import resolve_providers
-from mtcompile.memory import (
+from mtcompile.analysis.memory import (
     Lifetime,
     conflicts,
     lifetimes,
@@ -24,9 +23,10 @@ from mtcompile.memory import (
     place,
     place_naive,
 )
+from mtcompile.analysis.schedule import kernel_dag
+from mtcompile.backend.kernels import resolve_providers
 from mtcompile.pass_infra import PassContext, make_pass
 from mtcompile.passes import build_pipeline
-from mtcompile.schedule import kernel_dag
 
 LIBRARY = resolve_providers("llvm", None)
 
@@ -253,7 +253,7 @@ def test_demo_sets_arena_is_near_the_bound_and_below_tvms_plan(name):
 def test_a_plan_that_overlaps_live_tensors_is_repaired_not_trusted(monkeypatch, hetero_tenants):
     """Every planned tensor put at offset 0: the check against TVM's Relax finds the live
     tensors that would share bytes and leaves them to TVM's own plan; numerics hold."""
-    import mtcompile.lowering as lowering
+    import mtcompile.backend.lowering as lowering
 
     real = lowering._arena_attr
 
@@ -272,7 +272,7 @@ def test_a_plan_that_overlaps_live_tensors_is_repaired_not_trusted(monkeypatch, 
 
 
 def test_the_arena_check_names_every_conflict():
-    from mtcompile.arena import _check
+    from mtcompile.backend.arena import _check
 
     # three allocations at offset 0 with Relax lifetimes [0, 2], [1, 3], [4, 5]
     a, b, c = "a", "b", "c"
@@ -288,7 +288,7 @@ def test_the_arena_check_names_every_conflict():
 
 @pytest.mark.slow
 def test_saved_manifest_and_inspect_show_the_memory(hetero_bundle, tmp_path, capsys):
-    from mtcompile.cli import main
+    from mtcompile.tools.cli import main
 
     saved = hetero_bundle.save(tmp_path)
     manifest = json.loads((saved / "manifest.json").read_text())
@@ -303,7 +303,7 @@ def test_saved_manifest_and_inspect_show_the_memory(hetero_bundle, tmp_path, cap
 RSS_GROWTH = textwrap.dedent("""
     import os, sys
     import mtcompile
-    from mtcompile.verify import seeded_run_all_inputs
+    from mtcompile.tools.verify import seeded_run_all_inputs
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     b = mtcompile.load(sys.argv[1])

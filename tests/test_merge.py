@@ -12,10 +12,10 @@ from conftest import linear_relu, small_graph, tiny_conv
 import mtcompile
 from mtcompile import Tenant
 from mtcompile.errors import TenantError
-from mtcompile.frontends import import_tenant
-from mtcompile.ir import Graph, TenantIO
-from mtcompile.lift import lift
-from mtcompile.merge import constant_bytes_before_merge, merge
+from mtcompile.frontend.importers import import_tenant
+from mtcompile.frontend.lift import lift
+from mtcompile.frontend.merge import constant_bytes_before_merge, merge
+from mtcompile.ir.graph import Graph, TenantIO
 
 
 def _graph(name: str, model, inputs) -> Graph:

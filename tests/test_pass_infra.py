@@ -12,7 +12,7 @@ from conftest import F23, F24, WKEY, small_graph, tiny_conv, torch_outputs
 import mtcompile
 from mtcompile import Tenant
 from mtcompile.errors import MTCompileError, VerifyError
-from mtcompile.ir import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
+from mtcompile.ir.graph import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
 from mtcompile.pass_infra import (
     REGISTRY,
     DumpToDir,

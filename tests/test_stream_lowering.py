@@ -11,15 +11,15 @@ from conftest import tiny_tenants
 from test_random_sets import random_set
 
 import mtcompile
+from mtcompile.analysis.memory import lifetimes, overlap_problems
+from mtcompile.analysis.schedule import kernel_dag
+from mtcompile.analysis.streams import happens_before
 from mtcompile.api import _front, _Stages, streams_manifest
-from mtcompile.executor import StreamError
-from mtcompile.kernels import resolve_providers
-from mtcompile.lowering import stream_layout
-from mtcompile.memory import lifetimes, overlap_problems
+from mtcompile.backend.kernels import resolve_providers
+from mtcompile.backend.lowering import stream_layout
 from mtcompile.passes import DEFAULT_PIPELINE, build_pipeline
-from mtcompile.schedule import kernel_dag
-from mtcompile.streams import happens_before
-from mtcompile.verify import seeded_run_all_inputs
+from mtcompile.runtime.executor import StreamError
+from mtcompile.tools.verify import seeded_run_all_inputs
 
 # assign-streams before plan-memory, whether or not the default pipeline has it yet
 PIPELINE = [p for p in DEFAULT_PIPELINE if p not in ("assign-streams", "plan-memory")] + [
@@ -142,7 +142,7 @@ def test_random_sets_streams_equal_sequential(seed):
 def test_injected_kernel_error_surfaces_as_stream_error_then_recovers(hetero_tenants):
     import tvm_ffi
 
-    from mtcompile import library
+    from mtcompile.runtime import library
 
     bundle = mtcompile.compile(hetero_tenants, passes=PIPELINE, pass_options=MAX)
     calls = bundle.compile_report["build"]["library_calls"]

@@ -9,7 +9,7 @@ import random
 import networkx as nx
 import pytest
 
-from mtcompile.streams import (
+from mtcompile.analysis.streams import (
     DeadlockError,
     StreamAssignment,
     assign,
@@ -210,7 +210,7 @@ def test_happens_before_is_program_order_and_syncs_only():
 
 def _demo_graph(passes):
     from mtcompile.api import _front, _Stages
-    from mtcompile.kernels import resolve_providers
+    from mtcompile.backend.kernels import resolve_providers
     from mtcompile.models import get_set
     from mtcompile.passes import build_pipeline
 
@@ -223,7 +223,7 @@ def _demo_graph(passes):
 
 
 def test_pass_on_heterogeneous_demo():
-    from mtcompile.schedule import kernel_dag
+    from mtcompile.analysis.schedule import kernel_dag
 
     graph, record, providers = _demo_graph([("assign-streams", {"policy": "max"})])
     a = graph.analyses["streams"]

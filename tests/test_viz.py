@@ -1,4 +1,4 @@
-"""mtcompile.viz and the HTML report: pictures as SVG (counted by the ids given to their
+"""mtcompile.tools.viz and the HTML report: pictures as SVG (counted by the ids given to their
 shapes), rich display, the graph view in the manifest and the `report` command."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from mtcompile import viz
-from mtcompile.cli import main
 from mtcompile.errors import MTCompileError
-from mtcompile.html_report import render
-from mtcompile.ir import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
+from mtcompile.ir.graph import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
+from mtcompile.tools import viz
+from mtcompile.tools.cli import main
+from mtcompile.tools.html_report import render
 
 F = TensorTy((1, 8), "float32")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, MTCompileError
+from mtcompile.errors import InputError, MTCompileError
 
 
 def _say(msg: str) -> None:
@@ -69,7 +69,7 @@ def parse_kernels(text: str | None) -> str | dict[str, str] | None:
 
 
 def cmd_build(args) -> int:
-    from .spec import load_spec
+    from mtcompile.tools.spec import load_spec
 
     spec = load_spec(args.spec)
     target = args.target or spec.target
@@ -177,8 +177,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .api import tune
-    from .spec import load_spec
+    from mtcompile.api import tune
+    from mtcompile.tools.spec import load_spec
 
     spec = load_spec(args.spec)
     _say(f"tuning {len(spec.tenants)} tenant(s) from {args.spec} into {args.output}")
@@ -233,7 +233,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .html_report import write_report
+    from mtcompile.tools.html_report import write_report
 
     out = write_report(args.bundle, args.output)
     _say(f"wrote {out} ({out.stat().st_size // 1024} KiB, self-contained HTML)")

@@ -14,11 +14,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import arena
-from .abi import MANIFEST_FN, RUN_ALL
-from .arena import ATTR, STREAM_ATTR
-from .errors import MTCompileError
-from .ir import (
+from mtcompile.backend import arena
+from mtcompile.backend.arena import ATTR, STREAM_ATTR
+from mtcompile.errors import MTCompileError
+from mtcompile.ir.graph import (
     GET_ITEM,
     INPUT,
     TUPLE,
@@ -30,7 +29,8 @@ from .ir import (
     iter_const_refs,
     iter_refs,
 )
-from .lift import lift_type
+from mtcompile.ir.relax_types import lift_type
+from mtcompile.runtime.abi import MANIFEST_FN, RUN_ALL
 
 TARGETS = ("llvm", "cuda")
 
@@ -287,7 +287,7 @@ class StreamLayout:
     signalled after the producer's stage and waited for before the consumer's."""
 
     def __init__(self, graph: Graph, providers: dict[str, str]):
-        from .schedule import kernel_dag
+        from mtcompile.analysis.schedule import kernel_dag
 
         a = graph.analyses["streams"]
         self.assignment = a
@@ -444,7 +444,7 @@ def stream_layout(graph: Graph, providers: dict[str, str]) -> StreamLayout | Non
 
 
 def _hb(a):
-    from .streams import happens_before
+    from mtcompile.analysis.streams import happens_before
 
     return happens_before(a)
 
@@ -458,7 +458,7 @@ def _live_nodes(graph: Graph, outputs) -> set[str]:
 
 
 def _holders(graph: Graph, name: str, dag) -> list[str]:
-    from .schedule import _tensors
+    from mtcompile.analysis.schedule import _tensors
 
     return _tensors(graph, name, dag.alias)
 
@@ -530,7 +530,8 @@ def build(mod: tvm.IRModule, target: str, providers: dict[str, str], database=No
 
     Returns the executable and facts for the manifest (library calls per entry).
     """
-    from . import kernels, library
+    from mtcompile.backend import kernels
+    from mtcompile.runtime import library
 
     mod = kernels.prepare(mod)
     mod, calls = kernels.offload(mod, providers)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
-from .errors import MTCompileError
+from mtcompile.errors import MTCompileError
 
 SIGNAL = "mtcompile.streams.signal"
 WAIT = "mtcompile.streams.wait"

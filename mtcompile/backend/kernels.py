@@ -13,8 +13,9 @@ from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from . import arena, library
-from .errors import MTCompileError
+from mtcompile.backend import arena
+from mtcompile.errors import MTCompileError
+from mtcompile.runtime import library
 
 HEAVY_OPS = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
 PROVIDERS = ("library", "tvm")

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MTCompileError
-from .frontends import eval_mode, load_onnx, to_numpy
-from .tenant import Tenant
+from mtcompile.errors import MTCompileError
+from mtcompile.frontend.importers import eval_mode, load_onnx, to_numpy
+from mtcompile.tenant import Tenant
 
 INT_HIGH = 16  # random integer inputs (token ids, indices) are drawn from [0, INT_HIGH)
 

@@ -8,9 +8,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from . import viz
-from .abi import FORMAT, MANIFEST
-from .errors import ArtifactError
+from mtcompile.errors import ArtifactError
+from mtcompile.runtime.abi import FORMAT, MANIFEST
+from mtcompile.tools import viz
 
 _CSS = """
 body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1300px; }

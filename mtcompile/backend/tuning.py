@@ -12,7 +12,7 @@ import sys
 import types
 from pathlib import Path
 
-from .errors import MTCompileError
+from mtcompile.errors import MTCompileError
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .errors import TenantError
-from .ir import Graph, Node, Ref, TenantIO, map_refs
+from mtcompile.errors import TenantError
+from mtcompile.ir.graph import Graph, Node, Ref, TenantIO, map_refs
 
 
 def merge(graphs: list[Graph], shared: dict[str, dict[str, str]] | None = None) -> Graph:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import VerifyError
+from mtcompile.errors import VerifyError
 
 # --------------------------------------------------------------------------- types
 
@@ -308,8 +308,8 @@ class Graph:
         return g
 
     def _repr_svg_(self) -> str:
-        """Jupyter: the layered drawing (a summary when large; see `mtcompile.viz`)."""
-        from .viz import draw_graph  # lazy: the IR itself needs no matplotlib
+        """Jupyter: the layered drawing (a summary when large; see `mtcompile.tools.viz`)."""
+        from mtcompile.tools.viz import draw_graph  # lazy: the IR itself needs no matplotlib
 
         return draw_graph(self).svg
 

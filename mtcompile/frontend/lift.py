@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import tvm
-import tvm_ffi
 from tvm import relax
 
-from .errors import TenantError
-from .ir import (
+from mtcompile.errors import TenantError
+from mtcompile.ir.graph import (
     GET_ITEM,
     INPUT,
     TUPLE,
@@ -18,38 +15,12 @@ from .ir import (
     Graph,
     Node,
     Opaque,
-    OtherTy,
     Ref,
     TenantIO,
-    TensorTy,
     TupleTy,
     const_key,
 )
-
-
-def lift_type(ty, where: str) -> TensorTy | TupleTy | OtherTy:
-    """Our type of a Relax type; static shapes only."""
-    if isinstance(ty, relax.TensorType):
-        if ty.shape is None or not hasattr(ty.shape, "values"):
-            raise TenantError(f"{where}: tensor of unknown rank ({ty}); dynamic shapes are "
-                              "not supported, give static input shapes")
-        dims = []
-        for d in ty.shape.values:
-            if not isinstance(d, tvm.tirx.IntImm):
-                raise TenantError(f"{where}: symbolic dimension {d} in {ty}; dynamic shapes are "
-                                  "not supported, give static input shapes")
-            dims.append(int(d))
-        return TensorTy(tuple(dims), str(ty.dtype))
-    if isinstance(ty, relax.TupleType):
-        return TupleTy(tuple(lift_type(f, where) for f in ty.fields))
-    return OtherTy(" ".join(str(ty).split()))
-
-
-def opaque(obj) -> Opaque:
-    """Wrap a TVM object, keyed by its structural hash and printed on one line."""
-    text = " ".join(str(obj).split())
-    text = re.sub(r"^relax\.attrs\.\w+\((.*)\)$", r"\1", text)
-    return Opaque(obj, f"{tvm_ffi.structural_hash(obj):x}:{text}", text)
+from mtcompile.ir.relax_types import lift_type, opaque
 
 
 class _Lifter:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .abi import FORMAT, MANIFEST, MANIFEST_FN, RUN_ALL
-from .errors import ArtifactError, InputError, MTCompileError
+from mtcompile.errors import ArtifactError, InputError, MTCompileError
+from mtcompile.runtime.abi import FORMAT, MANIFEST, MANIFEST_FN, RUN_ALL
 
 
 def _sig_str(inputs: list[dict]) -> str:
@@ -142,7 +142,7 @@ class Bundle:
                 raise MTCompileError(f"this bundle was built for {self.target} and this "
                                      "machine has no such device")
             if "library" in self.manifest.get("kernels", {}).values():
-                from . import library
+                from mtcompile.runtime import library
 
                 try:
                     library.register()  # the executable calls PyTorch kernels by name
@@ -150,7 +150,7 @@ class Bundle:
                     raise MTCompileError("this bundle calls PyTorch kernels (kernel provider "
                                          f"'library') and needs torch installed: {e}") from e
             if self.num_streams > 1:  # the stream functions call the event points by name
-                from .executor import register
+                from mtcompile.runtime.executor import register
 
                 register()
             with quiet_native_log():
@@ -244,7 +244,7 @@ class Bundle:
         if ex is None:
             import tvm
 
-            from .executor import StreamExecutor
+            from mtcompile.runtime.executor import StreamExecutor
 
             self._fn(RUN_ALL)  # device check, library kernels registered
             s = self.manifest["streams"]
@@ -265,7 +265,7 @@ class Bundle:
         dev = self._local.dev
         storage = self._fn(s["arena_function"])()
         tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
-        from .executor import StreamError
+        from mtcompile.runtime.executor import StreamError
 
         try:
             results = ex.run([[storage, *(tensors[j] for j in ins)]
@@ -313,7 +313,7 @@ class Bundle:
         mean_us, share}]}}}``, kernels sorted by time; each call's time is its median over
         the repeats. VM builtins (allocation, shape checks) appear as ``vm.builtin.*``.
         """
-        from .verify import seeded_inputs
+        from mtcompile.tools.verify import seeded_inputs
 
         inputs = dict(inputs or {})
         result: dict[str, Any] = {"repeat": repeat, "tenants": {}}
@@ -361,8 +361,8 @@ class Bundle:
         return json.loads(json.dumps(rep))
 
     def _repr_html_(self) -> str:
-        """Jupyter: tables and pictures of the bundle (see `mtcompile.html_report`)."""
-        from .html_report import bundle_html
+        """Jupyter: tables and pictures of the bundle (see `mtcompile.tools.html_report`)."""
+        from mtcompile.tools.html_report import bundle_html
 
         return bundle_html(self)
 
@@ -373,7 +373,7 @@ class Bundle:
         Returns ``{"ok": bool, "tenants": {name: {"outputs": [{max_abs, max_rel}], ...}}}``.
         Needs the source models (a compiled bundle, or `sources` passed to `load`).
         """
-        from .verify import verify_bundle
+        from mtcompile.tools.verify import verify_bundle
 
         return verify_bundle(self, inputs, seed, atol)
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import MTCompileError
+from mtcompile.errors import MTCompileError
 
 TENANT_COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#af7aa1",
                  "#ff9da7", "#9c755f", "#17becf", "#bcbd22"]
@@ -126,7 +126,7 @@ def as_view(graph) -> dict:
     if isinstance(graph, Mapping):
         if "nodes" not in graph or "tenants" not in graph:
             raise MTCompileError("expected a graph view with 'tenants' and 'nodes' "
-                                 f"(made by mtcompile.viz.graph_view), got keys {sorted(graph)}")
+                                 f"(made by mtcompile.tools.viz.graph_view), got keys {sorted(graph)}")
         return dict(graph)
     return graph_view(graph)
 

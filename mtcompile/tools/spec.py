@@ -28,8 +28,8 @@ from typing import Any
 
 import tomllib
 
-from .errors import MTCompileError, SpecError
-from .tenant import Tenant
+from mtcompile.errors import MTCompileError, SpecError
+from mtcompile.tenant import Tenant
 
 _TOP_KEYS = {"name", "target", "pipeline", "tenants"}
 _TENANT_KEYS = {"name", "factory", "args", "onnx", "input_shapes", "shared_inputs"}

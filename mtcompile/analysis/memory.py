@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .schedule import KernelDAG
+from mtcompile.analysis.schedule import KernelDAG
 
 ALIGNMENT = {"llvm": 64, "cuda": 256}  # what ensure_zero_offset needs to fold an offset
 

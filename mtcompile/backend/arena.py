@@ -17,8 +17,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .errors import MTCompileError
-from .executor import GET, PUT, SIGNAL, WAIT
+from mtcompile.errors import MTCompileError
+from mtcompile.runtime.executor import GET, PUT, SIGNAL, WAIT
 
 ATTR = "mtcompile.arena"  # function attribute, JSON: {"bytes": arena size,
 # "offsets": {Relax var name: byte offset}, "sizes": {Relax var name: planned bytes}}

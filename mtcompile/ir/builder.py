@@ -13,8 +13,8 @@ from collections.abc import Callable
 import tvm
 from tvm import relax
 
-from .ir import ConstRef, Graph, Node, Opaque, Ref, TensorTy
-from .lift import lift_type, opaque
+from mtcompile.ir.graph import ConstRef, Graph, Node, Opaque, Ref, TensorTy
+from mtcompile.ir.relax_types import lift_type, opaque
 
 
 def graph_types(graph: Graph, extra_nodes: dict | None = None,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ir import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Node, TensorTy
+from mtcompile.ir.graph import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Node, TensorTy
 
 ELEMWISE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.power",
             "relax.maximum", "relax.minimum", "relax.less", "relax.greater", "relax.equal",

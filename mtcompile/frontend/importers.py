@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import TenantError, UnsupportedOperatorError
-from .tenant import Tenant
+from mtcompile.errors import TenantError, UnsupportedOperatorError
+from mtcompile.tenant import Tenant
 
 
 @dataclass(frozen=True)

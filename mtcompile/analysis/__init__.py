@@ -1,0 +1,1 @@
+"""Analyses on the graph: the kernels that run (schedule), stream assignment, memory planning."""

@@ -1,0 +1,1 @@
+"""Tools on top of the compiler: the CLI, TOML specs, numerics checks, pictures and HTML reports."""
