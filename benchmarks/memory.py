@@ -38,7 +38,7 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 b = mtcompile.load(sys.argv[1])
 inputs = seeded_run_all_inputs(b)
-b._fn("run_all")
+b.prepare()
 before = rss()
 b.run_all(inputs)
 print(rss() - before)

@@ -43,12 +43,15 @@ def matmul_ceiling(n: int = 2048, reps: int = 10) -> float:
 
 def graph_flops(graph) -> int:
     """Multiply-add FLOPs (x2) of the matmuls and convolutions of a graph."""
+    from mtcompile.ir.ops import LIBRARY_CALLS
+
     total = 0
     for n in graph.nodes:
-        if n.op == "relax.matmul":
+        op = LIBRARY_CALLS.get(n.op, n.op)  # a library call node computes its heavy op
+        if op == "relax.matmul":
             a = _shape(graph, n.args[0])
             total += 2 * int(np.prod(n.ty.shape)) * a[-1]
-        elif n.op == "relax.nn.conv2d":
+        elif op == "relax.nn.conv2d":
             w = _shape(graph, n.args[1])
             total += 2 * int(np.prod(n.ty.shape)) * int(np.prod(w[1:]))
     return total
@@ -109,9 +112,9 @@ def kernel_launches(bundle, entry: str, arrays) -> int:
 def run_all_args(bundle, inputs: dict) -> list:
     """The flat argument list of the ``run_all`` entry (a shared input appears once)."""
     def position(tenant: str, name: str) -> int:
-        return [s["name"] for s in bundle.signature(tenant)["inputs"]].index(name)
+        return [s.name for s in bundle.signature(tenant).inputs].index(name)
 
-    return [inputs[t][position(t, name)] for (t, name), *_ in bundle.manifest["run_all_inputs"]]
+    return [inputs[t][position(t, name)] for (t, name), *_ in bundle.manifest.run_all_inputs]
 
 
 def measure(contenders: dict, repeat: int, warmup: int) -> dict[str, list[float]]:

@@ -4,9 +4,7 @@
     bundle.run("vision", x); bundle.run_all({...}); bundle.save("out/"); mtcompile.load("out/")
 """
 
-__version__ = "0.1.0"
-
-from mtcompile.errors import (  # noqa: E402
+from mtcompile.errors import (
     ArtifactError,
     InputError,
     MTCompileError,
@@ -15,7 +13,8 @@ from mtcompile.errors import (  # noqa: E402
     UnsupportedOperatorError,
     VerifyError,
 )
-from mtcompile.tenant import Tenant  # noqa: E402
+from mtcompile.tenant import Tenant
+from mtcompile.version import __version__  # noqa: F401  (the public version)
 
 
 def __getattr__(name):
@@ -24,12 +23,16 @@ def __getattr__(name):
         from mtcompile.api import compile
 
         return compile
-    if name in ("load", "Bundle"):
-        from mtcompile.runtime import bundle as runtime
+    if name in ("load", "CompiledBundle"):  # load + run import no frontend, pass or tool
+        from mtcompile import compiled
 
-        return getattr(runtime, name)
+        return getattr(compiled, name)
+    if name == "Bundle":
+        from mtcompile.runtime.bundle import Bundle
+
+        return Bundle
     raise AttributeError(f"module 'mtcompile' has no attribute {name!r}")
 
 
-__all__ = ["Tenant", "compile", "load", "Bundle", "MTCompileError", "TenantError",
+__all__ = ["Tenant", "compile", "load", "Bundle", "CompiledBundle", "MTCompileError", "TenantError",
            "UnsupportedOperatorError", "InputError", "ArtifactError", "SpecError", "VerifyError"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from mtcompile.tools.cli import main
+from mtcompile.cli import main
 
 sys.exit(main())

@@ -1,8 +1,33 @@
-"""Pass infrastructure: the pass contract, the one registry, instruments and the runner.
+"""Pass infrastructure: the pass contract, the one registry, analyses, instruments, the runner.
 
 A pass is a frozen dataclass whose fields are its options, with a kebab-case ``name``
 and ``run(graph, ctx) -> PassResult``. It keeps no state between runs and returns a
 valid graph. Instruments see every pass before and after it runs.
+
+Analyses are values on ``Graph.analyses`` about that very graph (``"streams"``: a
+`StreamAssignment` from assign-streams; ``"memory"``: a `MemoryPlan` from plan-memory,
+which records the assignment it was made for). Each pass declares, as class attributes
+(LLVM's ``PreservedAnalyses``, MLIR's analysis manager):
+
+- ``requires``: analyses that must be present, computed on the graph the pass gets;
+- ``computes``: analyses it attaches;
+- ``preserves``: analyses still valid after it; ``None`` (the default) means all of them
+  when it reports no change and none when it changed the graph.
+
+`run_passes` drops every analysis a pass does not preserve (and keeps what it computes),
+so no pass reads a result computed on an older graph. The runner never recomputes an
+analysis on demand: both analyses have options the user chose (policy, streams, cores;
+alignment, strategy), and recomputing with defaults would silently build something else
+than asked. A pipeline that would need one is refused instead, naming the pass, the
+analysis and the fix: a pass whose requirement no earlier pass computed, or a pass that
+invalidates what an earlier pass computed when no later pass computes it again (e.g.
+``plan-memory, assign-streams``: the plan was made for another stream order). `build_pipeline`
+checks this before any work where the declarations decide it; the runner checks the rest
+(a pass that changed the graph) when it happens.
+
+A build runs the pipeline twice (see `mtcompile.api`): once for ``run_all``, and once,
+without its ``run_all_only`` passes and with ``PassContext.entries``, for the tenants' own
+entry functions.
 """
 
 from __future__ import annotations
@@ -10,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
@@ -29,11 +56,15 @@ class PassResult:
 
 @dataclass(frozen=True)
 class PassContext:
-    """What passes may know about the build: the target and the kernel provider per heavy
-    op kind (``{"matmul": "library", ...}``; a library call is a kernel of its own)."""
+    """What passes may know about the build: the target, the kernel provider per heavy
+    op kind (``{"matmul": "library", ...}``; a library call is a kernel of its own), the
+    machine's CPU cores (`mtcompile.api` reads them once per build; passes never ask the
+    machine), and whether this run builds the tenants' own entries rather than ``run_all``."""
 
     target: str = "llvm"
     kernels: dict[str, str] = field(default_factory=dict)
+    cores: int = 1
+    entries: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,8 +73,13 @@ class Pass:
 
     name: ClassVar[str] = ""
     # True for passes whose result only ``run_all`` may use (e.g. batching several tenants
-    # into one op): each tenant's own entry is built from the graph before the first such pass.
+    # into one op): the run that builds the tenants' own entries leaves them out.
     run_all_only: ClassVar[bool] = False
+    # analyses (names in ``Graph.analyses``) the pass needs, attaches, and keeps valid; see
+    # the module docstring (None: all when the pass reports no change, none when it changed)
+    requires: ClassVar[tuple[str, ...]] = ()
+    computes: ClassVar[tuple[str, ...]] = ()
+    preserves: ClassVar[tuple[str, ...] | None] = None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
@@ -73,17 +109,141 @@ class PassError(MTCompileError):
                          f"{type(cause).__name__}: {cause}")
 
 
+class PassOptionError(MTCompileError, ValueError):
+    """A pass option has the wrong type or value (raised before any work)."""
+
+
+class AnalysisError(MTCompileError):
+    """A pipeline would use an analysis no pass computed, or lose one a pass computed."""
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    """Whether `value` matches the type hint of an option (hints this check does not
+    know pass; the pass checks those itself)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(args[0], v) for v in value)
+        return len(args) == len(value) and all(_fits(a, v) for a, v in zip(args, value, strict=True))
+    if hint in (int, float) and isinstance(value, bool):
+        return False  # True is an int to Python, never a count or a rate to a pass
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _hint_text(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
 def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
-    """An instance of the registered pass `name` with `options`, or a clear error."""
+    """An instance of the registered pass `name` with `options`, or a clear error
+    (unknown pass or option, an option of the wrong type or value)."""
     if name not in REGISTRY:
         raise MTCompileError(f"unknown pass {name!r}; registered passes: {sorted(REGISTRY)}")
+    if options is not None and not isinstance(options, dict):
+        raise PassOptionError(f"options of pass {name!r} must be a dict of option -> value, "
+                              f"got {options!r} ({type(options).__name__})")
     cls = REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     bad = set(options or {}) - fields
     if bad:
         raise MTCompileError(f"pass {name!r} has no option(s) {sorted(bad)}; "
                              f"its options: {sorted(fields) or 'none'}")
-    return cls(**(options or {}))
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation this module cannot resolve: the pass checks the value
+        hints = {}
+    opts = dict(options or {})
+    for key, value in opts.items():
+        hint = hints.get(key, Any)
+        if not _fits(hint, value):
+            raise PassOptionError(f"pass {name!r}: option {key!r} must be {_hint_text(hint)}, "
+                                  f"got {value!r} ({type(value).__name__})")
+        if isinstance(value, list):
+            opts[key] = tuple(value)  # TOML and JSON give lists; options are frozen
+    try:
+        return cls(**opts)
+    except (ValueError, TypeError) as e:  # a pass's own check of its options' values
+        raise PassOptionError(f"pass {name!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------- analyses
+
+
+def entry_pipeline(passes: list[Pass]) -> list[Pass]:
+    """The passes of the run that builds the tenants' own entries: all but ``run_all_only``."""
+    return [p for p in passes if not p.run_all_only]
+
+
+def _computers(analysis: str) -> list[str]:
+    return [n for n, cls in REGISTRY.items() if analysis in cls.computes]
+
+
+def _missing(p: Pass, analysis: str, names: list[str]) -> str:
+    fix = " or ".join(repr(n) for n in _computers(analysis)) or "a pass that computes it"
+    return (f"pass '{p.name}' requires analysis '{analysis}', which no pass before it "
+            f"computed on the graph it gets; run {fix} before '{p.name}' "
+            f"(pipeline: {', '.join(names)})")
+
+
+def _lost(analysis: str, by: str, p: Pass, why: str, later: list[Pass],
+          names: list[str]) -> str | None:
+    """The error for `p` dropping `analysis` that pass `by` computed, unless a later pass
+    computes it again."""
+    if any(analysis in q.computes for q in later):
+        return None
+    return (f"pass '{p.name}' invalidates analysis '{analysis}' computed by '{by}' before it "
+            f"({why}), and no later pass computes it again: run '{by}' after '{p.name}' "
+            f"(pipeline: {', '.join(names)})")
+
+
+def check_pipeline(passes: list[Pass]) -> None:
+    """Refuse, before any work, a pipeline whose declarations already show that a pass
+    requires an analysis no earlier pass computed, or that an analysis a pass computed is
+    invalidated by a later pass that declares it does not preserve it (the run_all run and
+    the entries' run both). Passes that preserve by default are checked by `run_passes`."""
+    for run in (passes, entry_pipeline(passes)):
+        names = [p.name for p in run]
+        have: dict[str, str] = {}  # analysis -> the pass that computed it
+        for i, p in enumerate(run):
+            for a in p.requires:
+                if a not in have:
+                    raise AnalysisError(_missing(p, a, names))
+            if p.preserves is not None:
+                for a, by in list(have.items()):
+                    if a not in p.preserves and a not in p.computes:
+                        lost = _lost(a, by, p, "it does not preserve it", run[i + 1:], names)
+                        if lost:
+                            raise AnalysisError(lost)
+                        del have[a]
+            have.update({a: p.name for a in p.computes})
+
+
+def _keep_valid(p: Pass, before: Graph, result: PassResult) -> dict[str, Any]:
+    """The analyses valid after `p`: those it preserves, and those it computed."""
+    after = result.graph.analyses
+    stray = sorted(a for a, v in after.items()
+                   if a not in p.computes and before.analyses.get(a) is not v)
+    if stray:
+        raise AnalysisError(f"pass '{p.name}' attached analysis {stray} that it does not "
+                            f"declare in `computes` ({list(p.computes)})")
+    if p.preserves is None:
+        keep = set(before.analyses) if not result.changed else set()
+    else:
+        keep = set(p.preserves)
+    valid = {a: v for a, v in before.analyses.items() if a in keep}
+    valid.update({a: v for a, v in after.items() if a in p.computes})
+    return valid
 
 
 # --------------------------------------------------------------------------- instruments
@@ -115,16 +275,15 @@ class PassRecord:
 class Timing(Instrument):
     """Records the time and effect of every pass (the runner always uses one)."""
 
-    def __init__(self, kernels: dict[str, str] | None = None) -> None:
+    def __init__(self) -> None:
         self.records: list[PassRecord] = []
-        self.kernels = kernels or {}  # heavy-op providers: a library call is a kernel
 
     def after_pass(self, p, result, index, seconds):
         from mtcompile.analysis.schedule import kernel_dag
 
         g = result.graph
         try:
-            kernels = len(kernel_dag(g, self.kernels).kernels)
+            kernels = len(kernel_dag(g).kernels)
         except Exception:  # a broken graph is the verifier's to report, not the timer's
             kernels = None
         self.records.append(PassRecord(p.name, seconds, result.changed, len(g.nodes),
@@ -159,24 +318,6 @@ class DumpToDir(Instrument):
         (self.dir / f"{index + 1:03d}_{p.name}.txt").write_text(str(result.graph) + "\n")
 
 
-class EntryGraph(Instrument):
-    """The graph the tenants' own entries are built from: the pipeline without its
-    ``run_all_only`` passes. Passes after the first such pass run a second time, on the
-    graph as it was before it (so entries get fusion groups and memory plans too)."""
-
-    def __init__(self, ctx: PassContext | None = None) -> None:
-        self.ctx = ctx or PassContext()
-        self.graph: Graph | None = None
-
-    def before_pass(self, p, graph, index):
-        if p.run_all_only and self.graph is None:
-            self.graph = graph
-
-    def after_pass(self, p, result, index, seconds):
-        if self.graph is not None and not p.run_all_only:
-            self.graph = p.run(self.graph, self.ctx).graph
-
-
 class VerifyAfter(Instrument):
     """Runs the IR verifier after every pass."""
 
@@ -186,24 +327,45 @@ class VerifyAfter(Instrument):
 
 def run_passes(graph: Graph, passes: list[Pass], ctx: PassContext | None = None,
                instruments: list[Instrument] = ()) -> tuple[Graph, list[PassRecord]]:
-    """Run `passes` in order; returns the final graph and one record per pass."""
+    """Run `passes` in order; returns the final graph and one record per pass.
+
+    After each pass only the analyses it preserves or computed stay on the graph; a pass
+    whose required analysis is missing, or one that invalidates an analysis an earlier
+    pass of this run computed (when no later pass computes it again), raises
+    `AnalysisError` (see the module docstring)."""
     ctx = ctx or PassContext()
-    timing = Timing(ctx.kernels)
+    timing = Timing()
     hooks = [*instruments, timing]
+    names = [p.name for p in passes]
+    computed_by: dict[str, str] = {}  # analyses this run computed -> the pass that did
     done: list[str] = []
     for i, p in enumerate(passes):
+        for a in p.requires:
+            if a not in graph.analyses:
+                raise AnalysisError(_missing(p, a, names))
         try:
             for h in hooks:
                 h.before_pass(p, graph, i)
             t0 = time.perf_counter()
             result = p.run(graph, ctx)
             seconds = time.perf_counter() - t0
+            valid = _keep_valid(p, graph, result)
+            for a in graph.analyses.keys() - valid.keys():
+                why = "it changed the graph" if result.changed else "it does not preserve it"
+                lost = a in computed_by and _lost(a, computed_by[a], p, why, passes[i + 1:],
+                                                  names)
+                if lost:
+                    raise AnalysisError(lost)
+            if valid.keys() != result.graph.analyses.keys():
+                result = dataclasses.replace(
+                    result, graph=dataclasses.replace(result.graph, analyses=valid))
             for h in hooks:
                 h.after_pass(p, result, i, seconds)
-        except PassError:
+        except (PassError, AnalysisError):
             raise
         except Exception as e:
             raise PassError(p.name, done, e) from e
+        computed_by.update({a: p.name for a in p.computes if a in valid})
         graph = result.graph
         done.append(p.name)
     return graph, timing.records

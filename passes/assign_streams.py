@@ -14,11 +14,11 @@ stream. A measured profile (`Bundle.profile`) can replace these estimates later 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 from mtcompile.analysis.schedule import Kernel, kernel_dag
 from mtcompile.analysis.streams import AUTO_MIN_SPEEDUP, POLICIES, StreamAssignment, assign
+from mtcompile.ir import ops
 from mtcompile.ir.graph import ConstRef, Graph, Ref, TensorTy
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 
@@ -50,9 +50,12 @@ def kernel_work(graph: Graph, k: Kernel) -> tuple[float, float]:
         if not isinstance(n.ty, TensorTy):
             continue
         out = math.prod(n.ty.shape)
-        if n.op == "relax.matmul":
+        op = ops.LIBRARY_CALLS.get(n.op, n.op)  # a library call computes its heavy op
+        if n.op in (ops.MATMUL_BIAS, ops.CONV2D_BIAS):
+            flops += out  # the bias add that joined the call
+        if op == "relax.matmul":
             flops += 2.0 * out * (_shape(graph, n.args[0]) or (1,))[-1]
-        elif n.op == "relax.nn.conv2d":
+        elif op == "relax.nn.conv2d":
             w = _shape(graph, n.args[1])
             flops += 2.0 * out * math.prod(w[1:]) if w else out
         else:
@@ -75,15 +78,6 @@ def kernel_costs(graph: Graph, kernels, cpu: bool, threads: int) -> dict[str, fl
     return out
 
 
-def graph_costs(graph: Graph, dag) -> dict[str, float]:
-    """The compile-time estimate the assignment was made with, for run_all's kernels
-    while all streams run (lanes drawn in reports)."""
-    a = graph.analyses["streams"]
-    cpu = "cores" in a.info
-    cores = int(a.info.get("cores", 1))
-    return kernel_costs(graph, dag.kernels, cpu, max(1, cores // max(a.num_streams, 1)))
-
-
 @register
 @dataclass(frozen=True)
 class AssignStreams(Pass):
@@ -92,23 +86,32 @@ class AssignStreams(Pass):
     streams: N forces at most N streams (1 = sequential); max_streams: a cap that `auto`
     may still reduce to 1; policy: ``auto`` (fall back to one stream when the estimated
     speedup is below `min_speedup`), ``max`` or ``sequential``; cores: CPU cores the
-    streams share (None: this machine's count on CPU; ignored on CUDA).
+    streams share (None: ``ctx.cores``, the build machine's count; ignored on CUDA).
     """
 
     name = "assign-streams"
+    run_all_only = True  # the tenants' own entries run on one stream
+    computes = ("streams",)
+    # a memory plan was made for the stream order before this one: it must be made again
+    preserves = ()
     streams: int | None = None
     max_streams: int | None = None
     policy: str = "auto"
     cores: int | None = None
     min_speedup: float = AUTO_MIN_SPEEDUP
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+    def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
-        dag = kernel_dag(graph, ctx.kernels)
+        for key in ("streams", "max_streams", "cores"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        dag = kernel_dag(graph)
         order = [k.name for k in dag.kernels]
         cpu = ctx.target != "cuda"
-        cores = max(1, self.cores or os.cpu_count() or 1) if cpu else 1
+        cores = max(1, self.cores or ctx.cores) if cpu else 1
 
         per_stream, per_sync = EXECUTOR_US["llvm" if cpu else "cuda"]
 
@@ -122,6 +125,7 @@ class AssignStreams(Pass):
                    min_speedup=self.min_speedup if cpu or CUDA_AUTO else math.inf,
                    overhead_us=lambda n, syncs: n * per_stream + syncs * per_sync)
         a = StreamAssignment(a.streams, a.syncs, a.policy, a.estimated_speedup,
-                             a.logical_concurrency, {**a.info, **({"cores": cores} if cpu else {})})
+                             a.logical_concurrency, {**a.info, **({"cores": cores} if cpu else {})},
+                             kernel_us=cost(max(1, cores // a.num_streams)))
         info = {**a.summary(), "kernels": len(order), "cost_model": "graph", "cores": cores}
         return PassResult(graph.with_analysis("streams", a), False, info)

@@ -19,10 +19,7 @@ class EliminateDeadNodes(Pass):
     name = "eliminate-dead-nodes"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        live = graph.output_names()
-        for n in reversed(graph.nodes):
-            if n.name in live:
-                live.update(n.inputs)
+        live = graph.live_nodes()
         kept = [n for n in graph.nodes if n.name in live or n.op == INPUT]
         removed = len(graph.nodes) - len(kept)
         if not removed:

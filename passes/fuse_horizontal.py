@@ -16,6 +16,7 @@ from typing import ClassVar
 import numpy as np
 from tvm import relax
 
+from mtcompile.ir import ops
 from mtcompile.ir.builder import graph_types, make, op_of
 from mtcompile.ir.graph import (
     INPUT,
@@ -33,12 +34,8 @@ from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 
 from .eliminate_dead_nodes import EliminateDeadNodes
 
-UNARY = {"relax.nn.relu", "relax.nn.gelu", "relax.nn.silu", "relax.tanh", "relax.exp",
-         "relax.erf", "relax.sigmoid", "relax.sqrt", "relax.rsqrt", "relax.negative",
-         "relax.astype", "relax.abs", "relax.log"}
-BROADCAST = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.power",
-             "relax.maximum", "relax.minimum", "relax.less", "relax.greater", "relax.where",
-             "relax.matmul"}
+UNARY = ops.UNARY  # batched as they are: the leading tenant axis is one more element axis
+BROADCAST = ops.BROADCAST | {"relax.matmul"}  # batched values broadcast against shared ones
 
 
 def _shift(axis: int) -> int:

@@ -3,15 +3,15 @@ the elementwise/injective ops that follow it alone -> one fusion group = one ker
 
 A decision on our graph, made as TVM's FuseOps would make it, so that later passes see
 the kernels that really run: lowering emits every group as one primitive function, which
-TVM turns into exactly one kernel. Library calls (PyTorch matmul/conv) are kernels of
-their own and never join a group.
+TVM turns into exactly one kernel. Library call nodes (made by offload-library) are
+kernels of their own and never join a group; op kinds come from `mtcompile.ir.ops`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mtcompile.analysis.schedule import left_to_tvm, op_kind
+from mtcompile.analysis.schedule import constant_only, op_kind
 from mtcompile.ir.graph import INPUT, Graph
 from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 
@@ -30,8 +30,8 @@ class FuseVertical(Pass):
         users = graph.users()
         for o in graph.output_names():
             users[o].append("<output>")
-        kinds = {n.name: op_kind(n, ctx.kernels) for n in graph.nodes}
-        for name in left_to_tvm(graph, kinds, users):
+        kinds = {n.name: op_kind(n) for n in graph.nodes}
+        for name in constant_only(graph):  # left out of groups: TVM folds them away
             kinds[name] = None
         group_of: dict[str, str] = {}
         heavy_in: dict[str, bool] = {}  # group -> it already holds an anchor or a reduction

@@ -1,5 +1,6 @@
 """plan-memory: every intermediate of the kernels that run -> an offset in one arena per
-function (``run_all``, and each tenant's entry), live tensors never sharing a byte."""
+function (``run_all``, or each tenant's entry in the entries' run), live tensors never
+sharing a byte."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ from mtcompile.pass_infra import Pass, PassContext, PassResult, register
 STRATEGIES = ("greedy", "naive")
 
 
-def _stream_order(graph: Graph, dag):
+def _stream_order(streams, dag):
     """Happens-before over `dag`'s kernel indices from the stream assignment, if any."""
-    streams = graph.analyses.get("streams")
     if streams is None or streams.num_streams <= 1:
         return sequential
     from mtcompile.analysis.streams import happens_before
@@ -31,7 +31,9 @@ class PlanMemory(Pass):
     """Liveness over the kernel order (or the streams' happens-before order), then greedy
     by-size best-fit offsets. Tenants that run one after another in ``run_all`` share the
     whole arena; returned tensors leave it. Attaches a `MemoryPlan` as the analysis
-    ``"memory"``; lowering realizes it as one storage per function.
+    ``"memory"``, recording the stream assignment it was made for (so assign-streams
+    invalidates it); lowering realizes it as one storage per function. In the entries'
+    run (``ctx.entries``) it plans each tenant's entry instead of ``run_all``.
 
     alignment: bytes every offset is a multiple of (default: 64 on CPU, 256 on CUDA).
     strategy: ``greedy`` (by size, best fit) or ``naive`` (every intermediate in bytes of
@@ -39,23 +41,31 @@ class PlanMemory(Pass):
     """
 
     name = "plan-memory"
+    computes = ("memory",)
+    preserves = ("streams",)
     alignment: int | None = None
     strategy: str = "greedy"
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        alignment = self.alignment or ALIGNMENT.get(ctx.target, 256)
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise ValueError(f"alignment must be a power of two, got {alignment}")
+    def __post_init__(self) -> None:
+        a = self.alignment
+        if a is not None and (a <= 0 or a & (a - 1)):
+            raise ValueError(f"alignment must be a power of two, got {a}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        functions = {}
-        dag = kernel_dag(graph, ctx.kernels)
-        functions["run_all"] = plan_function("run_all", dag, alignment,
-                                             _stream_order(graph, dag), self.strategy)
-        for t in graph.tenants:
-            functions[t] = plan_function(t, kernel_dag(graph, ctx.kernels, [t]), alignment,
-                                         strategy=self.strategy)
-        run_all = functions["run_all"]
-        return PassResult(graph.with_analysis("memory", MemoryPlan(functions)), False, {
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        alignment = self.alignment or ALIGNMENT.get(ctx.target, 256)
+        if ctx.entries:  # each tenant's entry runs its kernels alone, in program order
+            functions = {t: plan_function(t, kernel_dag(graph, [t]), alignment,
+                                          strategy=self.strategy) for t in graph.tenants}
+            return PassResult(graph.with_analysis("memory", MemoryPlan(functions)), False, {
+                "arena_bytes": {t: p.arena_bytes for t, p in functions.items()}})
+        streams = graph.analyses.get("streams")
+        dag = kernel_dag(graph)
+        run_all = plan_function("run_all", dag, alignment, _stream_order(streams, dag),
+                                self.strategy)
+        plan = MemoryPlan({"run_all": run_all},
+                          streams.fingerprint() if streams is not None else None)
+        return PassResult(graph.with_analysis("memory", plan), False, {
             "arena_bytes": run_all.arena_bytes, "lower_bound_bytes": run_all.lower_bound_bytes,
             "naive_bytes": run_all.naive_bytes, "tensors": len(run_all.slots)})

@@ -15,8 +15,9 @@ from conftest import MultiOut, linear_relu, tiny_tenants, torch_outputs
 import mtcompile
 from mtcompile.errors import MTCompileError
 from mtcompile.passes import DEFAULT_PIPELINE
-from mtcompile.runtime.abi import FORMAT, MANIFEST
-from mtcompile.runtime.bundle import sha256_file
+from mtcompile.runtime.abi import MANIFEST
+from mtcompile.runtime.artifact import sha256_file
+from mtcompile.runtime.manifest import FORMAT, IOSpec, Manifest
 
 ATOL = 1e-5
 
@@ -42,7 +43,7 @@ def test_run_matches_torch_and_returns_numpy_in_order(tiny_bundle, sources):
     # Three outputs come back in the model's order with their own dtypes.
     relu, sums, argmax = tiny_bundle.run("multi", *_inputs(sources, "multi"))
     assert relu.shape == (3, 5) and sums.shape == (3,) and argmax.dtype == np.int64
-    assert [o["dtype"] for o in tiny_bundle.signature("multi")["outputs"]] == [
+    assert [o.dtype for o in tiny_bundle.signature("multi").outputs] == [
         "float32", "float32", "int64"]
 
 
@@ -67,7 +68,7 @@ def test_scalar_inputs():
     # 0-d inputs stay 0-d, from torch or numpy, as example inputs and at run time.
     x, s = np.arange(3, dtype=np.float32), np.array(2.5, np.float32)
     b = mtcompile.compile([mtcompile.Tenant("s", Scale(), example_inputs=(x, s))])
-    assert b.signature("s")["inputs"][1] == {"name": "s", "shape": [], "dtype": "float32"}
+    assert b.signature("s").inputs[1] == IOSpec("s", (), "float32")
     want = [0.0, 2.5, 5.0]
     assert b.run("s", x, s)[0].tolist() == want
     assert b.run("s", torch.from_numpy(x), torch.tensor(2.5))[0].tolist() == want
@@ -108,7 +109,7 @@ def test_degenerate_tenants():
     assert [o.tolist() for o in out["const"]] == [[0.0, 1.0, 2.0]]
     assert [o.tolist() for o in out["ident"]] == [[2.0, 2.0, 2.0]]
     assert [o.tolist() for o in out["twice"]] == [[2.0, 2.0, 2.0]] * 2
-    assert [i["name"] for i in b.signature("twice")["inputs"]] == ["x", "unused"]
+    assert [i.name for i in b.signature("twice").inputs] == ["x", "unused"]
     first, second = b.run("twice", x, torch.zeros(2))
     first[0] = 99.0  # outputs are separate arrays
     assert second[0] == 2.0
@@ -205,9 +206,23 @@ def test_manifest_json(tiny_bundle, tiny_saved):
     assert m["library_sha256"] == sha256_file(tiny_saved / "bundle.so")
     assert [p["name"] for p in m["pipeline"]] == DEFAULT_PIPELINE
     assert {"name": "eliminate-dead-nodes", "options": {}} in m["pipeline"]
-    # The readable copy is the in-memory manifest plus the library's hash.
-    assert {k: v for k, v in m.items() if k != "library_sha256"} == json.loads(
-        json.dumps(tiny_bundle.manifest))
+    # The readable copy is the in-memory manifest plus the library's hash; it reads back
+    # as the same typed manifest, and the library's embedded copy lacks only what the
+    # build found out (memory) and the hash.
+    assert {k: v for k, v in m.items() if k != "library_sha256"} == tiny_bundle.manifest.to_dict()
+    text = (tiny_saved / MANIFEST).read_text()
+    assert Manifest.from_json(text) == tiny_bundle.manifest.with_(library_sha256=m["library_sha256"])
+    assert set(m) - set(tiny_bundle.manifest.embedded()) == {"memory", "library_sha256"}
+
+
+def test_signature_and_typed_manifest(tiny_bundle):
+    m = tiny_bundle.manifest
+    assert isinstance(m, Manifest) and m.format == FORMAT == "mtcompile-bundle/2"
+    sig = tiny_bundle.signature("lin")
+    assert sig is m.tenants["lin"] and str(sig.inputs[0]) == "x: float32[2, 8]"
+    assert m.tenant_order == ("lin", "conv", "multi") and m.library == "bundle.so"
+    assert m.streams.num_streams >= 1 and m.memory is not None and m.memory.planned
+    assert m.graph.nodes == len(tiny_bundle.graph)
 
 
 def test_save_load_round_trip_in_process(tiny_bundle, tiny_saved, sources):
@@ -226,6 +241,22 @@ def test_save_load_round_trip_in_process(tiny_bundle, tiny_saved, sources):
     with pytest.raises(MTCompileError, match="verify needs the source models"):
         loaded.verify()
     assert mtcompile.load(tiny_saved, sources=sources).verify(atol=ATOL)["ok"]
+
+
+def test_runtime_load_gives_the_lean_bundle(tiny_saved, tiny_bundle, sources):
+    # mtcompile.load adds verify and the HTML display; the runtime's own load has neither.
+    from mtcompile.runtime.bundle import Bundle
+    from mtcompile.runtime.bundle import load as runtime_load
+
+    lean = runtime_load(tiny_saved)
+    assert type(lean) is Bundle and not hasattr(lean, "verify")
+    assert not hasattr(lean, "_repr_html_") and not hasattr(lean, "graph")
+    assert isinstance(mtcompile.load(tiny_saved), mtcompile.Bundle)
+    ins = {n: t.example_inputs for n, t in sources.items()}
+    got, want = lean.run_all(ins), tiny_bundle.run_all(ins)
+    assert all(np.array_equal(a, b) for n in ins for a, b in zip(got[n], want[n], strict=True))
+    assert lean.report()["tenants"] == tiny_bundle.report()["tenants"]
+    assert "stages_s" in tiny_bundle.report() and "stages_s" not in lean.report()
 
 
 def test_loaded_bundle_saves_again(tiny_saved, tmp_path, sources):
@@ -247,7 +278,7 @@ def test_save_overwrites_and_uses_the_bundle_name(tmp_path):
     b.save(tmp_path)  # saving twice into the same directory is fine
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "my_models.so"]
     loaded = mtcompile.load(tmp_path)
-    assert loaded.manifest["name"] == "my_models"
+    assert loaded.manifest.name == "my_models"
     np.testing.assert_array_equal(loaded.run("m", *x)[2], b.run("m", *x)[2])
 
 
@@ -264,6 +295,50 @@ CHILD = textwrap.dedent("""
     loaded = sorted(m for m in sys.modules if m.startswith("mtcompile"))
     print(json.dumps({"outputs": len(outs), "modules": loaded}))
 """)
+
+# What a loaded bundle must not need: model code, the compiler, the tools and their libraries.
+NOT_AT_RUN_TIME = ("mtcompile.frontend", "mtcompile.passes", "mtcompile.tools",
+                   "mtcompile.analysis", "mtcompile.backend", "onnx", "networkx", "matplotlib")
+
+RUN_ALL_CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import mtcompile
+    d = sys.argv[1]
+    inputs = dict(np.load(f"{d}/../inputs.npz"))
+    b = mtcompile.load(d)
+    out = b.run_all({t: (inputs[t],) for t in b.tenant_names})
+    np.savez(f"{d}/../outputs.npz", **{t: o[0] for t, o in out.items()})
+    print(json.dumps(sorted(sys.modules)))
+""")
+
+
+def _imported(modules: list[str], prefixes) -> list[str]:
+    return [m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes)]
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_load_and_run_all_in_a_fresh_process_import_no_compiler(tiny_bundle, sources, tmp_path,
+                                                                 streams):
+    bundle = tiny_bundle if streams == 1 else mtcompile.compile(
+        list(sources.values()), pass_options={"assign-streams": {"streams": 2, "policy": "max"}})
+    assert bundle.num_streams == streams
+    saved = bundle.save(tmp_path / "bundle")
+    inputs = {t: s.example_inputs[0].numpy() for t, s in sources.items()}
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    proc = subprocess.run([sys.executable, "-c", RUN_ALL_CHILD, str(saved)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    modules = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = [m for m in modules if m.startswith("mtcompile")]
+    print(f"load + run_all ({streams} stream(s)) imports: {ours}")  # quoted in the notes
+    assert _imported(modules, NOT_AT_RUN_TIME) == []
+    assert "mtcompile.runtime.bundle" in ours and ("mtcompile.runtime.executor" in ours) == (
+        streams > 1)
+    want = bundle.run_all({t: (x,) for t, x in inputs.items()})
+    got = np.load(tmp_path / "outputs.npz")
+    for t in bundle.tenant_names:
+        np.testing.assert_array_equal(got[t], want[t][0])
 
 
 @pytest.mark.slow
@@ -283,9 +358,8 @@ def test_load_in_a_fresh_process(hetero_bundle, hetero_tenants, tmp_path_factory
     assert info["outputs"] == len(want)
     for i, w in enumerate(want):
         np.testing.assert_array_equal(np.load(root / f"out{i}.npy"), w)
-    # A loaded bundle needs no model code: neither the frontends nor the passes were imported.
-    assert "mtcompile.frontend.importers" not in info["modules"]
-    assert not any(m.startswith("mtcompile.passes") for m in info["modules"])
+    # A loaded bundle needs no model code, no compiler and no tools.
+    assert _imported(info["modules"], NOT_AT_RUN_TIME) == []
 
 
 @pytest.mark.slow

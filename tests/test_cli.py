@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import pytest
 
+from mtcompile.cli import main
 from mtcompile.errors import SpecError
 from mtcompile.models import encoder_onnx
 from mtcompile.passes import DEFAULT_PIPELINE
-from mtcompile.tools.cli import main
 from mtcompile.tools.spec import load_spec
 
 SMALL_MLP = 'factory = "mtcompile.models:mlp_fx"\nargs = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }'

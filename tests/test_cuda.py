@@ -31,8 +31,8 @@ def cuda_bundle():
 
 
 def test_cuda_build_uses_tvm_kernels_and_saves(cuda_bundle, tmp_path):
-    assert cuda_bundle.manifest["target"] == "cuda"
-    assert cuda_bundle.manifest["kernels"] == {"matmul": "tvm", "conv2d": "tvm"}
+    assert cuda_bundle.manifest.target == "cuda"
+    assert cuda_bundle.manifest.kernels == {"matmul": "tvm", "conv2d": "tvm"}
     out = cuda_bundle.save(tmp_path)
     assert (out / "bundle.so").stat().st_size > 0
 

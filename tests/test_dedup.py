@@ -106,8 +106,8 @@ def test_dedup_numerics_different_weights_stay_apart():
 
 def test_shared_input_is_one_run_all_parameter():
     b = mtcompile.compile(_mlp_pair(same_weights=False, shared=True))
-    assert b.manifest["run_all_inputs"] == [[["a", "x"], ["b", "x"]]]
-    assert b.signature("b")["inputs"][0]["shared_as"] == "frame"
+    assert b.manifest.run_all_inputs == ((("a", "x"), ("b", "x")),)
+    assert b.signature("b").inputs[0].shared_as == "frame"
     x = seeded_input(1, 2, 8)
     with pytest.raises(InputError, match="share input 'x'/'x' but were given different values"):
         b.run_all({"a": (x,), "b": (x + 1,)})

@@ -35,8 +35,8 @@ def onnx_model(module, inputs, dynamic_batch: bool = False) -> onnx.ModelProto:
 def check(bundle, name: str, module, inputs, source: str) -> None:
     """The bundle matches `module` (eager) on `inputs` and passes its own verify()."""
     sig = bundle.signature(name)
-    assert sig["source"] == source
-    assert [tuple(i["shape"]) for i in sig["inputs"]] == [tuple(x.shape) for x in inputs]
+    assert sig.source == source
+    assert [i.shape for i in sig.inputs] == [tuple(x.shape) for x in inputs]
     got = bundle.run(name, *inputs)
     want = torch_outputs(module, inputs)
     assert len(got) == len(want)
@@ -60,7 +60,7 @@ def test_nn_module_via_torch_export():
     check(bundle, "conv", check_model, x, "torch.export")
     assert bundle.verify(atol=ATOL)["ok"]  # the reference runs m in eval mode...
     assert m.training and m.conv.training and not m.bn.training  # ...and restores its modes
-    assert bundle.signature("conv")["inputs"][0]["name"] == "x"
+    assert bundle.signature("conv").inputs[0].name == "x"
 
 
 def test_nn_module_with_numpy_example_inputs():
@@ -75,8 +75,8 @@ def test_fx_graph_module_with_input_shapes():
     bundle = mtcompile.compile([Tenant("fx", gm, input_shapes={"x": ((2, 8), "float32")})])
     x = seeded_input(5, 2, 8)
     check(bundle, "fx", m, (x,), "torch.fx")
-    assert bundle.signature("fx")["inputs"] == [{"name": "x", "shape": [2, 8],
-                                                "dtype": "float32"}]
+    assert [i.to_dict() for i in bundle.signature("fx").inputs] == [
+        {"name": "x", "shape": [2, 8], "dtype": "float32"}]
 
 
 def test_fx_graph_module_with_example_inputs():
@@ -98,8 +98,8 @@ def test_onnx_model_proto():
     bundle = mtcompile.compile([Tenant("ox", onnx_model(m, x), example_inputs=x)])
     check(bundle, "ox", m, x, "onnx")
     sig = bundle.signature("ox")
-    assert [i["name"] for i in sig["inputs"]] == ["x"]
-    assert [o["name"] for o in sig["outputs"]] == ["y"]  # ONNX output names are kept
+    assert [i.name for i in sig.inputs] == ["x"]
+    assert [o.name for o in sig.outputs] == ["y"]  # ONNX output names are kept
 
 
 def test_onnx_path_with_shapes_from_the_file(tmp_path):
@@ -121,7 +121,7 @@ def test_onnx_path_with_input_shapes_override(tmp_path):
                                                                        "float32")})])
     x3 = (seeded_input(7, 3, 3, 8, 8),)
     check(bundle, "dyn", m, x3, "onnx")
-    assert bundle.signature("dyn")["outputs"][0]["shape"] == [3, 5]
+    assert bundle.signature("dyn").outputs[0].shape == (3, 5)
 
 
 def test_all_frontends_in_one_bundle(tmp_path):
@@ -145,8 +145,7 @@ def test_all_frontends_in_one_bundle(tmp_path):
         np.testing.assert_allclose(bundle.run(name, *x)[0], torch_outputs(module, x)[0],
                                    rtol=0, atol=ATOL)
     # Identical weights under three frontends are still stored once.
-    assert bundle.manifest["graph"]["weight_bytes"] < bundle.manifest["graph"][
-        "weight_bytes_before_merge"]
+    assert bundle.manifest.graph.weight_bytes < bundle.manifest.graph.weight_bytes_before_merge
 
 
 def test_source_hash_follows_the_weights():
@@ -164,7 +163,7 @@ def test_source_hash_follows_the_weights():
 
 @pytest.mark.slow
 def test_heterogeneous_set_matches_sources(hetero_bundle):
-    assert [hetero_bundle.signature(t)["source"] for t in hetero_bundle.tenant_names] == [
+    assert [hetero_bundle.signature(t).source for t in hetero_bundle.tenant_names] == [
         "torch.export", "onnx", "torch.fx"]
     report = hetero_bundle.verify(atol=ATOL)
     assert report["ok"], report

@@ -12,8 +12,11 @@ from mtcompile import Tenant
 from mtcompile.ir.graph import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
 from mtcompile.pass_infra import PassContext
 from mtcompile.passes.fuse_vertical import FuseVertical
+from mtcompile.passes.offload_library import OffloadLibrary
 
-WITHOUT = ["dedup", "fuse-horizontal", "eliminate-dead-nodes"]  # TVM's FuseOps decides
+# the default pipeline up to fuse-vertical: TVM's FuseOps decides the groups
+WITHOUT = ["dedup", "fuse-horizontal", "eliminate-dead-nodes", "fold-batch-norm",
+           "offload-library"]
 
 
 def _chain(extra_user: bool = False) -> Graph:
@@ -53,12 +56,22 @@ def test_structure_tvm_matmul_takes_its_elementwise_followers():
     assert "{tenant=t, group=g0} : f32[2,3]" in str(result.graph)
 
 
-def test_library_matmul_is_its_own_kernel_and_its_bias_is_left_to_the_offload():
-    result = FuseVertical().run(_chain(), PassContext(kernels={"matmul": "library"}))
+def test_library_call_is_its_own_kernel():
+    ctx = PassContext(kernels={"matmul": "library"})
+    offloaded = OffloadLibrary().run(_chain(), ctx).graph
+    assert offloaded.node("t.add").op == "mtcompile.library.matmul_bias"  # mm + its bias
+    result = FuseVertical().run(offloaded, ctx)
     assert groups(result.graph) == [["relu", "sum", "exp"]]  # elementwise chain + reduction
-    assert result.graph.node("t.mm").group is None  # the library call
-    assert result.graph.node("t.add").group is None  # folded into the call as its bias
+    assert result.graph.node("t.add").group is None  # the library call
     assert result.info["kernels"] == 2 and result.info["library_calls"] == 1
+
+
+def test_negative_the_providers_alone_make_no_library_call():
+    # fuse-vertical reads the decision from the graph: without offload-library, a matmul
+    # whose provider is library is a TVM anchor like any other
+    result = FuseVertical().run(_chain(), PassContext(kernels={"matmul": "library"}))
+    assert groups(result.graph) == [["mm", "add", "relu"], ["sum", "exp"]]
+    assert result.info["library_calls"] == 0
 
 
 def test_negative_a_value_used_twice_ends_its_group():
@@ -121,7 +134,7 @@ def test_demo_sets_no_more_kernels_than_tvm_fuseops(name):
 
     def launched(b):
         args = [np.asarray(x) for t in tenants for x in t.example_inputs]
-        if len(b.manifest["run_all_inputs"]) == 1:
+        if len(b.manifest.run_all_inputs) == 1:
             args = args[:1]
         return sum(1 for s, _ in b.trace("run_all", args)[0] if not s.startswith("vm.builtin"))
 

@@ -1,4 +1,5 @@
-"""Kernel providers (library/tvm), library offload, CPU default schedule, profiling, tuning."""
+"""Kernel providers (library/tvm): choice, numerics and what runs; CPU default schedule,
+profiling, tuning. The offload pass's structure: tests/test_offload_library.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import onnx
 import pytest
 import torch
 import tvm
-from conftest import seeded_input, tiny_conv, tiny_tenants
+from conftest import seeded_input, tiny_tenants
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from tvm import relax, tirx
@@ -21,18 +22,19 @@ from tvm import relax, tirx
 import mtcompile
 import mtcompile.api
 from mtcompile.backend import kernels
-from mtcompile.backend.lowering import build, emit_module, make_target
+from mtcompile.backend.lowering import emit_module, make_target
+from mtcompile.cli import main, parse_kernels
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.importers import import_tenant
 from mtcompile.frontend.lift import lift
+from mtcompile.pass_infra import PassContext, run_passes
+from mtcompile.passes import build_pipeline
 from mtcompile.runtime import library
-from mtcompile.tools.cli import main, parse_kernels
 
 ATOL = 1e-4
 LIBRARY = {"matmul": "library", "conv2d": "library"}
 TVM = {"matmul": "tvm", "conv2d": "tvm"}
 MIXED = {"matmul": "tvm", "conv2d": "library"}
-CALL_DPS = tvm.ir.Op.get("relax.call_dps_packed")
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -98,253 +100,14 @@ def test_cli_parse_kernels():
         parse_kernels("matmul=tvm,conv2d")
 
 
-# --------------------------------------------------------------------------- offload: structure
-
-
-def calls_of(func: relax.Function) -> list[str]:
-    """Each call of `func` in order: the op name, or the packed function a call_dps_packed calls."""
-    out = []
-    for block in func.body.blocks:
-        for b in block.bindings:
-            v = b.value
-            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
-                out.append(v.args[0].global_symbol if v.op.same_as(CALL_DPS) else v.op.name)
-    return out
-
-
-def one_function(build_body, params: list[tuple[str, tuple, str]]) -> tvm.IRModule:
-    """A module whose "main" takes `params` and returns what `build_body(bb, *vars)` returns."""
-    bb = relax.BlockBuilder()
-    args = [relax.Var(n, relax.TensorType(shape, dtype)) for n, shape, dtype in params]
-    with bb.function("main", args):
-        with bb.dataflow():
-            gv = bb.emit_output(build_body(bb, *args))
-        bb.emit_func_output(gv)
-    return bb.get()
-
-
-def const(arr: np.ndarray) -> relax.Expr:
-    return relax.const(arr, dtype=str(arr.dtype))
-
-
-def run_main(mod: tvm.IRModule, providers: dict, *inputs: np.ndarray) -> list[np.ndarray]:
-    """Build `mod` as `compile` does (prepare, offload, our CPU pipeline) and run "main"."""
-    ex, _ = build(mod, "llvm", providers)
-    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(x) for x in inputs])
-    return [o.numpy() for o in out] if not hasattr(out, "numpy") else [out.numpy()]
+# --------------------------------------------------------------------------- helpers
+# (the offload's structure and negative tests: tests/test_offload_library.py)
 
 
 def imported(model: nn.Module, *inputs) -> tvm.IRModule:
     """`model` as compile sees it: imported, lifted, emitted and prepared; "t" is its entry."""
     it = import_tenant(mtcompile.Tenant("t", model, example_inputs=inputs))
     return kernels.prepare(emit_module(lift(it.mod["main"], "t", it.input_names)))
-
-
-W84 = _rng(0).standard_normal((8, 4)).astype(np.float32)
-B4 = _rng(1).standard_normal(4).astype(np.float32)
-X28 = _rng(2).standard_normal((2, 8)).astype(np.float32)
-
-
-def test_float32_matmul_becomes_a_library_call():
-    mod = one_function(lambda bb, x: relax.op.matmul(x, const(W84)), [("x", (2, 8), "float32")])
-    out, n = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["main"]) == [library.MATMUL] and n == 1
-    (got,) = run_main(mod, LIBRARY, X28)
-    np.testing.assert_allclose(got, X28 @ W84, rtol=0, atol=1e-5)
-
-
-def test_nchw_conv_becomes_a_library_call_with_its_parameters():
-    w = _rng(3).standard_normal((6, 2, 3, 3)).astype(np.float32)
-
-    def body(bb, x):
-        return relax.op.nn.conv2d(x, const(w), strides=(2, 1), padding=(0, 1, 1, 2),
-                                  dilation=(1, 2), groups=2)
-
-    mod = one_function(body, [("x", (1, 4, 9, 9), "float32")])
-    out, n = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["main"]) == [library.CONV2D] and n == 1
-    call = out["main"].body.blocks[0].bindings[0].value
-    # stride h/w, padding top/left/bottom/right, dilation h/w, groups
-    assert [int(v) for v in call.args[1].fields[2].values] == [2, 1, 0, 1, 1, 2, 1, 2, 2]
-    x = _rng(4).standard_normal((1, 4, 9, 9)).astype(np.float32)
-    want = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(torch.from_numpy(x), (1, 2, 0, 1)), torch.from_numpy(w),
-        stride=(2, 1), dilation=(1, 2), groups=2).numpy()
-    for providers in (LIBRARY, TVM):
-        (got,) = run_main(mod, providers, x)
-        np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
-
-
-def test_linear_bias_is_folded_into_matmul_bias():
-    lin = nn.Linear(8, 4).eval()
-    mod = imported(lin, torch.from_numpy(X28))
-    assert "relax.matmul" in calls_of(mod["t"]) and "relax.add" in calls_of(mod["t"])
-    out, n = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["t"]) == [library.MATMUL_BIAS]
-    assert calls_of(out["run_all"]) == [library.MATMUL_BIAS]
-    assert n == 2  # one per function: the tenant's entry and run_all
-    # The bias is the 1-D bias of the layer.
-    call = out["t"].body.blocks[0].bindings[0].value
-    bias = call.args[1].fields[2]
-    np.testing.assert_array_equal(bias.value.numpy(), lin.bias.detach().numpy())
-
-
-def test_conv_batchnorm_folds_into_conv_with_bias():
-    model, (x,) = tiny_conv(0)  # conv (no bias) -> batch-norm -> relu -> mean -> linear
-    mod = imported(model, x)
-    # prepare folded the batch-norm into the conv: a conv and one constant add are left
-    before = calls_of(mod["t"])
-    assert "relax.nn.batch_norm" not in before and before.count("relax.add") == 2
-    out, n = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["t"]) == [library.CONV2D_BIAS, "relax.nn.relu", "relax.mean",
-                                  library.MATMUL_BIAS]
-    assert n == 4
-
-
-def test_tvm_provider_leaves_the_module_alone():
-    model, inputs = tiny_conv(0)
-    mod = imported(model, *inputs)
-    out, n = kernels.offload(mod, TVM)
-    assert out is mod and n == 0
-
-
-def test_mixed_providers_offload_only_their_kind():
-    model, inputs = tiny_conv(0)
-    mod = imported(model, *inputs)
-    out, _ = kernels.offload(mod, MIXED)
-    calls = calls_of(out["t"])
-    assert calls[0] == library.CONV2D_BIAS and "relax.matmul" in calls
-    assert not any(c.startswith("mtcompile.library.matmul") for c in calls)
-    out, _ = kernels.offload(mod, {"matmul": "library", "conv2d": "tvm"})
-    calls = calls_of(out["t"])
-    assert "relax.nn.conv2d" in calls and calls[-1] == library.MATMUL_BIAS
-
-
-@pytest.mark.parametrize("out_dtype", ["int32", "float32"])
-def test_int_matmul_is_not_offloaded(out_dtype):
-    w = _rng(5).integers(-3, 4, (8, 4)).astype(np.int32)
-    mod = one_function(lambda bb, x: relax.op.matmul(x, const(w), out_dtype=out_dtype),
-                       [("x", (2, 8), "int32")])
-    out, n = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["main"]) == ["relax.matmul"] and n == 0
-    x = _rng(6).integers(-3, 4, (2, 8)).astype(np.int32)
-    (got,) = run_main(mod, LIBRARY, x)
-    assert got.dtype == out_dtype
-    np.testing.assert_array_equal(got, (x @ w).astype(out_dtype))
-
-
-def test_nhwc_conv_is_not_offloaded():
-    w = _rng(7).standard_normal((3, 3, 4, 6)).astype(np.float32)  # HWIO
-
-    def body(bb, x):
-        return relax.op.nn.conv2d(x, const(w), padding=1, data_layout="NHWC",
-                                  kernel_layout="HWIO")
-
-    mod = one_function(body, [("x", (1, 5, 5, 4), "float32")])
-    out, n = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["main"]) == ["relax.nn.conv2d"] and n == 0
-    x = _rng(8).standard_normal((1, 5, 5, 4)).astype(np.float32)
-    want = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
-                                      torch.from_numpy(w).permute(3, 2, 0, 1), padding=1)
-    (got,) = run_main(mod, LIBRARY, x)
-    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=ATOL)
-
-
-def _used_by_multiply(bb, x):
-    mm = bb.emit(relax.op.matmul(x, const(W84)))
-    biased = bb.emit(relax.op.add(mm, const(B4)))
-    return relax.op.multiply(biased, mm)
-
-
-def _used_as_output(bb, x):
-    mm = bb.emit(relax.op.matmul(x, const(W84)))
-    biased = bb.emit(relax.op.add(const(B4), mm))
-    return relax.Tuple([biased, mm])
-
-
-@pytest.mark.parametrize("body, reference", [
-    (_used_by_multiply, lambda x: (x @ W84 + B4) * (x @ W84)),
-    (_used_as_output, lambda x: ((x @ W84 + B4), x @ W84)),
-])
-def test_bias_is_not_folded_into_a_matmul_used_twice(body, reference):
-    mod = one_function(body, [("x", (2, 8), "float32")])
-    out, n = kernels.offload(mod, LIBRARY)
-    calls = calls_of(out["main"])
-    assert calls[:2] == [library.MATMUL, "relax.add"] and library.MATMUL_BIAS not in calls
-    assert n == 1
-    got = run_main(mod, LIBRARY, X28)
-    want = reference(X28)
-    want = want if isinstance(want, tuple) else (want,)
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("bias_shape", [(4, 1), (4, 4), (1, 4, 4)])
-def test_matmul_bias_not_along_the_last_axis_is_not_folded(bias_shape):
-    # x (4, 8) @ W (8, 4) -> (4, 4): a (4, 1) bias adds along rows, a (4, 4) one everywhere,
-    # a (1, 4, 4) one also adds an axis; none of them is a 1-D bias of the columns.
-    bias = _rng(9).standard_normal(bias_shape).astype(np.float32)
-
-    def body(bb, x):
-        mm = bb.emit(relax.op.matmul(x, const(W84)))
-        return relax.op.add(mm, const(bias))
-
-    mod = one_function(body, [("x", (4, 8), "float32")])
-    out, _ = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["main"]) == [library.MATMUL, "relax.add"]
-    x = _rng(10).standard_normal((4, 8)).astype(np.float32)
-    (got,) = run_main(mod, LIBRARY, x)
-    np.testing.assert_allclose(got, x @ W84 + bias, rtol=0, atol=1e-5)
-
-
-def test_conv_bias_along_the_width_is_not_folded():
-    # 4 channels and width 4: a (4,) bias adds along the width, not the channels.
-    w = _rng(11).standard_normal((4, 2, 3, 3)).astype(np.float32)
-    bias = np.arange(4, dtype=np.float32)
-
-    def body(bb, x):
-        conv = bb.emit(relax.op.nn.conv2d(x, const(w)))
-        return relax.op.add(conv, const(bias))
-
-    mod = one_function(body, [("x", (1, 2, 8, 6), "float32")])
-    out, _ = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["main"]) == [library.CONV2D, "relax.add"]
-    x = _rng(12).standard_normal((1, 2, 8, 6)).astype(np.float32)
-    (got,) = run_main(mod, LIBRARY, x)
-    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy() + bias
-    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
-
-
-def test_channel_bias_of_a_conv_is_folded():
-    w = _rng(13).standard_normal((4, 2, 3, 3)).astype(np.float32)
-    bias = np.arange(4, dtype=np.float32).reshape(4, 1, 1)
-
-    def body(bb, x):
-        conv = bb.emit(relax.op.nn.conv2d(x, const(w)))
-        return relax.op.add(conv, const(bias))
-
-    mod = one_function(body, [("x", (1, 2, 8, 6), "float32")])
-    out, _ = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["main"]) == [library.CONV2D_BIAS]
-    x = _rng(14).standard_normal((1, 2, 8, 6)).astype(np.float32)
-    (got,) = run_main(mod, LIBRARY, x)
-    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
-                                      torch.from_numpy(bias.reshape(4))).numpy()
-    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
-
-
-def test_sum_of_two_matmuls_is_not_a_bias():
-    def body(bb, x):
-        a = bb.emit(relax.op.matmul(x, const(W84)))
-        b = bb.emit(relax.op.matmul(x, const(2 * W84)))
-        return relax.op.add(a, b)
-
-    mod = one_function(body, [("x", (2, 8), "float32")])
-    out, n = kernels.offload(mod, LIBRARY)
-    assert calls_of(out["main"]) == [library.MATMUL, library.MATMUL, "relax.add"] and n == 2
-    (got,) = run_main(mod, LIBRARY, X28)
-    np.testing.assert_allclose(got, 3 * (X28 @ W84), rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- numerics
@@ -440,8 +203,10 @@ def test_onnx_conv_really_has_asymmetric_padding():
     assert len(convs) == 1
     assert [int(p) for p in convs[0].attrs.padding] == ASYM_PADS
     # The ONNX importer leaves out_dtype unset (None): the conv must still be offloaded.
-    mod = kernels.prepare(emit_module(lift(it.mod["main"], "asym", it.input_names)))
-    assert calls_of(kernels.offload(mod, LIBRARY)[0]["asym"]) == [library.CONV2D_BIAS]
+    graph = lift(it.mod["main"], "asym", it.input_names)
+    ctx = PassContext("llvm", LIBRARY)
+    out, _ = run_passes(graph, build_pipeline(["offload-library"]), ctx)
+    assert [n.op for n in out.nodes if n.op.startswith("mtcompile.")] == [library.CONV2D_BIAS]
 
 
 @pytest.fixture(scope="module")
@@ -477,7 +242,7 @@ def test_numerics_match_eager(provider_bundle, cases):
 def test_providers_decide_which_kernels_run(provider_bundle, cases):
     which, bundle = provider_bundle
     expected = {"library": LIBRARY, "tvm": TVM, "mixed": MIXED}[which]
-    assert bundle.manifest["kernels"] == expected
+    assert bundle.manifest.kernels == expected
     syms = {n: library_symbols(bundle, n, t.example_inputs) for n, (t, _) in cases.items()}
     conv = "mtcompile.library.conv2d"
     if which == "tvm":
@@ -494,8 +259,7 @@ def test_providers_decide_which_kernels_run(provider_bundle, cases):
 def test_manifest_and_inspect_show_the_providers(provider_bundle, tmp_path, capsys):
     which, bundle = provider_bundle
     saved = bundle.save(tmp_path)
-    assert json.loads((saved / "manifest.json").read_text())["kernels"] == bundle.manifest[
-        "kernels"]
+    assert json.loads((saved / "manifest.json").read_text())["kernels"] == bundle.manifest.kernels
     assert main(["inspect", str(saved)]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("kernels"))
     want = {"library": "conv2d: library, matmul: library", "tvm": "conv2d: tvm, matmul: tvm",
@@ -521,14 +285,14 @@ CHILD = textwrap.dedent("""
     outs = {n: b.run(n, inputs[n])[0] for n in ("lin", "conv")}
     np.savez(f"{out}/out.npz", **outs)
     (run,) = b.trace("conv", [inputs["conv"]])
-    print(json.dumps({"before": before, "kernels": b.manifest["kernels"],
+    print(json.dumps({"before": before, "kernels": b.manifest.kernels,
                       "library_imported": "mtcompile.runtime.library" in sys.modules,
                       "registered": registered(), "symbols": [s for s, _ in run]}))
 """)
 
 
 def test_library_bundle_runs_in_a_fresh_process(tiny_bundle, tiny_saved, tmp_path):
-    assert tiny_bundle.manifest["kernels"] == LIBRARY
+    assert tiny_bundle.manifest.kernels == LIBRARY
     sources = {t.name: t for t in tiny_tenants()}
     inputs = {n: sources[n].example_inputs[0].numpy() for n in ("lin", "conv")}
     np.savez(tmp_path / "in.npz", **inputs)
@@ -712,7 +476,7 @@ def test_tune_two_tenants_and_build_with_the_database(tmp_path, monkeypatch):
     monkeypatch.setattr(relax.transform, "MetaScheduleApplyDatabase", spy)
     bundle = mtcompile.compile(small_mlps(), passes=passes, kernels="tvm", tuning_db=str(db))
     assert len(applied) == res["tasks"]
-    assert bundle.manifest["kernels"] == TVM and bundle.manifest["tuning_db"] == str(db)
+    assert bundle.manifest.kernels == TVM and bundle.manifest.tuning_db == str(db)
     assert bundle.compile_report["build"]["library_calls"] == 0
     result = bundle.verify(atol=ATOL)
     assert result["ok"], result

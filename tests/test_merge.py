@@ -67,11 +67,11 @@ def test_compile_reports_weight_bytes_before_and_after_merge():
     tenants = [Tenant("a", m, example_inputs=x), Tenant("b", copy.deepcopy(m), example_inputs=x),
                Tenant("c", linear_relu(1)[0], example_inputs=x)]
     # without fuse-horizontal, whose stacked copies of the weights add bytes (tested there)
-    g = mtcompile.compile(tenants, passes=["dedup", "eliminate-dead-nodes"]).manifest["graph"]
+    g = mtcompile.compile(tenants, passes=["dedup", "eliminate-dead-nodes"]).manifest.graph
     one = (8 * 4 + 4) * 4  # bytes of one Linear(8, 4)
-    assert g["weight_bytes_before_merge"] == 3 * one
-    assert g["weight_bytes"] == 2 * one
-    assert g["constants"] == 4
+    assert g.weight_bytes_before_merge == 3 * one
+    assert g.weight_bytes == 2 * one
+    assert g.constants == 4
 
 
 def test_duplicate_tenant_names_are_rejected():

@@ -3,22 +3,28 @@ inside the same executable, run concurrently by `StreamExecutor` from `Bundle.ru
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 import pytest
 from conftest import tiny_tenants
 from test_random_sets import random_set
+from tvm import relax
 
 import mtcompile
 from mtcompile.analysis.memory import lifetimes, overlap_problems
 from mtcompile.analysis.schedule import kernel_dag
 from mtcompile.analysis.streams import happens_before
-from mtcompile.api import _front, _Stages, streams_manifest
+from mtcompile.api import _front, _Stages
+from mtcompile.backend import lowering
+from mtcompile.backend.arena import ArenaError
 from mtcompile.backend.kernels import resolve_providers
-from mtcompile.backend.lowering import stream_layout
+from mtcompile.backend.lowering import _Emitter, stream_layout
+from mtcompile.bundle_manifest import streams_info
 from mtcompile.passes import DEFAULT_PIPELINE, build_pipeline
 from mtcompile.runtime.executor import StreamError
+from mtcompile.runtime.manifest import StreamsInfo
 from mtcompile.tools.verify import seeded_run_all_inputs
 
 # assign-streams before plan-memory, whether or not the default pipeline has it yet
@@ -46,7 +52,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 def test_layout_emits_every_kernel_once_and_orders_every_import():
     graph, providers = _graph(tiny_tenants(), MAX)
-    layout = stream_layout(graph, providers)
+    layout = stream_layout(graph)
     a = graph.analyses["streams"]
     assert layout is not None and a.num_streams > 1
     before = happens_before(a)
@@ -65,12 +71,77 @@ def test_layout_emits_every_kernel_once_and_orders_every_import():
     assert outs == list(range(sum(len(io.outputs) for io in graph.tenants.values())))
 
 
+_GAP_ORDER = {"put": 0, "signal": 1, "wait": 2, "get": 3}
+
+
+def _event_points(func, stages: list[set[str]]) -> list[tuple[str, int, int, list[str]]]:
+    """A stream function's event points: (kind, id, how many stages precede it, the vars
+    it passes), checking that each stands outside any dataflow block and between whole
+    stages (`stages`: the var names of each stage's nodes, in order)."""
+    points, seen = [], set()
+    for blk in func.body.blocks:
+        for b in blk.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and isinstance(v.op, relax.ExternFunc):
+                kind = str(v.op.global_symbol).rsplit(".", 1)[-1]
+                assert not isinstance(blk, relax.DataflowBlock), kind  # impure: outside
+                done = next(k for k in range(len(stages) + 1)
+                            if set().union(*stages[:k]) >= seen)
+                assert seen == set().union(*stages[:done]), (kind, "inside a stage")
+                points.append((kind, int(v.args[0].value), done, [a.name for a in v.args[1:]]))
+            elif isinstance(blk, relax.DataflowBlock):
+                seen.add(b.var.name)
+    assert seen == set().union(*stages)  # the dataflow blocks hold the stages' nodes
+    return points
+
+
+def test_event_points_are_emitted_at_lowering_between_the_stages():
+    """Before any TVM pass: a wait right before its consumer's stage (a kernel of the
+    stream) and a signal right after its producer's; a value of another stream fetched
+    (get) right before the stage that reads it first, handed over (put) right after the
+    stage that computes it; all outside the dataflow blocks; imports are no parameters."""
+    graph, providers = _graph(random_set(5), MAX)
+    layout = stream_layout(graph)
+    a = graph.analyses["streams"]
+    assert a.syncs and any(layout.imports)
+    em = _Emitter(graph, {})
+    bb = relax.BlockBuilder()
+    for i in range(len(layout.functions)):
+        em.stream_function(bb, layout, i)
+    mod = bb.get()
+    pos = {k: (s, j) for s, ks in enumerate(a.streams) for j, k in enumerate(ks)}
+    for i, fname in enumerate(layout.functions):
+        func, names = mod[fname], em.var_names[fname]
+        assert not func.is_pure
+        assert [p.name for p in func.params[1:]] == [x.replace(".", "_") for x in layout.inputs[i]]
+        points = _event_points(func, [{names[x] for x in st} for st in layout.emission[i]])
+        got = {(kind, ident): (at, args) for kind, ident, at, args in points}
+        assert len(got) == len(points)  # each event point once
+        for e, (p, c) in enumerate(a.syncs):
+            if pos[p][0] == i:
+                assert got.pop(("signal", e))[0] == pos[p][1] + 1
+            if pos[c][0] == i:
+                assert got.pop(("wait", e))[0] == pos[c][1]
+        for x in layout.exports[i]:
+            stage = next(j for j, st in enumerate(layout.emission[i]) if x in st)
+            assert got.pop(("put", layout.value_id[x])) == (stage + 1, [names[x]])
+        for x in layout.imports[i]:
+            first = next(j for j, st in enumerate(layout.emission[i])
+                         if any(x in layout.reads(n) for n in st))
+            assert got.pop(("get", layout.value_id[x]))[0] == first
+        assert got == {}  # no other event points
+        for gap in range(len(layout.emission[i]) + 1):
+            kinds = [_GAP_ORDER[k] for k, _, at, _ in points if at == gap]
+            assert kinds == sorted(kinds), (fname, gap)  # puts, signals, waits, then gets
+        assert len(func.ret_ty.fields) == len(layout.outputs[i])
+
+
 def test_streams_plan_is_safe_under_happens_before_and_not_smaller():
     for tenants in (tiny_tenants(), random_set(5)):
         graph, providers = _graph(tenants, MAX)
         seq_graph, _ = _graph(tenants, {"assign-streams": {"policy": "sequential"}})
         plan = graph.analyses["memory"].functions["run_all"]
-        dag = kernel_dag(graph, providers)
+        dag = kernel_dag(graph)
         names = [k.name for k in dag.kernels]
         hb = happens_before(graph.analyses["streams"])
         assert not overlap_problems(plan.slots, lifetimes(dag), plan.arena_bytes,
@@ -80,17 +151,21 @@ def test_streams_plan_is_safe_under_happens_before_and_not_smaller():
 
 def test_no_layout_without_several_streams():
     graph, providers = _graph(tiny_tenants(), {"assign-streams": {"streams": 1}})
-    assert stream_layout(graph, providers) is None
+    assert stream_layout(graph) is None
 
 
 def test_streams_manifest_with_one_stream_and_without_an_assignment():
     graph, providers = _graph(tiny_tenants())  # auto: the executor's cost outweighs the gain
-    m = streams_manifest(graph, providers, stream_layout(graph, providers))
-    assert m["num_streams"] == 1 and m["policy"] == "auto" and m["syncs"] == []
-    assert len(m["lanes"]) == len(kernel_dag(graph, providers).kernels)
+    m = streams_info(graph, stream_layout(graph))
+    assert m.num_streams == 1 and m.policy == "auto" and m.syncs == () and m.run is None
+    assert len(m.lanes) == len(kernel_dag(graph).kernels)
+    # the lanes are the assignment's own estimate, laid out by the simulated schedule
+    a = graph.analyses["streams"]
+    assert [r["end_us"] - r["start_us"] for r in m.lanes] == pytest.approx(
+        [a.kernel_us[r["kernel"]] for r in m.lanes], abs=1e-2)
     bare, _ = _graph(tiny_tenants(), pipeline=[p for p in PIPELINE if p != "assign-streams"])
-    assert streams_manifest(bare, providers, None) == {
-        "num_streams": 1, "num_syncs": 0, "estimated_speedup": 1.0, "policy": None}
+    none = streams_info(bare, None)
+    assert none == StreamsInfo() and (none.num_streams, none.num_syncs, none.policy) == (1, 0, None)
 
 
 # --------------------------------------------------------------------------- compiled
@@ -168,3 +243,28 @@ def test_injected_kernel_error_surfaces_as_stream_error_then_recovers(hetero_ten
         library._registered = False
         library.register()
     assert_same(expected, bundle.run_all(inputs))
+
+
+@pytest.mark.slow
+def test_a_value_handed_over_outside_the_arena_fails_the_build(monkeypatch):
+    """Take the values streams hand to each other out of the plan: TVM's own plan could
+    reuse their bytes while another stream reads them, so the build fails naming them."""
+    exported: set[str] = set()
+    emit, attr = lowering._Emitter.stream_function, lowering._arena_attr
+
+    def stream_function(self, bb, layout, i):
+        emit(self, bb, layout, i)
+        exported.update(json.loads(self.stream_attrs[layout.functions[i]])["exports"])
+
+    def without_exports(plan, var_names):
+        out = attr(plan, var_names)
+        for key in ("offsets", "sizes"):
+            out[key] = {n: v for n, v in out[key].items() if n not in exported}
+        return out
+
+    monkeypatch.setattr(lowering._Emitter, "stream_function", stream_function)
+    monkeypatch.setattr(lowering, "_arena_attr", without_exports)
+    with pytest.raises(ArenaError, match=r"function 'run_all__s\d+'.*\n  \w+: handed to other "
+                                         "streams but not in the shared arena"):
+        mtcompile.compile(random_set(1), passes=PIPELINE, pass_options=MAX)
+    assert exported

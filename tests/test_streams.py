@@ -227,7 +227,7 @@ def test_pass_on_heterogeneous_demo():
 
     graph, record, providers = _demo_graph([("assign-streams", {"policy": "max"})])
     a = graph.analyses["streams"]
-    dag_ = kernel_dag(graph, providers)
+    dag_ = kernel_dag(graph)
     order = [k.name for k in dag_.kernels]
     check(a, order, dag_.deps)
     assert a.num_streams == len(min_chain_cover(order, dag_.deps)) >= 3  # 3 tenants at least

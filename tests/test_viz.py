@@ -10,10 +10,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from mtcompile.cli import main
 from mtcompile.errors import MTCompileError
 from mtcompile.ir.graph import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
+from mtcompile.runtime.manifest import (
+    GraphStats,
+    IOSpec,
+    Manifest,
+    MemoryInfo,
+    PassSpec,
+    StreamsInfo,
+    TenantSig,
+)
 from mtcompile.tools import viz
-from mtcompile.tools.cli import main
 from mtcompile.tools.html_report import render
 
 F = TensorTy((1, 8), "float32")
@@ -112,8 +121,12 @@ def test_unknown_tenant_and_bad_region_are_clear_errors(graph):
         viz.draw_graph({"nodes": []})
 
 
-def test_graph_displays_itself_as_svg(graph):
-    svg = graph._repr_svg_()
+def test_graph_displays_itself_as_svg_in_ipython(graph):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    assert viz.install_display()
+    svg = shell.display_formatter.formatters["image/svg+xml"](graph)
     assert svg.startswith("<svg") and len(ids(svg, "node")) == len(graph.nodes)
 
 
@@ -177,18 +190,22 @@ def test_timing_records_kernels_and_weight_bytes_per_pass(graph):
 # --------------------------------------------------------------------------- HTML report
 
 
-def manifest_with(view: dict, memory=None, streams=None) -> dict:
-    m = {"format": "mtcompile-bundle/1", "name": "demo", "target": "llvm", "versions": {},
-         "tenant_order": ["a"], "pipeline": [{"name": "dedup"}], "kernels": {},
-         "tenants": {"a": {"source": "torch", "inputs": [{"name": "x", "shape": [1, 8],
-                                                           "dtype": "float32"}],
-                           "outputs": []}},
-         "graph": {"nodes": 3}, "graph_view": view}
+def manifest_with(view: dict, memory=None, streams=None) -> Manifest:
+    """A manifest that has only what a test gives it (a memory timeline, stream lanes)."""
+    mem = None
     if memory:
-        m["memory"] = {"timeline": memory}
-    if streams:
-        m["streams"] = streams
-    return m
+        mem = MemoryInfo(**dict.fromkeys(("arena_bytes", "lower_bound_bytes", "naive_bytes",
+                                          "tvm_plan_bytes", "unplanned_bytes",
+                                          "separate_plans_bytes", "separate_arena_bytes",
+                                          "weight_bytes", "weight_bytes_before_dedup"), 0),
+                         planned=True, functions={}, timeline=memory)
+    return Manifest(
+        name="demo", library="demo.so", target="llvm", versions={}, tuning_db=None,
+        pipeline=(PassSpec("dedup", {}),), kernels={}, tenant_order=("a",),
+        run_all_inputs=((("a", "x"),),),
+        tenants={"a": TenantSig("torch", "0" * 64, (IOSpec("x", (1, 8), "float32"),), ())},
+        graph=GraphStats(3, {"a": 3}, {}, 0, 0, 0), graph_view=view,
+        streams=StreamsInfo(**streams) if streams else StreamsInfo(), memory=mem)
 
 
 def test_report_says_what_a_manifest_lacks_and_draws_what_it_has(graph):

@@ -73,9 +73,15 @@ class FunctionPlan:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """One `FunctionPlan` per function; the value the ``plan-memory`` pass attaches."""
+    """One `FunctionPlan` per function; the value the ``plan-memory`` pass attaches.
+
+    streams: the `StreamAssignment.fingerprint` of the stream order run_all's plan was made
+    for (None: program order); lowering refuses to build streams over a plan made for
+    another assignment, whose tensors live at once on two streams might share bytes.
+    """
 
     functions: dict[str, FunctionPlan] = field(default_factory=dict)
+    streams: str | None = None
 
 
 # --------------------------------------------------------------------------- liveness
@@ -198,42 +204,3 @@ def overlap_problems(slots: Sequence[Slot], lives: Sequence[Lifetime], arena: in
     missing = set(by_name) - {s.tensor for s in slots}
     problems += [f"{t}: not placed" for t in sorted(missing)]
     return problems
-
-
-def memory_report(plan: MemoryPlan | None, built: dict[str, dict], tenants: list[str],
-                  weight_bytes: int, weight_bytes_before_dedup: int) -> dict:
-    """The ``"memory"`` entry of a bundle's report, from the plan (None when plan-memory did
-    not run) and what the build found per function (`arena.realize_pass`'s figures).
-
-    separate_plans_bytes: what TVM plans for each tenant's own entry, summed (each tenant
-    compiled alone); tvm_plan_bytes: what TVM plans for ``run_all`` itself.
-    """
-    run_all = plan.functions.get("run_all") if plan is not None else None
-    b = built.get("run_all", {})
-    rep = {
-        "arena_bytes": run_all.arena_bytes if run_all else 0,
-        "lower_bound_bytes": run_all.lower_bound_bytes if run_all else 0,
-        "naive_bytes": run_all.naive_bytes if run_all else 0,
-        "tvm_plan_bytes": int(b.get("tvm_plan_bytes", 0)),
-        "unplanned_bytes": int(b.get("unplanned_bytes", 0)),
-        "separate_plans_bytes": int(sum(built.get(t, {}).get("tvm_plan_bytes", 0)
-                                        for t in tenants)),
-        "separate_arena_bytes": int(sum(plan.functions[t].arena_bytes for t in tenants
-                                        if plan is not None and t in plan.functions)),
-        "weight_bytes": int(weight_bytes),
-        "weight_bytes_before_dedup": int(weight_bytes_before_dedup),
-        "planned": run_all is not None,
-        "functions": {},
-        # tensors the build took out of the arena because the plan's model of TVM missed
-        # something (left to TVM's own plan; correct, only less compact): function -> why
-        "mismatches": built.get("mismatches", {}),
-    }
-    for name in [*tenants, "run_all"]:
-        fp = plan.functions.get(name) if plan is not None else None
-        rep["functions"][name] = {
-            **{k: int(v) for k, v in built.get(name, {}).items()},
-            **({"lower_bound_bytes": fp.lower_bound_bytes, "naive_bytes": fp.naive_bytes}
-               if fp else {})}
-    if run_all is not None:
-        rep["timeline"] = run_all.timeline()
-    return rep

@@ -8,6 +8,8 @@ asks `happens_before` which kernels can never overlap in time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +42,9 @@ class StreamAssignment:
     estimated_speedup: float = 1.0
     logical_concurrency: int = 1
     info: Mapping[str, float] = field(default_factory=dict)  # estimate details
+    # per kernel, the estimated microseconds the assignment was made with while all its
+    # streams run (reports draw the lanes of the simulated schedule from it)
+    kernel_us: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def num_streams(self) -> int:
@@ -53,6 +58,12 @@ class StreamAssignment:
     def stream_of(self) -> dict[str, int]:
         """Kernel name -> its stream index."""
         return {k: s for s, ks in enumerate(self.streams) for k in ks}
+
+    def fingerprint(self) -> str:
+        """A short hash of the streams and syncs (what a memory plan made for this
+        assignment records; the estimate does not enter it)."""
+        text = json.dumps([self.streams, self.syncs])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def summary(self) -> dict:
         """JSON-able facts for reports: counts, policy, estimate."""
@@ -326,12 +337,11 @@ def estimate(a: StreamAssignment, order: Sequence[str], cost_us: Mapping[str, fl
             "speedup": seq / span if span else 1.0, "concurrency": busy / span if span else 0.0}
 
 
-def happens_before(a: StreamAssignment, deps: Deps | None = None) -> Callable[[str, str], bool]:
+def happens_before(a: StreamAssignment) -> Callable[[str, str], bool]:
     """``before(x, y)``: kernel `x` surely ends before kernel `y` starts, in every run: a
     path from `x` to `y` through stream program order and sync edges. Kernels for which it
     is False both ways may run at the same time (a memory planner must not let their
-    tensors share bytes). Every DAG dependency is such a path (`check` tests it), so
-    `deps` is not needed (accepted for callers that pass it)."""
+    tensors share bytes). Every DAG dependency is such a path (`check` tests it)."""
     succ: dict[str, list[str]] = {k: [] for ks in a.streams for k in ks}
     for ks in a.streams:
         for x, y in zip(ks, ks[1:], strict=False):

@@ -1,9 +1,10 @@
 """Kernel providers and the CPU compile pipeline.
 
-Per heavy op kind (``matmul``, ``conv2d``) the provider is ``library`` (PyTorch's kernels
-through ``call_dps_packed``, see `library`) or ``tvm`` (TVM code, scheduled by a tuning
-database when one is given, else by TVM's default rules). Everything else is TVM code
-that gets our parallel, vectorized default CPU schedule (TVM has none for it).
+Per heavy op kind (``matmul``, ``conv2d``: `mtcompile.ir.ops.HEAVY`) the provider is
+``library`` (PyTorch's kernels through ``call_dps_packed``, see `library`; the
+offload-library pass makes the calls on our graph) or ``tvm`` (TVM code, scheduled by a
+tuning database when one is given, else by TVM's default rules). Everything else is TVM
+code that gets our parallel, vectorized default CPU schedule (TVM has none for it).
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from mtcompile.backend import arena
 from mtcompile.errors import MTCompileError
-from mtcompile.runtime import library
+from mtcompile.ir.ops import HEAVY
 
-HEAVY_OPS = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
 PROVIDERS = ("library", "tvm")
-DEFAULT_PROVIDERS = {"llvm": {"matmul": "library", "conv2d": "library"},
-                     "cuda": {"matmul": "tvm", "conv2d": "tvm"}}
+KINDS = tuple(dict.fromkeys(HEAVY.values()))  # the heavy op kinds a provider is chosen for
+DEFAULT_PROVIDERS = {"llvm": dict.fromkeys(KINDS, "library"), "cuda": dict.fromkeys(KINDS, "tvm")}
 
 
 def resolve_providers(target: str, kernels: str | dict[str, str] | None) -> dict[str, str]:
     """Provider per heavy op kind: the target's default, one name for all, or a dict."""
-    chosen = dict(DEFAULT_PROVIDERS.get(target, {"matmul": "tvm", "conv2d": "tvm"}))
+    chosen = dict(DEFAULT_PROVIDERS.get(target, dict.fromkeys(KINDS, "tvm")))
     if kernels is None:
         return chosen
     given = {k: kernels for k in chosen} if isinstance(kernels, str) else dict(kernels)
@@ -44,118 +44,6 @@ def resolve_providers(target: str, kernels: str | dict[str, str] | None) -> dict
 def _f32(e) -> bool:
     ty = e.ty
     return isinstance(ty, relax.TensorType) and str(ty.dtype) == "float32"
-
-
-def _conv_params(attrs) -> list[int] | None:
-    if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"
-            or attrs.out_layout != "NCHW"):
-        return None
-    # out_dtype is "" or None (the ONNX importer) when it is the input's dtype
-    if attrs.out_dtype is not None and str(attrs.out_dtype) not in ("", "float32"):
-        return None
-    return [*map(int, attrs.strides), *map(int, attrs.padding), *map(int, attrs.dilation),
-            int(attrs.groups)]
-
-
-def _use_counts(func: relax.Function) -> dict:
-    """How many bindings (or the return value) read each variable of `func`."""
-    counts: dict = {}
-    exprs = [b.value for blk in func.body.blocks for b in blk.bindings] + [func.body.body]
-    for e in exprs:
-        for v in relax.analysis.free_vars(e):
-            counts[v] = counts.get(v, 0) + 1
-    return counts
-
-
-def _bias_of(const, out_ty, axis: int):
-    """The 1-D bias a constant adds along `axis` of `out_ty`, or None if it adds otherwise."""
-    if not isinstance(const, tvm.ir.expr.GenericConst) or not hasattr(const.value, "shape"):
-        return None
-    arr = const.value.numpy()
-    rank, n = len(out_ty.shape), int(out_ty.shape[axis])
-    if arr.dtype != "float32" or arr.size != n or arr.ndim > rank:
-        return None
-    expected = [1] * (rank - arr.ndim) + list(arr.shape)  # broadcast shape, right-aligned
-    if expected[axis % rank] != n:
-        return None
-    return relax.const(arr.reshape(n), "float32")
-
-
-@relax.expr_functor.mutator
-class _Offload(relax.PyExprMutator):
-    """matmul/conv2d (float32, NCHW/OIHW) -> call_dps_packed of the library kernels; a
-    constant bias added to such a result alone joins the call (addmm, conv with bias)."""
-
-    def __init__(self, mod, kinds: set[str], uses: dict):
-        super().__init__(mod)
-        self.kinds, self.uses = kinds, uses
-        self.count = 0
-
-    def visit_call_(self, call):
-        new = super().visit_call_(call)
-        if not isinstance(call.op, tvm.ir.Op):
-            return new
-        if call.op.name == "relax.add":
-            return self._fold_bias(call, new)
-        if HEAVY_OPS.get(call.op.name) not in self.kinds:
-            return new
-        out_ty = call.ty
-        if not (all(_f32(a) for a in call.args[:2]) and isinstance(out_ty, relax.TensorType)
-                and str(out_ty.dtype) == "float32"):
-            return new
-        if call.op.name == "relax.matmul":
-            self.count += 1
-            return relax.op.call_dps_packed(library.MATMUL, relax.Tuple(list(new.args)), out_ty)
-        params = _conv_params(call.attrs)
-        if params is None:
-            return new
-        self.count += 1
-        args = [new.args[0], new.args[1], relax.ShapeExpr(params)]
-        return relax.op.call_dps_packed(library.CONV2D, relax.Tuple(args), out_ty)
-
-    def _fold_bias(self, call, new):
-        """add(library matmul/conv, constant bias) -> one library call with the bias."""
-        for i in (0, 1):
-            var, const = call.args[i], call.args[1 - i]
-            if not isinstance(var, relax.Var) or self.uses.get(var, 0) != 1:
-                continue
-            producer = self.lookup_binding(new.args[i])
-            if not isinstance(producer, relax.Call) or producer.op != tvm.ir.Op.get(
-                    "relax.call_dps_packed"):
-                continue
-            name = producer.args[0].global_symbol
-            args = list(producer.args[1].fields)
-            out_ty = producer.ty
-            if name == library.MATMUL and len(args[1].ty.shape) == 2:
-                bias = _bias_of(const, out_ty, -1)
-                if bias is not None:
-                    return relax.op.call_dps_packed(
-                        library.MATMUL_BIAS, relax.Tuple([*args, bias]), out_ty)
-            if name == library.CONV2D:
-                bias = _bias_of(const, out_ty, 1)
-                if bias is not None:
-                    return relax.op.call_dps_packed(
-                        library.CONV2D_BIAS, relax.Tuple([args[0], args[1], bias, args[2]]),
-                        out_ty)
-        return new
-
-
-def offload(mod: tvm.IRModule, providers: dict[str, str]) -> tuple[tvm.IRModule, int]:
-    """Rewrite heavy ops whose provider is ``library``; returns the module and the number of
-    library calls (a bias add folded into its matmul/conv leaves an unused call behind,
-    which dead-code elimination removes)."""
-    kinds = {k for k, p in providers.items() if p == "library"}
-    if not kinds:
-        return mod, 0
-    out = tvm.IRModule()
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            func = _Offload(mod, kinds, _use_counts(func)).visit_expr(func)
-        out[gv] = func
-    out = relax.transform.DeadCodeElimination()(out)
-    calls = sum(str(out[gv]).count("call_dps_packed") for gv in out.functions
-                if isinstance(out[gv], relax.Function))
-    return out, calls
 
 
 class CPUDefault(CPUScheduleRule):
@@ -278,10 +166,10 @@ def fast_erf(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def prepare(mod: tvm.IRModule) -> tvm.IRModule:
-    """Inference simplifications before kernels are chosen: batch-norm folded into conv,
+    """Inference simplifications before TVM's pipeline: what is left of batch-norms
+    decomposed (fold-batch-norm folded those after a conv on our graph), constants folded,
     erf computed by a vectorizable polynomial."""
     seq = tvm.transform.Sequential([
-        relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
         relax.transform.CanonicalizeBindings(),

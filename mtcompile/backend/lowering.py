@@ -3,7 +3,9 @@
 Every node is re-emitted generically with `relax.BlockBuilder`: the operator, attrs and
 arguments it was lifted with. The entry of a tenant holds the nodes its outputs need;
 ``run_all`` holds every node once, takes every tenant's inputs and returns every
-tenant's outputs in one flat tuple.
+tenant's outputs in one flat tuple. With a stream assignment, run_all's kernels are also
+emitted as one function per stream (`StreamLayout`), their event points (waits, signals,
+values handed between streams) placed here between the stages.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from mtcompile.ir.graph import (
     iter_const_refs,
     iter_refs,
 )
+from mtcompile.ir.ops import is_library_call
 from mtcompile.ir.relax_types import lift_type
-from mtcompile.runtime.abi import MANIFEST_FN, RUN_ALL
+from mtcompile.runtime.abi import GET, MANIFEST_FN, PUT, RUN_ALL, SIGNAL, WAIT
+from mtcompile.runtime.manifest import StreamFunctions
 
 TARGETS = ("llvm", "cuda")
 
@@ -46,11 +50,6 @@ def make_target(target: str) -> tvm.target.Target:
     if target == "cuda":
         return tvm.target.Target({"kind": "cuda"}, host={"kind": "llvm"})
     raise MTCompileError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
-
-
-def device_for(target: str):
-    """The runtime device of a target name."""
-    return tvm.cuda(0) if target == "cuda" else tvm.cpu(0)
 
 
 def run_all_params(graph: Graph) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -126,6 +125,14 @@ def _index_source(graph: Graph, idx) -> tuple[str, bool] | None:
     return (sources.pop(), wraps) if len(sources) == 1 else None
 
 
+_NONE = relax.TupleType([])
+
+
+def _packed(name: str, *args, ty=_NONE) -> relax.Call:
+    """A call of the packed function `name` (an event point of a stream function)."""
+    return relax.Call(relax.ExternFunc(name), list(args), ty_args=[ty])
+
+
 class _Emitter:
     def __init__(self, graph: Graph, consts: dict[str, relax.Expr]):
         self.graph = graph
@@ -158,11 +165,18 @@ class _Emitter:
         if n.op == GET_ITEM:
             return relax.TupleGetItem(self.arg(n.args[0], env), n.attrs)
         args = [self.arg(a, env) for a in n.args]
+        if is_library_call(n.op):  # a conv's params (attrs) are its kernel's last argument
+            if n.attrs is not None:
+                args.append(relax.ShapeExpr(n.attrs.flat()))
+            out_ty = relax.TensorType(list(n.ty.shape), n.ty.dtype)
+            return relax.op.call_dps_packed(n.op, relax.Tuple(args), out_ty)
         attrs = n.attrs.obj if n.attrs is not None else None
         return relax.Call(tvm.ir.Op.get(n.op), args, attrs, [t.obj for t in n.ty_args])
 
-    def group(self, bb: relax.BlockBuilder, fname: str, members: list, env: dict):
-        """Emit a fusion group as one primitive function (TVM makes it one kernel) and call it."""
+    def group(self, bb: relax.BlockBuilder, fname: str, members: list, env: dict,
+              output: bool = False):
+        """Emit a fusion group as one primitive function (TVM makes it one kernel) and call
+        it (as an output of the dataflow block when `output`)."""
         inputs = _group_inputs(members)
         params, local = [], {}
         for i, a in enumerate(inputs):
@@ -180,17 +194,15 @@ class _Emitter:
             gbb.emit_func_output(out)
         gv = bb.add_func(gbb.get()[fname], fname)
         outer = [self.arg(a, env) for a in inputs]
-        return bb.emit(relax.Call(gv, outer), name_hint=members[-1].name.replace(".", "_"))
+        emit = bb.emit_output if output else bb.emit
+        return emit(relax.Call(gv, outer), name_hint=members[-1].name.replace(".", "_"))
 
     def function(self, bb: relax.BlockBuilder, fname: str, tenants: list[str],
                  params: list[tuple[str, str]]) -> None:
         """Emit `fname` computing `tenants`' outputs from `params` ((node, name) pairs)."""
         g = self.graph
         outputs = [o for t in tenants for o in g.tenants[t].outputs]
-        live = {o.name for o in outputs if isinstance(o, Ref)}
-        for n in reversed(g.nodes):
-            if n.name in live:
-                live.update(n.inputs)
+        live = g.live_nodes(tenants)
         env = {}
         self.var_names[fname] = names = {}
         for node_name, pname in params:
@@ -226,11 +238,14 @@ class _Emitter:
             bb.emit_func_output(out)
 
     def stream_function(self, bb: relax.BlockBuilder, layout: StreamLayout, i: int) -> None:
-        """Emit stream `i` of `layout`: its kernels' nodes in stream program order. Params:
-        the shared arena storage, the run_all inputs it reads, then the values it imports
-        from other streams (the realize pass turns those into fetches after waits). Returns
-        its tenant outputs, then the values it exports (so TVM keeps them; realize drops
-        them from the result and hands them over at the event points instead)."""
+        """Emit stream `i` of `layout`. Per stage (a kernel of the stream, in stream order,
+        with the free nodes it needs): the waits before it, a ``get`` of each value of
+        another stream it reads first, its nodes in a dataflow block (stages with no event
+        point between them share one), then a ``put`` of each value it hands to other
+        streams and the signals after it. The event points are impure calls outside the
+        dataflow blocks, so TVM's passes keep them in place and fuse nothing across them.
+        Params: the shared arena storage, then the run_all inputs it reads. Returns its
+        tenant outputs."""
         g, fname = self.graph, layout.functions[i]
         env: dict = {}
         self.var_names[fname] = names = {}
@@ -240,42 +255,58 @@ class _Emitter:
             ty = g.node(node).ty
             env[node] = relax.Var(node.replace(".", "_"), relax.TensorType(list(ty.shape), ty.dtype))
             params.append(env[node])
-        imports = {}
-        for node in layout.imports[i]:
-            ty = g.node(node).ty
-            env[node] = relax.Var(f"import_{node.replace('.', '_')}",
-                                  relax.TensorType(list(ty.shape), ty.dtype))
-            params.append(env[node])
-            imports[env[node].name] = layout.value_id[node]
-        with bb.function(fname, params):
-            with bb.dataflow():
-                for node_names in layout.emission[i]:
-                    for name in node_names:
-                        n = g.node(name)
-                        if n.group is not None:
-                            env[name] = self.group(bb, f"{fname}_{n.group}",
-                                                   layout.groups[n.group], env)
-                        else:
-                            try:
-                                env[name] = bb.emit(self.expr(n, env),
-                                                    name_hint=name.replace(".", "_"))
-                            except Exception as e:
-                                raise LoweringError(f"tenant '{n.tenant}': cannot emit %{name} = "
-                                                    f"{n.op}: {type(e).__name__}: {e}") from e
-                        names[name] = env[name].name
-                outs = [self.arg(o, env) for o in layout.outputs[i]]
-                exports = [env[x] for x in layout.exports[i]]
-                out = bb.emit_output(relax.Tuple(outs + exports))
-            bb.emit_func_output(out)
-        kernels = layout.assignment.streams[i]
+        stages = layout.emission[i]
+        stage_of = {name: s for s, names_ in enumerate(stages) for name in names_}
+        imports, exports = set(layout.imports[i]), layout.exports[i]
+        # values read outside the dataflow block that computes them leave it as outputs
+        escaping = {*exports, *(o.name for o in layout.outputs[i] if isinstance(o, Ref))}
+        escaping |= {r for s, names_ in enumerate(stages) for name in names_
+                     for r in layout.reads(name) if stage_of.get(r, s) != s}
+        put: set[str] = set()
+        with bb.function(fname, params, pure=False):
+            for s, node_names in enumerate(stages):
+                for e in layout.waits[i].get(s, ()):
+                    bb.emit(_packed(WAIT, relax.prim_value(e)))
+                for r in dict.fromkeys(r for name in node_names for r in layout.reads(name)):
+                    if r in imports and r not in env:
+                        ty = g.node(r).ty
+                        env[r] = bb.emit(_packed(GET, relax.prim_value(layout.value_id[r]),
+                                                 ty=relax.TensorType(list(ty.shape), ty.dtype)),
+                                         name_hint=f"import_{r.replace('.', '_')}")
+                if node_names:
+                    with bb.dataflow():
+                        for name in node_names:
+                            env[name] = self._emit_node(bb, fname, layout, name, env,
+                                                        name in escaping)
+                            names[name] = env[name].name
+                for x in exports:
+                    if x in env and x not in put:
+                        put.add(x)
+                        bb.emit(_packed(PUT, relax.prim_value(layout.value_id[x]), env[x]))
+                for e in layout.signals[i].get(s, ()):
+                    bb.emit(_packed(SIGNAL, relax.prim_value(e)))
+            missing = [x for x in exports if x not in put]
+            if missing:
+                raise LoweringError(f"{fname}: values handed to other streams are computed "
+                                    f"by none of its stages: {missing}")
+            outs = bb.emit(relax.Tuple([self.arg(o, env) for o in layout.outputs[i]]))
+            bb.emit_func_output(outs)
         self.stream_attrs[fname] = json.dumps({  # arena.STREAM_ATTR: read by arena.realize
-            "imports": imports, "outputs": len(outs),
-            "exports": [[layout.value_id[x], layout.stage_of(i, x)] for x in layout.exports[i]],
-            # TVM launches per stage: one per kernel, none for views and the tail
-            "launches": [int(layout.dag.kernel(k).kind != "view") for k in kernels]
-            + [0] * (len(layout.emission[i]) - len(kernels)),
-            "num_stages": len(layout.emission[i]),
-            "waits": layout.waits[i], "signals": layout.signals[i]})
+            "exports": {names[x]: layout.value_id[x] for x in exports}})
+
+    def _emit_node(self, bb: relax.BlockBuilder, fname: str, layout: StreamLayout, name: str,
+                   env: dict, output: bool) -> relax.Var:
+        """One node of a stream function (a fusion group's call for a group's last node),
+        as an output of its dataflow block when `output`."""
+        n = self.graph.node(name)
+        if n.group is not None:
+            return self.group(bb, f"{fname}_{n.group}", layout.groups[n.group], env, output)
+        emit = bb.emit_output if output else bb.emit
+        try:
+            return emit(self.expr(n, env), name_hint=name.replace(".", "_"))
+        except Exception as e:
+            raise LoweringError(f"tenant '{n.tenant}': cannot emit %{name} = {n.op}: "
+                                f"{type(e).__name__}: {e}") from e
 
 
 class StreamLayout:
@@ -286,12 +317,12 @@ class StreamLayout:
     run_all's flat outputs), and the event points: sync `e` = (producer, consumer) is
     signalled after the producer's stage and waited for before the consumer's."""
 
-    def __init__(self, graph: Graph, providers: dict[str, str]):
+    def __init__(self, graph: Graph):
         from mtcompile.analysis.schedule import kernel_dag
 
         a = graph.analyses["streams"]
         self.assignment = a
-        dag = kernel_dag(graph, providers)
+        dag = kernel_dag(graph)
         self.dag = dag
         n = a.num_streams
         self.functions = [f"{RUN_ALL}__s{i}" for i in range(n)]
@@ -310,10 +341,10 @@ class StreamLayout:
                 kernel_of[nd.name] = kernel_of[src]
                 self.kernel_nodes[kernel_of[src]].append(nd.name)
         outputs = [o for t in graph.tenants for o in graph.tenants[t].outputs]
-        self.live = _live_nodes(graph, outputs)
+        live = graph.live_nodes()
         groups: dict[str, list] = {}
         for nd in graph.nodes:
-            if nd.group is not None and nd.name in self.live:
+            if nd.group is not None and nd.name in live:
                 groups.setdefault(nd.group, []).append(nd)
         self.group_of = {nd.name: nd.group for nd in graph.nodes if nd.group is not None}
         params = [node for node, _ in run_all_params(graph)]
@@ -385,14 +416,11 @@ class StreamLayout:
                 imp.append(name)
                 done.add(name)
                 return
-            members = self.groups.get(nd.group, [nd]) if nd.group is not None else [nd]
-            inside = {m.name for m in members}
-            for m in members:
-                for r in m.inputs:
-                    if r not in inside:
-                        need(r, order, stage_kernel)
+            members = self.groups[nd.group] if nd.group is not None else [nd]
+            for r in self.reads(name):
+                need(r, order, stage_kernel)
             order.append(members[-1].name)
-            done.update(inside)
+            done.update(m.name for m in members)
 
         stages: list[list[str]] = []
         for k in kernels:
@@ -408,12 +436,16 @@ class StreamLayout:
             stages.append(tail)
         return ins, imp, stages
 
-    def stage_of(self, i: int, node: str) -> int:
-        """Index in stream `i` of the kernel computing `node`."""
-        return self.assignment.streams[i].index(self.kernel_of[node])
+    def reads(self, name: str) -> list[str]:
+        """The nodes that emitting node `name` reads (for a group's last node: what the
+        group reads from outside)."""
+        nd = self.graph.node(name)
+        members = self.groups[nd.group] if nd.group is not None else [nd]
+        inside = {m.name for m in members}
+        return [r for m in members for r in m.inputs if r not in inside]
 
-    def manifest(self) -> dict:
-        """What the runtime needs to run the stream functions, JSON-able."""
+    def manifest(self) -> StreamFunctions:
+        """What the runtime needs to run the stream functions (the manifest's ``streams.run``)."""
         a = self.assignment
         kernel_tenant = {}  # VM symbol of a fused kernel -> its tenant(s)
         for s, ks in enumerate(a.streams):
@@ -422,25 +454,33 @@ class StreamLayout:
                 group = self.group_of.get(kn.nodes[-1])
                 if group is not None:
                     kernel_tenant[f"{self.functions[s]}_{group}"] = kn.tenant
-        return {"functions": self.functions, "arena_function": ARENA_FN,
-                "num_events": a.num_syncs, "event_streams": [list(e) for e in self.event_streams],
-                "stream_inputs": self.input_index, "stream_outputs": self.output_index,
-                "stream_tenants": ["+".join(dict.fromkeys(
-                    t for k in ks for t in self.dag.kernel(k).tenants)) or "?"
-                    for ks in a.streams],
-                "kernel_tenant": kernel_tenant}
+        return StreamFunctions(
+            functions=tuple(self.functions), arena_function=ARENA_FN, num_events=a.num_syncs,
+            event_streams=tuple(map(tuple, self.event_streams)),
+            stream_inputs=tuple(map(tuple, self.input_index)),
+            stream_outputs=tuple(map(tuple, self.output_index)),
+            stream_tenants=tuple("+".join(dict.fromkeys(
+                t for k in ks for t in self.dag.kernel(k).tenants)) or "?" for ks in a.streams),
+            kernel_tenant=kernel_tenant)
 
 
 ARENA_FN = f"{RUN_ALL}__arena"  # zero-argument entry: a fresh storage of run_all's arena size
 
 
-def stream_layout(graph: Graph, providers: dict[str, str]) -> StreamLayout | None:
+def stream_layout(graph: Graph) -> StreamLayout | None:
     """The stream functions to emit, when the graph carries an assignment of > 1 stream
-    and a memory plan (the one arena all streams share)."""
+    and a memory plan (the one arena all streams share), made for that very assignment."""
     a = graph.analyses.get("streams")
-    if a is None or a.num_streams <= 1 or graph.analyses.get("memory") is None:
+    plan = graph.analyses.get("memory")
+    if a is None or a.num_streams <= 1 or plan is None:
         return None
-    return StreamLayout(graph, providers)
+    if plan.streams != a.fingerprint():
+        made_for = "program order" if plan.streams is None else f"assignment {plan.streams}"
+        raise MTCompileError(
+            f"run_all's memory plan was made for {made_for}, not for the {a.num_streams}-stream "
+            f"assignment {a.fingerprint()} to lower: tensors live at once on two streams could "
+            "share bytes. Run plan-memory after assign-streams.")
+    return StreamLayout(graph)
 
 
 def _hb(a):
@@ -449,18 +489,10 @@ def _hb(a):
     return happens_before(a)
 
 
-def _live_nodes(graph: Graph, outputs) -> set[str]:
-    live = {o.name for o in outputs if isinstance(o, Ref)}
-    for n in reversed(graph.nodes):
-        if n.name in live:
-            live.update(n.inputs)
-    return live
-
-
 def _holders(graph: Graph, name: str, dag) -> list[str]:
-    from mtcompile.analysis.schedule import _tensors
+    from mtcompile.analysis.schedule import tensors_of
 
-    return _tensors(graph, name, dag.alias)
+    return tensors_of(graph, name, dag.alias)
 
 
 def _group_inputs(members) -> list:
@@ -520,21 +552,21 @@ def emit_module(graph: Graph, manifest: dict | None = None,
 def _arena_attr(plan, var_names: dict[str, str]) -> dict:
     """A function's memory plan keyed by the Relax var names lowering emitted."""
     slots = [s for s in plan.slots if s.tensor in var_names]
-    return {"bytes": plan.arena_bytes,
+    return {"bytes": plan.arena_bytes, "alignment": plan.alignment,
             "offsets": {var_names[s.tensor]: s.offset for s in slots},
             "sizes": {var_names[s.tensor]: s.size for s in slots}}
 
 
-def build(mod: tvm.IRModule, target: str, providers: dict[str, str], database=None):
-    """Compile the module for `target` with the heavy-op `providers`.
+def build(mod: tvm.IRModule, target: str, database=None):
+    """Compile the module for `target` (its library call nodes are already emitted).
 
-    Returns the executable and facts for the manifest (library calls per entry).
+    Returns the executable and facts for the manifest (library calls over all entries).
     """
     from mtcompile.backend import kernels
     from mtcompile.runtime import library
 
     mod = kernels.prepare(mod)
-    mod, calls = kernels.offload(mod, providers)
+    calls = library_calls(mod)
     if calls:
         library.register()
     tgt = make_target(target)
@@ -552,3 +584,19 @@ def build(mod: tvm.IRModule, target: str, providers: dict[str, str], database=No
             raise arena.ArenaError(memory[arena.ERROR]) from e
         raise
     return executable, {"library_calls": calls, "memory": memory}
+
+
+def library_calls(mod: tvm.IRModule) -> int:
+    """How many library kernel calls the Relax functions of `mod` make, over all entries."""
+    dps = tvm.ir.Op.get("relax.call_dps_packed")
+    found: list[str] = []
+
+    def visit(e) -> None:
+        if isinstance(e, relax.Call) and e.op.same_as(dps) and isinstance(
+                e.args[0], relax.ExternFunc) and is_library_call(str(e.args[0].global_symbol)):
+            found.append(str(e.args[0].global_symbol))
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return len(found)

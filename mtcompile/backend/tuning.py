@@ -66,8 +66,9 @@ def count_tasks(mod, target) -> int:
 def tune(mod, target, out_dir: str | Path, trials: int, progress=print) -> dict:
     """Tune every TVM kernel task of `mod` with up to `trials` trials each; write the database.
 
-    `mod` must be prepared and offloaded as the build will do it (`kernels.prepare`,
-    `kernels.offload` with the same providers). Returns task counts and timings.
+    `mod` must be lowered from a graph the same passes made (the offload-library pass with
+    the same providers) and prepared as the build does (`kernels.prepare`). Returns task
+    counts and timings.
     """
     import time
 

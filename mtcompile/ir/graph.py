@@ -9,7 +9,7 @@ a structural key and a printable text computed by whoever made them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -255,6 +255,16 @@ class Graph:
         """Names of the nodes some tenant returns."""
         return {o.name for io in self.tenants.values() for o in io.outputs if isinstance(o, Ref)}
 
+    def live_nodes(self, tenants: Iterable[str] | None = None) -> set[str]:
+        """Names of the nodes the outputs of `tenants` (every tenant when None) depend on,
+        those outputs included (the one liveness walk: entries, run_all, dead nodes)."""
+        names = self.tenants if tenants is None else tenants
+        live = {o.name for t in names for o in self.tenants[t].outputs if isinstance(o, Ref)}
+        for n in reversed(self.nodes):
+            if n.name in live:
+                live.update(n.inputs)
+        return live
+
     def used_constants(self) -> set[str]:
         """Keys of the constants some node or output reads."""
         keys = {c.key for n in self.nodes for c in iter_const_refs(n.args)}
@@ -306,12 +316,6 @@ class Graph:
             for i in n.inputs:
                 g.add_edge(i, n.name)
         return g
-
-    def _repr_svg_(self) -> str:
-        """Jupyter: the layered drawing (a summary when large; see `mtcompile.tools.viz`)."""
-        from mtcompile.tools.viz import draw_graph  # lazy: the IR itself needs no matplotlib
-
-        return draw_graph(self).svg
 
     def __str__(self) -> str:
         lines = []

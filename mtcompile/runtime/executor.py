@@ -5,7 +5,10 @@ Event points, emitted by lowering inside the stream functions:
 ``R.call_packed("mtcompile.streams.signal", <event id>)`` after the producer kernel and
 ``R.call_packed("mtcompile.streams.wait", <event id>)`` before the consumer. They find the
 current run through a thread-local set by the stream thread. An error in one stream sets
-an abort flag; waits poll it, so every other stream stops instead of waiting forever.
+an abort flag; waits poll it, so every other stream stops instead of waiting forever. A wait
+past the run's deadline is a deadlock (a missing signal): it aborts every stream too, and
+the run reports every stream left blocked with the event it waits for (`DeadlockError`),
+the same whichever stream noticed first.
 
 Threads: on CPU each stream thread gets ``cores // streams`` threads (at least 1) for
 PyTorch's kernels (``torch.set_num_threads`` sets the calling thread's OpenMP count:
@@ -27,13 +30,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 from mtcompile.errors import MTCompileError
+from mtcompile.runtime.abi import GET, PUT, SIGNAL, WAIT
 
-SIGNAL = "mtcompile.streams.signal"
-WAIT = "mtcompile.streams.wait"
-# values that cross streams: ``put(value id, tensor)`` right after the producer computes it,
-# ``get(value id) -> tensor`` in the consumer, after the waits that order the two
-PUT = "mtcompile.streams.put"
-GET = "mtcompile.streams.get"
 _local = threading.local()  # .run: the _Run this thread's stream belongs to, .stream: index
 _registered = False
 
@@ -48,6 +46,25 @@ class StreamError(MTCompileError):
                          f"{type(cause).__name__}: {cause}")
 
 
+class DeadlockError(StreamError):
+    """Streams waited past the deadline: lists every blocked stream and the event it waits for."""
+
+    def __init__(self, blocked: Mapping[int, int], labels: Sequence[str],
+                 event_streams: Sequence[tuple[int, int]] | None, timeout_s: float):
+        self.blocked = dict(sorted(blocked.items()))
+        first = next(iter(self.blocked))
+
+        def source(e: int) -> str:
+            return f"stream {event_streams[e][0]}" if event_streams else "an unknown stream"
+
+        waits = "; ".join(f"stream {s} (tenant {labels[s]}) waits for event {e} (signalled "
+                          f"by {source(e)})" for s, e in self.blocked.items())
+        MTCompileError.__init__(self, f"deadlock: no progress for {timeout_s} s; {waits}: a "
+                                "missing signal?")
+        self.stream, self.tenant, self.kernel = first, labels[first], WAIT
+        self.cause = None
+
+
 class _Run:
     """One call of `StreamExecutor.run`: its events, abort flag and deadline."""
 
@@ -57,7 +74,8 @@ class _Run:
         self.events = [threading.Event() for _ in range(ex.num_events)]
         self.abort = threading.Event()
         self.aborted: set[int] = set()  # streams stopped because another one failed
-        self.timed_out: set[int] = set()
+        self.blocked: dict[int, int] = {}  # stream -> the event it waited for at the end
+        self.deadlocked = False
         self.deadline = time.monotonic() + ex.timeout_s
 
 
@@ -82,14 +100,14 @@ def _wait(event: int) -> None:
         return
     ev, poll = run.events[int(event)], run.ex.poll_s
     while not ev.wait(poll):
+        if time.monotonic() > run.deadline and not run.abort.is_set():
+            run.deadlocked = True  # the first time-out stops every stream
+            run.abort.set()
         if run.abort.is_set():  # (TVM turns exception types into RuntimeError: record it)
             run.aborted.add(_local.stream)
-            raise RuntimeError(f"stream {_local.stream} stopped: another stream failed")
-        if time.monotonic() > run.deadline:
-            run.timed_out.add(_local.stream)
-            src = run.ex.event_streams[int(event)][0] if run.ex.event_streams else "?"
-            raise TimeoutError(f"stream {_local.stream} waited {run.ex.timeout_s} s for event "
-                               f"{event} (signalled by stream {src}): a missing signal?")
+            run.blocked[_local.stream] = int(event)
+            raise RuntimeError(f"stream {_local.stream} stopped while waiting for event "
+                               f"{event}")
 
 
 def _put(value: int, tensor) -> None:
@@ -216,10 +234,12 @@ class StreamExecutor:
                       if f.exception() is not None and i not in run.aborted]
             if failed:
                 i, exc = failed[0]
-                kernel = (WAIT if i in run.timed_out else
-                          self._locate(i, args[i], run.values) if self.diagnose else None)
+                kernel = self._locate(i, args[i], run.values) if self.diagnose else None
                 tenant = self.kernel_tenant.get(kernel or "", self.stream_tenants[i])
                 raise StreamError(i, tenant, kernel, exc) from exc
+            if run.deadlocked:
+                raise DeadlockError(run.blocked, self.stream_tenants, self.event_streams,
+                                    self.timeout_s)
             return [f.result() for f in futures]
 
     def _locate(self, i: int, args: Sequence, values=None) -> str | None:

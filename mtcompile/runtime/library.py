@@ -1,16 +1,17 @@
 """Library kernels: PyTorch's MKL/oneDNN matmul and convolution, called from TVM code.
 
-Compiled bundles call these through ``R.call_dps_packed`` by name; the tensors cross by
+Compiled bundles call these through ``R.call_dps_packed`` by name (the offload-library pass
+makes the library call nodes, lowering emits them); the tensors cross by
 DLPack without copies. They are registered before any VM is created (compile, load), so
 a saved bundle that uses them runs in a fresh process that has torch.
 """
 
 from __future__ import annotations
 
-MATMUL = "mtcompile.library.matmul"
-MATMUL_BIAS = "mtcompile.library.matmul_bias"
-CONV2D = "mtcompile.library.conv2d"
-CONV2D_BIAS = "mtcompile.library.conv2d_bias"
+# the names library call nodes carry (`mtcompile.ir.ops`): one place for both sides
+from mtcompile.ir.ops import CONV2D, CONV2D_BIAS, MATMUL, MATMUL_BIAS
+
+__all__ = ["CONV2D", "CONV2D_BIAS", "MATMUL", "MATMUL_BIAS", "register"]
 _registered = False
 
 

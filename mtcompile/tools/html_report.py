@@ -3,13 +3,13 @@ manifest alone so that offline pipelines can report on a saved bundle without TV
 
 from __future__ import annotations
 
-import json
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from mtcompile.errors import ArtifactError
-from mtcompile.runtime.abi import FORMAT, MANIFEST
+from mtcompile.runtime.abi import MANIFEST
+from mtcompile.runtime.manifest import Manifest, signature_text
 from mtcompile.tools import viz
 
 _CSS = """
@@ -23,7 +23,7 @@ details { margin: 6px 0; } summary { cursor: pointer; font-weight: bold; }
 """
 
 
-def read_manifest(directory: str | Path) -> dict:
+def read_manifest(directory: str | Path) -> Manifest:
     """The manifest of a saved bundle directory, or one clear `ArtifactError`."""
     d = Path(directory)
     path = d / MANIFEST
@@ -32,13 +32,10 @@ def read_manifest(directory: str | Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{d} is not a bundle: it has no {MANIFEST}")
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ArtifactError(f"{path}: format {got!r}, this mtcompile reads {FORMAT!r}")
-    return manifest
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} cannot be read: {e}") from e
+    return Manifest.from_json(text, path)
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -72,28 +69,26 @@ def _missing(what: str, key: str) -> str:
             f"no '{escape(key)}').</p>")
 
 
-def sections(manifest: dict, memory: dict | None = None, streams: dict | None = None) -> str:
+def sections(manifest: Manifest, memory: dict | None = None,
+             streams: dict | None = None) -> str:
     """The report body: tables and pictures of `manifest` (memory timeline and stream lanes
     default to the manifest's own)."""
     out = []
-    tenants = manifest.get("tenant_order", [])
     rows = []
-    for t in tenants:
-        s = manifest["tenants"][t]
-        sig = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in s["inputs"])
-        res = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in s["outputs"])
-        rows.append([t, s.get("source", ""), sig, res])
+    for t in manifest.tenant_order:
+        s = manifest.tenants[t]
+        rows.append([t, s.source, signature_text(s.inputs), signature_text(s.outputs)])
     out.append("<h2>Tenants</h2>" + _table(["tenant", "source", "inputs", "outputs"], rows))
-    g = manifest.get("graph", {})
-    facts = [["nodes (merged, after passes)", g.get("nodes", "-")],
-             ["constants", g.get("constants", "-")],
-             ["weights stored", _fmt_bytes(g.get("weight_bytes"))],
-             ["weights of the tenants separately", _fmt_bytes(g.get("weight_bytes_before_merge"))],
-             ["pipeline", " -> ".join(p["name"] for p in manifest.get("pipeline", [])) or "none"],
+    g = manifest.graph
+    facts = [["nodes (merged, after passes)", g.nodes],
+             ["constants", g.constants],
+             ["weights stored", _fmt_bytes(g.weight_bytes)],
+             ["weights of the tenants separately", _fmt_bytes(g.weight_bytes_before_merge)],
+             ["pipeline", " -> ".join(p.name for p in manifest.pipeline) or "none"],
              ["kernel providers", ", ".join(f"{k}: {v}" for k, v in
-                                            sorted(manifest.get("kernels", {}).items()))]]
+                                            sorted(manifest.kernels.items()))]]
     out.append("<h2>Build</h2>" + _table(["what", "value"], facts))
-    view = manifest.get("graph_view")
+    view = manifest.graph_view
     if view and view.get("passes"):
         prow = [[r["name"], "yes" if r["changed"] else "no", r["nodes_after"],
                  r["kernels_after"] if r["kernels_after"] is not None else "-",
@@ -113,12 +108,12 @@ def sections(manifest: dict, memory: dict | None = None, streams: dict | None = 
                            + _pic(viz.draw_graph(view, tenant=t)) + "</details>")
     else:
         out.append(_missing("graph structure", "graph_view"))
-    streams = streams or manifest.get("streams")
+    streams = streams or manifest.streams.view()
     if streams and streams.get("lanes"):
         out.append("<h2>Stream lanes</h2>" + _pic(viz.draw_streams(streams)))
     else:  # no assignment, or only its summary (e.g. one stream): nothing to draw
         out.append("<h2>Stream lanes</h2>" + _missing("stream lanes", "streams.lanes"))
-    memory = memory or (manifest.get("memory") or {}).get("timeline")
+    memory = memory or (manifest.memory.timeline if manifest.memory else None)
     if memory:
         t = memory
         out.append("<h2>Memory</h2>" + _table(["function", "tensors", "arena", "lower bound"],
@@ -131,11 +126,11 @@ def sections(manifest: dict, memory: dict | None = None, streams: dict | None = 
     return "\n".join(out)
 
 
-def render(manifest: dict, memory: dict | None = None, streams: dict | None = None) -> str:
+def render(manifest: Manifest, memory: dict | None = None, streams: dict | None = None) -> str:
     """A whole self-contained HTML page (inline CSS and SVG, no scripts, no links)."""
-    name = escape(str(manifest.get("name", "bundle")))
-    v = manifest.get("versions", {})
-    sub = (f"target {escape(str(manifest.get('target')))}, "
+    name = escape(manifest.name)
+    v = manifest.versions
+    sub = (f"target {escape(manifest.target)}, "
            + ", ".join(f"{escape(k)} {escape(str(x))}" for k, x in sorted(v.items())))
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>mtcompile report: "
             f"{name}</title><style>{_CSS}</style></head><body><h1>mtcompile bundle {name}</h1>"
@@ -156,7 +151,7 @@ def bundle_html(bundle) -> str:
     of its report when the manifest has none."""
     rep = bundle.report()
     memory = (rep.get("memory") or {}).get("timeline") or graph_timeline(bundle.graph)
-    return (f"<div><b>mtcompile bundle {escape(str(bundle.manifest.get('name')))}</b>"
+    return (f"<div><b>mtcompile bundle {escape(bundle.manifest.name)}</b>"
             f"{sections(bundle.manifest, memory, rep.get('streams'))}</div>")
 
 

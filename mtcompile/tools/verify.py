@@ -9,24 +9,8 @@ import numpy as np
 
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.importers import eval_mode, load_onnx, to_numpy
+from mtcompile.runtime.inputs import seeded_inputs
 from mtcompile.tenant import Tenant
-
-INT_HIGH = 16  # random integer inputs (token ids, indices) are drawn from [0, INT_HIGH)
-
-
-def seeded_inputs(signature: dict, seed: int) -> tuple[np.ndarray, ...]:
-    """Random inputs matching a tenant's signature: normal floats, small non-negative ints."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for s in signature["inputs"]:
-        shape, dtype = tuple(s["shape"]), np.dtype(s["dtype"])
-        if dtype.kind == "f":
-            out.append(rng.standard_normal(shape).astype(dtype))
-        elif dtype.kind == "b":
-            out.append(rng.integers(0, 2, shape).astype(dtype))
-        else:
-            out.append(rng.integers(0, INT_HIGH, shape).astype(dtype))
-    return tuple(out)
 
 
 def seeded_run_all_inputs(bundle, seed: int = 0) -> dict[str, tuple[np.ndarray, ...]]:
@@ -37,9 +21,9 @@ def seeded_run_all_inputs(bundle, seed: int = 0) -> dict[str, tuple[np.ndarray, 
     for i, t in enumerate(bundle.tenant_names):
         sig = bundle.signature(t)
         arrays = list(seeded_inputs(sig, seed * 100 + i))
-        for j, s in enumerate(sig["inputs"]):
-            if "shared_as" in s:
-                arrays[j] = shared.setdefault(s["shared_as"], arrays[j])
+        for j, s in enumerate(sig.inputs):
+            if s.shared_as is not None:
+                arrays[j] = shared.setdefault(s.shared_as, arrays[j])
         out[t] = tuple(arrays)
     return out
 
@@ -95,7 +79,8 @@ def compare(got: list[np.ndarray], want: list[np.ndarray], atol: float) -> dict[
     return {"ok": ok, "outputs": outs}
 
 
-def verify_bundle(bundle, inputs: dict[str, tuple] | None, seed: int, atol: float) -> dict:
+def verify_bundle(bundle, inputs: dict[str, tuple] | None = None, seed: int = 0,
+                  atol: float = 1e-4) -> dict:
     """Compare every tenant through `run`, and all of them through `run_all`."""
     if not bundle.sources:
         raise MTCompileError("verify needs the source models: compile the bundle in this "

@@ -14,12 +14,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mtcompile.errors import MTCompileError
+from mtcompile.ir.graph import Graph
+from mtcompile.ir.view import graph_view, node_kind, pass_row
 
 TENANT_COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#af7aa1",
                  "#ff9da7", "#9c755f", "#17becf", "#bcbd22"]
 SHARED_COLOR, SHARED_DARK, HFUSED_COLOR = "#d4d4d4", "#8c8c8c", "#edc948"
 MAX_NODES = 100  # above this a whole-graph drawing is a hairball: summarize instead
-_HFUSE = re.compile(r"^hfuse\d+\.")  # names fuse-horizontal gives the nodes it batches
 _RC = {"svg.fonttype": "none", "svg.hashsalt": "mtcompile", "font.size": 8}
 
 
@@ -84,41 +85,7 @@ def _tenant_order(names) -> list[str]:
     return [t for t in names if "+" not in t] + [t for t in names if "+" in t]
 
 
-def node_kind(name: str, tenants: Sequence[str]) -> str:
-    """'hfused' (batched by fuse-horizontal), 'shared' (one node serving several tenants,
-    e.g. made by dedup) or 'own'."""
-    if _HFUSE.match(name):
-        return "hfused"
-    return "shared" if len(tenants) > 1 else "own"
-
-
 # --------------------------------------------------------------------------- graph view
-
-
-def graph_view(graph, records: Sequence | None = None) -> dict:
-    """A compact JSON view of a Graph for manifests and reports: tenants, nodes (name, op,
-    tenant indices, fusion group, inputs, type) and, given pass records, one row per pass."""
-    tenants = list(graph.tenants)
-    index = {t: i for i, t in enumerate(tenants)}
-    nodes = []
-    for n in graph.nodes:
-        row = {"name": n.name, "op": n.op.removeprefix("relax."),
-               "tenants": [index[t] for t in n.tenants], "inputs": n.inputs, "type": str(n.ty)}
-        if n.group:
-            row["group"] = n.group
-        nodes.append(row)
-    view: dict[str, Any] = {"tenants": tenants, "nodes": nodes}
-    if records is not None:
-        view["passes"] = [pass_row(r) for r in records]
-    return view
-
-
-def pass_row(record) -> dict:
-    """A `PassRecord` (or a compile report's pass dict) as a summary row."""
-    get = record.get if isinstance(record, Mapping) else lambda k, d=None: getattr(record, k, d)
-    return {"name": get("name"), "changed": bool(get("changed")),
-            "nodes_after": get("nodes_after"), "kernels_after": get("kernels_after"),
-            "weight_bytes_after": get("weight_bytes_after")}
 
 
 def as_view(graph) -> dict:
@@ -441,3 +408,24 @@ def draw_passes(rows: Sequence[Mapping]) -> Picture:
     fig.suptitle("per-pass summary (grey: the pass changed nothing)", fontsize=10)
     fig.subplots_adjust(bottom=0.3, wspace=0.35, top=0.8)
     return Picture(fig)
+
+
+def install_display() -> bool:
+    """Make Jupyter show a `Graph` as its drawing (the IR imports no drawing code, so the
+    picture is registered here, on import of this module). False outside IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+    shell.display_formatter.formatters["image/svg+xml"].for_type(
+        Graph, lambda g: draw_graph(g).svg)
+    return True
+
+
+install_display()
+
+__all__ = ["graph_view", "node_kind", "pass_row", "draw_graph", "draw_summary", "draw_streams",
+           "draw_memory", "draw_passes", "install_display", "tenant_colors", "Picture"]

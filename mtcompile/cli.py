@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mtcompile.errors import InputError, MTCompileError
+from mtcompile.runtime.manifest import Manifest, MemoryInfo, TenantSig, signature_text
 
 
 def _say(msg: str) -> None:
@@ -83,12 +83,12 @@ def cmd_build(args) -> int:
         print_verify(result)
         ok = result["ok"]
     out = bundle.save(args.output)
-    lib = out / bundle.manifest["library"]
+    lib = out / bundle.manifest.library
     _say(f"saved {lib} ({_fmt_bytes(lib.stat().st_size)}) and {out / 'manifest.json'}")
     return 0 if ok else 2
 
 
-def _parse_inputs(items: list[str], sig: list[dict], tenant: str) -> list[np.ndarray]:
+def _parse_inputs(items: list[str], sig: TenantSig, tenant: str) -> list[np.ndarray]:
     given = {}
     for item in items:
         if "=" not in item:
@@ -98,10 +98,9 @@ def _parse_inputs(items: list[str], sig: list[dict], tenant: str) -> list[np.nda
             given[k] = np.load(v, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise InputError(f"--input {k}: cannot read {v!r} as .npy: {e}") from e
-    names = [s["name"] for s in sig]
+    names = [s.name for s in sig.inputs]
     if set(given) != set(names):
-        expected = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in sig)
-        raise InputError(f"tenant '{tenant}' takes inputs ({expected}); got "
+        raise InputError(f"tenant '{tenant}' takes inputs ({signature_text(sig.inputs)}); got "
                          f"{sorted(given) or 'none'}")
     return [given[n] for n in names]
 
@@ -111,57 +110,52 @@ def cmd_run(args) -> int:
 
     bundle = mtcompile.load(args.bundle)
     sig = bundle.signature(args.tenant)
-    outs = bundle.run(args.tenant, *_parse_inputs(args.input, sig["inputs"], args.tenant))
+    outs = bundle.run(args.tenant, *_parse_inputs(args.input, sig, args.tenant))
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for spec, arr in zip(sig["outputs"], outs, strict=True):
-        path = out_dir / f"{args.tenant}.{spec['name']}.npy"
+    for spec, arr in zip(sig.outputs, outs, strict=True):
+        path = out_dir / f"{args.tenant}.{spec.name}.npy"
         np.save(path, arr)
         _say(f"wrote {path}  {arr.dtype}{list(arr.shape)}")
     return 0
 
 
-def describe(manifest: dict, library_bytes: int | None = None) -> str:
+def describe(manifest: Manifest, library_bytes: int | None = None) -> str:
     """A readable summary of a bundle manifest."""
-    lines = [f"bundle {manifest['name']!r}  target={manifest['target']}  "
-             f"format={manifest['format']}"]
+    m = manifest
+    lines = [f"bundle {m.name!r}  target={m.target}  format={m.format}"]
     if library_bytes is not None:
-        lines.append(f"library  {manifest['library']} ({_fmt_bytes(library_bytes)})")
-    v = manifest["versions"]
+        lines.append(f"library  {m.library} ({_fmt_bytes(library_bytes)})")
+    v = m.versions
     lines.append("built by " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
-    g = manifest["graph"]
-    lines.append(f"graph    {g['nodes']} nodes, {g['constants']} constants, weights "
-                 f"{_fmt_bytes(g['weight_bytes'])} (tenants separately: "
-                 f"{_fmt_bytes(g['weight_bytes_before_merge'])})")
-    lines.append("pipeline " + (" -> ".join(p["name"] for p in manifest["pipeline"]) or "(none)"))
-    kernels = manifest.get("kernels", {})
-    lines.append("kernels  " + ", ".join(f"{k}: {v}" for k, v in sorted(kernels.items()))
-                 + (f"; tuning database {manifest['tuning_db']}" if manifest.get("tuning_db")
-                    else ""))
-    mem = manifest.get("memory")
-    if mem:
-        lines.append(_memory_line(mem))
+    g = m.graph
+    lines.append(f"graph    {g.nodes} nodes, {g.constants} constants, weights "
+                 f"{_fmt_bytes(g.weight_bytes)} (tenants separately: "
+                 f"{_fmt_bytes(g.weight_bytes_before_merge)})")
+    lines.append("pipeline " + (" -> ".join(p.name for p in m.pipeline) or "(none)"))
+    lines.append("kernels  " + ", ".join(f"{k}: {v}" for k, v in sorted(m.kernels.items()))
+                 + (f"; tuning database {m.tuning_db}" if m.tuning_db else ""))
+    if m.memory is not None:
+        lines.append(_memory_line(m.memory))
     lines.append("tenants")
-    for t in manifest["tenant_order"]:
-        s = manifest["tenants"][t]
-        ins = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in s["inputs"])
-        outs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in s["outputs"])
-        lines.append(f"  {t:<12} [{s['source']}, sha256 {s['source_sha256'][:12]}]  "
-                     f"({ins}) -> ({outs})")
-    lines.append("entries  " + ", ".join(manifest["tenant_order"]) + ", run_all")
+    for t in m.tenant_order:
+        s = m.tenants[t]
+        lines.append(f"  {t:<12} [{s.source}, sha256 {s.source_sha256[:12]}]  "
+                     f"({signature_text(s.inputs)}) -> ({signature_text(s.outputs)})")
+    lines.append("entries  " + ", ".join(m.tenant_order) + ", run_all")
     return "\n".join(lines)
 
 
-def _memory_line(mem: dict) -> str:
+def _memory_line(mem: MemoryInfo) -> str:
     """run_all's arena against its lower bound, TVM's own plan, no planning, and the
     tenants' plans compiled separately."""
-    if not mem.get("planned"):
-        return (f"memory   run_all: TVM's plan {_fmt_bytes(mem['tvm_plan_bytes'])} "
+    if not mem.planned:
+        return (f"memory   run_all: TVM's plan {_fmt_bytes(mem.tvm_plan_bytes)} "
                 "(plan-memory not in the pipeline)")
-    return (f"memory   run_all arena {_fmt_bytes(mem['arena_bytes'])} (lower bound "
-            f"{_fmt_bytes(mem['lower_bound_bytes'])}, TVM's plan "
-            f"{_fmt_bytes(mem['tvm_plan_bytes'])}, no planning {_fmt_bytes(mem['naive_bytes'])}, "
-            f"tenants compiled separately {_fmt_bytes(mem['separate_plans_bytes'])})")
+    return (f"memory   run_all arena {_fmt_bytes(mem.arena_bytes)} (lower bound "
+            f"{_fmt_bytes(mem.lower_bound_bytes)}, TVM's plan "
+            f"{_fmt_bytes(mem.tvm_plan_bytes)}, no planning {_fmt_bytes(mem.naive_bytes)}, "
+            f"tenants compiled separately {_fmt_bytes(mem.separate_plans_bytes)})")
 
 
 def cmd_inspect(args) -> int:
@@ -169,9 +163,9 @@ def cmd_inspect(args) -> int:
 
     bundle = mtcompile.load(args.bundle)
     if args.json:
-        print(json.dumps(bundle.manifest, indent=2, sort_keys=True))
+        print(bundle.manifest.to_json(), end="")
         return 0
-    lib = Path(args.bundle) / bundle.manifest["library"]
+    lib = Path(args.bundle) / bundle.manifest.library
     _say(describe(bundle.manifest, lib.stat().st_size))
     return 0
 
@@ -212,7 +206,7 @@ def cmd_demo(args) -> int:
          f"batch {args.batch}")
     bundle = _compile(tenants, args.set.replace("-", "_"), "llvm", None, None, args)
     out = bundle.save(args.output)
-    _say(f"saved {out / bundle.manifest['library']}")
+    _say(f"saved {out / bundle.manifest.library}")
     _say(describe(bundle.manifest))
     inputs = {t.name: t.example_inputs for t in tenants}
     t0 = time.perf_counter()

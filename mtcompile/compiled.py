@@ -1,0 +1,54 @@
+"""The bundle users get: the runtime's `Bundle` plus what needs the tools (verify against the
+source models, the HTML display), reached only when called, so that `load` + `run` import
+no frontend, pass or tool. `mtcompile.load` returns one; `mtcompile.runtime.bundle.load`
+the lean runtime bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mtcompile.runtime.bundle import Bundle
+from mtcompile.runtime.manifest import Manifest
+
+
+class CompiledBundle(Bundle):
+    """A `Bundle` with `graph` (the merged, optimized Graph), `sources` (the tenants as
+    given) and `compile_report`: all three on a freshly compiled bundle; a loaded one has
+    the `sources` passed to `load` only."""
+
+    def __init__(self, executable, manifest: Manifest, *, graph=None, sources=None,
+                 compile_report: dict | None = None, library_path: Path | None = None):
+        super().__init__(executable, manifest, library_path=library_path)
+        self.graph = graph
+        self.sources = sources or {}
+        self.compile_report = compile_report or {}
+
+    def report(self) -> dict:
+        """The runtime's report plus compile times, build facts and per-pass records."""
+        return json.loads(json.dumps({**super().report(), **self.compile_report}))
+
+    def verify(self, inputs: dict[str, tuple] | None = None, seed: int = 0,
+               atol: float = 1e-4) -> dict:
+        """Run each tenant's source model and the bundle on the same inputs; compare.
+
+        Returns ``{"ok": bool, "tenants": {name: {"outputs": [{max_abs, max_rel}], ...}}}``.
+        Needs the source models (a compiled bundle, or `sources` passed to `load`).
+        """
+        from mtcompile.tools.verify import verify_bundle
+
+        return verify_bundle(self, inputs, seed, atol)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: tables and pictures of the bundle (see `mtcompile.tools.html_report`)."""
+        from mtcompile.tools.html_report import bundle_html
+
+        return bundle_html(self)
+
+
+def load(directory: str | os.PathLike, sources: dict | None = None) -> CompiledBundle:
+    """Load a saved bundle; checks its format, TVM version, and that the library and the
+    manifest agree. `sources` optionally maps tenant names to their source `Tenant`s,
+    for `verify`."""
+    return CompiledBundle.load(directory, sources=sources)

@@ -1,0 +1,95 @@
+"""The one table of op facts: per Relax operator its kind (heavy, elementwise, injective,
+view, reduction), and which dtypes and layouts a library provider takes for a heavy op.
+
+The kernel model (`mtcompile.analysis.schedule`), fuse-vertical, fuse-horizontal and
+offload-library read their op sets here (TVM's ``TOpPattern``, onnxruntime's kernel
+registry). Library call nodes (op ``mtcompile.library.*``) are named here too, so that
+passes, lowering and the runtime's kernels agree on them. Imports no TVM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# elementwise over one tensor
+UNARY = frozenset({
+    "relax.nn.relu", "relax.nn.gelu", "relax.nn.silu", "relax.tanh", "relax.exp", "relax.erf",
+    "relax.sigmoid", "relax.sqrt", "relax.rsqrt", "relax.negative", "relax.astype",
+    "relax.abs", "relax.log"})
+# elementwise over several tensors, with numpy broadcasting
+BROADCAST = frozenset({
+    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.power",
+    "relax.maximum", "relax.minimum", "relax.less", "relax.greater", "relax.equal",
+    "relax.where"})
+ELEMWISE = UNARY | BROADCAST | {"relax.clip"}  # clip: one tensor and two scalar bounds
+# each output element reads one input element (shapes, slices, joins, gathers)
+INJECTIVE = frozenset({
+    "relax.reshape", "relax.permute_dims", "relax.broadcast_to", "relax.expand_dims",
+    "relax.squeeze", "relax.strided_slice", "relax.concat", "relax.stack", "relax.take"})
+REDUCTION = frozenset({
+    "relax.sum", "relax.mean", "relax.max", "relax.min", "relax.nn.softmax",
+    "relax.nn.layer_norm", "relax.nn.batch_norm"})
+# ops that only reinterpret the shape of a row-major tensor: TVM turns a kernel made of
+# them alone into a view of its input (``RewriteDataflowReshape``). Inference dropout is an
+# identity copy, which TVM also makes a view (seen on SqueezeNet).
+VIEW = frozenset({
+    "relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten",
+    "relax.nn.dropout"})
+# ops that are views when their result has their input's shape (an identity copy, which
+# TVM also makes a view: ONNX Sum imports as broadcast_to + stack + sum)
+VIEW_IF_SAME_SHAPE = frozenset({"relax.broadcast_to"})
+# heavy ops -> the key of `kernels` (the providers) that chooses who computes them
+HEAVY = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
+
+
+@dataclass(frozen=True)
+class LibraryKernel:
+    """What the library provider takes for one heavy op, and its two kernels.
+
+    layouts: attrs the op must have (attr name -> value); bias_axis: the output axis a
+    per-channel bias runs along; bias_weight_rank: the weight rank the bias kernel needs
+    (addmm takes a 2-D weight), None for any."""
+
+    call: str
+    call_bias: str
+    dtypes: tuple[str, ...] = ("float32",)
+    layouts: dict[str, str] = field(default_factory=dict)
+    bias_axis: int = -1
+    bias_weight_rank: int | None = None
+
+
+MATMUL = "mtcompile.library.matmul"
+MATMUL_BIAS = "mtcompile.library.matmul_bias"
+CONV2D = "mtcompile.library.conv2d"
+CONV2D_BIAS = "mtcompile.library.conv2d_bias"
+LIBRARY = {
+    "relax.matmul": LibraryKernel(MATMUL, MATMUL_BIAS, bias_axis=-1, bias_weight_rank=2),
+    "relax.nn.conv2d": LibraryKernel(
+        CONV2D, CONV2D_BIAS, bias_axis=1,
+        layouts={"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW"}),
+}
+# library call node op -> the heavy op it computes
+LIBRARY_CALLS = {name: op for op, k in LIBRARY.items() for name in (k.call, k.call_bias)}
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    """The attrs of a library conv node, in the order its kernel takes them."""
+
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    dilation: tuple[int, int]
+    groups: int
+
+    def flat(self) -> list[int]:
+        """stride h/w, padding top/left/bottom/right, dilation h/w, groups."""
+        return [*self.strides, *self.padding, *self.dilation, self.groups]
+
+    def __str__(self) -> str:
+        return (f"strides={list(self.strides)}, padding={list(self.padding)}, "
+                f"dilation={list(self.dilation)}, groups={self.groups}")
+
+
+def is_library_call(op: str) -> bool:
+    """Whether `op` is a library call node's op."""
+    return op in LIBRARY_CALLS

@@ -1,0 +1,99 @@
+"""Inputs against a tenant's signature: conversions to numpy, checks with clear errors, and
+seeded random inputs (for profiling and verifying without user data)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mtcompile.errors import InputError
+from mtcompile.runtime.manifest import IOSpec, TenantSig, signature_text
+
+INT_HIGH = 16  # random integer inputs (token ids, indices) are drawn from [0, INT_HIGH)
+
+
+def to_array(x) -> np.ndarray:
+    """A C-contiguous numpy array from a numpy array, torch tensor, scalar or list."""
+    # np.asarray(order="C"), not np.ascontiguousarray: that one turns a 0-d array into 1-d.
+    if isinstance(x, np.ndarray):
+        return np.asarray(x, order="C")
+    torch = sys.modules.get("torch")  # a torch tensor means torch is loaded: no import here
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().cpu().contiguous().numpy()
+    return np.asarray(x, order="C")
+
+
+def _checked(name: str, x, s: IOSpec, sig: Sequence[IOSpec]) -> np.ndarray:
+    try:
+        a = to_array(x)
+    except (TypeError, ValueError) as e:  # a bfloat16 tensor, a ragged list
+        raise InputError(f"tenant '{name}', input '{s.name}': cannot use a {type(x).__name__} "
+                         f"as an array ({e}); expected {s.dtype}{list(s.shape)}") from e
+    if tuple(a.shape) != tuple(s.shape) or str(a.dtype) != s.dtype:
+        raise InputError(f"tenant '{name}', input '{s.name}': expected {s.dtype}"
+                         f"{list(s.shape)}, got {a.dtype}{list(a.shape)} (signature: "
+                         f"{signature_text(tuple(sig))})")
+    if s.index_range is not None and a.size:
+        lo, hi = s.index_range
+        if a.min() < lo or a.max() >= hi:
+            raise InputError(f"tenant '{name}', input '{s.name}': values index a table of "
+                             f"{hi} rows and must be in [{lo}, {hi}); got values in "
+                             f"[{a.min()}, {a.max()}]")
+    return a
+
+
+def check_inputs(name: str, sig: TenantSig, inputs: Sequence) -> list[np.ndarray]:
+    """`inputs` of tenant `name` as numpy arrays, checked against its signature."""
+    if len(inputs) != len(sig.inputs):
+        raise InputError(f"tenant '{name}' takes {len(sig.inputs)} input(s) "
+                         f"({signature_text(sig.inputs)}), got {len(inputs)}")
+    return [_checked(name, x, s, sig.inputs) for x, s in zip(inputs, sig.inputs, strict=True)]
+
+
+def run_all_arrays(inputs: Any, tenants: Mapping[str, TenantSig],
+                   order: Sequence[str], params: Sequence[Sequence[tuple[str, str]]]
+                   ) -> list[np.ndarray]:
+    """``run_all``'s flat arguments from ``{tenant: inputs}``: one per run_all parameter
+    (`params`: the (tenant, input) pairs each serves; the tenants of a shared input must
+    give it one value)."""
+    if not isinstance(inputs, dict):
+        raise InputError("run_all takes a dict {tenant name: tuple of inputs}")
+    unknown = sorted(set(inputs) - set(order))
+    missing = [t for t in order if t not in inputs]
+    if unknown or missing:
+        raise InputError(f"run_all needs inputs for exactly the tenants {list(order)}; "
+                         f"missing {missing}, unknown {unknown}")
+    checked = {}
+    for t in order:
+        given = inputs[t]
+        given = tuple(given) if isinstance(given, list | tuple) else (given,)
+        arrays = check_inputs(t, tenants[t], given)
+        checked.update({(t, s.name): a for s, a in zip(tenants[t].inputs, arrays, strict=True)})
+    out = []
+    for uses in params:
+        first = checked[tuple(uses[0])]
+        for use in uses[1:]:  # one shared tensor: the tenants must agree on its value
+            other = checked[tuple(use)]
+            if other is not first and not np.array_equal(other, first):
+                raise InputError(f"tenants '{uses[0][0]}' and '{use[0]}' share input "
+                                 f"'{uses[0][1]}'/'{use[1]}' but were given different values")
+        out.append(first)
+    return out
+
+
+def seeded_inputs(sig: TenantSig, seed: int) -> tuple[np.ndarray, ...]:
+    """Random inputs matching a tenant's signature: normal floats, small non-negative ints."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in sig.inputs:
+        shape, dtype = tuple(s.shape), np.dtype(s.dtype)
+        if dtype.kind == "f":
+            out.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype.kind == "b":
+            out.append(rng.integers(0, 2, shape).astype(dtype))
+        else:
+            out.append(rng.integers(0, INT_HIGH, shape).astype(dtype))
+    return tuple(out)

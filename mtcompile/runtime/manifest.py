@@ -1,0 +1,346 @@
+"""The bundle manifest as typed records: the one place that writes and reads its JSON.
+
+`Manifest.to_dict` gives the JSON layout (``manifest.json`` and the copy embedded in the
+library); `Manifest.from_dict` checks it and raises one `ArtifactError` naming the key
+that is missing or of the wrong kind. Views drawn by `mtcompile.tools.viz` (the graph
+view, stream lanes, the memory timeline) stay plain JSON dicts inside the records: viz
+draws from JSON so that a saved bundle draws like a fresh one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mtcompile.errors import ArtifactError
+
+FORMAT = "mtcompile-bundle/2"  # bump when this layout or the entries' layout changes
+# versions that must match where a bundle is loaded: TVM's executable format is not
+# stable across TVM versions (the others, torch and onnx, are recorded for information)
+MUST_MATCH = ("tvm",)
+
+
+class _Corrupt(Exception):
+    """A bad field: `key` is its path (``tenants.lin.inputs[0].shape``), `why` the fault."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(f"key {key!r}: {why}")
+
+
+def _get(d: Mapping, key: str, kind, where: str, default: Any = ...) -> Any:
+    """``d[key]`` checked to be a `kind` (a type or tuple of types); `where` names `d`."""
+    path = f"{where}.{key}" if where else key
+    if key not in d:
+        if default is not ...:
+            return default
+        raise _Corrupt(path, "missing")
+    v = d[key]
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    bad_bool = isinstance(v, bool) and kind in (int, float)
+    if not isinstance(v, kind) or bad_bool:
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise _Corrupt(path, f"expected {names}, found {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def _ints(v: Any, path: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                          for x in v):
+        raise _Corrupt(path, f"expected a list of integers, found {v!r:.60}")
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """One input or output of a tenant. index_range: values an index input must lie in
+    ``[lo, hi)``; shared_as: the name of the run_all input several tenants share."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    index_range: tuple[int, int] | None = None
+    shared_as: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}{list(self.shape)}"
+
+    def to_dict(self) -> dict:
+        return _to_json(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> IOSpec:
+        if not isinstance(d, dict):
+            raise _Corrupt(where, f"expected an object, found {d!r:.60}")
+        rng = _get(d, "index_range", list, where, None)
+        if rng is not None and len(_ints(rng, f"{where}.index_range")) != 2:
+            raise _Corrupt(f"{where}.index_range", f"expected [lo, hi], found {rng!r}")
+        return cls(_get(d, "name", str, where), _ints(_get(d, "shape", list, where),
+                                                        f"{where}.shape"),
+                   _get(d, "dtype", str, where), tuple(rng) if rng is not None else None,
+                   _get(d, "shared_as", str, where, None))
+
+
+def signature_text(specs: tuple[IOSpec, ...]) -> str:
+    """``x: float32[2, 8], y: int64[3]``."""
+    return ", ".join(map(str, specs))
+
+
+@dataclass(frozen=True)
+class TenantSig:
+    """A tenant's entry: where it came from and its inputs and outputs, in order."""
+
+    source: str  # the frontend that imported it: torch.export, torch.fx, onnx
+    source_sha256: str  # content hash of the source model
+    inputs: tuple[IOSpec, ...]
+    outputs: tuple[IOSpec, ...]
+
+    def to_dict(self) -> dict:
+        return _to_json(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> TenantSig:
+        if not isinstance(d, dict):
+            raise _Corrupt(where, f"expected an object, found {d!r:.60}")
+        return cls(_get(d, "source", str, where), _get(d, "source_sha256", str, where),
+                   *(tuple(IOSpec.from_dict(x, f"{where}.{k}[{i}]")
+                           for i, x in enumerate(_get(d, k, list, where)))
+                     for k in ("inputs", "outputs")))
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    """The merged graph after passes: counts, and the weights stored against the tenants'
+    own (`weight_bytes` counts run_all's and the tenant entries' constants)."""
+
+    nodes: int
+    nodes_per_tenant: dict[str, int]
+    ops: dict[str, int]
+    constants: int
+    weight_bytes: int
+    weight_bytes_before_merge: int
+
+
+@dataclass(frozen=True)
+class StreamFunctions:
+    """What the runtime needs to run ``run_all`` on its stream functions: their names, the
+    arena entry, events (and each one's signalling and waiting stream), each stream's
+    run_all inputs and flat outputs (indices), a label per stream and kernel -> tenant."""
+
+    functions: tuple[str, ...]
+    arena_function: str
+    num_events: int
+    event_streams: tuple[tuple[int, int], ...]
+    stream_inputs: tuple[tuple[int, ...], ...]
+    stream_outputs: tuple[tuple[int, ...], ...]
+    stream_tenants: tuple[str, ...]
+    kernel_tenant: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StreamsInfo:
+    """The stream assignment of run_all: its summary, the lanes and syncs of its simulated
+    schedule (compile-time cost estimate, for reports) and, when run_all was lowered onto
+    the streams, the stream functions (`run`). Default: one stream, no assignment."""
+
+    num_streams: int = 1
+    num_syncs: int = 0
+    estimated_speedup: float = 1.0
+    policy: str | None = None  # None: assign-streams did not run
+    logical_concurrency: int = 1
+    kernels_per_stream: tuple[int, ...] = ()
+    estimate: dict[str, float] = field(default_factory=dict)  # the cost model's details
+    lanes: tuple[dict, ...] = ()  # {kernel, stream, tenant, start_us, end_us}: viz's input
+    syncs: tuple[tuple[str, str], ...] = ()  # (producer kernel, consumer kernel)
+    run: StreamFunctions | None = None
+
+    def view(self) -> dict:
+        """The JSON view `mtcompile.tools.viz.draw_streams` and reports take."""
+        return _to_json(self)
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """Memory of the built bundle (known once TVM has built it, so not embedded): run_all's
+    arena against its lower bound, TVM's own plan and no planning, per function figures,
+    tensors left to TVM's plan (`mismatches`) and run_all's timeline (viz's input)."""
+
+    arena_bytes: int
+    lower_bound_bytes: int
+    naive_bytes: int
+    tvm_plan_bytes: int
+    unplanned_bytes: int
+    separate_plans_bytes: int
+    separate_arena_bytes: int
+    weight_bytes: int
+    weight_bytes_before_dedup: int
+    planned: bool
+    functions: dict[str, dict[str, int]]
+    mismatches: dict[str, list[str]] = field(default_factory=dict)
+    timeline: dict | None = None
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """One pass of the pipeline the bundle was built with, and its options."""
+
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a bundle says about itself. `memory` and `library_sha256` are known only
+    after the build: in ``manifest.json``, not in the library's embedded copy."""
+
+    name: str
+    library: str  # file name of the shared library, beside manifest.json
+    target: str
+    versions: dict[str, str]  # mtcompile, tvm, torch, onnx at build time
+    pipeline: tuple[PassSpec, ...]
+    kernels: dict[str, str]  # heavy op kind -> provider (library, tvm)
+    tuning_db: str | None
+    tenant_order: tuple[str, ...]
+    # per run_all parameter, the (tenant, input) pairs it serves (several: a shared input)
+    run_all_inputs: tuple[tuple[tuple[str, str], ...], ...]
+    tenants: dict[str, TenantSig]
+    graph: GraphStats
+    graph_view: dict  # nodes and per-pass rows (`mtcompile.ir.view.graph_view`)
+    streams: StreamsInfo = StreamsInfo()
+    memory: MemoryInfo | None = None
+    library_sha256: str | None = None
+    format: str = FORMAT
+
+    def signature(self, tenant: str) -> TenantSig | None:
+        return self.tenants.get(tenant)
+
+    def with_(self, **changes) -> Manifest:
+        return replace(self, **changes)
+
+    # -- JSON
+    def to_dict(self) -> dict:
+        """The JSON layout of ``manifest.json`` (fields that are None are left out)."""
+        return _to_json(self)
+
+    def embedded(self) -> dict:
+        """The copy embedded in the library: what is known before TVM builds it."""
+        return {k: v for k, v in self.to_dict().items() if k not in BUILT_AFTER}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str | Path = "manifest") -> Manifest:
+        """Parse and check a manifest; `where` (its path) prefixes every error."""
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ArtifactError(f"{where} is corrupt: not valid JSON ({e})") from e
+        return cls.from_dict(d, where)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str | Path = "manifest") -> Manifest:
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{where} is corrupt: expected a JSON object, found "
+                                f"{type(d).__name__}")
+        if d.get("format") != FORMAT:
+            hint = ("; rebuild the bundle with this mtcompile"
+                    if str(d.get("format", "")).startswith("mtcompile-bundle/") else "")
+            raise ArtifactError(f"{where}: format {d.get('format')!r}, this mtcompile reads "
+                                f"{FORMAT!r}{hint}")
+        try:
+            return _parse(d)
+        except _Corrupt as e:
+            raise ArtifactError(f"{where} is corrupt: {e}") from None
+
+
+BUILT_AFTER = ("library_sha256", "memory")  # in manifest.json only, not embedded
+
+
+def _parse(d: dict) -> Manifest:
+    lib = _get(d, "library", str, "")
+    if not lib or Path(lib).name != lib or lib in (".", ".."):
+        raise _Corrupt("library", f"{lib!r} is not a file name")
+    order = tuple(_get(d, "tenant_order", list, ""))
+    if not all(isinstance(t, str) for t in order):
+        raise _Corrupt("tenant_order", f"expected a list of names, found {list(order)!r:.60}")
+    tenants = {t: TenantSig.from_dict(s, f"tenants.{t}")
+               for t, s in _get(d, "tenants", dict, "").items()}
+    if sorted(order) != sorted(tenants):
+        raise _Corrupt("tenant_order", f"{list(order)} does not list the tenants "
+                       f"{sorted(tenants)}")
+    versions = _get(d, "versions", dict, "")
+    for k in MUST_MATCH:
+        _get(versions, k, str, "versions")
+    uses = _get(d, "run_all_inputs", list, "")
+    try:
+        run_all_inputs = tuple(tuple((str(t), str(n)) for t, n in u) for u in uses)
+    except (TypeError, ValueError):
+        raise _Corrupt("run_all_inputs", "expected lists of [tenant, input] pairs") from None
+    pipeline = tuple(PassSpec(_get(p, "name", str, f"pipeline[{i}]"),
+                              _get(p, "options", dict, f"pipeline[{i}]"))
+                     for i, p in enumerate(_get(d, "pipeline", list, "")))
+    memory = _get(d, "memory", dict, "", None)
+    digest = _get(d, "library_sha256", str, "", None)
+    return Manifest(
+        name=_get(d, "name", str, ""), library=lib, target=_get(d, "target", str, ""),
+        versions=versions, pipeline=pipeline, kernels=_get(d, "kernels", dict, ""),
+        tuning_db=_get(d, "tuning_db", str, "", None), tenant_order=order,
+        run_all_inputs=run_all_inputs, tenants=tenants,
+        graph=_record(GraphStats, _get(d, "graph", dict, ""), "graph"),
+        graph_view=_get(d, "graph_view", dict, ""),
+        streams=_streams(_get(d, "streams", dict, "")),
+        memory=_record(MemoryInfo, memory, "memory") if memory is not None else None,
+        library_sha256=digest)
+
+
+# record field type -> what its JSON value must be
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _record(cls, d: dict, where: str):
+    """A flat record of `cls` from `d`: every field is required (`to_dict` writes each one)
+    except those that may be None; scalars are checked by their annotation, the rest
+    (dicts, lists of rows) taken as they are once their container kind is right."""
+    out = {}
+    for f in fields(cls):
+        ann = str(f.type)
+        base = ann.split(" |")[0]
+        kind = _KINDS.get(base) or (dict if base.startswith("dict") else
+                                    list if base.startswith("tuple") else object)
+        optional = "None" in ann
+        v = _get(d, f.name, (kind, type(None)) if optional else kind, where,
+                 None if optional else ...)
+        if v is not None:
+            out[f.name] = _freeze(v) if base.startswith("tuple") else v
+    return cls(**out)
+
+
+def _freeze(v):
+    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
+
+
+def _streams(d: dict) -> StreamsInfo:
+    run = d.get("run")
+    info = _record(StreamsInfo, {k: v for k, v in d.items() if k != "run"}, "streams")
+    if run is not None:
+        if not isinstance(run, dict):
+            raise _Corrupt("streams.run", f"expected an object, found {run!r:.60}")
+        info = replace(info, run=_record(StreamFunctions, run, "streams.run"))
+    return info
+
+
+def _to_json(obj) -> Any:
+    """Records -> dicts (None fields left out), tuples -> lists, recursively."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {f.name: _to_json(getattr(obj, f.name)) for f in fields(obj)
+                if getattr(obj, f.name) is not None}
+    if isinstance(obj, dict):
+        return {k: _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_json(v) for v in obj]
+    return obj
+

@@ -1,0 +1,409 @@
+"""offload-library and fold-batch-norm: structure (Relax in, library call nodes out),
+negatives with their reasons, and numerics of the built module against numpy/PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from conftest import tiny_conv
+from torch import nn
+from tvm import relax
+
+import mtcompile
+from mtcompile.analysis.schedule import constant_only
+from mtcompile.backend.lowering import build, emit_module, library_calls
+from mtcompile.frontend.importers import import_tenant
+from mtcompile.frontend.lift import lift
+from mtcompile.ir import ops
+from mtcompile.ir.graph import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Ref
+from mtcompile.pass_infra import PassContext, run_passes
+from mtcompile.passes import build_pipeline
+from mtcompile.passes.fold_batch_norm import FoldBatchNorm
+from mtcompile.passes.offload_library import OffloadLibrary
+
+ATOL = 1e-4
+LIBRARY = {"matmul": "library", "conv2d": "library"}
+TVM = {"matmul": "tvm", "conv2d": "tvm"}
+MIXED = {"matmul": "tvm", "conv2d": "library"}
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def one_function(build_body, params: list[tuple[str, tuple, str]]) -> Graph:
+    """Tenant "main" of one Relax function over `params`, returning `build_body(bb, *vars)`."""
+    bb = relax.BlockBuilder()
+    args = [relax.Var(n, relax.TensorType(shape, dtype)) for n, shape, dtype in params]
+    with bb.function("main", args):
+        with bb.dataflow():
+            gv = bb.emit_output(build_body(bb, *args))
+        bb.emit_func_output(gv)
+    return lift(bb.get()["main"], "main")
+
+
+def lifted(model: nn.Module, *inputs) -> Graph:
+    """`model` imported and lifted as compile does; its tenant is "t"."""
+    it = import_tenant(mtcompile.Tenant("t", model, example_inputs=inputs))
+    return lift(it.mod["main"], "t", it.input_names)
+
+
+def const(arr: np.ndarray) -> relax.Expr:
+    return relax.const(arr, dtype=str(arr.dtype))
+
+
+def offloaded(graph: Graph, providers: dict) -> tuple[Graph, dict]:
+    """fold-batch-norm then offload-library, as the default pipeline runs them; the graph
+    and offload-library's facts."""
+    ctx = PassContext("llvm", providers)
+    out, records = run_passes(graph, build_pipeline(["fold-batch-norm", "offload-library"]), ctx)
+    out.verify()
+    return out, records[-1].info
+
+
+def ops_of(graph: Graph) -> list[str]:
+    """The ops that run, in order (TVM folds values of constants alone; tuples are no ops)."""
+    const = constant_only(graph)
+    return [n.op for n in graph.nodes
+            if n.op not in (INPUT, TUPLE, GET_ITEM) and n.name not in const]
+
+
+def run(graph: Graph, *inputs: np.ndarray, tenant: str = "main") -> list[np.ndarray]:
+    """Lower and build `graph` as compile does and run `tenant`'s entry."""
+    ex, _ = build(emit_module(graph), "llvm")
+    out = relax.VirtualMachine(ex, tvm.cpu())[tenant](*[tvm.runtime.tensor(x) for x in inputs])
+    return [o.numpy() for o in out] if not hasattr(out, "numpy") else [out.numpy()]
+
+
+W84 = _rng(0).standard_normal((8, 4)).astype(np.float32)
+B4 = _rng(1).standard_normal(4).astype(np.float32)
+X28 = _rng(2).standard_normal((2, 8)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_float32_matmul_becomes_a_library_call_node():
+    g = one_function(lambda bb, x: relax.op.matmul(x, const(W84)), [("x", (2, 8), "float32")])
+    out, info = offloaded(g, LIBRARY)
+    assert ops_of(out) == [ops.MATMUL] and info["library_calls"] == 1
+    (call,) = [n for n in out.nodes if n.op == ops.MATMUL]
+    assert str(call).startswith(f"%{call.name} = mtcompile.library.matmul(%main.x, @")
+    assert str(call).endswith("{tenant=main} : f32[2,4]")
+    (got,) = run(out, X28)
+    np.testing.assert_allclose(got, X28 @ W84, rtol=0, atol=1e-5)
+
+
+def test_nchw_conv_becomes_a_library_call_with_its_parameters():
+    w = _rng(3).standard_normal((6, 2, 3, 3)).astype(np.float32)
+
+    def body(bb, x):
+        return relax.op.nn.conv2d(x, const(w), strides=(2, 1), padding=(0, 1, 1, 2),
+                                  dilation=(1, 2), groups=2)
+
+    g = one_function(body, [("x", (1, 4, 9, 9), "float32")])
+    out, _ = offloaded(g, LIBRARY)
+    assert ops_of(out) == [ops.CONV2D]
+    (call,) = [n for n in out.nodes if n.op == ops.CONV2D]
+    # stride h/w, padding top/left/bottom/right, dilation h/w, groups
+    assert call.attrs.flat() == [2, 1, 0, 1, 1, 2, 1, 2, 2]
+    assert "{strides=[2, 1], padding=[0, 1, 1, 2], dilation=[1, 2], groups=2}" in str(call)
+    x = _rng(4).standard_normal((1, 4, 9, 9)).astype(np.float32)
+    want = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(torch.from_numpy(x), (1, 2, 0, 1)), torch.from_numpy(w),
+        stride=(2, 1), dilation=(1, 2), groups=2).numpy()
+    for providers in (LIBRARY, TVM):
+        (got,) = run(offloaded(g, providers)[0], x)
+        np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_linear_bias_is_folded_into_matmul_bias():
+    lin = nn.Linear(8, 4).eval()
+    g = lifted(lin, torch.from_numpy(X28))
+    assert "relax.matmul" in ops_of(g) and "relax.add" in ops_of(g)
+    out, info = offloaded(g, LIBRARY)
+    assert ops_of(out) == [ops.MATMUL_BIAS]
+    assert info == {"library_calls": 1, "biases_folded": 1, "left_to_tvm": {}}
+    # one call in the tenant's entry and one in run_all
+    assert library_calls(emit_module(out)) == 2
+    (call,) = [n for n in out.nodes if n.op == ops.MATMUL_BIAS]
+    bias = call.args[2]
+    assert isinstance(bias, ConstRef)  # the 1-D bias of the layer
+    np.testing.assert_array_equal(out.constants[bias.key], lin.bias.detach().numpy())
+    (got,) = run(out, X28, tenant="t")
+    with torch.no_grad():
+        np.testing.assert_allclose(got, lin(torch.from_numpy(X28)).numpy(), rtol=0, atol=1e-5)
+
+
+def test_conv_bias_of_constants_alone_joins_the_call_through_a_folded_reshape():
+    conv = nn.Conv2d(2, 4, 3).eval()  # torch's import adds reshape(bias, (1, 4, 1, 1))
+    x = torch.from_numpy(_rng(5).standard_normal((1, 2, 6, 6)).astype(np.float32))
+    out, _ = offloaded(lifted(conv, x), LIBRARY)
+    assert ops_of(out) == [ops.CONV2D_BIAS]
+    (call,) = [n for n in out.nodes if n.op == ops.CONV2D_BIAS]
+    flat = out.node(call.args[2].name)
+    assert flat.op == "relax.reshape" and flat.ty.shape == (4,)  # folded by TVM
+    (got,) = run(out, x.numpy(), tenant="t")
+    with torch.no_grad():
+        np.testing.assert_allclose(got, conv(x).numpy(), rtol=0, atol=ATOL)
+
+
+def test_conv_batchnorm_folds_into_conv_with_bias():
+    model, (x,) = tiny_conv(0)  # conv (no bias) -> batch-norm -> relu -> mean -> linear
+    g = lifted(model, x)
+    assert "relax.nn.batch_norm" in ops_of(g)
+    folded = FoldBatchNorm().run(g, PassContext())
+    assert folded.info == {"folded": 1}
+    assert "relax.nn.batch_norm" not in ops_of(folded.graph)
+    out, info = offloaded(g, LIBRARY)
+    assert ops_of(out) == [ops.CONV2D_BIAS, "relax.nn.relu", "relax.mean", ops.MATMUL_BIAS]
+    assert info["library_calls"] == 2 and info["biases_folded"] == 2
+    with torch.no_grad():
+        want = model(x).numpy()
+    for providers in (LIBRARY, TVM):
+        (got,) = run(offloaded(g, providers)[0], x.numpy(), tenant="t")
+        np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_folded_weights_are_tvms_formula():
+    model, (x,) = tiny_conv(0)
+    out = FoldBatchNorm().run(lifted(model, x), PassContext()).graph
+    conv = next(n for n in out.nodes if n.op == "relax.nn.conv2d")
+    add = next(n for n in out.nodes if n.op == "relax.add" and Ref(conv.name) in n.args)
+    bn = model.bn
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+    w = model.conv.weight.detach().numpy() * scale.reshape(-1, 1, 1, 1)
+    b = (bn.bias - bn.running_mean * torch.from_numpy(scale)).detach().numpy()
+    np.testing.assert_allclose(out.constants[conv.args[1].key], w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out.constants[add.args[1].key], b.reshape(1, -1, 1, 1),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_tvm_provider_leaves_the_graph_alone():
+    model, inputs = tiny_conv(0)
+    g = FoldBatchNorm().run(lifted(model, *inputs), PassContext()).graph
+    result = OffloadLibrary().run(g, PassContext("llvm", TVM))
+    assert result.graph is g and not result.changed
+    assert result.info == {"library_calls": 0, "left_to_tvm": {}}
+
+
+def test_mixed_providers_offload_only_their_kind():
+    model, inputs = tiny_conv(0)
+    g = lifted(model, *inputs)
+    calls = ops_of(offloaded(g, MIXED)[0])
+    assert calls[0] == ops.CONV2D_BIAS and "relax.matmul" in calls
+    assert not any(c.startswith(ops.MATMUL) for c in calls)
+    calls = ops_of(offloaded(g, {"matmul": "library", "conv2d": "tvm"})[0])
+    assert "relax.nn.conv2d" in calls and calls[-1] == ops.MATMUL_BIAS
+
+
+# --------------------------------------------------------------------------- negative
+
+
+@pytest.mark.parametrize("out_dtype", ["int32", "float32"])
+def test_negative_int_matmul_stays_a_tvm_op(out_dtype):
+    w = _rng(5).integers(-3, 4, (8, 4)).astype(np.int32)
+    g = one_function(lambda bb, x: relax.op.matmul(x, const(w), out_dtype=out_dtype),
+                     [("x", (2, 8), "int32")])
+    out, info = offloaded(g, LIBRARY)
+    assert ops_of(out) == ["relax.matmul"] and info["library_calls"] == 0
+    (name,) = info["left_to_tvm"]
+    assert info["left_to_tvm"][name] == "input dtype int32; the library takes float32"
+    x = _rng(6).integers(-3, 4, (2, 8)).astype(np.int32)
+    (got,) = run(out, x)
+    assert got.dtype == out_dtype
+    np.testing.assert_array_equal(got, (x @ w).astype(out_dtype))
+
+
+def test_negative_float16_matmul_stays_a_tvm_op():
+    w = _rng(15).standard_normal((8, 4)).astype(np.float16)
+    g = one_function(lambda bb, x: relax.op.matmul(x, const(w)), [("x", (2, 8), "float16")])
+    out, info = offloaded(g, LIBRARY)
+    assert ops_of(out) == ["relax.matmul"]
+    assert list(info["left_to_tvm"].values()) == ["input dtype float16; the library takes float32"]
+
+
+def test_negative_nhwc_conv_stays_a_tvm_op():
+    w = _rng(7).standard_normal((3, 3, 4, 6)).astype(np.float32)  # HWIO
+
+    def body(bb, x):
+        return relax.op.nn.conv2d(x, const(w), padding=1, data_layout="NHWC",
+                                  kernel_layout="HWIO")
+
+    g = one_function(body, [("x", (1, 5, 5, 4), "float32")])
+    out, info = offloaded(g, LIBRARY)
+    assert ops_of(out) == ["relax.nn.conv2d"] and info["library_calls"] == 0
+    assert list(info["left_to_tvm"].values()) == ["data_layout NHWC; the library takes NCHW"]
+    x = _rng(8).standard_normal((1, 5, 5, 4)).astype(np.float32)
+    want = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
+                                      torch.from_numpy(w).permute(3, 2, 0, 1), padding=1)
+    (got,) = run(out, x)
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=ATOL)
+
+
+def test_negative_matmul_of_constants_alone_is_left_to_constant_folding():
+    def body(bb, x):
+        c = bb.emit(relax.op.matmul(const(W84.T.copy()), const(W84)))  # (4, 4), constants
+        return relax.op.add(x, c)
+
+    g = one_function(body, [("x", (4, 4), "float32")])
+    out, info = offloaded(g, LIBRARY)
+    assert not any(ops.is_library_call(n.op) for n in out.nodes)
+    assert list(info["left_to_tvm"].values()) == ["computed from constants alone (TVM folds it)"]
+    x = _rng(16).standard_normal((4, 4)).astype(np.float32)
+    (got,) = run(out, x)
+    np.testing.assert_allclose(got, x + W84.T @ W84, rtol=0, atol=1e-4)
+
+
+def test_negative_batchnorm_after_a_conv_read_twice_is_not_folded():
+    w = _rng(17).standard_normal((4, 2, 1, 1)).astype(np.float32)
+    stats = [const(_rng(18 + i).uniform(0.5, 1.5, 4).astype(np.float32)) for i in range(4)]
+
+    def body(bb, x):
+        conv = bb.emit(relax.op.nn.conv2d(x, const(w)))
+        bn = bb.emit(relax.op.nn.batch_norm(conv, *stats, axis=1))
+        return relax.op.add(bb.emit(relax.TupleGetItem(bn, 0)), conv)
+
+    g = one_function(body, [("x", (1, 2, 3, 3), "float32")])
+    result = FoldBatchNorm().run(g, PassContext())
+    assert not result.changed
+    from mtcompile.passes.fold_batch_norm import why_not
+
+    bn = next(n for n in g.nodes if n.op == "relax.nn.batch_norm")
+    conv = bn.args[0].name
+    assert why_not(g, bn, g.users(), g.output_names()) == f"conv %{conv} is read elsewhere too"
+
+
+def _used_by_multiply(bb, x):
+    mm = bb.emit(relax.op.matmul(x, const(W84)))
+    biased = bb.emit(relax.op.add(mm, const(B4)))
+    return relax.op.multiply(biased, mm)
+
+
+def _used_as_output(bb, x):
+    mm = bb.emit(relax.op.matmul(x, const(W84)))
+    biased = bb.emit(relax.op.add(const(B4), mm))
+    return relax.Tuple([biased, mm])
+
+
+@pytest.mark.parametrize("body, reference", [
+    (_used_by_multiply, lambda x: (x @ W84 + B4) * (x @ W84)),
+    (_used_as_output, lambda x: ((x @ W84 + B4), x @ W84)),
+])
+def test_negative_bias_is_not_folded_into_a_matmul_used_twice(body, reference):
+    g = one_function(body, [("x", (2, 8), "float32")])
+    out, info = offloaded(g, LIBRARY)
+    calls = ops_of(out)
+    assert calls[:2] == [ops.MATMUL, "relax.add"] and ops.MATMUL_BIAS not in calls
+    assert info["library_calls"] == 1 and info["biases_folded"] == 0
+    got = run(out, X28)
+    want = reference(X28)
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(got) == len(want)
+    for g_, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g_, w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias_shape", [(4, 1), (4, 4), (1, 4, 4)])
+def test_negative_matmul_bias_not_along_the_last_axis_is_not_folded(bias_shape):
+    # x (4, 8) @ W (8, 4) -> (4, 4): a (4, 1) bias adds along rows, a (4, 4) one everywhere,
+    # a (1, 4, 4) one also adds an axis; none of them is a 1-D bias of the columns.
+    bias = _rng(9).standard_normal(bias_shape).astype(np.float32)
+
+    def body(bb, x):
+        mm = bb.emit(relax.op.matmul(x, const(W84)))
+        return relax.op.add(mm, const(bias))
+
+    out, _ = offloaded(one_function(body, [("x", (4, 8), "float32")]), LIBRARY)
+    assert ops_of(out) == [ops.MATMUL, "relax.add"]
+    x = _rng(10).standard_normal((4, 8)).astype(np.float32)
+    (got,) = run(out, x)
+    np.testing.assert_allclose(got, x @ W84 + bias, rtol=0, atol=1e-5)
+
+
+def test_negative_bias_of_a_batched_weight_is_not_folded():
+    # addmm takes a 2-D weight: a (2, 8, 4) weight keeps its bias an add after the call
+    w = _rng(19).standard_normal((2, 8, 4)).astype(np.float32)
+
+    def body(bb, x):
+        mm = bb.emit(relax.op.matmul(x, const(w)))
+        return relax.op.add(mm, const(B4))
+
+    out, _ = offloaded(one_function(body, [("x", (2, 3, 8), "float32")]), LIBRARY)
+    assert ops_of(out) == [ops.MATMUL, "relax.add"]
+    x = _rng(20).standard_normal((2, 3, 8)).astype(np.float32)
+    (got,) = run(out, x)
+    np.testing.assert_allclose(got, x @ w + B4, rtol=0, atol=1e-5)
+
+
+def test_negative_conv_bias_along_the_width_is_not_folded():
+    # 4 channels and width 4: a (4,) bias adds along the width, not the channels.
+    w = _rng(11).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    bias = np.arange(4, dtype=np.float32)
+
+    def body(bb, x):
+        conv = bb.emit(relax.op.nn.conv2d(x, const(w)))
+        return relax.op.add(conv, const(bias))
+
+    out, _ = offloaded(one_function(body, [("x", (1, 2, 8, 6), "float32")]), LIBRARY)
+    assert ops_of(out) == [ops.CONV2D, "relax.add"]
+    x = _rng(12).standard_normal((1, 2, 8, 6)).astype(np.float32)
+    (got,) = run(out, x)
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy() + bias
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_channel_bias_of_a_conv_is_folded():
+    w = _rng(13).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    bias = np.arange(4, dtype=np.float32).reshape(4, 1, 1)
+
+    def body(bb, x):
+        conv = bb.emit(relax.op.nn.conv2d(x, const(w)))
+        return relax.op.add(conv, const(bias))
+
+    out, _ = offloaded(one_function(body, [("x", (1, 2, 8, 6), "float32")]), LIBRARY)
+    assert ops_of(out) == [ops.CONV2D_BIAS]
+    (call,) = [n for n in out.nodes if n.op == ops.CONV2D_BIAS]
+    assert out.constants[call.args[2].key].shape == (4,)
+    x = _rng(14).standard_normal((1, 2, 8, 6)).astype(np.float32)
+    (got,) = run(out, x)
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
+                                      torch.from_numpy(bias.reshape(4))).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_negative_sum_of_two_matmuls_is_not_a_bias():
+    def body(bb, x):
+        a = bb.emit(relax.op.matmul(x, const(W84)))
+        b = bb.emit(relax.op.matmul(x, const(2 * W84)))
+        return relax.op.add(a, b)
+
+    out, info = offloaded(one_function(body, [("x", (2, 8), "float32")]), LIBRARY)
+    assert ops_of(out) == [ops.MATMUL, ops.MATMUL, "relax.add"] and info["library_calls"] == 2
+    (got,) = run(out, X28)
+    np.testing.assert_allclose(got, 3 * (X28 @ W84), rtol=0, atol=1e-5)
+
+
+def test_negative_a_per_channel_value_computed_at_run_time_is_not_a_bias():
+    def body(bb, x, v):
+        mm = bb.emit(relax.op.matmul(x, const(W84)))
+        return relax.op.add(mm, bb.emit(relax.op.nn.relu(v)))  # (4,): one per column
+
+    g = one_function(body, [("x", (2, 8), "float32"), ("v", (4,), "float32")])
+    out, info = offloaded(g, LIBRARY)
+    assert ops_of(out) == [ops.MATMUL, "relax.nn.relu", "relax.add"]
+    assert info["biases_folded"] == 0
+    (got,) = run(out, X28, B4)
+    np.testing.assert_allclose(got, X28 @ W84 + np.maximum(B4, 0), rtol=0, atol=1e-5)
+
+
+def test_without_the_pass_heavy_ops_stay_tvm_ops():
+    lin = nn.Linear(8, 4).eval()
+    bundle = mtcompile.compile([mtcompile.Tenant("t", lin, example_inputs=(torch.from_numpy(X28),))],
+                               passes=[], kernels="library")
+    assert bundle.compile_report["build"]["library_calls"] == 0
+    with torch.no_grad():
+        np.testing.assert_allclose(bundle.run("t", X28)[0], lin(torch.from_numpy(X28)).numpy(),
+                                   rtol=0, atol=1e-5)
