@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 
 import mtcompile
-from mtcompile.models import get_set
+from mtcompile.models import SETS, get_set
 from mtcompile.passes import DEFAULT_PIPELINE
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
-SETS = ("heterogeneous", "same-arch", "shared-backbone")
 
 _RSS = """
 import os, sys

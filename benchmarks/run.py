@@ -1,6 +1,7 @@
 """Side-by-side benchmark of a tenant set: PyTorch eager, onnxruntime, TVM per tenant, the bundle.
 
     python -m benchmarks.run --set heterogeneous [--n 4] [--batch 1] [--repeat 50]
+    python -m benchmarks.run --set bert4 --no-ablation   # user-scale sets: bert4, mixed
 
 Everything runs in ONE process, alternating the contenders round by round so that
 machine noise hits all of them alike; medians and spreads are over those rounds and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 import mtcompile
-from mtcompile.models import get_set, transformer_encoder
+from mtcompile.models import SETS, get_set, transformer_encoder
 from mtcompile.models.zoo import export_onnx
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -131,9 +133,16 @@ def measure(contenders: dict, repeat: int, warmup: int) -> dict[str, list[float]
     return times
 
 
-def run(set_name: str, n: int, batch: int, repeat: int, warmup: int) -> dict:
+def set_options(set_name: str, n: int, batch: int) -> dict:
+    """Keyword options for `get_set`: ``batch``, and ``n`` where the set's factory takes it."""
+    takes_n = "n" in inspect.signature(SETS[set_name]).parameters
+    return {"batch": batch} | ({"n": n} if takes_n else {})
+
+
+def run(set_name: str, n: int, batch: int, repeat: int, warmup: int,
+        ablation: bool = True) -> dict:
     torch.set_num_threads(2)
-    kw = {"batch": batch} | ({"n": n} if set_name != "heterogeneous" else {})
+    kw = set_options(set_name, n, batch)
     tenants = get_set(set_name, **kw)
     twins = torch_twins(set_name, tenants, batch)
     inputs = {t.name: tuple(np.asarray(x) for x in t.example_inputs) for t in tenants}
@@ -143,7 +152,7 @@ def run(set_name: str, n: int, batch: int, repeat: int, warmup: int) -> dict:
     from mtcompile.passes import DEFAULT_PIPELINE
 
     variants = {"bundle": DEFAULT_PIPELINE}
-    for p in DEFAULT_PIPELINE:
+    for p in DEFAULT_PIPELINE if ablation else []:
         variants[f"bundle -{p}"] = [q for q in DEFAULT_PIPELINE if q != p]
     for label, passes in variants.items():
         t0 = time.perf_counter()
@@ -203,7 +212,9 @@ def to_markdown(res: dict, command: str) -> str:
              f"torch {torch.__version__}, {res['repeat']} rounds after warm-up.",
              f"Matmul ceiling measured in the same run: {res['ceiling_gflops']:.0f} GFLOP/s; "
              f"the set needs {res['flops'] / 1e6:.1f} MFLOP per run_all "
-             f"({1e3 * res['flops'] / 1e9 / res['ceiling_gflops']:.3f} ms at the ceiling). "
+             f"({1e3 * res['flops'] / 1e9 / res['ceiling_gflops']:.3f} ms at the ceiling); "
+             f"the bundle reaches {res['rows']['bundle']['gflops']:.1f} GFLOP/s, "
+             f"{100 * res['rows']['bundle']['gflops'] / res['ceiling_gflops']:.1f}% of it. "
              f"Numerics within 1e-4: {'yes' if res['numerics_ok'] else 'NO'}.", "",
              "| contender | median ms | p10-p90 ms | time / bundle | GFLOP/s | % ceiling "
              "| kernels | compile s |", "|---|---|---|---|---|---|---|---|"]
@@ -218,7 +229,7 @@ def to_markdown(res: dict, command: str) -> str:
     for t, p in res["profile"]["tenants"].items():
         shares = {"library": 0.0, "tvm": 0.0, "vm": 0.0}
         for k in p["kernels"]:
-            kind = ("library" if k["name"].startswith("mtcompile.library")
+            kind = ("library" if k["name"].startswith(("mtcompile.native", "mtcompile.torch"))
                     else "vm" if k["name"].startswith("vm.builtin") else "tvm")
             shares[kind] += k["share"]
         top = ", ".join(f"{k['name']} x{k['calls']} {k['total_us']:.0f} us"
@@ -230,23 +241,25 @@ def to_markdown(res: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="heterogeneous",
-                    choices=["heterogeneous", "same-arch", "shared-backbone", "all"])
-    ap.add_argument("--n", type=int, default=4, help="tenants in same-arch / shared-backbone")
+    ap.add_argument("--set", default="heterogeneous", choices=[*SETS, "all"])
+    ap.add_argument("--n", type=int, default=4,
+                    help="tenants in same-arch / shared-backbone / bert4")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--no-ablation", action="store_true",
+                    help="skip the 'bundle -PASS' rows (one compile per pass: slow on big sets)")
     ap.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    sets = ["heterogeneous", "same-arch", "shared-backbone"] if args.set == "all" else [args.set]
+    sets = list(SETS) if args.set == "all" else [args.set]
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else
                                                        __import__("sys").argv[1:])
     results, text = [], []
     for s in sets:
         print(f"benchmarking {s} ...", flush=True)
-        res = run(s, args.n, args.batch, args.repeat, args.warmup)
+        res = run(s, args.n, args.batch, args.repeat, args.warmup, not args.no_ablation)
         results.append(res)
         text.append(to_markdown(res, command))
         print(text[-1], flush=True)

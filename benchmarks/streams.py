@@ -1,6 +1,6 @@
 """run_all on streams vs one stream, side by side in ONE process.
 
-    python -m benchmarks.streams [--set all] [--repeat 200] [--json FILE]
+    python -m benchmarks.streams [--set all|bert4|mixed|...] [--repeat 200] [--json FILE]
 
 Per tenant set, three bundles: the default pipeline (``assign-streams`` with ``auto``:
 what a user gets), forced one stream, and forced ``max`` streams (the raw multi-stream
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import mtcompile
-from mtcompile.models import get_set
+from mtcompile.models import SETS, get_set
 from mtcompile.passes import DEFAULT_PIPELINE
 from mtcompile.tools.verify import seeded_run_all_inputs
 
@@ -55,13 +55,13 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="all",
-                    help="heterogeneous, same-arch, shared-backbone or all")
+    ap.add_argument("--set", default="all", choices=[*SETS, "all"],
+                    help="a demo set, or all of them")
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
-    sets = ["heterogeneous", "same-arch", "shared-backbone"] if args.set == "all" else [args.set]
+    sets = list(SETS) if args.set == "all" else [args.set]
     results = []
     print("| set | streams (auto/max) | syncs | one us | auto us | max us | auto/one | "
           "max/one | max bit-exact |")

@@ -8,8 +8,10 @@ tenant sets used by the demo, tests and benchmarks; ``get_set(name)`` builds one
 """
 
 from .onnx_real import REAL_MODELS, real_onnx
-from .sets import SETS, get_set, heterogeneous, same_arch, shared_backbone
+from .sets import SETS, bert4, get_set, heterogeneous, mixed, same_arch, shared_backbone
 from .zoo import (
+    BERT_MINI,
+    bert_mini,
     encoder_onnx,
     head_classes,
     mlp,
@@ -17,16 +19,21 @@ from .zoo import (
     resnet_cnn,
     shared_backbone_tenant,
     transformer_encoder,
+    vit,
 )
 
 __all__ = [
+    "BERT_MINI",
     "REAL_MODELS",
     "SETS",
+    "bert4",
+    "bert_mini",
     "encoder_onnx",
     "get_set",
     "head_classes",
     "heterogeneous",
     "mlp",
+    "mixed",
     "mlp_fx",
     "real_onnx",
     "resnet_cnn",
@@ -34,4 +41,5 @@ __all__ = [
     "shared_backbone",
     "shared_backbone_tenant",
     "transformer_encoder",
+    "vit",
 ]

@@ -169,3 +169,29 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class ViT(nn.Module):
+    """Vision transformer: conv patch embedding, class token, learned positions,
+    pre-norm encoder layers, final LayerNorm, linear head on the class token."""
+
+    def __init__(self, image: int, patch: int, d_model: int, heads: int, layers: int,
+                 ffn: int, num_classes: int):
+        super().__init__()
+        if image % patch:
+            raise ValueError(f"image={image} is not divisible by patch={patch}")
+        tokens = (image // patch) ** 2 + 1
+        self.patch = nn.Conv2d(3, d_model, patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, tokens, d_model) * 0.02)
+        self.layers = nn.ModuleList(EncoderLayer(d_model, heads, ffn) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.patch(x), 2).transpose(1, 2)  # (batch, patches, d_model)
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x)[:, 0])

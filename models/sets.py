@@ -6,7 +6,16 @@ from collections.abc import Callable
 
 from mtcompile.tenant import Tenant
 
-from .zoo import encoder_onnx, mlp, mlp_fx, resnet_cnn, shared_backbone_tenant, transformer_encoder
+from .zoo import (
+    bert_mini,
+    encoder_onnx,
+    mlp,
+    mlp_fx,
+    resnet_cnn,
+    shared_backbone_tenant,
+    transformer_encoder,
+    vit,
+)
 
 
 def heterogeneous(batch: int = 1) -> list[Tenant]:
@@ -49,10 +58,38 @@ def shared_backbone(n: int = 3, batch: int = 1) -> list[Tenant]:
     return tenants
 
 
+def bert4(n: int = 4, batch: int = 1) -> list[Tenant]:
+    """``n`` BERT-mini-sized encoders "bert0".."bert{n-1}" (``zoo.BERT_MINI``), weights and
+    token ids from seeds 0..n-1: the same-arch case at user scale."""
+    tenants = []
+    for i in range(n):
+        model, inputs = bert_mini(seed=i, batch=batch)
+        tenants.append(Tenant(f"bert{i}", model, example_inputs=inputs))
+    return tenants
+
+
+def mixed(batch: int = 1) -> list[Tenant]:
+    """Four unrelated tenants at user scale, all ``nn.Module``: "text" a BERT-mini-sized
+    encoder, "vit" a ViT-tiny on 96x96 images, "cnn" a ResNet-style CNN (width 32) on
+    64x64 images, "mlp" a 512-2048-512 MLP."""
+    text, text_inputs = bert_mini(seed=0, batch=batch)
+    vit_model, vit_inputs = vit(seed=1, batch=batch)
+    cnn, cnn_inputs = resnet_cnn(seed=2, batch=batch, image=64, width=32)
+    mlp_model, mlp_inputs = mlp(seed=3, batch=batch)
+    return [
+        Tenant("text", text, example_inputs=text_inputs),
+        Tenant("vit", vit_model, example_inputs=vit_inputs),
+        Tenant("cnn", cnn, example_inputs=cnn_inputs),
+        Tenant("mlp", mlp_model, example_inputs=mlp_inputs),
+    ]
+
+
 SETS: dict[str, Callable[..., list[Tenant]]] = {
     "heterogeneous": heterogeneous,
     "same-arch": same_arch,
     "shared-backbone": shared_backbone,
+    "bert4": bert4,
+    "mixed": mixed,
 }
 
 

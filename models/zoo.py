@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from .nets import MLP, Classifier, ResNetFeatures, TransformerEncoder
+from .nets import MLP, Classifier, ResNetFeatures, TransformerEncoder, ViT
 
 ONNX_OPSET = 17
 ENCODER_INPUT_NAME = "input_ids"
@@ -53,6 +53,24 @@ def resnet_cnn(
     return _finish(model), (x,)
 
 
+def vit(
+    seed: int = 0,
+    batch: int = 1,
+    image: int = 96,
+    patch: int = 16,
+    d_model: int = 192,
+    heads: int = 3,
+    layers: int = 4,
+    ffn: int = 768,
+    num_classes: int = 10,
+) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """ViT (tiny by default) on (batch, 3, image, image) float32 images -> (batch, num_classes)."""
+    with seeded(seed):
+        model = ViT(image, patch, d_model, heads, layers, ffn, num_classes)
+    x = torch.randn(batch, 3, image, image, generator=_gen(seed))
+    return _finish(model), (x,)
+
+
 def token_ids(seed: int, batch: int, seq: int, vocab: int) -> torch.Tensor:
     """Seeded int64 token ids of shape (batch, seq) in [0, vocab)."""
     return torch.randint(0, vocab, (batch, seq), generator=_gen(seed), dtype=torch.int64)
@@ -77,6 +95,16 @@ def transformer_encoder(
     with seeded(seed):
         model = TransformerEncoder(vocab, seq, d_model, heads, layers, ffn, num_classes)
     return _finish(model), (token_ids(seed, batch, seq, vocab),)
+
+
+BERT_MINI = {"seq": 64, "vocab": 8192, "d_model": 256, "heads": 4, "layers": 4, "ffn": 1024}
+"""BERT-mini sizes (4 layers, hidden 256, 4 heads, FFN 1024) at sequence 64; the vocabulary
+is cut from 30522 to 8192 to keep bundles small (the embedding is a gather: no FLOPs)."""
+
+
+def bert_mini(seed: int = 0, batch: int = 1) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A ``transformer_encoder`` of ``BERT_MINI`` size -> hidden states (batch, 64, 256)."""
+    return transformer_encoder(seed, batch, **BERT_MINI)
 
 
 def mlp(

@@ -12,12 +12,8 @@ from typing import Any
 from mtcompile import bundle_manifest
 from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.backend.kernels import resolve_providers
-from mtcompile.backend.lowering import (
-    TARGETS,
-    build,
-    emit_module,
-    stream_layout,
-)
+from mtcompile.backend.lowering import HOST_CPU, TARGETS, build, cpu_facts, emit_module
+from mtcompile.backend.stream_layout import stream_layout
 from mtcompile.backend.tuning import load_database
 from mtcompile.compiled import CompiledBundle
 from mtcompile.errors import MTCompileError, TenantError
@@ -26,6 +22,7 @@ from mtcompile.frontend.lift import lift
 from mtcompile.frontend.merge import merge
 from mtcompile.ir.graph import Graph
 from mtcompile.pass_infra import Instrument, PassContext, entry_pipeline, run_passes
+from mtcompile.runtime.threads import configure as configure_threads
 from mtcompile.tenant import Tenant
 
 
@@ -55,9 +52,10 @@ class _Stages:
 
 
 def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _Stages,
-           providers: dict[str, str]):
+           providers: dict[str, str], cores: int | None = None):
     """Import, lift, merge and optimize: run_all's graph, the tenants' entries' graph (the
-    pipeline without its ``run_all_only`` passes), and what they came from."""
+    pipeline without its ``run_all_only`` passes), and what they came from. cores: the
+    threads the bundle runs on (default: the machine's cores)."""
     t0 = time.perf_counter()
     imported, graphs = [], []
     for t in tenants:
@@ -72,8 +70,9 @@ def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _S
     merged = merge(graphs, {t.name: t.shared_inputs for t in tenants if t.shared_inputs})
     stages.done("merge", t0)
     t0 = time.perf_counter()
-    # the machine's cores, read once per build: passes learn machine facts from the context
-    ctx = PassContext(target, providers, cores=os.cpu_count() or 1)
+    # the threads the bundle runs on, read once per build: passes learn machine facts from
+    # the context (assign-streams splits them between streams)
+    ctx = PassContext(target, providers, cores=cores or os.cpu_count() or 1)
     # two runs from the merged graph: run_all's, and the tenants' own entries' without the
     # passes only run_all may use (the user's instruments watch run_all's run)
     graph, records = run_passes(merged, pipeline, ctx, instruments)
@@ -100,14 +99,20 @@ def compile(  # noqa: A001 - the public name the API promises
     tuning_db: str | None = None,
     instruments: Sequence[Instrument] = (),
     progress: Callable[[str], None] | None = None,
+    cpu: str = "host",
+    threads: int | None = None,
 ) -> CompiledBundle:
     """Compile tenants into one Bundle: one TVM executable with an entry per tenant.
 
     passes: pass names to run (the default pipeline when None, ``[]`` for none);
     pass_options: ``{pass name: {option: value}}``; kernels: the provider of heavy ops,
-    ``"library"`` or ``"tvm"`` for all, or ``{"matmul": ..., "conv2d": ...}`` (default: library
-    on CPU); tuning_db: a directory written by `tune` whose schedules are applied to TVM
-    kernels; progress: called with one line per stage (the CLI prints them).
+    ``"native"``, ``"torch"`` or ``"tvm"`` for all, or ``{"matmul": ..., "conv2d": ...}``
+    (default: native on CPU); tuning_db: a directory written by `tune` whose schedules are applied to TVM
+    kernels; progress: called with one line per stage (the CLI prints them); cpu: what TVM's
+    CPU kernels are compiled for: ``"host"`` (this machine's CPU, the default), ``"generic"``
+    (any x86-64) or an LLVM CPU name (recorded in the manifest with its features: `load`
+    refuses a CPU that lacks them); threads: TVM's thread pool size for this process
+    (default: the machine's cores; see `mtcompile.runtime.threads`).
     """
     from mtcompile.passes import build_pipeline
 
@@ -116,24 +121,30 @@ def compile(  # noqa: A001 - the public name the API promises
         raise MTCompileError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise MTCompileError(f"bundle name {name!r} is not a valid file name stem")
+    if target != "llvm" and cpu != HOST_CPU:
+        raise MTCompileError(f"cpu={cpu!r} applies to target llvm only, not {target}")
+    cpu_name, cpu_features = cpu_facts(target, cpu)  # an unknown CPU fails before any work
+    # before anything launches TVM's pool (constant folding)
+    pool = configure_threads(threads).pool
     pipeline = build_pipeline(passes, pass_options)  # bad pass names fail before any work
     providers = resolve_providers(target, kernels)
     database = load_database(tuning_db, target) if tuning_db else None
     stages = _Stages(progress or (lambda _msg: None))
     graph, entry_graph, imported, graphs, records = _front(tenants, target, pipeline,
-                                                           instruments, stages, providers)
+                                                           instruments, stages, providers, pool)
 
     streams = stream_layout(graph)
     manifest = bundle_manifest.manifest(
         name=name, target=target, pipeline=pipeline, providers=providers, tuning_db=tuning_db,
         tenants=tenants, imported=imported, graph=graph, entry_graph=entry_graph,
-        graphs=graphs, records=records, layout=streams)
+        graphs=graphs, records=records, layout=streams).with_(cpu=cpu_name,
+                                                              cpu_features=cpu_features)
     t0 = time.perf_counter()
     mod = emit_module(graph, manifest.embedded(), entry_graph, streams)
     stages.done("lower", t0)
 
     t0 = time.perf_counter()
-    executable, build_info = build(mod, target, database)
+    executable, build_info = build(mod, target, database, cpu)
     stages.done("build", t0)
 
     # known once TVM has built the module, so kept beside the library's embedded manifest
@@ -144,7 +155,8 @@ def compile(  # noqa: A001 - the public name the API promises
               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
                           "nodes_after": r.nodes_after, **r.info} for r in records]}
     return CompiledBundle(executable, manifest, graph=graph,
-                          sources={t.name: t for t in tenants}, compile_report=report)
+                          sources={t.name: t for t in tenants}, compile_report=report,
+                          threads=threads)
 
 
 def tune(

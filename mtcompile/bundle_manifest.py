@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from mtcompile.analysis.index_ranges import input_index_ranges
 from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.analysis.schedule import kernel_dag
 from mtcompile.analysis.streams import lanes_view
-from mtcompile.backend.lowering import StreamLayout, input_index_ranges, run_all_params
+from mtcompile.backend.stream_layout import StreamLayout, run_all_params
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.merge import constant_bytes_before_merge
 from mtcompile.ir.graph import ConstRef, Graph, TensorTy

@@ -55,11 +55,12 @@ def _compile(tenants, name: str, target: str, passes, options, args) -> object:
     return mtcompile.compile(tenants, target=target, passes=passes, pass_options=options,
                              name=name, kernels=parse_kernels(getattr(args, "kernels", None)),
                              tuning_db=getattr(args, "tuning_db", None), instruments=instruments,
-                             progress=_say)
+                             progress=_say, cpu=getattr(args, "cpu", None) or "host",
+                             threads=getattr(args, "threads", None))
 
 
 def parse_kernels(text: str | None) -> str | dict[str, str] | None:
-    """``library``, ``tvm`` or ``matmul=tvm,conv2d=library`` -> what `compile` takes."""
+    """``native``, ``torch``, ``tvm`` or ``matmul=tvm,conv2d=torch`` -> what `compile` takes."""
     if not text or "=" not in text:
         return text
     pairs = [item.split("=", 1) for item in text.split(",") if item]
@@ -108,7 +109,7 @@ def _parse_inputs(items: list[str], sig: TenantSig, tenant: str) -> list[np.ndar
 def cmd_run(args) -> int:
     import mtcompile
 
-    bundle = mtcompile.load(args.bundle)
+    bundle = mtcompile.load(args.bundle, threads=args.threads)
     sig = bundle.signature(args.tenant)
     outs = bundle.run(args.tenant, *_parse_inputs(args.input, sig, args.tenant))
     out_dir = Path(args.output)
@@ -128,6 +129,9 @@ def describe(manifest: Manifest, library_bytes: int | None = None) -> str:
         lines.append(f"library  {m.library} ({_fmt_bytes(library_bytes)})")
     v = m.versions
     lines.append("built by " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
+    if m.cpu is not None:
+        lines.append(f"cpu      {m.cpu} ({len(m.cpu_features or ())} LLVM features; loading "
+                     "needs them)")
     g = m.graph
     lines.append(f"graph    {g.nodes} nodes, {g.constants} constants, weights "
                  f"{_fmt_bytes(g.weight_bytes)} (tenants separately: "
@@ -188,7 +192,7 @@ def cmd_tune(args) -> int:
 def cmd_profile(args) -> int:
     import mtcompile
 
-    bundle = mtcompile.load(args.bundle)
+    bundle = mtcompile.load(args.bundle, threads=args.threads)
     prof = bundle.profile(repeat=args.repeat)
     for name, p in prof["tenants"].items():
         _say(f"{name}: {p['total_us']:.0f} us in {sum(k['calls'] for k in p['kernels'])} calls")
@@ -245,18 +249,35 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtcompile", description="Compile several models into one "
                                 "multi-tenant TVM executable.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def pass_flags(sp):
-        sp.add_argument("--kernels", metavar="PROVIDER", help="heavy-op provider: library | tvm "
-                        "| matmul=tvm,conv2d=library (default: library on CPU)")
+        sp.add_argument("--kernels", metavar="PROVIDER", help="heavy-op provider: native | torch | "
+                        "tvm | matmul=tvm,conv2d=torch (default: native on CPU)")
         sp.add_argument("--passes", help="comma-separated pass names (default pipeline if absent)")
         sp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
         sp.add_argument("--print-after", metavar="PASSES", help="print the graph after these "
                         "passes (comma-separated, or 'all')")
+        sp.add_argument("--cpu", default="host", help="CPU the kernels are compiled for: host "
+                        "(this machine's, default) | generic (any x86-64) | an LLVM CPU name")
+        threads_flag(sp)
+
+    def threads_flag(sp):
+        sp.add_argument("--threads", type=_positive, metavar="N", help="TVM thread pool size "
+                        "(default: the machine's cores; TVM_NUM_THREADS, if set, wins)")
 
     b = sub.add_parser("build", help="build a TOML spec of tenants into OUT/")
     b.add_argument("spec")
@@ -272,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--tenant", required=True)
     r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     r.add_argument("-o", "--output", default="outputs", help="directory for <tenant>.<output>.npy")
+    threads_flag(r)
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="summarize a saved bundle")
@@ -281,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="build, run and check a bundled demo tenant set")
     d.add_argument("--set", default="heterogeneous",
-                   choices=["heterogeneous", "same-arch", "shared-backbone"])
+                   choices=["heterogeneous", "same-arch", "shared-backbone", "bert4", "mixed"])
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("-o", "--output", default="out/demo")
     pass_flags(d)
@@ -298,6 +320,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("bundle")
     pr.add_argument("--repeat", type=int, default=10)
     pr.add_argument("--top", type=int, default=8, help="kernels shown per tenant")
+    threads_flag(pr)
     pr.set_defaults(fn=cmd_profile)
 
     rp = sub.add_parser("report", help="write a self-contained HTML report of a saved bundle")

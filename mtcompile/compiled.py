@@ -19,8 +19,9 @@ class CompiledBundle(Bundle):
     the `sources` passed to `load` only."""
 
     def __init__(self, executable, manifest: Manifest, *, graph=None, sources=None,
-                 compile_report: dict | None = None, library_path: Path | None = None):
-        super().__init__(executable, manifest, library_path=library_path)
+                 compile_report: dict | None = None, library_path: Path | None = None,
+                 threads: int | None = None):
+        super().__init__(executable, manifest, library_path=library_path, threads=threads)
         self.graph = graph
         self.sources = sources or {}
         self.compile_report = compile_report or {}
@@ -47,8 +48,11 @@ class CompiledBundle(Bundle):
         return bundle_html(self)
 
 
-def load(directory: str | os.PathLike, sources: dict | None = None) -> CompiledBundle:
-    """Load a saved bundle; checks its format, TVM version, and that the library and the
-    manifest agree. `sources` optionally maps tenant names to their source `Tenant`s,
-    for `verify`."""
-    return CompiledBundle.load(directory, sources=sources)
+def load(directory: str | os.PathLike, sources: dict | None = None, *,
+         threads: int | None = None) -> CompiledBundle:
+    """Load a saved bundle; checks its format, TVM version, that this CPU has the features
+    its kernels were compiled for, and that the library and the manifest agree. `sources`
+    optionally maps tenant names to their source `Tenant`s, for `verify`; threads: TVM's
+    thread pool size for this process (default: the machine's cores; a ``TVM_NUM_THREADS``
+    set by the user wins)."""
+    return CompiledBundle.load(directory, sources=sources, threads=threads)

@@ -37,3 +37,7 @@ class SpecError(MTCompileError):
 
 class VerifyError(MTCompileError):
     """The IR verifier found a broken invariant."""
+
+
+class LoweringError(MTCompileError):
+    """The graph could not be re-emitted as Relax."""

@@ -57,7 +57,7 @@ class PassResult:
 @dataclass(frozen=True)
 class PassContext:
     """What passes may know about the build: the target, the kernel provider per heavy
-    op kind (``{"matmul": "library", ...}``; a library call is a kernel of its own), the
+    op kind (``{"matmul": "native", ...}``; a library call is a kernel of its own), the
     machine's CPU cores (`mtcompile.api` reads them once per build; passes never ask the
     machine), and whether this run builds the tenants' own entries rather than ``run_all``."""
 

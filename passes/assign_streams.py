@@ -51,7 +51,7 @@ def kernel_work(graph: Graph, k: Kernel) -> tuple[float, float]:
             continue
         out = math.prod(n.ty.shape)
         op = ops.LIBRARY_CALLS.get(n.op, n.op)  # a library call computes its heavy op
-        if n.op in (ops.MATMUL_BIAS, ops.CONV2D_BIAS):
+        if n.op in ops.BIAS_CALLS:
             flops += out  # the bias add that joined the call
         if op == "relax.matmul":
             flops += 2.0 * out * (_shape(graph, n.args[0]) or (1,))[-1]

@@ -1,8 +1,9 @@
-"""offload-library: matmul/conv2d (float32; conv NCHW/OIHW) whose provider is ``library`` ->
-library call nodes; a constant per-channel bias added to one alone joins the call.
+"""offload-library: matmul/conv2d (float32; conv NCHW/OIHW) whose provider is a library
+(``native`` or ``torch``) -> library call nodes; a constant per-channel bias added to one
+alone joins the call.
 
-The node op is the library kernel's name (``mtcompile.library.matmul`` / ``matmul_bias`` /
-``conv2d`` / ``conv2d_bias``, see `mtcompile.ir.ops`); a conv carries its `ConvParams`
+The node op is the provider's kernel name (``mtcompile.<provider>.matmul`` / ``matmul_bias``
+/ ``conv2d`` / ``conv2d_bias``, see `mtcompile.ir.ops`); a conv carries its `ConvParams`
 as attrs; the bias is a 1-D constant argument. Lowering emits such a node as
 ``R.call_dps_packed``; fuse-vertical, the kernel model and plan-memory read it as a kernel
 of its own. What the library takes is `mtcompile.ir.ops.LIBRARY`; `why_not` says why an
@@ -35,7 +36,7 @@ def _ty(graph: Graph, a) -> TensorTy | None:
 def why_not(graph: Graph, n: Node, providers: dict[str, str], const: set[str]) -> str | None:
     """Why heavy op `n` stays a TVM op (None: it becomes a library call)."""
     kind = ops.HEAVY[n.op]
-    if providers.get(kind) != "library":
+    if providers.get(kind) not in ops.LIBRARY_PROVIDERS:
         return f"the provider of {kind} is {providers.get(kind, 'tvm')}"
     if n.name in const:
         return "computed from constants alone (TVM folds it)"
@@ -82,7 +83,7 @@ def bias_channels(graph: Graph, arg, call: Node, const: set[str]) -> bool:
 @register
 @dataclass(frozen=True)
 class OffloadLibrary(Pass):
-    """Heavy ops whose provider (`PassContext.kernels`) is ``library`` and that the library
+    """Heavy ops whose provider (`PassContext.kernels`) is a library and that the library
     takes -> library call nodes; then add(call, bias) -> one bias call where the call has
     no other reader and the bias is per channel (addmm needs a 2-D weight)."""
 
@@ -91,7 +92,7 @@ class OffloadLibrary(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         const = constant_only(graph)
         calls: dict[str, Node] = {}
-        left: dict[str, str] = {}  # heavy op -> why it stays a TVM op (library provider only)
+        left: dict[str, str] = {}  # heavy op -> why it stays a TVM op (library providers only)
         for n in graph.nodes:
             if n.op not in ops.HEAVY:
                 continue
@@ -99,13 +100,14 @@ class OffloadLibrary(Pass):
             if why is None:
                 lib = ops.LIBRARY[n.op]
                 attrs = _conv_params(n.attrs.obj) if n.op == "relax.nn.conv2d" else None
-                calls[n.name] = Node(n.name, lib.call, n.args[:2], n.ty, n.tenants, attrs)
-            elif ctx.kernels.get(ops.HEAVY[n.op]) == "library":
+                call = lib.call(ctx.kernels[ops.HEAVY[n.op]])
+                calls[n.name] = Node(n.name, call, n.args[:2], n.ty, n.tenants, attrs)
+            elif ctx.kernels.get(ops.HEAVY[n.op]) in ops.LIBRARY_PROVIDERS:
                 left[n.name] = why
         if not calls:
             return PassResult(graph, False, {"library_calls": 0, "left_to_tvm": left})
         nodes, constants = self._fold_biases(graph, calls, const)
-        biased = sum(1 for n in nodes if n.op in (ops.MATMUL_BIAS, ops.CONV2D_BIAS))
+        biased = sum(1 for n in nodes if n.op in ops.BIAS_CALLS)
         out = Graph(graph.nodes, graph.tenants, {**graph.constants, **constants})
         return PassResult(out.with_nodes(nodes), True, {
             "library_calls": len(calls), "biases_folded": biased, "left_to_tvm": left})
@@ -145,7 +147,8 @@ class OffloadLibrary(Pass):
                                 [bias], shape=[channels])]
                     added[pre[0].name] = pre[0]
                     flat = Ref(pre[0].name)
-                into[n.name] = [*pre, Node(n.name, lib.call_bias, (*call.args, flat), n.ty,
+                bias_call = lib.call(ops.CALL_PROVIDER[call.op], bias=True)
+                into[n.name] = [*pre, Node(n.name, bias_call, (*call.args, flat), n.ty,
                                            n.tenants, call.attrs)]
                 gone.add(call.name)
                 break

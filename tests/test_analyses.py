@@ -15,7 +15,7 @@ import mtcompile
 from mtcompile import Tenant, api
 from mtcompile.analysis.streams import StreamAssignment
 from mtcompile.backend.kernels import resolve_providers
-from mtcompile.backend.lowering import stream_layout
+from mtcompile.backend.stream_layout import stream_layout
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.merge import merge
 from mtcompile.pass_infra import (

@@ -57,9 +57,9 @@ def test_structure_tvm_matmul_takes_its_elementwise_followers():
 
 
 def test_library_call_is_its_own_kernel():
-    ctx = PassContext(kernels={"matmul": "library"})
+    ctx = PassContext(kernels={"matmul": "native"})
     offloaded = OffloadLibrary().run(_chain(), ctx).graph
-    assert offloaded.node("t.add").op == "mtcompile.library.matmul_bias"  # mm + its bias
+    assert offloaded.node("t.add").op == "mtcompile.native.matmul_bias"  # mm + its bias
     result = FuseVertical().run(offloaded, ctx)
     assert groups(result.graph) == [["relu", "sum", "exp"]]  # elementwise chain + reduction
     assert result.graph.node("t.add").group is None  # the library call
@@ -69,7 +69,7 @@ def test_library_call_is_its_own_kernel():
 def test_negative_the_providers_alone_make_no_library_call():
     # fuse-vertical reads the decision from the graph: without offload-library, a matmul
     # whose provider is library is a TVM anchor like any other
-    result = FuseVertical().run(_chain(), PassContext(kernels={"matmul": "library"}))
+    result = FuseVertical().run(_chain(), PassContext(kernels={"matmul": "native"}))
     assert groups(result.graph) == [["mm", "add", "relu"], ["sum", "exp"]]
     assert result.info["library_calls"] == 0
 
@@ -104,7 +104,7 @@ class Block(torch.nn.Module):
         return torch.softmax(self.norm(y), dim=-1)
 
 
-@pytest.mark.parametrize("kernels", ["library", "tvm"])
+@pytest.mark.parametrize("kernels", ["native", "tvm"])
 def test_numerics_and_one_kernel_per_group(kernels):
     x = seeded_input(5, 4, 16)
     tenants = [Tenant("a", Block(0), example_inputs=(x,)),

@@ -1,4 +1,4 @@
-"""Kernel providers (library/tvm): choice, numerics and what runs; CPU default schedule,
+"""Kernel providers (native/torch/tvm): choice, numerics and what runs; CPU default schedule,
 profiling, tuning. The offload pass's structure: tests/test_offload_library.py."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tvm import relax, tirx
 
 import mtcompile
 import mtcompile.api
+import mtcompile.native as native
 from mtcompile.backend import kernels
 from mtcompile.backend.lowering import emit_module, make_target
 from mtcompile.cli import main, parse_kernels
@@ -29,12 +30,13 @@ from mtcompile.frontend.importers import import_tenant
 from mtcompile.frontend.lift import lift
 from mtcompile.pass_infra import PassContext, run_passes
 from mtcompile.passes import build_pipeline
-from mtcompile.runtime import library
 
 ATOL = 1e-4
-LIBRARY = {"matmul": "library", "conv2d": "library"}
+LIBRARY = {"matmul": "native", "conv2d": "native"}  # the default on CPU
+TORCH = {"matmul": "torch", "conv2d": "torch"}
 TVM = {"matmul": "tvm", "conv2d": "tvm"}
-MIXED = {"matmul": "tvm", "conv2d": "library"}
+MIXED = {"matmul": "tvm", "conv2d": "native"}
+LIBRARY_PREFIXES = ("mtcompile.native.", "mtcompile.torch.")
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -49,7 +51,8 @@ def test_default_providers_per_target():
     assert kernels.resolve_providers("cuda", None) == TVM
 
 
-@pytest.mark.parametrize("target, name", [("llvm", "library"), ("llvm", "tvm"), ("cuda", "tvm")])
+@pytest.mark.parametrize("target, name", [("llvm", "native"), ("llvm", "torch"), ("llvm", "tvm"),
+                                            ("cuda", "tvm")])
 def test_one_provider_name_for_every_kind(target, name):
     assert kernels.resolve_providers(target, name) == {"matmul": name, "conv2d": name}
 
@@ -57,7 +60,7 @@ def test_one_provider_name_for_every_kind(target, name):
 def test_provider_dict_per_kind_keeps_the_defaults_of_the_rest():
     assert kernels.resolve_providers("llvm", {"matmul": "tvm"}) == MIXED
     assert kernels.resolve_providers("llvm", MIXED) == MIXED
-    assert kernels.resolve_providers("llvm", {"conv2d": "tvm"}) == {"matmul": "library",
+    assert kernels.resolve_providers("llvm", {"conv2d": "tvm"}) == {"matmul": "native",
                                                                     "conv2d": "tvm"}
     assert kernels.resolve_providers("cuda", {"conv2d": "tvm"}) == TVM
     given = {"matmul": "tvm"}
@@ -69,10 +72,10 @@ def test_provider_dict_per_kind_keeps_the_defaults_of_the_rest():
     ("llvm", {"dense": "tvm"},
      "unknown op kind 'dense' for kernels; expected ['conv2d', 'matmul']"),
     ("llvm", "cublas", "unknown kernel provider 'cublas' for matmul; expected one of "
-                       "['library', 'tvm']"),
-    ("llvm", {"conv2d": "torch"}, "unknown kernel provider 'torch' for conv2d"),
-    ("cuda", "library", "the library provider exists for target llvm only, not cuda"),
-    ("cuda", {"conv2d": "library"}, "the library provider exists for target llvm only, not cuda"),
+                       "['native', 'torch', 'tvm']"),
+    ("llvm", {"conv2d": "library"}, "unknown kernel provider 'library' for conv2d"),
+    ("cuda", "native", "the native provider exists for target llvm only, not cuda"),
+    ("cuda", {"conv2d": "torch"}, "the torch provider exists for target llvm only, not cuda"),
 ])
 def test_bad_providers_fail_clearly(target, given, message):
     with pytest.raises(MTCompileError) as e:
@@ -89,13 +92,14 @@ def test_compile_rejects_a_bad_provider_before_any_work(monkeypatch):
     with pytest.raises(MTCompileError, match="unknown kernel provider 'fast'"):
         mtcompile.compile(tenants, kernels="fast")
     with pytest.raises(MTCompileError, match="for target llvm only"):
-        mtcompile.compile(tenants, target="cuda", kernels="library")
+        mtcompile.compile(tenants, target="cuda", kernels="native")
 
 
 def test_cli_parse_kernels():
     assert parse_kernels(None) is None
     assert parse_kernels("tvm") == "tvm"
-    assert parse_kernels("matmul=tvm,conv2d=library") == MIXED
+    assert parse_kernels("matmul=tvm,conv2d=native") == MIXED
+    assert parse_kernels("torch") == "torch"
     with pytest.raises(MTCompileError, match="expected PROVIDER or KIND=PROVIDER"):
         parse_kernels("matmul=tvm,conv2d")
 
@@ -206,7 +210,7 @@ def test_onnx_conv_really_has_asymmetric_padding():
     graph = lift(it.mod["main"], "asym", it.input_names)
     ctx = PassContext("llvm", LIBRARY)
     out, _ = run_passes(graph, build_pipeline(["offload-library"]), ctx)
-    assert [n.op for n in out.nodes if n.op.startswith("mtcompile.")] == [library.CONV2D_BIAS]
+    assert [n.op for n in out.nodes if n.op.startswith("mtcompile.")] == [native.CONV2D_BIAS]
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +218,9 @@ def cases():
     return numerics_cases()
 
 
-@pytest.fixture(scope="module", params=["library", "tvm", "mixed"])
+@pytest.fixture(scope="module", params=["native", "torch", "tvm", "mixed"])
 def provider_bundle(request, cases):
-    kernels_arg = {"library": None, "tvm": "tvm", "mixed": MIXED}[request.param]
+    kernels_arg = {"native": None, "torch": "torch", "tvm": "tvm", "mixed": MIXED}[request.param]
     bundle = mtcompile.compile([t for t, _ in cases.values()], kernels=kernels_arg)
     return request.param, bundle
 
@@ -224,7 +228,7 @@ def provider_bundle(request, cases):
 def library_symbols(bundle, name: str, inputs) -> list[str]:
     """The library kernels one run of tenant `name` calls, sorted."""
     (run,) = bundle.trace(name, [x.numpy() for x in inputs])
-    return sorted(s for s, _ in run if s.startswith("mtcompile.library."))
+    return sorted(s for s, _ in run if s.startswith(LIBRARY_PREFIXES))
 
 
 def test_numerics_match_eager(provider_bundle, cases):
@@ -241,10 +245,11 @@ def test_numerics_match_eager(provider_bundle, cases):
 
 def test_providers_decide_which_kernels_run(provider_bundle, cases):
     which, bundle = provider_bundle
-    expected = {"library": LIBRARY, "tvm": TVM, "mixed": MIXED}[which]
+    expected = {"native": LIBRARY, "torch": TORCH, "tvm": TVM, "mixed": MIXED}[which]
     assert bundle.manifest.kernels == expected
     syms = {n: library_symbols(bundle, n, t.example_inputs) for n, (t, _) in cases.items()}
-    conv = "mtcompile.library.conv2d"
+    prefix = "mtcompile.torch." if which == "torch" else "mtcompile.native."
+    conv = prefix + "conv2d"
     if which == "tvm":
         assert syms == {"convs": [], "mms": [], "asym": []}
         assert bundle.compile_report["build"]["library_calls"] == 0
@@ -252,7 +257,7 @@ def test_providers_decide_which_kernels_run(provider_bundle, cases):
     # Three convs, the first and last with a bias; the asymmetric ONNX conv has a bias.
     assert syms["convs"] == [conv, conv + "_bias", conv + "_bias"]
     assert syms["asym"] == [conv + "_bias"]
-    mm = "mtcompile.library.matmul"
+    mm = prefix + "matmul"
     assert syms["mms"] == ([] if which == "mixed" else [mm] * 4 + [mm + "_bias"] * 2)
 
 
@@ -262,8 +267,8 @@ def test_manifest_and_inspect_show_the_providers(provider_bundle, tmp_path, caps
     assert json.loads((saved / "manifest.json").read_text())["kernels"] == bundle.manifest.kernels
     assert main(["inspect", str(saved)]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("kernels"))
-    want = {"library": "conv2d: library, matmul: library", "tvm": "conv2d: tvm, matmul: tvm",
-            "mixed": "conv2d: library, matmul: tvm"}[which]
+    want = {"native": "conv2d: native, matmul: native", "torch": "conv2d: torch, matmul: torch",
+            "tvm": "conv2d: tvm, matmul: tvm", "mixed": "conv2d: native, matmul: tvm"}[which]
     assert line.split(None, 1)[1] == want
 
 
@@ -274,8 +279,8 @@ CHILD = textwrap.dedent("""
     import numpy as np
     import tvm_ffi
     import mtcompile
-    NAMES = ["mtcompile.library.matmul", "mtcompile.library.matmul_bias",
-             "mtcompile.library.conv2d", "mtcompile.library.conv2d_bias"]
+    NAMES = ["mtcompile.native.matmul", "mtcompile.native.matmul_bias",
+             "mtcompile.native.conv2d", "mtcompile.native.conv2d_bias"]
     def registered():
         return [n for n in NAMES if tvm_ffi.get_global_func(n, allow_missing=True) is not None]
     d, out = sys.argv[1], sys.argv[2]
@@ -300,11 +305,12 @@ def test_library_bundle_runs_in_a_fresh_process(tiny_bundle, tiny_saved, tmp_pat
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Nothing was registered until the bundle was loaded; loading registered the kernels.
+    # Nothing was registered until the bundle was loaded; loading its library registered the
+    # native kernels linked into it (PyTorch's callbacks were never imported).
     assert info["before"] == {"library_imported": False, "registered": []}
-    assert info["kernels"] == LIBRARY and info["library_imported"]
+    assert info["kernels"] == LIBRARY and not info["library_imported"]
     assert len(info["registered"]) == 4
-    assert {library.CONV2D_BIAS, library.MATMUL_BIAS} <= set(info["symbols"])
+    assert {native.CONV2D_BIAS, native.MATMUL_BIAS} <= set(info["symbols"])
     got = np.load(tmp_path / "out.npz")
     for n, x in inputs.items():
         np.testing.assert_array_equal(got[n], tiny_bundle.run(n, x)[0])
@@ -402,11 +408,11 @@ def test_profile_matches_trace(tiny_bundle):
         for r in rows:
             assert r["total_us"] > 0 and r["mean_us"] == pytest.approx(r["total_us"] / r["calls"])
     names = {n: {r["name"] for r in p["kernels"]} for n, p in prof["tenants"].items()}
-    assert library.MATMUL_BIAS in names["lin"]
-    assert {library.CONV2D_BIAS, library.MATMUL_BIAS} <= names["conv"]
-    assert not any(s.startswith("mtcompile.library.") for s in names["multi"])
+    assert native.MATMUL_BIAS in names["lin"]
+    assert {native.CONV2D_BIAS, native.MATMUL_BIAS} <= names["conv"]
+    assert not any(s.startswith(LIBRARY_PREFIXES) for s in names["multi"])
     assert all(s.startswith("vm.builtin.") for n in names.values() for s in n
-               if "." in s and not s.startswith("mtcompile.library."))
+               if "." in s and not s.startswith(LIBRARY_PREFIXES))
 
 
 def test_profile_cli_prints_per_tenant_lines(tiny_bundle, tiny_saved, capsys):
@@ -422,7 +428,7 @@ def test_profile_cli_prints_per_tenant_lines(tiny_bundle, tiny_saved, capsys):
         block = lines[lines.index(h) + 1:]
         rows = [ln for ln in block[:3] if ln.startswith("  ")]
         assert len(rows) == 3 and all("%" in r and " us  x" in r for r in rows)
-    assert any("mtcompile.library.conv2d_bias" in ln for ln in lines)
+    assert any("mtcompile.native.conv2d_bias" in ln for ln in lines)
 
 
 # --------------------------------------------------------------------------- tuning

@@ -15,8 +15,8 @@ from conftest import MultiOut, linear_relu, seeded_input, tiny_conv
 from tvm import relax
 
 from mtcompile import Tenant
-from mtcompile.backend.lowering import LoweringError, emit_module
-from mtcompile.errors import TenantError
+from mtcompile.backend.lowering import emit_module
+from mtcompile.errors import LoweringError, TenantError
 from mtcompile.frontend.importers import import_tenant
 from mtcompile.frontend.lift import lift
 from mtcompile.ir.graph import INPUT, TensorTy

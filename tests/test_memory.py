@@ -181,7 +181,7 @@ def test_the_kernel_dag_is_the_kernels_fuse_vertical_predicts(hetero_front):
     # library call named as the batch-norm's item 0
     conv = dag.kernel("vision.lv2")
     assert conv.kind == "library" and conv.nodes == ("vision.lv2",) and conv.tensor == "vision.lv2"
-    assert graph.node("vision.lv2").op == "mtcompile.library.conv2d_bias"
+    assert graph.node("vision.lv2").op == "mtcompile.native.conv2d_bias"
     assert dag.deps["g0"] == ("vision.lv2",)
     assert dag.outputs == {"vision.lv37", "text.lv74", "mlp.lv6"}
 

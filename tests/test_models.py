@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from mtcompile.models import (
+    BERT_MINI,
     SETS,
+    bert_mini,
     encoder_onnx,
     get_set,
     head_classes,
@@ -17,6 +19,7 @@ from mtcompile.models import (
     resnet_cnn,
     shared_backbone_tenant,
     transformer_encoder,
+    vit,
 )
 from mtcompile.tenant import Tenant
 
@@ -27,6 +30,8 @@ TORCH_FACTORIES = {
     "transformer_encoder_cls": lambda seed: transformer_encoder(seed, seq=8, num_classes=3),
     "mlp": lambda seed: mlp(seed, batch=4, d_in=32, hidden=64, d_out=16, layers=3),
     "shared_backbone_tenant": lambda seed: shared_backbone_tenant(seed, backbone_seed=seed),
+    "vit": lambda seed: vit(seed, batch=2, image=32, patch=8, d_model=32, heads=2, layers=1,
+                            ffn=64, num_classes=5),
 }
 
 
@@ -74,6 +79,23 @@ def test_output_shapes():
     assert m(ids).shape == (2, 16, 32)
     m, (x,) = mlp(batch=3, d_in=10, hidden=20, d_out=5, layers=1)
     assert m(x).shape == (3, 5)
+    m, (x,) = vit(batch=2, image=32, patch=8, d_model=16, heads=2, layers=1, ffn=32)
+    assert x.shape == (2, 3, 32, 32) and m(x).shape == (2, 10)
+    assert m.pos.shape == (1, 17, 16)  # 4x4 patches + the class token
+    with pytest.raises(ValueError, match="patch"):
+        vit(image=30, patch=8)
+
+
+def test_vit_tiny_and_bert_mini_sizes():
+    m, (x,) = vit()
+    assert x.shape == (1, 3, 96, 96) and m(x).shape == (1, 10)
+    assert len(m.layers) == 4 and m.layers[0].heads == 3 and m.pos.shape == (1, 37, 192)
+    assert m.layers[0].ffn1.out_features == 768
+    m, (ids,) = bert_mini(seed=1)
+    assert ids.shape == (1, BERT_MINI["seq"]) == (1, 64)
+    assert len(m.layers) == 4 and m.layers[0].heads == 4
+    assert m.layers[0].ffn1.in_features == 256 and m.layers[0].ffn1.out_features == 1024
+    assert m(ids).shape == (1, 64, 256)
 
 
 def test_resnet_batchnorm_stats_are_nontrivial():
@@ -176,7 +198,26 @@ def test_shared_backbone_set():
         assert not _same_state(t.model.head, first.model.head)
 
 
+def test_bert4_set():
+    tenants = get_set("bert4")
+    _check_tenants(tenants, ["bert0", "bert1", "bert2", "bert3"])
+    assert tenants[0].example_inputs[0].shape == (1, 64)
+    assert not _same_state(tenants[0].model, tenants[3].model)
+    assert not torch.equal(tenants[0].example_inputs[0], tenants[1].example_inputs[0])
+
+
+def test_mixed_set():
+    tenants = get_set("mixed")
+    _check_tenants(tenants, ["text", "vit", "cnn", "mlp"])
+    shapes = {"text": (1, 64), "vit": (1, 3, 96, 96), "cnn": (1, 3, 64, 64), "mlp": (1, 512)}
+    for t in tenants:
+        assert isinstance(t.model, torch.nn.Module)
+        assert tuple(t.example_inputs[0].shape) == shapes[t.name]
+        with torch.no_grad():
+            assert torch.isfinite(t.model(*t.example_inputs)).all()
+
+
 def test_sets_registry():
-    assert set(SETS) == {"heterogeneous", "same-arch", "shared-backbone"}
+    assert set(SETS) == {"heterogeneous", "same-arch", "shared-backbone", "bert4", "mixed"}
     with pytest.raises(ValueError, match="same-arch"):
         get_set("nope")

@@ -24,9 +24,13 @@ from mtcompile.passes.fold_batch_norm import FoldBatchNorm
 from mtcompile.passes.offload_library import OffloadLibrary
 
 ATOL = 1e-4
-LIBRARY = {"matmul": "library", "conv2d": "library"}
+LIBRARY = {"matmul": "native", "conv2d": "native"}  # the default library provider
 TVM = {"matmul": "tvm", "conv2d": "tvm"}
-MIXED = {"matmul": "tvm", "conv2d": "library"}
+TORCH = {"matmul": "torch", "conv2d": "torch"}  # PyTorch's kernels
+MIXED = {"matmul": "tvm", "conv2d": "native"}
+_MM, _CONV = ops.LIBRARY["relax.matmul"], ops.LIBRARY["relax.nn.conv2d"]
+MATMUL, MATMUL_BIAS = _MM.call("native"), _MM.call("native", bias=True)
+CONV2D, CONV2D_BIAS = _CONV.call("native"), _CONV.call("native", bias=True)
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -88,9 +92,9 @@ X28 = _rng(2).standard_normal((2, 8)).astype(np.float32)
 def test_float32_matmul_becomes_a_library_call_node():
     g = one_function(lambda bb, x: relax.op.matmul(x, const(W84)), [("x", (2, 8), "float32")])
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [ops.MATMUL] and info["library_calls"] == 1
-    (call,) = [n for n in out.nodes if n.op == ops.MATMUL]
-    assert str(call).startswith(f"%{call.name} = mtcompile.library.matmul(%main.x, @")
+    assert ops_of(out) == [MATMUL] and info["library_calls"] == 1
+    (call,) = [n for n in out.nodes if n.op == MATMUL]
+    assert str(call).startswith(f"%{call.name} = mtcompile.native.matmul(%main.x, @")
     assert str(call).endswith("{tenant=main} : f32[2,4]")
     (got,) = run(out, X28)
     np.testing.assert_allclose(got, X28 @ W84, rtol=0, atol=1e-5)
@@ -105,8 +109,8 @@ def test_nchw_conv_becomes_a_library_call_with_its_parameters():
 
     g = one_function(body, [("x", (1, 4, 9, 9), "float32")])
     out, _ = offloaded(g, LIBRARY)
-    assert ops_of(out) == [ops.CONV2D]
-    (call,) = [n for n in out.nodes if n.op == ops.CONV2D]
+    assert ops_of(out) == [CONV2D]
+    (call,) = [n for n in out.nodes if n.op == CONV2D]
     # stride h/w, padding top/left/bottom/right, dilation h/w, groups
     assert call.attrs.flat() == [2, 1, 0, 1, 1, 2, 1, 2, 2]
     assert "{strides=[2, 1], padding=[0, 1, 1, 2], dilation=[1, 2], groups=2}" in str(call)
@@ -114,7 +118,7 @@ def test_nchw_conv_becomes_a_library_call_with_its_parameters():
     want = torch.nn.functional.conv2d(
         torch.nn.functional.pad(torch.from_numpy(x), (1, 2, 0, 1)), torch.from_numpy(w),
         stride=(2, 1), dilation=(1, 2), groups=2).numpy()
-    for providers in (LIBRARY, TVM):
+    for providers in (LIBRARY, TORCH, TVM):
         (got,) = run(offloaded(g, providers)[0], x)
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
@@ -124,11 +128,11 @@ def test_linear_bias_is_folded_into_matmul_bias():
     g = lifted(lin, torch.from_numpy(X28))
     assert "relax.matmul" in ops_of(g) and "relax.add" in ops_of(g)
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [ops.MATMUL_BIAS]
+    assert ops_of(out) == [MATMUL_BIAS]
     assert info == {"library_calls": 1, "biases_folded": 1, "left_to_tvm": {}}
     # one call in the tenant's entry and one in run_all
-    assert library_calls(emit_module(out)) == 2
-    (call,) = [n for n in out.nodes if n.op == ops.MATMUL_BIAS]
+    assert library_calls(emit_module(out)) == [MATMUL_BIAS, MATMUL_BIAS]
+    (call,) = [n for n in out.nodes if n.op == MATMUL_BIAS]
     bias = call.args[2]
     assert isinstance(bias, ConstRef)  # the 1-D bias of the layer
     np.testing.assert_array_equal(out.constants[bias.key], lin.bias.detach().numpy())
@@ -141,8 +145,8 @@ def test_conv_bias_of_constants_alone_joins_the_call_through_a_folded_reshape():
     conv = nn.Conv2d(2, 4, 3).eval()  # torch's import adds reshape(bias, (1, 4, 1, 1))
     x = torch.from_numpy(_rng(5).standard_normal((1, 2, 6, 6)).astype(np.float32))
     out, _ = offloaded(lifted(conv, x), LIBRARY)
-    assert ops_of(out) == [ops.CONV2D_BIAS]
-    (call,) = [n for n in out.nodes if n.op == ops.CONV2D_BIAS]
+    assert ops_of(out) == [CONV2D_BIAS]
+    (call,) = [n for n in out.nodes if n.op == CONV2D_BIAS]
     flat = out.node(call.args[2].name)
     assert flat.op == "relax.reshape" and flat.ty.shape == (4,)  # folded by TVM
     (got,) = run(out, x.numpy(), tenant="t")
@@ -158,11 +162,11 @@ def test_conv_batchnorm_folds_into_conv_with_bias():
     assert folded.info == {"folded": 1}
     assert "relax.nn.batch_norm" not in ops_of(folded.graph)
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [ops.CONV2D_BIAS, "relax.nn.relu", "relax.mean", ops.MATMUL_BIAS]
+    assert ops_of(out) == [CONV2D_BIAS, "relax.nn.relu", "relax.mean", MATMUL_BIAS]
     assert info["library_calls"] == 2 and info["biases_folded"] == 2
     with torch.no_grad():
         want = model(x).numpy()
-    for providers in (LIBRARY, TVM):
+    for providers in (LIBRARY, TORCH, TVM):
         (got,) = run(offloaded(g, providers)[0], x.numpy(), tenant="t")
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
@@ -193,10 +197,10 @@ def test_mixed_providers_offload_only_their_kind():
     model, inputs = tiny_conv(0)
     g = lifted(model, *inputs)
     calls = ops_of(offloaded(g, MIXED)[0])
-    assert calls[0] == ops.CONV2D_BIAS and "relax.matmul" in calls
-    assert not any(c.startswith(ops.MATMUL) for c in calls)
-    calls = ops_of(offloaded(g, {"matmul": "library", "conv2d": "tvm"})[0])
-    assert "relax.nn.conv2d" in calls and calls[-1] == ops.MATMUL_BIAS
+    assert calls[0] == CONV2D_BIAS and "relax.matmul" in calls
+    assert not any(c.startswith(MATMUL) for c in calls)
+    calls = ops_of(offloaded(g, {"matmul": "native", "conv2d": "tvm"})[0])
+    assert "relax.nn.conv2d" in calls and calls[-1] == MATMUL_BIAS
 
 
 # --------------------------------------------------------------------------- negative
@@ -296,7 +300,7 @@ def test_negative_bias_is_not_folded_into_a_matmul_used_twice(body, reference):
     g = one_function(body, [("x", (2, 8), "float32")])
     out, info = offloaded(g, LIBRARY)
     calls = ops_of(out)
-    assert calls[:2] == [ops.MATMUL, "relax.add"] and ops.MATMUL_BIAS not in calls
+    assert calls[:2] == [MATMUL, "relax.add"] and MATMUL_BIAS not in calls
     assert info["library_calls"] == 1 and info["biases_folded"] == 0
     got = run(out, X28)
     want = reference(X28)
@@ -317,7 +321,7 @@ def test_negative_matmul_bias_not_along_the_last_axis_is_not_folded(bias_shape):
         return relax.op.add(mm, const(bias))
 
     out, _ = offloaded(one_function(body, [("x", (4, 8), "float32")]), LIBRARY)
-    assert ops_of(out) == [ops.MATMUL, "relax.add"]
+    assert ops_of(out) == [MATMUL, "relax.add"]
     x = _rng(10).standard_normal((4, 8)).astype(np.float32)
     (got,) = run(out, x)
     np.testing.assert_allclose(got, x @ W84 + bias, rtol=0, atol=1e-5)
@@ -332,7 +336,7 @@ def test_negative_bias_of_a_batched_weight_is_not_folded():
         return relax.op.add(mm, const(B4))
 
     out, _ = offloaded(one_function(body, [("x", (2, 3, 8), "float32")]), LIBRARY)
-    assert ops_of(out) == [ops.MATMUL, "relax.add"]
+    assert ops_of(out) == [MATMUL, "relax.add"]
     x = _rng(20).standard_normal((2, 3, 8)).astype(np.float32)
     (got,) = run(out, x)
     np.testing.assert_allclose(got, x @ w + B4, rtol=0, atol=1e-5)
@@ -348,7 +352,7 @@ def test_negative_conv_bias_along_the_width_is_not_folded():
         return relax.op.add(conv, const(bias))
 
     out, _ = offloaded(one_function(body, [("x", (1, 2, 8, 6), "float32")]), LIBRARY)
-    assert ops_of(out) == [ops.CONV2D, "relax.add"]
+    assert ops_of(out) == [CONV2D, "relax.add"]
     x = _rng(12).standard_normal((1, 2, 8, 6)).astype(np.float32)
     (got,) = run(out, x)
     want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy() + bias
@@ -364,8 +368,8 @@ def test_channel_bias_of_a_conv_is_folded():
         return relax.op.add(conv, const(bias))
 
     out, _ = offloaded(one_function(body, [("x", (1, 2, 8, 6), "float32")]), LIBRARY)
-    assert ops_of(out) == [ops.CONV2D_BIAS]
-    (call,) = [n for n in out.nodes if n.op == ops.CONV2D_BIAS]
+    assert ops_of(out) == [CONV2D_BIAS]
+    (call,) = [n for n in out.nodes if n.op == CONV2D_BIAS]
     assert out.constants[call.args[2].key].shape == (4,)
     x = _rng(14).standard_normal((1, 2, 8, 6)).astype(np.float32)
     (got,) = run(out, x)
@@ -381,7 +385,7 @@ def test_negative_sum_of_two_matmuls_is_not_a_bias():
         return relax.op.add(a, b)
 
     out, info = offloaded(one_function(body, [("x", (2, 8), "float32")]), LIBRARY)
-    assert ops_of(out) == [ops.MATMUL, ops.MATMUL, "relax.add"] and info["library_calls"] == 2
+    assert ops_of(out) == [MATMUL, MATMUL, "relax.add"] and info["library_calls"] == 2
     (got,) = run(out, X28)
     np.testing.assert_allclose(got, 3 * (X28 @ W84), rtol=0, atol=1e-5)
 
@@ -393,7 +397,7 @@ def test_negative_a_per_channel_value_computed_at_run_time_is_not_a_bias():
 
     g = one_function(body, [("x", (2, 8), "float32"), ("v", (4,), "float32")])
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [ops.MATMUL, "relax.nn.relu", "relax.add"]
+    assert ops_of(out) == [MATMUL, "relax.nn.relu", "relax.add"]
     assert info["biases_folded"] == 0
     (got,) = run(out, X28, B4)
     np.testing.assert_allclose(got, X28 @ W84 + np.maximum(B4, 0), rtol=0, atol=1e-5)
@@ -402,7 +406,7 @@ def test_negative_a_per_channel_value_computed_at_run_time_is_not_a_bias():
 def test_without_the_pass_heavy_ops_stay_tvm_ops():
     lin = nn.Linear(8, 4).eval()
     bundle = mtcompile.compile([mtcompile.Tenant("t", lin, example_inputs=(torch.from_numpy(X28),))],
-                               passes=[], kernels="library")
+                               passes=[], kernels="native")
     assert bundle.compile_report["build"]["library_calls"] == 0
     with torch.no_grad():
         np.testing.assert_allclose(bundle.run("t", X28)[0], lin(torch.from_numpy(X28)).numpy(),

@@ -20,7 +20,8 @@ from mtcompile.api import _front, _Stages
 from mtcompile.backend import lowering
 from mtcompile.backend.arena import ArenaError
 from mtcompile.backend.kernels import resolve_providers
-from mtcompile.backend.lowering import _Emitter, stream_layout
+from mtcompile.backend.lowering import _Emitter
+from mtcompile.backend.stream_layout import stream_layout
 from mtcompile.bundle_manifest import streams_info
 from mtcompile.passes import DEFAULT_PIPELINE, build_pipeline
 from mtcompile.runtime.executor import StreamError

@@ -1,8 +1,9 @@
 """Kernel providers and the CPU compile pipeline.
 
 Per heavy op kind (``matmul``, ``conv2d``: `mtcompile.ir.ops.HEAVY`) the provider is
-``library`` (PyTorch's kernels through ``call_dps_packed``, see `library`; the
-offload-library pass makes the calls on our graph) or ``tvm`` (TVM code, scheduled by a
+``native`` (our C++ kernels, `mtcompile.native`; the default on CPU), ``torch`` (PyTorch's
+kernels, `mtcompile.runtime.library`) -- both called through ``call_dps_packed``, the
+offload-library pass makes the calls on our graph -- or ``tvm`` (TVM code, scheduled by a
 tuning database when one is given, else by TVM's default rules). Everything else is TVM
 code that gets our parallel, vectorized default CPU schedule (TVM has none for it).
 """
@@ -16,11 +17,11 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from mtcompile.backend import arena
 from mtcompile.errors import MTCompileError
-from mtcompile.ir.ops import HEAVY
+from mtcompile.ir.ops import HEAVY, LIBRARY_PROVIDERS
 
-PROVIDERS = ("library", "tvm")
+PROVIDERS = (*LIBRARY_PROVIDERS, "tvm")
 KINDS = tuple(dict.fromkeys(HEAVY.values()))  # the heavy op kinds a provider is chosen for
-DEFAULT_PROVIDERS = {"llvm": dict.fromkeys(KINDS, "library"), "cuda": dict.fromkeys(KINDS, "tvm")}
+DEFAULT_PROVIDERS = {"llvm": dict.fromkeys(KINDS, "native"), "cuda": dict.fromkeys(KINDS, "tvm")}
 
 
 def resolve_providers(target: str, kernels: str | dict[str, str] | None) -> dict[str, str]:
@@ -35,8 +36,8 @@ def resolve_providers(target: str, kernels: str | dict[str, str] | None) -> dict
         if prov not in PROVIDERS:
             raise MTCompileError(f"unknown kernel provider {prov!r} for {kind}; "
                                  f"expected one of {list(PROVIDERS)}")
-        if prov == "library" and target != "llvm":
-            raise MTCompileError(f"the library provider exists for target llvm only, not {target}")
+        if prov in LIBRARY_PROVIDERS and target != "llvm":
+            raise MTCompileError(f"the {prov} provider exists for target llvm only, not {target}")
     chosen.update(given)
     return chosen
 

@@ -18,7 +18,8 @@ from tvm import relax
 
 from mtcompile.backend import arena
 from mtcompile.backend.arena import ATTR, STREAM_ATTR
-from mtcompile.errors import MTCompileError
+from mtcompile.backend.stream_layout import StreamLayout, run_all_params
+from mtcompile.errors import LoweringError, MTCompileError
 from mtcompile.ir.graph import (
     GET_ITEM,
     INPUT,
@@ -31,98 +32,42 @@ from mtcompile.ir.graph import (
     iter_const_refs,
     iter_refs,
 )
-from mtcompile.ir.ops import is_library_call
+from mtcompile.ir.ops import CALL_PROVIDER, is_library_call
 from mtcompile.ir.relax_types import lift_type
-from mtcompile.runtime.abi import GET, MANIFEST_FN, PUT, RUN_ALL, SIGNAL, WAIT
-from mtcompile.runtime.manifest import StreamFunctions
+from mtcompile.runtime.abi import ARENA_FN, GET, MANIFEST_FN, PUT, RUN_ALL, SIGNAL, WAIT
 
 TARGETS = ("llvm", "cuda")
 
 
-class LoweringError(MTCompileError):
-    """The graph could not be re-emitted as Relax."""
+HOST_CPU, GENERIC_CPU = "host", "generic"
 
 
-def make_target(target: str) -> tvm.target.Target:
-    """A TVM target from ``"llvm"`` or ``"cuda"`` (the GPU code gets an llvm host)."""
+def resolve_cpu(cpu: str = HOST_CPU) -> str:
+    """The LLVM CPU name for `cpu`: ``"host"`` -> the detected CPU of this machine (TVM 0.27's
+    LLVM refuses ``mcpu=native``), ``"generic"`` (portable x86-64, SSE2 only), or a CPU
+    name LLVM knows (``"skylake"``, ``"znver3"``...)."""
+    from tvm.target import codegen
+
+    if cpu == HOST_CPU:
+        return str(codegen.llvm_get_system_cpu())
+    if cpu != GENERIC_CPU and not codegen.llvm_is_valid_cpu(
+            cpu, str(codegen.llvm_get_system_triple())):
+        raise MTCompileError(f"unknown CPU {cpu!r}: expected 'host', 'generic' or a CPU name "
+                             "LLVM knows (e.g. 'haswell', 'skylake-avx512', 'znver3')")
+    return cpu
+
+
+def make_target(target: str, cpu: str = HOST_CPU) -> tvm.target.Target:
+    """A TVM target from ``"llvm"`` or ``"cuda"`` (the GPU code gets a generic llvm host).
+    cpu: what the llvm kernels are compiled for (`resolve_cpu`); the default, the host CPU,
+    lets LLVM use its vector units (``Target("llvm")`` alone emits SSE code only)."""
     if target == "llvm":
-        return tvm.target.Target("llvm")
+        name = resolve_cpu(cpu)
+        return tvm.target.Target("llvm" if name == GENERIC_CPU
+                                 else {"kind": "llvm", "mcpu": name})
     if target == "cuda":
         return tvm.target.Target({"kind": "cuda"}, host={"kind": "llvm"})
     raise MTCompileError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
-
-
-def run_all_params(graph: Graph) -> list[tuple[str, list[tuple[str, str]]]]:
-    """``run_all``'s parameters in order: (input node, the (tenant, input name) pairs it
-    serves). An input shared by several tenants is one parameter."""
-    params: dict[str, list[tuple[str, str]]] = {}
-    for t, io in graph.tenants.items():
-        for local, node in io.inputs:
-            params.setdefault(node, []).append((t, local))
-    return list(params.items())
-
-
-# Ops through which an index value keeps its meaning (casts, reshapes, the negative-index
-# wrap that ONNX Gather imports as where(less(i, 0), i + n, i)).
-_INDEX_PATH_OPS = {"relax.astype", "relax.reshape", "relax.expand_dims", "relax.squeeze",
-                   "relax.permute_dims", "relax.broadcast_to", "relax.where", "relax.less",
-                   "relax.add"}
-
-
-def input_index_ranges(graph: Graph) -> dict[str, tuple[int, int]]:
-    """Input node -> the [low, high) range of valid values, for inputs that index a table
-    through a fast-mode ``take``: [0, rows), or [-rows, rows) where the import wraps
-    negative indices (ONNX Gather).
-
-    TVM's fast-mode take reads out of bounds (and may crash the process) on a bad index,
-    so the runtime checks such inputs before calling into the executable.
-    """
-    ranges: dict[str, tuple[int, int]] = {}
-    for n in graph.nodes:
-        if n.op != "relax.take" or n.attrs is None or str(n.attrs.obj.mode) != "fast":
-            continue
-        table, idx = n.args
-        rows = _rows(graph, table, int(n.attrs.obj.axis) if n.attrs.obj.axis is not None else 0)
-        src = _index_source(graph, idx)
-        if rows is None or src is None:
-            continue
-        name, wraps = src
-        lo, hi = (-rows if wraps else 0), rows
-        if name in ranges:  # several tables: the tightest range serves them all
-            lo, hi = max(lo, ranges[name][0]), min(hi, ranges[name][1])
-        ranges[name] = (lo, hi)
-    return ranges
-
-
-def _rows(graph: Graph, table, axis: int) -> int | None:
-    if isinstance(table, ConstRef):
-        shape = graph.constants[table.key].shape
-    elif isinstance(table, Ref) and isinstance(graph.node(table.name).ty, TensorTy):
-        shape = graph.node(table.name).ty.shape
-    else:
-        return None
-    return int(shape[axis]) if shape else None
-
-
-def _index_source(graph: Graph, idx) -> tuple[str, bool] | None:
-    """The one input node an index value is computed from, through index-keeping ops, and
-    whether negative values are wrapped on the way (``where``)."""
-    sources: set[str] = set()
-    wraps = False
-    stack = [idx]
-    while stack:
-        a = stack.pop()
-        if not isinstance(a, Ref):
-            continue  # constants (the n of the wrap) are fine
-        node = graph.node(a.name)
-        if node.op == INPUT:
-            sources.add(node.name)
-        elif node.op in _INDEX_PATH_OPS:
-            wraps |= node.op == "relax.where"
-            stack.extend(node.args)
-        else:
-            return None
-    return (sources.pop(), wraps) if len(sources) == 1 else None
 
 
 _NONE = relax.TupleType([])
@@ -309,192 +254,6 @@ class _Emitter:
                                 f"{type(e).__name__}: {e}") from e
 
 
-class StreamLayout:
-    """How run_all's kernels are split into stream functions (``run_all__s{i}``): per
-    stream the nodes to emit (per kernel, in stream order, each preceded by the free nodes
-    it needs: views, tuples, items, constant-only values), the run_all inputs it reads, the
-    values it imports from and exports to other streams, its tenant outputs (indices into
-    run_all's flat outputs), and the event points: sync `e` = (producer, consumer) is
-    signalled after the producer's stage and waited for before the consumer's."""
-
-    def __init__(self, graph: Graph):
-        from mtcompile.analysis.schedule import kernel_dag
-
-        a = graph.analyses["streams"]
-        self.assignment = a
-        dag = kernel_dag(graph)
-        self.dag = dag
-        n = a.num_streams
-        self.functions = [f"{RUN_ALL}__s{i}" for i in range(n)]
-        stream_of = a.stream_of
-        # nodes of kernels that compute (views are free: re-emitted where needed)
-        self.owner = {node: stream_of[k.name] for k in dag.kernels if k.kind != "view"
-                      for node in k.nodes}
-        self.kernel_of = kernel_of = {node: k.name for k in dag.kernels for node in k.nodes}
-        # a kernel's nodes, plus the items of its tuple result: computed on its stream, so
-        # another stream imports a field (a tensor), never the tuple
-        self.kernel_nodes = {k.name: list(k.nodes) for k in dag.kernels}
-        for nd in graph.nodes:
-            src = nd.inputs[0] if nd.op == GET_ITEM and nd.inputs else None
-            if src in self.owner and nd.name not in self.owner and isinstance(nd.ty, TensorTy):
-                self.owner[nd.name] = self.owner[src]
-                kernel_of[nd.name] = kernel_of[src]
-                self.kernel_nodes[kernel_of[src]].append(nd.name)
-        outputs = [o for t in graph.tenants for o in graph.tenants[t].outputs]
-        live = graph.live_nodes()
-        groups: dict[str, list] = {}
-        for nd in graph.nodes:
-            if nd.group is not None and nd.name in live:
-                groups.setdefault(nd.group, []).append(nd)
-        self.group_of = {nd.name: nd.group for nd in graph.nodes if nd.group is not None}
-        params = [node for node, _ in run_all_params(graph)]
-        self.inputs: list[list[str]] = []
-        self.imports: list[list[str]] = []
-        self.emission: list[list[list[str]]] = []
-        self.outputs: list[list] = [[] for _ in range(n)]
-        self.output_index: list[list[int]] = [[] for _ in range(n)]
-        self.exports: list[list[str]] = [[] for _ in range(n)]
-        self.value_id: dict[str, int] = {}
-
-        # each output: the stream owning the tensor it holds (inputs/constants: stream 0)
-        for j, o in enumerate(outputs):
-            s = 0
-            if isinstance(o, Ref):
-                srcs = [self.owner[t] for t in _holders(graph, o.name, dag) if t in self.owner]
-                s = srcs[0] if srcs else 0
-            self.outputs[s].append(o)
-            self.output_index[s].append(j)
-
-        self.graph, self.groups, self._before = graph, groups, _hb(a)
-        for i in range(n):
-            ins, imp, stages = self._stream_nodes(i)
-            self.inputs.append(sorted(ins, key=params.index))
-            self.imports.append(imp)
-            self.emission.append(stages)
-        for imp in self.imports:
-            for x in imp:
-                s = self.owner[x]
-                if x not in self.value_id:
-                    self.value_id[x] = len(self.value_id)
-                    self.exports[s].append(x)
-        self.input_index = [[params.index(x) for x in ins] for ins in self.inputs]
-        pos = [{k: j for j, k in enumerate(ks)} for ks in a.streams]
-        self.waits: list[dict[int, list[int]]] = [{} for _ in range(n)]
-        self.signals: list[dict[int, list[int]]] = [{} for _ in range(n)]
-        self.event_streams = []
-        for e, (p, c) in enumerate(a.syncs):
-            sp, sc = stream_of[p], stream_of[c]
-            self.signals[sp].setdefault(pos[sp][p], []).append(e)
-            self.waits[sc].setdefault(pos[sc][c], []).append(e)
-            self.event_streams.append((sp, sc))
-
-    def _stream_nodes(self, i: int) -> tuple[list[str], list[str], list[list[str]]]:
-        """Stream `i`'s run_all inputs, imports, and nodes to emit per stage (one stage per
-        kernel, in stream order; a last one for outputs that are views)."""
-        graph, kernels = self.graph, self.assignment.streams[i]
-        done: set[str] = set()
-        ins: list[str] = []
-        imp: list[str] = []
-
-        def need(name: str, order: list[str], stage_kernel: str | None) -> None:
-            if name in done:
-                return
-            nd = graph.node(name)
-            if nd.op == INPUT:
-                ins.append(name)
-                done.add(name)
-                return
-            if self.owner.get(name, i) != i:  # computed on another stream: imported
-                if not isinstance(nd.ty, TensorTy):
-                    raise LoweringError(f"stream {i} reads %{name}, a {nd.ty} computed on "
-                                        f"stream {self.owner[name]}: only tensors cross streams")
-                producer = self.kernel_of[name]
-                if stage_kernel is None or not self._before(producer, stage_kernel):
-                    raise LoweringError(f"stream {i} reads %{name} of kernel {producer} "
-                                        f"(stream {self.owner[name]}) where no event orders "
-                                        "it first")
-                imp.append(name)
-                done.add(name)
-                return
-            members = self.groups[nd.group] if nd.group is not None else [nd]
-            for r in self.reads(name):
-                need(r, order, stage_kernel)
-            order.append(members[-1].name)
-            done.update(m.name for m in members)
-
-        stages: list[list[str]] = []
-        for k in kernels:
-            order: list[str] = []
-            for node in self.kernel_nodes[k]:
-                need(node, order, k)
-            stages.append(order)
-        tail: list[str] = []
-        for o in self.outputs[i]:
-            if isinstance(o, Ref):
-                need(o.name, tail, kernels[-1])
-        if tail:
-            stages.append(tail)
-        return ins, imp, stages
-
-    def reads(self, name: str) -> list[str]:
-        """The nodes that emitting node `name` reads (for a group's last node: what the
-        group reads from outside)."""
-        nd = self.graph.node(name)
-        members = self.groups[nd.group] if nd.group is not None else [nd]
-        inside = {m.name for m in members}
-        return [r for m in members for r in m.inputs if r not in inside]
-
-    def manifest(self) -> StreamFunctions:
-        """What the runtime needs to run the stream functions (the manifest's ``streams.run``)."""
-        a = self.assignment
-        kernel_tenant = {}  # VM symbol of a fused kernel -> its tenant(s)
-        for s, ks in enumerate(a.streams):
-            for k in ks:
-                kn = self.dag.kernel(k)
-                group = self.group_of.get(kn.nodes[-1])
-                if group is not None:
-                    kernel_tenant[f"{self.functions[s]}_{group}"] = kn.tenant
-        return StreamFunctions(
-            functions=tuple(self.functions), arena_function=ARENA_FN, num_events=a.num_syncs,
-            event_streams=tuple(map(tuple, self.event_streams)),
-            stream_inputs=tuple(map(tuple, self.input_index)),
-            stream_outputs=tuple(map(tuple, self.output_index)),
-            stream_tenants=tuple("+".join(dict.fromkeys(
-                t for k in ks for t in self.dag.kernel(k).tenants)) or "?" for ks in a.streams),
-            kernel_tenant=kernel_tenant)
-
-
-ARENA_FN = f"{RUN_ALL}__arena"  # zero-argument entry: a fresh storage of run_all's arena size
-
-
-def stream_layout(graph: Graph) -> StreamLayout | None:
-    """The stream functions to emit, when the graph carries an assignment of > 1 stream
-    and a memory plan (the one arena all streams share), made for that very assignment."""
-    a = graph.analyses.get("streams")
-    plan = graph.analyses.get("memory")
-    if a is None or a.num_streams <= 1 or plan is None:
-        return None
-    if plan.streams != a.fingerprint():
-        made_for = "program order" if plan.streams is None else f"assignment {plan.streams}"
-        raise MTCompileError(
-            f"run_all's memory plan was made for {made_for}, not for the {a.num_streams}-stream "
-            f"assignment {a.fingerprint()} to lower: tensors live at once on two streams could "
-            "share bytes. Run plan-memory after assign-streams.")
-    return StreamLayout(graph)
-
-
-def _hb(a):
-    from mtcompile.analysis.streams import happens_before
-
-    return happens_before(a)
-
-
-def _holders(graph: Graph, name: str, dag) -> list[str]:
-    from mtcompile.analysis.schedule import tensors_of
-
-    return tensors_of(graph, name, dag.alias)
-
-
 def _group_inputs(members) -> list:
     """The Refs (to nodes outside the group) and ConstRefs a group reads, each once."""
     inside = {m.name for m in members}
@@ -557,19 +316,30 @@ def _arena_attr(plan, var_names: dict[str, str]) -> dict:
             "sizes": {var_names[s.tensor]: s.size for s in slots}}
 
 
-def build(mod: tvm.IRModule, target: str, database=None):
-    """Compile the module for `target` (its library call nodes are already emitted).
+def cpu_facts(target: str, cpu: str = HOST_CPU) -> tuple[str | None, tuple[str, ...] | None]:
+    """The LLVM CPU name and feature names the manifest records for a build (None, None
+    for cuda: its kernels run on the GPU, its host code is generic)."""
+    if target != "llvm":
+        return None, None
+    from tvm.target import codegen
+
+    return resolve_cpu(cpu), tuple(sorted(str(f).lstrip("+") for f in
+                                          codegen.llvm_get_cpu_features(make_target(target,
+                                                                                    cpu))))
+
+
+def build(mod: tvm.IRModule, target: str, database=None, cpu: str = HOST_CPU):
+    """Compile the module for `target` (its library call nodes are already emitted) and,
+    on llvm, for `cpu` (`make_target`).
 
     Returns the executable and facts for the manifest (library calls over all entries).
     """
     from mtcompile.backend import kernels
-    from mtcompile.runtime import library
 
     mod = kernels.prepare(mod)
     calls = library_calls(mod)
-    if calls:
-        library.register()
-    tgt = make_target(target)
+    register_providers({CALL_PROVIDER[c] for c in calls})
+    tgt = make_target(target, cpu)
     memory: dict[str, dict] = {}  # per function: planned and left-to-TVM bytes
     if target == "llvm":
         pipeline = kernels.cpu_pipeline(tgt, database, memory)
@@ -583,11 +353,24 @@ def build(mod: tvm.IRModule, target: str, database=None):
         if arena.ERROR in memory:
             raise arena.ArenaError(memory[arena.ERROR]) from e
         raise
-    return executable, {"library_calls": calls, "memory": memory}
+    return executable, {"library_calls": len(calls), "memory": memory}
 
 
-def library_calls(mod: tvm.IRModule) -> int:
-    """How many library kernel calls the Relax functions of `mod` make, over all entries."""
+def register_providers(providers: set[str]) -> None:
+    """Register the kernels of library `providers` as global functions: compiling and
+    running an executable that calls them looks them up by name."""
+    if "torch" in providers:
+        from mtcompile.runtime import library
+
+        library.register()
+    if "native" in providers:
+        from mtcompile import native
+
+        native.register()
+
+
+def library_calls(mod: tvm.IRModule) -> list[str]:
+    """The library kernel calls the Relax functions of `mod` make, over all entries."""
     dps = tvm.ir.Op.get("relax.call_dps_packed")
     found: list[str] = []
 
@@ -599,4 +382,4 @@ def library_calls(mod: tvm.IRModule) -> int:
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
-    return len(found)
+    return found

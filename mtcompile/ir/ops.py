@@ -3,8 +3,9 @@ view, reduction), and which dtypes and layouts a library provider takes for a he
 
 The kernel model (`mtcompile.analysis.schedule`), fuse-vertical, fuse-horizontal and
 offload-library read their op sets here (TVM's ``TOpPattern``, onnxruntime's kernel
-registry). Library call nodes (op ``mtcompile.library.*``) are named here too, so that
-passes, lowering and the runtime's kernels agree on them. Imports no TVM.
+registry). Library call nodes (op ``mtcompile.native.*`` or ``mtcompile.torch.*``) are
+named here too, so that passes, lowering and the runtime's kernels agree on them.
+Imports no TVM.
 """
 
 from __future__ import annotations
@@ -42,34 +43,46 @@ VIEW_IF_SAME_SHAPE = frozenset({"relax.broadcast_to"})
 HEAVY = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
 
 
+# the library providers: who computes a heavy op the offload-library pass turns into a
+# library call node (``native``: our C++ kernels, `mtcompile.native`; ``torch``: PyTorch's,
+# `mtcompile.runtime.library`). Each registers its kernels as ``mtcompile.<provider>.<name>``.
+LIBRARY_PROVIDERS = ("native", "torch")
+
+
 @dataclass(frozen=True)
 class LibraryKernel:
-    """What the library provider takes for one heavy op, and its two kernels.
+    """What the library providers take for one heavy op, and its kernels' names.
 
-    layouts: attrs the op must have (attr name -> value); bias_axis: the output axis a
-    per-channel bias runs along; bias_weight_rank: the weight rank the bias kernel needs
-    (addmm takes a 2-D weight), None for any."""
+    name: the kernel's name (``matmul``; the bias kernel adds ``_bias``); layouts: attrs the
+    op must have (attr name -> value); bias_axis: the output axis a per-channel bias runs
+    along; bias_weight_rank: the weight rank the bias kernel needs (addmm takes a 2-D
+    weight), None for any."""
 
-    call: str
-    call_bias: str
+    name: str
     dtypes: tuple[str, ...] = ("float32",)
     layouts: dict[str, str] = field(default_factory=dict)
     bias_axis: int = -1
     bias_weight_rank: int | None = None
 
+    def call(self, provider: str, bias: bool = False) -> str:
+        """The name of `provider`'s kernel (with a bias argument when `bias`)."""
+        if provider not in LIBRARY_PROVIDERS:
+            raise ValueError(f"{provider!r} is no library provider; expected one of "
+                             f"{list(LIBRARY_PROVIDERS)}")
+        return f"mtcompile.{provider}.{self.name}{'_bias' if bias else ''}"
 
-MATMUL = "mtcompile.library.matmul"
-MATMUL_BIAS = "mtcompile.library.matmul_bias"
-CONV2D = "mtcompile.library.conv2d"
-CONV2D_BIAS = "mtcompile.library.conv2d_bias"
+
 LIBRARY = {
-    "relax.matmul": LibraryKernel(MATMUL, MATMUL_BIAS, bias_axis=-1, bias_weight_rank=2),
+    "relax.matmul": LibraryKernel("matmul", bias_axis=-1, bias_weight_rank=2),
     "relax.nn.conv2d": LibraryKernel(
-        CONV2D, CONV2D_BIAS, bias_axis=1,
+        "conv2d", bias_axis=1,
         layouts={"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW"}),
 }
-# library call node op -> the heavy op it computes
-LIBRARY_CALLS = {name: op for op, k in LIBRARY.items() for name in (k.call, k.call_bias)}
+# library call node op -> the heavy op it computes, and -> its provider
+LIBRARY_CALLS = {k.call(p, b): op for op, k in LIBRARY.items()
+                 for p in LIBRARY_PROVIDERS for b in (False, True)}
+CALL_PROVIDER = {name: name.split(".")[1] for name in LIBRARY_CALLS}
+BIAS_CALLS = frozenset(name for name in LIBRARY_CALLS if name.endswith("_bias"))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
 MANIFEST = "manifest.json"  # readable copy of the manifest, beside the library
 RUN_ALL = "run_all"  # entry that runs every tenant: all inputs in, all outputs out (flat)
 MANIFEST_FN = "mtcompile_manifest"  # zero-argument entry returning the manifest as uint8 JSON
+ARENA_FN = f"{RUN_ALL}__arena"  # zero-argument entry: a fresh storage of run_all's arena size
 
 # Event points inside the stream functions (``R.call_packed`` names; the executor registers
 # them): ``signal(event id)`` after the producer's kernel, ``wait(event id)`` before the

@@ -1,5 +1,9 @@
 """The saved bundle on disk: ``<name>.so`` and ``manifest.json``, written atomically, and
-read back with every check (format, TVM version, library hash, embedded manifest)."""
+read back with every check (format, TVM version, library hash, embedded manifest).
+
+A bundle whose kernels include the ``native`` provider carries its kernels: they are linked
+into ``<name>.so`` (registered when it loads), and the BLAS and TVM runtime they link
+against are loaded (`mtcompile.native.preload`) before it is opened."""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mtcompile import native
 from mtcompile.errors import ArtifactError, MTCompileError
 from mtcompile.runtime.abi import MANIFEST
+from mtcompile.runtime.cpu import missing_features
 from mtcompile.runtime.manifest import MUST_MATCH, Manifest
 from mtcompile.runtime.vm import quiet_native_log
 
@@ -22,6 +28,11 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def links_native(manifest: Manifest) -> bool:
+    """Whether the bundle's library links the native kernels (a heavy op kind uses them)."""
+    return "native" in manifest.kernels.values()
 
 
 def save(directory: str | os.PathLike, manifest: Manifest, executable,
@@ -40,8 +51,9 @@ def save(directory: str | os.PathLike, manifest: Manifest, executable,
         if library_path is not None:
             shutil.copyfile(library_path, tmp_lib)
         else:
+            options = native.export_options() if links_native(manifest) else {}
             with quiet_native_log():
-                executable.export_library(str(tmp_lib))
+                executable.export_library(str(tmp_lib), **options)
         digest = sha256_file(tmp_lib)
         if library_path is not None and digest != manifest.library_sha256:
             raise ArtifactError(f"{library_path} changed since this bundle was loaded from it; "
@@ -83,6 +95,16 @@ def check_versions(manifest: Manifest, where: Path) -> None:
                                 "is not stable across versions: rebuild the bundle with this TVM")
 
 
+def check_cpu(manifest: Manifest, where: Path, flags: frozenset[str] | None = None) -> None:
+    """Refuse a bundle whose kernels use instructions this CPU lacks (they would crash with
+    an illegal instruction); `flags`: the host's cpuinfo flags (default: read here)."""
+    missing = missing_features(manifest.cpu_features or (), flags)
+    if missing:
+        raise ArtifactError(f"{where}: built for CPU {manifest.cpu!r}, whose features "
+                            f"{missing} this machine's CPU lacks; rebuild it here, or with "
+                            "cpu='generic' (CLI --cpu generic) for any x86-64")
+
+
 def _load_library(lib: Path):
     """``tvm.runtime.load_module`` through a fresh path: dlopen hands back a library already
     loaded from the same (real) path, so a bundle re-saved into a directory this process
@@ -109,6 +131,7 @@ def open_library(directory: str | os.PathLike) -> tuple[Manifest, object, Path]:
     if manifest.library_sha256 is None:
         raise ArtifactError(f"{mpath} is corrupt: key 'library_sha256': missing")
     check_versions(manifest, mpath)
+    check_cpu(manifest, mpath)
     lib = d / manifest.library
     if not lib.is_file():
         raise ArtifactError(f"{d}: the manifest names library {manifest.library!r}, which is "
@@ -119,6 +142,8 @@ def open_library(directory: str | os.PathLike) -> tuple[Manifest, object, Path]:
                             f"manifest expects {manifest.library_sha256[:16]}...; the files "
                             "come from different builds")
     try:
+        if links_native(manifest):
+            native.preload()
         module = _load_library(lib)
     except Exception as e:
         hint = (" (a bundle built for cuda loads only where TVM finds a CUDA GPU and driver)"

@@ -22,25 +22,30 @@ from mtcompile.runtime import artifact, profile
 from mtcompile.runtime.abi import MANIFEST_FN, RUN_ALL
 from mtcompile.runtime.inputs import check_inputs, run_all_arrays, seeded_inputs
 from mtcompile.runtime.manifest import Manifest, TenantSig, signature_text
+from mtcompile.runtime.threads import configure as configure_threads
 from mtcompile.runtime.vm import ThreadVMs, device_for
 
 
 class Bundle:
     """A compiled multi-tenant executable and its manifest (a `Manifest`)."""
 
-    def __init__(self, executable, manifest: Manifest, *, library_path: Path | None = None):
+    def __init__(self, executable, manifest: Manifest, *, library_path: Path | None = None,
+                 threads: int | None = None):
         self.executable = executable
         self.manifest = manifest
         self._library_path = library_path  # set when loaded: save copies it, no re-export
+        # TVM's pool (the one pool of a run) sized before this bundle's first parallel call
+        self.threads = configure_threads(threads)
         self._vms = ThreadVMs(executable, manifest.target,
-                              library="library" in manifest.kernels.values(),
-                              streams=manifest.streams.run is not None)
+                              torch="torch" in manifest.kernels.values(),
+                              streams=manifest.streams.run is not None,
+                              threads=self.threads.pool)
         self._stream_executor = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike, **extra) -> Bundle:
-        """A saved bundle, checked (format, TVM version, library hash, embedded manifest);
-        `extra` goes to the constructor of `cls`."""
+        """A saved bundle, checked (format, TVM version, host CPU features, library hash,
+        embedded manifest); `extra` (``threads=``...) goes to the constructor of `cls`."""
         manifest, module, lib = artifact.open_library(directory)
         bundle = cls(module, manifest, library_path=lib, **extra)
         artifact.check_embedded(manifest, lambda: bundle._vms.fn(MANIFEST_FN)().numpy(), lib)
@@ -100,7 +105,8 @@ class Bundle:
             self._stream_executor = StreamExecutor(
                 self.executable, device_for(self.target), s.functions, s.num_events,
                 event_streams=s.event_streams, stream_tenants=s.stream_tenants,
-                kernel_tenant=s.kernel_tenant)
+                kernel_tenant=s.kernel_tenant,
+                threads_per_stream=max(1, self.threads.pool // len(s.functions)))
         return self._stream_executor
 
     def _run_streams(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -164,6 +170,8 @@ class Bundle:
             "graph": asdict(m.graph),
             "versions": m.versions,
             "streams": m.streams.view(),
+            "threads": asdict(self.threads),
+            "cpu": {"name": m.cpu, "features": list(m.cpu_features or ())},
         }
         if m.memory is not None:
             rep["memory"] = asdict(m.memory)
@@ -177,10 +185,10 @@ class Bundle:
         return Path(directory)
 
 
-def load(directory: str | os.PathLike) -> Bundle:
-    """Load a saved bundle; checks its format, TVM version, and that the library and the
-    manifest agree."""
-    return Bundle.load(directory)
+def load(directory: str | os.PathLike, threads: int | None = None) -> Bundle:
+    """Load a saved bundle; checks its format, TVM version, host CPU, and that the library
+    and the manifest agree. threads: TVM's pool size (default: the machine's cores)."""
+    return Bundle.load(directory, threads=threads)
 
 
 __all__ = ["Bundle", "load", "MTCompileError"]

@@ -10,10 +10,12 @@ past the run's deadline is a deadlock (a missing signal): it aborts every stream
 the run reports every stream left blocked with the event it waits for (`DeadlockError`),
 the same whichever stream noticed first.
 
-Threads: on CPU each stream thread gets ``cores // streams`` threads (at least 1) for
-PyTorch's kernels (``torch.set_num_threads`` sets the calling thread's OpenMP count:
-checked, other threads keep theirs) and for TVM's pool (thread-local in TVM, set by
-``runtime.config_threadpool``), so streams don't oversubscribe the cores. On CUDA
+Threads: on CPU each stream thread gets ``threads // streams`` threads (at least 1; the
+bundle's ``threads=``, see `mtcompile.runtime.threads`) for TVM's pool (one per calling thread
+in TVM, sized from ``TVM_NUM_THREADS`` and capped by ``runtime.config_threadpool``) and for
+PyTorch's kernels when the library provider runs (``torch.set_num_threads`` sets the calling
+thread's OpenMP count: checked, other threads keep theirs), so streams don't oversubscribe
+the cores. On CUDA
 (UNTESTED: no GPU here) each stream thread runs on a raw stream of its own, and a signal
 makes the waiting stream's device queue wait for the signalling one
 (``Device_StreamSyncFromTo``) before the host-side event is set.
@@ -22,7 +24,6 @@ makes the waiting stream's device queue wait for the signalling one
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -144,7 +145,8 @@ class StreamExecutor:
     the signaller in timeouts); stream_tenants: a label per stream for errors;
     kernel_tenant: VM symbol -> tenant, to name a failing kernel's tenant; make_vm: builds
     a VM (default ``relax.VirtualMachine(executable, device)``), called on the stream's
-    thread; threads_per_stream: CPU threads per stream (default cores // streams).
+    thread; threads_per_stream: CPU threads per stream (default cores // streams; a bundle
+    passes its ``threads // streams``).
     One `run` at a time (a lock): stream threads and VMs are reused across runs.
     """
 
@@ -191,9 +193,10 @@ class StreamExecutor:
     def _limit_cpu_threads(self) -> None:
         import tvm_ffi
 
-        if "torch" in sys.modules:  # library kernels: this thread's OpenMP/MKL count
-            sys.modules["torch"].set_num_threads(self.threads)
-        if tvm_ffi.get_global_func("runtime.NumThreads")() > self.threads:
+        from mtcompile.runtime.threads import pool_size, set_torch_threads
+
+        set_torch_threads(self.threads)  # library kernels: this thread's OpenMP/MKL count
+        if pool_size() > self.threads:
             tvm_ffi.get_global_func("runtime.config_threadpool")(1, self.threads)
 
     def _device_sync(self, event: int, stream: int) -> None:

@@ -1,22 +1,29 @@
-"""Library kernels: PyTorch's MKL/oneDNN matmul and convolution, called from TVM code.
+"""The ``torch`` library provider: PyTorch's MKL/oneDNN matmul and convolution, called from
+TVM code as ``mtcompile.torch.*``.
 
 Compiled bundles call these through ``R.call_dps_packed`` by name (the offload-library pass
 makes the library call nodes, lowering emits them); the tensors cross by
 DLPack without copies. They are registered before any VM is created (compile, load), so
-a saved bundle that uses them runs in a fresh process that has torch.
+a saved bundle that uses them runs in a fresh process that has torch. Kept beside the
+default ``native`` provider as a reference the native kernels are checked against, and for
+float32 shapes or machines where PyTorch's oneDNN/MKL kernels are faster.
 """
 
 from __future__ import annotations
 
+from mtcompile.ir.ops import LIBRARY
+
 # the names library call nodes carry (`mtcompile.ir.ops`): one place for both sides
-from mtcompile.ir.ops import CONV2D, CONV2D_BIAS, MATMUL, MATMUL_BIAS
+_MM, _CONV = LIBRARY["relax.matmul"], LIBRARY["relax.nn.conv2d"]
+MATMUL, MATMUL_BIAS = _MM.call("torch"), _MM.call("torch", bias=True)
+CONV2D, CONV2D_BIAS = _CONV.call("torch"), _CONV.call("torch", bias=True)
 
 __all__ = ["CONV2D", "CONV2D_BIAS", "MATMUL", "MATMUL_BIAS", "register"]
 _registered = False
 
 
 def register() -> None:
-    """Register the library kernels as TVM global functions (idempotent)."""
+    """Register PyTorch's kernels as TVM global functions (idempotent)."""
     global _registered
     if _registered:
         return

@@ -201,7 +201,7 @@ class Manifest:
     target: str
     versions: dict[str, str]  # mtcompile, tvm, torch, onnx at build time
     pipeline: tuple[PassSpec, ...]
-    kernels: dict[str, str]  # heavy op kind -> provider (library, tvm)
+    kernels: dict[str, str]  # heavy op kind -> provider (native, torch, tvm)
     tuning_db: str | None
     tenant_order: tuple[str, ...]
     # per run_all parameter, the (tenant, input) pairs it serves (several: a shared input)
@@ -210,6 +210,11 @@ class Manifest:
     graph: GraphStats
     graph_view: dict  # nodes and per-pass rows (`mtcompile.ir.view.graph_view`)
     streams: StreamsInfo = StreamsInfo()
+    # the LLVM CPU the TVM kernels were compiled for ("generic": portable x86-64; None: no
+    # CPU kernels, or a bundle written before CPU targets) and its LLVM feature names;
+    # load refuses a host that lacks one (`mtcompile.runtime.cpu`)
+    cpu: str | None = None
+    cpu_features: tuple[str, ...] | None = None  # None where `cpu` is None
     memory: MemoryInfo | None = None
     library_sha256: str | None = None
     format: str = FORMAT
@@ -284,6 +289,9 @@ def _parse(d: dict) -> Manifest:
                               _get(p, "options", dict, f"pipeline[{i}]"))
                      for i, p in enumerate(_get(d, "pipeline", list, "")))
     memory = _get(d, "memory", dict, "", None)
+    features = _get(d, "cpu_features", list, "", None)
+    if features is not None and not all(isinstance(f, str) for f in features):
+        raise _Corrupt("cpu_features", f"expected a list of names, found {features!r:.60}")
     digest = _get(d, "library_sha256", str, "", None)
     return Manifest(
         name=_get(d, "name", str, ""), library=lib, target=_get(d, "target", str, ""),
@@ -293,6 +301,8 @@ def _parse(d: dict) -> Manifest:
         graph=_record(GraphStats, _get(d, "graph", dict, ""), "graph"),
         graph_view=_get(d, "graph_view", dict, ""),
         streams=_streams(_get(d, "streams", dict, "")),
+        cpu=_get(d, "cpu", str, "", None),
+        cpu_features=tuple(features) if features is not None else None,
         memory=_record(MemoryInfo, memory, "memory") if memory is not None else None,
         library_sha256=digest)
 

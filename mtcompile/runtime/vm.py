@@ -48,14 +48,16 @@ class ThreadVMs:
     """The VMs of one executable, one per calling thread, created on first use.
 
     Before the first VM: the device must exist, PyTorch's library kernels are registered
-    when the bundle calls them (`library`), and the executor's event points when its
-    run_all runs on streams (`streams`): the executable looks both up by name.
+    when the bundle calls them (`torch`), and the executor's event points when its
+    run_all runs on streams (`streams`): the executable looks both up by name. (Native
+    kernels are registered by the build, or by loading the library they are linked into.)
     """
 
-    def __init__(self, executable, target: str, *, library: bool = False,
-                 streams: bool = False):
+    def __init__(self, executable, target: str, *, torch: bool = False,
+                 streams: bool = False, threads: int | None = None):
         self.executable, self.target = executable, target
-        self.library, self.streams = library, streams
+        self.torch, self.streams = torch, streams
+        self.threads = threads  # the PyTorch kernels' count on each calling thread
         self._local = threading.local()
 
     def _setup(self):
@@ -65,14 +67,18 @@ class ThreadVMs:
         if not dev.exist:
             raise MTCompileError(f"this bundle was built for {self.target} and this machine "
                                  "has no such device")
-        if self.library:
+        if self.torch:
             from mtcompile.runtime import library
 
             try:
                 library.register()
             except ImportError as e:
                 raise MTCompileError("this bundle calls PyTorch kernels (kernel provider "
-                                     f"'library') and needs torch installed: {e}") from e
+                                     f"'torch') and needs torch installed: {e}") from e
+            if self.threads:  # one pool's worth of threads, as TVM's pool has
+                from mtcompile.runtime.threads import set_torch_threads
+
+                set_torch_threads(self.threads)
         if self.streams:
             from mtcompile.runtime.executor import register
 

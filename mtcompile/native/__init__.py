@@ -1,0 +1,128 @@
+"""Native heavy kernels: builds, loads and registers the C++ matmul/conv2d library calls.
+
+`register()` compiles ``src/kernels.cc`` with the system C++ compiler (``tvm_ffi.cpp.build``),
+caches the shared library by a hash of its sources and flags, and loads it: its static init
+block registers ``mtcompile.native.matmul`` / ``matmul_bias`` / ``conv2d`` / ``conv2d_bias``
+as TVM global functions (the argument conventions of `mtcompile.runtime.library`). The BLAS
+is scipy-openblas32, kept single-threaded; each kernel splits its work over TVM's thread pool.
+Loading needs neither torch nor ``tvm`` (the compiler): only tvm_ffi, TVM's runtime library and the BLAS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+__all__ = ["CONV2D", "CONV2D_BIAS", "MATMUL", "MATMUL_BIAS", "export_options", "library_path",
+           "object_path", "preload", "register", "source_hash"]
+
+MATMUL = "mtcompile.native.matmul"
+MATMUL_BIAS = "mtcompile.native.matmul_bias"
+CONV2D = "mtcompile.native.conv2d"
+CONV2D_BIAS = "mtcompile.native.conv2d_bias"
+_SRC = Path(__file__).parent / "src"
+_CFLAGS = ("-O3", "-fno-math-errno")
+_loaded: str | None = None
+
+
+def _package_dir(name: str) -> Path:
+    # find_spec, not import: `import tvm` maps the 259 MB compiler library
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"mtcompile.native needs the package {name!r}, which is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def blas_lib_dir() -> Path:
+    """The directory of the BLAS shared library (scipy-openblas32's wheel)."""
+    return _package_dir("scipy_openblas32") / "lib"
+
+
+def tvm_lib_dir() -> Path:
+    """The directory of libtvm_runtime.so, whose thread pool the kernels use."""
+    return _package_dir("tvm") / "lib"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("MTCOMPILE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtcompile")
+    return Path(base) / "native"
+
+
+def _flags() -> tuple[list[str], list[str]]:
+    blas, tvm = blas_lib_dir(), tvm_lib_dir()
+    ldflags = [f"-L{blas}", "-lscipy_openblas", f"-Wl,-rpath,{blas}",
+               f"-L{tvm}", "-ltvm_runtime", f"-Wl,-rpath,{tvm}"]
+    return list(_CFLAGS), ldflags
+
+
+def source_hash() -> str:
+    """A hash of the kernels' sources and build flags (names the cached builds)."""
+    h = hashlib.sha256()
+    for s in sorted(_SRC.glob("*.cc")):
+        h.update(s.name.encode() + b"\0" + s.read_bytes())
+    h.update(repr(_flags()).encode())
+    return h.hexdigest()[:16]
+
+
+def _build(output: str) -> str:
+    # one build directory per output: each holds its own build.ninja
+    build_dir = _cache_dir() / f"kernels-{source_hash()}" / output.replace(".", "_")
+    path = build_dir / output
+    if path.exists():
+        return str(path)
+    import tvm_ffi.cpp
+
+    cflags, ldflags = _flags()
+    sources = [str(s) for s in sorted(_SRC.glob("*.cc"))]
+    return str(tvm_ffi.cpp.build("mtcompile_native", sources=sources, extra_cflags=cflags,
+                                 extra_ldflags=ldflags, build_directory=str(build_dir),
+                                 output=output))
+
+
+def library_path() -> str:
+    """The kernels as a shared library (built once, cached by `source_hash`)."""
+    return _build("mtcompile_native.so")
+
+
+def object_path() -> str:
+    """The kernels as one relocatable object, to link into an exported bundle."""
+    return _build("mtcompile_native.o")
+
+
+def export_options() -> dict:
+    """Keyword arguments for ``Executable.export_library`` that link the kernels into the
+    bundle's library: loading it registers them (first registration wins). The BLAS and
+    TVM's runtime are linked by name without a path: `preload` provides them at load."""
+    return {"addons": [object_path()],
+            # --no-as-needed: the libraries come before the objects on the command line
+            "options": ["-Wl,--no-as-needed", f"-L{blas_lib_dir()}", "-lscipy_openblas",
+                        f"-L{tvm_lib_dir()}", "-ltvm_runtime"]}
+
+
+def preload() -> None:
+    """Load what the kernels link against, globally, from the installed wheels (no torch, no
+    compiler): TVM's runtime and the BLAS. Call before loading a bundle that links them."""
+    import tvm_ffi  # noqa: F401  (loads libtvm_ffi.so, which libtvm_runtime.so needs)
+
+    ctypes.CDLL(str(tvm_lib_dir() / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
+    ctypes.CDLL(str(blas_lib_dir() / "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
+
+
+def register() -> str:
+    """Load the kernels library (building it once), registering its global functions.
+
+    Idempotent; returns the library's path."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    path = library_path()
+    preload()
+    import tvm_ffi
+
+    tvm_ffi.load_module(path)
+    _loaded = path
+    return path

@@ -1,0 +1,449 @@
+// Native heavy kernels (float32 matmul, matmul+bias, conv2d, conv2d+bias) on a single-threaded
+// BLAS sgemm, their work split across TVM's own thread pool (TVMBackendParallelLaunch) so that
+// generated kernels and library kernels share one pool. Registered as TVM global functions;
+// argument conventions match mtcompile/runtime/library.py (destination-passing: out is last).
+#include <tvm/ffi/container/shape.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/reflection/registry.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#ifndef MTC_PREFIX
+#define MTC_PREFIX "mtcompile.native."
+#endif
+
+extern "C" {
+// TVM's runtime C API (tvm/runtime/c_backend_api.h), exported by libtvm_runtime.so.
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task);
+}
+
+#if defined(MTC_BLAS_MKL)
+extern "C" {
+void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                 const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
+int MKL_Set_Num_Threads_Local(int);
+void MKL_Set_Num_Threads(int);
+}
+#define MTC_SGEMM cblas_sgemm
+static void blas_single_thread() { MKL_Set_Num_Threads(1); }
+#else
+extern "C" {
+void scipy_cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                       const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                       int ldc);
+void scipy_openblas_set_num_threads(int);
+}
+#define MTC_SGEMM scipy_cblas_sgemm
+static void blas_single_thread() { scipy_openblas_set_num_threads(1); }
+#endif
+
+namespace {
+
+using tvm::ffi::TensorView;
+constexpr int kRowMajor = 101, kNoTrans = 111;
+// below this many multiply-adds a call runs on the calling thread: a parallel launch costs more
+constexpr int64_t kSerialWork = 1 << 17;
+
+// C[m x n] (+)= A[m x k] @ B[k x n], row-major with leading dimensions.
+inline void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                  int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k == 0) {
+    if (beta == 0.f)
+      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, n * sizeof(float));
+    return;
+  }
+  MTC_SGEMM(kRowMajor, kNoTrans, kNoTrans, static_cast<int>(m), static_cast<int>(n),
+            static_cast<int>(k), 1.f, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
+            static_cast<int>(ldc));
+}
+
+// Run body(task, num_tasks) on TVM's pool, or inline when the work is small.
+template <typename F>
+void parallel(int64_t work, int64_t max_tasks, const F& body) {
+  if (work < kSerialWork || max_tasks <= 1) {
+    body(0, 1);
+    return;
+  }
+  struct Ctx {
+    const F* body;
+  } ctx{&body};
+  auto lambda = [](int task_id, TVMParallelGroupEnv* penv, void* cdata) -> int {
+    const Ctx* c = static_cast<const Ctx*>(cdata);
+    (*c->body)(task_id, penv->num_task);
+    return 0;
+  };
+  int rc = TVMBackendParallelLaunch(lambda, &ctx, 0);
+  if (rc != 0) TVM_FFI_THROW(RuntimeError) << "TVMBackendParallelLaunch failed (" << rc << ")";
+}
+
+// [begin, end) of part `i` of `n` equal parts of [0, total), boundaries rounded to `align`.
+inline std::pair<int64_t, int64_t> part(int64_t total, int64_t i, int64_t n, int64_t align) {
+  int64_t blocks = (total + align - 1) / align;
+  int64_t b0 = blocks * i / n, b1 = blocks * (i + 1) / n;
+  return {std::min(total, b0 * align), std::min(total, b1 * align)};
+}
+
+std::string shape_str(const TensorView& t) {
+  std::string s = "[";
+  for (int i = 0; i < t.ndim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+const float* fdata(const TensorView& t) {
+  return reinterpret_cast<const float*>(static_cast<const char*>(t.data_ptr()) + t.byte_offset());
+}
+float* fdata_mut(const TensorView& t) {
+  return reinterpret_cast<float*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
+}
+
+void check_tensor(const char* op, const char* what, const TensorView& t, int min_rank,
+                  int max_rank) {
+  DLDataType dt = t.dtype();
+  if (dt.code != kDLFloat || dt.bits != 32 || dt.lanes != 1)
+    TVM_FFI_THROW(TypeError) << op << ": " << what << " must be float32, found dtype code "
+                             << int(dt.code) << " bits " << int(dt.bits) << " lanes "
+                             << dt.lanes;
+  if (t.device().device_type != kDLCPU)
+    TVM_FFI_THROW(ValueError) << op << ": " << what << " must be on the CPU, found device type "
+                              << t.device().device_type;
+  if (t.ndim() < min_rank || t.ndim() > max_rank)
+    TVM_FFI_THROW(ValueError) << op << ": " << what << " must have rank " << min_rank
+                              << (min_rank == max_rank ? "" : "..." + std::to_string(max_rank))
+                              << ", found shape " << shape_str(t);
+  if (!t.IsContiguous())
+    TVM_FFI_THROW(ValueError) << op << ": " << what << " must be contiguous (row-major), shape "
+                              << shape_str(t);
+  if (t.numel() > INT32_MAX)
+    TVM_FFI_THROW(ValueError) << op << ": " << what << " has more than 2^31 elements";
+}
+
+// ---------------------------------------------------------------- matmul
+// out = a @ b (numpy matmul: 1-D operands, broadcast batch dims), optional bias along the last
+// axis of out.
+void matmul_impl(const char* op, TensorView a, TensorView b, const float* bias, int64_t nbias,
+                 TensorView out) {
+  check_tensor(op, "a", a, 1, 8);
+  check_tensor(op, "b", b, 1, 8);
+  check_tensor(op, "out", out, 0, 8);
+  const int ra = a.ndim(), rb = b.ndim();
+  const int64_t M = ra == 1 ? 1 : a.size(ra - 2), K = a.size(ra - 1);
+  const int64_t Kb = rb == 1 ? b.size(0) : b.size(rb - 2), N = rb == 1 ? 1 : b.size(rb - 1);
+  if (K != Kb)
+    TVM_FFI_THROW(ValueError) << op << ": inner dimensions differ: a " << shape_str(a) << ", b "
+                              << shape_str(b);
+  // batch shape: broadcast of a's and b's leading dims
+  const int ba = std::max(ra - 2, 0), bb = std::max(rb - 2, 0), nb = std::max(ba, bb);
+  std::vector<int64_t> batch(nb), sa(nb, 0), sb(nb, 0);
+  for (int i = 0; i < nb; ++i) {
+    int ia = i - (nb - ba), ib = i - (nb - bb);
+    int64_t da = ia >= 0 ? a.size(ia) : 1, db = ib >= 0 ? b.size(ib) : 1;
+    if (da != db && da != 1 && db != 1)
+      TVM_FFI_THROW(ValueError) << op << ": batch dimensions do not broadcast: a "
+                                << shape_str(a) << ", b " << shape_str(b);
+    batch[i] = std::max(da, db);
+  }
+  // expected out shape
+  std::vector<int64_t> want(batch);
+  if (ra > 1) want.push_back(M);
+  if (rb > 1) want.push_back(N);
+  bool ok = out.ndim() == static_cast<int>(want.size());
+  for (size_t i = 0; ok && i < want.size(); ++i) ok = out.size(i) == want[i];
+  if (!ok) {
+    std::string w = "[";
+    for (size_t i = 0; i < want.size(); ++i) w += (i ? ", " : "") + std::to_string(want[i]);
+    TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected " << w
+                              << "] for a " << shape_str(a) << " @ b " << shape_str(b);
+  }
+  if (bias != nullptr && nbias != N)
+    TVM_FFI_THROW(ValueError) << op << ": bias has " << nbias << " values, out has " << N
+                              << " columns";
+  // element strides of each batch dim in a and b (0 where broadcast)
+  int64_t stA = M * K, stB = K * N;
+  for (int i = nb - 1; i >= 0; --i) {
+    int ia = i - (nb - ba), ib = i - (nb - bb);
+    if (ia >= 0) {
+      sa[i] = a.size(ia) == 1 ? 0 : stA;
+      stA *= a.size(ia);
+    }
+    if (ib >= 0) {
+      sb[i] = b.size(ib) == 1 ? 0 : stB;
+      stB *= b.size(ib);
+    }
+  }
+  int64_t nbatch = 1;
+  for (int64_t d : batch) nbatch *= d;
+  const float* pa = fdata(a);
+  const float* pb = fdata(b);
+  float* pc = fdata_mut(out);
+  // b shared by every batch and a contiguous over them: one GEMM with the batch folded into M
+  bool fold = true;
+  for (int i = 0; i < nb; ++i) fold = fold && sb[i] == 0 && (batch[i] == 1 || sa[i] != 0);
+  int64_t rows = M;
+  if (fold) {
+    rows = M * nbatch;
+    nbatch = 1;
+  }
+  if (rows == 0 || N == 0 || nbatch == 0) return;
+  // tiles: batches x row blocks x column blocks, given out in contiguous runs to the tasks
+  const int64_t work = nbatch * rows * N * K;
+  auto run = [&](int64_t task, int64_t ntask) {
+    // split rows when there are enough (8-row aligned), else columns (16-aligned), else batches
+    int64_t per_batch_parts = 1;
+    bool by_rows = true;
+    if (nbatch < ntask) {
+      per_batch_parts = (ntask + nbatch - 1) / nbatch;
+      by_rows = rows >= 8 * per_batch_parts || N < 16 * per_batch_parts;
+    }
+    const int64_t tiles = nbatch * per_batch_parts;
+    auto [t0, t1] = part(tiles, task, ntask, 1);
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t bi = t / per_batch_parts, pi = t % per_batch_parts;
+      int64_t r0 = 0, r1 = rows, c0 = 0, c1 = N;
+      if (by_rows)
+        std::tie(r0, r1) = part(rows, pi, per_batch_parts, 8);
+      else
+        std::tie(c0, c1) = part(N, pi, per_batch_parts, 16);
+      int64_t oa = 0, ob = 0, rem = bi;
+      for (int i = nb - 1; i >= 0 && !fold; --i) {
+        int64_t idx = rem % batch[i];
+        rem /= batch[i];
+        oa += idx * sa[i];
+        ob += idx * sb[i];
+      }
+      float* c = pc + bi * rows * N + r0 * N + c0;
+      if (bias) {
+        for (int64_t r = r0; r < r1; ++r)
+          std::memcpy(pc + bi * rows * N + r * N + c0, bias + c0, (c1 - c0) * sizeof(float));
+      }
+      sgemm(r1 - r0, c1 - c0, K, pa + oa + r0 * K, K, pb + ob + c0, N, bias ? 1.f : 0.f, c, N);
+    }
+  };
+  parallel(work, std::max<int64_t>(nbatch, rows / 8 + 1) * std::max<int64_t>(1, N / 16), run);
+}
+
+void matmul(TensorView a, TensorView b, TensorView out) {
+  matmul_impl("mtcompile.native.matmul", a, b, nullptr, 0, out);
+}
+
+void matmul_bias(TensorView a, TensorView w, TensorView bias, TensorView out) {
+  const char* op = "mtcompile.native.matmul_bias";
+  check_tensor(op, "weight", w, 2, 2);
+  check_tensor(op, "bias", bias, 1, 1);
+  matmul_impl(op, a, w, fdata(bias), bias.size(0), out);
+}
+
+// ---------------------------------------------------------------- conv2d
+struct Conv {
+  int64_t N, C, H, W, O, KH, KW, OH, OW, G, Cg, Og;
+  int64_t sh, sw, pt, pl, dh, dw;
+};
+
+// col[k, p] for k over (c, kh, kw) of group g and p over output pixels [p0, p1) of image n
+void im2col(const Conv& q, const float* x, int64_t p0, int64_t p1, float* col) {
+  const int64_t np = p1 - p0;
+  for (int64_t c = 0; c < q.Cg; ++c) {
+    const float* xc = x + c * q.H * q.W;
+    for (int64_t kh = 0; kh < q.KH; ++kh) {
+      for (int64_t kw = 0; kw < q.KW; ++kw) {
+        float* dst = col + ((c * q.KH + kh) * q.KW + kw) * np;
+        int64_t p = p0;
+        while (p < p1) {
+          const int64_t oh = p / q.OW, ow0 = p % q.OW;
+          const int64_t run = std::min(q.OW - ow0, p1 - p);
+          const int64_t ih = oh * q.sh - q.pt + kh * q.dh;
+          float* d = dst + (p - p0);
+          if (ih < 0 || ih >= q.H) {
+            std::memset(d, 0, run * sizeof(float));
+          } else {
+            const float* src = xc + ih * q.W;
+            int64_t iw = ow0 * q.sw - q.pl + kw * q.dw;
+            if (q.sw == 1 && iw >= 0 && iw + run <= q.W) {
+              std::memcpy(d, src + iw, run * sizeof(float));
+            } else {
+              for (int64_t j = 0; j < run; ++j, iw += q.sw)
+                d[j] = (iw >= 0 && iw < q.W) ? src[iw] : 0.f;
+            }
+          }
+          p += run;
+        }
+      }
+    }
+  }
+}
+
+// one input channel per group (depthwise, with any channel multiplier): direct loops
+inline __attribute__((always_inline)) void depthwise_body(const Conv& q, const float* x, const float* w, const float* bias, float* y,
+                    int64_t n, int64_t o) {
+  const int64_t g = o / q.Og;
+  const float* xc = x + (n * q.C + g) * q.H * q.W;
+  const float* wk = w + o * q.KH * q.KW;
+  float* yo = y + (n * q.O + o) * q.OH * q.OW;
+  const float b = bias ? bias[o] : 0.f;
+  for (int64_t i = 0; i < q.OH * q.OW; ++i) yo[i] = b;
+  for (int64_t kh = 0; kh < q.KH; ++kh) {
+    for (int64_t oh = 0; oh < q.OH; ++oh) {
+      const int64_t ih = oh * q.sh - q.pt + kh * q.dh;
+      if (ih < 0 || ih >= q.H) continue;
+      const float* xr = xc + ih * q.W;
+      float* yr = yo + oh * q.OW;
+      for (int64_t kw = 0; kw < q.KW; ++kw) {
+        const float wv = wk[kh * q.KW + kw];
+        // output columns whose input column lies inside the image
+        const int64_t off = kw * q.dw - q.pl;
+        int64_t lo = off >= 0 ? 0 : (-off + q.sw - 1) / q.sw;
+        int64_t hi = (q.W - 1 - off) >= 0 ? (q.W - 1 - off) / q.sw + 1 : 0;
+        hi = std::min(hi, q.OW);
+        if (q.sw == 1) {
+          const float* xs = xr + off;
+          for (int64_t ow = lo; ow < hi; ++ow) yr[ow] += wv * xs[ow];
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) yr[ow] += wv * xr[ow * q.sw + off];
+        }
+      }
+    }
+  }
+}
+
+// the loops vectorize 8-wide where the CPU has AVX2+FMA (the library is built for generic x86-64)
+__attribute__((target("avx2,fma"))) void conv_depthwise_avx2(const Conv& q, const float* x,
+                                                             const float* w, const float* bias,
+                                                             float* y, int64_t n, int64_t o) {
+  depthwise_body(q, x, w, bias, y, n, o);
+}
+void conv_depthwise_generic(const Conv& q, const float* x, const float* w, const float* bias,
+                            float* y, int64_t n, int64_t o) {
+  depthwise_body(q, x, w, bias, y, n, o);
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+void conv_depthwise(const Conv& q, const float* x, const float* w, const float* bias, float* y,
+                    int64_t n, int64_t o) {
+  (kHasAvx2 ? conv_depthwise_avx2 : conv_depthwise_generic)(q, x, w, bias, y, n, o);
+}
+
+void conv_impl(const char* op, TensorView x, TensorView w, const float* bias, int64_t nbias,
+               tvm::ffi::Shape params, TensorView out) {
+  check_tensor(op, "x", x, 4, 4);
+  check_tensor(op, "weight", w, 4, 4);
+  check_tensor(op, "out", out, 4, 4);
+  if (params.size() != 9)
+    TVM_FFI_THROW(ValueError) << op
+                              << ": params must be 9 values (stride h/w, padding "
+                                 "top/left/bottom/right, dilation h/w, groups), found "
+                              << params.size();
+  int64_t p[9];
+  for (int i = 0; i < 9; ++i) p[i] = params[i];
+  Conv q{};
+  q.N = x.size(0), q.C = x.size(1), q.H = x.size(2), q.W = x.size(3);
+  q.O = w.size(0), q.KH = w.size(2), q.KW = w.size(3);
+  q.sh = p[0], q.sw = p[1], q.pt = p[2], q.pl = p[3], q.dh = p[6], q.dw = p[7], q.G = p[8];
+  const int64_t pb = p[4], pr = p[5];
+  if (q.sh < 1 || q.sw < 1 || q.dh < 1 || q.dw < 1 || q.G < 1 || q.pt < 0 || q.pl < 0 ||
+      pb < 0 || pr < 0)
+    TVM_FFI_THROW(ValueError) << op << ": bad params: strides " << q.sh << "," << q.sw
+                              << " padding " << q.pt << "," << q.pl << "," << pb << "," << pr
+                              << " dilation " << q.dh << "," << q.dw << " groups " << q.G;
+  if (q.C % q.G != 0 || q.O % q.G != 0 || w.size(1) != q.C / q.G)
+    TVM_FFI_THROW(ValueError) << op << ": x " << shape_str(x) << ", weight " << shape_str(w)
+                              << " and groups " << q.G << " do not match";
+  q.Cg = q.C / q.G, q.Og = q.O / q.G;
+  q.OH = (q.H + q.pt + pb - q.dh * (q.KH - 1) - 1) / q.sh + 1;
+  q.OW = (q.W + q.pl + pr - q.dw * (q.KW - 1) - 1) / q.sw + 1;
+  if (q.OH <= 0 || q.OW <= 0)
+    TVM_FFI_THROW(ValueError) << op << ": the (dilated) kernel " << w.size(2) << "x" << w.size(3)
+                              << " is larger than the padded input of x " << shape_str(x);
+  if (out.size(0) != q.N || out.size(1) != q.O || out.size(2) != q.OH || out.size(3) != q.OW)
+    TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected ["
+                              << q.N << ", " << q.O << ", " << q.OH << ", " << q.OW << "]";
+  if (bias != nullptr && nbias != q.O)
+    TVM_FFI_THROW(ValueError) << op << ": bias has " << nbias << " values, out has " << q.O
+                              << " channels";
+  if (q.N == 0 || q.O == 0) return;
+  const float* px = fdata(x);
+  const float* pw = fdata(w);
+  float* py = fdata_mut(out);
+  const int64_t P = q.OH * q.OW, Kd = q.Cg * q.KH * q.KW;
+  const int64_t work = q.N * q.O * P * Kd;
+  if (q.Cg == 1) {
+    parallel(work, q.N * q.O, [&](int64_t task, int64_t ntask) {
+      auto [t0, t1] = part(q.N * q.O, task, ntask, 1);
+      for (int64_t t = t0; t < t1; ++t) conv_depthwise(q, px, pw, bias, py, t / q.O, t % q.O);
+    });
+    return;
+  }
+  // a 1x1, stride 1, unpadded conv reads x as the GEMM's right operand directly
+  const bool direct = q.KH == 1 && q.KW == 1 && q.sh == 1 && q.sw == 1 && q.pt == 0 &&
+                      q.pl == 0 && pb == 0 && pr == 0;
+  // tiles: (image, group, pixel block); pixel blocks of 64+ columns keep each GEMM wide
+  const int64_t units = q.N * q.G;
+  parallel(work, units * std::max<int64_t>(1, P / 64), [&](int64_t task, int64_t ntask) {
+    int64_t pparts = units >= ntask ? 1 : (ntask + units - 1) / units;
+    pparts = std::max<int64_t>(1, std::min(pparts, P / 64));
+    auto [t0, t1] = part(units * pparts, task, ntask, 1);
+    thread_local std::vector<float> scratch;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t u = t / pparts, n = u / q.G, g = u % q.G;
+      auto [p0, p1] = part(P, t % pparts, pparts, 16);
+      if (p1 <= p0) continue;
+      const float* xg = px + (n * q.C + g * q.Cg) * q.H * q.W;
+      const float* wg = pw + g * q.Og * Kd;
+      float* yg = py + (n * q.O + g * q.Og) * P + p0;
+      float beta = 0.f;
+      if (bias) {
+        for (int64_t o = 0; o < q.Og; ++o) std::fill(yg + o * P, yg + o * P + (p1 - p0),
+                                                     bias[g * q.Og + o]);
+        beta = 1.f;
+      }
+      if (direct) {
+        sgemm(q.Og, p1 - p0, Kd, wg, Kd, xg + p0, P, beta, yg, P);
+      } else {
+        if (scratch.size() < static_cast<size_t>(Kd * (p1 - p0))) scratch.resize(Kd * (p1 - p0));
+        im2col(q, xg, p0, p1, scratch.data());
+        sgemm(q.Og, p1 - p0, Kd, wg, Kd, scratch.data(), p1 - p0, beta, yg, P);
+      }
+    }
+  });
+}
+
+void conv2d(TensorView x, TensorView w, tvm::ffi::Shape params, TensorView out) {
+  conv_impl("mtcompile.native.conv2d", x, w, nullptr, 0, params, out);
+}
+
+void conv2d_bias(TensorView x, TensorView w, TensorView bias, tvm::ffi::Shape params,
+                 TensorView out) {
+  const char* op = "mtcompile.native.conv2d_bias";
+  check_tensor(op, "bias", bias, 1, 1);
+  conv_impl(op, x, w, fdata(bias), bias.size(0), params, out);
+}
+
+}  // namespace
+
+namespace {
+template <typename F>
+void define(const char* name, F f) {
+  // a bundle that links these kernels in may load after this library (or another bundle)
+  // registered them: the first registration stays
+  if (!tvm::ffi::Function::GetGlobal(name).has_value())
+    tvm::ffi::reflection::GlobalDef().def(name, f);
+}
+}  // namespace
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  // the BLAS runs on the calling worker only; the parallelism is TVM's pool's
+  blas_single_thread();
+  define(MTC_PREFIX "matmul", matmul);
+  define(MTC_PREFIX "matmul_bias", matmul_bias);
+  define(MTC_PREFIX "conv2d", conv2d);
+  define(MTC_PREFIX "conv2d_bias", conv2d_bias);
+}

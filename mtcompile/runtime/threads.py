@@ -1,0 +1,101 @@
+"""TVM's thread pool, the one pool of a bundle's run: its size for this process (``threads=``)
+and no spinning after a call returns.
+
+TVM sizes a thread's pool from ``TVM_NUM_THREADS`` when that thread first launches parallel
+work (one pool per calling thread; without the variable, cores / 2 on x86-64), and reads
+``TVM_THREAD_POOL_SPIN_COUNT`` once per process when its first worker starts (by default
+workers spin ~0.25 s of CPU after each parallel region). Both are set here, before any pool
+starts, unless the user set them. A pool that already started can be made smaller
+(``runtime.config_threadpool``) but never larger: that is said with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+from mtcompile.errors import MTCompileError
+
+NUM_THREADS, SPIN_COUNT = "TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT"
+_ours: dict[str, str] = {}  # the variables this module set, and to what
+
+
+@dataclass(frozen=True)
+class ThreadConfig:
+    """requested: threads asked for (``threads=``, default the cores); pool: the calling
+    thread's TVM pool size after configuring; source: who chose the size (``threads``, or
+    the user's ``TVM_NUM_THREADS``); spin_count: the workers' spin count in force."""
+
+    requested: int
+    pool: int
+    source: str
+    spin_count: str
+
+
+def user_set(var: str) -> bool:
+    """Whether `var` is in the environment with a value this module did not put there."""
+    return var in os.environ and os.environ[var] != _ours.get(var)
+
+
+def pool_size() -> int:
+    """The calling thread's TVM pool size (starting its pool if it has none yet)."""
+    import tvm_ffi
+
+    fn = tvm_ffi.get_global_func("runtime.NumThreads", allow_missing=True)
+    if fn is None:  # TVM's runtime library is not loaded yet: tvm loads it
+        import tvm  # noqa: F401
+
+        fn = tvm_ffi.get_global_func("runtime.NumThreads")
+    return int(fn())
+
+
+def configure(threads: int | None = None) -> ThreadConfig:
+    """Size TVM's pool for this process to `threads` (default ``os.cpu_count()``) and turn
+    spinning off, unless the user set ``TVM_NUM_THREADS`` / ``TVM_THREAD_POOL_SPIN_COUNT``;
+    then check the calling thread's pool, shrink it if it started larger, warn if it
+    started smaller (TVM cannot add workers to a started pool)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise MTCompileError(f"threads must be a positive integer, got {threads!r}")
+    wanted = threads or os.cpu_count() or 1
+    source = "threads"
+    if user_set(NUM_THREADS):
+        try:
+            user = int(os.environ[NUM_THREADS])
+        except ValueError:
+            user = 0
+        if user >= 1:
+            if threads is not None and threads != user:
+                warnings.warn(f"threads={threads} ignored: {NUM_THREADS}={user} is set in the "
+                              "environment and wins", RuntimeWarning, stacklevel=3)
+            wanted, source = user, NUM_THREADS
+        else:
+            warnings.warn(f"{NUM_THREADS}={os.environ[NUM_THREADS]!r} is not a positive "
+                          f"integer; using {wanted} threads", RuntimeWarning, stacklevel=3)
+    if source == "threads":
+        os.environ[NUM_THREADS] = _ours[NUM_THREADS] = str(wanted)
+    if not user_set(SPIN_COUNT):  # nothing spins after a call returns
+        os.environ[SPIN_COUNT] = _ours[SPIN_COUNT] = "0"
+    pool = pool_size()
+    if pool > wanted:
+        import tvm_ffi
+
+        tvm_ffi.get_global_func("runtime.config_threadpool")(1, wanted)
+        pool = pool_size()
+    if pool != wanted:
+        warnings.warn(f"TVM's thread pool of this thread started earlier with {pool} "
+                      f"thread(s) and cannot grow to the {wanted} requested; generated "
+                      f"kernels run on {pool}. Set threads (or {NUM_THREADS}) before the "
+                      "first bundle runs in this process", RuntimeWarning, stacklevel=3)
+    return ThreadConfig(wanted, pool, source, os.environ[SPIN_COUNT])
+
+
+def set_torch_threads(threads: int) -> None:
+    """The calling thread's PyTorch (OpenMP/MKL) count, for the library provider's calls;
+    nothing when torch was never imported (no library kernels here)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,42 @@
+"""Fast checks of the benchmark scripts' helpers (no timing, no TVM compile)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.neighbours import load_inputs, time_block, to_markdown
+from benchmarks.run import set_options
+
+
+def test_set_options_pass_n_only_to_sets_that_take_it():
+    assert set_options("bert4", 3, 1) == {"batch": 1, "n": 3}
+    assert set_options("same-arch", 2, 2) == {"batch": 2, "n": 2}
+    assert set_options("mixed", 3, 1) == {"batch": 1}
+    assert set_options("heterogeneous", 3, 1) == {"batch": 1}
+
+
+def test_load_inputs_keeps_tenant_input_order(tmp_path):
+    arrays = {"a/0": np.zeros(2), "a/1": np.ones(3), "b/0": np.arange(4)}
+    np.savez(tmp_path / "inputs.npz", **arrays)
+    got = load_inputs(tmp_path / "inputs.npz", ["b", "a"])
+    assert list(got) == ["b", "a"]
+    assert [x.shape for x in got["a"]] == [(2,), (3,)]
+    np.testing.assert_array_equal(got["b"][0], np.arange(4))
+
+
+def test_time_block_counts_warmup_apart():
+    calls = []
+    times = time_block(lambda: calls.append(1), repeat=3, warmup=2)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_neighbours_table_reports_ratios_and_skipped_compile():
+    rows = {"bundle": {"alone_ms": 2.0, "interleaved_ms": 3.0, "interleaved_ratio": 1.5,
+                       "after_compile_ms": None, "after_compile_ratio": None}}
+    res = {"set": "bert4", "tenants": ["bert0"], "repeat": 3, "rows": rows,
+           "torch_compile_ms": None, "torch_compile_skipped": "RuntimeError: no compiler",
+           "torch_imported_by_load": True, "max_abs_err": 1e-6}
+    text = to_markdown(res, "python -m benchmarks.neighbours --repeat 3")
+    assert "| bundle | 2.000 | 3.000 | 1.50 |" in text
+    assert "torch.compile row skipped: RuntimeError: no compiler" in text
+    assert "`python -m benchmarks.neighbours --repeat 3`" in text

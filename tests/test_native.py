@@ -1,0 +1,373 @@
+"""Native kernels (mtcompile.native): numerics against numpy/torch, clear errors, the VM path,
+TVM's thread pool, and a bundle that links them in and runs with torch blocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import tvm_ffi
+
+import mtcompile.native as native
+
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    native.register()
+    return {n: tvm_ffi.get_global_func(f"mtcompile.native.{n}")
+            for n in ("matmul", "matmul_bias", "conv2d", "conv2d_bias")}
+
+
+def _t(a: np.ndarray):
+    return tvm_ffi.from_dlpack(a)
+
+
+def _close(got: np.ndarray, ref: np.ndarray) -> None:
+    scale = max(float(np.abs(ref).max()), 1e-6)
+    err = float(np.abs(got.astype(np.float64) - ref).max()) / scale
+    assert err <= RTOL, f"relative error {err:.2e} > {RTOL}"
+
+
+def _rand(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+MATMUL_SHAPES = [
+    ((64, 256), (256, 1024)),          # rows split over the pool
+    ((3, 40), (40, 700)),              # few rows: columns split
+    ((2, 5, 64, 48), (48, 96)),        # batch folded into the rows (weight shared)
+    ((4, 64, 64), (4, 64, 64)),        # batched
+    ((2, 1, 33, 17), (3, 17, 65)),     # broadcast batch dims
+    ((1, 17, 9), (6, 9, 300)),         # a broadcast over b's batch
+    ((17,), (17, 5)),                  # 1-D left operand
+    ((2, 6, 17), (17,)),               # 1-D right operand
+    ((0, 8), (8, 4)),                  # empty
+]
+
+
+@pytest.mark.parametrize("sa,sb", MATMUL_SHAPES)
+def test_matmul_matches_numpy(kernels, sa, sb):
+    rng = np.random.default_rng(len(sa) * 100 + sb[-1])
+    a, b = _rand(rng, sa), _rand(rng, sb)
+    ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    out = np.full(ref.shape, np.nan, np.float32)
+    kernels["matmul"](_t(a), _t(b), _t(out))
+    assert out.shape == ref.shape
+    if out.size:
+        _close(out, ref)
+
+
+@pytest.mark.parametrize("sa,n", [((64, 256), 256), ((2, 3, 50, 31), 129), ((5, 8), 3)])
+def test_matmul_bias_matches_numpy(kernels, sa, n):
+    rng = np.random.default_rng(n)
+    a, w, bias = _rand(rng, sa), _rand(rng, (sa[-1], n)), _rand(rng, (n,))
+    out = np.full(sa[:-1] + (n,), np.nan, np.float32)
+    kernels["matmul_bias"](_t(a), _t(w), _t(bias), _t(out))
+    _close(out, a.astype(np.float64) @ w + bias)
+
+
+# x shape, out channels, kernel, stride, padding (top, left, bottom, right), dilation, groups
+CONVS = [
+    ((1, 3, 64, 64), 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    ((1, 32, 32, 32), 64, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),
+    ((2, 64, 16, 16), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    ((2, 64, 16, 16), 128, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),   # 1x1: no im2col
+    ((1, 16, 15, 13), 8, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1),     # strided 1x1
+    ((1, 8, 17, 19), 12, (3, 5), (2, 1), (0, 2, 1, 1), (1, 1), 1),     # asymmetric padding
+    ((1, 8, 20, 20), 8, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1),      # dilation
+    ((1, 8, 21, 18), 6, (3, 3), (3, 2), (1, 0, 2, 3), (2, 1), 2),      # all at once, groups 2
+    ((2, 64, 16, 16), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4),    # grouped
+    ((1, 64, 32, 32), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 64),   # depthwise
+    ((1, 16, 19, 17), 32, (5, 3), (2, 3), (2, 0, 1, 2), (1, 2), 16),   # depthwise x2, odd
+    ((0, 4, 5, 5), 4, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1),        # empty batch
+]
+
+
+def _conv_ref(x, w, bias, stride, pad, dil, groups):
+    t = torch.nn.functional.pad(torch.from_numpy(x).double(), (pad[1], pad[3], pad[0], pad[2]))
+    b = None if bias is None else torch.from_numpy(bias).double()
+    return torch.nn.functional.conv2d(t, torch.from_numpy(w).double(), b, stride, 0, dil,
+                                      groups).numpy()
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("xs,oc,k,stride,pad,dil,groups", CONVS)
+def test_conv2d_matches_torch(kernels, xs, oc, k, stride, pad, dil, groups, with_bias):
+    rng = np.random.default_rng(oc + groups)
+    x, w = _rand(rng, xs), _rand(rng, (oc, xs[1] // groups, *k))
+    bias = _rand(rng, (oc,)) if with_bias else None
+    ref = _conv_ref(x, w, bias, stride, pad, dil, groups)
+    out = np.full(ref.shape, np.nan, np.float32)
+    params = tvm_ffi.Shape([*stride, *pad, *dil, groups])
+    if with_bias:
+        kernels["conv2d_bias"](_t(x), _t(w), _t(bias), params, _t(out))
+    else:
+        kernels["conv2d"](_t(x), _t(w), params, _t(out))
+    if ref.size:
+        _close(out, ref)
+
+
+def test_two_threads_split_work_on_tvms_pool():
+    """With TVM_NUM_THREADS=2 the kernels split rows / columns / pixel blocks / channels over
+    TVM's pool (a worker thread appears) and give what numpy and torch give. TVM's default
+    pool here has one thread: it halves the core count on x86-64."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        import numpy as np, torch, tvm_ffi
+        import mtcompile.native as native
+        native.register()
+        assert tvm_ffi.get_global_func("runtime.NumThreads")() == 2
+        before = len(os.listdir("/proc/self/task"))
+        mm, conv = (tvm_ffi.get_global_func(native.MATMUL), tvm_ffi.get_global_func(native.CONV2D))
+        rng = np.random.default_rng(0)
+        r = lambda *s: rng.standard_normal(s).astype(np.float32)
+        def close(got, ref):
+            assert np.abs(got - ref).max() / np.abs(ref).max() < {RTOL}
+        for sa, sb in [((64, 256), (256, 1024)), ((3, 256), (256, 2048)), ((2, 64, 128), (2, 128, 256))]:
+            a, b = r(*sa), r(*sb)
+            o = np.empty(np.broadcast_shapes(sa[:-2], sb[:-2]) + (sa[-2], sb[-1]), np.float32)
+            mm(tvm_ffi.from_dlpack(a), tvm_ffi.from_dlpack(b), tvm_ffi.from_dlpack(o))
+            close(o, a.astype(np.float64) @ b)
+        for xs, oc, g in [((1, 32, 32, 32), 64, 1), ((1, 64, 32, 32), 64, 64), ((2, 64, 16, 16), 64, 4)]:
+            x, w = r(*xs), r(oc, xs[1] // g, 3, 3)
+            ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
+                                             None, 1, 1, 1, g).numpy()
+            o = np.empty(ref.shape, np.float32)
+            conv(tvm_ffi.from_dlpack(x), tvm_ffi.from_dlpack(w), tvm_ffi.Shape([1, 1, 1, 1, 1, 1, 1, 1, g]),
+                 tvm_ffi.from_dlpack(o))
+            close(o, ref)
+        assert len(os.listdir("/proc/self/task")) == before + 1, "no TVM worker thread"
+        print("ok")
+    """)
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def _f32(*shape):
+    return np.zeros(shape, np.float32)
+
+
+BAD = [
+    ("matmul", lambda: (_t(_f32(4, 8).astype(np.float64)), _t(_f32(8, 2)), _t(_f32(4, 2))),
+     "a must be float32"),
+    ("matmul", lambda: (_t(_f32(4, 8)), _t(_f32(7, 2)), _t(_f32(4, 2))), "inner dimensions"),
+    ("matmul", lambda: (_t(_f32(4, 8)), _t(_f32(8, 2)), _t(_f32(4, 3))), "out has shape"),
+    ("matmul", lambda: (_t(_f32(2, 4, 8)), _t(_f32(3, 8, 2)), _t(_f32(3, 4, 2))),
+     "do not broadcast"),
+    ("matmul", lambda: (_t(_f32(8, 4).T), _t(_f32(8, 2)), _t(_f32(4, 2))), "contiguous"),
+    ("matmul", lambda: (_t(np.zeros(4, np.int32)), _t(_f32(4)), _t(_f32())), "float32"),
+    ("matmul_bias", lambda: (_t(_f32(4, 8)), _t(_f32(2, 8, 2)), _t(_f32(2)), _t(_f32(4, 2))),
+     "weight must have rank 2"),
+    ("matmul_bias", lambda: (_t(_f32(4, 8)), _t(_f32(8, 2)), _t(_f32(3)), _t(_f32(4, 2))),
+     "bias has 3 values"),
+    ("conv2d", lambda: (_t(_f32(1, 4, 8)), _t(_f32(2, 4, 3, 3)),
+                        tvm_ffi.Shape([1] * 4 + [0] * 0 + [1] * 5), _t(_f32(1, 2, 6, 6))),
+     "x must have rank 4"),
+    ("conv2d", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 4, 3, 3)), tvm_ffi.Shape([1, 1, 0]),
+                        _t(_f32(1, 2, 6, 6))), "params must be 9 values"),
+    ("conv2d", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 3, 3, 3)),
+                        tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 6, 6))),
+     "do not match"),
+    ("conv2d", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 4, 3, 3)),
+                        tvm_ffi.Shape([0, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 6, 6))),
+     "bad params"),
+    ("conv2d", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 4, 3, 3)),
+                        tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 5, 6))),
+     "expected [1, 2, 6, 6]"),
+    ("conv2d", lambda: (_t(_f32(1, 4, 5, 5)), _t(_f32(2, 4, 7, 7)),
+                        tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 1, 1))),
+     "larger than the padded input"),
+    ("conv2d_bias", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 4, 3, 3)), _t(_f32(4)),
+                             tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 6, 6))),
+     "bias has 4 values"),
+]
+
+
+@pytest.mark.parametrize("name,args,match", BAD, ids=[f"{b[0]}-{b[2]}" for b in BAD])
+def test_bad_input_is_a_clear_error(kernels, name, args, match):
+    with pytest.raises((ValueError, TypeError)) as e:
+        kernels[name](*args())
+    assert match in str(e.value) and f"mtcompile.native.{name}" in str(e.value)
+
+
+def _module():
+    """A Relax module whose main calls matmul and a padded, strided conv through
+    call_dps_packed, as the compiler's lowering emits them."""
+    from tvm import relax
+
+    def ty(shape):
+        return relax.TensorType(shape, "float32")
+
+    bb = relax.BlockBuilder()
+    vs = [relax.Var(n, ty(s)) for n, s in
+          [("a", (8, 64, 32)), ("b", (32, 48)), ("x", (1, 8, 16, 16)), ("w", (16, 8, 3, 3)),
+           ("bias", (16,))]]
+    with bb.function("main", vs):
+        with bb.dataflow():
+            y = bb.emit(relax.op.call_dps_packed(native.MATMUL, relax.Tuple(vs[:2]),
+                                                 ty((8, 64, 48))))
+            params = relax.ShapeExpr([2, 2, 1, 0, 2, 1, 1, 1, 1])
+            z = bb.emit(relax.op.call_dps_packed(
+                native.CONV2D_BIAS, relax.Tuple([*vs[2:], params]), ty((1, 16, 9, 8))))
+            out = bb.emit_output(relax.Tuple([y, z]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _inputs():
+    rng = np.random.default_rng(3)
+    return [_rand(rng, s) for s in [(8, 64, 32), (32, 48), (1, 8, 16, 16), (16, 8, 3, 3), (16,)]]
+
+
+@pytest.fixture(scope="module")
+def executable(kernels):
+    import tvm
+
+    return tvm.compile(_module(), "llvm")
+
+
+def _refs(ins):
+    a, b, x, w, bias = ins
+    return [a.astype(np.float64) @ b, _conv_ref(x, w, bias, (2, 2), (1, 0, 2, 1), (1, 1), 1)]
+
+
+def test_vm_calls_native_kernels(executable):
+    import tvm
+    from tvm import relax
+
+    ins = _inputs()
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    y, z = vm["main"](*[tvm.runtime.tensor(i) for i in ins])
+    for got, ref in zip((y.numpy(), z.numpy()), _refs(ins), strict=True):
+        _close(got, ref)
+
+
+def test_exported_bundle_runs_with_torch_blocked(executable, tmp_path):
+    """The kernels linked into the exported library register when it loads: no torch, no
+    tvm (compiler) import, no separate kernels library."""
+    lib = tmp_path / "bundle.so"
+    executable.export_library(str(lib), **native.export_options())
+    ins = _inputs()
+    np.savez(tmp_path / "io.npz", *ins, *_refs(ins))
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch is blocked")
+        sys.meta_path.insert(0, Block())
+        import numpy as np, tvm_ffi
+        import mtcompile.native as native
+        native.preload()
+        assert tvm_ffi.get_global_func("{native.MATMUL}", allow_missing=True) is None
+        d = np.load("{tmp_path / 'io.npz'}")
+        ex = tvm_ffi.load_module("{lib}")
+        vm = ex["vm_load_executable"]()
+        vm["vm_initialization"](1, 0, 2, 1, 0, 2)
+        y, z = vm["main"](*[tvm_ffi.from_dlpack(d[f"arr_{{i}}"]) for i in range(5)])
+        for got, ref in ((y, d["arr_5"]), (z, d["arr_6"])):
+            err = np.abs(np.from_dlpack(got) - ref).max() / np.abs(ref).max()
+            assert err < {RTOL}, err
+        assert "torch" not in sys.modules and "tvm" not in sys.modules
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    # here the kernels are registered already (by `register`): loading the bundle keeps them
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+    y, z = vm["main"](*[tvm.runtime.tensor(i) for i in ins])
+    for got, ref in zip((y.numpy(), z.numpy()), _refs(ins), strict=True):
+        _close(got, ref)
+
+
+# ------------------------------------------------------------------- the compiler's default
+
+BLOCKED_CHILD = textwrap.dedent("""
+    import importlib.abc, json, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "torch":
+                raise ImportError("torch is blocked")
+    sys.meta_path.insert(0, Block())
+    try:
+        import torch  # noqa: F401
+        raise SystemExit("the blocker let torch in")
+    except ImportError:
+        pass
+    import numpy as np
+    import mtcompile
+    d, io = sys.argv[1], sys.argv[2]
+    b = mtcompile.load(d)
+    arrays = np.load(f"{io}/in.npz")
+    inputs = {n: tuple(arrays[f"{n}.{i}"] for i in range(len(b.signature(n).inputs)))
+              for n in b.tenant_names}
+    outs = b.run_all(inputs)
+    alone = {n: b.run(n, *inputs[n]) for n in b.tenant_names}
+    np.savez(f"{io}/out.npz", **{f"{n}.{i}": o for n, os_ in outs.items() for i, o in enumerate(os_)},
+             **{f"alone.{n}.{i}": o for n, os_ in alone.items() for i, o in enumerate(os_)})
+    print(json.dumps({"kernels": b.manifest.kernels,
+                      "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch")}))
+""")
+
+
+@pytest.mark.slow
+def test_demo_set_bundle_runs_saved_with_torch_blocked(hetero_bundle, tmp_path):
+    """The heterogeneous demo set on native kernels (the CPU default): within 1e-4 of its
+    source models; saved, then loaded and run in a process where ``import torch`` fails,
+    with the same outputs as here."""
+    from mtcompile.runtime.inputs import seeded_inputs
+
+    b = hetero_bundle
+    assert b.manifest.kernels == {"matmul": "native", "conv2d": "native"}
+    assert b.compile_report["build"]["library_calls"] > 0
+    calls = {s for n in b.tenant_names for s, _ in b.trace(
+        n, list(seeded_inputs(b.signature(n), 0)))[0] if s.startswith("mtcompile.")}
+    assert {native.MATMUL_BIAS, native.CONV2D_BIAS} <= calls, calls
+    report = b.verify(atol=1e-4)
+    assert report["ok"], report
+    inputs = {n: seeded_inputs(b.signature(n), 1) for n in b.tenant_names}
+    want = b.run_all(inputs)
+    saved = b.save(tmp_path / "bundle")
+    np.savez(tmp_path / "in.npz", **{f"{n}.{i}": x for n, xs in inputs.items()
+                                     for i, x in enumerate(xs)})
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_CHILD, str(saved), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info == {"kernels": b.manifest.kernels, "torch": []}
+    got = np.load(tmp_path / "out.npz")
+    for n, outs in want.items():
+        for i, w in enumerate(outs):
+            np.testing.assert_array_equal(got[f"{n}.{i}"], w, err_msg=f"{n} output {i}")
+            np.testing.assert_array_equal(got[f"alone.{n}.{i}"], w, err_msg=f"{n} output {i}")
+
+
+def test_kernel_names_are_the_op_tables():
+    """The names the kernels register under are those offload-library gives call nodes."""
+    from mtcompile.ir import ops
+    from mtcompile.runtime import library
+
+    mm, conv = ops.LIBRARY["relax.matmul"], ops.LIBRARY["relax.nn.conv2d"]
+    assert [native.MATMUL, native.MATMUL_BIAS, native.CONV2D, native.CONV2D_BIAS] == [
+        mm.call("native"), mm.call("native", bias=True), conv.call("native"),
+        conv.call("native", bias=True)]
+    assert [library.MATMUL, library.CONV2D_BIAS] == ["mtcompile.torch.matmul",
+                                                     "mtcompile.torch.conv2d_bias"]
+    assert {ops.CALL_PROVIDER[native.CONV2D], ops.CALL_PROVIDER[library.MATMUL]} == {
+        "native", "torch"}
+    with pytest.raises(ValueError, match="'library' is no library provider"):
+        mm.call("library")
