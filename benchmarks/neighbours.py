@@ -105,7 +105,7 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
 
     from mtcompile.models import get_set
 
-    from .run import measure, ort_sessions, torch_twins
+    from .run import measure, ort_sessions, peer_runs, torch_twins
 
     torch.set_num_threads(THREADS)
     tenants = get_set(set_name)
@@ -113,14 +113,7 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
     torch_inputs = {k: tuple(torch.from_numpy(x) for x in v) for k, v in inputs.items()}
     sessions = ort_sessions(tenants, twins)
 
-    def eager():
-        with torch.no_grad():
-            for t in tenants:
-                twins[t.name](*torch_inputs[t.name])
-
-    def onnxrt():
-        for sess, feed in sessions.values():
-            sess.run(None, feed)
+    eager, onnxrt = peer_runs(tenants, twins, torch_inputs, sessions)
 
     contenders = {"bundle": lambda: bundle.run_all(inputs), "pytorch eager": eager,
                   "onnxruntime": onnxrt}

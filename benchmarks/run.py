@@ -30,6 +30,21 @@ from mtcompile.models.zoo import export_onnx
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
+def peer_runs(tenants, twins, torch_inputs, sessions):
+    """The two peers as callables: PyTorch eager over every tenant, onnxruntime sessions."""
+
+    def eager():
+        with torch.no_grad():
+            for t in tenants:
+                twins[t.name](*torch_inputs[t.name])
+
+    def onnxrt():
+        for sess, feed in sessions.values():
+            sess.run(None, feed)
+
+    return eager, onnxrt
+
+
 def matmul_ceiling(n: int = 2048, reps: int = 10) -> float:
     """GFLOP/s of PyTorch's n x n float32 matmul on this machine (the GEMM roofline)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -166,14 +181,7 @@ def run(set_name: str, n: int, batch: int, repeat: int, warmup: int,
     check = bundles["bundle"].verify(inputs)
     sessions = ort_sessions(tenants, twins)
 
-    def eager():
-        with torch.no_grad():
-            for t in tenants:
-                twins[t.name](*torch_inputs[t.name])
-
-    def onnxrt():
-        for sess, feed in sessions.values():
-            sess.run(None, feed)
+    eager, onnxrt = peer_runs(tenants, twins, torch_inputs, sessions)
 
     def tvm_separate():
         for name, b in separate.items():

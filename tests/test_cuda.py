@@ -39,7 +39,7 @@ def test_cuda_build_uses_tvm_kernels_and_saves(cuda_bundle, tmp_path):
 
 def test_library_provider_is_cpu_only(tmp_path):
     m, x = linear_relu(0)
-    with pytest.raises(MTCompileError, match="library provider exists for target llvm only"):
+    with pytest.raises(MTCompileError, match="the torch provider exists for target llvm only"):
         mtcompile.compile([Tenant("lin", m, example_inputs=x)], target="cuda", kernels="torch")
 
 

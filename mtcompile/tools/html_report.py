@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mtcompile.errors import ArtifactError
+from mtcompile.runtime import artifact
 from mtcompile.runtime.abi import MANIFEST
 from mtcompile.runtime.manifest import Manifest, signature_text
 from mtcompile.tools import viz
@@ -26,16 +27,11 @@ details { margin: 6px 0; } summary { cursor: pointer; font-weight: bold; }
 def read_manifest(directory: str | Path) -> Manifest:
     """The manifest of a saved bundle directory, or one clear `ArtifactError`."""
     d = Path(directory)
-    path = d / MANIFEST
     if not d.is_dir():
         raise ArtifactError(f"{d} is not a directory (expected a bundle written by save)")
-    if not path.is_file():
+    if not (d / MANIFEST).is_file():
         raise ArtifactError(f"{d} is not a bundle: it has no {MANIFEST}")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} cannot be read: {e}") from e
-    return Manifest.from_json(text, path)
+    return artifact.read_manifest(d)
 
 
 def _fmt_bytes(n: float | None) -> str:
