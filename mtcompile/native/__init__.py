@@ -68,6 +68,18 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def _ninja_on_path() -> None:
+    """tvm_ffi.cpp.build runs ``ninja`` from PATH: put the ninja wheel's binary first, so a
+    machine without a system ninja (or whose PATH lacks the wheel's bin dir) still builds."""
+    try:
+        import ninja
+    except ImportError:
+        return  # a system ninja, if any, is used
+    bin_dir = str(ninja.BIN_DIR)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build(output: str) -> str:
     # one build directory per output: each holds its own build.ninja
     build_dir = _cache_dir() / f"kernels-{source_hash()}" / output.replace(".", "_")
@@ -76,6 +88,7 @@ def _build(output: str) -> str:
         return str(path)
     import tvm_ffi.cpp
 
+    _ninja_on_path()
     cflags, ldflags = _flags()
     sources = [str(s) for s in sorted(_SRC.glob("*.cc"))]
     return str(tvm_ffi.cpp.build("mtcompile_native", sources=sources, extra_cflags=cflags,
