@@ -146,7 +146,7 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
 
 def to_markdown(res: dict, command: str) -> str:
     """The RESULTS.md section of one run."""
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     import torch
 
     lines = [f"### neighbours: {res['set']} ({', '.join(res['tenants'])})", "",

@@ -213,7 +213,7 @@ def run(set_name: str, n: int, batch: int, repeat: int, warmup: int,
 
 def to_markdown(res: dict, command: str) -> str:
     """The RESULTS.md section of one run."""
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
     lines = [f"### {res['set']}: {res['n']} tenants, batch {res['batch']}",
              "", f"`{command}` — {when}, {cpu}, {os.cpu_count()} cores, "

@@ -6,6 +6,7 @@
 
 from mtcompile.errors import (
     ArtifactError,
+    IndexOutOfRangeError,
     InputError,
     MTCompileError,
     SpecError,
@@ -35,4 +36,5 @@ def __getattr__(name):
 
 
 __all__ = ["Tenant", "compile", "load", "Bundle", "CompiledBundle", "MTCompileError", "TenantError",
-           "UnsupportedOperatorError", "InputError", "ArtifactError", "SpecError", "VerifyError"]
+           "UnsupportedOperatorError", "InputError", "IndexOutOfRangeError", "ArtifactError",
+           "SpecError", "VerifyError"]

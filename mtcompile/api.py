@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from mtcompile import bundle_manifest
+from mtcompile import build_cache, bundle_manifest
 from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.lowering import HOST_CPU, TARGETS, build, cpu_facts, emit_module
@@ -51,11 +51,8 @@ class _Stages:
         self.say(f"{label:<8} {self.seconds[label]:7.2f} s")
 
 
-def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _Stages,
-           providers: dict[str, str], cores: int | None = None):
-    """Import, lift, merge and optimize: run_all's graph, the tenants' entries' graph (the
-    pipeline without its ``run_all_only`` passes), and what they came from. cores: the
-    threads the bundle runs on (default: the machine's cores)."""
+def _import(tenants: list[Tenant], stages: _Stages) -> tuple[list, list[Graph]]:
+    """Import and lift every tenant: (imported tenants, their graphs)."""
     t0 = time.perf_counter()
     imported, graphs = [], []
     for t in tenants:
@@ -66,6 +63,16 @@ def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _S
         stages.say(f"  import {t.name} ({it.kind}): {len(graphs[-1])} nodes, "
                    f"{time.perf_counter() - t1:.2f} s")
     stages.done("import", t0)
+    return imported, graphs
+
+
+def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _Stages,
+           providers: dict[str, str], cores: int | None = None, lifted=None):
+    """Import (unless `lifted`, what `_import` returned, is given), lift, merge and
+    optimize: run_all's graph, the tenants' entries' graph (the pipeline without its
+    ``run_all_only`` passes), and what they came from. cores: the threads the bundle runs
+    on (default: the machine's cores)."""
+    imported, graphs = lifted or _import(tenants, stages)
     t0 = time.perf_counter()
     merged = merge(graphs, {t.name: t.shared_inputs for t in tenants if t.shared_inputs})
     stages.done("merge", t0)
@@ -101,6 +108,7 @@ def compile(  # noqa: A001 - the public name the API promises
     progress: Callable[[str], None] | None = None,
     cpu: str = "host",
     threads: int | None = None,
+    cache: bool | str | os.PathLike | None = None,
 ) -> CompiledBundle:
     """Compile tenants into one Bundle: one TVM executable with an entry per tenant.
 
@@ -112,7 +120,9 @@ def compile(  # noqa: A001 - the public name the API promises
     CPU kernels are compiled for: ``"host"`` (this machine's CPU, the default), ``"generic"``
     (any x86-64) or an LLVM CPU name (recorded in the manifest with its features: `load`
     refuses a CPU that lacks them); threads: TVM's thread pool size for this process
-    (default: the machine's cores; see `mtcompile.runtime.threads`).
+    (default: the machine's cores; see `mtcompile.runtime.threads`); cache: reuse and keep
+    built libraries in a build cache (`mtcompile.build_cache`): True for the default
+    directory, or a directory; a bundle served from it has no `graph`.
     """
     from mtcompile.passes import build_pipeline
 
@@ -129,18 +139,37 @@ def compile(  # noqa: A001 - the public name the API promises
     pipeline = build_pipeline(passes, pass_options)  # bad pass names fail before any work
     providers = resolve_providers(target, kernels)
     database = load_database(tuning_db, target) if tuning_db else None
+    db_hash = build_cache.tuning_db_hash(database) if database else None
     stages = _Stages(progress or (lambda _msg: None))
-    graph, entry_graph, imported, graphs, records = _front(tenants, target, pipeline,
-                                                           instruments, stages, providers, pool)
+    lifted = _import(tenants, stages)
+    cache_dir = build_cache.resolve_dir(cache)
+    if cache_dir is not None and instruments:
+        stages.say("cache    off: instruments watch the passes, which a cached build skips")
+        cache_dir = None
+    if cache_dir is not None:
+        key_doc = build_cache.key_doc(
+            name=name, target=target, cpu=cpu_name, cpu_features=cpu_features,
+            providers=providers, pipeline=pipeline, cores=pool, tuning_db=db_hash,
+            tenants=tenants, imported=lifted[0], graphs=lifted[1])
+        key = build_cache.build_key(key_doc)
+        cached = build_cache.lookup(cache_dir, key, sources={t.name: t for t in tenants},
+                                    threads=threads)
+        stages.say(f"cache    {'hit' if cached else 'miss'} {key[:16]} in {cache_dir}")
+        if cached is not None:
+            cached.compile_report = {"stages_s": stages.seconds,
+                                     "cache": {"hit": True, "key": key}}
+            return cached
+    graph, entry_graph, imported, graphs, records = _front(
+        tenants, target, pipeline, instruments, stages, providers, pool, lifted)
 
     streams = stream_layout(graph)
     manifest = bundle_manifest.manifest(
-        name=name, target=target, pipeline=pipeline, providers=providers, tuning_db=tuning_db,
+        name=name, target=target, pipeline=pipeline, providers=providers, tuning_db=db_hash,
         tenants=tenants, imported=imported, graph=graph, entry_graph=entry_graph,
         graphs=graphs, records=records, layout=streams).with_(cpu=cpu_name,
                                                               cpu_features=cpu_features)
     t0 = time.perf_counter()
-    mod = emit_module(graph, manifest.embedded(), entry_graph, streams)
+    mod = emit_module(graph, manifest.embedded(), entry_graph, streams, target)
     stages.done("lower", t0)
 
     t0 = time.perf_counter()
@@ -154,9 +183,15 @@ def compile(  # noqa: A001 - the public name the API promises
     report = {"stages_s": stages.seconds, "build": build_info,
               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
                           "nodes_after": r.nodes_after, **r.info} for r in records]}
-    return CompiledBundle(executable, manifest, graph=graph,
-                          sources={t.name: t for t in tenants}, compile_report=report,
-                          threads=threads)
+    bundle = CompiledBundle(executable, manifest, graph=graph,
+                            sources={t.name: t for t in tenants}, compile_report=report,
+                            threads=threads)
+    if cache_dir is not None:
+        t0 = time.perf_counter()
+        build_cache.store(cache_dir, key, key_doc, bundle)
+        report["cache"] = {"hit": False, "key": key}
+        stages.done("store", t0)
+    return bundle
 
 
 def tune(
@@ -168,12 +203,14 @@ def tune(
     *,
     kernels: str | dict[str, str] | None = "tvm",
     progress: Callable[[str], None] | None = None,
+    on_trials: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Tune the TVM kernels of the merged tenants with MetaSchedule into `out_dir`.
 
     Build with the same tenants, passes and `kernels` and ``tuning_db=out_dir`` to use it.
     Returns the number of tasks of the merged module, the sum over tenants compiled
     alone (the difference is what merging saved), records written and time taken.
+    on_trials: called ``(trials just measured, most trials in all)`` as tuning goes.
     """
     from mtcompile.backend import kernels as kernel_mod
     from mtcompile.backend.lowering import make_target
@@ -196,7 +233,8 @@ def tune(
     alone = [p for p in pipeline if p.name in ("fold-batch-norm", "offload-library")]
     ctx = PassContext("llvm", providers)
     separate = sum(count_tasks(prepared(run_passes(g, alone, ctx)[0]), target) for g in graphs)
-    result = run_tuning(prepared(graph, entry_graph), target, out_dir, trials, progress=say)
+    result = run_tuning(prepared(graph, entry_graph), target, out_dir, trials, progress=say,
+                        on_trials=on_trials)
     result.update(tasks_tenants_alone=separate, tasks_removed_by_merge=separate - result["tasks"],
                   kernels=providers)
     return result

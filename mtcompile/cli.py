@@ -1,10 +1,19 @@
-"""The `mtcompile` command line: build, run, inspect, demo, passes."""
+"""The `mtcompile` command line: build, run, inspect, tune, demo, profile, report, passes.
+
+Made for pipelines: logs (stage lines, warnings) go to stderr through `logging` (``-v`` /
+``-q``), results to stdout, ``--json`` makes stdout one JSON document, a progress bar shows
+long work on a terminal, and each failure class has its own exit code (`EXIT_CODES`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -12,10 +21,111 @@ import numpy as np
 
 from mtcompile.errors import InputError, MTCompileError
 from mtcompile.runtime.manifest import Manifest, MemoryInfo, TenantSig, signature_text
+from mtcompile.version import __version__
+
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_NUMERICS, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_INPUT: "bad input: spec, model, tuning database, inputs or bundle files (one line "
+                "'mtcompile: error: ...' on stderr)",
+    EXIT_USAGE: "usage: unknown command or option, bad option value",
+    EXIT_NUMERICS: "numerics failure: the bundle (saved) differs from the source models "
+                   "beyond --atol/--rtol",
+    EXIT_INTERNAL: "internal error: a bug in mtcompile or TVM (-v prints the traceback)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+log = logging.getLogger("mtcompile")
 
 
-def _say(msg: str) -> None:
-    print(msg, flush=True)
+class _StderrHandler(logging.StreamHandler):
+    """Writes to what ``sys.stderr`` is when a record comes (a progress bar redirects it,
+    so that lines print above the bar; tests capture it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"mtcompile: warning: {msg}"
+
+
+def setup_logging(verbosity: int) -> None:
+    """The ``mtcompile`` logger to stderr: INFO by default, DEBUG with -v, WARNING with -q."""
+    for h in [h for h in log.handlers if isinstance(h, _StderrHandler)]:
+        log.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter())
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO if verbosity == 0
+                 else logging.WARNING)
+
+
+class Progress:
+    """Logs each progress line and, on a terminal (not with -q), advances a progress bar
+    on stderr by one of `total` steps (rich's; plain lines when rich is missing)."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.bar = self.task = self.trials_task = None
+        self.measured = 0
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+            from rich.progress import Progress as Bar
+        except ImportError:
+            return
+        self.bar = Bar(
+            TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self) -> Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, msg: str) -> None:
+        log.info(msg)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=(msg.split() or [""])[0][:24])
+
+    def trials(self, n: int, total: int) -> None:
+        """MetaSchedule measured `n` more candidates, of at most `total` (a bar of its own)."""
+        self.measured += n
+        if self.bar is None:
+            log.info(f"trials   {self.measured}/{total}")
+            return
+        if self.trials_task is None:
+            self.trials_task = self.bar.add_task("trials", total=total)
+        self.bar.update(self.trials_task, advance=n)
+
+
+def _progress(args, total: int, label: str) -> Progress:
+    return Progress(total, label, sys.stderr.isatty() and args.verbose >= 0)
+
+
+def _say(args, text: str) -> None:
+    """A result line on stdout (nothing with --json: stdout is then one JSON document)."""
+    if not args.json:
+        print(text, flush=True)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -26,21 +136,33 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def print_verify(result: dict) -> None:
+def verify_lines(result: dict) -> list[str]:
     """One line per tenant output: ok/FAIL with the max abs and relative error."""
+    lines = []
     for name, entry in result["tenants"].items():
         if "error" in entry:
-            _say(f"  {name:<12} FAIL  {entry['error']}")
+            lines.append(f"  {name:<12} FAIL  {entry['error']}")
             continue
         for i, o in enumerate(entry["outputs"]):
             status = "ok  " if o["ok"] and entry["run_all_ok"] else "FAIL"
             detail = o.get("error") or f"max_abs={o['max_abs']:.2e}  max_rel={o['max_rel']:.2e}"
-            _say(f"  {name:<12} {status}  output{i}: {detail}")
-    _say(f"numerics: {'PASS' if result['ok'] else 'FAIL'} (tolerance {result['atol']:g} abs, "
-         "run and run_all vs the source model)")
+            lines.append(f"  {name:<12} {status}  output{i}: {detail}")
+    atol, rtol = result.get("atol"), result.get("rtol")
+    tol = ("by each output's dtype (1e-4 abs for float32)" if atol is None and rtol is None
+           else f"{atol or 0:g} abs + {rtol or 0:g} x max|source|")
+    lines.append(f"numerics: {'PASS' if result['ok'] else 'FAIL'} (tolerance {tol}, "
+                 "run and run_all vs the source model)")
+    return lines
 
 
-def _compile(tenants, name: str, target: str, passes, options, args) -> object:
+def _cache_option(args):
+    """What `compile(cache=...)` gets from --no-cache / --cache-dir."""
+    if getattr(args, "no_cache", True):
+        return None
+    return args.cache_dir or True
+
+
+def _compile(tenants, name: str, target: str, passes, options, args, progress) -> object:
     import mtcompile
     from mtcompile.pass_infra import DumpToDir, PrintAfter
 
@@ -55,8 +177,8 @@ def _compile(tenants, name: str, target: str, passes, options, args) -> object:
     return mtcompile.compile(tenants, target=target, passes=passes, pass_options=options,
                              name=name, kernels=parse_kernels(getattr(args, "kernels", None)),
                              tuning_db=getattr(args, "tuning_db", None), instruments=instruments,
-                             progress=_say, cpu=getattr(args, "cpu", None) or "host",
-                             threads=getattr(args, "threads", None))
+                             progress=progress, cpu=getattr(args, "cpu", None) or "host",
+                             threads=getattr(args, "threads", None), cache=_cache_option(args))
 
 
 def parse_kernels(text: str | None) -> str | dict[str, str] | None:
@@ -69,24 +191,45 @@ def parse_kernels(text: str | None) -> str | dict[str, str] | None:
     return dict(pairs)
 
 
-def cmd_build(args) -> int:
+def _verify(bundle, args, inputs=None) -> dict:
+    """Verify a saved bundle: the result, or ``{"ok": None, "skipped": why}`` when it cannot
+    run here (an ONNX tenant without onnxruntime): said, not fatal, the bundle is saved."""
+    t0 = time.perf_counter()
+    try:
+        result = bundle.verify(inputs, atol=args.atol, rtol=args.rtol)
+    except MTCompileError as e:
+        log.warning("numerics not checked: %s (the bundle is saved)", e)
+        return {"ok": None, "skipped": str(e)}
+    log.info(f"verify   {time.perf_counter() - t0:7.2f} s")
+    for line in verify_lines(result):
+        _say(args, line)
+    return result
+
+
+def cmd_build(args) -> tuple[int, dict]:
+    from mtcompile.runtime.artifact import sha256_file
     from mtcompile.tools.spec import load_spec
 
     spec = load_spec(args.spec)
     target = args.target or spec.target
-    _say(f"building {len(spec.tenants)} tenant(s) from {args.spec} for {target}")
-    bundle = _compile(spec.tenants, spec.name, target, spec.passes, spec.pass_options, args)
-    ok = True
-    if not args.no_verify:
+    log.info(f"building {len(spec.tenants)} tenant(s) from {args.spec} for {target}")
+    # steps: each tenant's import, then import, cache, merge, passes, lower, build, store, save
+    with _progress(args, len(spec.tenants) + 8, "build") as progress:
+        bundle = _compile(spec.tenants, spec.name, target, spec.passes, spec.pass_options,
+                          args, progress)
         t0 = time.perf_counter()
-        result = bundle.verify()
-        _say(f"verify   {time.perf_counter() - t0:7.2f} s")
-        print_verify(result)
-        ok = result["ok"]
-    out = bundle.save(args.output)
+        out = bundle.save(args.output)  # saved first: a failed or impossible check keeps it
+        progress(f"save     {time.perf_counter() - t0:7.2f} s")
     lib = out / bundle.manifest.library
-    _say(f"saved {lib} ({_fmt_bytes(lib.stat().st_size)}) and {out / 'manifest.json'}")
-    return 0 if ok else 2
+    log.info(f"saved {lib} ({_fmt_bytes(lib.stat().st_size)}) and {out / 'manifest.json'}")
+    report = bundle.compile_report
+    doc = {"command": "build", "output": str(out), "library": str(lib),
+           "library_bytes": lib.stat().st_size, "library_sha256": sha256_file(lib),
+           "manifest_sha256": sha256_file(out / "manifest.json"),
+           "cache": report.get("cache"), "stages_s": report.get("stages_s", {})}
+    doc["verify"] = None if args.no_verify else _verify(bundle, args)
+    code = EXIT_NUMERICS if doc["verify"] and doc["verify"]["ok"] is False else EXIT_OK
+    return code, {**doc, "ok": code == EXIT_OK, "exit_code": code}
 
 
 def _parse_inputs(items: list[str], sig: TenantSig, tenant: str) -> list[np.ndarray]:
@@ -106,7 +249,7 @@ def _parse_inputs(items: list[str], sig: TenantSig, tenant: str) -> list[np.ndar
     return [given[n] for n in names]
 
 
-def cmd_run(args) -> int:
+def cmd_run(args) -> tuple[int, dict]:
     import mtcompile
 
     bundle = mtcompile.load(args.bundle, threads=args.threads)
@@ -114,11 +257,15 @@ def cmd_run(args) -> int:
     outs = bundle.run(args.tenant, *_parse_inputs(args.input, sig, args.tenant))
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
     for spec, arr in zip(sig.outputs, outs, strict=True):
         path = out_dir / f"{args.tenant}.{spec.name}.npy"
         np.save(path, arr)
-        _say(f"wrote {path}  {arr.dtype}{list(arr.shape)}")
-    return 0
+        written.append({"name": spec.name, "path": str(path), "dtype": str(arr.dtype),
+                        "shape": list(arr.shape)})
+        _say(args, f"wrote {path}  {arr.dtype}{list(arr.shape)}")
+    return EXIT_OK, {"command": "run", "tenant": args.tenant, "outputs": written, "ok": True,
+                     "exit_code": EXIT_OK}
 
 
 def describe(manifest: Manifest, library_bytes: int | None = None) -> str:
@@ -162,56 +309,72 @@ def _memory_line(mem: MemoryInfo) -> str:
             f"tenants compiled separately {_fmt_bytes(mem.separate_plans_bytes)})")
 
 
-def cmd_inspect(args) -> int:
-    import mtcompile
+def cmd_inspect(args) -> tuple[int, dict | None]:
+    """The manifest read as JSON: no TVM, no device (the library is only measured)."""
+    from mtcompile.runtime.artifact import read_manifest, sha256_file
 
-    bundle = mtcompile.load(args.bundle)
+    manifest = read_manifest(args.bundle)
+    lib = Path(args.bundle) / manifest.library
+    if not lib.is_file():
+        log.warning(f"{lib}: the library the manifest names is missing")
+    elif sha256_file(lib) != manifest.library_sha256:
+        log.warning(f"{lib}: does not match the manifest's library_sha256 (another build's "
+                    "files?); `mtcompile.load` refuses it")
     if args.json:
-        print(bundle.manifest.to_json(), end="")
-        return 0
-    lib = Path(args.bundle) / bundle.manifest.library
-    _say(describe(bundle.manifest, lib.stat().st_size))
-    return 0
+        print(manifest.to_json(), end="")  # the manifest itself is the JSON document
+        return EXIT_OK, None
+    _say(args, describe(manifest, lib.stat().st_size if lib.is_file() else None))
+    return EXIT_OK, None
 
 
-def cmd_tune(args) -> int:
+def cmd_tune(args) -> tuple[int, dict]:
     from mtcompile.api import tune
     from mtcompile.tools.spec import load_spec
 
     spec = load_spec(args.spec)
-    _say(f"tuning {len(spec.tenants)} tenant(s) from {args.spec} into {args.output}")
-    res = tune(spec.tenants, args.output, args.trials, spec.passes, spec.pass_options,
-               kernels=parse_kernels(args.kernels) or "tvm", progress=_say)
-    _say(f"tasks: {res['tasks']} in the merged module, {res['tasks_tenants_alone']} for the "
-         f"tenants compiled alone ({res['tasks_removed_by_merge']} removed by merging)")
-    _say(f"records: {res['records']} in {args.output}, {res['seconds']:.1f} s; build with "
+    log.info(f"tuning {len(spec.tenants)} tenant(s) from {args.spec} into {args.output}")
+    # MetaSchedule logs its task tables to stdout (and to DIR/logs): to stderr, -v only
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
+        logging.DEBUG if args.verbose > 0 else logging.WARNING)
+    with _progress(args, len(spec.tenants) + 5, "tune") as progress, \
+            contextlib.redirect_stdout(sys.stderr):
+        res = tune(spec.tenants, args.output, args.trials, spec.passes, spec.pass_options,
+                   kernels=parse_kernels(args.kernels) or "tvm", progress=progress,
+                   on_trials=progress.trials)
+    _say(args, f"tasks: {res['tasks']} in the merged module, {res['tasks_tenants_alone']} for "
+         f"the tenants compiled alone ({res['tasks_removed_by_merge']} removed by merging)")
+    _say(args, f"records: {res['records']} in {args.output}, {res['seconds']:.1f} s; build with "
          f"--tuning-db {args.output} --kernels {args.kernels or 'tvm'}")
-    return 0
+    return EXIT_OK, {"command": "tune", "output": str(args.output), **res, "ok": True,
+                     "exit_code": EXIT_OK}
 
 
-def cmd_profile(args) -> int:
+def cmd_profile(args) -> tuple[int, dict]:
     import mtcompile
 
     bundle = mtcompile.load(args.bundle, threads=args.threads)
     prof = bundle.profile(repeat=args.repeat)
     for name, p in prof["tenants"].items():
-        _say(f"{name}: {p['total_us']:.0f} us in {sum(k['calls'] for k in p['kernels'])} calls")
+        _say(args, f"{name}: {p['total_us']:.0f} us in {sum(k['calls'] for k in p['kernels'])} "
+             "calls")
         for k in p["kernels"][:args.top]:
-            _say(f"  {100 * k['share']:5.1f}%  {k['total_us']:9.1f} us  x{k['calls']:<3} "
+            _say(args, f"  {100 * k['share']:5.1f}%  {k['total_us']:9.1f} us  x{k['calls']:<3} "
                  f"{k['name']}")
-    return 0
+    return EXIT_OK, {"command": "profile", **prof, "ok": True, "exit_code": EXIT_OK}
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args) -> tuple[int, dict]:
     from mtcompile.models import get_set
 
     tenants = get_set(args.set, batch=args.batch)
-    _say(f"demo set {args.set!r}: {len(tenants)} tenants ({', '.join(t.name for t in tenants)}), "
-         f"batch {args.batch}")
-    bundle = _compile(tenants, args.set.replace("-", "_"), "llvm", None, None, args)
-    out = bundle.save(args.output)
-    _say(f"saved {out / bundle.manifest.library}")
-    _say(describe(bundle.manifest))
+    log.info(f"demo set {args.set!r}: {len(tenants)} tenants "
+             f"({', '.join(t.name for t in tenants)}), batch {args.batch}")
+    with _progress(args, len(tenants) + 6, "demo") as progress:
+        bundle = _compile(tenants, args.set.replace("-", "_"), "llvm", None, None, args,
+                          progress)
+        out = bundle.save(args.output)
+    log.info(f"saved {out / bundle.manifest.library}")
+    _say(args, describe(bundle.manifest))
     inputs = {t.name: t.example_inputs for t in tenants}
     t0 = time.perf_counter()
     outputs = bundle.run_all(inputs)
@@ -221,32 +384,45 @@ def cmd_demo(args) -> int:
         t0 = time.perf_counter()
         bundle.run_all(inputs)
         times.append(time.perf_counter() - t0)
-    _say(f"run_all  {1e3 * sorted(times)[10]:7.2f} ms median of 20 calls "
+    median = sorted(times)[10]
+    _say(args, f"run_all  {1e3 * median:7.2f} ms median of 20 calls "
          f"(first call {1e3 * first:.1f} ms, with VM start-up)")
     for name, outs in outputs.items():
-        _say(f"  {name:<12} -> " + ", ".join(f"{o.dtype}{list(o.shape)}" for o in outs))
-    result = bundle.verify(inputs)
-    print_verify(result)
-    return 0 if result["ok"] else 2
+        _say(args, f"  {name:<12} -> " + ", ".join(f"{o.dtype}{list(o.shape)}" for o in outs))
+    result = _verify(bundle, args, inputs)
+    code = EXIT_NUMERICS if result["ok"] is False else EXIT_OK
+    return code, {"command": "demo", "set": args.set, "output": str(out),
+                  "run_all_ms": round(1e3 * median, 3), "first_call_ms": round(1e3 * first, 3),
+                  "verify": result, "ok": code == EXIT_OK, "exit_code": code}
 
 
-def cmd_report(args) -> int:
+def cmd_report(args) -> tuple[int, dict]:
     from mtcompile.tools.html_report import write_report
 
+    try:
+        import matplotlib  # noqa: F401  (the report's pictures)
+    except ImportError as e:
+        raise MTCompileError("mtcompile report draws with matplotlib, which is not installed: "
+                             "pip install 'mtcompile[viz]'") from e
     out = write_report(args.bundle, args.output)
-    _say(f"wrote {out} ({out.stat().st_size // 1024} KiB, self-contained HTML)")
-    return 0
+    _say(args, f"wrote {out} ({out.stat().st_size // 1024} KiB, self-contained HTML)")
+    return EXIT_OK, {"command": "report", "output": str(out), "bytes": out.stat().st_size,
+                     "ok": True, "exit_code": EXIT_OK}
 
 
-def cmd_passes(args) -> int:
+def cmd_passes(args) -> tuple[int, dict]:
     import mtcompile.passes as passes
     from mtcompile.pass_infra import REGISTRY
 
+    rows = []
     for name in sorted(REGISTRY):
         doc = (sys.modules[REGISTRY[name].__module__].__doc__ or "").strip().splitlines()
-        default = " (default)" if name in passes.DEFAULT_PIPELINE else ""
-        _say(f"{name}{default}: {doc[0].split(':', 1)[-1].strip() if doc else ''}")
-    return 0
+        rows.append({"name": name, "default": name in passes.DEFAULT_PIPELINE,
+                     "doc": doc[0].split(":", 1)[-1].strip() if doc else ""})
+        _say(args, f"{name}{' (default)' if rows[-1]['default'] else ''}: {rows[-1]['doc']}")
+    return EXIT_OK, {"command": "passes", "passes": rows,
+                     "default_pipeline": list(passes.DEFAULT_PIPELINE), "ok": True,
+                     "exit_code": EXIT_OK}
 
 
 def _positive(text: str) -> int:
@@ -259,10 +435,49 @@ def _positive(text: str) -> int:
     return n
 
 
+def _tolerance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors (exit 2) also print a JSON document under --json."""
+
+    json_wanted = False
+
+    def error(self, message: str):
+        if _Parser.json_wanted:
+            print(json.dumps({"ok": False, "exit_code": EXIT_USAGE,
+                              "error": f"{self.prog}: {message}"}))
+        super().error(message)
+
+
+def _epilog() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtcompile", description="Compile several models into one "
-                                "multi-tenant TVM executable.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="mtcompile", description="Compile several models into one multi-tenant "
+                "TVM executable. Logs go to stderr, results to stdout (--json: one JSON "
+                "document).", epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"mtcompile {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log lines on stderr (debug)")
+    common.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbose",
+                        help="warnings and errors only, no progress bar")
+    common.add_argument("--json", action="store_true",
+                        help="print one JSON document on stdout (results, or the error)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str):
+        return sub.add_parser(name, help=help, parents=[common], epilog=_epilog(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def pass_flags(sp):
         sp.add_argument("--kernels", metavar="PROVIDER", help="heavy-op provider: native | torch | "
@@ -274,21 +489,28 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--cpu", default="host", help="CPU the kernels are compiled for: host "
                         "(this machine's, default) | generic (any x86-64) | an LLVM CPU name")
         threads_flag(sp)
+        sp.add_argument("--atol", type=_tolerance, default=None, help="numerics: absolute "
+                        "tolerance (default: by the outputs' dtype, 1e-4 for float32)")
+        sp.add_argument("--rtol", type=_tolerance, default=None, help="numerics: tolerance "
+                        "relative to max|source output| (default: by dtype, 0 for float32)")
 
     def threads_flag(sp):
         sp.add_argument("--threads", type=_positive, metavar="N", help="TVM thread pool size "
                         "(default: the machine's cores; TVM_NUM_THREADS, if set, wins)")
 
-    b = sub.add_parser("build", help="build a TOML spec of tenants into OUT/")
+    b = command("build", "build a TOML spec of tenants into OUT/, then check its numerics")
     b.add_argument("spec")
     b.add_argument("-o", "--output", required=True, help="output directory")
     b.add_argument("--target", choices=["llvm", "cuda"], help="override the spec's target")
     b.add_argument("--no-verify", action="store_true", help="skip the numerics check")
     b.add_argument("--tuning-db", metavar="DIR", help="apply schedules written by `tune`")
+    b.add_argument("--cache-dir", metavar="DIR", help="build cache directory (default: "
+                   "$MTCOMPILE_CACHE_DIR/builds or ~/.cache/mtcompile/builds)")
+    b.add_argument("--no-cache", action="store_true", help="neither use nor fill the cache")
     pass_flags(b)
     b.set_defaults(fn=cmd_build)
 
-    r = sub.add_parser("run", help="run one tenant of a saved bundle on .npy inputs")
+    r = command("run", "run one tenant of a saved bundle on .npy inputs")
     r.add_argument("bundle")
     r.add_argument("--tenant", required=True)
     r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
@@ -296,12 +518,12 @@ def parser() -> argparse.ArgumentParser:
     threads_flag(r)
     r.set_defaults(fn=cmd_run)
 
-    i = sub.add_parser("inspect", help="summarize a saved bundle")
+    i = command("inspect", "summarize a saved bundle (reads its manifest; needs no TVM); "
+                "--json prints the whole manifest")
     i.add_argument("bundle")
-    i.add_argument("--json", action="store_true", help="print the whole manifest")
     i.set_defaults(fn=cmd_inspect)
 
-    d = sub.add_parser("demo", help="build, run and check a bundled demo tenant set")
+    d = command("demo", "build, run and check a bundled demo tenant set")
     d.add_argument("--set", default="heterogeneous",
                    choices=["heterogeneous", "same-arch", "shared-backbone", "bert4", "mixed"])
     d.add_argument("--batch", type=int, default=1)
@@ -309,43 +531,60 @@ def parser() -> argparse.ArgumentParser:
     pass_flags(d)
     d.set_defaults(fn=cmd_demo)
 
-    t = sub.add_parser("tune", help="tune the TVM kernels of a spec into a database (offline)")
+    t = command("tune", "tune the TVM kernels of a spec into a database (offline)")
     t.add_argument("spec")
     t.add_argument("-o", "--output", required=True, help="database directory")
-    t.add_argument("--trials", type=int, default=64, help="trials per task")
+    t.add_argument("--trials", type=_positive, default=64, help="trials per task")
     t.add_argument("--kernels", default="tvm", help="providers the build will use (default tvm)")
     t.set_defaults(fn=cmd_tune)
 
-    pr = sub.add_parser("profile", help="time per kernel of a saved bundle, by tenant")
+    pr = command("profile", "time per kernel of a saved bundle, by tenant")
     pr.add_argument("bundle")
-    pr.add_argument("--repeat", type=int, default=10)
-    pr.add_argument("--top", type=int, default=8, help="kernels shown per tenant")
+    pr.add_argument("--repeat", type=_positive, default=10)
+    pr.add_argument("--top", type=_positive, default=8, help="kernels shown per tenant")
     threads_flag(pr)
     pr.set_defaults(fn=cmd_profile)
 
-    rp = sub.add_parser("report", help="write a self-contained HTML report of a saved bundle")
+    rp = command("report", "write a self-contained HTML report of a saved bundle")
     rp.add_argument("bundle")
     rp.add_argument("-o", "--output", default="report.html", help="HTML file to write")
     rp.set_defaults(fn=cmd_report)
 
-    ps = sub.add_parser("passes", help="list the registered passes")
+    ps = command("passes", "list the registered passes")
     ps.set_defaults(fn=cmd_passes)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (`EXIT_CODES`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Parser.json_wanted = "--json" in argv
     args = parser().parse_args(argv)
+    setup_logging(args.verbose)
     # torch and TVM importers warn about their own internals; users cannot act on those.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    doc = None
     try:
-        return args.fn(args)
+        code, doc = args.fn(args)
     except MTCompileError as e:
-        print(f"mtcompile: error: {e}", file=sys.stderr)
-        return 1
+        code, error = EXIT_INPUT, f"mtcompile: error: {e}"
     except KeyboardInterrupt:
-        print("mtcompile: interrupted", file=sys.stderr)
-        return 130
+        code, error = EXIT_INTERRUPTED, "mtcompile: interrupted"
+    except Exception as e:  # a bug: one line, the traceback with -v
+        log.debug("".join(traceback.format_exception(e)).rstrip())
+        code = EXIT_INTERNAL
+        error = (f"mtcompile: internal error: {type(e).__name__}: {e} (a bug; -v shows the "
+                 "traceback)")
+    else:
+        if args.json and doc is not None:
+            print(json.dumps(doc, indent=1, default=str))
+        return code
+    print(error, file=sys.stderr)
+    if args.json:
+        print(json.dumps({"command": args.command, "ok": False, "exit_code": code,
+                          "error": error.split(": ", 1)[1]}))
+    return code
 
 
 if __name__ == "__main__":

@@ -31,15 +31,19 @@ class CompiledBundle(Bundle):
         return json.loads(json.dumps({**super().report(), **self.compile_report}))
 
     def verify(self, inputs: dict[str, tuple] | None = None, seed: int = 0,
-               atol: float = 1e-4) -> dict:
+               atol: float | None = None, rtol: float | None = None) -> dict:
         """Run each tenant's source model and the bundle on the same inputs; compare.
 
-        Returns ``{"ok": bool, "tenants": {name: {"outputs": [{max_abs, max_rel}], ...}}}``.
+        A float output passes when max|bundle - source| <= atol + rtol * max|source|; by
+        default (None) atol and rtol follow the tenant's least precise float dtype (1e-4
+        and 0 for float32; `mtcompile.tools.verify.TOLERANCES`); integer outputs must be
+        equal, and output dtypes must be the source model's. Returns
+        ``{"ok": bool, "tenants": {name: {"outputs": [{max_abs, max_rel}], ...}}}``.
         Needs the source models (a compiled bundle, or `sources` passed to `load`).
         """
         from mtcompile.tools.verify import verify_bundle
 
-        return verify_bundle(self, inputs, seed, atol)
+        return verify_bundle(self, inputs, seed, atol, rtol)
 
     def _repr_html_(self) -> str:
         """Jupyter: tables and pictures of the bundle (see `mtcompile.tools.html_report`)."""
@@ -49,10 +53,13 @@ class CompiledBundle(Bundle):
 
 
 def load(directory: str | os.PathLike, sources: dict | None = None, *,
-         threads: int | None = None) -> CompiledBundle:
+         threads: int | None = None, verify_key: bytes | str | None = None) -> CompiledBundle:
     """Load a saved bundle; checks its format, TVM version, that this CPU has the features
     its kernels were compiled for, and that the library and the manifest agree. `sources`
     optionally maps tenant names to their source `Tenant`s, for `verify`; threads: TVM's
     thread pool size for this process (default: the machine's cores; a ``TVM_NUM_THREADS``
-    set by the user wins)."""
-    return CompiledBundle.load(directory, sources=sources, threads=threads)
+    set by the user wins). verify_key: the bundle must carry a signature made with this key
+    (``save(..., sign_key=)``), else `ArtifactError`; without it the library's hash is
+    checked against accidental damage only."""
+    return CompiledBundle.load(directory, sources=sources, threads=threads,
+                               verify_key=verify_key)

@@ -27,6 +27,11 @@ class InputError(MTCompileError):
     """Inputs given at run time do not match a tenant's signature."""
 
 
+class IndexOutOfRangeError(InputError, IndexError):
+    """At run time, an index (an input, or computed from inputs) lies outside the table it
+    reads: the generated bounds check names the tenant and the inputs."""
+
+
 class ArtifactError(MTCompileError):
     """A saved bundle cannot be loaded: missing, corrupt or mismatched files."""
 

@@ -2,7 +2,10 @@
 
 A pass is a frozen dataclass whose fields are its options, with a kebab-case ``name``
 and ``run(graph, ctx) -> PassResult``. It keeps no state between runs and returns a
-valid graph. Instruments see every pass before and after it runs.
+valid graph. Instruments see every pass before and after it runs. Each option is declared
+with `option` (type hint, default, bounds, choices, what it means: the pass's `schema`),
+and every instance is checked against it here when it is made (`check_options`), before
+any work: passes do not check their options themselves.
 
 Analyses are values on ``Graph.analyses`` about that very graph (``"streams"``: a
 `StreamAssignment` from assign-streams; ``"memory"``: a `MemoryPlan` from plan-memory,
@@ -68,8 +71,46 @@ class PassContext:
 
 
 @dataclass(frozen=True)
+class Option:
+    """What values a pass option takes beyond its type hint: bounds (inclusive), a set of
+    choices, a power of two; `doc` says what it means. Declared with `option`."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple | None = None
+    power_of_two: bool = False
+    doc: str = ""
+
+    def problem(self, key: str, value: Any) -> str | None:
+        """Why `value` is not a valid value of option `key`, or None (None values, the
+        "not set" of optional options, always pass)."""
+        if value is None:
+            return None
+        if isinstance(value, float) and value != value:
+            return f"{key} must be a number, got {value}"
+        if self.choices is not None and value not in self.choices:
+            return f"unknown {key} {value!r}: {key} must be one of {list(self.choices)}"
+        if self.power_of_two and (value <= 0 or value & (value - 1)):
+            return f"{key} must be a power of two, got {value}"
+        if self.minimum is not None and value < self.minimum:
+            return f"{key} must be at least {self.minimum}, got {value}"
+        if self.maximum is not None and value > self.maximum:
+            return f"{key} must be at most {self.maximum}, got {value}"
+        return None
+
+
+def option(default: Any, *, minimum: float | None = None, maximum: float | None = None,
+           choices: tuple | None = None, power_of_two: bool = False, doc: str = "") -> Any:
+    """A pass option field: its default and the values it takes (`Option`)."""
+    return field(default=default, metadata={"option": Option(
+        minimum, maximum, tuple(choices) if choices is not None else None, power_of_two, doc)})
+
+
+@dataclass(frozen=True)
 class Pass:
-    """Base class of passes; subclasses are frozen dataclasses whose fields are options."""
+    """Base class of passes; subclasses are frozen dataclasses whose fields are options,
+    declared with `option` (type hint, default, allowed values). Every instance is checked
+    against that schema when it is made, however it is made (`check_options`)."""
 
     name: ClassVar[str] = ""
     # True for passes whose result only ``run_all`` may use (e.g. batching several tenants
@@ -81,11 +122,26 @@ class Pass:
     computes: ClassVar[tuple[str, ...]] = ()
     preserves: ClassVar[tuple[str, ...] | None] = None
 
+    def __post_init__(self) -> None:
+        check_options(self)
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def schema(cls) -> list[dict[str, Any]]:
+        """The pass's options: name, type, default and allowed values, in field order."""
+        hints = _hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            spec = f.metadata.get("option", Option())
+            out.append({"name": f.name, "type": _hint_text(hints.get(f.name, Any)),
+                        "default": f.default, **{k: v for k, v in dataclasses.asdict(spec).items()
+                                                 if v not in (None, False, "")}})
+        return out
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -119,7 +175,7 @@ class AnalysisError(MTCompileError):
 
 def _fits(hint: Any, value: Any) -> bool:
     """Whether `value` matches the type hint of an option (hints this check does not
-    know pass; the pass checks those itself)."""
+    know pass)."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
@@ -145,9 +201,34 @@ def _hint_text(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation this module cannot resolve: only the schema checks
+        return {}
+
+
+def check_options(p: Pass) -> None:
+    """Check every option of pass instance `p` against its declared type and `Option`
+    (lists become tuples: TOML and JSON give lists, options are frozen); raises
+    `PassOptionError` naming the pass, the option, what it takes and what it got."""
+    hints = _hints(type(p))
+    for f in dataclasses.fields(p):
+        value = getattr(p, f.name)
+        hint = hints.get(f.name, Any)
+        if not _fits(hint, value):
+            raise PassOptionError(f"pass {p.name!r}: option {f.name!r} must be "
+                                  f"{_hint_text(hint)}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, list):
+            object.__setattr__(p, f.name, tuple(value))
+        problem = f.metadata.get("option", Option()).problem(f.name, value)
+        if problem:
+            raise PassOptionError(f"pass {p.name!r}: {problem}")
+
+
 def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
     """An instance of the registered pass `name` with `options`, or a clear error
-    (unknown pass or option, an option of the wrong type or value)."""
+    (unknown pass or option, an option of the wrong type or value: `check_options`)."""
     if name not in REGISTRY:
         raise MTCompileError(f"unknown pass {name!r}; registered passes: {sorted(REGISTRY)}")
     if options is not None and not isinstance(options, dict):
@@ -159,22 +240,7 @@ def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
     if bad:
         raise MTCompileError(f"pass {name!r} has no option(s) {sorted(bad)}; "
                              f"its options: {sorted(fields) or 'none'}")
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # an annotation this module cannot resolve: the pass checks the value
-        hints = {}
-    opts = dict(options or {})
-    for key, value in opts.items():
-        hint = hints.get(key, Any)
-        if not _fits(hint, value):
-            raise PassOptionError(f"pass {name!r}: option {key!r} must be {_hint_text(hint)}, "
-                                  f"got {value!r} ({type(value).__name__})")
-        if isinstance(value, list):
-            opts[key] = tuple(value)  # TOML and JSON give lists; options are frozen
-    try:
-        return cls(**opts)
-    except (ValueError, TypeError) as e:  # a pass's own check of its options' values
-        raise PassOptionError(f"pass {name!r}: {e}") from e
+    return cls(**(options or {}))
 
 
 # --------------------------------------------------------------------------- analyses

@@ -12,6 +12,9 @@ from mtcompile.runtime.abi import MANIFEST_FN, RUN_ALL
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # Entry names of the executable that a tenant entry must not clash with.
 RESERVED_NAMES = frozenset({RUN_ALL, MANIFEST_FN, "main"})
+# Names lowering generates: run_all's helpers (``run_all__arena``, the stream functions
+# ``run_all__s{i}``, its fused kernels ``run_all_<group>``) and anything ``mtcompile_``.
+RESERVED_PATTERN = re.compile(rf"{RUN_ALL}_.*|mtcompile_.*")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class Tenant:
             )
         if self.name in RESERVED_NAMES:
             raise TenantError(f"tenant name {self.name!r} is reserved; choose another name")
+        if RESERVED_PATTERN.fullmatch(self.name):
+            raise TenantError(f"tenant name {self.name!r} is reserved: names matching "
+                              f"'{RESERVED_PATTERN.pattern}' are generated symbols of the "
+                              "executable; choose another name")
         for local, shared in self.shared_inputs.items():
             if not isinstance(shared, str) or not _NAME.fullmatch(shared):
                 raise TenantError(f"tenant {self.name!r}: shared input name {shared!r} for "

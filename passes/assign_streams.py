@@ -20,7 +20,7 @@ from mtcompile.analysis.schedule import Kernel, kernel_dag
 from mtcompile.analysis.streams import AUTO_MIN_SPEEDUP, POLICIES, StreamAssignment, assign
 from mtcompile.ir import ops
 from mtcompile.ir.graph import ConstRef, Graph, Ref, TensorTy
-from mtcompile.pass_infra import Pass, PassContext, PassResult, register
+from mtcompile.pass_infra import Pass, PassContext, PassResult, option, register
 
 # target -> (flops per us per thread, bytes per us, overhead us of a TVM kernel / library call)
 RATES = {"llvm": (2.0e4, 1.0e4, 3.0, 8.0), "cuda": (1.0e7, 1.0e6, 5.0, 8.0)}
@@ -31,6 +31,8 @@ EXECUTOR_US = {"llvm": (40.0, 20.0), "cuda": (10.0, 5.0)}
 # stream lowering and the executor's CUDA path have not run on a GPU yet: until they have,
 # `auto` keeps one stream on CUDA (forced streams still build)
 CUDA_AUTO = False
+# streams beyond this are a mistake, not a plan: each is a thread and a VM at run time
+MAX_STREAMS = 256
 
 
 def _shape(graph: Graph, arg) -> tuple[int, ...]:
@@ -94,18 +96,15 @@ class AssignStreams(Pass):
     computes = ("streams",)
     # a memory plan was made for the stream order before this one: it must be made again
     preserves = ()
-    streams: int | None = None
-    max_streams: int | None = None
-    policy: str = "auto"
-    cores: int | None = None
-    min_speedup: float = AUTO_MIN_SPEEDUP
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
-        for key in ("streams", "max_streams", "cores"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+    streams: int | None = option(None, minimum=1, maximum=MAX_STREAMS,
+                                 doc="force at most this many streams")
+    max_streams: int | None = option(None, minimum=1, maximum=MAX_STREAMS,
+                                     doc="a cap on the streams auto may choose")
+    policy: str = option("auto", choices=POLICIES, doc="auto, max or sequential")
+    cores: int | None = option(None, minimum=1, maximum=4096,
+                               doc="CPU cores the streams share (None: the machine's)")
+    min_speedup: float = option(AUTO_MIN_SPEEDUP, minimum=0.0, maximum=1e6,
+                                doc="the estimated speedup auto needs to keep several streams")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         dag = kernel_dag(graph)

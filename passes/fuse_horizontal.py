@@ -30,7 +30,7 @@ from mtcompile.ir.graph import (
     const_key,
     map_refs,
 )
-from mtcompile.pass_infra import Pass, PassContext, PassResult, register
+from mtcompile.pass_infra import Pass, PassContext, PassResult, option, register
 
 from .eliminate_dead_nodes import EliminateDeadNodes
 
@@ -213,9 +213,10 @@ class FuseHorizontal(Pass):
 
     name = "fuse-horizontal"
     run_all_only: ClassVar[bool] = True
-    min_group: int = 2
-    max_group: int = 64
-    ops: tuple[str, ...] = ()  # op names to batch (e.g. "relax.matmul"); empty: every rule
+    min_group: int = option(2, minimum=2, doc="the fewest tenants batched together")
+    max_group: int = option(64, minimum=2, maximum=4096, doc="the most tenants in one batch")
+    ops: tuple[str, ...] = option((), doc="op names to batch (e.g. relax.matmul); "
+                                          "empty: every rule")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         by_sig: dict[tuple, list[str]] = {}

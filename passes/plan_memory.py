@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from mtcompile.analysis.memory import ALIGNMENT, MemoryPlan, plan_function, sequential
 from mtcompile.analysis.schedule import kernel_dag
 from mtcompile.ir.graph import Graph
-from mtcompile.pass_infra import Pass, PassContext, PassResult, register
+from mtcompile.pass_infra import Pass, PassContext, PassResult, option, register
 
 STRATEGIES = ("greedy", "naive")
 
@@ -43,15 +43,10 @@ class PlanMemory(Pass):
     name = "plan-memory"
     computes = ("memory",)
     preserves = ("streams",)
-    alignment: int | None = None
-    strategy: str = "greedy"
-
-    def __post_init__(self) -> None:
-        a = self.alignment
-        if a is not None and (a <= 0 or a & (a - 1)):
-            raise ValueError(f"alignment must be a power of two, got {a}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+    # offsets are padded to it, so the arena grows with it: a page is the most that helps
+    alignment: int | None = option(None, minimum=1, maximum=4096, power_of_two=True,
+                                   doc="bytes every offset is a multiple of")
+    strategy: str = option("greedy", choices=STRATEGIES, doc="greedy or naive")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         alignment = self.alignment or ALIGNMENT.get(ctx.target, 256)

@@ -40,3 +40,11 @@ def test_neighbours_table_reports_ratios_and_skipped_compile():
     assert "| bundle | 2.000 | 3.000 | 1.50 |" in text
     assert "torch.compile row skipped: RuntimeError: no compiler" in text
     assert "`python -m benchmarks.neighbours --repeat 3`" in text
+
+
+def test_call_cost_chain_makes_the_calls_it_says():
+    """benchmarks.calls times a function of N chained calls: the module holds exactly N."""
+    from benchmarks.calls import chain
+
+    text = chain("mtcompile.native.matmul", 7).script()
+    assert text.count('call_dps_packed("mtcompile.native.matmul"') == 7

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
-from mtcompile.cli import main
+import mtcompile
+from mtcompile.cli import EXIT_CODES, main
 from mtcompile.errors import SpecError
 from mtcompile.models import encoder_onnx
 from mtcompile.passes import DEFAULT_PIPELINE
@@ -42,7 +43,7 @@ name = "enc"
 onnx = "enc.onnx"
 """)
     out = d / "out"
-    assert main(["build", str(spec), "-o", str(out)]) == 0
+    assert main(["build", str(spec), "-o", str(out), "--cache-dir", str(d / "cache")]) == 0
     return out
 
 
@@ -55,14 +56,24 @@ def test_build_writes_library_and_manifest(built, capsys):
         {"name": "x", "shape": [2, 16], "dtype": "float32"}]
 
 
-def test_build_prints_one_line_per_stage_and_numerics(tmp_path, capsys):
+def test_build_logs_one_line_per_stage_on_stderr_and_numerics_on_stdout(tmp_path, capsys):
     spec = write_spec(tmp_path, f'[[tenants]]\nname = "m"\n{SMALL_MLP}\n')
-    assert main(["build", str(spec), "-o", str(tmp_path / "o")]) == 0
-    out = capsys.readouterr().out
-    for stage in ("import", "merge", "passes", "lower", "build", "verify"):
+    assert main(["build", str(spec), "-o", str(tmp_path / "o"), "--no-cache"]) == 0
+    res = capsys.readouterr()
+    stages = ("import", "merge", "passes", "lower", "build", "save", "verify")
+    for stage in stages:
         assert any(line.startswith(stage) and line.rstrip().endswith(" s")
-                   for line in out.splitlines()), stage
-    assert "numerics: PASS" in out
+                   for line in res.err.splitlines()), stage
+    # saved first, then verified: a check that cannot run (or fails) keeps the bundle
+    lines = res.err.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("saved "))) < \
+        lines.index(next(x for x in lines if x.startswith("verify")))
+    assert "numerics: PASS" in res.out and not any(x.startswith(stages) for x in
+                                                   res.out.splitlines())
+    # -q: warnings and errors only
+    assert main(["build", str(spec), "-o", str(tmp_path / "o"), "--no-cache", "-q"]) == 0
+    res = capsys.readouterr()
+    assert res.err == "" and "numerics: PASS" in res.out
 
 
 def test_inspect_summarizes(built, capsys):
@@ -159,6 +170,19 @@ name = "m"
     assert spec.tenants[0].input_shapes == {"x": ((2, 16), "float32")}
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "models").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_example_specs_run_the_default_pipeline_and_show_its_options(path):
+    from mtcompile.passes import build_pipeline
+
+    spec = load_spec(path)
+    assert spec.tenants
+    assert spec.passes == list(DEFAULT_PIPELINE) and spec.pass_options  # options shown
+    # the options shown are the defaults: the spec builds what a spec without them does
+    shown = [(p.name, p.options()) for p in build_pipeline(spec.passes, spec.pass_options)]
+    assert shown == [(p.name, p.options()) for p in build_pipeline(None, None)]
+
+
 def test_bundled_demo_spec_parses():
     spec = load_spec(Path(__file__).parents[1] / "models" / "heterogeneous.toml")
     assert [t.name for t in spec.tenants] == ["vision", "text", "mlp"]
@@ -175,6 +199,8 @@ def test_module_entry_point_runs():
     assert res.returncode == 0
     for cmd in ("build", "run", "inspect", "demo"):
         assert cmd in res.stdout
+    for code, what in EXIT_CODES.items():  # the exit codes are documented where users look
+        assert f"  {code:<4} {what.split(':')[0]}" in res.stdout
 
 
 @pytest.mark.slow
@@ -194,3 +220,133 @@ def test_cli_error_is_one_clear_line_not_a_traceback(tmp_path):
     assert "no manifest.json" in res.stderr
 
 
+
+
+# ---------------------------------------------------------------- pipelines (issue 14)
+def run_json(capsys, argv: list[str]) -> tuple[int, dict]:
+    """Exit code and the one JSON document a command printed on stdout."""
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out)  # fails unless stdout is exactly one JSON document
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mtcompile {mtcompile.__version__}"
+
+
+def test_every_command_prints_one_json_document(built, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((2, 16), np.float32))
+    code, doc = run_json(capsys, ["passes"])
+    assert code == 0 and doc["default_pipeline"] == list(DEFAULT_PIPELINE)
+    code, doc = run_json(capsys, ["inspect", str(built)])
+    assert code == 0 and doc["name"] == "small"
+    code, doc = run_json(capsys, ["run", str(built), "--tenant", "mlp", "--input",
+                                  f"x={tmp_path / 'x.npy'}", "-o", str(tmp_path / "res")])
+    assert code == 0 and doc["outputs"][0]["shape"] == [2, 8]
+    code, doc = run_json(capsys, ["profile", str(built), "--repeat", "1"])
+    assert code == 0 and set(doc["tenants"]) == {"mlp", "enc"}
+    code, doc = run_json(capsys, ["report", str(built), "-o", str(tmp_path / "r.html")])
+    assert code == 0 and doc["bytes"] == (tmp_path / "r.html").stat().st_size
+    # an error is a JSON document too, and the one line on stderr
+    code, doc = run_json(capsys, ["run", str(built), "--tenant", "nope"])
+    assert (code, doc["ok"], doc["exit_code"]) == (1, False, 1)
+    assert "unknown tenant 'nope'" in doc["error"]
+
+
+def test_build_json_and_a_second_build_from_the_cache(tmp_path, capsys):
+    spec = write_spec(tmp_path, f'[[tenants]]\nname = "m"\n{SMALL_MLP}\n')
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    code, first = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "a"), *cache])
+    assert code == 0 and first["ok"] and first["verify"]["ok"] is True
+    assert first["cache"]["hit"] is False and "build" in first["stages_s"]
+    code, again = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "b"), *cache])
+    assert code == 0 and again["cache"] == {"hit": True, "key": first["cache"]["key"]}
+    assert "build" not in again["stages_s"]
+    assert (again["library_sha256"], again["manifest_sha256"]) == \
+        (first["library_sha256"], first["manifest_sha256"])
+    assert (tmp_path / "b" / "spec.so").read_bytes() == (tmp_path / "a" / "spec.so").read_bytes()
+    # --no-cache neither reads nor writes it
+    code, fresh = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "c"), "--no-cache"])
+    assert code == 0 and fresh["cache"] is None
+
+
+def test_exit_codes_for_each_failure_class(built, tmp_path, capsys, monkeypatch):
+    spec = write_spec(tmp_path, f'[[tenants]]\nname = "m"\n{SMALL_MLP}\n')
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    # usage: argparse's own code, and under --json a JSON document
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--json"])
+    assert e.value.code == 2
+    assert json.loads(capsys.readouterr().out)["exit_code"] == 2
+    with pytest.raises(SystemExit) as e:
+        main(["build", str(spec), "-o", "o", "--atol", "-1"])
+    assert e.value.code == 2 and "expected a number >= 0" in capsys.readouterr().err
+    # bad input
+    assert main(["build", str(tmp_path / "none.toml"), "-o", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.startswith("mtcompile: error: spec file")
+    # numerics failure: the bundle is saved all the same
+    code, doc = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "n"), *cache,
+                                  "--atol", "0"])
+    assert (code, doc["ok"], doc["verify"]["ok"]) == (3, False, False)
+    assert (tmp_path / "n" / "manifest.json").is_file()
+    # ... and the same build passes with a tolerance relative to the outputs' scale
+    code, doc = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "n"), *cache,
+                                  "--atol", "0", "--rtol", "1e-5"])
+    assert (code, doc["verify"]["rtol"]) == (0, 1e-5)
+    # internal error: one line, no traceback unless -v
+    import mtcompile.tools.spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "load_spec", lambda path: {}["boom"])
+    assert main(["build", str(spec), "-o", str(tmp_path / "o")]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("mtcompile: internal error: KeyError") and "Traceback" not in err
+    assert main(["build", str(spec), "-o", str(tmp_path / "o"), "-v"]) == 4
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_build_saves_then_says_it_cannot_verify_without_onnxruntime(tmp_path, capsys,
+                                                                     monkeypatch):
+    model, _ = encoder_onnx(seed=3, seq=8, d_model=32, heads=2, layers=1, ffn=64)
+    onnx.save(model, str(tmp_path / "enc.onnx"))
+    spec = write_spec(tmp_path, '[[tenants]]\nname = "enc"\nonnx = "enc.onnx"\n')
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
+    code = main(["build", str(spec), "-o", str(tmp_path / "o"), "--json",
+                 "--cache-dir", str(tmp_path / "cache")])
+    res = capsys.readouterr()
+    doc = json.loads(res.out)
+    assert code == 0 and doc["verify"]["ok"] is None and "onnxruntime" in doc["verify"]["skipped"]
+    assert "mtcompile: warning: numerics not checked" in res.err and "saved" in res.err
+    assert (tmp_path / "o" / "spec.so").is_file()
+
+
+def test_inspect_reads_the_manifest_without_tvm(built):
+    code = ("import sys; from mtcompile.cli import main; rc = main(['inspect', sys.argv[1]]); "
+            "assert 'tvm' not in sys.modules and 'torch' not in sys.modules, 'imported'; "
+            "sys.exit(rc)")
+    res = subprocess.run([sys.executable, "-c", code, str(built)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "bundle 'small'" in res.stdout and res.stderr == ""
+
+
+def test_inspect_warns_when_the_library_is_not_the_manifests(built, tmp_path, capsys):
+    import shutil
+
+    copy = shutil.copytree(built, tmp_path / "copy")
+    lib = copy / "small.so"
+    lib.write_bytes(lib.read_bytes() + b"\0")
+    assert main(["inspect", str(copy)]) == 0
+    assert "does not match the manifest's library_sha256" in capsys.readouterr().err
+    lib.unlink()
+    assert main(["inspect", str(copy)]) == 0
+    assert "is missing" in capsys.readouterr().err
+
+
+def test_report_without_matplotlib_names_the_extra(built, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    assert main(["report", str(built), "-o", str(tmp_path / "r.html")]) == 1
+    assert "pip install 'mtcompile[viz]'" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()

@@ -167,3 +167,16 @@ def test_heterogeneous_set_matches_sources(hetero_bundle):
         "torch.export", "onnx", "torch.fx"]
     report = hetero_bundle.verify(atol=ATOL)
     assert report["ok"], report
+
+
+def test_the_same_tensor_twice_stays_two_inputs():
+    """torch.export makes one graph input of a tensor passed twice; the importer copies it, so
+    a tenant traced with (x, x) still computes with whatever two inputs it is given."""
+    class Sub(torch.nn.Module):
+        def forward(self, a, b):
+            return a - b
+
+    x = torch.ones(2, 3)
+    bundle = mtcompile.compile([mtcompile.Tenant("sub", Sub(), example_inputs=(x, x))])
+    a, b = np.full((2, 3), 5, np.float32), np.full((2, 3), 2, np.float32)
+    np.testing.assert_array_equal(bundle.run("sub", a, b)[0], a - b)

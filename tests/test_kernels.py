@@ -24,6 +24,7 @@ import mtcompile.api
 import mtcompile.native as native
 from mtcompile.backend import kernels
 from mtcompile.backend.lowering import emit_module, make_target
+from mtcompile.build_cache import tuning_db_hash
 from mtcompile.cli import main, parse_kernels
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.importers import import_tenant
@@ -258,7 +259,11 @@ def test_providers_decide_which_kernels_run(provider_bundle, cases):
     assert syms["convs"] == [conv, conv + "_bias", conv + "_bias"]
     assert syms["asym"] == [conv + "_bias"]
     mm = prefix + "matmul"
-    assert syms["mms"] == ([] if which == "mixed" else [mm] * 4 + [mm + "_bias"] * 2)
+    if which == "native":  # a constant 2-D weight (a dense layer) is packed at build time
+        dense = prefix + "dense_packed"
+        assert syms["mms"] == sorted([mm] * 3 + [dense] + [dense + "_bias"] * 2)
+    else:
+        assert syms["mms"] == ([] if which == "mixed" else [mm] * 4 + [mm + "_bias"] * 2)
 
 
 def test_manifest_and_inspect_show_the_providers(provider_bundle, tmp_path, capsys):
@@ -280,7 +285,8 @@ CHILD = textwrap.dedent("""
     import tvm_ffi
     import mtcompile
     NAMES = ["mtcompile.native.matmul", "mtcompile.native.matmul_bias",
-             "mtcompile.native.conv2d", "mtcompile.native.conv2d_bias"]
+             "mtcompile.native.conv2d", "mtcompile.native.conv2d_bias",
+             "mtcompile.native.dense_packed", "mtcompile.native.dense_packed_bias"]
     def registered():
         return [n for n in NAMES if tvm_ffi.get_global_func(n, allow_missing=True) is not None]
     d, out = sys.argv[1], sys.argv[2]
@@ -309,8 +315,9 @@ def test_library_bundle_runs_in_a_fresh_process(tiny_bundle, tiny_saved, tmp_pat
     # native kernels linked into it (PyTorch's callbacks were never imported).
     assert info["before"] == {"library_imported": False, "registered": []}
     assert info["kernels"] == LIBRARY and not info["library_imported"]
-    assert len(info["registered"]) == 4
-    assert {native.CONV2D_BIAS, native.MATMUL_BIAS} <= set(info["symbols"])
+    assert len(info["registered"]) == 6
+    # the Linear's weight is packed at build time: the dense kernel on it
+    assert {native.CONV2D_BIAS, native.DENSE_PACKED_BIAS} <= set(info["symbols"])
     got = np.load(tmp_path / "out.npz")
     for n, x in inputs.items():
         np.testing.assert_array_equal(got[n], tiny_bundle.run(n, x)[0])
@@ -408,8 +415,8 @@ def test_profile_matches_trace(tiny_bundle):
         for r in rows:
             assert r["total_us"] > 0 and r["mean_us"] == pytest.approx(r["total_us"] / r["calls"])
     names = {n: {r["name"] for r in p["kernels"]} for n, p in prof["tenants"].items()}
-    assert native.MATMUL_BIAS in names["lin"]
-    assert {native.CONV2D_BIAS, native.MATMUL_BIAS} <= names["conv"]
+    assert native.DENSE_PACKED_BIAS in names["lin"]
+    assert {native.CONV2D_BIAS, native.DENSE_PACKED_BIAS} <= names["conv"]
     assert not any(s.startswith(LIBRARY_PREFIXES) for s in names["multi"])
     assert all(s.startswith("vm.builtin.") for n in names.values() for s in n
                if "." in s and not s.startswith(LIBRARY_PREFIXES))
@@ -482,7 +489,9 @@ def test_tune_two_tenants_and_build_with_the_database(tmp_path, monkeypatch):
     monkeypatch.setattr(relax.transform, "MetaScheduleApplyDatabase", spy)
     bundle = mtcompile.compile(small_mlps(), passes=passes, kernels="tvm", tuning_db=str(db))
     assert len(applied) == res["tasks"]
-    assert bundle.manifest.kernels == TVM and bundle.manifest.tuning_db == str(db)
+    # the manifest records the database's content hash, not its path (reproducible builds)
+    assert bundle.manifest.kernels == TVM and bundle.manifest.tuning_db == tuning_db_hash(db)
+    assert str(db) not in (bundle.manifest.tuning_db or "")
     assert bundle.compile_report["build"]["library_calls"] == 0
     result = bundle.verify(atol=ATOL)
     assert result["ok"], result
@@ -510,7 +519,8 @@ def test_tune_cli_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "numerics: PASS" in out
     assert main(["inspect", str(tmp_path / "out")]) == 0
-    assert f"kernels  conv2d: tvm, matmul: tvm; tuning database {db}" in capsys.readouterr().out
+    assert (f"kernels  conv2d: tvm, matmul: tvm; tuning database {tuning_db_hash(db)}"
+            in capsys.readouterr().out)
 
 
 def test_tuning_db_that_is_not_a_database_fails_clearly(tmp_path, capsys):
@@ -521,9 +531,10 @@ def test_tuning_db_that_is_not_a_database_fails_clearly(tmp_path, capsys):
     (not_db / "database_workload.json").write_text("")  # only one of the two files
     out = tmp_path / "out"
     assert main(["build", str(spec), "-o", str(out), "--tuning-db", str(not_db)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"mtcompile: error: {not_db} is not a tuning database: expected "
-                          "database_workload.json and database_tuning_record.json")
+    err = capsys.readouterr().err  # the log's lines (stderr), then the one error line
+    assert err.splitlines()[-1].startswith(
+        f"mtcompile: error: {not_db} is not a tuning database: expected "
+        "database_workload.json and database_tuning_record.json")
     assert "Traceback" not in err and not out.exists()
     with pytest.raises(MTCompileError, match="is not a tuning database"):
         mtcompile.compile(small_mlps(), kernels="tvm", tuning_db=str(tmp_path / "missing"))

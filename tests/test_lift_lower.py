@@ -179,3 +179,4 @@ def test_lowering_checks_types_against_the_graph():
     with pytest.raises(LoweringError, match=rf"tenant 't': %{relu.name} = relax.nn.relu has "
                        r"type f32\[2,4\] after emission, the graph says f32\[2,5\]"):
         emit_module(bad)
+

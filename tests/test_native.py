@@ -23,7 +23,8 @@ RTOL = 1e-4
 def kernels():
     native.register()
     return {n: tvm_ffi.get_global_func(f"mtcompile.native.{n}")
-            for n in ("matmul", "matmul_bias", "conv2d", "conv2d_bias")}
+            for n in ("matmul", "matmul_bias", "conv2d", "conv2d_bias", "dense_packed",
+                      "dense_packed_bias")}
 
 
 def _t(a: np.ndarray):
@@ -88,6 +89,11 @@ CONVS = [
     ((1, 64, 32, 32), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 64),   # depthwise
     ((1, 16, 19, 17), 32, (5, 3), (2, 3), (2, 0, 1, 2), (1, 2), 16),   # depthwise x2, odd
     ((0, 4, 5, 5), 4, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1),        # empty batch
+    # the AVX2 direct form (16 output columns per tile; outputs at least 12 wide):
+    ((1, 8, 30, 45), 13, (3, 5), (1, 3), (0, 2, 1, 1), (1, 1), 1),     # stride 3, 13 channels
+    ((2, 12, 28, 28), 10, (3, 3), (2, 2), (1, 1, 0, 0), (2, 2), 2),    # dilated, strided, grouped
+    ((1, 16, 14, 14), 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),     # a partial tile per row
+    ((1, 4, 9, 50), 6, (1, 1), (1, 2), (0, 1, 0, 0), (1, 1), 1),       # 1x1, stride 2, odd pad
 ]
 
 
@@ -113,6 +119,71 @@ def test_conv2d_matches_torch(kernels, xs, oc, k, stride, pad, dil, groups, with
         kernels["conv2d"](_t(x), _t(w), params, _t(out))
     if ref.size:
         _close(out, ref)
+
+
+def test_pack_dense_layout():
+    w = np.arange(3 * 20, dtype=np.float32).reshape(3, 20)
+    p = native.pack_dense(w)
+    assert p.shape == (2, 3, 16) and p.flags.c_contiguous
+    np.testing.assert_array_equal(p[0], w[:, :16])
+    np.testing.assert_array_equal(p[1, :, :4], w[:, 16:])
+    assert not p[1, :, 4:].any()  # columns past N are zero
+
+
+# a shape, out features: 6-row tiles and a partial one, a partial 16-column panel, rank 1 and 3,
+# one row (a GEMV), rows over several row blocks (K 256: 126 rows per block)
+DENSE = [((64, 256), 256), ((37, 192), 200), ((2, 5, 48), 33), ((17,), 5), ((1, 512), 2048),
+         ((300, 256), 40), ((7, 0), 9)]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("sa,n", DENSE)
+def test_dense_packed_matches_numpy(kernels, sa, n, with_bias):
+    rng = np.random.default_rng(n)
+    a, w, bias = _rand(rng, sa), _rand(rng, (sa[-1], n)), _rand(rng, (n,))
+    ref = a.astype(np.float64) @ w + (bias if with_bias else 0)
+    out = np.full(ref.shape, np.nan, np.float32)
+    wp = native.pack_dense(w)
+    if with_bias:
+        kernels["dense_packed_bias"](_t(a), _t(wp), _t(bias), _t(out))
+    else:
+        kernels["dense_packed"](_t(a), _t(wp), _t(out))
+    if sa[-1] == 0:
+        np.testing.assert_array_equal(out, ref.astype(np.float32))
+    else:
+        _close(out, ref)
+
+
+def test_generic_paths_without_avx2():
+    """MTCOMPILE_NATIVE_GENERIC=1 runs the paths a CPU without AVX2/FMA takes (im2col + BLAS
+    for conv2d, per-panel BLAS for the packed dense): same numbers."""
+    script = textwrap.dedent(f"""
+        import numpy as np, torch, tvm_ffi
+        import mtcompile.native as native
+        native.register()
+        conv, dense = (tvm_ffi.get_global_func(native.CONV2D_BIAS),
+                       tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS))
+        rng = np.random.default_rng(0)
+        r = lambda *s: rng.standard_normal(s).astype(np.float32)
+        t = tvm_ffi.from_dlpack
+        def close(got, ref):
+            assert np.abs(got - ref).max() / np.abs(ref).max() < {RTOL}
+        x, w, b = r(1, 8, 32, 32), r(16, 8, 3, 3), r(16)
+        ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
+                                         torch.from_numpy(b).double(), 2, 1).numpy()
+        o = np.empty(ref.shape, np.float32)
+        conv(t(x), t(w), t(b), tvm_ffi.Shape([2, 2, 1, 1, 1, 1, 1, 1, 1]), t(o))
+        close(o, ref)
+        a, w, b = r(37, 64), r(64, 40), r(40)
+        o = np.empty((37, 40), np.float32)
+        dense(t(a), t(native.pack_dense(w)), t(b), t(o))
+        close(o, a.astype(np.float64) @ w + b)
+        print("ok")
+    """)
+    env = {**os.environ, "MTCOMPILE_NATIVE_GENERIC": "1"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
 def test_two_threads_split_work_on_tvms_pool():
@@ -190,6 +261,14 @@ BAD = [
     ("conv2d_bias", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 4, 3, 3)), _t(_f32(4)),
                              tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 6, 6))),
      "bias has 4 values"),
+    ("dense_packed", lambda: (_t(_f32(4, 8)), _t(_f32(1, 7, 16)), _t(_f32(4, 5))),
+     "packed weight has shape [1, 7, 16], expected [1, 8, 16]"),
+    ("dense_packed", lambda: (_t(_f32(4, 8)), _t(_f32(8, 16)), _t(_f32(4, 5))),
+     "packed weight must have rank 3"),
+    ("dense_packed", lambda: (_t(_f32(4, 8)), _t(_f32(1, 8, 16)), _t(_f32(3, 5))),
+     "out has shape"),
+    ("dense_packed_bias", lambda: (_t(_f32(4, 8)), _t(_f32(1, 8, 16)), _t(_f32(4)),
+                                   _t(_f32(4, 5))), "bias has 4 values"),
 ]
 
 
@@ -336,7 +415,7 @@ def test_demo_set_bundle_runs_saved_with_torch_blocked(hetero_bundle, tmp_path):
     assert b.compile_report["build"]["library_calls"] > 0
     calls = {s for n in b.tenant_names for s, _ in b.trace(
         n, list(seeded_inputs(b.signature(n), 0)))[0] if s.startswith("mtcompile.")}
-    assert {native.MATMUL_BIAS, native.CONV2D_BIAS} <= calls, calls
+    assert {native.DENSE_PACKED_BIAS, native.CONV2D_BIAS} <= calls, calls
     report = b.verify(atol=1e-4)
     assert report["ok"], report
     inputs = {n: seeded_inputs(b.signature(n), 1) for n in b.tenant_names}

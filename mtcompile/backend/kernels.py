@@ -10,18 +10,50 @@ code that gets our parallel, vectorized default CPU schedule (TVM has none for i
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
+from mtcompile import native
 from mtcompile.backend import arena
 from mtcompile.errors import MTCompileError
+from mtcompile.ir.graph import ConstRef, Ref
 from mtcompile.ir.ops import HEAVY, LIBRARY_PROVIDERS
 
 PROVIDERS = (*LIBRARY_PROVIDERS, "tvm")
 KINDS = tuple(dict.fromkeys(HEAVY.values()))  # the heavy op kinds a provider is chosen for
 DEFAULT_PROVIDERS = {"llvm": dict.fromkeys(KINDS, "native"), "cuda": dict.fromkeys(KINDS, "tvm")}
+
+
+_PACKED = {native.MATMUL: native.DENSE_PACKED, native.MATMUL_BIAS: native.DENSE_PACKED_BIAS}
+PACKED_CALLS = frozenset(_PACKED.values())  # native kernels lowering calls beside the graph's
+
+
+def packed_dense(node, graph) -> tuple[str, str, np.ndarray] | None:
+    """For a native matmul call on a constant 2-D float32 weight (a dense layer; a Linear's
+    weight arrives transposed by a ``permute_dims`` node): the dense kernel that takes the
+    weight packed at build time, the packed constant's key and array
+    (`mtcompile.native.pack_dense`). None for any other node: it stays as it is."""
+    kernel = _PACKED.get(node.op)
+    w = node.args[1] if kernel is not None and len(node.args) > 1 else None
+    transposed = False
+    if isinstance(w, Ref) and w.name in graph:
+        src = graph.node(w.name)
+        axes = getattr(src.attrs.obj, "axes", None) if src.attrs is not None else None
+        if (src.op == "relax.permute_dims" and isinstance(src.args[0], ConstRef)
+                and (axes is None or [int(a) for a in axes] == [1, 0])):
+            w, transposed = src.args[0], True
+    if not isinstance(w, ConstRef):
+        return None
+    value = graph.constants[w.key]
+    if value.ndim != 2 or value.dtype != np.float32:
+        return None
+    if transposed:
+        value = value.T
+    key = f"{w.key}#{'T' if transposed else ''}dense{native.PANEL}"
+    return kernel, key, native.pack_dense(value)
 
 
 def resolve_providers(target: str, kernels: str | dict[str, str] | None) -> dict[str, str]:

@@ -16,9 +16,15 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from mtcompile.backend import arena
+from mtcompile.analysis.index_ranges import (
+    IndexRead,
+    checked_by_inputs,
+    index_reads,
+    input_index_ranges,
+)
+from mtcompile.backend import arena, kernels, nan_safe
 from mtcompile.backend.arena import ATTR, STREAM_ATTR
-from mtcompile.backend.stream_layout import StreamLayout, run_all_params
+from mtcompile.backend.stream_layout import StreamLayout, run_all_params, tuple_field
 from mtcompile.errors import LoweringError, MTCompileError
 from mtcompile.ir.graph import (
     GET_ITEM,
@@ -34,7 +40,16 @@ from mtcompile.ir.graph import (
 )
 from mtcompile.ir.ops import CALL_PROVIDER, is_library_call
 from mtcompile.ir.relax_types import lift_type
-from mtcompile.runtime.abi import ARENA_FN, GET, MANIFEST_FN, PUT, RUN_ALL, SIGNAL, WAIT
+from mtcompile.runtime.abi import (
+    ARENA_FN,
+    GET,
+    INDEX_CHECK,
+    MANIFEST_FN,
+    PUT,
+    RUN_ALL,
+    SIGNAL,
+    WAIT,
+)
 
 TARGETS = ("llvm", "cuda")
 
@@ -79,9 +94,17 @@ def _packed(name: str, *args, ty=_NONE) -> relax.Call:
 
 
 class _Emitter:
-    def __init__(self, graph: Graph, consts: dict[str, relax.Expr]):
+    def __init__(self, graph: Graph, consts: dict[str, relax.Expr],
+                 top: relax.BlockBuilder | None = None,
+                 ranges: dict[str, tuple[int, int]] | None = None, checks: bool = True):
         self.graph = graph
         self.consts = consts  # one Relax constant per content key, shared by every entry
+        # the module's builder, where the PrimFuncs of bounds checks and NaN-keeping ops go
+        # (None: the builder of the first function emitted)
+        self.top = top
+        # gathers the run-time input check (`ranges`) does not keep in bounds: checked here
+        self.checks = {r.node: r for r in index_reads(graph)
+                       if checks and not checked_by_inputs(r, ranges or {})}
         self.var_names: dict[str, dict[str, str]] = {}  # function -> node -> Relax var name
         self.stream_attrs: dict[str, str] = {}  # stream function -> its STREAM_ATTR
 
@@ -104,19 +127,61 @@ class _Emitter:
             return relax.Tuple([self.arg(x, env) for x in a])
         raise LoweringError(f"cannot emit argument {a!r}")
 
-    def expr(self, n, env):
+    def expr(self, n, env, bb: relax.BlockBuilder, check: bool = True):
+        """The Relax expression of node `n` (a bounds check it needs is emitted into `bb`,
+        unless `check` is False: its index was checked already)."""
         if n.op == TUPLE:
             return relax.Tuple([self.arg(a, env) for a in n.args])
         if n.op == GET_ITEM:
+            field = tuple_field(self.graph, n)
+            if field is not None:  # a field of a tuple node: the field itself
+                return self.arg(field, env)
             return relax.TupleGetItem(self.arg(n.args[0], env), n.attrs)
         args = [self.arg(a, env) for a in n.args]
+        read = self.checks.get(n.name) if check else None
+        if read is not None:
+            args[read.arg] = self.checked_index(bb, n, read, args[read.arg])
+        if n.op in nan_safe.OPS and isinstance(n.ty, TensorTy):
+            call = nan_safe.emit(self.top, n.op, args, n.attrs.obj if n.attrs is not None
+                                 else None, n.ty.shape, n.ty.dtype)
+            if call is not None:
+                return call
         if is_library_call(n.op):  # a conv's params (attrs) are its kernel's last argument
+            op = n.op
+            packed = kernels.packed_dense(n, self.graph)
+            if packed is not None:  # a dense layer: its weight packed at build time
+                op, key, value = packed
+                if key not in self.consts:
+                    self.consts[key] = relax.const(value)
+                args[1] = self.consts[key]
             if n.attrs is not None:
                 args.append(relax.ShapeExpr(n.attrs.flat()))
             out_ty = relax.TensorType(list(n.ty.shape), n.ty.dtype)
-            return relax.op.call_dps_packed(n.op, relax.Tuple(args), out_ty)
+            return relax.op.call_dps_packed(op, relax.Tuple(args), out_ty)
         attrs = n.attrs.obj if n.attrs is not None else None
         return relax.Call(tvm.ir.Op.get(n.op), args, attrs, [t.obj for t in n.ty_args])
+
+    def checked_index(self, bb: relax.BlockBuilder, n, read: IndexRead, idx: relax.Expr):
+        """`idx` through a kernel that raises (naming the tenant and the inputs the index
+        comes from) unless every value lies in [low, bound): TVM's gathers and scatters
+        access memory at whatever index they get. A constant index is checked here, once."""
+        a = n.args[read.arg]
+        if isinstance(a, ConstRef):
+            values = self.graph.constants[a.key]
+            if values.size and (values.min() < read.low or values.max() >= read.bound):
+                raise LoweringError(f"tenant '{n.tenant}': %{n.name} = {n.op} indexes a "
+                                    f"table of {read.bound} rows at constant indices in "
+                                    f"[{values.min()}, {values.max()}]")
+            return idx
+        ty = self.graph.node(a.name).ty
+        shape = list(ty.shape) or [1]  # a 0-d index is checked as one element
+        func = _bounds_check(tuple(shape), ty.dtype, read.low, read.bound, _index_message(
+            self.graph, n, read))
+        gv = self.top.add_func(func, "check_index")
+        flat = idx if ty.shape else bb.emit(relax.op.reshape(idx, shape))
+        out = bb.emit(relax.op.call_tir(gv, [flat], relax.TensorType(shape, ty.dtype)),
+                      name_hint=f"{n.name.replace('.', '_')}_index")
+        return out if ty.shape else bb.emit(relax.op.reshape(out, []))
 
     def group(self, bb: relax.BlockBuilder, fname: str, members: list, env: dict,
               output: bool = False):
@@ -130,15 +195,25 @@ class _Emitter:
             v = relax.Var(f"p{i}", relax.TensorType(list(ty.shape), ty.dtype))
             local[a.name if isinstance(a, Ref) else a.key] = v
             params.append(v)
+        outer = [self.arg(a, env) for a in inputs]
+        # an index the group takes from outside is checked outside: TVM cannot fuse the
+        # check with an extern kernel (scatter), and the group then gets checked values
+        outside = set()
+        for m in members:
+            read = self.checks.get(m.name)
+            a = m.args[read.arg] if read is not None else None
+            if a in inputs:
+                outer[inputs.index(a)] = self.checked_index(bb, m, read, outer[inputs.index(a)])
+                outside.add(m.name)
         gbb = relax.BlockBuilder()
         with gbb.function(fname, params, attrs={"Primitive": 1}, private=True):
             with gbb.dataflow():
                 for m in members[:-1]:
-                    local[m.name] = gbb.emit(self.expr(m, local))
-                out = gbb.emit_output(self.expr(members[-1], local))
+                    local[m.name] = gbb.emit(self.expr(m, local, gbb, m.name not in outside))
+                out = gbb.emit_output(self.expr(members[-1], local, gbb,
+                                                members[-1].name not in outside))
             gbb.emit_func_output(out)
         gv = bb.add_func(gbb.get()[fname], fname)
-        outer = [self.arg(a, env) for a in inputs]
         emit = bb.emit_output if output else bb.emit
         return emit(relax.Call(gv, outer), name_hint=members[-1].name.replace(".", "_"))
 
@@ -146,6 +221,7 @@ class _Emitter:
                  params: list[tuple[str, str]]) -> None:
         """Emit `fname` computing `tenants`' outputs from `params` ((node, name) pairs)."""
         g = self.graph
+        self.top = self.top or bb
         outputs = [o for t in tenants for o in g.tenants[t].outputs]
         live = g.live_nodes(tenants)
         env = {}
@@ -170,7 +246,8 @@ class _Emitter:
                             names[n.name] = env[n.name].name
                         continue
                     try:
-                        env[n.name] = bb.emit(self.expr(n, env), name_hint=n.name.replace(".", "_"))
+                        env[n.name] = bb.emit(self.expr(n, env, bb),
+                                              name_hint=n.name.replace(".", "_"))
                     except Exception as e:
                         raise LoweringError(f"tenant '{n.tenant}': cannot emit %{n.name} = "
                                             f"{n.op}: {type(e).__name__}: {e}") from e
@@ -192,6 +269,7 @@ class _Emitter:
         Params: the shared arena storage, then the run_all inputs it reads. Returns its
         tenant outputs."""
         g, fname = self.graph, layout.functions[i]
+        self.top = self.top or bb
         env: dict = {}
         self.var_names[fname] = names = {}
         storage = relax.Var("mtcompile_arena", relax.ObjectType())
@@ -248,10 +326,55 @@ class _Emitter:
             return self.group(bb, f"{fname}_{n.group}", layout.groups[n.group], env, output)
         emit = bb.emit_output if output else bb.emit
         try:
-            return emit(self.expr(n, env), name_hint=name.replace(".", "_"))
+            return emit(self.expr(n, env, bb), name_hint=name.replace(".", "_"))
         except Exception as e:
             raise LoweringError(f"tenant '{n.tenant}': cannot emit %{name} = {n.op}: "
                                 f"{type(e).__name__}: {e}") from e
+
+
+def _index_message(graph: Graph, n, read: IndexRead) -> str:
+    """What a failed bounds check of `read` says: `INDEX_CHECK`, then the tenant(s), the
+    inputs the index comes from, and the valid range."""
+    owner = {node: (t, local) for t, io in graph.tenants.items() for local, node in io.inputs}
+    many = len(n.tenants) > 1
+    names = [f"'{owner[i][0]}.{owner[i][1]}'" if many else f"'{owner[i][1]}'"
+             for i in read.inputs if i in owner]
+    where = (f"input {names[0]}" if len(names) == 1 else
+             f"inputs {', '.join(names)}" if names else "an index computed inside the model")
+    who = ("tenants " + ", ".join(f"'{t}'" for t in n.tenants) if many
+           else f"tenant '{n.tenants[0]}'")
+    verb = "writes" if "scatter" in n.op else "reads"
+    return (f"{INDEX_CHECK} {who}, {where}: index out of range: {n.op.removeprefix('relax.')} "
+            f"(%{n.name}) {verb} a table of {read.bound} rows along axis {read.axis}, so its "
+            f"indices must be in [{read.low}, {read.bound})")
+
+
+def _bounds_check(shape: tuple[int, ...], dtype: str, low: int, bound: int, message: str):
+    """A PrimFunc copying an index tensor of `shape` (not 0-d) and `dtype` that asserts each
+    value lies in [low, bound) (a failed assert raises `message` from the VM before any
+    access)."""
+    from tvm.script import from_source
+
+    dims = [f"T.int64({d})" for d in shape]
+    buf = f'T.Buffer(({", ".join(dims)},), "{dtype}")'
+    at = "[" + ", ".join(f"v{i}" for i in range(len(dims))) + "]"
+    lines = ["@T.prim_func(private=True, s_tir=True)",
+             f"def check_index(a: {buf}, out: {buf}):",
+             '    T.func_attr({"tirx.noalias": True})']
+    pad = "    "
+    for i, d in enumerate(dims):
+        lines.append(f"{pad}for i{i} in range({d}):")
+        pad += "    "
+    lines.append(f'{pad}with T.sblock("check_index"):')
+    pad += "    "
+    # opaque, not spatial: schedules then leave the loops serial (a vectorized assert does
+    # not compile, and the check is a few compares per index)
+    lines += [f"{pad}v{i} = T.axis.opaque({d}, i{i})" for i, d in enumerate(dims)]
+    lines += [f"{pad}T.reads(a{at})", f"{pad}T.writes(out{at})",
+              f'{pad}assert T.{dtype}({low}) <= a{at} and a{at} < T.{dtype}({bound}), '
+              f'{message!r}',
+              f"{pad}out{at} = a{at}"]
+    return from_source("\n".join(lines))
 
 
 def _group_inputs(members) -> list:
@@ -269,16 +392,22 @@ def _group_inputs(members) -> list:
 
 def emit_module(graph: Graph, manifest: dict | None = None,
                 entry_graph: Graph | None = None,
-                streams: StreamLayout | None = None) -> tvm.IRModule:
+                streams: StreamLayout | None = None, target: str = "llvm") -> tvm.IRModule:
     """One IRModule: an entry per tenant, ``run_all`` and (optionally) the manifest entry.
 
     Tenant entries come from `entry_graph` when given (the graph before passes whose
     result only ``run_all`` can use), ``run_all`` from `graph`. With a `streams` layout,
-    also one function per stream and ``run_all__arena`` (the storage they share).
+    also one function per stream and ``run_all__arena`` (the storage they share). Gathers
+    that the run-time input check does not cover get a bounds check in the kernel on llvm;
+    on cuda they get none yet (a device-side assert neither schedules nor raises there).
     """
     consts: dict[str, relax.Expr] = {}
-    em, entries = _Emitter(graph, consts), _Emitter(entry_graph or graph, consts)
     bb = relax.BlockBuilder()
+    # the inputs the runtime range-checks: the manifest's ranges, from the entries' graph
+    ranges = input_index_ranges(entry_graph or graph)
+    checks = target == "llvm"
+    em = _Emitter(graph, consts, bb, ranges, checks)
+    entries = _Emitter(entry_graph or graph, consts, bb, ranges, checks)
     for t, io in entries.graph.tenants.items():
         entries.function(bb, t, [t], [(node, local) for local, node in io.inputs])
     em.function(bb, RUN_ALL, list(graph.tenants),
@@ -334,11 +463,10 @@ def build(mod: tvm.IRModule, target: str, database=None, cpu: str = HOST_CPU):
 
     Returns the executable and facts for the manifest (library calls over all entries).
     """
-    from mtcompile.backend import kernels
 
     mod = kernels.prepare(mod)
     calls = library_calls(mod)
-    register_providers({CALL_PROVIDER[c] for c in calls})
+    register_providers({CALL_PROVIDER.get(c, "native") for c in calls})  # or a packed dense
     tgt = make_target(target, cpu)
     memory: dict[str, dict] = {}  # per function: planned and left-to-TVM bytes
     if target == "llvm":
@@ -376,7 +504,9 @@ def library_calls(mod: tvm.IRModule) -> list[str]:
 
     def visit(e) -> None:
         if isinstance(e, relax.Call) and e.op.same_as(dps) and isinstance(
-                e.args[0], relax.ExternFunc) and is_library_call(str(e.args[0].global_symbol)):
+                e.args[0], relax.ExternFunc) and (
+                    is_library_call(str(e.args[0].global_symbol))
+                    or str(e.args[0].global_symbol) in kernels.PACKED_CALLS):
             found.append(str(e.args[0].global_symbol))
 
     for func in mod.functions.values():

@@ -7,7 +7,7 @@ from __future__ import annotations
 from mtcompile.analysis.schedule import kernel_dag, tensors_of
 from mtcompile.analysis.streams import happens_before
 from mtcompile.errors import LoweringError, MTCompileError
-from mtcompile.ir.graph import GET_ITEM, INPUT, Graph, Ref, TensorTy
+from mtcompile.ir.graph import GET_ITEM, INPUT, TUPLE, Graph, Ref, TensorTy
 from mtcompile.runtime.abi import ARENA_FN, RUN_ALL
 from mtcompile.runtime.manifest import StreamFunctions
 
@@ -150,11 +150,16 @@ class StreamLayout:
 
     def reads(self, name: str) -> list[str]:
         """The nodes that emitting node `name` reads (for a group's last node: what the
-        group reads from outside)."""
+        group reads from outside); a field of a tuple node reads that field only."""
         nd = self.graph.node(name)
         members = self.groups[nd.group] if nd.group is not None else [nd]
         inside = {m.name for m in members}
-        return [r for m in members for r in m.inputs if r not in inside]
+        out = []
+        for m in members:
+            field = tuple_field(self.graph, m)
+            ins = m.inputs if field is None else ([field.name] if isinstance(field, Ref) else [])
+            out += [r for r in ins if r not in inside]
+        return out
 
     def manifest(self) -> StreamFunctions:
         """What the runtime needs to run the stream functions (the manifest's ``streams.run``)."""
@@ -176,13 +181,30 @@ class StreamLayout:
             kernel_tenant=kernel_tenant)
 
 
+def tuple_field(graph: Graph, node):
+    """For ``get_item(t, i)`` of a tuple node ``t`` built in the graph: its field ``i`` (a
+    Ref or ConstRef), which emission uses directly, so that a reader of one field does not
+    need the others (they may come from other streams, ordered only for the field read).
+    None for any other node."""
+    if node.op != GET_ITEM or not node.inputs:
+        return None
+    src = graph.node(node.inputs[0])
+    return src.args[int(node.attrs)] if src.op == TUPLE else None
+
+
 def stream_layout(graph: Graph) -> StreamLayout | None:
     """The stream functions to emit, when the graph carries an assignment of > 1 stream
     and a memory plan (the one arena all streams share), made for that very assignment."""
     a = graph.analyses.get("streams")
     plan = graph.analyses.get("memory")
-    if a is None or a.num_streams <= 1 or plan is None:
+    if a is None or a.num_streams <= 1:
         return None
+    if plan is None:  # running one stream instead would silently ignore what was asked
+        raise MTCompileError(
+            f"assign-streams assigned run_all's kernels to {a.num_streams} streams "
+            f"(policy {a.policy!r}), but no plan-memory ran after it: the streams run over "
+            "one planned arena. Run plan-memory after assign-streams, or ask for one stream "
+            "(streams=1 or policy='sequential').")
     if plan.streams != a.fingerprint():
         made_for = "program order" if plan.streams is None else f"assignment {plan.streams}"
         raise MTCompileError(

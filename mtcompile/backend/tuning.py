@@ -63,12 +63,28 @@ def count_tasks(mod, target) -> int:
     return len(ms.relax_integration.extract_tasks(fused_module(mod, target), target))
 
 
-def tune(mod, target, out_dir: str | Path, trials: int, progress=print) -> dict:
+def _trials_callback(on_trials, total: int):
+    """A MetaSchedule measure callback that reports ``on_trials(measured, total)``."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Trials(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results) -> None:
+            on_trials(len(runner_results), total)
+
+    return _Trials()
+
+
+def tune(mod, target, out_dir: str | Path, trials: int, progress=print,
+         on_trials=None) -> dict:
     """Tune every TVM kernel task of `mod` with up to `trials` trials each; write the database.
 
     `mod` must be lowered from a graph the same passes made (the offload-library pass with
-    the same providers) and prepared as the build does (`kernels.prepare`). Returns task
-    counts and timings.
+    the same providers) and prepared as the build does (`kernels.prepare`); on_trials: called
+    ``(trials just measured, most trials in all)`` after each batch (a progress bar). Returns
+    task counts and timings.
     """
     import time
 
@@ -104,9 +120,12 @@ def tune(mod, target, out_dir: str | Path, trials: int, progress=print) -> dict:
     if contexts:
         builder = ms.builder.LocalBuilder(max_workers=2, timeout_sec=600,
                                           initializer=light_tensor_intrin)
+        callbacks = ms.measure_callback.MeasureCallback.create("default")
+        if on_trials is not None:
+            callbacks = [*callbacks, _trials_callback(on_trials, trials * len(contexts))]
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(out / "logs"),
                       max_trials_global=trials * len(contexts), max_trials_per_task=trials,
                       num_trials_per_iter=min(trials, 32), builder=builder, runner="local",
-                      database=database, cost_model=cost_model)
+                      database=database, cost_model=cost_model, measure_callbacks=callbacks)
     return {"tasks": len(contexts), "records": len(database),
             "seconds": round(time.perf_counter() - t0, 1), "cost_model": cost_model}

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mtcompile.errors import TenantError, UnsupportedOperatorError
+from mtcompile.runtime.inputs import to_array
 from mtcompile.tenant import Tenant
 
 
@@ -62,24 +63,35 @@ def _torch():
 
 
 def to_numpy(x) -> np.ndarray:
-    """A numpy array from a numpy array, torch tensor or array-like."""
-    torch = _torch()
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().contiguous().numpy()
+    """A numpy array from a numpy array, torch tensor or array-like (bfloat16: ml_dtypes')."""
+    if isinstance(x, _torch().Tensor):
+        return to_array(x)
     return np.asarray(x)
 
 
-def _to_torch(x):
+def to_torch(x):
+    """A torch tensor from a torch tensor or array-like (an ml_dtypes bfloat16 array too)."""
     torch = _torch()
+    if isinstance(x, torch.Tensor):
+        return x
     # np.asarray(order="C") keeps a 0-d input 0-d (np.ascontiguousarray makes it 1-d).
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, order="C"))
+    a = np.asarray(x, order="C")
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _hash_torch(code: str, tensors) -> str:
+    torch = _torch()
     h = hashlib.sha256(code.encode())
     for name, t in tensors:
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        t = t.detach().cpu().contiguous()
+        try:
+            h.update(t.numpy().tobytes())
+        except TypeError:  # a dtype numpy lacks (bfloat16, float8): its raw bytes and name
+            h.update(str(t.dtype).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -90,9 +102,59 @@ def _where(node) -> str:
     return lines[-1] if lines else f"fx node {node.name}"
 
 
+def _no_data(x) -> str | None:
+    """Why torch tensor `x` cannot be compiled or hashed (a meta or sparse tensor), or None."""
+    torch = _torch()
+    if not isinstance(x, torch.Tensor):
+        return None
+    if x.is_meta:
+        return "a meta tensor (shapes only, no data)"
+    if x.layout != torch.strided:
+        return f"a sparse tensor (layout {x.layout}); make it dense with .to_dense()"
+    return None
+
+
+def check_tensors(t: Tenant) -> None:
+    """Refuse meta and sparse tensors among a tenant's example inputs and weights, naming
+    the tensor (they have no dense data: export, hashing and verify cannot use them)."""
+    torch = _torch()
+    named = [(f"example input {i}", x) for i, x in enumerate(t.example_inputs or ())]
+    model = t.model
+    if isinstance(model, torch.export.ExportedProgram):
+        named += [(f"weight {k!r}", v) for k, v in (*model.state_dict.items(),
+                                                    *model.constants.items())]
+    elif isinstance(model, torch.nn.Module):
+        named += [(f"weight {k!r}", v) for k, v in (*model.named_parameters(),
+                                                    *model.named_buffers())]
+        named += [(f"constant {k!r}", v) for k, v in vars(model).items()
+                  if isinstance(v, torch.Tensor)]
+    for what, x in named:
+        why = _no_data(x)
+        if why is not None:
+            hint = (" load real weights (e.g. load_state_dict(..., assign=True)) before "
+                    "compiling" if x.is_meta and what.startswith("weight") else "")
+            raise TenantError(f"tenant '{t.name}': {what} is {why}{';' if hint else ''}{hint}")
+
+
+def _distinct(args: tuple) -> tuple:
+    """`args` with a copy of every tensor whose memory an earlier one already holds:
+    torch.export makes one graph input of a tensor passed twice, so ``f`` traced on
+    ``(x, x)`` would compute ``f(a, a)`` when called with ``(a, b)``."""
+    seen: set[int] = set()
+    out = []
+    for a in args:
+        key = a.untyped_storage().data_ptr() if a.layout == _torch().strided else id(a)
+        if key in seen and a.numel():
+            a = a.clone()
+        seen.add(key)
+        out.append(a)
+    return tuple(out)
+
+
 def import_tenant(t: Tenant) -> ImportedTenant:
     """Import one tenant into Relax, or raise an error naming the tenant and the problem."""
     torch = _torch()
+    check_tensors(t)
     model = t.model
     if isinstance(model, torch.fx.GraphModule):
         return _import_fx(t)
@@ -103,7 +165,7 @@ def import_tenant(t: Tenant) -> ImportedTenant:
             raise TenantError(f"tenant '{t.name}': a torch.nn.Module needs example_inputs "
                               "(a tuple of tensors) to be traced with torch.export")
         try:  # mtcompile compiles inference; the caller's modes come back afterwards
-            args = tuple(_to_torch(x) for x in t.example_inputs)
+            args = _distinct(tuple(to_torch(x) for x in t.example_inputs))
             with _quiet_torch(), eval_mode(model):
                 ep = torch.export.export(model, args)
         except Exception as e:
@@ -134,13 +196,59 @@ def _import_exported(t: Tenant, ep) -> ImportedTenant:
              if s.kind.name == "USER_INPUT"]
     try:
         with _quiet_torch():
-            mod = from_exported_program(ep, keep_params_as_input=False)
+            mod = from_exported_program(ep, keep_params_as_input=False,
+                                        custom_convert_map=_low_precision_map(known))
     except Exception as e:
         raise TenantError(f"tenant '{t.name}': TVM's torch.export importer failed: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     state = sorted(ep.state_dict.items()) + sorted(ep.constants.items())
     return ImportedTenant(t.name, mod, names, "torch.export",
                           _hash_torch(str(ep.graph_module.code), state))
+
+
+# torch dtypes whose ops PyTorch computes in float32 and rounds back (and TVM's importer
+# emits matmul/linear/conv with out_dtype float32 whatever the inputs' dtype)
+_LOW_PRECISION = {"float16", "bfloat16"}
+_FLOAT32_OUT = ("linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "conv", "einsum")
+
+
+def _low_precision_map(known) -> dict:
+    """Converters for TVM's torch.export importer that keep fp16/bf16 models in their
+    dtype: TVM's converters of matmuls and convolutions fix ``out_dtype="float32"``, so a
+    float16 Linear's output came back float32 (and one with a bias failed to import: fp16
+    bias + fp32 product). A node whose PyTorch output (``meta["val"]``) is not fp16/bf16 is
+    converted as before; else an op of `_FLOAT32_OUT` gets its fp16/bf16 inputs cast to
+    float32 first (PyTorch too accumulates them in float32), and a float32 result is cast
+    back to the node's dtype. (The torch.fx importer has the same fault, not fixed here:
+    its module converters take no importer and its nodes carry no output dtype.)"""
+    from tvm import relax
+
+    def convert(node, importer):
+        original = importer.__dict__.get("_mt_original")
+        if original is None:  # the importer's own converters, bound to it, built once
+            original = importer._mt_original = importer.create_convert_map()
+        fn = original[node.target.__name__]
+        val = node.meta.get("val")
+        want = str(val.dtype).removeprefix("torch.") if hasattr(val, "dtype") else None
+        if want not in _LOW_PRECISION:
+            return fn(node)
+        saved = {}
+        if node.target.__name__.split(".")[0].lstrip("_").startswith(_FLOAT32_OUT):
+            for a in node.all_input_nodes:
+                v = importer.env.get(a)
+                if isinstance(v, relax.Expr) and getattr(v.ty, "dtype", None) == want:
+                    saved[a] = v
+                    importer.env[a] = importer.block_builder.emit(relax.op.astype(v,
+                                                                                  "float32"))
+        try:
+            out = fn(node)
+        finally:
+            importer.env.update(saved)
+        if isinstance(out, relax.Expr) and getattr(out.ty, "dtype", None) == "float32":
+            out = importer.block_builder.emit(relax.op.astype(out, want))
+        return out
+
+    return {name: convert for name in known if isinstance(name, str)}
 
 
 def _import_fx(t: Tenant) -> ImportedTenant:

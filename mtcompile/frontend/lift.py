@@ -82,6 +82,10 @@ class _Lifter:
             self.env[var] = self.add(var.name, GET_ITEM, (src,), ty, int(val.index))
         elif isinstance(val, relax.Call) and isinstance(val.op, tvm.ir.Op):
             args = tuple(self.arg(a, where) for a in val.args)
+            pads = getattr(val.attrs, "padding", None) if val.attrs is not None else None
+            if pads is not None and any(int(p) < 0 for p in pads):  # e.g. an ONNX pads of -1
+                raise TenantError(f"{where}: {val.op.name} has negative padding "
+                                  f"{[int(p) for p in pads]}; padding must be >= 0")
             attrs = opaque(val.attrs) if val.attrs is not None else None
             ty_args = tuple(opaque(t) for t in val.ty_args)
             self.env[var] = self.add(var.name, val.op.name, args, ty, attrs, ty_args)

@@ -16,15 +16,19 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["CONV2D", "CONV2D_BIAS", "MATMUL", "MATMUL_BIAS", "export_options", "library_path",
-           "object_path", "preload", "register", "source_hash"]
+__all__ = ["CONV2D", "CONV2D_BIAS", "DENSE_PACKED", "DENSE_PACKED_BIAS", "MATMUL", "MATMUL_BIAS",
+           "PANEL", "cache_dir", "export_options", "library_path", "object_path", "pack_dense",
+           "preload", "register", "source_hash"]
 
 MATMUL = "mtcompile.native.matmul"
 MATMUL_BIAS = "mtcompile.native.matmul_bias"
 CONV2D = "mtcompile.native.conv2d"
 CONV2D_BIAS = "mtcompile.native.conv2d_bias"
+DENSE_PACKED = "mtcompile.native.dense_packed"  # a @ w, w packed by `pack_dense`
+DENSE_PACKED_BIAS = "mtcompile.native.dense_packed_bias"
+PANEL = 16  # columns per panel of a packed dense weight
 _SRC = Path(__file__).parent / "src"
-_CFLAGS = ("-O3", "-fno-math-errno")
+_CFLAGS = ("-O3", "-fno-math-errno", "-fno-gnu-unique")  # no unique symbols: dlclose unloads
 _loaded: str | None = None
 
 
@@ -46,23 +50,28 @@ def tvm_lib_dir() -> Path:
     return _package_dir("tvm") / "lib"
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """mtcompile's cache directory: ``MTCOMPILE_CACHE_DIR``, else the user's cache dir."""
     base = os.environ.get("MTCOMPILE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtcompile")
-    return Path(base) / "native"
+    return Path(base)
 
 
 def _flags() -> tuple[list[str], list[str]]:
     blas, tvm = blas_lib_dir(), tvm_lib_dir()
     ldflags = [f"-L{blas}", "-lscipy_openblas", f"-Wl,-rpath,{blas}",
                f"-L{tvm}", "-ltvm_runtime", f"-Wl,-rpath,{tvm}"]
-    return list(_CFLAGS), ldflags
+    # no checkout or site-packages path inside the object: a bundle's bytes do not depend on
+    # where mtcompile and tvm-ffi are installed
+    prefix_maps = [f"-ffile-prefix-map={_SRC}=mtcompile/native/src",
+                   f"-ffile-prefix-map={_package_dir('tvm_ffi')}=tvm_ffi"]
+    return [*_CFLAGS, *prefix_maps], ldflags
 
 
 def source_hash() -> str:
     """A hash of the kernels' sources and build flags (names the cached builds)."""
     h = hashlib.sha256()
-    for s in sorted(_SRC.glob("*.cc")):
+    for s in sorted(_SRC.glob("*.[ch]*")):
         h.update(s.name.encode() + b"\0" + s.read_bytes())
     h.update(repr(_flags()).encode())
     return h.hexdigest()[:16]
@@ -82,7 +91,7 @@ def _ninja_on_path() -> None:
 
 def _build(output: str) -> str:
     # one build directory per output: each holds its own build.ninja
-    build_dir = _cache_dir() / f"kernels-{source_hash()}" / output.replace(".", "_")
+    build_dir = cache_dir() / "native" / f"kernels-{source_hash()}" / output.replace(".", "_")
     path = build_dir / output
     if path.exists():
         return str(path)
@@ -123,6 +132,18 @@ def preload() -> None:
 
     ctypes.CDLL(str(tvm_lib_dir() / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
     ctypes.CDLL(str(blas_lib_dir() / "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
+
+
+def pack_dense(w):
+    """A dense layer's weight ``w`` [K, N] as the panels ``dense_packed`` takes:
+    [ceil(N / 16), K, 16], panel p holding columns 16p..16p+15 (zero past N)."""
+    import numpy as np
+
+    k, n = w.shape
+    panels = -(-n // PANEL)
+    padded = np.zeros((k, panels * PANEL), dtype=w.dtype)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
 
 
 def register() -> str:

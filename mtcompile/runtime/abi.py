@@ -14,3 +14,7 @@ SIGNAL = "mtcompile.streams.signal"
 WAIT = "mtcompile.streams.wait"
 PUT = "mtcompile.streams.put"
 GET = "mtcompile.streams.get"
+
+# The message of a bounds check lowering puts in the generated code starts with this; the
+# runtime raises `mtcompile.errors.IndexOutOfRangeError` with the rest of it
+INDEX_CHECK = "mtcompile.IndexOutOfRange:"

@@ -1,5 +1,6 @@
-"""The saved bundle on disk: ``<name>.so`` and ``manifest.json``, written atomically, and
-read back with every check (format, TVM version, library hash, embedded manifest).
+"""The saved bundle on disk: ``<name>.so`` and ``manifest.json``, written so that a failure
+leaves the old or the new bundle, and read back with every check (format, TVM version,
+library hash, optional signature, ELF headers, embedded manifest).
 
 A bundle whose kernels include the ``native`` provider carries its kernels: they are linked
 into ``<name>.so`` (registered when it loads), and the BLAS and TVM runtime they link
@@ -10,12 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
+import threading
 from pathlib import Path
 
 from mtcompile import native
 from mtcompile.errors import ArtifactError, MTCompileError
+from mtcompile.runtime import signing
 from mtcompile.runtime.abi import MANIFEST
 from mtcompile.runtime.cpu import missing_features
 from mtcompile.runtime.manifest import MUST_MATCH, Manifest
@@ -35,50 +40,106 @@ def links_native(manifest: Manifest) -> bool:
     return "native" in manifest.kernels.values()
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc says it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def staged_name(library: str, digest: str) -> str:
+    """Where `save` puts a library under its content hash before it takes the bundle's name
+    (`load` reads it from there when a save stopped between the two renames)."""
+    return f".{library}.{digest[:16]}"
+
+
 def save(directory: str | os.PathLike, manifest: Manifest, executable,
-         library_path: Path | None = None) -> Manifest:
+         library_path: Path | None = None, sign_key: bytes | str | None = None) -> Manifest:
     """Write ``<name>.so`` (from `library_path` when the bundle was loaded from one, else
     exported from `executable`) and ``manifest.json`` into `directory`; returns the manifest
-    with the library's hash. Files are written under temporary names and renamed into
-    place, so a failure leaves any earlier bundle in `directory` intact."""
+    with the library's hash (and its signature, with `sign_key`).
+
+    A failure at any step leaves a directory that loads the earlier bundle or the new one:
+    the library goes first under its content-hash name (`staged_name`), then the manifest
+    is replaced (from here on the new bundle loads, from the staged library), then the
+    staged library takes the bundle's name. Files get the modes a fresh write gets under
+    the umask; nothing time- or path-dependent is written into them."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{manifest.library}.", suffix=".so", dir=out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"cannot save a bundle to {out}: it is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"cannot save a bundle to {out}: {e}") from e
+    key = signing.as_key(sign_key, "sign_key")
+    fd, tmp = tempfile.mkstemp(prefix=f".{manifest.library}.", suffix=".tmp", dir=out)
     os.close(fd)
-    tmp_lib = Path(tmp)
+    tmp_lib, staged = Path(tmp), None
     tmp_manifest = out / f".{MANIFEST}.tmp"
+    final_lib = out / manifest.library
+    mask = _umask()
+    manifest_replaced = keep_staged = False
     try:
         if library_path is not None:
-            shutil.copyfile(library_path, tmp_lib)
+            try:
+                shutil.copyfile(library_path, tmp_lib)
+            except FileNotFoundError as e:
+                raise ArtifactError(f"{library_path}, which this bundle was loaded from, is "
+                                    "gone; load the bundle again before saving") from e
         else:
             options = native.export_options() if links_native(manifest) else {}
             with quiet_native_log():
                 executable.export_library(str(tmp_lib), **options)
+        os.chmod(tmp_lib, 0o777 & ~mask)  # as the linker makes it (mkstemp's is 0600)
         digest = sha256_file(tmp_lib)
         if library_path is not None and digest != manifest.library_sha256:
             raise ArtifactError(f"{library_path} changed since this bundle was loaded from it; "
                                 "load it again before saving")
-        saved = manifest.with_(library_sha256=digest)
+        saved = manifest.with_(library_sha256=digest, bundle_signature=None)
+        if key is not None:
+            saved = saved.with_(bundle_signature=signing.sign(
+                key, json.loads(saved.to_json()), tmp_lib))
         tmp_manifest.write_text(saved.to_json())
-        os.replace(tmp_lib, out / manifest.library)
+        os.chmod(tmp_manifest, 0o666 & ~mask)
+        staged = out / staged_name(manifest.library, digest)
+        # one left by a stopped save of these same bytes may be what the manifest names
+        keep_staged = staged.exists()
+        os.replace(tmp_lib, staged)
         os.replace(tmp_manifest, out / MANIFEST)
+        manifest_replaced = True
+        os.replace(staged, final_lib)
     except BaseException:
         tmp_lib.unlink(missing_ok=True)
         tmp_manifest.unlink(missing_ok=True)
+        if staged is not None and not manifest_replaced and not keep_staged:
+            staged.unlink(missing_ok=True)  # the old manifest does not name it
         raise
+    stale = re.compile(re.escape(staged_name(manifest.library, "")) + "[0-9a-f]{16}")
+    for old in out.iterdir():  # staged libraries of saves that stopped before their end
+        if stale.fullmatch(old.name):
+            old.unlink(missing_ok=True)
     return saved
 
 
-def read_manifest(directory: str | os.PathLike) -> Manifest:
-    """The checked manifest of a saved bundle (no library loaded: no TVM needed)."""
-    d = Path(directory)
+def _manifest_text(d: Path) -> tuple[Path, str]:
     path = d / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{d}: no {MANIFEST}; is this a directory written by Bundle.save?")
     try:
-        text = path.read_text()
+        return path, path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} cannot be read: {e}") from e
+
+
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    """The checked manifest of a saved bundle (no library loaded: no TVM needed)."""
+    path, text = _manifest_text(Path(directory))
     return Manifest.from_json(text, path)
 
 
@@ -105,51 +166,125 @@ def check_cpu(manifest: Manifest, where: Path, flags: frozenset[str] | None = No
                             "cpu='generic' (CLI --cpu generic) for any x86-64")
 
 
-def _load_library(lib: Path):
-    """``tvm.runtime.load_module`` through a fresh path: dlopen hands back a library already
-    loaded from the same (real) path, so a bundle re-saved into a directory this process
-    loaded from before would otherwise run the old code. A hard link costs nothing; a copy
-    is the fallback across file systems."""
-    import tvm
-
-    with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
-        private = Path(tmp) / lib.name
-        try:
-            os.link(lib, private)
-        except OSError:
-            shutil.copyfile(lib, private)
-        with quiet_native_log():
-            return tvm.runtime.load_module(str(private))
+# Loaded library modules by the sha256 of their bytes. A library linking the native kernels
+# cannot be unloaded (their C++ code has STB_GNU_UNIQUE symbols, which make glibc's dlclose
+# a no-op), so each load from a fresh path would map another copy for good (the library and
+# its weights); the same bytes loaded again reuse the module instead.
+_MODULES: dict[str, object] = {}
+_MODULES_LOCK = threading.Lock()
 
 
-def open_library(directory: str | os.PathLike) -> tuple[Manifest, object, Path]:
-    """(manifest, loaded library module, library path) of a saved bundle, every check
-    passed except the embedded manifest's (`check_embedded`, which needs a VM)."""
-    d = Path(directory)
+def check_elf(path: Path, where: Path) -> None:
+    """Refuse a library whose ELF headers point past its end (a truncated file): dlopen
+    would map the missing pages and die with SIGBUS on first touch."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            _refuse(where, f"not a 64-bit little-endian ELF shared library ({size} bytes)")
+        phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+        need = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+        if need > size:
+            _refuse(where, f"truncated: its ELF headers need {need} bytes, the file has {size}")
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    for i in range(phnum):
+        offset, _, _, filesz = struct.unpack_from("<QQQQ", table, i * phentsize + 8)
+        if offset + filesz > size:
+            _refuse(where, f"truncated: ELF segment {i} ends at byte {offset + filesz}, the "
+                    f"file has {size}")
+
+
+def _refuse(lib: Path, why: str):
+    raise ArtifactError(f"{lib}: cannot be loaded by TVM: {why}")
+
+
+def _copy_checked(src: Path, dst: Path, mac) -> str:
+    """Copy `src` to `dst`; the sha256 of the bytes copied (and `mac` fed them): what is
+    checked is what gets loaded, whatever happens to `src` meanwhile."""
+    h = hashlib.sha256()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        for chunk in iter(lambda: fi.read(1 << 20), b""):
+            h.update(chunk)
+            if mac is not None:
+                mac.update(chunk)
+            fo.write(chunk)
+    return h.hexdigest()
+
+
+def _private_copy(d: Path, manifest: Manifest, raw: dict, key: bytes | None,
+                  private: Path) -> Path:
+    """Copy the bundle's library to `private` and check it against the manifest (hash, and
+    signature with `key`); returns the file it came from: ``<name>.so``, or its staged copy
+    when a save stopped after replacing the manifest (`staged_name`)."""
     mpath = d / MANIFEST
-    manifest = read_manifest(d)
+    want = manifest.library_sha256
+    lib = d / manifest.library
+    staged = d / staged_name(manifest.library, want)
+    found = None
+    for src in (lib, staged):
+        if not src.is_file():
+            continue
+        mac = signing.signer(key, raw) if key is not None else None
+        try:
+            digest = _copy_checked(src, private, mac)
+        except OSError as e:
+            raise ArtifactError(f"{src} cannot be read: {e}") from e
+        if digest == want:
+            if mac is not None:
+                signing.check(mac, raw, mpath)
+            return src
+        found = found or digest
+    if found is None:
+        raise ArtifactError(f"{d}: the manifest names library {manifest.library!r}, which is "
+                            "missing")
+    raise ArtifactError(f"{lib} does not match {mpath}: library sha256 {found[:16]}..., "
+                        f"manifest expects {want[:16]}...; the files come from different "
+                        "builds")
+
+
+def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = None
+                 ) -> tuple[Manifest, object, Path]:
+    """(manifest, loaded library module, library path) of a saved bundle, every check
+    passed except the embedded manifest's (`check_embedded`, which needs a VM). With
+    `verify_key`, the bundle must carry a signature made with it (`signing`).
+
+    The library is copied to a private file, checked there (hash, signature, ELF headers)
+    and loaded from it: dlopen hands back a library already loaded from the same path, and
+    the copy cannot change between the check and the load. The copy is removed on every
+    path; the same bytes loaded before reuse their module (`_MODULES`)."""
+    d = Path(directory)
+    key = signing.as_key(verify_key, "verify_key")
+    mpath, text = _manifest_text(d)
+    manifest = Manifest.from_json(text, mpath)
     if manifest.library_sha256 is None:
         raise ArtifactError(f"{mpath} is corrupt: key 'library_sha256': missing")
     check_versions(manifest, mpath)
     check_cpu(manifest, mpath)
-    lib = d / manifest.library
-    if not lib.is_file():
-        raise ArtifactError(f"{d}: the manifest names library {manifest.library!r}, which is "
-                            "missing")
-    actual = sha256_file(lib)
-    if actual != manifest.library_sha256:
-        raise ArtifactError(f"{lib} does not match {mpath}: library sha256 {actual[:16]}..., "
-                            f"manifest expects {manifest.library_sha256[:16]}...; the files "
-                            "come from different builds")
+    with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
+        private = Path(tmp) / manifest.library
+        lib = _private_copy(d, manifest, json.loads(text), key, private)
+        with _MODULES_LOCK:
+            module = _MODULES.get(manifest.library_sha256)
+            if module is None:
+                check_elf(private, lib)
+                module = _MODULES[manifest.library_sha256] = _load(manifest, private, lib)
+    return manifest, module, lib
+
+
+def _load(manifest: Manifest, private: Path, lib: Path):
+    import tvm
+
     try:
         if links_native(manifest):
             native.preload()
-        module = _load_library(lib)
+        with quiet_native_log():
+            return tvm.runtime.load_module(str(private))
     except Exception as e:
         hint = (" (a bundle built for cuda loads only where TVM finds a CUDA GPU and driver)"
                 if manifest.target == "cuda" else "")
         raise ArtifactError(f"{lib}: cannot be loaded by TVM: {e}{hint}") from e
-    return manifest, module, lib
 
 
 def check_embedded(manifest: Manifest, read_embedded, lib: Path) -> None:

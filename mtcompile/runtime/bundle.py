@@ -23,7 +23,7 @@ from mtcompile.runtime.abi import MANIFEST_FN, RUN_ALL
 from mtcompile.runtime.inputs import check_inputs, run_all_arrays, seeded_inputs
 from mtcompile.runtime.manifest import Manifest, TenantSig, signature_text
 from mtcompile.runtime.threads import configure as configure_threads
-from mtcompile.runtime.vm import ThreadVMs, device_for
+from mtcompile.runtime.vm import ThreadVMs, device_for, raise_index_error
 
 
 class Bundle:
@@ -43,10 +43,12 @@ class Bundle:
         self._stream_executor = None
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, **extra) -> Bundle:
+    def load(cls, directory: str | os.PathLike, *, verify_key: bytes | str | None = None,
+             **extra) -> Bundle:
         """A saved bundle, checked (format, TVM version, host CPU features, library hash,
-        embedded manifest); `extra` (``threads=``...) goes to the constructor of `cls`."""
-        manifest, module, lib = artifact.open_library(directory)
+        embedded manifest, and with `verify_key` its signature); `extra` (``threads=``...)
+        goes to the constructor of `cls`."""
+        manifest, module, lib = artifact.open_library(directory, verify_key)
         bundle = cls(module, manifest, library_path=lib, **extra)
         artifact.check_embedded(manifest, lambda: bundle._vms.fn(MANIFEST_FN)().numpy(), lib)
         return bundle
@@ -120,9 +122,10 @@ class Bundle:
         tensors = self._vms.tensors(arrays)
         try:
             results = ex.run([[storage, *(tensors[j] for j in ins)] for ins in s.stream_inputs])
-        except StreamError:  # fresh threads and VMs next time (they look kernels up anew)
+        except StreamError as e:  # fresh threads and VMs next time (they look kernels up anew)
             ex.close()
             self._stream_executor = None
+            raise_index_error(e.cause)
             raise
         flat: list = [None] * sum(len(o) for o in s.stream_outputs)
         for outs, res in zip(s.stream_outputs, results, strict=True):
@@ -178,17 +181,23 @@ class Bundle:
         return json.loads(json.dumps(rep))
 
     # ------------------------------------------------------------------ artifact
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, *, sign_key: bytes | str | None = None
+             ) -> Path:
         """Write ``<name>.so`` (manifest embedded) and ``manifest.json`` into `directory`;
-        a failure leaves any earlier bundle there intact."""
-        artifact.save(directory, self.manifest, self.executable, self._library_path)
+        a failure leaves a directory that loads the earlier bundle or this one. With
+        `sign_key`, the manifest carries an HMAC-SHA256 of itself and the library, which
+        ``load(..., verify_key=)`` checks."""
+        artifact.save(directory, self.manifest, self.executable, self._library_path,
+                      sign_key=sign_key)
         return Path(directory)
 
 
-def load(directory: str | os.PathLike, threads: int | None = None) -> Bundle:
+def load(directory: str | os.PathLike, threads: int | None = None, *,
+         verify_key: bytes | str | None = None) -> Bundle:
     """Load a saved bundle; checks its format, TVM version, host CPU, and that the library
-    and the manifest agree. threads: TVM's pool size (default: the machine's cores)."""
-    return Bundle.load(directory, threads=threads)
+    and the manifest agree (with `verify_key`: that they carry a signature made with that
+    key). threads: TVM's pool size (default: the machine's cores)."""
+    return Bundle.load(directory, threads=threads, verify_key=verify_key)
 
 
 __all__ = ["Bundle", "load", "MTCompileError"]

@@ -15,21 +15,43 @@ from mtcompile.runtime.manifest import IOSpec, TenantSig, signature_text
 INT_HIGH = 16  # random integer inputs (token ids, indices) are drawn from [0, INT_HIGH)
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype called `name`; bfloat16 comes from ml_dtypes (TVM's own dependency,
+    which TVM's tensors use for it), registered with numpy on import."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # noqa: F401
+
+        return np.dtype(name)
+
+
 def to_array(x) -> np.ndarray:
-    """A C-contiguous numpy array from a numpy array, torch tensor, scalar or list."""
+    """A C-contiguous numpy array from a numpy array, torch tensor, scalar or list (a
+    bfloat16 tensor gives an ml_dtypes bfloat16 array: numpy has no such dtype)."""
     # np.asarray(order="C"), not np.ascontiguousarray: that one turns a 0-d array into 1-d.
     if isinstance(x, np.ndarray):
         return np.asarray(x, order="C")
     torch = sys.modules.get("torch")  # a torch tensor means torch is loaded: no import here
     if torch is not None and isinstance(x, torch.Tensor):
-        return x.detach().cpu().contiguous().numpy()
+        t = x.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+        return t.numpy()
     return np.asarray(x, order="C")
 
 
 def _checked(name: str, x, s: IOSpec, sig: Sequence[IOSpec]) -> np.ndarray:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor) and (
+            x.is_meta or x.layout != torch.strided):
+        kind = ("a meta tensor, which has no data" if x.is_meta else
+                f"a sparse tensor ({x.layout}); pass x.to_dense()")
+        raise InputError(f"tenant '{name}', input '{s.name}': expected dense "
+                         f"{s.dtype}{list(s.shape)} data, got {kind}")
     try:
         a = to_array(x)
-    except (TypeError, ValueError) as e:  # a bfloat16 tensor, a ragged list
+    except (TypeError, ValueError) as e:  # a float8 tensor, a ragged list
         raise InputError(f"tenant '{name}', input '{s.name}': cannot use a {type(x).__name__} "
                          f"as an array ({e}); expected {s.dtype}{list(s.shape)}") from e
     if tuple(a.shape) != tuple(s.shape) or str(a.dtype) != s.dtype:
@@ -39,9 +61,9 @@ def _checked(name: str, x, s: IOSpec, sig: Sequence[IOSpec]) -> np.ndarray:
     if s.index_range is not None and a.size:
         lo, hi = s.index_range
         if a.min() < lo or a.max() >= hi:
-            raise InputError(f"tenant '{name}', input '{s.name}': values index a table of "
-                             f"{hi} rows and must be in [{lo}, {hi}); got values in "
-                             f"[{a.min()}, {a.max()}]")
+            what = f"index a table of {hi} rows" if lo in (0, -hi) else "index a table"
+            raise InputError(f"tenant '{name}', input '{s.name}': values {what} and must be "
+                             f"in [{lo}, {hi}); got values in [{a.min()}, {a.max()}]")
     return a
 
 
@@ -89,8 +111,8 @@ def seeded_inputs(sig: TenantSig, seed: int) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     out = []
     for s in sig.inputs:
-        shape, dtype = tuple(s.shape), np.dtype(s.dtype)
-        if dtype.kind == "f":
+        shape, dtype = tuple(s.shape), numpy_dtype(s.dtype)
+        if dtype.kind == "f" or s.dtype == "bfloat16":
             out.append(rng.standard_normal(shape).astype(dtype))
         elif dtype.kind == "b":
             out.append(rng.integers(0, 2, shape).astype(dtype))

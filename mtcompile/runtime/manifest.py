@@ -193,8 +193,9 @@ class PassSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything a bundle says about itself. `memory` and `library_sha256` are known only
-    after the build: in ``manifest.json``, not in the library's embedded copy."""
+    """Everything a bundle says about itself. `memory`, `library_sha256` and
+    `bundle_signature` are known only after the build: in ``manifest.json``, not in the
+    library's embedded copy."""
 
     name: str
     library: str  # file name of the shared library, beside manifest.json
@@ -217,6 +218,9 @@ class Manifest:
     cpu_features: tuple[str, ...] | None = None  # None where `cpu` is None
     memory: MemoryInfo | None = None
     library_sha256: str | None = None
+    # HMAC of this manifest (less this field) and the library, with the key given to
+    # save (`mtcompile.runtime.signing`); None: not signed
+    bundle_signature: str | None = None
     format: str = FORMAT
 
     def signature(self, tenant: str) -> TenantSig | None:
@@ -262,7 +266,8 @@ class Manifest:
             raise ArtifactError(f"{where} is corrupt: {e}") from None
 
 
-BUILT_AFTER = ("library_sha256", "memory")  # in manifest.json only, not embedded
+# in manifest.json only, not embedded
+BUILT_AFTER = ("library_sha256", "memory", "bundle_signature")
 
 
 def _parse(d: dict) -> Manifest:
@@ -293,6 +298,7 @@ def _parse(d: dict) -> Manifest:
     if features is not None and not all(isinstance(f, str) for f in features):
         raise _Corrupt("cpu_features", f"expected a list of names, found {features!r:.60}")
     digest = _get(d, "library_sha256", str, "", None)
+    signature = _get(d, "bundle_signature", str, "", None)
     return Manifest(
         name=_get(d, "name", str, ""), library=lib, target=_get(d, "target", str, ""),
         versions=versions, pipeline=pipeline, kernels=_get(d, "kernels", dict, ""),
@@ -304,7 +310,7 @@ def _parse(d: dict) -> Manifest:
         cpu=_get(d, "cpu", str, "", None),
         cpu_features=tuple(features) if features is not None else None,
         memory=_record(MemoryInfo, memory, "memory") if memory is not None else None,
-        library_sha256=digest)
+        library_sha256=digest, bundle_signature=signature)
 
 
 # record field type -> what its JSON value must be

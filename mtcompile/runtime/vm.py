@@ -114,4 +114,21 @@ class ThreadVMs:
     def call(self, entry: str, arrays) -> list[np.ndarray]:
         """Run `entry` on numpy arrays; its outputs as numpy arrays."""
         fn = self.fn(entry)
-        return [o.numpy() for o in fn(*self.tensors(arrays))]
+        try:
+            outs = fn(*self.tensors(arrays))
+        except Exception as e:
+            raise_index_error(e)
+            raise
+        return [o.numpy() for o in outs]
+
+
+def raise_index_error(e: BaseException) -> None:
+    """Raise `IndexOutOfRangeError` if `e` is a failed bounds check of the generated code
+    (its message starts with `abi.INDEX_CHECK`); otherwise return."""
+    from mtcompile.errors import IndexOutOfRangeError
+    from mtcompile.runtime.abi import INDEX_CHECK
+
+    text = str(e)
+    if INDEX_CHECK in text:
+        line = text[text.index(INDEX_CHECK) + len(INDEX_CHECK):].splitlines()[0].strip()
+        raise IndexOutOfRangeError(line) from None

@@ -22,11 +22,10 @@
 from __future__ import annotations
 
 import importlib
+import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from mtcompile.errors import MTCompileError, SpecError
 from mtcompile.tenant import Tenant

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from mtcompile.errors import MTCompileError
-from mtcompile.frontend.importers import eval_mode, load_onnx, to_numpy
+from mtcompile.frontend.importers import eval_mode, load_onnx, to_numpy, to_torch
 from mtcompile.runtime.inputs import seeded_inputs
 from mtcompile.tenant import Tenant
 
@@ -36,7 +36,7 @@ def reference_outputs(tenant: Tenant, inputs: tuple[np.ndarray, ...]) -> list[np
     if isinstance(model, torch.nn.Module | torch.export.ExportedProgram):
         exported = isinstance(model, torch.export.ExportedProgram)
         fn = model.module() if exported else model
-        args = [torch.from_numpy(np.array(a)) for a in inputs]
+        args = [to_torch(np.array(a)) for a in inputs]
         # An exported program's module() cannot change mode (train() raises): leave it be.
         with torch.no_grad(), contextlib.nullcontext() if exported else eval_mode(fn):
             result = fn(*args)
@@ -58,30 +58,71 @@ def reference_outputs(tenant: Tenant, inputs: tuple[np.ndarray, ...]) -> list[np
     return list(sess.run(None, feed))
 
 
-def compare(got: list[np.ndarray], want: list[np.ndarray], atol: float) -> dict[str, Any]:
-    """Per-output errors. max_rel is max|got - want| / max|want| (error relative to scale)."""
+# (atol, rtol) by the least precise float dtype of a tenant (its inputs, outputs and
+# weights): a float16 or bfloat16 model is compared at its own precision (PyTorch and the
+# bundle round at different points), float32 and float64 as before; integer and bool
+# outputs always exactly
+TOLERANCES = {"float64": (1e-4, 0.0), "float32": (1e-4, 0.0), "float16": (1e-2, 1e-2),
+              "bfloat16": (5e-2, 2e-2)}
+_PRECISION_ORDER = ("bfloat16", "float16", "float32", "float64")
+
+
+def tenant_precision(tenant: Tenant | None, sig) -> str:
+    """The least precise float dtype among a tenant's inputs, outputs and weights."""
+    names = {s.dtype for s in (*sig.inputs, *sig.outputs)}
+    model = tenant.model if tenant is not None else None
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        names |= {str(t.dtype).removeprefix("torch.")
+                  for t in (*model.parameters(), *model.buffers())}
+    elif isinstance(model, torch.export.ExportedProgram):
+        names |= {str(t.dtype).removeprefix("torch.")
+                  for t in (*model.state_dict.values(), *model.constants.values())
+                  if isinstance(t, torch.Tensor)}
+    elif model is not None:  # ONNX: its initializers' element types
+        from onnx import TensorProto
+
+        names |= {TensorProto.DataType.Name(i.data_type).lower()
+                  for i in load_onnx(tenant).graph.initializer}
+    return next((d for d in _PRECISION_ORDER if d in names), "float32")
+
+
+def compare(got: list[np.ndarray], want: list[np.ndarray], atol: float | None = None,
+            rtol: float | None = None, precision: str = "float32") -> dict[str, Any]:
+    """Per-output errors. max_rel is max|got - want| / max|want| (error relative to scale);
+    a float output is ok when max|got - want| <= atol + rtol * max|want| (None: the
+    `TOLERANCES` of `precision`), an integer or bool output when equal; dtypes must agree."""
     if len(got) != len(want):
         return {"ok": False, "error": f"{len(got)} outputs, source model gives {len(want)}"}
+    default = TOLERANCES.get(precision, TOLERANCES["float32"])
+    a_tol = default[0] if atol is None else atol
+    r_tol = default[1] if rtol is None else rtol
     outs, ok = [], True
     for g, w in zip(got, want, strict=True):
         w = np.asarray(w)
-        if g.shape != w.shape:
-            outs.append({"ok": False, "error": f"shape {g.shape} vs source {w.shape}"})
+        if g.shape != w.shape or g.dtype != w.dtype:
+            outs.append({"ok": False, "error": f"{g.dtype}{list(g.shape)} vs source "
+                                               f"{w.dtype}{list(w.shape)}"})
             ok = False
             continue
         diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
         max_abs = float(diff.max()) if diff.size else 0.0
         scale = float(np.abs(w).max()) if w.size else 0.0
-        good = bool(max_abs <= atol) and not np.isnan(diff).any()
+        exact = w.dtype.kind in "biu"
+        limit = 0.0 if exact else a_tol + r_tol * scale
+        good = bool(max_abs <= limit) and not np.isnan(diff).any()
         outs.append({"ok": good, "max_abs": max_abs,
-                     "max_rel": max_abs / scale if scale else max_abs})
+                     "max_rel": max_abs / scale if scale else max_abs,
+                     "atol": 0.0 if exact else a_tol, "rtol": 0.0 if exact else r_tol})
         ok &= good
     return {"ok": ok, "outputs": outs}
 
 
 def verify_bundle(bundle, inputs: dict[str, tuple] | None = None, seed: int = 0,
-                  atol: float = 1e-4) -> dict:
-    """Compare every tenant through `run`, and all of them through `run_all`."""
+                  atol: float | None = None, rtol: float | None = None) -> dict:
+    """Compare every tenant through `run`, and all of them through `run_all`; tolerances
+    not given follow each tenant's precision (`TOLERANCES`)."""
     if not bundle.sources:
         raise MTCompileError("verify needs the source models: compile the bundle in this "
                              "process, or pass load(dir, sources={name: Tenant})")
@@ -95,16 +136,17 @@ def verify_bundle(bundle, inputs: dict[str, tuple] | None = None, seed: int = 0,
                 inputs[name] = seeded_inputs(bundle.signature(name), seed + i)
     inputs = {k: tuple(to_numpy(x) for x in v) for k, v in inputs.items()}
     all_out = bundle.run_all(inputs)
-    result: dict[str, Any] = {"ok": True, "atol": atol, "tenants": {}}
+    result: dict[str, Any] = {"ok": True, "atol": atol, "rtol": rtol, "tenants": {}}
     for name in bundle.tenant_names:
         if name not in bundle.sources:
             result["tenants"][name] = {"ok": False, "error": "no source model given"}
             result["ok"] = False
             continue
         want = reference_outputs(bundle.sources[name], inputs[name])
-        single = compare(bundle.run(name, *inputs[name]), want, atol)
-        together = compare(all_out[name], want, atol)
-        entry = dict(single, run_all_ok=together["ok"])
+        precision = tenant_precision(bundle.sources[name], bundle.signature(name))
+        single = compare(bundle.run(name, *inputs[name]), want, atol, rtol, precision)
+        together = compare(all_out[name], want, atol, rtol, precision)
+        entry = dict(single, run_all_ok=together["ok"], precision=precision)
         entry["ok"] = single["ok"] and together["ok"]
         result["tenants"][name] = entry
         result["ok"] &= entry["ok"]

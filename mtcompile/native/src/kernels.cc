@@ -10,9 +10,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include "conv_avx2.h"
+#include "dense_avx2.h"
 
 #ifndef MTC_PREFIX
 #define MTC_PREFIX "mtcompile.native."
@@ -26,6 +30,7 @@ typedef struct {
 } TVMParallelGroupEnv;
 typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
 int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task);
+int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv* penv);
 }
 
 #if defined(MTC_BLAS_MKL)
@@ -82,6 +87,37 @@ void parallel(int64_t work, int64_t max_tasks, const F& body) {
   auto lambda = [](int task_id, TVMParallelGroupEnv* penv, void* cdata) -> int {
     const Ctx* c = static_cast<const Ctx*>(cdata);
     (*c->body)(task_id, penv->num_task);
+    return 0;
+  };
+  int rc = TVMBackendParallelLaunch(lambda, &ctx, 0);
+  if (rc != 0) TVM_FFI_THROW(RuntimeError) << "TVMBackendParallelLaunch failed (" << rc << ")";
+}
+
+// the AVX2/FMA kernels' CPU check, made during the library's static initialization (so the
+// CPU model is set up first); without them the BLAS paths run. MTCOMPILE_NATIVE_GENERIC=1
+// forces those paths (to test them on a CPU that has AVX2).
+const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") &&
+                                                 __builtin_cpu_supports("fma")) &&
+                      std::getenv("MTCOMPILE_NATIVE_GENERIC") == nullptr;
+
+// first(task, num_tasks) on every task, a barrier, then second(task, num_tasks): two phases in
+// one launch (waking the pool's workers costs more than a small kernel's work)
+template <typename F, typename G>
+void parallel_phases(int64_t work, int64_t max_tasks, const F& first, const G& second) {
+  if (work < kSerialWork || max_tasks <= 1) {
+    first(0, 1);
+    second(0, 1);
+    return;
+  }
+  struct Ctx {
+    const F* first;
+    const G* second;
+  } ctx{&first, &second};
+  auto lambda = [](int task_id, TVMParallelGroupEnv* penv, void* cdata) -> int {
+    const Ctx* c = static_cast<const Ctx*>(cdata);
+    (*c->first)(task_id, penv->num_task);
+    TVMBackendParallelBarrier(task_id, penv);
+    (*c->second)(task_id, penv->num_task);
     return 0;
   };
   int rc = TVMBackendParallelLaunch(lambda, &ctx, 0);
@@ -244,6 +280,71 @@ void matmul_bias(TensorView a, TensorView w, TensorView bias, TensorView out) {
   matmul_impl(op, a, w, fdata(bias), bias.size(0), out);
 }
 
+// ---------------------------------------------------------------- dense on a packed weight
+// out[..., n] = a[..., :] @ w[:, n] (+ bias[n]) with w packed at build time as 16-column
+// panels wp[N/16][K][16] (see dense_avx2.h; mtcompile.backend.kernels.pack_dense packs it).
+void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float* bias,
+                       int64_t nbias, TensorView out) {
+  check_tensor(op, "a", a, 1, 8);
+  check_tensor(op, "packed weight", wp, 3, 3);
+  check_tensor(op, "out", out, 1, 8);
+  const int64_t K = a.size(a.ndim() - 1), N = out.size(out.ndim() - 1);
+  const int64_t panels = (N + mtc::kDenseNR - 1) / mtc::kDenseNR;
+  if (wp.size(0) != panels || wp.size(1) != K || wp.size(2) != mtc::kDenseNR)
+    TVM_FFI_THROW(ValueError) << op << ": packed weight has shape " << shape_str(wp)
+                              << ", expected [" << panels << ", " << K << ", " << mtc::kDenseNR
+                              << "] for a " << shape_str(a) << " and out " << shape_str(out);
+  bool ok = out.ndim() == a.ndim();
+  for (int i = 0; ok && i + 1 < a.ndim(); ++i) ok = out.size(i) == a.size(i);
+  if (!ok)
+    TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected a's "
+                              << shape_str(a) << " with the last dimension " << N;
+  if (bias != nullptr && nbias != N)
+    TVM_FFI_THROW(ValueError) << op << ": bias has " << nbias << " values, out has " << N
+                              << " columns";
+  const int64_t rows = K == 0 ? out.numel() / std::max<int64_t>(N, 1) : a.numel() / K;
+  if (rows == 0 || N == 0) return;
+  const float* pa = fdata(a);
+  const float* pw = fdata(wp);
+  float* pc = fdata_mut(out);
+  // row blocks whose activations (rows x K) stay in L2 while the panels stream past them
+  const int64_t rb = std::max<int64_t>(mtc::kDenseMR,
+                                       (32768 / std::max<int64_t>(K, 1)) / mtc::kDenseMR *
+                                           mtc::kDenseMR);
+  const int64_t blocks = (rows + rb - 1) / rb, tiles = blocks * panels;
+  parallel(rows * N * K, tiles, [&](int64_t task, int64_t ntask) {
+    auto [t0, t1] = part(tiles, task, ntask, 1);
+    for (int64_t t = t0; t < t1;) {
+      const int64_t blk = t / panels, end = std::min(t1, (blk + 1) * panels);
+      const int64_t r0 = blk * rb, nr = std::min(rb, rows - r0);
+      const int64_t p0 = t - blk * panels, p1 = end - blk * panels;
+      if (kHasAvx2) {
+        mtc::dense_panels_avx2(nr, K, N, pa + r0 * K, pw, bias, pc + r0 * N, p0, p1);
+      } else {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n0 = p * mtc::kDenseNR, nc = std::min<int64_t>(mtc::kDenseNR, N - n0);
+          float* c = pc + r0 * N + n0;
+          if (bias)
+            for (int64_t r = 0; r < nr; ++r) std::memcpy(c + r * N, bias + n0, nc * sizeof(float));
+          sgemm(nr, nc, K, pa + r0 * K, K, pw + p * K * mtc::kDenseNR, mtc::kDenseNR,
+                bias ? 1.f : 0.f, c, N);
+        }
+      }
+      t = end;
+    }
+  });
+}
+
+void dense_packed(TensorView a, TensorView wp, TensorView out) {
+  dense_packed_impl("mtcompile.native.dense_packed", a, wp, nullptr, 0, out);
+}
+
+void dense_packed_bias(TensorView a, TensorView wp, TensorView bias, TensorView out) {
+  const char* op = "mtcompile.native.dense_packed_bias";
+  check_tensor(op, "bias", bias, 1, 1);
+  dense_packed_impl(op, a, wp, fdata(bias), bias.size(0), out);
+}
+
 // ---------------------------------------------------------------- conv2d
 struct Conv {
   int64_t N, C, H, W, O, KH, KW, OH, OW, G, Cg, Og;
@@ -326,10 +427,47 @@ void conv_depthwise_generic(const Conv& q, const float* x, const float* w, const
                             float* y, int64_t n, int64_t o) {
   depthwise_body(q, x, w, bias, y, n, o);
 }
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 void conv_depthwise(const Conv& q, const float* x, const float* w, const float* bias, float* y,
                     int64_t n, int64_t o) {
   (kHasAvx2 ? conv_depthwise_avx2 : conv_depthwise_generic)(q, x, w, bias, y, n, o);
+}
+
+// the AVX2 path: a padded copy of the input, packed weights, 16-pixel tiles over the pool
+// (see conv_avx2.h)
+void conv_direct(const Conv& c, const float* px, const float* pw, const float* bias, float* py) {
+  const mtc::ConvGeom q{c.C,  c.H,  c.W,  c.KH, c.KW, c.OH, c.OW, c.Cg,
+                        c.Og, c.sh, c.sw, c.pt, c.pl, c.dh, c.dw};
+  const mtc::Padded pd(q);
+  const int64_t Kd = c.Cg * c.KH * c.KW, cf = pd.channel_floats();
+  // the calling thread's buffers, kept between calls (pad_channels writes every float)
+  thread_local std::vector<float> wp, xp;
+  if (wp.size() < static_cast<size_t>(c.O * Kd)) wp.resize(c.O * Kd);
+  if (xp.size() < static_cast<size_t>(c.C * cf)) xp.resize(c.C * cf);
+  float* const wpp = wp.data();
+  float* const xpp = xp.data();
+  for (int64_t g = 0; g < c.G; ++g)
+    mtc::pack_weights(pw + g * c.Og * Kd, c.Og, Kd, wpp + g * c.Og * Kd);
+  const int64_t panels = c.OH * ((c.OW + mtc::kNR - 1) / mtc::kNR);
+  for (int64_t n = 0; n < c.N; ++n) {
+    const float* xn = px + n * c.C * c.H * c.W;
+    parallel_phases(
+        c.O * c.OH * c.OW * Kd, c.G * panels,
+        [&](int64_t task, int64_t ntask) {  // each task pads its share of the channels
+          auto [c0, c1] = part(c.C, task, ntask, 1);
+          mtc::pad_channels(q, pd, xn, c0, c1, xpp);
+        },
+        [&](int64_t task, int64_t ntask) {  // then computes its share of the panels
+          auto [t0, t1] = part(c.G * panels, task, ntask, 1);
+          for (int64_t t = t0; t < t1;) {  // a task's run of panels may span groups
+            const int64_t g = t / panels, end = std::min(t1, (g + 1) * panels);
+            mtc::conv_panels(q, pd, xpp + g * c.Cg * cf, wpp + g * c.Og * Kd,
+                             bias ? bias + g * c.Og : nullptr,
+                             py + (n * c.O + g * c.Og) * c.OH * c.OW, t - g * panels,
+                             end - g * panels);
+            t = end;
+          }
+        });
+  }
 }
 
 void conv_impl(const char* op, TensorView x, TensorView w, const float* bias, int64_t nbias,
@@ -380,6 +518,13 @@ void conv_impl(const char* op, TensorView x, TensorView w, const float* bias, in
       auto [t0, t1] = part(q.N * q.O, task, ntask, 1);
       for (int64_t t = t0; t < t1; ++t) conv_depthwise(q, px, pw, bias, py, t / q.O, t % q.O);
     });
+    return;
+  }
+  // the direct form computes 16 output columns at a time: narrow outputs (the 6x6 of a
+  // 16x16-patch embedding) would waste most lanes, and go to im2col + GEMM instead
+  const int64_t lanes = (q.OW + mtc::kNR - 1) / mtc::kNR * mtc::kNR;
+  if (kHasAvx2 && 4 * q.OW >= 3 * lanes) {
+    conv_direct(q, px, pw, bias, py);
     return;
   }
   // a 1x1, stride 1, unpadded conv reads x as the GEMM's right operand directly
@@ -446,4 +591,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   define(MTC_PREFIX "matmul_bias", matmul_bias);
   define(MTC_PREFIX "conv2d", conv2d);
   define(MTC_PREFIX "conv2d_bias", conv2d_bias);
+  define(MTC_PREFIX "dense_packed", dense_packed);
+  define(MTC_PREFIX "dense_packed_bias", dense_packed_bias);
 }

@@ -1,0 +1,69 @@
+"""The C++ driver ``mtcompile-run``: builds it and says where it is.
+
+``mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] [--timing]`` loads a saved bundle with
+TVM's runtime library only (no Python, no compiler, no torch), runs one tenant or ``run_all``
+on ``INPUT_DIR/<tenant>.<input>.npy`` and writes ``OUTPUT_DIR/<tenant>.<output>.npy``; it
+checks inputs against the manifest (shape, dtype, index ranges) first; ``--timing`` prints
+``{"load_s", "first_call_s", "peak_rss_kib"}`` as JSON. Exit status: 0 ok,
+2 usage, 3 bad input or bundle, 4 run-time error. It is the proof that a bundle is one native
+executable, and the start of a C++ serving backend (``src/run_bundle.cc``, one file).
+
+`build()` compiles it with the system C++ compiler against the headers and libraries of the
+installed tvm-ffi and TVM wheels (rpaths to them), cached by a hash of source and flags.
+``python -m mtcompile.driver`` builds it and prints its path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from mtcompile.errors import MTCompileError
+from mtcompile.native import blas_lib_dir, cache_dir, tvm_lib_dir
+
+__all__ = ["build", "command"]
+
+_SRC = Path(__file__).parent / "src" / "run_bundle.cc"
+
+
+def _flags() -> list[str]:
+    import tvm_ffi.libinfo as info
+
+    ffi_lib = Path(info.find_libtvm_ffi()).parent
+    includes = [info.find_include_path(), info.find_dlpack_include_path()]
+    # --no-as-needed: a bundle's library links TVM's runtime and the BLAS by name, without a
+    # path; the driver loads them first, from the wheels (as mtcompile.native.preload does)
+    libs = [f"-L{ffi_lib}", "-ltvm_ffi", f"-Wl,-rpath,{ffi_lib}", "-Wl,--no-as-needed",
+            f"-L{tvm_lib_dir()}", "-ltvm_runtime", f"-Wl,-rpath,{tvm_lib_dir()}",
+            f"-L{blas_lib_dir()}", "-lscipy_openblas", f"-Wl,-rpath,{blas_lib_dir()}"]
+    return ["-std=c++17", "-O2", *(f"-I{i}" for i in includes), str(_SRC), *libs]
+
+
+def build() -> str:
+    """Compile ``mtcompile-run`` once (cached by source and flags); its path."""
+    flags = _flags()
+    key = hashlib.sha256(_SRC.read_bytes() + repr(flags).encode()).hexdigest()[:16]
+    out = cache_dir() / f"driver-{key}" / "mtcompile-run"
+    if out.exists():
+        return str(out)
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise MTCompileError("building mtcompile-run needs a C++ compiler (g++), none found")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"mtcompile-run.{os.getpid()}.tmp")
+    res = subprocess.run([cxx, *flags, "-o", str(tmp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise MTCompileError(f"building mtcompile-run failed:\n{res.stderr[-4000:]}")
+    os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same file
+    return str(out)
+
+
+def command(bundle_dir, entry: str, input_dir, output_dir, threads: int | None = None,
+            timing: bool = False) -> list:
+    """The argument list that runs `entry` of the bundle at `bundle_dir` with the driver."""
+    cmd = [build(), str(bundle_dir), entry, str(input_dir), str(output_dir)]
+    return cmd + (["--threads", str(threads)] if threads else []) + (
+        ["--timing"] if timing else [])

@@ -1,0 +1,66 @@
+"""Bundle signatures: HMAC-SHA256 over the manifest and the library's bytes, with a key the
+pipeline holds. A hash in the manifest catches accidental damage; only a signature catches a
+library replaced together with the hash that describes it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from pathlib import Path
+
+from mtcompile.errors import ArtifactError
+
+SCHEME = "hmac-sha256"
+FIELD = "bundle_signature"  # the manifest key that holds it
+
+
+def as_key(key: bytes | str | None, what: str) -> bytes | None:
+    """`key` as bytes (a str is taken as UTF-8); None stays None."""
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, bytes | bytearray) or not key:
+        raise ArtifactError(f"{what} must be non-empty bytes or str, got "
+                            f"{type(key).__name__}")
+    return bytes(key)
+
+
+def _canonical(manifest: dict) -> bytes:
+    """The manifest's JSON, less its signature, in one canonical form (key order, spacing)."""
+    body = {k: v for k, v in manifest.items() if k != FIELD}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def signer(key: bytes, manifest: dict):
+    """An HMAC already fed the manifest; feed it the library's bytes, then `seal` it."""
+    text = _canonical(manifest)
+    mac = hmac.new(key, f"{SCHEME}\0{len(text)}\0".encode(), hashlib.sha256)
+    mac.update(text)
+    return mac
+
+
+def seal(mac) -> str:
+    return f"{SCHEME}:{mac.hexdigest()}"
+
+
+def sign(key: bytes, manifest: dict, library: Path) -> str:
+    """The signature of `manifest` (its JSON layout) with the library file `library`."""
+    mac = signer(key, manifest)
+    with open(library, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            mac.update(chunk)
+    return seal(mac)
+
+
+def check(mac, manifest: dict, where: Path) -> None:
+    """Raise unless `manifest` carries the signature `mac` (fed the library) computes."""
+    found = manifest.get(FIELD)
+    if found is None:
+        raise ArtifactError(f"{where}: the bundle is not signed, and a verify key was given; "
+                            "save it with Bundle.save(path, sign_key=...)")
+    if not isinstance(found, str) or not hmac.compare_digest(found, seal(mac)):
+        raise ArtifactError(f"{where}: signature does not match the manifest and library "
+                            "with this key: the files were changed after signing, or were "
+                            "signed with another key")
