@@ -9,7 +9,9 @@ and then float16), with shared modules (the same weights in two tenants) and rep
 architectures, and now and then an ONNX tenant: a small ONNX graph, often mutated (an
 attribute, a shape or a dtype changed; many such models are invalid). Each set is compiled
 with a random valid pipeline and options, then `CompiledBundle.verify` compares `run` and
-`run_all` with PyTorch eager / onnxruntime at a dtype-aware tolerance.
+`run_all` with PyTorch eager / onnxruntime at a dtype-aware tolerance (float32: 1e-4
+absolute, plus 1e-5 of max|source| where outputs are large enough for float32 rounding to
+exceed that).
 
 Every case must end as ``match`` or ``refused`` (an `MTCompileError`: the input was bad, or
 something is not supported, and the message says so); ``mismatch`` (wrong numbers),
@@ -203,6 +205,11 @@ def case(seed: int, index: int) -> dict:
     try:
         bundle = mtcompile.compile(tenants, passes=passes, pass_options=opts)
         result = bundle.verify()
+        if not result["ok"] and all(t.get("precision") == "float32"
+                                    for t in result["tenants"].values()):
+            # deep random stacks reach outputs in the hundreds, where float32 rounding alone
+            # exceeds 1e-4: allow 1e-5 of max|source| on top
+            result = bundle.verify(rtol=1e-5)
     except MTCompileError as e:
         return {**desc, "outcome": "refused", "error": type(e).__name__,
                 "message": str(e).splitlines()[0][:160]}
