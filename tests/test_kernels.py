@@ -4,6 +4,7 @@ profiling, tuning. The offload pass's structure: tests/test_offload_library.py."
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import subprocess
 import sys
@@ -423,18 +424,22 @@ def test_profile_matches_trace(tiny_bundle):
 
 
 def test_profile_cli_prints_per_tenant_lines(tiny_bundle, tiny_saved, capsys):
-    assert main(["profile", str(tiny_saved), "--repeat", "2", "--top", "3"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    heads = [ln for ln in lines if not ln.startswith("  ")]
-    assert [h.split(":")[0] for h in heads] == tiny_bundle.tenant_names
-    sources = {t.name: t for t in tiny_tenants()}
-    for h in heads:
-        name = h.split(":")[0]
-        (run,) = tiny_bundle.trace(name, [x.numpy() for x in sources[name].example_inputs])
-        assert h.endswith(f" us in {len(run)} calls")
-        block = lines[lines.index(h) + 1:]
-        rows = [ln for ln in block[:3] if ln.startswith("  ")]
-        assert len(rows) == 3 and all("%" in r and " us  x" in r for r in rows)
+    # --top cuts by measured time, so which kernels make the cut depends on timing: the
+    # cut is checked by count only, and the named kernel in a listing that shows them all.
+    for top in (3, 1000):
+        assert main(["profile", str(tiny_saved), "--repeat", "2", "--top", str(top)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        heads = [ln for ln in lines if not ln.startswith("  ")]
+        assert [h.split(":")[0] for h in heads] == tiny_bundle.tenant_names
+        sources = {t.name: t for t in tiny_tenants()}
+        for h in heads:
+            name = h.split(":")[0]
+            (run,) = tiny_bundle.trace(name, [x.numpy() for x in sources[name].example_inputs])
+            assert h.endswith(f" us in {len(run)} calls")
+            block = lines[lines.index(h) + 1:]
+            rows = list(itertools.takewhile(lambda ln: ln.startswith("  "), block))
+            assert all("%" in r and " us  x" in r for r in rows)
+            assert len(rows) == min(top, len({sym for sym, _ in run}))
     assert any("mtcompile.native.conv2d_bias" in ln for ln in lines)
 
 
