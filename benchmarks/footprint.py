@@ -1,6 +1,8 @@
 """Resident memory and start-up of a fresh process that loads a tenant set and runs it once:
-the bundle through the Python runtime and through the C++ driver (`mtcompile-run`), against
-onnxruntime sessions and PyTorch eager (TorchScript files) for the same models.
+the bundle through the Python runtime (lean: TVM's runtime library only, as `mtcompile.load`
+runs; and with tvm and torch imported first, as the runtime did before it was lean) and
+through the C++ driver (`mtcompile-run`), against onnxruntime sessions and PyTorch eager
+(TorchScript files) for the same models.
 
     python -m benchmarks.footprint [--set all|heterogeneous|...] [--write]
 
@@ -40,6 +42,7 @@ def peak():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
 import json, sys, time
 t0 = time.perf_counter()
+# PRELUDE
 import numpy as np
 import mtcompile
 b = mtcompile.load(sys.argv[1], threads=2)
@@ -140,8 +143,11 @@ def run(set_name: str) -> dict:
         (d / "out").mkdir()
         npz = str(d / "inputs.npz")
         return {"set": set_name, "tenants": bundle.tenant_names, "contenders": {
-            "mtcompile, Python runtime": _measure(
+            "mtcompile, Python runtime (lean)": _measure(
                 [sys.executable, "-c", _PYTHON_BUNDLE, str(saved), npz]),
+            "mtcompile, Python runtime, tvm + torch imported": _measure(
+                [sys.executable, "-c", _PYTHON_BUNDLE.replace("# PRELUDE", "import torch, tvm"),
+                 str(saved), npz]),
             "mtcompile-run (C++ driver)": _measure(
                 command(saved, "run_all", d / "in", d / "out", threads=2, timing=True)),
             "onnxruntime": _measure([sys.executable, "-c", _ORT, str(saved), npz, *onnx_files]),
@@ -157,12 +163,14 @@ def to_markdown(results: list[dict]) -> str:
              f"`python -m benchmarks.footprint --set ...` — {stamp}. Peak RSS of the process; "
              "start to exit: spawn to exit (imports, load, one run of every tenant); load and "
              "first call as the process times them.", "",
-             "| set | contender | peak RSS MiB | start to exit s | load s | first call ms |",
-             "|---|---|---|---|---|---|"]
+             "| set | contender | peak RSS MiB | start to exit s | load s | first call ms | "
+             "imported |", "|---|---|---|---|---|---|---|"]
     for r in results:
         for name, c in r["contenders"].items():
+            imported = ", ".join(k for k in ("tvm", "torch") if c.get(f"{k}_imported")) or (
+                "neither tvm nor torch" if "tvm_imported" in c else "")
             lines.append(f"| {r['set']} | {name} | {c['rss_mib']:.0f} | {c['wall_s']:.2f} | "
-                         f"{c['load_s']:.2f} | {c['first_call_s'] * 1e3:.1f} |")
+                         f"{c['load_s']:.2f} | {c['first_call_s'] * 1e3:.1f} | {imported} |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,10 +17,28 @@ from mtcompile.errors import (
 from mtcompile.tenant import Tenant
 from mtcompile.version import __version__  # noqa: F401  (the public version)
 
+# what compiling imports that a serving install (the base, without the `compile` extra) lacks
+_COMPILE_PACKAGES = ("torch", "onnx", "networkx")
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is not None  # found, not imported
+    except (ImportError, ValueError):
+        return False
+
 
 def __getattr__(name):
-    # compile/load pull in TVM and torch: import them on first use, keep `import mtcompile` light.
+    # compile pulls in TVM's compiler and torch, load + run TVM's runtime library only: import
+    # them on first use, keep `import mtcompile` light.
     if name == "compile":
+        missing = [p for p in _COMPILE_PACKAGES if not _installed(p)]
+        if missing:
+            raise MTCompileError(f"mtcompile.compile needs {', '.join(missing)}, not installed "
+                                 "here: this is a serving install (it loads and runs saved "
+                                 "bundles); pip install 'mtcompile[compile]' to compile")
         from mtcompile.api import compile
 
         return compile

@@ -20,7 +20,7 @@ from mtcompile.errors import MTCompileError, TenantError
 from mtcompile.frontend.importers import import_tenant
 from mtcompile.frontend.lift import lift
 from mtcompile.frontend.merge import merge
-from mtcompile.ir.graph import Graph
+from mtcompile.ir.graph import Graph, TensorTy
 from mtcompile.pass_infra import Instrument, PassContext, entry_pipeline, run_passes
 from mtcompile.runtime.threads import configure as configure_threads
 from mtcompile.tenant import Tenant
@@ -202,29 +202,53 @@ def tune(
     pass_options: dict[str, dict[str, Any]] | None = None,
     *,
     kernels: str | dict[str, str] | None = "tvm",
+    target: str | dict | None = None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    rpc_wait_s: float = 30.0,
+    builders: int | None = None,
     progress: Callable[[str], None] | None = None,
     on_trials: Callable[[int, int], None] | None = None,
+    on_task: Callable[[dict], None] | None = None,
 ) -> dict:
     """Tune the TVM kernels of the merged tenants with MetaSchedule into `out_dir`.
 
     Build with the same tenants, passes and `kernels` and ``tuning_db=out_dir`` to use it.
-    Returns the number of tasks of the merged module, the sum over tenants compiled
-    alone (the difference is what merging saved), records written and time taken.
-    on_trials: called ``(trials just measured, most trials in all)`` as tuning goes.
+    Trials already in `out_dir` count toward `trials` (a stopped run continues). target: the
+    device measured, ``"llvm"`` (this machine's CPU, default) or an llvm TVM target dict;
+    rpc_tracker ``"HOST:PORT"`` and rpc_key: measure on that tracker's servers with the key
+    (rpc_wait_s: how long to wait for them); builders: parallel build workers (default the
+    cores). Returns the number of tasks of the merged module, the sum over tenants compiled
+    alone (the difference is what merging saved), records, trials measured, time taken and
+    ``table``: per task its trials, best time (us) and the functions (tenants) that use it.
+    on_trials: ``(trials just measured, most trials in all)``; on_task: a ``table`` row,
+    after each batch of measurements.
     """
     from mtcompile.backend import kernels as kernel_mod
-    from mtcompile.backend.lowering import make_target
-    from mtcompile.backend.tuning import count_tasks
+    from mtcompile.backend.tuning import count_tasks, parse_target
     from mtcompile.backend.tuning import tune as run_tuning
+    from mtcompile.backend.tuning_remote import Tracker
     from mtcompile.passes import build_pipeline
 
     say = progress or (lambda _msg: None)
     tenants = _check_tenants(tenants)
+    tuning_target = parse_target(target)
+    devices = None
+    if rpc_tracker is not None or rpc_key is not None:
+        # before the front end: a wrong address or key fails in seconds, not after imports
+        devices = Tracker.parse(rpc_tracker or "", rpc_key, wait_s=rpc_wait_s).check()
+        say(f"tracker {rpc_tracker}: {devices.servers} server(s) with key {rpc_key!r}, "
+            f"{devices.threads} thread(s) each")
     pipeline = build_pipeline(passes, pass_options)
     providers = resolve_providers("llvm", kernels)
     graph, entry_graph, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say),
                                               providers)
-    target = make_target("llvm")
+    dynamic = sorted({n.tenant for n in graph.nodes
+                      if isinstance(n.ty, TensorTy) and n.ty.symbolic})
+    if dynamic:
+        raise MTCompileError(f"tune: tenants {dynamic} have symbolic (dynamic) dims; "
+                             "MetaSchedule tunes kernels of fixed shapes: tune the tenants "
+                             "with static shapes (e.g. at the bound), or build without tuning")
 
     def prepared(g: Graph, entries: Graph | None = None):
         return kernel_mod.prepare(emit_module(g, None, entries))
@@ -232,9 +256,11 @@ def tune(
     # each tenant alone, with the same kernel decisions as the merged graph got
     alone = [p for p in pipeline if p.name in ("fold-batch-norm", "offload-library")]
     ctx = PassContext("llvm", providers)
-    separate = sum(count_tasks(prepared(run_passes(g, alone, ctx)[0]), target) for g in graphs)
-    result = run_tuning(prepared(graph, entry_graph), target, out_dir, trials, progress=say,
-                        on_trials=on_trials)
+    separate = sum(count_tasks(prepared(run_passes(g, alone, ctx)[0]), tuning_target)
+                   for g in graphs)
+    result = run_tuning(prepared(graph, entry_graph), tuning_target, out_dir, trials,
+                        progress=say, on_trials=on_trials, devices=devices, builders=builders,
+                        on_task=on_task)
     result.update(tasks_tenants_alone=separate, tasks_removed_by_merge=separate - result["tasks"],
                   kernels=providers)
     return result

@@ -91,7 +91,9 @@ def key_doc(*, name: str, target: str, cpu: str | None, cpu_features: Sequence[s
 
 
 def _type(ty) -> list | str:
-    return [list(ty.shape), ty.dtype] if isinstance(ty, TensorTy) else str(ty)
+    # a symbolic dim: its name and bounds (the bounds size the memory plan)
+    return ([[d if isinstance(d, int) else [d.text, d.lo, d.hi] for d in ty.shape], ty.dtype]
+            if isinstance(ty, TensorTy) else str(ty))
 
 
 def build_key(doc: dict) -> str:

@@ -4,6 +4,7 @@ signatures, the graphs and their analyses, the stream layout, and the build's fi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
 from mtcompile.analysis.index_ranges import input_index_ranges
@@ -13,7 +14,7 @@ from mtcompile.analysis.streams import lanes_view
 from mtcompile.backend.stream_layout import StreamLayout, run_all_params
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.merge import constant_bytes_before_merge
-from mtcompile.ir.graph import ConstRef, Graph, TensorTy
+from mtcompile.ir.graph import ConstRef, Graph, Sym, TensorTy
 from mtcompile.ir.view import graph_view
 from mtcompile.runtime.abi import RUN_ALL
 from mtcompile.runtime.manifest import (
@@ -63,9 +64,10 @@ def tenant_sig(graph: Graph, t: str, kind: str, source_hash: str,
     inputs = []
     for local, node in io.inputs:
         ty = graph.node(node).ty
-        inputs.append(IOSpec(local, tuple(ty.shape), ty.dtype, ranges.get(node),
+        shape, dims = sig_shape(ty, t)
+        inputs.append(IOSpec(local, shape, ty.dtype, ranges.get(node),
                              node.removeprefix("shared.") if node.startswith("shared.")
-                             else None))
+                             else None, dims))
     outputs = []
     for i, o in enumerate(io.outputs):
         ty = graph.node(o.name).ty if not isinstance(o, ConstRef) else TensorTy(
@@ -73,8 +75,21 @@ def tenant_sig(graph: Graph, t: str, kind: str, source_hash: str,
         if not isinstance(ty, TensorTy):
             raise MTCompileError(f"tenant '{t}': output {i} is not a tensor ({ty})")
         name = names[i] if names and i < len(names) else f"output{i}"
-        outputs.append(IOSpec(name, tuple(ty.shape), ty.dtype))
+        shape, dims = sig_shape(ty, t)
+        outputs.append(IOSpec(name, shape, ty.dtype, dims=dims))
     return TenantSig(kind, source_hash, tuple(inputs), tuple(outputs))
+
+
+def sig_shape(ty: TensorTy, t: str) -> tuple[tuple[int | str, ...], dict | None]:
+    """A signature's shape and dim bounds: a symbolic dim by its name without the
+    ``<tenant>_`` prefix its size variable carries (``batch``, ``batch * 4``)."""
+    if not ty.symbolic:
+        return tuple(ty.shape), None
+    strip = re.compile(rf"\b{re.escape(t)}_")
+    shape = tuple(strip.sub("", d.text) if isinstance(d, Sym) else d for d in ty.shape)
+    dims = {strip.sub("", n): (lo, hi) for d in ty.shape if isinstance(d, Sym)
+            for n, lo, hi in d.bounds}
+    return shape, dims
 
 
 def streams_info(graph: Graph, layout: StreamLayout | None) -> StreamsInfo:

@@ -287,7 +287,9 @@ def describe(manifest: Manifest, library_bytes: int | None = None) -> str:
     lines.append("kernels  " + ", ".join(f"{k}: {v}" for k, v in sorted(m.kernels.items()))
                  + (f"; tuning database {m.tuning_db}" if m.tuning_db else ""))
     if m.memory is not None:
-        lines.append(_memory_line(m.memory))
+        dynamic = any(s.dims for sig in m.tenants.values() for s in sig.inputs)
+        lines.append(_memory_line(m.memory)
+                     + (" (dynamic dims at their upper bounds)" if dynamic else ""))
     lines.append("tenants")
     for t in m.tenant_order:
         s = m.tenants[t]
@@ -311,6 +313,7 @@ def _memory_line(mem: MemoryInfo) -> str:
 
 def cmd_inspect(args) -> tuple[int, dict | None]:
     """The manifest read as JSON: no TVM, no device (the library is only measured)."""
+    from mtcompile.runtime import footprint
     from mtcompile.runtime.artifact import read_manifest, sha256_file
 
     manifest = read_manifest(args.bundle)
@@ -323,7 +326,16 @@ def cmd_inspect(args) -> tuple[int, dict | None]:
     if args.json:
         print(manifest.to_json(), end="")  # the manifest itself is the JSON document
         return EXIT_OK, None
-    _say(args, describe(manifest, lib.stat().st_size if lib.is_file() else None))
+    size = lib.stat().st_size if lib.is_file() else None
+    _say(args, describe(manifest, size))
+    fp = footprint.report(manifest, None, size)  # nothing is loaded here: computed
+
+    def part(k: str) -> str:
+        return "?" if fp[k] is None else _fmt_bytes(fp[k])
+
+    _say(args, f"resident (computed) runtime <= {part('runtime')} (its library files), code "
+               f"{part('code')}, weights {part('weights')}, arena {part('arena')}; "
+               "Bundle.footprint() measures them on load")
     return EXIT_OK, None
 
 
@@ -336,14 +348,30 @@ def cmd_tune(args) -> tuple[int, dict]:
     # MetaSchedule logs its task tables to stdout (and to DIR/logs): to stderr, -v only
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
         logging.DEBUG if args.verbose > 0 else logging.WARNING)
-    with _progress(args, len(spec.tenants) + 5, "tune") as progress, \
+
+    def on_task(row: dict) -> None:
+        log.info(f"task {row['task']}: {row['trials'] - row['failed']}/{args.trials} trials "
+                 f"({row['failed']} failed), best "
+                 + ("-" if row["best_us"] is None else f"{row['best_us']:.2f} us"))
+
+    with _progress(args, len(spec.tenants) + 6, "tune") as progress, \
             contextlib.redirect_stdout(sys.stderr):
         res = tune(spec.tenants, args.output, args.trials, spec.passes, spec.pass_options,
-                   kernels=parse_kernels(args.kernels) or "tvm", progress=progress,
-                   on_trials=progress.trials)
+                   kernels=parse_kernels(args.kernels) or "tvm", target=args.target,
+                   rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+                   rpc_wait_s=args.rpc_wait, builders=args.builders, progress=progress,
+                   on_trials=progress.trials, on_task=on_task)
     _say(args, f"tasks: {res['tasks']} in the merged module, {res['tasks_tenants_alone']} for "
          f"the tenants compiled alone ({res['tasks_removed_by_merge']} removed by merging)")
-    _say(args, f"records: {res['records']} in {args.output}, {res['seconds']:.1f} s; build with "
+    if res["table"]:
+        width = max(len("task"), *(len(r["task"]) for r in res["table"]))
+        _say(args, f"{'task':<{width}}  trials  failed   best us  used by")
+        for r in res["table"]:
+            best = "-" if r["best_us"] is None else f"{r['best_us']:.2f}"
+            _say(args, f"{r['task']:<{width}}  {r['trials']:>6}  {r['failed']:>6}  {best:>8}  "
+                 f"{', '.join(r['tenants']) or '-'}")
+    _say(args, f"records: {res['records']} in {args.output} ({res['measured']} measured now, "
+         f"{res['resumed_from']} before), {res['seconds']:.1f} s; build with "
          f"--tuning-db {args.output} --kernels {args.kernels or 'tvm'}")
     return EXIT_OK, {"command": "tune", "output": str(args.output), **res, "ok": True,
                      "exit_code": EXIT_OK}
@@ -536,6 +564,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", required=True, help="database directory")
     t.add_argument("--trials", type=_positive, default=64, help="trials per task")
     t.add_argument("--kernels", default="tvm", help="providers the build will use (default tvm)")
+    t.add_argument("--target", help="the device measured: llvm (this machine's CPU, default) "
+                   'or a TVM target dict as JSON, e.g. \'{"kind": "llvm", "mcpu": "skylake"}\'')
+    t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on this RPC tracker's "
+                   "servers (python -m tvm.exec.rpc_tracker) instead of this machine")
+    t.add_argument("--rpc-key", metavar="KEY", help="the key of the tracker's servers to use")
+    t.add_argument("--rpc-wait", type=_positive, default=30, metavar="S", help="seconds to "
+                   "wait for the tracker and a server with the key (default 30)")
+    t.add_argument("--builders", type=_positive, metavar="N", help="parallel build workers "
+                   "(default: this machine's cores)")
     t.set_defaults(fn=cmd_tune)
 
     pr = command("profile", "time per kernel of a saved bundle, by tenant")

@@ -31,6 +31,12 @@ class Tenant:
     shared_inputs: ``{input_name: shared_name}``: inputs of different tenants declared
     with the same shared name are one tensor (e.g. the same camera frame); ``run_all``
     then reads it once and the ``dedup`` pass can share the work done on it.
+
+    Dynamic sizes (one bundle serves any size within bounds): dynamic_shapes, for a
+    ``torch.nn.Module``, is exactly ``torch.export``'s argument (``{"x": {0:
+    Dim("batch", min=1, max=16)}}``); dim_bounds: ``{dim name: (lo, hi)}`` for the
+    dimensions an ONNX file names (``dim_param``) or an ``input_shapes`` entry names by
+    a string (fx and ONNX tenants).
     """
 
     name: str
@@ -38,6 +44,8 @@ class Tenant:
     example_inputs: tuple | None = None
     input_shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
     shared_inputs: dict[str, str] = field(default_factory=dict)
+    dynamic_shapes: Any = None
+    dim_bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self):
         # fullmatch, not match: "$" would also accept a trailing newline.
@@ -56,5 +64,15 @@ class Tenant:
             if not isinstance(shared, str) or not _NAME.fullmatch(shared):
                 raise TenantError(f"tenant {self.name!r}: shared input name {shared!r} for "
                                   f"{local!r} is not valid (a letter, then letters, digits, '_')")
+        for dim, b in self.dim_bounds.items():
+            if not isinstance(dim, str) or not _NAME.fullmatch(dim):
+                raise TenantError(f"tenant {self.name!r}: dim_bounds names {dim!r}, which is "
+                                  "not a valid dimension name (a letter, then letters, "
+                                  "digits, '_')")
+            if (not isinstance(b, tuple | list) or len(b) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in b)
+                    or not 1 <= b[0] <= b[1]):
+                raise TenantError(f"tenant {self.name!r}: dim_bounds[{dim!r}] = {b!r}; "
+                                  "expected (lo, hi) integers with 1 <= lo <= hi")
         if self.example_inputs is not None and not isinstance(self.example_inputs, tuple):
             object.__setattr__(self, "example_inputs", tuple(self.example_inputs))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from mtcompile.analysis.schedule import Kernel, kernel_dag
 from mtcompile.analysis.streams import AUTO_MIN_SPEEDUP, POLICIES, StreamAssignment, assign
+from mtcompile.errors import MTCompileError
 from mtcompile.ir import ops
 from mtcompile.ir.graph import ConstRef, Graph, Ref, TensorTy
 from mtcompile.pass_infra import Pass, PassContext, PassResult, option, register
@@ -39,7 +40,7 @@ def _shape(graph: Graph, arg) -> tuple[int, ...]:
     if isinstance(arg, ConstRef):
         return tuple(graph.constants[arg.key].shape)
     if isinstance(arg, Ref) and isinstance(graph.node(arg.name).ty, TensorTy):
-        return graph.node(arg.name).ty.shape
+        return graph.node(arg.name).ty.bound_shape
     return ()
 
 
@@ -51,7 +52,7 @@ def kernel_work(graph: Graph, k: Kernel) -> tuple[float, float]:
         n = graph.node(name)
         if not isinstance(n.ty, TensorTy):
             continue
-        out = math.prod(n.ty.shape)
+        out = math.prod(n.ty.bound_shape)  # symbolic dims: the work at their bound
         op = ops.LIBRARY_CALLS.get(n.op, n.op)  # a library call computes its heavy op
         if n.op in ops.BIAS_CALLS:
             flops += out  # the bias add that joined the call
@@ -107,6 +108,17 @@ class AssignStreams(Pass):
                                 doc="the estimated speedup auto needs to keep several streams")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        policy = self.policy
+        dynamic = sorted({n.tenant for n in graph.nodes
+                          if isinstance(n.ty, TensorTy) and n.ty.symbolic})
+        if dynamic:
+            # a stream function defines no size variable of the values handed to it
+            if (self.streams or 1) > 1 or policy == "max":
+                raise MTCompileError(
+                    f"assign-streams: tenants {dynamic} have symbolic (dynamic) dims; "
+                    "several streams need fixed shapes: drop the streams option or give "
+                    "those tenants static shapes")
+            policy = "sequential"
         dag = kernel_dag(graph)
         order = [k.name for k in dag.kernels]
         cpu = ctx.target != "cuda"
@@ -118,7 +130,7 @@ class AssignStreams(Pass):
             return kernel_costs(graph, dag.kernels, cpu, threads)
 
         a = assign(order, dag.deps, streams=self.streams, max_streams=self.max_streams,
-                   policy=self.policy, cost_us=cost(cores),
+                   policy=policy, cost_us=cost(cores),
                    concurrent_cost_us=lambda n: cost(max(1, cores // n)),
                    lanes=cores if cpu else None,
                    min_speedup=self.min_speedup if cpu or CUDA_AUTO else math.inf,
@@ -126,5 +138,6 @@ class AssignStreams(Pass):
         a = StreamAssignment(a.streams, a.syncs, a.policy, a.estimated_speedup,
                              a.logical_concurrency, {**a.info, **({"cores": cores} if cpu else {})},
                              kernel_us=cost(max(1, cores // a.num_streams)))
-        info = {**a.summary(), "kernels": len(order), "cost_model": "graph", "cores": cores}
+        info = {**a.summary(), "kernels": len(order), "cost_model": "graph", "cores": cores,
+                **({"sequential_for_dynamic": dynamic} if dynamic else {})}
         return PassResult(graph.with_analysis("streams", a), False, info)

@@ -222,7 +222,8 @@ class FuseHorizontal(Pass):
         by_sig: dict[tuple, list[str]] = {}
         seqs = {t: [n for n in graph.nodes if n.tenants == (t,)] for t in graph.tenants}
         for t, own in seqs.items():
-            if own:
+            # a tenant of symbolic (dynamic) dims takes its own size each run: never stacked
+            if own and not any(isinstance(n.ty, TensorTy) and n.ty.symbolic for n in own):
                 by_sig.setdefault(_signature(graph, own), []).append(t)
         groups = [ts[i:i + self.max_group] for ts in by_sig.values()
                   for i in range(0, len(ts), self.max_group)]

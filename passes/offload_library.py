@@ -1,11 +1,16 @@
 """offload-library: matmul/conv2d (float32; conv NCHW/OIHW) whose provider is a library
 (``native`` or ``torch``) -> library call nodes; a constant per-channel bias added to one
-alone joins the call.
+alone joins the call, and then (native only) a ReLU/GELU or a same-shape residual add
+that alone reads the result joins it as the kernel's epilogue; softmax and layer norm go to
+native row kernels.
 
 The node op is the provider's kernel name (``mtcompile.<provider>.matmul`` / ``matmul_bias``
 / ``conv2d`` / ``conv2d_bias``, see `mtcompile.ir.ops`); a conv carries its `ConvParams`
-as attrs; the bias is a 1-D constant argument. Lowering emits such a node as
-``R.call_dps_packed``; fuse-vertical, the kernel model and plan-memory read it as a kernel
+as attrs; the bias is a 1-D constant argument, a residual the argument after it (the
+epilogue is in the name: ``conv2d_bias_add_relu``, `mtcompile.ir.ops.EPILOGUES`). Where
+matmul's provider is native (llvm), softmax and layer norm over the last axis become the
+native row kernels (``mtcompile.native.softmax`` / ``layer_norm``; TVM's reductions run
+scalar). Lowering emits such a node as ``R.call_dps_packed``; fuse-vertical, the kernel model and plan-memory read it as a kernel
 of its own. What the library takes is `mtcompile.ir.ops.LIBRARY`; `why_not` says why an
 op stays a TVM op. Without this pass (``passes=[]`` or a list without it) every heavy op
 stays a TVM op, whatever the providers say.
@@ -22,7 +27,7 @@ from mtcompile.analysis.schedule import constant_only
 from mtcompile.ir import ops
 from mtcompile.ir.builder import graph_types, make
 from mtcompile.ir.graph import ConstRef, Graph, Node, Ref, TensorTy, const_key
-from mtcompile.pass_infra import Pass, PassContext, PassResult, register
+from mtcompile.pass_infra import Pass, PassContext, PassResult, option, register
 
 
 def _ty(graph: Graph, a) -> TensorTy | None:
@@ -85,9 +90,15 @@ def bias_channels(graph: Graph, arg, call: Node, const: set[str]) -> bool:
 class OffloadLibrary(Pass):
     """Heavy ops whose provider (`PassContext.kernels`) is a library and that the library
     takes -> library call nodes; then add(call, bias) -> one bias call where the call has
-    no other reader and the bias is per channel (addmm needs a 2-D weight)."""
+    no other reader and the bias is per channel (addmm needs a 2-D weight); then, with
+    `epilogues`, the native bias call's sole reader if it is a ReLU, a GELU or an add of a
+    same-shape tensor (then a ReLU after that) -> the call with that epilogue."""
 
     name = "offload-library"
+    epilogues: bool = option(True, doc="fold an activation or residual add that alone "
+                             "reads a native bias call into the call")
+    rows: bool = option(True, doc="softmax and layer norm over the last axis -> the native "
+                        "row kernels, where matmul's provider is native (llvm)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         const = constant_only(graph)
@@ -104,13 +115,22 @@ class OffloadLibrary(Pass):
                 calls[n.name] = Node(n.name, call, n.args[:2], n.ty, n.tenants, attrs)
             elif ctx.kernels.get(ops.HEAVY[n.op]) in ops.LIBRARY_PROVIDERS:
                 left[n.name] = why
-        if not calls:
+        rows = {} if not (self.rows and ctx.target == "llvm" and ctx.kernels.get("matmul")
+                          == "native") else _row_calls(graph, const)
+        if not calls and not rows:
             return PassResult(graph, False, {"library_calls": 0, "left_to_tvm": left})
         nodes, constants = self._fold_biases(graph, calls, const)
         biased = sum(1 for n in nodes if n.op in ops.BIAS_CALLS)
+        for _, eps in rows.values():
+            constants.update(eps)
         out = Graph(graph.nodes, graph.tenants, {**graph.constants, **constants})
+        if self.epilogues:
+            nodes = _fold_epilogues(out, nodes)
+        nodes = [rows[n.name][0] if n.name in rows else n for n in nodes]
         return PassResult(out.with_nodes(nodes), True, {
-            "library_calls": len(calls), "biases_folded": biased, "left_to_tvm": left})
+            "library_calls": len(calls), "biases_folded": biased,
+            "epilogues_folded": sum(1 for n in nodes if n.op in ops.EPILOGUE_CALLS),
+            "row_calls": len(rows), "left_to_tvm": left})
 
     @staticmethod
     def _fold_biases(graph: Graph, calls: dict[str, Node],
@@ -158,3 +178,109 @@ class OffloadLibrary(Pass):
                 continue
             out.extend(into.get(n.name, [calls.get(n.name, n)]))
         return out, constants
+
+
+def _fold_epilogues(graph: Graph, nodes: list[Node]) -> list[Node]:
+    """`nodes` with each ReLU/GELU or same-shape add that is the sole reader of a native bias
+    call (not a tenant output) replaced by the call with that epilogue, named as the node it
+    replaces; in order, so that a ReLU after a folded add folds too (``add_relu``).
+
+    A matmul's result may reach the node through a reshape that keeps its last axis (a Linear
+    on a 3-D input exports as reshape, addmm, reshape): the call then reads its input
+    reshaped to match (a view) and gives the node's shape itself."""
+    users: dict[str, list[str]] = {}
+    for n in nodes:
+        for r in n.inputs:
+            users.setdefault(r, []).append(n.name)
+    outputs = graph.output_names()
+    cur: dict[str, Node] = {}  # name -> the node now under that name
+    gone: set[str] = set()  # nodes that joined their reader
+    added: dict[str, list[Node]] = {}  # name -> views to emit before it
+    typeof = graph_types(graph, cur)
+
+    def sole(name: str) -> bool:
+        return name not in outputs and len(users.get(name, [])) == 1
+
+    def foldable(arg, epilogue: str) -> tuple[Node, Node | None] | None:
+        """The call `arg` is (or reshapes), and the reshape, if it folds into a reader."""
+        src = cur.get(arg.name) if isinstance(arg, Ref) else None
+        view = None
+        if (src is not None and src.op == "relax.reshape" and sole(src.name)
+                and isinstance(src.args[0], Ref)):
+            view, src = src, cur.get(src.args[0].name)
+            if (src is None or ops.LIBRARY_CALLS.get(src.op) != "relax.matmul"
+                    or not isinstance(view.ty, TensorTy) or not view.ty.shape
+                    or view.ty.shape[-1] != src.ty.shape[-1]):
+                return None
+        if (src is None or src.op not in ops.BIAS_CALLS or ops.CALL_PROVIDER[src.op] != "native"
+                or ops.EPILOGUE_CALLS.get(src.op, "") != epilogue or not sole(src.name)):
+            return None
+        return src, view
+
+    for n in nodes:
+        found, epilogue, residual = None, "", ()
+        if n.op in ops.EPILOGUE_ACTS and len(n.args) == 1:
+            act = ops.EPILOGUE_ACTS[n.op]
+            found, epilogue = foldable(n.args[0], ""), act
+            if found is None and act == "relu":
+                found, epilogue = foldable(n.args[0], "add"), "add_relu"
+        elif n.op == "relax.add" and len(n.args) == 2 and isinstance(n.ty, TensorTy):
+            for i in (0, 1):
+                found, residual = foldable(n.args[i], ""), (n.args[1 - i],)
+                if (found is not None and _ty(graph, residual[0]) == n.ty
+                        and residual[0] not in (Ref(found[0].name), n.args[i])):
+                    epilogue = "add"
+                    break
+                found = None
+        if found is None:
+            cur[n.name] = n
+            continue
+        src, view = found
+        args = src.args
+        if view is not None:  # the call's input as a view of the node's leading shape
+            k = typeof(args[0]).shape[-1]
+            pre = make(typeof, f"{n.name}.in", n.tenants, relax.op.reshape, [args[0]],
+                       shape=[*n.ty.shape[:-1], k])
+            cur[pre.name] = pre
+            added.setdefault(n.name, []).append(pre)
+            args = (Ref(pre.name), *args[1:])
+            gone.add(view.name)
+        lib = ops.LIBRARY[ops.LIBRARY_CALLS[src.op]]
+        tenants = tuple(dict.fromkeys((*src.tenants, *n.tenants)))
+        cur[n.name] = Node(n.name, lib.call("native", True, epilogue), (*args, *residual),
+                           n.ty, tenants, src.attrs)
+        gone.add(src.name)
+    out: list[Node] = []
+    for n in nodes:
+        out.extend(added.get(n.name, []))
+        if n.name not in gone:
+            out.append(cur[n.name])
+    return out
+
+
+def _row_calls(graph: Graph, const: set[str]) -> dict[str, tuple[Node, dict]]:
+    """Softmax and layer norm (affine) over the last axis of a float32 tensor -> the native
+    row kernels (`ops.ROW_CALLS`), by node name, each with the constants it adds (layer
+    norm's epsilon, a 1-element argument)."""
+    out: dict[str, tuple[Node, dict]] = {}
+    for n in graph.nodes:
+        ty = n.ty
+        if (n.op not in ("relax.nn.softmax", "relax.nn.layer_norm") or n.name in const
+                or not isinstance(ty, TensorTy) or ty.dtype != "float32" or not ty.shape):
+            continue
+        attrs = n.attrs.obj
+        last = len(ty.shape) - 1
+        if n.op == "relax.nn.softmax":
+            if int(attrs.axis) in (-1, last):
+                out[n.name] = (Node(n.name, "mtcompile.native.softmax", n.args[:1], ty,
+                                    n.tenants), {})
+            continue
+        axes = [int(a) for a in attrs.axes]
+        affine = [_ty(graph, a) for a in n.args[1:3]]
+        if (axes in ([-1], [last]) and bool(attrs.center) and bool(attrs.scale)
+                and all(t == TensorTy((ty.shape[-1],), "float32") for t in affine)):
+            eps = np.array([float(attrs.epsilon)], np.float32)
+            key = const_key(eps)
+            out[n.name] = (Node(n.name, "mtcompile.native.layer_norm",
+                                (*n.args[:3], ConstRef(key)), ty, n.tenants), {key: eps})
+    return out

@@ -242,8 +242,8 @@ def test_onnx_symbolic_dim_needs_input_shapes():
     model = _onnx([helper.make_node("Relu", ["X"], ["Y"])], [_vi("X", [2, "seq", 3])],
                   [_vi("Y", [2, "seq", 3])])
     msg = _compile_error(Tenant("sym", model))
-    assert msg == ("tenant 'sym': ONNX input 'X' has a symbolic dimension seq at axis 1; "
-                   "give input_shapes={'X': (shape, dtype)}")
+    assert msg == ("tenant 'sym': input 'X' axis 1: symbolic dim 'seq' has no bounds; give "
+                   "dim_bounds={'seq': (lo, hi)} (or a fixed size in input_shapes)")
     msg = _compile_error(Tenant("sym", model, input_shapes={"X": ((2, 4, 3), "float32"),
                                                             "Q": ((1,), "float32")}))
     assert msg == ("tenant 'sym': input_shapes names ['Q'] that are not inputs of the ONNX "

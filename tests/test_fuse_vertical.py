@@ -59,11 +59,18 @@ def test_structure_tvm_matmul_takes_its_elementwise_followers():
 def test_library_call_is_its_own_kernel():
     ctx = PassContext(kernels={"matmul": "native"})
     offloaded = OffloadLibrary().run(_chain(), ctx).graph
-    assert offloaded.node("t.add").op == "mtcompile.native.matmul_bias"  # mm + its bias
+    # mm + its bias, and the ReLU as the call's epilogue
+    assert offloaded.node("t.relu").op == "mtcompile.native.matmul_bias_relu"
     result = FuseVertical().run(offloaded, ctx)
-    assert groups(result.graph) == [["relu", "sum", "exp"]]  # elementwise chain + reduction
-    assert result.graph.node("t.add").group is None  # the library call
+    assert groups(result.graph) == [["sum", "exp"]]  # reduction + elementwise
+    assert result.graph.node("t.relu").group is None  # the library call
     assert result.info["kernels"] == 2 and result.info["library_calls"] == 1
+    # without epilogues the ReLU heads the group after the call
+    offloaded = OffloadLibrary(epilogues=False).run(_chain(), ctx).graph
+    assert offloaded.node("t.add").op == "mtcompile.native.matmul_bias"
+    result = FuseVertical().run(offloaded, ctx)
+    assert groups(result.graph) == [["relu", "sum", "exp"]]
+    assert result.graph.node("t.add").group is None
 
 
 def test_negative_the_providers_alone_make_no_library_call():

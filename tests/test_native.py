@@ -154,6 +154,88 @@ def test_dense_packed_matches_numpy(kernels, sa, n, with_bias):
         _close(out, ref)
 
 
+def _act(v: np.ndarray, act: str) -> np.ndarray:
+    t = torch.from_numpy(v)
+    return {"": t, "relu": torch.relu(t), "gelu": torch.nn.functional.gelu(t)}[act].numpy()
+
+
+# (kernel, its arguments before the bias, the float64 reference without bias): direct conv,
+# im2col conv (narrow output), depthwise, 1x1; BLAS matmul; packed dense with a partial tile
+def _epilogue_cases(rng):
+    def conv(xs, ws, stride, pad, groups=1):
+        x, w = _rand(rng, xs), _rand(rng, ws)
+        params = tvm_ffi.Shape([stride, stride, *[pad] * 4, 1, 1, groups])
+        ref = _conv_ref(x, w, None, (stride,) * 2, (pad,) * 4, (1, 1), groups)
+        return "conv2d", [_t(x), _t(w)], [params], ref
+
+    a, w = _rand(rng, (37, 70)), _rand(rng, (70, 45))
+    return [conv((1, 16, 32, 32), (16, 16, 3, 3), 1, 1), conv((2, 8, 9, 9), (12, 8, 3, 3), 2, 1),
+            conv((1, 6, 10, 10), (6, 1, 3, 3), 1, 1, groups=6),
+            conv((1, 3, 20, 20), (4, 3, 1, 1), 1, 0),
+            ("matmul", [_t(a), _t(w)], [], a.astype(np.float64) @ w),
+            ("dense_packed", [_t(a), _t(native.pack_dense(w))], [], a.astype(np.float64) @ w)]
+
+
+@pytest.mark.parametrize("epilogue", ["relu", "gelu", "add", "add_relu"])
+def test_epilogue_kernels_match_torch(epilogue):
+    """<kernel>_bias_<epilogue>: act(kernel + bias (+ residual)) on every path a kernel takes,
+    against torch's relu / exact (erf) gelu."""
+    native.register()
+    rng = np.random.default_rng(len(epilogue))
+    for kernel, head, tail, ref in _epilogue_cases(rng):
+        bias = _rand(rng, (ref.shape[1 if kernel == "conv2d" else -1],))
+        ref = ref + (bias.reshape(-1, 1, 1) if kernel == "conv2d" else bias)
+        args = [*head, _t(bias)]
+        if epilogue.startswith("add"):
+            res = _rand(rng, ref.shape)
+            ref, args = ref + res, [*args, _t(res)]
+        ref = _act(ref, epilogue.removeprefix("add").strip("_"))
+        out = np.full(ref.shape, np.nan, np.float32)
+        tvm_ffi.get_global_func(f"mtcompile.native.{kernel}_bias_{epilogue}")(
+            *args, *tail, _t(out))
+        _close(out, ref)
+
+
+def test_epilogue_keeps_nan_and_refuses_a_residual_that_overlaps_out():
+    native.register()
+    relu = tvm_ffi.get_global_func("mtcompile.native.dense_packed_bias_relu")
+    add = tvm_ffi.get_global_func("mtcompile.native.dense_packed_bias_add")
+    a, w, bias = _f32(6, 8), _f32(8, 16), _f32(16)
+    a[2, 3] = np.nan
+    out = np.zeros((6, 16), np.float32)
+    relu(_t(a), _t(native.pack_dense(w)), _t(bias), _t(out))
+    assert np.isnan(out[2]).all() and not np.isnan(np.delete(out, 2, 0)).any()
+    with pytest.raises(ValueError, match="dense_packed_bias_add: residual and out overlap"):
+        add(_t(a), _t(native.pack_dense(w)), _t(bias), _t(out), _t(out))
+    with pytest.raises(ValueError, match=r"residual has shape \[6, 8\], expected out's"):
+        add(_t(a), _t(native.pack_dense(w)), _t(bias), _t(a), _t(out))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (3, 37), (2, 5, 256), (7, 1)])
+def test_softmax_and_layer_norm_rows_match_torch(shape):
+    """Rows of 8-lane vectors and a tail; masked (-inf) scores; a NaN gives a NaN row."""
+    native.register()
+    softmax = tvm_ffi.get_global_func("mtcompile.native.softmax")
+    layer_norm = tvm_ffi.get_global_func("mtcompile.native.layer_norm")
+    rng = np.random.default_rng(shape[-1])
+    x = 10 * _rand(rng, shape)
+    x.reshape(-1, shape[-1])[0, : shape[-1] - 1] = -np.inf  # one row masked but its last
+    if x.size > shape[-1]:
+        x.reshape(-1, shape[-1])[1, 0] = np.nan
+    out = np.empty_like(x)
+    softmax(_t(x), _t(out))
+    want = torch.softmax(torch.from_numpy(x).double(), -1).numpy()
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)  # NaN where torch has NaN
+    x, g, b = 3 * _rand(rng, shape) + 1, _rand(rng, shape[-1:]), _rand(rng, shape[-1:])
+    layer_norm(_t(x), _t(g), _t(b), _t(np.float32([1e-5])), _t(out))
+    want = torch.nn.functional.layer_norm(torch.from_numpy(x).double(), shape[-1:],
+                                          torch.from_numpy(g).double(),
+                                          torch.from_numpy(b).double(), 1e-5).numpy()
+    _close(out, want)
+    with pytest.raises(ValueError, match=r"layer_norm: gamma \[2\], beta"):
+        layer_norm(_t(x), _t(np.ones(2, np.float32)), _t(b), _t(np.float32([1e-5])), _t(out))
+
+
 def test_generic_paths_without_avx2():
     """MTCOMPILE_NATIVE_GENERIC=1 runs the paths a CPU without AVX2/FMA takes (im2col + BLAS
     for conv2d, per-panel BLAS for the packed dense): same numbers."""
@@ -178,6 +260,15 @@ def test_generic_paths_without_avx2():
         o = np.empty((37, 40), np.float32)
         dense(t(a), t(native.pack_dense(w)), t(b), t(o))
         close(o, a.astype(np.float64) @ w + b)
+        res = r(37, 40)
+        tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS + "_add_relu")(
+            t(a), t(native.pack_dense(w)), t(b), t(res), t(o))
+        close(o, np.maximum(a.astype(np.float64) @ w + b + res, 0))
+        tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS + "_gelu")(
+            t(a), t(native.pack_dense(w)), t(b), t(o))
+        close(o, torch.nn.functional.gelu(torch.from_numpy(a.astype(np.float64) @ w + b)).numpy())
+        tvm_ffi.get_global_func("mtcompile.native.softmax")(t(a), t(o := np.empty_like(a)))
+        close(o, torch.softmax(torch.from_numpy(a).double(), -1).numpy())
         print("ok")
     """)
     env = {**os.environ, "MTCOMPILE_NATIVE_GENERIC": "1"}
@@ -450,3 +541,11 @@ def test_kernel_names_are_the_op_tables():
         "native", "torch"}
     with pytest.raises(ValueError, match="'library' is no library provider"):
         mm.call("library")
+    native.register()  # every epilogue call offload-library makes (and its packed dense twin)
+    from mtcompile.backend.kernels import _PACKED
+
+    for name in [*ops.EPILOGUE_CALLS, *(_PACKED[c] for c in ops.EPILOGUE_CALLS if c in _PACKED),
+                 *ops.ROW_CALLS]:
+        assert tvm_ffi.get_global_func(name, allow_missing=True) is not None, name
+    with pytest.raises(ValueError, match="no torch kernel matmul with epilogue 'relu'"):
+        mm.call("torch", bias=True, epilogue="relu")

@@ -129,7 +129,8 @@ def test_linear_bias_is_folded_into_matmul_bias():
     assert "relax.matmul" in ops_of(g) and "relax.add" in ops_of(g)
     out, info = offloaded(g, LIBRARY)
     assert ops_of(out) == [MATMUL_BIAS]
-    assert info == {"library_calls": 1, "biases_folded": 1, "left_to_tvm": {}}
+    assert info == {"library_calls": 1, "biases_folded": 1, "epilogues_folded": 0,
+                    "row_calls": 0, "left_to_tvm": {}}
     # one call in the tenant's entry and one in run_all: lowering gives the native dense
     # kernel the Linear's weight packed at build time
     packed = "mtcompile.native.dense_packed_bias"
@@ -164,7 +165,7 @@ def test_conv_batchnorm_folds_into_conv_with_bias():
     assert folded.info == {"folded": 1}
     assert "relax.nn.batch_norm" not in ops_of(folded.graph)
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [CONV2D_BIAS, "relax.nn.relu", "relax.mean", MATMUL_BIAS]
+    assert ops_of(out) == [CONV2D_BIAS + "_relu", "relax.mean", MATMUL_BIAS]  # relu joins
     assert info["library_calls"] == 2 and info["biases_folded"] == 2
     with torch.no_grad():
         want = model(x).numpy()
@@ -199,7 +200,7 @@ def test_mixed_providers_offload_only_their_kind():
     model, inputs = tiny_conv(0)
     g = lifted(model, *inputs)
     calls = ops_of(offloaded(g, MIXED)[0])
-    assert calls[0] == CONV2D_BIAS and "relax.matmul" in calls
+    assert calls[0] == CONV2D_BIAS + "_relu" and "relax.matmul" in calls
     assert not any(c.startswith(MATMUL) for c in calls)
     calls = ops_of(offloaded(g, {"matmul": "native", "conv2d": "tvm"})[0])
     assert "relax.nn.conv2d" in calls and calls[-1] == MATMUL_BIAS
@@ -413,3 +414,170 @@ def test_without_the_pass_heavy_ops_stay_tvm_ops():
     with torch.no_grad():
         np.testing.assert_allclose(bundle.run("t", X28)[0], lin(torch.from_numpy(X28)).numpy(),
                                    rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- epilogues
+
+X48 = _rng(5).standard_normal((4, 8)).astype(np.float32)
+R44 = _rng(6).standard_normal((4, 4)).astype(np.float32)
+
+
+def _linear(bb, x):
+    return bb.emit(relax.op.add(bb.emit(relax.op.matmul(x, const(W84))), const(B4)))
+
+
+def _gelu(v):
+    return np.asarray(torch.nn.functional.gelu(torch.from_numpy(v)))
+
+
+@pytest.mark.parametrize("body, op, reference", [
+    (lambda bb, x, r: relax.op.nn.relu(_linear(bb, x)), "matmul_bias_relu",
+     lambda x, r: np.maximum(x @ W84 + B4, 0)),
+    (lambda bb, x, r: relax.op.nn.gelu(_linear(bb, x)), "matmul_bias_gelu",
+     lambda x, r: _gelu(x @ W84 + B4)),
+    (lambda bb, x, r: relax.op.add(r, _linear(bb, x)), "matmul_bias_add",
+     lambda x, r: x @ W84 + B4 + r),
+    (lambda bb, x, r: relax.op.nn.relu(bb.emit(relax.op.add(_linear(bb, x), r))),
+     "matmul_bias_add_relu", lambda x, r: np.maximum(x @ W84 + B4 + r, 0)),
+])
+def test_activation_and_residual_after_a_native_bias_call_join_it(body, op, reference):
+    g = one_function(body, [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
+    out, info = offloaded(g, LIBRARY)
+    assert ops_of(out) == [f"mtcompile.native.{op}"] and info["epilogues_folded"] == 1
+    (call,) = [n for n in out.nodes if n.op.startswith("mtcompile.")]
+    assert call.name == out.tenants["main"].outputs[0].name  # named as the node it replaced
+    if "add" in op:  # the residual is the argument after the bias
+        assert call.args[3] == Ref("main.r")
+    (got,) = run(out, X48, R44)
+    np.testing.assert_allclose(got, reference(X48, R44), rtol=0, atol=1e-5)
+
+
+def test_resnet_block_convs_take_their_relu_and_shortcut():
+    """A basic block: conv-bn-relu, conv-bn + shortcut, relu -> two conv calls, no TVM op."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + x)
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = torch.randn(1, 4, 8, 8)
+    out, info = offloaded(lifted(block, x), LIBRARY)
+    assert ops_of(out) == ["mtcompile.native.conv2d_bias_relu",
+                           "mtcompile.native.conv2d_bias_add_relu"]
+    assert info["epilogues_folded"] == 2
+    (got,) = run(out, x.numpy(), tenant="t")
+    with torch.no_grad():
+        np.testing.assert_allclose(got, block(x).numpy(), rtol=0, atol=1e-5)
+
+
+def _relu_read_twice(bb, x, r):
+    mm = _linear(bb, x)
+    return relax.op.add(bb.emit(relax.op.nn.relu(mm)), mm)
+
+
+def _relu_of_an_output(bb, x, r):
+    mm = _linear(bb, x)
+    return relax.Tuple([bb.emit(relax.op.nn.relu(mm)), mm])
+
+
+def _broadcast_residual(bb, x, r):
+    return relax.op.add(_linear(bb, x), bb.emit(relax.op.sum(r, axis=[0], keepdims=True)))
+
+
+@pytest.mark.parametrize("body, reference", [
+    (_relu_read_twice, lambda x, r: (np.maximum(x @ W84 + B4, 0) + (x @ W84 + B4),)),
+    (_relu_of_an_output, lambda x, r: (np.maximum(x @ W84 + B4, 0), x @ W84 + B4)),
+    (_broadcast_residual, lambda x, r: (x @ W84 + B4 + r.sum(0, keepdims=True),)),
+])
+def test_negative_epilogue_not_folded_where_the_call_is_read_elsewhere_or_shapes_differ(
+        body, reference):
+    g = one_function(body, [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
+    out, info = offloaded(g, LIBRARY)
+    assert info["epilogues_folded"] == 0 and MATMUL_BIAS in ops_of(out)
+    got = run(out, X48, R44)
+    for g_, w in zip(got, reference(X48, R44), strict=True):
+        np.testing.assert_allclose(g_, w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("providers, options", [(TORCH, {}), (LIBRARY, {"epilogues": False})])
+def test_negative_epilogues_only_for_native_kernels_and_when_asked(providers, options):
+    g = one_function(lambda bb, x, r: relax.op.nn.relu(_linear(bb, x)),
+                     [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
+    ctx = PassContext("llvm", providers)
+    passes = build_pipeline(["fold-batch-norm", "offload-library"],
+                            {"offload-library": options} if options else None)
+    out, records = run_passes(g, passes, ctx)
+    assert records[-1].info["epilogues_folded"] == 0 and ops_of(out)[-1] == "relax.nn.relu"
+    (got,) = run(out, X48, R44)
+    np.testing.assert_allclose(got, np.maximum(X48 @ W84 + B4, 0), rtol=0, atol=1e-5)
+
+
+def test_linear_on_a_3d_input_takes_gelu_and_residual_through_its_reshape():
+    """torch.export gives Linear on (2, 3, 8) as reshape, addmm, reshape: the GELU and the
+    residual add after the reshape still join the call, which reads its input as a view."""
+
+    class FFN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.down(nn.functional.gelu(self.up(x)))
+
+    torch.manual_seed(0)
+    ffn, x = FFN().eval(), torch.randn(2, 3, 8)
+    out, info = offloaded(lifted(ffn, x), LIBRARY)
+    calls = [op for op in ops_of(out) if op.startswith("mtcompile.")]
+    assert calls == [MATMUL_BIAS + "_gelu", MATMUL_BIAS + "_add"]
+    assert info["epilogues_folded"] == 2 and "relax.add" not in ops_of(out)
+    (got,) = run(out, x.numpy(), tenant="t")
+    with torch.no_grad():
+        np.testing.assert_allclose(got, ffn(x).numpy(), rtol=0, atol=1e-5)
+
+
+
+class _Rows(nn.Module):
+    """Layer norm, then a softmax over the last axis and one over another."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+
+    def forward(self, x):
+        y = self.ln(x)
+        return torch.softmax(y, dim=-1), torch.softmax(y, dim=1)
+
+
+def test_softmax_and_layer_norm_over_the_last_axis_become_native_row_calls():
+    torch.manual_seed(0)
+    model, x = _Rows().eval(), 3 * torch.randn(2, 5, 16)
+    with torch.no_grad():
+        model.ln.weight.mul_(2).add_(0.5)
+        want = [w.numpy() for w in model(x)]
+    out, info = offloaded(lifted(model, x), LIBRARY)
+    assert ops_of(out) == ["mtcompile.native.layer_norm", "mtcompile.native.softmax",
+                           "relax.nn.softmax"]  # the softmax over axis 1 stays TVM's
+    assert info["row_calls"] == 2
+    ln = next(n for n in out.nodes if n.op == "mtcompile.native.layer_norm")
+    np.testing.assert_array_equal(out.constants[ln.args[3].key], np.float32([1e-5]))  # epsilon
+    for got, w in zip(run(out, x.numpy(), tenant="t"), want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("providers, options, target", [
+    (TVM, {}, "llvm"), (TORCH, {}, "llvm"), (LIBRARY, {"rows": False}, "llvm"),
+    (LIBRARY, {}, "cuda")])
+def test_negative_row_calls_only_next_to_native_matmuls_on_llvm_and_when_asked(
+        providers, options, target):
+    model, x = _Rows().eval(), torch.randn(2, 5, 16)
+    passes = build_pipeline(["offload-library"], {"offload-library": options} if options
+                            else None)
+    out, records = run_passes(lifted(model, x), passes, PassContext(target, providers))
+    assert records[-1].info.get("row_calls", 0) == 0
+    assert not any(op in ops.ROW_CALLS for op in ops_of(out))

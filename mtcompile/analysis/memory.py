@@ -6,6 +6,9 @@ conflicts with. Two tensors conflict unless every access of one happens before t
 other is written: in a sequential function that is interval overlap over the kernel
 order; with streams it is the happens-before order that stream program order and
 event waits define (`happens_before` argument).
+
+A tensor of symbolic (dynamic) dims is sized at their upper bounds (`TensorTy.nbytes`): the
+arena serves every size within the bounds, and the plan reports that size.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import tvm
+import tvm.sym
 from tvm import relax
 
 from mtcompile.analysis.memory import Lifetime, Slot, overlap_problems
@@ -45,9 +46,29 @@ def _op_name(value) -> str | None:
     return None
 
 
-def _nbytes(ty) -> int:
-    return int(np.prod([int(s) for s in ty.shape], dtype=np.int64)) * np.dtype(
-        str(ty.dtype)).itemsize
+def _nbytes(ty, upper: dict[str, int] | None = None) -> int:
+    """Bytes of a tensor type; a symbolic dim at its upper bound (`upper`: the function's
+    ``tir_var_upper_bound``), as the plan sized it."""
+    return int(np.prod([_at_bound(s, upper or {}) for s in ty.shape], dtype=np.int64)
+               ) * np.dtype(str(ty.dtype)).itemsize
+
+
+def _at_bound(dim, upper: dict[str, int]) -> int:
+    if isinstance(dim, tvm.tirx.IntImm | int):
+        return int(dim)
+    ana = tvm.sym.Analyzer()
+    for v in tvm.tirx.analysis.undefined_vars(dim):
+        if v.name not in upper:
+            raise ArenaError(f"symbolic dim {dim} has no upper bound (tir_var_upper_bound)")
+        ana.bind(v, tvm.tirx.const(upper[v.name], "int64"))
+    return int(ana.simplify(dim))
+
+
+def _upper(func: relax.Function) -> dict[str, int]:
+    """The function's ``tir_var_upper_bound`` (empty when it has none)."""
+    keys = func.attrs.keys() if func.attrs is not None else ()
+    return ({str(k): int(v) for k, v in func.attrs["tir_var_upper_bound"].items()}
+            if "tir_var_upper_bound" in keys else {})
 
 
 def _is_kernel_call(b) -> bool:
@@ -119,7 +140,7 @@ def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
     for var in first:
         hits = sorted(n for n in names[var] if n in offsets)
         if hits and var not in returned:
-            placed[var] = (int(offsets[hits[0]]), _nbytes(var.ty))
+            placed[var] = (int(offsets[hits[0]]), _nbytes(var.ty, _upper(func)))
             if len({offsets[n] for n in hits}) > 1:
                 problems.append(f"{' and '.join(hits)} are one tensor in TVM's Relax, the "
                                 f"plan gives them offsets {[offsets[n] for n in hits]}")
@@ -136,8 +157,8 @@ def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
     unplanned = [v for v in first if v not in placed and v not in returned]
     stats[fname] = {"arena_bytes": arena, "planned_tensors": len(placed),
                     "unplanned_tensors": len(unplanned),
-                    "unplanned_bytes": sum(_nbytes(v.ty) for v in unplanned),
-                    "output_bytes": sum(_nbytes(v.ty) for v in returned)}
+                    "unplanned_bytes": sum(_nbytes(v.ty, _upper(func)) for v in unplanned),
+                    "output_bytes": sum(_nbytes(v.ty, _upper(func)) for v in returned)}
     if not placed:
         return func
     if streamed:
@@ -221,8 +242,10 @@ def realize_pass(stats: dict):
                 left = [v for v in live.first if v not in live.returned]
                 stats[name] = {"arena_bytes": 0, "planned_tensors": 0,
                                "unplanned_tensors": len(left),
-                               "unplanned_bytes": sum(_nbytes(v.ty) for v in left),
-                               "output_bytes": sum(_nbytes(v.ty) for v in live.returned)}
+                               "unplanned_bytes": sum(_nbytes(v.ty, _upper(func))
+                                                      for v in left),
+                               "output_bytes": sum(_nbytes(v.ty, _upper(func))
+                                                   for v in live.returned)}
             stats[name]["tvm_plan_bytes"] = storage_bytes(tvm_plan[gv])
         return out
 

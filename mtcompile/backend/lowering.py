@@ -39,7 +39,12 @@ from mtcompile.ir.graph import (
     iter_refs,
 )
 from mtcompile.ir.ops import CALL_PROVIDER, is_library_call
-from mtcompile.ir.relax_types import lift_type
+from mtcompile.ir.relax_types import (
+    graph_bounds,
+    lift_type,
+    relax_type,
+    undefined_size_vars,
+)
 from mtcompile.runtime.abi import (
     ARENA_FN,
     GET,
@@ -156,7 +161,7 @@ class _Emitter:
                 args[1] = self.consts[key]
             if n.attrs is not None:
                 args.append(relax.ShapeExpr(n.attrs.flat()))
-            out_ty = relax.TensorType(list(n.ty.shape), n.ty.dtype)
+            out_ty = relax_type(n.ty)
             return relax.op.call_dps_packed(op, relax.Tuple(args), out_ty)
         attrs = n.attrs.obj if n.attrs is not None else None
         return relax.Call(tvm.ir.Op.get(n.op), args, attrs, [t.obj for t in n.ty_args])
@@ -174,6 +179,10 @@ class _Emitter:
                                     f"[{values.min()}, {values.max()}]")
             return idx
         ty = self.graph.node(a.name).ty
+        if ty.symbolic:
+            raise LoweringError(f"tenant '{n.tenant}': %{n.name} = {n.op} reads at indices "
+                                f"computed inside the model of dynamic shape {ty}; their "
+                                "bounds check needs a fixed shape (give static shapes)")
         shape = list(ty.shape) or [1]  # a 0-d index is checked as one element
         func = _bounds_check(tuple(shape), ty.dtype, read.low, read.bound, _index_message(
             self.graph, n, read))
@@ -183,6 +192,13 @@ class _Emitter:
                       name_hint=f"{n.name.replace('.', '_')}_index")
         return out if ty.shape else bb.emit(relax.op.reshape(out, []))
 
+    def arg_ty(self, a) -> TensorTy:
+        """Our type of a group input (a node's value or a constant)."""
+        if isinstance(a, Ref):
+            return self.graph.node(a.name).ty
+        c = self.graph.constants[a.key]
+        return TensorTy(tuple(c.shape), str(c.dtype))
+
     def group(self, bb: relax.BlockBuilder, fname: str, members: list, env: dict,
               output: bool = False):
         """Emit a fusion group as one primitive function (TVM makes it one kernel) and call
@@ -190,12 +206,16 @@ class _Emitter:
         inputs = _group_inputs(members)
         params, local = [], {}
         for i, a in enumerate(inputs):
-            ty = self.graph.node(a.name).ty if isinstance(a, Ref) else TensorTy(
-                tuple(self.graph.constants[a.key].shape), str(self.graph.constants[a.key].dtype))
-            v = relax.Var(f"p{i}", relax.TensorType(list(ty.shape), ty.dtype))
+            ty = self.arg_ty(a)
+            v = relax.Var(f"p{i}", relax_type(ty))
             local[a.name if isinstance(a, Ref) else a.key] = v
             params.append(v)
         outer = [self.arg(a, env) for a in inputs]
+        # symbolic dims: size variables no parameter's shape defines come in as a shape
+        free = undefined_size_vars([self.arg_ty(a) for a in inputs], [m.ty for m in members])
+        if free:
+            params.append(relax.Var("mtcompile_dims", relax.ShapeType(free)))
+            outer.append(relax.ShapeExpr(free))
         # an index the group takes from outside is checked outside: TVM cannot fuse the
         # check with an extern kernel (scatter), and the group then gets checked values
         outside = set()
@@ -224,12 +244,13 @@ class _Emitter:
         self.top = self.top or bb
         outputs = [o for t in tenants for o in g.tenants[t].outputs]
         live = g.live_nodes(tenants)
+        bounds = graph_bounds(g)  # symbolic dims' size variables
         env = {}
         self.var_names[fname] = names = {}
         for node_name, pname in params:
             ty = g.node(node_name).ty
             assert isinstance(ty, TensorTy)
-            env[node_name] = relax.Var(pname, relax.TensorType(list(ty.shape), ty.dtype))
+            env[node_name] = relax.Var(pname, relax_type(ty))
         with bb.function(fname, [env[node] for node, _ in params]):
             with bb.dataflow():
                 groups: dict[str, list] = {}
@@ -252,7 +273,7 @@ class _Emitter:
                         raise LoweringError(f"tenant '{n.tenant}': cannot emit %{n.name} = "
                                             f"{n.op}: {type(e).__name__}: {e}") from e
                     names[n.name] = env[n.name].name
-                    got = lift_type(env[n.name].ty, n.name)
+                    got = lift_type(env[n.name].ty, n.name, bounds)
                     if got != n.ty:
                         raise LoweringError(f"tenant '{n.tenant}': %{n.name} = {n.op} has type "
                                             f"{got} after emission, the graph says {n.ty}")
@@ -276,7 +297,7 @@ class _Emitter:
         params = [storage]
         for node in layout.inputs[i]:
             ty = g.node(node).ty
-            env[node] = relax.Var(node.replace(".", "_"), relax.TensorType(list(ty.shape), ty.dtype))
+            env[node] = relax.Var(node.replace(".", "_"), relax_type(ty))
             params.append(env[node])
         stages = layout.emission[i]
         stage_of = {name: s for s, names_ in enumerate(stages) for name in names_}
@@ -294,7 +315,7 @@ class _Emitter:
                     if r in imports and r not in env:
                         ty = g.node(r).ty
                         env[r] = bb.emit(_packed(GET, relax.prim_value(layout.value_id[r]),
-                                                 ty=relax.TensorType(list(ty.shape), ty.dtype)),
+                                                 ty=relax_type(ty)),
                                          name_hint=f"import_{r.replace('.', '_')}")
                 if node_names:
                     with bb.dataflow():
@@ -423,7 +444,7 @@ def emit_module(graph: Graph, manifest: dict | None = None,
         data = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
         with bb.function(MANIFEST_FN, []):
             bb.emit_func_output(relax.const(data, dtype="uint8"))
-    mod = bb.get()
+    mod = with_var_bounds(bb.get(), graph_bounds(graph))
     stream_fns = streams.functions if streams is not None else []
     for e, fnames in ((entries, list(entries.graph.tenants)), (em, [RUN_ALL, *stream_fns])):
         plans = e.graph.analyses.get("memory")
@@ -434,6 +455,25 @@ def emit_module(graph: Graph, manifest: dict | None = None,
                 _arena_attr(plan, e.var_names[fname])))
             if fname in em.stream_attrs:
                 mod[gv] = mod[gv].with_attr(STREAM_ATTR, em.stream_attrs[fname])
+    return mod
+
+
+def with_var_bounds(mod: tvm.IRModule, bounds: dict[str, tuple[int, int]]) -> tvm.IRModule:
+    """Symbolic dims: every Relax function gets TVM's ``tir_var_lower/upper_bound`` attrs
+    for the size variables it reads (TVM plans memory at the upper bounds) and its own
+    copy of them (a size variable may be defined in one function only)."""
+    if not bounds:
+        return mod
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function):
+            continue
+        used = {v.name for v in relax.analysis.defined_symbolic_vars(func)}
+        if used & set(bounds):
+            func = func.with_attr("tir_var_lower_bound", {n: bounds[n][0] for n in used
+                                                          if n in bounds})
+            func = func.with_attr("tir_var_upper_bound", {n: bounds[n][1] for n in used
+                                                          if n in bounds})
+            mod[gv] = relax.utils.copy_with_new_vars(func)
     return mod
 
 

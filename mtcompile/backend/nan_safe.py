@@ -40,12 +40,17 @@ def _clip(x, lo, hi):
     return te.compute(x.shape, f, name="clip")
 
 
+def _static(d) -> int | None:
+    """A dimension's value, None when symbolic (dynamic batch: never broadcast from 1)."""
+    return int(d) if isinstance(d, int | tirx.IntImm) else None
+
+
 def _broadcast(t, shape):
     """An accessor of `t` at the indices of `shape` (NumPy broadcasting from the right)."""
-    rank, dims = len(shape), [int(d) for d in t.shape]
+    rank, dims = len(shape), [_static(d) for d in t.shape]
 
     def at(*i):
-        return t(*(0 if d == 1 and int(shape[rank - len(dims) + k]) != 1
+        return t(*(0 if d == 1 and _static(shape[rank - len(dims) + k]) != 1
                    else i[rank - len(dims) + k] for k, d in enumerate(dims)))
     return at
 
@@ -116,7 +121,7 @@ def emit(top: relax.BlockBuilder, op: str, args: list, attrs, out_shape, dtype: 
     `top`), or None when `op` and its dtype need none."""
     if op not in OPS or not _is_float(dtype):
         return None
-    shape = [int(d) for d in out_shape]
+    shape = [getattr(d, "obj", d) for d in out_shape]  # a symbolic dim: its TVM expression
     if op == "relax.nn.relu":
         return top.call_te(_relu, args[0], primfunc_name_hint="relu_nan")
     if op == "relax.clip":

@@ -7,8 +7,11 @@ shapes, same code) is one task, tuned once. The JSON database is reapplied by
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -63,29 +66,152 @@ def count_tasks(mod, target) -> int:
     return len(ms.relax_integration.extract_tasks(fused_module(mod, target), target))
 
 
-def _trials_callback(on_trials, total: int):
-    """A MetaSchedule measure callback that reports ``on_trials(measured, total)``."""
+def repair_database(out: Path) -> int:
+    """Drop a torn last line (a run killed while writing); return the records kept.
+
+    MetaSchedule appends one flushed JSON line per measured candidate after each batch, so
+    a stopped run keeps every batch it finished; only the line being written can be cut.
+    """
+    kept = 0
+    for name in (WORKLOADS, RECORDS):
+        path = out / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[:data.rfind(b"\n") + 1]
+            path.write_bytes(data)
+        if name == RECORDS:
+            kept = data.count(b"\n")
+    return kept
+
+
+def _task_tenants(fused, extracted) -> list[list[str]]:
+    """For each extracted task, the Relax functions (tenant entries, run_all) that call it."""
+    import tvm_ffi
+    from tvm import relax, tirx
+
+    callers: dict[str, set[str]] = {}
+    for gv, func in fused.functions.items():
+        if isinstance(func, relax.Function):
+            for callee in relax.analysis.all_global_vars(func):
+                callers.setdefault(callee.name_hint, set()).add(gv.name_hint)
+    prims = [(gv.name_hint, f.with_attr("global_symbol", "main"))
+             for gv, f in fused.functions.items() if isinstance(f, tirx.PrimFunc)]
+    out = []
+    for task in extracted:
+        main = task.dispatched[0]["main"]
+        users = set().union(*[callers.get(name, set()) for name, f in prims
+                              if tvm_ffi.structural_equal(f, main)])
+        out.append(sorted(users))
+    return out
+
+
+def _measured(database, contexts) -> list[tuple[int, int, float | None]]:
+    """(records, failed ones, best mean seconds or None) in the database, for each task."""
+    by_workload: dict[int, list] = {}
+    workloads = []
+    for ctx in contexts:
+        workloads.append(database.commit_workload(ctx.mod) if database.has_workload(ctx.mod)
+                         else None)
+    for record in database.get_all_tuning_records():
+        for i, w in enumerate(workloads):
+            if w is not None and record.workload.same_as(w):
+                by_workload.setdefault(i, []).append(record)
+                break
+    out = []
+    for i in range(len(contexts)):
+        records = by_workload.get(i, [])
+        times = [_mean(r.run_secs) for r in records]
+        valid = [t for t in times if t is not None]
+        out.append((len(records), len(times) - len(valid), min(valid) if valid else None))
+    return out
+
+
+def _mean(run_secs) -> float | None:
+    """Mean seconds of one measurement; None for a failed one (MetaSchedule stores 1e10)."""
+    secs = [float(s) for s in run_secs or []]
+    mean = sum(secs) / len(secs) if secs else None
+    return mean if mean is not None and mean < 1e9 else None
+
+
+def _measure_callback(on_batch):
+    """A MetaSchedule measure callback: ``on_batch(task_id, [mean secs or None, ...])``."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
-    class _Trials(PyMeasureCallback):
+    class _Batch(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
                   runner_results) -> None:
-            on_trials(len(runner_results), total)
+            on_batch(task_id, [_mean(r.run_secs) for r in runner_results])
 
-    return _Trials()
+    return _Batch()
 
 
-def tune(mod, target, out_dir: str | Path, trials: int, progress=print,
-         on_trials=None) -> dict:
-    """Tune every TVM kernel task of `mod` with up to `trials` trials each; write the database.
+@contextlib.contextmanager
+def _stop_after_batch(flag: list[bool]):
+    """While tuning, the first Ctrl-C sets `flag` (the run stops after the batch being
+    measured, which the database keeps); a second one interrupts at once.
+
+    A KeyboardInterrupt raised inside MetaSchedule's builders is swallowed by its task loop
+    (the run went on to the end), so the measure callback raises it between batches.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(_signum, _frame) -> None:
+        flag.append(True)
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def parse_target(spec: str | dict | None):
+    """The tuning target: None (this machine's CPU), ``"llvm"``, or an llvm target dict
+    (or its JSON text) describing the device the candidates run on."""
+    import json
+
+    import tvm
+
+    from mtcompile.backend.lowering import make_target
+
+    if spec is None or spec == "llvm":
+        return make_target("llvm")
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError:
+            raise MTCompileError(f"tuning target {spec!r}: expected llvm or a TVM target "
+                                 'dict such as {"kind": "llvm", "mcpu": "skylake"}') from None
+    if not isinstance(spec, dict) or spec.get("kind") != "llvm":
+        raise MTCompileError(f"tuning target {spec!r}: tuning databases are applied for "
+                             "target llvm only (a dict needs \"kind\": \"llvm\")")
+    try:
+        return tvm.target.Target(spec)
+    except Exception as e:  # noqa: BLE001 - TVM's own message names the bad key
+        raise MTCompileError(f"tuning target {spec!r}: {e}") from e
+
+
+def tune(mod, target, out_dir: str | Path, trials: int, progress=print, on_trials=None,
+         *, devices=None, builders: int | None = None, on_task=None) -> dict:
+    """Tune every TVM kernel task of `mod` up to `trials` trials each; write the database.
 
     `mod` must be lowered from a graph the same passes made (the offload-library pass with
-    the same providers) and prepared as the build does (`kernels.prepare`); on_trials: called
-    ``(trials just measured, most trials in all)`` after each batch (a progress bar). Returns
-    task counts and timings.
+    the same providers) and prepared as the build does (`kernels.prepare`). Measurements
+    already in `out_dir`'s database count: a run continues where a stopped one left off, and
+    a task that has `trials` successful ones is not tuned again. devices: a checked tracker
+    (`tuning_remote.Devices`) whose servers measure the candidates (else this machine
+    does); builders: parallel build workers (default the cores). on_trials: ``(trials just
+    measured, most trials in all)`` and on_task: a task's row (as in the returned
+    ``table``), after each batch. TrackerError when every server is gone mid-run.
     """
+    import os
     import time
 
     from tvm.s_tir import meta_schedule as ms
@@ -101,31 +227,91 @@ def tune(mod, target, out_dir: str | Path, trials: int, progress=print,
         cost_model = "xgb"
     except ImportError:
         cost_model = "random"
-    import os
-
     import tvm
 
     light_tensor_intrin()
-    # MetaSchedule needs the core count in the target; the database keys records by workload.
-    target = tvm.target.Target({**dict(target.export()), "num-cores": os.cpu_count() or 1})
+    builders = builders or os.cpu_count() or 1
+    tracker = devices and devices.tracker
+    servers, cores = (devices.servers, devices.threads) if devices else (0, os.cpu_count() or 1)
+    # MetaSchedule needs the device's core count in the target (parallel loops are sized by
+    # it); a target that names num-cores keeps its own. The database keys records by workload.
+    target = tvm.target.Target({"num-cores": cores, **dict(target.export())})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    extracted = ms.relax_integration.extract_tasks(fused_module(mod, target), target)
+    fused = fused_module(mod, target)
+    extracted = ms.relax_integration.extract_tasks(fused, target)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted, str(out / "logs"), num_threads=2)
-    progress(f"tuning {len(contexts)} task(s), up to {trials} trial(s) each, "
-             f"cost model {cost_model}")
+        extracted, str(out / "logs"), num_threads=builders)
+    kept = repair_database(out)
     database = ms.database.JSONDatabase(str(out / WORKLOADS), str(out / RECORDS))
-    if contexts:
-        builder = ms.builder.LocalBuilder(max_workers=2, timeout_sec=600,
+    before = _measured(database, contexts)
+    users = _task_tenants(fused, extracted)
+    rows = [{"task": t.task_name, "trials": n, "failed": f,
+             "best_us": None if b is None else b * 1e6, "tenants": u}
+            for t, (n, f, b), u in zip(extracted, before, users, strict=True)]
+
+    def left(row: dict) -> int:
+        # failed runs do not count: a candidate lost with its server is measured again
+        return trials - (row["trials"] - row["failed"])
+
+    todo = [i for i, r in enumerate(rows) if left(r) > 0]
+    progress(f"tuning {len(todo)} of {len(contexts)} task(s), up to {trials} trial(s) each "
+             f"({kept} already in the database), cost model {cost_model}, "
+             + (f"measured on {servers} server(s)" if tracker else "measured here"))
+    measured = 0
+    stopped: list[BaseException] = []
+    interrupted: list[bool] = []
+    if todo:
+        builder = ms.builder.LocalBuilder(max_workers=builders, timeout_sec=600,
                                           initializer=light_tensor_intrin)
-        callbacks = ms.measure_callback.MeasureCallback.create("default")
-        if on_trials is not None:
-            callbacks = [*callbacks, _trials_callback(on_trials, trials * len(contexts))]
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(out / "logs"),
-                      max_trials_global=trials * len(contexts), max_trials_per_task=trials,
-                      num_trials_per_iter=min(trials, 32), builder=builder, runner="local",
-                      database=database, cost_model=cost_model, measure_callbacks=callbacks)
-    return {"tasks": len(contexts), "records": len(database),
-            "seconds": round(time.perf_counter() - t0, 1), "cost_model": cost_model}
+        runner = (tracker.runner(servers) if tracker is not None
+                  else ms.runner.LocalRunner())
+        total = sum(left(rows[i]) for i in todo)
+        # tune_tasks has one budget for every task: tasks with the same budget left go together
+        for budget in sorted({left(rows[i]) for i in todo}, reverse=True):
+            group = [i for i in todo if left(rows[i]) == budget]
+
+            def on_batch(task_id, secs, group=group):
+                nonlocal measured
+                row = rows[group[task_id]]
+                row["trials"] += len(secs)
+                row["failed"] += sum(s is None for s in secs)
+                times = [s * 1e6 for s in secs if s is not None] + (
+                    [row["best_us"]] if row["best_us"] is not None else [])
+                row["best_us"] = min(times) if times else None
+                measured += len(secs)
+                if on_trials is not None:
+                    on_trials(len(secs), total)
+                if on_task is not None:
+                    on_task(dict(row))
+                if interrupted:
+                    stopped.append(KeyboardInterrupt())
+                    raise stopped[-1]
+                if tracker is not None:
+                    try:
+                        tracker.lost(sum(s is None for s in secs))
+                    except MTCompileError as e:
+                        stopped.append(e)
+                        raise
+
+            callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                         _measure_callback(on_batch)]
+            try:
+                with _stop_after_batch(interrupted):
+                    ms.tune_tasks(tasks=[contexts[i] for i in group],
+                                  task_weights=[weights[i] for i in group],
+                                  work_dir=str(out / "logs"),
+                                  max_trials_global=budget * len(group),
+                                  max_trials_per_task=budget,
+                                  num_trials_per_iter=min(budget, 32), builder=builder,
+                                  runner=runner, database=database, cost_model=cost_model,
+                                  measure_callbacks=callbacks)
+            except Exception:
+                # what the callback raised comes back through TVM as a RuntimeError
+                if stopped:
+                    raise stopped[0] from None
+                raise
+    return {"tasks": len(contexts), "records": len(database), "measured": measured,
+            "resumed_from": kept, "seconds": round(time.perf_counter() - t0, 1),
+            "cost_model": cost_model, "servers": servers, "table": rows}

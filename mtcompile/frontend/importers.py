@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mtcompile.errors import TenantError, UnsupportedOperatorError
+from mtcompile.frontend.lift import var_bounds
 from mtcompile.runtime.inputs import to_array
 from mtcompile.tenant import Tenant
 
@@ -167,11 +168,15 @@ def import_tenant(t: Tenant) -> ImportedTenant:
         try:  # mtcompile compiles inference; the caller's modes come back afterwards
             args = _distinct(tuple(to_torch(x) for x in t.example_inputs))
             with _quiet_torch(), eval_mode(model):
-                ep = torch.export.export(model, args)
+                ep = torch.export.export(model, args, dynamic_shapes=t.dynamic_shapes)
         except Exception as e:
             raise TenantError(f"tenant '{t.name}': torch.export failed: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         return _import_exported(t, ep)
+    if t.dynamic_shapes is not None:
+        raise TenantError(f"tenant '{t.name}': dynamic_shapes applies to a torch.nn.Module "
+                          "(torch.export's argument); an ONNX or fx tenant names its dims in "
+                          "its shapes and gives dim_bounds")
     try:
         import onnx
     except ImportError:  # pragma: no cover - onnx is a dependency
@@ -201,6 +206,7 @@ def _import_exported(t: Tenant, ep) -> ImportedTenant:
     except Exception as e:
         raise TenantError(f"tenant '{t.name}': TVM's torch.export importer failed: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    mod = _canonical_dims(t, mod, names, _export_dim_names(t, names), var_bounds(mod["main"]))
     state = sorted(ep.state_dict.items()) + sorted(ep.constants.items())
     return ImportedTenant(t.name, mod, names, "torch.export",
                           _hash_torch(str(ep.graph_module.code), state))
@@ -251,6 +257,83 @@ def _low_precision_map(known) -> dict:
     return {name: convert for name in known if isinstance(name, str)}
 
 
+def _export_dim_names(t: Tenant, names: list[str]) -> dict[tuple[int, int], str]:
+    """``{(input index, axis): Dim name}`` from the tenant's ``dynamic_shapes`` (a dict by
+    input name or a sequence by position, each ``{axis: Dim}`` or a sequence of Dims)."""
+    spec = t.dynamic_shapes
+    if spec is None:
+        return {}
+    per_input = ([spec.get(n) for n in names] if isinstance(spec, dict) else list(spec))
+    out = {}
+    for i, axes in enumerate(per_input):
+        items = (axes.items() if isinstance(axes, dict) else enumerate(axes or ()))
+        for axis, dim in items:
+            name = getattr(dim, "__name__", None)
+            if isinstance(name, str) and name.isidentifier():
+                out[(i, int(axis))] = name
+    return out
+
+
+def _canonical_dims(t: Tenant, mod, names: list[str], dim_names: dict[tuple[int, int], str],
+                    bounds: dict[str, tuple[int, int]]):
+    """`mod` with each size variable of main's inputs renamed ``<tenant>_<dim name>`` (one
+    variable per tenant and name: tenants of one bundle take their own sizes) and its
+    bounds set as TVM's ``tir_var_lower/upper_bound`` attrs (what lift, memory planning
+    and TVM read). A variable without bounds is a `TenantError` naming it."""
+    import tvm
+    from tvm import tirx
+
+    func = mod["main"]
+    new: dict = {}  # old variable -> new one
+    lo, hi = {}, {}
+    for i, p in enumerate(func.params):
+        shape = getattr(p.ty, "shape", None)
+        for axis, d in enumerate(getattr(shape, "values", None) or ()):
+            if not isinstance(d, tirx.Var) or d in new:
+                continue
+            user = dim_names.get((i, axis), d.name)
+            if d.name not in bounds:
+                raise TenantError(
+                    f"tenant '{t.name}': input {names[i]!r} axis {axis}: symbolic dim "
+                    f"{user!r} has no bounds; declare them (torch.export.Dim(name, min=, "
+                    f"max=), or dim_bounds={{{user!r}: (lo, hi)}})")
+            new[d] = tirx.Var(f"{t.name}_{user}", "int64")
+            lo[new[d].name], hi[new[d].name] = bounds[d.name]
+    if not new:
+        return mod
+    func = func.bind_symbolic_vars(new)
+    func = func.with_attr("tir_var_lower_bound", lo).with_attr("tir_var_upper_bound", hi)
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    out["main"] = func
+    return out
+
+
+def _dims_of(t: Tenant, shapes: dict[str, tuple[list, str]]) -> tuple[dict, dict]:
+    """Input shapes whose string dims became size variables (one per name), and the
+    variables' bounds from ``t.dim_bounds`` (a name without bounds: a `TenantError`)."""
+    from tvm import tirx
+
+    made: dict[str, object] = {}
+    out = {}
+    for inp, (shape, dtype) in shapes.items():
+        dims = []
+        for axis, d in enumerate(shape):
+            if isinstance(d, str):
+                if d not in t.dim_bounds:
+                    raise TenantError(
+                        f"tenant '{t.name}': input {inp!r} axis {axis}: symbolic dim {d!r} "
+                        f"has no bounds; give dim_bounds={{{d!r}: (lo, hi)}} (or a fixed "
+                        "size in input_shapes)")
+                d = made.setdefault(d, tirx.Var(d, "int64"))
+            dims.append(d)
+        out[inp] = (dims, dtype)
+    unused = sorted(set(t.dim_bounds) - set(made))
+    if unused:
+        raise TenantError(f"tenant '{t.name}': dim_bounds names {unused}, which no input "
+                          f"dimension is called (symbolic dims: {sorted(made)})")
+    return out, {name: tuple(t.dim_bounds[name]) for name in made}
+
+
 def _import_fx(t: Tenant) -> ImportedTenant:
     from tvm.relax.frontend.torch import from_fx
     from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
@@ -270,11 +353,13 @@ def _import_fx(t: Tenant) -> ImportedTenant:
             missing.append((type(modules[n.target]).__name__, f"submodule '{n.target}'"))
     if missing:
         raise UnsupportedOperatorError(t.name, _unique(missing), "torch.fx")
+    shapes, bounds = _dims_of(t, shapes)
     try:
         mod = from_fx(gm, [shapes[p] for p in placeholders])
     except Exception as e:
         raise TenantError(f"tenant '{t.name}': TVM's fx importer failed: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    mod = _canonical_dims(t, mod, placeholders, {}, bounds)
     state = sorted(gm.state_dict().items())
     return ImportedTenant(t.name, mod, placeholders, "torch.fx",
                           _hash_torch(str(gm.code), state))
@@ -285,7 +370,8 @@ def _fx_shapes(t: Tenant, placeholders: list[str]) -> dict[str, tuple[list[int],
         if list(t.input_shapes) != placeholders:
             raise TenantError(f"tenant '{t.name}': input_shapes names {list(t.input_shapes)} "
                               f"do not match the GraphModule's inputs {placeholders}")
-        return {k: (list(s), str(d)) for k, (s, d) in t.input_shapes.items()}
+        return {k: ([x if isinstance(x, str) else int(x) for x in s], str(d))
+                for k, (s, d) in t.input_shapes.items()}
     if t.example_inputs is not None:
         if len(t.example_inputs) != len(placeholders):
             raise TenantError(f"tenant '{t.name}': {len(t.example_inputs)} example inputs for "
@@ -321,8 +407,9 @@ def load_onnx(t: Tenant):
     return model
 
 
-def onnx_signature(t: Tenant, model) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Input name -> (shape, dtype) of an ONNX model, from the file or `t.input_shapes`."""
+def onnx_signature(t: Tenant, model) -> dict[str, tuple[tuple[int | str, ...], str]]:
+    """Input name -> (shape, dtype) of an ONNX model, from the file or `t.input_shapes`;
+    a symbolic dim is its name (``dim_param``)."""
     import onnx
 
     inits = {i.name for i in model.graph.initializer}
@@ -335,16 +422,20 @@ def onnx_signature(t: Tenant, model) -> dict[str, tuple[tuple[int, ...], str]]:
         dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
         if inp.name in given:
             shape, dtype = given.pop(inp.name)
-            sig[inp.name] = (tuple(int(d) for d in shape), str(dtype))
+            sig[inp.name] = (tuple(d if isinstance(d, str) else int(d) for d in shape),
+                             str(dtype))
             continue
         dims = []
         for i, d in enumerate(tt.shape.dim):
-            if not d.HasField("dim_value"):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.dim_param and d.dim_param.isidentifier():
+                dims.append(d.dim_param)  # symbolic: bounds from t.dim_bounds
+            else:
                 raise TenantError(
-                    f"tenant '{t.name}': ONNX input {inp.name!r} has a symbolic dimension "
+                    f"tenant '{t.name}': ONNX input {inp.name!r} has an unnamed dimension "
                     f"{d.dim_param or '?'} at axis {i}; give input_shapes={{{inp.name!r}: "
                     "(shape, dtype)}")
-            dims.append(int(d.dim_value))
         sig[inp.name] = (tuple(dims), dtype)
     if given:
         raise TenantError(f"tenant '{t.name}': input_shapes names {sorted(given)} that are not "
@@ -373,13 +464,15 @@ def _import_onnx(t: Tenant) -> ImportedTenant:
     if missing:
         raise UnsupportedOperatorError(t.name, _unique(missing), "ONNX")
     sig = onnx_signature(t, model)
+    shapes, bounds = _dims_of(t, {k: (list(s), d) for k, (s, d) in sig.items()})
     try:
-        mod = from_onnx(model, {k: list(s) for k, (s, _) in sig.items()},
+        mod = from_onnx(model, {k: s for k, (s, _) in shapes.items()},
                         {k: d for k, (_, d) in sig.items()})
         mod = relax.transform.FoldConstant()(mod)
     except Exception as e:
         raise TenantError(f"tenant '{t.name}': TVM's ONNX importer failed: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    mod = _canonical_dims(t, mod, list(sig), {}, bounds)
     digest = hashlib.sha256(model.SerializeToString()).hexdigest()
     return ImportedTenant(t.name, mod, list(sig), "onnx", digest)
 

@@ -24,8 +24,10 @@ from mtcompile.ir.relax_types import lift_type, opaque
 
 
 class _Lifter:
-    def __init__(self, tenant: str, constants: dict[str, np.ndarray]):
+    def __init__(self, tenant: str, constants: dict[str, np.ndarray],
+                 bounds: dict[str, tuple[int, int]]):
         self.tenant = tenant
+        self.bounds = bounds  # size variable -> (lo, hi): symbolic dims of its types
         self.constants = constants
         self.nodes: list[Node] = []
         self.env: dict[object, Ref | ConstRef] = {}  # relax Var -> its value in our graph
@@ -68,8 +70,9 @@ class _Lifter:
         var, val = b.var, getattr(b, "value", None)
         where = f"tenant '{self.tenant}', binding {var.name}"
         if not isinstance(b, relax.VarBinding):
-            raise TenantError(f"{where}: {type(b).__name__} is not supported (dynamic shapes?)")
-        ty = lift_type(var.ty, where)
+            raise TenantError(f"{where}: {type(b).__name__} is not supported (a shape "
+                              "computed from data?)")
+        ty = lift_type(var.ty, where, self.bounds)
         if isinstance(val, relax.Var):  # alias
             self.env[var] = self.arg(val, where)
         elif isinstance(val, tvm.ir.expr.GenericConst) and hasattr(val.value, "shape"):
@@ -118,14 +121,24 @@ class _Lifter:
         return (a,)
 
 
+def var_bounds(func: relax.Function) -> dict[str, tuple[int, int]]:
+    """``{size variable: (lo, hi)}`` from TVM's ``tir_var_lower/upper_bound`` attrs."""
+    attrs = func.attrs
+    keys = attrs.keys() if attrs is not None else ()
+    upper = attrs["tir_var_upper_bound"] if "tir_var_upper_bound" in keys else {}
+    lower = attrs["tir_var_lower_bound"] if "tir_var_lower_bound" in keys else {}
+    return {str(k): (int(lower[k]) if k in lower else 0, int(v)) for k, v in upper.items()}
+
+
 def lift(func: relax.Function, tenant: str, input_names: list[str] | None = None) -> Graph:
-    """The Graph of one tenant's Relax function (inputs named by `input_names` if given)."""
+    """The Graph of one tenant's Relax function (inputs named by `input_names` if given).
+    Symbolic dims need bounds: the function's ``tir_var_lower/upper_bound`` attrs."""
     constants: dict[str, np.ndarray] = {}
-    lf = _Lifter(tenant, constants)
+    lf = _Lifter(tenant, constants, var_bounds(func))
     inputs = []
     names = input_names or [p.name for p in func.params]
     for p, local in zip(func.params, names, strict=True):
-        ty = lift_type(p.ty, f"tenant '{tenant}', input {local}")
+        ty = lift_type(p.ty, f"tenant '{tenant}', input {local}", lf.bounds)
         lf.env[p] = lf.add(local, INPUT, (), ty)
         inputs.append((local, lf.env[p].name))
     body = func.body

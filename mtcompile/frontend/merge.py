@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mtcompile.errors import TenantError
-from mtcompile.ir.graph import Graph, Node, Ref, TenantIO, map_refs
+from mtcompile.ir.graph import Graph, Node, Ref, TenantIO, TensorTy, map_refs
 
 
 def merge(graphs: list[Graph], shared: dict[str, dict[str, str]] | None = None) -> Graph:
@@ -47,6 +47,11 @@ def share_inputs(graph: Graph, shared: dict[str, dict[str, str]]) -> Graph:
                 raise TenantError(f"tenant '{t}': shared_inputs names {local!r}, which is not "
                                   f"an input (inputs: {list(locals_)})")
             node = graph.node(locals_[local])
+            if isinstance(node.ty, TensorTy) and node.ty.symbolic:
+                # each tenant's dims are its own size variables: sizes could disagree
+                raise TenantError(f"tenant '{t}': shared input {local!r} ({key!r}) has "
+                                  f"dynamic dims {node.ty}; a shared input needs a fixed "
+                                  "shape (dynamic tenants each take their own inputs)")
             if key in first and first[key][2].ty != node.ty:
                 t0, l0, n0 = first[key]
                 raise TenantError(f"shared input {key!r}: tenant '{t0}' input {l0!r} is {n0.ty} "

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import tvm
 from tvm import relax
 
-from mtcompile.ir.graph import ConstRef, Graph, Node, Opaque, Ref, TensorTy
-from mtcompile.ir.relax_types import lift_type, opaque
+from mtcompile.ir.graph import ConstRef, Graph, Node, Opaque, Ref, Sym, TensorTy
+from mtcompile.ir.relax_types import lift_type, opaque, relax_type, ty_bounds
 
 
 def graph_types(graph: Graph, extra_nodes: dict | None = None,
@@ -32,25 +32,27 @@ def graph_types(graph: Graph, extra_nodes: dict | None = None,
     return typeof
 
 
-def _relax_type(ty):
-    return relax.TensorType(list(ty.shape), ty.dtype)
-
-
 def make(typeof: Callable, name: str, tenants: tuple[str, ...], fn: Callable, args: list,
          **kwargs) -> Node:
     """The node ``fn(*args, **kwargs)`` (a Relax op constructor) over graph values `args`."""
-    placeholders, back = [], {}
+    placeholders, back, tys = [], {}, []
     for i, a in enumerate(args):
         if isinstance(a, Ref | ConstRef):
-            v = relax.Var(f"a{i}", _relax_type(typeof(a)))
+            tys.append(typeof(a))
+            v = relax.Var(f"a{i}", relax_type(tys[-1]))
             back[v] = a
             placeholders.append(v)
         elif isinstance(a, list):  # a list of graph values (stack, concat)
-            vs = [relax.Var(f"a{i}_{j}", _relax_type(typeof(x))) for j, x in enumerate(a)]
+            tys += [typeof(x) for x in a]
+            vs = [relax.Var(f"a{i}_{j}", relax_type(typeof(x))) for j, x in enumerate(a)]
             back.update(zip(vs, a, strict=True))
             placeholders.append(vs)
         else:
             placeholders.append(a)
+    # a shape given with symbolic dims (``shape=[*ty.shape]``): their TVM expressions
+    kwargs = {k: [d.obj if isinstance(d, Sym) else d for d in v]
+              if isinstance(v, list | tuple) and any(isinstance(d, Sym) for d in v) else v
+              for k, v in kwargs.items()}
     call = relax.BlockBuilder().normalize(fn(*placeholders, **kwargs))
 
     def to_arg(e):
@@ -62,7 +64,7 @@ def make(typeof: Callable, name: str, tenants: tuple[str, ...], fn: Callable, ar
 
     assert isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
     return Node(name, call.op.name, tuple(to_arg(a) for a in call.args),
-                lift_type(call.ty, name), tenants,
+                lift_type(call.ty, name, ty_bounds(*tys)), tenants,
                 opaque(call.attrs) if call.attrs is not None else None,
                 tuple(opaque(t) for t in call.ty_args))
 

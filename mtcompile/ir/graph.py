@@ -21,18 +21,55 @@ from mtcompile.errors import VerifyError
 
 
 @dataclass(frozen=True)
-class TensorTy:
-    """A tensor of static shape."""
+class Sym:
+    """A symbolic dimension (dynamic batch): an expression of size variables, each with
+    bounds. text: the expression (``a_batch``, ``a_batch * 4``), its identity; lo, hi: its
+    value at the variables' lower and upper bounds; bounds: ``((variable, lo, hi), ...)``
+    of the variables it reads; obj: the TVM expression (compared by text)."""
 
-    shape: tuple[int, ...]
+    text: str
+    lo: int
+    hi: int
+    bounds: tuple[tuple[str, int, int], ...] = ()
+    obj: Any = field(default=None, compare=False, hash=False, repr=False)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+Dim = int | Sym
+
+
+def dim_hi(d: Dim) -> int:
+    """A dimension's value at its upper bound (itself when static)."""
+    return d.hi if isinstance(d, Sym) else int(d)
+
+
+@dataclass(frozen=True)
+class TensorTy:
+    """A tensor; a dimension is an int or a `Sym` (bounded symbolic size)."""
+
+    shape: tuple[Dim, ...]
     dtype: str
 
     def __str__(self) -> str:
         return f"{_short_dtype(self.dtype)}[{','.join(map(str, self.shape))}]"
 
     @property
+    def symbolic(self) -> bool:
+        """Whether some dimension is a `Sym`."""
+        return any(isinstance(d, Sym) for d in self.shape)
+
+    @property
+    def bound_shape(self) -> tuple[int, ...]:
+        """The shape with every symbolic dimension at its upper bound."""
+        return tuple(dim_hi(d) for d in self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        """Bytes of the tensor (at the upper bounds of symbolic dimensions: what memory
+        plans reserve)."""
+        return int(np.prod(self.bound_shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True)

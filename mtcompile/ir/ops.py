@@ -64,12 +64,17 @@ class LibraryKernel:
     bias_axis: int = -1
     bias_weight_rank: int | None = None
 
-    def call(self, provider: str, bias: bool = False) -> str:
-        """The name of `provider`'s kernel (with a bias argument when `bias`)."""
+    def call(self, provider: str, bias: bool = False, epilogue: str = "") -> str:
+        """The name of `provider`'s kernel (with a bias argument when `bias`; applying
+        `epilogue`, one of `EPILOGUES`, to its result: native bias kernels only)."""
         if provider not in LIBRARY_PROVIDERS:
             raise ValueError(f"{provider!r} is no library provider; expected one of "
                              f"{list(LIBRARY_PROVIDERS)}")
-        return f"mtcompile.{provider}.{self.name}{'_bias' if bias else ''}"
+        if epilogue and (epilogue not in EPILOGUES or provider != "native" or not bias):
+            raise ValueError(f"no {provider} kernel {self.name} with epilogue {epilogue!r} "
+                             f"(bias={bias}); native bias kernels take {list(EPILOGUES)}")
+        return (f"mtcompile.{provider}.{self.name}{'_bias' if bias else ''}"
+                f"{'_' + epilogue if epilogue else ''}")
 
 
 LIBRARY = {
@@ -78,11 +83,23 @@ LIBRARY = {
         "conv2d", bias_axis=1,
         layouts={"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW"}),
 }
-# library call node op -> the heavy op it computes, and -> its provider
+# what a native bias kernel may apply to its result before storing it: an activation, a
+# residual of the output's shape added (its argument follows the bias), or both (added first)
+EPILOGUES = ("relu", "gelu", "add", "add_relu")
+EPILOGUE_ACTS = {"relax.nn.relu": "relu", "relax.nn.gelu": "gelu"}  # activation op -> name
+# library call node op -> the heavy op it computes, -> its provider, -> its epilogue
 LIBRARY_CALLS = {k.call(p, b): op for op, k in LIBRARY.items()
                  for p in LIBRARY_PROVIDERS for b in (False, True)}
+EPILOGUE_CALLS = {k.call("native", True, e): e for k in LIBRARY.values() for e in EPILOGUES}
+LIBRARY_CALLS.update({name: LIBRARY_CALLS[name.rsplit("_bias", 1)[0] + "_bias"]
+                      for name in EPILOGUE_CALLS})
+# native row kernels (softmax, layer norm over the last axis) -> the op each computes; made by
+# offload-library next to the native matmul kernels (see passes/offload_library.py)
+ROW_CALLS = {"mtcompile.native.softmax": "relax.nn.softmax",
+             "mtcompile.native.layer_norm": "relax.nn.layer_norm"}
+LIBRARY_CALLS.update(ROW_CALLS)
 CALL_PROVIDER = {name: name.split(".")[1] for name in LIBRARY_CALLS}
-BIAS_CALLS = frozenset(name for name in LIBRARY_CALLS if name.endswith("_bias"))
+BIAS_CALLS = frozenset(name for name in LIBRARY_CALLS if "_bias" in name)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
@@ -46,7 +47,15 @@ def blas_lib_dir() -> Path:
 
 
 def tvm_lib_dir() -> Path:
-    """The directory of libtvm_runtime.so, whose thread pool the kernels use."""
+    """The directory of libtvm_runtime.so, whose thread pool the kernels use: found from the
+    apache-tvm wheel's metadata (a process that loads bundles may block ``import tvm``, and
+    find_spec goes through the import system), else from the package's location."""
+    try:
+        lib = Path(importlib.metadata.distribution("apache-tvm").locate_file("tvm/lib"))
+    except importlib.metadata.PackageNotFoundError:  # a source build of TVM
+        lib = None
+    if lib is not None and (lib / "libtvm_runtime.so").is_file():
+        return lib
     return _package_dir("tvm") / "lib"
 
 

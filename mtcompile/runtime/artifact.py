@@ -4,7 +4,8 @@ library hash, optional signature, ELF headers, embedded manifest).
 
 A bundle whose kernels include the ``native`` provider carries its kernels: they are linked
 into ``<name>.so`` (registered when it loads), and the BLAS and TVM runtime they link
-against are loaded (`mtcompile.native.preload`) before it is opened."""
+against are loaded (`mtcompile.native.preload`) before it is opened. Libraries are loaded by
+TVM's runtime library (`mtcompile.runtime.tvmrt`): loading imports neither tvm nor torch."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from mtcompile import native
 from mtcompile.errors import ArtifactError, MTCompileError
-from mtcompile.runtime import signing
+from mtcompile.runtime import footprint, signing, tvmrt
 from mtcompile.runtime.abi import MANIFEST
 from mtcompile.runtime.cpu import missing_features
 from mtcompile.runtime.manifest import MUST_MATCH, Manifest
@@ -146,9 +147,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
 def check_versions(manifest: Manifest, where: Path) -> None:
     """Refuse a bundle built with another TVM: its executable format is not stable across
     versions (torch and onnx versions are recorded for information only)."""
-    import tvm
-
-    here = {"tvm": tvm.__version__}
+    here = {"tvm": tvmrt.tvm_version()}
     for k in MUST_MATCH:
         if manifest.versions[k] != here[k]:
             raise ArtifactError(f"{where}: built with {k.upper()} {manifest.versions[k]}, this "
@@ -172,6 +171,14 @@ def check_cpu(manifest: Manifest, where: Path, flags: frozenset[str] | None = No
 # its weights); the same bytes loaded again reuse the module instead.
 _MODULES: dict[str, object] = {}
 _MODULES_LOCK = threading.Lock()
+# what loading each of them cost, measured then (`footprint.measure_load`), by the same hash
+_FOOTPRINTS: dict[str, dict] = {}
+
+
+def measured_footprint(library_sha256: str) -> dict | None:
+    """The resident bytes measured when the library with this hash was loaded (runtime,
+    compiler, code, weights; `mtcompile.runtime.footprint`), None if it was not loaded."""
+    return _FOOTPRINTS.get(library_sha256)
 
 
 def check_elf(path: Path, where: Path) -> None:
@@ -269,18 +276,21 @@ def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = 
             module = _MODULES.get(manifest.library_sha256)
             if module is None:
                 check_elf(private, lib)
-                module = _MODULES[manifest.library_sha256] = _load(manifest, private, lib)
+                module, _FOOTPRINTS[manifest.library_sha256] = _load(manifest, private, lib)
+                _MODULES[manifest.library_sha256] = module
     return manifest, module, lib
 
 
-def _load(manifest: Manifest, private: Path, lib: Path):
-    import tvm
-
+def _load(manifest: Manifest, private: Path, lib: Path) -> tuple[object, dict]:
+    """The library as a TVM module, loaded by TVM's runtime library (no compiler), and the
+    resident bytes loading it took (`footprint.measure_load`)."""
     try:
+        tvmrt.ffi(torch="torch" in manifest.kernels.values())
         if links_native(manifest):
             native.preload()
         with quiet_native_log():
-            return tvm.runtime.load_module(str(private))
+            return footprint.measure_load(
+                lambda: tvmrt.load_module(str(private), manifest.target), private)
     except Exception as e:
         hint = (" (a bundle built for cuda loads only where TVM finds a CUDA GPU and driver)"
                 if manifest.target == "cuda" else "")

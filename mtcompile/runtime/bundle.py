@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mtcompile.errors import InputError, MTCompileError
-from mtcompile.runtime import artifact, profile
+from mtcompile.runtime import artifact, footprint, profile, tvmrt
 from mtcompile.runtime.abi import MANIFEST_FN, RUN_ALL
 from mtcompile.runtime.inputs import check_inputs, run_all_arrays, seeded_inputs
 from mtcompile.runtime.manifest import Manifest, TenantSig, signature_text
@@ -37,7 +37,7 @@ class Bundle:
         # TVM's pool (the one pool of a run) sized before this bundle's first parallel call
         self.threads = configure_threads(threads)
         self._vms = ThreadVMs(executable, manifest.target,
-                              torch="torch" in manifest.kernels.values(),
+                              torch=[k for k, p in manifest.kernels.items() if p == "torch"],
                               streams=manifest.streams.run is not None,
                               threads=self.threads.pool)
         self._stream_executor = None
@@ -50,7 +50,8 @@ class Bundle:
         goes to the constructor of `cls`."""
         manifest, module, lib = artifact.open_library(directory, verify_key)
         bundle = cls(module, manifest, library_path=lib, **extra)
-        artifact.check_embedded(manifest, lambda: bundle._vms.fn(MANIFEST_FN)().numpy(), lib)
+        artifact.check_embedded(manifest, lambda: tvmrt.to_numpy(bundle._vms.fn(MANIFEST_FN)()),
+                                lib)
         return bundle
 
     # ------------------------------------------------------------------ signatures
@@ -107,18 +108,19 @@ class Bundle:
             self._stream_executor = StreamExecutor(
                 self.executable, device_for(self.target), s.functions, s.num_events,
                 event_streams=s.event_streams, stream_tenants=s.stream_tenants,
-                kernel_tenant=s.kernel_tenant,
+                kernel_tenant=s.kernel_tenant, make_vm=self._vms.new_vm,
                 threads_per_stream=max(1, self.threads.pool // len(s.functions)))
         return self._stream_executor
 
     def _run_streams(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """run_all on the stream functions at once (`StreamExecutor`): one arena per run,
-        shared by the streams; outputs copied to numpy once every stream is done."""
+        """run_all on the stream functions at once (`StreamExecutor`): one arena, made once
+        per calling thread's VM and shared by the streams of each of its runs; outputs
+        copied to numpy once every stream is done."""
         from mtcompile.runtime.executor import StreamError
 
         s = self.manifest.streams.run
         ex = self._executor()
-        storage = self._vms.fn(s.arena_function)()
+        storage = self._vms.arena(s.arena_function)
         tensors = self._vms.tensors(arrays)
         try:
             results = ex.run([[storage, *(tensors[j] for j in ins)] for ins in s.stream_inputs])
@@ -130,7 +132,7 @@ class Bundle:
         flat: list = [None] * sum(len(o) for o in s.stream_outputs)
         for outs, res in zip(s.stream_outputs, results, strict=True):
             for j, r in zip(outs, list(res)[:len(outs)], strict=True):  # then kept exports
-                flat[j] = r.numpy()
+                flat[j] = tvmrt.to_numpy(r)
         return flat
 
     # ------------------------------------------------------------------ timing
@@ -160,7 +162,8 @@ class Bundle:
 
     # ------------------------------------------------------------------ reports
     def report(self) -> dict:
-        """A JSON-serializable summary: tenants, pipeline, sizes, memory and streams."""
+        """A JSON-serializable summary: tenants, pipeline, sizes, memory, streams and the
+        resident footprint (`footprint`)."""
         m = self.manifest
         rep = {
             "name": m.name,
@@ -178,7 +181,18 @@ class Bundle:
         }
         if m.memory is not None:
             rep["memory"] = asdict(m.memory)
+        rep["footprint"] = self.footprint()
         return json.loads(json.dumps(rep))
+
+    def footprint(self) -> dict:
+        """Resident bytes of this bundle, by part: ``runtime`` (TVM's runtime, tvm-ffi, the
+        BLAS), ``code`` (the library's pages), ``weights`` (its constants unpacked),
+        ``arena`` (run_all's planned intermediates) and ``total``; ``source`` says which
+        were measured on load and which computed (`mtcompile.runtime.footprint`)."""
+        lib = self._library_path
+        measured = artifact.measured_footprint(self.manifest.library_sha256) if lib else None
+        size = lib.stat().st_size if lib is not None and lib.is_file() else None
+        return footprint.report(self.manifest, measured, size)
 
     # ------------------------------------------------------------------ artifact
     def save(self, directory: str | os.PathLike, *, sign_key: bytes | str | None = None

@@ -54,10 +54,18 @@ def _checked(name: str, x, s: IOSpec, sig: Sequence[IOSpec]) -> np.ndarray:
     except (TypeError, ValueError) as e:  # a float8 tensor, a ragged list
         raise InputError(f"tenant '{name}', input '{s.name}': cannot use a {type(x).__name__} "
                          f"as an array ({e}); expected {s.dtype}{list(s.shape)}") from e
-    if tuple(a.shape) != tuple(s.shape) or str(a.dtype) != s.dtype:
+    if (len(a.shape) != len(s.shape) or str(a.dtype) != s.dtype
+            or any(isinstance(d, int) and d != n for d, n in zip(s.shape, a.shape, strict=True))):
         raise InputError(f"tenant '{name}', input '{s.name}': expected {s.dtype}"
-                         f"{list(s.shape)}, got {a.dtype}{list(a.shape)} (signature: "
+                         f"{_shape_text(s.shape)}, got {a.dtype}{list(a.shape)} (signature: "
                          f"{signature_text(tuple(sig))})")
+    for axis, (d, n) in enumerate(zip(s.shape, a.shape, strict=True)):
+        if isinstance(d, str) and d in (s.dims or {}):
+            lo, hi = s.dims[d]
+            if not lo <= n <= hi:
+                raise InputError(f"tenant '{name}', input '{s.name}': dim {axis} ('{d}') is "
+                                 f"{n}, outside its bounds [{lo}, {hi}] (signature: "
+                                 f"{signature_text(tuple(sig))})")
     if s.index_range is not None and a.size:
         lo, hi = s.index_range
         if a.min() < lo or a.max() >= hi:
@@ -67,12 +75,28 @@ def _checked(name: str, x, s: IOSpec, sig: Sequence[IOSpec]) -> np.ndarray:
     return a
 
 
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
 def check_inputs(name: str, sig: TenantSig, inputs: Sequence) -> list[np.ndarray]:
-    """`inputs` of tenant `name` as numpy arrays, checked against its signature."""
+    """`inputs` of tenant `name` as numpy arrays, checked against its signature (a
+    symbolic dim: within its bounds, and one size wherever its name appears)."""
     if len(inputs) != len(sig.inputs):
         raise InputError(f"tenant '{name}' takes {len(sig.inputs)} input(s) "
                          f"({signature_text(sig.inputs)}), got {len(inputs)}")
-    return [_checked(name, x, s, sig.inputs) for x, s in zip(inputs, sig.inputs, strict=True)]
+    arrays = [_checked(name, x, s, sig.inputs) for x, s in zip(inputs, sig.inputs, strict=True)]
+    seen: dict[str, tuple[int, str, int]] = {}  # dim name -> (size, input, axis)
+    for s, a in zip(sig.inputs, arrays, strict=True):
+        for axis, (d, n) in enumerate(zip(s.shape, a.shape, strict=True)):
+            if not isinstance(d, str):
+                continue
+            first = seen.setdefault(d, (n, s.name, axis))
+            if first[0] != n:
+                raise InputError(f"tenant '{name}': dim '{d}' is {first[0]} in input "
+                                 f"'{first[1]}' (axis {first[2]}) but {n} in input "
+                                 f"'{s.name}' (axis {axis}); one name, one size")
+    return arrays
 
 
 def run_all_arrays(inputs: Any, tenants: Mapping[str, TenantSig],
@@ -111,7 +135,9 @@ def seeded_inputs(sig: TenantSig, seed: int) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     out = []
     for s in sig.inputs:
-        shape, dtype = tuple(s.shape), numpy_dtype(s.dtype)
+        # a symbolic dim at its upper bound (what the bundle's memory is planned for)
+        shape = tuple(s.dims[d][1] if isinstance(d, str) else d for d in s.shape)
+        dtype = numpy_dtype(s.dtype)
         if dtype.kind == "f" or s.dtype == "bfloat16":
             out.append(rng.standard_normal(shape).astype(dtype))
         elif dtype.kind == "b":

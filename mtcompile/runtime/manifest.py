@@ -10,6 +10,7 @@ draws from JSON so that a saved bundle draws like a fresh one.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -54,19 +55,48 @@ def _ints(v: Any, path: str) -> tuple[int, ...]:
     return tuple(v)
 
 
+def _shape(v: Any, dims: dict | None, path: str) -> tuple[int | str, ...]:
+    """A shape: integers and, with `dims`, symbolic dims: names (or, for an output,
+    expressions) of the dims `dims` bounds."""
+    if not dims:
+        return _ints(v, path)
+    if not isinstance(v, list) or not all(
+            (isinstance(x, int) and not isinstance(x, bool)) or (
+                isinstance(x, str) and re.findall(r"[A-Za-z_]\w*", x)
+                and set(re.findall(r"[A-Za-z_]\w*", x)) <= set(dims)) for x in v):
+        raise _Corrupt(path, f"expected a list of integers and names of {sorted(dims)}, "
+                             f"found {v!r:.60}")
+    return tuple(v)
+
+
+def _bounds(v: Any, path: str) -> dict[str, tuple[int, int]]:
+    if not isinstance(v, dict) or not all(
+            isinstance(b, list) and len(_ints(b, f"{path}.{k}")) == 2 for k, b in v.items()):
+        raise _Corrupt(path, f"expected {{dim name: [lo, hi]}}, found {v!r:.60}")
+    return {str(k): (b[0], b[1]) for k, b in v.items()}
+
+
 @dataclass(frozen=True)
 class IOSpec:
     """One input or output of a tenant. index_range: values an index input must lie in
-    ``[lo, hi)``; shared_as: the name of the run_all input several tenants share."""
+    ``[lo, hi)``; shared_as: the name of the run_all input several tenants share.
+    A symbolic (dynamic) dim is a string in `shape`: a dim name (``"batch"``) or, for an
+    output, an expression of them (``"batch * 4"``); dims: ``{dim name: (lo, hi)}``,
+    the sizes each name may take (inclusive)."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str
     index_range: tuple[int, int] | None = None
     shared_as: str | None = None
+    dims: dict[str, tuple[int, int]] | None = None
 
     def __str__(self) -> str:
-        return f"{self.name}: {self.dtype}{list(self.shape)}"
+        text = f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
+        if self.dims:
+            text += " (" + ", ".join(f"{k} in [{lo}, {hi}]"
+                                     for k, (lo, hi) in self.dims.items()) + ")"
+        return text
 
     def to_dict(self) -> dict:
         return _to_json(self)
@@ -78,10 +108,12 @@ class IOSpec:
         rng = _get(d, "index_range", list, where, None)
         if rng is not None and len(_ints(rng, f"{where}.index_range")) != 2:
             raise _Corrupt(f"{where}.index_range", f"expected [lo, hi], found {rng!r}")
-        return cls(_get(d, "name", str, where), _ints(_get(d, "shape", list, where),
-                                                        f"{where}.shape"),
+        dims = _get(d, "dims", dict, where, None)
+        dims = _bounds(dims, f"{where}.dims") if dims is not None else None
+        return cls(_get(d, "name", str, where), _shape(_get(d, "shape", list, where), dims,
+                                                         f"{where}.shape"),
                    _get(d, "dtype", str, where), tuple(rng) if rng is not None else None,
-                   _get(d, "shared_as", str, where, None))
+                   _get(d, "shared_as", str, where, None), dims)
 
 
 def signature_text(specs: tuple[IOSpec, ...]) -> str:

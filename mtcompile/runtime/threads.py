@@ -40,14 +40,9 @@ def user_set(var: str) -> bool:
 
 def pool_size() -> int:
     """The calling thread's TVM pool size (starting its pool if it has none yet)."""
-    import tvm_ffi
+    from mtcompile.runtime.tvmrt import ffi
 
-    fn = tvm_ffi.get_global_func("runtime.NumThreads", allow_missing=True)
-    if fn is None:  # TVM's runtime library is not loaded yet: tvm loads it
-        import tvm  # noqa: F401
-
-        fn = tvm_ffi.get_global_func("runtime.NumThreads")
-    return int(fn())
+    return int(ffi().get_global_func("runtime.NumThreads")())
 
 
 def configure(threads: int | None = None) -> ThreadConfig:

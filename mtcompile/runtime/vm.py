@@ -1,5 +1,6 @@
 """One Relax VM per calling thread over one executable (a VM is not thread-safe), its entries
-looked up once per thread; calls take and give numpy arrays."""
+looked up once per thread; calls take and give numpy arrays. A loaded bundle's VMs need
+TVM's runtime library only (`mtcompile.runtime.tvmrt`), not its compiler."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import os
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import numpy as np
 
-from mtcompile.errors import MTCompileError
+from mtcompile.errors import ArtifactError, MTCompileError
+from mtcompile.runtime import tvmrt
 
 # TVM 0.27 logs one "Scope Saving:"/"Scope Loaded:" warning per constant when an
 # executable is exported or loaded (a leftover debug LOG in vm/executable.cc).
@@ -39,32 +42,32 @@ def quiet_native_log():
 
 def device_for(target: str):
     """The TVM device a bundle built for `target` runs on (device 0)."""
-    import tvm
-
-    return tvm.cuda(0) if target == "cuda" else tvm.cpu(0)
+    return tvmrt.device(target)
 
 
 class ThreadVMs:
     """The VMs of one executable, one per calling thread, created on first use.
 
     Before the first VM: the device must exist, PyTorch's library kernels are registered
-    when the bundle calls them (`torch`), and the executor's event points when its
-    run_all runs on streams (`streams`): the executable looks both up by name. (Native
+    when the bundle calls them (`torch`: the op kinds they run), and the executor's event
+    points when its run_all runs on streams (`streams`): the executable looks both up by
+    name. (Native
     kernels are registered by the build, or by loading the library they are linked into.)
+    A function none of these register is looked for in TVM's other libraries
+    (`tvmrt.provide`); where it is in none, creating the VM fails with `ArtifactError`.
     """
 
-    def __init__(self, executable, target: str, *, torch: bool = False,
+    def __init__(self, executable, target: str, *, torch: Sequence[str] = (),
                  streams: bool = False, threads: int | None = None):
         self.executable, self.target = executable, target
-        self.torch, self.streams = torch, streams
+        self.torch_ops = tuple(torch)  # the heavy op kinds PyTorch's kernels run
+        self.torch, self.streams = bool(self.torch_ops), streams
         self.threads = threads  # the PyTorch kernels' count on each calling thread
         self._local = threading.local()
 
     def _setup(self):
-        from tvm import relax
-
         dev = device_for(self.target)
-        if not dev.exist:
+        if not tvmrt.device_exists(dev):
             raise MTCompileError(f"this bundle was built for {self.target} and this machine "
                                  "has no such device")
         if self.torch:
@@ -74,7 +77,9 @@ class ThreadVMs:
                 library.register()
             except ImportError as e:
                 raise MTCompileError("this bundle calls PyTorch kernels (kernel provider "
-                                     f"'torch') and needs torch installed: {e}") from e
+                                     f"'torch': {sorted(self.torch_ops)}) and torch cannot be "
+                                     f"imported here ({e}); install torch, or rebuild it with "
+                                     "kernels='native' to run without torch") from e
             if self.threads:  # one pool's worth of threads, as TVM's pool has
                 from mtcompile.runtime.threads import set_torch_threads
 
@@ -83,10 +88,28 @@ class ThreadVMs:
             from mtcompile.runtime.executor import register
 
             register()
-        with quiet_native_log():
-            self._local.vm = relax.VirtualMachine(self.executable, dev)
+        self._local.vm = self.new_vm(dev)
         self._local.dev = dev
+        self._local.arenas = {}
         self._local.fns = {}
+
+    def new_vm(self, dev=None):
+        """A fresh VM over the executable on `dev` (default: the target's device), for the
+        calling thread; the functions it calls that TVM's runtime library does not register
+        are loaded from TVM's other libraries first."""
+        dev = device_for(self.target) if dev is None else dev
+        while True:
+            try:
+                with quiet_native_log():
+                    return tvmrt.make_vm(self.executable, dev)
+            except Exception as e:
+                name = tvmrt.missing_function(e)
+                if name is None:
+                    raise
+                why = tvmrt.provide(name)
+                if why is not None:
+                    raise ArtifactError(f"this bundle calls {name!r}, which this process "
+                                        f"cannot provide: {why}") from e
 
     def vm(self):
         """This thread's VM."""
@@ -104,12 +127,19 @@ class ThreadVMs:
             fns[entry] = self._local.vm[entry]
         return fns[entry]
 
+    def arena(self, function: str):
+        """The storage zero-argument `function` returns, made once per thread's VM: a run
+        of this thread uses it, and runs of one thread never overlap."""
+        self.vm()
+        arenas = self._local.arenas
+        if function not in arenas:
+            arenas[function] = self.fn(function)()
+        return arenas[function]
+
     def tensors(self, arrays) -> list:
         """numpy arrays as TVM tensors on this thread's device."""
-        import tvm
-
         self.vm()
-        return [tvm.runtime.tensor(a, self._local.dev) for a in arrays]
+        return [tvmrt.tensor(a, self._local.dev) for a in arrays]
 
     def call(self, entry: str, arrays) -> list[np.ndarray]:
         """Run `entry` on numpy arrays; its outputs as numpy arrays."""
@@ -119,7 +149,7 @@ class ThreadVMs:
         except Exception as e:
             raise_index_error(e)
             raise
-        return [o.numpy() for o in outs]
+        return [tvmrt.to_numpy(o) for o in outs]
 
 
 def raise_index_error(e: BaseException) -> None:

@@ -17,6 +17,12 @@
     onnx = "encoder.onnx"                      # relative to this file
     input_shapes = { input_ids = [[1, 16], "int64"] }   # optional for ONNX
     shared_inputs = { input_ids = "tokens" }   # inputs of several tenants that are one tensor
+
+    [[tenants]]                                # dynamic batch: one bundle, any size in bounds
+    name = "dyn"
+    factory = "mtcompile.models:resnet_cnn"
+    dynamic_shapes = { x = { 0 = "batch" } }   # torch.export's dynamic_shapes, dims by name
+    dim_bounds = { batch = [1, 16] }           # ONNX dim_param / input_shapes names too
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from mtcompile.errors import MTCompileError, SpecError
 from mtcompile.tenant import Tenant
 
 _TOP_KEYS = {"name", "target", "pipeline", "tenants"}
-_TENANT_KEYS = {"name", "factory", "args", "onnx", "input_shapes", "shared_inputs"}
+_TENANT_KEYS = {"name", "factory", "args", "onnx", "input_shapes", "shared_inputs",
+                "dynamic_shapes", "dim_bounds"}
 
 
 @dataclass
@@ -45,15 +52,48 @@ class BuildSpec:
     pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _shapes(raw: Any, where: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def _shapes(raw: Any, where: str) -> dict[str, tuple[tuple[int | str, ...], str]]:
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: input_shapes must be a table {{name = [[dims...], dtype]}}")
     out = {}
     for k, v in raw.items():
         if (not isinstance(v, list) or len(v) != 2 or not isinstance(v[0], list)
-                or not all(isinstance(d, int) for d in v[0]) or not isinstance(v[1], str)):
-            raise SpecError(f"{where}: input_shapes.{k} must be [[dims...], \"dtype\"], got {v!r}")
+                or not all(isinstance(d, int | str) for d in v[0]) or not isinstance(v[1], str)):
+            raise SpecError(f"{where}: input_shapes.{k} must be [[dims...], \"dtype\"] (a dim "
+                            f"an integer or a name), got {v!r}")
         out[k] = (tuple(v[0]), v[1])
+    return out
+
+
+def _dim_bounds(raw: Any, where: str) -> dict[str, tuple[int, int]]:
+    if not isinstance(raw, dict) or not all(
+            isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) for x in b)
+            for b in raw.values()):
+        raise SpecError(f"{where}: dim_bounds must be a table {{name = [lo, hi]}}, got {raw!r}")
+    return {k: (b[0], b[1]) for k, b in raw.items()}
+
+
+def _dynamic_shapes(raw: Any, bounds: dict[str, tuple[int, int]], where: str) -> dict:
+    """torch.export's ``dynamic_shapes`` from ``{input = {axis = "dim name"}}`` and the
+    names' `bounds`."""
+    from torch.export import Dim
+
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise SpecError(f"{where}: dynamic_shapes must be a table {{input = {{axis = \"name\"}}}}"
+                        f", got {raw!r}")
+    dims, out = {}, {}
+    for inp, axes in raw.items():
+        out[inp] = {}
+        for axis, name in axes.items():
+            if not str(axis).isdigit() or not isinstance(name, str):
+                raise SpecError(f"{where}: dynamic_shapes.{inp}: expected axis = \"dim name\", "
+                                f"got {axis} = {name!r}")
+            if name not in bounds:
+                raise SpecError(f"{where}: dynamic_shapes.{inp}.{axis}: dim {name!r} has no "
+                                f"bounds; add dim_bounds = {{ {name} = [lo, hi] }}")
+            if name not in dims:
+                dims[name] = Dim(name, min=bounds[name][0], max=bounds[name][1])
+            out[inp][int(axis)] = dims[name]
     return out
 
 
@@ -117,6 +157,9 @@ def load_spec(path: str | Path) -> BuildSpec:
         shared = e.get("shared_inputs", {})
         if not isinstance(shared, dict):
             raise SpecError(f"{where}: shared_inputs must be a table {{input = \"shared name\"}}")
+        bounds = _dim_bounds(e["dim_bounds"], where) if "dim_bounds" in e else {}
+        dynamic = (_dynamic_shapes(e["dynamic_shapes"], bounds, where)
+                   if "dynamic_shapes" in e else None)
         try:
             if "onnx" in e:
                 tenant = Tenant(name, str((path.parent / e["onnx"]).resolve()),
@@ -124,7 +167,13 @@ def load_spec(path: str | Path) -> BuildSpec:
             else:
                 made = call_factory(e["factory"], dict(e.get("args", {})), where)
                 tenant = tenant_from_factory(name, made, shapes, where)
-            tenants.append(replace(tenant, shared_inputs=dict(shared)) if shared else tenant)
+            if shared:
+                tenant = replace(tenant, shared_inputs=dict(shared))
+            if dynamic is not None:
+                tenant = replace(tenant, dynamic_shapes=dynamic)
+            elif bounds:  # names of ONNX dim_params or input_shapes dims
+                tenant = replace(tenant, dim_bounds=bounds)
+            tenants.append(tenant)
         except SpecError:
             raise
         except MTCompileError as err:

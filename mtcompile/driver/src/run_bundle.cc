@@ -18,12 +18,14 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -181,7 +183,9 @@ int64_t integer(const ffi::Any& v, const std::string& key) {
 
 struct IO {
   std::string name, dtype;
-  std::vector<int64_t> shape;
+  std::vector<int64_t> shape;  // -1: a symbolic (dynamic) dim, its name in `dims`
+  std::vector<std::string> dims;  // per axis: the dim's name, empty when static
+  std::map<std::string, std::pair<int64_t, int64_t>> bounds;  // dim name -> [lo, hi]
   bool ranged = false;
   int64_t lo = 0, hi = 0;  // an index input's values lie in [lo, hi)
 };
@@ -198,8 +202,18 @@ std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
     IO io;
     io.name = str(field(m, "name", where), where + ".name");
     io.dtype = str(field(m, "dtype", where), where + ".dtype");
-    for (const ffi::Any& d : as_array(field(m, "shape", where), where + ".shape"))
-      io.shape.push_back(integer(d, where + ".shape"));
+    auto b = m.find(ffi::String("dims"));
+    if (b != m.end() && (*b).second != nullptr)
+      for (const auto& kv : as_map((*b).second, where + ".dims")) {
+        auto lh = as_array(kv.second, where + ".dims");
+        io.bounds[str(kv.first, where + ".dims")] = {
+            integer(lh[0], where + ".dims"), integer(lh[1], where + ".dims")};
+      }
+    for (const ffi::Any& d : as_array(field(m, "shape", where), where + ".shape")) {
+      auto name = d.try_cast<ffi::String>();
+      io.shape.push_back(name ? -1 : integer(d, where + ".shape"));
+      io.dims.push_back(name ? std::string(*name) : std::string());
+    }
     auto r = m.find(ffi::String("index_range"));
     if (r != m.end() && (*r).second != nullptr) {
       auto lh = as_array((*r).second, where + ".index_range");
@@ -288,11 +302,26 @@ ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const 
   if (npy.descr != d.descr)
     throw BadInput("tenant '" + tenant + "', input '" + io.name + "' (" + path + "): expected " +
                    io.dtype + " ('" + d.descr + "'), found '" + npy.descr + "'");
-  if (npy.shape != io.shape)
+  bool fits = npy.shape.size() == io.shape.size();
+  for (size_t i = 0; fits && i < io.shape.size(); ++i)
+    fits = io.shape[i] == -1 || io.shape[i] == npy.shape[i];
+  if (!fits)
     throw BadInput("tenant '" + tenant + "', input '" + io.name + "' (" + path +
-                   "): expected shape " + shape_str(io.shape) + ", found " +
+                   "): expected shape " + shape_str(io.shape) +
+                   (std::count(io.shape.begin(), io.shape.end(), -1) ? " (-1: dynamic)" : "") +
+                   ", found " +
                    shape_str(npy.shape));
-  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(io.shape.data(), io.shape.size()), d.dl,
+  for (size_t i = 0; i < io.shape.size(); ++i) {  // a dynamic dim: within its bounds
+    auto b = io.bounds.find(io.dims[i]);
+    if (io.shape[i] == -1 && b != io.bounds.end() &&
+        (npy.shape[i] < b->second.first || npy.shape[i] > b->second.second))
+      throw BadInput("tenant '" + tenant + "', input '" + io.name + "': dim " +
+                     std::to_string(i) + " ('" + io.dims[i] + "') is " +
+                     std::to_string(npy.shape[i]) + ", outside its bounds [" +
+                     std::to_string(b->second.first) + ", " + std::to_string(b->second.second) +
+                     "]");
+  }
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(npy.shape.data(), npy.shape.size()), d.dl,
                                            DLDevice{kDLCPU, 0});
   const size_t bytes = ffi::GetDataSize(*t.GetDLTensorPtr());
   if (npy.data.size() != bytes)

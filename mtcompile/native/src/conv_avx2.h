@@ -15,6 +15,8 @@
 #include <cstring>
 #include <vector>
 
+#include "epilogue.h"
+
 namespace mtc {
 
 constexpr int kMR = 6, kNR = 16;
@@ -102,12 +104,14 @@ inline void pack_weights(const float* w, int64_t Og, int64_t Kd, float* dst) {
 // One register tile: MR output channels x 16 pixels over `nrows` (c, kh) rows. a: the strip's
 // packed weights from the first of these rows on; rows: per (c, kh) the padded row's start at
 // the tile's first pixel, null for a row that lies wholly in the padding (skipped); out: the
-// tile's first output, `ncols` valid columns; accumulate: add to what out holds. KW > 0 is the
+// tile's first output, `ncols` valid columns; accumulate: add to what out holds; res, act: the
+// epilogue (res laid out as out, at the tile's first output; null for none). KW > 0 is the
 // kernel width known at compile time (the tap loop unrolled), 0 reads it from q.
 template <int MR, int KW>
 __attribute__((target("avx2,fma"), always_inline)) inline void tile(
     const ConvGeom& q, const int64_t* tap, const float* a, const float* const* rows,
-    int64_t nrows, float* out, int64_t ldc, const float* bias, bool accumulate, int ncols) {
+    int64_t nrows, float* out, int64_t ldc, const float* bias, bool accumulate, int ncols,
+    const float* res, Act act) {
   const int64_t kw_n = KW > 0 ? KW : q.KW;
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
@@ -138,10 +142,15 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile(
       r1 = _mm256_add_ps(r1, bv);
     }
     float* o = out + i * ldc;
+    const float* r = res != nullptr ? res + i * ldc : nullptr;
     if (ncols == kNR) {
       if (accumulate) {
         r0 = _mm256_add_ps(r0, _mm256_loadu_ps(o));
         r1 = _mm256_add_ps(r1, _mm256_loadu_ps(o + 8));
+      }
+      if (r != nullptr || act != kActNone) {
+        r0 = finish8(r0, r, 8, act);
+        r1 = finish8(r1, r ? r + 8 : nullptr, 8, act);
       }
       _mm256_storeu_ps(o, r0);
       _mm256_storeu_ps(o + 8, r1);
@@ -149,6 +158,8 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile(
       _mm256_store_ps(tmp, r0);
       _mm256_store_ps(tmp + 8, r1);
       for (int j = 0; j < ncols; ++j) o[j] = accumulate ? o[j] + tmp[j] : tmp[j];
+      if (r != nullptr || act != kActNone)
+        for (int j = 0; j < ncols; ++j) o[j] = act_scalar(o[j] + (r ? r[j] : 0.f), act);
     }
   }
 }
@@ -158,12 +169,12 @@ __attribute__((target("avx2,fma"))) void tile_call(const ConvGeom& q, const int6
                                                    const float* a, const float* const* rows,
                                                    int64_t nrows, float* out, int64_t ldc,
                                                    const float* bias, bool accumulate,
-                                                   int ncols) {
-  tile<MR, KW>(q, tap, a, rows, nrows, out, ldc, bias, accumulate, ncols);
+                                                   int ncols, const float* res, Act act) {
+  tile<MR, KW>(q, tap, a, rows, nrows, out, ldc, bias, accumulate, ncols, res, act);
 }
 
 using TileFn = void (*)(const ConvGeom&, const int64_t*, const float*, const float* const*,
-                        int64_t, float*, int64_t, const float*, bool, int);
+                        int64_t, float*, int64_t, const float*, bool, int, const float*, Act);
 template <int KW>
 constexpr TileFn kTilesFor[kMR + 1] = {nullptr,          tile_call<1, KW>, tile_call<2, KW>,
                                        tile_call<3, KW>, tile_call<4, KW>, tile_call<5, KW>,
@@ -181,9 +192,10 @@ inline int64_t channel_block(const ConvGeom& q) {
 
 // Output panels [t0, t1) of one image and group: panel t covers output row t / per_row,
 // columns from (t % per_row) * 16. xp: the group's padded channels; wp: its packed weights;
-// out: its first output channel.
+// out: its first output channel; res (null for none), act: the epilogue, res laid out as out.
 inline void conv_panels(const ConvGeom& q, const Padded& pd, const float* xp, const float* wp,
-                        const float* bias, float* out, int64_t t0, int64_t t1) {
+                        const float* bias, float* out, int64_t t0, int64_t t1,
+                        const float* res = nullptr, Act act = kActNone) {
   const int64_t P = q.OH * q.OW, Kd = q.Cg * q.KH * q.KW;
   const int64_t per_row = (q.OW + kNR - 1) / kNR;
   thread_local std::vector<const float*> rows;
@@ -203,11 +215,13 @@ inline void conv_panels(const ConvGeom& q, const Padded& pd, const float* xp, co
     for (int64_t c0 = 0; c0 < q.Cg; c0 += cb) {
       const int64_t c1 = std::min(q.Cg, c0 + cb);
       const float* a = wp;
+      const bool last = c1 == q.Cg;  // the epilogue goes with the last channel block
       for (int64_t o0 = 0; o0 < q.Og; o0 += kMR) {
-        const int64_t mr = std::min<int64_t>(kMR, q.Og - o0);
+        const int64_t mr = std::min<int64_t>(kMR, q.Og - o0), at = o0 * P + oh * q.OW + ow0;
         tiles[mr](q, pd.tap.data(), a + c0 * KK * mr, rows.data() + c0 * q.KH,
-                  (c1 - c0) * q.KH, out + o0 * P + oh * q.OW + ow0, P,
-                  c0 == 0 && bias != nullptr ? bias + o0 : nullptr, c0 > 0, ncols);
+                  (c1 - c0) * q.KH, out + at, P,
+                  c0 == 0 && bias != nullptr ? bias + o0 : nullptr, c0 > 0, ncols,
+                  last && res != nullptr ? res + at : nullptr, last ? act : kActNone);
         a += mr * Kd;
       }
     }

@@ -1,5 +1,6 @@
-// Native heavy kernels (float32 matmul, matmul+bias, conv2d, conv2d+bias) on a single-threaded
-// BLAS sgemm, their work split across TVM's own thread pool (TVMBackendParallelLaunch) so that
+// Native heavy kernels (float32 matmul, matmul+bias, conv2d, conv2d+bias, dense on a packed
+// weight; the bias kernels optionally with an epilogue: ReLU or GELU, a residual added, see
+// epilogue.h) on AVX2/FMA register tiles or a single-threaded BLAS sgemm, their work split across TVM's own thread pool (TVMBackendParallelLaunch) so that
 // generated kernels and library kernels share one pool. Registered as TVM global functions;
 // argument conventions match mtcompile/runtime/library.py (destination-passing: out is last).
 #include <tvm/ffi/container/shape.h>
@@ -17,6 +18,8 @@
 
 #include "conv_avx2.h"
 #include "dense_avx2.h"
+#include "epilogue.h"
+#include "rows_avx2.h"
 
 #ifndef MTC_PREFIX
 #define MTC_PREFIX "mtcompile.native."
@@ -124,6 +127,24 @@ void parallel_phases(int64_t work, int64_t max_tasks, const F& first, const G& s
   if (rc != 0) TVM_FFI_THROW(RuntimeError) << "TVMBackendParallelLaunch failed (" << rc << ")";
 }
 
+// A kernel's epilogue (epilogue.h): act(result + res), res laid out as the kernel's output.
+struct Epilogue {
+  mtc::Act act = mtc::kActNone;
+  const float* res = nullptr;
+  // the residual at the output element `at` (null without one)
+  const float* res_at(int64_t at) const { return res != nullptr ? res + at : nullptr; }
+  bool any() const { return act != mtc::kActNone || res != nullptr; }
+};
+
+// the epilogue over a rows x cols block (row stride ld) of out, computed without it; at: the
+// block's first element's index in out
+void finish_block(const Epilogue& ep, float* out, int64_t at, int64_t ld, int64_t rows,
+                  int64_t cols) {
+  if (!ep.any()) return;
+  (kHasAvx2 ? mtc::finish_block_avx2 : mtc::finish_block_generic)(out + at, ep.res_at(at), ld,
+                                                                  rows, cols, ep.act);
+}
+
 // [begin, end) of part `i` of `n` equal parts of [0, total), boundaries rounded to `align`.
 inline std::pair<int64_t, int64_t> part(int64_t total, int64_t i, int64_t n, int64_t align) {
   int64_t blocks = (total + align - 1) / align;
@@ -169,7 +190,7 @@ void check_tensor(const char* op, const char* what, const TensorView& t, int min
 // out = a @ b (numpy matmul: 1-D operands, broadcast batch dims), optional bias along the last
 // axis of out.
 void matmul_impl(const char* op, TensorView a, TensorView b, const float* bias, int64_t nbias,
-                 TensorView out) {
+                 TensorView out, const Epilogue& ep = {}) {
   check_tensor(op, "a", a, 1, 8);
   check_tensor(op, "b", b, 1, 8);
   check_tensor(op, "out", out, 0, 8);
@@ -264,6 +285,7 @@ void matmul_impl(const char* op, TensorView a, TensorView b, const float* bias, 
           std::memcpy(pc + bi * rows * N + r * N + c0, bias + c0, (c1 - c0) * sizeof(float));
       }
       sgemm(r1 - r0, c1 - c0, K, pa + oa + r0 * K, K, pb + ob + c0, N, bias ? 1.f : 0.f, c, N);
+      finish_block(ep, pc, bi * rows * N + r0 * N + c0, N, r1 - r0, c1 - c0);
     }
   };
   parallel(work, std::max<int64_t>(nbatch, rows / 8 + 1) * std::max<int64_t>(1, N / 16), run);
@@ -284,7 +306,7 @@ void matmul_bias(TensorView a, TensorView w, TensorView bias, TensorView out) {
 // out[..., n] = a[..., :] @ w[:, n] (+ bias[n]) with w packed at build time as 16-column
 // panels wp[N/16][K][16] (see dense_avx2.h; mtcompile.backend.kernels.pack_dense packs it).
 void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float* bias,
-                       int64_t nbias, TensorView out) {
+                       int64_t nbias, TensorView out, const Epilogue& ep = {}) {
   check_tensor(op, "a", a, 1, 8);
   check_tensor(op, "packed weight", wp, 3, 3);
   check_tensor(op, "out", out, 1, 8);
@@ -319,7 +341,8 @@ void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float*
       const int64_t r0 = blk * rb, nr = std::min(rb, rows - r0);
       const int64_t p0 = t - blk * panels, p1 = end - blk * panels;
       if (kHasAvx2) {
-        mtc::dense_panels_avx2(nr, K, N, pa + r0 * K, pw, bias, pc + r0 * N, p0, p1);
+        mtc::dense_panels_avx2(nr, K, N, pa + r0 * K, pw, bias, pc + r0 * N, p0, p1,
+                               ep.res_at(r0 * N), ep.act);
       } else {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t n0 = p * mtc::kDenseNR, nc = std::min<int64_t>(mtc::kDenseNR, N - n0);
@@ -328,6 +351,7 @@ void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float*
             for (int64_t r = 0; r < nr; ++r) std::memcpy(c + r * N, bias + n0, nc * sizeof(float));
           sgemm(nr, nc, K, pa + r0 * K, K, pw + p * K * mtc::kDenseNR, mtc::kDenseNR,
                 bias ? 1.f : 0.f, c, N);
+          finish_block(ep, pc, r0 * N + n0, N, nr, nc);
         }
       }
       t = end;
@@ -434,7 +458,8 @@ void conv_depthwise(const Conv& q, const float* x, const float* w, const float* 
 
 // the AVX2 path: a padded copy of the input, packed weights, 16-pixel tiles over the pool
 // (see conv_avx2.h)
-void conv_direct(const Conv& c, const float* px, const float* pw, const float* bias, float* py) {
+void conv_direct(const Conv& c, const float* px, const float* pw, const float* bias, float* py,
+                 const Epilogue& ep) {
   const mtc::ConvGeom q{c.C,  c.H,  c.W,  c.KH, c.KW, c.OH, c.OW, c.Cg,
                         c.Og, c.sh, c.sw, c.pt, c.pl, c.dh, c.dw};
   const mtc::Padded pd(q);
@@ -460,10 +485,10 @@ void conv_direct(const Conv& c, const float* px, const float* pw, const float* b
           auto [t0, t1] = part(c.G * panels, task, ntask, 1);
           for (int64_t t = t0; t < t1;) {  // a task's run of panels may span groups
             const int64_t g = t / panels, end = std::min(t1, (g + 1) * panels);
+            const int64_t at = (n * c.O + g * c.Og) * c.OH * c.OW;
             mtc::conv_panels(q, pd, xpp + g * c.Cg * cf, wpp + g * c.Og * Kd,
-                             bias ? bias + g * c.Og : nullptr,
-                             py + (n * c.O + g * c.Og) * c.OH * c.OW, t - g * panels,
-                             end - g * panels);
+                             bias ? bias + g * c.Og : nullptr, py + at, t - g * panels,
+                             end - g * panels, ep.res_at(at), ep.act);
             t = end;
           }
         });
@@ -471,7 +496,7 @@ void conv_direct(const Conv& c, const float* px, const float* pw, const float* b
 }
 
 void conv_impl(const char* op, TensorView x, TensorView w, const float* bias, int64_t nbias,
-               tvm::ffi::Shape params, TensorView out) {
+               tvm::ffi::Shape params, TensorView out, const Epilogue& ep = {}) {
   check_tensor(op, "x", x, 4, 4);
   check_tensor(op, "weight", w, 4, 4);
   check_tensor(op, "out", out, 4, 4);
@@ -516,7 +541,10 @@ void conv_impl(const char* op, TensorView x, TensorView w, const float* bias, in
   if (q.Cg == 1) {
     parallel(work, q.N * q.O, [&](int64_t task, int64_t ntask) {
       auto [t0, t1] = part(q.N * q.O, task, ntask, 1);
-      for (int64_t t = t0; t < t1; ++t) conv_depthwise(q, px, pw, bias, py, t / q.O, t % q.O);
+      for (int64_t t = t0; t < t1; ++t) {
+        conv_depthwise(q, px, pw, bias, py, t / q.O, t % q.O);
+        finish_block(ep, py, t * P, P, 1, P);
+      }
     });
     return;
   }
@@ -524,7 +552,7 @@ void conv_impl(const char* op, TensorView x, TensorView w, const float* bias, in
   // 16x16-patch embedding) would waste most lanes, and go to im2col + GEMM instead
   const int64_t lanes = (q.OW + mtc::kNR - 1) / mtc::kNR * mtc::kNR;
   if (kHasAvx2 && 4 * q.OW >= 3 * lanes) {
-    conv_direct(q, px, pw, bias, py);
+    conv_direct(q, px, pw, bias, py, ep);
     return;
   }
   // a 1x1, stride 1, unpadded conv reads x as the GEMM's right operand directly
@@ -557,6 +585,7 @@ void conv_impl(const char* op, TensorView x, TensorView w, const float* bias, in
         im2col(q, xg, p0, p1, scratch.data());
         sgemm(q.Og, p1 - p0, Kd, wg, Kd, scratch.data(), p1 - p0, beta, yg, P);
       }
+      finish_block(ep, py, (n * q.O + g * q.Og) * P + p0, P, q.Og, p1 - p0);
     }
   });
 }
@@ -570,6 +599,141 @@ void conv2d_bias(TensorView x, TensorView w, TensorView bias, tvm::ffi::Shape pa
   const char* op = "mtcompile.native.conv2d_bias";
   check_tensor(op, "bias", bias, 1, 1);
   conv_impl(op, x, w, fdata(bias), bias.size(0), params, out);
+}
+
+// ---------------------------------------------------------------- rows
+// softmax and layer norm over the last axis of x, rows split over the pool
+void check_same_shape(const char* op, const TensorView& x, const TensorView& out) {
+  bool same = x.ndim() == out.ndim();
+  for (int i = 0; same && i < x.ndim(); ++i) same = x.size(i) == out.size(i);
+  if (!same)
+    TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected x's "
+                              << shape_str(x);
+}
+
+template <typename F>
+void over_rows(const TensorView& x, int64_t cost_per_element, const F& row) {
+  const int64_t n = x.size(x.ndim() - 1), rows = n == 0 ? 0 : x.numel() / n;
+  if (rows == 0) return;
+  parallel(x.numel() * cost_per_element, rows, [&](int64_t task, int64_t ntask) {
+    auto [r0, r1] = part(rows, task, ntask, 1);
+    for (int64_t r = r0; r < r1; ++r) row(r * n, n);
+  });
+}
+
+void softmax(TensorView x, TensorView out) {
+  const char* op = "mtcompile.native.softmax";
+  check_tensor(op, "x", x, 1, 8);
+  check_tensor(op, "out", out, 1, 8);
+  check_same_shape(op, x, out);
+  const float* px = fdata(x);
+  float* py = fdata_mut(out);
+  over_rows(x, 8, [&](int64_t at, int64_t n) {
+    (kHasAvx2 ? mtc::softmax_row_avx2 : mtc::softmax_row_generic)(px + at, py + at, n);
+  });
+}
+
+void layer_norm(TensorView x, TensorView gamma, TensorView beta, TensorView eps,
+                TensorView out) {
+  const char* op = "mtcompile.native.layer_norm";
+  check_tensor(op, "x", x, 1, 8);
+  check_tensor(op, "gamma", gamma, 1, 1);
+  check_tensor(op, "beta", beta, 1, 1);
+  check_tensor(op, "epsilon", eps, 1, 1);
+  check_tensor(op, "out", out, 1, 8);
+  check_same_shape(op, x, out);
+  const int64_t n = x.size(x.ndim() - 1);
+  if (gamma.size(0) != n || beta.size(0) != n || eps.size(0) != 1)
+    TVM_FFI_THROW(ValueError) << op << ": gamma " << shape_str(gamma) << ", beta "
+                              << shape_str(beta) << " and epsilon " << shape_str(eps)
+                              << " do not fit x " << shape_str(x) << " (expected [" << n
+                              << "], [" << n << "], [1])";
+  const float *px = fdata(x), *pg = fdata(gamma), *pb = fdata(beta);
+  const float e = fdata(eps)[0];
+  float* py = fdata_mut(out);
+  over_rows(x, 4, [&](int64_t at, int64_t len) {
+    (kHasAvx2 ? mtc::layer_norm_row_avx2 : mtc::layer_norm_row_generic)(px + at, pg, pb, e,
+                                                                         py + at, len);
+  });
+}
+
+// ---------------------------------------------------------------- epilogue variants
+// <kernel>_bias_<act> and <kernel>_bias_add[_<act>]: a bias kernel whose output then goes
+// through the epilogue; the residual comes after the bias, before a conv's params.
+std::string epilogue_name(const char* kernel, mtc::Act act, bool add) {
+  std::string s = std::string(MTC_PREFIX) + kernel + "_bias";
+  if (add) s += "_add";
+  if (act == mtc::kActRelu) s += "_relu";
+  if (act == mtc::kActGelu) s += "_gelu";
+  return s;
+}
+
+Epilogue epilogue(const char* op, mtc::Act act, const TensorView* res, const TensorView& out) {
+  Epilogue ep;
+  ep.act = act;
+  if (res == nullptr) return ep;
+  check_tensor(op, "residual", *res, 0, 8);
+  bool same = res->ndim() == out.ndim();
+  for (int i = 0; same && i < out.ndim(); ++i) same = res->size(i) == out.size(i);
+  if (!same)
+    TVM_FFI_THROW(ValueError) << op << ": residual has shape " << shape_str(*res)
+                              << ", expected out's " << shape_str(out);
+  // the kernel reads the residual where it writes out (a conv in several channel blocks
+  // writes before it reads): the two must not overlap
+  const float *r = fdata(*res), *o = fdata(out);
+  if (r < o + out.numel() && o < r + res->numel())
+    TVM_FFI_THROW(ValueError) << op << ": residual and out overlap in memory";
+  ep.res = r;
+  return ep;
+}
+
+template <mtc::Act A>
+void matmul_bias_act(TensorView a, TensorView w, TensorView bias, TensorView out) {
+  static const std::string op = epilogue_name("matmul", A, false);
+  check_tensor(op.c_str(), "weight", w, 2, 2);
+  check_tensor(op.c_str(), "bias", bias, 1, 1);
+  matmul_impl(op.c_str(), a, w, fdata(bias), bias.size(0), out,
+              epilogue(op.c_str(), A, nullptr, out));
+}
+template <mtc::Act A>
+void matmul_bias_add_act(TensorView a, TensorView w, TensorView bias, TensorView res,
+                         TensorView out) {
+  static const std::string op = epilogue_name("matmul", A, true);
+  check_tensor(op.c_str(), "weight", w, 2, 2);
+  check_tensor(op.c_str(), "bias", bias, 1, 1);
+  matmul_impl(op.c_str(), a, w, fdata(bias), bias.size(0), out,
+              epilogue(op.c_str(), A, &res, out));
+}
+template <mtc::Act A>
+void dense_packed_bias_act(TensorView a, TensorView wp, TensorView bias, TensorView out) {
+  static const std::string op = epilogue_name("dense_packed", A, false);
+  check_tensor(op.c_str(), "bias", bias, 1, 1);
+  dense_packed_impl(op.c_str(), a, wp, fdata(bias), bias.size(0), out,
+                    epilogue(op.c_str(), A, nullptr, out));
+}
+template <mtc::Act A>
+void dense_packed_bias_add_act(TensorView a, TensorView wp, TensorView bias, TensorView res,
+                               TensorView out) {
+  static const std::string op = epilogue_name("dense_packed", A, true);
+  check_tensor(op.c_str(), "bias", bias, 1, 1);
+  dense_packed_impl(op.c_str(), a, wp, fdata(bias), bias.size(0), out,
+                    epilogue(op.c_str(), A, &res, out));
+}
+template <mtc::Act A>
+void conv2d_bias_act(TensorView x, TensorView w, TensorView bias, tvm::ffi::Shape params,
+                     TensorView out) {
+  static const std::string op = epilogue_name("conv2d", A, false);
+  check_tensor(op.c_str(), "bias", bias, 1, 1);
+  conv_impl(op.c_str(), x, w, fdata(bias), bias.size(0), params, out,
+            epilogue(op.c_str(), A, nullptr, out));
+}
+template <mtc::Act A>
+void conv2d_bias_add_act(TensorView x, TensorView w, TensorView bias, TensorView res,
+                         tvm::ffi::Shape params, TensorView out) {
+  static const std::string op = epilogue_name("conv2d", A, true);
+  check_tensor(op.c_str(), "bias", bias, 1, 1);
+  conv_impl(op.c_str(), x, w, fdata(bias), bias.size(0), params, out,
+            epilogue(op.c_str(), A, &res, out));
 }
 
 }  // namespace
@@ -593,4 +757,21 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   define(MTC_PREFIX "conv2d_bias", conv2d_bias);
   define(MTC_PREFIX "dense_packed", dense_packed);
   define(MTC_PREFIX "dense_packed_bias", dense_packed_bias);
+  define(MTC_PREFIX "softmax", softmax);
+  define(MTC_PREFIX "layer_norm", layer_norm);
+  using mtc::kActGelu, mtc::kActNone, mtc::kActRelu;
+  define(epilogue_name("matmul", kActRelu, false).c_str(), matmul_bias_act<kActRelu>);
+  define(epilogue_name("matmul", kActGelu, false).c_str(), matmul_bias_act<kActGelu>);
+  define(epilogue_name("matmul", kActNone, true).c_str(), matmul_bias_add_act<kActNone>);
+  define(epilogue_name("matmul", kActRelu, true).c_str(), matmul_bias_add_act<kActRelu>);
+  define(epilogue_name("dense_packed", kActRelu, false).c_str(), dense_packed_bias_act<kActRelu>);
+  define(epilogue_name("dense_packed", kActGelu, false).c_str(), dense_packed_bias_act<kActGelu>);
+  define(epilogue_name("dense_packed", kActNone, true).c_str(),
+         dense_packed_bias_add_act<kActNone>);
+  define(epilogue_name("dense_packed", kActRelu, true).c_str(),
+         dense_packed_bias_add_act<kActRelu>);
+  define(epilogue_name("conv2d", kActRelu, false).c_str(), conv2d_bias_act<kActRelu>);
+  define(epilogue_name("conv2d", kActGelu, false).c_str(), conv2d_bias_act<kActGelu>);
+  define(epilogue_name("conv2d", kActNone, true).c_str(), conv2d_bias_add_act<kActNone>);
+  define(epilogue_name("conv2d", kActRelu, true).c_str(), conv2d_bias_add_act<kActRelu>);
 }
