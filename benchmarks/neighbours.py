@@ -7,7 +7,9 @@ All in ONE process, in this order:
    PyTorch op, hence no PyTorch thread pool, has run in this process yet; ``tvm_ffi``
    itself imports torch when it is installed), then PyTorch eager, then onnxruntime, each
    contender's rounds in one block;
-2. interleaved: the three contenders round by round;
+2. interleaved: the three contenders round by round; then PyTorch eager and onnxruntime
+   each interleaved with the bundle alone (what the bundle does to each, without the third
+   contender's threads: PyTorch's OpenMP workers, for one, spin after each op);
 3. after torch.compile: ``torch.compile``d copies of the tenants (inductor) run, then the
    bundle runs alone again (the row is skipped, with the reason, if torch.compile fails).
 Prints median ms and the ratios interleaved / alone and after-compile / alone (the goal:
@@ -120,6 +122,8 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
     alone["pytorch eager"] = time_block(eager, repeat, warmup)
     alone["onnxruntime"] = time_block(onnxrt, repeat, warmup)
     together = measure(contenders, repeat, warmup)
+    beside = {k: measure({"bundle": contenders["bundle"], k: contenders[k]}, repeat, warmup)[k]
+              for k in ("pytorch eager", "onnxruntime")}
 
     after, compiled_ms = {}, None
     compiled_run, skipped = compiled_twins(twins, torch_inputs)
@@ -136,7 +140,10 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
     for k in contenders:
         m_int = 1e3 * float(np.median(together[k]))
         m_aft = 1e3 * float(np.median(after[k])) if k in after else None
+        m_bes = 1e3 * float(np.median(beside[k])) if k in beside else None
         rows[k] = {"alone_ms": med[k], "interleaved_ms": m_int, "interleaved_ratio": m_int / med[k],
+                   "beside_bundle_ms": m_bes,
+                   "beside_bundle_ratio": m_bes / med[k] if m_bes is not None else None,
                    "after_compile_ms": m_aft,
                    "after_compile_ratio": m_aft / med[k] if m_aft is not None else None}
     return {"set": set_name, "tenants": bundle.tenant_names, "repeat": repeat, "rows": rows,
@@ -156,14 +163,17 @@ def to_markdown(res: dict, command: str) -> str:
              f"(torch imported by then: {'yes' if res['torch_imported_by_load'] else 'no'}); "
              f"bundle vs PyTorch max abs error {res['max_abs_err']:.2e}.", "",
              "| contender | alone ms | interleaved ms | interleaved / alone "
-             "| after torch.compile ms | after / alone |", "|---|---|---|---|---|---|"]
+             "| beside the bundle only ms | beside / alone "
+             "| after torch.compile ms | after / alone |", "|---|---|---|---|---|---|---|---|"]
     for k, r in res["rows"].items():
         aft = (f"{r['after_compile_ms']:.3f} | {r['after_compile_ratio']:.2f}"
                if r["after_compile_ms"] is not None else " | ")
+        bes = (f"{r['beside_bundle_ms']:.3f} | {r['beside_bundle_ratio']:.2f}"
+               if r["beside_bundle_ms"] is not None else " | ")
         lines.append(f"| {k} | {r['alone_ms']:.3f} | {r['interleaved_ms']:.3f} "
-                     f"| {r['interleaved_ratio']:.2f} | {aft} |")
+                     f"| {r['interleaved_ratio']:.2f} | {bes} | {aft} |")
     if res["torch_compile_ms"] is not None:
-        lines.append(f"| torch.compile (inductor) | {res['torch_compile_ms']:.3f} | | | | |")
+        lines.append(f"| torch.compile (inductor) | {res['torch_compile_ms']:.3f} | | | | | | |")
     else:
         lines += ["", f"torch.compile row skipped: {res['torch_compile_skipped']}"]
     return "\n".join(lines) + "\n"

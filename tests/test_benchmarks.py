@@ -32,12 +32,17 @@ def test_time_block_counts_warmup_apart():
 
 def test_neighbours_table_reports_ratios_and_skipped_compile():
     rows = {"bundle": {"alone_ms": 2.0, "interleaved_ms": 3.0, "interleaved_ratio": 1.5,
-                       "after_compile_ms": None, "after_compile_ratio": None}}
+                       "beside_bundle_ms": None, "beside_bundle_ratio": None,
+                       "after_compile_ms": None, "after_compile_ratio": None},
+            "onnxruntime": {"alone_ms": 2.0, "interleaved_ms": 3.0, "interleaved_ratio": 1.5,
+                            "beside_bundle_ms": 2.1, "beside_bundle_ratio": 1.05,
+                            "after_compile_ms": None, "after_compile_ratio": None}}
     res = {"set": "bert4", "tenants": ["bert0"], "repeat": 3, "rows": rows,
            "torch_compile_ms": None, "torch_compile_skipped": "RuntimeError: no compiler",
            "torch_imported_by_load": True, "max_abs_err": 1e-6}
     text = to_markdown(res, "python -m benchmarks.neighbours --repeat 3")
     assert "| bundle | 2.000 | 3.000 | 1.50 |" in text
+    assert "| onnxruntime | 2.000 | 3.000 | 1.50 | 2.100 | 1.05 |" in text
     assert "torch.compile row skipped: RuntimeError: no compiler" in text
     assert "`python -m benchmarks.neighbours --repeat 3`" in text
 

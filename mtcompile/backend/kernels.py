@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+import tvm.sym
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
@@ -109,10 +110,13 @@ class CPUDefault(CPUScheduleRule):
             sch.reorder(*s_loops, *r_loops)
             fused = sch.fuse(*s_loops)
             extent = sch.get(fused).extent
-            if not isinstance(extent, tirx.IntImm):
+            # a symbolic extent (dynamic batch) is judged at its symbols' value 1: the batch
+            # the kernel must not slow; vectorized where the static part divides by the lanes
+            n = _at_one(extent)
+            if n is None:
                 continue
-            n = int(extent)
-            if not r_loops and n % self.LANES == 0 and n >= 2 * self.LANES:
+            if (not r_loops and n >= 2 * self.LANES
+                    and tvm.sym.Analyzer().can_prove(tirx.floormod(extent, self.LANES) == 0)):
                 outer, inner = sch.split(fused, [None, self.LANES])
                 sch.vectorize(inner)
                 fused = outer
@@ -123,6 +127,17 @@ class CPUDefault(CPUScheduleRule):
             if work >= self.MIN_PARALLEL and n >= 2:
                 sch.parallel(fused)
         return sch
+
+
+def _at_one(extent) -> int | None:
+    """A loop extent's value with every symbolic dim at 1 (None if that is not a constant)."""
+    if isinstance(extent, tirx.IntImm):
+        return int(extent)
+    ana = tvm.sym.Analyzer()
+    for v in tirx.analysis.undefined_vars(extent):
+        ana.bind(v, tirx.const(1, "int64"))  # size variables are int64
+    value = ana.simplify(extent)
+    return int(value) if isinstance(value, tirx.IntImm) else None
 
 
 def cpu_pipeline(target: tvm.target.Target, database=None, memory: dict | None = None):
