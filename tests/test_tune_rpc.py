@@ -326,3 +326,28 @@ def test_the_tuning_target_is_llvm_or_an_llvm_target_dict():
         parse_target({"kind": "cuda"})
     with pytest.raises(mtcompile.MTCompileError, match="expected llvm or a TVM target dict"):
         parse_target("llvm -mcpu=skylake")
+
+
+def test_gather_kernels_are_left_out_of_tuning():
+    """MetaSchedule measures a kernel on random inputs: a gather's random indices read out of
+    bounds (TVM's fast take) and kill the measuring process (an RPC server, found tuning the
+    heterogeneous demo). Tasks that take an integer tensor are not tuned."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from mtcompile.backend.tuning import _reads_indices, fused_module
+
+    bb = relax.BlockBuilder()
+    ids = relax.Var("ids", relax.TensorType((16,), "int64"))
+    x = relax.Var("x", relax.TensorType((16, 64), "float32"))
+    table = relax.const(np.ones((128, 64), np.float32))
+    with bb.function("main", [ids, x]):
+        with bb.dataflow():
+            emb = bb.emit(relax.op.take(table, ids, axis=0))
+            out = bb.emit_output(relax.op.add(relax.op.exp(x), emb))
+        bb.emit_func_output(out)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    tasks = ms.relax_integration.extract_tasks(fused_module(bb.get(), target), target)
+    flagged = {t.task_name: _reads_indices(t) for t in tasks}
+    assert any(flagged.values()) and not all(flagged.values()), flagged

@@ -172,6 +172,21 @@ def _stop_after_batch(flag: list[bool]):
         signal.signal(signal.SIGINT, previous)
 
 
+def _reads_indices(task) -> bool:
+    """Whether a task's kernel takes an integer tensor (a gather's indices: MetaSchedule
+    measures on random values, and TVM's fast take reads wherever they point)."""
+    func = next(f for _, f in task.dispatched[0].functions_items())
+    return any(str(_buffer_dtype(p)).startswith(("int", "uint")) for p in func.params)
+
+
+def _buffer_dtype(param) -> str | None:
+    """A PrimFunc parameter's element dtype (its buffer's; None for a scalar parameter)."""
+    try:
+        return param.dtype  # TVM 0.27: a buffer parameter is a Var of BufferType
+    except AttributeError:
+        return None
+
+
 def parse_target(spec: str | dict | None):
     """The tuning target: None (this machine's CPU), ``"llvm"``, or an llvm target dict
     (or its JSON text) describing the device the candidates run on."""
@@ -241,6 +256,11 @@ def tune(mod, target, out_dir: str | Path, trials: int, progress=print, on_trial
     t0 = time.perf_counter()
     fused = fused_module(mod, target)
     extracted = ms.relax_integration.extract_tasks(fused, target)
+    gathers = [t.task_name for t in extracted if _reads_indices(t)]
+    if gathers:  # measured on random inputs, a gather reads out of bounds and kills the runner
+        progress(f"not tuned (gathers: random indices would read out of bounds): "
+                 f"{', '.join(gathers)}")
+        extracted = [t for t in extracted if not _reads_indices(t)]
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted, str(out / "logs"), num_threads=builders)
     kept = repair_database(out)
