@@ -592,6 +592,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _missing_module(e: ModuleNotFoundError) -> tuple[int, str]:
+    """A package the `compile` extra installs is missing: say so (bad input, not a bug)."""
+    from mtcompile import _COMPILE_PACKAGES
+
+    top = (e.name or "").split(".")[0]
+    if top in _COMPILE_PACKAGES:
+        return EXIT_INPUT, (f"mtcompile: error: this command needs {top}, which is not "
+                            "installed here: this is a serving install (it loads and runs saved "
+                            "bundles); pip install 'mtcompile[compile]' to compile")
+    log.debug("".join(traceback.format_exception(e)).rstrip())
+    return EXIT_INTERNAL, (f"mtcompile: internal error: {type(e).__name__}: {e} (a bug; -v "
+                           "shows the traceback)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (`EXIT_CODES`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -608,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         code, error = EXIT_INPUT, f"mtcompile: error: {e}"
     except KeyboardInterrupt:
         code, error = EXIT_INTERRUPTED, "mtcompile: interrupted"
+    except ModuleNotFoundError as e:  # a compile command in a serving install, else a bug
+        code, error = _missing_module(e)
     except Exception as e:  # a bug: one line, the traceback with -v
         log.debug("".join(traceback.format_exception(e)).rstrip())
         code = EXIT_INTERNAL

@@ -224,3 +224,23 @@ def test_footprint_measures_the_weights_once(tmp_path, capsys):
     assert main(["inspect", str(saved)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("resident (computed) runtime <= ") and "weights 4.0 MiB" in line
+
+
+def test_a_compile_command_in_a_serving_install_names_the_extra(tmp_path):
+    """`mtcompile demo` where torch and onnx are not installed: the clear error and exit 1
+    (bad input), not an internal error."""
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+        class _Absent(importlib.abc.MetaPathFinder):  # as an install without them
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("torch", "onnx"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, _Absent())
+        from mtcompile.cli import main
+        sys.exit(main(["demo", "-o", sys.argv[1]]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "pip install 'mtcompile[compile]'" in proc.stderr
+    assert "internal error" not in proc.stderr
