@@ -23,6 +23,7 @@ from mtcompile.frontend.merge import merge
 from mtcompile.ir.graph import Graph, TensorTy
 from mtcompile.pass_infra import Instrument, PassContext, entry_pipeline, run_passes
 from mtcompile.runtime.threads import configure as configure_threads
+from mtcompile.runtime.weights import info as weights_table
 from mtcompile.tenant import Tenant
 
 
@@ -173,17 +174,18 @@ def compile(  # noqa: A001 - the public name the API promises
     stages.done("lower", t0)
 
     t0 = time.perf_counter()
-    executable, build_info = build(mod, target, database, cpu)
+    executable, build_info = build(mod, target, database, cpu, external_weights=True)
     stages.done("build", t0)
+    arrays, args = build_info.pop("weights")
 
     # known once TVM has built the module, so kept beside the library's embedded manifest
     manifest = manifest.with_(memory=bundle_manifest.memory_info(
         graph.analyses.get("memory") and _with_tenant_plans(graph, entry_graph),
-        build_info["memory"], manifest))
+        build_info["memory"], manifest), weights=weights_table(arrays, args))
     report = {"stages_s": stages.seconds, "build": build_info,
               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
                           "nodes_after": r.nodes_after, **r.info} for r in records]}
-    bundle = CompiledBundle(executable, manifest, graph=graph,
+    bundle = CompiledBundle(executable, manifest, weights=arrays, graph=graph,
                             sources={t.name: t for t in tenants}, compile_report=report,
                             threads=threads)
     if cache_dir is not None:

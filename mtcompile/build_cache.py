@@ -35,7 +35,7 @@ from mtcompile.runtime.abi import MANIFEST
 
 log = logging.getLogger(__name__)
 KEY_FILE = "key.json"
-KEY_FORMAT = 1  # bump when what goes into the key changes
+KEY_FORMAT = 2  # bump when what goes into the key changes
 
 
 def default_dir() -> Path:
@@ -140,7 +140,8 @@ def store(directory: Path, key: str, doc: dict, bundle: CompiledBundle) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=directory))
     entry = directory / key
     try:
-        saved = artifact.save(tmp, bundle.manifest, bundle.executable)
+        saved = artifact.save(tmp, bundle.manifest, bundle.executable,
+                               weights=bundle.weights.arrays)
         (tmp / KEY_FILE).write_text(json.dumps(
             {"key": key, "manifest_sha256": artifact.sha256_file(tmp / MANIFEST), "inputs": doc},
             indent=1, sort_keys=True) + "\n")

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -25,6 +26,7 @@ from mtcompile.version import __version__
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_NUMERICS, EXIT_INTERNAL = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for a tool a pipe's reader left
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_INPUT: "bad input: spec, model, tuning database, inputs or bundle files (one line "
@@ -34,6 +36,7 @@ EXIT_CODES = {
                    "beyond --atol/--rtol",
     EXIT_INTERNAL: "internal error: a bug in mtcompile or TVM (-v prints the traceback)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_STDOUT_CLOSED: "stdout closed early: its reader exited (e.g. `| head`); says nothing",
 }
 log = logging.getLogger("mtcompile")
 
@@ -324,7 +327,7 @@ def cmd_inspect(args) -> tuple[int, dict | None]:
         log.warning(f"{lib}: does not match the manifest's library_sha256 (another build's "
                     "files?); `mtcompile.load` refuses it")
     if args.json:
-        print(manifest.to_json(), end="")  # the manifest itself is the JSON document
+        print(manifest.to_json(), end="", flush=True)  # the manifest is the JSON document
         return EXIT_OK, None
     size = lib.stat().st_size if lib.is_file() else None
     _say(args, describe(manifest, size))
@@ -606,6 +609,16 @@ def _missing_module(e: ModuleNotFoundError) -> tuple[int, str]:
                            "shows the traceback)")
 
 
+def _stdout_closed() -> int:
+    """stdout's reader exited (`mtcompile inspect out | head -3`): stop quietly, as a Unix
+    tool would, and point stdout at /dev/null so that Python's flush at exit cannot fail."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: a stdout with no fileno
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_STDOUT_CLOSED
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (`EXIT_CODES`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -615,9 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     # torch and TVM importers warn about their own internals; users cannot act on those.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    doc = None
     try:
         code, doc = args.fn(args)
+        if args.json and doc is not None:
+            print(json.dumps(doc, indent=1, default=str), flush=True)
+        return code
+    except BrokenPipeError:  # before the handlers below: not a bug, nor bad input
+        return _stdout_closed()
     except MTCompileError as e:
         code, error = EXIT_INPUT, f"mtcompile: error: {e}"
     except KeyboardInterrupt:
@@ -629,10 +646,6 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_INTERNAL
         error = (f"mtcompile: internal error: {type(e).__name__}: {e} (a bug; -v shows the "
                  "traceback)")
-    else:
-        if args.json and doc is not None:
-            print(json.dumps(doc, indent=1, default=str))
-        return code
     print(error, file=sys.stderr)
     if args.json:
         print(json.dumps({"command": args.command, "ok": False, "exit_code": code,

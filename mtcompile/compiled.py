@@ -20,8 +20,9 @@ class CompiledBundle(Bundle):
 
     def __init__(self, executable, manifest: Manifest, *, graph=None, sources=None,
                  compile_report: dict | None = None, library_path: Path | None = None,
-                 threads: int | None = None):
-        super().__init__(executable, manifest, library_path=library_path, threads=threads)
+                 threads: int | None = None, weights=None):
+        super().__init__(executable, manifest, library_path=library_path, threads=threads,
+                         weights=weights)
         self.graph = graph
         self.sources = sources or {}
         self.compile_report = compile_report or {}

@@ -208,16 +208,17 @@ def test_manifest_json(tiny_bundle, tiny_saved):
     assert {"name": "eliminate-dead-nodes", "options": {}} in m["pipeline"]
     # The readable copy is the in-memory manifest plus the library's hash; it reads back
     # as the same typed manifest, and the library's embedded copy lacks only what the
-    # build found out (memory) and the hash.
+    # build found out (memory, the weights table) and the hash.
     assert {k: v for k, v in m.items() if k != "library_sha256"} == tiny_bundle.manifest.to_dict()
     text = (tiny_saved / MANIFEST).read_text()
     assert Manifest.from_json(text) == tiny_bundle.manifest.with_(library_sha256=m["library_sha256"])
-    assert set(m) - set(tiny_bundle.manifest.embedded()) == {"memory", "library_sha256"}
+    assert set(m) - set(tiny_bundle.manifest.embedded()) == {"memory", "weights",
+                                                                 "library_sha256"}
 
 
 def test_signature_and_typed_manifest(tiny_bundle):
     m = tiny_bundle.manifest
-    assert isinstance(m, Manifest) and m.format == FORMAT == "mtcompile-bundle/2"
+    assert isinstance(m, Manifest) and m.format == FORMAT == "mtcompile-bundle/3"
     sig = tiny_bundle.signature("lin")
     assert sig is m.tenants["lin"] and str(sig.inputs[0]) == "x: float32[2, 8]"
     assert m.tenant_order == ("lin", "conv", "multi") and m.library == "bundle.so"

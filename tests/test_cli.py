@@ -350,3 +350,14 @@ def test_report_without_matplotlib_names_the_extra(built, tmp_path, capsys, monk
     assert main(["report", str(built), "-o", str(tmp_path / "r.html")]) == 1
     assert "pip install 'mtcompile[viz]'" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_closed_stdout_stops_quietly_not_as_an_internal_error(built, json_flag):
+    # `mtcompile inspect out | head -1`: the reader leaves before the output is written
+    proc = subprocess.Popen([sys.executable, "-m", "mtcompile", "inspect", str(built),
+                             *json_flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and EXIT_CODES[141].startswith("stdout closed")
+    assert err == "", err

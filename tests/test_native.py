@@ -277,36 +277,41 @@ def test_generic_paths_without_avx2():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
-def test_two_threads_split_work_on_tvms_pool():
+def test_two_threads_split_work_on_the_pool():
     """With TVM_NUM_THREADS=2 the kernels split rows / columns / pixel blocks / channels over
-    TVM's pool (a worker thread appears) and give what numpy and torch give. TVM's default
-    pool here has one thread: it halves the core count on x86-64."""
+    the run's pool (pool.h: one worker thread appears, once) and give what numpy and torch
+    give."""
     script = textwrap.dedent(f"""
         import os, sys
         import numpy as np, torch, tvm_ffi
         import mtcompile.native as native
         native.register()
-        assert tvm_ffi.get_global_func("runtime.NumThreads")() == 2
-        before = len(os.listdir("/proc/self/task"))
+        assert tvm_ffi.get_global_func("mtcompile.native.pool_threads")(0) == 2
         mm, conv = (tvm_ffi.get_global_func(native.MATMUL), tvm_ffi.get_global_func(native.CONV2D))
         rng = np.random.default_rng(0)
         r = lambda *s: rng.standard_normal(s).astype(np.float32)
         def close(got, ref):
             assert np.abs(got - ref).max() / np.abs(ref).max() < {RTOL}
-        for sa, sb in [((64, 256), (256, 1024)), ((3, 256), (256, 2048)), ((2, 64, 128), (2, 128, 256))]:
-            a, b = r(*sa), r(*sb)
-            o = np.empty(np.broadcast_shapes(sa[:-2], sb[:-2]) + (sa[-2], sb[-1]), np.float32)
-            mm(tvm_ffi.from_dlpack(a), tvm_ffi.from_dlpack(b), tvm_ffi.from_dlpack(o))
-            close(o, a.astype(np.float64) @ b)
+        mms = [(r(*sa), r(*sb)) for sa, sb in [((64, 256), (256, 1024)), ((3, 256), (256, 2048)),
+                                                ((2, 64, 128), (2, 128, 256))]]
+        convs = []
         for xs, oc, g in [((1, 32, 32, 32), 64, 1), ((1, 64, 32, 32), 64, 64), ((2, 64, 16, 16), 64, 4)]:
             x, w = r(*xs), r(oc, xs[1] // g, 3, 3)
             ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
                                              None, 1, 1, 1, g).numpy()
+            convs.append((x, w, g, ref))
+        before = len(os.listdir("/proc/self/task"))  # torch's threads started: the pool's next
+        for a, b in mms:
+            o = np.empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
+                         np.float32)
+            mm(tvm_ffi.from_dlpack(a), tvm_ffi.from_dlpack(b), tvm_ffi.from_dlpack(o))
+            close(o, a.astype(np.float64) @ b)
+        for x, w, g, ref in convs:
             o = np.empty(ref.shape, np.float32)
             conv(tvm_ffi.from_dlpack(x), tvm_ffi.from_dlpack(w), tvm_ffi.Shape([1, 1, 1, 1, 1, 1, 1, 1, g]),
                  tvm_ffi.from_dlpack(o))
             close(o, ref)
-        assert len(os.listdir("/proc/self/task")) == before + 1, "no TVM worker thread"
+        assert len(os.listdir("/proc/self/task")) == before + 1, "not one pool worker"
         print("ok")
     """)
     env = {**os.environ, "TVM_NUM_THREADS": "2"}
@@ -549,3 +554,50 @@ def test_kernel_names_are_the_op_tables():
         assert tvm_ffi.get_global_func(name, allow_missing=True) is not None, name
     with pytest.raises(ValueError, match="no torch kernel matmul with epilogue 'relu'"):
         mm.call("torch", bias=True, epilogue="relu")
+
+
+POOL_CHILD = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np, torch, tvm_ffi
+    import mtcompile
+
+    class Wave(torch.nn.Module):  # generated kernels only: big elementwise work, no library op
+        def forward(self, x):
+            return torch.sin(x) * 2.0 + torch.cos(x)
+
+    class Dense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(512, 512)
+        def forward(self, x):
+            return torch.relu(self.a(x))
+
+    x = torch.randn(512, 1024)
+    y = torch.randn(64, 512)
+    b = mtcompile.compile([mtcompile.Tenant("wave", Wave(), example_inputs=(x,)),
+                           mtcompile.Tenant("dense", Dense().eval(), example_inputs=(y,))],
+                          threads=2)
+    launches = tvm_ffi.get_global_func("mtcompile.native.pool_launches")
+    before = launches()
+    b.run("wave", x)
+    generated = launches() - before
+    for _ in range(20):
+        b.run_all({"wave": (x,), "dense": (y,)})
+    cpu = time.process_time()
+    time.sleep(0.5)  # after the calls returned: every thread of the pool asleep
+    print(json.dumps({"generated": generated, "cpu_after_s": time.process_time() - cpu}))
+""")
+
+
+def test_one_pool_serves_generated_kernels_and_sleeps_after_a_call():
+    """The native pool is TVM's parallel-launch function for the bundle's generated kernels
+    too (an elementwise-only tenant launches on it), and once a call returned nothing spins:
+    the process uses (almost) no CPU while it sleeps half a second after 20 runs."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
+    r = subprocess.run([sys.executable, "-c", POOL_CHILD], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["generated"] >= 1, got
+    assert got["cpu_after_s"] < 0.05, got

@@ -435,3 +435,46 @@ def test_negative_conv_padding_is_refused_at_import():
     model.ir_version = 8
     with pytest.raises(mtcompile.TenantError, match=r"tenant 'neg'.*negative padding"):
         mtcompile.compile([mtcompile.Tenant("neg", model)])
+
+
+# --------------------------------------------------------------------------- found by the fuzzer
+
+
+class SumPlusOne(nn.Module):
+    def forward(self, x):
+        return x.sum(dim=1, keepdim=True) + 1.0
+
+
+def test_an_epilogue_after_a_reduction_of_length_one_runs_once():
+    """Seed 1, case 36 of the fuzzer: dlight's normalize_prim_func drops unit reduction
+    loops, so a 1x1 conv of one input channel, a Linear of one input feature or a sum over
+    a dim of size 1 looks spatial; try_inline then puts the bias (or the + 1) into the
+    reduction's init and its update: added twice, silently. Now nothing is inlined into a
+    block that has an init (`kernels._try_inline`)."""
+    torch.manual_seed(0)
+    cases = [(SumPlusOne(), torch.randn(3, 1, 4), None),  # the default kernels
+             (nn.Conv2d(1, 3, 1), torch.randn(2, 1, 5, 6), "tvm"),
+             (nn.Linear(1, 4), torch.randn(3, 1), "tvm")]
+    for k, (model, x, kernels) in enumerate(cases):
+        model.eval()
+        b = mtcompile.compile([Tenant("r", model, example_inputs=(x,))], kernels=kernels)
+        np.testing.assert_allclose(b.run("r", x)[0], torch_outputs(model, (x,))[0],
+                                   rtol=1e-5, atol=1e-5, err_msg=f"case {k}: {model}")
+
+
+def test_a_float16_mean_and_sum_accumulate_as_pytorch():
+    """Seed 1, case 33 of the fuzzer: AdaptiveAvgPool2d(1) over 27 x 28 float16 values was
+    0.037 off PyTorch (whose own float16 error is 0.0002). Now float16 sums run in float32
+    and are cast back (`kernels.half_sums`), as PyTorch's CPU kernels accumulate."""
+
+    class MeanSum(nn.Module):
+        def forward(self, x):
+            return nn.functional.adaptive_avg_pool2d(x, 1), x.sum(dim=-1)
+
+    x = (torch.rand(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)) + 0.5).half()
+    b = mtcompile.compile([Tenant("h", MeanSum(), example_inputs=(x,))])
+    for k, (got, want) in enumerate(zip(b.run("h", x), torch_outputs(MeanSum(), (x,)),
+                                        strict=True)):
+        assert got.dtype == want.dtype == np.float16
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
+                                   rtol=1e-3, atol=1e-3, err_msg=f"output {k}")

@@ -497,14 +497,23 @@ def cpu_facts(target: str, cpu: str = HOST_CPU) -> tuple[str | None, tuple[str, 
                                                                                     cpu))))
 
 
-def build(mod: tvm.IRModule, target: str, database=None, cpu: str = HOST_CPU):
+def build(mod: tvm.IRModule, target: str, database=None, cpu: str = HOST_CPU,
+          external_weights: bool = False):
     """Compile the module for `target` (its library call nodes are already emitted) and,
     on llvm, for `cpu` (`make_target`).
 
-    Returns the executable and facts for the manifest (library calls over all entries).
+    Returns the executable and facts for the manifest (library calls over all entries;
+    with `external_weights`, ``weights``: the constants the entries now take as trailing
+    parameters and which function takes which, `mtcompile.backend.weights.lift`).
     """
 
     mod = kernels.prepare(mod)
+    lifted = None
+    if external_weights:
+        from mtcompile.backend import weights
+
+        mod, arrays, args = weights.lift(mod)
+        lifted = (arrays, args)
     calls = library_calls(mod)
     register_providers({CALL_PROVIDER.get(c, "native") for c in calls})  # or a packed dense
     tgt = make_target(target, cpu)
@@ -521,7 +530,7 @@ def build(mod: tvm.IRModule, target: str, database=None, cpu: str = HOST_CPU):
         if arena.ERROR in memory:
             raise arena.ArenaError(memory[arena.ERROR]) from e
         raise
-    return executable, {"library_calls": len(calls), "memory": memory}
+    return executable, {"library_calls": len(calls), "memory": memory, "weights": lifted}
 
 
 def register_providers(providers: set[str]) -> None:

@@ -26,6 +26,8 @@ from mtcompile.runtime.abi import MANIFEST
 from mtcompile.runtime.cpu import missing_features
 from mtcompile.runtime.manifest import MUST_MATCH, Manifest
 from mtcompile.runtime.vm import quiet_native_log
+from mtcompile.runtime.weights import export_addon as weights_addon
+from mtcompile.runtime.weights import mapped as weights_mapped
 
 
 def sha256_file(path: Path) -> str:
@@ -61,10 +63,12 @@ def staged_name(library: str, digest: str) -> str:
 
 
 def save(directory: str | os.PathLike, manifest: Manifest, executable,
-         library_path: Path | None = None, sign_key: bytes | str | None = None) -> Manifest:
+         library_path: Path | None = None, sign_key: bytes | str | None = None,
+         weights: list | None = None) -> Manifest:
     """Write ``<name>.so`` (from `library_path` when the bundle was loaded from one, else
-    exported from `executable`) and ``manifest.json`` into `directory`; returns the manifest
-    with the library's hash (and its signature, with `sign_key`).
+    exported from `executable`, with `weights` linked in as the manifest's table lays them
+    out) and ``manifest.json`` into `directory`; returns the manifest with the library's
+    hash (and its signature, with `sign_key`).
 
     A failure at any step leaves a directory that loads the earlier bundle or the new one:
     the library goes first under its content-hash name (`staged_name`), then the manifest
@@ -95,7 +99,8 @@ def save(directory: str | os.PathLike, manifest: Manifest, executable,
                                     "gone; load the bundle again before saving") from e
         else:
             options = native.export_options() if links_native(manifest) else {}
-            with quiet_native_log():
+            with weights_addon(weights or [], manifest.weights) as addons, quiet_native_log():
+                options["addons"] = [*options.get("addons", []), *addons]
                 executable.export_library(str(tmp_lib), **options)
         os.chmod(tmp_lib, 0o777 & ~mask)  # as the linker makes it (mkstemp's is 0600)
         digest = sha256_file(tmp_lib)
@@ -253,7 +258,8 @@ def _private_copy(d: Path, manifest: Manifest, raw: dict, key: bytes | None,
 
 def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = None
                  ) -> tuple[Manifest, object, Path]:
-    """(manifest, loaded library module, library path) of a saved bundle, every check
+    """(manifest, (loaded library module, its weights mapped), library path) of a saved
+    bundle, every check
     passed except the embedded manifest's (`check_embedded`, which needs a VM). With
     `verify_key`, the bundle must carry a signature made with it (`signing`).
 
@@ -277,7 +283,9 @@ def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = 
             if module is None:
                 check_elf(private, lib)
                 module, _FOOTPRINTS[manifest.library_sha256] = _load(manifest, private, lib)
-                _MODULES[manifest.library_sha256] = module
+                arrays = ([] if manifest.weights is None
+                          else weights_mapped(private, manifest.weights))
+                module = _MODULES[manifest.library_sha256] = (module, arrays)
     return manifest, module, lib
 
 

@@ -24,22 +24,26 @@ from mtcompile.runtime.inputs import check_inputs, run_all_arrays, seeded_inputs
 from mtcompile.runtime.manifest import Manifest, TenantSig, signature_text
 from mtcompile.runtime.threads import configure as configure_threads
 from mtcompile.runtime.vm import ThreadVMs, device_for, raise_index_error
+from mtcompile.runtime.weights import Weights
 
 
 class Bundle:
     """A compiled multi-tenant executable and its manifest (a `Manifest`)."""
 
     def __init__(self, executable, manifest: Manifest, *, library_path: Path | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, weights: list[np.ndarray] | None = None):
         self.executable = executable
         self.manifest = manifest
+        # the entries' trailing parameters: arrays in memory after a compile, mapped from
+        # the library after a load (`runtime.weights`)
+        self.weights = Weights(list(weights or []), manifest.weights)
         self._library_path = library_path  # set when loaded: save copies it, no re-export
         # TVM's pool (the one pool of a run) sized before this bundle's first parallel call
         self.threads = configure_threads(threads)
         self._vms = ThreadVMs(executable, manifest.target,
                               torch=[k for k, p in manifest.kernels.items() if p == "torch"],
                               streams=manifest.streams.run is not None,
-                              threads=self.threads.pool)
+                              threads=self.threads.pool, weights=self.weights)
         self._stream_executor = None
 
     @classmethod
@@ -48,8 +52,8 @@ class Bundle:
         """A saved bundle, checked (format, TVM version, host CPU features, library hash,
         embedded manifest, and with `verify_key` its signature); `extra` (``threads=``...)
         goes to the constructor of `cls`."""
-        manifest, module, lib = artifact.open_library(directory, verify_key)
-        bundle = cls(module, manifest, library_path=lib, **extra)
+        manifest, (module, weights), lib = artifact.open_library(directory, verify_key)
+        bundle = cls(module, manifest, library_path=lib, weights=weights, **extra)
         artifact.check_embedded(manifest, lambda: tvmrt.to_numpy(bundle._vms.fn(MANIFEST_FN)()),
                                 lib)
         return bundle
@@ -122,8 +126,11 @@ class Bundle:
         ex = self._executor()
         storage = self._vms.arena(s.arena_function)
         tensors = self._vms.tensors(arrays)
+        dev = device_for(self.target)
         try:
-            results = ex.run([[storage, *(tensors[j] for j in ins)] for ins in s.stream_inputs])
+            results = ex.run([[storage, *(tensors[j] for j in ins),
+                               *self.weights.args(f, dev)]
+                              for f, ins in zip(s.functions, s.stream_inputs, strict=True)])
         except StreamError as e:  # fresh threads and VMs next time (they look kernels up anew)
             ex.close()
             self._stream_executor = None
@@ -202,7 +209,7 @@ class Bundle:
         `sign_key`, the manifest carries an HMAC-SHA256 of itself and the library, which
         ``load(..., verify_key=)`` checks."""
         artifact.save(directory, self.manifest, self.executable, self._library_path,
-                      sign_key=sign_key)
+                      sign_key=sign_key, weights=self.weights.arrays)
         return Path(directory)
 
 

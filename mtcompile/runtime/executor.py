@@ -32,6 +32,7 @@ from typing import Any
 
 from mtcompile.errors import MTCompileError
 from mtcompile.runtime.abi import GET, PUT, SIGNAL, WAIT
+from mtcompile.runtime.threads import run_marks
 
 _local = threading.local()  # .run: the _Run this thread's stream belongs to, .stream: index
 _registered = False
@@ -164,6 +165,7 @@ class StreamExecutor:
         self.stream_tenants = list(stream_tenants or ["?"] * len(self.functions))
         self.kernel_tenant = dict(kernel_tenant or {})
         self.make_vm = make_vm
+        self.run_marks = run_marks()  # the native pool's workers spin while a stream runs
         n = len(self.functions)
         self.threads = threads_per_stream or max(1, (os.cpu_count() or 1) // max(n, 1))
         self.timeout_s, self.poll_s, self.diagnose = timeout_s, poll_s, diagnose
@@ -191,13 +193,10 @@ class StreamExecutor:
         return self._vms[i]
 
     def _limit_cpu_threads(self) -> None:
-        import tvm_ffi
-
-        from mtcompile.runtime.threads import pool_size, set_torch_threads
+        from mtcompile.runtime.threads import limit_pool, set_torch_threads
 
         set_torch_threads(self.threads)  # library kernels: this thread's OpenMP/MKL count
-        if pool_size() > self.threads:
-            tvm_ffi.get_global_func("runtime.config_threadpool")(1, self.threads)
+        limit_pool(self.threads)
 
     def _device_sync(self, event: int, stream: int) -> None:
         if self.cuda and self.event_streams:  # UNTESTED on a GPU
@@ -212,9 +211,14 @@ class StreamExecutor:
         _local.run, _local.stream = run, i
         if instrument is not None:
             vm.set_instrument(instrument)
+        marks = self.run_marks
+        if marks is not None:
+            marks[0]()
         try:
             return vm[self.functions[i]](*args)
         finally:
+            if marks is not None:
+                marks[1]()
             _local.run = None
             if instrument is not None:
                 vm.set_instrument(None)

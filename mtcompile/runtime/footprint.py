@@ -3,12 +3,13 @@ load from ``/proc/self`` where it can be, computed from the manifest and file si
 
 - runtime: resident pages of the libraries every bundle shares: TVM's runtime library,
   tvm-ffi, the BLAS (``compiler``: TVM's compiler library, when this process imported tvm).
-- code: resident pages of the bundle's library. Its file carries the weights serialized;
-  loading unpacks them into the executable's tensors, after which the read-only pages that
-  held them are handed back to the kernel (`release_read_only`): else each weight would be
-  resident twice.
-- weights: the anonymous memory the process gained while TVM loaded the library, where the
-  executable's constants are unpacked (a measure: any other thread's allocation counts).
+- code: resident pages of the bundle's library on load. The executable's serialized part
+  (bytecode, small constants) is unpacked on load, after which the read-only pages that held
+  it are handed back to the kernel (`release_read_only`).
+- weights: the bundle's weights table, which the library carries as raw data and the runtime
+  maps in place (`mtcompile.runtime.weights`: resident once touched, never copied), plus the
+  anonymous memory the process gained while TVM loaded the library (small constants; a
+  measure: any other thread's allocation counts).
 - arena: the planned bytes of ``run_all``'s intermediates (the manifest's memory plan; TVM's
   pooled allocator takes them on the first run and keeps them, once per VM).
 """
@@ -120,7 +121,10 @@ def arena_bytes(manifest: Manifest) -> int | None:
 
 
 def weight_bytes(manifest: Manifest) -> int:
-    """The bundle's constants in bytes, after deduplication (the manifest's count)."""
+    """The bundle's constants in bytes: its weights table (packed layouts included), else
+    the graph's count after deduplication."""
+    if manifest.weights is not None:
+        return manifest.weights.bytes
     return manifest.memory.weight_bytes if manifest.memory is not None else \
         manifest.graph.weight_bytes
 
@@ -157,6 +161,10 @@ def report(manifest: Manifest, measured: dict | None, library_size: int | None) 
         got = measured.get(part)
         out[part] = got if got is not None else computed[part]
         out["source"][part] = "measured on load" if got is not None else "computed"
+    if manifest.weights is not None and measured.get("weights") is not None:
+        # the table the library carries is mapped, not unpacked: resident once touched
+        out["weights"] += manifest.weights.bytes
+        out["source"]["weights"] = "measured on load, plus the mapped weights table"
     out["arena"] = arena_bytes(manifest)
     out["source"]["arena"] = "computed"
     if measured.get("compiler"):

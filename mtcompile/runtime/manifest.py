@@ -18,7 +18,7 @@ from typing import Any
 
 from mtcompile.errors import ArtifactError
 
-FORMAT = "mtcompile-bundle/2"  # bump when this layout or the entries' layout changes
+FORMAT = "mtcompile-bundle/3"  # bump when this layout or the entries' layout changes
 # versions that must match where a bundle is loaded: TVM's executable format is not
 # stable across TVM versions (the others, torch and onnx, are recorded for information)
 MUST_MATCH = ("tvm",)
@@ -216,6 +216,18 @@ class MemoryInfo:
 
 
 @dataclass(frozen=True)
+class WeightsInfo:
+    """The weights the library carries as raw data under `symbol` (`runtime.weights`):
+    per tensor (byte offset, shape, dtype), and per entry function the indices of the
+    tensors it takes as trailing parameters."""
+
+    symbol: str
+    bytes: int
+    tensors: tuple[tuple[int, tuple[int, ...], str], ...]
+    args: dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
 class PassSpec:
     """One pass of the pipeline the bundle was built with, and its options."""
 
@@ -249,6 +261,7 @@ class Manifest:
     cpu: str | None = None
     cpu_features: tuple[str, ...] | None = None  # None where `cpu` is None
     memory: MemoryInfo | None = None
+    weights: WeightsInfo | None = None
     library_sha256: str | None = None
     # HMAC of this manifest (less this field) and the library, with the key given to
     # save (`mtcompile.runtime.signing`); None: not signed
@@ -299,7 +312,7 @@ class Manifest:
 
 
 # in manifest.json only, not embedded
-BUILT_AFTER = ("library_sha256", "memory", "bundle_signature")
+BUILT_AFTER = ("library_sha256", "memory", "weights", "bundle_signature")
 
 
 def _parse(d: dict) -> Manifest:
@@ -326,6 +339,7 @@ def _parse(d: dict) -> Manifest:
                               _get(p, "options", dict, f"pipeline[{i}]"))
                      for i, p in enumerate(_get(d, "pipeline", list, "")))
     memory = _get(d, "memory", dict, "", None)
+    weights = _get(d, "weights", dict, "", None)
     features = _get(d, "cpu_features", list, "", None)
     if features is not None and not all(isinstance(f, str) for f in features):
         raise _Corrupt("cpu_features", f"expected a list of names, found {features!r:.60}")
@@ -342,6 +356,7 @@ def _parse(d: dict) -> Manifest:
         cpu=_get(d, "cpu", str, "", None),
         cpu_features=tuple(features) if features is not None else None,
         memory=_record(MemoryInfo, memory, "memory") if memory is not None else None,
+        weights=_weights(weights) if weights is not None else None,
         library_sha256=digest, bundle_signature=signature)
 
 
@@ -369,6 +384,18 @@ def _record(cls, d: dict, where: str):
 
 def _freeze(v):
     return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
+
+
+def _weights(d: dict) -> WeightsInfo:
+    w = _record(WeightsInfo, d, "weights")
+    try:
+        rows = tuple((int(o), tuple(int(x) for x in shape), str(dt)) for o, shape, dt in w.tensors)
+        args = {str(f): tuple(int(i) for i in idx) for f, idx in w.args.items()}
+    except (TypeError, ValueError):
+        raise _Corrupt("weights", "expected [offset, shape, dtype] rows and index lists") from None
+    if any(i < 0 or i >= len(rows) for idx in args.values() for i in idx):
+        raise _Corrupt("weights.args", f"an index outside the {len(rows)} tensors")
+    return replace(w, tensors=rows, args=args)
 
 
 def _streams(d: dict) -> StreamsInfo:

@@ -1,5 +1,10 @@
-"""TVM's thread pool, the one pool of a bundle's run: its size for this process (``threads=``)
-and no spinning after a call returns.
+"""The one thread pool of a bundle's run: its size for this process (``threads=``) and no
+spinning after a call returns.
+
+Once the native kernels are loaded, the pool is theirs (`mtcompile/native/src/pool.h`): it
+serves TVM's generated kernels too (it is registered as TVM's parallel-launch functions), is
+sized per calling thread at will, and its workers spin between parallel regions only while a
+run is in progress (`run_marks`: the runtime marks each entry call). Without them it is TVM's:
 
 TVM sizes a thread's pool from ``TVM_NUM_THREADS`` when that thread first launches parallel
 work (one pool per calling thread; without the variable, cores / 2 on x86-64), and reads
@@ -38,11 +43,36 @@ def user_set(var: str) -> bool:
     return var in os.environ and os.environ[var] != _ours.get(var)
 
 
-def pool_size() -> int:
-    """The calling thread's TVM pool size (starting its pool if it has none yet)."""
+def _native_pool():
+    """The native kernels' pool size function (`mtcompile/native/src/pool.h`), None before
+    they are loaded: once they are, every parallel loop of a bundle runs on that pool."""
     from mtcompile.runtime.tvmrt import ffi
 
+    return ffi().get_global_func("mtcompile.native.pool_threads", allow_missing=True)
+
+
+def pool_size() -> int:
+    """The calling thread's pool size: the native pool's, else TVM's (starting its pool if it
+    has none yet)."""
+    from mtcompile.runtime.tvmrt import ffi
+
+    native = _native_pool()
+    if native is not None:
+        return int(native(0))
     return int(ffi().get_global_func("runtime.NumThreads")())
+
+
+def limit_pool(threads: int) -> None:
+    """At most `threads` threads in the calling thread's pool (a stream's thread)."""
+    native = _native_pool()
+    if native is not None:
+        if native(0) > threads:
+            native(threads)
+        return
+    if pool_size() > threads:
+        import tvm_ffi
+
+        tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
 
 
 def configure(threads: int | None = None) -> ThreadConfig:
@@ -72,6 +102,9 @@ def configure(threads: int | None = None) -> ThreadConfig:
         os.environ[NUM_THREADS] = _ours[NUM_THREADS] = str(wanted)
     if not user_set(SPIN_COUNT):  # nothing spins after a call returns
         os.environ[SPIN_COUNT] = _ours[SPIN_COUNT] = "0"
+    native = _native_pool()
+    if native is not None:  # sized per thread at will: its threads start on first use
+        return ThreadConfig(wanted, int(native(wanted)), source, os.environ[SPIN_COUNT])
     pool = pool_size()
     if pool > wanted:
         import tvm_ffi
@@ -84,6 +117,15 @@ def configure(threads: int | None = None) -> ThreadConfig:
                       f"kernels run on {pool}. Set threads (or {NUM_THREADS}) before the "
                       "first bundle runs in this process", RuntimeWarning, stacklevel=3)
     return ThreadConfig(wanted, pool, source, os.environ[SPIN_COUNT])
+
+
+def run_marks():
+    """(begin, end): the functions that mark a run in progress on the native pool (its
+    workers spin between parallel regions until the end), or None without native kernels."""
+    from mtcompile.runtime.tvmrt import ffi
+
+    begin = ffi().get_global_func("mtcompile.native.run_begin", allow_missing=True)
+    return None if begin is None else (begin, ffi().get_global_func("mtcompile.native.run_end"))
 
 
 def set_torch_threads(threads: int) -> None:

@@ -58,11 +58,13 @@ class ThreadVMs:
     """
 
     def __init__(self, executable, target: str, *, torch: Sequence[str] = (),
-                 streams: bool = False, threads: int | None = None):
+                 streams: bool = False, threads: int | None = None, weights=None):
         self.executable, self.target = executable, target
+        self.weights = weights  # `runtime.weights.Weights`: each entry's trailing params
         self.torch_ops = tuple(torch)  # the heavy op kinds PyTorch's kernels run
         self.torch, self.streams = bool(self.torch_ops), streams
         self.threads = threads  # the PyTorch kernels' count on each calling thread
+        self.marks = None  # `threads.run_marks`, found on the first VM's set-up
         self._local = threading.local()
 
     def _setup(self):
@@ -90,6 +92,9 @@ class ThreadVMs:
             register()
         self._local.vm = self.new_vm(dev)
         self._local.dev = dev
+        from mtcompile.runtime.threads import run_marks
+
+        self.marks = run_marks()  # the native pool's workers spin while a call runs
         self._local.arenas = {}
         self._local.fns = {}
 
@@ -144,11 +149,19 @@ class ThreadVMs:
     def call(self, entry: str, arrays) -> list[np.ndarray]:
         """Run `entry` on numpy arrays; its outputs as numpy arrays."""
         fn = self.fn(entry)
+        tail = self.weights.args(entry, self._local.dev) if self.weights is not None else ()
+        args = self.tensors(arrays)
+        marks = self.marks
+        if marks is not None:
+            marks[0]()
         try:
-            outs = fn(*self.tensors(arrays))
+            outs = fn(*args, *tail)
         except Exception as e:
             raise_index_error(e)
             raise
+        finally:
+            if marks is not None:
+                marks[1]()
         return [tvmrt.to_numpy(o) for o in outs]
 
 

@@ -18,6 +18,8 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -82,6 +84,13 @@ struct AlignedAlloc {
     if (t->data == nullptr) throw std::bad_alloc();
   }
   void FreeData(DLTensor* t) { std::free(t->data); }
+};
+
+// a tensor over memory someone else owns (a weight in the bundle's mapped library)
+struct Borrowed {
+  void* data;
+  void AllocData(DLTensor* t) { t->data = data; }
+  void FreeData(DLTensor*) {}
 };
 
 struct Npy {
@@ -226,8 +235,18 @@ std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
   return ios;
 }
 
+struct Weight {
+  int64_t offset;
+  std::vector<int64_t> shape;
+  std::string dtype;
+};
+
 struct Manifest {
   std::string library, target;
+  std::string weights_symbol;  // the library's weights table (empty: none)
+  int64_t weights_bytes = 0;
+  std::vector<Weight> weights;
+  std::map<std::string, std::vector<int64_t>> weight_args;  // function -> weight indices
   std::vector<Tenant> tenants;  // in tenant_order
   std::vector<std::pair<std::string, std::string>> run_all_inputs;  // (tenant, input) each
   bool streamed = false;
@@ -253,8 +272,8 @@ Manifest read_manifest(const std::string& dir) {
   if (!err.empty()) throw BadInput(path + ": not JSON: " + std::string(err));
   auto m = as_map(root, "the manifest");
   const std::string format = str(field(m, "format", "the manifest"), "format");
-  if (format != "mtcompile-bundle/2")
-    throw BadInput(path + ": format " + format + ", this driver reads mtcompile-bundle/2");
+  if (format != "mtcompile-bundle/3")
+    throw BadInput(path + ": format " + format + ", this driver reads mtcompile-bundle/3");
   Manifest man;
   man.library = str(field(m, "library", "the manifest"), "library");
   man.target = str(field(m, "target", "the manifest"), "target");
@@ -280,6 +299,29 @@ Manifest read_manifest(const std::string& dir) {
   auto kernels = as_map(field(m, "kernels", "the manifest"), "kernels");
   for (const auto& kv : kernels)
     if (str(kv.second, "kernels") == "torch") man.torch_kernels.push_back(str(kv.first, "kernels"));
+  auto w = m.find(ffi::String("weights"));
+  if (w != m.end() && (*w).second != nullptr) {
+    auto wm = as_map((*w).second, "weights");
+    man.weights_symbol = str(field(wm, "symbol", "weights"), "weights.symbol");
+    man.weights_bytes = integer(field(wm, "bytes", "weights"), "weights.bytes");
+    for (const ffi::Any& row : as_array(field(wm, "tensors", "weights"), "weights.tensors")) {
+      auto r = as_array(row, "weights.tensors");
+      if (r.size() != 3) throw BadInput("manifest: weights.tensors: expected [offset, shape, dtype]");
+      Weight wt;
+      wt.offset = integer(r[0], "weights.tensors");
+      for (const ffi::Any& d : as_array(r[1], "weights.tensors")) wt.shape.push_back(integer(d, "weights.tensors"));
+      wt.dtype = str(r[2], "weights.tensors");
+      man.weights.push_back(wt);
+    }
+    for (const auto& kv : as_map(field(wm, "args", "weights"), "weights.args")) {
+      std::vector<int64_t>& idx = man.weight_args[str(kv.first, "weights.args")];
+      for (const ffi::Any& i : as_array(kv.second, "weights.args")) {
+        idx.push_back(integer(i, "weights.args"));
+        if (idx.back() < 0 || idx.back() >= static_cast<int64_t>(man.weights.size()))
+          throw BadInput("manifest: weights.args: an index outside the weights table");
+      }
+    }
+  }
   return man;
 }
 
@@ -429,10 +471,39 @@ int run(int argc, char** argv) {
   exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
                                                   static_cast<int>(kDLCPU), 0, kPooled);
   ffi::Function fn = exec->GetFunction(entry).value();
+  // the entry's weights: views of the table the library carries (mapped, not copied)
+  auto wa = man.weight_args.find(entry);
+  if (wa != man.weight_args.end() && !wa->second.empty()) {
+    const std::string path = bundle + "/" + man.library;
+    void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);  // the one TVM opened
+    char* base = handle ? static_cast<char*>(dlsym(handle, man.weights_symbol.c_str())) : nullptr;
+    if (base == nullptr)
+      throw BadInput(path + ": carries no weights table '" + man.weights_symbol + "'");
+    for (int64_t i : wa->second) {
+      const Weight& w = man.weights[i];
+      ffi::Tensor t = ffi::Tensor::FromNDAlloc(
+          Borrowed{base + w.offset}, ffi::ShapeView(w.shape.data(), w.shape.size()),
+          dtype_named(w.dtype).dl, DLDevice{kDLCPU, 0});
+      if (w.offset < 0 || w.offset + static_cast<int64_t>(ffi::GetDataSize(*t.GetDLTensorPtr())) >
+                              man.weights_bytes)
+        throw BadInput(path + ": a weight lies outside the weights table");
+      args.push_back(t);
+    }
+  }
   std::vector<ffi::AnyView> views(args.begin(), args.end());
   const auto t1 = clock::now();
   ffi::Any r;
-  fn.CallPacked(views.data(), static_cast<int32_t>(views.size()), &r);
+  // a run in progress: the native kernels' pool spins between parallel regions until its end
+  auto begin = ffi::Function::GetGlobal("mtcompile.native.run_begin");
+  auto end = ffi::Function::GetGlobal("mtcompile.native.run_end");
+  if (begin.has_value() && end.has_value()) (*begin)();
+  try {
+    fn.CallPacked(views.data(), static_cast<int32_t>(views.size()), &r);
+  } catch (...) {
+    if (begin.has_value() && end.has_value()) (*end)();
+    throw;
+  }
+  if (begin.has_value() && end.has_value()) (*end)();
   const auto t2 = clock::now();
   std::vector<ffi::Tensor> got = results(r);
   if (got.size() < outs.size())

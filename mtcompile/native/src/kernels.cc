@@ -1,15 +1,21 @@
 // Native heavy kernels (float32 matmul, matmul+bias, conv2d, conv2d+bias, dense on a packed
 // weight; the bias kernels optionally with an epilogue: ReLU or GELU, a residual added, see
-// epilogue.h) on AVX2/FMA register tiles or a single-threaded BLAS sgemm, their work split across TVM's own thread pool (TVMBackendParallelLaunch) so that
-// generated kernels and library kernels share one pool. Registered as TVM global functions;
+// epilogue.h) on AVX2/FMA register tiles or a single-threaded BLAS sgemm, their work split
+// across the run's one thread pool (pool.h), which also serves the generated kernels: it is
+// registered as TVM's parallel-launch context symbols, so a library loaded after this one
+// launches its parallel loops on it. Registered as TVM global functions;
 // argument conventions match mtcompile/runtime/library.py (destination-passing: out is last).
 #include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/reflection/registry.h>
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -19,22 +25,13 @@
 #include "conv_avx2.h"
 #include "dense_avx2.h"
 #include "epilogue.h"
+#include "pool.h"
 #include "rows_avx2.h"
 
 #ifndef MTC_PREFIX
 #define MTC_PREFIX "mtcompile.native."
 #endif
 
-extern "C" {
-// TVM's runtime C API (tvm/runtime/c_backend_api.h), exported by libtvm_runtime.so.
-typedef struct {
-  void* sync_handle;
-  int32_t num_task;
-} TVMParallelGroupEnv;
-typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
-int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task);
-int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv* penv);
-}
 
 #if defined(MTC_BLAS_MKL)
 extern "C" {
@@ -77,7 +74,24 @@ inline void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, 
             static_cast<int>(ldc));
 }
 
-// Run body(task, num_tasks) on TVM's pool, or inline when the work is small.
+// TVM's parallel-launch ABI on the calling thread's pool (pool.h)
+std::atomic<int64_t> g_launches{0};  // parallel launches served, for tests and profiles
+int PoolLaunch(FTVMParallelLambda f, void* cdata, int num_task) {
+  g_launches.fetch_add(1, std::memory_order_relaxed);
+  return mtc::thread_pool()->Launch(f, cdata, num_task);
+}
+int PoolBarrier(int, TVMParallelGroupEnv* penv) {
+  auto* pool = static_cast<mtc::Pool*>(penv->sync_handle);
+  return pool != nullptr ? pool->Barrier() : (penv->num_task > 1 ? -1 : 0);
+}
+using LaunchFn = int (*)(FTVMParallelLambda, void*, int);
+using BarrierFn = int (*)(int, TVMParallelGroupEnv*);
+// the process's one pool: this copy's, unless a copy of these kernels loaded earlier (the
+// compiler's build of them, another bundle) registered its own first (see the init block)
+LaunchFn g_launch = PoolLaunch;
+BarrierFn g_barrier = PoolBarrier;
+
+// Run body(task, num_tasks) on the pool, or inline when the work is small.
 template <typename F>
 void parallel(int64_t work, int64_t max_tasks, const F& body) {
   if (work < kSerialWork || max_tasks <= 1) {
@@ -92,8 +106,8 @@ void parallel(int64_t work, int64_t max_tasks, const F& body) {
     (*c->body)(task_id, penv->num_task);
     return 0;
   };
-  int rc = TVMBackendParallelLaunch(lambda, &ctx, 0);
-  if (rc != 0) TVM_FFI_THROW(RuntimeError) << "TVMBackendParallelLaunch failed (" << rc << ")";
+  int rc = g_launch(lambda, &ctx, 0);
+  if (rc != 0) TVM_FFI_THROW(RuntimeError) << "parallel launch failed (" << rc << ")";
 }
 
 // the AVX2/FMA kernels' CPU check, made during the library's static initialization (so the
@@ -119,12 +133,12 @@ void parallel_phases(int64_t work, int64_t max_tasks, const F& first, const G& s
   auto lambda = [](int task_id, TVMParallelGroupEnv* penv, void* cdata) -> int {
     const Ctx* c = static_cast<const Ctx*>(cdata);
     (*c->first)(task_id, penv->num_task);
-    TVMBackendParallelBarrier(task_id, penv);
+    g_barrier(task_id, penv);
     (*c->second)(task_id, penv->num_task);
     return 0;
   };
-  int rc = TVMBackendParallelLaunch(lambda, &ctx, 0);
-  if (rc != 0) TVM_FFI_THROW(RuntimeError) << "TVMBackendParallelLaunch failed (" << rc << ")";
+  int rc = g_launch(lambda, &ctx, 0);
+  if (rc != 0) TVM_FFI_THROW(RuntimeError) << "parallel launch failed (" << rc << ")";
 }
 
 // A kernel's epilogue (epilogue.h): act(result + res), res laid out as the kernel's output.
@@ -748,9 +762,48 @@ void define(const char* name, F f) {
 }
 }  // namespace
 
+namespace {
+// One pool per process: the first copy of these kernels to load registers its pool (as TVM's
+// parallel-launch context symbols and as functions); a later copy uses that one.
+void share_pool() {
+  namespace refl = tvm::ffi::reflection;
+  // a forked child has none of the workers: it starts a pool of its own on first use
+  pthread_atfork(nullptr, nullptr, [] {
+    mtc::thread_pool_slot().release();  // leaked: its threads do not exist here
+    mtc::active_runs().store(0);
+  });
+  auto first = tvm::ffi::Function::GetGlobal(MTC_PREFIX "pool_launch_fn");
+  if (first.has_value()) {
+    g_launch = reinterpret_cast<LaunchFn>((*first)().cast<int64_t>());
+    g_barrier = reinterpret_cast<BarrierFn>(
+        (*tvm::ffi::Function::GetGlobal(MTC_PREFIX "pool_barrier_fn"))().cast<int64_t>());
+    return;
+  }
+  refl::GlobalDef().def(MTC_PREFIX "pool_launch_fn",
+                        []() { return reinterpret_cast<int64_t>(&PoolLaunch); });
+  refl::GlobalDef().def(MTC_PREFIX "pool_barrier_fn",
+                        []() { return reinterpret_cast<int64_t>(&PoolBarrier); });
+  TVMFFIEnvModRegisterContextSymbol("__TVMBackendParallelLaunch",
+                                    reinterpret_cast<void*>(&PoolLaunch));
+  TVMFFIEnvModRegisterContextSymbol("__TVMBackendParallelBarrier",
+                                    reinterpret_cast<void*>(&PoolBarrier));
+  // a run in progress (its workers spin between parallel regions) and its end (they sleep)
+  refl::GlobalDef().def(MTC_PREFIX "run_begin", []() { mtc::active_runs().fetch_add(1); });
+  refl::GlobalDef().def(MTC_PREFIX "run_end", []() { mtc::active_runs().fetch_sub(1); });
+  refl::GlobalDef().def(MTC_PREFIX "pool_launches", []() { return g_launches.load(); });
+  // the calling thread's pool size (n > 0: set it first); its threads start on first use
+  refl::GlobalDef().def(MTC_PREFIX "pool_threads", [](int n) {
+    if (n > 0) mtc::thread_setting() = n;
+    return n > 0 ? n : (mtc::thread_setting() > 0 ? mtc::thread_setting()
+                                                 : mtc::default_threads());
+  });
+}
+}  // namespace
+
 TVM_FFI_STATIC_INIT_BLOCK() {
-  // the BLAS runs on the calling worker only; the parallelism is TVM's pool's
+  // the BLAS runs on the calling worker only; the parallelism is the pool's
   blas_single_thread();
+  share_pool();
   define(MTC_PREFIX "matmul", matmul);
   define(MTC_PREFIX "matmul_bias", matmul_bias);
   define(MTC_PREFIX "conv2d", conv2d);

@@ -1,0 +1,129 @@
+"""A bundle's weights: one table of raw tensors the library carries in its read-only data,
+page-aligned under the symbol `SYMBOL`, each tensor at a 64-byte aligned offset (the
+manifest's `WeightsInfo`). A loaded bundle maps them where the library lies: no copy, each
+weight resident once and only once touched. Entry functions take theirs as trailing
+parameters (`mtcompile.backend.weights`): `Weights.args` gives them per function."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mtcompile.errors import ArtifactError
+from mtcompile.runtime import tvmrt
+from mtcompile.runtime.manifest import WeightsInfo
+
+SYMBOL = "mtcompile_weights"
+ALIGN = 64
+
+
+def _dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def info(arrays: list[np.ndarray], args: dict[str, list[int]]) -> WeightsInfo:
+    """The table of `arrays` laid out one after the other at `ALIGN`-byte offsets."""
+    rows, offset = [], 0
+    for a in arrays:
+        rows.append((offset, tuple(int(d) for d in a.shape), str(a.dtype)))
+        offset += -(-a.nbytes // ALIGN) * ALIGN
+    return WeightsInfo(symbol=SYMBOL, bytes=offset, tensors=tuple(rows),
+                       args={f: tuple(i) for f, i in args.items()})
+
+
+def write_object(arrays: list[np.ndarray], table: WeightsInfo, workdir: Path) -> Path:
+    """An object file defining `SYMBOL` over the bytes of `arrays` as `table` lays them out,
+    for the library's link (its contents depend on the bytes only: no path, no time)."""
+    blob = workdir / "weights.bin"
+    with open(blob, "wb") as f:
+        for a, (offset, _, _) in zip(arrays, table.tensors, strict=True):
+            f.seek(offset)
+            f.write(np.ascontiguousarray(a).tobytes())
+        f.truncate(max(table.bytes, 1))
+    asm = workdir / "weights.s"
+    asm.write_text(f'\t.section .rodata.{SYMBOL},"a"\n\t.balign 4096\n\t.globl {SYMBOL}\n'
+                   f'\t.type {SYMBOL}, @object\n{SYMBOL}:\n\t.incbin "weights.bin"\n'
+                   f'\t.size {SYMBOL}, .-{SYMBOL}\n\t.section .note.GNU-stack,"",@progbits\n')
+    obj = workdir / "weights.o"
+    done = subprocess.run(["gcc", "-c", asm.name, "-o", obj.name], cwd=workdir,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ArtifactError(f"cannot assemble the bundle's weights: {done.stderr.strip()}")
+    blob.unlink()
+    return obj
+
+
+def export_addon(arrays: list[np.ndarray], table: WeightsInfo | None):
+    """A context manager giving the object files the library's link adds for the weights
+    (none when the bundle has none)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def addon():
+        if table is None or not table.tensors:
+            yield []
+            return
+        with tempfile.TemporaryDirectory(prefix="mtcompile-w-") as tmp:
+            yield [str(write_object(arrays, table, Path(tmp)))]
+
+    return addon()
+
+
+def mapped(library: Path, table: WeightsInfo) -> list[np.ndarray]:
+    """The weights of a library TVM has just loaded from `library`, as arrays over its
+    mapped pages (read-only in fact: nothing writes a weight)."""
+    if not table.tensors:
+        return []
+    try:
+        # the handle TVM opened (RTLD_NOLOAD: never a second copy)
+        lib = ctypes.CDLL(str(library), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        base = ctypes.addressof(ctypes.c_char.in_dll(lib, table.symbol))
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{library}: carries no weights table {table.symbol!r}: {e}") from e
+    if base % ALIGN:
+        raise ArtifactError(f"{library}: weights table at a misaligned address {base:#x}")
+    raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(table.bytes, 1)).from_address(base))
+    out = []
+    for offset, shape, dtype in table.tensors:
+        dt = _dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if offset % ALIGN or offset + n > table.bytes:
+            raise ArtifactError(f"{library}: weight at {offset} of {n} bytes lies outside its "
+                                f"table of {table.bytes} bytes")
+        out.append(raw[offset:offset + n].view(dt).reshape(shape))
+    return out
+
+
+class Weights:
+    """A bundle's weights as arrays, and as TVM tensors per device (made on first use and
+    shared by every thread: the VM never writes a parameter)."""
+
+    def __init__(self, arrays: list[np.ndarray], table: WeightsInfo | None):
+        self.arrays, self.table = arrays, table
+        self._tensors: dict[str, list] = {}
+        self._args: dict[tuple[str, str], list] = {}
+
+    def args(self, function: str, dev) -> list:
+        """The trailing arguments `function` takes on `dev` (none without a table)."""
+        key = (function, str(dev))
+        got = self._args.get(key)
+        if got is None:
+            if self.table is None or function not in self.table.args:
+                got = []
+            else:
+                all_ = self._tensors.get(str(dev))
+                if all_ is None:
+                    all_ = self._tensors[str(dev)] = [tvmrt.tensor(a, dev)
+                                                      for a in self.arrays]
+                got = [all_[i] for i in self.table.args[function]]
+            self._args[key] = got
+        return got
