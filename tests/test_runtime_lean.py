@@ -183,13 +183,14 @@ def test_missing_function_is_loaded_or_named(monkeypatch):
 
 
 class _Wide(torch.nn.Module):
-    """Two dense layers with 4 MiB of weights: enough to see them in the resident set."""
+    """Two seeded dense layers, d -> hidden -> d: (512, 1024) holds 4 MiB of weights, enough
+    to see them in the resident set; (2048, 2048) 32 MiB, where a copy on load would show."""
 
-    def __init__(self):
+    def __init__(self, d: int = 512, hidden: int = 1024):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            self.a, self.b = torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512)
+            self.a, self.b = torch.nn.Linear(d, hidden), torch.nn.Linear(hidden, d)
         self.eval()
 
     def forward(self, x):
@@ -247,20 +248,6 @@ def test_a_compile_command_in_a_serving_install_names_the_extra(tmp_path):
     assert "internal error" not in proc.stderr
 
 
-class _Big(torch.nn.Module):
-    """Two dense layers with 32 MiB of weights: a copy of them on load would show."""
-
-    def __init__(self):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.a, self.b = torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048)
-        self.eval()
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
 PEAK_CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
@@ -289,7 +276,7 @@ def test_load_maps_the_weights_without_copies(tmp_path):
     times over: the peak grew by ~4x their size), a run touches them once; the outputs match
     the compiled bundle's."""
     x = torch.randn(2, 2048, generator=torch.Generator().manual_seed(0))
-    bundle = mtcompile.compile([mtcompile.Tenant("big", _Big(), example_inputs=(x,))])
+    bundle = mtcompile.compile([mtcompile.Tenant("big", _Wide(2048, 2048), example_inputs=(x,))])
     table = bundle.manifest.weights
     assert table is not None and table.bytes >= 32 << 20
     assert set(table.args) >= {"big", "run_all"} and len(table.args["big"]) >= 2

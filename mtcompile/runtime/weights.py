@@ -6,6 +6,7 @@ parameters (`mtcompile.backend.weights`): `Weights.args` gives them per function
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -62,20 +63,15 @@ def write_object(arrays: list[np.ndarray], table: WeightsInfo, workdir: Path) ->
     return obj
 
 
+@contextlib.contextmanager
 def export_addon(arrays: list[np.ndarray], table: WeightsInfo | None):
-    """A context manager giving the object files the library's link adds for the weights
-    (none when the bundle has none)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def addon():
-        if table is None or not table.tensors:
-            yield []
-            return
-        with tempfile.TemporaryDirectory(prefix="mtcompile-w-") as tmp:
-            yield [str(write_object(arrays, table, Path(tmp)))]
-
-    return addon()
+    """The object files the library's link adds for the weights (none when the bundle has
+    none), alive while the context lasts."""
+    if table is None or not table.tensors:
+        yield []
+        return
+    with tempfile.TemporaryDirectory(prefix="mtcompile-w-") as tmp:
+        yield [str(write_object(arrays, table, Path(tmp)))]
 
 
 def mapped(library: Path, table: WeightsInfo) -> list[np.ndarray]:
@@ -120,10 +116,10 @@ class Weights:
             if self.table is None or function not in self.table.args:
                 got = []
             else:
-                all_ = self._tensors.get(str(dev))
-                if all_ is None:
-                    all_ = self._tensors[str(dev)] = [tvmrt.tensor(a, dev)
-                                                      for a in self.arrays]
-                got = [all_[i] for i in self.table.args[function]]
+                tensors = self._tensors.get(str(dev))
+                if tensors is None:
+                    tensors = self._tensors[str(dev)] = [tvmrt.tensor(a, dev)
+                                                         for a in self.arrays]
+                got = [tensors[i] for i in self.table.args[function]]
             self._args[key] = got
         return got
