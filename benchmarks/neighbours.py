@@ -8,8 +8,10 @@ All in ONE process, in this order:
    itself imports torch when it is installed), then PyTorch eager, then onnxruntime, each
    contender's rounds in one block;
 2. interleaved: the three contenders round by round; then PyTorch eager and onnxruntime
-   each interleaved with the bundle alone (what the bundle does to each, without the third
-   contender's threads: PyTorch's OpenMP workers, for one, spin after each op);
+   each beside the bundle alone (what the bundle does to each, without the third
+   contender's threads: PyTorch's OpenMP workers, for one, spin after each op), in rounds
+   that alternate the peer alone and the bundle then the peer: the ratio compares the two
+   kinds of round, so the VM's drift over the run (up to 1.5x here) cancels out;
 3. after torch.compile: ``torch.compile``d copies of the tenants (inductor) run, then the
    bundle runs alone again (the row is skipped, with the reason, if torch.compile fails).
 Prints median ms and the ratios interleaved / alone and after-compile / alone (the goal:
@@ -69,6 +71,24 @@ def time_block(fn, repeat: int, warmup: int) -> list[float]:
     return times
 
 
+def alternate(peer, bundle, repeat: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Rounds alternating `peer` alone and `bundle` then `peer`: the peer's times (seconds)
+    in each kind of round, `repeat` of each after `warmup` of each."""
+    for _ in range(warmup):
+        peer()
+        bundle()
+    alone, beside = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        peer()
+        alone.append(time.perf_counter() - t)
+        bundle()
+        t = time.perf_counter()
+        peer()
+        beside.append(time.perf_counter() - t)
+    return alone, beside
+
+
 def compiled_twins(twins: dict, torch_inputs: dict):
     """``torch.compile`` every twin and run it once; returns (runner, None) or (None, reason)."""
     import torch
@@ -122,7 +142,7 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
     alone["pytorch eager"] = time_block(eager, repeat, warmup)
     alone["onnxruntime"] = time_block(onnxrt, repeat, warmup)
     together = measure(contenders, repeat, warmup)
-    beside = {k: measure({"bundle": contenders["bundle"], k: contenders[k]}, repeat, warmup)[k]
+    beside = {k: alternate(contenders[k], contenders["bundle"], repeat, warmup)
               for k in ("pytorch eager", "onnxruntime")}
 
     after, compiled_ms = {}, None
@@ -140,10 +160,11 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
     for k in contenders:
         m_int = 1e3 * float(np.median(together[k]))
         m_aft = 1e3 * float(np.median(after[k])) if k in after else None
-        m_bes = 1e3 * float(np.median(beside[k])) if k in beside else None
+        m_bes = 1e3 * float(np.median(beside[k][1])) if k in beside else None
+        m_alt = 1e3 * float(np.median(beside[k][0])) if k in beside else None
         rows[k] = {"alone_ms": med[k], "interleaved_ms": m_int, "interleaved_ratio": m_int / med[k],
-                   "beside_bundle_ms": m_bes,
-                   "beside_bundle_ratio": m_bes / med[k] if m_bes is not None else None,
+                   "beside_bundle_ms": m_bes, "alone_alternating_ms": m_alt,
+                   "beside_bundle_ratio": m_bes / m_alt if m_bes is not None else None,
                    "after_compile_ms": m_aft,
                    "after_compile_ratio": m_aft / med[k] if m_aft is not None else None}
     return {"set": set_name, "tenants": bundle.tenant_names, "repeat": repeat, "rows": rows,
@@ -163,7 +184,7 @@ def to_markdown(res: dict, command: str) -> str:
              f"(torch imported by then: {'yes' if res['torch_imported_by_load'] else 'no'}); "
              f"bundle vs PyTorch max abs error {res['max_abs_err']:.2e}.", "",
              "| contender | alone ms | interleaved ms | interleaved / alone "
-             "| beside the bundle only ms | beside / alone "
+             "| beside the bundle only ms | beside / alone (alternating rounds) "
              "| after torch.compile ms | after / alone |", "|---|---|---|---|---|---|---|---|"]
     for k, r in res["rows"].items():
         aft = (f"{r['after_compile_ms']:.3f} | {r['after_compile_ratio']:.2f}"
