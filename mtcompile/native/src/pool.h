@@ -6,8 +6,10 @@
 // the count at 0, sleep after every region, so that each kernel's launch waits for a worker to
 // wake (tens of microseconds on a small VM, per launch). Here a run announces itself
 // (run_begin / run_end, around each entry call): while one is in progress the workers spin
-// between regions; once none is, they sleep at once. A run that never says it ended (a caller
-// that died) stops their spinning after kMaxSpinNs.
+// between regions; once none is, they sleep at once. Runs in progress times threads beyond the
+// machine's cores (threads calling bundles concurrently) spin nothing: a spinning worker would
+// take a core another run computes on. A run that never says it ended (a caller that died)
+// stops their spinning after kMaxSpinNs.
 //
 // One pool per calling thread, as TVM's: its size is set per thread (set_threads), else from
 // TVM_NUM_THREADS, else the machine's cores. The caller runs task 0; the workers 1..n-1. A
@@ -15,6 +17,7 @@
 // split work by (task_id, num_task), so the partition, and the results, depend on n only.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -51,7 +54,9 @@ constexpr int64_t kMaxSpinNs = 2'000'000;  // a worker's spin without news, at m
 
 class Pool {
  public:
-  explicit Pool(int threads) : n_(threads < 1 ? 1 : threads) {
+  explicit Pool(int threads)
+      : n_(threads < 1 ? 1 : threads),
+        cores_(std::max(1, static_cast<int>(std::thread::hardware_concurrency()))) {
     for (int w = 1; w < n_; ++w) workers_.emplace_back([this, w] { Work(w); });
   }
   ~Pool() {
@@ -124,7 +129,10 @@ class Pool {
       auto start = std::chrono::steady_clock::now();
       int spins = 0;
       while (gen_.load(std::memory_order_acquire) == seen) {
-        if (active_runs().load(std::memory_order_relaxed) > 0) {
+        // spin only where it steals no core: several runs at once (threads calling the
+        // bundle concurrently) would spin workers on the cores the other runs compute on
+        const int runs = active_runs().load(std::memory_order_relaxed);
+        if (runs > 0 && runs * n_ <= cores_) {
           MTC_PAUSE();
           if (++spins % 1024 != 0 ||
               std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -146,6 +154,7 @@ class Pool {
   }
 
   const int n_;
+  const int cores_;  // the machine's: runs x threads beyond it do not spin
   std::vector<std::thread> workers_;
   FTVMParallelLambda f_ = nullptr;
   void* cdata_ = nullptr;
