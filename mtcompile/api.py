@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from mtcompile import build_cache, bundle_manifest
 from mtcompile.analysis.memory import MemoryPlan
+from mtcompile.backend import legalize
+from mtcompile.backend.arena import ArenaError
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.lowering import HOST_CPU, TARGETS, build, cpu_facts, emit_module
 from mtcompile.backend.stream_layout import stream_layout
@@ -22,6 +25,7 @@ from mtcompile.frontend.lift import lift
 from mtcompile.frontend.merge import merge
 from mtcompile.ir.graph import Graph, TensorTy
 from mtcompile.pass_infra import Instrument, PassContext, entry_pipeline, run_passes
+from mtcompile.runtime.cpu import usable_cores
 from mtcompile.runtime.threads import configure as configure_threads
 from mtcompile.runtime.weights import info as weights_table
 from mtcompile.tenant import Tenant
@@ -80,7 +84,7 @@ def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _S
     t0 = time.perf_counter()
     # the threads the bundle runs on, read once per build: passes learn machine facts from
     # the context (assign-streams splits them between streams)
-    ctx = PassContext(target, providers, cores=cores or os.cpu_count() or 1)
+    ctx = PassContext(target, providers, cores=cores or usable_cores())
     # two runs from the merged graph: run_all's, and the tenants' own entries' without the
     # passes only run_all may use (the user's instruments watch run_all's run)
     graph, records = run_passes(merged, pipeline, ctx, instruments)
@@ -94,6 +98,36 @@ def _with_tenant_plans(graph: Graph, entry_graph: Graph) -> MemoryPlan:
     entry = entry_graph.analyses.get("memory")
     return MemoryPlan({**graph.analyses["memory"].functions,
                        **(entry.functions if entry is not None else {})})
+
+
+def _lower_and_build(stages: _Stages, graph: Graph, entry_graph: Graph, streams, target: str,
+                     database, cpu: str, facts: dict, cpu_info: tuple):
+    """Manifest, lowering and TVM build: (manifest, executable, build facts). A stream
+    layout whose shared arena does not fit the kernels TVM emitted (an `ArenaError`: a
+    bug of the kernel model, which the tests look for) is dropped with a warning, and
+    run_all is built on one stream, its arena planned on TVM's kernels."""
+    cpu_name, cpu_features = cpu_info
+    manifest = bundle_manifest.manifest(**facts, layout=streams).with_(
+        cpu=cpu_name, cpu_features=cpu_features)
+    t0 = time.perf_counter()
+    mod = emit_module(graph, manifest.embedded(), entry_graph, streams, target)
+    stages.done("lower", t0)
+    t0 = time.perf_counter()
+    try:
+        executable, build_info = build(mod, target, database, cpu, external_weights=True)
+    except ArenaError as e:
+        if streams is None:
+            raise
+        why = str(e).splitlines()[0]
+        warnings.warn(f"{why}; run_all is built on one stream instead (please report this "
+                      "model: the stream plan's kernel model is wrong)", stacklevel=3)
+        stages.say("streams  dropped: the shared arena did not fit TVM's kernels")
+        manifest, executable, build_info = _lower_and_build(
+            stages, graph, entry_graph, None, target, database, cpu, facts, cpu_info)
+        build_info["streams_dropped"] = why
+        return manifest, executable, build_info
+    stages.done("build", t0)
+    return manifest, executable, build_info
 
 
 def compile(  # noqa: A001 - the public name the API promises
@@ -128,6 +162,7 @@ def compile(  # noqa: A001 - the public name the API promises
     from mtcompile.passes import build_pipeline
 
     tenants = _check_tenants(tenants)
+    legalize.register()  # before any TVM pass legalizes (the importers' constant folding)
     if target not in TARGETS:
         raise MTCompileError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
@@ -164,18 +199,12 @@ def compile(  # noqa: A001 - the public name the API promises
         tenants, target, pipeline, instruments, stages, providers, pool, lifted)
 
     streams = stream_layout(graph)
-    manifest = bundle_manifest.manifest(
-        name=name, target=target, pipeline=pipeline, providers=providers, tuning_db=db_hash,
-        tenants=tenants, imported=imported, graph=graph, entry_graph=entry_graph,
-        graphs=graphs, records=records, layout=streams).with_(cpu=cpu_name,
-                                                              cpu_features=cpu_features)
-    t0 = time.perf_counter()
-    mod = emit_module(graph, manifest.embedded(), entry_graph, streams, target)
-    stages.done("lower", t0)
-
-    t0 = time.perf_counter()
-    executable, build_info = build(mod, target, database, cpu, external_weights=True)
-    stages.done("build", t0)
+    manifest, executable, build_info = _lower_and_build(
+        stages, graph, entry_graph, streams, target, database, cpu, dict(
+            name=name, target=target, pipeline=pipeline, providers=providers,
+            tuning_db=db_hash, tenants=tenants, imported=imported, graph=graph,
+            entry_graph=entry_graph, graphs=graphs, records=records),
+        (cpu_name, cpu_features))
     arrays, args = build_info.pop("weights")
 
     # known once TVM has built the module, so kept beside the library's embedded manifest
@@ -234,6 +263,7 @@ def tune(
 
     say = progress or (lambda _msg: None)
     tenants = _check_tenants(tenants)
+    legalize.register()
     tuning_target = parse_target(target)
     devices = None
     if rpc_tracker is not None or rpc_key is not None:

@@ -159,9 +159,11 @@ def memory_info(plan: MemoryPlan | None, built: dict[str, dict], m: Manifest) ->
             **{k: int(v) for k, v in built.get(fname, {}).items()},
             **({"lower_bound_bytes": fp.lower_bound_bytes, "naive_bytes": fp.naive_bytes}
                if fp else {})}
+    # realized on the kernels TVM emitted (`arena.realize`), else the graph plan's figure
     return MemoryInfo(
-        arena_bytes=run_all.arena_bytes if run_all else 0,
-        lower_bound_bytes=run_all.lower_bound_bytes if run_all else 0,
+        arena_bytes=int(b.get("arena_bytes", run_all.arena_bytes if run_all else 0)),
+        lower_bound_bytes=int(b.get("lower_bound_bytes",
+                                    run_all.lower_bound_bytes if run_all else 0)),
         naive_bytes=run_all.naive_bytes if run_all else 0,
         tvm_plan_bytes=int(b.get("tvm_plan_bytes", 0)),
         unplanned_bytes=int(b.get("unplanned_bytes", 0)),
@@ -173,7 +175,7 @@ def memory_info(plan: MemoryPlan | None, built: dict[str, dict], m: Manifest) ->
         weight_bytes_before_dedup=m.graph.weight_bytes_before_merge,
         planned=run_all is not None,
         functions=functions,
-        # tensors the build took out of the arena because the plan's model of TVM missed
-        # something (left to TVM's own plan; correct, only less compact): function -> why
+        # where the graph's kernel model disagreed with the kernels TVM emitted (the arena
+        # is planned on TVM's kernels, so this changes nothing built): function -> what
         mismatches=dict(built.get("mismatches", {})),
         timeline=_plain(run_all.timeline()) if run_all is not None else None)

@@ -150,8 +150,10 @@ def verify_lines(result: dict) -> list[str]:
             status = "ok  " if o["ok"] and entry["run_all_ok"] else "FAIL"
             detail = o.get("error") or f"max_abs={o['max_abs']:.2e}  max_rel={o['max_rel']:.2e}"
             lines.append(f"  {name:<12} {status}  output{i}: {detail}")
+            if o.get("warning"):
+                lines.append(f"  {'':<12} note  output{i}: {o['warning']}")
     atol, rtol = result.get("atol"), result.get("rtol")
-    tol = ("by each output's dtype (1e-4 abs for float32)" if atol is None and rtol is None
+    tol = ("by each output's dtype and scale (float32: 1e-4 x max|source|)" if atol is None and rtol is None
            else f"{atol or 0:g} abs + {rtol or 0:g} x max|source|")
     lines.append(f"numerics: {'PASS' if result['ok'] else 'FAIL'} (tolerance {tol}, "
                  "run and run_all vs the source model)")

@@ -36,9 +36,11 @@ class CompiledBundle(Bundle):
         """Run each tenant's source model and the bundle on the same inputs; compare.
 
         A float output passes when max|bundle - source| <= atol + rtol * max|source|; by
-        default (None) atol and rtol follow the tenant's least precise float dtype (1e-4
-        and 0 for float32; `mtcompile.tools.verify.TOLERANCES`); integer outputs must be
-        equal, and output dtypes must be the source model's. Returns
+        default (None) atol and rtol follow the tenant's least precise float dtype (float32:
+        1e-4 of max|source|, no absolute floor; `mtcompile.tools.verify.TOLERANCES`);
+        integer outputs must be equal, and output dtypes must be the source model's. A
+        source output that is zero or near zero everywhere (max|source| <= 1e-6) gets a
+        warning, here and in the result: such a check proves little. Returns
         ``{"ok": bool, "tenants": {name: {"outputs": [{max_abs, max_rel}], ...}}}``.
         Needs the source models (a compiled bundle, or `sources` passed to `load`).
         """

@@ -1,5 +1,6 @@
 """fuse-vertical: each anchor (TVM matmul/conv, reduction, or any op starting a chain) plus
-the elementwise/injective ops that follow it alone -> one fusion group = one kernel.
+the elementwise/injective ops that follow it alone -> one fusion group = one kernel; an
+opaque op (`mtcompile.ir.ops.OPAQUE`) -> a group of its own.
 
 A decision on our graph, made as TVM's FuseOps would make it, so that later passes see
 the kernels that really run: lowering emits every group as one primitive function, which
@@ -22,6 +23,8 @@ class FuseVertical(Pass):
     """Grows chains from producer to sole consumer: an anchor or a reduction takes the
     elementwise/injective ops after it, and an elementwise chain may take one reduction
     (TVM's injective -> reduction fusion); a group holds at most one anchor or reduction.
+    An opaque op (an extern kernel: sort, scan) is a group of its own that takes no
+    followers, as in TVM's FuseOps (FuseTIR cannot fuse an extern kernel with anything).
     Every group is a chain, so it has one value used outside it (its last node)."""
 
     name = "fuse-vertical"
@@ -35,6 +38,7 @@ class FuseVertical(Pass):
             kinds[name] = None
         group_of: dict[str, str] = {}
         heavy_in: dict[str, bool] = {}  # group -> it already holds an anchor or a reduction
+        closed: set[str] = set()  # groups of an opaque op: nothing joins them
         for n in graph.nodes:
             kind = kinds[n.name]
             if n.op == INPUT or kind in (None, "library"):
@@ -42,7 +46,7 @@ class FuseVertical(Pass):
             target = None
             for src in n.inputs:
                 g = group_of.get(src)
-                if g is None or users[src] != [n.name]:
+                if g is None or g in closed or users[src] != [n.name]:
                     continue
                 if kind == "elemwise" or (kind == "reduce" and not heavy_in[g]):
                     target = g
@@ -52,6 +56,8 @@ class FuseVertical(Pass):
                 heavy_in[target] = False
             group_of[n.name] = target
             heavy_in[target] |= kind in ("anchor", "reduce")
+            if kind == "opaque":
+                closed.add(target)
         if not group_of:
             return PassResult(graph, False)
         nodes = [replace(n, group=group_of.get(n.name)) for n in graph.nodes]

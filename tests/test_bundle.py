@@ -400,3 +400,31 @@ def test_reload_after_resaving_into_the_same_directory(tmp_path):
     with pytest.raises(MTCompileError, match="changed since this bundle was loaded from it"):
         old.save(tmp_path / "copy")
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == []
+
+
+def test_compare_is_relative_to_the_output_scale():
+    """float32 outputs of scale 1e-10: an error of half the scale fails (an absolute 1e-4
+    passed it), rounding-sized errors pass, and the near-zero source gets a warning."""
+    from mtcompile.tools.verify import compare
+
+    want = np.linspace(-1e-10, 1e-10, 64, dtype=np.float32)
+    assert not compare([want * 1.5], [want])["ok"]
+    close = compare([want * (1 + 1e-6)], [want])
+    assert close["ok"] and close["outputs"][0]["scale"] == pytest.approx(1e-10)
+    assert "near zero everywhere" in close["outputs"][0]["warning"]
+    ones = np.ones(8, np.float32)
+    assert "warning" not in compare([ones], [ones])["outputs"][0]
+    assert not compare([ones + 2e-4], [ones])["ok"] and compare([ones + 5e-5], [ones])["ok"]
+
+
+@pytest.mark.slow
+def test_verify_warns_when_a_source_output_is_near_zero_everywhere():
+    m, x = linear_relu(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1e-9)
+    b = mtcompile.compile([mtcompile.Tenant("tiny", m, example_inputs=x)])
+    with pytest.warns(UserWarning, match=r"verify: tenant 'tiny', output 0: the source "
+                                         r"model's output is near zero everywhere"):
+        r = b.verify()
+    assert r["ok"] and "warning" in r["tenants"]["tiny"]["outputs"][0]

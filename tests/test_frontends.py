@@ -180,3 +180,27 @@ def test_the_same_tensor_twice_stays_two_inputs():
     bundle = mtcompile.compile([mtcompile.Tenant("sub", Sub(), example_inputs=(x, x))])
     a, b = np.full((2, 3), 5, np.float32), np.full((2, 3), 2, np.float32)
     np.testing.assert_array_equal(bundle.run("sub", a, b)[0], a - b)
+
+
+class Scans(torch.nn.Module):
+    """transformers' packed-sequence mask ((position_diff != 1).cumsum(-1), every decoder),
+    an int32 cumsum and a bool cumprod: PyTorch accumulates all three in int64."""
+
+    def forward(self, pos, x):
+        diff = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)
+        seg = (diff != 1).cumsum(-1)
+        run = (x > 0).cumprod(-1)
+        return seg, (x > 0).int().cumsum(-1), run, x * seg + run
+
+
+def test_cumsum_and_cumprod_of_bool_and_int_accumulate_in_int64():
+    """Regression: TVM's importer scanned bool and int inputs in their own dtype (a bool
+    cumsum failed in LLVM codegen, CreateAdd's kDLFloat check)."""
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 6, 7]])
+    x = seeded_input(4, 2, 8)
+    bundle = mtcompile.compile([Tenant("scan", Scans(), example_inputs=(pos, x))])
+    got = bundle.run("scan", pos, x)
+    want = torch_outputs(Scans(), (pos, x))
+    assert [g.dtype for g in got] == [w.dtype for w in want] == [np.int64] * 3 + [np.float32]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and np.abs(g - w).max() <= 1e-4 * np.abs(w).max()

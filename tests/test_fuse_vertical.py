@@ -97,6 +97,47 @@ def test_negative_constant_only_values_are_left_for_constant_folding():
     assert result.graph.node("t.wt").group is None
 
 
+def test_opaque_op_is_a_group_of_its_own():
+    """cumsum (TVM's extern scan kernel) takes no followers: astype and multiply after it
+    start a group of their own (TVM's FuseOps fuses nothing with an opaque op)."""
+    i24 = TensorTy((2, 4), "int64")
+    nodes = [
+        Node("t.x", INPUT, (), F24, ("t",)),
+        Node("t.gt", "relax.greater", (Ref("t.x"), Ref("t.x")), TensorTy((2, 4), "bool"),
+             ("t",)),
+        Node("t.cs", "relax.cumsum", (Ref("t.gt"),), i24, ("t",), attrs("axis=1")),
+        Node("t.f", "relax.astype", (Ref("t.cs"),), F24, ("t",), attrs("dtype=float32")),
+        Node("t.mul", "relax.multiply", (Ref("t.x"), Ref("t.f")), F24, ("t",)),
+    ]
+    g = Graph(tuple(nodes), {"t": TenantIO((("x", "t.x"),), (Ref("t.mul"),))}, {})
+    g.verify()
+    result = FuseVertical().run(g, PassContext())
+    assert groups(result.graph) == [["gt"], ["cs"], ["f", "mul"]]
+
+
+class PositionIds(torch.nn.Module):
+    """RoBERTa's and MPNet's position ids (a cumsum followed by elementwise ops), and a
+    sort whose values go on through elementwise ops."""
+
+    def forward(self, ids, x):
+        mask = ids.ne(1).int()
+        pos = (torch.cumsum(mask, dim=1).type_as(mask) + 0) * mask
+        ranked = torch.sort(x, dim=-1).values * 2.0 + 1.0
+        return pos.long() + 1, x * pos, ranked
+
+
+def test_numerics_cumsum_and_sort_followed_by_elementwise_ops():
+    """Regression: a group of cumsum + its elementwise followers failed in TVM's FuseTIR
+    ("Inconsistent buffers out_buf and lv mapped to the same relax var")."""
+    ids = torch.tensor([[0, 5, 1, 7, 1, 1, 3, 2], [1, 1, 4, 4, 9, 1, 2, 6]])
+    x = seeded_input(3, 2, 8)
+    bundle = mtcompile.compile([Tenant("pos", PositionIds(), example_inputs=(ids, x))])
+    got = bundle.run("pos", ids, x)
+    for g, w in zip(got, torch_outputs(PositionIds(), (ids, x)), strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max()
+
+
 class Block(torch.nn.Module):
     def __init__(self, seed: int):
         super().__init__()

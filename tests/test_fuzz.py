@@ -36,6 +36,8 @@ def test_seeded_slice_has_no_bugs():
     assert s["cases"] == 8
     assert not s["bugs"], s["bugs"]
     assert s["outcomes"].get("match", 0) >= 2  # the slice exercises the compiler, not only refusals
+    # case 6 draws a model of the real-model zoo beside its random stacks
+    assert any(n.startswith("zoo:") for r in results for n in r.get("tenants", ())), results
 
 
 @pytest.mark.slow

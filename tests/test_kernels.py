@@ -567,3 +567,28 @@ def test_exp_softmax_and_gelu_take_the_polynomial_kernels_and_keep_numerics():
         want = [w.numpy() for w in Heads()(s, x)]
     for got, ref in zip(bundle.run("h", s.numpy(), x.numpy()), want, strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compares_and_arithmetic_on_bool_tensors_compile():
+    """TVM's LLVM codegen has no compare or add of bools (an fcmp of i1 values; CreateAdd's
+    kDLFloat check): `kernels.prepare` computes them on uint8, with PyTorch's results."""
+
+    class Masks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("keep", torch.arange(16) % 3 == 0)
+
+        def forward(self, a, b):
+            p, q = a > 0, b > 0
+            same = (p == q) & (p != self.keep)
+            order = (p < q) | (p >= self.keep)
+            both = (p * q) + torch.maximum(p, self.keep)
+            return torch.where(same, a, b), order, both, torch.minimum(p, q).float() * a
+
+    a, b = seeded_input(6, 2, 16), seeded_input(7, 2, 16)
+    bundle = mtcompile.compile([mtcompile.Tenant("m", Masks(), example_inputs=(a, b))])
+    with torch.no_grad():
+        want = [w.numpy() for w in Masks()(a, b)]
+    for got, ref in zip(bundle.run("m", a.numpy(), b.numpy()), want, strict=True):
+        assert got.dtype == ref.dtype
+        np.testing.assert_array_equal(got, ref)

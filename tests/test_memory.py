@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import F23, small_graph, tiny_tenants
 
 import mtcompile
@@ -27,7 +28,7 @@ from mtcompile.analysis.memory import (
     place_naive,
 )
 from mtcompile.analysis.schedule import kernel_dag
-from mtcompile.backend.arena import ArenaError, _check
+from mtcompile.backend.arena import _check
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.ir.graph import Node, Ref
 from mtcompile.pass_infra import PassContext, make_pass
@@ -287,10 +288,10 @@ def test_demo_sets_arena_is_near_the_bound_and_below_tvms_plan(name):
                 np.testing.assert_array_equal(a, b)
 
 
-def test_a_plan_that_overlaps_live_tensors_fails_the_build_naming_them(monkeypatch):
-    """Every planned tensor put at offset 0: the check against TVM's Relax finds the live
-    tensors that would share bytes and fails the build, naming the function and both
-    tensors (a mismatch is a bug in the kernel model, never repaired)."""
+def test_a_wrong_graph_plan_is_counted_and_the_arena_is_planned_on_tvms_kernels(monkeypatch):
+    """Every planned tensor of the graph plan put at offset 0 (a kernel model gone wrong):
+    the build still plans the arena on the kernels TVM emitted, so the bundle matches its
+    sources, and the report counts and names what the graph model got wrong."""
     import mtcompile.backend.lowering as lowering
 
     real = lowering._arena_attr
@@ -301,10 +302,14 @@ def test_a_plan_that_overlaps_live_tensors_fails_the_build_naming_them(monkeypat
         return attr
 
     monkeypatch.setattr(lowering, "_arena_attr", all_at_zero)
-    with pytest.raises(ArenaError, match=r"function '\w+': the memory plan does not fit") as e:
-        mtcompile.compile(tiny_tenants())
-    assert re.search(r"\n  (\w+) \[0, \d+\) and (\w+) \[0, \d+\) are live together and "
-                     "share bytes", str(e.value)), str(e.value)
+    bundle = mtcompile.compile(tiny_tenants())
+    assert bundle.verify()["ok"]
+    memory = bundle.report()["memory"]
+    counted = {f: v["model_mismatches"] for f, v in memory["functions"].items()}
+    assert counted["run_all"] > 0, counted
+    assert memory["arena_bytes"] > 0
+    assert any(re.search(r"(\w+) \[0, \d+\) and (\w+) \[0, \d+\) are live together and "
+                         "share bytes", p) for p in memory["mismatches"]["run_all"])
 
 
 def test_the_arena_check_names_every_conflict():
@@ -380,3 +385,31 @@ def test_measured_memory_moves_with_the_planned_bytes(tmp_path):
     assert want > 6 << 20
     # the difference of the measured growths is the difference of the plans, +-25%
     assert 0.75 * want <= grew["naive"] - grew["greedy"] <= 1.25 * want, (planned, grew)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["norm_first", "norm_after"])
+def test_layer_norm_beside_multihead_attention_compiles_with_plan_memory(order):
+    """The minimal case the old kernel model got wrong (LayerNorm right before or after
+    nn.MultiheadAttention): the arena is planned on TVM's kernels, so it builds, matches
+    PyTorch, and needs no more than TVM's own plan."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(64)
+            self.attn = torch.nn.MultiheadAttention(64, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.norm(x) if order == "norm_first" else x
+            h = self.attn(h, h, h, need_weights=False)[0]
+            return h if order == "norm_first" else self.norm(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 17, 64)
+    bundle = mtcompile.compile([mtcompile.Tenant("blk", Block().eval(), example_inputs=(x,))])
+    assert bundle.verify()["ok"]
+    memory = bundle.report()["memory"]
+    assert "plan-memory" in [p["name"] for p in bundle.report()["pipeline"]]
+    assert memory["planned"] and 0 < memory["arena_bytes"] <= memory["tvm_plan_bytes"]
+    assert memory["arena_bytes"] >= memory["lower_bound_bytes"]

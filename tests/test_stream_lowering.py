@@ -18,7 +18,6 @@ from mtcompile.analysis.schedule import kernel_dag
 from mtcompile.analysis.streams import happens_before
 from mtcompile.api import _front, _Stages
 from mtcompile.backend import lowering
-from mtcompile.backend.arena import ArenaError
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.lowering import _Emitter
 from mtcompile.backend.stream_layout import stream_layout
@@ -261,9 +260,10 @@ def test_injected_kernel_error_surfaces_as_stream_error_then_recovers(hetero_ten
 
 
 @pytest.mark.slow
-def test_a_value_handed_over_outside_the_arena_fails_the_build(monkeypatch):
+def test_a_value_handed_over_outside_the_arena_drops_the_streams_with_a_warning(monkeypatch):
     """Take the values streams hand to each other out of the plan: TVM's own plan could
-    reuse their bytes while another stream reads them, so the build fails naming them."""
+    reuse their bytes while another stream reads them. The build finds it (naming the
+    function and the value), warns, and builds run_all on one stream: right numbers."""
     exported: set[str] = set()
     emit, attr = lowering._Emitter.stream_function, lowering._arena_attr
 
@@ -279,7 +279,10 @@ def test_a_value_handed_over_outside_the_arena_fails_the_build(monkeypatch):
 
     monkeypatch.setattr(lowering._Emitter, "stream_function", stream_function)
     monkeypatch.setattr(lowering, "_arena_attr", without_exports)
-    with pytest.raises(ArenaError, match=r"function 'run_all__s\d+'.*\n  \w+: handed to other "
-                                         "streams but not in the shared arena"):
-        mtcompile.compile(random_set(1), passes=PIPELINE, pass_options=MAX)
+    with pytest.warns(UserWarning, match=r"function 'run_all__s\d+': the memory plan does "
+                                         r"not fit .*built on one stream instead"):
+        bundle = mtcompile.compile(random_set(1), passes=PIPELINE, pass_options=MAX)
     assert exported
+    assert bundle.num_streams == 1  # run_all not lowered onto the streams
+    assert "run_all__s" in bundle.compile_report["build"]["streams_dropped"]
+    assert bundle.verify()["ok"]

@@ -138,10 +138,10 @@ THREADS_CHILD = textwrap.dedent("""
 """)
 
 
-def _child(mode: str, saved, env_extra: dict[str, str]) -> dict:
+def _child(mode: str, saved, env_extra: dict[str, str], prefix: tuple = ()) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
-    proc = subprocess.run([sys.executable, "-c", THREADS_CHILD, mode, str(saved)],
+    proc = subprocess.run([*prefix, sys.executable, "-c", THREADS_CHILD, mode, str(saved)],
                           capture_output=True, text=True, timeout=300, env={**env, **env_extra})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -154,9 +154,41 @@ def test_threads_sets_tvm_pool_and_turns_spinning_off(tiny_saved):
     assert got["threads"] == {"requested": 2, "pool": 2, "source": "threads",
                               "spin_count": "0"}
     assert got["warnings"] == []
-    cores = os.cpu_count()
-    got = _child("default", tiny_saved, {})  # default: the machine's cores
+    cores = len(os.sched_getaffinity(0))
+    got = _child("default", tiny_saved, {})  # default: the cores this process may use
     assert got["pool"] == cores and got["threads"]["requested"] == cores
+
+
+def test_the_default_threads_follow_the_affinity_mask():
+    """taskset -c 0 on a machine of more cores: one thread, in Python and in the native
+    pool (os.cpu_count() would say all of the machine's cores)."""
+    one = sorted(os.sched_getaffinity(0))[:1]
+    code = textwrap.dedent(f"""
+        import json, os
+        os.sched_setaffinity(0, {set(one)!r})
+        from mtcompile import native
+        from mtcompile.runtime.threads import configure
+        print(json.dumps(configure()._asdict() if hasattr(configure(), "_asdict")
+                         else vars(configure())))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS",)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["requested"] == 1 and got["pool"] == 1, got
+
+
+@pytest.mark.parametrize("cpu_max, cores", [("50000 100000\n", 1), ("150000 100000\n", 2),
+                                            ("max 100000\n", None), ("garbage", None)])
+def test_usable_cores_reads_the_cgroup_quota(tmp_path, cpu_max, cores):
+    from mtcompile.runtime.cpu import usable_cores
+
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    mask = len(os.sched_getaffinity(0))
+    assert usable_cores(str(path)) == (mask if cores is None else min(cores, mask))
+    assert usable_cores(str(tmp_path / "missing")) == mask
 
 
 def test_a_user_set_tvm_num_threads_and_spin_count_win(tiny_saved):

@@ -60,6 +60,7 @@ class FunctionPlan:
     lower_bound_bytes: int  # the largest sum of live bytes at any kernel of the order
     naive_bytes: int  # every intermediate in memory of its own
     alignment: int
+    strategy: str = "greedy"  # how offsets were placed: greedy (by size) or naive
 
     def offsets(self) -> dict[str, int]:
         return {s.tensor: s.offset for s in self.slots}
@@ -180,7 +181,7 @@ def plan_function(function: str, dag: KernelDAG, alignment: int,
         lives, alignment)
     return FunctionPlan(function, tuple(k.name for k in dag.kernels), tuple(slots), arena,
                         lower_bound(lives, len(dag.kernels)),
-                        sum(align(lt.size, alignment) for lt in lives), alignment)
+                        sum(align(lt.size, alignment) for lt in lives), alignment, strategy)
 
 
 def overlap_problems(slots: Sequence[Slot], lives: Sequence[Lifetime], arena: int,

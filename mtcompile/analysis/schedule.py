@@ -20,14 +20,17 @@ from mtcompile.ir.graph import GET_ITEM, INPUT, TUPLE, Graph, Node, TensorTy
 
 def op_kind(n: Node) -> str | None:
     """'library' (a library call node), 'anchor' (a TVM heavy op, or any op that starts a
-    kernel of its own), 'reduce', 'elemwise' (elementwise or injective), or None (tuples
-    and their items: no kernel)."""
+    kernel of its own), 'opaque' (an op TVM computes by an extern kernel: a kernel of its
+    own that nothing fuses with), 'reduce', 'elemwise' (elementwise or injective), or None
+    (tuples and their items: no kernel)."""
     if ops.is_library_call(n.op):
         return "library"
     if n.op in ops.HEAVY:
         return "anchor"
     if not isinstance(n.ty, TensorTy) or n.op in (TUPLE, GET_ITEM):
         return None  # tuples and their items stay out of groups
+    if n.op in ops.OPAQUE:
+        return "opaque"
     if n.op in ops.REDUCTION:
         return "reduce"
     if n.op in ops.ELEMWISE or n.op in ops.INJECTIVE:

@@ -1,14 +1,20 @@
-"""Realizing a memory plan in TVM: after ``CallTIRRewrite`` every intermediate is an
-``R.builtin.alloc_tensor``; the planned ones become tensors at their offsets in one
+"""Realizing memory plans in TVM: after ``CallTIRRewrite`` every intermediate is an
+``R.builtin.alloc_tensor``; here they become tensors at offsets in one
 ``R.memory.alloc_storage`` per function (through ``ensure_zero_offset``, which folds the
-offset into the pointer). TVM's ``StaticPlanBlockMemory`` still plans what is left.
+offset into the pointer).
 
-The plan was made on our graph; here it meets the Relax TVM really produced. Liveness is
-recomputed on that Relax (following every alias: reshape views, tuples, the returned
-value), and a plan that would let two live tensors share a byte, or give a tensor fewer
-bytes than TVM allocates, fails the build with an error naming the tensors (the same
-overlap check as the planner's, `memory.overlap_problems`) instead of computing wrong
-numbers.
+The plan is made on the kernels TVM emitted, by construction: liveness is computed on the
+Relax TVM produced after its fusion (following every alias: reshape views, tuples, the
+returned value) and the tensors are placed greedy by size over it (`memory.place`), the
+same planner `plan-memory` runs on our graph. The graph's plan is the model passes and
+pictures use; where it disagrees with TVM's kernels (a kernel the model did not predict),
+the disagreement is counted in the build's figures (``model_mismatches``) and changes
+nothing here.
+
+A stream function is the exception: its values handed to other streams must sit where the
+graph plan put them in the arena the streams share, so its plan is checked against TVM's
+liveness instead, and a plan that would let two live tensors share a byte fails with an
+`ArenaError` naming them (the build then falls back to one stream, see ``api.compile``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ import tvm
 import tvm.sym
 from tvm import relax
 
-from mtcompile.analysis.memory import Lifetime, Slot, overlap_problems
+from mtcompile.analysis.memory import (
+    Lifetime,
+    Slot,
+    lower_bound,
+    overlap_problems,
+    place,
+    place_naive,
+)
 from mtcompile.errors import MTCompileError
 from mtcompile.runtime.abi import PUT
 
@@ -74,9 +87,20 @@ def _upper(func: relax.Function) -> dict[str, int]:
 def _is_kernel_call(b) -> bool:
     """A call that writes into the tensors it is given (a TIR kernel, a library call) or
     a stream's event point (signal, wait, put, get): its result aliases none of its
-    arguments."""
+    arguments. A packed function that returns a tensor (a VM builtin such as a reshape
+    view) may return one of its arguments: it counts as an alias."""
     v = b.value
-    return isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar | relax.ExternFunc)
+    if not isinstance(v, relax.Call):
+        return False
+    if isinstance(v.op, tvm.ir.GlobalVar):
+        return True
+    return isinstance(v.op, relax.ExternFunc) and not _holds_tensor(b.var.ty)
+
+
+def _holds_tensor(ty) -> bool:
+    if isinstance(ty, relax.TensorType):
+        return True
+    return isinstance(ty, relax.TupleType) and any(_holds_tensor(f) for f in ty.fields)
 
 
 class Liveness(NamedTuple):
@@ -117,26 +141,79 @@ def liveness(func: relax.Function) -> Liveness:
 
 
 def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
-    """Place `func`'s planned allocations in one storage; fill `stats[fname]`.
+    """Place `func`'s intermediates in one storage; fill `stats[fname]`.
 
-    A plan that does not fit the Relax TVM produced fails with an `ArenaError` naming the
-    function and the tensors: it is a bug in the kernel model the plan was made on. A
-    stream function (`STREAM_ATTR`, its event points already in place from lowering) takes
-    its storage as its first parameter (one arena shared by all streams, made per run by
-    ``run_all__arena``) instead of an ``alloc_storage`` of its own."""
-    streamed = STREAM_ATTR in func.attrs.keys()
+    A plain function is planned here, on its own liveness (`plan_on_tvm`). A stream
+    function (`STREAM_ATTR`, its event points already in place from lowering) keeps the
+    graph plan's offsets, checked against that liveness, and takes its storage as its
+    first parameter (one arena shared by all streams, made per run by ``run_all__arena``)."""
     plan = json.loads(str(func.attrs[ATTR]))
-    offsets, arena = plan["offsets"], int(plan["bytes"])
-    first, last, names, returned, roots = liveness(func)
+    live = liveness(func)
+    if STREAM_ATTR in func.attrs.keys():
+        placed, arena, problems = _graph_offsets(func, plan, live)
+        if problems:
+            _fail(stats, f"function '{fname}': the memory plan does not fit the module TVM "
+                         "produced (the kernel model missed something):\n  "
+                         + "\n  ".join(problems[:10]))
+        bound = None
+    else:
+        placed, arena, bound = plan_on_tvm(func, live, int(plan["alignment"]),
+                                           plan.get("strategy", "greedy"))
+        # what the graph's model got wrong (it changes nothing here: counted for the tests)
+        problems = _graph_offsets(func, plan, live)[2]
+    upper = _upper(func)
+    unplanned = [v for v in live.first if v not in placed and v not in live.returned]
+    stats[fname] = {"arena_bytes": arena, "graph_arena_bytes": int(plan["bytes"]),
+                    "planned_tensors": len(placed), "unplanned_tensors": len(unplanned),
+                    "unplanned_bytes": sum(_nbytes(v.ty, upper) for v in unplanned),
+                    "output_bytes": sum(_nbytes(v.ty, upper) for v in live.returned),
+                    "model_mismatches": len(problems)}
+    if bound is not None:
+        stats[fname]["lower_bound_bytes"] = bound
+    if problems:
+        stats.setdefault(MISMATCHES, {})[fname] = problems[:10]
+    return _rewrite(func, placed, arena, streamed=bound is None)
+
+
+MISMATCHES = "mismatches"  # key of the stats dict: function -> what the graph model missed
+
+
+def plan_on_tvm(func: relax.Function, live: Liveness, alignment: int,
+                strategy: str = "greedy") -> tuple[dict, int, int]:
+    """Offsets for every intermediate `func` allocates (returned tensors leave the arena),
+    over its liveness in binding order: (alloc var -> (offset, bytes), arena bytes, lower
+    bound). `strategy`: ``greedy`` (by size, best fit) or ``naive`` (no reuse)."""
+    upper = _upper(func)
+    by_name, lives = {}, []
+    for i, var in enumerate(v for v in live.first if v not in live.returned):
+        name = f"{var.name}#{i}"  # Relax names need not be unique
+        by_name[name] = var
+        lo, hi = live.first[var], live.last[var]
+        lives.append(Lifetime(name, "", _nbytes(var.ty, upper), lo, hi,
+                              (hi,) if hi > lo else ()))
+    slots, arena = (place(lives, alignment) if strategy == "greedy"
+                    else place_naive(lives, alignment))
+    n = max((lt.last for lt in lives), default=0) + 1
+    return ({by_name[s.tensor]: (s.offset, s.size) for s in slots}, arena,
+            lower_bound(lives, n))
+
+
+def _graph_offsets(func: relax.Function, plan: dict, live: Liveness
+                   ) -> tuple[dict, int, list[str]]:
+    """The graph plan's offsets for `func`'s allocations (alloc var -> (offset, bytes)),
+    its arena size, and what is wrong with them against `func`'s own liveness."""
+    offsets = plan["offsets"]
+    first, last, names, returned, roots = live
+    names = {v: set(ns) for v, ns in names.items()}
     handed = {}  # alloc var -> the names lowering gave the values handed over from it
-    if streamed:  # a put names its value by id, which no TVM pass renames
+    if STREAM_ATTR in func.attrs.keys():  # a put names its value by id, which no TVM pass renames
         exported = {int(v): n for n, v in json.loads(str(func.attrs[STREAM_ATTR]))[
             "exports"].items()}
         for arg, vid in _puts(func):
             for var in roots.get(arg, ()):
                 names[var].add(exported[vid])
                 handed.setdefault(var, []).append(exported[vid])
-    placed, problems = {}, []  # alloc var -> (offset, bytes)
+    placed, problems = {}, []
     for var in first:
         hits = sorted(n for n in names[var] if n in offsets)
         if hits and var not in returned:
@@ -150,15 +227,13 @@ def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
     problems += [f"{n}: handed to other streams but not in the shared arena"
                  for v, ns in handed.items() if v not in placed and v not in returned
                  for n in ns]
-    if problems:
-        _fail(stats, f"function '{fname}': the memory plan does not fit the module TVM "
-                     "produced (the kernel model missed something):\n  "
-                     + "\n  ".join(problems[:10]))
-    unplanned = [v for v in first if v not in placed and v not in returned]
-    stats[fname] = {"arena_bytes": arena, "planned_tensors": len(placed),
-                    "unplanned_tensors": len(unplanned),
-                    "unplanned_bytes": sum(_nbytes(v.ty, _upper(func)) for v in unplanned),
-                    "output_bytes": sum(_nbytes(v.ty, _upper(func)) for v in returned)}
+    return placed, int(plan["bytes"]), problems
+
+
+def _rewrite(func: relax.Function, placed: dict, arena: int, streamed: bool
+             ) -> relax.Function:
+    """`func` with each placed allocation a tensor at its offset in one storage (a stream
+    function's first parameter, else an ``alloc_storage`` of its own)."""
     if not placed:
         return func
     if streamed:
@@ -166,7 +241,7 @@ def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
     else:
         storage = relax.Var("mtcompile_arena", relax.ObjectType())
         new = [relax.VarBinding(storage, relax.op.memory.alloc_storage(
-            relax.ShapeExpr([arena]), 0, "global", "uint8"))]
+            relax.ShapeExpr([max(arena, 64)]), 0, "global", "uint8"))]
     for blk in func.body.blocks:
         for b in blk.bindings:
             if b.var not in placed:

@@ -287,13 +287,52 @@ def half_sums(mod: tvm.IRModule) -> tvm.IRModule:
     return out
 
 
+# ops whose TIR TVM 0.27's LLVM codegen cannot emit on bool operands: a compare is an
+# fcmp of i1 values (invalid LLVM), an add/multiply/max/min fails ``CodeGenLLVM::CreateAdd``
+# (``t.MatchesCode(kDLFloat)``): its integer paths take int and uint types, not bool
+_BOOL_COMPARES = {"relax.equal", "relax.not_equal", "relax.less", "relax.less_equal",
+                  "relax.greater", "relax.greater_equal"}
+_BOOL_ARITH = {"relax.add", "relax.multiply", "relax.maximum", "relax.minimum"}
+
+
+def _bool(e) -> bool:
+    return isinstance(e.ty, relax.TensorType) and str(e.ty.dtype) == "bool"
+
+
+@relax.expr_functor.mutator
+class _BoolOps(relax.PyExprMutator):
+    """A compare, add, multiply, maximum or minimum of bool tensors -> the same on uint8
+    (False 0, True 1: the same order, and PyTorch's bool add/multiply are or/and), an
+    arithmetic result cast back to bool. ``(a > 0) == (b > 0)`` otherwise fails to compile."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name in _BOOL_COMPARES | _BOOL_ARITH
+                and any(_bool(a) for a in call.args)):
+            return call
+        args = [self.builder_.emit(relax.op.astype(a, "uint8")) if _bool(a) else a
+                for a in call.args]
+        wide = self.builder_.normalize(relax.Call(call.op, args, call.attrs))
+        return relax.op.astype(wide, "bool") if call.op.name in _BOOL_ARITH else wide
+
+
+def bool_ops(mod: tvm.IRModule) -> tvm.IRModule:
+    """Apply `_BoolOps` to every Relax function of `mod`."""
+    out = tvm.IRModule(mod.functions, attrs=mod.attrs)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            out[gv] = _BoolOps().visit_expr(func)
+    return out
+
+
 def prepare(mod: tvm.IRModule) -> tvm.IRModule:
     """Inference simplifications before TVM's pipeline: what is left of batch-norms
     decomposed (fold-batch-norm folded those after a conv on our graph), constants folded,
+    compares and arithmetic on bool tensors done on uint8 (LLVM codegen has no bool ones),
     erf computed by a vectorizable polynomial, float16 sums accumulated in float32."""
     seq = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
         relax.transform.CanonicalizeBindings(),
     ])
-    return fast_erf(half_sums(seq(mod)))
+    return fast_erf(half_sums(bool_ops(seq(mod))))

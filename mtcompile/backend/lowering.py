@@ -34,6 +34,7 @@ from mtcompile.ir.graph import (
     Graph,
     Opaque,
     Ref,
+    Sym,
     TensorTy,
     iter_const_refs,
     iter_refs,
@@ -179,16 +180,16 @@ class _Emitter:
                                     f"[{values.min()}, {values.max()}]")
             return idx
         ty = self.graph.node(a.name).ty
-        if ty.symbolic:
-            raise LoweringError(f"tenant '{n.tenant}': %{n.name} = {n.op} reads at indices "
-                                f"computed inside the model of dynamic shape {ty}; their "
-                                "bounds check needs a fixed shape (give static shapes)")
-        shape = list(ty.shape) or [1]  # a 0-d index is checked as one element
-        func = _bounds_check(tuple(shape), ty.dtype, read.low, read.bound, _index_message(
-            self.graph, n, read))
+        # a 0-d index is checked as one element; a symbolic dim (dynamic batch) is a size
+        # variable of the check, bound from the index tensor's shape when it runs
+        shape = list(ty.shape) or [1]
+        func, scalars = _bounds_check(*(tuple(_expr(d) for d in shape), ty.dtype,
+                                         _expr(read.low), _expr(read.bound)),
+                                      _index_message(self.graph, n, read))
         gv = self.top.add_func(func, "check_index")
         flat = idx if ty.shape else bb.emit(relax.op.reshape(idx, shape))
-        out = bb.emit(relax.op.call_tir(gv, [flat], relax.TensorType(shape, ty.dtype)),
+        out = bb.emit(relax.op.call_tir(gv, [flat, *map(relax.prim_value, scalars)],
+                                        relax_type(TensorTy(tuple(shape), ty.dtype))),
                       name_hint=f"{n.name.replace('.', '_')}_index")
         return out if ty.shape else bb.emit(relax.op.reshape(out, []))
 
@@ -353,6 +354,11 @@ class _Emitter:
                                 f"{type(e).__name__}: {e}") from e
 
 
+def _expr(d):
+    """An int as it is, a symbolic size (`Sym`) as its TVM expression."""
+    return d.obj if isinstance(d, Sym) else d
+
+
 def _index_message(graph: Graph, n, read: IndexRead) -> str:
     """What a failed bounds check of `read` says: `INDEX_CHECK`, then the tenant(s), the
     inputs the index comes from, and the valid range."""
@@ -370,18 +376,52 @@ def _index_message(graph: Graph, n, read: IndexRead) -> str:
             f"indices must be in [{read.low}, {read.bound})")
 
 
-def _bounds_check(shape: tuple[int, ...], dtype: str, low: int, bound: int, message: str):
+def _bounds_check(shape: tuple, dtype: str, low, bound, message: str):
     """A PrimFunc copying an index tensor of `shape` (not 0-d) and `dtype` that asserts each
     value lies in [low, bound) (a failed assert raises `message` from the VM before any
-    access)."""
+    access), and the size variables it takes as trailing scalar arguments.
+
+    Dims, `low` and `bound` are ints or, for symbolic (dynamic) sizes, TVM expressions of
+    the caller's size variables: the loops then run over the index's actual extent and the
+    range is the table's actual extent. The buffers keep the caller's expressions (TVM's
+    FuseTIR maps a fused group's buffers by structure: ``(n * 16,)`` must stay ``n * 16``);
+    a variable that is a dim of its own is bound from the index's shape, any other one
+    comes in as a scalar argument (as TVM's legalized kernels take them)."""
+    from tvm import tirx
     from tvm.script import from_source
 
-    dims = [f"T.int64({d})" for d in shape]
-    buf = f'T.Buffer(({", ".join(dims)},), "{dtype}")'
+    def text(e) -> str:
+        return f"T.int64({e})" if isinstance(e, int) else " ".join(str(e).split())
+
+    def limit(e) -> str:
+        return f"T.{dtype}({e})" if isinstance(e, int) else f'T.Cast("{dtype}", {text(e)})'
+
+    dims = [text(d) for d in shape]
     at = "[" + ", ".join(f"v{i}" for i in range(len(dims))) + "]"
-    lines = ["@T.prim_func(private=True, s_tir=True)",
-             f"def check_index(a: {buf}, out: {buf}):",
-             '    T.func_attr({"tirx.noalias": True})']
+    size_vars: dict[str, object] = {}
+    for e in (*shape, low, bound):
+        if not isinstance(e, int):
+            for v in tirx.analysis.undefined_vars(e):
+                size_vars.setdefault(v.name, v)
+    lines = ["@T.prim_func(private=True, s_tir=True)"]
+    if not size_vars:
+        buf = f'T.Buffer(({", ".join(dims)},), "{dtype}")'
+        lines += [f"def check_index(a: {buf}, out: {buf}):",
+                  '    T.func_attr({"tirx.noalias": True})']
+        a, out, scalars = "a", "out", []
+    else:
+        # size variables are named <tenant>_<dim>, never mtcompile_* (a reserved prefix)
+        plain = {d.name for d in shape if isinstance(d, tirx.Var)}
+        scalars = [v for name, v in size_vars.items() if name not in plain]
+        args = "".join(f", {v.name}: T.{v.ty.dtype}" for v in scalars)
+        a, out = "mtcompile_a", "mtcompile_out"
+        # TVM's order: inputs (the index, then scalars), then the output
+        lines += [f"def check_index(mtcompile_pa: T.handle{args}, mtcompile_pout: T.handle):",
+                  '    T.func_attr({"tirx.noalias": True})']
+        lines += [f"    {name} = T.{v.ty.dtype}()" for name, v in size_vars.items()
+                  if name in plain]
+        lines += [f'    {b} = T.match_buffer({p}, ({", ".join(dims)},), "{dtype}")'
+                  for b, p in ((a, "mtcompile_pa"), (out, "mtcompile_pout"))]
     pad = "    "
     for i, d in enumerate(dims):
         lines.append(f"{pad}for i{i} in range({d}):")
@@ -391,11 +431,11 @@ def _bounds_check(shape: tuple[int, ...], dtype: str, low: int, bound: int, mess
     # opaque, not spatial: schedules then leave the loops serial (a vectorized assert does
     # not compile, and the check is a few compares per index)
     lines += [f"{pad}v{i} = T.axis.opaque({d}, i{i})" for i, d in enumerate(dims)]
-    lines += [f"{pad}T.reads(a{at})", f"{pad}T.writes(out{at})",
-              f'{pad}assert T.{dtype}({low}) <= a{at} and a{at} < T.{dtype}({bound}), '
+    lines += [f"{pad}T.reads({a}{at})", f"{pad}T.writes({out}{at})",
+              f'{pad}assert {limit(low)} <= {a}{at} and {a}{at} < {limit(bound)}, '
               f'{message!r}',
-              f"{pad}out{at} = a{at}"]
-    return from_source("\n".join(lines))
+              f"{pad}{out}{at} = {a}{at}"]
+    return from_source("\n".join(lines)), scalars
 
 
 def _group_inputs(members) -> list:
@@ -480,7 +520,7 @@ def with_var_bounds(mod: tvm.IRModule, bounds: dict[str, tuple[int, int]]) -> tv
 def _arena_attr(plan, var_names: dict[str, str]) -> dict:
     """A function's memory plan keyed by the Relax var names lowering emitted."""
     slots = [s for s in plan.slots if s.tensor in var_names]
-    return {"bytes": plan.arena_bytes, "alignment": plan.alignment,
+    return {"bytes": plan.arena_bytes, "alignment": plan.alignment, "strategy": plan.strategy,
             "offsets": {var_names[s.tensor]: s.offset for s in slots},
             "sizes": {var_names[s.tensor]: s.size for s in slots}}
 

@@ -9,7 +9,9 @@ tenant, the operator and where it came from.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,6 +154,142 @@ def _distinct(args: tuple) -> tuple:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class DynamicAxis:
+    """An axis of a (positional) example input that ``dynamic_shapes`` makes dynamic."""
+
+    index: int  # position among the example inputs
+    input: str  # the forward parameter's name
+    axis: int  # in [0, ndim)
+    dim: Any  # its torch.export.Dim (a derived Dim, ``2 * batch``, has ``root`` and ``fn``)
+
+    @property
+    def root(self):
+        """The Dim the size derives from (the Dim itself unless derived)."""
+        return getattr(self.dim, "root", self.dim)
+
+
+def dynamic_axes(model, args: tuple, spec) -> list[DynamicAxis]:
+    """The dynamic axes `spec` (torch.export's ``dynamic_shapes``: a dict by forward
+    parameter name or a sequence by position, each ``{axis: Dim}`` or a sequence of Dims
+    and Nones) gives the example inputs `args` of `model`. Dim hints (``Dim.AUTO``...)
+    and entries that name no input are left to torch.export."""
+    from torch.export import Dim
+
+    if spec is None:
+        return []
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [params[i] if i < len(params) else f"#{i}" for i in range(len(args))]
+    if isinstance(spec, dict):
+        per_input = [spec.get(n) for n in names]
+    elif isinstance(spec, list | tuple):
+        per_input = list(spec)[:len(args)]
+    else:
+        return []
+    out = []
+    for i, axes in enumerate(per_input):
+        ndim = getattr(args[i], "ndim", 0)
+        items = (axes.items() if isinstance(axes, dict) else enumerate(axes)
+                 if isinstance(axes, list | tuple) else ())
+        for axis, d in items:
+            if (isinstance(d, Dim) and isinstance(axis, int) and not isinstance(axis, bool)
+                    and -ndim <= axis < ndim):
+                out.append(DynamicAxis(i, names[i], axis % ndim, d))
+    return out
+
+
+def widened_sizes(args: tuple, dims: list[DynamicAxis]) -> dict[tuple[int, int], int]:
+    """``{(input index, axis): size}``: where to widen the example inputs so that
+    torch.export keeps their dynamic dims dynamic (it fixes a dim whose example has size
+    1, its 0/1 specialization). A Dim whose examples all have size 1 is traced at
+    ``max(2, Dim.min)`` when that is within its max; a Dim derived from it (``2 * batch``)
+    at its value there, where its example has the value at 1."""
+    out: dict[tuple[int, int], int] = {}
+    by_root: dict[str, list[DynamicAxis]] = {}
+    for a in dims:
+        by_root.setdefault(a.root.__name__, []).append(a)
+    for axes in by_root.values():
+        plain = [a for a in axes if a.dim is a.root]
+        if not plain or any(args[a.index].shape[a.axis] != 1 for a in plain):
+            continue
+        root = plain[0].root
+        size = max(2, int(root.min or 0))
+        if not size <= root.max:
+            continue
+        for a in axes:
+            have = int(args[a.index].shape[a.axis])
+            want = size if a.dim is a.root else int(a.dim.fn(size))
+            if a.dim is not a.root and (have != int(a.dim.fn(1)) or have <= 0
+                                        or want % have):
+                continue
+            out[(a.index, a.axis)] = want
+    return out
+
+
+def widen_examples(args: tuple, sizes: dict[tuple[int, int], int]) -> tuple:
+    """`args` with the inputs `sizes` (`widened_sizes`) names repeated along those axes to
+    those sizes (new tensors: the caller's stay as they are)."""
+    out = list(args)
+    for (i, axis), size in sizes.items():
+        reps = [1] * out[i].ndim
+        reps[axis] = size // out[i].shape[axis]
+        out[i] = out[i].repeat(*reps)
+    return tuple(out)
+
+
+def _export_error(t: Tenant, e: Exception, dims: list[DynamicAxis],
+                  widened: dict[tuple[int, int], int]) -> TenantError:
+    """A `TenantError` for torch.export's failure `e`; for violated dynamic-shape
+    constraints it says, per Dim, what to give instead."""
+    text = str(e)
+    first = text.splitlines()[0] if text else ""
+    violated = re.match(r"Constraints violated \(([^)]*)\)!", first)
+    if violated:  # its "run with TORCH_LOGS" advice: the hints below say more
+        first = violated.group(0)
+    msg = f"tenant '{t.name}': torch.export failed: {type(e).__name__}: {first}"
+    hints = []
+    for name in ([n.strip() for n in violated.group(1).split(",")] if violated else []):
+        axes = [a for a in dims if name in (a.dim.__name__, a.root.__name__)]
+        where = (" and ".join(f"input {a.input!r} axis {a.axis}" for a in axes)
+                 or "its inputs")
+        const = re.search(rf"You marked {re.escape(name)} as dynamic but your code "
+                          r"specialized it to be a constant \((\d+)\)", text)
+        value = int(const.group(1)) if const else None
+        if const and axes and value in ({0, 1} if axes[0].dim is axes[0].root
+                                        else {int(axes[0].dim.fn(v)) for v in (0, 1)}):
+            root = axes[0].root
+            lo = max(2, int(root.min or 0))
+            sizes = " and ".join(
+                f"size in [{lo}, {root.max}] along input {a.input!r} axis {a.axis}"
+                if a.dim is a.root else f"size {a.dim.__name__} (e.g. {int(a.dim.fn(lo))}) "
+                f"along input {a.input!r} axis {a.axis}" for a in axes)
+            hints.append(f"Dim {name!r}: torch.export fixes a dynamic dim whose example has "
+                         f"size 0 or 1: give example inputs with {root.__name__} in "
+                         f"[{lo}, {root.max}]: {sizes}")
+        elif const:
+            hints.append(f"Dim {name!r}: the model's code fixes {where} to {value}, "
+                         f"so it cannot vary: drop it from dynamic_shapes (a fixed size "
+                         f"{value}) or change the code that fixes it")
+        else:
+            reasons = list(dict.fromkeys(ln.strip()[2:] for ln in text.splitlines()
+                                         if ln.strip()[:2] == "- " and name in ln))[:2]
+            fixes = [ln.strip() for ln in text.split("Suggested fixes:", 1)[-1].splitlines()
+                     if ln.strip().startswith(f"{name} =")] if "Suggested fixes:" in text else []
+            hints.append(f"Dim {name!r} ({where}): " + "; ".join(reasons or ["see torch.export's "
+                                                                          "message"])
+                         + (f"; torch.export suggests {'; '.join(fixes)}" if fixes else ""))
+    if widened:
+        names = {(a.index, a.axis): a.input for a in dims}
+        hints.append("traced at a copy of the example inputs widened to " + ", ".join(
+            f"size {n} along input {names[k]!r} axis {k[1]}" for k, n in widened.items())
+            + " (torch.export fixes a dynamic dim whose example has size 1)")
+    return TenantError(msg + ("; " + "; ".join(hints) if hints else ""))
+
+
 def import_tenant(t: Tenant) -> ImportedTenant:
     """Import one tenant into Relax, or raise an error naming the tenant and the problem."""
     torch = _torch()
@@ -165,13 +303,18 @@ def import_tenant(t: Tenant) -> ImportedTenant:
         if t.example_inputs is None:
             raise TenantError(f"tenant '{t.name}': a torch.nn.Module needs example_inputs "
                               "(a tuple of tensors) to be traced with torch.export")
+        dims, sizes = [], {}
         try:  # mtcompile compiles inference; the caller's modes come back afterwards
             args = _distinct(tuple(to_torch(x) for x in t.example_inputs))
+            # torch.export fixes a dynamic dim whose example has size 1: trace on a copy
+            # widened to size >= 2 along its dynamic dims (the user's tensors stay as given)
+            dims = dynamic_axes(model, args, t.dynamic_shapes)
+            sizes = widened_sizes(args, dims)
+            args = widen_examples(args, sizes)
             with _quiet_torch(), eval_mode(model):
                 ep = torch.export.export(model, args, dynamic_shapes=t.dynamic_shapes)
         except Exception as e:
-            raise TenantError(f"tenant '{t.name}': torch.export failed: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            raise _export_error(t, e, dims, sizes) from e
         return _import_exported(t, ep)
     if t.dynamic_shapes is not None:
         raise TenantError(f"tenant '{t.name}': dynamic_shapes applies to a torch.nn.Module "
@@ -192,9 +335,14 @@ def _import_exported(t: Tenant, ep) -> ImportedTenant:
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+    from mtcompile.frontend.converters import CONVERTERS
+
+    source_code = str(ep.graph_module.code)
+    ep = _decomposed(t, ep)
     known = ExportedProgramImporter().convert_map
     missing = [(n.target.__name__, _where(n)) for n in ep.graph.nodes
-               if n.op == "call_function" and n.target.__name__ not in known]
+               if n.op == "call_function" and n.target.__name__ not in known
+               and n.target.__name__ not in CONVERTERS]
     if missing:
         raise UnsupportedOperatorError(t.name, _unique(missing), "torch.export")
     names = [s.arg.name for s in ep.graph_signature.input_specs
@@ -202,14 +350,63 @@ def _import_exported(t: Tenant, ep) -> ImportedTenant:
     try:
         with _quiet_torch():
             mod = from_exported_program(ep, keep_params_as_input=False,
-                                        custom_convert_map=_low_precision_map(known))
+                                        custom_convert_map={**_low_precision_map(known),
+                                                            **CONVERTERS},
+                                        run_ep_decomposition=False)
     except Exception as e:
         raise TenantError(f"tenant '{t.name}': TVM's torch.export importer failed: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     mod = _canonical_dims(t, mod, names, _export_dim_names(t, names), var_bounds(mod["main"]))
     state = sorted(ep.state_dict.items()) + sorted(ep.constants.items())
-    return ImportedTenant(t.name, mod, names, "torch.export",
-                          _hash_torch(str(ep.graph_module.code), state))
+    return ImportedTenant(t.name, mod, names, "torch.export", _hash_torch(source_code, state))
+
+
+def _decomposed(t: Tenant, ep):
+    """`ep` decomposed to core ATen, as TVM's importer would before converting (so that the
+    operator check sees what the importer sees); sparse weights are left as they are (the
+    importer skips the decomposition for them too)."""
+    torch = _torch()
+    tensors = [*ep.state_dict.values(), *ep.constants.values()]
+    if any(isinstance(x, torch.Tensor) and x.layout != torch.strided for x in tensors):
+        return ep
+    try:
+        with _quiet_torch():
+            return ep.run_decompositions()
+    except Exception as e:
+        kept = _decomposed_keeping_attention(ep)
+        if kept is not None:
+            return kept
+        raise TenantError(f"tenant '{t.name}': torch.export's decomposition to core ATen "
+                          f"failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _decomposed_keeping_attention(ep):
+    """`ep` decomposed with ``scaled_dot_product_attention`` computed so that its result
+    has the layout the graph was traced with, or None if it has none or that fails too.
+    torch's own decomposition returns a contiguous (batch, heads, seq, dim) tensor where
+    the traced op's result was laid out as (batch, seq, heads, dim), and a ``view`` traced
+    after it then fails ("Cannot view a tensor with shape [2, 16, 64] and strides (64, 128,
+    1)": transformers' GPT-2 at batch > 1, so any dynamic batch)."""
+    torch = _torch()
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    if not any(n.target is sdpa for n in ep.graph.nodes):
+        return None
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                  scale=None, enable_gqa=False):
+        out = torch.ops.aten._scaled_dot_product_attention_math.default(
+            query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale,
+            enable_gqa=enable_gqa)[0]
+        return out.transpose(1, 2).contiguous().transpose(1, 2) if out.ndim == 4 else out
+
+    table = torch.export.default_decompositions()
+    table[sdpa] = attention
+    try:
+        with _quiet_torch():
+            return ep.run_decompositions(table)
+    except Exception:
+        return None
 
 
 # torch dtypes whose ops PyTorch computes in float32 and rounds back (and TVM's importer
@@ -301,11 +498,39 @@ def _canonical_dims(t: Tenant, mod, names: list[str], dim_names: dict[tuple[int,
             lo[new[d].name], hi[new[d].name] = bounds[d.name]
     if not new:
         return mod
-    func = func.bind_symbolic_vars(new)
+    func = _nonnegative_slice_axes(func.bind_symbolic_vars(new))
     func = func.with_attr("tir_var_lower_bound", lo).with_attr("tir_var_upper_bound", hi)
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     out["main"] = func
     return out
+
+
+def _nonnegative_slice_axes(func):
+    """`func` with every ``strided_slice`` axis counted from the front: TVM legalizes a
+    slice of a tensor of symbolic shape without normalizing a negative axis ("Check
+    failed: axis < src_tensor_dim (-1 vs. 2)": transformers' GPT-2 at a dynamic batch)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Normalize(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.strided_slice"
+                    and isinstance(call.args[1], relax.Tuple)
+                    and getattr(call.args[0].ty, "ndim", -1) > 0):
+                return call
+            rank = call.args[0].ty.ndim
+            axes = [int(a.value) for a in call.args[1].fields]
+            if all(a >= 0 for a in axes):
+                return call
+            return relax.op.strided_slice(call.args[0], [a % rank for a in axes],
+                                          call.args[2], call.args[3],
+                                          call.args[4] if len(call.args) > 4 else None,
+                                          assume_inbound=call.attrs.assume_inbound)
+
+    return Normalize().visit_expr(func)
 
 
 def _dims_of(t: Tenant, shapes: dict[str, tuple[list, str]]) -> tuple[dict, dict]:

@@ -47,6 +47,10 @@ class _Lifter:
         return ConstRef(key)
 
     def arg(self, e, where: str):
+        if isinstance(e, relax.Var) and e not in self.env and isinstance(e.ty, tvm.ir.PrimType):
+            # a size variable as a value (TVM 0.27's tirx.Var is a relax.Var), e.g. the end
+            # of ``arange(0, batch)``: a literal of the function, like a ShapeExpr
+            return opaque(e)
         if isinstance(e, relax.Var):
             if e not in self.env:
                 raise TenantError(f"{where}: reads {e.name}, which is not defined before")

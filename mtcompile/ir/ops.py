@@ -1,5 +1,5 @@
 """The one table of op facts: per Relax operator its kind (heavy, elementwise, injective,
-view, reduction), and which dtypes and layouts a library provider takes for a heavy op.
+view, reduction, opaque), and which dtypes and layouts a library provider takes for a heavy op.
 
 The kernel model (`mtcompile.analysis.schedule`), fuse-vertical, fuse-horizontal and
 offload-library read their op sets here (TVM's ``TOpPattern``, onnxruntime's kernel
@@ -30,6 +30,14 @@ INJECTIVE = frozenset({
 REDUCTION = frozenset({
     "relax.sum", "relax.mean", "relax.max", "relax.min", "relax.nn.softmax",
     "relax.nn.layer_norm", "relax.nn.batch_norm"})
+# ops TVM computes with an extern kernel (an ``ir_builder`` loop nest, ``op_pattern`` opaque):
+# sort and scan (``DispatchSortScan``), sampling (``DispatchSampling``), searchsorted. TVM's
+# FuseOps never fuses them with another op, and FuseTIR fails on a primitive function that
+# holds one beside another op ("Inconsistent buffers out_buf and lv mapped to the same relax
+# var"): each is a kernel of its own that takes no followers.
+OPAQUE = frozenset({
+    "relax.cumsum", "relax.cumprod", "relax.sort", "relax.argsort", "relax.topk",
+    "relax.bucketize", "relax.multinomial_from_uniform"})
 # ops that only reinterpret the shape of a row-major tensor: TVM turns a kernel made of
 # them alone into a view of its input (``RewriteDataflowReshape``). Inference dropout is an
 # identity copy, which TVM also makes a view (seen on SqueezeNet).

@@ -23,7 +23,6 @@ makes the waiting stream's device queue wait for the signalling one
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from typing import Any
 
 from mtcompile.errors import MTCompileError
 from mtcompile.runtime.abi import GET, PUT, SIGNAL, WAIT
+from mtcompile.runtime.cpu import usable_cores
 from mtcompile.runtime.threads import run_marks
 
 _local = threading.local()  # .run: the _Run this thread's stream belongs to, .stream: index
@@ -167,7 +167,7 @@ class StreamExecutor:
         self.make_vm = make_vm
         self.run_marks = run_marks()  # the native pool's workers spin while a stream runs
         n = len(self.functions)
-        self.threads = threads_per_stream or max(1, (os.cpu_count() or 1) // max(n, 1))
+        self.threads = threads_per_stream or max(1, usable_cores() // max(n, 1))
         self.timeout_s, self.poll_s, self.diagnose = timeout_s, poll_s, diagnose
         self.cuda = getattr(device, "dlpack_device_type", lambda: 1)() == 2
         self._raw: list[Any] = [None] * n  # raw CUDA stream per stream

@@ -198,7 +198,8 @@ class StreamsInfo:
 class MemoryInfo:
     """Memory of the built bundle (known once TVM has built it, so not embedded): run_all's
     arena against its lower bound, TVM's own plan and no planning, per function figures,
-    tensors left to TVM's plan (`mismatches`) and run_all's timeline (viz's input)."""
+    where the graph's kernel model missed a kernel TVM emitted (`mismatches`) and run_all's
+    timeline (viz's input)."""
 
     arena_bytes: int
     lower_bound_bytes: int

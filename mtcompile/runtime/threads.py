@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 
 from mtcompile.errors import MTCompileError
+from mtcompile.runtime.cpu import usable_cores
 
 NUM_THREADS, SPIN_COUNT = "TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT"
 _ours: dict[str, str] = {}  # the variables this module set, and to what
@@ -76,14 +77,14 @@ def limit_pool(threads: int) -> None:
 
 
 def configure(threads: int | None = None) -> ThreadConfig:
-    """Size TVM's pool for this process to `threads` (default ``os.cpu_count()``) and turn
+    """Size TVM's pool for this process to `threads` (default: the cores this process may use, `cpu.usable_cores`) and turn
     spinning off, unless the user set ``TVM_NUM_THREADS`` / ``TVM_THREAD_POOL_SPIN_COUNT``;
     then check the calling thread's pool, shrink it if it started larger, warn if it
     started smaller (TVM cannot add workers to a started pool)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise MTCompileError(f"threads must be a positive integer, got {threads!r}")
-    wanted = threads or os.cpu_count() or 1
+    wanted = threads or usable_cores()
     source = "threads"
     if user_set(NUM_THREADS):
         try:

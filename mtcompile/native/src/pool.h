@@ -6,15 +6,21 @@
 // the count at 0, sleep after every region, so that each kernel's launch waits for a worker to
 // wake (tens of microseconds on a small VM, per launch). Here a run announces itself
 // (run_begin / run_end, around each entry call): while one is in progress the workers spin
-// between regions; once none is, they sleep at once. Runs in progress times threads beyond the
-// machine's cores (threads calling bundles concurrently) spin nothing: a spinning worker would
-// take a core another run computes on. A run that never says it ended (a caller that died)
-// stops their spinning after kMaxSpinNs.
+// between regions, for at most kMaxSpinNs, then sleep; once none is, they sleep at once. Runs
+// in progress times threads beyond the cores this process may use (threads calling bundles
+// concurrently, a narrow affinity mask) spin nothing: a spinning worker would take a core
+// another run computes on.
+//
+// Steady on a busy host: the tasks of a launch are claimed, not assigned. The caller and every
+// awake worker take the next unclaimed task until none is left, and the launch waits only for
+// tasks in progress, never for a worker to wake: a descheduled or sleeping worker delays
+// nothing it has not claimed (a launch used to wait for every worker's acknowledgement, so one
+// descheduled worker stalled each parallel region for up to a time slice). Waits spin briefly,
+// then yield the core. The partition of the work is still fixed by (task_id, num_task), so the
+// results do not depend on which thread ran which task.
 //
 // One pool per calling thread, as TVM's: its size is set per thread (set_threads), else from
-// TVM_NUM_THREADS, else the machine's cores. The caller runs task 0; the workers 1..n-1. A
-// launch of more tasks than threads runs them strided (task t on thread t % n): the lambdas
-// split work by (task_id, num_task), so the partition, and the results, depend on n only.
+// TVM_NUM_THREADS, else the cores this process may use (affinity mask and cgroup CPU quota).
 #pragma once
 
 #include <algorithm>
@@ -24,9 +30,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <cstdio>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -51,13 +62,46 @@ inline std::atomic<int>& active_runs() {
   return n;
 }
 constexpr int64_t kMaxSpinNs = 2'000'000;  // a worker's spin without news, at most
+constexpr int kSpinsBeforeYield = 2000;    // a waiting caller's pauses before it yields
+
+// The cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota
+// (cpu.max "quota period", rounded up), at least 1.
+inline int usable_cores() {
+  int n = static_cast<int>(std::thread::hardware_concurrency());
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+  if (FILE* f = std::fopen("/sys/fs/cgroup/cpu.max", "r")) {
+    char quota[32] = {0};
+    long long period = 0;
+    if (std::fscanf(f, "%31s %lld", quota, &period) == 2 && period > 0 &&
+        quota[0] >= '0' && quota[0] <= '9') {
+      const long long q = std::atoll(quota);
+      if (q > 0) n = std::min<long long>(n, (q + period - 1) / period);
+    }
+    std::fclose(f);
+  }
+#endif
+  return n < 1 ? 1 : n;
+}
+
+// A wait that spins briefly, then gives the core away (a descheduled thread it waits for may
+// need this very core).
+struct Backoff {
+  int spins = 0;
+  void Pause() {
+    if (++spins < kSpinsBeforeYield) {
+      MTC_PAUSE();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+};
 
 class Pool {
  public:
-  explicit Pool(int threads)
-      : n_(threads < 1 ? 1 : threads),
-        cores_(std::max(1, static_cast<int>(std::thread::hardware_concurrency()))) {
-    for (int w = 1; w < n_; ++w) workers_.emplace_back([this, w] { Work(w); });
+  explicit Pool(int threads) : n_(threads < 1 ? 1 : threads), cores_(usable_cores()) {
+    for (int w = 1; w < n_; ++w) workers_.emplace_back([this] { Work(); });
   }
   ~Pool() {
     {
@@ -72,41 +116,54 @@ class Pool {
 
   int Launch(FTVMParallelLambda f, void* cdata, int num_task) {
     if (num_task <= 0) num_task = n_;
-    if (n_ == 1 || num_task == 1 || in_task_) return RunSerial(f, cdata, num_task);
+    if (n_ == 1 || num_task == 1 || in_task_ || num_task > kMaxTasks)
+      return RunSerial(f, cdata, num_task);
+    // the last launch is over: every task it had was claimed and done, so no thread reads
+    // these fields until the claim word below names this launch
     f_ = f;
     cdata_ = cdata;
     env_.sync_handle = this;
     env_.num_task = num_task;
     error_.store(0, std::memory_order_relaxed);
     barrier_count_.store(0, std::memory_order_relaxed);
-    // every worker acknowledges every launch (one with no task too): a launch never starts
-    // while a worker may still read the last one's fields
-    pending_.store(n_ - 1, std::memory_order_relaxed);
-    gen_.fetch_add(1);  // seq_cst: publishes the job, ordered before the sleepers check
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t g = (gen_.load(std::memory_order_relaxed) + 1) & kGenMask;
+    claim_.store(Word(g, num_task, 0), std::memory_order_release);
+    gen_.store(g);  // seq_cst: ordered before the sleepers check
     if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
       cv_.notify_all();
     }
-    RunTasks(0, num_task);
-    while (pending_.load(std::memory_order_acquire) > 0) MTC_PAUSE();
+    RunClaimed(g);
+    Backoff wait;  // tasks other threads claimed and still run
+    while (done_.load(std::memory_order_acquire) < num_task) wait.Pause();
     return error_.load(std::memory_order_relaxed);
   }
 
-  // all num_task tasks of the current launch meet here (they must run at once: num_task <= n)
+  // all num_task tasks of the current launch meet here (they must run at once: num_task <= n;
+  // a thread claims its next task only after finishing one, so each waiter is on its own)
   int Barrier() {
     const int total = env_.num_task;
-    if (total > n_) return -1;  // strided tasks never all wait at once: it would deadlock
+    if (total > n_) return -1;  // not enough threads to hold every task at once
     const int phase = barrier_phase_.load(std::memory_order_acquire);
     if (barrier_count_.fetch_add(1, std::memory_order_acq_rel) + 1 == total) {
       barrier_count_.store(0, std::memory_order_relaxed);
       barrier_phase_.store(phase + 1, std::memory_order_release);
     } else {
-      while (barrier_phase_.load(std::memory_order_acquire) == phase) MTC_PAUSE();
+      Backoff wait;
+      while (barrier_phase_.load(std::memory_order_acquire) == phase) wait.Pause();
     }
     return 0;
   }
 
  private:
+  // the claim word: launch generation (32 bits) | tasks of the launch (16) | next task (16)
+  static constexpr int kMaxTasks = 0xffff;
+  static constexpr uint64_t kGenMask = 0xffffffffULL;
+  static uint64_t Word(uint64_t g, int num_task, int next) {
+    return (g << 32) | (static_cast<uint64_t>(num_task) << 16) | static_cast<uint64_t>(next);
+  }
+
   int RunSerial(FTVMParallelLambda f, void* cdata, int num_task) {
     TVMParallelGroupEnv env{nullptr, num_task};  // no barrier: the tasks run one by one
     int rc = 0;
@@ -114,15 +171,30 @@ class Pool {
     return rc;
   }
 
-  void RunTasks(int w, int num_task) {
+  // Take the next unclaimed task of launch `g`: its index, or -1 when none is left (or the
+  // launch is over). A claimed task holds its launch open, so the fields stay valid for it.
+  int Claim(uint64_t g) {
+    uint64_t word = claim_.load(std::memory_order_acquire);
+    while (true) {
+      const int next = static_cast<int>(word & 0xffff);
+      const int total = static_cast<int>((word >> 16) & 0xffff);
+      if ((word >> 32) != g || next >= total) return -1;
+      if (claim_.compare_exchange_weak(word, word + 1, std::memory_order_acq_rel,
+                                       std::memory_order_acquire))
+        return next;
+    }
+  }
+
+  void RunClaimed(uint64_t g) {
     in_task_ = true;
-    for (int t = w; t < num_task; t += n_) {
+    for (int t = Claim(g); t >= 0; t = Claim(g)) {
       if (f_(t, &env_, cdata_) != 0) error_.store(-1, std::memory_order_relaxed);
+      done_.fetch_add(1, std::memory_order_acq_rel);
     }
     in_task_ = false;
   }
 
-  void Work(int w) {
+  void Work() {
     uint64_t seen = 0;  // gen_ at construction: a launch may come before this thread runs
     while (true) {
       // wait for the next launch: spin while a run is in progress, else sleep
@@ -148,19 +220,19 @@ class Pool {
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_.load()) return;
-      if (w < env_.num_task) RunTasks(w, env_.num_task);
-      pending_.fetch_sub(1, std::memory_order_release);
+      RunClaimed(seen);  // nothing left to claim (a late wake-up): back to waiting
     }
   }
 
   const int n_;
-  const int cores_;  // the machine's: runs x threads beyond it do not spin
+  const int cores_;  // the process's usable cores: runs x threads beyond them do not spin
   std::vector<std::thread> workers_;
   FTVMParallelLambda f_ = nullptr;
   void* cdata_ = nullptr;
   TVMParallelGroupEnv env_{nullptr, 0};
   alignas(64) std::atomic<uint64_t> gen_{0};
-  alignas(64) std::atomic<int> pending_{0};
+  alignas(64) std::atomic<uint64_t> claim_{0};
+  alignas(64) std::atomic<int> done_{0};
   alignas(64) std::atomic<int> sleepers_{0};
   alignas(64) std::atomic<int> barrier_count_{0};
   alignas(64) std::atomic<int> barrier_phase_{0};
@@ -173,7 +245,7 @@ class Pool {
 
 inline thread_local bool Pool::in_task_ = false;
 
-// the calling thread's pool size: set_threads, else TVM_NUM_THREADS, else the cores
+// the calling thread's pool size: set_threads, else TVM_NUM_THREADS, else the usable cores
 inline int& thread_setting() {
   static thread_local int n = 0;
   return n;
@@ -182,7 +254,7 @@ inline int& thread_setting() {
 inline int default_threads() {
   const char* env = std::getenv("TVM_NUM_THREADS");
   int n = env != nullptr ? std::atoi(env) : 0;
-  if (n < 1) n = static_cast<int>(std::thread::hardware_concurrency());
+  if (n < 1) n = usable_cores();
   return n < 1 ? 1 : n;
 }
 
