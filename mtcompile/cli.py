@@ -523,9 +523,9 @@ def parser() -> argparse.ArgumentParser:
                         "(this machine's, default) | generic (any x86-64) | an LLVM CPU name")
         threads_flag(sp)
         sp.add_argument("--atol", type=_tolerance, default=None, help="numerics: absolute "
-                        "tolerance (default: by the outputs' dtype, 1e-4 for float32)")
+                        "tolerance (default: by the outputs' dtype, 0 for float32)")
         sp.add_argument("--rtol", type=_tolerance, default=None, help="numerics: tolerance "
-                        "relative to max|source output| (default: by dtype, 0 for float32)")
+                        "relative to max|source output| (default: by dtype, 1e-4 for float32)")
 
     def threads_flag(sp):
         sp.add_argument("--threads", type=_positive, metavar="N", help="TVM thread pool size "

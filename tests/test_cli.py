@@ -289,7 +289,7 @@ def test_exit_codes_for_each_failure_class(built, tmp_path, capsys, monkeypatch)
     assert capsys.readouterr().err.startswith("mtcompile: error: spec file")
     # numerics failure: the bundle is saved all the same
     code, doc = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "n"), *cache,
-                                  "--atol", "0"])
+                                  "--atol", "0", "--rtol", "0"])
     assert (code, doc["ok"], doc["verify"]["ok"]) == (3, False, False)
     assert (tmp_path / "n" / "manifest.json").is_file()
     # ... and the same build passes with a tolerance relative to the outputs' scale

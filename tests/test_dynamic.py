@@ -17,7 +17,7 @@ from torch.export import Dim
 import mtcompile
 from mtcompile import Tenant
 from mtcompile.api import tune
-from mtcompile.errors import InputError, MTCompileError, TenantError
+from mtcompile.errors import IndexOutOfRangeError, InputError, MTCompileError, TenantError
 
 BOUND = 8  # every dynamic dim of the shared bundle lies in [1, BOUND]
 SIZES = (1, 5, BOUND)  # batch 1, an odd size, the bound
@@ -293,20 +293,129 @@ def test_build_cache_keys_dynamic_bounds(models, tmp_path):
     assert other.run("c", x_of(0, 6, 6))[0].shape == (6, 3)
 
 
-def test_an_index_computed_inside_of_dynamic_shape_is_refused():
-    class Pick(nn.Module):
-        def __init__(self):
-            super().__init__()
+class Pick(nn.Module):
+    """Embedding(6, 3) at the argmax of each row: an index computed inside the model, of
+    shape (batch,)."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
             self.emb = nn.Embedding(6, 3)
+        self.eval()
 
-        def forward(self, x):
-            return self.emb(x.argmax(-1))
+    def forward(self, x):
+        return self.emb(x.argmax(-1))
 
-    t = Tenant("pick", Pick().eval(), example_inputs=(x_of(0, 2, 6),),
-               dynamic_shapes={"x": {0: Dim("batch", min=1, max=4)}})
-    with pytest.raises(MTCompileError, match=r"tenant 'pick'.*indices computed inside the model "
-                                             r"of dynamic shape i32\[pick_batch\]"):
-        mtcompile.compile([t])
+
+class Double(nn.Module):
+    """Embedding(60, 4) at 2 * i: an index of shape (batch * 3,) after flattening."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            self.emb = nn.Embedding(60, 4)
+        self.eval()
+
+    def forward(self, i):
+        return self.emb(i * 2)
+
+
+class SelectRows(nn.Module):
+    """Rows of x at each row's argmax: a table whose extent is the batch itself."""
+
+    def forward(self, x):
+        return torch.index_select(x, 0, x.argmax(-1)) * 2.0
+
+
+class RowsZeroAndThree(nn.Module):
+    """Rows 0 and 3 of x (constant indices: valid only when the batch is > 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rows", torch.tensor([0, 3]))
+
+    def forward(self, x):
+        return torch.index_select(x, 0, self.rows) + 1.0
+
+
+@pytest.fixture(scope="module")
+def gathers():
+    """A bundle whose gathers read at indices computed inside the model, of dynamic shape."""
+    return mtcompile.compile([
+        Tenant("pick", Pick(), example_inputs=(x_of(0, 1, 6),),
+               dynamic_shapes={"x": {0: Dim("batch", min=1, max=4)}}),
+        Tenant("dbl", Double(), example_inputs=(torch.tensor([[1, 2, 3]]),),
+               dynamic_shapes={"i": {0: Dim("batch", min=1, max=BOUND)}}),
+        Tenant("rows", SelectRows().eval(), example_inputs=(torch.eye(2, 6),),
+               dynamic_shapes={"x": {0: Dim("n", min=1, max=BOUND)}}),
+        Tenant("r03", RowsZeroAndThree().eval(), example_inputs=(x_of(0, 4, 6),),
+               dynamic_shapes={"x": {0: Dim("n", min=1, max=BOUND)}}),
+    ], name="gathers")
+
+
+def test_a_computed_index_of_dynamic_shape_is_checked_in_the_kernel(gathers):
+    """Before: ``relax.take reads at indices computed inside the model of dynamic shape
+    ...; their bounds check needs a fixed shape``. Now the check's loops run over the
+    index's extent at the call: in-range indices give PyTorch's answer at every size, and
+    one bad index anywhere (the last row at the bound too) raises like PyTorch's
+    IndexError instead of reading past the table."""
+    assert all(s.index_range is None for s in gathers.signature("dbl").inputs)
+    for n in (1, 3, 4):
+        x = x_of(n, n, 6)
+        with torch.no_grad():
+            ref = Pick()(x).numpy()
+        np.testing.assert_allclose(gathers.run("pick", x)[0], ref, atol=ATOL, rtol=0)
+    model = Double()
+    for n in (1, 5, BOUND):
+        i = torch.randint(0, 30, (n, 3), generator=torch.Generator().manual_seed(n))
+        np.testing.assert_array_equal(gathers.run("dbl", i)[0], model(i).detach().numpy())
+        for v in (30, -3, 10**6):
+            bad = i.clone()
+            bad[-1, 2] = v
+            with pytest.raises(IndexError):  # what PyTorch raises
+                model(bad)
+            with pytest.raises(IndexOutOfRangeError,
+                               match=r"^tenant 'dbl', input 'i': index out of range: take .* "
+                                     r"reads a table of 60 rows along axis 0, so its indices "
+                                     r"must be in \[0, 60\)$"):
+                gathers.run("dbl", bad)
+    # run_all checks too, and the bundle still works afterwards
+    good = {"pick": (x_of(0, 2, 6),), "dbl": (torch.tensor([[1, 2, 3]] * 3),),
+            "rows": (torch.eye(3, 6),), "r03": (x_of(0, 4, 6),)}
+    with pytest.raises(IndexOutOfRangeError, match="tenant 'dbl'"):
+        gathers.run_all({**good, "dbl": (torch.tensor([[1, 40, 3]] * 3),)})
+    gathers.run_all(good)
+
+
+def test_a_table_of_dynamic_extent_is_checked_at_the_extent_of_the_call(gathers):
+    """index_select(x, 0, x.argmax(-1)): rows 0..5 exist only when the batch is > 5.
+    Before: index_reads died of ``int() argument must be ... not 'Sym'``."""
+    model = SelectRows()
+    for n in (6, BOUND):
+        x = torch.eye(n, 6)
+        np.testing.assert_array_equal(gathers.run("rows", x)[0], model(x).numpy())
+    x = torch.zeros(3, 6)
+    x[0, 5] = 1.0  # row 5 of a batch of 3
+    with pytest.raises(IndexError):
+        model(x)
+    with pytest.raises(IndexOutOfRangeError, match=r"^tenant 'rows', input 'x': index out of "
+                                                   r"range: take .* reads a table of n rows "
+                                                   r"along axis 0, so its indices must be in "
+                                                   r"\[0, n\)$"):
+        gathers.run("rows", x)
+    # constant indices into such a table: valid at some sizes only, so checked at each call
+    model = RowsZeroAndThree()
+    for n in (4, BOUND):
+        x = x_of(n, n, 6)
+        np.testing.assert_array_equal(gathers.run("r03", x)[0], model(x).numpy())
+    with pytest.raises(IndexError):
+        model(x_of(0, 3, 6))
+    with pytest.raises(IndexOutOfRangeError, match=r"^tenant 'r03', a constant index: index "
+                                                   r"out of range: take .* reads a table of n "
+                                                   r"rows along axis 0"):
+        gathers.run("r03", x_of(0, 3, 6))
 
 
 def test_verify_and_profile_run_dynamic_tenants(dyn):
@@ -315,3 +424,131 @@ def test_verify_and_profile_run_dynamic_tenants(dyn):
     assert report["ok"], report
     prof = dyn.profile(repeat=1)
     assert set(prof["tenants"]) == {"te", "te2", "ox", "fx"}
+
+
+# --------------------------------------------------------------------------- batch-1 examples
+
+
+class Widths(nn.Module):
+    """x: (n, 6), y: (2n, 4), z: (3, 4) fixed."""
+
+    def forward(self, x, y, z):
+        return x.sum(-1, keepdim=True) + y.reshape(-1, 2, 4).sum(1)[:, :1] + z.sum()
+
+
+def test_batch_1_examples_are_widened_to_size_2_within_the_bounds():
+    """torch.export fixes a dynamic dim whose example has size 1 ("Constraints violated
+    (batch)!"): the export runs on copies widened along their dynamic dims (a derived dim
+    with them), the user's tensors stay as given. No TVM involved."""
+    from mtcompile.frontend.importers import dynamic_axes, widen_examples, widened_sizes
+
+    batch = Dim("batch", min=1, max=16)
+    x, y, z = x_of(0, 1, 6), x_of(1, 2, 4), x_of(2, 3, 4)
+    spec = {"x": {0: batch}, "y": {0: 2 * batch}, "z": None}
+    dims = dynamic_axes(Widths(), (x, y, z), spec)
+    assert [(a.index, a.input, a.axis) for a in dims] == [(0, "x", 0), (1, "y", 0)]
+    assert widened_sizes((x, y, z), dims) == {(0, 0): 2, (1, 0): 4}
+    wx, wy, wz = widen_examples((x, y, z), widened_sizes((x, y, z), dims))
+    assert wx.shape == (2, 6) and wy.shape == (4, 4) and wz is z
+    assert x.shape == (1, 6) and y.shape == (2, 4)  # untouched
+    torch.testing.assert_close(wx[1], x[0])
+    # by position, a Dim whose min is above 2, a max of 2, examples already >= 2: as given
+    assert widened_sizes((x,), dynamic_axes(MLP(0), (x,), ({0: Dim("b", min=3, max=9)},))) == {
+        (0, 0): 3}
+    assert widened_sizes((x,), dynamic_axes(MLP(0), (x,), {"x": {0: Dim("b", max=2)}})) == {
+        (0, 0): 2}
+    assert widened_sizes((x_of(0, 3, 6),), dynamic_axes(MLP(0), (x_of(0, 3, 6),),
+                                                        {"x": {0: batch}})) == {}
+    torch.export.export(Widths(), (wx, wy, wz), dynamic_shapes=spec)  # exports now
+
+
+def test_a_batch_1_example_imports_and_refuses_past_its_bound():
+    from mtcompile.frontend.importers import import_tenant
+
+    x = x_of(0, 1, 6)
+    t = Tenant("one", MLP(2), example_inputs=(x,), dynamic_shapes={"x": {0: Dim("batch", min=1,
+                                                                               max=16)}})
+    imported = import_tenant(t)
+    assert str(imported.mod["main"].params[0].ty.shape[0]) == "one_batch"
+    assert x.shape == (1, 6)
+
+
+class FixedTwo(nn.Module):
+    def forward(self, x):
+        return x.reshape(2, -1) * 2
+
+
+class Twice(nn.Module):
+    def forward(self, y):
+        return y * 2
+
+
+def test_an_export_that_still_fixes_the_dim_says_what_to_give():
+    from mtcompile.frontend.importers import import_tenant
+
+    batch = Dim("batch", min=1, max=16)
+    with pytest.raises(TenantError, match=r"tenant 'two': torch.export failed: UserError: "
+                                          r"Constraints violated \(batch\)!; Dim 'batch': the "
+                                          r"model's code fixes input 'x' axis 0 to 2, so it "
+                                          r"cannot vary: drop it from dynamic_shapes"):
+        import_tenant(Tenant("two", FixedTwo(), example_inputs=(x_of(0, 1, 6),),
+                             dynamic_shapes={"x": {0: batch}}))
+    # only a derived dim: its root's example is 1 and nothing says how to widen it
+    with pytest.raises(TenantError, match=r"Constraints violated \(2\*batch\)!; Dim '2\*batch': "
+                                          r"torch.export fixes a dynamic dim whose example has "
+                                          r"size 0 or 1: give example inputs with batch in "
+                                          r"\[2, 16\]: size 2\*batch \(e.g. 4\) along input 'y' "
+                                          r"axis 0"):
+        import_tenant(Tenant("der", Twice(), example_inputs=(x_of(0, 2, 6),),
+                             dynamic_shapes={"y": {0: 2 * batch}}))
+    with pytest.raises(TenantError, match=r"give example inputs with batch in \[2, 16\]: size "
+                                          r"in \[2, 16\] along input 'y' axis 0"):
+        import_tenant(Tenant("empty", Twice(), example_inputs=(x_of(0, 0, 6),),
+                             dynamic_shapes={"y": {0: batch}}))
+
+
+class SliceArange(nn.Module):
+    """torch.diff over the last axis (slices at axis -1) plus the row number
+    (arange(0, batch): a size variable as a value)."""
+
+    def forward(self, x):
+        return torch.diff(x, dim=-1) + torch.arange(x.shape[0]).unsqueeze(1)
+
+
+def test_negative_slice_axes_and_size_values_at_a_dynamic_batch():
+    """Before: TVM's legalization of a slice at axis -1 of a tensor of symbolic shape
+    failed ("axis < src_tensor_dim (-1 vs. 2)"), and ``arange(0, batch)`` failed to lift
+    ("reads t_batch, which is not defined before"): both in transformers' GPT-2."""
+    b = mtcompile.compile([Tenant("sa", SliceArange(), example_inputs=(x_of(0, 1, 6),),
+                                  dynamic_shapes={"x": {0: Dim("batch", min=1, max=BOUND)}})])
+    for n in (1, 5):
+        x = x_of(n, n, 6)
+        np.testing.assert_allclose(b.run("sa", x)[0], SliceArange()(x).numpy(), atol=ATOL,
+                                   rtol=0)
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_transformers_at_a_dynamic_batch_from_a_batch_1_example(name):
+    """transformers' BERT (position and token-type ids computed inside the model: gathers
+    at indices of shape (batch, 16)) and GPT-2 (its attention decomposed at a batch > 1,
+    slices at axis -1, arange(0, batch)) from a batch-1 example, Dim batch in [1, 16]."""
+    from mtcompile.models.hf import real_model
+
+    model, (ids,) = real_model(name)
+    assert ids.shape == (1, 16)
+    b = mtcompile.compile([Tenant(name, model, example_inputs=(ids,),
+                                  dynamic_shapes={"x": {0: Dim("batch", min=1, max=16)}})])
+    for n in (1, 5, 16):
+        x = torch.randint(0, 512, (n, 16), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        (out,) = b.run(name, x)
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    with pytest.raises(InputError, match=rf"tenant '{name}', input 'x': dim 0 \('batch'\) is "
+                                         r"17, outside its bounds \[1, 16\]"):
+        b.run(name, torch.zeros(17, 16, dtype=torch.int64))

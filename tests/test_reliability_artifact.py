@@ -215,7 +215,7 @@ class LinearReLU16(torch.nn.Module):
     def __init__(self, bias: bool):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.manual_seed(1)  # seed 0 gives ReLU outputs of zero: a check of nothing
             self.fc = torch.nn.Linear(8, 4, bias=bias)
 
     def forward(self, x):
@@ -324,7 +324,7 @@ class TwoOutputs(torch.nn.Module):
     def __init__(self):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.manual_seed(1)  # seed 0 gives ReLU outputs of zero: a check of nothing
             self.fc = torch.nn.Linear(8, 4)
 
     def forward(self, x):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtcompile.ir.graph import INPUT, ConstRef, Graph, Ref, TensorTy
+from mtcompile.ir.graph import INPUT, ConstRef, Graph, Ref, Sym, TensorTy
 
 # Ops whose output holds the values of their first argument (all of them, reshaped or
 # repeated): an index range on the output is the same range on the input.
@@ -34,13 +34,15 @@ class IndexRead:
     argument `arg`, which must lie in [`low`, `bound`) (`bound`: the table's extent along
     `axis`; `low`: 0, or -bound where TVM wraps negative indices). `inputs`: the input nodes the
     index is computed from; `source`, `valid`: the one input whose values alone decide the
-    index and the range of its values that gives valid indices (None when not exact)."""
+    index and the range of its values that gives valid indices (None when not exact).
+    A table of symbolic extent along `axis` (dynamic batch) has a `Sym` bound (and low,
+    where it wraps); its reads are checked in the kernel, at the extent of the call."""
 
     node: str
     arg: int
     axis: int
-    bound: int
-    low: int
+    bound: int | Sym
+    low: int | Sym
     inputs: tuple[str, ...]
     source: str | None = None
     valid: tuple[int, int] | None = None
@@ -63,7 +65,12 @@ def index_reads(graph: Graph) -> list[IndexRead]:
             continue
         if axis < 0:
             axis += len(shape)
-        bound = int(shape[axis])
+        bound = shape[axis]
+        if isinstance(bound, Sym):  # no fixed input range: the kernel checks it
+            low = _negated(bound) if wraps else 0
+            reads.append(IndexRead(n.name, i, axis, bound, low, _inputs_of(graph, idx)))
+            continue
+        bound = int(bound)
         low = -bound if wraps else 0
         exact = _exact_source(graph, idx, (low, bound))
         source, valid = exact if exact is not None else (None, None)
@@ -93,6 +100,22 @@ def checked_by_inputs(read: IndexRead, ranges: dict[str, tuple[int, int]]) -> bo
         return False
     lo, hi = ranges[read.source]
     return read.valid[0] <= lo and hi <= read.valid[1]
+
+
+def valid_range(read: IndexRead, always: bool) -> tuple[int, int]:
+    """The [low, high) range of indices `read` accepts at every extent its table can have
+    (`always`), or at some extent (else); for a table of fixed extent both are [low, bound)."""
+    if always:  # the largest low, the smallest bound
+        return (read.low if isinstance(read.low, int) else read.low.hi,
+                read.bound if isinstance(read.bound, int) else read.bound.lo)
+    return (read.low if isinstance(read.low, int) else read.low.lo,
+            read.bound if isinstance(read.bound, int) else read.bound.hi)
+
+
+def _negated(d: Sym) -> Sym:
+    """-d (the low end of a wrapping index range on a table of symbolic extent d)."""
+    return Sym(f"-{d.text}" if d.text.isidentifier() else f"-({d.text})", -d.hi, -d.lo,
+               d.bounds, -d.obj if d.obj is not None else None)
 
 
 def _shape(graph: Graph, a) -> tuple[int, ...] | None:

@@ -44,7 +44,8 @@ def packed_dense(node, graph) -> tuple[str, str, np.ndarray] | None:
     transposed = False
     if isinstance(w, Ref) and w.name in graph:
         src = graph.node(w.name)
-        axes = getattr(src.attrs.obj, "axes", None) if src.attrs is not None else None
+        # (a get_item node's attrs is its index, an int: only Opaque attrs carry TVM attrs)
+        axes = getattr(getattr(src.attrs, "obj", None), "axes", None)
         if (src.op == "relax.permute_dims" and isinstance(src.args[0], ConstRef)
                 and (axes is None or [int(a) for a in axes] == [1, 0])):
             w, transposed = src.args[0], True

@@ -11,6 +11,7 @@ values handed between streams) placed here between the stages.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import tvm
@@ -21,6 +22,7 @@ from mtcompile.analysis.index_ranges import (
     checked_by_inputs,
     index_reads,
     input_index_ranges,
+    valid_range,
 )
 from mtcompile.backend import arena, kernels, nan_safe
 from mtcompile.backend.arena import ATTR, STREAM_ATTR
@@ -174,17 +176,23 @@ class _Emitter:
         a = n.args[read.arg]
         if isinstance(a, ConstRef):
             values = self.graph.constants[a.key]
-            if values.size and (values.min() < read.low or values.max() >= read.bound):
+            lo, hi = valid_range(read, always=False)
+            if values.size and (values.min() < lo or values.max() >= hi):
                 raise LoweringError(f"tenant '{n.tenant}': %{n.name} = {n.op} indexes a "
                                     f"table of {read.bound} rows at constant indices in "
                                     f"[{values.min()}, {values.max()}]")
-            return idx
-        ty = self.graph.node(a.name).ty
+            lo, hi = valid_range(read, always=True)
+            if not values.size or (lo <= values.min() and values.max() < hi):
+                return idx
+            # valid at some extents of a symbolic table only: checked when it runs
+            ty = TensorTy(tuple(values.shape), str(values.dtype))
+        else:
+            ty = self.graph.node(a.name).ty
         # a 0-d index is checked as one element; a symbolic dim (dynamic batch) is a size
         # variable of the check, bound from the index tensor's shape when it runs
         shape = list(ty.shape) or [1]
-        func, scalars = _bounds_check(*(tuple(_expr(d) for d in shape), ty.dtype,
-                                         _expr(read.low), _expr(read.bound)),
+        func, scalars = _bounds_check(tuple(_expr(d) for d in shape), ty.dtype,
+                                      _expr(read.low), _expr(read.bound),
                                       _index_message(self.graph, n, read))
         gv = self.top.add_func(func, "check_index")
         flat = idx if ty.shape else bb.emit(relax.op.reshape(idx, shape))
@@ -367,13 +375,20 @@ def _index_message(graph: Graph, n, read: IndexRead) -> str:
     names = [f"'{owner[i][0]}.{owner[i][1]}'" if many else f"'{owner[i][1]}'"
              for i in read.inputs if i in owner]
     where = (f"input {names[0]}" if len(names) == 1 else
-             f"inputs {', '.join(names)}" if names else "an index computed inside the model")
+             f"inputs {', '.join(names)}" if names else
+             "a constant index" if isinstance(n.args[read.arg], ConstRef) else
+             "an index computed inside the model")
     who = ("tenants " + ", ".join(f"'{t}'" for t in n.tenants) if many
            else f"tenant '{n.tenants[0]}'")
     verb = "writes" if "scatter" in n.op else "reads"
+
+    def size(d) -> str:  # a symbolic extent by the dim names the user gave (batch, not t_batch)
+        return str(d) if many else re.sub(rf"\b{re.escape(n.tenants[0])}_", "", str(d))
+
+    bound, low = size(read.bound), size(read.low)
     return (f"{INDEX_CHECK} {who}, {where}: index out of range: {n.op.removeprefix('relax.')} "
-            f"(%{n.name}) {verb} a table of {read.bound} rows along axis {read.axis}, so its "
-            f"indices must be in [{read.low}, {read.bound})")
+            f"(%{n.name}) {verb} a table of {bound} rows along axis {read.axis}, so its "
+            f"indices must be in [{low}, {bound})")
 
 
 def _bounds_check(shape: tuple, dtype: str, low, bound, message: str):

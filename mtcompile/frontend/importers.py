@@ -395,6 +395,10 @@ def _decomposed_keeping_attention(ep):
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                   scale=None, enable_gqa=False):
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            # as scaled_dot_product_attention itself: the math kernel adds a float mask
+            attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(
+                attn_mask.logical_not(), float("-inf"))
         out = torch.ops.aten._scaled_dot_product_attention_math.default(
             query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale,
             enable_gqa=enable_gqa)[0]
@@ -674,11 +678,16 @@ _ONNX_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 def _import_onnx(t: Tenant) -> ImportedTenant:
     from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    from mtcompile.frontend.onnx_converters import (
+        ConversionError,
+        convert_map,
+        from_onnx,
+        leftover_call_tir,
+    )
 
     model = load_onnx(t)
-    known = _get_convert_map()
+    known = convert_map()  # TVM's converters, some replaced by ours (onnx_converters)
     # TVM's importer looks ops up by op_type alone: a custom-domain op named like a standard
     # one (com.example.Relu) would silently compile as the standard op, so reject it here.
     missing = [(f"{n.domain}.{n.op_type}" if n.domain not in _ONNX_DOMAINS else n.op_type,
@@ -691,12 +700,21 @@ def _import_onnx(t: Tenant) -> ImportedTenant:
     sig = onnx_signature(t, model)
     shapes, bounds = _dims_of(t, {k: (list(s), d) for k, (s, d) in sig.items()})
     try:
-        mod = from_onnx(model, {k: s for k, (s, _) in shapes.items()},
-                        {k: d for k, (_, d) in sig.items()})
+        mod, origin = from_onnx(model, {k: s for k, (s, _) in shapes.items()},
+                                {k: d for k, (_, d) in sig.items()})
         mod = relax.transform.FoldConstant()(mod)
+    except ConversionError as e:  # names the node and its op
+        raise TenantError(f"tenant '{t.name}': TVM's ONNX importer failed on {e}") from e
     except Exception as e:
         raise TenantError(f"tenant '{t.name}': TVM's ONNX importer failed: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    # a converter that emitted a TE computation (call_tir) on non-constant inputs: mtcompile's
+    # graph takes Relax operators only
+    left = leftover_call_tir(mod["main"], origin)
+    if left:
+        raise UnsupportedOperatorError(t.name, _unique([
+            (op, f"node {node!r}: TVM's converter emits a TE computation ({prim}), "
+                 "not a Relax operator") for op, node, prim in left]), "ONNX")
     mod = _canonical_dims(t, mod, list(sig), {}, bounds)
     digest = hashlib.sha256(model.SerializeToString()).hexdigest()
     return ImportedTenant(t.name, mod, list(sig), "onnx", digest)
