@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from benchmarks.neighbours import load_inputs, time_block, to_markdown
 from benchmarks.run import set_options
@@ -53,3 +54,31 @@ def test_call_cost_chain_makes_the_calls_it_says():
 
     text = chain("mtcompile.native.matmul", 7).script()
     assert text.count('call_dps_packed("mtcompile.native.matmul"') == 7
+
+
+def test_coverage_table_counts_matches_and_geomeans():
+    from benchmarks.coverage import to_markdown as coverage_md
+    from benchmarks.coverage import totals
+
+    rows = [{"model": "a", "family": "encoder", "match": True, "rel_err": 1e-7, "compile_s": 2.0,
+             "ms": {"bundle": 1.0, "eager": 2.0, "onnxruntime": 0.5}, "tvm_share": 0.25},
+            {"model": "b", "family": "vision", "match": True, "rel_err": 2e-7, "compile_s": 1.0,
+             "ms": {"bundle": 2.0, "eager": 1.0, "onnxruntime": 8.0}, "tvm_share": 0.5},
+            {"model": "c", "family": "audio", "error": "TenantError: no"}]
+    t = totals(rows)
+    assert (t["matching"], t["total"]) == (2, 3)
+    assert t["eager_geomean"] == pytest.approx(1.0) and t["ort_geomean"] == pytest.approx(2**0.5)
+    assert t["slower_than_eager"] == ["b"]
+    text = coverage_md(rows, "python -m benchmarks.coverage")
+    assert "**Compiled and matching: 2 / 3**" in text and "TenantError: no" in text
+
+
+def test_contention_table_reports_slowdowns():
+    from benchmarks.contention import to_markdown as contention_md
+
+    res = {"set": "mixed", "repeat": 3, "threads": {"default": 2, "taskset -c 0": 1},
+           "ms": {"0 busy": {"bundle": 2.0, "onnxruntime": 4.0},
+                  "2 busy": {"bundle": 3.0, "onnxruntime": 10.0}}}
+    text = contention_md(res, "python -m benchmarks.contention")
+    assert "| 2 busy | 3.000 | 1.50 | 10.000 | 2.50 |" in text
+    assert "under `taskset -c 0`: 1" in text

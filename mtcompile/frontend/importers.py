@@ -1,8 +1,9 @@
 """Tenant models -> per-tenant Relax modules, through TVM's own importers.
 
 PyTorch modules go through ``torch.export``, fx GraphModules through ``from_fx``, ONNX
-through ``from_onnx``. We write no op mappings; we only check a model against the
-importer's operator table first so that an unsupported operator is reported with the
+through ``from_onnx``. We write few op mappings (`converters` for ATen ops TVM lacks,
+`onnx_converters` for ONNX ops TVM converts into TE computations); we check a model against
+the importer's operator table first so that an unsupported operator is reported with the
 tenant, the operator and where it came from.
 """
 

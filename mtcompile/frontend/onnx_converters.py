@@ -51,10 +51,11 @@ class Clip(_tvm.Clip):
     def _emit(cls, bb, x, lo, hi, params):
         dtype = _dtype(x)
         is_float = dtype.startswith(_FLOAT)
-        values = []
+        values = []  # per bound: None when absent, its value when a constant scalar
         for b in (lo, hi):
             v = _const_array(b, params)
-            values.append(v if v is None or v.size == 1 else False)
+            values.append(None if b is None else v if v is not None and v.size == 1
+                          else False)
         if is_float and all(v is not False for v in values):
             lo_v = -math.inf if values[0] is None else float(values[0].reshape(()))
             hi_v = math.inf if values[1] is None else float(values[1].reshape(()))

@@ -82,10 +82,14 @@ class Bundle:
         return s.num_streams if s.run is not None else 1
 
     # ------------------------------------------------------------------ running
-    def prepare(self, entry: str = RUN_ALL) -> None:
-        """Create this thread's VM and look `entry` up, as a first call would: timings and
-        memory probes then leave the start-up out."""
+    def prepare(self, entry: str = RUN_ALL, weights: bool = True) -> None:
+        """Create this thread's VM and look `entry` up, as a first call would, and (with
+        `weights`) read the pages of the weights `entry` takes, which a load maps from the
+        library without reading: a server's first request, timings and memory probes then
+        leave the start-up out."""
         self._vms.fn(entry)
+        if weights:
+            self.weights.fault_in(entry)
 
     def run(self, name: str, *inputs) -> list[np.ndarray]:
         """Run one tenant; inputs are numpy arrays or torch tensors; returns its outputs."""

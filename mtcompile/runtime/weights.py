@@ -108,6 +108,21 @@ class Weights:
         self._tensors: dict[str, list] = {}
         self._args: dict[tuple[str, str], list] = {}
 
+    def fault_in(self, function: str | None = None) -> int:
+        """Read one byte of every page of the weights `function` takes (all of them when
+        None), so that the first call finds them resident instead of faulting them in from
+        the library file; returns the bytes touched."""
+        if self.table is None:
+            return 0
+        which = (range(len(self.arrays)) if function is None
+                 else self.table.args.get(function, ()))
+        touched = checksum = 0
+        for i in which:
+            flat = self.arrays[i].reshape(-1).view(np.uint8)
+            checksum += int(flat[::4096].sum())  # one read per page faults it in
+            touched += flat.size
+        return touched
+
     def args(self, function: str, dev) -> list:
         """The trailing arguments `function` takes on `dev` (none without a table)."""
         key = (function, str(dev))

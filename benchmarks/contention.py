@@ -1,0 +1,143 @@
+"""A busy host: how much each runtime slows when other processes, or other runtimes' pools
+in the same process, compete for the cores.
+
+    python -m benchmarks.contention [--set mixed] [--repeat 40] [--write]
+
+For 0, 1 and 2 busy processes (``python -c "while True: pass"``, started here, killed after
+each step) the bundle's ``run_all`` and onnxruntime (one session per tenant, 2 threads,
+spinning off) are timed round by round in this one process; their slowdown is the median
+under load / the median with 0 busy processes. Then the same with PyTorch eager run right
+before each call (its OpenMP workers spin after its ops: the "other runtime's pool in the
+process" case). Also the thread count each picks under ``taskset -c 0`` and under a CPU
+quota (read by `mtcompile.runtime.cpu.usable_cores`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import mtcompile
+from benchmarks.run import ort_sessions, peer_runs, set_options, torch_twins
+from mtcompile.models import SETS, get_set
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+BUSY = "import time\nend = time.time() + 600\nwhile time.time() < end: pass"  # stops by itself
+
+
+def busy(n: int) -> list[subprocess.Popen]:
+    """`n` processes that keep a core busy (at most 10 minutes each)."""
+    return [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def rounds(contenders: dict, repeat: int, warmup: int, before=None) -> dict[str, float]:
+    """Median ms of each contender, run once a round; `before` runs ahead of each call."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(repeat):
+        for k, fn in contenders.items():
+            if before is not None:
+                before()
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def threads_chosen() -> dict[str, int]:
+    """The pool size a fresh process picks by default, alone and under ``taskset -c 0``."""
+    code = ("from mtcompile.runtime.threads import configure; "
+            "print(configure().pool)")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = {"default": int(subprocess.run([sys.executable, "-c", code], env=env, text=True,
+                                         capture_output=True, check=True).stdout.split()[-1])}
+    first = sorted(os.sched_getaffinity(0))[0]
+    pinned = subprocess.run(["taskset", "-c", str(first), sys.executable, "-c", code], env=env,
+                            text=True, capture_output=True)
+    out["taskset -c 0"] = int(pinned.stdout.split()[-1]) if pinned.returncode == 0 else -1
+    return out
+
+
+def run(set_name: str, repeat: int, warmup: int) -> dict:
+    torch.set_num_threads(2)
+    tenants = get_set(set_name, **set_options(set_name, 4, 1))
+    twins = torch_twins(set_name, tenants, 1)
+    inputs = {t.name: tuple(np.asarray(x) for x in t.example_inputs) for t in tenants}
+    torch_inputs = {k: tuple(torch.from_numpy(x) for x in v) for k, v in inputs.items()}
+    bundle = mtcompile.compile(tenants)
+    eager, onnxrt = peer_runs(tenants, twins, torch_inputs, ort_sessions(tenants, twins))
+    contenders = {"bundle": lambda: bundle.run_all(inputs), "onnxruntime": onnxrt}
+    table: dict[str, dict[str, float]] = {}
+    for n in (0, 1, 2):
+        procs = busy(n)
+        try:
+            time.sleep(0.2)
+            table[f"{n} busy"] = rounds(contenders, repeat, warmup)
+        finally:
+            stop(procs)
+    table["after eager"] = rounds(contenders, repeat, warmup, before=eager)
+    return {"set": set_name, "repeat": repeat, "ms": table, "threads": threads_chosen()}
+
+
+def to_markdown(res: dict, command: str) -> str:
+    base = res["ms"]["0 busy"]
+    cpu = platform.processor() or platform.machine()
+    lines = [f"## Contention: {res['set']} ({datetime.date.today()}, {cpu}, "
+             f"{os.cpu_count()} cores)", "", f"`{command}`", "",
+             "Median ms of `run_all` / onnxruntime over all tenants, round by round in one "
+             "process; slowdown = median / median with 0 busy processes.", "",
+             "| condition | bundle ms | slowdown | onnxruntime ms | slowdown |",
+             "|---|---|---|---|---|"]
+    for cond, ms in res["ms"].items():
+        lines.append(f"| {cond} | {ms['bundle']:.3f} | {ms['bundle'] / base['bundle']:.2f} | "
+                     f"{ms['onnxruntime']:.3f} | "
+                     f"{ms['onnxruntime'] / base['onnxruntime']:.2f} |")
+    t = res["threads"]
+    lines += ["", f"Threads chosen by default: {t['default']}; under `taskset -c 0`: "
+                  f"{t['taskset -c 0']}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", default="mixed", choices=list(SETS))
+    ap.add_argument("--repeat", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
+    ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    command = "python -m benchmarks.contention " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    res = run(args.set, args.repeat, args.warmup)
+    text = to_markdown(res, command)
+    print(text)
+    if args.write:
+        with open(RESULTS, "a") as f:
+            f.write("\n" + text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
