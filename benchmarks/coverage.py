@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import json
 import os
 import platform
 import time
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     names = args.models.split(",") if args.models else list(REAL_ZOO)
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         with open(RESULTS, "a") as f:
             f.write("\n" + text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -36,6 +36,7 @@ entry functions.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 import types
@@ -384,6 +385,9 @@ class DumpToDir(Instrument):
         (self.dir / f"{index + 1:03d}_{p.name}.txt").write_text(str(result.graph) + "\n")
 
 
+VERIFY_ENV = "MTCOMPILE_VERIFY"  # set (not "0"): every pipeline run verifies after each pass
+
+
 class VerifyAfter(Instrument):
     """Runs the IR verifier after every pass."""
 
@@ -402,6 +406,9 @@ def run_passes(graph: Graph, passes: list[Pass], ctx: PassContext | None = None,
     ctx = ctx or PassContext()
     timing = Timing()
     hooks = [*instruments, timing]
+    if os.environ.get(VERIFY_ENV, "") not in ("", "0") and not any(
+            isinstance(h, VerifyAfter) for h in instruments):
+        hooks.insert(0, VerifyAfter())  # debug builds and CI: the verifier after every pass
     names = [p.name for p in passes]
     computed_by: dict[str, str] = {}  # analyses this run computed -> the pass that did
     done: list[str] = []

@@ -25,6 +25,7 @@ from mtcompile.analysis.memory import (
     lower_bound,
     overlap_problems,
     place,
+    place_best,
     place_naive,
 )
 from mtcompile.analysis.schedule import kernel_dag
@@ -413,3 +414,16 @@ def test_layer_norm_beside_multihead_attention_compiles_with_plan_memory(order):
     assert "plan-memory" in [p["name"] for p in bundle.report()["pipeline"]]
     assert memory["planned"] and 0 < memory["arena_bytes"] <= memory["tvm_plan_bytes"]
     assert memory["arena_bytes"] >= memory["lower_bound_bytes"]
+
+
+def test_the_planner_keeps_the_smaller_of_two_placement_orders():
+    """Greedy by size is not best everywhere: here placing by first use needs 256 bytes
+    where by size needs 320; the plan takes the smaller (and both are valid)."""
+    lives = [Lifetime(n, "a", size, lo, hi, (hi,) if hi > lo else ()) for n, size, lo, hi in
+             [("t0", 128, 1, 2), ("t1", 128, 1, 4), ("t2", 64, 4, 7), ("t3", 192, 5, 7),
+              ("t4", 128, 3, 3)]]
+    by_size, by_first = place(lives, 64, order="size"), place(lives, 64, order="first")
+    assert (by_size[1], by_first[1]) == (320, 256)
+    for slots, arena in (by_size, by_first):
+        assert overlap_problems(slots, lives, arena, 64) == []
+    assert place_best(lives, 64)[1] == 256

@@ -325,3 +325,14 @@ def test_eliminate_dead_nodes_numerics():
 def test_temp_passes_are_gone_after_the_tests_that_used_them():
     # Runs last in this file: the fixture must have removed every test-only pass.
     assert not any(n.startswith("test-") for n in REGISTRY)
+
+
+def test_mtcompile_verify_runs_the_verifier_after_every_pass(graph, temp_passes, monkeypatch):
+    """MTCOMPILE_VERIFY=1 (CI sets it): a broken pass is caught with no instrument given."""
+    monkeypatch.setenv("MTCOMPILE_VERIFY", "1")
+    with pytest.raises(PassError) as info:
+        run_passes(graph, [EliminateDeadNodes(), DropMatmul()])
+    assert isinstance(info.value.cause, VerifyError)
+    monkeypatch.setenv("MTCOMPILE_VERIFY", "0")
+    out, _ = run_passes(graph, [DropMatmul()])
+    assert "a.mm" not in out

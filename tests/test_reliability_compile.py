@@ -478,3 +478,38 @@ def test_a_float16_mean_and_sum_accumulate_as_pytorch():
         assert got.dtype == want.dtype == np.float16
         np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
                                    rtol=1e-3, atol=1e-3, err_msg=f"output {k}")
+
+
+@pytest.mark.slow
+def test_a_failing_streamed_run_all_fails_alone_under_concurrent_calls():
+    """8 threads x 25 run_all on a streamed bundle; every 5th call of thread 0 reads out of
+    range. Before: the failing call closed the executor the other threads' calls were
+    queued on ("cannot schedule new futures after shutdown"). Now: the bad calls raise
+    IndexOutOfRangeError, every good call returns the right outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tenants = [*_gathers(), *tiny_tenants()]
+    b = mtcompile.compile(tenants, pass_options=MAX)
+    assert b.num_streams > 1
+    inputs = {t.name: t.example_inputs for t in tenants}
+    want = b.run_all(inputs)
+    bad = {**inputs, "dbl": (torch.tensor([[1, 30, 3]]),)}
+
+    def calls(thread: int) -> tuple[int, int, int]:
+        good = wrong = refused = 0
+        for k in range(25):
+            if thread == 0 and k % 5 == 4:
+                with pytest.raises(IndexOutOfRangeError):
+                    b.run_all(bad)
+                refused += 1
+                continue
+            got = b.run_all(inputs)
+            same = all(np.array_equal(g, w) for t in want for g, w in zip(got[t], want[t],
+                                                                           strict=True))
+            good, wrong = good + same, wrong + (not same)
+        return good, wrong, refused
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(calls, range(8)))
+    assert sum(r[1] for r in results) == 0
+    assert sum(r[0] for r in results) == 8 * 25 - 5 and sum(r[2] for r in results) == 5

@@ -142,11 +142,24 @@ def lower_bound(lives: Sequence[Lifetime], n_kernels: int) -> int:
 # --------------------------------------------------------------------------- offsets
 
 
+ORDERS = {  # the order tensors are placed in: by size (largest first), or by first use
+    "size": lambda lt: (-lt.size, lt.first, lt.tensor),
+    "first": lambda lt: (lt.first, -lt.size, lt.tensor),
+}
+
+
+def place_best(lives: Sequence[Lifetime], alignment: int,
+               hb: HappensBefore = sequential) -> tuple[list[Slot], int]:
+    """`place` in each of `ORDERS`; the smaller arena (neither order wins everywhere)."""
+    return min((place(lives, alignment, hb, order) for order in ORDERS), key=lambda r: r[1])
+
+
 def place(lives: Sequence[Lifetime], alignment: int,
-          hb: HappensBefore = sequential) -> tuple[list[Slot], int]:
-    """Greedy by size with best-fit offsets; returns the slots and the arena size."""
+          hb: HappensBefore = sequential, order: str = "size") -> tuple[list[Slot], int]:
+    """Greedy with best-fit offsets, tensors taken in `order` (`ORDERS`: by size, the
+    default, or by first use); returns the slots and the arena size."""
     placed: list[tuple[Lifetime, int]] = []
-    order = sorted(lives, key=lambda lt: (-lt.size, lt.first, lt.tensor))
+    order = sorted(lives, key=ORDERS[order])
     for lt in order:
         need = align(lt.size, alignment)
         busy = sorted((off, off + align(o.size, alignment)) for o, off in placed
@@ -177,7 +190,7 @@ def plan_function(function: str, dag: KernelDAG, alignment: int,
                   hb: HappensBefore = sequential, strategy: str = "greedy") -> FunctionPlan:
     """Liveness and offsets for one function's kernels (`strategy` greedy or naive)."""
     lives = lifetimes(dag)
-    slots, arena = place(lives, alignment, hb) if strategy == "greedy" else place_naive(
+    slots, arena = place_best(lives, alignment, hb) if strategy == "greedy" else place_naive(
         lives, alignment)
     return FunctionPlan(function, tuple(k.name for k in dag.kernels), tuple(slots), arena,
                         lower_bound(lives, len(dag.kernels)),

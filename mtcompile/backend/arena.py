@@ -32,7 +32,7 @@ from mtcompile.analysis.memory import (
     Slot,
     lower_bound,
     overlap_problems,
-    place,
+    place_best,
     place_naive,
 )
 from mtcompile.errors import MTCompileError
@@ -140,10 +140,13 @@ def liveness(func: relax.Function) -> Liveness:
     return Liveness(first, last, names, returned, roots)
 
 
-def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
+def realize(func: relax.Function, fname: str, stats: dict, tvm_bytes: int | None = None
+            ) -> relax.Function:
     """Place `func`'s intermediates in one storage; fill `stats[fname]`.
 
-    A plain function is planned here, on its own liveness (`plan_on_tvm`). A stream
+    A plain function is planned here, on its own liveness (`plan_on_tvm`); where TVM's own
+    block reuse needs fewer bytes (`tvm_bytes`), the function keeps TVM's plan
+    (``tvm_plan_kept``). A stream
     function (`STREAM_ATTR`, its event points already in place from lowering) keeps the
     graph plan's offsets, checked against that liveness, and takes its storage as its
     first parameter (one arena shared by all streams, made per run by ``run_all__arena``)."""
@@ -172,6 +175,13 @@ def realize(func: relax.Function, fname: str, stats: dict) -> relax.Function:
         stats[fname]["lower_bound_bytes"] = bound
     if problems:
         stats.setdefault(MISMATCHES, {})[fname] = problems[:10]
+    keep_tvm = (bound is not None and plan.get("strategy", "greedy") == "greedy"
+                and tvm_bytes is not None and tvm_bytes < arena)
+    stats[fname]["tvm_plan_kept"] = int(keep_tvm)
+    if keep_tvm:  # TVM's block reuse fits in fewer bytes here: it plans the function
+        stats[fname].update(arena_bytes=tvm_bytes, planned_tensors=0,
+                            unplanned_tensors=len(placed) + len(unplanned))
+        return func
     return _rewrite(func, placed, arena, streamed=bound is None)
 
 
@@ -191,7 +201,7 @@ def plan_on_tvm(func: relax.Function, live: Liveness, alignment: int,
         lo, hi = live.first[var], live.last[var]
         lives.append(Lifetime(name, "", _nbytes(var.ty, upper), lo, hi,
                               (hi,) if hi > lo else ()))
-    slots, arena = (place(lives, alignment) if strategy == "greedy"
+    slots, arena = (place_best(lives, alignment) if strategy == "greedy"
                     else place_naive(lives, alignment))
     n = max((lt.last for lt in lives), default=0) + 1
     return ({by_name[s.tensor]: (s.offset, s.size) for s in slots}, arena,
@@ -311,7 +321,7 @@ def realize_pass(stats: dict):
                 continue  # private helpers: not an entry
             name = gv.name_hint
             if ATTR in func.attrs.keys():
-                out[gv] = realize(func, name, stats)
+                out[gv] = realize(func, name, stats, storage_bytes(tvm_plan[gv]))
             else:
                 live = liveness(func)
                 left = [v for v in live.first if v not in live.returned]

@@ -135,9 +135,12 @@ class Bundle:
             results = ex.run([[storage, *(tensors[j] for j in ins),
                                *self.weights.args(f, dev)]
                               for f, ins in zip(s.functions, s.stream_inputs, strict=True)])
-        except StreamError as e:  # fresh threads and VMs next time (they look kernels up anew)
-            ex.close()
-            self._stream_executor = None
+        except StreamError as e:
+            # later calls get fresh stream threads and VMs (they look kernels up anew); this
+            # one is not closed: other threads' calls may be queued on it, and a failing call
+            # fails alone (its threads end once no call holds it)
+            if self._stream_executor is ex:
+                self._stream_executor = None
             raise_index_error(e.cause)
             raise
         flat: list = [None] * sum(len(o) for o in s.stream_outputs)
