@@ -5,8 +5,9 @@
 Per model of `mtcompile.models.hf.REAL_ZOO` (alone in a bundle, default pipeline, batch 1):
 compiled or the error; error relative to the output's scale (max|bundle - eager| /
 max|eager|); compile seconds; the medians of the bundle's entry, PyTorch eager and
-onnxruntime (on the model's dynamo ONNX export), interleaved round by round in this one
-process (2 threads each, onnxruntime's spinning off); and the share of the bundle's time
+onnxruntime (on the model's dynamo ONNX export) in this one process (2 threads each,
+onnxruntime's spinning off), each in blocks of its own for compute speed and interleaved
+round by round for what neighbours cost; and the share of the bundle's time
 spent in TVM-generated kernels (masks, rotary embeddings, normalizations: where the
 native library does not run). Ratios are peer time / bundle time (above 1: the bundle is
 faster). A total line gives compiled-and-matching / total and the geomeans.
@@ -67,8 +68,27 @@ def tvm_kernel_share(bundle, name: str, x: np.ndarray) -> float:
     return tvm / total
 
 
+def blocks(contenders: dict, repeat: int, warmup: int, passes: int = 3) -> dict[str, float]:
+    """Medians (ms) of contenders each run in blocks of its own (`warmup` calls left out
+    at the start of every block), the blocks' order rotated over `passes` passes: compute
+    speed, without what one runtime's spinning threads cost the next."""
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    names = list(contenders)
+    for p in range(passes):
+        for k in names[p % len(names):] + names[:p % len(names)]:
+            fn = contenders[k]
+            for _ in range(warmup):
+                fn()
+            for _ in range(max(1, repeat // passes)):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
 def measure(contenders: dict, repeat: int, warmup: int) -> dict[str, float]:
-    """Medians (ms) of contenders run round by round (each once a round)."""
+    """Medians (ms) of contenders run round by round (each once a round): what neighbours
+    cost, since PyTorch's OpenMP workers spin for a while after each eager call."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
@@ -112,7 +132,8 @@ def run_model(name: str, repeat: int, warmup: int) -> dict:
         contenders["onnxruntime"] = ort_run
     else:
         row["ort_error"] = why
-    row["ms"] = measure(contenders, repeat, warmup)
+    row["ms"] = blocks(contenders, repeat, warmup)
+    row["interleaved_ms"] = measure(contenders, repeat, warmup)
     row["tvm_share"] = tvm_kernel_share(bundle, name, xn)
     return row
 
@@ -131,21 +152,33 @@ def totals(rows: list[dict]) -> dict:
                                                                < r["ms"]["bundle"]]}
 
 
+def _interleaved(row: dict) -> str:
+    ms = row.get("interleaved_ms")
+    if not ms:
+        return "-"
+    return " / ".join(f"{ms[k]:.3f}" for k in ("bundle", "eager", "onnxruntime") if k in ms)
+
+
 def to_markdown(rows: list[dict], command: str) -> str:
     tot = totals(rows)
     cpu = platform.processor() or platform.machine()
     lines = [f"## Real-model coverage ({datetime.date.today()}, {cpu}, {os.cpu_count()} "
              "cores)", "", f"`{command}`", "",
-             "Each model alone, default pipeline, batch 1; medians of interleaved rounds in "
-             "one process, 2 threads each. eager/bundle and ORT/bundle above 1: the bundle "
-             "is faster. TVM share: the bundle's kernel time in TVM-generated kernels.", "",
+             "Each model alone, default pipeline, batch 1, 2 threads each, one process. "
+             "Compute speed: medians of each contender in blocks of its own (blocks "
+             "rotated); eager/bundle and ORT/bundle above 1: the bundle is faster. "
+             "Interleaved: the medians of rounds of bundle, eager, ORT (each contender "
+             "runs while PyTorch's OpenMP workers still spin after the eager call: what "
+             "that neighbour costs). TVM share: the bundle's kernel time in "
+             "TVM-generated kernels.", "",
              "| model | family | result | rel. error | compile s | bundle ms | eager ms | "
-             "ORT ms | eager/bundle | ORT/bundle | TVM share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ORT ms | eager/bundle | ORT/bundle | interleaved: bundle / eager / ORT ms | "
+             "TVM share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['family']} | **{r['error'][:120]}** |"
-                         + " |" * 8)
+                         + " |" * 9)
             continue
         ms = r["ms"]
         ort = ms.get("onnxruntime")
@@ -155,7 +188,7 @@ def to_markdown(rows: list[dict], command: str) -> str:
             f"{r['rel_err']:.1e} | {r['compile_s']:.1f} | {ms['bundle']:.3f} | "
             f"{ms['eager']:.3f} | {f'{ort:.3f}' if ort else r.get('ort_error', '-')} | "
             f"{ms['eager'] / ms['bundle']:.2f} | "
-            f"{ort_ratio} | {100 * r['tvm_share']:.0f}% |")
+            f"{ort_ratio} | {_interleaved(r)} | {100 * r['tvm_share']:.0f}% |")
     lines += ["", f"**Compiled and matching: {tot['matching']} / {tot['total']}**; geomean "
                   f"eager/bundle **{tot['eager_geomean']:.2f}**, ORT/bundle "
                   f"**{tot['ort_geomean']:.2f}**; slower than eager: "

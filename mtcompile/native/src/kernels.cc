@@ -85,11 +85,9 @@ int PoolBarrier(int, TVMParallelGroupEnv* penv) {
   return pool != nullptr ? pool->Barrier() : (penv->num_task > 1 ? -1 : 0);
 }
 using LaunchFn = int (*)(FTVMParallelLambda, void*, int);
-using BarrierFn = int (*)(int, TVMParallelGroupEnv*);
 // the process's one pool: this copy's, unless a copy of these kernels loaded earlier (the
 // compiler's build of them, another bundle) registered its own first (see the init block)
 LaunchFn g_launch = PoolLaunch;
-BarrierFn g_barrier = PoolBarrier;
 
 // Run body(task, num_tasks) on the pool, or inline when the work is small.
 template <typename F>
@@ -116,30 +114,6 @@ void parallel(int64_t work, int64_t max_tasks, const F& body) {
 const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") &&
                                                  __builtin_cpu_supports("fma")) &&
                       std::getenv("MTCOMPILE_NATIVE_GENERIC") == nullptr;
-
-// first(task, num_tasks) on every task, a barrier, then second(task, num_tasks): two phases in
-// one launch (waking the pool's workers costs more than a small kernel's work)
-template <typename F, typename G>
-void parallel_phases(int64_t work, int64_t max_tasks, const F& first, const G& second) {
-  if (work < kSerialWork || max_tasks <= 1) {
-    first(0, 1);
-    second(0, 1);
-    return;
-  }
-  struct Ctx {
-    const F* first;
-    const G* second;
-  } ctx{&first, &second};
-  auto lambda = [](int task_id, TVMParallelGroupEnv* penv, void* cdata) -> int {
-    const Ctx* c = static_cast<const Ctx*>(cdata);
-    (*c->first)(task_id, penv->num_task);
-    g_barrier(task_id, penv);
-    (*c->second)(task_id, penv->num_task);
-    return 0;
-  };
-  int rc = g_launch(lambda, &ctx, 0);
-  if (rc != 0) TVM_FFI_THROW(RuntimeError) << "parallel launch failed (" << rc << ")";
-}
 
 // A kernel's epilogue (epilogue.h): act(result + res), res laid out as the kernel's output.
 struct Epilogue {
@@ -489,13 +463,15 @@ void conv_direct(const Conv& c, const float* px, const float* pw, const float* b
   const int64_t panels = c.OH * ((c.OW + mtc::kNR - 1) / mtc::kNR);
   for (int64_t n = 0; n < c.N; ++n) {
     const float* xn = px + n * c.C * c.H * c.W;
-    parallel_phases(
-        c.O * c.OH * c.OW * Kd, c.G * panels,
-        [&](int64_t task, int64_t ntask) {  // each task pads its share of the channels
-          auto [c0, c1] = part(c.C, task, ntask, 1);
-          mtc::pad_channels(q, pd, xn, c0, c1, xpp);
-        },
-        [&](int64_t task, int64_t ntask) {  // then computes its share of the panels
+    // two launches, not one with a barrier between the phases: a barrier ties each task to
+    // a thread of its own, so one descheduled worker would stall it (a busy host)
+    const int64_t work = c.O * c.OH * c.OW * Kd;
+    parallel(work, c.G * panels, [&](int64_t task, int64_t ntask) {  // pad the channels
+      auto [c0, c1] = part(c.C, task, ntask, 1);
+      mtc::pad_channels(q, pd, xn, c0, c1, xpp);
+    });
+    parallel(work, c.G * panels,
+        [&](int64_t task, int64_t ntask) {  // then compute the panels
           auto [t0, t1] = part(c.G * panels, task, ntask, 1);
           for (int64_t t = t0; t < t1;) {  // a task's run of panels may span groups
             const int64_t g = t / panels, end = std::min(t1, (g + 1) * panels);
@@ -775,14 +751,10 @@ void share_pool() {
   auto first = tvm::ffi::Function::GetGlobal(MTC_PREFIX "pool_launch_fn");
   if (first.has_value()) {
     g_launch = reinterpret_cast<LaunchFn>((*first)().cast<int64_t>());
-    g_barrier = reinterpret_cast<BarrierFn>(
-        (*tvm::ffi::Function::GetGlobal(MTC_PREFIX "pool_barrier_fn"))().cast<int64_t>());
     return;
   }
   refl::GlobalDef().def(MTC_PREFIX "pool_launch_fn",
                         []() { return reinterpret_cast<int64_t>(&PoolLaunch); });
-  refl::GlobalDef().def(MTC_PREFIX "pool_barrier_fn",
-                        []() { return reinterpret_cast<int64_t>(&PoolBarrier); });
   TVMFFIEnvModRegisterContextSymbol("__TVMBackendParallelLaunch",
                                     reinterpret_cast<void*>(&PoolLaunch));
   TVMFFIEnvModRegisterContextSymbol("__TVMBackendParallelBarrier",
@@ -791,6 +763,8 @@ void share_pool() {
   refl::GlobalDef().def(MTC_PREFIX "run_begin", []() { mtc::active_runs().fetch_add(1); });
   refl::GlobalDef().def(MTC_PREFIX "run_end", []() { mtc::active_runs().fetch_sub(1); });
   refl::GlobalDef().def(MTC_PREFIX "pool_launches", []() { return g_launches.load(); });
+  refl::GlobalDef().def(MTC_PREFIX "active_runs",
+                        []() { return static_cast<int64_t>(mtc::active_runs().load()); });
   // the calling thread's pool size (n > 0: set it first); its threads start on first use
   refl::GlobalDef().def(MTC_PREFIX "pool_threads", [](int n) {
     if (n > 0) mtc::thread_setting() = n;
