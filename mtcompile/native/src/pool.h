@@ -15,11 +15,11 @@
 // awake worker take the next unclaimed task until none is left, and the launch waits only for
 // tasks in progress, never for a worker to wake: a descheduled or sleeping worker delays
 // nothing it has not claimed (a launch used to wait for every worker's acknowledgement, so one
-// descheduled worker stalled each parallel region for up to a time slice). A launch that leaves
-// the count to the pool gets kTasksPerThread tasks per thread, so that a worker preempted in
-// its task (another runtime's spinning threads, a busy host) holds a small share. Waits spin
-// (for up to a millisecond), then yield the core. The partition of the work is still fixed by (task_id,
-// num_task), and num_task by the pool's size, so results do not depend on who ran what.
+// descheduled worker stalled each parallel region for up to a time slice). A worker preempted
+// in the middle of its task still delays the launch by what is left of that task. Waits spin
+// (for up to a millisecond), then yield the core. The partition of the work is still fixed by
+// (task_id, num_task), and num_task by the pool's size, so results do not depend on who ran
+// what.
 //
 // One pool per calling thread, as TVM's: its size is set per thread (set_threads), else from
 // TVM_NUM_THREADS, else the cores this process may use (affinity mask and cgroup CPU quota).
@@ -68,11 +68,6 @@ constexpr int64_t kMaxSpinNs = 2'000'000;  // a worker's spin without news, at m
 // yields its core: a yield on a busy host hands the core to another process for a whole time
 // slice, so it is only for a thread we wait for that shares our core (threads > cores)
 constexpr int64_t kSpinBeforeYieldNs = 1'000'000;
-// A launch of num_task 0 (TVM's loops, the native kernels) is split into this many tasks per
-// thread: a descheduled worker then holds a small share of the work while the others claim
-// the rest. (TVM's rare kernels whose tasks meet at a barrier need a thread per task: with
-// more tasks than threads, Barrier fails the call instead of hanging.)
-constexpr int kTasksPerThread = 4;
 
 // The cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota
 // (cpu.max "quota period", rounded up), at least 1.
@@ -130,7 +125,9 @@ class Pool {
   int threads() const { return n_; }
 
   int Launch(FTVMParallelLambda f, void* cdata, int num_task) {
-    if (num_task <= 0) num_task = n_ == 1 ? 1 : n_ * kTasksPerThread;
+    // one task per thread: cutting the work finer (so that a preempted worker holds less of
+    // it) cost 20% on a quiet host, in the native GEMM tiles and TVM's loops alike
+    if (num_task <= 0) num_task = n_;
     if (n_ == 1 || num_task == 1 || in_task_ || num_task > kMaxTasks)
       return RunSerial(f, cdata, num_task);
     // the last launch is over: every task it had was claimed and done, so no thread reads
