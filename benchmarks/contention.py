@@ -16,23 +16,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import mtcompile
+from benchmarks.coverage import RESULTS, measure, publish
 from benchmarks.run import ort_sessions, peer_runs, set_options, torch_twins
 from mtcompile.models import SETS, get_set
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 BUSY = "import time\nend = time.time() + 600\nwhile time.time() < end: pass"  # stops by itself
 
 
@@ -45,22 +43,6 @@ def stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.kill()
         p.wait()
-
-
-def rounds(contenders: dict, repeat: int, warmup: int, before=None) -> dict[str, float]:
-    """Median ms of each contender, run once a round; `before` runs ahead of each call."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(repeat):
-        for k, fn in contenders.items():
-            if before is not None:
-                before()
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 
 def threads_chosen() -> dict[str, int]:
@@ -91,10 +73,10 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
         procs = busy(n)
         try:
             time.sleep(0.2)
-            table[f"{n} busy"] = rounds(contenders, repeat, warmup)
+            table[f"{n} busy"] = measure(contenders, repeat, warmup)
         finally:
             stop(procs)
-    table["after eager"] = rounds(contenders, repeat, warmup, before=eager)
+    table["after eager"] = measure(contenders, repeat, warmup, before=eager)
     return {"set": set_name, "repeat": repeat, "ms": table, "threads": threads_chosen()}
 
 
@@ -129,13 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.contention " + " ".join(
         argv if argv is not None else sys.argv[1:])
     res = run(args.set, args.repeat, args.warmup)
-    text = to_markdown(res, command)
-    print(text)
-    if args.write:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    publish(to_markdown(res, command), res, args.write, args.json)
     return 0
 
 

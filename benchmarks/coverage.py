@@ -86,19 +86,32 @@ def blocks(contenders: dict, repeat: int, warmup: int, passes: int = 3) -> dict[
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 
-def measure(contenders: dict, repeat: int, warmup: int) -> dict[str, float]:
+def measure(contenders: dict, repeat: int, warmup: int, before=None) -> dict[str, float]:
     """Medians (ms) of contenders run round by round (each once a round): what neighbours
-    cost, since PyTorch's OpenMP workers spin for a while after each eager call."""
+    cost, since PyTorch's OpenMP workers spin for a while after each eager call. `before`
+    (untimed) runs ahead of each timed call."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(repeat):
         for k, fn in contenders.items():
+            if before is not None:
+                before()
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def publish(text: str, data, write: bool, json_path: str | None) -> None:
+    """Print a benchmark's table; append it to RESULTS.md (`write`); dump `data` as JSON."""
+    print(text)
+    if write:
+        with open(RESULTS, "a") as f:
+            f.write("\n" + text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(data, indent=1))
 
 
 def run_model(name: str, repeat: int, warmup: int) -> dict:
@@ -220,13 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                     f"eager {r['ms']['eager']:.3f} ms, ORT "
                                     f"{r['ms'].get('onnxruntime', float('nan')):.3f} ms")
         print(f"{name:<16} {status}", flush=True)
-    text = to_markdown(rows, command)
-    print(text)
-    if args.write:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    publish(to_markdown(rows, command), rows, args.write, args.json)
     return 0
 
 
