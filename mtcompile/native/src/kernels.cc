@@ -765,6 +765,10 @@ void share_pool() {
   refl::GlobalDef().def(MTC_PREFIX "pool_launches", []() { return g_launches.load(); });
   refl::GlobalDef().def(MTC_PREFIX "active_runs",
                         []() { return static_cast<int64_t>(mtc::active_runs().load()); });
+  // windows in which a pool's thread found the host busy (each starts a calm period: workers
+  // sleep between launches instead of spinning)
+  refl::GlobalDef().def(MTC_PREFIX "pool_busy_windows",
+                        []() { return mtc::RunDelay::busy_windows().load(); });
   // the calling thread's pool size (n > 0: set it first); its threads start on first use
   refl::GlobalDef().def(MTC_PREFIX "pool_threads", [](int n) {
     if (n > 0) mtc::thread_setting() = n;

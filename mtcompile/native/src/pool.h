@@ -21,6 +21,15 @@
 // (task_id, num_task), and num_task by the pool's size, so results do not depend on who ran
 // what.
 //
+// Spinning is for a quiet host. Where other threads want the cores (other processes, another
+// runtime's pool in this one), a thread that spins spends this process's share of a core on
+// nothing and is then preempted in the middle of the work it waited for. So each pool thread
+// (the caller at its launches, a worker after its tasks) reads its run delay from the kernel
+// (/proc/thread-self/schedstat: time runnable but waiting for a core): where it waited over
+// kBusyPercent of the last kWindowNs it wanted a core, workers sleep after each launch instead
+// of spinning for kCalmNs, renewed while the host stays busy. On a quiet host the run delay
+// stays near zero (bursts of a few milliseconds) and the workers spin.
+//
 // One pool per calling thread, as TVM's: its size is set per thread (set_threads), else from
 // TVM_NUM_THREADS, else the cores this process may use (affinity mask and cgroup CPU quota).
 #pragma once
@@ -38,7 +47,9 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <fcntl.h>
 #include <sched.h>
+#include <unistd.h>
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -68,6 +79,93 @@ constexpr int64_t kMaxSpinNs = 2'000'000;  // a worker's spin without news, at m
 // yields its core: a yield on a busy host hands the core to another process for a whole time
 // slice, so it is only for a thread we wait for that shares our core (threads > cores)
 constexpr int64_t kSpinBeforeYieldNs = 1'000'000;
+constexpr int64_t kCalmNs = 200'000'000;  // a busy host seen: workers spin nothing this long
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// until when (now_ns) workers sleep between launches instead of spinning
+inline std::atomic<int64_t>& calm_until() {
+  static std::atomic<int64_t> t{0};
+  return t;
+}
+inline bool Calm(int64_t now) { return now < calm_until().load(std::memory_order_relaxed); }
+
+constexpr int64_t kSampleNs = 2'000'000;  // a thread reads its schedstat at most this often
+// a verdict per 50 ms the thread wanted a core (on it or waiting): waiting over 15% of that is a
+// busy host (a quiet one shows bursts of a few ms at most: under 10%)
+constexpr int64_t kWindowNs = 50'000'000;
+constexpr int64_t kBusyPercent = 15;
+
+// The calling thread's run delay, sampled: Sample() starts the calm period where the thread
+// waited for a core over kBusyPercent of the time it wanted one, over its last window.
+class RunDelay {
+ public:
+  RunDelay() {
+#if defined(__linux__)
+    fd_ = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+#endif
+  }
+  ~RunDelay() {
+#if defined(__linux__)
+    if (fd_ >= 0) close(fd_);
+#endif
+  }
+  RunDelay(const RunDelay&) = delete;
+  RunDelay& operator=(const RunDelay&) = delete;
+
+  void Sample(int64_t now) {
+    if (fd_ < 0 || now - last_ < kSampleNs) return;
+    last_ = now;
+    int64_t on_cpu = 0, waiting = 0;
+    if (!Read(&on_cpu, &waiting)) return;
+    const int64_t wanted = on_cpu - on_cpu_ + waiting - waiting_;
+    if (on_cpu_ == 0 || wanted < kWindowNs) {
+      if (on_cpu_ == 0) on_cpu_ = on_cpu, waiting_ = waiting;
+      return;
+    }
+    if ((waiting - waiting_) * 100 > kBusyPercent * wanted) {
+      calm_until().store(now + kCalmNs, std::memory_order_relaxed);
+      busy_windows().fetch_add(1, std::memory_order_relaxed);
+    }
+    on_cpu_ = on_cpu;
+    waiting_ = waiting;
+  }
+  // windows that found the host busy, in this process (for tests and benchmarks)
+  static std::atomic<int64_t>& busy_windows() {
+    static std::atomic<int64_t> n{0};
+    return n;
+  }
+
+ private:
+  // /proc/thread-self/schedstat: "<ns on a cpu> <ns runnable, waiting for one> <slices>"
+  bool Read(int64_t* on_cpu, int64_t* waiting) const {
+#if defined(__linux__)
+    char buf[96];
+    const ssize_t n = pread(fd_, buf, sizeof(buf) - 1, 0);
+    if (n <= 0) return false;
+    buf[n] = '\0';
+    unsigned long long a = 0, w = 0;
+    if (std::sscanf(buf, "%llu %llu", &a, &w) != 2) return false;
+    *on_cpu = static_cast<int64_t>(a);
+    *waiting = static_cast<int64_t>(w);
+    return true;
+#else
+    return false;
+#endif
+  }
+  int fd_ = -1;
+  int64_t last_ = 0;     // the last sample (now_ns)
+  int64_t on_cpu_ = 0;   // schedstat at the window's start
+  int64_t waiting_ = 0;
+};
+
+inline RunDelay& run_delay() {
+  static thread_local RunDelay watch;
+  return watch;
+}
 
 // The cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota
 // (cpu.max "quota period", rounded up), at least 1.
@@ -95,16 +193,17 @@ inline int usable_cores() {
 struct Backoff {
   int spins = 0;
   bool yielding = false;
-  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  const int64_t start = now_ns();
   void Pause() {
     if (yielding) {
       std::this_thread::yield();
       return;
     }
     MTC_PAUSE();
-    if (++spins % 256 == 0)
-      yielding = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                     std::chrono::steady_clock::now() - start).count() > kSpinBeforeYieldNs;
+    if (++spins % 256 == 0) {
+      const int64_t now = now_ns();
+      yielding = now - start > kSpinBeforeYieldNs || Calm(now);
+    }
   }
 };
 
@@ -146,6 +245,7 @@ class Pool {
       std::lock_guard<std::mutex> lock(mutex_);
       cv_.notify_all();
     }
+    run_delay().Sample(now_ns());
     RunClaimed(g);
     Backoff wait;  // tasks other threads claimed and still run
     while (done_.load(std::memory_order_acquire) < num_task) wait.Pause();
@@ -210,29 +310,28 @@ class Pool {
     uint64_t seen = 0;  // gen_ at construction: a launch may come before this thread runs
     while (true) {
       // wait for the next launch: spin while a run is in progress, else sleep
-      auto start = std::chrono::steady_clock::now();
+      int64_t start = now_ns(), last = start;
       int spins = 0;
       while (gen_.load(std::memory_order_acquire) == seen) {
         // spin only where it steals no core: several runs at once (threads calling the
-        // bundle concurrently) would spin workers on the cores the other runs compute on
+        // bundle concurrently) would spin workers on the cores the other runs compute on, and
+        // a preempted spin says that something else wants this core
         const int runs = active_runs().load(std::memory_order_relaxed);
-        if (runs > 0 && runs * n_ <= cores_) {
+        if (runs > 0 && runs * n_ <= cores_ && !Calm(last)) {
           MTC_PAUSE();
-          if (++spins % 1024 != 0 ||
-              std::chrono::duration_cast<std::chrono::nanoseconds>(
-                  std::chrono::steady_clock::now() - start).count() < kMaxSpinNs)
-            continue;
+          if (++spins % 1024 != 0 || (last = now_ns()) - start < kMaxSpinNs) continue;
         }
         std::unique_lock<std::mutex> lock(mutex_);
         sleepers_.fetch_add(1);
         cv_.wait(lock, [&] { return gen_.load() != seen; });
         sleepers_.fetch_sub(1);
-        start = std::chrono::steady_clock::now();
+        start = last = now_ns();
         spins = 0;
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_.load()) return;
       RunClaimed(seen);  // nothing left to claim (a late wake-up): back to waiting
+      run_delay().Sample(now_ns());
     }
   }
 
