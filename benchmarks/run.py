@@ -350,7 +350,8 @@ def _best_line(res: dict) -> str:
     label, ratio = res["best_peer"]
     return (f"**Best peer (blocks): {label}, {res['rows'][label]['median_ms']:.3f} ms against "
             f"the bundle's {res['rows']['bundle']['median_ms']:.3f} ms: peer / bundle = "
-            f"{ratio:.2f}** (above 1: the bundle is faster).")
+            f"{ratio:.2f}** (above 1: the bundle is faster); interleaved, the same peer / "
+            f"bundle = {res['rows'][label]['interleaved_ratio']:.2f}.")
 
 
 def _tenant_table(res: dict) -> list[str]:

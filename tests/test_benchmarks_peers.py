@@ -170,7 +170,8 @@ def test_run_markdown_has_both_columns_notes_best_peer_and_tenants():
     assert "| pytorch eager |" in text and "| reference |" in text
     assert "| aotinductor |" in text and "not timed: no gcc (cnn) |" in text
     assert "**Best peer (blocks): openvino, 1.000 ms against the bundle's 2.000 ms: " \
-           "peer / bundle = 0.50**" in text
+           "peer / bundle = 0.50** (above 1: the bundle is faster); interleaved, the same " \
+           "peer / bundle = 0.50." in text
     assert "| text | 1.000 | 1.500 | 1.50 | 0.500 | 0.50 |" in text
     assert "| cnn | 2.000 | 1.000 | 0.50 | - | - |" in text
     assert "Matmul ceiling measured in the same run: 100 GFLOP/s" in text
