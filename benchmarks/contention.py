@@ -8,7 +8,10 @@ each step) the bundle's ``run_all`` and onnxruntime (one session per tenant, 2 t
 spinning off) are timed round by round in this one process; their slowdown is the median
 under load / the median with 0 busy processes. Then the same with PyTorch eager run right
 before each call (its OpenMP workers spin after its ops: the "other runtime's pool in the
-process" case). Also the thread count each picks under ``taskset -c 0`` and under a CPU
+process" case), and last with the set's OpenVINO compiled models (`benchmarks.peers`,
+2 threads, fp32) run right before each call: OpenVINO's pool in the process (built only
+then, so that the earlier conditions run without it; a note says why if openvino is
+missing). Also the thread count each picks under ``taskset -c 0`` and under a CPU
 quota (read by `mtcompile.runtime.cpu.usable_cores`).
 """
 
@@ -28,7 +31,8 @@ import torch
 
 import mtcompile
 from benchmarks.coverage import RESULTS, measure, publish
-from benchmarks.run import ort_sessions, peer_runs, set_options, torch_twins
+from benchmarks.peers import openvino_peer
+from benchmarks.run import onnx_protos, ort_sessions, peer_runs, set_options, torch_twins
 from mtcompile.models import SETS, get_set
 
 BUSY = "import time\nend = time.time() + 600\nwhile time.time() < end: pass"  # stops by itself
@@ -66,7 +70,9 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
     inputs = {t.name: tuple(np.asarray(x) for x in t.example_inputs) for t in tenants}
     torch_inputs = {k: tuple(torch.from_numpy(x) for x in v) for k, v in inputs.items()}
     bundle = mtcompile.compile(tenants)
-    eager, onnxrt = peer_runs(tenants, twins, torch_inputs, ort_sessions(tenants, twins))
+    protos = onnx_protos(tenants, twins)
+    eager, onnxrt = peer_runs(tenants, twins, torch_inputs,
+                              ort_sessions(tenants, twins, protos))
     contenders = {"bundle": lambda: bundle.run_all(inputs), "onnxruntime": onnxrt}
     table: dict[str, dict[str, float]] = {}
     for n in (0, 1, 2):
@@ -77,7 +83,14 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
         finally:
             stop(procs)
     table["after eager"] = measure(contenders, repeat, warmup, before=eager)
-    return {"set": set_name, "repeat": repeat, "ms": table, "threads": threads_chosen()}
+    notes = {}
+    openvino = openvino_peer(protos, inputs)  # its pool starts here, after the rest
+    if openvino.notes:
+        notes["after OpenVINO"] = openvino.note()
+    else:
+        table["after OpenVINO"] = measure(contenders, repeat, warmup, before=openvino.run_all)
+    return {"set": set_name, "repeat": repeat, "ms": table, "notes": notes,
+            "threads": threads_chosen()}
 
 
 def to_markdown(res: dict, command: str) -> str:
@@ -86,13 +99,17 @@ def to_markdown(res: dict, command: str) -> str:
     lines = [f"## Contention: {res['set']} ({datetime.date.today()}, {cpu}, "
              f"{os.cpu_count()} cores)", "", f"`{command}`", "",
              "Median ms of `run_all` / onnxruntime over all tenants, round by round in one "
-             "process; slowdown = median / median with 0 busy processes.", "",
+             "process; slowdown = median / median with 0 busy processes. 'after eager' / "
+             "'after OpenVINO': that runtime ran the set right before each timed call (its "
+             "pool in the process).", "",
              "| condition | bundle ms | slowdown | onnxruntime ms | slowdown |",
              "|---|---|---|---|---|"]
     for cond, ms in res["ms"].items():
         lines.append(f"| {cond} | {ms['bundle']:.3f} | {ms['bundle'] / base['bundle']:.2f} | "
                      f"{ms['onnxruntime']:.3f} | "
                      f"{ms['onnxruntime'] / base['onnxruntime']:.2f} |")
+    for cond, note in res.get("notes", {}).items():
+        lines.append(f"| {cond} | not run: {note} | | | |")
     t = res["threads"]
     lines += ["", f"Threads chosen by default: {t['default']}; under `taskset -c 0`: "
                   f"{t['taskset -c 0']}.", ""]

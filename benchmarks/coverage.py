@@ -68,10 +68,11 @@ def tvm_kernel_share(bundle, name: str, x: np.ndarray) -> float:
     return tvm / total
 
 
-def blocks(contenders: dict, repeat: int, warmup: int, passes: int = 3) -> dict[str, float]:
-    """Medians (ms) of contenders each run in blocks of its own (`warmup` calls left out
-    at the start of every block), the blocks' order rotated over `passes` passes: compute
-    speed, without what one runtime's spinning threads cost the next."""
+def block_times(contenders: dict, repeat: int, warmup: int,
+                passes: int = 3) -> dict[str, list[float]]:
+    """Times (s) of contenders each run in blocks of its own (`warmup` calls left out at the
+    start of every block), the blocks' order rotated over `passes` passes: compute speed,
+    without what one runtime's spinning threads cost the next."""
     times: dict[str, list[float]] = {k: [] for k in contenders}
     names = list(contenders)
     for p in range(passes):
@@ -83,11 +84,12 @@ def blocks(contenders: dict, repeat: int, warmup: int, passes: int = 3) -> dict[
                 t = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    return times
 
 
-def measure(contenders: dict, repeat: int, warmup: int, before=None) -> dict[str, float]:
-    """Medians (ms) of contenders run round by round (each once a round): what neighbours
+def round_times(contenders: dict, repeat: int, warmup: int,
+                before=None) -> dict[str, list[float]]:
+    """Times (s) of contenders run round by round (each once a round): what neighbours
     cost, since PyTorch's OpenMP workers spin for a while after each eager call. `before`
     (untimed) runs ahead of each timed call."""
     for fn in contenders.values():
@@ -101,7 +103,22 @@ def measure(contenders: dict, repeat: int, warmup: int, before=None) -> dict[str
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
+    return times
+
+
+def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each contender's times, in ms."""
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def blocks(contenders: dict, repeat: int, warmup: int, passes: int = 3) -> dict[str, float]:
+    """Medians (ms) of `block_times`: each contender in blocks of its own."""
+    return medians_ms(block_times(contenders, repeat, warmup, passes))
+
+
+def measure(contenders: dict, repeat: int, warmup: int, before=None) -> dict[str, float]:
+    """Medians (ms) of `round_times`: contenders interleaved round by round."""
+    return medians_ms(round_times(contenders, repeat, warmup, before))
 
 
 def publish(text: str, data, write: bool, json_path: str | None) -> None:

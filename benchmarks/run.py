@@ -1,11 +1,19 @@
-"""Side-by-side benchmark of a tenant set: PyTorch eager, onnxruntime, TVM per tenant, the bundle.
+"""Side-by-side benchmark of a tenant set: the bundle against its peers (PyTorch eager,
+onnxruntime, OpenVINO, AOTInductor, torch.compile) and TVM per tenant.
 
     python -m benchmarks.run --set heterogeneous [--n 4] [--batch 1] [--repeat 50]
     python -m benchmarks.run --set bert4 --no-ablation   # user-scale sets: bert4, mixed
+    python -m benchmarks.run --set mixed --no-ablation --peers openvino   # skip AOTI's compile
 
-Everything runs in ONE process, alternating the contenders round by round so that
-machine noise hits all of them alike; medians and spreads are over those rounds and
-every ratio is contender time / bundle time (above 1: the bundle is faster).
+Everything runs in ONE process, 2 threads each. Every peer's outputs are checked against
+PyTorch eager first (max abs diff in the table; a peer off beyond the float32 tolerance
+stops the run, naming it and the tenant); a peer that cannot run a tenant (openvino not
+installed, AOTInductor failing to compile) gets a note instead of a time. Two columns:
+each contender in blocks of its own (first calls of each block left out, blocks rotated:
+compute speed) and interleaved round by round (what the neighbours' spinning workers
+cost), every ratio contender time / bundle time in the same column (above 1: the bundle is
+faster); the best peer / bundle, the GEMM ceiling measured in the same run, and a
+per-tenant table (each tenant's entry against onnxruntime and OpenVINO, in blocks).
 """
 
 from __future__ import annotations
@@ -24,6 +32,17 @@ import numpy as np
 import torch
 
 import mtcompile
+from benchmarks.coverage import block_times, blocks, round_times
+from benchmarks.peers import (
+    PEERS,
+    THREADS,
+    Peer,
+    check,
+    eager_peer,
+    flat,
+    optional_peers,
+    ort_peer,
+)
 from mtcompile.models import SETS, get_set, transformer_encoder
 from mtcompile.models.zoo import export_onnx
 
@@ -32,17 +51,8 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 
 def peer_runs(tenants, twins, torch_inputs, sessions):
     """The two peers as callables: PyTorch eager over every tenant, onnxruntime sessions."""
-
-    def eager():
-        with torch.no_grad():
-            for t in tenants:
-                twins[t.name](*torch_inputs[t.name])
-
-    def onnxrt():
-        for sess, feed in sessions.values():
-            sess.run(None, feed)
-
-    return eager, onnxrt
+    eager = eager_peer({t.name: twins[t.name] for t in tenants}, torch_inputs)
+    return eager.run_all, ort_peer(sessions).run_all
 
 
 def matmul_ceiling(n: int = 2048, reps: int = 10) -> float:
@@ -95,24 +105,33 @@ def torch_twins(set_name: str, tenants, batch: int) -> dict[str, torch.nn.Module
     return twins
 
 
-def ort_sessions(tenants, twins):
-    """One onnxruntime session per tenant, spinning off, 2 intra-op threads (PERF_NOTES)."""
+def onnx_protos(tenants, twins) -> dict:
+    """Each tenant as ONNX: an ONNX tenant's own model, else its twin exported (legacy)."""
     import onnx
-    import onnxruntime as ort
 
-    sessions = {}
+    protos = {}
     for t in tenants:
         if isinstance(t.model, onnx.ModelProto):
-            proto = t.model
+            protos[t.name] = t.model
         else:
-            n_in = len(t.example_inputs)
-            proto = export_onnx(twins[t.name], tuple(t.example_inputs),
-                                [f"in{i}" for i in range(n_in)], ["out"])
+            names = [f"in{i}" for i in range(len(t.example_inputs))]
+            protos[t.name] = export_onnx(twins[t.name], tuple(t.example_inputs), names, ["out"])
+    return protos
+
+
+def ort_sessions(tenants, twins, protos: dict | None = None):
+    """One onnxruntime session per tenant, spinning off, 2 intra-op threads (PERF_NOTES), on
+    `protos` (default: `onnx_protos`)."""
+    import onnxruntime as ort
+
+    protos = protos if protos is not None else onnx_protos(tenants, twins)
+    sessions = {}
+    for t in tenants:
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
+        opts.intra_op_num_threads = THREADS
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(proto.SerializeToString(), opts,
+        sess = ort.InferenceSession(protos[t.name].SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
         feed = {i.name: np.asarray(x) for i, x in zip(sess.get_inputs(), t.example_inputs,
                                                        strict=True)}
@@ -154,86 +173,204 @@ def set_options(set_name: str, n: int, batch: int) -> dict:
     return {"batch": batch} | ({"n": n} if takes_n else {})
 
 
-def run(set_name: str, n: int, batch: int, repeat: int, warmup: int,
-        ablation: bool = True) -> dict:
-    torch.set_num_threads(2)
-    kw = set_options(set_name, n, batch)
-    tenants = get_set(set_name, **kw)
-    twins = torch_twins(set_name, tenants, batch)
-    inputs = {t.name: tuple(np.asarray(x) for x in t.example_inputs) for t in tenants}
-    torch_inputs = {k: tuple(torch.from_numpy(x) for x in v) for k, v in inputs.items()}
-
-    compile_s, bundles = {}, {}
+def build_bundles(tenants, ablation: bool) -> tuple[dict, dict, dict[str, float]]:
+    """The bundle, one bundle per pass switched off (`ablation`), each tenant compiled alone,
+    and the compile seconds of each."""
     from mtcompile.passes import DEFAULT_PIPELINE
 
     variants = {"bundle": DEFAULT_PIPELINE}
     for p in DEFAULT_PIPELINE if ablation else []:
         variants[f"bundle -{p}"] = [q for q in DEFAULT_PIPELINE if q != p]
+    compile_s, bundles, separate = {}, {}, {}
     for label, passes in variants.items():
         t0 = time.perf_counter()
         bundles[label] = mtcompile.compile(tenants, passes=passes)
         compile_s[label] = time.perf_counter() - t0
-    separate = {}
     t0 = time.perf_counter()
     for t in tenants:
         separate[t.name] = mtcompile.compile([t])
     compile_s["tvm separate"] = time.perf_counter() - t0
-    check = bundles["bundle"].verify(inputs)
-    sessions = ort_sessions(tenants, twins)
+    return bundles, separate, compile_s
 
-    eager, onnxrt = peer_runs(tenants, twins, torch_inputs, sessions)
+
+def build_peers(tenants, twins, inputs: dict, torch_inputs: dict,
+                chosen=PEERS) -> tuple[dict[str, Peer], dict[str, dict[str, float]]]:
+    """Eager, onnxruntime and the `chosen` optional peers, and each one's max |peer - eager|
+    per tenant (`peers.check` raises where one is off)."""
+    protos = onnx_protos(tenants, twins)
+    peers = {"pytorch eager": eager_peer({t.name: twins[t.name] for t in tenants},
+                                         torch_inputs),
+             "onnxruntime": ort_peer(ort_sessions(tenants, twins, protos))}
+    peers |= optional_peers(chosen, twins, torch_inputs, protos, inputs)
+    reference = {k: flat(fn()) for k, fn in peers["pytorch eager"].runners.items()}
+    diffs = {label: check(label, p, reference) for label, p in peers.items()
+             if label != "pytorch eager"}
+    return peers, diffs
+
+
+def contenders_of(peers: dict[str, Peer], bundles: dict, separate: dict,
+                  inputs: dict) -> tuple[dict, dict[str, str]]:
+    """The set-level calls of every contender that runs every tenant, and a note for each
+    peer that does not (it gets no time)."""
+    contenders, notes = {}, {}
+    for label, peer in peers.items():
+        if peer.notes:
+            notes[label] = peer.note()
+        else:
+            contenders[label] = peer.run_all
 
     def tvm_separate():
         for name, b in separate.items():
             b.run(name, *inputs[name])
 
-    contenders = {"pytorch eager": eager, "onnxruntime": onnxrt, "tvm separate": tvm_separate}
+    contenders["tvm separate"] = tvm_separate
     for label, b in bundles.items():
         contenders[label] = lambda b=b: b.run_all(inputs)
-    times = measure(contenders, repeat, warmup)
-    ceiling = matmul_ceiling()
-    flops = graph_flops(bundles["bundle"].graph)
-    base = float(np.median(times["bundle"]))
+    return contenders, notes
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """Median, 10th and 90th percentile of times (s), in ms."""
+    return {"median_ms": 1e3 * float(np.median(times)),
+            "p10_ms": 1e3 * float(np.percentile(times, 10)),
+            "p90_ms": 1e3 * float(np.percentile(times, 90))}
+
+
+def rows_of(blocked: dict, interleaved: dict, flops: int) -> dict[str, dict]:
+    """Per contender: blocks (median, p10, p90, / bundle, GFLOP/s) and interleaved (median,
+    / bundle)."""
+    base, base_int = np.median(blocked["bundle"]), np.median(interleaved["bundle"])
     rows = {}
-    for k, ts in times.items():
-        med = float(np.median(ts))
-        rows[k] = {"median_ms": 1e3 * med, "p10_ms": 1e3 * float(np.percentile(ts, 10)),
-                   "p90_ms": 1e3 * float(np.percentile(ts, 90)), "ratio_to_bundle": med / base,
-                   "gflops": flops / med / 1e9}
+    for k, ts in blocked.items():
+        med, med_int = float(np.median(ts)), float(np.median(interleaved[k]))
+        rows[k] = spread(ts) | {"ratio_to_bundle": med / base, "gflops": flops / med / 1e9,
+                                "interleaved_ms": 1e3 * med_int,
+                                "interleaved_ratio": med_int / base_int}
+    return rows
+
+
+def per_tenant(bundle, peers: dict[str, Peer], inputs: dict, repeat: int,
+               warmup: int) -> dict[str, dict[str, float]]:
+    """Per tenant, median ms in blocks of the bundle's entry, onnxruntime and OpenVINO."""
+    table = {}
+    for name in inputs:
+        contenders = {"bundle": lambda name=name: bundle.run(name, *inputs[name])}
+        for label in ("onnxruntime", "openvino"):
+            if label in peers and name in peers[label].runners:
+                contenders[label] = peers[label].runners[name]
+        table[name] = blocks(contenders, repeat, warmup)
+    return table
+
+
+def best_peer(rows: dict[str, dict], peers) -> tuple[str, float] | None:
+    """The peer with the lowest median in blocks and its time / the bundle's."""
+    timed = [k for k in peers if k in rows]
+    if not timed:
+        return None
+    best = min(timed, key=lambda k: rows[k]["median_ms"])
+    return best, rows[best]["ratio_to_bundle"]
+
+
+def run(set_name: str, n: int, batch: int, repeat: int, warmup: int,
+        ablation: bool = True, chosen=PEERS) -> dict:
+    """Compile the set, build and check the peers, time everything in blocks and
+    interleaved, then per tenant; the results as one dict (`to_markdown` prints it)."""
+    torch.set_num_threads(THREADS)
+    tenants = get_set(set_name, **set_options(set_name, n, batch))
+    twins = torch_twins(set_name, tenants, batch)
+    inputs = {t.name: tuple(np.asarray(x) for x in t.example_inputs) for t in tenants}
+    torch_inputs = {k: tuple(torch.from_numpy(x) for x in v) for k, v in inputs.items()}
+    bundles, separate, compile_s = build_bundles(tenants, ablation)
+    numerics_ok = bundles["bundle"].verify(inputs)["ok"]
+    peers, diffs = build_peers(tenants, twins, inputs, torch_inputs, chosen)
+    compile_s |= {k: p.compile_s for k, p in peers.items() if k in PEERS}
+    contenders, notes = contenders_of(peers, bundles, separate, inputs)
+    flops = graph_flops(bundles["bundle"].graph)
+    rows = rows_of(block_times(contenders, repeat, warmup),
+                   round_times(contenders, repeat, warmup), flops)
     kernels = {label: kernel_launches(b, "run_all", run_all_args(b, inputs))
                for label, b in bundles.items()}
     kernels["tvm separate"] = sum(kernel_launches(b, name, inputs[name])
                                   for name, b in separate.items())
     return {"set": set_name, "n": len(tenants), "batch": batch, "repeat": repeat,
-            "tenants": [t.name for t in tenants], "rows": rows, "compile_s": compile_s,
-            "kernels": kernels, "flops": flops, "ceiling_gflops": ceiling,
-            "numerics_ok": check["ok"],
+            "tenants": [t.name for t in tenants], "rows": rows, "notes": notes,
+            "max_abs_diff": diffs, "compile_s": compile_s, "kernels": kernels,
+            "flops": flops, "ceiling_gflops": matmul_ceiling(),
+            "numerics_ok": numerics_ok, "best_peer": best_peer(rows, peers),
+            "per_tenant": per_tenant(bundles["bundle"], peers, inputs, repeat, warmup),
             "profile": bundles["bundle"].profile(inputs, repeat=10)}
 
 
-def to_markdown(res: dict, command: str) -> str:
-    """The RESULTS.md section of one run."""
+def _header(res: dict, command: str) -> list[str]:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
-    lines = [f"### {res['set']}: {res['n']} tenants, batch {res['batch']}",
-             "", f"`{command}` — {when}, {cpu}, {os.cpu_count()} cores, "
-             f"torch {torch.__version__}, {res['repeat']} rounds after warm-up.",
-             f"Matmul ceiling measured in the same run: {res['ceiling_gflops']:.0f} GFLOP/s; "
-             f"the set needs {res['flops'] / 1e6:.1f} MFLOP per run_all "
-             f"({1e3 * res['flops'] / 1e9 / res['ceiling_gflops']:.3f} ms at the ceiling); "
-             f"the bundle reaches {res['rows']['bundle']['gflops']:.1f} GFLOP/s, "
-             f"{100 * res['rows']['bundle']['gflops'] / res['ceiling_gflops']:.1f}% of it. "
-             f"Numerics within 1e-4: {'yes' if res['numerics_ok'] else 'NO'}.", "",
-             "| contender | median ms | p10-p90 ms | time / bundle | GFLOP/s | % ceiling "
-             "| kernels | compile s |", "|---|---|---|---|---|---|---|---|"]
+    bundle_gflops = res["rows"]["bundle"]["gflops"]
+    return [f"### {res['set']}: {res['n']} tenants, batch {res['batch']}",
+            "", f"`{command}` — {when}, {cpu}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {THREADS} threads each, {res['repeat']} timed calls "
+            "per contender in each column after warm-up.",
+            f"Matmul ceiling measured in the same run: {res['ceiling_gflops']:.0f} GFLOP/s; "
+            f"the set needs {res['flops'] / 1e6:.1f} MFLOP per run_all "
+            f"({1e3 * res['flops'] / 1e9 / res['ceiling_gflops']:.3f} ms at the ceiling); "
+            f"the bundle reaches {bundle_gflops:.1f} GFLOP/s in blocks, "
+            f"{100 * bundle_gflops / res['ceiling_gflops']:.1f}% of it. "
+            f"Bundle numerics within 1e-4: {'yes' if res['numerics_ok'] else 'NO'}.", "",
+            "Blocks: each contender in blocks of its own, first calls of each block left out, "
+            "blocks rotated (compute speed). Interleaved: every contender once a round (what "
+            "the neighbours' spinning workers cost whoever runs next). Ratios: time / the "
+            "bundle's time in the same column (above 1: the bundle is faster).", ""]
+
+
+def _max_diff(res: dict, label: str) -> str:
+    if label == "pytorch eager":
+        return "reference"
+    diffs = res["max_abs_diff"].get(label)
+    return f"{max(diffs.values()):.1e}" if diffs else ""
+
+
+def _rows_table(res: dict) -> list[str]:
+    lines = ["| contender | blocks median ms | p10-p90 ms | / bundle | interleaved ms "
+             "| / bundle | GFLOP/s | % ceiling | kernels | compile s | max abs diff vs eager "
+             "| note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in res["rows"].items():
         compile_s = f"{res['compile_s'][k]:.2f}" if k in res["compile_s"] else ""
         lines.append(f"| {k} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}-{r['p90_ms']:.3f} "
-                     f"| {r['ratio_to_bundle']:.2f} | {r['gflops']:.1f} "
+                     f"| {r['ratio_to_bundle']:.2f} | {r['interleaved_ms']:.3f} "
+                     f"| {r['interleaved_ratio']:.2f} | {r['gflops']:.1f} "
                      f"| {100 * r['gflops'] / res['ceiling_gflops']:.1f} "
-                     f"| {res['kernels'].get(k, '')} | {compile_s} |")
-    lines += ["", "Where the bundle's time goes (per tenant entry: share of library kernels, "
-              "TVM-generated kernels, VM builtins; top calls):", ""]
+                     f"| {res['kernels'].get(k, '')} | {compile_s} | {_max_diff(res, k)} | |")
+    for k, note in res["notes"].items():
+        lines.append(f"| {k} |" + " |" * 10 + f" {_max_diff(res, k)} | not timed: {note} |")
+    return lines
+
+
+def _best_line(res: dict) -> str:
+    if not res["best_peer"]:
+        return "No peer was timed."
+    label, ratio = res["best_peer"]
+    return (f"**Best peer (blocks): {label}, {res['rows'][label]['median_ms']:.3f} ms against "
+            f"the bundle's {res['rows']['bundle']['median_ms']:.3f} ms: peer / bundle = "
+            f"{ratio:.2f}** (above 1: the bundle is faster); interleaved, the same peer / "
+            f"bundle = {res['rows'][label]['interleaved_ratio']:.2f}.")
+
+
+def _tenant_table(res: dict) -> list[str]:
+    lines = ["Per tenant, in blocks: the bundle's entry (`bundle.run(tenant, ...)`) against "
+             "the peers' session for that tenant (ms; peer / bundle).", "",
+             "| tenant | bundle ms | onnxruntime ms | / bundle | OpenVINO ms | / bundle |",
+             "|---|---|---|---|---|---|"]
+    for name, ms in res["per_tenant"].items():
+        cells = [f"{ms['bundle']:.3f}"]
+        for label in ("onnxruntime", "openvino"):
+            cells += ([f"{ms[label]:.3f}", f"{ms[label] / ms['bundle']:.2f}"] if label in ms
+                      else ["-", "-"])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _profile_lines(res: dict) -> list[str]:
+    lines = ["Where the bundle's time goes (per tenant entry: share of library kernels, "
+             "TVM-generated kernels, VM builtins; top calls):", ""]
     for t, p in res["profile"]["tenants"].items():
         shares = {"library": 0.0, "tvm": 0.0, "vm": 0.0}
         for k in p["kernels"]:
@@ -244,6 +381,13 @@ def to_markdown(res: dict, command: str) -> str:
                         for k in p["kernels"][:4])
         lines.append(f"- {t}: {p['total_us']:.0f} us (library {100 * shares['library']:.0f}%, "
                      f"TVM {100 * shares['tvm']:.0f}%, VM {100 * shares['vm']:.0f}%); {top}")
+    return lines
+
+
+def to_markdown(res: dict, command: str) -> str:
+    """The RESULTS.md section of one run."""
+    lines = (_header(res, command) + _rows_table(res) + ["", _best_line(res), ""]
+             + _tenant_table(res) + [""] + _profile_lines(res))
     return "\n".join(lines) + "\n"
 
 
@@ -257,9 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--no-ablation", action="store_true",
                     help="skip the 'bundle -PASS' rows (one compile per pass: slow on big sets)")
+    ap.add_argument("--peers", default=",".join(PEERS),
+                    help=f"optional peers, comma-separated (default: all of {', '.join(PEERS)};"
+                         " empty: none)")
     ap.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
+    chosen = [p for p in args.peers.split(",") if p]
+    if set(chosen) - set(PEERS):
+        ap.error(f"unknown peers {sorted(set(chosen) - set(PEERS))}; known: {', '.join(PEERS)}")
     warnings.filterwarnings("ignore")
     sets = list(SETS) if args.set == "all" else [args.set]
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else
@@ -267,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     results, text = [], []
     for s in sets:
         print(f"benchmarking {s} ...", flush=True)
-        res = run(s, args.n, args.batch, args.repeat, args.warmup, not args.no_ablation)
+        res = run(s, args.n, args.batch, args.repeat, args.warmup, not args.no_ablation, chosen)
         results.append(res)
         text.append(to_markdown(res, command))
         print(text[-1], flush=True)

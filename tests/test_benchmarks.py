@@ -78,7 +78,13 @@ def test_contention_table_reports_slowdowns():
 
     res = {"set": "mixed", "repeat": 3, "threads": {"default": 2, "taskset -c 0": 1},
            "ms": {"0 busy": {"bundle": 2.0, "onnxruntime": 4.0},
-                  "2 busy": {"bundle": 3.0, "onnxruntime": 10.0}}}
+                  "2 busy": {"bundle": 3.0, "onnxruntime": 10.0},
+                  "after OpenVINO": {"bundle": 5.0, "onnxruntime": 4.4}}}
     text = contention_md(res, "python -m benchmarks.contention")
     assert "| 2 busy | 3.000 | 1.50 | 10.000 | 2.50 |" in text
+    assert "| after OpenVINO | 5.000 | 2.50 | 4.400 | 1.10 |" in text
+    res["ms"].pop("after OpenVINO")
+    res["notes"] = {"after OpenVINO": "openvino not installed (text, vit)"}
+    text = contention_md(res, "python -m benchmarks.contention")
+    assert "| after OpenVINO | not run: openvino not installed (text, vit) |" in text
     assert "under `taskset -c 0`: 1" in text
