@@ -277,6 +277,46 @@ def test_generic_paths_without_avx2():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_direct_conv_tiles_match_torch(isa):
+    """The direct conv's register tiles (4-row AVX2 strips; 12-row AVX-512 strips where the CPU
+    has AVX-512F, the default there) give torch's numbers on output channel counts that fill
+    no strip, strides, 1x1/3x3/5x5/7x7 kernels, narrow rows and the fused residual + ReLU."""
+    script = textwrap.dedent(f"""
+        import numpy as np, torch, tvm_ffi
+        import mtcompile.native as native
+        native.register()
+        conv = tvm_ffi.get_global_func(native.CONV2D_BIAS)
+        conv_res = tvm_ffi.get_global_func(native.CONV2D_BIAS + "_add_relu")
+        rng = np.random.default_rng(0)
+        r = lambda *s: rng.standard_normal(s).astype(np.float32)
+        t = tvm_ffi.from_dlpack
+        def close(got, ref):
+            assert np.abs(got - ref).max() / np.abs(ref).max() < {RTOL}, np.abs(got - ref).max()
+        for (n, c, h, w), oc, k, s in [((1, 32, 64, 64), 32, 3, 1), ((2, 13, 20, 37), 29, 3, 2),
+                                      ((1, 3, 33, 33), 7, 7, 2), ((1, 16, 18, 18), 25, 5, 1),
+                                      ((1, 24, 16, 48), 13, 1, 1), ((1, 64, 32, 32), 64, 3, 1)]:
+            x, wt, b = r(n, c, h, w), r(oc, c, k, k), r(oc)
+            ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(),
+                                             torch.from_numpy(wt).double(),
+                                             torch.from_numpy(b).double(), s, k // 2)
+            o = np.empty(ref.shape, np.float32)
+            params = tvm_ffi.Shape([s, s] + [k // 2] * 4 + [1, 1, 1])
+            conv(t(x), t(wt), t(b), params, t(o))
+            close(o, ref.numpy())
+            res = r(*ref.shape)
+            conv_res(t(x), t(wt), t(b), t(res), params, t(o))
+            close(o, torch.relu(ref + torch.from_numpy(res).double()).numpy())
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "MTCOMPILE_NATIVE_AVX2"}
+    if isa == "avx2":
+        env["MTCOMPILE_NATIVE_AVX2"] = "1"
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
 def test_two_threads_split_work_on_the_pool():
     """With TVM_NUM_THREADS=2 the kernels split rows / columns / pixel blocks / channels over
     the run's pool (pool.h: one worker thread appears, once) and give what numpy and torch

@@ -4,22 +4,27 @@
 // `stride` phase rows, so that the 16 inputs one kernel tap reads are contiguous for any
 // stride); the 16-wide vectors are then loaded straight from it, with no im2col matrix (for a
 // 3x3 conv at 64x64 that would be 4.7 MB, twice the L2). Weights are packed once per call into
-// 6-row K-major strips. Built with target attributes so that the library stays generic x86-64;
-// the caller dispatches on the CPU's features.
+// K-major strips of output channels: kMR (4) rows for the AVX2 tile (its 2 x 4 accumulators,
+// the two input vectors and a broadcast fit the 16 ymm registers: 6 rows spilled to the stack,
+// 60% of the FMA rate), kMR512 (12) for the AVX-512 tile (one zmm of 16 pixels per output
+// channel, the weight broadcast inside the FMA). Built with target attributes so that the
+// library stays generic x86-64; the caller dispatches on the CPU's features.
 #pragma once
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "epilogue.h"
 
 namespace mtc {
 
-constexpr int kMR = 6, kNR = 16;
+constexpr int kMR = 4, kMR512 = 12, kNR = 16;
 
 struct ConvGeom {
   int64_t C, H, W, KH, KW, OH, OW, Cg, Og;
@@ -91,14 +96,45 @@ inline void pad_channels(const ConvGeom& q, const Padded& pd, const float* x, in
   }
 }
 
-// weights [Og, Kd] of one group -> strips of kMR rows, each K-major (Kd x mr)
-inline void pack_weights(const float* w, int64_t Og, int64_t Kd, float* dst) {
-  for (int64_t o0 = 0; o0 < Og; o0 += kMR) {
-    const int64_t mr = std::min<int64_t>(kMR, Og - o0);
+// weights [Og, Kd] of one group -> strips of `strip` rows, each K-major (Kd x mr)
+inline void pack_weights(const float* w, int64_t Og, int64_t Kd, int strip, float* dst) {
+  for (int64_t o0 = 0; o0 < Og; o0 += strip) {
+    const int64_t mr = std::min<int64_t>(strip, Og - o0);
     for (int64_t k = 0; k < Kd; ++k)
       for (int64_t i = 0; i < mr; ++i) dst[k * mr + i] = w[(o0 + i) * Kd + k];
     dst += mr * Kd;
   }
+}
+
+// One output row of a tile, 16 pixels in two halves: + bias, + what out holds (accumulate),
+// then the epilogue; ncols < 16 writes the valid columns only.
+__attribute__((target("avx2,fma"), always_inline)) inline void store_row(
+    __m256 r0, __m256 r1, const float* bias, float* o, const float* r, bool accumulate,
+    int ncols, Act act) {
+  if (bias != nullptr) {
+    const __m256 bv = _mm256_broadcast_ss(bias);
+    r0 = _mm256_add_ps(r0, bv);
+    r1 = _mm256_add_ps(r1, bv);
+  }
+  if (ncols == kNR) {
+    if (accumulate) {
+      r0 = _mm256_add_ps(r0, _mm256_loadu_ps(o));
+      r1 = _mm256_add_ps(r1, _mm256_loadu_ps(o + 8));
+    }
+    if (r != nullptr || act != kActNone) {
+      r0 = finish8(r0, r, 8, act);
+      r1 = finish8(r1, r ? r + 8 : nullptr, 8, act);
+    }
+    _mm256_storeu_ps(o, r0);
+    _mm256_storeu_ps(o + 8, r1);
+    return;
+  }
+  alignas(32) float tmp[kNR];
+  _mm256_store_ps(tmp, r0);
+  _mm256_store_ps(tmp + 8, r1);
+  for (int j = 0; j < ncols; ++j) o[j] = accumulate ? o[j] + tmp[j] : tmp[j];
+  if (r != nullptr || act != kActNone)
+    for (int j = 0; j < ncols; ++j) o[j] = act_scalar(o[j] + (r ? r[j] : 0.f), act);
 }
 
 // One register tile: MR output channels x 16 pixels over `nrows` (c, kh) rows. a: the strip's
@@ -132,36 +168,47 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile(
       }
     }
   }
-  alignas(32) float tmp[kNR];
 #pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    __m256 r0 = c0[i], r1 = c1[i];
-    if (bias != nullptr) {
-      const __m256 bv = _mm256_broadcast_ss(bias + i);
-      r0 = _mm256_add_ps(r0, bv);
-      r1 = _mm256_add_ps(r1, bv);
-    }
-    float* o = out + i * ldc;
-    const float* r = res != nullptr ? res + i * ldc : nullptr;
-    if (ncols == kNR) {
-      if (accumulate) {
-        r0 = _mm256_add_ps(r0, _mm256_loadu_ps(o));
-        r1 = _mm256_add_ps(r1, _mm256_loadu_ps(o + 8));
-      }
-      if (r != nullptr || act != kActNone) {
-        r0 = finish8(r0, r, 8, act);
-        r1 = finish8(r1, r ? r + 8 : nullptr, 8, act);
-      }
-      _mm256_storeu_ps(o, r0);
-      _mm256_storeu_ps(o + 8, r1);
-    } else {
-      _mm256_store_ps(tmp, r0);
-      _mm256_store_ps(tmp + 8, r1);
-      for (int j = 0; j < ncols; ++j) o[j] = accumulate ? o[j] + tmp[j] : tmp[j];
-      if (r != nullptr || act != kActNone)
-        for (int j = 0; j < ncols; ++j) o[j] = act_scalar(o[j] + (r ? r[j] : 0.f), act);
+  for (int i = 0; i < MR; ++i)
+    store_row(c0[i], c1[i], bias ? bias + i : nullptr, out + i * ldc,
+              res ? res + i * ldc : nullptr, accumulate, ncols, act);
+}
+
+// The AVX-512 tile: as `tile`, MR (up to kMR512) output channels x 16 pixels, one zmm each.
+template <int MR, int KW>
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void tile512(
+    const ConvGeom& q, const int64_t* tap, const float* a, const float* const* rows,
+    int64_t nrows, float* out, int64_t ldc, const float* bias, bool accumulate, int ncols,
+    const float* res, Act act) {
+  const int64_t kw_n = KW > 0 ? KW : q.KW;
+  __m512 c[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) c[i] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < nrows; ++r, a += kw_n * MR) {
+    const float* row = rows[r];
+    if (row == nullptr) continue;
+    const float* ak = a;
+#pragma GCC unroll 8
+    for (int64_t kw = 0; kw < kw_n; ++kw, ak += MR) {
+      const __m512 b = _mm512_loadu_ps(row + tap[kw]);
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(ak[i]), b, c[i]);
     }
   }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+    store_row(_mm512_castps512_ps256(c[i]),
+              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[i]), 1)),
+              bias ? bias + i : nullptr, out + i * ldc, res ? res + i * ldc : nullptr,
+              accumulate, ncols, act);
+}
+
+template <int MR, int KW>
+__attribute__((target("avx512f,avx2,fma"))) void tile512_call(
+    const ConvGeom& q, const int64_t* tap, const float* a, const float* const* rows,
+    int64_t nrows, float* out, int64_t ldc, const float* bias, bool accumulate, int ncols,
+    const float* res, Act act) {
+  tile512<MR, KW>(q, tap, a, rows, nrows, out, ldc, bias, accumulate, ncols, res, act);
 }
 
 template <int MR, int KW>
@@ -175,14 +222,36 @@ __attribute__((target("avx2,fma"))) void tile_call(const ConvGeom& q, const int6
 
 using TileFn = void (*)(const ConvGeom&, const int64_t*, const float*, const float* const*,
                         int64_t, float*, int64_t, const float*, bool, int, const float*, Act);
+template <int KW, int... MR>
+constexpr std::array<TileFn, kMR + 1> tiles_of(std::integer_sequence<int, 0, MR...>) {
+  return {nullptr, tile_call<MR, KW>...};
+}
+template <int KW, int... MR>
+constexpr std::array<TileFn, kMR512 + 1> tiles512_of(std::integer_sequence<int, 0, MR...>) {
+  return {nullptr, tile512_call<MR, KW>...};
+}
+// per row count 1..strip: the tile function for kernel width KW (0: read at run time)
 template <int KW>
-constexpr TileFn kTilesFor[kMR + 1] = {nullptr,          tile_call<1, KW>, tile_call<2, KW>,
-                                       tile_call<3, KW>, tile_call<4, KW>, tile_call<5, KW>,
-                                       tile_call<6, KW>};
+constexpr std::array<TileFn, kMR + 1> kTilesFor =
+    tiles_of<KW>(std::make_integer_sequence<int, kMR + 1>());
+template <int KW>
+constexpr std::array<TileFn, kMR512 + 1> kTiles512For =
+    tiles512_of<KW>(std::make_integer_sequence<int, kMR512 + 1>());
 
-// the tiles for a kernel width: 1 and 3 unrolled, others read it at run time
-inline const TileFn* tiles_for(int64_t kw) {
-  return kw == 3 ? kTilesFor<3> : kw == 1 ? kTilesFor<1> : kTilesFor<0>;
+// The tiles of one ISA: `fn[mr]` computes mr (1..strip) output channels.
+struct Tiles {
+  int strip;
+  const TileFn* fn;
+};
+
+// the tiles for a kernel width (1 and 3 unrolled, others read it at run time), on AVX-512
+// where the CPU has it
+inline Tiles tiles_for(int64_t kw, bool avx512) {
+  if (avx512)
+    return {kMR512, kw == 3   ? kTiles512For<3>.data()
+                    : kw == 1 ? kTiles512For<1>.data()
+                              : kTiles512For<0>.data()};
+  return {kMR, kw == 3 ? kTilesFor<3>.data() : kw == 1 ? kTilesFor<1>.data() : kTilesFor<0>.data()};
 }
 
 // channels per block: a block's weights (6 rows) and input rows stay in L1 together
@@ -193,8 +262,8 @@ inline int64_t channel_block(const ConvGeom& q) {
 // Output panels [t0, t1) of one image and group: panel t covers output row t / per_row,
 // columns from (t % per_row) * 16. xp: the group's padded channels; wp: its packed weights;
 // out: its first output channel; res (null for none), act: the epilogue, res laid out as out.
-inline void conv_panels(const ConvGeom& q, const Padded& pd, const float* xp, const float* wp,
-                        const float* bias, float* out, int64_t t0, int64_t t1,
+inline void conv_panels(const ConvGeom& q, const Padded& pd, Tiles tiles, const float* xp,
+                        const float* wp, const float* bias, float* out, int64_t t0, int64_t t1,
                         const float* res = nullptr, Act act = kActNone) {
   const int64_t P = q.OH * q.OW, Kd = q.Cg * q.KH * q.KW;
   const int64_t per_row = (q.OW + kNR - 1) / kNR;
@@ -210,15 +279,15 @@ inline void conv_panels(const ConvGeom& q, const Padded& pd, const float* xp, co
         rows[c * q.KH + kh] =
             pad_row ? nullptr : xp + c * pd.channel_floats() + ih * pd.row_floats + ow0;
       }
-    const TileFn* tiles = tiles_for(q.KW);
     const int64_t cb = channel_block(q), KK = q.KH * q.KW;
     for (int64_t c0 = 0; c0 < q.Cg; c0 += cb) {
       const int64_t c1 = std::min(q.Cg, c0 + cb);
       const float* a = wp;
       const bool last = c1 == q.Cg;  // the epilogue goes with the last channel block
-      for (int64_t o0 = 0; o0 < q.Og; o0 += kMR) {
-        const int64_t mr = std::min<int64_t>(kMR, q.Og - o0), at = o0 * P + oh * q.OW + ow0;
-        tiles[mr](q, pd.tap.data(), a + c0 * KK * mr, rows.data() + c0 * q.KH,
+      for (int64_t o0 = 0; o0 < q.Og; o0 += tiles.strip) {
+        const int64_t mr = std::min<int64_t>(tiles.strip, q.Og - o0);
+        const int64_t at = o0 * P + oh * q.OW + ow0;
+        tiles.fn[mr](q, pd.tap.data(), a + c0 * KK * mr, rows.data() + c0 * q.KH,
                   (c1 - c0) * q.KH, out + at, P,
                   c0 == 0 && bias != nullptr ? bias + o0 : nullptr, c0 > 0, ncols,
                   last && res != nullptr ? res + at : nullptr, last ? act : kActNone);

@@ -114,6 +114,9 @@ void parallel(int64_t work, int64_t max_tasks, const F& body) {
 const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") &&
                                                  __builtin_cpu_supports("fma")) &&
                       std::getenv("MTCOMPILE_NATIVE_GENERIC") == nullptr;
+// AVX-512 tiles where they pay (the direct conv); MTCOMPILE_NATIVE_AVX2 keeps the AVX2 ones
+const bool kHasAvx512 = kHasAvx2 && __builtin_cpu_supports("avx512f") &&
+                        std::getenv("MTCOMPILE_NATIVE_AVX2") == nullptr;
 
 // A kernel's epilogue (epilogue.h): act(result + res), res laid out as the kernel's output.
 struct Epilogue {
@@ -458,8 +461,9 @@ void conv_direct(const Conv& c, const float* px, const float* pw, const float* b
   if (xp.size() < static_cast<size_t>(c.C * cf)) xp.resize(c.C * cf);
   float* const wpp = wp.data();
   float* const xpp = xp.data();
+  const mtc::Tiles tiles = mtc::tiles_for(c.KW, kHasAvx512);
   for (int64_t g = 0; g < c.G; ++g)
-    mtc::pack_weights(pw + g * c.Og * Kd, c.Og, Kd, wpp + g * c.Og * Kd);
+    mtc::pack_weights(pw + g * c.Og * Kd, c.Og, Kd, tiles.strip, wpp + g * c.Og * Kd);
   const int64_t panels = c.OH * ((c.OW + mtc::kNR - 1) / mtc::kNR);
   for (int64_t n = 0; n < c.N; ++n) {
     const float* xn = px + n * c.C * c.H * c.W;
@@ -476,7 +480,7 @@ void conv_direct(const Conv& c, const float* px, const float* pw, const float* b
           for (int64_t t = t0; t < t1;) {  // a task's run of panels may span groups
             const int64_t g = t / panels, end = std::min(t1, (g + 1) * panels);
             const int64_t at = (n * c.O + g * c.Og) * c.OH * c.OW;
-            mtc::conv_panels(q, pd, xpp + g * c.Cg * cf, wpp + g * c.Og * Kd,
+            mtc::conv_panels(q, pd, tiles, xpp + g * c.Cg * cf, wpp + g * c.Og * Kd,
                              bias ? bias + g * c.Og : nullptr, py + at, t - g * panels,
                              end - g * panels, ep.res_at(at), ep.act);
             t = end;
