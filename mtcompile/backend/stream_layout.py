@@ -4,12 +4,11 @@ streams, its outputs and its event points. Lowering (`_Emitter.stream_function`)
 
 from __future__ import annotations
 
+from mtcompile.abi import ARENA_FN, RUN_ALL, StreamFunctions
 from mtcompile.analysis.schedule import kernel_dag, tensors_of
 from mtcompile.analysis.streams import happens_before
 from mtcompile.errors import LoweringError, MTCompileError
 from mtcompile.ir.graph import GET_ITEM, INPUT, TUPLE, Graph, Ref, TensorTy
-from mtcompile.runtime.abi import ARENA_FN, RUN_ALL
-from mtcompile.runtime.manifest import StreamFunctions
 
 
 def run_all_params(graph: Graph) -> list[tuple[str, list[tuple[str, str]]]]:
