@@ -7,7 +7,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mtcompile import build_cache, bundle_manifest
@@ -159,10 +159,47 @@ def compile(  # noqa: A001 - the public name the API promises
     built libraries in a build cache (`mtcompile.build_cache`): True for the default
     directory, or a directory; a bundle served from it has no `graph`.
     """
-    from mtcompile.passes import build_pipeline
-
     tenants = _check_tenants(tenants)
     legalize.register()  # before any TVM pass legalizes (the importers' constant folding)
+    s = _settings(target, name, cpu, threads, passes, pass_options, kernels, tuning_db)
+    stages = _Stages(progress or (lambda _msg: None))
+    lifted = _import(tenants, stages)
+    cache_dir, key, key_doc, cached = _look_up(cache, instruments, stages, tenants, threads,
+                                               name, target, s, lifted)
+    if cached is not None:
+        return cached
+    graph, entry_graph, imported, graphs, records = _front(
+        tenants, target, s.pipeline, instruments, stages, s.providers, s.pool, lifted)
+    manifest, executable, build_info = _lower_and_build(
+        stages, graph, entry_graph, stream_layout(graph), target, s.database, cpu, dict(
+            name=name, target=target, pipeline=s.pipeline, providers=s.providers,
+            tuning_db=s.db_hash, tenants=tenants, imported=imported, graph=graph,
+            entry_graph=entry_graph, graphs=graphs, records=records),
+        (s.cpu_name, s.cpu_features))
+    bundle = _bundle(executable, manifest, build_info, graph, entry_graph, records, stages,
+                     tenants, threads)
+    _store(cache_dir, key, key_doc, bundle, stages)
+    return bundle
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What `compile` makes of its arguments before any work (a bad one fails there)."""
+
+    cpu_name: str | None
+    cpu_features: tuple[str, ...] | None
+    pool: int  # TVM's thread pool size
+    pipeline: list
+    providers: dict[str, str]
+    database: Any  # the tuning database, or None
+    db_hash: str | None
+
+
+def _settings(target: str, name: str, cpu: str, threads: int | None, passes, pass_options,
+              kernels, tuning_db: str | None) -> _Settings:
+    """`compile`'s arguments checked and resolved, each failing before any work."""
+    from mtcompile.passes import build_pipeline
+
     if target not in TARGETS:
         raise MTCompileError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
@@ -175,38 +212,50 @@ def compile(  # noqa: A001 - the public name the API promises
     pipeline = build_pipeline(passes, pass_options)  # bad pass names fail before any work
     providers = resolve_providers(target, kernels)
     database = load_database(tuning_db, target) if tuning_db else None
-    db_hash = build_cache.tuning_db_hash(database) if database else None
-    stages = _Stages(progress or (lambda _msg: None))
-    lifted = _import(tenants, stages)
+    return _Settings(cpu_name, cpu_features, pool, pipeline, providers, database,
+                     build_cache.tuning_db_hash(database) if database else None)
+
+
+def _look_up(cache, instruments, stages: _Stages, tenants: list[Tenant], threads, name: str,
+             target: str, s: _Settings, lifted: tuple[list, list[Graph]]
+             ) -> tuple[Any, str | None, dict | None, CompiledBundle | None]:
+    """The build cache's directory (None: no cache), this build's key and key document, and
+    the cached bundle when there is one. Instruments turn the cache off: they watch the
+    passes, which a cached build skips."""
     cache_dir = build_cache.resolve_dir(cache)
     if cache_dir is not None and instruments:
         stages.say("cache    off: instruments watch the passes, which a cached build skips")
         cache_dir = None
-    if cache_dir is not None:
-        key_doc = build_cache.key_doc(
-            name=name, target=target, cpu=cpu_name, cpu_features=cpu_features,
-            providers=providers, pipeline=pipeline, cores=pool, tuning_db=db_hash,
-            tenants=tenants, imported=lifted[0], graphs=lifted[1])
-        key = build_cache.build_key(key_doc)
-        cached = build_cache.lookup(cache_dir, key, sources={t.name: t for t in tenants},
-                                    threads=threads)
-        stages.say(f"cache    {'hit' if cached else 'miss'} {key[:16]} in {cache_dir}")
-        if cached is not None:
-            cached.compile_report = {"stages_s": stages.seconds,
-                                     "cache": {"hit": True, "key": key}}
-            return cached
-    graph, entry_graph, imported, graphs, records = _front(
-        tenants, target, pipeline, instruments, stages, providers, pool, lifted)
+    if cache_dir is None:
+        return None, None, None, None
+    key_doc = build_cache.key_doc(
+        name=name, target=target, cpu=s.cpu_name, cpu_features=s.cpu_features,
+        providers=s.providers, pipeline=s.pipeline, cores=s.pool, tuning_db=s.db_hash,
+        tenants=tenants, imported=lifted[0], graphs=lifted[1])
+    key = build_cache.build_key(key_doc)
+    cached = build_cache.lookup(cache_dir, key, sources={t.name: t for t in tenants},
+                                threads=threads)
+    stages.say(f"cache    {'hit' if cached else 'miss'} {key[:16]} in {cache_dir}")
+    if cached is not None:
+        cached.compile_report = {"stages_s": stages.seconds, "cache": {"hit": True, "key": key}}
+    return cache_dir, key, key_doc, cached
 
-    streams = stream_layout(graph)
-    manifest, executable, build_info = _lower_and_build(
-        stages, graph, entry_graph, streams, target, database, cpu, dict(
-            name=name, target=target, pipeline=pipeline, providers=providers,
-            tuning_db=db_hash, tenants=tenants, imported=imported, graph=graph,
-            entry_graph=entry_graph, graphs=graphs, records=records),
-        (cpu_name, cpu_features))
+
+def _store(cache_dir, key: str, key_doc: dict, bundle: CompiledBundle, stages: _Stages) -> None:
+    """Keep a fresh build in the cache, when there is one (`cache_dir`)."""
+    if cache_dir is None:
+        return
+    t0 = time.perf_counter()
+    build_cache.store(cache_dir, key, key_doc, bundle)
+    bundle.compile_report["cache"] = {"hit": False, "key": key}
+    stages.done("store", t0)
+
+
+def _bundle(executable, manifest, build_info: dict, graph: Graph, entry_graph: Graph,
+            records, stages: _Stages, tenants: list[Tenant], threads) -> CompiledBundle:
+    """The compiled bundle: the manifest completed with what TVM's build told (memory, the
+    weights table) and the compile report."""
     arrays, args = build_info.pop("weights")
-
     # known once TVM has built the module, so kept beside the library's embedded manifest
     manifest = manifest.with_(memory=bundle_manifest.memory_info(
         graph.analyses.get("memory") and _with_tenant_plans(graph, entry_graph),
@@ -214,15 +263,9 @@ def compile(  # noqa: A001 - the public name the API promises
     report = {"stages_s": stages.seconds, "build": build_info,
               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
                           "nodes_after": r.nodes_after, **r.info} for r in records]}
-    bundle = CompiledBundle(executable, manifest, weights=arrays, graph=graph,
-                            sources={t.name: t for t in tenants}, compile_report=report,
-                            threads=threads)
-    if cache_dir is not None:
-        t0 = time.perf_counter()
-        build_cache.store(cache_dir, key, key_doc, bundle)
-        report["cache"] = {"hit": False, "key": key}
-        stages.done("store", t0)
-    return bundle
+    return CompiledBundle(executable, manifest, weights=arrays, graph=graph,
+                          sources={t.name: t for t in tenants}, compile_report=report,
+                          threads=threads)
 
 
 def tune(
@@ -255,26 +298,44 @@ def tune(
     on_trials: ``(trials just measured, most trials in all)``; on_task: a ``table`` row,
     after each batch of measurements.
     """
-    from mtcompile.backend import kernels as kernel_mod
-    from mtcompile.backend.tuning import count_tasks, parse_target
+    from mtcompile.backend.tuning import parse_target
     from mtcompile.backend.tuning import tune as run_tuning
-    from mtcompile.backend.tuning_remote import Tracker
     from mtcompile.passes import build_pipeline
 
     say = progress or (lambda _msg: None)
     tenants = _check_tenants(tenants)
     legalize.register()
     tuning_target = parse_target(target)
-    devices = None
-    if rpc_tracker is not None or rpc_key is not None:
-        # before the front end: a wrong address or key fails in seconds, not after imports
-        devices = Tracker.parse(rpc_tracker or "", rpc_key, wait_s=rpc_wait_s).check()
-        say(f"tracker {rpc_tracker}: {devices.servers} server(s) with key {rpc_key!r}, "
-            f"{devices.threads} thread(s) each")
+    devices = _devices(rpc_tracker, rpc_key, rpc_wait_s, say)  # before the front end
     pipeline = build_pipeline(passes, pass_options)
     providers = resolve_providers("llvm", kernels)
     graph, entry_graph, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say),
                                               providers)
+    _check_static(graph)
+    separate = _tasks_alone(graphs, pipeline, providers, tuning_target)
+    result = run_tuning(_prepared(graph, entry_graph), tuning_target, out_dir, trials,
+                        progress=say, on_trials=on_trials, devices=devices, builders=builders,
+                        on_task=on_task)
+    return {**result, "tasks_tenants_alone": separate,
+            "tasks_removed_by_merge": separate - result["tasks"], "kernels": providers}
+
+
+def _devices(rpc_tracker: str | None, rpc_key: str | None, wait_s: float, say):
+    """The tracker's servers that measure (`tuning_remote.Devices`, checked: a wrong address
+    or key fails in seconds, before the front end's imports), or None: this machine
+    measures."""
+    from mtcompile.backend.tuning_remote import Tracker
+
+    if rpc_tracker is None and rpc_key is None:
+        return None
+    devices = Tracker.parse(rpc_tracker or "", rpc_key, wait_s=wait_s).check()
+    say(f"tracker {rpc_tracker}: {devices.servers} server(s) with key {rpc_key!r}, "
+        f"{devices.threads} thread(s) each")
+    return devices
+
+
+def _check_static(graph: Graph) -> None:
+    """MetaSchedule tunes kernels of fixed shapes: tenants with symbolic dims are refused."""
     dynamic = sorted({n.tenant for n in graph.nodes
                       if isinstance(n.ty, TensorTy) and n.ty.symbolic})
     if dynamic:
@@ -282,17 +343,19 @@ def tune(
                              "MetaSchedule tunes kernels of fixed shapes: tune the tenants "
                              "with static shapes (e.g. at the bound), or build without tuning")
 
-    def prepared(g: Graph, entries: Graph | None = None):
-        return kernel_mod.prepare(emit_module(g, None, entries))
 
-    # each tenant alone, with the same kernel decisions as the merged graph got
+def _prepared(g: Graph, entries: Graph | None = None):
+    """`g` lowered and prepared as the build prepares it (the module tuning extracts from)."""
+    from mtcompile.backend import kernels
+
+    return kernels.prepare(emit_module(g, None, entries))
+
+
+def _tasks_alone(graphs: list[Graph], pipeline, providers: dict[str, str], target) -> int:
+    """The tuning tasks of the tenants compiled alone, each with the kernel decisions the
+    merged graph got (its fold-batch-norm and offload-library passes)."""
+    from mtcompile.backend.tuning import count_tasks
+
     alone = [p for p in pipeline if p.name in ("fold-batch-norm", "offload-library")]
     ctx = PassContext("llvm", providers)
-    separate = sum(count_tasks(prepared(run_passes(g, alone, ctx)[0]), tuning_target)
-                   for g in graphs)
-    result = run_tuning(prepared(graph, entry_graph), tuning_target, out_dir, trials,
-                        progress=say, on_trials=on_trials, devices=devices, builders=builders,
-                        on_task=on_task)
-    result.update(tasks_tenants_alone=separate, tasks_removed_by_merge=separate - result["tasks"],
-                  kernels=providers)
-    return result
+    return sum(count_tasks(_prepared(run_passes(g, alone, ctx)[0]), target) for g in graphs)

@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Sequence
 
+from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.index_ranges import input_index_ranges
 from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.analysis.schedule import kernel_dag
@@ -16,7 +17,6 @@ from mtcompile.errors import MTCompileError
 from mtcompile.frontend.merge import constant_bytes_before_merge
 from mtcompile.ir.graph import ConstRef, Graph, Sym, TensorTy
 from mtcompile.ir.view import graph_view
-from mtcompile.runtime.abi import RUN_ALL
 from mtcompile.runtime.manifest import (
     GraphStats,
     IOSpec,

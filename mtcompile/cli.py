@@ -495,10 +495,26 @@ def _epilog() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per verb, each with the flags every command takes."""
     p = _Parser(prog="mtcompile", description="Compile several models into one multi-tenant "
                 "TVM executable. Logs go to stderr, results to stdout (--json: one JSON "
                 "document).", epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"mtcompile {__version__}")
+    common = _common_flags()
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str):
+        return sub.add_parser(name, help=help, parents=[common], epilog=_epilog(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    for add in (_build_command, _run_command, _inspect_command, _demo_command, _tune_command,
+                _profile_command, _report_command, _passes_command):
+        add(command)
+    return p
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    """The flags of every command: verbosity and --json."""
     common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log lines on stderr (debug)")
@@ -506,31 +522,32 @@ def parser() -> argparse.ArgumentParser:
                         help="warnings and errors only, no progress bar")
     common.add_argument("--json", action="store_true",
                         help="print one JSON document on stdout (results, or the error)")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    return common
 
-    def command(name: str, help: str):
-        return sub.add_parser(name, help=help, parents=[common], epilog=_epilog(),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def pass_flags(sp):
-        sp.add_argument("--kernels", metavar="PROVIDER", help="heavy-op provider: native | torch | "
-                        "tvm | matmul=tvm,conv2d=torch (default: native on CPU)")
-        sp.add_argument("--passes", help="comma-separated pass names (default pipeline if absent)")
-        sp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
-        sp.add_argument("--print-after", metavar="PASSES", help="print the graph after these "
-                        "passes (comma-separated, or 'all')")
-        sp.add_argument("--cpu", default="host", help="CPU the kernels are compiled for: host "
-                        "(this machine's, default) | generic (any x86-64) | an LLVM CPU name")
-        threads_flag(sp)
-        sp.add_argument("--atol", type=_tolerance, default=None, help="numerics: absolute "
-                        "tolerance (default: by the outputs' dtype, 0 for float32)")
-        sp.add_argument("--rtol", type=_tolerance, default=None, help="numerics: tolerance "
-                        "relative to max|source output| (default: by dtype, 1e-4 for float32)")
+def _threads_flag(sp) -> None:
+    sp.add_argument("--threads", type=_positive, metavar="N", help="TVM thread pool size "
+                    "(default: the machine's cores; TVM_NUM_THREADS, if set, wins)")
 
-    def threads_flag(sp):
-        sp.add_argument("--threads", type=_positive, metavar="N", help="TVM thread pool size "
-                        "(default: the machine's cores; TVM_NUM_THREADS, if set, wins)")
 
+def _pass_flags(sp) -> None:
+    """The flags of the commands that compile (build, demo): passes, kernels, CPU, numerics."""
+    sp.add_argument("--kernels", metavar="PROVIDER", help="heavy-op provider: native | torch | "
+                    "tvm | matmul=tvm,conv2d=torch (default: native on CPU)")
+    sp.add_argument("--passes", help="comma-separated pass names (default pipeline if absent)")
+    sp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
+    sp.add_argument("--print-after", metavar="PASSES", help="print the graph after these "
+                    "passes (comma-separated, or 'all')")
+    sp.add_argument("--cpu", default="host", help="CPU the kernels are compiled for: host "
+                    "(this machine's, default) | generic (any x86-64) | an LLVM CPU name")
+    _threads_flag(sp)
+    sp.add_argument("--atol", type=_tolerance, default=None, help="numerics: absolute "
+                    "tolerance (default: by the outputs' dtype, 0 for float32)")
+    sp.add_argument("--rtol", type=_tolerance, default=None, help="numerics: tolerance "
+                    "relative to max|source output| (default: by dtype, 1e-4 for float32)")
+
+
+def _build_command(command) -> None:
     b = command("build", "build a TOML spec of tenants into OUT/, then check its numerics")
     b.add_argument("spec")
     b.add_argument("-o", "--output", required=True, help="output directory")
@@ -540,30 +557,38 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-dir", metavar="DIR", help="build cache directory (default: "
                    "$MTCOMPILE_CACHE_DIR/builds or ~/.cache/mtcompile/builds)")
     b.add_argument("--no-cache", action="store_true", help="neither use nor fill the cache")
-    pass_flags(b)
+    _pass_flags(b)
     b.set_defaults(fn=cmd_build)
 
+
+def _run_command(command) -> None:
     r = command("run", "run one tenant of a saved bundle on .npy inputs")
     r.add_argument("bundle")
     r.add_argument("--tenant", required=True)
     r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     r.add_argument("-o", "--output", default="outputs", help="directory for <tenant>.<output>.npy")
-    threads_flag(r)
+    _threads_flag(r)
     r.set_defaults(fn=cmd_run)
 
+
+def _inspect_command(command) -> None:
     i = command("inspect", "summarize a saved bundle (reads its manifest; needs no TVM); "
                 "--json prints the whole manifest")
     i.add_argument("bundle")
     i.set_defaults(fn=cmd_inspect)
 
+
+def _demo_command(command) -> None:
     d = command("demo", "build, run and check a bundled demo tenant set")
     d.add_argument("--set", default="heterogeneous",
                    choices=["heterogeneous", "same-arch", "shared-backbone", "bert4", "mixed"])
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("-o", "--output", default="out/demo")
-    pass_flags(d)
+    _pass_flags(d)
     d.set_defaults(fn=cmd_demo)
 
+
+def _tune_command(command) -> None:
     t = command("tune", "tune the TVM kernels of a spec into a database (offline)")
     t.add_argument("spec")
     t.add_argument("-o", "--output", required=True, help="database directory")
@@ -580,21 +605,26 @@ def parser() -> argparse.ArgumentParser:
                    "(default: this machine's cores)")
     t.set_defaults(fn=cmd_tune)
 
+
+def _profile_command(command) -> None:
     pr = command("profile", "time per kernel of a saved bundle, by tenant")
     pr.add_argument("bundle")
     pr.add_argument("--repeat", type=_positive, default=10)
     pr.add_argument("--top", type=_positive, default=8, help="kernels shown per tenant")
-    threads_flag(pr)
+    _threads_flag(pr)
     pr.set_defaults(fn=cmd_profile)
 
+
+def _report_command(command) -> None:
     rp = command("report", "write a self-contained HTML report of a saved bundle")
     rp.add_argument("bundle")
     rp.add_argument("-o", "--output", default="report.html", help="HTML file to write")
     rp.set_defaults(fn=cmd_report)
 
+
+def _passes_command(command) -> None:
     ps = command("passes", "list the registered passes")
     ps.set_defaults(fn=cmd_passes)
-    return p
 
 
 def _missing_module(e: ModuleNotFoundError) -> tuple[int, str]:

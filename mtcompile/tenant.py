@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from mtcompile.abi import MANIFEST_FN, RUN_ALL
 from mtcompile.errors import TenantError
-from mtcompile.runtime.abi import MANIFEST_FN, RUN_ALL
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # Entry names of the executable that a tenant entry must not clash with.

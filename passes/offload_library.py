@@ -188,74 +188,94 @@ def _fold_epilogues(graph: Graph, nodes: list[Node]) -> list[Node]:
     A matmul's result may reach the node through a reshape that keeps its last axis (a Linear
     on a 3-D input exports as reshape, addmm, reshape): the call then reads its input
     reshaped to match (a view) and gives the node's shape itself."""
-    users: dict[str, list[str]] = {}
+    folder = _EpilogueFolder(graph, nodes)
     for n in nodes:
-        for r in n.inputs:
-            users.setdefault(r, []).append(n.name)
-    outputs = graph.output_names()
-    cur: dict[str, Node] = {}  # name -> the node now under that name
-    gone: set[str] = set()  # nodes that joined their reader
-    added: dict[str, list[Node]] = {}  # name -> views to emit before it
-    typeof = graph_types(graph, cur)
+        folder.visit(n)
+    return folder.result(nodes)
 
-    def sole(name: str) -> bool:
-        return name not in outputs and len(users.get(name, [])) == 1
 
-    def foldable(arg, epilogue: str) -> tuple[Node, Node | None] | None:
+class _EpilogueFolder:
+    """`_fold_epilogues`'s walk over the nodes, in order: what each name now holds."""
+
+    def __init__(self, graph: Graph, nodes: list[Node]):
+        self.graph = graph
+        self.users: dict[str, list[str]] = {}
+        for n in nodes:
+            for r in n.inputs:
+                self.users.setdefault(r, []).append(n.name)
+        self.outputs = graph.output_names()
+        self.cur: dict[str, Node] = {}  # name -> the node now under that name
+        self.gone: set[str] = set()  # nodes that joined their reader
+        self.added: dict[str, list[Node]] = {}  # name -> views to emit before it
+        self.typeof = graph_types(graph, self.cur)
+
+    def sole(self, name: str) -> bool:
+        """`name` has one reader and is no tenant output."""
+        return name not in self.outputs and len(self.users.get(name, [])) == 1
+
+    def foldable(self, arg, epilogue: str) -> tuple[Node, Node | None] | None:
         """The call `arg` is (or reshapes), and the reshape, if it folds into a reader."""
-        src = cur.get(arg.name) if isinstance(arg, Ref) else None
+        src = self.cur.get(arg.name) if isinstance(arg, Ref) else None
         view = None
-        if (src is not None and src.op == "relax.reshape" and sole(src.name)
+        if (src is not None and src.op == "relax.reshape" and self.sole(src.name)
                 and isinstance(src.args[0], Ref)):
-            view, src = src, cur.get(src.args[0].name)
+            view, src = src, self.cur.get(src.args[0].name)
             if (src is None or ops.LIBRARY_CALLS.get(src.op) != "relax.matmul"
                     or not isinstance(view.ty, TensorTy) or not view.ty.shape
                     or view.ty.shape[-1] != src.ty.shape[-1]):
                 return None
         if (src is None or src.op not in ops.BIAS_CALLS or ops.CALL_PROVIDER[src.op] != "native"
-                or ops.EPILOGUE_CALLS.get(src.op, "") != epilogue or not sole(src.name)):
+                or ops.EPILOGUE_CALLS.get(src.op, "") != epilogue or not self.sole(src.name)):
             return None
         return src, view
 
-    for n in nodes:
-        found, epilogue, residual = None, "", ()
+    def match(self, n: Node) -> tuple[tuple[Node, Node | None] | None, str, tuple]:
+        """The call `n` would join as its epilogue (with the reshape between them, if any),
+        the epilogue it makes, and the residual argument of an add."""
         if n.op in ops.EPILOGUE_ACTS and len(n.args) == 1:
             act = ops.EPILOGUE_ACTS[n.op]
-            found, epilogue = foldable(n.args[0], ""), act
+            found = self.foldable(n.args[0], "")
             if found is None and act == "relu":
-                found, epilogue = foldable(n.args[0], "add"), "add_relu"
-        elif n.op == "relax.add" and len(n.args) == 2 and isinstance(n.ty, TensorTy):
+                return self.foldable(n.args[0], "add"), "add_relu", ()
+            return found, act, ()
+        if n.op == "relax.add" and len(n.args) == 2 and isinstance(n.ty, TensorTy):
             for i in (0, 1):
-                found, residual = foldable(n.args[i], ""), (n.args[1 - i],)
-                if (found is not None and _ty(graph, residual[0]) == n.ty
+                found, residual = self.foldable(n.args[i], ""), (n.args[1 - i],)
+                if (found is not None and _ty(self.graph, residual[0]) == n.ty
                         and residual[0] not in (Ref(found[0].name), n.args[i])):
-                    epilogue = "add"
-                    break
-                found = None
+                    return found, "add", residual
+        return None, "", ()
+
+    def visit(self, n: Node) -> None:
+        """`n`, or the call it joins as the epilogue, under `n`'s name."""
+        found, epilogue, residual = self.match(n)
         if found is None:
-            cur[n.name] = n
-            continue
+            self.cur[n.name] = n
+            return
         src, view = found
         args = src.args
         if view is not None:  # the call's input as a view of the node's leading shape
-            k = typeof(args[0]).shape[-1]
-            pre = make(typeof, f"{n.name}.in", n.tenants, relax.op.reshape, [args[0]],
+            k = self.typeof(args[0]).shape[-1]
+            pre = make(self.typeof, f"{n.name}.in", n.tenants, relax.op.reshape, [args[0]],
                        shape=[*n.ty.shape[:-1], k])
-            cur[pre.name] = pre
-            added.setdefault(n.name, []).append(pre)
+            self.cur[pre.name] = pre
+            self.added.setdefault(n.name, []).append(pre)
             args = (Ref(pre.name), *args[1:])
-            gone.add(view.name)
+            self.gone.add(view.name)
         lib = ops.LIBRARY[ops.LIBRARY_CALLS[src.op]]
         tenants = tuple(dict.fromkeys((*src.tenants, *n.tenants)))
-        cur[n.name] = Node(n.name, lib.call("native", True, epilogue), (*args, *residual),
-                           n.ty, tenants, src.attrs)
-        gone.add(src.name)
-    out: list[Node] = []
-    for n in nodes:
-        out.extend(added.get(n.name, []))
-        if n.name not in gone:
-            out.append(cur[n.name])
-    return out
+        self.cur[n.name] = Node(n.name, lib.call("native", True, epilogue),
+                                (*args, *residual), n.ty, tenants, src.attrs)
+        self.gone.add(src.name)
+
+    def result(self, nodes: list[Node]) -> list[Node]:
+        """The nodes in order, each preceded by the views it added, without those folded."""
+        out: list[Node] = []
+        for n in nodes:
+            out.extend(self.added.get(n.name, []))
+            if n.name not in self.gone:
+                out.append(self.cur[n.name])
+        return out
 
 
 def _row_calls(graph: Graph, const: set[str]) -> dict[str, tuple[Node, dict]]:

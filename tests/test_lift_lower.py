@@ -15,6 +15,7 @@ from conftest import MultiOut, linear_relu, seeded_input, tiny_conv
 from tvm import relax
 
 from mtcompile import Tenant
+from mtcompile.abi import RUN_ALL
 from mtcompile.backend.lowering import emit_module
 from mtcompile.errors import LoweringError, TenantError
 from mtcompile.frontend.importers import import_tenant
@@ -24,7 +25,6 @@ from mtcompile.ir.relax_types import lift_type
 from mtcompile.models.zoo import export_onnx
 from mtcompile.pass_infra import PassContext
 from mtcompile.passes.eliminate_dead_nodes import EliminateDeadNodes
-from mtcompile.runtime.abi import RUN_ALL
 
 
 class AddInt64(torch.nn.Module):

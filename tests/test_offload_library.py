@@ -22,6 +22,7 @@ from mtcompile.pass_infra import PassContext, run_passes
 from mtcompile.passes import build_pipeline
 from mtcompile.passes.fold_batch_norm import FoldBatchNorm
 from mtcompile.passes.offload_library import OffloadLibrary
+from mtcompile.runtime import library
 
 ATOL = 1e-4
 LIBRARY = {"matmul": "native", "conv2d": "native"}  # the default library provider
@@ -75,7 +76,9 @@ def ops_of(graph: Graph) -> list[str]:
 
 
 def run(graph: Graph, *inputs: np.ndarray, tenant: str = "main") -> list[np.ndarray]:
-    """Lower and build `graph` as compile does and run `tenant`'s entry."""
+    """Lower and build `graph` as compile does and run `tenant`'s entry on a bare VM (PyTorch's
+    kernels registered, as the runtime registers them for a bundle that calls them)."""
+    library.register()
     ex, _ = build(emit_module(graph), "llvm")
     out = relax.VirtualMachine(ex, tvm.cpu())[tenant](*[tvm.runtime.tensor(x) for x in inputs])
     return [o.numpy() for o in out] if not hasattr(out, "numpy") else [out.numpy()]

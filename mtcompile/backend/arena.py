@@ -27,6 +27,7 @@ import tvm
 import tvm.sym
 from tvm import relax
 
+from mtcompile.abi import PUT
 from mtcompile.analysis.memory import (
     Lifetime,
     Slot,
@@ -36,7 +37,6 @@ from mtcompile.analysis.memory import (
     place_naive,
 )
 from mtcompile.errors import MTCompileError
-from mtcompile.runtime.abi import PUT
 
 ATTR = "mtcompile.arena"  # function attribute, JSON: {"bytes": arena size, "alignment",
 # "offsets": {Relax var name: byte offset}, "sizes": {Relax var name: planned bytes}}

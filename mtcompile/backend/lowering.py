@@ -17,6 +17,16 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from mtcompile.abi import (
+    ARENA_FN,
+    GET,
+    INDEX_CHECK,
+    MANIFEST_FN,
+    PUT,
+    RUN_ALL,
+    SIGNAL,
+    WAIT,
+)
 from mtcompile.analysis.index_ranges import (
     IndexRead,
     checked_by_inputs,
@@ -47,16 +57,6 @@ from mtcompile.ir.relax_types import (
     lift_type,
     relax_type,
     undefined_size_vars,
-)
-from mtcompile.runtime.abi import (
-    ARENA_FN,
-    GET,
-    INDEX_CHECK,
-    MANIFEST_FN,
-    PUT,
-    RUN_ALL,
-    SIGNAL,
-    WAIT,
 )
 
 TARGETS = ("llvm", "cuda")
@@ -570,7 +570,8 @@ def build(mod: tvm.IRModule, target: str, database=None, cpu: str = HOST_CPU,
         mod, arrays, args = weights.lift(mod)
         lifted = (arrays, args)
     calls = library_calls(mod)
-    register_providers({CALL_PROVIDER.get(c, "native") for c in calls})  # or a packed dense
+    if any(CALL_PROVIDER.get(c, "native") == "native" for c in calls):  # or a packed dense
+        register_native()
     tgt = make_target(target, cpu)
     memory: dict[str, dict] = {}  # per function: planned and left-to-TVM bytes
     if target == "llvm":
@@ -588,17 +589,14 @@ def build(mod: tvm.IRModule, target: str, database=None, cpu: str = HOST_CPU,
     return executable, {"library_calls": len(calls), "memory": memory, "weights": lifted}
 
 
-def register_providers(providers: set[str]) -> None:
-    """Register the kernels of library `providers` as global functions: compiling and
-    running an executable that calls them looks them up by name."""
-    if "torch" in providers:
-        from mtcompile.runtime import library
+def register_native() -> None:
+    """Register the native kernels as global functions, so that an executable `build` made
+    runs in this process before it is saved (a saved library registers those linked into
+    it). Compiling needs no kernel registered; the runtime registers PyTorch's
+    (`mtcompile.runtime.library`) when a bundle that calls them makes its VMs."""
+    from mtcompile import native
 
-        library.register()
-    if "native" in providers:
-        from mtcompile import native
-
-        native.register()
+    native.register()
 
 
 def library_calls(mod: tvm.IRModule) -> list[str]:

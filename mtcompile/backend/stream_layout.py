@@ -4,12 +4,11 @@ streams, its outputs and its event points. Lowering (`_Emitter.stream_function`)
 
 from __future__ import annotations
 
+from mtcompile.abi import ARENA_FN, RUN_ALL, StreamFunctions
 from mtcompile.analysis.schedule import kernel_dag, tensors_of
 from mtcompile.analysis.streams import happens_before
 from mtcompile.errors import LoweringError, MTCompileError
 from mtcompile.ir.graph import GET_ITEM, INPUT, TUPLE, Graph, Ref, TensorTy
-from mtcompile.runtime.abi import ARENA_FN, RUN_ALL
-from mtcompile.runtime.manifest import StreamFunctions
 
 
 def run_all_params(graph: Graph) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -31,14 +30,26 @@ class StreamLayout:
     signalled after the producer's stage and waited for before the consumer's."""
 
     def __init__(self, graph: Graph):
-
         a = graph.analyses["streams"]
-        self.assignment = a
-        dag = kernel_dag(graph)
-        self.dag = dag
-        n = a.num_streams
-        self.functions = [f"{RUN_ALL}__s{i}" for i in range(n)]
-        stream_of = a.stream_of
+        self.graph, self.assignment = graph, a
+        self.dag = kernel_dag(graph)
+        self.functions = [f"{RUN_ALL}__s{i}" for i in range(a.num_streams)]
+        self._own_kernels()
+        live = graph.live_nodes()
+        self.groups: dict[str, list] = {}
+        for nd in graph.nodes:
+            if nd.group is not None and nd.name in live:
+                self.groups.setdefault(nd.group, []).append(nd)
+        self.group_of = {nd.name: nd.group for nd in graph.nodes if nd.group is not None}
+        self._place_outputs()
+        self._before = happens_before(a)
+        self._plan_streams()
+        self._place_events()
+
+    def _own_kernels(self) -> None:
+        """The stream that computes each node (`owner`), the kernel it is part of
+        (`kernel_of`) and each kernel's nodes (`kernel_nodes`)."""
+        stream_of, dag = self.assignment.stream_of, self.dag
         # nodes of kernels that compute (views are free: re-emitted where needed)
         self.owner = {node: stream_of[k.name] for k in dag.kernels if k.kind != "view"
                       for node in k.nodes}
@@ -46,38 +57,40 @@ class StreamLayout:
         # a kernel's nodes, plus the items of its tuple result: computed on its stream, so
         # another stream imports a field (a tensor), never the tuple
         self.kernel_nodes = {k.name: list(k.nodes) for k in dag.kernels}
-        for nd in graph.nodes:
+        for nd in self.graph.nodes:
             src = nd.inputs[0] if nd.op == GET_ITEM and nd.inputs else None
             if src in self.owner and nd.name not in self.owner and isinstance(nd.ty, TensorTy):
                 self.owner[nd.name] = self.owner[src]
                 kernel_of[nd.name] = kernel_of[src]
                 self.kernel_nodes[kernel_of[src]].append(nd.name)
-        outputs = [o for t in graph.tenants for o in graph.tenants[t].outputs]
-        live = graph.live_nodes()
-        groups: dict[str, list] = {}
-        for nd in graph.nodes:
-            if nd.group is not None and nd.name in live:
-                groups.setdefault(nd.group, []).append(nd)
-        self.group_of = {nd.name: nd.group for nd in graph.nodes if nd.group is not None}
-        params = [node for node, _ in run_all_params(graph)]
-        self.inputs: list[list[str]] = []
-        self.imports: list[list[str]] = []
-        self.emission: list[list[list[str]]] = []
+
+    def _place_outputs(self) -> None:
+        """Each tenant output on the stream owning the tensor it holds (inputs and constants:
+        stream 0): per stream its `outputs` and their indices into run_all's flat outputs."""
+        graph, n = self.graph, len(self.functions)
         self.outputs: list[list] = [[] for _ in range(n)]
         self.output_index: list[list[int]] = [[] for _ in range(n)]
-        self.exports: list[list[str]] = [[] for _ in range(n)]
-        self.value_id: dict[str, int] = {}
-
-        # each output: the stream owning the tensor it holds (inputs/constants: stream 0)
+        outputs = [o for t in graph.tenants for o in graph.tenants[t].outputs]
         for j, o in enumerate(outputs):
             s = 0
             if isinstance(o, Ref):
-                srcs = [self.owner[t] for t in tensors_of(graph, o.name, dag.alias) if t in self.owner]
+                srcs = [self.owner[t] for t in tensors_of(graph, o.name, self.dag.alias)
+                        if t in self.owner]
                 s = srcs[0] if srcs else 0
             self.outputs[s].append(o)
             self.output_index[s].append(j)
 
-        self.graph, self.groups, self._before = graph, groups, happens_before(a)
+    def _plan_streams(self) -> None:
+        """Per stream: the run_all inputs it reads (`inputs`, `input_index`), the values it
+        imports, its nodes to emit per stage (`emission`) and the values it exports, each
+        value that crosses streams with an id (`value_id`)."""
+        n = len(self.functions)
+        params = [node for node, _ in run_all_params(self.graph)]
+        self.inputs: list[list[str]] = []
+        self.imports: list[list[str]] = []
+        self.emission: list[list[list[str]]] = []
+        self.exports: list[list[str]] = [[] for _ in range(n)]
+        self.value_id: dict[str, int] = {}
         for i in range(n):
             ins, imp, stages = self._stream_nodes(i)
             self.inputs.append(sorted(ins, key=params.index))
@@ -90,6 +103,13 @@ class StreamLayout:
                     self.value_id[x] = len(self.value_id)
                     self.exports[s].append(x)
         self.input_index = [[params.index(x) for x in ins] for ins in self.inputs]
+
+    def _place_events(self) -> None:
+        """Event `e` of sync `e` = (producer, consumer): per stream, the events signalled
+        after each stage (`signals`) and waited for before it (`waits`), by stage index;
+        each event's (signalling, waiting) streams (`event_streams`)."""
+        a, n = self.assignment, len(self.functions)
+        stream_of = a.stream_of
         pos = [{k: j for j, k in enumerate(ks)} for ks in a.streams]
         self.waits: list[dict[int, list[int]]] = [{} for _ in range(n)]
         self.signals: list[dict[int, list[int]]] = [{} for _ in range(n)]

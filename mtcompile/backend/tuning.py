@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 from mtcompile.errors import MTCompileError
@@ -231,6 +232,70 @@ def tune(mod, target, out_dir: str | Path, trials: int, progress=print, on_trial
 
     from tvm.s_tir import meta_schedule as ms
 
+    cost_model = _cost_model()
+    light_tensor_intrin()
+    builders = builders or os.cpu_count() or 1
+    tracker = devices and devices.tracker
+    servers, cores = (devices.servers, devices.threads) if devices else (0, os.cpu_count() or 1)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    fused, extracted, contexts, weights = _tasks(mod, _with_cores(target, cores), out,
+                                                 builders, progress)
+    kept = repair_database(out)
+    database = ms.database.JSONDatabase(str(out / WORKLOADS), str(out / RECORDS))
+    rows = _task_rows(database, contexts, fused, extracted)
+    run = _Run(rows, trials, tracker, on_trials, on_task)
+    progress(f"tuning {len(run.todo())} of {len(contexts)} task(s), up to {trials} trial(s) "
+             f"each ({kept} already in the database), cost model {cost_model}, "
+             + (f"measured on {servers} server(s)" if tracker else "measured here"))
+    if run.todo():
+        builder = ms.builder.LocalBuilder(max_workers=builders, timeout_sec=600,
+                                          initializer=light_tensor_intrin)
+        runner = tracker.runner(servers) if tracker is not None else ms.runner.LocalRunner()
+        # tune_tasks has one budget for every task: tasks with the same budget left go together
+        for budget, group in run.groups():
+            run.tune_group(group, budget, tasks=[contexts[i] for i in group],
+                           task_weights=[weights[i] for i in group],
+                           work_dir=str(out / "logs"), builder=builder, runner=runner,
+                           database=database, cost_model=cost_model)
+    return {"tasks": len(contexts), "records": len(database), "measured": run.measured,
+            "resumed_from": kept, "seconds": round(time.perf_counter() - t0, 1),
+            "cost_model": cost_model, "servers": servers, "table": rows}
+
+
+def _with_cores(target, cores: int):
+    """`target` with the measuring device's core count: MetaSchedule sizes parallel loops by
+    it (a target that names num-cores keeps its own). The database keys records by
+    workload."""
+    import tvm
+
+    return tvm.target.Target({"num-cores": cores, **dict(target.export())})
+
+
+def _tasks(mod, target, out: Path, builders: int, progress) -> tuple:
+    """The fused module, its tunable tasks and their tune contexts and weights."""
+    from tvm.s_tir import meta_schedule as ms
+
+    fused = fused_module(mod, target)
+    extracted = _tunable_tasks(ms.relax_integration.extract_tasks(fused, target), progress)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted, str(out / "logs"), num_threads=builders)
+    return fused, extracted, contexts, weights
+
+
+def _task_rows(database, contexts, fused, extracted) -> list[dict]:
+    """A row per task (`tune`'s ``table``): trials in the database so far, failed ones among
+    them, the best time and the tenants that run the kernel."""
+    return [{"task": t.task_name, "trials": n, "failed": f,
+             "best_us": None if b is None else b * 1e6, "tenants": u}
+            for t, (n, f, b), u in zip(extracted, _measured(database, contexts),
+                                       _task_tenants(fused, extracted), strict=True)]
+
+
+def _cost_model() -> str:
+    """MetaSchedule's cost model: ``xgb`` where xgboost is installed, else ``random``; an
+    MTCompileError when what tuning needs at all (psutil, cloudpickle) is missing."""
     try:
         import cloudpickle  # noqa: F401
         import psutil  # noqa: F401
@@ -238,100 +303,88 @@ def tune(mod, target, out_dir: str | Path, trials: int, progress=print, on_trial
         raise MTCompileError("tuning needs psutil and cloudpickle: pip install -e '.[tune]'") from e
     try:
         import xgboost  # noqa: F401
-
-        cost_model = "xgb"
     except ImportError:
-        cost_model = "random"
-    import tvm
+        return "random"
+    return "xgb"
 
-    light_tensor_intrin()
-    builders = builders or os.cpu_count() or 1
-    tracker = devices and devices.tracker
-    servers, cores = (devices.servers, devices.threads) if devices else (0, os.cpu_count() or 1)
-    # MetaSchedule needs the device's core count in the target (parallel loops are sized by
-    # it); a target that names num-cores keeps its own. The database keys records by workload.
-    target = tvm.target.Target({"num-cores": cores, **dict(target.export())})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    fused = fused_module(mod, target)
-    extracted = ms.relax_integration.extract_tasks(fused, target)
+
+def _tunable_tasks(extracted: list, progress) -> list:
+    """The extracted tasks without gathers (measured on random inputs, a gather reads out of
+    bounds and kills the runner), said through `progress` when there are any."""
     gathers = [t.task_name for t in extracted if _reads_indices(t)]
-    if gathers:  # measured on random inputs, a gather reads out of bounds and kills the runner
+    if gathers:
         progress(f"not tuned (gathers: random indices would read out of bounds): "
                  f"{', '.join(gathers)}")
-        extracted = [t for t in extracted if not _reads_indices(t)]
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted, str(out / "logs"), num_threads=builders)
-    kept = repair_database(out)
-    database = ms.database.JSONDatabase(str(out / WORKLOADS), str(out / RECORDS))
-    before = _measured(database, contexts)
-    users = _task_tenants(fused, extracted)
-    rows = [{"task": t.task_name, "trials": n, "failed": f,
-             "best_us": None if b is None else b * 1e6, "tenants": u}
-            for t, (n, f, b), u in zip(extracted, before, users, strict=True)]
+    return [t for t in extracted if not _reads_indices(t)]
 
-    def left(row: dict) -> int:
-        # failed runs do not count: a candidate lost with its server is measured again
-        return trials - (row["trials"] - row["failed"])
 
-    todo = [i for i, r in enumerate(rows) if left(r) > 0]
-    progress(f"tuning {len(todo)} of {len(contexts)} task(s), up to {trials} trial(s) each "
-             f"({kept} already in the database), cost model {cost_model}, "
-             + (f"measured on {servers} server(s)" if tracker else "measured here"))
-    measured = 0
-    stopped: list[BaseException] = []
-    interrupted: list[bool] = []
-    if todo:
-        builder = ms.builder.LocalBuilder(max_workers=builders, timeout_sec=600,
-                                          initializer=light_tensor_intrin)
-        runner = (tracker.runner(servers) if tracker is not None
-                  else ms.runner.LocalRunner())
-        total = sum(left(rows[i]) for i in todo)
-        # tune_tasks has one budget for every task: tasks with the same budget left go together
-        for budget in sorted({left(rows[i]) for i in todo}, reverse=True):
-            group = [i for i in todo if left(rows[i]) == budget]
+class _Run:
+    """One tuning run's tasks (`rows`, as `tune` returns them, updated after each measured
+    batch), the trials measured, and what stops it: a first Ctrl-C (after the batch being
+    measured) or the tracker losing every server."""
 
-            def on_batch(task_id, secs, group=group):
-                nonlocal measured
-                row = rows[group[task_id]]
-                row["trials"] += len(secs)
-                row["failed"] += sum(s is None for s in secs)
-                times = [s * 1e6 for s in secs if s is not None] + (
-                    [row["best_us"]] if row["best_us"] is not None else [])
-                row["best_us"] = min(times) if times else None
-                measured += len(secs)
-                if on_trials is not None:
-                    on_trials(len(secs), total)
-                if on_task is not None:
-                    on_task(dict(row))
-                if interrupted:
-                    stopped.append(KeyboardInterrupt())
-                    raise stopped[-1]
-                if tracker is not None:
-                    try:
-                        tracker.lost(sum(s is None for s in secs))
-                    except MTCompileError as e:
-                        stopped.append(e)
-                        raise
+    def __init__(self, rows: list[dict], trials: int, tracker, on_trials, on_task):
+        self.rows, self.trials, self.tracker = rows, trials, tracker
+        self.on_trials, self.on_task = on_trials, on_task
+        self.measured = 0
+        self.stopped: list[BaseException] = []
+        self.interrupted: list[bool] = []
+        self.total = sum(self.left(i) for i in self.todo())
 
-            callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
-                         _measure_callback(on_batch)]
+    def left(self, i: int) -> int:
+        """Trials task `i` still needs: failed runs do not count (a candidate lost with its
+        server is measured again)."""
+        row = self.rows[i]
+        return self.trials - (row["trials"] - row["failed"])
+
+    def todo(self) -> list[int]:
+        """The tasks with trials left."""
+        return [i for i in range(len(self.rows)) if self.left(i) > 0]
+
+    def groups(self) -> Iterator[tuple[int, list[int]]]:
+        """(budget, tasks) for each budget of trials left at the start, largest first; a
+        group is the tasks with that budget left when its turn comes."""
+        todo = self.todo()
+        for budget in sorted({self.left(i) for i in todo}, reverse=True):
+            yield budget, [i for i in todo if self.left(i) == budget]
+
+    def tune_group(self, group: list[int], budget: int, **tune_args) -> None:
+        """MetaSchedule's ``tune_tasks`` over `group`, each task up to `budget` trials."""
+        from tvm.s_tir import meta_schedule as ms
+
+        callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                     _measure_callback(lambda task_id, secs: self.on_batch(group, task_id, secs))]
+        try:
+            with _stop_after_batch(self.interrupted):
+                ms.tune_tasks(**tune_args, max_trials_global=budget * len(group),
+                              max_trials_per_task=budget, num_trials_per_iter=min(budget, 32),
+                              measure_callbacks=callbacks)
+        except Exception:
+            # what the callback raised comes back through TVM as a RuntimeError
+            if self.stopped:
+                raise self.stopped[0] from None
+            raise
+
+    def on_batch(self, group: list[int], task_id: int, secs: list[float | None]) -> None:
+        """A measured batch of task `group[task_id]`: its row updated, the callbacks told;
+        raises to stop the run (interrupted, or every server gone)."""
+        row = self.rows[group[task_id]]
+        row["trials"] += len(secs)
+        row["failed"] += sum(s is None for s in secs)
+        times = [s * 1e6 for s in secs if s is not None] + (
+            [row["best_us"]] if row["best_us"] is not None else [])
+        row["best_us"] = min(times) if times else None
+        self.measured += len(secs)
+        if self.on_trials is not None:
+            self.on_trials(len(secs), self.total)
+        if self.on_task is not None:
+            self.on_task(dict(row))
+        if self.interrupted:
+            self.stopped.append(KeyboardInterrupt())
+            raise self.stopped[-1]
+        if self.tracker is not None:
             try:
-                with _stop_after_batch(interrupted):
-                    ms.tune_tasks(tasks=[contexts[i] for i in group],
-                                  task_weights=[weights[i] for i in group],
-                                  work_dir=str(out / "logs"),
-                                  max_trials_global=budget * len(group),
-                                  max_trials_per_task=budget,
-                                  num_trials_per_iter=min(budget, 32), builder=builder,
-                                  runner=runner, database=database, cost_model=cost_model,
-                                  measure_callbacks=callbacks)
-            except Exception:
-                # what the callback raised comes back through TVM as a RuntimeError
-                if stopped:
-                    raise stopped[0] from None
+                self.tracker.lost(sum(s is None for s in secs))
+            except MTCompileError as e:
+                self.stopped.append(e)
                 raise
-    return {"tasks": len(contexts), "records": len(database), "measured": measured,
-            "resumed_from": kept, "seconds": round(time.perf_counter() - t0, 1),
-            "cost_model": cost_model, "servers": servers, "table": rows}

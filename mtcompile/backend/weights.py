@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import GenericConst
 
-from mtcompile.runtime.abi import MANIFEST_FN
+from mtcompile.abi import MANIFEST_FN
 
 # smaller constants (scalars of an add, shapes) stay in the executable: TVM may fold them
 # into kernels, and their bytes do not matter

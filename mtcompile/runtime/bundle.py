@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from mtcompile.abi import MANIFEST_FN, RUN_ALL
 from mtcompile.errors import InputError, MTCompileError
 from mtcompile.runtime import artifact, footprint, profile, tvmrt
-from mtcompile.runtime.abi import MANIFEST_FN, RUN_ALL
 from mtcompile.runtime.inputs import check_inputs, run_all_arrays, seeded_inputs
 from mtcompile.runtime.manifest import Manifest, TenantSig, signature_text
 from mtcompile.runtime.threads import configure as configure_threads

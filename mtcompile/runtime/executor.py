@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
+from mtcompile.abi import GET, PUT, SIGNAL, WAIT
 from mtcompile.errors import MTCompileError
-from mtcompile.runtime.abi import GET, PUT, SIGNAL, WAIT
 from mtcompile.runtime.cpu import usable_cores
 from mtcompile.runtime.threads import run_marks
 

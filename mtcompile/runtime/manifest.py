@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mtcompile.abi import StreamFunctions  # the streams' record lowering fills
 from mtcompile.errors import ArtifactError
 
 FORMAT = "mtcompile-bundle/3"  # bump when this layout or the entries' layout changes
@@ -154,22 +155,6 @@ class GraphStats:
     constants: int
     weight_bytes: int
     weight_bytes_before_merge: int
-
-
-@dataclass(frozen=True)
-class StreamFunctions:
-    """What the runtime needs to run ``run_all`` on its stream functions: their names, the
-    arena entry, events (and each one's signalling and waiting stream), each stream's
-    run_all inputs and flat outputs (indices), a label per stream and kernel -> tenant."""
-
-    functions: tuple[str, ...]
-    arena_function: str
-    num_events: int
-    event_streams: tuple[tuple[int, int], ...]
-    stream_inputs: tuple[tuple[int, ...], ...]
-    stream_outputs: tuple[tuple[int, ...], ...]
-    stream_tenants: tuple[str, ...]
-    kernel_tenant: dict[str, str]
 
 
 @dataclass(frozen=True)

@@ -168,8 +168,8 @@ class ThreadVMs:
 def raise_index_error(e: BaseException) -> None:
     """Raise `IndexOutOfRangeError` if `e` is a failed bounds check of the generated code
     (its message starts with `abi.INDEX_CHECK`); otherwise return."""
+    from mtcompile.abi import INDEX_CHECK
     from mtcompile.errors import IndexOutOfRangeError
-    from mtcompile.runtime.abi import INDEX_CHECK
 
     text = str(e)
     if INDEX_CHECK in text:
