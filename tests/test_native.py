@@ -278,10 +278,12 @@ def test_generic_paths_without_avx2():
 
 
 @pytest.mark.parametrize("isa", ["avx2", "default"])
-def test_direct_conv_tiles_match_torch(isa):
-    """The direct conv's register tiles (4-row AVX2 strips; 12-row AVX-512 strips where the CPU
-    has AVX-512F, the default there) give torch's numbers on output channel counts that fill
-    no strip, strides, 1x1/3x3/5x5/7x7 kernels, narrow rows and the fused residual + ReLU."""
+def test_register_tiles_match_torch(isa):
+    """The register tiles of the direct conv (4-row AVX2 strips; 12-row AVX-512 strips where
+    the CPU has AVX-512F, the default there) and of the packed dense (6 rows; 14 on AVX-512,
+    heights balanced) give torch's numbers: output channel counts that fill no strip, strides,
+    1x1/3x3/5x5/7x7 kernels, narrow rows, every row count 1..40, ragged columns and the fused
+    residual + ReLU."""
     script = textwrap.dedent(f"""
         import numpy as np, torch, tvm_ffi
         import mtcompile.native as native
@@ -307,6 +309,18 @@ def test_direct_conv_tiles_match_torch(isa):
             res = r(*ref.shape)
             conv_res(t(x), t(wt), t(b), t(res), params, t(o))
             close(o, torch.relu(ref + torch.from_numpy(res).double()).numpy())
+        dense = tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS)
+        dense_res = tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS + "_add_relu")
+        for rows in range(1, 41):
+            k, n = (64, 40) if rows % 2 else (37, 16)
+            a, w, b = r(rows, k), r(k, n), r(n)
+            ref = a.astype(np.float64) @ w + b
+            o = np.empty((rows, n), np.float32)
+            dense(t(a), t(native.pack_dense(w)), t(b), t(o))
+            close(o, ref)
+            res = r(rows, n)
+            dense_res(t(a), t(native.pack_dense(w)), t(b), t(res), t(o))
+            close(o, np.maximum(ref + res, 0))
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "MTCOMPILE_NATIVE_AVX2"}

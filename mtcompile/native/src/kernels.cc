@@ -114,7 +114,8 @@ void parallel(int64_t work, int64_t max_tasks, const F& body) {
 const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") &&
                                                  __builtin_cpu_supports("fma")) &&
                       std::getenv("MTCOMPILE_NATIVE_GENERIC") == nullptr;
-// AVX-512 tiles where they pay (the direct conv); MTCOMPILE_NATIVE_AVX2 keeps the AVX2 ones
+// AVX-512 tiles where they pay (the direct conv, the packed dense); MTCOMPILE_NATIVE_AVX2
+// keeps the AVX2 ones
 const bool kHasAvx512 = kHasAvx2 && __builtin_cpu_supports("avx512f") &&
                         std::getenv("MTCOMPILE_NATIVE_AVX2") == nullptr;
 
@@ -332,8 +333,8 @@ void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float*
       const int64_t r0 = blk * rb, nr = std::min(rb, rows - r0);
       const int64_t p0 = t - blk * panels, p1 = end - blk * panels;
       if (kHasAvx2) {
-        mtc::dense_panels_avx2(nr, K, N, pa + r0 * K, pw, bias, pc + r0 * N, p0, p1,
-                               ep.res_at(r0 * N), ep.act);
+        mtc::dense_panels(kHasAvx512, nr, K, N, pa + r0 * K, pw, bias, pc + r0 * N, p0, p1,
+                          ep.res_at(r0 * N), ep.act);
       } else {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t n0 = p * mtc::kDenseNR, nc = std::min<int64_t>(mtc::kDenseNR, N - n0);
