@@ -1,0 +1,207 @@
+"""The artifact contract (issue 25), in both runtimes: the weights table is bound to the
+library and bounds-checked, the driver checks the library (hash, ELF, embedded manifest,
+signature) and the manifest's fields as `mtcompile.load` does, and the minor findings
+(cache directory, output file names, .npy files, keys on the CLI, signed bundles said)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mtcompile
+from mtcompile.errors import ArtifactError
+from mtcompile.runtime import artifact, contract
+from mtcompile.runtime.abi import MANIFEST
+
+
+class Lin(nn.Module):
+    """Linear(32 -> 16): a 2 KiB weight, which the library carries in its weights table."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.fc = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class Emb(nn.Module):
+    """Embedding(64, 16): an index input whose manifest says its range [0, 64)."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            self.emb = nn.Embedding(64, 16)
+
+    def forward(self, ids):
+        return self.emb(ids) * 2.0
+
+
+X = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+IDS = torch.tensor([[1, 2, 3, 63], [0, 5, 9, 60]])
+
+
+def tenants() -> list[mtcompile.Tenant]:
+    return [mtcompile.Tenant("a", Lin(1), example_inputs=(X,)),
+            mtcompile.Tenant("b", Lin(2), example_inputs=(X,)),
+            mtcompile.Tenant("emb", Emb(), example_inputs=(IDS,))]
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The three tenants compiled once."""
+    return mtcompile.compile(tenants())
+
+
+@pytest.fixture
+def saved(built, tmp_path) -> Path:
+    """A fresh copy of the bundle, which the test may damage."""
+    return built.save(tmp_path / "bundle")
+
+
+def edit(d: Path, change) -> None:
+    """Apply `change` to the manifest's JSON dict in place."""
+    m = json.loads((d / MANIFEST).read_text())
+    change(m)
+    (d / MANIFEST).write_text(json.dumps(m))
+
+
+def in_child(code: str, *args) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter (a signal kills the child, not the test)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+LOAD_RUN = """
+    import sys, numpy as np, mtcompile
+    try:
+        b = mtcompile.load(sys.argv[1])
+        print("ran", b.run("a", np.ones((2, 32), np.float32))[0].sum())
+    except mtcompile.errors.MTCompileError as e:
+        print(type(e).__name__ + ":", e)
+"""
+
+
+# ------------------------------------------------------------------ item 1: weights table
+def _weights(m) -> dict:
+    return m["weights"]
+
+
+WEIGHT_EDITS = {
+    # name: (edit of the first weight row, words the refusal says)
+    "offset past the file": (lambda r: r.__setitem__(0, 1 << 40),
+                             ["weights.tensors[0] (weight 0): extent", "to end within",
+                              "found its end at byte"]),
+    "negative offset": (lambda r: r.__setitem__(0, -64),
+                        ["weights.tensors[0] (weight 0): offset", "expected >= 0 and a "
+                         "multiple of 64, found -64"]),
+    "misaligned offset": (lambda r: r.__setitem__(0, r[0] + 4),
+                          ["weights.tensors[0] (weight 0): offset", "multiple of 64"]),
+    "huge shape": (lambda r: r.__setitem__(1, [1 << 40, 1 << 40]),
+                   ["weights.tensors[0] (weight 0): extent"]),
+    "negative dim": (lambda r: r.__setitem__(1, [-1, 32]),
+                     ["weights.tensors[0] (weight 0): shape: expected dims >= 0, found "
+                      "[-1, 32]"]),
+    "unknown dtype": (lambda r: r.__setitem__(2, "float99"),
+                      ["weights.tensors[0] (weight 0): dtype: expected one of float32",
+                       "found 'float99'"]),
+    "another dtype": (lambda r: r.__setitem__(2, "int8"),
+                      ["weights.tensors[0].dtype: expected float32 (the table the library "
+                       "carries), found int8"]),
+    "offset moved inside": (lambda r: r.__setitem__(0, 0 if r[0] else 64),
+                            ["weights.tensors[0].offset: expected", "(the table the library "
+                             "carries)"]),
+}
+
+
+@pytest.mark.parametrize("case", list(WEIGHT_EDITS))
+def test_an_edited_weights_table_is_refused_at_load(saved, case):
+    change, words = WEIGHT_EDITS[case]
+    assert len(_weights(json.loads((saved / MANIFEST).read_text()))["tensors"]) >= 2
+    edit(saved, lambda m: change(_weights(m)["tensors"][0]))
+    res = in_child(LOAD_RUN, saved)  # before: SIGSEGV, wrong numbers or a raw error
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith(f"ArtifactError: {saved / MANIFEST}: weights."), res.stdout
+    for w in words:
+        assert w in res.stdout, res.stdout
+
+
+def test_table_bytes_are_checked(saved):
+    size = _weights(json.loads((saved / MANIFEST).read_text()))["bytes"]
+    edit(saved, lambda m: _weights(m).__setitem__("bytes", 1 << 40))
+    with pytest.raises(ArtifactError, match=r"weights.bytes: expected at most the \d+ bytes "
+                                            "of the library's weights symbol"):
+        mtcompile.load(saved)
+    edit(saved, lambda m: _weights(m).__setitem__("bytes", size - 64))
+    with pytest.raises(ArtifactError, match=r"weights.bytes: expected \d+ \(the table the "
+                                            r"library carries\), found \d+"):
+        mtcompile.load(saved)
+
+
+def test_a_refused_table_leaves_the_untouched_bundle_right(built, saved, tmp_path):
+    """Modules are cached by library hash: a bundle refused for its table must not leave
+    its views for the untouched bundle loaded next (before: both ran wrong)."""
+    good = built.save(tmp_path / "good")
+    edit(saved, lambda m: WEIGHT_EDITS["offset moved inside"][0](_weights(m)["tensors"][0]))
+    with pytest.raises(ArtifactError, match="the table the library carries"):
+        mtcompile.load(saved)
+    x = X.numpy()
+    np.testing.assert_array_equal(mtcompile.load(good).run("a", x)[0], built.run("a", x)[0])
+    with pytest.raises(ArtifactError, match="the table the library carries"):
+        mtcompile.load(saved)  # and the cached module does not let it through afterwards
+
+
+def test_a_library_without_its_table_is_refused(saved):
+    edit(saved, lambda m: m.pop("weights"))
+    with pytest.raises(ArtifactError, match=r"weights: expected \d+ weights \(the table the "
+                                            "library carries\), found 0"):
+        mtcompile.load(saved)
+
+
+def test_weight_rules_check_the_table_the_library_carries():
+    table = mtcompile.runtime.manifest.WeightsInfo(
+        "mtcompile_weights", 96, ((0, (4, 4), "float32"), (64, (8,), "float64")), {})
+    contract.check_weights(table, 128, "lib")
+    with pytest.raises(ArtifactError, match=r"lib: weights.tensors\[1\] \(weight 1\): extent: "
+                                            "expected float64\\[8\\] at offset 64 to end "
+                                            "within the 100 bytes"):
+        contract.check_weights(table, 100, "lib")
+
+
+# ------------------------------------------------------------------ item 3 (Python side)
+def test_run_all_inputs_must_name_each_tenant_input_once(saved):
+    edit(saved, lambda m: m["run_all_inputs"].pop())
+    with pytest.raises(ArtifactError, match="key 'run_all_inputs': expected each tenant input "
+                                            "once"):
+        mtcompile.load(saved)
+
+
+def _swap_run_all_inputs(m) -> None:
+    r = m["run_all_inputs"]
+    r[0], r[1] = r[1], r[0]
+
+
+def test_swapped_run_all_inputs_are_refused(saved):
+    edit(saved, _swap_run_all_inputs)
+    with pytest.raises(ArtifactError, match=r"disagree on \['run_all_inputs'\]"):
+        mtcompile.load(saved)
+
+
+def test_library_outside_the_bundle_directory_is_refused(saved):
+    edit(saved, lambda m: m.__setitem__("library", "../base/bundle.so"))
+    with pytest.raises(ArtifactError, match="key 'library': '../base/bundle.so' is not a file "
+                                            "name"):
+        mtcompile.load(saved)
