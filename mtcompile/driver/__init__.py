@@ -45,7 +45,8 @@ def _flags() -> list[str]:
 def build() -> str:
     """Compile ``mtcompile-run`` once (cached by source and flags); its path."""
     flags = _flags()
-    key = hashlib.sha256(_SRC.read_bytes() + repr(flags).encode()).hexdigest()[:16]
+    sources = b"".join(p.read_bytes() for p in sorted(_SRC.parent.iterdir()))  # .cc and .h
+    key = hashlib.sha256(sources + repr(flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"driver-{key}" / "mtcompile-run"
     if out.exists():
         return str(out)
@@ -62,8 +63,10 @@ def build() -> str:
 
 
 def command(bundle_dir, entry: str, input_dir, output_dir, threads: int | None = None,
-            timing: bool = False) -> list:
-    """The argument list that runs `entry` of the bundle at `bundle_dir` with the driver."""
+            timing: bool = False, verify_key_file=None) -> list:
+    """The argument list that runs `entry` of the bundle at `bundle_dir` with the driver
+    (with `verify_key_file`: the bundle must carry a signature made with that key)."""
     cmd = [build(), str(bundle_dir), entry, str(input_dir), str(output_dir)]
     return cmd + (["--threads", str(threads)] if threads else []) + (
-        ["--timing"] if timing else [])
+        ["--timing"] if timing else []) + (
+        ["--verify-key-file", str(verify_key_file)] if verify_key_file else [])

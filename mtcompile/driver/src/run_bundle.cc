@@ -2,12 +2,15 @@
 // run one tenant or run_all on inputs read from .npy files, write the outputs as .npy files.
 //
 //   mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] [--timing]
+//                 [--verify-key-file FILE]
 //
 // ENTRY is a tenant's name or "run_all". Inputs are INPUT_DIR/<tenant>.<input>.npy (for run_all:
-// every tenant's); outputs are written to OUTPUT_DIR/<tenant>.<output>.npy. Inputs are checked
-// against the manifest (shape, dtype, index ranges) before the call, as the Python runtime does.
-// --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on stdout. Exit status: 0 ok, 2 usage,
-// 3 bad input or bundle, 4 run-time error.
+// every tenant's); outputs are written to OUTPUT_DIR/<tenant>.<output>.npy (a name's characters
+// outside [A-Za-z0-9_.-] become '_'). The bundle is checked as the Python runtime checks it
+// (contract.h: library hash before dlopen, ELF headers, embedded manifest, weights table, and
+// with --verify-key-file the signature), inputs against the manifest (shape, dtype, index
+// ranges) before the call. --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on
+// stdout. Exit status: 0 ok, 2 usage, 3 bad input or bundle, 4 run-time error.
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
@@ -19,6 +22,11 @@
 #include <tvm/ffi/string.h>
 
 #include <dlfcn.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "contract.h"
+#include "sha256.h"
 
 #include <algorithm>
 #include <chrono>
@@ -28,6 +36,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -38,10 +47,13 @@ namespace ffi = tvm::ffi;
 
 namespace {
 
-// an error in what the user gave (inputs, bundle): exit 3
-struct BadInput : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using mtc::as_array;
+using mtc::as_map;
+using mtc::BadInput;
+using mtc::field;
+using mtc::integer;
+using mtc::shape_str;
+using mtc::str;
 
 // ------------------------------------------------------------------ dtypes and .npy files
 struct DType {
@@ -70,12 +82,6 @@ const DType& dtype_of(DLDataType dl) {
                  std::to_string(dl.code) + ", bits " + std::to_string(dl.bits) + ")");
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
-
 // 64-byte aligned CPU memory, as TVM's own allocator gives (generated kernels may assume it)
 struct AlignedAlloc {
   void AllocData(DLTensor* t) {
@@ -96,48 +102,67 @@ struct Borrowed {
 struct Npy {
   std::string descr;
   std::vector<int64_t> shape;
-  std::string data;
 };
 
 // the value of `key` in a .npy header dict such as {'descr': '<f4', 'fortran_order': False, ...}
 std::string header_field(const std::string& h, const std::string& key, const std::string& path) {
-  size_t k = h.find("'" + key + "'");
-  if (k == std::string::npos) throw BadInput(path + ": .npy header has no '" + key + "'");
-  size_t c = h.find(':', k);
-  size_t s = h.find_first_not_of(' ', c + 1);
-  if (h[s] == '\'') return h.substr(s + 1, h.find('\'', s + 1) - s - 1);
-  if (h[s] == '(') return h.substr(s + 1, h.find(')', s) - s - 1);
-  return h.substr(s, h.find_first_of(",}", s) - s);
+  const size_t k = h.find("'" + key + "'");
+  const size_t c = k == std::string::npos ? k : h.find(':', k);
+  const size_t s = c == std::string::npos ? c : h.find_first_not_of(' ', c + 1);
+  if (s == std::string::npos) throw BadInput(path + ": .npy header has no '" + key + "'");
+  const char open = h[s];
+  const size_t e = open == '\'' ? h.find('\'', s + 1)
+                   : open == '(' ? h.find(')', s) : h.find_first_of(",}", s);
+  if (e == std::string::npos) throw BadInput(path + ": .npy header: '" + key + "' is malformed");
+  return open == '\'' || open == '(' ? h.substr(s + 1, e - s - 1) : h.substr(s, e - s);
 }
 
-Npy read_npy(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
+std::vector<int64_t> header_shape(const std::string& text, const std::string& path) {
+  std::vector<int64_t> shape;
+  std::stringstream dims(text);
+  std::string tok;
+  while (std::getline(dims, tok, ',')) {
+    const size_t a = tok.find_first_not_of(' '), b = tok.find_last_not_of(' ');
+    if (a == std::string::npos) continue;
+    const std::string d = tok.substr(a, b - a + 1);
+    int64_t v = -1;
+    auto r = std::from_chars(d.data(), d.data() + d.size(), v);
+    if (r.ec != std::errc() || r.ptr != d.data() + d.size() || v < 0)
+      throw BadInput(path + ": .npy header: shape (" + text + ") is malformed");
+    shape.push_back(v);
+  }
+  return shape;
+}
+
+// the header of a .npy file, the file left at its data; a file that is not a regular file
+// (a device, a FIFO: /dev/zero would be read forever) is refused
+Npy read_npy_header(std::ifstream& f, const std::string& path, uint64_t* data_bytes) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw BadInput(path + ": cannot open (an input file is missing?)");
+  if (!S_ISREG(st.st_mode)) throw BadInput(path + ": not a regular file");
+  f.open(path, std::ios::binary);
   if (!f) throw BadInput(path + ": cannot open (an input file is missing?)");
-  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (all.size() < 10 || all.compare(0, 6, "\x93NUMPY") != 0)
-    throw BadInput(path + ": not a .npy file");
-  const int major = static_cast<unsigned char>(all[6]);
-  size_t hlen, off;
-  if (major == 1) {
-    hlen = static_cast<unsigned char>(all[8]) | (static_cast<unsigned char>(all[9]) << 8);
-    off = 10;
-  } else {
-    if (all.size() < 12) throw BadInput(path + ": truncated .npy header");
-    hlen = 0;
-    for (int i = 0; i < 4; ++i) hlen |= size_t(static_cast<unsigned char>(all[8 + i])) << (8 * i);
+  char pre[12] = {};
+  f.read(pre, 10);
+  if (f.gcount() < 10 || std::memcmp(pre, "\x93NUMPY", 6) != 0) throw BadInput(path + ": not a .npy file");
+  const int major = static_cast<unsigned char>(pre[6]);
+  size_t hlen = static_cast<unsigned char>(pre[8]) | (static_cast<unsigned char>(pre[9]) << 8);
+  size_t off = 10;
+  if (major != 1) {
+    f.read(pre + 10, 2);
+    if (f.gcount() < 2) throw BadInput(path + ": truncated .npy header");
+    hlen = mtc::le(std::string(pre, 12), 8, 4);
     off = 12;
   }
-  if (off + hlen > all.size()) throw BadInput(path + ": truncated .npy header");
-  const std::string h = all.substr(off, hlen);
+  if (off + hlen > static_cast<uint64_t>(st.st_size)) throw BadInput(path + ": truncated .npy header");
+  std::string h(hlen, '\0');
+  f.read(h.data(), static_cast<std::streamsize>(hlen));
   Npy npy;
   npy.descr = header_field(h, "descr", path);
   if (header_field(h, "fortran_order", path) != "False")
     throw BadInput(path + ": Fortran-ordered arrays are not supported; save a C-ordered array");
-  std::stringstream dims(header_field(h, "shape", path));
-  std::string tok;
-  while (std::getline(dims, tok, ','))
-    if (tok.find_first_not_of(' ') != std::string::npos) npy.shape.push_back(std::stoll(tok));
-  npy.data = all.substr(off + hlen);
+  npy.shape = header_shape(header_field(h, "shape", path), path);
+  *data_bytes = static_cast<uint64_t>(st.st_size) - off - hlen;
   return npy;
 }
 
@@ -163,33 +188,6 @@ void write_npy(const std::string& path, const ffi::Tensor& t) {
 }
 
 // ------------------------------------------------------------------ the manifest
-ffi::Map<ffi::Any, ffi::Any> as_map(const ffi::Any& v, const std::string& key) {
-  auto m = v.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
-  if (!m) throw BadInput("manifest: " + key + " is not an object");
-  return *m;
-}
-ffi::Array<ffi::Any> as_array(const ffi::Any& v, const std::string& key) {
-  auto a = v.try_cast<ffi::Array<ffi::Any>>();
-  if (!a) throw BadInput("manifest: " + key + " is not a list");
-  return *a;
-}
-ffi::Any field(const ffi::Map<ffi::Any, ffi::Any>& m, const std::string& key,
-               const std::string& where) {
-  auto it = m.find(ffi::String(key));
-  if (it == m.end()) throw BadInput("manifest: " + where + " has no '" + key + "'");
-  return (*it).second;
-}
-std::string str(const ffi::Any& v, const std::string& key) {
-  auto s = v.try_cast<ffi::String>();
-  if (!s) throw BadInput("manifest: " + key + " is not a string");
-  return std::string(*s);
-}
-int64_t integer(const ffi::Any& v, const std::string& key) {
-  auto i = v.try_cast<int64_t>();
-  if (!i) throw BadInput("manifest: " + key + " is not an integer");
-  return *i;
-}
-
 struct IO {
   std::string name, dtype;
   std::vector<int64_t> shape;  // -1: a symbolic (dynamic) dim, its name in `dims`
@@ -215,6 +213,7 @@ std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
     if (b != m.end() && (*b).second != nullptr)
       for (const auto& kv : as_map((*b).second, where + ".dims")) {
         auto lh = as_array(kv.second, where + ".dims");
+        if (lh.size() != 2) throw BadInput("manifest: " + where + ".dims: expected [lo, hi]");
         io.bounds[str(kv.first, where + ".dims")] = {
             integer(lh[0], where + ".dims"), integer(lh[1], where + ".dims")};
       }
@@ -226,6 +225,7 @@ std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
     auto r = m.find(ffi::String("index_range"));
     if (r != m.end() && (*r).second != nullptr) {
       auto lh = as_array((*r).second, where + ".index_range");
+      if (lh.size() != 2) throw BadInput("manifest: " + where + ".index_range: expected [lo, hi]");
       io.ranged = true;
       io.lo = integer(lh[0], where + ".index_range");
       io.hi = integer(lh[1], where + ".index_range");
@@ -235,18 +235,11 @@ std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
   return ios;
 }
 
-struct Weight {
-  int64_t offset;
-  std::vector<int64_t> shape;
-  std::string dtype;
-};
-
 struct Manifest {
-  std::string library, target;
-  std::string weights_symbol;  // the library's weights table (empty: none)
-  int64_t weights_bytes = 0;
-  std::vector<Weight> weights;
-  std::map<std::string, std::vector<int64_t>> weight_args;  // function -> weight indices
+  std::string dir, path;  // the bundle directory, its manifest.json
+  ffi::Map<ffi::Any, ffi::Any> json;  // manifest.json as read
+  std::string library, target, library_sha256;
+  std::optional<mtc::WeightsTable> weights;
   std::vector<Tenant> tenants;  // in tenant_order
   std::vector<std::pair<std::string, std::string>> run_all_inputs;  // (tenant, input) each
   bool streamed = false;
@@ -262,21 +255,43 @@ struct Manifest {
   }
 };
 
-Manifest read_manifest(const std::string& dir) {
-  const std::string path = dir + "/manifest.json";
-  std::ifstream f(path);
-  if (!f) throw BadInput(path + ": cannot open (is " + dir + " a saved bundle?)");
-  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  ffi::String err;
-  ffi::Any root = ffi::json::Parse(text, &err);
-  if (!err.empty()) throw BadInput(path + ": not JSON: " + std::string(err));
-  auto m = as_map(root, "the manifest");
-  const std::string format = str(field(m, "format", "the manifest"), "format");
-  if (format != "mtcompile-bundle/3")
-    throw BadInput(path + ": format " + format + ", this driver reads mtcompile-bundle/3");
-  Manifest man;
-  man.library = str(field(m, "library", "the manifest"), "library");
-  man.target = str(field(m, "target", "the manifest"), "target");
+// what runtime/manifest.py requires of every manifest (and artifact.py: library_sha256)
+const char* const kRequired[] = {"name", "library", "target", "versions", "pipeline",
+                                 "kernels", "tenant_order", "run_all_inputs", "tenants",
+                                 "graph", "graph_view", "streams", "library_sha256"};
+
+std::string pairs_repr(const std::vector<std::pair<std::string, std::string>>& v) {
+  std::string r = "[";
+  for (size_t i = 0; i < v.size(); ++i)
+    r += (i ? ", ('" : "('") + v[i].first + "', '" + v[i].second + "')";
+  return (r + "]").substr(0, 200);
+}
+
+// rule run-all-inputs: each tenant input served once (runtime/manifest.py)
+void read_run_all_inputs(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
+  std::vector<std::pair<std::string, std::string>> want, found;
+  for (const Tenant& t : man.tenants)
+    for (const IO& io : t.inputs) want.emplace_back(t.name, io.name);
+  bool empty_group = false;
+  for (const ffi::Any& g : as_array(field(m, "run_all_inputs", "the manifest"), "run_all_inputs")) {
+    auto group = as_array(g, "run_all_inputs");
+    empty_group = empty_group || group.empty();
+    for (size_t i = 0; i < group.size(); ++i) {
+      auto pair = as_array(group[i], "run_all_inputs");
+      if (pair.size() != 2)
+        throw BadInput(man.path + " is corrupt: key 'run_all_inputs': expected lists of [tenant, input] pairs");
+      found.emplace_back(str(pair[0], "run_all_inputs"), str(pair[1], "run_all_inputs"));
+      if (i == 0) man.run_all_inputs.push_back(found.back());  // one array feeds the group
+    }
+  }
+  auto w = want, f = found;
+  std::sort(w.begin(), w.end()), std::sort(f.begin(), f.end());
+  if (w != f || empty_group)
+    throw BadInput(man.path + " is corrupt: key 'run_all_inputs': expected each tenant input "
+                   "once (" + pairs_repr(want) + "), found " + pairs_repr(found));
+}
+
+void read_tenants(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
   auto tenants = as_map(field(m, "tenants", "the manifest"), "tenants");
   for (const ffi::Any& n : as_array(field(m, "tenant_order", "the manifest"), "tenant_order")) {
     Tenant t;
@@ -287,41 +302,46 @@ Manifest read_manifest(const std::string& dir) {
         read_ios(field(tm, "outputs", "tenants." + t.name), "tenants." + t.name + ".outputs");
     man.tenants.push_back(t);
   }
-  // each run_all input is a group of (tenant, input) pairs fed by one array: take the first
-  for (const ffi::Any& g : as_array(field(m, "run_all_inputs", "the manifest"), "run_all_inputs")) {
-    auto first = as_array(as_array(g, "run_all_inputs")[0], "run_all_inputs");
-    man.run_all_inputs.emplace_back(str(first[0], "run_all_inputs"),
-                                    str(first[1], "run_all_inputs"));
+  if (man.tenants.size() != tenants.size())
+    throw BadInput(man.path + " is corrupt: key 'tenant_order': does not list the tenants");
+}
+
+Manifest read_manifest(const std::string& dir) {
+  Manifest man;
+  man.dir = dir, man.path = dir + "/manifest.json";
+  std::ifstream f(man.path);
+  if (!f) throw BadInput(man.path + ": cannot open (is " + dir + " a saved bundle?)");
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ffi::String err;
+  ffi::Any root = ffi::json::Parse(text, &err);
+  if (!err.empty()) throw BadInput(man.path + " is corrupt: not valid JSON (" + std::string(err) + ")");
+  auto m = man.json = as_map(root, "the manifest");
+  auto fmt = m.find(ffi::String("format"));
+  std::string format = "None";
+  if (fmt != m.end()) {
+    auto fs = (*fmt).second.try_cast<ffi::String>();
+    format = fs ? "'" + std::string(*fs) + "'" : mtc::canonical((*fmt).second);
   }
+  if (format != "'" + std::string(mtc::kFormat) + "'")
+    throw BadInput(man.path + ": format " + format + ", this mtcompile reads '" + mtc::kFormat +
+                   "'" + (format.rfind("'mtcompile-bundle/", 0) == 0
+                              ? "; rebuild the bundle with this mtcompile" : ""));
+  for (const char* k : kRequired)
+    if (m.find(ffi::String(k)) == m.end() || (*m.find(ffi::String(k))).second == nullptr)
+      throw BadInput(man.path + " is corrupt: key '" + k + "': missing");
+  man.library = str(field(m, "library", "the manifest"), "library");
+  mtc::check_library_name(man.library, man.path);
+  man.target = str(field(m, "target", "the manifest"), "target");
+  man.library_sha256 = str(field(m, "library_sha256", "the manifest"), "library_sha256");
+  read_tenants(man, m);
+  read_run_all_inputs(man, m);
   auto streams = as_map(field(m, "streams", "the manifest"), "streams");
   auto run = streams.find(ffi::String("run"));
   man.streamed = run != streams.end() && (*run).second != nullptr;
-  auto kernels = as_map(field(m, "kernels", "the manifest"), "kernels");
-  for (const auto& kv : kernels)
+  for (const auto& kv : as_map(field(m, "kernels", "the manifest"), "kernels"))
     if (str(kv.second, "kernels") == "torch") man.torch_kernels.push_back(str(kv.first, "kernels"));
   auto w = m.find(ffi::String("weights"));
-  if (w != m.end() && (*w).second != nullptr) {
-    auto wm = as_map((*w).second, "weights");
-    man.weights_symbol = str(field(wm, "symbol", "weights"), "weights.symbol");
-    man.weights_bytes = integer(field(wm, "bytes", "weights"), "weights.bytes");
-    for (const ffi::Any& row : as_array(field(wm, "tensors", "weights"), "weights.tensors")) {
-      auto r = as_array(row, "weights.tensors");
-      if (r.size() != 3) throw BadInput("manifest: weights.tensors: expected [offset, shape, dtype]");
-      Weight wt;
-      wt.offset = integer(r[0], "weights.tensors");
-      for (const ffi::Any& d : as_array(r[1], "weights.tensors")) wt.shape.push_back(integer(d, "weights.tensors"));
-      wt.dtype = str(r[2], "weights.tensors");
-      man.weights.push_back(wt);
-    }
-    for (const auto& kv : as_map(field(wm, "args", "weights"), "weights.args")) {
-      std::vector<int64_t>& idx = man.weight_args[str(kv.first, "weights.args")];
-      for (const ffi::Any& i : as_array(kv.second, "weights.args")) {
-        idx.push_back(integer(i, "weights.args"));
-        if (idx.back() < 0 || idx.back() >= static_cast<int64_t>(man.weights.size()))
-          throw BadInput("manifest: weights.args: an index outside the weights table");
-      }
-    }
-  }
+  if (w != m.end() && (*w).second != nullptr) man.weights = mtc::read_weights((*w).second);
   return man;
 }
 
@@ -337,9 +357,7 @@ void check_range(const char* data, size_t n, const IO& io, const std::string& te
                      std::to_string(io.hi) + ")");
 }
 
-ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const IO& io) {
-  const std::string path = dir + "/" + tenant + "." + io.name + ".npy";
-  Npy npy = read_npy(path);
+void check_npy(const Npy& npy, const IO& io, const std::string& tenant, const std::string& path) {
   const DType& d = dtype_named(io.dtype);
   if (npy.descr != d.descr)
     throw BadInput("tenant '" + tenant + "', input '" + io.name + "' (" + path + "): expected " +
@@ -351,8 +369,7 @@ ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const 
     throw BadInput("tenant '" + tenant + "', input '" + io.name + "' (" + path +
                    "): expected shape " + shape_str(io.shape) +
                    (std::count(io.shape.begin(), io.shape.end(), -1) ? " (-1: dynamic)" : "") +
-                   ", found " +
-                   shape_str(npy.shape));
+                   ", found " + shape_str(npy.shape));
   for (size_t i = 0; i < io.shape.size(); ++i) {  // a dynamic dim: within its bounds
     auto b = io.bounds.find(io.dims[i]);
     if (io.shape[i] == -1 && b != io.bounds.end() &&
@@ -363,17 +380,33 @@ ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const 
                      std::to_string(b->second.first) + ", " + std::to_string(b->second.second) +
                      "]");
   }
-  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(npy.shape.data(), npy.shape.size()), d.dl,
-                                           DLDevice{kDLCPU, 0});
-  const size_t bytes = ffi::GetDataSize(*t.GetDLTensorPtr());
-  if (npy.data.size() != bytes)
-    throw BadInput(path + ": " + std::to_string(npy.data.size()) + " data bytes, expected " +
-                   std::to_string(bytes));
-  std::memcpy(t.data_ptr(), npy.data.data(), bytes);
-  if (io.ranged) {
+}
+
+ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const IO& io) {
+  const std::string path = dir + "/" + mtc::file_name(tenant, io.name);
+  std::ifstream f;
+  uint64_t have = 0;
+  Npy npy = read_npy_header(f, path, &have);
+  check_npy(npy, io, tenant, path);
+  // the bytes the header promises, checked against the file before anything is allocated
+  __int128 want = dtype_named(io.dtype).dl.bits / 8;
+  for (int64_t d : npy.shape) want = std::min<__int128>(want * d, (__int128)1 << 100);
+  if (want != static_cast<__int128>(have))
+    throw BadInput(path + ": " + std::to_string(have) + " data bytes, its header's " +
+                   io.dtype + shape_str(npy.shape) + " needs " +
+                   (want < ((__int128)1 << 62) ? std::to_string(int64_t(want)) : "more"));
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(npy.shape.data(), npy.shape.size()),
+                                           dtype_named(io.dtype).dl, DLDevice{kDLCPU, 0});
+  f.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(have));
+  if (static_cast<uint64_t>(f.gcount()) != have) throw BadInput(path + ": cannot read its data");
+  if (io.ranged) {  // rule index-range
+    const char* data = static_cast<const char*>(t.data_ptr());
     const size_t n = static_cast<size_t>(t.numel());
-    if (io.dtype == "int64") check_range<int64_t>(npy.data.data(), n, io, tenant);
-    else if (io.dtype == "int32") check_range<int32_t>(npy.data.data(), n, io, tenant);
+    if (io.dtype == "int64") check_range<int64_t>(data, n, io, tenant);
+    else if (io.dtype == "int32") check_range<int32_t>(data, n, io, tenant);
+    else if (io.dtype == "int16") check_range<int16_t>(data, n, io, tenant);
+    else if (io.dtype == "int8") check_range<int8_t>(data, n, io, tenant);
+    else if (io.dtype == "uint8") check_range<uint8_t>(data, n, io, tenant);
   }
   return t;
 }
@@ -403,37 +436,209 @@ int64_t peak_rss_kib() {
   return -1;
 }
 
+// ------------------------------------------------------------------ the library (contract.h)
+std::string read_all(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw BadInput(path + " cannot be read");
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// a key file's bytes, one trailing newline dropped (runtime/signing.py read_key_file)
+std::string read_key_file(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+    throw BadInput("--verify-key-file " + path + ": not a readable file");
+  std::string key = read_all(path);
+  if (key.size() >= 2 && key.compare(key.size() - 2, 2, "\r\n") == 0) key.resize(key.size() - 2);
+  else if (!key.empty() && key.back() == '\n') key.pop_back();
+  if (key.empty()) throw BadInput("--verify-key-file " + path + ": the key is empty");
+  return key;
+}
+
+// rule signature: the HMAC of manifest.json (less its signature, canonical) and the library
+void check_signature(const Manifest& man, const std::string& key, const std::string& bytes) {
+  auto sig = man.json.find(ffi::String("bundle_signature"));
+  if (sig == man.json.end() || (*sig).second == nullptr)
+    throw BadInput(man.path + ": the bundle is not signed, and a verify key was given; save it "
+                   "with Bundle.save(path, sign_key=...)");
+  std::string text;
+  mtc::canonical_map(man.json, text, {"bundle_signature"});
+  mtc::Hmac mac(key);
+  const std::string scheme = "hmac-sha256";
+  mac.inner().update(scheme + '\0' + std::to_string(text.size()) + '\0');
+  mac.inner().update(text);
+  mac.inner().update(bytes);
+  auto found = (*sig).second.try_cast<ffi::String>();
+  if (!found || std::string(*found) != scheme + ":" + mtc::hex(mac.finish()))
+    throw BadInput(man.path + ": signature does not match the manifest and library with this "
+                   "key: the files were changed after signing, or were signed with another key");
+}
+
+// rules library-hash, signature, library-elf: the library's bytes, checked before any dlopen;
+// `src` gets the file they came from (<name>.so, or its staged copy of a save that stopped)
+std::string checked_library(const Manifest& man, const std::optional<std::string>& key,
+                            std::string* src) {
+  const std::string lib = man.dir + "/" + man.library, want = man.library_sha256;
+  std::string found;
+  for (const std::string& path : {lib, man.dir + "/." + man.library + "." + want.substr(0, 16)}) {
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    std::string bytes = read_all(path);
+    mtc::Sha256 h;
+    h.update(bytes);
+    const std::string digest = mtc::hex(h.digest());
+    if (digest == want) {
+      if (key) check_signature(man, *key, bytes);
+      mtc::check_elf(bytes, path);
+      *src = path;
+      return bytes;
+    }
+    if (found.empty()) found = digest;
+  }
+  if (found.empty())
+    throw BadInput(man.dir + ": the manifest names library '" + man.library + "', which is missing");
+  throw BadInput(lib + " does not match " + man.path + ": library sha256 " + found.substr(0, 16) +
+                 "..., manifest expects " + want.substr(0, 16) +
+                 "...; the files come from different builds");
+}
+
+// the checked bytes in a private file (what is checked is what gets loaded), removed at exit
+struct PrivateCopy {
+  std::string dir, path;
+  PrivateCopy(const std::string& bytes, const std::string& name) {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string templ = std::string(tmp && *tmp ? tmp : "/tmp") + "/mtcompile-run-XXXXXX";
+    if (mkdtemp(templ.data()) == nullptr) throw std::runtime_error("cannot make a temporary directory");
+    dir = templ, path = dir + "/" + name;
+    std::ofstream f(path, std::ios::binary);
+    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!f) throw std::runtime_error(path + ": cannot write a private copy of the library");
+  }
+  ~PrivateCopy() {
+    std::remove(path.c_str());
+    rmdir(dir.c_str());
+  }
+};
+
+// rule embedded-manifest: the library's copy equals manifest.json less kBuiltAfter
+void check_embedded(const Manifest& man, ffi::Module exec, const std::string& src) {
+  auto fn = exec->GetFunction("mtcompile_manifest");
+  if (!fn.has_value()) throw BadInput(src + ": has no readable embedded manifest");
+  auto t = (*fn)().try_cast<ffi::Tensor>();
+  if (!t) throw BadInput(src + ": has no readable embedded manifest");
+  const char* data = static_cast<const char*>(t->data_ptr()) + t->byte_offset();
+  ffi::String err;
+  ffi::Any embedded = ffi::json::Parse(std::string(data, ffi::GetDataSize(*t->GetDLTensorPtr())), &err);
+  auto m = embedded.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+  if (!err.empty() || !m) throw BadInput(src + ": has no readable embedded manifest");
+  const std::string diff = mtc::embedded_diff(*m, man.json);
+  if (!diff.empty()) throw BadInput(src + " and " + man.path + " disagree on " + diff);
+}
+
+struct LibWeights {
+  std::optional<mtc::WeightsTable> table;  // the library's own (none: it has no weights)
+  char* base = nullptr;
+};
+
+// rules weights-*, weight-*: the library's table and manifest.json's, against its symbol
+LibWeights checked_weights(const Manifest& man, const std::string& private_path,
+                           const std::string& src) {
+  void* handle = dlopen(private_path.c_str(), RTLD_NOW | RTLD_NOLOAD);  // the one TVM opened
+  if (handle == nullptr) throw BadInput(src + ": cannot be opened: " + dlerror());
+  LibWeights w;
+  const char* text = static_cast<const char*>(dlsym(handle, mtc::kTableSymbol));
+  int64_t size = 0;
+  if (text != nullptr) {
+    w.base = static_cast<char*>(dlsym(handle, mtc::kWeightsSymbol));
+    char* end = static_cast<char*>(dlsym(handle, mtc::kEndSymbol));
+    if (w.base == nullptr || end == nullptr || end < w.base)
+      throw BadInput(src + ": carries a weights table but no weights symbol '" +
+                     mtc::kWeightsSymbol + "' with its end '" + mtc::kEndSymbol + "'");
+    ffi::String err;
+    ffi::Any parsed = ffi::json::Parse(std::string(text), &err);
+    if (!err.empty()) throw BadInput(src + ": its weights table is corrupt: not valid JSON");
+    w.table = mtc::read_weights(parsed);
+    size = end - w.base;
+    if (reinterpret_cast<uintptr_t>(w.base) % mtc::kAlign)
+      throw BadInput(src + ": weights table at a misaligned address");
+    mtc::check_weights(*w.table, size, src);
+  }
+  if (man.weights) mtc::check_weights(*man.weights, size, man.path);
+  mtc::check_same_weights(man.weights ? &*man.weights : nullptr, w.table ? &*w.table : nullptr,
+                          man.path);
+  return w;
+}
+
+// the entry's weights: views of the table the library carries (mapped, not copied)
+void add_weights(const LibWeights& w, const std::string& entry, std::vector<ffi::Tensor>& args) {
+  if (!w.table) return;
+  auto wa = w.table->args.find(entry);
+  if (wa == w.table->args.end()) return;
+  for (int64_t i : wa->second) {
+    const mtc::Weight& t = w.table->tensors[i];
+    DLDataType dl = t.dtype == "bfloat16" ? DLDataType{kDLBfloat, 16, 1} : dtype_named(t.dtype).dl;
+    args.push_back(ffi::Tensor::FromNDAlloc(Borrowed{w.base + t.offset},
+                                            ffi::ShapeView(t.shape.data(), t.shape.size()), dl,
+                                            DLDevice{kDLCPU, 0}));
+  }
+}
+
+// the checked library loaded, its embedded manifest and weights checked; `entry` resolved
+ffi::Function open_entry(const Manifest& man, const std::optional<std::string>& key,
+                         const std::string& entry, std::vector<ffi::Tensor>& args) {
+  std::string src;
+  const std::string bytes = checked_library(man, key, &src);
+  PrivateCopy copy(bytes, man.library);
+  ffi::Module lib = ffi::Module::LoadFromFile(copy.path);
+  ffi::Module exec = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
+  constexpr int kPooled = 2;  // TVM's pooled allocator, as relax.VirtualMachine uses
+  exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
+                                                  static_cast<int>(kDLCPU), 0, kPooled);
+  check_embedded(man, exec, src);
+  add_weights(checked_weights(man, copy.path, src), entry, args);
+  auto fn = exec->GetFunction(entry);
+  if (!fn.has_value()) throw BadInput(src + ": has no entry '" + entry + "'");
+  return *fn;
+}
+
 int usage() {
   std::fprintf(stderr,
                "usage: mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] "
-               "[--timing]\n"
+               "[--timing] [--verify-key-file FILE]\n"
                "  ENTRY: a tenant's name, or run_all\n"
                "  inputs: INPUT_DIR/<tenant>.<input>.npy; outputs: "
-               "OUTPUT_DIR/<tenant>.<output>.npy\n");
+               "OUTPUT_DIR/<tenant>.<output>.npy\n"
+               "  --verify-key-file: the bundle must carry a signature made with this key\n");
   return 2;
 }
 
-int run(int argc, char** argv) {
+struct Options {
   std::vector<std::string> pos;
   int threads = 0;
-  bool timing = false;
+  bool timing = false, help = false;
+  std::optional<std::string> key_file;
+};
+
+bool parse_options(int argc, char** argv, Options& o) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--timing") {
-      timing = true;
+      o.timing = true;
     } else if (a == "--threads" && i + 1 < argc) {
-      threads = std::atoi(argv[++i]);
-      if (threads < 1) return usage();
+      o.threads = std::atoi(argv[++i]);
+      if (o.threads < 1) return false;
+    } else if ((a == "--verify-key-file" || a == "--verify-key") && i + 1 < argc) {
+      o.key_file = argv[++i];
     } else if (a == "-h" || a == "--help") {
-      usage();
-      return 0;
+      o.help = true;
     } else {
-      pos.push_back(a);
+      o.pos.push_back(a);
     }
   }
-  if (pos.size() != 4) return usage();
-  const std::string bundle = pos[0], entry = pos[1], in_dir = pos[2], out_dir = pos[3];
-  const Manifest man = read_manifest(bundle);
+  return o.help || o.pos.size() == 4;
+}
+
+void check_runnable(const Manifest& man, const std::string& entry) {
   if (man.target != "llvm")
     throw BadInput("this bundle was built for target '" + man.target +
                    "'; mtcompile-run runs CPU (llvm) bundles");
@@ -443,14 +648,13 @@ int run(int argc, char** argv) {
   if (entry == "run_all" && man.streamed)
     throw BadInput("this bundle's run_all runs on several streams (the Python StreamExecutor); "
                    "mtcompile-run runs its tenants one by one, or rebuild with one stream");
-  // one pool, sized before its first use; nothing spins after a call (as the Python runtime)
-  const std::string n = std::to_string(threads ? threads : std::thread::hardware_concurrency());
-  setenv("TVM_NUM_THREADS", n.c_str(), threads != 0);
-  setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);
+}
 
-  // inputs first: a bad input costs no load
+// the entry's inputs, read and checked; `outs` gets (tenant, output) per result
+std::vector<ffi::Tensor> read_inputs(const Manifest& man, const std::string& entry,
+                                     const std::string& in_dir,
+                                     std::vector<std::pair<std::string, std::string>>& outs) {
   std::vector<ffi::Tensor> args;
-  std::vector<std::pair<std::string, std::string>> outs;  // (tenant, output) per result
   if (entry == "run_all") {
     for (const auto& [t, i] : man.run_all_inputs)
       for (const IO& io : man.tenant(t).inputs)
@@ -462,36 +666,11 @@ int run(int argc, char** argv) {
     for (const IO& io : t.inputs) args.push_back(load_input(in_dir, t.name, io));
     for (const IO& o : t.outputs) outs.emplace_back(t.name, o.name);
   }
+  return args;
+}
 
-  using clock = std::chrono::steady_clock;
-  const auto t0 = clock::now();
-  ffi::Module lib = ffi::Module::LoadFromFile(bundle + "/" + man.library);
-  ffi::Module exec = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
-  constexpr int kPooled = 2;  // TVM's pooled allocator, as relax.VirtualMachine uses
-  exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
-                                                  static_cast<int>(kDLCPU), 0, kPooled);
-  ffi::Function fn = exec->GetFunction(entry).value();
-  // the entry's weights: views of the table the library carries (mapped, not copied)
-  auto wa = man.weight_args.find(entry);
-  if (wa != man.weight_args.end() && !wa->second.empty()) {
-    const std::string path = bundle + "/" + man.library;
-    void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);  // the one TVM opened
-    char* base = handle ? static_cast<char*>(dlsym(handle, man.weights_symbol.c_str())) : nullptr;
-    if (base == nullptr)
-      throw BadInput(path + ": carries no weights table '" + man.weights_symbol + "'");
-    for (int64_t i : wa->second) {
-      const Weight& w = man.weights[i];
-      ffi::Tensor t = ffi::Tensor::FromNDAlloc(
-          Borrowed{base + w.offset}, ffi::ShapeView(w.shape.data(), w.shape.size()),
-          dtype_named(w.dtype).dl, DLDevice{kDLCPU, 0});
-      if (w.offset < 0 || w.offset + static_cast<int64_t>(ffi::GetDataSize(*t.GetDLTensorPtr())) >
-                              man.weights_bytes)
-        throw BadInput(path + ": a weight lies outside the weights table");
-      args.push_back(t);
-    }
-  }
+ffi::Any call(ffi::Function fn, const std::vector<ffi::Tensor>& args) {
   std::vector<ffi::AnyView> views(args.begin(), args.end());
-  const auto t1 = clock::now();
   ffi::Any r;
   // a run in progress: the native kernels' pool spins between parallel regions until its end
   auto begin = ffi::Function::GetGlobal("mtcompile.native.run_begin");
@@ -504,14 +683,38 @@ int run(int argc, char** argv) {
     throw;
   }
   if (begin.has_value() && end.has_value()) (*end)();
+  return r;
+}
+
+int run(int argc, char** argv) {
+  Options o;
+  if (!parse_options(argc, argv, o)) return usage();
+  if (o.help) return usage(), 0;
+  const std::string bundle = o.pos[0], entry = o.pos[1], in_dir = o.pos[2], out_dir = o.pos[3];
+  const std::optional<std::string> key =
+      o.key_file ? std::optional<std::string>(read_key_file(*o.key_file)) : std::nullopt;
+  const Manifest man = read_manifest(bundle);
+  check_runnable(man, entry);
+  // one pool, sized before its first use; nothing spins after a call (as the Python runtime)
+  const std::string n = std::to_string(o.threads ? o.threads : std::thread::hardware_concurrency());
+  setenv("TVM_NUM_THREADS", n.c_str(), o.threads != 0);
+  setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);
+  // inputs first: a bad input costs no load
+  std::vector<std::pair<std::string, std::string>> outs;
+  std::vector<ffi::Tensor> args = read_inputs(man, entry, in_dir, outs);
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  ffi::Function fn = open_entry(man, key, entry, args);
+  const auto t1 = clock::now();
+  ffi::Any r = call(fn, args);
   const auto t2 = clock::now();
   std::vector<ffi::Tensor> got = results(r);
   if (got.size() < outs.size())
     throw std::runtime_error("entry " + entry + " returned " + std::to_string(got.size()) +
                              " tensors, the manifest lists " + std::to_string(outs.size()));
   for (size_t i = 0; i < outs.size(); ++i)
-    write_npy(out_dir + "/" + outs[i].first + "." + outs[i].second + ".npy", got[i]);
-  if (timing)
+    write_npy(out_dir + "/" + mtc::file_name(outs[i].first, outs[i].second), got[i]);
+  if (o.timing)
     std::printf("{\"load_s\": %.6f, \"first_call_s\": %.6f, \"peak_rss_kib\": %lld}\n",
                 std::chrono::duration<double>(t1 - t0).count(),
                 std::chrono::duration<double>(t2 - t1).count(),
