@@ -104,14 +104,15 @@ WEIGHT_EDITS = {
     # name: (edit of the first weight row, words the refusal says)
     "offset past the file": (lambda r: r.__setitem__(0, 1 << 40),
                              ["weights.tensors[0] (weight 0): extent", "to end within",
-                              "found its end at byte"]),
+                              "found its end at byte 1099511"]),
     "negative offset": (lambda r: r.__setitem__(0, -64),
                         ["weights.tensors[0] (weight 0): offset", "expected >= 0 and a "
                          "multiple of 64, found -64"]),
     "misaligned offset": (lambda r: r.__setitem__(0, r[0] + 4),
                           ["weights.tensors[0] (weight 0): offset", "multiple of 64"]),
     "huge shape": (lambda r: r.__setitem__(1, [1 << 40, 1 << 40]),
-                   ["weights.tensors[0] (weight 0): extent"]),
+                   ["weights.tensors[0] (weight 0): extent", "found its end beyond byte "
+                    "2**62"]),
     "negative dim": (lambda r: r.__setitem__(1, [-1, 32]),
                      ["weights.tensors[0] (weight 0): shape: expected dims >= 0, found "
                       "[-1, 32]"]),
@@ -205,3 +206,126 @@ def test_library_outside_the_bundle_directory_is_refused(saved):
     with pytest.raises(ArtifactError, match="key 'library': '../base/bundle.so' is not a file "
                                             "name"):
         mtcompile.load(saved)
+
+
+# ------------------------------------------------------------------ the driver, same artifacts
+def _driver_inputs(d: Path) -> Path:
+    d.mkdir(exist_ok=True)
+    np.save(d / "a.x.npy", X.numpy())
+    np.save(d / "b.x.npy", X.numpy())
+    np.save(d / "emb.ids.npy", IDS.numpy())
+    return d
+
+
+def drive(bundle: Path, entry: str = "a", inputs: Path | None = None, key=None,
+          out: Path | None = None) -> subprocess.CompletedProcess:
+    from mtcompile.driver import command
+
+    inputs = inputs or _driver_inputs(bundle.parent / "in")
+    out = out or bundle.parent / "out"
+    out.mkdir(exist_ok=True)
+    return subprocess.run(command(bundle, entry, inputs, out, verify_key_file=key),
+                          capture_output=True, text=True, timeout=300)
+
+
+def refused(res: subprocess.CompletedProcess, *words: str) -> str:
+    """The driver's line of refusal (exit 3) holding `words` (TVM's own loader may log
+    before it)."""
+    assert res.returncode == 3, (res.returncode, res.stderr[-2000:])
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("mtcompile-run: "), line
+    for w in words:
+        assert w in line, line
+    return line
+
+
+@pytest.mark.slow
+def test_driver_runs_the_good_bundle_as_python(built, saved):
+    res = drive(saved, "run_all")
+    assert res.returncode == 0, res.stderr
+    want = built.run_all({"a": (X,), "b": (X,), "emb": (IDS,)})
+    for t in ("a", "b", "emb"):
+        np.testing.assert_array_equal(np.load(saved.parent / "out" / f"{t}.output0.npy"),
+                                      want[t][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(WEIGHT_EDITS))
+def test_driver_refuses_an_edited_weights_table_as_python(saved, case):
+    change, words = WEIGHT_EDITS[case]
+    edit(saved, lambda m: change(_weights(m)["tensors"][0]))
+    line = refused(drive(saved, "a"), f"{saved / MANIFEST}: weights.", *words)
+    with pytest.raises(ArtifactError) as e:  # the same words in both runtimes
+        mtcompile.load(saved)
+    assert line == f"mtcompile-run: {e.value}"
+
+
+def _rehash(d: Path) -> None:
+    edit(d, lambda m: m.__setitem__("library_sha256", artifact.sha256_file(d / "bundle.so")))
+
+
+@pytest.mark.slow
+def test_driver_checks_the_library_before_loading_it(built, saved, tmp_path):
+    lib = saved / "bundle.so"
+    good = lib.read_bytes()
+    lib.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # one byte flipped
+    refused(drive(saved), f"{lib} does not match {saved / MANIFEST}: library sha256",
+            "the files come from different builds")
+    other = mtcompile.compile([mtcompile.Tenant("a", Lin(5), example_inputs=(X,))])
+    shutil.copyfile(other.save(tmp_path / "other") / "bundle.so", lib)  # another build's
+    refused(drive(saved), "does not match", "the files come from different builds")
+    lib.write_bytes(good[: len(good) // 2])  # truncated, the hash updated (before: SIGBUS)
+    _rehash(saved)
+    refused(drive(saved), f"{lib}: cannot be loaded by TVM: truncated")
+    lib.unlink()  # before: exit 4
+    refused(drive(saved), f"{saved}: the manifest names library 'bundle.so', which is missing")
+
+
+@pytest.mark.slow
+def test_driver_verifies_signatures(built, tmp_path):
+    signed = built.save(tmp_path / "signed", sign_key=b"pipeline secret")
+    key, wrong = tmp_path / "key", tmp_path / "wrong"
+    key.write_text("pipeline secret\n")  # one trailing newline is not part of the key
+    wrong.write_text("another key")
+    assert drive(signed, "emb", key=key).returncode == 0
+    refused(drive(signed, "emb", key=wrong), f"{signed / MANIFEST}: signature does not match")
+    plain = built.save(tmp_path / "plain")
+    refused(drive(plain, "emb", key=key), "the bundle is not signed, and a verify key was given")
+    edit(signed, lambda m: m["tenants"]["a"]["outputs"][0].__setitem__("name", "renamed"))
+    refused(drive(signed, "emb", key=key), "signature does not match")
+
+
+@pytest.mark.slow
+def test_driver_checks_the_manifest_as_python(saved):
+    """Before: index_range removed, an id of 10**9 segfaulted; swapped run_all_inputs fed
+    each tenant the other's input; a library outside the bundle was followed."""
+    original = (saved / MANIFEST).read_text()
+    edits = {
+        "index_range": (lambda m: m["tenants"]["emb"]["inputs"][0].pop("index_range"),
+                        "disagree on ['tenants']"),
+        "run_all_inputs": (_swap_run_all_inputs, "disagree on ['run_all_inputs']"),
+        "library": (lambda m: m.__setitem__("library", "../base/bundle.so"),
+                    "key 'library': '../base/bundle.so' is not a file name"),
+        "missing": (lambda m: m.pop("graph"), "key 'graph': missing"),
+        "dropped input": (lambda m: m["run_all_inputs"].pop(),
+                          "key 'run_all_inputs': expected each tenant input once"),
+    }
+    for what, (change, words) in edits.items():
+        (saved / MANIFEST).write_text(original)
+        edit(saved, change)
+        line = refused(drive(saved, "run_all"), words)
+        with pytest.raises(ArtifactError) as e:
+            mtcompile.load(saved)
+        assert words in str(e.value), (what, str(e.value))
+        assert line.endswith(words) or words in line, what
+
+
+@pytest.mark.slow
+def test_driver_refuses_index_inputs_outside_their_range(saved, tmp_path):
+    inputs = _driver_inputs(tmp_path / "in")
+    for bad in (500, 10**9):
+        ids = IDS.numpy().copy()
+        ids[1, 2] = bad
+        np.save(inputs / "emb.ids.npy", ids)
+        refused(drive(saved, "emb", inputs), "tenant 'emb', input 'ids'",
+                f"index {bad} at flat position 6 is outside [0, 64)")

@@ -66,11 +66,11 @@ def check_weights(table: WeightsInfo, size: int, where) -> None:
         if any(d < 0 for d in shape):
             raise ArtifactError(f"{field}: shape: expected dims >= 0, found "
                                 f"{_shape_text(shape)}")
-        n = int(np.prod(shape, dtype=object)) * WEIGHT_DTYPES[dtype]
-        if offset + n > size:
+        end = offset + int(np.prod(shape, dtype=object)) * WEIGHT_DTYPES[dtype]
+        if end > size:
+            at = f"at byte {end}" if end < 1 << 62 else "beyond byte 2**62"
             raise ArtifactError(f"{field}: extent: expected {dtype}{_shape_text(shape)} at "
-                                f"offset {offset} to end within {sym}, found its end at "
-                                f"byte {offset + n}")
+                                f"offset {offset} to end within {sym}, found its end {at}")
 
 
 def _rows(table: WeightsInfo) -> list[tuple[str, object]]:

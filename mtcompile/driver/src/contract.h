@@ -296,11 +296,11 @@ inline void check_weights(const WeightsTable& t, int64_t size, const std::string
     for (int64_t d : w.shape) end = std::min<__int128>(end * d, (__int128)1 << 100);
     end += w.offset;
     if (end > size) {
-      const std::string at = end < ((__int128)1 << 62) ? std::to_string(int64_t(end))
-                                                        : "more than 2**62";
+      const std::string at = end < ((__int128)1 << 62) ? "at byte " + std::to_string(int64_t(end))
+                                                        : "beyond byte 2**62";
       throw BadInput(field + ": extent: expected " + w.dtype + shape_str(w.shape) +
                      " at offset " + std::to_string(w.offset) + " to end within " + sym +
-                     ", found its end at byte " + at);
+                     ", found its end " + at);
     }
   }
 }

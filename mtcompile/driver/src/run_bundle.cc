@@ -590,12 +590,13 @@ ffi::Function open_entry(const Manifest& man, const std::optional<std::string>& 
   const std::string bytes = checked_library(man, key, &src);
   PrivateCopy copy(bytes, man.library);
   ffi::Module lib = ffi::Module::LoadFromFile(copy.path);
+  const LibWeights weights = checked_weights(man, copy.path, src);  // as Python: then embedded
   ffi::Module exec = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   constexpr int kPooled = 2;  // TVM's pooled allocator, as relax.VirtualMachine uses
   exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
                                                   static_cast<int>(kDLCPU), 0, kPooled);
   check_embedded(man, exec, src);
-  add_weights(checked_weights(man, copy.path, src), entry, args);
+  add_weights(weights, entry, args);
   auto fn = exec->GetFunction(entry);
   if (!fn.has_value()) throw BadInput(src + ": has no entry '" + entry + "'");
   return *fn;
