@@ -6,7 +6,6 @@ signature) and the manifest's fields as `mtcompile.load` does, and the minor fin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -168,7 +167,7 @@ def test_a_refused_table_leaves_the_untouched_bundle_right(built, saved, tmp_pat
 def test_a_library_without_its_table_is_refused(saved):
     edit(saved, lambda m: m.pop("weights"))
     with pytest.raises(ArtifactError, match=r"weights: expected \d+ weights \(the table the "
-                                            "library carries\), found 0"):
+                                            r"library carries\), found 0"):
         mtcompile.load(saved)
 
 
