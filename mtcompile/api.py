@@ -176,9 +176,11 @@ def compile(  # noqa: A001 - the public name the API promises
     providers = resolve_providers(target, kernels)
     database = load_database(tuning_db, target) if tuning_db else None
     db_hash = build_cache.tuning_db_hash(database) if database else None
+    cache_dir = build_cache.resolve_dir(cache)
+    if cache_dir is not None:
+        build_cache.check_dir(cache_dir)  # an unusable cache fails before any work
     stages = _Stages(progress or (lambda _msg: None))
     lifted = _import(tenants, stages)
-    cache_dir = build_cache.resolve_dir(cache)
     if cache_dir is not None and instruments:
         stages.say("cache    off: instruments watch the passes, which a cached build skips")
         cache_dir = None

@@ -54,6 +54,20 @@ def resolve_dir(cache: bool | str | os.PathLike | None) -> Path | None:
     return default_dir() if cache is True else Path(cache)
 
 
+def check_dir(directory: Path) -> None:
+    """Raise `MTCompileError` unless `directory` can hold cache entries (made if missing,
+    a file written and removed there): said before the compile, not after it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MTCompileError(f"build cache directory {directory} cannot be used: "
+                             f"{e.strerror or e}; give a writable --cache-dir (API: cache=) "
+                             "or --no-cache (cache=None)") from e
+
+
 def tuning_db_hash(directory: str | os.PathLike) -> str:
     """``sha256:<hex>`` of a tuning database's two JSON files (content, not path)."""
     h = hashlib.sha256()

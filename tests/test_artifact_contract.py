@@ -328,3 +328,139 @@ def test_driver_refuses_index_inputs_outside_their_range(saved, tmp_path):
         np.save(inputs / "emb.ids.npy", ids)
         refused(drive(saved, "emb", inputs), "tenant 'emb', input 'ids'",
                 f"index {bad} at flat position 6 is outside [0, 64)")
+
+
+# ------------------------------------------------------------------ item 5: minor findings
+def _onnx_odd_output():
+    """Relu(x) @ W: the output named ``out/y:0`` (a TF-converted model's name)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(32 * 16, dtype=np.float32).reshape(32, 16) / 512, "w")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"],
+                                                                  ["out/y:0"])],
+        "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("out/y:0", TensorProto.FLOAT, [2, 16])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    d = tmp_path_factory.mktemp("odd")
+    b = mtcompile.compile([mtcompile.Tenant("o", _onnx_odd_output())])
+    assert b.manifest.tenants["o"].outputs[0].name == "out/y:0"
+    return b.save(d / "bundle"), b.run("o", X.numpy())[0]
+
+
+def test_output_names_become_safe_file_names(odd, tmp_path):
+    from mtcompile.cli import main
+
+    saved, want = odd
+    np.save(tmp_path / "x.npy", X.numpy())
+    assert main(["run", str(saved), "--tenant", "o", "--input", f"x={tmp_path / 'x.npy'}",
+                 "-o", str(tmp_path / "out")]) == 0  # before: exit 4
+    assert contract.file_name("o", "out/y:0") == "o.out_y_0.npy"
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0.npy"), want)
+
+
+@pytest.mark.slow
+def test_driver_writes_the_same_safe_file_names(odd, tmp_path):
+    saved, want = odd
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "o.x.npy", X.numpy())
+    res = drive(saved, "o", tmp_path / "in", out=tmp_path / "out")  # before: "cannot write"
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0.npy"), want)
+
+
+def test_run_refuses_a_file_as_output_directory_and_a_device_as_input(odd, tmp_path, capsys):
+    from mtcompile.cli import main
+
+    saved, _ = odd
+    np.save(tmp_path / "x.npy", X.numpy())
+    (tmp_path / "file").write_text("")
+    args = ["run", str(saved), "--tenant", "o", "--input", f"x={tmp_path / 'x.npy'}"]
+    assert main([*args, "-o", str(tmp_path / "file")]) == 1  # before: exit 4 FileExistsError
+    assert f"-o {tmp_path / 'file'}: is a file, not a directory" in capsys.readouterr().err
+    (tmp_path / "zero.npy").symlink_to("/dev/zero")
+    assert main(["run", str(saved), "--tenant", "o", "--input", f"x={tmp_path / 'zero.npy'}",
+                 "-o", str(tmp_path / "o")]) == 1
+    assert f"--input x: {tmp_path / 'zero.npy'} is not a regular file" in capsys.readouterr().err
+
+
+NPY_HEADERS = {
+    # name: (the file's bytes, words the refusal says); before: exit 4 (stoll, substr)
+    "shape not numbers": (b"{'descr': '<f4', 'fortran_order': False, 'shape': (a, b), }",
+                          "shape (a, b) is malformed"),
+    "unterminated descr": (b"{'descr': '<f4", "'descr' is malformed"),
+    "no shape": (b"{'descr': '<f4', 'fortran_order': False}", "header has no 'shape'"),
+    "descr at the end": (b"{'descr':", ".npy header has no 'descr'"),
+}
+
+
+@pytest.mark.slow
+def test_driver_refuses_malformed_npy_files(saved, tmp_path):
+    inputs = _driver_inputs(tmp_path / "in")
+    for header, words in NPY_HEADERS.values():
+        (inputs / "a.x.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
+                                         + header)
+        refused(drive(saved, "a", inputs), str(inputs / "a.x.npy"), words)
+    np.save(inputs / "a.x.npy", X.numpy())
+    data = (inputs / "a.x.npy").read_bytes()
+    (inputs / "a.x.npy").write_bytes(data[:-4])  # a header promising more than the file has
+    refused(drive(saved, "a", inputs), "252 data bytes, its header's float32[2, 32] needs 256")
+    (inputs / "a.x.npy").unlink()
+    (inputs / "a.x.npy").symlink_to("/dev/zero")  # before: read until bad_alloc
+    refused(drive(saved, "a", inputs), f"{inputs / 'a.x.npy'}: not a regular file")
+
+
+def test_an_unusable_cache_directory_fails_before_compiling(tmp_path, monkeypatch, capsys):
+    from mtcompile import api
+    from mtcompile.cli import main
+
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "cache"
+
+    def no_import(*args, **kwargs):
+        raise AssertionError("compiled before checking the cache directory")
+
+    monkeypatch.setattr(api, "_import", no_import)
+    with pytest.raises(mtcompile.errors.MTCompileError,
+                       match=f"build cache directory {bad} cannot be used: Not a directory"):
+        mtcompile.compile(tenants(), cache=bad)
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[[tenants]]\nname = "m"\nfactory = "mtcompile.models:mlp_fx"\n'
+                    'args = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }\n')
+    assert main(["build", str(spec), "-o", str(tmp_path / "o"), "--cache-dir", str(bad)]) == 1
+    assert f"mtcompile: error: build cache directory {bad} cannot be used" in \
+        capsys.readouterr().err
+
+
+def test_cli_signs_verifies_and_says_whether_a_bundle_is_signed(tmp_path, capsys):
+    from mtcompile.cli import main
+
+    key, wrong = tmp_path / "key", tmp_path / "wrong"
+    key.write_text("pipeline secret\n")
+    wrong.write_text("another key\n")
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[[tenants]]\nname = "m"\nfactory = "mtcompile.models:mlp_fx"\n'
+                    'args = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }\n')
+    out = tmp_path / "o"
+    assert main(["build", str(spec), "-o", str(out), "--no-cache", "--no-verify",
+                 "--sign-key-file", str(key)]) == 0
+    assert mtcompile.load(out, verify_key=b"pipeline secret").report()["signature"] == {
+        "signed": True, "scheme": "hmac-sha256", "verified": True,
+        "note": "signed and verified with the key given"}
+    rep = mtcompile.load(out).report()["signature"]  # before: nothing said
+    assert rep["signed"] and not rep["verified"] and "NOT verified" in rep["note"]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "signature signed, NOT verified: no key was given" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--verify-key-file", str(key)]) == 0
+    assert "signature signed and verified with the key given" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--verify-key", str(wrong)]) == 1
+    assert "signature does not match" in capsys.readouterr().err
+    assert main(["profile", str(out), "--repeat", "1", "--verify-key-file", str(wrong)]) == 1
+    assert "signature does not match" in capsys.readouterr().err
+    assert main(["profile", str(out), "--repeat", "1"]) == 0
+    assert "its signature is NOT verified" in capsys.readouterr().err

@@ -256,6 +256,20 @@ def _private_copy(d: Path, manifest: Manifest, raw: dict, key: bytes | None,
                         "builds")
 
 
+def verify_signature(directory: str | os.PathLike, verify_key: bytes | str) -> Manifest:
+    """The manifest of a saved bundle whose library matches its hash and whose signature
+    was made with `verify_key` (else `ArtifactError`); nothing is loaded, no TVM needed."""
+    d = Path(directory)
+    key = signing.as_key(verify_key, "verify_key")
+    mpath, text = _manifest_text(d)
+    manifest = Manifest.from_json(text, mpath)
+    if manifest.library_sha256 is None:
+        raise ArtifactError(f"{mpath} is corrupt: key 'library_sha256': missing")
+    with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
+        _private_copy(d, manifest, json.loads(text), key, Path(tmp) / manifest.library)
+    return manifest
+
+
 def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = None
                  ) -> tuple[Manifest, object, Path]:
     """(manifest, (loaded library module, its weights mapped), library path) of a saved
