@@ -1,12 +1,16 @@
 """The C++ driver ``mtcompile-run``: builds it and says where it is.
 
-``mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] [--timing]`` loads a saved bundle with
-TVM's runtime library only (no Python, no compiler, no torch), runs one tenant or ``run_all``
-on ``INPUT_DIR/<tenant>.<input>.npy`` and writes ``OUTPUT_DIR/<tenant>.<output>.npy``; it
-checks inputs against the manifest (shape, dtype, index ranges) first; ``--timing`` prints
+``mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] [--timing]
+[--verify-key-file FILE]`` loads a saved bundle with TVM's runtime library only (no Python,
+no compiler, no torch), runs one tenant or ``run_all`` on ``INPUT_DIR/<tenant>.<input>.npy``
+and writes ``OUTPUT_DIR/<tenant>.<output>.npy`` (names made safe: `contract.file_name`); it
+checks the bundle as `mtcompile.load` does (the rules of `mtcompile.runtime.contract`, in
+``src/contract.h``) and inputs against the manifest (shape, dtype, index ranges) first;
+``--timing`` prints
 ``{"load_s", "first_call_s", "peak_rss_kib"}`` as JSON. Exit status: 0 ok,
 2 usage, 3 bad input or bundle, 4 run-time error. It is the proof that a bundle is one native
-executable, and the start of a C++ serving backend (``src/run_bundle.cc``, one file).
+executable, and the start of a C++ serving backend (``src/run_bundle.cc``, with the
+contract's checks in ``src/contract.h`` and SHA-256/HMAC in ``src/sha256.h``).
 
 `build()` compiles it with the system C++ compiler against the headers and libraries of the
 installed tvm-ffi and TVM wheels (rpaths to them), cached by a hash of source and flags.
