@@ -464,3 +464,22 @@ def test_cli_signs_verifies_and_says_whether_a_bundle_is_signed(tmp_path, capsys
     assert "signature does not match" in capsys.readouterr().err
     assert main(["profile", str(out), "--repeat", "1"]) == 0
     assert "its signature is NOT verified" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["tvm", "cpu"])
+def test_driver_checks_the_host_as_python(saved, what):
+    """A bundle built with another TVM, or for CPU features this host lacks (before: the
+    driver ran it; a missing instruction dies with SIGILL)."""
+    if what == "tvm":
+        edit(saved, lambda m: m["versions"].__setitem__("tvm", "0.1.0"))
+        words = "built with TVM 0.1.0, this process has TVM"
+    else:
+        if "xop" in (Path("/proc/cpuinfo").read_text().split()):
+            pytest.skip("this CPU has AMD's XOP")
+        edit(saved, lambda m: m.__setitem__("cpu_features", [*m["cpu_features"], "+xop"]))
+        words = "whose features ['xop'] this machine's CPU lacks"
+    line = refused(drive(saved, "a"), words)
+    with pytest.raises(ArtifactError) as e:
+        mtcompile.load(saved)
+    assert line == f"mtcompile-run: {e.value}"

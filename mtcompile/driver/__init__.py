@@ -20,6 +20,7 @@ installed tvm-ffi and TVM wheels (rpaths to them), cached by a hash of source an
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -43,7 +44,12 @@ def _flags() -> list[str]:
     libs = [f"-L{ffi_lib}", "-ltvm_ffi", f"-Wl,-rpath,{ffi_lib}", "-Wl,--no-as-needed",
             f"-L{tvm_lib_dir()}", "-ltvm_runtime", f"-Wl,-rpath,{tvm_lib_dir()}",
             f"-L{blas_lib_dir()}", "-lscipy_openblas", f"-Wl,-rpath,{blas_lib_dir()}"]
-    return ["-std=c++17", "-O2", *(f"-I{i}" for i in includes), str(_SRC), *libs]
+    # the TVM the driver links: a bundle built with another is refused (rule tvm-version)
+    try:
+        version = [f'-DMTC_TVM_VERSION="{importlib.metadata.version("apache-tvm")}"']
+    except importlib.metadata.PackageNotFoundError:  # a source build: not checked
+        version = []
+    return ["-std=c++17", "-O2", *version, *(f"-I{i}" for i in includes), str(_SRC), *libs]
 
 
 def build() -> str:

@@ -25,6 +25,8 @@ WEIGHT_DTYPES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64
 
 # The rules, by name; run_bundle.cc names the same ones.
 RULES = {
+    "tvm-version": "the bundle was built with this TVM (its executable format is not stable)",
+    "cpu-features": "the host CPU has the instruction-set features the kernels were built for",
     "library-hash": "the library's sha256 is manifest.json's library_sha256 (before dlopen)",
     "library-name": "manifest.json's library is a plain file name in the bundle directory",
     "library-elf": "the library's ELF headers and segments lie inside the file",

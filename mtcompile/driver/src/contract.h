@@ -1,8 +1,8 @@
 // The artifact contract as mtcompile-run enforces it: the rules of mtcompile/runtime/contract.py
 // (RULES there), by the same names and in the same words. Every failure is a BadInput (exit 3).
-//   library-name, library-hash, library-elf, signature, embedded-manifest, weights-same,
-//   weights-bytes, weight-dtype, weight-offset, weight-shape, weight-extent, run-all-inputs,
-//   index-range, file-name
+//   tvm-version, cpu-features, library-name, library-hash, library-elf, signature,
+//   embedded-manifest, weights-same, weights-bytes, weight-dtype, weight-offset, weight-shape,
+//   weight-extent, run-all-inputs, index-range, file-name
 #pragma once
 
 #include <tvm/ffi/any.h>
@@ -15,7 +15,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <map>
+#include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -83,6 +86,49 @@ inline std::string file_name(const std::string& tenant, const std::string& name)
     if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-'))
       c = '_';
   return tenant + "." + safe + ".npy";
+}
+
+// ------------------------------------------------------------------ rule cpu-features
+// LLVM feature name -> the /proc/cpuinfo flag of the same instructions (runtime/cpu.py
+// LLVM_TO_CPUINFO, the same table)
+const std::pair<const char*, const char*> kLlvmToCpuinfo[] = {
+    {"sse", "sse"}, {"sse2", "sse2"}, {"sse3", "pni"}, {"ssse3", "ssse3"},
+    {"sse4.1", "sse4_1"}, {"sse4.2", "sse4_2"}, {"sse4a", "sse4a"}, {"avx", "avx"},
+    {"avx2", "avx2"}, {"fma", "fma"}, {"fma4", "fma4"}, {"xop", "xop"}, {"f16c", "f16c"},
+    {"bmi", "bmi1"}, {"bmi2", "bmi2"}, {"lzcnt", "abm"}, {"popcnt", "popcnt"},
+    {"movbe", "movbe"}, {"aes", "aes"}, {"pclmul", "pclmulqdq"}, {"vaes", "vaes"},
+    {"vpclmulqdq", "vpclmulqdq"}, {"sha", "sha_ni"}, {"adx", "adx"}, {"cx16", "cx16"},
+    {"gfni", "gfni"}, {"avx512f", "avx512f"}, {"avx512cd", "avx512cd"},
+    {"avx512bw", "avx512bw"}, {"avx512dq", "avx512dq"}, {"avx512vl", "avx512vl"},
+    {"avx512ifma", "avx512ifma"}, {"avx512vbmi", "avx512vbmi"},
+    {"avx512vbmi2", "avx512_vbmi2"}, {"avx512vnni", "avx512_vnni"},
+    {"avx512bitalg", "avx512_bitalg"}, {"avx512vpopcntdq", "avx512_vpopcntdq"},
+    {"avx512bf16", "avx512_bf16"}, {"avx512fp16", "avx512_fp16"}, {"avxvnni", "avx_vnni"},
+    {"amx-tile", "amx_tile"}, {"amx-int8", "amx_int8"}, {"amx-bf16", "amx_bf16"}};
+
+// the checked LLVM `features` whose cpuinfo flag this host lacks, as Python prints a sorted
+// list (empty where /proc/cpuinfo has no flags: nothing is checked there)
+inline std::string missing_features(const std::vector<std::string>& features) {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  std::set<std::string> flags;
+  bool found = false;
+  while (!found && std::getline(f, line)) {
+    const size_t c = line.find(':');
+    if (c == std::string::npos || line.substr(0, line.find_last_not_of(" \t", c - 1) + 1) != "flags") continue;
+    std::istringstream words(line.substr(c + 1));
+    for (std::string w; words >> w;) flags.insert(w);
+    found = true;
+  }
+  std::set<std::string> missing;
+  for (std::string feat : features) {
+    if (!feat.empty() && feat[0] == '+') feat.erase(0, 1);
+    for (const auto& [llvm, flag] : kLlvmToCpuinfo)
+      if (found && feat == llvm && !flags.count(flag)) missing.insert(feat);
+  }
+  std::string out;
+  for (const std::string& m : missing) out += (out.empty() ? "'" : ", '") + m + "'";
+  return missing.empty() ? "" : "[" + out + "]";
 }
 
 // ------------------------------------------------------------------ rule library-name

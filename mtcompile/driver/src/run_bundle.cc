@@ -238,7 +238,8 @@ std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
 struct Manifest {
   std::string dir, path;  // the bundle directory, its manifest.json
   ffi::Map<ffi::Any, ffi::Any> json;  // manifest.json as read
-  std::string library, target, library_sha256;
+  std::string library, target, library_sha256, tvm_version, cpu;
+  std::vector<std::string> cpu_features;
   std::optional<mtc::WeightsTable> weights;
   std::vector<Tenant> tenants;  // in tenant_order
   std::vector<std::pair<std::string, std::string>> run_all_inputs;  // (tenant, input) each
@@ -333,6 +334,14 @@ Manifest read_manifest(const std::string& dir) {
   mtc::check_library_name(man.library, man.path);
   man.target = str(field(m, "target", "the manifest"), "target");
   man.library_sha256 = str(field(m, "library_sha256", "the manifest"), "library_sha256");
+  man.tvm_version = str(field(as_map(field(m, "versions", "the manifest"), "versions"), "tvm",
+                              "versions"), "versions.tvm");
+  auto cpu = m.find(ffi::String("cpu"));
+  if (cpu != m.end() && (*cpu).second != nullptr) man.cpu = str((*cpu).second, "cpu");
+  auto features = m.find(ffi::String("cpu_features"));
+  if (features != m.end() && (*features).second != nullptr)
+    for (const ffi::Any& f : as_array((*features).second, "cpu_features"))
+      man.cpu_features.push_back(str(f, "cpu_features"));
   read_tenants(man, m);
   read_run_all_inputs(man, m);
   auto streams = as_map(field(m, "streams", "the manifest"), "streams");
@@ -583,9 +592,28 @@ void add_weights(const LibWeights& w, const std::string& entry, std::vector<ffi:
   }
 }
 
+#ifndef MTC_TVM_VERSION
+#define MTC_TVM_VERSION ""  // unknown when built: not checked
+#endif
+
+// rules tvm-version, cpu-features: what the bundle needs of this host (runtime/artifact.py)
+void check_host(const Manifest& man) {
+  const std::string here = MTC_TVM_VERSION;
+  if (!here.empty() && man.tvm_version != here)
+    throw BadInput(man.path + ": built with TVM " + man.tvm_version + ", this process has TVM " +
+                   here + "; TVM's executable format is not stable across versions: rebuild "
+                   "the bundle with this TVM");
+  const std::string missing = mtc::missing_features(man.cpu_features);
+  if (!missing.empty())
+    throw BadInput(man.path + ": built for CPU '" + man.cpu + "', whose features " + missing +
+                   " this machine's CPU lacks; rebuild it here, or with cpu='generic' (CLI "
+                   "--cpu generic) for any x86-64");
+}
+
 // the checked library loaded, its embedded manifest and weights checked; `entry` resolved
 ffi::Function open_entry(const Manifest& man, const std::optional<std::string>& key,
                          const std::string& entry, std::vector<ffi::Tensor>& args) {
+  check_host(man);
   std::string src;
   const std::string bytes = checked_library(man, key, &src);
   PrivateCopy copy(bytes, man.library);
