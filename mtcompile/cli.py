@@ -363,8 +363,9 @@ def cmd_inspect(args) -> tuple[int, dict | None]:
     elif sha256_file(lib) != manifest.library_sha256:
         log.warning(f"{lib}: does not match the manifest's library_sha256 (another build's "
                     "files?); `mtcompile.load` refuses it")
-    if args.json:
-        log.info(f"signature {signature['note']}")
+    if args.json:  # the manifest says whether it is signed; stderr whether it was checked
+        if signature["signed"] and not signature["verified"]:
+            log.warning(f"{args.bundle}: {signature['note']}")
         print(manifest.to_json(), end="", flush=True)  # the manifest is the JSON document
         return EXIT_OK, None
     size = lib.stat().st_size if lib.is_file() else None
