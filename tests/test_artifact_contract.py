@@ -483,3 +483,23 @@ def test_driver_checks_the_host_as_python(saved, what):
     with pytest.raises(ArtifactError) as e:
         mtcompile.load(saved)
     assert line == f"mtcompile-run: {e.value}"
+
+
+@pytest.mark.slow
+def test_the_table_the_library_carries_is_checked_too(saved):
+    """A library whose own table is bad (rebuilt by hand, the hash updated): refused by its
+    rules, in both runtimes, before a byte of it is viewed."""
+    lib = saved / "bundle.so"
+    data = lib.read_bytes()
+    size = _weights(json.loads((saved / MANIFEST).read_text()))["bytes"]
+    old = f'"bytes":{size},'.encode()
+    assert data.count(old) == 1
+    new = f'"bytes":{"9" * len(str(size))},'.encode()
+    lib.write_bytes(data.replace(old, new))
+    _rehash(saved)
+    words = (f"{lib}: weights.bytes: expected at most the {size} bytes of the library's "
+             f"weights symbol 'mtcompile_weights', found {'9' * len(str(size))}")
+    line = refused(drive(saved, "a"), words)
+    with pytest.raises(ArtifactError) as e:
+        mtcompile.load(saved)
+    assert line == f"mtcompile-run: {e.value}" == f"mtcompile-run: {words}"
