@@ -9,8 +9,9 @@ checks the bundle as `mtcompile.load` does (the rules of `mtcompile.runtime.cont
 ``--timing`` prints
 ``{"load_s", "first_call_s", "peak_rss_kib"}`` as JSON. Exit status: 0 ok,
 2 usage, 3 bad input or bundle, 4 run-time error. It is the proof that a bundle is one native
-executable, and the start of a C++ serving backend (``src/run_bundle.cc``, with the
-contract's checks in ``src/contract.h`` and SHA-256/HMAC in ``src/sha256.h``).
+executable, and the start of a C++ serving backend (``src/run_bundle.cc``; the contract's
+rules in ``src/contract.h``, the library opened under them in ``src/library.h``, the
+manifest read in ``src/manifest.h``, SHA-256 and HMAC in ``src/sha256.h``).
 
 `build()` compiles it with the system C++ compiler against the headers and libraries of the
 installed tvm-ffi and TVM wheels (rpaths to them), cached by a hash of source and flags.

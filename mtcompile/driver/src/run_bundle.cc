@@ -7,9 +7,9 @@
 // ENTRY is a tenant's name or "run_all". Inputs are INPUT_DIR/<tenant>.<input>.npy (for run_all:
 // every tenant's); outputs are written to OUTPUT_DIR/<tenant>.<output>.npy (a name's characters
 // outside [A-Za-z0-9_.-] become '_'). The bundle is checked as the Python runtime checks it
-// (contract.h: library hash before dlopen, ELF headers, embedded manifest, weights table, and
-// with --verify-key-file the signature), inputs against the manifest (shape, dtype, index
-// ranges) before the call. --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on
+// (library.h, under the rules of contract.h: library hash before dlopen, ELF headers, embedded
+// manifest, weights table, and with --verify-key-file the signature; manifest.h: its fields),
+// inputs against the manifest (shape, dtype, index ranges) before the call. --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on
 // stdout. Exit status: 0 ok, 2 usage, 3 bad input or bundle, 4 run-time error.
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
@@ -21,12 +21,11 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
-#include <dlfcn.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include "contract.h"
-#include "sha256.h"
+#include "library.h"
+#include "manifest.h"
 
 #include <algorithm>
 #include <chrono>
@@ -47,13 +46,11 @@ namespace ffi = tvm::ffi;
 
 namespace {
 
-using mtc::as_array;
-using mtc::as_map;
 using mtc::BadInput;
-using mtc::field;
-using mtc::integer;
+using mtc::IO;
+using mtc::Manifest;
 using mtc::shape_str;
-using mtc::str;
+using mtc::Tenant;
 
 // ------------------------------------------------------------------ dtypes and .npy files
 struct DType {
@@ -187,173 +184,6 @@ void write_npy(const std::string& path, const ffi::Tensor& t) {
   if (!f) throw BadInput(path + ": write failed");
 }
 
-// ------------------------------------------------------------------ the manifest
-struct IO {
-  std::string name, dtype;
-  std::vector<int64_t> shape;  // -1: a symbolic (dynamic) dim, its name in `dims`
-  std::vector<std::string> dims;  // per axis: the dim's name, empty when static
-  std::map<std::string, std::pair<int64_t, int64_t>> bounds;  // dim name -> [lo, hi]
-  bool ranged = false;
-  int64_t lo = 0, hi = 0;  // an index input's values lie in [lo, hi)
-};
-
-struct Tenant {
-  std::string name;
-  std::vector<IO> inputs, outputs;
-};
-
-std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
-  std::vector<IO> ios;
-  for (const ffi::Any& e : as_array(v, where)) {
-    auto m = as_map(e, where);
-    IO io;
-    io.name = str(field(m, "name", where), where + ".name");
-    io.dtype = str(field(m, "dtype", where), where + ".dtype");
-    auto b = m.find(ffi::String("dims"));
-    if (b != m.end() && (*b).second != nullptr)
-      for (const auto& kv : as_map((*b).second, where + ".dims")) {
-        auto lh = as_array(kv.second, where + ".dims");
-        if (lh.size() != 2) throw BadInput("manifest: " + where + ".dims: expected [lo, hi]");
-        io.bounds[str(kv.first, where + ".dims")] = {
-            integer(lh[0], where + ".dims"), integer(lh[1], where + ".dims")};
-      }
-    for (const ffi::Any& d : as_array(field(m, "shape", where), where + ".shape")) {
-      auto name = d.try_cast<ffi::String>();
-      io.shape.push_back(name ? -1 : integer(d, where + ".shape"));
-      io.dims.push_back(name ? std::string(*name) : std::string());
-    }
-    auto r = m.find(ffi::String("index_range"));
-    if (r != m.end() && (*r).second != nullptr) {
-      auto lh = as_array((*r).second, where + ".index_range");
-      if (lh.size() != 2) throw BadInput("manifest: " + where + ".index_range: expected [lo, hi]");
-      io.ranged = true;
-      io.lo = integer(lh[0], where + ".index_range");
-      io.hi = integer(lh[1], where + ".index_range");
-    }
-    ios.push_back(io);
-  }
-  return ios;
-}
-
-struct Manifest {
-  std::string dir, path;  // the bundle directory, its manifest.json
-  ffi::Map<ffi::Any, ffi::Any> json;  // manifest.json as read
-  std::string library, target, library_sha256, tvm_version, cpu;
-  std::vector<std::string> cpu_features;
-  std::optional<mtc::WeightsTable> weights;
-  std::vector<Tenant> tenants;  // in tenant_order
-  std::vector<std::pair<std::string, std::string>> run_all_inputs;  // (tenant, input) each
-  bool streamed = false;
-  std::vector<std::string> torch_kernels;
-
-  const Tenant& tenant(const std::string& name) const {
-    for (const Tenant& t : tenants)
-      if (t.name == name) return t;
-    std::string names;
-    for (const Tenant& t : tenants) names += (names.empty() ? "" : ", ") + t.name;
-    throw BadInput("no tenant '" + name + "' in this bundle (tenants: " + names +
-                   "; or run_all)");
-  }
-};
-
-// what runtime/manifest.py requires of every manifest (and artifact.py: library_sha256)
-const char* const kRequired[] = {"name", "library", "target", "versions", "pipeline",
-                                 "kernels", "tenant_order", "run_all_inputs", "tenants",
-                                 "graph", "graph_view", "streams", "library_sha256"};
-
-std::string pairs_repr(const std::vector<std::pair<std::string, std::string>>& v) {
-  std::string r = "[";
-  for (size_t i = 0; i < v.size(); ++i)
-    r += (i ? ", ('" : "('") + v[i].first + "', '" + v[i].second + "')";
-  return (r + "]").substr(0, 200);
-}
-
-// rule run-all-inputs: each tenant input served once (runtime/manifest.py)
-void read_run_all_inputs(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
-  std::vector<std::pair<std::string, std::string>> want, found;
-  for (const Tenant& t : man.tenants)
-    for (const IO& io : t.inputs) want.emplace_back(t.name, io.name);
-  bool empty_group = false;
-  for (const ffi::Any& g : as_array(field(m, "run_all_inputs", "the manifest"), "run_all_inputs")) {
-    auto group = as_array(g, "run_all_inputs");
-    empty_group = empty_group || group.empty();
-    for (size_t i = 0; i < group.size(); ++i) {
-      auto pair = as_array(group[i], "run_all_inputs");
-      if (pair.size() != 2)
-        throw BadInput(man.path + " is corrupt: key 'run_all_inputs': expected lists of [tenant, input] pairs");
-      found.emplace_back(str(pair[0], "run_all_inputs"), str(pair[1], "run_all_inputs"));
-      if (i == 0) man.run_all_inputs.push_back(found.back());  // one array feeds the group
-    }
-  }
-  auto w = want, f = found;
-  std::sort(w.begin(), w.end()), std::sort(f.begin(), f.end());
-  if (w != f || empty_group)
-    throw BadInput(man.path + " is corrupt: key 'run_all_inputs': expected each tenant input "
-                   "once (" + pairs_repr(want) + "), found " + pairs_repr(found));
-}
-
-void read_tenants(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
-  auto tenants = as_map(field(m, "tenants", "the manifest"), "tenants");
-  for (const ffi::Any& n : as_array(field(m, "tenant_order", "the manifest"), "tenant_order")) {
-    Tenant t;
-    t.name = str(n, "tenant_order");
-    auto tm = as_map(field(tenants, t.name, "tenants"), "tenants." + t.name);
-    t.inputs = read_ios(field(tm, "inputs", "tenants." + t.name), "tenants." + t.name + ".inputs");
-    t.outputs =
-        read_ios(field(tm, "outputs", "tenants." + t.name), "tenants." + t.name + ".outputs");
-    man.tenants.push_back(t);
-  }
-  if (man.tenants.size() != tenants.size())
-    throw BadInput(man.path + " is corrupt: key 'tenant_order': does not list the tenants");
-}
-
-Manifest read_manifest(const std::string& dir) {
-  Manifest man;
-  man.dir = dir, man.path = dir + "/manifest.json";
-  std::ifstream f(man.path);
-  if (!f) throw BadInput(man.path + ": cannot open (is " + dir + " a saved bundle?)");
-  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  ffi::String err;
-  ffi::Any root = ffi::json::Parse(text, &err);
-  if (!err.empty()) throw BadInput(man.path + " is corrupt: not valid JSON (" + std::string(err) + ")");
-  auto m = man.json = as_map(root, "the manifest");
-  auto fmt = m.find(ffi::String("format"));
-  std::string format = "None";
-  if (fmt != m.end()) {
-    auto fs = (*fmt).second.try_cast<ffi::String>();
-    format = fs ? "'" + std::string(*fs) + "'" : mtc::canonical((*fmt).second);
-  }
-  if (format != "'" + std::string(mtc::kFormat) + "'")
-    throw BadInput(man.path + ": format " + format + ", this mtcompile reads '" + mtc::kFormat +
-                   "'" + (format.rfind("'mtcompile-bundle/", 0) == 0
-                              ? "; rebuild the bundle with this mtcompile" : ""));
-  for (const char* k : kRequired)
-    if (m.find(ffi::String(k)) == m.end() || (*m.find(ffi::String(k))).second == nullptr)
-      throw BadInput(man.path + " is corrupt: key '" + k + "': missing");
-  man.library = str(field(m, "library", "the manifest"), "library");
-  mtc::check_library_name(man.library, man.path);
-  man.target = str(field(m, "target", "the manifest"), "target");
-  man.library_sha256 = str(field(m, "library_sha256", "the manifest"), "library_sha256");
-  man.tvm_version = str(field(as_map(field(m, "versions", "the manifest"), "versions"), "tvm",
-                              "versions"), "versions.tvm");
-  auto cpu = m.find(ffi::String("cpu"));
-  if (cpu != m.end() && (*cpu).second != nullptr) man.cpu = str((*cpu).second, "cpu");
-  auto features = m.find(ffi::String("cpu_features"));
-  if (features != m.end() && (*features).second != nullptr)
-    for (const ffi::Any& f : as_array((*features).second, "cpu_features"))
-      man.cpu_features.push_back(str(f, "cpu_features"));
-  read_tenants(man, m);
-  read_run_all_inputs(man, m);
-  auto streams = as_map(field(m, "streams", "the manifest"), "streams");
-  auto run = streams.find(ffi::String("run"));
-  man.streamed = run != streams.end() && (*run).second != nullptr;
-  for (const auto& kv : as_map(field(m, "kernels", "the manifest"), "kernels"))
-    if (str(kv.second, "kernels") == "torch") man.torch_kernels.push_back(str(kv.first, "kernels"));
-  auto w = m.find(ffi::String("weights"));
-  if (w != m.end() && (*w).second != nullptr) man.weights = mtc::read_weights((*w).second);
-  return man;
-}
-
 // ------------------------------------------------------------------ inputs
 template <typename T>
 void check_range(const char* data, size_t n, const IO& io, const std::string& tenant) {
@@ -445,141 +275,8 @@ int64_t peak_rss_kib() {
   return -1;
 }
 
-// ------------------------------------------------------------------ the library (contract.h)
-std::string read_all(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw BadInput(path + " cannot be read");
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-
-// a key file's bytes, one trailing newline dropped (runtime/signing.py read_key_file)
-std::string read_key_file(const std::string& path) {
-  struct stat st;
-  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
-    throw BadInput("--verify-key-file " + path + ": not a readable file");
-  std::string key = read_all(path);
-  if (key.size() >= 2 && key.compare(key.size() - 2, 2, "\r\n") == 0) key.resize(key.size() - 2);
-  else if (!key.empty() && key.back() == '\n') key.pop_back();
-  if (key.empty()) throw BadInput("--verify-key-file " + path + ": the key is empty");
-  return key;
-}
-
-// rule signature: the HMAC of manifest.json (less its signature, canonical) and the library
-void check_signature(const Manifest& man, const std::string& key, const std::string& bytes) {
-  auto sig = man.json.find(ffi::String("bundle_signature"));
-  if (sig == man.json.end() || (*sig).second == nullptr)
-    throw BadInput(man.path + ": the bundle is not signed, and a verify key was given; save it "
-                   "with Bundle.save(path, sign_key=...)");
-  std::string text;
-  mtc::canonical_map(man.json, text, {"bundle_signature"});
-  mtc::Hmac mac(key);
-  const std::string scheme = "hmac-sha256";
-  mac.inner().update(scheme + '\0' + std::to_string(text.size()) + '\0');
-  mac.inner().update(text);
-  mac.inner().update(bytes);
-  auto found = (*sig).second.try_cast<ffi::String>();
-  if (!found || std::string(*found) != scheme + ":" + mtc::hex(mac.finish()))
-    throw BadInput(man.path + ": signature does not match the manifest and library with this "
-                   "key: the files were changed after signing, or were signed with another key");
-}
-
-// rules library-hash, signature, library-elf: the library's bytes, checked before any dlopen;
-// `src` gets the file they came from (<name>.so, or its staged copy of a save that stopped)
-std::string checked_library(const Manifest& man, const std::optional<std::string>& key,
-                            std::string* src) {
-  const std::string lib = man.dir + "/" + man.library, want = man.library_sha256;
-  std::string found;
-  for (const std::string& path : {lib, man.dir + "/." + man.library + "." + want.substr(0, 16)}) {
-    struct stat st;
-    if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
-    std::string bytes = read_all(path);
-    mtc::Sha256 h;
-    h.update(bytes);
-    const std::string digest = mtc::hex(h.digest());
-    if (digest == want) {
-      if (key) check_signature(man, *key, bytes);
-      mtc::check_elf(bytes, path);
-      *src = path;
-      return bytes;
-    }
-    if (found.empty()) found = digest;
-  }
-  if (found.empty())
-    throw BadInput(man.dir + ": the manifest names library '" + man.library + "', which is missing");
-  throw BadInput(lib + " does not match " + man.path + ": library sha256 " + found.substr(0, 16) +
-                 "..., manifest expects " + want.substr(0, 16) +
-                 "...; the files come from different builds");
-}
-
-// the checked bytes in a private file (what is checked is what gets loaded), removed at exit
-struct PrivateCopy {
-  std::string dir, path;
-  PrivateCopy(const std::string& bytes, const std::string& name) {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string templ = std::string(tmp && *tmp ? tmp : "/tmp") + "/mtcompile-run-XXXXXX";
-    if (mkdtemp(templ.data()) == nullptr) throw std::runtime_error("cannot make a temporary directory");
-    dir = templ, path = dir + "/" + name;
-    std::ofstream f(path, std::ios::binary);
-    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!f) throw std::runtime_error(path + ": cannot write a private copy of the library");
-  }
-  ~PrivateCopy() {
-    std::remove(path.c_str());
-    rmdir(dir.c_str());
-  }
-};
-
-// rule embedded-manifest: the library's copy equals manifest.json less kBuiltAfter
-void check_embedded(const Manifest& man, ffi::Module exec, const std::string& src) {
-  auto fn = exec->GetFunction("mtcompile_manifest");
-  if (!fn.has_value()) throw BadInput(src + ": has no readable embedded manifest");
-  auto t = (*fn)().try_cast<ffi::Tensor>();
-  if (!t) throw BadInput(src + ": has no readable embedded manifest");
-  const char* data = static_cast<const char*>(t->data_ptr()) + t->byte_offset();
-  ffi::String err;
-  ffi::Any embedded = ffi::json::Parse(std::string(data, ffi::GetDataSize(*t->GetDLTensorPtr())), &err);
-  auto m = embedded.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
-  if (!err.empty() || !m) throw BadInput(src + ": has no readable embedded manifest");
-  const std::string diff = mtc::embedded_diff(*m, man.json);
-  if (!diff.empty()) throw BadInput(src + " and " + man.path + " disagree on " + diff);
-}
-
-struct LibWeights {
-  std::optional<mtc::WeightsTable> table;  // the library's own (none: it has no weights)
-  char* base = nullptr;
-};
-
-// rules weights-*, weight-*: the library's table and manifest.json's, against its symbol
-LibWeights checked_weights(const Manifest& man, const std::string& private_path,
-                           const std::string& src) {
-  void* handle = dlopen(private_path.c_str(), RTLD_NOW | RTLD_NOLOAD);  // the one TVM opened
-  if (handle == nullptr) throw BadInput(src + ": cannot be opened: " + dlerror());
-  LibWeights w;
-  const char* text = static_cast<const char*>(dlsym(handle, mtc::kTableSymbol));
-  int64_t size = 0;
-  if (text != nullptr) {
-    w.base = static_cast<char*>(dlsym(handle, mtc::kWeightsSymbol));
-    char* end = static_cast<char*>(dlsym(handle, mtc::kEndSymbol));
-    if (w.base == nullptr || end == nullptr || end < w.base)
-      throw BadInput(src + ": carries a weights table but no weights symbol '" +
-                     mtc::kWeightsSymbol + "' with its end '" + mtc::kEndSymbol + "'");
-    ffi::String err;
-    ffi::Any parsed = ffi::json::Parse(std::string(text), &err);
-    if (!err.empty()) throw BadInput(src + ": its weights table is corrupt: not valid JSON");
-    w.table = mtc::read_weights(parsed);
-    size = end - w.base;
-    if (reinterpret_cast<uintptr_t>(w.base) % mtc::kAlign)
-      throw BadInput(src + ": weights table at a misaligned address");
-    mtc::check_weights(*w.table, size, src);
-  }
-  if (man.weights) mtc::check_weights(*man.weights, size, man.path);
-  mtc::check_same_weights(man.weights ? &*man.weights : nullptr, w.table ? &*w.table : nullptr,
-                          man.path);
-  return w;
-}
-
 // the entry's weights: views of the table the library carries (mapped, not copied)
-void add_weights(const LibWeights& w, const std::string& entry, std::vector<ffi::Tensor>& args) {
+void add_weights(const mtc::LibWeights& w, const std::string& entry, std::vector<ffi::Tensor>& args) {
   if (!w.table) return;
   auto wa = w.table->args.find(entry);
   if (wa == w.table->args.end()) return;
@@ -592,38 +289,20 @@ void add_weights(const LibWeights& w, const std::string& entry, std::vector<ffi:
   }
 }
 
-#ifndef MTC_TVM_VERSION
-#define MTC_TVM_VERSION ""  // unknown when built: not checked
-#endif
-
-// rules tvm-version, cpu-features: what the bundle needs of this host (runtime/artifact.py)
-void check_host(const Manifest& man) {
-  const std::string here = MTC_TVM_VERSION;
-  if (!here.empty() && man.tvm_version != here)
-    throw BadInput(man.path + ": built with TVM " + man.tvm_version + ", this process has TVM " +
-                   here + "; TVM's executable format is not stable across versions: rebuild "
-                   "the bundle with this TVM");
-  const std::string missing = mtc::missing_features(man.cpu_features);
-  if (!missing.empty())
-    throw BadInput(man.path + ": built for CPU '" + man.cpu + "', whose features " + missing +
-                   " this machine's CPU lacks; rebuild it here, or with cpu='generic' (CLI "
-                   "--cpu generic) for any x86-64");
-}
-
 // the checked library loaded, its embedded manifest and weights checked; `entry` resolved
 ffi::Function open_entry(const Manifest& man, const std::optional<std::string>& key,
                          const std::string& entry, std::vector<ffi::Tensor>& args) {
-  check_host(man);
+  mtc::check_host(man);
   std::string src;
-  const std::string bytes = checked_library(man, key, &src);
-  PrivateCopy copy(bytes, man.library);
+  const std::string bytes = mtc::checked_library(man, key, &src);
+  mtc::PrivateCopy copy(bytes, man.library);
   ffi::Module lib = ffi::Module::LoadFromFile(copy.path);
-  const LibWeights weights = checked_weights(man, copy.path, src);  // as Python: then embedded
+  const mtc::LibWeights weights = mtc::checked_weights(man, copy.path, src);  // as Python: then embedded
   ffi::Module exec = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   constexpr int kPooled = 2;  // TVM's pooled allocator, as relax.VirtualMachine uses
   exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
                                                   static_cast<int>(kDLCPU), 0, kPooled);
-  check_embedded(man, exec, src);
+  mtc::check_embedded(man, exec, src);
   add_weights(weights, entry, args);
   auto fn = exec->GetFunction(entry);
   if (!fn.has_value()) throw BadInput(src + ": has no entry '" + entry + "'");
@@ -721,8 +400,8 @@ int run(int argc, char** argv) {
   if (o.help) return usage(), 0;
   const std::string bundle = o.pos[0], entry = o.pos[1], in_dir = o.pos[2], out_dir = o.pos[3];
   const std::optional<std::string> key =
-      o.key_file ? std::optional<std::string>(read_key_file(*o.key_file)) : std::nullopt;
-  const Manifest man = read_manifest(bundle);
+      o.key_file ? std::optional<std::string>(mtc::read_key_file(*o.key_file)) : std::nullopt;
+  const Manifest man = mtc::read_manifest(bundle);
   check_runnable(man, entry);
   // one pool, sized before its first use; nothing spins after a call (as the Python runtime)
   const std::string n = std::to_string(o.threads ? o.threads : std::thread::hardware_concurrency());
