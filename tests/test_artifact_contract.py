@@ -503,3 +503,28 @@ def test_the_table_the_library_carries_is_checked_too(saved):
     with pytest.raises(ArtifactError) as e:
         mtcompile.load(saved)
     assert line == f"mtcompile-run: {e.value}" == f"mtcompile-run: {words}"
+
+
+TABLE_EDITS = {
+    "float offset": (lambda w: w["tensors"][0].__setitem__(0, 64.5),
+                     "key 'weights.tensors[0].offset': expected an integer, found 64.5"),
+    "dtype not a string": (lambda w: w["tensors"][0].__setitem__(2, 5),
+                           "key 'weights.tensors[0]': expected [offset, shape, dtype], found ["),
+    "shape not integers": (lambda w: w["tensors"][0].__setitem__(1, [2, "x"]),
+                           "key 'weights.tensors[0].shape': expected a list of integers, "
+                           "found [2, 'x']"),
+    "args missing": (lambda w: w.pop("args"), "key 'weights.args': missing"),
+    "bytes a string": (lambda w: w.__setitem__("bytes", "12288"),
+                       "key 'weights.bytes': expected int, found str '12288'"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(TABLE_EDITS))
+def test_a_malformed_weights_table_is_refused_in_the_same_words(saved, case):
+    change, words = TABLE_EDITS[case]
+    edit(saved, lambda m: change(_weights(m)))
+    line = refused(drive(saved, "a"), f"{saved / MANIFEST} is corrupt: {words}")
+    with pytest.raises(ArtifactError) as e:
+        mtcompile.load(saved)
+    assert line == f"mtcompile-run: {e.value}"

@@ -344,7 +344,7 @@ def _parse(d: dict) -> Manifest:
                               _get(p, "options", dict, f"pipeline[{i}]"))
                      for i, p in enumerate(_get(d, "pipeline", list, "")))
     memory = _get(d, "memory", dict, "", None)
-    weights = _get(d, "weights", dict, "", None)
+    weights = d.get("weights")
     features = _get(d, "cpu_features", list, "", None)
     if features is not None and not all(isinstance(f, str) for f in features):
         raise _Corrupt("cpu_features", f"expected a list of names, found {features!r:.60}")
@@ -408,15 +408,18 @@ def _int(v: Any, path: str) -> int:
     return v
 
 
-def _weights(d: dict) -> WeightsInfo:
+def _weights(d: Any) -> WeightsInfo:
+    """The weights table, checked in the order and words of the driver's `read_weights`
+    (mtcompile/driver/src/contract.h)."""
+    if not isinstance(d, dict):
+        raise _Corrupt("weights", f"expected dict, found {type(d).__name__} {d!r:.60}")
     w = _record(WeightsInfo, d, "weights")
     rows = []
-    for i, row in enumerate(w.tensors):
+    for i, row in enumerate(d["tensors"]):  # as written (lists), not frozen
         path = f"weights.tensors[{i}]"
-        if not isinstance(row, tuple) or len(row) != 3 or not isinstance(row[2], str):
+        if not isinstance(row, list) or len(row) != 3 or not isinstance(row[2], str):
             raise _Corrupt(path, f"expected [offset, shape, dtype], found {row!r:.60}")
-        rows.append((_int(row[0], f"{path}.offset"), _ints(list(row[1]), f"{path}.shape")
-                     if isinstance(row[1], tuple) else _ints(row[1], f"{path}.shape"), row[2]))
+        rows.append((_int(row[0], f"{path}.offset"), _ints(row[1], f"{path}.shape"), row[2]))
     args = {str(f): _ints(idx, f"weights.args.{f}") for f, idx in w.args.items()}
     if any(i < 0 or i >= len(rows) for idx in args.values() for i in idx):
         raise _Corrupt("weights.args", f"an index outside the {len(rows)} tensors")

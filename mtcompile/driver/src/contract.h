@@ -351,27 +351,101 @@ inline void check_weights(const WeightsTable& t, int64_t size, const std::string
   }
 }
 
-inline WeightsTable read_weights(const ffi::Any& v) {
-  auto wm = as_map(v, "weights");
-  WeightsTable t;
-  t.symbol = str(field(wm, "symbol", "weights"), "weights.symbol");
-  t.bytes = integer(field(wm, "bytes", "weights"), "weights.bytes");
-  for (const ffi::Any& row : as_array(field(wm, "tensors", "weights"), "weights.tensors")) {
-    auto r = as_array(row, "weights.tensors");
-    if (r.size() != 3) throw BadInput("manifest: weights.tensors: expected [offset, shape, dtype]");
-    Weight w;
-    w.offset = integer(r[0], "weights.tensors");
-    for (const ffi::Any& d : as_array(r[1], "weights.tensors")) w.shape.push_back(integer(d, "weights.tensors"));
-    w.dtype = str(r[2], "weights.tensors");
-    t.tensors.push_back(w);
+// Python's type(v).__name__ and repr(v) of a JSON value (what runtime/manifest.py prints)
+inline std::string py_type(const ffi::Any& v) {
+  switch (v.type_index()) {
+    case kTVMFFINone: return "NoneType";
+    case kTVMFFIBool: return "bool";
+    case kTVMFFIInt: return "int";
+    case kTVMFFIFloat: return "float";
+    default: break;
   }
-  for (const auto& kv : as_map(field(wm, "args", "weights"), "weights.args")) {
-    std::vector<int64_t>& idx = t.args[str(kv.first, "weights.args")];
-    for (const ffi::Any& i : as_array(kv.second, "weights.args")) {
-      idx.push_back(integer(i, "weights.args"));
-      if (idx.back() < 0 || idx.back() >= static_cast<int64_t>(t.tensors.size()))
-        throw BadInput("manifest: weights.args: an index outside the weights table");
+  if (v.try_cast<ffi::String>()) return "str";
+  return v.try_cast<ffi::Map<ffi::Any, ffi::Any>>() ? "dict" : "list";
+}
+
+inline void py_repr(const ffi::Any& v, std::string& out) {
+  switch (v.type_index()) {
+    case kTVMFFINone: out += "None"; return;
+    case kTVMFFIBool: out += v.cast<bool>() ? "True" : "False"; return;
+    case kTVMFFIInt: out += std::to_string(v.cast<int64_t>()); return;
+    case kTVMFFIFloat: out += py_float(v.cast<double>()); return;
+    default: break;
+  }
+  if (auto s = v.try_cast<ffi::String>()) {
+    out += "'" + std::string(*s) + "'";
+  } else if (auto m = v.try_cast<ffi::Map<ffi::Any, ffi::Any>>()) {
+    out += '{';
+    bool first = true;
+    for (const auto& kv : *m) {
+      out += first ? "" : ", ";
+      py_repr(kv.first, out), out += ": ", py_repr(kv.second, out), first = false;
     }
+    out += '}';
+  } else if (auto a = v.try_cast<ffi::Array<ffi::Any>>()) {
+    out += '[';
+    for (size_t i = 0; i < a->size(); ++i) out += i ? ", " : "", py_repr((*a)[i], out);
+    out += ']';
+  }
+}
+
+inline std::string py_repr60(const ffi::Any& v) {
+  std::string out;
+  py_repr(v, out);
+  return out.substr(0, 60);
+}
+
+// runtime/manifest.py _ints: a list of integers (bools are not)
+inline std::vector<int64_t> ints(const ffi::Any& v, const std::string& prefix,
+                                 const std::string& key) {
+  auto a = v.try_cast<ffi::Array<ffi::Any>>();
+  bool ok = a.has_value();
+  for (size_t i = 0; ok && i < a->size(); ++i) ok = (*a)[i].type_index() == kTVMFFIInt;
+  if (!ok) throw BadInput(prefix + "key '" + key + "': expected a list of integers, found " + py_repr60(v));
+  std::vector<int64_t> out;
+  for (const ffi::Any& x : *a) out.push_back(x.cast<int64_t>());
+  return out;
+}
+
+// a field of the weights table, of the JSON kind runtime/manifest.py's _record requires
+inline ffi::Any weights_field(const ffi::Map<ffi::Any, ffi::Any>& m, const std::string& key,
+                              const char* kind, const std::string& prefix) {
+  auto it = m.find(ffi::String(key));
+  if (it == m.end()) throw BadInput(prefix + "key 'weights." + key + "': missing");
+  const ffi::Any v = (*it).second;
+  if (py_type(v) != kind)
+    throw BadInput(prefix + "key 'weights." + key + "': expected " + kind + ", found " +
+                   py_type(v) + " " + py_repr60(v));
+  return v;
+}
+
+// the weights table, checked in the order and words of runtime/manifest.py _weights;
+// `prefix` names it ("<manifest.json> is corrupt: ", "<lib>: its weights table is corrupt: ")
+inline WeightsTable read_weights(const ffi::Any& v, const std::string& prefix) {
+  auto wm = v.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+  if (!wm) throw BadInput(prefix + "key 'weights': expected dict, found " + py_type(v) + " " + py_repr60(v));
+  WeightsTable t;
+  t.symbol = std::string(weights_field(*wm, "symbol", "str", prefix).cast<ffi::String>());
+  t.bytes = weights_field(*wm, "bytes", "int", prefix).cast<int64_t>();
+  auto rows = weights_field(*wm, "tensors", "list", prefix).cast<ffi::Array<ffi::Any>>();
+  auto args = weights_field(*wm, "args", "dict", prefix).cast<ffi::Map<ffi::Any, ffi::Any>>();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const std::string path = "weights.tensors[" + std::to_string(i) + "]";
+    auto r = rows[i].try_cast<ffi::Array<ffi::Any>>();
+    if (!r || r->size() != 3 || py_type((*r)[2]) != "str")
+      throw BadInput(prefix + "key '" + path + "': expected [offset, shape, dtype], found " + py_repr60(rows[i]));
+    if ((*r)[0].type_index() != kTVMFFIInt)
+      throw BadInput(prefix + "key '" + path + ".offset': expected an integer, found " + py_repr60((*r)[0]));
+    t.tensors.push_back({(*r)[0].cast<int64_t>(), ints((*r)[1], prefix, path + ".shape"),
+                         std::string((*r)[2].cast<ffi::String>())});
+  }
+  for (const auto& kv : args) {
+    const std::string f = std::string(kv.first.cast<ffi::String>());
+    t.args[f] = ints(kv.second, prefix, "weights.args." + f);
+    for (int64_t i : t.args[f])
+      if (i < 0 || i >= static_cast<int64_t>(t.tensors.size()))
+        throw BadInput(prefix + "key 'weights.args': an index outside the " +
+                       std::to_string(t.tensors.size()) + " tensors");
   }
   return t;
 }

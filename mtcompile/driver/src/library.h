@@ -146,7 +146,7 @@ inline LibWeights checked_weights(const Manifest& man, const std::string& privat
     ffi::String err;
     ffi::Any parsed = ffi::json::Parse(std::string(text), &err);
     if (!err.empty()) throw BadInput(src + ": its weights table is corrupt: not valid JSON");
-    w.table = read_weights(parsed);
+    w.table = read_weights(parsed, src + ": its weights table is corrupt: ");
     size = end - w.base;
     if (reinterpret_cast<uintptr_t>(w.base) % kAlign)
       throw BadInput(src + ": weights table at a misaligned address");

@@ -183,7 +183,7 @@ inline Manifest read_manifest(const std::string& dir) {
   for (const auto& kv : as_map(field(m, "kernels", "the manifest"), "kernels"))
     if (str(kv.second, "kernels") == "torch") man.torch_kernels.push_back(str(kv.first, "kernels"));
   auto w = m.find(ffi::String("weights"));
-  if (w != m.end() && (*w).second != nullptr) man.weights = read_weights((*w).second);
+  if (w != m.end() && (*w).second != nullptr) man.weights = read_weights((*w).second, man.path + " is corrupt: ");
   return man;
 }
 
