@@ -286,7 +286,11 @@ def test_driver_verifies_signatures(built, tmp_path):
     key, wrong = tmp_path / "key", tmp_path / "wrong"
     key.write_text("pipeline secret\n")  # one trailing newline is not part of the key
     wrong.write_text("another key")
-    assert drive(signed, "emb", key=key).returncode == 0
+    res = drive(signed, "emb", key=key)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    res = drive(signed, "emb")  # runs, and says that nothing checked the signature
+    assert res.returncode == 0 and (f"mtcompile-run: warning: {signed}: the bundle is signed; "
+                                    "its signature is NOT verified") in res.stderr, res.stderr
     refused(drive(signed, "emb", key=wrong), f"{signed / MANIFEST}: signature does not match")
     plain = built.save(tmp_path / "plain")
     refused(drive(plain, "emb", key=key), "the bundle is not signed, and a verify key was given")

@@ -403,6 +403,10 @@ int run(int argc, char** argv) {
       o.key_file ? std::optional<std::string>(mtc::read_key_file(*o.key_file)) : std::nullopt;
   const Manifest man = mtc::read_manifest(bundle);
   check_runnable(man, entry);
+  auto sig = man.json.find(ffi::String("bundle_signature"));
+  if (!key && sig != man.json.end() && (*sig).second != nullptr)
+    std::fprintf(stderr, "mtcompile-run: warning: %s: the bundle is signed; its signature is NOT "
+                 "verified (no --verify-key-file)\n", bundle.c_str());
   // one pool, sized before its first use; nothing spins after a call (as the Python runtime)
   const std::string n = std::to_string(o.threads ? o.threads : std::thread::hardware_concurrency());
   setenv("TVM_NUM_THREADS", n.c_str(), o.threads != 0);
