@@ -56,7 +56,8 @@ def _flags() -> list[str]:
 def build() -> str:
     """Compile ``mtcompile-run`` once (cached by source and flags); its path."""
     flags = _flags()
-    sources = b"".join(p.read_bytes() for p in sorted(_SRC.parent.iterdir()))  # .cc and .h
+    sources = b"".join(p.read_bytes() for p in sorted(_SRC.parent.iterdir())
+                       if p.suffix in (".cc", ".h"))
     key = hashlib.sha256(sources + repr(flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"driver-{key}" / "mtcompile-run"
     if out.exists():
