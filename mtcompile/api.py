@@ -161,7 +161,7 @@ def compile(  # noqa: A001 - the public name the API promises
     """
     tenants = _check_tenants(tenants)
     legalize.register()  # before any TVM pass legalizes (the importers' constant folding)
-    s = _settings(target, name, cpu, threads, passes, pass_options, kernels, tuning_db)
+    s = _settings(target, name, cpu, threads, passes, pass_options, kernels, tuning_db, cache)
     stages = _Stages(progress or (lambda _msg: None))
     lifted = _import(tenants, stages)
     cache_dir, key, key_doc, cached = _look_up(cache, instruments, stages, tenants, threads,
@@ -196,7 +196,7 @@ class _Settings:
 
 
 def _settings(target: str, name: str, cpu: str, threads: int | None, passes, pass_options,
-              kernels, tuning_db: str | None) -> _Settings:
+              kernels, tuning_db: str | None, cache=None) -> _Settings:
     """`compile`'s arguments checked and resolved, each failing before any work."""
     from mtcompile.passes import build_pipeline
 
@@ -212,6 +212,9 @@ def _settings(target: str, name: str, cpu: str, threads: int | None, passes, pas
     pipeline = build_pipeline(passes, pass_options)  # bad pass names fail before any work
     providers = resolve_providers(target, kernels)
     database = load_database(tuning_db, target) if tuning_db else None
+    cache_dir = build_cache.resolve_dir(cache)
+    if cache_dir is not None:
+        build_cache.check_dir(cache_dir)  # an unusable cache fails before any work
     return _Settings(cpu_name, cpu_features, pool, pipeline, providers, database,
                      build_cache.tuning_db_hash(database) if database else None)
 

@@ -35,7 +35,7 @@ from mtcompile.runtime.abi import MANIFEST
 
 log = logging.getLogger(__name__)
 KEY_FILE = "key.json"
-KEY_FORMAT = 2  # bump when what goes into the key changes
+KEY_FORMAT = 3  # bump when what goes into the key changes
 
 
 def default_dir() -> Path:
@@ -52,6 +52,20 @@ def resolve_dir(cache: bool | str | os.PathLike | None) -> Path | None:
     if cache is None or cache is False:
         return None
     return default_dir() if cache is True else Path(cache)
+
+
+def check_dir(directory: Path) -> None:
+    """Raise `MTCompileError` unless `directory` can hold cache entries (made if missing,
+    a file written and removed there): said before the compile, not after it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MTCompileError(f"build cache directory {directory} cannot be used: "
+                             f"{e.strerror or e}; give a writable --cache-dir (API: cache=) "
+                             "or --no-cache (cache=None)") from e
 
 
 def tuning_db_hash(directory: str | os.PathLike) -> str:

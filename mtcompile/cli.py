@@ -216,6 +216,7 @@ def cmd_build(args) -> tuple[int, dict]:
     from mtcompile.tools.spec import load_spec
 
     spec = load_spec(args.spec)
+    sign_key = _key(args, "sign_key_file")  # an unreadable key fails before the compile
     target = args.target or spec.target
     log.info(f"building {len(spec.tenants)} tenant(s) from {args.spec} for {target}")
     # steps: each tenant's import, then import, cache, merge, passes, lower, build, store, save
@@ -223,7 +224,8 @@ def cmd_build(args) -> tuple[int, dict]:
         bundle = _compile(spec.tenants, spec.name, target, spec.passes, spec.pass_options,
                           args, progress)
         t0 = time.perf_counter()
-        out = bundle.save(args.output)  # saved first: a failed or impossible check keeps it
+        # saved first: a failed or impossible check keeps it
+        out = bundle.save(args.output, sign_key=sign_key)
         progress(f"save     {time.perf_counter() - t0:7.2f} s")
     lib = out / bundle.manifest.library
     log.info(f"saved {lib} ({_fmt_bytes(lib.stat().st_size)}) and {out / 'manifest.json'}")
@@ -237,12 +239,35 @@ def cmd_build(args) -> tuple[int, dict]:
     return code, {**doc, "ok": code == EXIT_OK, "exit_code": code}
 
 
+def _key(args, option: str) -> bytes | None:
+    """The key in the file `option` names (`signing.read_key_file`), None without it."""
+    from mtcompile.runtime.signing import read_key_file
+
+    path = getattr(args, option, None)
+    return None if path is None else read_key_file(path, "--" + option.replace("_", "-"))
+
+
+def _load(args):
+    """The bundle `args.bundle`, its signature checked with --verify-key-file; a signed
+    bundle loaded without a key is said (its signature is not checked)."""
+    import mtcompile
+
+    key = _key(args, "verify_key_file")
+    bundle = mtcompile.load(args.bundle, threads=args.threads, verify_key=key)
+    if bundle.manifest.bundle_signature is not None and key is None:
+        log.warning(f"{args.bundle}: the bundle is signed; its signature is NOT verified "
+                    "(no --verify-key-file)")
+    return bundle
+
+
 def _parse_inputs(items: list[str], sig: TenantSig, tenant: str) -> list[np.ndarray]:
     given = {}
     for item in items:
         if "=" not in item:
             raise InputError(f"--input {item!r}: expected NAME=FILE.npy")
         k, v = item.split("=", 1)
+        if Path(v).exists() and not Path(v).is_file():  # /dev/zero would be read forever
+            raise InputError(f"--input {k}: {v} is not a regular file")
         try:
             given[k] = np.load(v, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -255,16 +280,22 @@ def _parse_inputs(items: list[str], sig: TenantSig, tenant: str) -> list[np.ndar
 
 
 def cmd_run(args) -> tuple[int, dict]:
-    import mtcompile
+    from mtcompile.runtime.contract import file_name
 
-    bundle = mtcompile.load(args.bundle, threads=args.threads)
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"-o {out_dir}: is a file, not a directory (outputs are written into "
+                         "a directory as <tenant>.<output>.npy, replacing files of those names)")
+    bundle = _load(args)
     sig = bundle.signature(args.tenant)
     outs = bundle.run(args.tenant, *_parse_inputs(args.input, sig, args.tenant))
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"-o {out_dir}: cannot make the output directory: {e}") from e
     written = []
     for spec, arr in zip(sig.outputs, outs, strict=True):
-        path = out_dir / f"{args.tenant}.{spec.name}.npy"
+        path = out_dir / file_name(args.tenant, spec.name)
         np.save(path, arr)
         written.append({"name": spec.name, "path": str(path), "dtype": str(arr.dtype),
                         "shape": list(arr.shape)})
@@ -319,20 +350,27 @@ def _memory_line(mem: MemoryInfo) -> str:
 def cmd_inspect(args) -> tuple[int, dict | None]:
     """The manifest read as JSON: no TVM, no device (the library is only measured)."""
     from mtcompile.runtime import footprint
-    from mtcompile.runtime.artifact import read_manifest, sha256_file
+    from mtcompile.runtime.artifact import read_manifest, sha256_file, verify_signature
+    from mtcompile.runtime.signing import state
 
-    manifest = read_manifest(args.bundle)
+    key = _key(args, "verify_key_file")
+    manifest = (verify_signature(args.bundle, key) if key is not None
+                else read_manifest(args.bundle))
+    signature = state(manifest.bundle_signature, key is not None)
     lib = Path(args.bundle) / manifest.library
     if not lib.is_file():
         log.warning(f"{lib}: the library the manifest names is missing")
     elif sha256_file(lib) != manifest.library_sha256:
         log.warning(f"{lib}: does not match the manifest's library_sha256 (another build's "
                     "files?); `mtcompile.load` refuses it")
-    if args.json:
+    if args.json:  # the manifest says whether it is signed; stderr whether it was checked
+        if signature["signed"] and not signature["verified"]:
+            log.warning(f"{args.bundle}: {signature['note']}")
         print(manifest.to_json(), end="", flush=True)  # the manifest is the JSON document
         return EXIT_OK, None
     size = lib.stat().st_size if lib.is_file() else None
     _say(args, describe(manifest, size))
+    _say(args, f"signature {signature['note']}")
     fp = footprint.report(manifest, None, size)  # nothing is loaded here: computed
 
     def part(k: str) -> str:
@@ -383,9 +421,7 @@ def cmd_tune(args) -> tuple[int, dict]:
 
 
 def cmd_profile(args) -> tuple[int, dict]:
-    import mtcompile
-
-    bundle = mtcompile.load(args.bundle, threads=args.threads)
+    bundle = _load(args)
     prof = bundle.profile(repeat=args.repeat)
     for name, p in prof["tenants"].items():
         _say(args, f"{name}: {p['total_us']:.0f} us in {sum(k['calls'] for k in p['kernels'])} "
@@ -529,6 +565,11 @@ def _threads_flag(sp) -> None:
     sp.add_argument("--threads", type=_positive, metavar="N", help="TVM thread pool size "
                     "(default: the machine's cores; TVM_NUM_THREADS, if set, wins)")
 
+def _verify_flag(sp) -> None:
+    sp.add_argument("--verify-key-file", "--verify-key", metavar="FILE", help="the bundle "
+                    "must carry a signature made with the key in FILE (one trailing "
+                    "newline is not part of the key)")
+
 
 def _pass_flags(sp) -> None:
     """The flags of the commands that compile (build, demo): passes, kernels, CPU, numerics."""
@@ -557,6 +598,9 @@ def _build_command(command) -> None:
     b.add_argument("--cache-dir", metavar="DIR", help="build cache directory (default: "
                    "$MTCOMPILE_CACHE_DIR/builds or ~/.cache/mtcompile/builds)")
     b.add_argument("--no-cache", action="store_true", help="neither use nor fill the cache")
+    b.add_argument("--sign-key-file", "--sign-key", metavar="FILE", help="sign the bundle "
+                   "(HMAC-SHA256 of manifest and library) with the key in FILE (one trailing "
+                   "newline is not part of the key)")
     _pass_flags(b)
     b.set_defaults(fn=cmd_build)
 
@@ -568,6 +612,7 @@ def _run_command(command) -> None:
     r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     r.add_argument("-o", "--output", default="outputs", help="directory for <tenant>.<output>.npy")
     _threads_flag(r)
+    _verify_flag(r)
     r.set_defaults(fn=cmd_run)
 
 
@@ -575,6 +620,7 @@ def _inspect_command(command) -> None:
     i = command("inspect", "summarize a saved bundle (reads its manifest; needs no TVM); "
                 "--json prints the whole manifest")
     i.add_argument("bundle")
+    _verify_flag(i)
     i.set_defaults(fn=cmd_inspect)
 
 
@@ -612,6 +658,7 @@ def _profile_command(command) -> None:
     pr.add_argument("--repeat", type=_positive, default=10)
     pr.add_argument("--top", type=_positive, default=8, help="kernels shown per tenant")
     _threads_flag(pr)
+    _verify_flag(pr)
     pr.set_defaults(fn=cmd_profile)
 
 

@@ -1,12 +1,17 @@
 """The C++ driver ``mtcompile-run``: builds it and says where it is.
 
-``mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] [--timing]`` loads a saved bundle with
-TVM's runtime library only (no Python, no compiler, no torch), runs one tenant or ``run_all``
-on ``INPUT_DIR/<tenant>.<input>.npy`` and writes ``OUTPUT_DIR/<tenant>.<output>.npy``; it
-checks inputs against the manifest (shape, dtype, index ranges) first; ``--timing`` prints
+``mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] [--timing]
+[--verify-key-file FILE]`` loads a saved bundle with TVM's runtime library only (no Python,
+no compiler, no torch), runs one tenant or ``run_all`` on ``INPUT_DIR/<tenant>.<input>.npy``
+and writes ``OUTPUT_DIR/<tenant>.<output>.npy`` (names made safe: `contract.file_name`); it
+checks the bundle as `mtcompile.load` does (the rules of `mtcompile.runtime.contract`, in
+``src/contract.h``) and inputs against the manifest (shape, dtype, index ranges) first;
+``--timing`` prints
 ``{"load_s", "first_call_s", "peak_rss_kib"}`` as JSON. Exit status: 0 ok,
 2 usage, 3 bad input or bundle, 4 run-time error. It is the proof that a bundle is one native
-executable, and the start of a C++ serving backend (``src/run_bundle.cc``, one file).
+executable, and the start of a C++ serving backend (``src/run_bundle.cc``; the contract's
+rules in ``src/contract.h``, the library opened under them in ``src/library.h``, the
+manifest read in ``src/manifest.h``, SHA-256 and HMAC in ``src/sha256.h``).
 
 `build()` compiles it with the system C++ compiler against the headers and libraries of the
 installed tvm-ffi and TVM wheels (rpaths to them), cached by a hash of source and flags.
@@ -16,6 +21,7 @@ installed tvm-ffi and TVM wheels (rpaths to them), cached by a hash of source an
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -39,13 +45,20 @@ def _flags() -> list[str]:
     libs = [f"-L{ffi_lib}", "-ltvm_ffi", f"-Wl,-rpath,{ffi_lib}", "-Wl,--no-as-needed",
             f"-L{tvm_lib_dir()}", "-ltvm_runtime", f"-Wl,-rpath,{tvm_lib_dir()}",
             f"-L{blas_lib_dir()}", "-lscipy_openblas", f"-Wl,-rpath,{blas_lib_dir()}"]
-    return ["-std=c++17", "-O2", *(f"-I{i}" for i in includes), str(_SRC), *libs]
+    # the TVM the driver links: a bundle built with another is refused (rule tvm-version)
+    try:
+        version = [f'-DMTC_TVM_VERSION="{importlib.metadata.version("apache-tvm")}"']
+    except importlib.metadata.PackageNotFoundError:  # a source build: not checked
+        version = []
+    return ["-std=c++17", "-O2", *version, *(f"-I{i}" for i in includes), str(_SRC), *libs]
 
 
 def build() -> str:
     """Compile ``mtcompile-run`` once (cached by source and flags); its path."""
     flags = _flags()
-    key = hashlib.sha256(_SRC.read_bytes() + repr(flags).encode()).hexdigest()[:16]
+    sources = b"".join(p.read_bytes() for p in sorted(_SRC.parent.iterdir())
+                       if p.suffix in (".cc", ".h"))
+    key = hashlib.sha256(sources + repr(flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"driver-{key}" / "mtcompile-run"
     if out.exists():
         return str(out)
@@ -62,8 +75,10 @@ def build() -> str:
 
 
 def command(bundle_dir, entry: str, input_dir, output_dir, threads: int | None = None,
-            timing: bool = False) -> list:
-    """The argument list that runs `entry` of the bundle at `bundle_dir` with the driver."""
+            timing: bool = False, verify_key_file=None) -> list:
+    """The argument list that runs `entry` of the bundle at `bundle_dir` with the driver
+    (with `verify_key_file`: the bundle must carry a signature made with that key)."""
     cmd = [build(), str(bundle_dir), entry, str(input_dir), str(output_dir)]
     return cmd + (["--threads", str(threads)] if threads else []) + (
-        ["--timing"] if timing else [])
+        ["--timing"] if timing else []) + (
+        ["--verify-key-file", str(verify_key_file)] if verify_key_file else [])

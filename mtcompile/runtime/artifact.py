@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mtcompile import native
 from mtcompile.errors import ArtifactError, MTCompileError
-from mtcompile.runtime import footprint, signing, tvmrt
+from mtcompile.runtime import contract, footprint, signing, tvmrt
 from mtcompile.runtime.abi import MANIFEST
 from mtcompile.runtime.cpu import missing_features
 from mtcompile.runtime.manifest import MUST_MATCH, Manifest
@@ -256,6 +256,20 @@ def _private_copy(d: Path, manifest: Manifest, raw: dict, key: bytes | None,
                         "builds")
 
 
+def verify_signature(directory: str | os.PathLike, verify_key: bytes | str) -> Manifest:
+    """The manifest of a saved bundle whose library matches its hash and whose signature
+    was made with `verify_key` (else `ArtifactError`); nothing is loaded, no TVM needed."""
+    d = Path(directory)
+    key = signing.as_key(verify_key, "verify_key")
+    mpath, text = _manifest_text(d)
+    manifest = Manifest.from_json(text, mpath)
+    if manifest.library_sha256 is None:
+        raise ArtifactError(f"{mpath} is corrupt: key 'library_sha256': missing")
+    with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
+        _private_copy(d, manifest, json.loads(text), key, Path(tmp) / manifest.library)
+    return manifest
+
+
 def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = None
                  ) -> tuple[Manifest, object, Path]:
     """(manifest, (loaded library module, its weights mapped), library path) of a saved
@@ -279,14 +293,19 @@ def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = 
         private = Path(tmp) / manifest.library
         lib = _private_copy(d, manifest, json.loads(text), key, private)
         with _MODULES_LOCK:
-            module = _MODULES.get(manifest.library_sha256)
-            if module is None:
+            cached = _MODULES.get(manifest.library_sha256)
+            if cached is None:
                 check_elf(private, lib)
                 module, _FOOTPRINTS[manifest.library_sha256] = _load(manifest, private, lib)
-                arrays = ([] if manifest.weights is None
-                          else weights_mapped(private, manifest.weights))
-                module = _MODULES[manifest.library_sha256] = (module, arrays)
-    return manifest, module, lib
+                # the library's own table, checked against its weights symbol: what is
+                # cached never depends on a manifest.json
+                cached = _MODULES[manifest.library_sha256] = (
+                    module, weights_mapped(private, lib))
+    module, mapped = cached
+    if manifest.weights is not None:  # its own words first (bounds), then the equality
+        contract.check_weights(manifest.weights, mapped.size, mpath)
+    contract.check_same_weights(manifest.weights, mapped.table, mpath)
+    return manifest, (module, mapped.arrays), lib
 
 
 def _load(manifest: Manifest, private: Path, lib: Path) -> tuple[object, dict]:

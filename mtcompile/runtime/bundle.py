@@ -19,7 +19,7 @@ import numpy as np
 
 from mtcompile.abi import MANIFEST_FN, RUN_ALL
 from mtcompile.errors import InputError, MTCompileError
-from mtcompile.runtime import artifact, footprint, profile, tvmrt
+from mtcompile.runtime import artifact, footprint, profile, signing, tvmrt
 from mtcompile.runtime.inputs import check_inputs, run_all_arrays, seeded_inputs
 from mtcompile.runtime.manifest import Manifest, TenantSig, signature_text
 from mtcompile.runtime.threads import configure as configure_threads
@@ -45,6 +45,7 @@ class Bundle:
                               streams=manifest.streams.run is not None,
                               threads=self.threads.pool, weights=self.weights)
         self._stream_executor = None
+        self.signature_verified = False  # set by `load` when a verify key checked it
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, verify_key: bytes | str | None = None,
@@ -54,6 +55,7 @@ class Bundle:
         goes to the constructor of `cls`."""
         manifest, (module, weights), lib = artifact.open_library(directory, verify_key)
         bundle = cls(module, manifest, library_path=lib, weights=weights, **extra)
+        bundle.signature_verified = verify_key is not None  # open_library checked it
         artifact.check_embedded(manifest, lambda: tvmrt.to_numpy(bundle._vms.fn(MANIFEST_FN)()),
                                 lib)
         return bundle
@@ -192,6 +194,7 @@ class Bundle:
             "streams": m.streams.view(),
             "threads": asdict(self.threads),
             "cpu": {"name": m.cpu, "features": list(m.cpu_features or ())},
+            "signature": signing.state(m.bundle_signature, self.signature_verified),
         }
         if m.memory is not None:
             rep["memory"] = asdict(m.memory)

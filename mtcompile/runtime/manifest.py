@@ -19,7 +19,7 @@ from typing import Any
 from mtcompile.abi import StreamFunctions  # the streams' record lowering fills
 from mtcompile.errors import ArtifactError
 
-FORMAT = "mtcompile-bundle/3"  # bump when this layout or the entries' layout changes
+FORMAT = "mtcompile-bundle/4"  # bump when this layout or the entries' layout changes
 # versions that must match where a bundle is loaded: TVM's executable format is not
 # stable across TVM versions (the others, torch and onnx, are recorded for information)
 MUST_MATCH = ("tvm",)
@@ -212,6 +212,9 @@ class WeightsInfo:
     tensors: tuple[tuple[int, tuple[int, ...], str], ...]
     args: dict[str, tuple[int, ...]]
 
+    def to_dict(self) -> dict:
+        return _to_json(self)
+
 
 @dataclass(frozen=True)
 class PassSpec:
@@ -321,11 +324,12 @@ def _parse(d: dict) -> Manifest:
         run_all_inputs = tuple(tuple((str(t), str(n)) for t, n in u) for u in uses)
     except (TypeError, ValueError):
         raise _Corrupt("run_all_inputs", "expected lists of [tenant, input] pairs") from None
+    _check_run_all_inputs(run_all_inputs, tenants, order)
     pipeline = tuple(PassSpec(_get(p, "name", str, f"pipeline[{i}]"),
                               _get(p, "options", dict, f"pipeline[{i}]"))
                      for i, p in enumerate(_get(d, "pipeline", list, "")))
     memory = _get(d, "memory", dict, "", None)
-    weights = _get(d, "weights", dict, "", None)
+    weights = d.get("weights")
     features = _get(d, "cpu_features", list, "", None)
     if features is not None and not all(isinstance(f, str) for f in features):
         raise _Corrupt("cpu_features", f"expected a list of names, found {features!r:.60}")
@@ -344,6 +348,17 @@ def _parse(d: dict) -> Manifest:
         memory=_record(MemoryInfo, memory, "memory") if memory is not None else None,
         weights=_weights(weights) if weights is not None else None,
         library_sha256=digest, bundle_signature=signature)
+
+
+def _check_run_all_inputs(uses, tenants: dict[str, TenantSig], order) -> None:
+    """Rule "run-all-inputs": the run_all parameters serve each tenant input exactly once
+    (a shared input: one parameter, several pairs). Their order is the library's: the
+    embedded manifest check covers it."""
+    want = [(t, s.name) for t in order for s in tenants[t].inputs]
+    found = [pair for group in uses for pair in group]
+    if sorted(found) != sorted(want) or any(not g for g in uses):
+        raise _Corrupt("run_all_inputs", f"expected each tenant input once ({want!r:.200}), "
+                       f"found {found!r:.200}")
 
 
 # record field type -> what its JSON value must be
@@ -372,16 +387,39 @@ def _freeze(v):
     return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
 
 
-def _weights(d: dict) -> WeightsInfo:
+def _int(v: Any, path: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _Corrupt(path, f"expected an integer, found {v!r:.60}")
+    return v
+
+
+def _weights(d: Any) -> WeightsInfo:
+    """The weights table, checked in the order and words of the driver's `read_weights`
+    (mtcompile/driver/src/contract.h)."""
+    if not isinstance(d, dict):
+        raise _Corrupt("weights", f"expected dict, found {type(d).__name__} {d!r:.60}")
     w = _record(WeightsInfo, d, "weights")
-    try:
-        rows = tuple((int(o), tuple(int(x) for x in shape), str(dt)) for o, shape, dt in w.tensors)
-        args = {str(f): tuple(int(i) for i in idx) for f, idx in w.args.items()}
-    except (TypeError, ValueError):
-        raise _Corrupt("weights", "expected [offset, shape, dtype] rows and index lists") from None
+    rows = []
+    for i, row in enumerate(d["tensors"]):  # as written (lists), not frozen
+        path = f"weights.tensors[{i}]"
+        if not isinstance(row, list) or len(row) != 3 or not isinstance(row[2], str):
+            raise _Corrupt(path, f"expected [offset, shape, dtype], found {row!r:.60}")
+        rows.append((_int(row[0], f"{path}.offset"), _ints(row[1], f"{path}.shape"), row[2]))
+    args = {str(f): _ints(idx, f"weights.args.{f}") for f, idx in w.args.items()}
     if any(i < 0 or i >= len(rows) for idx in args.values() for i in idx):
         raise _Corrupt("weights.args", f"an index outside the {len(rows)} tensors")
-    return replace(w, tensors=rows, args=args)
+    return replace(w, tensors=tuple(rows), args=args)
+
+
+def weights_from_json(text: str, where: str | Path) -> WeightsInfo:
+    """A weights table from its JSON (the copy a library carries); `where` names it."""
+    try:
+        return _weights(json.loads(text))
+    except ValueError as e:
+        raise ArtifactError(f"{where}: its weights table is corrupt: not valid JSON ({e})"
+                            ) from None
+    except (_Corrupt, TypeError) as e:
+        raise ArtifactError(f"{where}: its weights table is corrupt: {e}") from None
 
 
 def _streams(d: dict) -> StreamsInfo:

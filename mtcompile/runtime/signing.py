@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 from pathlib import Path
 
 from mtcompile.errors import ArtifactError
@@ -25,6 +26,33 @@ def as_key(key: bytes | str | None, what: str) -> bytes | None:
         raise ArtifactError(f"{what} must be non-empty bytes or str, got "
                             f"{type(key).__name__}")
     return bytes(key)
+
+
+def read_key_file(path: str | os.PathLike, what: str = "key file") -> bytes:
+    """A key kept in a file (the CLI's ``--sign-key-file`` / ``--verify-key-file``, the
+    driver's ``--verify-key-file``): its bytes, one trailing newline (``\\n`` or
+    ``\\r\\n``) dropped, so that ``echo secret > key`` gives the key ``secret``."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise OSError("not a regular file")
+        key = p.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{what} {p}: cannot be read: {e}") from e
+    key = key[:-2] if key.endswith(b"\r\n") else key[:-1] if key.endswith(b"\n") else key
+    if not key:
+        raise ArtifactError(f"{what} {p}: the key is empty")
+    return key
+
+
+def state(manifest_signature: str | None, verified: bool) -> dict:
+    """What a report says of a bundle's signature: signed or not, and checked or not."""
+    signed = manifest_signature is not None
+    note = ("not signed" if not signed else "signed and verified with the key given"
+            if verified else "signed, NOT verified: no key was given (load with verify_key=, "
+            "or --verify-key-file on the command line)")
+    return {"signed": signed, "scheme": SCHEME if signed else None, "verified": verified,
+            "note": note}
 
 
 def _canonical(manifest: dict) -> bytes:

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from mtcompile.errors import ArtifactError
-from mtcompile.runtime import tvmrt
-from mtcompile.runtime.manifest import WeightsInfo
+from mtcompile.runtime import contract, tvmrt
+from mtcompile.runtime.manifest import WeightsInfo, weights_from_json
 
 SYMBOL = "mtcompile_weights"
-ALIGN = 64
+ALIGN = contract.ALIGN
 
 
 def _dtype(name: str) -> np.dtype:
@@ -41,19 +43,31 @@ def info(arrays: list[np.ndarray], args: dict[str, list[int]]) -> WeightsInfo:
                        args={f: tuple(i) for f, i in args.items()})
 
 
+def table_json(table: WeightsInfo) -> str:
+    """The table as the library carries it (`contract.TABLE_SYMBOL`): its manifest JSON."""
+    return json.dumps(table.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
 def write_object(arrays: list[np.ndarray], table: WeightsInfo, workdir: Path) -> Path:
     """An object file defining `SYMBOL` over the bytes of `arrays` as `table` lays them out,
-    for the library's link (its contents depend on the bytes only: no path, no time)."""
+    `contract.END_SYMBOL` at its end and `contract.TABLE_SYMBOL` (the table itself), for the
+    library's link: the library hash then covers the table (its contents depend on the
+    bytes only: no path, no time)."""
     blob = workdir / "weights.bin"
     with open(blob, "wb") as f:
         for a, (offset, _, _) in zip(arrays, table.tensors, strict=True):
             f.seek(offset)
             f.write(np.ascontiguousarray(a).tobytes())
         f.truncate(max(table.bytes, 1))
+    (workdir / "table.json").write_bytes(table_json(table).encode() + b"\0")
+    end, tab = contract.END_SYMBOL, contract.TABLE_SYMBOL
     asm = workdir / "weights.s"
     asm.write_text(f'\t.section .rodata.{SYMBOL},"a"\n\t.balign 4096\n\t.globl {SYMBOL}\n'
                    f'\t.type {SYMBOL}, @object\n{SYMBOL}:\n\t.incbin "weights.bin"\n'
-                   f'\t.size {SYMBOL}, .-{SYMBOL}\n\t.section .note.GNU-stack,"",@progbits\n')
+                   f'\t.size {SYMBOL}, .-{SYMBOL}\n\t.globl {end}\n{end}:\n'
+                   f'\t.globl {tab}\n\t.type {tab}, @object\n{tab}:\n'
+                   f'\t.incbin "table.json"\n\t.size {tab}, .-{tab}\n'
+                   '\t.section .note.GNU-stack,"",@progbits\n')
     obj = workdir / "weights.o"
     done = subprocess.run(["gcc", "-c", asm.name, "-o", obj.name], cwd=workdir,
                           capture_output=True, text=True)
@@ -74,29 +88,52 @@ def export_addon(arrays: list[np.ndarray], table: WeightsInfo | None):
         yield [str(write_object(arrays, table, Path(tmp)))]
 
 
-def mapped(library: Path, table: WeightsInfo) -> list[np.ndarray]:
-    """The weights of a library TVM has just loaded from `library`, as arrays over its
-    mapped pages (read-only in fact: nothing writes a weight)."""
-    if not table.tensors:
-        return []
+def _symbol(lib: ctypes.CDLL, name: str) -> int | None:
+    try:
+        return ctypes.addressof(ctypes.c_char.in_dll(lib, name))
+    except ValueError:
+        return None
+
+
+class Mapped(NamedTuple):
+    """A loaded library's weights: arrays over its pages, the table it carries (None: it
+    has no weights) and the size of its weights symbol."""
+
+    arrays: list[np.ndarray]
+    table: WeightsInfo | None
+    size: int
+
+
+def mapped(library: Path, where: Path) -> Mapped:
+    """The weights of a library TVM has just loaded from `library` (named `where` in
+    errors), as arrays over its mapped pages (read-only in fact: nothing writes a weight),
+    with the table the library carries, checked against the size of its weights symbol
+    (`contract.check_weights`)."""
     try:
         # the handle TVM opened (RTLD_NOLOAD: never a second copy)
         lib = ctypes.CDLL(str(library), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        base = ctypes.addressof(ctypes.c_char.in_dll(lib, table.symbol))
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{library}: carries no weights table {table.symbol!r}: {e}") from e
+    except OSError as e:
+        raise ArtifactError(f"{where}: cannot be opened: {e}") from e
+    text = _symbol(lib, contract.TABLE_SYMBOL)
+    if text is None:
+        return Mapped([], None, 0)
+    base, end = _symbol(lib, SYMBOL), _symbol(lib, contract.END_SYMBOL)
+    if base is None or end is None or end < base:
+        raise ArtifactError(f"{where}: carries a weights table but no weights symbol "
+                            f"{SYMBOL!r} with its end {contract.END_SYMBOL!r}")
+    try:
+        table = weights_from_json(ctypes.string_at(text).decode(), where)
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{where}: its weights table cannot be read: {e}") from e
     if base % ALIGN:
-        raise ArtifactError(f"{library}: weights table at a misaligned address {base:#x}")
-    raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(table.bytes, 1)).from_address(base))
+        raise ArtifactError(f"{where}: weights table at a misaligned address {base:#x}")
+    contract.check_weights(table, end - base, where)
+    raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(end - base, 1)).from_address(base))
     out = []
     for offset, shape, dtype in table.tensors:
-        dt = _dtype(dtype)
-        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        if offset % ALIGN or offset + n > table.bytes:
-            raise ArtifactError(f"{library}: weight at {offset} of {n} bytes lies outside its "
-                                f"table of {table.bytes} bytes")
-        out.append(raw[offset:offset + n].view(dt).reshape(shape))
-    return out
+        n = int(np.prod(shape, dtype=np.int64)) * contract.WEIGHT_DTYPES[dtype]
+        out.append(raw[offset:offset + n].view(_dtype(dtype)).reshape(shape))
+    return Mapped(out, table, end - base)
 
 
 class Weights:

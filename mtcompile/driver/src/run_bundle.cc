@@ -2,12 +2,15 @@
 // run one tenant or run_all on inputs read from .npy files, write the outputs as .npy files.
 //
 //   mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] [--timing]
+//                 [--verify-key-file FILE]
 //
 // ENTRY is a tenant's name or "run_all". Inputs are INPUT_DIR/<tenant>.<input>.npy (for run_all:
-// every tenant's); outputs are written to OUTPUT_DIR/<tenant>.<output>.npy. Inputs are checked
-// against the manifest (shape, dtype, index ranges) before the call, as the Python runtime does.
-// --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on stdout. Exit status: 0 ok, 2 usage,
-// 3 bad input or bundle, 4 run-time error.
+// every tenant's); outputs are written to OUTPUT_DIR/<tenant>.<output>.npy (a name's characters
+// outside [A-Za-z0-9_.-] become '_'). The bundle is checked as the Python runtime checks it
+// (library.h, under the rules of contract.h: library hash before dlopen, ELF headers, embedded
+// manifest, weights table, and with --verify-key-file the signature; manifest.h: its fields),
+// inputs against the manifest (shape, dtype, index ranges) before the call. --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on
+// stdout. Exit status: 0 ok, 2 usage, 3 bad input or bundle, 4 run-time error.
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
@@ -18,7 +21,11 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
-#include <dlfcn.h>
+#include <sys/stat.h>
+
+#include "contract.h"
+#include "library.h"
+#include "manifest.h"
 
 #include <algorithm>
 #include <chrono>
@@ -28,6 +35,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -38,10 +46,11 @@ namespace ffi = tvm::ffi;
 
 namespace {
 
-// an error in what the user gave (inputs, bundle): exit 3
-struct BadInput : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using mtc::BadInput;
+using mtc::IO;
+using mtc::Manifest;
+using mtc::shape_str;
+using mtc::Tenant;
 
 // ------------------------------------------------------------------ dtypes and .npy files
 struct DType {
@@ -70,12 +79,6 @@ const DType& dtype_of(DLDataType dl) {
                  std::to_string(dl.code) + ", bits " + std::to_string(dl.bits) + ")");
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
-
 // 64-byte aligned CPU memory, as TVM's own allocator gives (generated kernels may assume it)
 struct AlignedAlloc {
   void AllocData(DLTensor* t) {
@@ -96,48 +99,67 @@ struct Borrowed {
 struct Npy {
   std::string descr;
   std::vector<int64_t> shape;
-  std::string data;
 };
 
 // the value of `key` in a .npy header dict such as {'descr': '<f4', 'fortran_order': False, ...}
 std::string header_field(const std::string& h, const std::string& key, const std::string& path) {
-  size_t k = h.find("'" + key + "'");
-  if (k == std::string::npos) throw BadInput(path + ": .npy header has no '" + key + "'");
-  size_t c = h.find(':', k);
-  size_t s = h.find_first_not_of(' ', c + 1);
-  if (h[s] == '\'') return h.substr(s + 1, h.find('\'', s + 1) - s - 1);
-  if (h[s] == '(') return h.substr(s + 1, h.find(')', s) - s - 1);
-  return h.substr(s, h.find_first_of(",}", s) - s);
+  const size_t k = h.find("'" + key + "'");
+  const size_t c = k == std::string::npos ? k : h.find(':', k);
+  const size_t s = c == std::string::npos ? c : h.find_first_not_of(' ', c + 1);
+  if (s == std::string::npos) throw BadInput(path + ": .npy header has no '" + key + "'");
+  const char open = h[s];
+  const size_t e = open == '\'' ? h.find('\'', s + 1)
+                   : open == '(' ? h.find(')', s) : h.find_first_of(",}", s);
+  if (e == std::string::npos) throw BadInput(path + ": .npy header: '" + key + "' is malformed");
+  return open == '\'' || open == '(' ? h.substr(s + 1, e - s - 1) : h.substr(s, e - s);
 }
 
-Npy read_npy(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
+std::vector<int64_t> header_shape(const std::string& text, const std::string& path) {
+  std::vector<int64_t> shape;
+  std::stringstream dims(text);
+  std::string tok;
+  while (std::getline(dims, tok, ',')) {
+    const size_t a = tok.find_first_not_of(' '), b = tok.find_last_not_of(' ');
+    if (a == std::string::npos) continue;
+    const std::string d = tok.substr(a, b - a + 1);
+    int64_t v = -1;
+    auto r = std::from_chars(d.data(), d.data() + d.size(), v);
+    if (r.ec != std::errc() || r.ptr != d.data() + d.size() || v < 0)
+      throw BadInput(path + ": .npy header: shape (" + text + ") is malformed");
+    shape.push_back(v);
+  }
+  return shape;
+}
+
+// the header of a .npy file, the file left at its data; a file that is not a regular file
+// (a device, a FIFO: /dev/zero would be read forever) is refused
+Npy read_npy_header(std::ifstream& f, const std::string& path, uint64_t* data_bytes) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw BadInput(path + ": cannot open (an input file is missing?)");
+  if (!S_ISREG(st.st_mode)) throw BadInput(path + ": not a regular file");
+  f.open(path, std::ios::binary);
   if (!f) throw BadInput(path + ": cannot open (an input file is missing?)");
-  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (all.size() < 10 || all.compare(0, 6, "\x93NUMPY") != 0)
-    throw BadInput(path + ": not a .npy file");
-  const int major = static_cast<unsigned char>(all[6]);
-  size_t hlen, off;
-  if (major == 1) {
-    hlen = static_cast<unsigned char>(all[8]) | (static_cast<unsigned char>(all[9]) << 8);
-    off = 10;
-  } else {
-    if (all.size() < 12) throw BadInput(path + ": truncated .npy header");
-    hlen = 0;
-    for (int i = 0; i < 4; ++i) hlen |= size_t(static_cast<unsigned char>(all[8 + i])) << (8 * i);
+  char pre[12] = {};
+  f.read(pre, 10);
+  if (f.gcount() < 10 || std::memcmp(pre, "\x93NUMPY", 6) != 0) throw BadInput(path + ": not a .npy file");
+  const int major = static_cast<unsigned char>(pre[6]);
+  size_t hlen = static_cast<unsigned char>(pre[8]) | (static_cast<unsigned char>(pre[9]) << 8);
+  size_t off = 10;
+  if (major != 1) {
+    f.read(pre + 10, 2);
+    if (f.gcount() < 2) throw BadInput(path + ": truncated .npy header");
+    hlen = mtc::le(std::string(pre, 12), 8, 4);
     off = 12;
   }
-  if (off + hlen > all.size()) throw BadInput(path + ": truncated .npy header");
-  const std::string h = all.substr(off, hlen);
+  if (off + hlen > static_cast<uint64_t>(st.st_size)) throw BadInput(path + ": truncated .npy header");
+  std::string h(hlen, '\0');
+  f.read(h.data(), static_cast<std::streamsize>(hlen));
   Npy npy;
   npy.descr = header_field(h, "descr", path);
   if (header_field(h, "fortran_order", path) != "False")
     throw BadInput(path + ": Fortran-ordered arrays are not supported; save a C-ordered array");
-  std::stringstream dims(header_field(h, "shape", path));
-  std::string tok;
-  while (std::getline(dims, tok, ','))
-    if (tok.find_first_not_of(' ') != std::string::npos) npy.shape.push_back(std::stoll(tok));
-  npy.data = all.substr(off + hlen);
+  npy.shape = header_shape(header_field(h, "shape", path), path);
+  *data_bytes = static_cast<uint64_t>(st.st_size) - off - hlen;
   return npy;
 }
 
@@ -162,169 +184,6 @@ void write_npy(const std::string& path, const ffi::Tensor& t) {
   if (!f) throw BadInput(path + ": write failed");
 }
 
-// ------------------------------------------------------------------ the manifest
-ffi::Map<ffi::Any, ffi::Any> as_map(const ffi::Any& v, const std::string& key) {
-  auto m = v.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
-  if (!m) throw BadInput("manifest: " + key + " is not an object");
-  return *m;
-}
-ffi::Array<ffi::Any> as_array(const ffi::Any& v, const std::string& key) {
-  auto a = v.try_cast<ffi::Array<ffi::Any>>();
-  if (!a) throw BadInput("manifest: " + key + " is not a list");
-  return *a;
-}
-ffi::Any field(const ffi::Map<ffi::Any, ffi::Any>& m, const std::string& key,
-               const std::string& where) {
-  auto it = m.find(ffi::String(key));
-  if (it == m.end()) throw BadInput("manifest: " + where + " has no '" + key + "'");
-  return (*it).second;
-}
-std::string str(const ffi::Any& v, const std::string& key) {
-  auto s = v.try_cast<ffi::String>();
-  if (!s) throw BadInput("manifest: " + key + " is not a string");
-  return std::string(*s);
-}
-int64_t integer(const ffi::Any& v, const std::string& key) {
-  auto i = v.try_cast<int64_t>();
-  if (!i) throw BadInput("manifest: " + key + " is not an integer");
-  return *i;
-}
-
-struct IO {
-  std::string name, dtype;
-  std::vector<int64_t> shape;  // -1: a symbolic (dynamic) dim, its name in `dims`
-  std::vector<std::string> dims;  // per axis: the dim's name, empty when static
-  std::map<std::string, std::pair<int64_t, int64_t>> bounds;  // dim name -> [lo, hi]
-  bool ranged = false;
-  int64_t lo = 0, hi = 0;  // an index input's values lie in [lo, hi)
-};
-
-struct Tenant {
-  std::string name;
-  std::vector<IO> inputs, outputs;
-};
-
-std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
-  std::vector<IO> ios;
-  for (const ffi::Any& e : as_array(v, where)) {
-    auto m = as_map(e, where);
-    IO io;
-    io.name = str(field(m, "name", where), where + ".name");
-    io.dtype = str(field(m, "dtype", where), where + ".dtype");
-    auto b = m.find(ffi::String("dims"));
-    if (b != m.end() && (*b).second != nullptr)
-      for (const auto& kv : as_map((*b).second, where + ".dims")) {
-        auto lh = as_array(kv.second, where + ".dims");
-        io.bounds[str(kv.first, where + ".dims")] = {
-            integer(lh[0], where + ".dims"), integer(lh[1], where + ".dims")};
-      }
-    for (const ffi::Any& d : as_array(field(m, "shape", where), where + ".shape")) {
-      auto name = d.try_cast<ffi::String>();
-      io.shape.push_back(name ? -1 : integer(d, where + ".shape"));
-      io.dims.push_back(name ? std::string(*name) : std::string());
-    }
-    auto r = m.find(ffi::String("index_range"));
-    if (r != m.end() && (*r).second != nullptr) {
-      auto lh = as_array((*r).second, where + ".index_range");
-      io.ranged = true;
-      io.lo = integer(lh[0], where + ".index_range");
-      io.hi = integer(lh[1], where + ".index_range");
-    }
-    ios.push_back(io);
-  }
-  return ios;
-}
-
-struct Weight {
-  int64_t offset;
-  std::vector<int64_t> shape;
-  std::string dtype;
-};
-
-struct Manifest {
-  std::string library, target;
-  std::string weights_symbol;  // the library's weights table (empty: none)
-  int64_t weights_bytes = 0;
-  std::vector<Weight> weights;
-  std::map<std::string, std::vector<int64_t>> weight_args;  // function -> weight indices
-  std::vector<Tenant> tenants;  // in tenant_order
-  std::vector<std::pair<std::string, std::string>> run_all_inputs;  // (tenant, input) each
-  bool streamed = false;
-  std::vector<std::string> torch_kernels;
-
-  const Tenant& tenant(const std::string& name) const {
-    for (const Tenant& t : tenants)
-      if (t.name == name) return t;
-    std::string names;
-    for (const Tenant& t : tenants) names += (names.empty() ? "" : ", ") + t.name;
-    throw BadInput("no tenant '" + name + "' in this bundle (tenants: " + names +
-                   "; or run_all)");
-  }
-};
-
-Manifest read_manifest(const std::string& dir) {
-  const std::string path = dir + "/manifest.json";
-  std::ifstream f(path);
-  if (!f) throw BadInput(path + ": cannot open (is " + dir + " a saved bundle?)");
-  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  ffi::String err;
-  ffi::Any root = ffi::json::Parse(text, &err);
-  if (!err.empty()) throw BadInput(path + ": not JSON: " + std::string(err));
-  auto m = as_map(root, "the manifest");
-  const std::string format = str(field(m, "format", "the manifest"), "format");
-  if (format != "mtcompile-bundle/3")
-    throw BadInput(path + ": format " + format + ", this driver reads mtcompile-bundle/3");
-  Manifest man;
-  man.library = str(field(m, "library", "the manifest"), "library");
-  man.target = str(field(m, "target", "the manifest"), "target");
-  auto tenants = as_map(field(m, "tenants", "the manifest"), "tenants");
-  for (const ffi::Any& n : as_array(field(m, "tenant_order", "the manifest"), "tenant_order")) {
-    Tenant t;
-    t.name = str(n, "tenant_order");
-    auto tm = as_map(field(tenants, t.name, "tenants"), "tenants." + t.name);
-    t.inputs = read_ios(field(tm, "inputs", "tenants." + t.name), "tenants." + t.name + ".inputs");
-    t.outputs =
-        read_ios(field(tm, "outputs", "tenants." + t.name), "tenants." + t.name + ".outputs");
-    man.tenants.push_back(t);
-  }
-  // each run_all input is a group of (tenant, input) pairs fed by one array: take the first
-  for (const ffi::Any& g : as_array(field(m, "run_all_inputs", "the manifest"), "run_all_inputs")) {
-    auto first = as_array(as_array(g, "run_all_inputs")[0], "run_all_inputs");
-    man.run_all_inputs.emplace_back(str(first[0], "run_all_inputs"),
-                                    str(first[1], "run_all_inputs"));
-  }
-  auto streams = as_map(field(m, "streams", "the manifest"), "streams");
-  auto run = streams.find(ffi::String("run"));
-  man.streamed = run != streams.end() && (*run).second != nullptr;
-  auto kernels = as_map(field(m, "kernels", "the manifest"), "kernels");
-  for (const auto& kv : kernels)
-    if (str(kv.second, "kernels") == "torch") man.torch_kernels.push_back(str(kv.first, "kernels"));
-  auto w = m.find(ffi::String("weights"));
-  if (w != m.end() && (*w).second != nullptr) {
-    auto wm = as_map((*w).second, "weights");
-    man.weights_symbol = str(field(wm, "symbol", "weights"), "weights.symbol");
-    man.weights_bytes = integer(field(wm, "bytes", "weights"), "weights.bytes");
-    for (const ffi::Any& row : as_array(field(wm, "tensors", "weights"), "weights.tensors")) {
-      auto r = as_array(row, "weights.tensors");
-      if (r.size() != 3) throw BadInput("manifest: weights.tensors: expected [offset, shape, dtype]");
-      Weight wt;
-      wt.offset = integer(r[0], "weights.tensors");
-      for (const ffi::Any& d : as_array(r[1], "weights.tensors")) wt.shape.push_back(integer(d, "weights.tensors"));
-      wt.dtype = str(r[2], "weights.tensors");
-      man.weights.push_back(wt);
-    }
-    for (const auto& kv : as_map(field(wm, "args", "weights"), "weights.args")) {
-      std::vector<int64_t>& idx = man.weight_args[str(kv.first, "weights.args")];
-      for (const ffi::Any& i : as_array(kv.second, "weights.args")) {
-        idx.push_back(integer(i, "weights.args"));
-        if (idx.back() < 0 || idx.back() >= static_cast<int64_t>(man.weights.size()))
-          throw BadInput("manifest: weights.args: an index outside the weights table");
-      }
-    }
-  }
-  return man;
-}
-
 // ------------------------------------------------------------------ inputs
 template <typename T>
 void check_range(const char* data, size_t n, const IO& io, const std::string& tenant) {
@@ -337,9 +196,7 @@ void check_range(const char* data, size_t n, const IO& io, const std::string& te
                      std::to_string(io.hi) + ")");
 }
 
-ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const IO& io) {
-  const std::string path = dir + "/" + tenant + "." + io.name + ".npy";
-  Npy npy = read_npy(path);
+void check_npy(const Npy& npy, const IO& io, const std::string& tenant, const std::string& path) {
   const DType& d = dtype_named(io.dtype);
   if (npy.descr != d.descr)
     throw BadInput("tenant '" + tenant + "', input '" + io.name + "' (" + path + "): expected " +
@@ -351,8 +208,7 @@ ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const 
     throw BadInput("tenant '" + tenant + "', input '" + io.name + "' (" + path +
                    "): expected shape " + shape_str(io.shape) +
                    (std::count(io.shape.begin(), io.shape.end(), -1) ? " (-1: dynamic)" : "") +
-                   ", found " +
-                   shape_str(npy.shape));
+                   ", found " + shape_str(npy.shape));
   for (size_t i = 0; i < io.shape.size(); ++i) {  // a dynamic dim: within its bounds
     auto b = io.bounds.find(io.dims[i]);
     if (io.shape[i] == -1 && b != io.bounds.end() &&
@@ -363,17 +219,33 @@ ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const 
                      std::to_string(b->second.first) + ", " + std::to_string(b->second.second) +
                      "]");
   }
-  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(npy.shape.data(), npy.shape.size()), d.dl,
-                                           DLDevice{kDLCPU, 0});
-  const size_t bytes = ffi::GetDataSize(*t.GetDLTensorPtr());
-  if (npy.data.size() != bytes)
-    throw BadInput(path + ": " + std::to_string(npy.data.size()) + " data bytes, expected " +
-                   std::to_string(bytes));
-  std::memcpy(t.data_ptr(), npy.data.data(), bytes);
-  if (io.ranged) {
+}
+
+ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const IO& io) {
+  const std::string path = dir + "/" + mtc::file_name(tenant, io.name);
+  std::ifstream f;
+  uint64_t have = 0;
+  Npy npy = read_npy_header(f, path, &have);
+  check_npy(npy, io, tenant, path);
+  // the bytes the header promises, checked against the file before anything is allocated
+  __int128 want = dtype_named(io.dtype).dl.bits / 8;
+  for (int64_t d : npy.shape) want = std::min<__int128>(want * d, (__int128)1 << 100);
+  if (want != static_cast<__int128>(have))
+    throw BadInput(path + ": " + std::to_string(have) + " data bytes, its header's " +
+                   io.dtype + shape_str(npy.shape) + " needs " +
+                   (want < ((__int128)1 << 62) ? std::to_string(int64_t(want)) : "more"));
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(npy.shape.data(), npy.shape.size()),
+                                           dtype_named(io.dtype).dl, DLDevice{kDLCPU, 0});
+  f.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(have));
+  if (static_cast<uint64_t>(f.gcount()) != have) throw BadInput(path + ": cannot read its data");
+  if (io.ranged) {  // rule index-range
+    const char* data = static_cast<const char*>(t.data_ptr());
     const size_t n = static_cast<size_t>(t.numel());
-    if (io.dtype == "int64") check_range<int64_t>(npy.data.data(), n, io, tenant);
-    else if (io.dtype == "int32") check_range<int32_t>(npy.data.data(), n, io, tenant);
+    if (io.dtype == "int64") check_range<int64_t>(data, n, io, tenant);
+    else if (io.dtype == "int32") check_range<int32_t>(data, n, io, tenant);
+    else if (io.dtype == "int16") check_range<int16_t>(data, n, io, tenant);
+    else if (io.dtype == "int8") check_range<int8_t>(data, n, io, tenant);
+    else if (io.dtype == "uint8") check_range<uint8_t>(data, n, io, tenant);
   }
   return t;
 }
@@ -403,37 +275,78 @@ int64_t peak_rss_kib() {
   return -1;
 }
 
+// the entry's weights: views of the table the library carries (mapped, not copied)
+void add_weights(const mtc::LibWeights& w, const std::string& entry, std::vector<ffi::Tensor>& args) {
+  if (!w.table) return;
+  auto wa = w.table->args.find(entry);
+  if (wa == w.table->args.end()) return;
+  for (int64_t i : wa->second) {
+    const mtc::Weight& t = w.table->tensors[i];
+    DLDataType dl = t.dtype == "bfloat16" ? DLDataType{kDLBfloat, 16, 1} : dtype_named(t.dtype).dl;
+    args.push_back(ffi::Tensor::FromNDAlloc(Borrowed{w.base + t.offset},
+                                            ffi::ShapeView(t.shape.data(), t.shape.size()), dl,
+                                            DLDevice{kDLCPU, 0}));
+  }
+}
+
+// the checked library loaded, its embedded manifest and weights checked; `entry` resolved
+ffi::Function open_entry(const Manifest& man, const std::optional<std::string>& key,
+                         const std::string& entry, std::vector<ffi::Tensor>& args) {
+  mtc::check_host(man);
+  std::string src;
+  const std::string bytes = mtc::checked_library(man, key, &src);
+  mtc::PrivateCopy copy(bytes, man.library);
+  ffi::Module lib = ffi::Module::LoadFromFile(copy.path);
+  const mtc::LibWeights weights = mtc::checked_weights(man, copy.path, src);  // as Python: then embedded
+  ffi::Module exec = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
+  constexpr int kPooled = 2;  // TVM's pooled allocator, as relax.VirtualMachine uses
+  exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
+                                                  static_cast<int>(kDLCPU), 0, kPooled);
+  mtc::check_embedded(man, exec, src);
+  add_weights(weights, entry, args);
+  auto fn = exec->GetFunction(entry);
+  if (!fn.has_value()) throw BadInput(src + ": has no entry '" + entry + "'");
+  return *fn;
+}
+
 int usage() {
   std::fprintf(stderr,
                "usage: mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] "
-               "[--timing]\n"
+               "[--timing] [--verify-key-file FILE]\n"
                "  ENTRY: a tenant's name, or run_all\n"
                "  inputs: INPUT_DIR/<tenant>.<input>.npy; outputs: "
-               "OUTPUT_DIR/<tenant>.<output>.npy\n");
+               "OUTPUT_DIR/<tenant>.<output>.npy\n"
+               "  --verify-key-file: the bundle must carry a signature made with this key\n");
   return 2;
 }
 
-int run(int argc, char** argv) {
+struct Options {
   std::vector<std::string> pos;
   int threads = 0;
-  bool timing = false;
+  bool timing = false, help = false;
+  std::optional<std::string> key_file;
+};
+
+bool parse_options(int argc, char** argv, Options& o) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--timing") {
-      timing = true;
+      o.timing = true;
     } else if (a == "--threads" && i + 1 < argc) {
-      threads = std::atoi(argv[++i]);
-      if (threads < 1) return usage();
+      o.threads = std::atoi(argv[++i]);
+      if (o.threads < 1) return false;
+    } else if ((a == "--verify-key-file" || a == "--verify-key") && i + 1 < argc) {
+      o.key_file = argv[++i];
     } else if (a == "-h" || a == "--help") {
-      usage();
-      return 0;
+      o.help = true;
     } else {
-      pos.push_back(a);
+      o.pos.push_back(a);
     }
   }
-  if (pos.size() != 4) return usage();
-  const std::string bundle = pos[0], entry = pos[1], in_dir = pos[2], out_dir = pos[3];
-  const Manifest man = read_manifest(bundle);
+  return o.help || o.pos.size() == 4;
+}
+
+void check_runnable(const Manifest& man, const std::string& entry) {
   if (man.target != "llvm")
     throw BadInput("this bundle was built for target '" + man.target +
                    "'; mtcompile-run runs CPU (llvm) bundles");
@@ -443,14 +356,13 @@ int run(int argc, char** argv) {
   if (entry == "run_all" && man.streamed)
     throw BadInput("this bundle's run_all runs on several streams (the Python StreamExecutor); "
                    "mtcompile-run runs its tenants one by one, or rebuild with one stream");
-  // one pool, sized before its first use; nothing spins after a call (as the Python runtime)
-  const std::string n = std::to_string(threads ? threads : std::thread::hardware_concurrency());
-  setenv("TVM_NUM_THREADS", n.c_str(), threads != 0);
-  setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);
+}
 
-  // inputs first: a bad input costs no load
+// the entry's inputs, read and checked; `outs` gets (tenant, output) per result
+std::vector<ffi::Tensor> read_inputs(const Manifest& man, const std::string& entry,
+                                     const std::string& in_dir,
+                                     std::vector<std::pair<std::string, std::string>>& outs) {
   std::vector<ffi::Tensor> args;
-  std::vector<std::pair<std::string, std::string>> outs;  // (tenant, output) per result
   if (entry == "run_all") {
     for (const auto& [t, i] : man.run_all_inputs)
       for (const IO& io : man.tenant(t).inputs)
@@ -462,36 +374,11 @@ int run(int argc, char** argv) {
     for (const IO& io : t.inputs) args.push_back(load_input(in_dir, t.name, io));
     for (const IO& o : t.outputs) outs.emplace_back(t.name, o.name);
   }
+  return args;
+}
 
-  using clock = std::chrono::steady_clock;
-  const auto t0 = clock::now();
-  ffi::Module lib = ffi::Module::LoadFromFile(bundle + "/" + man.library);
-  ffi::Module exec = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
-  constexpr int kPooled = 2;  // TVM's pooled allocator, as relax.VirtualMachine uses
-  exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
-                                                  static_cast<int>(kDLCPU), 0, kPooled);
-  ffi::Function fn = exec->GetFunction(entry).value();
-  // the entry's weights: views of the table the library carries (mapped, not copied)
-  auto wa = man.weight_args.find(entry);
-  if (wa != man.weight_args.end() && !wa->second.empty()) {
-    const std::string path = bundle + "/" + man.library;
-    void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);  // the one TVM opened
-    char* base = handle ? static_cast<char*>(dlsym(handle, man.weights_symbol.c_str())) : nullptr;
-    if (base == nullptr)
-      throw BadInput(path + ": carries no weights table '" + man.weights_symbol + "'");
-    for (int64_t i : wa->second) {
-      const Weight& w = man.weights[i];
-      ffi::Tensor t = ffi::Tensor::FromNDAlloc(
-          Borrowed{base + w.offset}, ffi::ShapeView(w.shape.data(), w.shape.size()),
-          dtype_named(w.dtype).dl, DLDevice{kDLCPU, 0});
-      if (w.offset < 0 || w.offset + static_cast<int64_t>(ffi::GetDataSize(*t.GetDLTensorPtr())) >
-                              man.weights_bytes)
-        throw BadInput(path + ": a weight lies outside the weights table");
-      args.push_back(t);
-    }
-  }
+ffi::Any call(ffi::Function fn, const std::vector<ffi::Tensor>& args) {
   std::vector<ffi::AnyView> views(args.begin(), args.end());
-  const auto t1 = clock::now();
   ffi::Any r;
   // a run in progress: the native kernels' pool spins between parallel regions until its end
   auto begin = ffi::Function::GetGlobal("mtcompile.native.run_begin");
@@ -504,14 +391,42 @@ int run(int argc, char** argv) {
     throw;
   }
   if (begin.has_value() && end.has_value()) (*end)();
+  return r;
+}
+
+int run(int argc, char** argv) {
+  Options o;
+  if (!parse_options(argc, argv, o)) return usage();
+  if (o.help) return usage(), 0;
+  const std::string bundle = o.pos[0], entry = o.pos[1], in_dir = o.pos[2], out_dir = o.pos[3];
+  const std::optional<std::string> key =
+      o.key_file ? std::optional<std::string>(mtc::read_key_file(*o.key_file)) : std::nullopt;
+  const Manifest man = mtc::read_manifest(bundle);
+  check_runnable(man, entry);
+  auto sig = man.json.find(ffi::String("bundle_signature"));
+  if (!key && sig != man.json.end() && (*sig).second != nullptr)
+    std::fprintf(stderr, "mtcompile-run: warning: %s: the bundle is signed; its signature is NOT "
+                 "verified (no --verify-key-file)\n", bundle.c_str());
+  // one pool, sized before its first use; nothing spins after a call (as the Python runtime)
+  const std::string n = std::to_string(o.threads ? o.threads : std::thread::hardware_concurrency());
+  setenv("TVM_NUM_THREADS", n.c_str(), o.threads != 0);
+  setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);
+  // inputs first: a bad input costs no load
+  std::vector<std::pair<std::string, std::string>> outs;
+  std::vector<ffi::Tensor> args = read_inputs(man, entry, in_dir, outs);
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  ffi::Function fn = open_entry(man, key, entry, args);
+  const auto t1 = clock::now();
+  ffi::Any r = call(fn, args);
   const auto t2 = clock::now();
   std::vector<ffi::Tensor> got = results(r);
   if (got.size() < outs.size())
     throw std::runtime_error("entry " + entry + " returned " + std::to_string(got.size()) +
                              " tensors, the manifest lists " + std::to_string(outs.size()));
   for (size_t i = 0; i < outs.size(); ++i)
-    write_npy(out_dir + "/" + outs[i].first + "." + outs[i].second + ".npy", got[i]);
-  if (timing)
+    write_npy(out_dir + "/" + mtc::file_name(outs[i].first, outs[i].second), got[i]);
+  if (o.timing)
     std::printf("{\"load_s\": %.6f, \"first_call_s\": %.6f, \"peak_rss_kib\": %lld}\n",
                 std::chrono::duration<double>(t1 - t0).count(),
                 std::chrono::duration<double>(t2 - t1).count(),

@@ -1,0 +1,190 @@
+// The manifest as mtcompile-run reads it: the fields it uses, and what runtime/manifest.py
+// requires of every manifest (rules library-name, run-all-inputs; contract.h).
+#pragma once
+
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/map.h>
+#include <tvm/ffi/extra/json.h>
+#include <tvm/ffi/string.h>
+
+#include <algorithm>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "contract.h"
+
+namespace mtc {
+
+// ------------------------------------------------------------------ the manifest
+struct IO {
+  std::string name, dtype;
+  std::vector<int64_t> shape;  // -1: a symbolic (dynamic) dim, its name in `dims`
+  std::vector<std::string> dims;  // per axis: the dim's name, empty when static
+  std::map<std::string, std::pair<int64_t, int64_t>> bounds;  // dim name -> [lo, hi]
+  bool ranged = false;
+  int64_t lo = 0, hi = 0;  // an index input's values lie in [lo, hi)
+};
+
+struct Tenant {
+  std::string name;
+  std::vector<IO> inputs, outputs;
+};
+
+inline std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
+  std::vector<IO> ios;
+  for (const ffi::Any& e : as_array(v, where)) {
+    auto m = as_map(e, where);
+    IO io;
+    io.name = str(field(m, "name", where), where + ".name");
+    io.dtype = str(field(m, "dtype", where), where + ".dtype");
+    auto b = m.find(ffi::String("dims"));
+    if (b != m.end() && (*b).second != nullptr)
+      for (const auto& kv : as_map((*b).second, where + ".dims")) {
+        auto lh = as_array(kv.second, where + ".dims");
+        if (lh.size() != 2) throw BadInput("manifest: " + where + ".dims: expected [lo, hi]");
+        io.bounds[str(kv.first, where + ".dims")] = {
+            integer(lh[0], where + ".dims"), integer(lh[1], where + ".dims")};
+      }
+    for (const ffi::Any& d : as_array(field(m, "shape", where), where + ".shape")) {
+      auto name = d.try_cast<ffi::String>();
+      io.shape.push_back(name ? -1 : integer(d, where + ".shape"));
+      io.dims.push_back(name ? std::string(*name) : std::string());
+    }
+    auto r = m.find(ffi::String("index_range"));
+    if (r != m.end() && (*r).second != nullptr) {
+      auto lh = as_array((*r).second, where + ".index_range");
+      if (lh.size() != 2) throw BadInput("manifest: " + where + ".index_range: expected [lo, hi]");
+      io.ranged = true;
+      io.lo = integer(lh[0], where + ".index_range");
+      io.hi = integer(lh[1], where + ".index_range");
+    }
+    ios.push_back(io);
+  }
+  return ios;
+}
+
+struct Manifest {
+  std::string dir, path;  // the bundle directory, its manifest.json
+  ffi::Map<ffi::Any, ffi::Any> json;  // manifest.json as read
+  std::string library, target, library_sha256, tvm_version, cpu;
+  std::vector<std::string> cpu_features;
+  std::optional<WeightsTable> weights;
+  std::vector<Tenant> tenants;  // in tenant_order
+  std::vector<std::pair<std::string, std::string>> run_all_inputs;  // (tenant, input) each
+  bool streamed = false;
+  std::vector<std::string> torch_kernels;
+
+  const Tenant& tenant(const std::string& name) const {
+    for (const Tenant& t : tenants)
+      if (t.name == name) return t;
+    std::string names;
+    for (const Tenant& t : tenants) names += (names.empty() ? "" : ", ") + t.name;
+    throw BadInput("no tenant '" + name + "' in this bundle (tenants: " + names +
+                   "; or run_all)");
+  }
+};
+
+// what runtime/manifest.py requires of every manifest (and artifact.py: library_sha256)
+const char* const kRequired[] = {"name", "library", "target", "versions", "pipeline",
+                                 "kernels", "tenant_order", "run_all_inputs", "tenants",
+                                 "graph", "graph_view", "streams", "library_sha256"};
+
+inline std::string pairs_repr(const std::vector<std::pair<std::string, std::string>>& v) {
+  std::string r = "[";
+  for (size_t i = 0; i < v.size(); ++i)
+    r += (i ? ", ('" : "('") + v[i].first + "', '" + v[i].second + "')";
+  return (r + "]").substr(0, 200);
+}
+
+// rule run-all-inputs: each tenant input served once (runtime/manifest.py)
+inline void read_run_all_inputs(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
+  std::vector<std::pair<std::string, std::string>> want, found;
+  for (const Tenant& t : man.tenants)
+    for (const IO& io : t.inputs) want.emplace_back(t.name, io.name);
+  bool empty_group = false;
+  for (const ffi::Any& g : as_array(field(m, "run_all_inputs", "the manifest"), "run_all_inputs")) {
+    auto group = as_array(g, "run_all_inputs");
+    empty_group = empty_group || group.empty();
+    for (size_t i = 0; i < group.size(); ++i) {
+      auto pair = as_array(group[i], "run_all_inputs");
+      if (pair.size() != 2)
+        throw BadInput(man.path + " is corrupt: key 'run_all_inputs': expected lists of [tenant, input] pairs");
+      found.emplace_back(str(pair[0], "run_all_inputs"), str(pair[1], "run_all_inputs"));
+      if (i == 0) man.run_all_inputs.push_back(found.back());  // one array feeds the group
+    }
+  }
+  auto w = want, f = found;
+  std::sort(w.begin(), w.end()), std::sort(f.begin(), f.end());
+  if (w != f || empty_group)
+    throw BadInput(man.path + " is corrupt: key 'run_all_inputs': expected each tenant input "
+                   "once (" + pairs_repr(want) + "), found " + pairs_repr(found));
+}
+
+inline void read_tenants(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
+  auto tenants = as_map(field(m, "tenants", "the manifest"), "tenants");
+  for (const ffi::Any& n : as_array(field(m, "tenant_order", "the manifest"), "tenant_order")) {
+    Tenant t;
+    t.name = str(n, "tenant_order");
+    auto tm = as_map(field(tenants, t.name, "tenants"), "tenants." + t.name);
+    t.inputs = read_ios(field(tm, "inputs", "tenants." + t.name), "tenants." + t.name + ".inputs");
+    t.outputs =
+        read_ios(field(tm, "outputs", "tenants." + t.name), "tenants." + t.name + ".outputs");
+    man.tenants.push_back(t);
+  }
+  if (man.tenants.size() != tenants.size())
+    throw BadInput(man.path + " is corrupt: key 'tenant_order': does not list the tenants");
+}
+
+inline Manifest read_manifest(const std::string& dir) {
+  Manifest man;
+  man.dir = dir, man.path = dir + "/manifest.json";
+  std::ifstream f(man.path);
+  if (!f) throw BadInput(man.path + ": cannot open (is " + dir + " a saved bundle?)");
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ffi::String err;
+  ffi::Any root = ffi::json::Parse(text, &err);
+  if (!err.empty()) throw BadInput(man.path + " is corrupt: not valid JSON (" + std::string(err) + ")");
+  auto m = man.json = as_map(root, "the manifest");
+  auto fmt = m.find(ffi::String("format"));
+  std::string format = "None";
+  if (fmt != m.end()) {
+    auto fs = (*fmt).second.try_cast<ffi::String>();
+    format = fs ? "'" + std::string(*fs) + "'" : canonical((*fmt).second);
+  }
+  if (format != "'" + std::string(kFormat) + "'")
+    throw BadInput(man.path + ": format " + format + ", this mtcompile reads '" + kFormat +
+                   "'" + (format.rfind("'mtcompile-bundle/", 0) == 0
+                              ? "; rebuild the bundle with this mtcompile" : ""));
+  for (const char* k : kRequired)
+    if (m.find(ffi::String(k)) == m.end() || (*m.find(ffi::String(k))).second == nullptr)
+      throw BadInput(man.path + " is corrupt: key '" + k + "': missing");
+  man.library = str(field(m, "library", "the manifest"), "library");
+  check_library_name(man.library, man.path);
+  man.target = str(field(m, "target", "the manifest"), "target");
+  man.library_sha256 = str(field(m, "library_sha256", "the manifest"), "library_sha256");
+  man.tvm_version = str(field(as_map(field(m, "versions", "the manifest"), "versions"), "tvm",
+                              "versions"), "versions.tvm");
+  auto cpu = m.find(ffi::String("cpu"));
+  if (cpu != m.end() && (*cpu).second != nullptr) man.cpu = str((*cpu).second, "cpu");
+  auto features = m.find(ffi::String("cpu_features"));
+  if (features != m.end() && (*features).second != nullptr)
+    for (const ffi::Any& f : as_array((*features).second, "cpu_features"))
+      man.cpu_features.push_back(str(f, "cpu_features"));
+  read_tenants(man, m);
+  read_run_all_inputs(man, m);
+  auto streams = as_map(field(m, "streams", "the manifest"), "streams");
+  auto run = streams.find(ffi::String("run"));
+  man.streamed = run != streams.end() && (*run).second != nullptr;
+  for (const auto& kv : as_map(field(m, "kernels", "the manifest"), "kernels"))
+    if (str(kv.second, "kernels") == "torch") man.torch_kernels.push_back(str(kv.first, "kernels"));
+  auto w = m.find(ffi::String("weights"));
+  if (w != m.end() && (*w).second != nullptr) man.weights = read_weights((*w).second, man.path + " is corrupt: ");
+  return man;
+}
+
+}  // namespace mtc
