@@ -68,16 +68,21 @@ def tvm_kernel_share(bundle, name: str, x: np.ndarray) -> float:
     return tvm / total
 
 
+SETTLE_S = 0.3  # before each block: the last runtime's workers stop spinning (libgomp, TBB)
+
+
 def block_times(contenders: dict, repeat: int, warmup: int,
                 passes: int = 3) -> dict[str, list[float]]:
-    """Times (s) of contenders each run in blocks of its own (`warmup` calls left out at the
-    start of every block), the blocks' order rotated over `passes` passes: compute speed,
-    without what one runtime's spinning threads cost the next."""
+    """Times (s) of contenders each run in blocks of its own (a pause of SETTLE_S, then
+    `warmup` calls left out at the start of every block), the blocks' order rotated over
+    `passes` passes: compute speed, without what one runtime's spinning threads cost the next
+    (PyTorch's OpenMP and OpenVINO's TBB workers spin on for tens of ms after a call)."""
     times: dict[str, list[float]] = {k: [] for k in contenders}
     names = list(contenders)
     for p in range(passes):
         for k in names[p % len(names):] + names[:p % len(names)]:
             fn = contenders[k]
+            time.sleep(SETTLE_S)
             for _ in range(warmup):
                 fn()
             for _ in range(max(1, repeat // passes)):
