@@ -282,8 +282,8 @@ def test_register_tiles_match_torch(isa):
     """The register tiles of the direct conv (4-row AVX2 strips; 12-row AVX-512 strips where
     the CPU has AVX-512F, the default there) and of the packed dense (6 rows; 14 on AVX-512,
     heights balanced) give torch's numbers: output channel counts that fill no strip, strides,
-    1x1/3x3/5x5/7x7 kernels, narrow rows, every row count 1..40, ragged columns and the fused
-    residual + ReLU."""
+    1x1/3x3/5x5/7x7 kernels, narrow rows, a batch padded in groups of images, every row count
+    1..40, ragged columns and the fused residual + ReLU."""
     script = textwrap.dedent(f"""
         import numpy as np, torch, tvm_ffi
         import mtcompile.native as native
@@ -297,7 +297,8 @@ def test_register_tiles_match_torch(isa):
             assert np.abs(got - ref).max() / np.abs(ref).max() < {RTOL}, np.abs(got - ref).max()
         for (n, c, h, w), oc, k, s in [((1, 32, 64, 64), 32, 3, 1), ((2, 13, 20, 37), 29, 3, 2),
                                       ((1, 3, 33, 33), 7, 7, 2), ((1, 16, 18, 18), 25, 5, 1),
-                                      ((1, 24, 16, 48), 13, 1, 1), ((1, 64, 32, 32), 64, 3, 1)]:
+                                      ((1, 24, 16, 48), 13, 1, 1), ((1, 64, 32, 32), 64, 3, 1),
+                                      ((16, 16, 32, 32), 16, 3, 1)]:  # images in 4 groups
             x, wt, b = r(n, c, h, w), r(oc, c, k, k), r(oc)
             ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(),
                                              torch.from_numpy(wt).double(),

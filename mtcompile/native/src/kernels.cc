@@ -459,34 +459,42 @@ void conv_direct(const Conv& c, const float* px, const float* pw, const float* b
   // the calling thread's buffers, kept between calls (pad_channels writes every float)
   thread_local std::vector<float> wp, xp;
   if (wp.size() < static_cast<size_t>(c.O * Kd)) wp.resize(c.O * Kd);
-  if (xp.size() < static_cast<size_t>(c.C * cf)) xp.resize(c.C * cf);
   float* const wpp = wp.data();
-  float* const xpp = xp.data();
   const mtc::Tiles tiles = mtc::tiles_for(c.KW, kHasAvx512);
   for (int64_t g = 0; g < c.G; ++g)
     mtc::pack_weights(pw + g * c.Og * Kd, c.Og, Kd, tiles.strip, wpp + g * c.Og * Kd);
   const int64_t panels = c.OH * ((c.OW + mtc::kNR - 1) / mtc::kNR);
-  for (int64_t n = 0; n < c.N; ++n) {
-    const float* xn = px + n * c.C * c.H * c.W;
+  // images in groups of about 512 KB of padded input: two launches per group (a batch of
+  // small images made two per image, 256 launches for a batch of 16 through a small ResNet)
+  const int64_t per_image = c.C * cf;
+  const int64_t group = std::clamp<int64_t>((int64_t{1} << 17) / per_image, 1, c.N);
+  if (xp.size() < static_cast<size_t>(group * per_image)) xp.resize(group * per_image);
+  float* const xpp = xp.data();
+  for (int64_t n0 = 0; n0 < c.N; n0 += group) {
+    const int64_t ng = std::min(group, c.N - n0), units = ng * c.G * panels;
+    const float* xn = px + n0 * c.C * c.H * c.W;
     // two launches, not one with a barrier between the phases: a barrier ties each task to
     // a thread of its own, so one descheduled worker would stall it (a busy host)
-    const int64_t work = c.O * c.OH * c.OW * Kd;
-    parallel(work, c.G * panels, [&](int64_t task, int64_t ntask) {  // pad the channels
-      auto [c0, c1] = part(c.C, task, ntask, 1);
-      mtc::pad_channels(q, pd, xn, c0, c1, xpp);
+    const int64_t work = ng * c.O * c.OH * c.OW * Kd;
+    parallel(work, units, [&](int64_t task, int64_t ntask) {  // pad the channels
+      auto [u0, u1] = part(ng * c.C, task, ntask, 1);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t n = u / c.C, ch = u % c.C;
+        mtc::pad_channels(q, pd, xn + n * c.C * c.H * c.W, ch, ch + 1, xpp + n * per_image);
+      }
     });
-    parallel(work, c.G * panels,
-        [&](int64_t task, int64_t ntask) {  // then compute the panels
-          auto [t0, t1] = part(c.G * panels, task, ntask, 1);
-          for (int64_t t = t0; t < t1;) {  // a task's run of panels may span groups
-            const int64_t g = t / panels, end = std::min(t1, (g + 1) * panels);
-            const int64_t at = (n * c.O + g * c.Og) * c.OH * c.OW;
-            mtc::conv_panels(q, pd, tiles, xpp + g * c.Cg * cf, wpp + g * c.Og * Kd,
-                             bias ? bias + g * c.Og : nullptr, py + at, t - g * panels,
-                             end - g * panels, ep.res_at(at), ep.act);
-            t = end;
-          }
-        });
+    parallel(work, units, [&](int64_t task, int64_t ntask) {  // then compute the panels
+      auto [t0, t1] = part(units, task, ntask, 1);
+      for (int64_t t = t0; t < t1;) {  // a task's run of panels may span images and groups
+        const int64_t u = t / panels, end = std::min(t1, (u + 1) * panels);
+        const int64_t n = u / c.G, g = u % c.G;
+        const int64_t at = ((n0 + n) * c.O + g * c.Og) * c.OH * c.OW;
+        mtc::conv_panels(q, pd, tiles, xpp + n * per_image + g * c.Cg * cf,
+                         wpp + g * c.Og * Kd, bias ? bias + g * c.Og : nullptr, py + at,
+                         t - u * panels, end - u * panels, ep.res_at(at), ep.act);
+        t = end;
+      }
+    });
   }
 }
 
