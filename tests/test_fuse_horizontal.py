@@ -153,3 +153,28 @@ def test_same_arch_set_is_fused_whole():
     assert kernels(fused) * 2.5 < kernels(plain)
     result = fused.verify()
     assert result["ok"], result
+
+
+@pytest.mark.slow
+def test_fused_dense_layers_run_on_stacked_packed_weights():
+    """Same-architecture tenants fused horizontally run their dense layers as one packed
+    dense call on the stacked packed weights (no batched BLAS matmul in run_all), and
+    run_all still gives each tenant's own numbers."""
+    from mtcompile.models import mlp
+    from mtcompile.runtime import profile
+    from mtcompile.runtime.inputs import run_all_arrays
+
+    tenants = []
+    for i in range(3):
+        model, inputs = mlp(seed=i, batch=5, d_in=48, hidden=80, d_out=24)
+        tenants.append(Tenant(f"m{i}", model, example_inputs=inputs))
+    b = mtcompile.compile(tenants)
+    inputs = {t.name: tuple(np.asarray(x) for x in t.example_inputs) for t in tenants}
+    assert b.verify(inputs)["ok"]
+    m = b.manifest
+    arrays = run_all_arrays(inputs, m.tenants, m.tenant_order, m.run_all_inputs)
+    calls = {k["name"]: k["calls"] for k in
+             profile.kernel_table(b.trace("run_all", arrays, 1))["kernels"]}
+    dense = [c for c in calls if c.startswith("mtcompile.native.dense_packed")]
+    assert dense and sum(calls[c] for c in dense) == 2, calls  # two layers, each fused once
+    assert not any(c.startswith("mtcompile.native.matmul") for c in calls), calls

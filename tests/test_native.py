@@ -283,7 +283,8 @@ def test_register_tiles_match_torch(isa):
     the CPU has AVX-512F, the default there) and of the packed dense (6 rows; 14 on AVX-512,
     heights balanced) give torch's numbers: output channel counts that fill no strip, strides,
     1x1/3x3/5x5/7x7 kernels, narrow rows, a batch padded in groups of images, every row count
-    1..40, ragged columns and the fused residual + ReLU."""
+    1..40, ragged columns, the fused residual + ReLU, and a stack of packed weights (one per
+    slice of the activations, as horizontally fused tenants have)."""
     script = textwrap.dedent(f"""
         import numpy as np, torch, tvm_ffi
         import mtcompile.native as native
@@ -322,6 +323,17 @@ def test_register_tiles_match_torch(isa):
             res = r(rows, n)
             dense_res(t(a), t(native.pack_dense(w)), t(b), t(res), t(o))
             close(o, np.maximum(ref + res, 0))
+        # a stack of packed weights, one per slice of a's first dimension (fused tenants)
+        a, ws, b = r(3, 37, 64), [r(64, 40) for _ in range(3)], r(40)
+        o = np.empty((3, 37, 40), np.float32)
+        dense(t(a), t(np.stack([native.pack_dense(w) for w in ws])), t(b), t(o))
+        close(o, np.stack([a[i].astype(np.float64) @ ws[i] + b for i in range(3)]))
+        try:
+            dense(t(a[:2]), t(np.stack([native.pack_dense(w) for w in ws])), t(b), t(o[:2]))
+        except ValueError as e:
+            assert "a's first dimension" in str(e), e
+        else:
+            raise AssertionError("2 slices of a against 3 weights were accepted")
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "MTCOMPILE_NATIVE_AVX2"}

@@ -297,26 +297,59 @@ void matmul_bias(TensorView a, TensorView w, TensorView bias, TensorView out) {
 // ---------------------------------------------------------------- dense on a packed weight
 // out[..., n] = a[..., :] @ w[:, n] (+ bias[n]) with w packed at build time as 16-column
 // panels wp[N/16][K][16] (see dense_avx2.h; mtcompile.backend.kernels.pack_dense packs it).
-void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float* bias,
-                       int64_t nbias, TensorView out, const Epilogue& ep = {}) {
+// A 4-D wp [B][N/16][K][16] is B such weights, one per slice of a's first dimension (the
+// stacked weights of horizontally fused tenants): out[b] = a[b] @ w[b].
+void dense_packed_check(const char* op, TensorView a, TensorView wp, int64_t nbias,
+                        TensorView out) {
   check_tensor(op, "a", a, 1, 8);
-  check_tensor(op, "packed weight", wp, 3, 3);
+  check_tensor(op, "packed weight", wp, 3, 4);
   check_tensor(op, "out", out, 1, 8);
+  const int w0 = wp.ndim() - 3;  // a batch of weights: their count first
   const int64_t K = a.size(a.ndim() - 1), N = out.size(out.ndim() - 1);
   const int64_t panels = (N + mtc::kDenseNR - 1) / mtc::kDenseNR;
-  if (wp.size(0) != panels || wp.size(1) != K || wp.size(2) != mtc::kDenseNR)
+  if (wp.size(w0) != panels || wp.size(w0 + 1) != K || wp.size(w0 + 2) != mtc::kDenseNR ||
+      (w0 == 1 && (a.ndim() < 2 || a.size(0) != wp.size(0))))
     TVM_FFI_THROW(ValueError) << op << ": packed weight has shape " << shape_str(wp)
-                              << ", expected [" << panels << ", " << K << ", " << mtc::kDenseNR
-                              << "] for a " << shape_str(a) << " and out " << shape_str(out);
+                              << ", expected [" << (w0 ? "a's first dimension, " : "")
+                              << panels << ", " << K << ", " << mtc::kDenseNR << "] for a "
+                              << shape_str(a) << " and out " << shape_str(out);
   bool ok = out.ndim() == a.ndim();
   for (int i = 0; ok && i + 1 < a.ndim(); ++i) ok = out.size(i) == a.size(i);
   if (!ok)
     TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected a's "
                               << shape_str(a) << " with the last dimension " << N;
-  if (bias != nullptr && nbias != N)
+  if (nbias >= 0 && nbias != N)
     TVM_FFI_THROW(ValueError) << op << ": bias has " << nbias << " values, out has " << N
                               << " columns";
-  const int64_t rows = K == 0 ? out.numel() / std::max<int64_t>(N, 1) : a.numel() / K;
+}
+
+// panels [p0, p1) of rows [r0, r0 + nr) of one weight's slice: a, wp, out at that slice
+void dense_packed_tile(int64_t r0, int64_t nr, int64_t K, int64_t N, const float* pa,
+                       const float* pw, const float* bias, float* pc, int64_t p0, int64_t p1,
+                       const Epilogue& ep, int64_t at) {
+  if (kHasAvx2) {
+    mtc::dense_panels(kHasAvx512, nr, K, N, pa + r0 * K, pw, bias, pc + r0 * N, p0, p1,
+                      ep.res_at(at + r0 * N), ep.act);
+    return;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * mtc::kDenseNR, nc = std::min<int64_t>(mtc::kDenseNR, N - n0);
+    float* c = pc + r0 * N + n0;
+    if (bias)
+      for (int64_t r = 0; r < nr; ++r) std::memcpy(c + r * N, bias + n0, nc * sizeof(float));
+    sgemm(nr, nc, K, pa + r0 * K, K, pw + p * K * mtc::kDenseNR, mtc::kDenseNR,
+          bias ? 1.f : 0.f, c, N);
+    finish_block(ep, pc - at, at + r0 * N + n0, N, nr, nc);
+  }
+}
+
+void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float* bias,
+                       int64_t nbias, TensorView out, const Epilogue& ep = {}) {
+  dense_packed_check(op, a, wp, bias != nullptr ? nbias : -1, out);
+  const int64_t B = wp.ndim() == 4 ? wp.size(0) : 1;
+  const int64_t K = a.size(a.ndim() - 1), N = out.size(out.ndim() - 1);
+  const int64_t panels = (N + mtc::kDenseNR - 1) / mtc::kDenseNR;
+  const int64_t rows = (K == 0 ? out.numel() / std::max<int64_t>(N, 1) : a.numel() / K) / B;
   if (rows == 0 || N == 0) return;
   const float* pa = fdata(a);
   const float* pw = fdata(wp);
@@ -325,27 +358,15 @@ void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float*
   const int64_t rb = std::max<int64_t>(mtc::kDenseMR,
                                        (32768 / std::max<int64_t>(K, 1)) / mtc::kDenseMR *
                                            mtc::kDenseMR);
-  const int64_t blocks = (rows + rb - 1) / rb, tiles = blocks * panels;
-  parallel(rows * N * K, tiles, [&](int64_t task, int64_t ntask) {
+  const int64_t blocks = (rows + rb - 1) / rb, tiles = B * blocks * panels;
+  parallel(B * rows * N * K, tiles, [&](int64_t task, int64_t ntask) {
     auto [t0, t1] = part(tiles, task, ntask, 1);
-    for (int64_t t = t0; t < t1;) {
-      const int64_t blk = t / panels, end = std::min(t1, (blk + 1) * panels);
-      const int64_t r0 = blk * rb, nr = std::min(rb, rows - r0);
-      const int64_t p0 = t - blk * panels, p1 = end - blk * panels;
-      if (kHasAvx2) {
-        mtc::dense_panels(kHasAvx512, nr, K, N, pa + r0 * K, pw, bias, pc + r0 * N, p0, p1,
-                          ep.res_at(r0 * N), ep.act);
-      } else {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t n0 = p * mtc::kDenseNR, nc = std::min<int64_t>(mtc::kDenseNR, N - n0);
-          float* c = pc + r0 * N + n0;
-          if (bias)
-            for (int64_t r = 0; r < nr; ++r) std::memcpy(c + r * N, bias + n0, nc * sizeof(float));
-          sgemm(nr, nc, K, pa + r0 * K, K, pw + p * K * mtc::kDenseNR, mtc::kDenseNR,
-                bias ? 1.f : 0.f, c, N);
-          finish_block(ep, pc, r0 * N + n0, N, nr, nc);
-        }
-      }
+    for (int64_t t = t0; t < t1;) {  // a task's run may span row blocks and weights
+      const int64_t u = t / panels, end = std::min(t1, (u + 1) * panels);
+      const int64_t b = u / blocks, r0 = (u % blocks) * rb, nr = std::min(rb, rows - r0);
+      const int64_t at = b * rows * N;
+      dense_packed_tile(r0, nr, K, N, pa + b * rows * K, pw + b * panels * K * mtc::kDenseNR,
+                        bias, pc + at, t - u * panels, end - u * panels, ep, at);
       t = end;
     }
   });
