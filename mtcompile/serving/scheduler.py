@@ -54,11 +54,12 @@ class Scheduler:
         self.bundle, self.max_queue, self.max_delay = bundle, max_queue, max_delay_ms / 1e3
         self._order = tuple(m.tenant_order)
         self._sigs = dict(m.tenants)
-        unknown = sorted(set(no_stack) - set(self._order))
+        no_stack = set(no_stack)
+        unknown = sorted(no_stack - set(self._order))
         if unknown:
             raise InputError(f"no_stack names unknown tenants {unknown}; this bundle has "
                              f"{list(self._order)}")
-        self._dims = {t: None if t in set(no_stack) else batching.batch_dim(self._sigs[t])
+        self._dims = {t: None if t in no_stack else batching.batch_dim(self._sigs[t])
                       for t in self._order}
         self._shared = [g for g in m.run_all_inputs if len(g) > 1]  # run_all reads once
         self._queues: dict[str, deque[_Request]] = {t: deque() for t in self._order}
