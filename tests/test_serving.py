@@ -6,7 +6,12 @@ takes any) and futures, never with sleeps or timings."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -202,6 +207,36 @@ def test_a_bad_request_fails_alone(bundle):
     assert (m["tenants"]["stat"]["done"], m["tenants"]["stat"]["failed"]) == (1, 0)
 
 
+class Shared:
+    """Two static tenants that share their input "frame" (no compile): outputs frame * k."""
+
+    def __init__(self):
+        spec = IOSpec("x", (2,), "float32", shared_as="frame")
+        sig = TenantSig("fx", "", (spec,), (IOSpec("y", (2,), "float32"),))
+        self.manifest = SimpleNamespace(tenant_order=("a", "b"), tenants={"a": sig, "b": sig},
+                                        run_all_inputs=((("a", "x"), ("b", "x")),))
+        self.calls: list[str] = []
+
+    def run(self, tenant, x):
+        self.calls.append(tenant)
+        return [x * (1 if tenant == "a" else 2)]
+
+    def run_all(self, inputs):
+        self.calls.append("run_all")
+        return {t: [inputs[t][0] * (1 if t == "a" else 2)] for t in inputs}
+
+
+def test_a_shared_input_merges_only_when_the_values_agree():
+    fake = Shared()
+    s = Scheduler(fake, start=False)
+    one, two = np.ones(2, np.float32), np.full(2, 2, np.float32)
+    sent = [s.submit("a", one), s.submit("b", one), s.submit("a", one), s.submit("b", two)]
+    s.close()
+    assert fake.calls == ["run_all", "a", "b"]  # window 2: one value per shared input broken
+    for f, want in zip(sent, (one, 2 * one, one, 2 * two), strict=True):
+        np.testing.assert_array_equal(f.result(timeout=WAIT)[0], want)
+
+
 def test_close_with_drain_loses_none(bundle):
     s = Scheduler(bundle, max_delay_ms=60_000)  # a window that only close cuts short
     sent = [(t, xs, s.submit(t, *xs)) for i in range(12) for t in ("dyn", "pair", "stat")
@@ -277,3 +312,41 @@ def test_concurrent_submitters_get_their_own_answers(bundle):
     assert sum(m["tenants"][t]["done"] for t in m["tenants"]) == threads * per_thread
     assert all(m["tenants"][t]["failed"] == m["tenants"][t]["rejected"] == 0
                for t in m["tenants"])
+
+
+LEAN_CHILD = textwrap.dedent("""
+    import importlib.abc, json, sys
+    class _Block(importlib.abc.MetaPathFinder):  # a serving host: no compiler, no torch
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("tvm", "torch", "onnx"):
+                raise ImportError(f"{name} is blocked in this process")
+    sys.meta_path.insert(0, _Block())
+    import numpy as np
+    import mtcompile
+    from mtcompile.serving import Scheduler
+    b = mtcompile.load(sys.argv[1], threads=1)
+    z = np.load(sys.argv[2])
+    with Scheduler(b, start=False) as s:
+        futures = [s.submit("dyn", z[k]) for k in sorted(z.files)]
+        s.start()
+        outs = [f.result(timeout=60)[0] for f in futures]
+    np.savez(sys.argv[3], *outs)
+    print(json.dumps({"imported": sorted(m for m in sys.modules
+                                         if m.split(".")[0] in ("tvm", "torch", "onnx")),
+                      "batch_sizes": s.metrics()["tenants"]["dyn"]["batch_sizes"]}))
+""")
+
+
+def test_a_serving_host_runs_the_scheduler_without_compiler_or_torch(bundle, tmp_path):
+    bundle.save(tmp_path / "b")
+    xs = {f"r{i}": request("dyn", 1 + i, i)[0] for i in range(3)}
+    np.savez(tmp_path / "in.npz", **xs)
+    proc = subprocess.run([sys.executable, "-c", LEAN_CHILD, str(tmp_path / "b"),
+                           str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"imported": [], "batch_sizes": {"3": 1}}  # 1 + 2 + 3 rows, one call
+    got = np.load(tmp_path / "out.npz")
+    for i, k in enumerate(sorted(xs)):
+        np.testing.assert_allclose(got[f"arr_{i}"], bundle.run("dyn", xs[k])[0], **TOL)
