@@ -9,6 +9,9 @@ from mtcompile.errors import (
     IndexOutOfRangeError,
     InputError,
     MTCompileError,
+    QueueFullError,
+    SchedulerClosedError,
+    ServingError,
     SpecError,
     TenantError,
     UnsupportedOperatorError,
@@ -55,4 +58,4 @@ def __getattr__(name):
 
 __all__ = ["Tenant", "compile", "load", "Bundle", "CompiledBundle", "MTCompileError", "TenantError",
            "UnsupportedOperatorError", "InputError", "IndexOutOfRangeError", "ArtifactError",
-           "SpecError", "VerifyError"]
+           "SpecError", "VerifyError", "ServingError", "QueueFullError", "SchedulerClosedError"]

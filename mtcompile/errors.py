@@ -46,3 +46,23 @@ class VerifyError(MTCompileError):
 
 class LoweringError(MTCompileError):
     """The graph could not be re-emitted as Relax."""
+
+
+class ServingError(MTCompileError):
+    """The scheduler (`mtcompile.serving`) refused or dropped a request."""
+
+
+class QueueFullError(ServingError):
+    """A tenant's queue holds as many requests as the scheduler allows: the request was not
+    accepted."""
+
+    def __init__(self, tenant: str, bound: int):
+        self.tenant, self.bound = tenant, bound
+        super().__init__(f"tenant '{tenant}': its queue is full ({bound} requests waiting, "
+                         f"max_queue={bound}); the request was not accepted: retry later, "
+                         "send more slowly, or make the Scheduler with a larger max_queue")
+
+
+class SchedulerClosedError(ServingError):
+    """The scheduler is closed: it accepts no request, or (closed without draining) it
+    dropped one it had accepted."""
