@@ -178,3 +178,4 @@ def test_fused_dense_layers_run_on_stacked_packed_weights():
     dense = [c for c in calls if c.startswith("mtcompile.native.dense_packed")]
     assert dense and sum(calls[c] for c in dense) == 2, calls  # two layers, each fused once
     assert not any(c.startswith("mtcompile.native.matmul") for c in calls), calls
+

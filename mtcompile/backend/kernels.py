@@ -74,8 +74,12 @@ def packed_dense(node, graph) -> tuple[str, str, np.ndarray] | None:
     w = node.args[1]
     if not (isinstance(w, Ref) and graph.node(w.name).op == "relax.stack"):
         return kernel, keys[0], packed[0]
+    # one weight per slice of the activations' first dimension (not broadcast over it)
+    a = node.args[0]
+    a_shape = (getattr(graph.node(a.name).ty, "shape", ())
+               if isinstance(a, Ref) and a.name in graph else ())
     shape = getattr(node.ty, "shape", ())
-    if len(shape) < 3 or shape[0] != len(parts):  # one weight per slice of the first dim
+    if len(shape) < 3 or len(a_shape) != len(shape) or not shape[0] == a_shape[0] == len(parts):
         return None
     return kernel, "stack(" + ",".join(keys) + ")", np.stack(packed)
 

@@ -256,15 +256,22 @@ def _private_copy(d: Path, manifest: Manifest, raw: dict, key: bytes | None,
                         "builds")
 
 
+def _hashed_manifest(d: Path) -> tuple[Path, str, Manifest]:
+    """(path, text, parsed) of a saved bundle's manifest, which must record its library's
+    hash."""
+    mpath, text = _manifest_text(d)
+    manifest = Manifest.from_json(text, mpath)
+    if manifest.library_sha256 is None:
+        raise ArtifactError(f"{mpath} is corrupt: key 'library_sha256': missing")
+    return mpath, text, manifest
+
+
 def verify_signature(directory: str | os.PathLike, verify_key: bytes | str) -> Manifest:
     """The manifest of a saved bundle whose library matches its hash and whose signature
     was made with `verify_key` (else `ArtifactError`); nothing is loaded, no TVM needed."""
     d = Path(directory)
     key = signing.as_key(verify_key, "verify_key")
-    mpath, text = _manifest_text(d)
-    manifest = Manifest.from_json(text, mpath)
-    if manifest.library_sha256 is None:
-        raise ArtifactError(f"{mpath} is corrupt: key 'library_sha256': missing")
+    mpath, text, manifest = _hashed_manifest(d)
     with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
         _private_copy(d, manifest, json.loads(text), key, Path(tmp) / manifest.library)
     return manifest
@@ -283,10 +290,7 @@ def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = 
     path; the same bytes loaded before reuse their module (`_MODULES`)."""
     d = Path(directory)
     key = signing.as_key(verify_key, "verify_key")
-    mpath, text = _manifest_text(d)
-    manifest = Manifest.from_json(text, mpath)
-    if manifest.library_sha256 is None:
-        raise ArtifactError(f"{mpath} is corrupt: key 'library_sha256': missing")
+    mpath, text, manifest = _hashed_manifest(d)
     check_versions(manifest, mpath)
     check_cpu(manifest, mpath)
     with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
