@@ -23,6 +23,7 @@ def test_the_zoo_covers_the_architectures_users_bring():
 
 
 @pytest.mark.parametrize("name", sorted(REAL_ZOO))
+@pytest.mark.slow  # runs 33 models in PyTorch
 def test_every_zoo_model_runs_in_pytorch_with_outputs_of_scale(name):
     """Seeded, deterministic, no near-zero outputs (a comparison must compare something)."""
     model, (x,) = real_model(name)
@@ -43,6 +44,7 @@ def _check(bundle, tenants):
 
 
 @pytest.mark.parametrize("name", ["resnet", "distilbert"])
+@pytest.mark.slow  # compiles zoo models
 def test_a_few_zoo_models_compile_and_match(name):
     tenants = real_zoo_tenants([name])
     _check(mtcompile.compile(tenants), tenants)
