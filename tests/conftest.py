@@ -1,7 +1,9 @@
 """Shared fixtures: tiny torch modules, hand-built graphs and bundles compiled once per session.
 
-The tiny modules compile in a fraction of a second, so fast tests may build them; the
-heterogeneous demo set is compiled once per session and only by tests marked ``slow``.
+The quick tier (``-m "not slow"``) compiles only the session bundles here: `tiny_bundle`
+(three tiny tenants) and `lin_pair` (two one-tenant bundles), plus a few module fixtures
+named in the README's "Tests"; a test that compiles a bundle of its own is marked ``slow``.
+The heterogeneous demo set is compiled once per session and only by tests marked ``slow``.
 """
 
 from __future__ import annotations
@@ -158,6 +160,17 @@ def tiny_bundle():
 def tiny_saved(tiny_bundle, tmp_path_factory):
     """`tiny_bundle` saved once per session; tests must not modify this directory."""
     return tiny_bundle.save(tmp_path_factory.mktemp("tiny_saved"))
+
+
+@pytest.fixture(scope="session")
+def lin_pair():
+    """Two bundles of one tenant 'lin' (LinearReLU seeds 1 and 2) whose outputs differ:
+    (a, b, example inputs); tests must not modify them."""
+    (ma, x), (mb, _) = linear_relu(1), linear_relu(2)
+    a = mtcompile.compile([Tenant("lin", ma, example_inputs=x)])
+    b = mtcompile.compile([Tenant("lin", mb, example_inputs=x)])
+    assert not np.array_equal(a.run("lin", *x)[0], b.run("lin", *x)[0])
+    return a, b, x
 
 
 @pytest.fixture(scope="session")

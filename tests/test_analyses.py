@@ -232,6 +232,7 @@ def test_assign_streams_reads_cores_from_the_context(graph, monkeypatch):
     assert PassContext().cores == 1  # a hand-made context is a one-core machine
 
 
+@pytest.mark.slow  # imports and runs the whole pipeline
 def test_compile_reads_the_cores_once(monkeypatch):
     calls = []
     real = api.usable_cores

@@ -440,6 +440,7 @@ def test_an_unusable_cache_directory_fails_before_compiling(tmp_path, monkeypatc
         capsys.readouterr().err
 
 
+@pytest.mark.slow  # builds a bundle through the CLI
 def test_cli_signs_verifies_and_says_whether_a_bundle_is_signed(tmp_path, capsys):
     from mtcompile.cli import main
 

@@ -64,6 +64,7 @@ class Scale(torch.nn.Module):
         return x * s
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_scalar_inputs():
     # 0-d inputs stay 0-d, from torch or numpy, as example inputs and at run time.
     x, s = np.arange(3, dtype=np.float32), np.array(2.5, np.float32)
@@ -97,6 +98,7 @@ class Twice(torch.nn.Module):
         return y, y
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_degenerate_tenants():
     # A constant output, an input returned as is, one value returned twice, an unused input.
     x = torch.ones(3)
@@ -270,6 +272,7 @@ def test_loaded_bundle_saves_again(tiny_saved, tmp_path, sources):
     np.testing.assert_array_equal(again.run("conv", x)[0], loaded.run("conv", x)[0])
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_save_overwrites_and_uses_the_bundle_name(tmp_path):
     m = MultiOut()
     x = (torch.randn(3, 5),)
@@ -318,7 +321,8 @@ def _imported(modules: list[str], prefixes) -> list[str]:
     return [m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes)]
 
 
-@pytest.mark.parametrize("streams", [1, 2])
+# two streams compile a bundle of their own
+@pytest.mark.parametrize("streams", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_load_and_run_all_in_a_fresh_process_import_no_compiler(tiny_bundle, sources, tmp_path,
                                                                  streams):
     bundle = tiny_bundle if streams == 1 else mtcompile.compile(
@@ -381,12 +385,10 @@ def test_heterogeneous_bundle_run_all_and_round_trip(hetero_bundle, hetero_tenan
     assert len({m["tenants"][t]["source_sha256"] for t in m["tenant_order"]}) == 3
 
 
-def test_reload_after_resaving_into_the_same_directory(tmp_path):
+def test_reload_after_resaving_into_the_same_directory(lin_pair, tmp_path):
     # dlopen returns an already loaded library for the same path: a bundle re-saved into a
     # directory this process has loaded from must still come back as the new code.
-    (ma, x), (mb, _) = linear_relu(1), linear_relu(2)
-    a = mtcompile.compile([mtcompile.Tenant("lin", ma, example_inputs=x)])
-    b = mtcompile.compile([mtcompile.Tenant("lin", mb, example_inputs=x)])
+    a, b, x = lin_pair
     a.save(tmp_path)
     old = mtcompile.load(tmp_path)
     np.testing.assert_array_equal(old.run("lin", *x)[0], a.run("lin", *x)[0])

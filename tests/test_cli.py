@@ -56,6 +56,7 @@ def test_build_writes_library_and_manifest(built, capsys):
         {"name": "x", "shape": [2, 16], "dtype": "float32"}]
 
 
+@pytest.mark.slow  # builds a bundle of its own
 def test_build_logs_one_line_per_stage_on_stderr_and_numerics_on_stdout(tmp_path, capsys):
     spec = write_spec(tmp_path, f'[[tenants]]\nname = "m"\n{SMALL_MLP}\n')
     assert main(["build", str(spec), "-o", str(tmp_path / "o"), "--no-cache"]) == 0
@@ -121,6 +122,7 @@ def test_build_bad_pass_name_fails_before_compiling(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # builds a bundle of its own
 def test_dump_passes_writes_graphs(tmp_path):
     spec = write_spec(tmp_path, f'[[tenants]]\nname = "m"\n{SMALL_MLP}\n')
     dump = tmp_path / "dump"
@@ -256,6 +258,7 @@ def test_every_command_prints_one_json_document(built, tmp_path, capsys):
     assert "unknown tenant 'nope'" in doc["error"]
 
 
+@pytest.mark.slow  # builds a bundle of its own
 def test_build_json_and_a_second_build_from_the_cache(tmp_path, capsys):
     spec = write_spec(tmp_path, f'[[tenants]]\nname = "m"\n{SMALL_MLP}\n')
     cache = ["--cache-dir", str(tmp_path / "cache")]
@@ -273,6 +276,7 @@ def test_build_json_and_a_second_build_from_the_cache(tmp_path, capsys):
     assert code == 0 and fresh["cache"] is None
 
 
+@pytest.mark.slow  # builds a bundle of its own
 def test_exit_codes_for_each_failure_class(built, tmp_path, capsys, monkeypatch):
     spec = write_spec(tmp_path, f'[[tenants]]\nname = "m"\n{SMALL_MLP}\n')
     cache = ["--cache-dir", str(tmp_path / "cache")]
@@ -307,6 +311,7 @@ def test_exit_codes_for_each_failure_class(built, tmp_path, capsys, monkeypatch)
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # builds a bundle of its own
 def test_build_saves_then_says_it_cannot_verify_without_onnxruntime(tmp_path, capsys,
                                                                      monkeypatch):
     model, _ = encoder_onnx(seed=3, seq=8, d_model=32, heads=2, layers=1, ffn=64)

@@ -79,6 +79,7 @@ def _mlp_pair(same_weights: bool, shared: bool):
             Tenant("b", m2, example_inputs=(x,), shared_inputs=share)]
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_dedup_numerics_shared_backbone_runs_once_and_matches_torch():
     tenants = _mlp_pair(same_weights=True, shared=True)
     b = mtcompile.compile(tenants)
@@ -93,6 +94,7 @@ def test_dedup_numerics_shared_backbone_runs_once_and_matches_torch():
     assert b.verify()["ok"]
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_dedup_numerics_different_weights_stay_apart():
     tenants = _mlp_pair(same_weights=False, shared=True)
     b = mtcompile.compile(tenants, passes=["dedup", "eliminate-dead-nodes"])
@@ -104,6 +106,7 @@ def test_dedup_numerics_different_weights_stay_apart():
     assert not np.allclose(out["a"][0], out["b"][0])
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_shared_input_is_one_run_all_parameter():
     b = mtcompile.compile(_mlp_pair(same_weights=False, shared=True))
     assert b.manifest.run_all_inputs == ((("a", "x"), ("b", "x")),)

@@ -114,6 +114,7 @@ def expected(models, tenant: str, inputs) -> np.ndarray:
 
 
 @pytest.mark.parametrize("tenant", ["te", "ox", "fx"])
+@pytest.mark.slow  # compiles `dyn`
 def test_run_any_size_within_bounds(dyn, models, tenant):
     for n in SIZES:
         xs = inputs_of(tenant, n, seed=n)
@@ -122,6 +123,7 @@ def test_run_any_size_within_bounds(dyn, models, tenant):
         np.testing.assert_allclose(out, expected(models, tenant, xs), atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow  # compiles `dyn`
 def test_run_all_each_tenant_its_own_size(dyn, models):
     for sizes in ({"te": 1, "te2": 4, "ox": 5, "fx": BOUND}, {"te": BOUND, "te2": 3, "ox": 1,
                                                                  "fx": 5}):
@@ -133,6 +135,7 @@ def test_run_all_each_tenant_its_own_size(dyn, models):
                                        rtol=0)
 
 
+@pytest.mark.slow  # compiles `dyn`
 def test_size_past_the_bound_is_refused(dyn):
     with pytest.raises(InputError, match=r"tenant 'te2', input 'x': dim 0 \('batch'\) is 5, "
                                          r"outside its bounds \[1, 4\]"):
@@ -146,6 +149,7 @@ def test_size_past_the_bound_is_refused(dyn):
         dyn.run("te", x_of(0, 2, 3, 6, 7))
 
 
+@pytest.mark.slow  # compiles `dyn`
 def test_manifest_and_inspect_show_symbolic_dims(dyn):
     from mtcompile.cli import describe
     from mtcompile.runtime.manifest import Manifest
@@ -163,6 +167,7 @@ def test_manifest_and_inspect_show_symbolic_dims(dyn):
     assert "dynamic dims at their upper bounds" in text
 
 
+@pytest.mark.slow  # compiles `dyn`
 def test_memory_planned_at_the_bound(dyn):
     plan = dyn.graph.analyses["memory"].functions["run_all"]
     sizes = {s.tensor: s.size for s in plan.slots}
@@ -174,6 +179,7 @@ def test_memory_planned_at_the_bound(dyn):
     assert mem["arena_bytes"] >= BOUND * 4 * 6 * 6 * 4
 
 
+@pytest.mark.slow  # compiles `dyn`
 def test_dynamic_tenants_are_not_stacked(dyn):
     # te and te2 share the architecture; their batches are independent sizes
     assert not any(n.tenants == ("te", "te2") or "hfuse" in n.name for n in dyn.graph.nodes)
@@ -227,6 +233,7 @@ def test_spec_takes_dynamic_shapes_and_dim_bounds(tmp_path):
         load_spec(tmp_path / "bad.toml")
 
 
+@pytest.mark.slow  # compiles `dyn`
 def test_saved_dynamic_bundle_runs_any_size(dyn, models, tmp_path):
     loaded = mtcompile.load(dyn.save(tmp_path / "dyn"))
     assert json.loads(loaded.manifest.to_json())["tenants"]["te"]["inputs"][0]["dims"] == {
@@ -239,6 +246,7 @@ def test_saved_dynamic_bundle_runs_any_size(dyn, models, tmp_path):
         loaded.run("te", *inputs_of("te", BOUND + 1))
 
 
+@pytest.mark.slow  # exports two models at a dynamic batch
 def test_a_shared_input_needs_a_fixed_shape(models):
     dyn = {"x": {0: Dim("batch", min=1, max=4)}}
     ts = [Tenant(n, MLP(i), example_inputs=(x_of(0, 2, 6),), dynamic_shapes=dyn,
@@ -279,6 +287,7 @@ def test_driver_runs_any_size_and_refuses_past_the_bound(dyn, models, tmp_path):
     assert "tenant 'te2', input 'x': dim 0 ('batch') is 5, outside its bounds [1, 4]" in res.stderr
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_build_cache_keys_dynamic_bounds(models, tmp_path):
     def tenant(hi):
         return Tenant("c", models["ox"], example_inputs=(x_of(0, 2, 6),),
@@ -355,6 +364,7 @@ def gathers():
     ], name="gathers")
 
 
+@pytest.mark.slow  # compiles `gathers`
 def test_a_computed_index_of_dynamic_shape_is_checked_in_the_kernel(gathers):
     """Before: ``relax.take reads at indices computed inside the model of dynamic shape
     ...; their bounds check needs a fixed shape``. Now the check's loops run over the
@@ -389,6 +399,7 @@ def test_a_computed_index_of_dynamic_shape_is_checked_in_the_kernel(gathers):
     gathers.run_all(good)
 
 
+@pytest.mark.slow  # compiles `gathers`
 def test_a_table_of_dynamic_extent_is_checked_at_the_extent_of_the_call(gathers):
     """index_select(x, 0, x.argmax(-1)): rows 0..5 exist only when the batch is > 5.
     Before: index_reads died of ``int() argument must be ... not 'Sym'``."""
@@ -418,6 +429,7 @@ def test_a_table_of_dynamic_extent_is_checked_at_the_extent_of_the_call(gathers)
         gathers.run("r03", x_of(0, 3, 6))
 
 
+@pytest.mark.slow  # compiles `dyn`
 def test_verify_and_profile_run_dynamic_tenants(dyn):
     # verify: the example inputs (batch 2), seeded ones at the bound where none are given
     report = dyn.verify(atol=ATOL)
@@ -515,6 +527,7 @@ class SliceArange(nn.Module):
         return torch.diff(x, dim=-1) + torch.arange(x.shape[0]).unsqueeze(1)
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_negative_slice_axes_and_size_values_at_a_dynamic_batch():
     """Before: TVM's legalization of a slice at axis -1 of a tensor of symbolic shape
     failed ("axis < src_tensor_dim (-1 vs. 2)"), and ``arange(0, batch)`` failed to lift

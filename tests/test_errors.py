@@ -239,6 +239,7 @@ def test_invalid_onnx_model(tmp_path):
     assert _compile_error(Tenant("empty", empty)) == "tenant 'empty': the ONNX graph has no nodes"
 
 
+@pytest.mark.slow  # compiles a library of its own
 def test_onnx_symbolic_dim_needs_input_shapes():
     model = _onnx([helper.make_node("Relu", ["X"], ["Y"])], [_vi("X", [2, "seq", 3])],
                   [_vi("Y", [2, "seq", 3])])
@@ -300,6 +301,7 @@ def test_run_input_that_is_not_an_array(tiny_bundle):
         tiny_bundle.run("lin", "abc")  # a 0-d string array, reported as it is
 
 
+@pytest.mark.slow  # compiles a library of its own
 def test_run_out_of_range_index():
     emb = torch.nn.Embedding(10, 4).eval()
     b = mtcompile.compile([Tenant("emb", emb, example_inputs=(torch.tensor([[1, 2, 3]]),))])
@@ -312,6 +314,7 @@ def test_run_out_of_range_index():
                                   emb.weight[9].detach().numpy())
 
 
+@pytest.mark.slow  # compiles a library of its own
 def test_onnx_gather_accepts_negative_indices_and_checks_the_range():
     import onnx
     from onnx import TensorProto, helper
@@ -356,11 +359,9 @@ def test_run_all_names_the_tenant_with_a_bad_input(tiny_bundle):
 
 
 @pytest.fixture(scope="module")
-def other_saved(tmp_path_factory):
+def other_saved(lin_pair, tmp_path_factory):
     """A second one-tenant bundle (different weights), saved under the same file names."""
-    m, x = linear_relu(7)
-    b = mtcompile.compile([Tenant("lin", m, example_inputs=x)])
-    return b.save(tmp_path_factory.mktemp("other"))
+    return lin_pair[0].save(tmp_path_factory.mktemp("other"))
 
 
 @pytest.fixture
@@ -557,6 +558,7 @@ def test_load_library_that_is_not_a_library(saved):
         mtcompile.load(saved)
 
 
+@pytest.mark.slow  # compiles a library of its own
 def test_load_library_without_embedded_manifest(saved):
     x = relax.Var("x", relax.TensorType([2], "float32"))
     bb = relax.BlockBuilder()
@@ -579,10 +581,9 @@ def _listing(d):
 
 
 @pytest.mark.parametrize("where", ["export_library", "hash"])
-def test_failed_save_leaves_the_earlier_bundle(saved, monkeypatch, where):
+def test_failed_save_leaves_the_earlier_bundle(saved, lin_pair, monkeypatch, where):
     before = {p: (saved / p).read_bytes() for p in _listing(saved)}
-    m, x = linear_relu(3)
-    newer = mtcompile.compile([Tenant("lin", m, example_inputs=x)])
+    newer = lin_pair[0]
 
     def fail(*args, **kwargs):
         raise OSError("disk full")

@@ -111,6 +111,7 @@ def test_cpu_threads_are_split_among_streams(built):
     assert torch.get_num_threads() == before  # ...not the caller's
 
 
+@pytest.mark.slow  # builds a module of its own
 def test_injected_kernel_error_names_stream_tenant_kernel_without_hanging():
     ex = StreamExecutor(tvm.compile(ping_pong(boom=True), "llvm"), tvm.cpu(), ["s0", "s1"], 2,
                         event_streams=[(0, 1), (1, 0)], stream_tenants=["vision", "text"],
@@ -127,6 +128,7 @@ def test_injected_kernel_error_names_stream_tenant_kernel_without_hanging():
     ex.close()
 
 
+@pytest.mark.slow  # builds a module of its own
 def test_missing_signal_is_reported_as_a_deadlock_listing_every_blocked_stream():
     # Both streams wait for a signal that never comes. Whichever times out first aborts the
     # other; the error is the same either way: every blocked stream with its event.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -48,6 +49,25 @@ def check(bundle, name: str, module, inputs, source: str) -> None:
     assert report["tenants"][name]["run_all_ok"]
 
 
+def test_each_frontend_imports_a_small_model():
+    """torch.export, torch.fx and ONNX each import a tiny model into Relax with its input's
+    name and shape, without a build (the quick tier's frontend check; the slow tests below
+    compile each kind and compare numerics)."""
+    m, x = linear_relu(0)
+    for tenant, kind in [
+        (Tenant("te", m, example_inputs=x), "torch.export"),
+        (Tenant("fx", torch.fx.symbolic_trace(LinearReLU(0)),
+                input_shapes={"x": ((2, 8), "float32")}), "torch.fx"),
+        (Tenant("ox", onnx_model(m, x)), "onnx"),
+    ]:
+        it = import_tenant(tenant)
+        assert (it.name, it.kind, it.input_names) == (tenant.name, kind, ["x"])
+        assert len(it.mod["main"].params) == 1
+        assert re.search(r'def main\(\w+: R\.Tensor\(\(2, 8\), dtype="float32"\)\)',
+                         it.mod["main"].script())
+
+
+@pytest.mark.slow  # compiles a bundle of its own
 def test_nn_module_via_torch_export():
     m, x = tiny_conv(0)
     check_model = TinyConv(0)
@@ -63,12 +83,14 @@ def test_nn_module_via_torch_export():
     assert bundle.signature("conv").inputs[0].name == "x"
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_nn_module_with_numpy_example_inputs():
     m, (x,) = linear_relu(0)
     bundle = mtcompile.compile([Tenant("lin", m, example_inputs=[x.numpy()])])  # list is fine
     check(bundle, "lin", m, (x,), "torch.export")
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_fx_graph_module_with_input_shapes():
     m = LinearReLU(0)
     gm = torch.fx.symbolic_trace(m)
@@ -79,6 +101,7 @@ def test_fx_graph_module_with_input_shapes():
         {"name": "x", "shape": [2, 8], "dtype": "float32"}]
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_fx_graph_module_with_example_inputs():
     m, x = tiny_conv(1)
     gm = torch.fx.symbolic_trace(m)
@@ -86,6 +109,7 @@ def test_fx_graph_module_with_example_inputs():
     check(bundle, "fx", m, x, "torch.fx")
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_exported_program():
     m, x = tiny_conv(2)
     ep = torch.export.export(m, x)
@@ -93,6 +117,7 @@ def test_exported_program():
     check(bundle, "ep", m, x, "torch.export")
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_onnx_model_proto():
     m, x = tiny_conv(3)
     bundle = mtcompile.compile([Tenant("ox", onnx_model(m, x), example_inputs=x)])
@@ -102,6 +127,7 @@ def test_onnx_model_proto():
     assert [o.name for o in sig.outputs] == ["y"]  # ONNX output names are kept
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_onnx_path_with_shapes_from_the_file(tmp_path):
     m, x = tiny_conv(4)
     path = tmp_path / "conv.onnx"
@@ -112,6 +138,7 @@ def test_onnx_path_with_shapes_from_the_file(tmp_path):
     check(bundle, "file", m, x, "onnx")
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_onnx_path_with_input_shapes_override(tmp_path):
     m, x = tiny_conv(5)
     path = tmp_path / "dyn.onnx"
@@ -124,6 +151,7 @@ def test_onnx_path_with_input_shapes_override(tmp_path):
     assert bundle.signature("dyn").outputs[0].shape == (3, 5)
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_all_frontends_in_one_bundle(tmp_path):
     m1, x1 = tiny_conv(0)
     m2, x2 = linear_relu(1)
@@ -148,6 +176,7 @@ def test_all_frontends_in_one_bundle(tmp_path):
     assert bundle.manifest.graph.weight_bytes < bundle.manifest.graph.weight_bytes_before_merge
 
 
+@pytest.mark.slow  # imports six models
 def test_source_hash_follows_the_weights():
     m, x = tiny_conv(0)
     h0 = import_tenant(Tenant("a", m, example_inputs=x)).source_hash
@@ -169,6 +198,7 @@ def test_heterogeneous_set_matches_sources(hetero_bundle):
     assert report["ok"], report
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_the_same_tensor_twice_stays_two_inputs():
     """torch.export makes one graph input of a tensor passed twice; the importer copies it, so
     a tenant traced with (x, x) still computes with whatever two inputs it is given."""
@@ -193,6 +223,7 @@ class Scans(torch.nn.Module):
         return seg, (x > 0).int().cumsum(-1), run, x * seg + run
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_cumsum_and_cumprod_of_bool_and_int_accumulate_in_int64():
     """Regression: TVM's importer scanned bool and int inputs in their own dtype (a bool
     cumsum failed in LLVM codegen, CreateAdd's kDLFloat check)."""

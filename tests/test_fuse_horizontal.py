@@ -71,6 +71,7 @@ def test_ops_option_limits_what_is_batched():
     assert not FuseHorizontal(ops=("relax.nn.conv2d",)).run(g, PassContext()).changed
 
 
+@pytest.mark.slow  # imports and fuses a dozen tenants
 def test_max_group_splits_large_groups():
     tenants = [Tenant(f"t{i}", LinearReLU(i), example_inputs=(seeded_input(i, 2, 8),))
                for i in range(5)]
@@ -78,6 +79,7 @@ def test_max_group_splits_large_groups():
     assert result.info["groups"] == [["t0", "t1"], ["t2", "t3"]]  # t4 is left alone
 
 
+@pytest.mark.slow  # compiles bundles of its own
 def test_numerics_match_torch_through_run_all_and_entries_stay_unfused():
     tenants = _pair()
     bundle = mtcompile.compile(tenants)
@@ -94,6 +96,7 @@ def test_numerics_match_torch_through_run_all_and_entries_stay_unfused():
         {"name": "x", "shape": [2, 8], "dtype": "float32"}]
 
 
+@pytest.mark.slow  # compiles bundles of its own
 def test_run_all_launches_fewer_kernels():
     tenants = [Tenant(f"t{i}", LinearReLU(i), example_inputs=(seeded_input(i, 2, 8),))
                for i in range(4)]
@@ -111,6 +114,7 @@ def test_run_all_launches_fewer_kernels():
     assert fused.verify()["ok"]
 
 
+@pytest.mark.slow  # compiles bundles of its own
 def test_embedding_tables_are_offset_per_tenant_and_ranges_still_checked():
     class Emb(torch.nn.Module):
         def __init__(self, seed):

@@ -126,6 +126,7 @@ class PositionIds(torch.nn.Module):
         return pos.long() + 1, x * pos, ranked
 
 
+@pytest.mark.slow  # compiles bundles of its own
 def test_numerics_cumsum_and_sort_followed_by_elementwise_ops():
     """Regression: a group of cumsum + its elementwise followers failed in TVM's FuseTIR
     ("Inconsistent buffers out_buf and lv mapped to the same relax var")."""
@@ -153,6 +154,7 @@ class Block(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kernels", ["native", "tvm"])
+@pytest.mark.slow  # compiles bundles of its own
 def test_numerics_and_one_kernel_per_group(kernels):
     x = seeded_input(5, 4, 16)
     tenants = [Tenant("a", Block(0), example_inputs=(x,)),

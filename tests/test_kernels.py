@@ -233,6 +233,7 @@ def library_symbols(bundle, name: str, inputs) -> list[str]:
     return sorted(s for s, _ in run if s.startswith(LIBRARY_PREFIXES))
 
 
+@pytest.mark.slow  # compiles `provider_bundle` (four bundles)
 def test_numerics_match_eager(provider_bundle, cases):
     which, bundle = provider_bundle
     for name, (tenant, want) in cases.items():
@@ -245,6 +246,7 @@ def test_numerics_match_eager(provider_bundle, cases):
             np.testing.assert_array_equal(g, t)
 
 
+@pytest.mark.slow  # compiles `provider_bundle` (four bundles)
 def test_providers_decide_which_kernels_run(provider_bundle, cases):
     which, bundle = provider_bundle
     expected = {"native": LIBRARY, "torch": TORCH, "tvm": TVM, "mixed": MIXED}[which]
@@ -269,6 +271,7 @@ def test_providers_decide_which_kernels_run(provider_bundle, cases):
         assert syms["mms"] == ([] if which == "mixed" else [mm] * 4 + [mm + "_bias"] * 2)
 
 
+@pytest.mark.slow  # compiles `provider_bundle` (four bundles)
 def test_manifest_and_inspect_show_the_providers(provider_bundle, tmp_path, capsys):
     which, bundle = provider_bundle
     saved = bundle.save(tmp_path)
@@ -305,6 +308,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_library_bundle_runs_in_a_fresh_process(tiny_bundle, tiny_saved, tmp_path):
     assert tiny_bundle.manifest.kernels == LIBRARY
     sources = {t.name: t for t in tiny_tenants()}
@@ -374,6 +378,7 @@ def test_cpu_default_schedule_parallelizes_and_vectorizes():
     assert softmax and all("T.parallel" in s for s in softmax)
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_compile_applies_the_cpu_default_schedule(monkeypatch):
     seen = []
     apply = kernels.CPUDefault.apply
@@ -550,6 +555,7 @@ def test_tuning_db_that_is_not_a_database_fails_clearly(tmp_path, capsys):
         mtcompile.compile(small_mlps(), kernels="tvm", tuning_db=str(tmp_path / "missing"))
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_exp_softmax_and_gelu_take_the_polynomial_kernels_and_keep_numerics():
     """exp, softmax and GELU are built on TVM's fast_exp / fast_erf polynomials (vectorized;
     libm's exp and erf are scalar calls): within float32 rounding of PyTorch, masked (-inf)
@@ -569,6 +575,7 @@ def test_exp_softmax_and_gelu_take_the_polynomial_kernels_and_keep_numerics():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_compares_and_arithmetic_on_bool_tensors_compile():
     """TVM's LLVM codegen has no compare or add of bools (an fcmp of i1 values; CreateAdd's
     kDLFloat check): `kernels.prepare` computes them on uint8, with PyTorch's results."""

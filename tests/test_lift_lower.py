@@ -63,6 +63,7 @@ def _run(vm_fn, inputs) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow  # builds modules through TVM
 def test_lift_emit_build_is_bit_identical(case):
     t = CASES[case]()
     it = import_tenant(t)
@@ -111,6 +112,7 @@ def test_lifted_types_match_relax(case):
     assert seen == len([n for n in live.nodes if n.op != INPUT])
 
 
+@pytest.mark.slow  # builds modules through TVM
 def test_int64_constants_keep_their_dtype():
     t = CASES["int64"]()
     it = import_tenant(t)
@@ -138,6 +140,7 @@ class ScaleFloat64(torch.nn.Module):
         return x * self.b
 
 
+@pytest.mark.slow  # builds modules through TVM
 def test_float64_constants_keep_their_dtype():
     x = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     it = import_tenant(Tenant("t", ScaleFloat64(), example_inputs=(x,)))

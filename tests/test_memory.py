@@ -174,6 +174,7 @@ def hetero_front(hetero_tenants):
     return front(hetero_tenants)
 
 
+@pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_the_kernel_dag_is_the_kernels_fuse_vertical_predicts(hetero_front):
     graph, _ = hetero_front
     dag = kernel_dag(graph)
@@ -188,6 +189,7 @@ def test_the_kernel_dag_is_the_kernels_fuse_vertical_predicts(hetero_front):
     assert dag.outputs == {"vision.lv37", "text.lv74", "mlp.lv6"}
 
 
+@pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_plan_memory_attaches_a_plan_for_run_all_and_every_tenant(hetero_front):
     graph, entry = hetero_front
     # run_all's plan on run_all's graph, the tenants' on their entries' graph
@@ -207,6 +209,7 @@ def test_plan_memory_attaches_a_plan_for_run_all_and_every_tenant(hetero_front):
     assert len(timeline["kernels"]) == 49 and len(timeline["tensors"]) == 46
 
 
+@pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_plan_memory_options(hetero_front):
     graph, _ = hetero_front
     ctx = PassContext("llvm", LIBRARY)
@@ -221,12 +224,14 @@ def test_plan_memory_options(hetero_front):
         make_pass("plan-memory", {"strategy": "best"}).run(graph, ctx)
 
 
+@pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_a_pass_that_changes_nodes_drops_the_plan(hetero_front):
     graph, _ = hetero_front
     assert "memory" in graph.analyses
     assert graph.with_nodes(graph.nodes).analyses == {}
 
 
+@pytest.mark.slow  # imports through TVM and runs the pipeline
 def test_a_lone_batch_norm_writes_its_item_0_which_the_plan_places():
     """TVM decomposes an inference batch-norm that follows no conv into one kernel writing
     item 0 (the other items are its constant statistics): that item is the kernel's tensor
@@ -244,6 +249,7 @@ def test_a_lone_batch_norm_writes_its_item_0_which_the_plan_places():
         assert k.tensor in planned
 
 
+@pytest.mark.slow  # imports and plans random tenant sets
 def test_plans_of_random_tenant_sets_are_safe():
     from test_random_sets import random_set
 
@@ -289,6 +295,7 @@ def test_demo_sets_arena_is_near_the_bound_and_below_tvms_plan(name):
                 np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_a_wrong_graph_plan_is_counted_and_the_arena_is_planned_on_tvms_kernels(monkeypatch):
     """Every planned tensor of the graph plan put at offset 0 (a kernel model gone wrong):
     the build still plans the arena on the kernels TVM emitted, so the bundle matches its

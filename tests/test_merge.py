@@ -62,6 +62,7 @@ def test_different_weights_are_kept_apart():
         ga.constants[k].nbytes for k in shared)
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_compile_reports_weight_bytes_before_and_after_merge():
     m, x = linear_relu(0)
     tenants = [Tenant("a", m, example_inputs=x), Tenant("b", copy.deepcopy(m), example_inputs=x),

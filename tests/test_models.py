@@ -86,6 +86,7 @@ def test_output_shapes():
         vit(image=30, patch=8)
 
 
+@pytest.mark.slow  # builds and runs the larger models
 def test_vit_tiny_and_bert_mini_sizes():
     m, (x,) = vit()
     assert x.shape == (1, 3, 96, 96) and m(x).shape == (1, 10)
@@ -206,6 +207,7 @@ def test_bert4_set():
     assert not torch.equal(tenants[0].example_inputs[0], tenants[1].example_inputs[0])
 
 
+@pytest.mark.slow  # builds and runs the larger models
 def test_mixed_set():
     tenants = get_set("mixed")
     _check_tenants(tenants, ["text", "vit", "cnn", "mlp"])

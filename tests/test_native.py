@@ -236,6 +236,7 @@ def test_softmax_and_layer_norm_rows_match_torch(shape):
         layer_norm(_t(x), _t(np.ones(2, np.float32)), _t(b), _t(np.float32([1e-5])), _t(out))
 
 
+@pytest.mark.slow  # rebuilds the kernels for another ISA
 def test_generic_paths_without_avx2():
     """MTCOMPILE_NATIVE_GENERIC=1 runs the paths a CPU without AVX2/FMA takes (im2col + BLAS
     for conv2d, per-panel BLAS for the packed dense): same numbers."""
@@ -278,6 +279,7 @@ def test_generic_paths_without_avx2():
 
 
 @pytest.mark.parametrize("isa", ["avx2", "default"])
+@pytest.mark.slow  # rebuilds the kernels for another ISA
 def test_register_tiles_match_torch(isa):
     """The register tiles of the direct conv (4-row AVX2 strips; 12-row AVX-512 strips where
     the CPU has AVX-512F, the default there) and of the packed dense (6 rows; 14 on AVX-512,
@@ -344,6 +346,7 @@ def test_register_tiles_match_torch(isa):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+@pytest.mark.slow  # times the thread pool
 def test_two_threads_split_work_on_the_pool():
     """With TVM_NUM_THREADS=2 the kernels split rows / columns / pixel blocks / channels over
     the run's pool (pool.h: one worker thread appears, once) and give what numpy and torch
@@ -494,6 +497,7 @@ def test_vm_calls_native_kernels(executable):
         _close(got, ref)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_exported_bundle_runs_with_torch_blocked(executable, tmp_path):
     """The kernels linked into the exported library register when it loads: no torch, no
     tvm (compiler) import, no separate kernels library."""
@@ -656,6 +660,7 @@ POOL_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # times the thread pool
 def test_one_pool_serves_generated_kernels_and_sleeps_after_a_call():
     """The native pool is TVM's parallel-launch function for the bundle's generated kernels
     too (an elementwise-only tenant launches on it), and once a call returned nothing spins:

@@ -126,6 +126,7 @@ def test_nchw_conv_becomes_a_library_call_with_its_parameters():
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_linear_bias_is_folded_into_matmul_bias():
     lin = nn.Linear(8, 4).eval()
     g = lifted(lin, torch.from_numpy(X28))
@@ -147,6 +148,7 @@ def test_linear_bias_is_folded_into_matmul_bias():
         np.testing.assert_allclose(got, lin(torch.from_numpy(X28)).numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_conv_bias_of_constants_alone_joins_the_call_through_a_folded_reshape():
     conv = nn.Conv2d(2, 4, 3).eval()  # torch's import adds reshape(bias, (1, 4, 1, 1))
     x = torch.from_numpy(_rng(5).standard_normal((1, 2, 6, 6)).astype(np.float32))
@@ -160,6 +162,7 @@ def test_conv_bias_of_constants_alone_joins_the_call_through_a_folded_reshape():
         np.testing.assert_allclose(got, conv(x).numpy(), rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_conv_batchnorm_folds_into_conv_with_bias():
     model, (x,) = tiny_conv(0)  # conv (no bias) -> batch-norm -> relu -> mean -> linear
     g = lifted(model, x)
@@ -213,6 +216,7 @@ def test_mixed_providers_offload_only_their_kind():
 
 
 @pytest.mark.parametrize("out_dtype", ["int32", "float32"])
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_int_matmul_stays_a_tvm_op(out_dtype):
     w = _rng(5).integers(-3, 4, (8, 4)).astype(np.int32)
     g = one_function(lambda bb, x: relax.op.matmul(x, const(w), out_dtype=out_dtype),
@@ -235,6 +239,7 @@ def test_negative_float16_matmul_stays_a_tvm_op():
     assert list(info["left_to_tvm"].values()) == ["input dtype float16; the library takes float32"]
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_nhwc_conv_stays_a_tvm_op():
     w = _rng(7).standard_normal((3, 3, 4, 6)).astype(np.float32)  # HWIO
 
@@ -253,6 +258,7 @@ def test_negative_nhwc_conv_stays_a_tvm_op():
     np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_matmul_of_constants_alone_is_left_to_constant_folding():
     def body(bb, x):
         c = bb.emit(relax.op.matmul(const(W84.T.copy()), const(W84)))  # (4, 4), constants
@@ -302,6 +308,7 @@ def _used_as_output(bb, x):
     (_used_by_multiply, lambda x: (x @ W84 + B4) * (x @ W84)),
     (_used_as_output, lambda x: ((x @ W84 + B4), x @ W84)),
 ])
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_bias_is_not_folded_into_a_matmul_used_twice(body, reference):
     g = one_function(body, [("x", (2, 8), "float32")])
     out, info = offloaded(g, LIBRARY)
@@ -317,6 +324,7 @@ def test_negative_bias_is_not_folded_into_a_matmul_used_twice(body, reference):
 
 
 @pytest.mark.parametrize("bias_shape", [(4, 1), (4, 4), (1, 4, 4)])
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_matmul_bias_not_along_the_last_axis_is_not_folded(bias_shape):
     # x (4, 8) @ W (8, 4) -> (4, 4): a (4, 1) bias adds along rows, a (4, 4) one everywhere,
     # a (1, 4, 4) one also adds an axis; none of them is a 1-D bias of the columns.
@@ -333,6 +341,7 @@ def test_negative_matmul_bias_not_along_the_last_axis_is_not_folded(bias_shape):
     np.testing.assert_allclose(got, x @ W84 + bias, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_bias_of_a_batched_weight_is_not_folded():
     # addmm takes a 2-D weight: a (2, 8, 4) weight keeps its bias an add after the call
     w = _rng(19).standard_normal((2, 8, 4)).astype(np.float32)
@@ -348,6 +357,7 @@ def test_negative_bias_of_a_batched_weight_is_not_folded():
     np.testing.assert_allclose(got, x @ w + B4, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_conv_bias_along_the_width_is_not_folded():
     # 4 channels and width 4: a (4,) bias adds along the width, not the channels.
     w = _rng(11).standard_normal((4, 2, 3, 3)).astype(np.float32)
@@ -365,6 +375,7 @@ def test_negative_conv_bias_along_the_width_is_not_folded():
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_channel_bias_of_a_conv_is_folded():
     w = _rng(13).standard_normal((4, 2, 3, 3)).astype(np.float32)
     bias = np.arange(4, dtype=np.float32).reshape(4, 1, 1)
@@ -384,6 +395,7 @@ def test_channel_bias_of_a_conv_is_folded():
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_sum_of_two_matmuls_is_not_a_bias():
     def body(bb, x):
         a = bb.emit(relax.op.matmul(x, const(W84)))
@@ -396,6 +408,7 @@ def test_negative_sum_of_two_matmuls_is_not_a_bias():
     np.testing.assert_allclose(got, 3 * (X28 @ W84), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_a_per_channel_value_computed_at_run_time_is_not_a_bias():
     def body(bb, x, v):
         mm = bb.emit(relax.op.matmul(x, const(W84)))
@@ -409,6 +422,7 @@ def test_negative_a_per_channel_value_computed_at_run_time_is_not_a_bias():
     np.testing.assert_allclose(got, X28 @ W84 + np.maximum(B4, 0), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_without_the_pass_heavy_ops_stay_tvm_ops():
     lin = nn.Linear(8, 4).eval()
     bundle = mtcompile.compile([mtcompile.Tenant("t", lin, example_inputs=(torch.from_numpy(X28),))],
@@ -443,6 +457,7 @@ def _gelu(v):
     (lambda bb, x, r: relax.op.nn.relu(bb.emit(relax.op.add(_linear(bb, x), r))),
      "matmul_bias_add_relu", lambda x, r: np.maximum(x @ W84 + B4 + r, 0)),
 ])
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_activation_and_residual_after_a_native_bias_call_join_it(body, op, reference):
     g = one_function(body, [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
     out, info = offloaded(g, LIBRARY)
@@ -455,6 +470,7 @@ def test_activation_and_residual_after_a_native_bias_call_join_it(body, op, refe
     np.testing.assert_allclose(got, reference(X48, R44), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_resnet_block_convs_take_their_relu_and_shortcut():
     """A basic block: conv-bn-relu, conv-bn + shortcut, relu -> two conv calls, no TVM op."""
 
@@ -498,6 +514,7 @@ def _broadcast_residual(bb, x, r):
     (_relu_of_an_output, lambda x, r: (np.maximum(x @ W84 + B4, 0), x @ W84 + B4)),
     (_broadcast_residual, lambda x, r: (x @ W84 + B4 + r.sum(0, keepdims=True),)),
 ])
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_epilogue_not_folded_where_the_call_is_read_elsewhere_or_shapes_differ(
         body, reference):
     g = one_function(body, [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
@@ -509,6 +526,7 @@ def test_negative_epilogue_not_folded_where_the_call_is_read_elsewhere_or_shapes
 
 
 @pytest.mark.parametrize("providers, options", [(TORCH, {}), (LIBRARY, {"epilogues": False})])
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_epilogues_only_for_native_kernels_and_when_asked(providers, options):
     g = one_function(lambda bb, x, r: relax.op.nn.relu(_linear(bb, x)),
                      [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
@@ -521,6 +539,7 @@ def test_negative_epilogues_only_for_native_kernels_and_when_asked(providers, op
     np.testing.assert_allclose(got, np.maximum(X48 @ W84 + B4, 0), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_linear_on_a_3d_input_takes_gelu_and_residual_through_its_reshape():
     """torch.export gives Linear on (2, 3, 8) as reshape, addmm, reshape: the GELU and the
     residual add after the reshape still join the call, which reads its input as a view."""
@@ -557,6 +576,7 @@ class _Rows(nn.Module):
         return torch.softmax(y, dim=-1), torch.softmax(y, dim=1)
 
 
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_softmax_and_layer_norm_over_the_last_axis_become_native_row_calls():
     torch.manual_seed(0)
     model, x = _Rows().eval(), 3 * torch.randn(2, 5, 16)

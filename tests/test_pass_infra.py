@@ -216,6 +216,7 @@ def test_dump_to_dir(tmp_path):
     assert (tmp_path / "dump" / "001_eliminate-dead-nodes.txt").read_text() == f"{out}\n"
 
 
+@pytest.mark.slow  # compiles bundles of its own
 def test_dump_to_dir_through_compile(tmp_path):
     m, x = tiny_conv(0)
     bundle = mtcompile.compile([Tenant("a", m, example_inputs=x)],
@@ -306,6 +307,7 @@ def test_eliminate_dead_nodes_keeps_nodes_shared_with_a_live_tenant():
     assert [n.name for n in EliminateDeadNodes().run(g2, PassContext()).graph.nodes] == ["s.x"]
 
 
+@pytest.mark.slow  # compiles bundles of its own
 def test_eliminate_dead_nodes_numerics():
     m, x = tiny_conv(0)
     bundle = mtcompile.compile([Tenant("a", m, example_inputs=x)],

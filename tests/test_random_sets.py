@@ -135,6 +135,7 @@ def check_case(seed: int) -> dict:
 
 
 @pytest.mark.parametrize("seed", range(CASES_QUICK))
+@pytest.mark.slow  # compiles four random sets
 def test_random_tenant_sets_quick(seed):
     check_case(seed)
 

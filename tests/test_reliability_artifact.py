@@ -22,14 +22,11 @@ from mtcompile.runtime import artifact
 from mtcompile.runtime.abi import MANIFEST
 
 
-@pytest.fixture(scope="module")
-def two():
-    """Two bundles of one tenant 'lin' whose outputs differ: (old, new, x)."""
-    (ma, x), (mb, _) = linear_relu(1), linear_relu(2)
-    a = mtcompile.compile([mtcompile.Tenant("lin", ma, example_inputs=x)])
-    b = mtcompile.compile([mtcompile.Tenant("lin", mb, example_inputs=x)])
-    assert not np.array_equal(a.run("lin", *x)[0], b.run("lin", *x)[0])
-    return a, b, x
+@pytest.fixture
+def two(lin_pair):
+    """Two bundles of one tenant 'lin' whose outputs differ: (old, new, x), compiled once per
+    session (conftest)."""
+    return lin_pair
 
 
 def _listing(d: Path) -> list[str]:
@@ -120,9 +117,9 @@ def _rehash(d: Path) -> None:
     (d / MANIFEST).write_text(json.dumps(m))
 
 
-def test_signed_bundle_refuses_a_library_changed_with_its_hash(tmp_path):
-    model, x = linear_relu(3)
-    b = mtcompile.compile([mtcompile.Tenant("lin", model, example_inputs=x)])
+def test_signed_bundle_refuses_a_library_changed_with_its_hash(two, tmp_path):
+    b, _, x = two
+    model = linear_relu(1)[0]  # the model `b` was compiled from (seeded)
     b.save(tmp_path, sign_key=b"pipeline secret")
     sig = json.loads((tmp_path / MANIFEST).read_text())["bundle_signature"]
     assert sig.startswith("hmac-sha256:") and len(sig) == len("hmac-sha256:") + 64
@@ -248,6 +245,7 @@ class BF16Weights(torch.nn.Module):
 
 
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.slow  # compiles a bundle of its own
 def test_float16_model_keeps_float16_outputs(bias):
     # Before: float32 outputs without a bias; with one the import failed (fp16 + fp32 add).
     m = LinearReLU16(bias).half().eval()
@@ -261,6 +259,7 @@ def test_float16_model_keeps_float16_outputs(bias):
     assert b.verify()["ok"]
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_verify_tolerance_follows_the_dtype():
     m = ConvNorm().half().eval()
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)).half()
@@ -282,6 +281,7 @@ def test_verify_compares_integers_exactly_and_checks_dtypes():
     assert not r["ok"] and r["outputs"][0]["error"] == "float16[2] vs source float32[2]"
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_bfloat16_weights_compile_and_verify():
     # Before: a raw TypeError from numpy in the source hash.
     m = BF16Weights().eval()
@@ -331,6 +331,7 @@ class TwoOutputs(torch.nn.Module):
         return torch.relu(self.fc(x)), x.sum(-1)
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_bfloat16_inputs_and_outputs_cross_as_ml_dtypes_arrays(tmp_path):
     # Before: a bfloat16 model did not import (fp32 matmul + bf16 bias); numpy has no
     # bfloat16, so tensors cross as ml_dtypes' (TVM's own) bfloat16 arrays.

@@ -133,6 +133,7 @@ def gathers():
     return mtcompile.compile(_gathers())
 
 
+@pytest.mark.slow  # compiles `gathers`
 def test_the_input_range_is_exact_for_a_shifted_index(gathers):
     """Before: ``Embedding(60)(i + 10)`` got index_range [0, 60): i = 55 passed the check
     and read 5 rows past the table; -3 (row 7) was refused."""
@@ -150,6 +151,7 @@ def test_the_input_range_is_exact_for_a_shifted_index(gathers):
 
 @pytest.mark.parametrize("tenant, where", [("dbl", "input 'i'"), ("scalar", "input 'i'"),
                                            ("two", "inputs 'i', 'j'")])
+@pytest.mark.slow  # compiles `gathers`
 def test_a_computed_index_is_checked_in_the_kernel(gathers, tenant, where):
     """Before: ``emb(i * 2)`` had no check at all: 30 returned garbage (row 60), 1e6
     killed the process. Now the generated code refuses it like PyTorch's IndexError."""
@@ -177,6 +179,7 @@ def test_a_computed_index_is_checked_in_the_kernel(gathers, tenant, where):
     gathers.run_all(inputs)
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_a_check_over_many_indices_compiles_and_keeps_the_gather_vectorized():
     """A check fused with a gather of >= 16 indices was once vectorized by the CPU
     schedule, which LLVM refused (a branch on a vector of conditions)."""
@@ -187,6 +190,7 @@ def test_a_check_over_many_indices_compiles_and_keeps_the_gather_vectorized():
         b.run("dbl", i * 3)
 
 
+@pytest.mark.slow  # compiles `gathers`
 def test_only_gathers_the_input_check_leaves_open_get_a_kernel_check(gathers):
     reads = {r.node.split(".")[0]: r for r in index_reads(gathers.graph)}
     assert reads["shift"].source == "shift.i" and reads["shift"].valid == (-10, 50)
@@ -238,6 +242,7 @@ class GatherScatter(nn.Module):
         return torch.gather(x, 1, j), torch.scatter(x, 1, j, torch.ones_like(x[:, :2]))
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_gather_and_scatter_elements_are_checked_too():
     """Before: an index past the table read (gather) or wrote (scatter) other memory."""
     x, i = torch.randn(4, 6), torch.tensor([[0, 1], [2, 1], [0, 2], [1, 1]])
@@ -265,6 +270,7 @@ def _gather_onnx() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_onnx_gather_keeps_negative_indices_and_its_exact_range():
     b = mtcompile.compile([Tenant("g", _gather_onnx(), input_shapes={"idx": ((3,), "int64")})])
     assert b.signature("g").inputs[0].index_range == (-10, 10)
@@ -296,6 +302,7 @@ def _special(seed: int) -> np.ndarray:
     return x
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_nan_and_inf_propagate_as_in_pytorch():
     """Before: relu(NaN) = 0, clamp(NaN) = -1 or 1, max-pool skipped NaN, maximum and
     minimum dropped it."""
@@ -326,6 +333,7 @@ def _nan_onnx() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_nan_and_inf_propagate_as_in_onnxruntime():
     """Before: Relu(NaN) = 0, Max/Min and MaxPool dropped NaN."""
     import onnxruntime as ort
@@ -346,6 +354,7 @@ def test_nan_and_inf_propagate_as_in_onnxruntime():
             np.testing.assert_allclose(g, w, rtol=1e-6, equal_nan=True, err_msg=f"output {k}")
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_relu_compiles_to_vector_selects():
     class Twice(nn.Module):
         def forward(self, x):
@@ -411,6 +420,7 @@ def test_every_pass_declares_its_options_and_instances_are_checked_however_made(
     assert build_pipeline(["plan-memory"], {"plan-memory": {"alignment": 128}})[0].alignment == 128
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_the_cuda_build_takes_the_nan_keeping_kernels_and_gathers():
     """The bounds check is llvm-only (a serial loop with an assert does not schedule as a
     device kernel); the NaN-keeping kernels build for cuda too."""
@@ -445,6 +455,7 @@ class SumPlusOne(nn.Module):
         return x.sum(dim=1, keepdim=True) + 1.0
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_an_epilogue_after_a_reduction_of_length_one_runs_once():
     """Seed 1, case 36 of the fuzzer: dlight's normalize_prim_func drops unit reduction
     loops, so a 1x1 conv of one input channel, a Linear of one input feature or a sum over
@@ -462,6 +473,7 @@ def test_an_epilogue_after_a_reduction_of_length_one_runs_once():
                                    rtol=1e-5, atol=1e-5, err_msg=f"case {k}: {model}")
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_a_float16_mean_and_sum_accumulate_as_pytorch():
     """Seed 1, case 33 of the fuzzer: AdaptiveAvgPool2d(1) over 27 x 28 float16 values was
     0.037 off PyTorch (whose own float16 error is 0.0002). Now float16 sums run in float32

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from conftest import F23, F24, WKEY, W, attrs
 from onnx import TensorProto, helper, numpy_helper
 
@@ -86,6 +87,7 @@ def _residual_onnx(blocks: int = 3) -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_onnx_sum_residuals_plan_without_mismatch_and_match_onnxruntime():
     bundle = mtcompile.compile([mtcompile.Tenant("res", _residual_onnx())])
     assert bundle.report()["memory"]["mismatches"] == {}

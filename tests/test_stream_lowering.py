@@ -50,6 +50,7 @@ def assert_same(a: dict, b: dict) -> None:
 # --------------------------------------------------------------------------- quick
 
 
+@pytest.mark.slow  # imports and lowers the demo set
 def test_layout_emits_every_kernel_once_and_orders_every_import():
     graph, providers = _graph(tiny_tenants(), MAX)
     layout = stream_layout(graph)
@@ -95,6 +96,7 @@ def _event_points(func, stages: list[set[str]]) -> list[tuple[str, int, int, lis
     return points
 
 
+@pytest.mark.slow  # imports and lowers the demo set
 def test_event_points_are_emitted_at_lowering_between_the_stages():
     """Before any TVM pass: a wait right before its consumer's stage (a kernel of the
     stream) and a signal right after its producer's; a value of another stream fetched
@@ -136,6 +138,7 @@ def test_event_points_are_emitted_at_lowering_between_the_stages():
         assert len(func.ret_ty.fields) == len(layout.outputs[i])
 
 
+@pytest.mark.slow  # imports and lowers the demo set
 def test_streams_plan_is_safe_under_happens_before_and_not_smaller():
     for tenants in (tiny_tenants(), random_set(5)):
         graph, providers = _graph(tenants, MAX)
@@ -149,11 +152,13 @@ def test_streams_plan_is_safe_under_happens_before_and_not_smaller():
         assert plan.arena_bytes >= seq_graph.analyses["memory"].functions["run_all"].arena_bytes
 
 
+@pytest.mark.slow  # imports and lowers the demo set
 def test_no_layout_without_several_streams():
     graph, providers = _graph(tiny_tenants(), {"assign-streams": {"streams": 1}})
     assert stream_layout(graph) is None
 
 
+@pytest.mark.slow  # imports and lowers the demo set
 def test_streams_manifest_with_one_stream_and_without_an_assignment():
     graph, providers = _graph(tiny_tenants())  # auto: the executor's cost outweighs the gain
     m = streams_info(graph, stream_layout(graph))

@@ -222,6 +222,7 @@ def _demo_graph(passes):
     return graph, records[-1], providers
 
 
+@pytest.mark.slow  # imports the demo set
 def test_pass_on_heterogeneous_demo():
     from mtcompile.analysis.schedule import kernel_dag
 
@@ -239,6 +240,7 @@ def test_pass_on_heterogeneous_demo():
     json.dumps(record.info)
 
 
+@pytest.mark.slow  # imports the demo set
 def test_pass_streams_one_and_auto_on_two_cores():
     graph, record, _ = _demo_graph([("assign-streams", {"streams": 1})])
     assert graph.analyses["streams"].num_streams == 1 and record.info["num_syncs"] == 0

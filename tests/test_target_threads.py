@@ -45,6 +45,7 @@ def host_and_generic():
     return _elementwise("host"), _elementwise("generic")
 
 
+@pytest.mark.slow  # compiles `host_and_generic`
 def test_host_target_emits_ymm_and_generic_does_not(host_and_generic):
     from tvm.target import codegen
 
@@ -147,6 +148,7 @@ def _child(mode: str, saved, env_extra: dict[str, str], prefix: tuple = ()) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_threads_sets_tvm_pool_and_turns_spinning_off(tiny_saved):
     got = _child("threads", tiny_saved, {})
     assert got["pool"] == 2 and got["env"] == {"TVM_NUM_THREADS": "2",
@@ -191,6 +193,7 @@ def test_usable_cores_reads_the_cgroup_quota(tmp_path, cpu_max, cores):
     assert usable_cores(str(tmp_path / "missing")) == mask
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_a_user_set_tvm_num_threads_and_spin_count_win(tiny_saved):
     got = _child("threads", tiny_saved, {"TVM_NUM_THREADS": "1",
                                          "TVM_THREAD_POOL_SPIN_COUNT": "7"})
@@ -200,6 +203,7 @@ def test_a_user_set_tvm_num_threads_and_spin_count_win(tiny_saved):
     assert any("threads=2 ignored: TVM_NUM_THREADS=1" in w for w in got["warnings"])
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_the_native_pool_is_sized_at_will_and_a_larger_one_shrunk(tiny_saved):
     """TVM's own pool cannot grow once started: a bundle with native kernels runs on theirs
     (pool.h), which serves its generated kernels too and takes any size."""
@@ -210,6 +214,7 @@ def test_the_native_pool_is_sized_at_will_and_a_larger_one_shrunk(tiny_saved):
     assert got["pool"] == 1 and got["threads"]["pool"] == 1 and got["warnings"] == []
 
 
+@pytest.mark.slow  # compiles a bundle of its own
 def test_streams_split_the_threads_and_bad_threads_are_refused(tmp_path):
     sources = tiny_tenants()
     b = mtcompile.compile(sources, pass_options={
@@ -229,7 +234,7 @@ def test_cli_threads_and_cpu_flags(tiny_saved, capsys, monkeypatch):
     monkeypatch.setattr(mtcompile, "load", lambda d, **kw: asked.append(kw) or load(d, **kw))
     n = os.cpu_count()  # this process's pool keeps its size for the tests after this one
     assert cli_main(["profile", str(tiny_saved), "--threads", str(n), "--repeat", "1"]) == 0
-    assert asked == [{"threads": n}]
+    assert asked == [{"threads": n, "verify_key": None}]  # no --verify-key given
     assert cli_main(["inspect", str(tiny_saved)]) == 0
     assert "LLVM features; loading needs them" in capsys.readouterr().out
 

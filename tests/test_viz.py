@@ -99,6 +99,7 @@ def test_fusion_groups_are_boxed_and_shared_and_fused_nodes_marked():
     assert viz.node_kind("a.n0", ("a",)) == "own"
 
 
+@pytest.mark.slow  # draws graphs of hundreds of nodes
 def test_large_graph_is_summarized_and_one_tenant_or_region_drawn():
     g = chain_graph(["t0", "t1", "t2", "t3"], 75)  # 4 tenants, 304 nodes
     summary = viz.draw_graph(g).svg

@@ -34,6 +34,7 @@ def max_rel(out, ref) -> float:
     return float(np.max(np.abs(out - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
 
 
+@pytest.mark.slow  # exports real models to ONNX
 def test_real_onnx_exports_opset_18_with_static_inputs_and_embedded_weights(capfd):
     proto, (x,) = real_onnx("resnet", seed=1, batch=2)
     assert capfd.readouterr() == ("", "")  # quiet: no progress lines, no warnings
@@ -103,6 +104,7 @@ def _converter_model() -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.slow  # compiles bundles of its own
 def test_our_onnx_converters_match_onnxruntime():
     from mtcompile.frontend.importers import import_tenant
     from mtcompile.frontend.onnx_converters import CONVERTERS
@@ -151,6 +153,7 @@ def test_a_converter_failure_names_the_tenant_node_and_op():
         mtcompile.compile([Tenant("scan_dyn", model)])
 
 
+@pytest.mark.slow  # compiles bundles of its own
 def test_a_matmul_on_an_item_of_a_split_compiles():
     # GPT-NeoX's export multiplies items of a Split: the native matmul's dense packing read
     # the weight's producer's attrs as TVM attrs, and a get_item's attrs is its index (an int)
