@@ -24,7 +24,7 @@ from tvm import relax
 from mtcompile import native
 from mtcompile.runtime import library
 
-from .run import measure
+from .coverage import round_times as measure
 
 EMPTY = "mtcompile.bench.empty"
 

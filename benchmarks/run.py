@@ -153,20 +153,6 @@ def run_all_args(bundle, inputs: dict) -> list:
     return [inputs[t][position(t, name)] for (t, name), *_ in bundle.manifest.run_all_inputs]
 
 
-def measure(contenders: dict, repeat: int, warmup: int) -> dict[str, list[float]]:
-    """Run every contender `warmup` times, then `repeat` rounds, each contender once a round."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in contenders}
-    for _ in range(repeat):
-        for k, fn in contenders.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
 def set_options(set_name: str, n: int, batch: int) -> dict:
     """Keyword options for `get_set`: ``batch``, and ``n`` where the set's factory takes it."""
     takes_n = "n" in inspect.signature(SETS[set_name]).parameters
