@@ -6,15 +6,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtcompile.abi import MANIFEST_FN, RUN_ALL
+from mtcompile.abi import MANIFEST_FN, RUN_ALL, RUN_SOME
 from mtcompile.errors import TenantError
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # Entry names of the executable that a tenant entry must not clash with.
-RESERVED_NAMES = frozenset({RUN_ALL, MANIFEST_FN, "main"})
+RESERVED_NAMES = frozenset({RUN_ALL, RUN_SOME, MANIFEST_FN, "main"})
 # Names lowering generates: run_all's helpers (``run_all__arena``, the stream functions
-# ``run_all__s{i}``, its fused kernels ``run_all_<group>``) and anything ``mtcompile_``.
-RESERVED_PATTERN = re.compile(rf"{RUN_ALL}_.*|mtcompile_.*")
+# ``run_all__s{i}``, its fused kernels ``run_all_<group>``), the subsets' functions
+# (``run_some__a__b``) and anything ``mtcompile_``.
+RESERVED_PATTERN = re.compile(rf"{RUN_ALL}_.*|{RUN_SOME}_.*|mtcompile_.*")
 
 
 @dataclass(frozen=True)
