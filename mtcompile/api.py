@@ -6,12 +6,12 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mtcompile import build_cache, bundle_manifest
-from mtcompile.abi import RUN_ALL, subset_function
+from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.backend import legalize
 from mtcompile.backend.arena import ArenaError
@@ -30,7 +30,7 @@ from mtcompile.pass_infra import Instrument, PassContext, run_passes
 from mtcompile.runtime.cpu import usable_cores
 from mtcompile.runtime.threads import configure as configure_threads
 from mtcompile.runtime.weights import info as weights_table
-from mtcompile.tenant import Tenant
+from mtcompile.tenant import Tenant, check_subsets
 
 
 def _check_tenants(tenants: Sequence[Tenant]) -> list[Tenant]:
@@ -71,30 +71,6 @@ def _import(tenants: list[Tenant], stages: _Stages) -> tuple[list, list[Graph]]:
                    f"{time.perf_counter() - t1:.2f} s")
     stages.done("import", t0)
     return imported, graphs
-
-
-def _check_subsets(subsets: Iterable[Iterable[str]] | None, tenants: list[Tenant]
-                   ) -> dict[str, tuple[str, ...]]:
-    """The subset functions to build: name -> tenants in bundle order. A subset names
-    known tenants, at least two and not all of them (one is its entry, all is run_all)."""
-    order = [t.name for t in tenants]
-    out: dict[str, tuple[str, ...]] = {}
-    for subset in subsets or ():
-        names = [subset] if isinstance(subset, str) else list(subset)
-        unknown = sorted(set(names) - set(order))
-        if unknown or len(set(names)) != len(names):
-            raise TenantError(f"subset {names}: unknown or repeated tenant(s) "
-                              f"{unknown or names}; the tenants are {order}")
-        if not 2 <= len(names) < len(order):
-            raise TenantError(f"subset {names}: a subset names at least two tenants and not "
-                              "all of them (one tenant is its entry, all of them run_all)")
-        present = tuple(t for t in order if t in names)
-        name = subset_function(present)
-        if name in out and out[name] != present:
-            raise TenantError(f"subsets {list(out[name])} and {list(present)} would both be "
-                              f"the function {name!r}: rename a tenant")
-        out[name] = present
-    return out
 
 
 def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _Stages,
@@ -188,7 +164,7 @@ def compile(  # noqa: A001 - the public name the API promises
     (``run_some__a__b``), which `Bundle.run_some` calls for exactly those tenants.
     """
     tenants = _check_tenants(tenants)
-    subset_fns = _check_subsets(subsets, tenants)
+    subset_fns = check_subsets(subsets, [t.name for t in tenants])
     legalize.register()  # before any TVM pass legalizes (the importers' constant folding)
     s = _settings(target, name, cpu, threads, passes, pass_options, kernels, tuning_db, cache)
     stages = _Stages(progress or (lambda _msg: None))

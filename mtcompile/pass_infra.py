@@ -297,7 +297,8 @@ def check_pipeline(passes: list[Pass]) -> None:
     """Refuse, before any work, a pipeline whose declarations already show that a pass
     requires an analysis no earlier pass computed on every function of its scope, or that
     an analysis a pass computed is invalidated by a later pass that declares it does not
-    preserve it. Passes that preserve by default are checked by `run_passes`."""
+    preserve it (every two scopes share run_all). Passes that preserve by default are
+    checked by `run_passes`."""
     names = [p.name for p in passes]
     have: dict[str, Pass] = {}  # analysis -> the pass that computed it
     for i, p in enumerate(passes):
@@ -306,19 +307,13 @@ def check_pipeline(passes: list[Pass]) -> None:
                 raise AnalysisError(_missing(p, a, names))
         if p.preserves is not None:
             for a, by in list(have.items()):
-                if a not in p.preserves and a not in p.computes and _overlap(by, p):
+                if a not in p.preserves and a not in p.computes:
                     lost = _lost(a, by.name, p, "it does not preserve it", passes[i + 1:],
                                  names)
                     if lost:
                         raise AnalysisError(lost)
                     del have[a]
         have.update({a: p for a in p.computes})
-
-
-def _overlap(a: Pass, b: Pass) -> bool:
-    """Whether two passes may transform a common function."""
-    return _covers(a.scope, b.scope) or _covers(b.scope, a.scope) or {
-        a.scope, b.scope} == {"multi-tenant", "run-all"}
 
 
 def _keep_valid(p: Pass, before: Graph, result: PassResult) -> dict[str, Any]:
@@ -454,9 +449,10 @@ def run_passes(ir: Graph | Module, passes: list[Pass], ctx: PassContext | None =
             t0 = time.perf_counter()
             module, changed, info = _run_one(p, module, ctx, passes[i + 1:], computed_by,
                                              [q.name for q in passes])
+            seconds = time.perf_counter() - t0
             result = PassResult(shown(module), changed, info)
             for h in hooks:
-                h.after_pass(p, result, i, time.perf_counter() - t0)
+                h.after_pass(p, result, i, seconds)
         except (PassError, AnalysisError):
             raise
         except Exception as e:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtcompile.abi import MANIFEST_FN, RUN_ALL, RUN_SOME
+from mtcompile.abi import MANIFEST_FN, RUN_ALL, RUN_SOME, subset_function
 from mtcompile.errors import TenantError
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -77,3 +78,26 @@ class Tenant:
                                   "expected (lo, hi) integers with 1 <= lo <= hi")
         if self.example_inputs is not None and not isinstance(self.example_inputs, tuple):
             object.__setattr__(self, "example_inputs", tuple(self.example_inputs))
+
+
+def check_subsets(subsets: Iterable[Iterable[str]] | None, order: Sequence[str]
+                  ) -> dict[str, tuple[str, ...]]:
+    """The subset functions to build: name -> tenants in bundle order (`order`). A subset
+    names known tenants, at least two and not all of them (one is its entry, all run_all)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for subset in subsets or ():
+        names = [subset] if isinstance(subset, str) else list(subset)
+        unknown = sorted(set(names) - set(order))
+        if unknown or len(set(names)) != len(names):
+            raise TenantError(f"subset {names}: unknown or repeated tenant(s) "
+                              f"{unknown or names}; the tenants are {list(order)}")
+        if not 2 <= len(names) < len(order):
+            raise TenantError(f"subset {names}: a subset names at least two tenants and not "
+                              "all of them (one tenant is its entry, all of them run_all)")
+        present = tuple(t for t in order if t in names)
+        name = subset_function(present)
+        if name in out and out[name] != present:
+            raise TenantError(f"subsets {list(out[name])} and {list(present)} would both be "
+                              f"the function {name!r}: rename a tenant")
+        out[name] = present
+    return out
