@@ -272,7 +272,8 @@ def _bundle(executable, manifest, build_info: dict, module: Module, records, sta
     report = {"stages_s": stages.seconds, "build": build_info,
               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
                           "nodes_after": r.nodes_after, **r.info} for r in records]}
-    return CompiledBundle(executable, manifest, weights=arrays, graph=module.functions[RUN_ALL],
+    return CompiledBundle(executable, manifest, weights=arrays, module=module,
+                          graph=module.functions[RUN_ALL],
                           sources={t.name: t for t in tenants}, compile_report=report,
                           threads=threads)
 

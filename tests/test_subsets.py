@@ -12,6 +12,8 @@ from conftest import linear_relu, tiny_conv, torch_outputs
 import mtcompile
 from mtcompile import Tenant
 from mtcompile.errors import InputError, TenantError
+from mtcompile.pass_infra import Instrument
+from mtcompile.passes import DEFAULT_PIPELINE
 from mtcompile.serving import Scheduler
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -26,10 +28,28 @@ def _tenants() -> list[Tenant]:
     return [*out, Tenant("conv", m, example_inputs=x)]
 
 
+class Seen(Instrument):
+    """Each pass an instrument sees, with the functions of the module it sees."""
+
+    def __init__(self):
+        self.seen = []
+
+    def after_pass(self, p, result, index, seconds):
+        self.seen.append((p.name, tuple(result.graph.functions)))
+
+
 @pytest.fixture(scope="module")
-def sub_bundle():
-    """The four tenants with two subset functions, compiled once (a few seconds)."""
-    return mtcompile.compile(_tenants(), subsets=SUBSETS, name="subsets")
+def watched():
+    """The four tenants with two subset functions, compiled once (a few seconds), and what
+    an instrument saw of the build."""
+    seen = Seen()
+    return mtcompile.compile(_tenants(), subsets=SUBSETS, name="subsets",
+                             instruments=[seen]), seen
+
+
+@pytest.fixture(scope="module")
+def sub_bundle(watched):
+    return watched[0]
 
 
 def _inputs(names) -> dict[str, tuple[np.ndarray, ...]]:
@@ -48,6 +68,13 @@ def _check(bundle, got: dict, names) -> None:
         for g, e, w in zip(got[t], entry, torch, strict=True):
             np.testing.assert_allclose(g, e, **TOL)
             np.testing.assert_allclose(g, w, **TOL)
+
+
+def test_one_pipeline_run_per_build(watched):
+    # every pass once, over the module: each tenant's entry, run_all and the subsets
+    functions = ("p", "q", "r", "conv", "run_all", "run_some__p__q", "run_some__p__q__r")
+    assert watched[1].seen == [(name, functions) for name in DEFAULT_PIPELINE]
+    assert tuple(watched[0].module.functions) == functions
 
 
 def test_the_manifest_records_each_subset_function(sub_bundle):

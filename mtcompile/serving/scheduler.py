@@ -224,11 +224,8 @@ class Scheduler:
         exactly the tenants that have work (in both, tenants that share an input got one
         value for it), else each present tenant's own entry."""
         present = tuple(t for t in self._order if t in stacked)
-        if len(present) > 1 and self._shared_agree(stacked):
-            if present == self._order:
-                return [(RUN_ALL, present)]
-            if present in self._subsets:
-                return [(RUN_SOME, present)]
+        if (present == self._order or present in self._subsets) and self._shared_agree(stacked):
+            return [(RUN_ALL if present == self._order else RUN_SOME, present)]
         return [(RUN, (t,)) for t in present]
 
     def _shared_agree(self, stacked: dict[str, list[np.ndarray]]) -> bool:
