@@ -1,4 +1,5 @@
-"""Bundle: one executable with an entry per tenant and ``run_all``, and its manifest; load.
+"""Bundle: one executable with an entry per tenant, ``run_all`` and merged functions over
+subsets of tenants (``run_some``), and its manifest; load.
 
 Composed of the runtime's parts: `manifest` (what the bundle is), `inputs` (checks and
 conversions), `vm` (one VM per thread), `executor` (run_all on stream functions),
