@@ -8,8 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RUN_ALL = "run_all"  # entry that runs every tenant: all inputs in, all outputs out (flat)
+RUN_SOME = "run_some"  # prefix of a merged call over a subset of tenants (run_some__a__b)
 MANIFEST_FN = "mtcompile_manifest"  # zero-argument entry returning the manifest as uint8 JSON
 ARENA_FN = f"{RUN_ALL}__arena"  # zero-argument entry: a fresh storage of run_all's arena size
+
+
+
+def subset_function(tenants) -> str:
+    """The name of the merged function over `tenants` (in bundle order): ``run_some__a__b``."""
+    return "__".join((RUN_SOME, *tenants))
+
 
 # Event points inside the stream functions (``R.call_packed`` names; the executor registers
 # them): ``signal(event id)`` after the producer's kernel, ``wait(event id)`` before the

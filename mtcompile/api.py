@@ -7,10 +7,11 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from mtcompile import build_cache, bundle_manifest
+from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.backend import legalize
 from mtcompile.backend.arena import ArenaError
@@ -24,11 +25,12 @@ from mtcompile.frontend.importers import import_tenant
 from mtcompile.frontend.lift import lift
 from mtcompile.frontend.merge import merge
 from mtcompile.ir.graph import Graph, TensorTy
-from mtcompile.pass_infra import Instrument, PassContext, entry_pipeline, run_passes
+from mtcompile.ir.module import Module
+from mtcompile.pass_infra import Instrument, PassContext, run_passes
 from mtcompile.runtime.cpu import usable_cores
 from mtcompile.runtime.threads import configure as configure_threads
 from mtcompile.runtime.weights import info as weights_table
-from mtcompile.tenant import Tenant
+from mtcompile.tenant import Tenant, check_subsets
 
 
 def _check_tenants(tenants: Sequence[Tenant]) -> list[Tenant]:
@@ -72,35 +74,34 @@ def _import(tenants: list[Tenant], stages: _Stages) -> tuple[list, list[Graph]]:
 
 
 def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _Stages,
-           providers: dict[str, str], cores: int | None = None, lifted=None):
-    """Import (unless `lifted`, what `_import` returned, is given), lift, merge and
-    optimize: run_all's graph, the tenants' entries' graph (the pipeline without its
-    ``run_all_only`` passes), and what they came from. cores: the threads the bundle runs
-    on (default: the machine's cores)."""
+           providers: dict[str, str], cores: int | None = None, lifted=None,
+           subsets: dict[str, tuple[str, ...]] | None = None):
+    """Import (unless `lifted`, what `_import` returned, is given), lift, merge into a
+    module of functions (each tenant's entry, run_all, `subsets`: name -> tenants) and run
+    the pipeline once over it: (module, imported tenants, their graphs, pass records).
+    cores: the threads the bundle runs on (default: the machine's cores)."""
     imported, graphs = lifted or _import(tenants, stages)
     t0 = time.perf_counter()
     merged = merge(graphs, {t.name: t.shared_inputs for t in tenants if t.shared_inputs})
+    module = Module.of(merged, RUN_ALL, subsets or {})
     stages.done("merge", t0)
     t0 = time.perf_counter()
     # the threads the bundle runs on, read once per build: passes learn machine facts from
     # the context (assign-streams splits them between streams)
     ctx = PassContext(target, providers, cores=cores or usable_cores())
-    # two runs from the merged graph: run_all's, and the tenants' own entries' without the
-    # passes only run_all may use (the user's instruments watch run_all's run)
-    graph, records = run_passes(merged, pipeline, ctx, instruments)
-    entry_graph, _ = run_passes(merged, entry_pipeline(pipeline), replace(ctx, entries=True))
+    module, records = run_passes(module, pipeline, ctx, instruments)
     stages.done("passes", t0)
-    return graph, entry_graph, imported, graphs, records
+    return module, imported, graphs, records
 
 
-def _with_tenant_plans(graph: Graph, entry_graph: Graph) -> MemoryPlan:
-    """``run_all``'s plan from run_all's graph with the tenants' from their entries' graph."""
-    entry = entry_graph.analyses.get("memory")
-    return MemoryPlan({**graph.analyses["memory"].functions,
-                       **(entry.functions if entry is not None else {})})
+def _memory_plan(module: Module) -> MemoryPlan | None:
+    """Every function's memory plan (None when plan-memory did not run)."""
+    plans = [g.analyses["memory"] for g in module.functions.values() if "memory" in g.analyses]
+    return MemoryPlan({f: p for plan in plans for f, p in plan.functions.items()}
+                      ) if plans else None
 
 
-def _lower_and_build(stages: _Stages, graph: Graph, entry_graph: Graph, streams, target: str,
+def _lower_and_build(stages: _Stages, module: Module, streams, target: str,
                      database, cpu: str, facts: dict, cpu_info: tuple):
     """Manifest, lowering and TVM build: (manifest, executable, build facts). A stream
     layout whose shared arena does not fit the kernels TVM emitted (an `ArenaError`: a
@@ -110,7 +111,7 @@ def _lower_and_build(stages: _Stages, graph: Graph, entry_graph: Graph, streams,
     manifest = bundle_manifest.manifest(**facts, layout=streams).with_(
         cpu=cpu_name, cpu_features=cpu_features)
     t0 = time.perf_counter()
-    mod = emit_module(graph, manifest.embedded(), entry_graph, streams, target)
+    mod = emit_module(module, manifest.embedded(), streams, target)
     stages.done("lower", t0)
     t0 = time.perf_counter()
     try:
@@ -123,7 +124,7 @@ def _lower_and_build(stages: _Stages, graph: Graph, entry_graph: Graph, streams,
                       "model: the stream plan's kernel model is wrong)", stacklevel=3)
         stages.say("streams  dropped: the shared arena did not fit TVM's kernels")
         manifest, executable, build_info = _lower_and_build(
-            stages, graph, entry_graph, None, target, database, cpu, facts, cpu_info)
+            stages, module, None, target, database, cpu, facts, cpu_info)
         build_info["streams_dropped"] = why
         return manifest, executable, build_info
     stages.done("build", t0)
@@ -144,6 +145,7 @@ def compile(  # noqa: A001 - the public name the API promises
     cpu: str = "host",
     threads: int | None = None,
     cache: bool | str | os.PathLike | None = None,
+    subsets: Sequence[Sequence[str]] = (),
 ) -> CompiledBundle:
     """Compile tenants into one Bundle: one TVM executable with an entry per tenant.
 
@@ -157,27 +159,31 @@ def compile(  # noqa: A001 - the public name the API promises
     refuses a CPU that lacks them); threads: TVM's thread pool size for this process
     (default: the machine's cores; see `mtcompile.runtime.threads`); cache: reuse and keep
     built libraries in a build cache (`mtcompile.build_cache`): True for the default
-    directory, or a directory; a bundle served from it has no `graph`.
+    directory, or a directory; a bundle served from it has no `graph`. subsets: groups of
+    tenants (``[("a", "b"), ...]``) that each get a merged function of their own
+    (``run_some__a__b``), which `Bundle.run_some` calls for exactly those tenants.
     """
     tenants = _check_tenants(tenants)
+    subset_fns = check_subsets(subsets, [t.name for t in tenants])
     legalize.register()  # before any TVM pass legalizes (the importers' constant folding)
     s = _settings(target, name, cpu, threads, passes, pass_options, kernels, tuning_db, cache)
     stages = _Stages(progress or (lambda _msg: None))
     lifted = _import(tenants, stages)
     cache_dir, key, key_doc, cached = _look_up(cache, instruments, stages, tenants, threads,
-                                               name, target, s, lifted)
+                                               name, target, s, lifted, subset_fns)
     if cached is not None:
         return cached
-    graph, entry_graph, imported, graphs, records = _front(
-        tenants, target, s.pipeline, instruments, stages, s.providers, s.pool, lifted)
+    module, imported, graphs, records = _front(
+        tenants, target, s.pipeline, instruments, stages, s.providers, s.pool, lifted,
+        subset_fns)
     manifest, executable, build_info = _lower_and_build(
-        stages, graph, entry_graph, stream_layout(graph), target, s.database, cpu, dict(
-            name=name, target=target, pipeline=s.pipeline, providers=s.providers,
-            tuning_db=s.db_hash, tenants=tenants, imported=imported, graph=graph,
-            entry_graph=entry_graph, graphs=graphs, records=records),
+        stages, module, stream_layout(module.functions[RUN_ALL]), target, s.database, cpu,
+        dict(name=name, target=target, pipeline=s.pipeline, providers=s.providers,
+             tuning_db=s.db_hash, tenants=tenants, imported=imported, module=module,
+             graphs=graphs, records=records, subsets=subset_fns),
         (s.cpu_name, s.cpu_features))
-    bundle = _bundle(executable, manifest, build_info, graph, entry_graph, records, stages,
-                     tenants, threads)
+    bundle = _bundle(executable, manifest, build_info, module, records, stages, tenants,
+                     threads)
     _store(cache_dir, key, key_doc, bundle, stages)
     return bundle
 
@@ -220,8 +226,8 @@ def _settings(target: str, name: str, cpu: str, threads: int | None, passes, pas
 
 
 def _look_up(cache, instruments, stages: _Stages, tenants: list[Tenant], threads, name: str,
-             target: str, s: _Settings, lifted: tuple[list, list[Graph]]
-             ) -> tuple[Any, str | None, dict | None, CompiledBundle | None]:
+             target: str, s: _Settings, lifted: tuple[list, list[Graph]],
+             subsets: dict[str, tuple[str, ...]]) -> tuple[Any, str | None, dict | None, CompiledBundle | None]:
     """The build cache's directory (None: no cache), this build's key and key document, and
     the cached bundle when there is one. Instruments turn the cache off: they watch the
     passes, which a cached build skips."""
@@ -234,7 +240,7 @@ def _look_up(cache, instruments, stages: _Stages, tenants: list[Tenant], threads
     key_doc = build_cache.key_doc(
         name=name, target=target, cpu=s.cpu_name, cpu_features=s.cpu_features,
         providers=s.providers, pipeline=s.pipeline, cores=s.pool, tuning_db=s.db_hash,
-        tenants=tenants, imported=lifted[0], graphs=lifted[1])
+        tenants=tenants, imported=lifted[0], graphs=lifted[1], subsets=subsets)
     key = build_cache.build_key(key_doc)
     cached = build_cache.lookup(cache_dir, key, sources={t.name: t for t in tenants},
                                 threads=threads)
@@ -254,19 +260,20 @@ def _store(cache_dir, key: str, key_doc: dict, bundle: CompiledBundle, stages: _
     stages.done("store", t0)
 
 
-def _bundle(executable, manifest, build_info: dict, graph: Graph, entry_graph: Graph,
-            records, stages: _Stages, tenants: list[Tenant], threads) -> CompiledBundle:
+def _bundle(executable, manifest, build_info: dict, module: Module, records, stages: _Stages,
+            tenants: list[Tenant], threads) -> CompiledBundle:
     """The compiled bundle: the manifest completed with what TVM's build told (memory, the
     weights table) and the compile report."""
     arrays, args = build_info.pop("weights")
     # known once TVM has built the module, so kept beside the library's embedded manifest
     manifest = manifest.with_(memory=bundle_manifest.memory_info(
-        graph.analyses.get("memory") and _with_tenant_plans(graph, entry_graph),
-        build_info["memory"], manifest), weights=weights_table(arrays, args))
+        _memory_plan(module), build_info["memory"], manifest),
+        weights=weights_table(arrays, args))
     report = {"stages_s": stages.seconds, "build": build_info,
               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
                           "nodes_after": r.nodes_after, **r.info} for r in records]}
-    return CompiledBundle(executable, manifest, weights=arrays, graph=graph,
+    return CompiledBundle(executable, manifest, weights=arrays, module=module,
+                          graph=module.functions[RUN_ALL],
                           sources={t.name: t for t in tenants}, compile_report=report,
                           threads=threads)
 
@@ -312,11 +319,10 @@ def tune(
     devices = _devices(rpc_tracker, rpc_key, rpc_wait_s, say)  # before the front end
     pipeline = build_pipeline(passes, pass_options)
     providers = resolve_providers("llvm", kernels)
-    graph, entry_graph, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say),
-                                              providers)
-    _check_static(graph)
+    module, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say), providers)
+    _check_static(module.functions[RUN_ALL])
     separate = _tasks_alone(graphs, pipeline, providers, tuning_target)
-    result = run_tuning(_prepared(graph, entry_graph), tuning_target, out_dir, trials,
+    result = run_tuning(_prepared(module), tuning_target, out_dir, trials,
                         progress=say, on_trials=on_trials, devices=devices, builders=builders,
                         on_task=on_task)
     return {**result, "tasks_tenants_alone": separate,
@@ -347,11 +353,11 @@ def _check_static(graph: Graph) -> None:
                              "with static shapes (e.g. at the bound), or build without tuning")
 
 
-def _prepared(g: Graph, entries: Graph | None = None):
-    """`g` lowered and prepared as the build prepares it (the module tuning extracts from)."""
+def _prepared(ir: Graph | Module):
+    """`ir` lowered and prepared as the build prepares it (the module tuning extracts from)."""
     from mtcompile.backend import kernels
 
-    return kernels.prepare(emit_module(g, None, entries))
+    return kernels.prepare(emit_module(ir))
 
 
 def _tasks_alone(graphs: list[Graph], pipeline, providers: dict[str, str], target) -> int:

@@ -35,7 +35,7 @@ from mtcompile.runtime.abi import MANIFEST
 
 log = logging.getLogger(__name__)
 KEY_FILE = "key.json"
-KEY_FORMAT = 3  # bump when what goes into the key changes
+KEY_FORMAT = 4  # bump when what goes into the key changes
 
 
 def default_dir() -> Path:
@@ -78,7 +78,8 @@ def tuning_db_hash(directory: str | os.PathLike) -> str:
 
 def key_doc(*, name: str, target: str, cpu: str | None, cpu_features: Sequence[str] | None,
             providers: dict[str, str], pipeline, cores: int, tuning_db: str | None,
-            tenants: Sequence, imported: Sequence, graphs: Sequence) -> dict:
+            tenants: Sequence, imported: Sequence, graphs: Sequence,
+            subsets: dict | None = None) -> dict:
     """Everything that goes into a bundle's library and manifest, as plain JSON."""
     versions = bundle_manifest.versions()
     try:
@@ -101,6 +102,7 @@ def key_doc(*, name: str, target: str, cpu: str | None, cpu_features: Sequence[s
                                 for local, node in g.tenants[t.name].inputs],
                      "shared_inputs": dict(sorted((t.shared_inputs or {}).items()))}
                     for t, it, g in zip(tenants, imported, graphs, strict=True)],
+        "subsets": {f: list(ts) for f, ts in sorted((subsets or {}).items())},
     }
 
 

@@ -16,6 +16,7 @@ from mtcompile.backend.stream_layout import StreamLayout, run_all_params
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.merge import constant_bytes_before_merge
 from mtcompile.ir.graph import ConstRef, Graph, Sym, TensorTy
+from mtcompile.ir.module import Module
 from mtcompile.ir.view import graph_view
 from mtcompile.runtime.manifest import (
     GraphStats,
@@ -24,6 +25,7 @@ from mtcompile.runtime.manifest import (
     MemoryInfo,
     PassSpec,
     StreamsInfo,
+    SubsetFunction,
     TenantSig,
 )
 from mtcompile.version import __version__
@@ -110,34 +112,36 @@ def streams_info(graph: Graph, layout: StreamLayout | None) -> StreamsInfo:
         run=layout.manifest() if layout is not None else None)
 
 
-def graph_stats(graph: Graph, entry_graph: Graph, graphs: Sequence[Graph]) -> GraphStats:
-    """Counts of run_all's graph; weights stored in the library (run_all's and the tenant
-    entries': they differ once a run_all-only pass such as fuse-horizontal stacks weights)
-    against the tenants' own before merging."""
-    s = graph.stats()
+def graph_stats(module: Module, graphs: Sequence[Graph]) -> GraphStats:
+    """Counts of run_all's graph; weights stored in the library (every function's, each
+    once: they differ where fuse-horizontal stacks weights) against the tenants' own before
+    merging."""
+    s = module.functions[RUN_ALL].stats()
     return GraphStats(
         nodes=s["nodes"], nodes_per_tenant=s["nodes_per_tenant"], ops=s["ops"],
-        constants=s["constants"],
-        weight_bytes=int(sum(a.nbytes for a in
-                             {**entry_graph.constants, **graph.constants}.values())),
+        constants=s["constants"], weight_bytes=module.weight_bytes(),
         weight_bytes_before_merge=int(constant_bytes_before_merge(graphs)))
 
 
 def manifest(*, name: str, target: str, pipeline, providers: dict[str, str],
-             tuning_db: str | None, tenants: Sequence, imported: Sequence, graph: Graph,
-             entry_graph: Graph, graphs: Sequence[Graph], records,
-             layout: StreamLayout | None) -> Manifest:
+             tuning_db: str | None, tenants: Sequence, imported: Sequence, module: Module,
+             graphs: Sequence[Graph], records, layout: StreamLayout | None,
+             subsets: dict[str, tuple[str, ...]] | None = None) -> Manifest:
     """The manifest known before TVM builds the module (embedded in the library)."""
+    graph = module.functions[RUN_ALL]
     return Manifest(
         name=name, library=f"{name}.so", target=target, versions=versions(),
         pipeline=tuple(PassSpec(p.name, _plain(p.options())) for p in pipeline),
         kernels=dict(providers), tuning_db=str(tuning_db) if tuning_db else None,
         tenant_order=tuple(t.name for t in tenants),
         run_all_inputs=tuple(tuple(map(tuple, uses)) for _, uses in run_all_params(graph)),
-        tenants={it.name: tenant_sig(entry_graph, it.name, it.kind, it.source_hash,
-                                     output_names(t.model))
+        tenants={it.name: tenant_sig(module.functions[it.name], it.name, it.kind,
+                                     it.source_hash, output_names(t.model))
                  for it, t in zip(imported, tenants, strict=True)},
-        graph=graph_stats(graph, entry_graph, graphs),
+        subsets={f: SubsetFunction(ts, tuple(tuple(map(tuple, uses)) for _, uses in
+                                             run_all_params(module.functions[f])))
+                 for f, ts in (subsets or {}).items()},
+        graph=graph_stats(module, graphs),
         graph_view=_plain(graph_view(graph, records)),  # nodes and per-pass rows, for reports
         streams=streams_info(graph, layout))
 
@@ -153,7 +157,7 @@ def memory_info(plan: MemoryPlan | None, built: dict[str, dict], m: Manifest) ->
     run_all = plan.functions.get(RUN_ALL) if plan is not None else None
     b = built.get(RUN_ALL, {})
     functions = {}
-    for fname in [*tenants, RUN_ALL]:
+    for fname in [*tenants, RUN_ALL, *m.subsets]:
         fp = plan.functions.get(fname) if plan is not None else None
         functions[fname] = {
             **{k: int(v) for k, v in built.get(fname, {}).items()},

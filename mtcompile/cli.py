@@ -167,7 +167,8 @@ def _cache_option(args):
     return args.cache_dir or True
 
 
-def _compile(tenants, name: str, target: str, passes, options, args, progress) -> object:
+def _compile(tenants, name: str, target: str, passes, options, args, progress,
+             subsets=()) -> object:
     import mtcompile
     from mtcompile.pass_infra import DumpToDir, PrintAfter
 
@@ -183,7 +184,8 @@ def _compile(tenants, name: str, target: str, passes, options, args, progress) -
                              name=name, kernels=parse_kernels(getattr(args, "kernels", None)),
                              tuning_db=getattr(args, "tuning_db", None), instruments=instruments,
                              progress=progress, cpu=getattr(args, "cpu", None) or "host",
-                             threads=getattr(args, "threads", None), cache=_cache_option(args))
+                             threads=getattr(args, "threads", None), cache=_cache_option(args),
+                             subsets=subsets)
 
 
 def parse_kernels(text: str | None) -> str | dict[str, str] | None:
@@ -222,7 +224,7 @@ def cmd_build(args) -> tuple[int, dict]:
     # steps: each tenant's import, then import, cache, merge, passes, lower, build, store, save
     with _progress(args, len(spec.tenants) + 8, "build") as progress:
         bundle = _compile(spec.tenants, spec.name, target, spec.passes, spec.pass_options,
-                          args, progress)
+                          args, progress, spec.subsets)
         t0 = time.perf_counter()
         # saved first: a failed or impossible check keeps it
         out = bundle.save(args.output, sign_key=sign_key)

@@ -14,15 +14,16 @@ from mtcompile.runtime.manifest import Manifest
 
 
 class CompiledBundle(Bundle):
-    """A `Bundle` with `graph` (the merged, optimized Graph), `sources` (the tenants as
-    given) and `compile_report`: all three on a freshly compiled bundle; a loaded one has
-    the `sources` passed to `load` only."""
+    """A `Bundle` with `module` (the optimized module of functions), `graph` (its run_all,
+    the merged graph), `sources` (the tenants as given) and `compile_report`: all on a
+    freshly compiled bundle; a loaded one has the `sources` passed to `load` only."""
 
     def __init__(self, executable, manifest: Manifest, *, graph=None, sources=None,
                  compile_report: dict | None = None, library_path: Path | None = None,
-                 threads: int | None = None, weights=None):
+                 threads: int | None = None, weights=None, module=None):
         super().__init__(executable, manifest, library_path=library_path, threads=threads,
                          weights=weights)
+        self.module = module
         self.graph = graph
         self.sources = sources or {}
         self.compile_report = compile_report or {}

@@ -28,9 +28,11 @@ invalidates what an earlier pass computed when no later pass computes it again (
 checks this before any work where the declarations decide it; the runner checks the rest
 (a pass that changed the graph) when it happens.
 
-A build runs the pipeline twice (see `mtcompile.api`): once for ``run_all``, and once,
-without its ``run_all_only`` passes and with ``PassContext.entries``, for the tenants' own
-entry functions.
+A build runs the pipeline once over a `Module` of functions (each tenant's entry,
+``run_all``, the requested subsets). Each pass declares its ``scope``: the functions it
+transforms (every function; those over several tenants, where batching tenants pays; or
+``run_all`` alone), and runs once over the module, on each function of its scope (with
+``PassContext.function`` naming it). Analyses live on each function's graph.
 """
 
 from __future__ import annotations
@@ -45,15 +47,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
+from mtcompile.abi import RUN_ALL
 from mtcompile.errors import MTCompileError
 from mtcompile.ir.graph import Graph
+from mtcompile.ir.module import Module
 
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass returns: the new graph, whether it differs, and facts for reports."""
+    """What a pass returns: the new graph, whether it differs, and facts for reports (what
+    instruments get: the module, or the graph `run_passes` was given)."""
 
-    graph: Graph
+    graph: Graph | Module
     changed: bool
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -63,12 +68,12 @@ class PassContext:
     """What passes may know about the build: the target, the kernel provider per heavy
     op kind (``{"matmul": "native", ...}``; a library call is a kernel of its own), the
     machine's CPU cores (`mtcompile.api` reads them once per build; passes never ask the
-    machine), and whether this run builds the tenants' own entries rather than ``run_all``."""
+    machine), and the function of the module the pass is transforming."""
 
     target: str = "llvm"
     kernels: dict[str, str] = field(default_factory=dict)
     cores: int = 1
-    entries: bool = False
+    function: str = RUN_ALL
 
 
 @dataclass(frozen=True)
@@ -114,9 +119,9 @@ class Pass:
     against that schema when it is made, however it is made (`check_options`)."""
 
     name: ClassVar[str] = ""
-    # True for passes whose result only ``run_all`` may use (e.g. batching several tenants
-    # into one op): the run that builds the tenants' own entries leaves them out.
-    run_all_only: ClassVar[bool] = False
+    # the functions of the module the pass transforms (`SCOPES`): every function, those
+    # over several tenants (e.g. batching tenants into one op), or run_all alone
+    scope: ClassVar[str] = "function"
     # analyses (names in ``Graph.analyses``) the pass needs, attaches, and keeps valid; see
     # the module docstring (None: all when the pass reports no change, none when it changed)
     requires: ClassVar[tuple[str, ...]] = ()
@@ -128,6 +133,10 @@ class Pass:
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
+
+    def applies_to(self, function: str, graph: Graph) -> bool:
+        """Whether the pass transforms `function` (its graph `graph`): its `scope`."""
+        return SCOPES[self.scope](function, graph)
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +154,13 @@ class Pass:
         return out
 
 
+# scope -> whether a function (name, graph) is in it
+SCOPES = {
+    "function": lambda name, graph: True,
+    "multi-tenant": lambda name, graph: len(graph.tenants) > 1,
+    "run-all": lambda name, graph: name == RUN_ALL,
+}
+
 REGISTRY: dict[str, type[Pass]] = {}
 
 
@@ -152,6 +168,8 @@ def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: add a pass to the registry under its kebab-case name."""
     if not cls.name or cls.name in REGISTRY:
         raise ValueError(f"pass {cls.__name__} needs a unique name (got {cls.name!r})")
+    if cls.scope not in SCOPES:
+        raise ValueError(f"pass {cls.name}: unknown scope {cls.scope!r}; one of {list(SCOPES)}")
     REGISTRY[cls.name] = cls
     return cls
 
@@ -247,11 +265,6 @@ def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
 # --------------------------------------------------------------------------- analyses
 
 
-def entry_pipeline(passes: list[Pass]) -> list[Pass]:
-    """The passes of the run that builds the tenants' own entries: all but ``run_all_only``."""
-    return [p for p in passes if not p.run_all_only]
-
-
 def _computers(analysis: str) -> list[str]:
     return [n for n, cls in REGISTRY.items() if analysis in cls.computes]
 
@@ -274,26 +287,33 @@ def _lost(analysis: str, by: str, p: Pass, why: str, later: list[Pass],
             f"(pipeline: {', '.join(names)})")
 
 
+def _covers(computed: str, needed: str) -> bool:
+    """Whether an analysis computed by a pass of scope `computed` is there for every
+    function a pass of scope `needed` transforms."""
+    return computed == "function" or computed == needed
+
+
 def check_pipeline(passes: list[Pass]) -> None:
     """Refuse, before any work, a pipeline whose declarations already show that a pass
-    requires an analysis no earlier pass computed, or that an analysis a pass computed is
-    invalidated by a later pass that declares it does not preserve it (the run_all run and
-    the entries' run both). Passes that preserve by default are checked by `run_passes`."""
-    for run in (passes, entry_pipeline(passes)):
-        names = [p.name for p in run]
-        have: dict[str, str] = {}  # analysis -> the pass that computed it
-        for i, p in enumerate(run):
-            for a in p.requires:
-                if a not in have:
-                    raise AnalysisError(_missing(p, a, names))
-            if p.preserves is not None:
-                for a, by in list(have.items()):
-                    if a not in p.preserves and a not in p.computes:
-                        lost = _lost(a, by, p, "it does not preserve it", run[i + 1:], names)
-                        if lost:
-                            raise AnalysisError(lost)
-                        del have[a]
-            have.update({a: p.name for a in p.computes})
+    requires an analysis no earlier pass computed on every function of its scope, or that
+    an analysis a pass computed is invalidated by a later pass that declares it does not
+    preserve it (every two scopes share run_all). Passes that preserve by default are
+    checked by `run_passes`."""
+    names = [p.name for p in passes]
+    have: dict[str, Pass] = {}  # analysis -> the pass that computed it
+    for i, p in enumerate(passes):
+        for a in p.requires:
+            if a not in have or not _covers(have[a].scope, p.scope):
+                raise AnalysisError(_missing(p, a, names))
+        if p.preserves is not None:
+            for a, by in list(have.items()):
+                if a not in p.preserves and a not in p.computes:
+                    lost = _lost(a, by.name, p, "it does not preserve it", passes[i + 1:],
+                                 names)
+                    if lost:
+                        raise AnalysisError(lost)
+                    del have[a]
+        have.update({a: p for a in p.computes})
 
 
 def _keep_valid(p: Pass, before: Graph, result: PassResult) -> dict[str, Any]:
@@ -319,7 +339,7 @@ def _keep_valid(p: Pass, before: Graph, result: PassResult) -> dict[str, Any]:
 class Instrument:
     """Hooks around each pass; override what you need."""
 
-    def before_pass(self, p: Pass, graph: Graph, index: int) -> None:
+    def before_pass(self, p: Pass, graph: Graph | Module, index: int) -> None:
         pass
 
     def after_pass(self, p: Pass, result: PassResult, index: int, seconds: float) -> None:
@@ -339,6 +359,13 @@ class PassRecord:
     weight_bytes_after: int | None = None
 
 
+def main_graph(ir: Graph | Module) -> Graph:
+    """The graph reports count: a graph itself, a module's ``run_all``."""
+    if isinstance(ir, Graph):
+        return ir
+    return ir.functions.get(RUN_ALL) or next(iter(ir.functions.values()))
+
+
 class Timing(Instrument):
     """Records the time and effect of every pass (the runner always uses one)."""
 
@@ -348,7 +375,7 @@ class Timing(Instrument):
     def after_pass(self, p, result, index, seconds):
         from mtcompile.analysis.schedule import kernel_dag
 
-        g = result.graph
+        g = main_graph(result.graph)
         try:
             kernels = len(kernel_dag(g).kernels)
         except Exception:  # a broken graph is the verifier's to report, not the timer's
@@ -395,50 +422,70 @@ class VerifyAfter(Instrument):
         result.graph.verify()
 
 
-def run_passes(graph: Graph, passes: list[Pass], ctx: PassContext | None = None,
-               instruments: list[Instrument] = ()) -> tuple[Graph, list[PassRecord]]:
-    """Run `passes` in order; returns the final graph and one record per pass.
+def run_passes(ir: Graph | Module, passes: list[Pass], ctx: PassContext | None = None,
+               instruments: list[Instrument] = ()) -> tuple[Graph | Module, list[PassRecord]]:
+    """Run `passes` in order, each once, over a module (each on the functions of its
+    scope) or over one graph (``run_all``'s); returns the result and one record per pass.
 
-    After each pass only the analyses it preserves or computed stay on the graph; a pass
-    whose required analysis is missing, or one that invalidates an analysis an earlier
-    pass of this run computed (when no later pass computes it again), raises
-    `AnalysisError` (see the module docstring)."""
+    After each pass only the analyses it preserves or computed stay on a function's graph;
+    a pass whose required analysis is missing, or one that invalidates an analysis an
+    earlier pass computed (when no later pass computes it again), raises `AnalysisError`
+    (see the module docstring)."""
     ctx = ctx or PassContext()
     timing = Timing()
     hooks = [*instruments, timing]
     if os.environ.get(VERIFY_ENV, "") not in ("", "0") and not any(
             isinstance(h, VerifyAfter) for h in instruments):
         hooks.insert(0, VerifyAfter())  # debug builds and CI: the verifier after every pass
-    names = [p.name for p in passes]
-    computed_by: dict[str, str] = {}  # analyses this run computed -> the pass that did
+    one = isinstance(ir, Graph)
+    module = Module({RUN_ALL: ir}) if one else ir
+    shown = (lambda m: m.functions[RUN_ALL]) if one else (lambda m: m)
+    computed_by: dict[tuple[str, str], str] = {}  # (function, analysis) -> pass
     done: list[str] = []
     for i, p in enumerate(passes):
-        for a in p.requires:
-            if a not in graph.analyses:
-                raise AnalysisError(_missing(p, a, names))
         try:
             for h in hooks:
-                h.before_pass(p, graph, i)
+                h.before_pass(p, shown(module), i)
             t0 = time.perf_counter()
-            result = p.run(graph, ctx)
+            module, changed, info = _run_one(p, module, ctx, passes[i + 1:], computed_by,
+                                             [q.name for q in passes])
             seconds = time.perf_counter() - t0
-            valid = _keep_valid(p, graph, result)
-            for a in graph.analyses.keys() - valid.keys():
-                why = "it changed the graph" if result.changed else "it does not preserve it"
-                lost = a in computed_by and _lost(a, computed_by[a], p, why, passes[i + 1:],
-                                                  names)
-                if lost:
-                    raise AnalysisError(lost)
-            if valid.keys() != result.graph.analyses.keys():
-                result = dataclasses.replace(
-                    result, graph=dataclasses.replace(result.graph, analyses=valid))
+            result = PassResult(shown(module), changed, info)
             for h in hooks:
                 h.after_pass(p, result, i, seconds)
         except (PassError, AnalysisError):
             raise
         except Exception as e:
             raise PassError(p.name, done, e) from e
-        computed_by.update({a: p.name for a in p.computes if a in valid})
-        graph = result.graph
         done.append(p.name)
-    return graph, timing.records
+    return shown(module), timing.records
+
+
+def _run_one(p: Pass, module: Module, ctx: PassContext, later: list[Pass],
+             computed_by: dict, names: list[str]) -> tuple[Module, bool, dict]:
+    """Pass `p` on each function of its scope: (the module, whether some function
+    changed, its facts: one function's as they are, several by function)."""
+    changed, infos, out = False, {}, {}
+    for fname, graph in module.functions.items():
+        if not p.applies_to(fname, graph):
+            continue
+        for a in p.requires:
+            if a not in graph.analyses:
+                raise AnalysisError(_missing(p, a, names))
+        result = p.run(graph, dataclasses.replace(ctx, function=fname))
+        valid = _keep_valid(p, graph, result)
+        for a in graph.analyses.keys() - valid.keys():
+            why = "it changed the graph" if result.changed else "it does not preserve it"
+            lost = (fname, a) in computed_by and _lost(a, computed_by[fname, a], p, why,
+                                                        later, names)
+            if lost:
+                raise AnalysisError(lost)
+            computed_by.pop((fname, a), None)
+        out[fname] = (result.graph if valid.keys() == result.graph.analyses.keys()
+                      else dataclasses.replace(result.graph, analyses=valid))
+        computed_by.update({(fname, a): p.name for a in p.computes if a in valid})
+        changed |= result.changed
+        if result.info:
+            infos[fname] = dict(result.info)
+    info = next(iter(infos.values())) if len(infos) == 1 and len(out) == 1 else infos
+    return module.with_functions(out), changed, info

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtcompile.abi import MANIFEST_FN, RUN_ALL
+from mtcompile.abi import MANIFEST_FN, RUN_ALL, RUN_SOME, subset_function
 from mtcompile.errors import TenantError
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # Entry names of the executable that a tenant entry must not clash with.
-RESERVED_NAMES = frozenset({RUN_ALL, MANIFEST_FN, "main"})
+RESERVED_NAMES = frozenset({RUN_ALL, RUN_SOME, MANIFEST_FN, "main"})
 # Names lowering generates: run_all's helpers (``run_all__arena``, the stream functions
-# ``run_all__s{i}``, its fused kernels ``run_all_<group>``) and anything ``mtcompile_``.
-RESERVED_PATTERN = re.compile(rf"{RUN_ALL}_.*|mtcompile_.*")
+# ``run_all__s{i}``, its fused kernels ``run_all_<group>``), the subsets' functions
+# (``run_some__a__b``) and anything ``mtcompile_``.
+RESERVED_PATTERN = re.compile(rf"{RUN_ALL}_.*|{RUN_SOME}_.*|mtcompile_.*")
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,26 @@ class Tenant:
                                   "expected (lo, hi) integers with 1 <= lo <= hi")
         if self.example_inputs is not None and not isinstance(self.example_inputs, tuple):
             object.__setattr__(self, "example_inputs", tuple(self.example_inputs))
+
+
+def check_subsets(subsets: Iterable[Iterable[str]] | None, order: Sequence[str]
+                  ) -> dict[str, tuple[str, ...]]:
+    """The subset functions to build: name -> tenants in bundle order (`order`). A subset
+    names known tenants, at least two and not all of them (one is its entry, all run_all)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for subset in subsets or ():
+        names = [subset] if isinstance(subset, str) else list(subset)
+        unknown = sorted(set(names) - set(order))
+        if unknown or len(set(names)) != len(names):
+            raise TenantError(f"subset {names}: unknown or repeated tenant(s) "
+                              f"{unknown or names}; the tenants are {list(order)}")
+        if not 2 <= len(names) < len(order):
+            raise TenantError(f"subset {names}: a subset names at least two tenants and not "
+                              "all of them (one tenant is its entry, all of them run_all)")
+        present = tuple(t for t in order if t in names)
+        name = subset_function(present)
+        if name in out and out[name] != present:
+            raise TenantError(f"subsets {list(out[name])} and {list(present)} would both be "
+                              f"the function {name!r}: rename a tenant")
+        out[name] = present
+    return out

@@ -93,7 +93,7 @@ class AssignStreams(Pass):
     """
 
     name = "assign-streams"
-    run_all_only = True  # the tenants' own entries run on one stream
+    scope = "run-all"  # lowering realizes streams for run_all; other functions run on one
     computes = ("streams",)
     # a memory plan was made for the stream order before this one: it must be made again
     preserves = ()

@@ -5,7 +5,9 @@ Tenants are grouped when their own nodes form the same sequence (ops, attrs, sha
 and inputs may differ). Position by position, a node is batched if its operator has a rule
 below and its tensor arguments are batched values, shared values or constants. The stacked
 values flow through the whole matching region; only a value read outside it is split.
-Runs for ``run_all`` only: each tenant's own entry keeps its unfused graph.
+Runs on functions over several tenants (``run_all``, subsets): each tenant's own entry
+keeps its unfused graph. A subset's function holds only its tenants, so its groups batch
+present tenants only and no batched node reads an absent tenant's input.
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ class FuseHorizontal(Pass):
     """Batches the matching regions of same-architecture tenants (different weights/inputs)."""
 
     name = "fuse-horizontal"
-    run_all_only: ClassVar[bool] = True
+    scope: ClassVar[str] = "multi-tenant"
     min_group: int = option(2, minimum=2, doc="the fewest tenants batched together")
     max_group: int = option(64, minimum=2, maximum=4096, doc="the most tenants in one batch")
     ops: tuple[str, ...] = option((), doc="op names to batch (e.g. relax.matmul); "

@@ -1,6 +1,5 @@
-"""plan-memory: every intermediate of the kernels that run -> an offset in one arena per
-function (``run_all``, or each tenant's entry in the entries' run), live tensors never
-sharing a byte."""
+"""plan-memory: every intermediate of a function's kernels -> an offset in the function's
+one arena, live tensors never sharing a byte."""
 
 from __future__ import annotations
 
@@ -32,8 +31,8 @@ class PlanMemory(Pass):
     by-size best-fit offsets. Tenants that run one after another in ``run_all`` share the
     whole arena; returned tensors leave it. Attaches a `MemoryPlan` as the analysis
     ``"memory"``, recording the stream assignment it was made for (so assign-streams
-    invalidates it); lowering realizes it as one storage per function. In the entries'
-    run (``ctx.entries``) it plans each tenant's entry instead of ``run_all``.
+    invalidates it); lowering realizes it as one storage per function. Runs on every
+    function of the module (``ctx.function``: its name).
 
     alignment: bytes every offset is a multiple of (default: 64 on CPU, 256 on CUDA).
     strategy: ``greedy`` (by size, best fit) or ``naive`` (every intermediate in bytes of
@@ -50,17 +49,12 @@ class PlanMemory(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         alignment = self.alignment or ALIGNMENT.get(ctx.target, 256)
-        if ctx.entries:  # each tenant's entry runs its kernels alone, in program order
-            functions = {t: plan_function(t, kernel_dag(graph, [t]), alignment,
-                                          strategy=self.strategy) for t in graph.tenants}
-            return PassResult(graph.with_analysis("memory", MemoryPlan(functions)), False, {
-                "arena_bytes": {t: p.arena_bytes for t, p in functions.items()}})
         streams = graph.analyses.get("streams")
         dag = kernel_dag(graph)
-        run_all = plan_function("run_all", dag, alignment, _stream_order(streams, dag),
-                                self.strategy)
-        plan = MemoryPlan({"run_all": run_all},
+        fp = plan_function(ctx.function, dag, alignment, _stream_order(streams, dag),
+                           self.strategy)
+        plan = MemoryPlan({ctx.function: fp},
                           streams.fingerprint() if streams is not None else None)
         return PassResult(graph.with_analysis("memory", plan), False, {
-            "arena_bytes": run_all.arena_bytes, "lower_bound_bytes": run_all.lower_bound_bytes,
-            "naive_bytes": run_all.naive_bytes, "tensors": len(run_all.slots)})
+            "arena_bytes": fp.arena_bytes, "lower_bound_bytes": fp.lower_bound_bytes,
+            "naive_bytes": fp.naive_bytes, "tensors": len(fp.slots)})

@@ -1,7 +1,7 @@
 """Explicit analyses: passes declare what they require, compute and preserve; the runner
 drops the rest and refuses stale or missing ones; a memory plan records the stream
 assignment it was made for; machine facts come through the pass context; run_all and
-the tenants' entries are two explicit pipeline runs."""
+every function of the module (entries, run_all, subsets) go through one pipeline run."""
 
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ from mtcompile.analysis.streams import StreamAssignment
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.stream_layout import stream_layout
 from mtcompile.errors import MTCompileError
-from mtcompile.frontend.merge import merge
+from mtcompile.ir.module import Module
 from mtcompile.pass_infra import (
     REGISTRY,
     AnalysisError,
+    Instrument,
     Pass,
     PassContext,
     PassOptionError,
     PassResult,
     check_pipeline,
-    entry_pipeline,
     make_pass,
     register,
     run_passes,
@@ -47,7 +47,7 @@ class NeedsStreams(Pass):
     """Requires the stream assignment; reports how many streams it saw."""
 
     name = "test-needs-streams"
-    run_all_only = True  # the entries' run has no streams
+    scope = "run-all"  # only run_all has streams
     requires = ("streams",)
 
     def run(self, graph, ctx):
@@ -56,7 +56,7 @@ class NeedsStreams(Pass):
 
 @dataclass(frozen=True)
 class _Everywhere(NeedsStreams):
-    run_all_only = False
+    scope = "function"
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,9 @@ PROVIDERS = resolve_providers("llvm", None)
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny tenants merged, no passes run: three independent tenants."""
-    graph, *_ = api._front(tiny_tenants(), "llvm", [], (), api._Stages(lambda _m: None),
-                           PROVIDERS)
-    return graph
+    module, *_ = api._front(tiny_tenants(), "llvm", [], (), api._Stages(lambda _m: None),
+                            PROVIDERS)
+    return module.functions["run_all"]
 
 
 def _planned(graph, *passes):
@@ -111,7 +111,7 @@ def _planned(graph, *passes):
 
 def test_the_passes_declare_their_analyses():
     assert (AssignStreams.computes, AssignStreams.preserves) == (("streams",), ())
-    assert AssignStreams.run_all_only  # the entries run on one stream
+    assert AssignStreams.scope == "run-all"  # the other functions run on one stream
     assert (PlanMemory.computes, PlanMemory.preserves) == (("memory",), ("streams",))
     for name in ("dedup", "fuse-horizontal", "eliminate-dead-nodes", "fuse-vertical"):
         cls = REGISTRY[name]
@@ -154,10 +154,10 @@ def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, ti
     _, records = run_passes(tiny, build_pipeline(["assign-streams", "test-needs-streams"], MAX),
                             PassContext(kernels=PROVIDERS, cores=4))
     assert records[-1].info == {"streams": 5}  # the very assignment assign-streams made
-    # a pass requiring streams in the entries' run too (which has no assign-streams)
+    # a pass requiring streams on every function (only run_all has them)
     with pytest.raises(AnalysisError, match="'test-needs-streams' requires analysis 'streams'"):
         check_pipeline([AssignStreams(), _Everywhere()])
-    check_pipeline(entry_pipeline([AssignStreams(), NeedsStreams()]))
+    check_pipeline([AssignStreams(), NeedsStreams()])
 
 
 # --------------------------------------------------------------------------- stale memory plans
@@ -237,10 +237,10 @@ def test_compile_reads_the_cores_once(monkeypatch):
     calls = []
     real = api.usable_cores
     monkeypatch.setattr(api, "usable_cores", lambda: calls.append(1) or real())
-    graph, *_ = api._front(tiny_tenants(), "llvm", build_pipeline(), (),
-                           api._Stages(lambda _m: None), resolve_providers("llvm", None))
+    module, *_ = api._front(tiny_tenants(), "llvm", build_pipeline(), (),
+                            api._Stages(lambda _m: None), resolve_providers("llvm", None))
     assert len(calls) == 1
-    assert graph.analyses["streams"].info["cores"] == real()
+    assert module.functions["run_all"].analyses["streams"].info["cores"] == real()
 
 
 # --------------------------------------------------------------------------- options
@@ -284,30 +284,46 @@ def _twins():
     return [Tenant("p", m1, example_inputs=x1), Tenant("q", m2, example_inputs=x2)]
 
 
-def test_entries_and_run_all_are_two_explicit_runs():
+class _Seen(Instrument):
+    """Records each pass an instrument sees, and the functions of the module it got."""
+
+    def __init__(self):
+        self.seen = []
+
+    def after_pass(self, p, result, index, seconds):
+        self.seen.append((p.name, tuple(result.graph.functions)))
+
+
+def test_one_pipeline_run_over_a_module_of_functions():
     pipeline = build_pipeline(None, MAX)
-    graph, entry, _, graphs, records = api._front(
-        _twins(), "llvm", pipeline, (), api._Stages(lambda _m: None),
-        resolve_providers("llvm", None))
+    m3, x3 = linear_relu(2)
+    tenants = [*_twins(), Tenant("r", m3, example_inputs=x3)]
+    seen = _Seen()
+    module, _, graphs, records = api._front(
+        tenants, "llvm", pipeline, [seen], api._Stages(lambda _m: None),
+        resolve_providers("llvm", None), subsets={"run_some__p__q": ("p", "q")})
+    # every pass once, over the whole module
+    functions = ("p", "q", "r", "run_all", "run_some__p__q")
+    assert seen.seen == [(p.name, functions) for p in pipeline]
     assert [r.name for r in records] == [p.name for p in pipeline]
-    # run_all: batched by fuse-horizontal, on streams, one plan for run_all
-    assert any(n.name.startswith("hfuse") for n in graph.nodes)
-    assert set(graph.analyses) == {"streams", "memory"}
-    assert set(graph.analyses["memory"].functions) == {"run_all"}
-    assert graph.analyses["memory"].streams == graph.analyses["streams"].fingerprint()
-    # entries: the same pipeline without run_all-only passes, each tenant planned alone
-    names = [p.name for p in entry_pipeline(pipeline)]
-    assert "fuse-horizontal" not in names and "assign-streams" not in names
-    assert not any(n.name.startswith("hfuse") for n in entry.nodes)
-    assert set(entry.analyses) == {"memory"}
-    assert set(entry.analyses["memory"].functions) == {"p", "q"}
-    # the explicit entries' run is exactly that pipeline from the merged graph
-    ctx = PassContext("llvm", resolve_providers("llvm", None), entries=True)
-    again, _ = run_passes(merge(graphs), entry_pipeline(pipeline), ctx)
-    assert str(again) == str(entry)
-    assert again.analyses["memory"] == entry.analyses["memory"]
-    plans = api._with_tenant_plans(graph, entry)
-    assert set(plans.functions) == {"run_all", "p", "q"}
+    fns = module.functions
+    # run_all and the subset: batched by fuse-horizontal (over their own tenants only)
+    for f, tenants_in in (("run_all", {"p", "q", "r"}), ("run_some__p__q", {"p", "q"})):
+        hfused = [n for n in fns[f].nodes if n.name.startswith("hfuse")]
+        assert hfused and set(fns[f].tenants) == tenants_in, f
+        assert {t for n in hfused for t in n.tenants} <= tenants_in, f
+    # streams on run_all only; a memory plan per function, made for that function
+    assert set(fns["run_all"].analyses) == {"streams", "memory"}
+    for f, g in fns.items():
+        if f != "run_all":
+            assert set(g.analyses) == {"memory"}, f
+            assert not any(n.name.startswith("hfuse") for n in g.nodes) or len(g.tenants) > 1
+        assert set(g.analyses["memory"].functions) == {f}
+    assert set(api._memory_plan(module).functions) == set(functions)
+    # a tenant's entry is the pipeline run on that tenant's graph alone
+    ctx = PassContext("llvm", resolve_providers("llvm", None))
+    alone, _ = run_passes(Module({"p": graphs[0]}), pipeline, ctx)
+    assert str(alone.functions["p"]) == str(fns["p"])
 
 
 @pytest.mark.slow

@@ -147,6 +147,8 @@ def test_dump_passes_writes_graphs(tmp_path):
      "input_shapes.x must be"),
     ("[[tenants\n", "invalid TOML"),
     ("[[tenants]]\nname = '9bad'\nonnx = 'x.onnx'\n", "is not valid"),
+    ("subsets = ['a']\n[[tenants]]\nname = 'a'\nonnx = 'x.onnx'\n",
+     "subsets must be a list of lists of tenant names"),
 ])
 def test_bad_specs_name_the_problem(tmp_path, body, message):
     with pytest.raises(SpecError) as e:
@@ -170,6 +172,17 @@ name = "m"
 """, name="mybundle.toml"))
     assert spec.name == "mybundle" and spec.target == "llvm" and spec.passes == []
     assert spec.tenants[0].input_shapes == {"x": ((2, 16), "float32")}
+    assert spec.subsets == []
+    spec = load_spec(write_spec(tmp_path, f"""
+subsets = [["m", "n"]]
+[[tenants]]
+name = "m"
+{SMALL_MLP}
+[[tenants]]
+name = "n"
+{SMALL_MLP}
+"""))
+    assert spec.subsets == [("m", "n")]  # `mtcompile build` gives them to compile
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "models").glob("*.toml")),

@@ -44,9 +44,10 @@ def lt(name, size, first, last, readers=None):
 
 
 def front(tenants, passes=None, options=None):
-    graph, entry, *_ = api._front(tenants, "llvm", build_pipeline(passes, options), (),
-                                  api._Stages(lambda _m: None), LIBRARY)
-    return graph, entry
+    """(run_all's graph, the module) after the pipeline."""
+    module, *_ = api._front(tenants, "llvm", build_pipeline(passes, options), (),
+                            api._Stages(lambda _m: None), LIBRARY)
+    return module.functions["run_all"], module
 
 
 # --------------------------------------------------------------------------- offsets
@@ -191,17 +192,16 @@ def test_the_kernel_dag_is_the_kernels_fuse_vertical_predicts(hetero_front):
 
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_plan_memory_attaches_a_plan_for_run_all_and_every_tenant(hetero_front):
-    graph, entry = hetero_front
-    # run_all's plan on run_all's graph, the tenants' on their entries' graph
-    assert set(graph.analyses["memory"].functions) == {"run_all"}
-    assert set(entry.analyses["memory"].functions) == {"vision", "text", "mlp"}
-    plan = api._with_tenant_plans(graph, entry)
-    for g in (graph, entry):
-        for name, fp in g.analyses["memory"].functions.items():
-            dag = kernel_dag(g, None if name == "run_all" else [name])
-            lives = lifetimes(dag)
-            assert overlap_problems(fp.slots, lives, fp.arena_bytes, 64) == [], name
-            assert fp.arena_bytes <= 1.05 * fp.lower_bound_bytes, name
+    graph, module = hetero_front
+    # each function's plan on its own graph
+    assert set(module.functions) == {"vision", "text", "mlp", "run_all"}
+    plan = api._memory_plan(module)
+    for name, g in module.functions.items():
+        assert set(g.analyses["memory"].functions) == {name}
+        fp = g.analyses["memory"].functions[name]
+        lives = lifetimes(kernel_dag(g))
+        assert overlap_problems(fp.slots, lives, fp.arena_bytes, 64) == [], name
+        assert fp.arena_bytes <= 1.05 * fp.lower_bound_bytes, name
     run_all = plan.functions["run_all"]
     # tenants run one after another: run_all needs no more than its largest tenant
     assert run_all.arena_bytes == max(plan.functions[t].arena_bytes for t in graph.tenants)
@@ -254,12 +254,12 @@ def test_plans_of_random_tenant_sets_are_safe():
     from test_random_sets import random_set
 
     for seed in range(12):
-        graph, entry = front(random_set(seed))
-        for g in (graph, entry):
-            for name, fp in g.analyses["memory"].functions.items():
-                lives = lifetimes(kernel_dag(g, None if name == "run_all" else [name]))
-                assert overlap_problems(fp.slots, lives, fp.arena_bytes, 64) == [], (seed, name)
-                assert fp.lower_bound_bytes <= fp.arena_bytes, (seed, name)
+        _, module = front(random_set(seed))
+        for name, g in module.functions.items():
+            fp = g.analyses["memory"].functions[name]
+            lives = lifetimes(kernel_dag(g))
+            assert overlap_problems(fp.slots, lives, fp.arena_bytes, 64) == [], (seed, name)
+            assert fp.lower_bound_bytes <= fp.arena_bytes, (seed, name)
 
 
 # --------------------------------------------------------------------------- realized

@@ -223,7 +223,10 @@ def test_dump_to_dir_through_compile(tmp_path):
                                instruments=[DumpToDir(tmp_path)])
     expected = [f"{i + 1:03d}_{name}.txt" for i, name in enumerate(DEFAULT_PIPELINE)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000_input.txt", *expected]
-    assert (tmp_path / expected[-1]).read_text() == f"{bundle.graph}\n"
+    # one dump per pass: the whole module (the tenant's entry and run_all)
+    assert (tmp_path / expected[-1]).read_text() == f"{bundle.module}\n"
+    assert "func a(a):" in (tmp_path / expected[-1]).read_text()
+    assert "func run_all(a):" in (tmp_path / expected[-1]).read_text()
     assert "%a.gv = tuple" in (tmp_path / "000_input.txt").read_text()
 
 
@@ -313,7 +316,10 @@ def test_eliminate_dead_nodes_numerics():
     bundle = mtcompile.compile([Tenant("a", m, example_inputs=x)],
                                passes=["eliminate-dead-nodes"])
     (rec,) = bundle.compile_report["passes"]
-    assert rec["name"] == "eliminate-dead-nodes" and rec["changed"] and rec["removed_nodes"] == 1
+    # one run over the module, facts by function: the tenant's entry holds its live nodes
+    # from the start (`restrict`), run_all is the merged graph
+    assert rec["name"] == "eliminate-dead-nodes" and rec["changed"]
+    assert rec["run_all"] == {"removed_nodes": 1} and "a" not in rec
     assert "a.gv" not in bundle.graph  # the importer's dead output tuple
     (got,) = bundle.run("a", x[0])
     (want,) = torch_outputs(m, x)

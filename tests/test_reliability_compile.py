@@ -374,13 +374,15 @@ def test_relu_compiles_to_vector_selects():
 
 
 @pytest.mark.parametrize("name", ["run_all__arena", "run_all__s0", "run_all__s12",
-                                  "run_all_g0", "mtcompile_arena", "mtcompile_x"])
+                                  "run_all_g0", "mtcompile_arena", "mtcompile_x",
+                                  "run_some__a__b"])
 def test_names_of_generated_symbols_are_refused_up_front(name):
     """Before: ``run_all__arena`` died in TVM (duplicate global symbol), ``run_all__s0``
     with a KeyError."""
     m, x = linear_relu(0)
     with pytest.raises(TenantError, match=rf"tenant name '{name}' is reserved: names "
-                                          r"matching 'run_all_\.\*\|mtcompile_\.\*' are "
+                                          r"matching 'run_all_\.\*\|run_some_\.\*\|"
+                                          r"mtcompile_\.\*' are "
                                           r"generated symbols"):
         Tenant(name, m, example_inputs=x)
     Tenant("run_allx", m, example_inputs=x)  # only the pattern

@@ -35,9 +35,9 @@ MAX = {"assign-streams": {"policy": "max"}}
 
 def _graph(tenants, options=None, pipeline=PIPELINE):
     providers = resolve_providers("llvm", None)
-    graph, *_ = _front(tenants, "llvm", build_pipeline(pipeline, options), (),
-                       _Stages(lambda _m: None), providers)
-    return graph, providers
+    module, *_ = _front(tenants, "llvm", build_pipeline(pipeline, options), (),
+                        _Stages(lambda _m: None), providers)
+    return module.functions["run_all"], providers
 
 
 def assert_same(a: dict, b: dict) -> None:

@@ -217,9 +217,9 @@ def _demo_graph(passes):
     providers = resolve_providers("llvm", None)
     names = ["dedup", "fuse-horizontal", "eliminate-dead-nodes", "fuse-vertical"]
     pipeline = build_pipeline(names + [p for p, _ in passes], dict(passes))
-    graph, _, _, _, records = _front(get_set("heterogeneous"), "llvm", pipeline, (),
-                                     _Stages(lambda _m: None), providers)
-    return graph, records[-1], providers
+    module, _, _, records = _front(get_set("heterogeneous"), "llvm", pipeline, (),
+                                   _Stages(lambda _m: None), providers)
+    return module.functions["run_all"], records[-1], providers
 
 
 @pytest.mark.slow  # imports the demo set

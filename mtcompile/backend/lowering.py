@@ -1,9 +1,10 @@
-"""Graph -> one Relax IRModule (an entry per tenant, ``run_all``, the manifest) -> TVM executable.
+"""Module -> one Relax IRModule (an entry per tenant, ``run_all``, subsets, the manifest) -> TVM executable.
 
 Every node is re-emitted generically with `relax.BlockBuilder`: the operator, attrs and
-arguments it was lifted with. The entry of a tenant holds the nodes its outputs need;
-``run_all`` holds every node once, takes every tenant's inputs and returns every
-tenant's outputs in one flat tuple. With a stream assignment, run_all's kernels are also
+arguments it was lifted with. Each function of the module is emitted from its own graph:
+a tenant's entry holds the nodes its outputs need; ``run_all`` (and a subset's function)
+holds each node of its graph once, takes its tenants' inputs and returns their outputs in
+one flat tuple. With a stream assignment, run_all's kernels are also
 emitted as one function per stream (`StreamLayout`), their event points (waits, signals,
 values handed between streams) placed here between the stages.
 """
@@ -51,6 +52,7 @@ from mtcompile.ir.graph import (
     iter_const_refs,
     iter_refs,
 )
+from mtcompile.ir.module import Module
 from mtcompile.ir.ops import CALL_PROVIDER, is_library_call
 from mtcompile.ir.relax_types import (
     graph_bounds,
@@ -466,32 +468,39 @@ def _group_inputs(members) -> list:
     return out
 
 
-def emit_module(graph: Graph, manifest: dict | None = None,
-                entry_graph: Graph | None = None,
+def emit_module(ir: Graph | Module, manifest: dict | None = None,
                 streams: StreamLayout | None = None, target: str = "llvm") -> tvm.IRModule:
-    """One IRModule: an entry per tenant, ``run_all`` and (optionally) the manifest entry.
+    """One IRModule: each function of the module (a tenant's entry takes its inputs and
+    returns its outputs; ``run_all`` and a subset's function take their tenants' inputs
+    and return their outputs in one flat tuple) and (optionally) the manifest entry. A
+    `Graph` is emitted as the module of its tenants' entries and ``run_all``.
 
-    Tenant entries come from `entry_graph` when given (the graph before passes whose
-    result only ``run_all`` can use), ``run_all`` from `graph`. With a `streams` layout,
-    also one function per stream and ``run_all__arena`` (the storage they share). Gathers
-    that the run-time input check does not cover get a bounds check in the kernel on llvm;
-    on cuda they get none yet (a device-side assert neither schedules nor raises there).
+    With a `streams` layout, also one function per stream of ``run_all`` and
+    ``run_all__arena`` (the storage they share). Gathers that the run-time input check does
+    not cover get a bounds check in the kernel on llvm; on cuda they get none yet (a
+    device-side assert neither schedules nor raises there).
     """
+    module = Module.of(ir, RUN_ALL) if isinstance(ir, Graph) else ir
     consts: dict[str, relax.Expr] = {}
     bb = relax.BlockBuilder()
-    # the inputs the runtime range-checks: the manifest's ranges, from the entries' graph
-    ranges = input_index_ranges(entry_graph or graph)
-    checks = target == "llvm"
-    em = _Emitter(graph, consts, bb, ranges, checks)
-    entries = _Emitter(entry_graph or graph, consts, bb, ranges, checks)
-    for t, io in entries.graph.tenants.items():
-        entries.function(bb, t, [t], [(node, local) for local, node in io.inputs])
-    em.function(bb, RUN_ALL, list(graph.tenants),
-                [(node, "__".join(uses[0])) for node, uses in run_all_params(graph)])
+    # the inputs the runtime range-checks: the manifest's ranges, from the tenants' entries
+    ranges: dict[str, tuple[int, int]] = {}
+    for t in module.functions[RUN_ALL].tenants:
+        for node, (lo, hi) in input_index_ranges(module.functions[t]).items():
+            old = ranges.get(node, (lo, hi))
+            ranges[node] = (max(lo, old[0]), min(hi, old[1]))
+    emitters = {}
+    for fname, g in module.functions.items():
+        em = emitters[fname] = _Emitter(g, consts, bb, ranges, target == "llvm")
+        params = ([(node, local) for local, node in g.tenants[fname].inputs] if fname in
+                  g.tenants else [(node, "__".join(uses[0])) for node, uses in
+                                  run_all_params(g)])
+        em.function(bb, fname, list(g.tenants), params)
+    run_all = module.functions[RUN_ALL]
     if streams is not None:
         for i in range(len(streams.functions)):
-            em.stream_function(bb, streams, i)
-        size = max(graph.analyses["memory"].functions[RUN_ALL].arena_bytes, 64)
+            emitters[RUN_ALL].stream_function(bb, streams, i)
+        size = max(run_all.analyses["memory"].functions[RUN_ALL].arena_bytes, 64)
         with bb.function(ARENA_FN, []):
             bb.emit_func_output(bb.emit(relax.op.memory.alloc_storage(
                 relax.ShapeExpr([size]), 0, "global", "uint8")))
@@ -499,17 +508,17 @@ def emit_module(graph: Graph, manifest: dict | None = None,
         data = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
         with bb.function(MANIFEST_FN, []):
             bb.emit_func_output(relax.const(data, dtype="uint8"))
-    mod = with_var_bounds(bb.get(), graph_bounds(graph))
-    stream_fns = streams.functions if streams is not None else []
-    for e, fnames in ((entries, list(entries.graph.tenants)), (em, [RUN_ALL, *stream_fns])):
-        plans = e.graph.analyses.get("memory")
-        for fname in fnames if plans is not None else ():
-            gv = mod.get_global_var(fname)
-            plan = plans.functions[RUN_ALL if fname in stream_fns else fname]
-            mod[gv] = mod[gv].with_attr(ATTR, json.dumps(
-                _arena_attr(plan, e.var_names[fname])))
-            if fname in em.stream_attrs:
-                mod[gv] = mod[gv].with_attr(STREAM_ATTR, em.stream_attrs[fname])
+    mod = with_var_bounds(bb.get(), graph_bounds(run_all))
+    stream_fns = {f: RUN_ALL for f in (streams.functions if streams is not None else [])}
+    for fname, of in [*((f, f) for f in module.functions), *stream_fns.items()]:
+        plans, em = module.functions[of].analyses.get("memory"), emitters[of]
+        if plans is None:
+            continue
+        gv = mod.get_global_var(fname)
+        mod[gv] = mod[gv].with_attr(ATTR, json.dumps(
+            _arena_attr(plans.functions[of], em.var_names[fname])))
+        if fname in em.stream_attrs:
+            mod[gv] = mod[gv].with_attr(STREAM_ATTR, em.stream_attrs[fname])
     return mod
 
 

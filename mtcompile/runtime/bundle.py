@@ -1,4 +1,5 @@
-"""Bundle: one executable with an entry per tenant and ``run_all``, and its manifest; load.
+"""Bundle: one executable with an entry per tenant, ``run_all`` and merged functions over
+subsets of tenants (``run_some``), and its manifest; load.
 
 Composed of the runtime's parts: `manifest` (what the bundle is), `inputs` (checks and
 conversions), `vm` (one VM per thread), `executor` (run_all on stream functions),
@@ -103,9 +104,40 @@ class Bundle:
         arrays = run_all_arrays(inputs, m.tenants, m.tenant_order, m.run_all_inputs)
         flat = (self._run_streams(arrays) if m.streams.run is not None
                 else self._vms.call(RUN_ALL, arrays))
+        return self._split(self.tenant_names, flat)
+
+    @property
+    def subsets(self) -> dict[tuple[str, ...], str]:
+        """The merged functions over subsets of tenants: tenants (bundle order) -> name."""
+        return {s.tenants: f for f, s in self.manifest.subsets.items()}
+
+    def run_some(self, inputs: dict[str, Any]) -> dict[str, list[np.ndarray]]:
+        """Run the tenants `inputs` names (``{name: inputs}`` -> ``{name: [outputs]}``, as
+        `run_all`): in one call of the merged function built for exactly those tenants
+        (``compile(subsets=...)``), or of run_all when all are present, else each tenant's
+        own entry in turn."""
+        m = self.manifest
+        if not isinstance(inputs, dict) or not inputs:
+            raise InputError("run_some takes a dict {tenant name: tuple of inputs} naming "
+                             "one tenant or more")
+        unknown = sorted(set(inputs) - set(m.tenant_order))
+        if unknown:
+            raise InputError(f"run_some: unknown tenant(s) {unknown}; this bundle has "
+                             f"{self.tenant_names}")
+        present = tuple(t for t in m.tenant_order if t in inputs)
+        if present == m.tenant_order:
+            return self.run_all(inputs)
+        fname = self.subsets.get(present)
+        if fname is None:
+            return {t: self.run(t, *_as_tuple(inputs[t])) for t in present}
+        arrays = run_all_arrays(inputs, m.tenants, present, m.subsets[fname].inputs, fname)
+        return self._split(present, self._vms.call(fname, arrays))
+
+    def _split(self, tenants, flat: list) -> dict[str, list[np.ndarray]]:
+        """A merged call's flat outputs, by tenant."""
         out, i = {}, 0
-        for t in self.tenant_names:
-            k = len(m.tenants[t].outputs)
+        for t in tenants:
+            k = len(self.manifest.tenants[t].outputs)
             out[t], i = flat[i:i + k], i + k
         return out
 
@@ -221,6 +253,10 @@ class Bundle:
         artifact.save(directory, self.manifest, self.executable, self._library_path,
                       sign_key=sign_key, weights=self.weights.arrays)
         return Path(directory)
+
+
+def _as_tuple(given) -> tuple:
+    return tuple(given) if isinstance(given, list | tuple) else (given,)
 
 
 def load(directory: str | os.PathLike, threads: int | None = None, *,

@@ -100,17 +100,17 @@ def check_inputs(name: str, sig: TenantSig, inputs: Sequence) -> list[np.ndarray
 
 
 def run_all_arrays(inputs: Any, tenants: Mapping[str, TenantSig],
-                   order: Sequence[str], params: Sequence[Sequence[tuple[str, str]]]
-                   ) -> list[np.ndarray]:
-    """``run_all``'s flat arguments from ``{tenant: inputs}``: one per run_all parameter
-    (`params`: the (tenant, input) pairs each serves; the tenants of a shared input must
-    give it one value)."""
+                   order: Sequence[str], params: Sequence[Sequence[tuple[str, str]]],
+                   function: str = "run_all") -> list[np.ndarray]:
+    """The flat arguments of ``run_all`` (or of `function`, a merged call over the tenants
+    `order`) from ``{tenant: inputs}``: one per parameter (`params`: the (tenant, input)
+    pairs each serves; the tenants of a shared input must give it one value)."""
     if not isinstance(inputs, dict):
-        raise InputError("run_all takes a dict {tenant name: tuple of inputs}")
+        raise InputError(f"{function} takes a dict {{tenant name: tuple of inputs}}")
     unknown = sorted(set(inputs) - set(order))
     missing = [t for t in order if t not in inputs]
     if unknown or missing:
-        raise InputError(f"run_all needs inputs for exactly the tenants {list(order)}; "
+        raise InputError(f"{function} needs inputs for exactly the tenants {list(order)}; "
                          f"missing {missing}, unknown {unknown}")
     checked = {}
     for t in order:

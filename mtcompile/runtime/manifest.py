@@ -19,7 +19,7 @@ from typing import Any
 from mtcompile.abi import StreamFunctions  # the streams' record lowering fills
 from mtcompile.errors import ArtifactError
 
-FORMAT = "mtcompile-bundle/4"  # bump when this layout or the entries' layout changes
+FORMAT = "mtcompile-bundle/5"  # bump when this layout or the entries' layout changes
 # versions that must match where a bundle is loaded: TVM's executable format is not
 # stable across TVM versions (the others, torch and onnx, are recorded for information)
 MUST_MATCH = ("tvm",)
@@ -217,6 +217,16 @@ class WeightsInfo:
 
 
 @dataclass(frozen=True)
+class SubsetFunction:
+    """A merged function over a subset of the tenants (``run_some__a__b``): its tenants in
+    bundle order, and per parameter the (tenant, input) pairs it serves, as
+    ``run_all_inputs`` does for run_all."""
+
+    tenants: tuple[str, ...]
+    inputs: tuple[tuple[tuple[str, str], ...], ...]
+
+
+@dataclass(frozen=True)
 class PassSpec:
     """One pass of the pipeline the bundle was built with, and its options."""
 
@@ -244,6 +254,8 @@ class Manifest:
     graph: GraphStats
     graph_view: dict  # nodes and per-pass rows (`mtcompile.ir.view.graph_view`)
     streams: StreamsInfo = StreamsInfo()
+    # function name -> the merged function over a subset of tenants (`Bundle.run_some`)
+    subsets: dict[str, SubsetFunction] = field(default_factory=dict)
     # the LLVM CPU the TVM kernels were compiled for ("generic": portable x86-64; None: no
     # CPU kernels, or a bundle written before CPU targets) and its LLVM feature names;
     # load refuses a host that lacks one (`mtcompile.runtime.cpu`)
@@ -343,6 +355,7 @@ def _parse(d: dict) -> Manifest:
         graph=_record(GraphStats, _get(d, "graph", dict, ""), "graph"),
         graph_view=_get(d, "graph_view", dict, ""),
         streams=_streams(_get(d, "streams", dict, "")),
+        subsets=_subsets(_get(d, "subsets", dict, ""), tenants, order),
         cpu=_get(d, "cpu", str, "", None),
         cpu_features=tuple(features) if features is not None else None,
         memory=_record(MemoryInfo, memory, "memory") if memory is not None else None,
@@ -359,6 +372,32 @@ def _check_run_all_inputs(uses, tenants: dict[str, TenantSig], order) -> None:
     if sorted(found) != sorted(want) or any(not g for g in uses):
         raise _Corrupt("run_all_inputs", f"expected each tenant input once ({want!r:.200}), "
                        f"found {found!r:.200}")
+
+
+def _subsets(d: dict, tenants: dict[str, TenantSig], order) -> dict[str, SubsetFunction]:
+    """The subset functions: each names known tenants in bundle order, and its parameters
+    serve each of their inputs exactly once (rule "run-all-inputs")."""
+    out = {}
+    for f, v in d.items():
+        where = f"subsets.{f}"
+        if not isinstance(v, dict):
+            raise _Corrupt(where, f"expected an object, found {v!r:.60}")
+        ts = _get(v, "tenants", list, where)
+        if [t for t in order if t in ts] != ts or len(ts) < 2:
+            raise _Corrupt(f"{where}.tenants", f"expected two or more of {list(order)} in "
+                           f"that order, found {ts!r:.60}")
+        try:
+            uses = tuple(tuple((str(t), str(n)) for t, n in u)
+                         for u in _get(v, "inputs", list, where))
+        except (TypeError, ValueError):
+            raise _Corrupt(f"{where}.inputs", "expected lists of [tenant, input] pairs"
+                           ) from None
+        try:
+            _check_run_all_inputs(uses, tenants, ts)
+        except _Corrupt as e:
+            raise _Corrupt(f"{where}.inputs", str(e)) from None
+        out[f] = SubsetFunction(tuple(ts), uses)
+    return out
 
 
 # record field type -> what its JSON value must be

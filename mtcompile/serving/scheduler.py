@@ -18,7 +18,7 @@ from mtcompile.runtime.inputs import check_inputs
 from mtcompile.serving import batching
 from mtcompile.serving.metrics import TenantMetrics
 
-RUN_ALL, RUN, RETRY = "run_all", "run", "retry"  # the kinds of bundle call
+RUN_ALL, RUN_SOME, RUN, RETRY = "run_all", "run_some", "run", "retry"  # kinds of bundle call
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Scheduler:
         self._dims = {t: None if t in no_stack else batching.batch_dim(self._sigs[t])
                       for t in self._order}
         self._shared = [g for g in m.run_all_inputs if len(g) > 1]  # run_all reads once
+        self._subsets = {s.tenants for s in getattr(m, "subsets", {}).values()}
         self._queues: dict[str, deque[_Request]] = {t: deque() for t in self._order}
         self._metrics = {t: TenantMetrics() for t in self._order}
         self._bundle_calls: Counter[str] = Counter()
@@ -211,22 +212,20 @@ class Scheduler:
         stacked = {t: batching.stack([r.arrays for r in reqs], self._dims[t])
                    for t, reqs in batches.items()}
         for kind, tenants in self._plan(stacked):
-            if kind == RUN_ALL:
-                self._run_all(batches, stacked)
+            if kind in (RUN_ALL, RUN_SOME):
+                self._run_merged(kind, batches, stacked)
             else:
                 for t in tenants:
                     self._run_entry(t, batches[t], stacked[t], RUN)
 
     def _plan(self, stacked: dict[str, list[np.ndarray]]) -> list[tuple[str, tuple[str, ...]]]:
         """The bundle calls that serve one window, as ``(kind, tenants)``: ``run_all`` when
-        every tenant has work (and tenants that share an input got one value for it), else
-        each present tenant's own entry. This is the one place that decides: once the
-        bundle has a merged call over any subset (``run_some``, issue 26 item 1), the
-        second case becomes one ``("run_some", present)`` call here, with its branch in
-        `_serve`."""
+        every tenant has work, ``run_some`` when the bundle has a merged function for
+        exactly the tenants that have work (in both, tenants that share an input got one
+        value for it), else each present tenant's own entry."""
         present = tuple(t for t in self._order if t in stacked)
-        if present == self._order and self._shared_agree(stacked):
-            return [(RUN_ALL, present)]
+        if (present == self._order or present in self._subsets) and self._shared_agree(stacked):
+            return [(RUN_ALL if present == self._order else RUN_SOME, present)]
         return [(RUN, (t,)) for t in present]
 
     def _shared_agree(self, stacked: dict[str, list[np.ndarray]]) -> bool:
@@ -234,19 +233,21 @@ class Scheduler:
             names = [s.name for s in self._sigs[tenant].inputs]
             return stacked[tenant][names.index(name)]
 
+        groups = [[u for u in g if u[0] in stacked] for g in self._shared]
         return all(value(*g[0]).shape == value(*u).shape
                    and np.array_equal(value(*g[0]), value(*u))
-                   for g in self._shared for u in g[1:])
+                   for g in groups for u in g[1:])
 
-    def _run_all(self, batches: dict[str, list[_Request]],
-                 stacked: dict[str, list[np.ndarray]]) -> None:
-        """One ``run_all`` call; if it raises, each tenant's entry serves its requests (so
-        that only the request at fault fails)."""
-        self._count_call(RUN_ALL)
+    def _run_merged(self, kind: str, batches: dict[str, list[_Request]],
+                    stacked: dict[str, list[np.ndarray]]) -> None:
+        """One ``run_all`` or ``run_some`` call; if it raises, each tenant's entry serves
+        its requests (so that only the request at fault fails)."""
+        self._count_call(kind)
         for t, reqs in batches.items():
-            self._metrics[t].call(RUN_ALL, len(reqs), sum(r.rows for r in reqs))
+            self._metrics[t].call(kind, len(reqs), sum(r.rows for r in reqs))
         try:
-            outs = self.bundle.run_all(stacked)
+            outs = (self.bundle.run_all(stacked) if kind == RUN_ALL
+                    else self.bundle.run_some(stacked))
         except Exception:
             for t, reqs in batches.items():
                 self._run_entry(t, reqs, stacked[t], RUN)

@@ -36,7 +36,7 @@ from typing import Any
 from mtcompile.errors import MTCompileError, SpecError
 from mtcompile.tenant import Tenant
 
-_TOP_KEYS = {"name", "target", "pipeline", "tenants"}
+_TOP_KEYS = {"name", "target", "pipeline", "tenants", "subsets"}
 _TENANT_KEYS = {"name", "factory", "args", "onnx", "input_shapes", "shared_inputs",
                 "dynamic_shapes", "dim_bounds"}
 
@@ -50,6 +50,8 @@ class BuildSpec:
     tenants: list[Tenant]
     passes: list[str] | None = None
     pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # groups of tenants that get a merged function of their own (`compile(subsets=...)`)
+    subsets: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def _shapes(raw: Any, where: str) -> dict[str, tuple[tuple[int | str, ...], str]]:
@@ -179,10 +181,16 @@ def load_spec(path: str | Path) -> BuildSpec:
         except MTCompileError as err:
             raise SpecError(f"{where}: {err}") from err
     pipeline = raw.get("pipeline", {})
+    subsets = raw.get("subsets", [])
+    if not isinstance(subsets, list) or not all(
+            isinstance(g, list) and all(isinstance(t, str) for t in g) for g in subsets):
+        raise SpecError(f"{path}: subsets must be a list of lists of tenant names, "
+                        f"e.g. subsets = [[\"a\", \"b\"]]")
     return BuildSpec(
         name=str(raw.get("name", path.stem)),
         target=str(raw.get("target", "llvm")),
         tenants=tenants,
         passes=pipeline.get("passes"),
         pass_options=dict(pipeline.get("options", {})),
+        subsets=[tuple(g) for g in subsets],
     )

@@ -33,7 +33,7 @@ struct BadInput : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-constexpr const char* kFormat = "mtcompile-bundle/4";  // runtime/manifest.py FORMAT
+constexpr const char* kFormat = "mtcompile-bundle/5";  // runtime/manifest.py FORMAT
 constexpr const char* kWeightsSymbol = "mtcompile_weights";
 constexpr const char* kTableSymbol = "mtcompile_weights_table";
 constexpr const char* kEndSymbol = "mtcompile_weights_end";

@@ -92,7 +92,7 @@ struct Manifest {
 // what runtime/manifest.py requires of every manifest (and artifact.py: library_sha256)
 const char* const kRequired[] = {"name", "library", "target", "versions", "pipeline",
                                  "kernels", "tenant_order", "run_all_inputs", "tenants",
-                                 "graph", "graph_view", "streams", "library_sha256"};
+                                 "graph", "graph_view", "streams", "subsets", "library_sha256"};
 
 inline std::string pairs_repr(const std::vector<std::pair<std::string, std::string>>& v) {
   std::string r = "[";
