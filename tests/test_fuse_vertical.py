@@ -60,14 +60,14 @@ def test_library_call_is_its_own_kernel():
     ctx = PassContext(kernels={"matmul": "native"})
     offloaded = OffloadLibrary().run(_chain(), ctx).graph
     # mm + its bias, and the ReLU as the call's epilogue
-    assert offloaded.node("t.relu").op == "mtcompile.native.matmul_bias_relu"
+    assert offloaded.node("t.relu").attrs.label == "native matmul[packed] +bias +relu"
     result = FuseVertical().run(offloaded, ctx)
     assert groups(result.graph) == [["sum", "exp"]]  # reduction + elementwise
     assert result.graph.node("t.relu").group is None  # the library call
     assert result.info["kernels"] == 2 and result.info["library_calls"] == 1
     # without epilogues the ReLU heads the group after the call
     offloaded = OffloadLibrary(epilogues=False).run(_chain(), ctx).graph
-    assert offloaded.node("t.add").op == "mtcompile.native.matmul_bias"
+    assert offloaded.node("t.add").attrs.symbol == "mtcompile.native.dense_packed_bias"
     result = FuseVertical().run(offloaded, ctx)
     assert groups(result.graph) == [["relu", "sum", "exp"]]
     assert result.graph.node("t.add").group is None
