@@ -240,7 +240,7 @@ def graph_diff(a: Graph, b: Graph) -> list[str]:
 
 def _node_key(n: Node) -> tuple:
     return (n.name, n.op, _norm(n.args), _norm(n.ty), n.tenants, _norm(n.attrs),
-            _norm(n.ty_args), n.group)
+            tuple(map(str, n.ty_args)), n.group)
 
 
 def assert_graph(graph: Graph, expected: str) -> None:
