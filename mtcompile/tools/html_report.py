@@ -126,18 +126,11 @@ def profile_section(result: dict | None) -> str:
             + _table(["tenant", "kernel", "calls", "us", "share"], rows))
 
 
-def sections(manifest: Manifest, memory: dict | None = None,
-             streams: dict | None = None, checks: dict | None = None,
-             profile: dict | None = None) -> str:
-    """The report body: tables and pictures of `manifest` (memory timeline and stream lanes
-    default to the manifest's own), with the numerics check's results (`checks`) and the
-    per-kernel profile (`profile`) when given."""
-    out = []
+def _build_section(manifest: Manifest) -> str:
     rows = []
     for t in manifest.tenant_order:
         s = manifest.tenants[t]
         rows.append([t, s.source, signature_text(s.inputs), signature_text(s.outputs)])
-    out.append("<h2>Tenants</h2>" + _table(["tenant", "source", "inputs", "outputs"], rows))
     g = manifest.graph
     facts = [["nodes (merged, after passes)", g.nodes],
              ["constants", g.constants],
@@ -146,44 +139,62 @@ def sections(manifest: Manifest, memory: dict | None = None,
              ["pipeline", " -> ".join(p.name for p in manifest.pipeline) or "none"],
              ["kernel providers", ", ".join(f"{k}: {v}" for k, v in
                                             sorted(manifest.kernels.items()))]]
-    out.append("<h2>Build</h2>" + _table(["what", "value"], facts))
-    view = manifest.graph_view
-    if view and view.get("passes"):
-        prow = [[r["name"], "yes" if r["changed"] else "no", r["nodes_after"],
-                 r["kernels_after"] if r["kernels_after"] is not None else "-",
-                 _fmt_bytes(r["weight_bytes_after"])] for r in map(viz.pass_row, view["passes"])]
-        out.append("<h2>Passes</h2>" + _table(["pass", "changed", "nodes after",
-                                               "kernels after", "weights after"], prow)
-                   + _pic(viz.draw_passes(view["passes"])))
-    else:
-        out.append("<h2>Passes</h2>" + _missing("per-pass summary", "graph_view"))
-    out.append("<h2>Merged graph</h2>")
-    if view:
-        out.append(_pic(viz.draw_graph(view)))
-        for t in view["tenants"]:
-            n = len(viz.select(view, t))
-            if len(view["nodes"]) > viz.MAX_NODES and n <= viz.MAX_NODES:
-                out.append(f"<details><summary>tenant {escape(t)} ({n} nodes)</summary>"
-                           + _pic(viz.draw_graph(view, tenant=t)) + "</details>")
-    else:
-        out.append(_missing("graph structure", "graph_view"))
-    out += [library_calls_section(view), verify_section(checks), profile_section(profile)]
-    streams = streams or manifest.streams.view()
-    if streams and streams.get("lanes"):
-        out.append("<h2>Stream lanes</h2>" + _pic(viz.draw_streams(streams)))
-    else:  # no assignment, or only its summary (e.g. one stream): nothing to draw
-        out.append("<h2>Stream lanes</h2>" + _missing("stream lanes", "streams.lanes"))
-    memory = memory or (manifest.memory.timeline if manifest.memory else None)
-    if memory:
-        t = memory
-        out.append("<h2>Memory</h2>" + _table(["function", "tensors", "arena", "lower bound"],
-                                              [[t.get("function", ""), len(t["tensors"]),
-                                                _fmt_bytes(t["arena_bytes"]),
-                                                _fmt_bytes(t["lower_bound_bytes"])]])
-                   + _pic(viz.draw_memory(memory)))
-    else:
-        out.append("<h2>Memory</h2>" + _missing("memory plan", "memory.timeline"))
+    return ("<h2>Tenants</h2>" + _table(["tenant", "source", "inputs", "outputs"], rows)
+            + "<h2>Build</h2>" + _table(["what", "value"], facts))
+
+
+def _passes_section(view: dict | None) -> str:
+    if not (view and view.get("passes")):
+        return "<h2>Passes</h2>" + _missing("per-pass summary", "graph_view")
+    prow = [[r["name"], "yes" if r["changed"] else "no", r["nodes_after"],
+             r["kernels_after"] if r["kernels_after"] is not None else "-",
+             _fmt_bytes(r["weight_bytes_after"])] for r in map(viz.pass_row, view["passes"])]
+    return ("<h2>Passes</h2>" + _table(["pass", "changed", "nodes after", "kernels after",
+                                        "weights after"], prow)
+            + _pic(viz.draw_passes(view["passes"])))
+
+
+def _graph_section(view: dict | None) -> str:
+    if not view:
+        return "<h2>Merged graph</h2>" + _missing("graph structure", "graph_view")
+    out = ["<h2>Merged graph</h2>", _pic(viz.draw_graph(view))]
+    for t in view["tenants"]:
+        n = len(viz.select(view, t))
+        if len(view["nodes"]) > viz.MAX_NODES and n <= viz.MAX_NODES:
+            out.append(f"<details><summary>tenant {escape(t)} ({n} nodes)</summary>"
+                       + _pic(viz.draw_graph(view, tenant=t)) + "</details>")
     return "\n".join(out)
+
+
+def _streams_section(streams: dict | None) -> str:
+    if streams and streams.get("lanes"):
+        return "<h2>Stream lanes</h2>" + _pic(viz.draw_streams(streams))
+    # no assignment, or only its summary (e.g. one stream): nothing to draw
+    return "<h2>Stream lanes</h2>" + _missing("stream lanes", "streams.lanes")
+
+
+def _memory_section(t: dict | None) -> str:
+    if not t:
+        return "<h2>Memory</h2>" + _missing("memory plan", "memory.timeline")
+    return ("<h2>Memory</h2>" + _table(["function", "tensors", "arena", "lower bound"],
+                                       [[t.get("function", ""), len(t["tensors"]),
+                                         _fmt_bytes(t["arena_bytes"]),
+                                         _fmt_bytes(t["lower_bound_bytes"])]])
+            + _pic(viz.draw_memory(t)))
+
+
+def sections(manifest: Manifest, memory: dict | None = None,
+             streams: dict | None = None, checks: dict | None = None,
+             profile: dict | None = None) -> str:
+    """The report body: tables and pictures of `manifest` (memory timeline and stream lanes
+    default to the manifest's own), with the numerics check's results (`checks`) and the
+    per-kernel profile (`profile`) when given."""
+    view = manifest.graph_view
+    memory = memory or (manifest.memory.timeline if manifest.memory else None)
+    return "\n".join([
+        _build_section(manifest), _passes_section(view), _graph_section(view),
+        library_calls_section(view), verify_section(checks), profile_section(profile),
+        _streams_section(streams or manifest.streams.view()), _memory_section(memory)])
 
 
 def render(manifest: Manifest, memory: dict | None = None, streams: dict | None = None,
