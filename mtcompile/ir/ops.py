@@ -92,7 +92,7 @@ ROW_KERNELS = {"relax.nn.softmax": "softmax", "relax.nn.layer_norm": "layer_norm
 
 @dataclass(frozen=True)
 class ConvParams:
-    """The attrs of a library conv node, in the order its kernel takes them."""
+    """A library conv call's parameters (`LibraryCall.conv`), in the order its kernel takes them."""
 
     strides: tuple[int, int]
     padding: tuple[int, int, int, int]  # top, left, bottom, right
