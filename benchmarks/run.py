@@ -70,11 +70,11 @@ def matmul_ceiling(n: int = 2048, reps: int = 10) -> float:
 
 def graph_flops(graph) -> int:
     """Multiply-add FLOPs (x2) of the matmuls and convolutions of a graph."""
-    from mtcompile.ir.ops import LIBRARY_CALLS
+    from mtcompile.ir.ops import computes
 
     total = 0
     for n in graph.nodes:
-        op = LIBRARY_CALLS.get(n.op, n.op)  # a library call node computes its heavy op
+        op = computes(n)  # a library call node computes its heavy op
         if op == "relax.matmul":
             a = _shape(graph, n.args[0])
             total += 2 * int(np.prod(n.ty.shape)) * a[-1]

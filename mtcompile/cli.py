@@ -475,7 +475,12 @@ def cmd_report(args) -> tuple[int, dict]:
     except ImportError as e:
         raise MTCompileError("mtcompile report draws with matplotlib, which is not installed: "
                              "pip install 'mtcompile[viz]'") from e
-    out = write_report(args.bundle, args.output)
+    profile = None
+    if args.profile:  # the per-kernel profile by tenant, on seeded inputs
+        import mtcompile
+
+        profile = mtcompile.load(args.bundle, threads=args.threads).profile(repeat=args.profile)
+    out = write_report(args.bundle, args.output, profile=profile)
     _say(args, f"wrote {out} ({out.stat().st_size // 1024} KiB, self-contained HTML)")
     return EXIT_OK, {"command": "report", "output": str(out), "bytes": out.stat().st_size,
                      "ok": True, "exit_code": EXIT_OK}
@@ -668,6 +673,9 @@ def _report_command(command) -> None:
     rp = command("report", "write a self-contained HTML report of a saved bundle")
     rp.add_argument("bundle")
     rp.add_argument("-o", "--output", default="report.html", help="HTML file to write")
+    rp.add_argument("--profile", type=int, default=0, metavar="N", help="add the per-kernel "
+                    "profile by tenant (median of N runs on seeded inputs)")
+    _threads_flag(rp)
     rp.set_defaults(fn=cmd_report)
 
 

@@ -53,8 +53,9 @@ def kernel_work(graph: Graph, k: Kernel) -> tuple[float, float]:
         if not isinstance(n.ty, TensorTy):
             continue
         out = math.prod(n.ty.bound_shape)  # symbolic dims: the work at their bound
-        op = ops.LIBRARY_CALLS.get(n.op, n.op)  # a library call computes its heavy op
-        if n.op in ops.BIAS_CALLS:
+        op = ops.computes(n)  # a library call computes its heavy op
+        call = ops.library_call(n)
+        if call is not None and call.bias:
             flops += out  # the bias add that joined the call
         if op == "relax.matmul":
             flops += 2.0 * out * (_shape(graph, n.args[0]) or (1,))[-1]

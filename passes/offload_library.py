@@ -4,10 +4,11 @@ alone joins the call, and then (native only) a ReLU/GELU or a same-shape residua
 that alone reads the result joins it as the kernel's epilogue; softmax and layer norm go to
 native row kernels.
 
-The node op is the provider's kernel name (``mtcompile.<provider>.matmul`` / ``matmul_bias``
-/ ``conv2d`` / ``conv2d_bias``, see `mtcompile.ir.ops`); a conv carries its `ConvParams`
-as attrs; the bias is a 1-D constant argument, a residual the argument after it (the
-epilogue is in the name: ``conv2d_bias_add_relu``, `mtcompile.ir.ops.EPILOGUES`). Where
+A library call node has op ``library_call`` and typed attrs (`mtcompile.ir.ops.LibraryCall`:
+provider, kernel, variant, bias, epilogue, a conv's `ConvParams`), decided here once; the
+bias is a 1-D constant argument, a residual the argument after it. A native matmul on a
+constant 2-D weight (or a stack of them: horizontally fused tenants) takes the weight packed
+here (variant ``packed``, `mtcompile.native.pack_dense`). Where
 matmul's provider is native (llvm), softmax and layer norm over the last axis become the
 native row kernels (``mtcompile.native.softmax`` / ``layer_norm``; TVM's reductions run
 scalar). Lowering emits such a node as ``R.call_dps_packed``; fuse-vertical, the kernel model and plan-memory read it as a kernel
@@ -18,11 +19,12 @@ stays a TVM op, whatever the providers say.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tvm import relax
 
+from mtcompile import native
 from mtcompile.analysis.schedule import constant_only
 from mtcompile.ir import ops
 from mtcompile.ir.builder import graph_types, make
@@ -72,7 +74,7 @@ def bias_channels(graph: Graph, arg, call: Node, const: set[str]) -> bool:
     float32 value per output channel of library call `call`, along its channel axis."""
     if isinstance(arg, Ref) and arg.name not in const:
         return False
-    lib = ops.LIBRARY[ops.LIBRARY_CALLS[call.op]]
+    lib = ops.LIBRARY[call.attrs.computes]
     ty = _ty(graph, arg)
     if ty is None or ty.dtype not in lib.dtypes:
         return False
@@ -109,10 +111,10 @@ class OffloadLibrary(Pass):
                 continue
             why = why_not(graph, n, ctx.kernels, const)
             if why is None:
-                lib = ops.LIBRARY[n.op]
-                attrs = _conv_params(n.attrs.obj) if n.op == "relax.nn.conv2d" else None
-                call = lib.call(ctx.kernels[ops.HEAVY[n.op]])
-                calls[n.name] = Node(n.name, call, n.args[:2], n.ty, n.tenants, attrs)
+                conv = _conv_params(n.attrs.obj) if n.op == "relax.nn.conv2d" else None
+                call = ops.LibraryCall(ctx.kernels[ops.HEAVY[n.op]], ops.LIBRARY[n.op].kernel,
+                                       conv=conv)
+                calls[n.name] = Node(n.name, ops.LIBRARY_CALL, n.args[:2], n.ty, n.tenants, call)
             elif ctx.kernels.get(ops.HEAVY[n.op]) in ops.LIBRARY_PROVIDERS:
                 left[n.name] = why
         rows = {} if not (self.rows and ctx.target == "llvm" and ctx.kernels.get("matmul")
@@ -120,17 +122,19 @@ class OffloadLibrary(Pass):
         if not calls and not rows:
             return PassResult(graph, False, {"library_calls": 0, "left_to_tvm": left})
         nodes, constants = self._fold_biases(graph, calls, const)
-        biased = sum(1 for n in nodes if n.op in ops.BIAS_CALLS)
+        biased = sum(1 for n in nodes if _call(n, bias=True))
         for _, eps in rows.values():
             constants.update(eps)
         out = Graph(graph.nodes, graph.tenants, {**graph.constants, **constants})
         if self.epilogues:
             nodes = _fold_epilogues(out, nodes)
         nodes = [rows[n.name][0] if n.name in rows else n for n in nodes]
+        nodes, packed = _pack_dense(out, nodes)
+        out = Graph(out.nodes, out.tenants, {**out.constants, **packed})
         return PassResult(out.with_nodes(nodes), True, {
             "library_calls": len(calls), "biases_folded": biased,
-            "epilogues_folded": sum(1 for n in nodes if n.op in ops.EPILOGUE_CALLS),
-            "row_calls": len(rows), "left_to_tvm": left})
+            "epilogues_folded": sum(1 for n in nodes if _call(n, epilogue=True)),
+            "packed_weights": len(packed), "row_calls": len(rows), "left_to_tvm": left})
 
     @staticmethod
     def _fold_biases(graph: Graph, calls: dict[str, Node],
@@ -152,7 +156,7 @@ class OffloadLibrary(Pass):
                 if (call is None or users[call.name] != [n.name] or call.name in outputs
                         or not bias_channels(graph, bias, call, const)):
                     continue
-                lib = ops.LIBRARY[ops.LIBRARY_CALLS[call.op]]
+                lib = ops.LIBRARY[call.attrs.computes]
                 if lib.bias_weight_rank is not None and len(
                         _ty(graph, call.args[1]).shape) != lib.bias_weight_rank:
                     continue
@@ -167,9 +171,8 @@ class OffloadLibrary(Pass):
                                 [bias], shape=[channels])]
                     added[pre[0].name] = pre[0]
                     flat = Ref(pre[0].name)
-                bias_call = lib.call(ops.CALL_PROVIDER[call.op], bias=True)
-                into[n.name] = [*pre, Node(n.name, bias_call, (*call.args, flat), n.ty,
-                                           n.tenants, call.attrs)]
+                into[n.name] = [*pre, Node(n.name, ops.LIBRARY_CALL, (*call.args, flat), n.ty,
+                                           n.tenants, call.attrs.replace(bias=True))]
                 gone.add(call.name)
                 break
         out: list[Node] = []
@@ -220,12 +223,13 @@ class _EpilogueFolder:
         if (src is not None and src.op == "relax.reshape" and self.sole(src.name)
                 and isinstance(src.args[0], Ref)):
             view, src = src, self.cur.get(src.args[0].name)
-            if (src is None or ops.LIBRARY_CALLS.get(src.op) != "relax.matmul"
+            if (src is None or ops.computes(src) != "relax.matmul"
                     or not isinstance(view.ty, TensorTy) or not view.ty.shape
                     or view.ty.shape[-1] != src.ty.shape[-1]):
                 return None
-        if (src is None or src.op not in ops.BIAS_CALLS or ops.CALL_PROVIDER[src.op] != "native"
-                or ops.EPILOGUE_CALLS.get(src.op, "") != epilogue or not self.sole(src.name)):
+        call = ops.library_call(src) if src is not None else None
+        if (call is None or not call.bias or call.provider != "native"
+                or call.epilogue != epilogue or not self.sole(src.name)):
             return None
         return src, view
 
@@ -262,10 +266,9 @@ class _EpilogueFolder:
             self.added.setdefault(n.name, []).append(pre)
             args = (Ref(pre.name), *args[1:])
             self.gone.add(view.name)
-        lib = ops.LIBRARY[ops.LIBRARY_CALLS[src.op]]
         tenants = tuple(dict.fromkeys((*src.tenants, *n.tenants)))
-        self.cur[n.name] = Node(n.name, lib.call("native", True, epilogue),
-                                (*args, *residual), n.ty, tenants, src.attrs)
+        self.cur[n.name] = Node(n.name, ops.LIBRARY_CALL, (*args, *residual), n.ty, tenants,
+                                src.attrs.replace(epilogue=epilogue))
         self.gone.add(src.name)
 
     def result(self, nodes: list[Node]) -> list[Node]:
@@ -280,20 +283,20 @@ class _EpilogueFolder:
 
 def _row_calls(graph: Graph, const: set[str]) -> dict[str, tuple[Node, dict]]:
     """Softmax and layer norm (affine) over the last axis of a float32 tensor -> the native
-    row kernels (`ops.ROW_CALLS`), by node name, each with the constants it adds (layer
+    row kernels (`ops.ROW_KERNELS`), by node name, each with the constants it adds (layer
     norm's epsilon, a 1-element argument)."""
     out: dict[str, tuple[Node, dict]] = {}
     for n in graph.nodes:
         ty = n.ty
-        if (n.op not in ("relax.nn.softmax", "relax.nn.layer_norm") or n.name in const
+        if (n.op not in ops.ROW_KERNELS or n.name in const
                 or not isinstance(ty, TensorTy) or ty.dtype != "float32" or not ty.shape):
             continue
         attrs = n.attrs.obj
         last = len(ty.shape) - 1
         if n.op == "relax.nn.softmax":
             if int(attrs.axis) in (-1, last):
-                out[n.name] = (Node(n.name, "mtcompile.native.softmax", n.args[:1], ty,
-                                    n.tenants), {})
+                out[n.name] = (Node(n.name, ops.LIBRARY_CALL, n.args[:1], ty, n.tenants,
+                                    ops.LibraryCall("native", "softmax")), {})
             continue
         axes = [int(a) for a in attrs.axes]
         affine = [_ty(graph, a) for a in n.args[1:3]]
@@ -301,6 +304,81 @@ def _row_calls(graph: Graph, const: set[str]) -> dict[str, tuple[Node, dict]]:
                 and all(t == TensorTy((ty.shape[-1],), "float32") for t in affine)):
             eps = np.array([float(attrs.epsilon)], np.float32)
             key = const_key(eps)
-            out[n.name] = (Node(n.name, "mtcompile.native.layer_norm",
-                                (*n.args[:3], ConstRef(key)), ty, n.tenants), {key: eps})
+            out[n.name] = (Node(n.name, ops.LIBRARY_CALL, (*n.args[:3], ConstRef(key)), ty,
+                                n.tenants, ops.LibraryCall("native", "layer_norm")), {key: eps})
     return out
+
+
+def _call(n: Node, bias: bool = False, epilogue: bool = False) -> bool:
+    """Whether `n` is a library call (with a bias / with an epilogue, when asked)."""
+    c = ops.library_call(n)
+    return c is not None and (not bias or c.bias) and (not epilogue or bool(c.epilogue))
+
+
+def _dense_weights(w, graph: Graph) -> list[tuple[ConstRef, bool]] | None:
+    """A dense weight argument as its constants: [(constant, transposed)] for a constant or a
+    transposed constant (a Linear's weight arrives through ``permute_dims``), one per slice
+    for a ``stack`` on axis 0 of such weights (horizontally fused tenants); else None."""
+    if isinstance(w, ConstRef):
+        return [(w, False)]
+    if not (isinstance(w, Ref) and w.name in graph):
+        return None
+    src = graph.node(w.name)
+    # (a get_item node's attrs is its index, an int: only Opaque attrs carry TVM attrs)
+    attrs = getattr(src.attrs, "obj", None)
+    if src.op == "relax.permute_dims" and isinstance(src.args[0], ConstRef):
+        axes = getattr(attrs, "axes", None)
+        return [(src.args[0], True)] if axes is None or [int(x) for x in axes] == [1, 0] else None
+    if src.op == "relax.stack" and int(getattr(attrs, "axis", -1)) == 0:
+        parts = [_dense_weights(x, graph) for x in src.args[0]]
+        if all(q is not None and len(q) == 1 for q in parts):
+            return [q[0] for q in parts]
+    return None
+
+
+def packed_weight(node: Node, graph: Graph) -> np.ndarray | None:
+    """For a native matmul call on a constant 2-D float32 weight (a dense layer), or on a
+    stack of them (the weights of horizontally fused tenants, one per slice of the
+    activations' first dimension): the weight packed for the ``packed`` variant
+    (`mtcompile.native.pack_dense`; [B, ...] for a stack). None for any other node."""
+    call = ops.library_call(node)
+    if call is None or (call.provider, call.kernel, call.variant) != ("native", "matmul", ""):
+        return None
+    parts = _dense_weights(node.args[1], graph)
+    if not parts:
+        return None
+    values = [graph.constants[c.key] for c, _ in parts]
+    if any(v.ndim != 2 or v.dtype != np.float32 or v.shape != values[0].shape for v in values):
+        return None
+    packed = [native.pack_dense(v.T if t else v) for v, (_, t) in zip(values, parts, strict=True)]
+    w = node.args[1]
+    if not (isinstance(w, Ref) and graph.node(w.name).op == "relax.stack"):
+        return packed[0]
+    # one weight per slice of the activations' first dimension (not broadcast over it)
+    a = node.args[0]
+    a_shape = (getattr(graph.node(a.name).ty, "shape", ())
+               if isinstance(a, Ref) and a.name in graph else ())
+    shape = getattr(node.ty, "shape", ())
+    if len(shape) < 3 or len(a_shape) != len(shape) or not shape[0] == a_shape[0] == len(parts):
+        return None
+    return np.stack(packed)
+
+
+def _pack_dense(graph: Graph, nodes: list[Node]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    """`nodes` with each native matmul call whose weight packs (`packed_weight`) turned into
+    the ``packed`` variant reading the packed constant, and the nodes that only computed such
+    weights (a transpose, a stack) dropped; the packed constants."""
+    view = graph.with_nodes(nodes)
+    out, packed = [], {}
+    for n in nodes:
+        arr = packed_weight(n, view)
+        if arr is not None:
+            key = const_key(arr)
+            packed[key] = arr
+            n = replace(n, args=(n.args[0], ConstRef(key), *n.args[2:]),
+                        attrs=n.attrs.replace(variant="packed"))
+        out.append(n)
+    if not packed:
+        return out, packed
+    live, still = view.live_nodes(), view.with_nodes(out).live_nodes()
+    return [n for n in out if n.name in still or n.name not in live], packed

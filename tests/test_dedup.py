@@ -12,6 +12,7 @@ from mtcompile import Tenant
 from mtcompile.errors import InputError, SpecError, TenantError
 from mtcompile.frontend.merge import merge
 from mtcompile.ir.graph import INPUT, ConstRef, Graph, Node, Ref, TenantIO
+from mtcompile.ir.parse import assert_graph, parse_graph
 from mtcompile.pass_infra import PassContext
 from mtcompile.passes.dedup import Dedup
 from mtcompile.tools.spec import load_spec
@@ -45,11 +46,42 @@ def test_dedup_structure_shares_equal_work_on_a_shared_input():
     assert result.changed and result.info == {"removed_nodes": 2, "shared_nodes": 2}
     g = result.graph
     g.verify()
-    assert [n.name for n in g.nodes] == ["shared.x", "a.mm", "a.r", "b.e"]
-    assert g.node("a.mm").tenants == ("a", "b") and g.node("a.r").tenants == ("a", "b")
-    assert g.node("b.e").args == (Ref("a.r"),)
-    assert g.tenants["b"].outputs == (Ref("a.r"), Ref("b.e"))
-    assert "%a.r = nn.relu(%a.mm) {tenant=a+b} : f32[2,3]" in str(g)
+    # a's matmul and relu now serve b too; b's exp and outputs read them
+    assert_graph(g, f"""
+        tenant a(x=%shared.x)
+        tenant b(x=%shared.x)
+        %shared.x = input() {{tenant=a+b}} : f32[2,4]
+        %a.mm = matmul(%shared.x, @{WKEY[:8]}) {{out_dtype=float32}} {{tenant=a+b}} : f32[2,3]
+        %a.r = nn.relu(%a.mm) {{tenant=a+b}} : f32[2,3]
+        %b.e = exp(%a.r) {{tenant=b}} : f32[2,3]
+        return a: (%a.r)
+        return b: (%a.r, %b.e)
+    """)
+
+
+def test_dedup_structure_on_a_graph_written_as_text():
+    """The same case with the input graph itself written as text (parsed back)."""
+    g = parse_graph(f"""
+        tenant a(x=%s.x)
+        tenant b(x=%s.x)
+        %s.x = input() {{tenant=a+b}} : f32[2,4]
+        %a.mm = matmul(%s.x, @{WKEY[:8]}) {{out_dtype=float32}} {{tenant=a}} : f32[2,3]
+        %b.mm = matmul(%s.x, @{WKEY[:8]}) {{out_dtype=float32}} {{tenant=b}} : f32[2,3]
+        %b.mm2 = matmul(%s.x, @{WKEY[:8]}) {{out_dtype=float16}} {{tenant=b}} : f32[2,3]
+        return a: (%a.mm)
+        return b: (%b.mm, %b.mm2)
+    """, {WKEY: W})
+    g.verify()
+    out = Dedup().run(g, PassContext()).graph
+    assert_graph(out, f"""
+        tenant a(x=%s.x)
+        tenant b(x=%s.x)
+        %s.x = input() {{tenant=a+b}} : f32[2,4]
+        %a.mm = matmul(%s.x, @{WKEY[:8]}) {{out_dtype=float32}} {{tenant=a+b}} : f32[2,3]
+        %b.mm2 = matmul(%s.x, @{WKEY[:8]}) {{out_dtype=float16}} {{tenant=b}} : f32[2,3]
+        return a: (%a.mm)
+        return b: (%a.mm, %b.mm2)
+    """)
 
 
 def test_dedup_negative_different_inputs_share_nothing():

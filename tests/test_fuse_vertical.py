@@ -10,6 +10,7 @@ from conftest import F23, F24, WKEY, W, attrs, seeded_input, torch_outputs
 import mtcompile
 from mtcompile import Tenant
 from mtcompile.ir.graph import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
+from mtcompile.ir.parse import assert_graph
 from mtcompile.pass_infra import PassContext
 from mtcompile.passes.fuse_vertical import FuseVertical
 from mtcompile.passes.offload_library import OffloadLibrary
@@ -47,27 +48,47 @@ def groups(g: Graph) -> list[list[str]]:
     return list(out.values())
 
 
+B3KEY = const_key(np.ones(3, np.float32))  # _chain's bias
+
+
 def test_structure_tvm_matmul_takes_its_elementwise_followers():
     result = FuseVertical().run(_chain(), PassContext(kernels={"matmul": "tvm"}))
     assert result.changed
     # the anchor takes add and relu; the reduction starts a group and takes exp
-    assert groups(result.graph) == [["mm", "add", "relu"], ["sum", "exp"]]
+    assert_graph(result.graph, f"""
+        tenant t(x=%t.x)
+        %t.x = input() {{tenant=t}} : f32[2,4]
+        %t.mm = matmul(%t.x, @{WKEY[:8]}) {{out_dtype=float32}} {{tenant=t, group=g0}} : f32[2,3]
+        %t.add = add(%t.mm, @{B3KEY[:8]}) {{tenant=t, group=g0}} : f32[2,3]
+        %t.relu = nn.relu(%t.add) {{tenant=t, group=g0}} : f32[2,3]
+        %t.sum = sum(%t.relu) {{axis=[1]}} {{tenant=t, group=g1}} : f32[2]
+        %t.exp = exp(%t.sum) {{tenant=t, group=g1}} : f32[2]
+        return t: (%t.exp)
+    """)
     assert result.info["kernels"] == 2 and result.info["library_calls"] == 0
-    assert "{tenant=t, group=g0} : f32[2,3]" in str(result.graph)
 
 
 def test_library_call_is_its_own_kernel():
     ctx = PassContext(kernels={"matmul": "native"})
     offloaded = OffloadLibrary().run(_chain(), ctx).graph
-    # mm + its bias, and the ReLU as the call's epilogue
-    assert offloaded.node("t.relu").op == "mtcompile.native.matmul_bias_relu"
+    # mm + its bias, and the ReLU as the call's epilogue: the weight packed for it
+    assert offloaded.node("t.relu").attrs.label == "native matmul[packed] +bias +relu"
+    (packed,) = offloaded.node("t.relu").args[1:2]
     result = FuseVertical().run(offloaded, ctx)
+    assert_graph(result.graph, f"""
+        tenant t(x=%t.x)
+        %t.x = input() {{tenant=t}} : f32[2,4]
+        %t.relu = library_call(%t.x, @{packed.key[:8]}, @{B3KEY[:8]}) {{kernel=matmul, provider=native, variant=packed, bias=true, epilogue=relu}} {{tenant=t}} : f32[2,3]
+        %t.sum = sum(%t.relu) {{axis=[1]}} {{tenant=t, group=g0}} : f32[2]
+        %t.exp = exp(%t.sum) {{tenant=t, group=g0}} : f32[2]
+        return t: (%t.exp)
+    """)
     assert groups(result.graph) == [["sum", "exp"]]  # reduction + elementwise
     assert result.graph.node("t.relu").group is None  # the library call
     assert result.info["kernels"] == 2 and result.info["library_calls"] == 1
     # without epilogues the ReLU heads the group after the call
     offloaded = OffloadLibrary(epilogues=False).run(_chain(), ctx).graph
-    assert offloaded.node("t.add").op == "mtcompile.native.matmul_bias"
+    assert offloaded.node("t.add").attrs.symbol == "mtcompile.native.dense_packed_bias"
     result = FuseVertical().run(offloaded, ctx)
     assert groups(result.graph) == [["relu", "sum", "exp"]]
     assert result.graph.node("t.add").group is None

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import F23, F24, WKEY, small_graph
+from conftest import F23, F24, WKEY, W, small_graph
 
 from mtcompile.errors import VerifyError
 from mtcompile.ir.graph import (
@@ -18,12 +18,15 @@ from mtcompile.ir.graph import (
     Node,
     OtherTy,
     Ref,
+    Sym,
     TenantIO,
     TensorTy,
     TupleTy,
     const_key,
     verify_problems,
 )
+from mtcompile.ir.ops import LIBRARY_CALL, ConvParams, LibraryCall
+from mtcompile.ir.parse import ParseError, assert_graph, graph_diff, parse_graph
 
 # --------------------------------------------------------------------------- printer
 
@@ -221,3 +224,80 @@ def test_with_nodes_drops_unused_constants(graph):
     out_const = g.with_nodes(g.nodes, dict(g.tenants, b=TenantIO(g.tenants["b"].inputs,
                                                                  (ConstRef(const_key(extra)),))))
     assert set(out_const.constants) == {WKEY, const_key(extra)}
+
+
+# --------------------------------------------------------------------------- parse back
+
+
+def _round_trip(g: Graph) -> Graph:
+    text = str(g)
+    back = parse_graph(text, g.constants)
+    assert graph_diff(g, back) == [] and str(back) == text
+    return back
+
+
+def test_printed_graph_parses_back_equal(graph):
+    back = _round_trip(graph)
+    back.verify()
+    assert back.constants.keys() == graph.constants.keys()  # constants by key prefix
+    assert back.node("b.g").attrs == 0 and back.node("a.mm").attrs.text == "out_dtype=float32"
+
+
+def test_parse_back_library_calls_symbolic_dims_shared_nodes_and_ty_args():
+    batch = Sym("n", 1, 8, (("n", 1, 8),))
+    four = Sym("n * 4", 4, 32, (("n", 1, 8),))
+    x = Node("s.x", INPUT, (), TensorTy((batch, 4), "float32"), ("s", "u"))
+    call = LibraryCall("native", "conv2d", bias=True, epilogue="add_relu",
+                       conv=ConvParams((2, 1), (0, 1, 1, 2), (1, 2), 2))
+    c = Node("s.c", LIBRARY_CALL, (Ref("s.x"), ConstRef(WKEY), ConstRef(WKEY), Ref("s.x")),
+             TensorTy((four,), "float32"), ("s", "u"), call, group="g0")
+    t = Node("s.t", "relax.concat", ((Ref("s.c"), Ref("s.c")),), TensorTy((2,), "int64"),
+             ("s", "u"), ty_args=(OtherTy("R.Tensor((2,), dtype=int64)"),))
+    g = Graph((x, c, t), {"s": TenantIO((("x", "s.x"),), (Ref("s.t"),)),
+                          "u": TenantIO((("x", "s.x"),), (ConstRef(WKEY),))}, {WKEY: W})
+    assert str(g).splitlines()[:2] == ["dim n = [1, 8] n:1:8", "dim n * 4 = [4, 32] n:1:8"]
+    back = _round_trip(g)
+    assert back.node("s.c").attrs == call and back.node("s.c").attrs.symbol == (
+        "mtcompile.native.conv2d_bias_add_relu")
+    assert back.node("s.c").ty.shape[0] == four
+
+
+def test_assert_graph_lists_what_differs(graph):
+    text = str(graph)
+    assert_graph(graph, text)
+    with pytest.raises(AssertionError, match=r"node 2:\n  - %a.r = nn.relu") as e:
+        assert_graph(graph, text.replace("nn.relu", "nn.gelu"))
+    assert "+ %a.r = nn.gelu(%a.mm)" in str(e.value)
+    with pytest.raises(ParseError, match="not a node"):
+        parse_graph("tenant a(x=%a.x)\nwhat is this")
+    with pytest.raises(ParseError, match="symbolic dim 'm' has no 'dim' line"):
+        parse_graph("%a.x = input() {tenant=a} : f32[m,2]")
+
+
+def _merged_and_optimized(set_name: str) -> tuple[Graph, Graph]:
+    from mtcompile.backend.kernels import resolve_providers
+    from mtcompile.frontend.importers import import_tenant
+    from mtcompile.frontend.lift import lift
+    from mtcompile.frontend.merge import merge
+    from mtcompile.models import get_set
+    from mtcompile.pass_infra import PassContext, run_passes
+    from mtcompile.passes import build_pipeline
+
+    tenants = get_set(set_name)
+    graphs = []
+    for t in tenants:
+        it = import_tenant(t)
+        graphs.append(lift(it.mod["main"], t.name, it.input_names))
+    merged = merge(graphs, {t.name: t.shared_inputs for t in tenants if t.shared_inputs})
+    ctx = PassContext("llvm", resolve_providers("llvm", None), cores=2)
+    return merged, run_passes(merged, build_pipeline(), ctx)[0]
+
+
+@pytest.mark.slow  # imports every demo set (bert4: minutes on a busy host)
+@pytest.mark.parametrize("set_name", ["heterogeneous", "same-arch", "shared-backbone", "bert4",
+                                      "mixed"])
+def test_demo_sets_merged_graphs_parse_back_equal(set_name):
+    """Every demo set's merged graph, and the graph the default pipeline makes of it (library
+    calls, fusion groups, shared and batched nodes), prints and parses back equal."""
+    for g in _merged_and_optimized(set_name):
+        _round_trip(g)

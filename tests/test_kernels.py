@@ -30,6 +30,7 @@ from mtcompile.cli import main, parse_kernels
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.importers import import_tenant
 from mtcompile.frontend.lift import lift
+from mtcompile.ir import ops
 from mtcompile.pass_infra import PassContext, run_passes
 from mtcompile.passes import build_pipeline
 
@@ -39,6 +40,8 @@ TORCH = {"matmul": "torch", "conv2d": "torch"}
 TVM = {"matmul": "tvm", "conv2d": "tvm"}
 MIXED = {"matmul": "tvm", "conv2d": "native"}
 LIBRARY_PREFIXES = ("mtcompile.native.", "mtcompile.torch.")
+CONV2D_BIAS = native.table.find("native", "conv2d", bias=True).symbol
+DENSE_PACKED_BIAS = native.table.find("native", "matmul", "packed", bias=True).symbol
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -212,7 +215,7 @@ def test_onnx_conv_really_has_asymmetric_padding():
     graph = lift(it.mod["main"], "asym", it.input_names)
     ctx = PassContext("llvm", LIBRARY)
     out, _ = run_passes(graph, build_pipeline(["offload-library"]), ctx)
-    assert [n.op for n in out.nodes if n.op.startswith("mtcompile.")] == [native.CONV2D_BIAS]
+    assert [n.attrs.symbol for n in out.nodes if n.op == ops.LIBRARY_CALL] == [CONV2D_BIAS]
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +328,7 @@ def test_library_bundle_runs_in_a_fresh_process(tiny_bundle, tiny_saved, tmp_pat
     assert len(info["registered"]) == 6
     # the Linear's weight is packed at build time: the dense kernel on it; the conv's ReLU
     # joined its call (an epilogue)
-    assert {native.CONV2D_BIAS + "_relu", native.DENSE_PACKED_BIAS} <= set(info["symbols"])
+    assert {CONV2D_BIAS + "_relu", DENSE_PACKED_BIAS} <= set(info["symbols"])
     got = np.load(tmp_path / "out.npz")
     for n, x in inputs.items():
         np.testing.assert_array_equal(got[n], tiny_bundle.run(n, x)[0])
@@ -426,8 +429,8 @@ def test_profile_matches_trace(tiny_bundle):
         for r in rows:
             assert r["total_us"] > 0 and r["mean_us"] == pytest.approx(r["total_us"] / r["calls"])
     names = {n: {r["name"] for r in p["kernels"]} for n, p in prof["tenants"].items()}
-    assert native.DENSE_PACKED_BIAS + "_relu" in names["lin"]  # ReLUs joined the calls
-    assert {native.CONV2D_BIAS + "_relu", native.DENSE_PACKED_BIAS} <= names["conv"]
+    assert DENSE_PACKED_BIAS + "_relu" in names["lin"]  # ReLUs joined the calls
+    assert {CONV2D_BIAS + "_relu", DENSE_PACKED_BIAS} <= names["conv"]
     assert not any(s.startswith(LIBRARY_PREFIXES) for s in names["multi"])
     assert all(s.startswith("vm.builtin.") for n in names.values() for s in n
                if "." in s and not s.startswith(LIBRARY_PREFIXES))

@@ -185,7 +185,7 @@ def test_the_kernel_dag_is_the_kernels_fuse_vertical_predicts(hetero_front):
     # ReLU after it joins the call: one library call named as the ReLU
     conv = dag.kernel("vision.lv3")
     assert conv.kind == "library" and conv.nodes == ("vision.lv3",) and conv.tensor == "vision.lv3"
-    assert graph.node("vision.lv3").op == "mtcompile.native.conv2d_bias_relu"
+    assert graph.node("vision.lv3").attrs.symbol == "mtcompile.native.conv2d_bias_relu"
     assert dag.kernels[0] == conv and dag.deps["vision.lv7"] == ("vision.lv3",)
     assert dag.outputs == {"vision.lv37", "text.lv74", "mlp.lv6"}
 

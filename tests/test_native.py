@@ -19,6 +19,16 @@ import mtcompile.native as native
 RTOL = 1e-4
 
 
+def _sym(kernel: str, variant: str = "", bias: bool = False, epilogue: str = "") -> str:
+    """The symbol of a native kernel form the table lists."""
+    return native.table.find("native", kernel, variant, bias, epilogue).symbol
+
+
+MATMUL, MATMUL_BIAS = _sym("matmul"), _sym("matmul", bias=True)
+CONV2D, CONV2D_BIAS = _sym("conv2d"), _sym("conv2d", bias=True)
+DENSE_PACKED_BIAS = _sym("matmul", "packed", bias=True)
+
+
 @pytest.fixture(scope="module")
 def kernels():
     native.register()
@@ -244,8 +254,8 @@ def test_generic_paths_without_avx2():
         import numpy as np, torch, tvm_ffi
         import mtcompile.native as native
         native.register()
-        conv, dense = (tvm_ffi.get_global_func(native.CONV2D_BIAS),
-                       tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS))
+        conv, dense = (tvm_ffi.get_global_func("{CONV2D_BIAS}"),
+                       tvm_ffi.get_global_func("{DENSE_PACKED_BIAS}"))
         rng = np.random.default_rng(0)
         r = lambda *s: rng.standard_normal(s).astype(np.float32)
         t = tvm_ffi.from_dlpack
@@ -262,10 +272,10 @@ def test_generic_paths_without_avx2():
         dense(t(a), t(native.pack_dense(w)), t(b), t(o))
         close(o, a.astype(np.float64) @ w + b)
         res = r(37, 40)
-        tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS + "_add_relu")(
+        tvm_ffi.get_global_func("{DENSE_PACKED_BIAS}_add_relu")(
             t(a), t(native.pack_dense(w)), t(b), t(res), t(o))
         close(o, np.maximum(a.astype(np.float64) @ w + b + res, 0))
-        tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS + "_gelu")(
+        tvm_ffi.get_global_func("{DENSE_PACKED_BIAS}_gelu")(
             t(a), t(native.pack_dense(w)), t(b), t(o))
         close(o, torch.nn.functional.gelu(torch.from_numpy(a.astype(np.float64) @ w + b)).numpy())
         tvm_ffi.get_global_func("mtcompile.native.softmax")(t(a), t(o := np.empty_like(a)))
@@ -291,8 +301,8 @@ def test_register_tiles_match_torch(isa):
         import numpy as np, torch, tvm_ffi
         import mtcompile.native as native
         native.register()
-        conv = tvm_ffi.get_global_func(native.CONV2D_BIAS)
-        conv_res = tvm_ffi.get_global_func(native.CONV2D_BIAS + "_add_relu")
+        conv = tvm_ffi.get_global_func("{CONV2D_BIAS}")
+        conv_res = tvm_ffi.get_global_func("{CONV2D_BIAS}_add_relu")
         rng = np.random.default_rng(0)
         r = lambda *s: rng.standard_normal(s).astype(np.float32)
         t = tvm_ffi.from_dlpack
@@ -313,8 +323,8 @@ def test_register_tiles_match_torch(isa):
             res = r(*ref.shape)
             conv_res(t(x), t(wt), t(b), t(res), params, t(o))
             close(o, torch.relu(ref + torch.from_numpy(res).double()).numpy())
-        dense = tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS)
-        dense_res = tvm_ffi.get_global_func(native.DENSE_PACKED_BIAS + "_add_relu")
+        dense = tvm_ffi.get_global_func("{DENSE_PACKED_BIAS}")
+        dense_res = tvm_ffi.get_global_func("{DENSE_PACKED_BIAS}_add_relu")
         for rows in range(1, 41):
             k, n = (64, 40) if rows % 2 else (37, 16)
             a, w, b = r(rows, k), r(k, n), r(n)
@@ -357,7 +367,7 @@ def test_two_threads_split_work_on_the_pool():
         import mtcompile.native as native
         native.register()
         assert tvm_ffi.get_global_func("mtcompile.native.pool_threads")(0) == 2
-        mm, conv = (tvm_ffi.get_global_func(native.MATMUL), tvm_ffi.get_global_func(native.CONV2D))
+        mm, conv = (tvm_ffi.get_global_func("{MATMUL}"), tvm_ffi.get_global_func("{CONV2D}"))
         rng = np.random.default_rng(0)
         r = lambda *s: rng.standard_normal(s).astype(np.float32)
         def close(got, ref):
@@ -459,11 +469,11 @@ def _module():
            ("bias", (16,))]]
     with bb.function("main", vs):
         with bb.dataflow():
-            y = bb.emit(relax.op.call_dps_packed(native.MATMUL, relax.Tuple(vs[:2]),
+            y = bb.emit(relax.op.call_dps_packed(MATMUL, relax.Tuple(vs[:2]),
                                                  ty((8, 64, 48))))
             params = relax.ShapeExpr([2, 2, 1, 0, 2, 1, 1, 1, 1])
             z = bb.emit(relax.op.call_dps_packed(
-                native.CONV2D_BIAS, relax.Tuple([*vs[2:], params]), ty((1, 16, 9, 8))))
+                CONV2D_BIAS, relax.Tuple([*vs[2:], params]), ty((1, 16, 9, 8))))
             out = bb.emit_output(relax.Tuple([y, z]))
         bb.emit_func_output(out)
     return bb.get()
@@ -515,7 +525,7 @@ def test_exported_bundle_runs_with_torch_blocked(executable, tmp_path):
         import numpy as np, tvm_ffi
         import mtcompile.native as native
         native.preload()
-        assert tvm_ffi.get_global_func("{native.MATMUL}", allow_missing=True) is None
+        assert tvm_ffi.get_global_func("{MATMUL}", allow_missing=True) is None
         d = np.load("{tmp_path / 'io.npz'}")
         ex = tvm_ffi.load_module("{lib}")
         vm = ex["vm_load_executable"]()
@@ -582,7 +592,7 @@ def test_demo_set_bundle_runs_saved_with_torch_blocked(hetero_bundle, tmp_path):
     assert b.compile_report["build"]["library_calls"] > 0
     calls = {s for n in b.tenant_names for s, _ in b.trace(
         n, list(seeded_inputs(b.signature(n), 0)))[0] if s.startswith("mtcompile.")}
-    assert {native.DENSE_PACKED_BIAS, native.CONV2D_BIAS} <= calls, calls
+    assert {DENSE_PACKED_BIAS, CONV2D_BIAS} <= calls, calls
     report = b.verify(atol=1e-4)
     assert report["ok"], report
     inputs = {n: seeded_inputs(b.signature(n), 1) for n in b.tenant_names}
@@ -602,29 +612,39 @@ def test_demo_set_bundle_runs_saved_with_torch_blocked(hetero_bundle, tmp_path):
             np.testing.assert_array_equal(got[f"alone.{n}.{i}"], w, err_msg=f"{n} output {i}")
 
 
-def test_kernel_names_are_the_op_tables():
-    """The names the kernels register under are those offload-library gives call nodes."""
+def test_kernel_names_are_the_table_s_rows():
+    """Every form the one table lists is registered (native) or named (torch) under the
+    symbol library call nodes carry; no other native kernel is registered."""
     from mtcompile.ir import ops
     from mtcompile.runtime import library
 
-    mm, conv = ops.LIBRARY["relax.matmul"], ops.LIBRARY["relax.nn.conv2d"]
-    assert [native.MATMUL, native.MATMUL_BIAS, native.CONV2D, native.CONV2D_BIAS] == [
-        mm.call("native"), mm.call("native", bias=True), conv.call("native"),
-        conv.call("native", bias=True)]
+    table = native.table
     assert [library.MATMUL, library.CONV2D_BIAS] == ["mtcompile.torch.matmul",
                                                      "mtcompile.torch.conv2d_bias"]
-    assert {ops.CALL_PROVIDER[native.CONV2D], ops.CALL_PROVIDER[library.MATMUL]} == {
-        "native", "torch"}
-    with pytest.raises(ValueError, match="'library' is no library provider"):
-        mm.call("library")
-    native.register()  # every epilogue call offload-library makes (and its packed dense twin)
-    from mtcompile.backend.kernels import _PACKED
+    call = ops.LibraryCall("native", "matmul", variant="packed", bias=True, epilogue="add_relu")
+    assert call.symbol == "mtcompile.native.dense_packed_bias_add_relu"
+    assert call.form.residual and call.form.act == "relu" and call.computes == "relax.matmul"
+    assert table.SYMBOLS[call.symbol] == call.form  # the reverse is a lookup
+    native.register()
+    for form in table.FORMS:
+        if form.provider == "native":
+            assert tvm_ffi.get_global_func(form.symbol, allow_missing=True) is not None, form
+    assert {f.kernel.entry for f in table.FORMS} == {
+        "matmul_run", "dense_packed_run", "conv2d_run", "softmax_run", "layer_norm_run"}
+    with pytest.raises(ValueError, match="no torch library kernel 'matmul' with bias=True, "
+                                         "epilogue='relu'"):
+        ops.LibraryCall("torch", "matmul", bias=True, epilogue="relu")
+    with pytest.raises(ValueError, match="no library library kernel"):
+        ops.LibraryCall("library", "matmul")
 
-    for name in [*ops.EPILOGUE_CALLS, *(_PACKED[c] for c in ops.EPILOGUE_CALLS if c in _PACKED),
-                 *ops.ROW_CALLS]:
-        assert tvm_ffi.get_global_func(name, allow_missing=True) is not None, name
-    with pytest.raises(ValueError, match="no torch kernel matmul with epilogue 'relu'"):
-        mm.call("torch", bias=True, epilogue="relu")
+
+def test_the_generated_header_lists_every_native_form():
+    """kernels_table.h, generated from the table, has one registration row per native form."""
+    text = native.table.header()
+    native_forms = [f for f in native.table.FORMS if f.provider == "native"]
+    assert text.count("{\"mtcompile.native.") == len(native_forms) == 20
+    assert '{"mtcompile.native.conv2d_bias_add_relu", &conv2d_run, 2, true, true, true, ' \
+           'kActRelu},' in text
 
 
 POOL_CHILD = textwrap.dedent("""

@@ -18,6 +18,7 @@ from mtcompile.frontend.importers import import_tenant
 from mtcompile.frontend.lift import lift
 from mtcompile.ir import ops
 from mtcompile.ir.graph import GET_ITEM, INPUT, TUPLE, ConstRef, Graph, Ref
+from mtcompile.native import table
 from mtcompile.pass_infra import PassContext, run_passes
 from mtcompile.passes import build_pipeline
 from mtcompile.passes.fold_batch_norm import FoldBatchNorm
@@ -29,9 +30,17 @@ LIBRARY = {"matmul": "native", "conv2d": "native"}  # the default library provid
 TVM = {"matmul": "tvm", "conv2d": "tvm"}
 TORCH = {"matmul": "torch", "conv2d": "torch"}  # PyTorch's kernels
 MIXED = {"matmul": "tvm", "conv2d": "native"}
-_MM, _CONV = ops.LIBRARY["relax.matmul"], ops.LIBRARY["relax.nn.conv2d"]
-MATMUL, MATMUL_BIAS = _MM.call("native"), _MM.call("native", bias=True)
-CONV2D, CONV2D_BIAS = _CONV.call("native"), _CONV.call("native", bias=True)
+
+
+def sym(kernel: str, variant: str = "", bias: bool = False, epilogue: str = "",
+        provider: str = "native") -> str:
+    """The symbol of a library call the table lists."""
+    return table.find(provider, kernel, variant, bias, epilogue).symbol
+
+
+MATMUL, MATMUL_BIAS = sym("matmul"), sym("matmul", bias=True)
+DENSE, DENSE_BIAS = sym("matmul", "packed"), sym("matmul", "packed", bias=True)
+CONV2D, CONV2D_BIAS = sym("conv2d"), sym("conv2d", bias=True)
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -71,8 +80,13 @@ def offloaded(graph: Graph, providers: dict) -> tuple[Graph, dict]:
 def ops_of(graph: Graph) -> list[str]:
     """The ops that run, in order (TVM folds values of constants alone; tuples are no ops)."""
     const = constant_only(graph)
-    return [n.op for n in graph.nodes
+    return [sym_of(n) for n in graph.nodes
             if n.op not in (INPUT, TUPLE, GET_ITEM) and n.name not in const]
+
+
+def sym_of(n) -> str:
+    """A library call's symbol, any other node's op."""
+    return n.attrs.symbol if ops.is_library_call(n.op) else n.op
 
 
 def run(graph: Graph, *inputs: np.ndarray, tenant: str = "main") -> list[np.ndarray]:
@@ -95,9 +109,12 @@ X28 = _rng(2).standard_normal((2, 8)).astype(np.float32)
 def test_float32_matmul_becomes_a_library_call_node():
     g = one_function(lambda bb, x: relax.op.matmul(x, const(W84)), [("x", (2, 8), "float32")])
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [MATMUL] and info["library_calls"] == 1
-    (call,) = [n for n in out.nodes if n.op == MATMUL]
-    assert str(call).startswith(f"%{call.name} = mtcompile.native.matmul(%main.x, @")
+    # the constant weight is packed for the native dense kernel, decided on the graph
+    assert ops_of(out) == [DENSE] and info["library_calls"] == 1
+    (call,) = [n for n in out.nodes if sym_of(n) == DENSE]
+    assert call.attrs == ops.LibraryCall("native", "matmul", variant="packed")
+    assert str(call).startswith(f"%{call.name} = library_call(%main.x, @")
+    assert "{kernel=matmul, provider=native, variant=packed}" in str(call)
     assert str(call).endswith("{tenant=main} : f32[2,4]")
     (got,) = run(out, X28)
     np.testing.assert_allclose(got, X28 @ W84, rtol=0, atol=1e-5)
@@ -113,10 +130,11 @@ def test_nchw_conv_becomes_a_library_call_with_its_parameters():
     g = one_function(body, [("x", (1, 4, 9, 9), "float32")])
     out, _ = offloaded(g, LIBRARY)
     assert ops_of(out) == [CONV2D]
-    (call,) = [n for n in out.nodes if n.op == CONV2D]
+    (call,) = [n for n in out.nodes if sym_of(n) == CONV2D]
     # stride h/w, padding top/left/bottom/right, dilation h/w, groups
-    assert call.attrs.flat() == [2, 1, 0, 1, 1, 2, 1, 2, 2]
-    assert "{strides=[2, 1], padding=[0, 1, 1, 2], dilation=[1, 2], groups=2}" in str(call)
+    assert call.attrs.conv.flat() == [2, 1, 0, 1, 1, 2, 1, 2, 2]
+    assert ("{kernel=conv2d, provider=native, strides=[2, 1], padding=[0, 1, 1, 2], "
+            "dilation=[1, 2], groups=2}") in str(call)
     x = _rng(4).standard_normal((1, 4, 9, 9)).astype(np.float32)
     want = torch.nn.functional.conv2d(
         torch.nn.functional.pad(torch.from_numpy(x), (1, 2, 0, 1)), torch.from_numpy(w),
@@ -132,14 +150,14 @@ def test_linear_bias_is_folded_into_matmul_bias():
     g = lifted(lin, torch.from_numpy(X28))
     assert "relax.matmul" in ops_of(g) and "relax.add" in ops_of(g)
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [MATMUL_BIAS]
+    assert ops_of(out) == [DENSE_BIAS]
     assert info == {"library_calls": 1, "biases_folded": 1, "epilogues_folded": 0,
-                    "row_calls": 0, "left_to_tvm": {}}
-    # one call in the tenant's entry and one in run_all: lowering gives the native dense
+                    "packed_weights": 1, "row_calls": 0, "left_to_tvm": {}}
+    # one call in the tenant's entry and one in run_all: offload-library gave the native dense
     # kernel the Linear's weight packed at build time
-    packed = "mtcompile.native.dense_packed_bias"
+    packed = DENSE_BIAS
     assert library_calls(emit_module(out)) == [packed, packed]
-    (call,) = [n for n in out.nodes if n.op == MATMUL_BIAS]
+    (call,) = [n for n in out.nodes if sym_of(n) == DENSE_BIAS]
     bias = call.args[2]
     assert isinstance(bias, ConstRef)  # the 1-D bias of the layer
     np.testing.assert_array_equal(out.constants[bias.key], lin.bias.detach().numpy())
@@ -154,7 +172,7 @@ def test_conv_bias_of_constants_alone_joins_the_call_through_a_folded_reshape():
     x = torch.from_numpy(_rng(5).standard_normal((1, 2, 6, 6)).astype(np.float32))
     out, _ = offloaded(lifted(conv, x), LIBRARY)
     assert ops_of(out) == [CONV2D_BIAS]
-    (call,) = [n for n in out.nodes if n.op == CONV2D_BIAS]
+    (call,) = [n for n in out.nodes if sym_of(n) == CONV2D_BIAS]
     flat = out.node(call.args[2].name)
     assert flat.op == "relax.reshape" and flat.ty.shape == (4,)  # folded by TVM
     (got,) = run(out, x.numpy(), tenant="t")
@@ -171,7 +189,7 @@ def test_conv_batchnorm_folds_into_conv_with_bias():
     assert folded.info == {"folded": 1}
     assert "relax.nn.batch_norm" not in ops_of(folded.graph)
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [CONV2D_BIAS + "_relu", "relax.mean", MATMUL_BIAS]  # relu joins
+    assert ops_of(out) == [CONV2D_BIAS + "_relu", "relax.mean", DENSE_BIAS]  # relu joins
     assert info["library_calls"] == 2 and info["biases_folded"] == 2
     with torch.no_grad():
         want = model(x).numpy()
@@ -207,9 +225,9 @@ def test_mixed_providers_offload_only_their_kind():
     g = lifted(model, *inputs)
     calls = ops_of(offloaded(g, MIXED)[0])
     assert calls[0] == CONV2D_BIAS + "_relu" and "relax.matmul" in calls
-    assert not any(c.startswith(MATMUL) for c in calls)
+    assert not any(c.startswith(DENSE) for c in calls)
     calls = ops_of(offloaded(g, {"matmul": "native", "conv2d": "tvm"})[0])
-    assert "relax.nn.conv2d" in calls and calls[-1] == MATMUL_BIAS
+    assert "relax.nn.conv2d" in calls and calls[-1] == DENSE_BIAS
 
 
 # --------------------------------------------------------------------------- negative
@@ -313,7 +331,7 @@ def test_negative_bias_is_not_folded_into_a_matmul_used_twice(body, reference):
     g = one_function(body, [("x", (2, 8), "float32")])
     out, info = offloaded(g, LIBRARY)
     calls = ops_of(out)
-    assert calls[:2] == [MATMUL, "relax.add"] and MATMUL_BIAS not in calls
+    assert calls[:2] == [DENSE, "relax.add"] and DENSE_BIAS not in calls
     assert info["library_calls"] == 1 and info["biases_folded"] == 0
     got = run(out, X28)
     want = reference(X28)
@@ -335,7 +353,7 @@ def test_negative_matmul_bias_not_along_the_last_axis_is_not_folded(bias_shape):
         return relax.op.add(mm, const(bias))
 
     out, _ = offloaded(one_function(body, [("x", (4, 8), "float32")]), LIBRARY)
-    assert ops_of(out) == [MATMUL, "relax.add"]
+    assert ops_of(out) == [DENSE, "relax.add"]
     x = _rng(10).standard_normal((4, 8)).astype(np.float32)
     (got,) = run(out, x)
     np.testing.assert_allclose(got, x @ W84 + bias, rtol=0, atol=1e-5)
@@ -386,7 +404,7 @@ def test_channel_bias_of_a_conv_is_folded():
 
     out, _ = offloaded(one_function(body, [("x", (1, 2, 8, 6), "float32")]), LIBRARY)
     assert ops_of(out) == [CONV2D_BIAS]
-    (call,) = [n for n in out.nodes if n.op == CONV2D_BIAS]
+    (call,) = [n for n in out.nodes if sym_of(n) == CONV2D_BIAS]
     assert out.constants[call.args[2].key].shape == (4,)
     x = _rng(14).standard_normal((1, 2, 8, 6)).astype(np.float32)
     (got,) = run(out, x)
@@ -403,7 +421,7 @@ def test_negative_sum_of_two_matmuls_is_not_a_bias():
         return relax.op.add(a, b)
 
     out, info = offloaded(one_function(body, [("x", (2, 8), "float32")]), LIBRARY)
-    assert ops_of(out) == [MATMUL, MATMUL, "relax.add"] and info["library_calls"] == 2
+    assert ops_of(out) == [DENSE, DENSE, "relax.add"] and info["library_calls"] == 2
     (got,) = run(out, X28)
     np.testing.assert_allclose(got, 3 * (X28 @ W84), rtol=0, atol=1e-5)
 
@@ -416,7 +434,7 @@ def test_negative_a_per_channel_value_computed_at_run_time_is_not_a_bias():
 
     g = one_function(body, [("x", (2, 8), "float32"), ("v", (4,), "float32")])
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [MATMUL, "relax.nn.relu", "relax.add"]
+    assert ops_of(out) == [DENSE, "relax.nn.relu", "relax.add"]
     assert info["biases_folded"] == 0
     (got,) = run(out, X28, B4)
     np.testing.assert_allclose(got, X28 @ W84 + np.maximum(B4, 0), rtol=0, atol=1e-5)
@@ -461,8 +479,9 @@ def _gelu(v):
 def test_activation_and_residual_after_a_native_bias_call_join_it(body, op, reference):
     g = one_function(body, [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
     out, info = offloaded(g, LIBRARY)
-    assert ops_of(out) == [f"mtcompile.native.{op}"] and info["epilogues_folded"] == 1
-    (call,) = [n for n in out.nodes if n.op.startswith("mtcompile.")]
+    assert ops_of(out) == [f"mtcompile.native.{op.replace('matmul', 'dense_packed')}"]
+    assert info["epilogues_folded"] == 1
+    (call,) = [n for n in out.nodes if ops.is_library_call(n.op)]
     assert call.name == out.tenants["main"].outputs[0].name  # named as the node it replaced
     if "add" in op:  # the residual is the argument after the bias
         assert call.args[3] == Ref("main.r")
@@ -519,7 +538,7 @@ def test_negative_epilogue_not_folded_where_the_call_is_read_elsewhere_or_shapes
         body, reference):
     g = one_function(body, [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
     out, info = offloaded(g, LIBRARY)
-    assert info["epilogues_folded"] == 0 and MATMUL_BIAS in ops_of(out)
+    assert info["epilogues_folded"] == 0 and DENSE_BIAS in ops_of(out)
     got = run(out, X48, R44)
     for g_, w in zip(got, reference(X48, R44), strict=True):
         np.testing.assert_allclose(g_, w, rtol=0, atol=1e-5)
@@ -556,7 +575,7 @@ def test_linear_on_a_3d_input_takes_gelu_and_residual_through_its_reshape():
     ffn, x = FFN().eval(), torch.randn(2, 3, 8)
     out, info = offloaded(lifted(ffn, x), LIBRARY)
     calls = [op for op in ops_of(out) if op.startswith("mtcompile.")]
-    assert calls == [MATMUL_BIAS + "_gelu", MATMUL_BIAS + "_add"]
+    assert calls == [DENSE_BIAS + "_gelu", DENSE_BIAS + "_add"]
     assert info["epilogues_folded"] == 2 and "relax.add" not in ops_of(out)
     (got,) = run(out, x.numpy(), tenant="t")
     with torch.no_grad():
@@ -584,10 +603,10 @@ def test_softmax_and_layer_norm_over_the_last_axis_become_native_row_calls():
         model.ln.weight.mul_(2).add_(0.5)
         want = [w.numpy() for w in model(x)]
     out, info = offloaded(lifted(model, x), LIBRARY)
-    assert ops_of(out) == ["mtcompile.native.layer_norm", "mtcompile.native.softmax",
+    assert ops_of(out) == [sym("layer_norm"), sym("softmax"),
                            "relax.nn.softmax"]  # the softmax over axis 1 stays TVM's
     assert info["row_calls"] == 2
-    ln = next(n for n in out.nodes if n.op == "mtcompile.native.layer_norm")
+    ln = next(n for n in out.nodes if sym_of(n) == sym("layer_norm"))
     np.testing.assert_array_equal(out.constants[ln.args[3].key], np.float32([1e-5]))  # epsilon
     for got, w in zip(run(out, x.numpy(), tenant="t"), want, strict=True):
         np.testing.assert_allclose(got, w, rtol=0, atol=1e-5)
@@ -603,4 +622,5 @@ def test_negative_row_calls_only_next_to_native_matmuls_on_llvm_and_when_asked(
                             else None)
     out, records = run_passes(lifted(model, x), passes, PassContext(target, providers))
     assert records[-1].info.get("row_calls", 0) == 0
-    assert not any(op in ops.ROW_CALLS for op in ops_of(out))
+    assert not any(n.attrs.kernel in ("softmax", "layer_norm") for n in out.nodes
+                   if ops.is_library_call(n.op))

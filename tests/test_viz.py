@@ -260,3 +260,59 @@ def test_drawing_a_pass_changed_graph_keeps_groups(graph):
     grouped = replace(graph, nodes=tuple(replace(n, group="g1") if n.name in ("a.mm", "a.r")
                                          else n for n in graph.nodes))
     assert ids(viz.draw_graph(grouped).svg, "group") == ["g1"]
+
+
+def _offloaded_graph() -> Graph:
+    """A Linear + ReLU on native kernels: one library call (packed weight, bias, ReLU)."""
+    from mtcompile.ir.ops import LIBRARY_CALL, LibraryCall
+
+    w, b = np.ones((8, 8), np.float32), np.ones(8, np.float32)
+    x = Node("a.x", INPUT, (), F, ("a",))
+    call = Node("a.r", LIBRARY_CALL, (Ref("a.x"), ConstRef(const_key(w)), ConstRef(const_key(b))),
+                F, ("a",), LibraryCall("native", "matmul", "packed", bias=True, epilogue="relu"))
+    g = Graph((x, call), {"a": TenantIO((("x", "a.x"),), (Ref("a.r"),))},
+              {const_key(w): w, const_key(b): b})
+    g.verify()
+    return g
+
+
+def test_library_calls_are_named_by_kernel_and_epilogue_in_views_pictures_and_report():
+    view = viz.graph_view(_offloaded_graph())
+    row = view["nodes"][1]
+    assert row["op"] == "matmul[packed]+bias+relu"
+    assert row["call"] == {"provider": "native", "kernel": "matmul", "variant": "packed",
+                           "bias": True, "epilogue": "relu",
+                           "symbol": "mtcompile.native.dense_packed_bias_relu"}
+    svg = viz.draw_graph(view).svg
+    assert "matmul[packed]" in svg and "+bias+relu" in svg and "mtcompile.nat" not in svg
+    html = render(manifest_with(view))
+    assert "<h2>Library calls</h2>" in html
+    assert "<td>native matmul[packed]+bias+relu</td><td class='num'>1</td><td>a</td>" in html
+
+
+def test_report_shows_the_numerics_check_and_the_per_kernel_profile_by_tenant():
+    from mtcompile.tools.html_report import kernel_name
+
+    checks = {"ok": True, "tenants": {"a": {"run_all_ok": True, "outputs": [
+        {"ok": True, "max_abs": 1e-6, "max_rel": 2e-7}]}}}
+    prof = {"repeat": 3, "tenants": {"a": {"total_us": 12.0, "kernels": [
+        {"name": "mtcompile.native.conv2d_bias_add_relu", "calls": 2, "total_us": 10.0,
+         "mean_us": 5.0, "share": 10 / 12},
+        {"name": "vm.builtin.alloc_tensor", "calls": 1, "total_us": 2.0, "mean_us": 2.0,
+         "share": 2 / 12}]}}}
+    html = render(manifest_with(viz.graph_view(_offloaded_graph())), checks=checks,
+                  profile=prof)
+    assert "<h2>Numerics: PASS</h2>" in html and "<td>1.00e-06</td>" in html
+    assert "<h2>Profile (median of 3 runs)</h2>" in html
+    assert "<td>native conv2d+bias+add_relu</td><td class='num'>2</td>" in html
+    assert kernel_name("vm.builtin.alloc_tensor") == "vm.builtin.alloc_tensor"
+    assert kernel_name("mtcompile.torch.matmul") == "torch matmul"
+
+
+def test_report_command_adds_the_profile_of_a_saved_bundle(tiny_saved, tmp_path):
+    out = tmp_path / "report.html"
+    assert main(["report", str(tiny_saved), "-o", str(out), "--profile", "2"]) == 0
+    html = out.read_text()
+    assert "<h2>Profile (median of 2 runs)</h2>" in html
+    assert "<td>native conv2d+bias+relu</td>" in html  # by kernel and epilogue
+    assert "<h2>Library calls</h2>" in html and "mtcompile.nat…" not in html

@@ -10,78 +10,19 @@ code that gets our parallel, vectorized default CPU schedule (TVM has none for i
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 import tvm.sym
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from mtcompile import native
 from mtcompile.backend import arena
 from mtcompile.errors import MTCompileError
-from mtcompile.ir.graph import ConstRef, Ref
-from mtcompile.ir.ops import EPILOGUE_CALLS, HEAVY, LIBRARY_PROVIDERS
+from mtcompile.ir.ops import HEAVY, LIBRARY_PROVIDERS
 
 PROVIDERS = (*LIBRARY_PROVIDERS, "tvm")
 KINDS = tuple(dict.fromkeys(HEAVY.values()))  # the heavy op kinds a provider is chosen for
 DEFAULT_PROVIDERS = {"llvm": dict.fromkeys(KINDS, "native"), "cuda": dict.fromkeys(KINDS, "tvm")}
-
-
-_PACKED = {native.MATMUL: native.DENSE_PACKED, native.MATMUL_BIAS: native.DENSE_PACKED_BIAS}
-_PACKED.update({c: native.DENSE_PACKED_BIAS + c[len(native.MATMUL_BIAS):]
-                for c in EPILOGUE_CALLS if c.startswith(native.MATMUL_BIAS)})  # same epilogue
-PACKED_CALLS = frozenset(_PACKED.values())  # native kernels lowering calls beside the graph's
-
-
-def _dense_weights(w, graph) -> list[tuple[ConstRef, bool]] | None:
-    """A dense weight argument as its constants: [(constant, transposed)] for a constant or a
-    transposed constant (a Linear's weight arrives through ``permute_dims``), one per slice
-    for a ``stack`` on axis 0 of such weights (horizontally fused tenants); else None."""
-    if isinstance(w, ConstRef):
-        return [(w, False)]
-    if not (isinstance(w, Ref) and w.name in graph):
-        return None
-    src = graph.node(w.name)
-    # (a get_item node's attrs is its index, an int: only Opaque attrs carry TVM attrs)
-    attrs = getattr(src.attrs, "obj", None)
-    if src.op == "relax.permute_dims" and isinstance(src.args[0], ConstRef):
-        axes = getattr(attrs, "axes", None)
-        return [(src.args[0], True)] if axes is None or [int(x) for x in axes] == [1, 0] else None
-    if src.op == "relax.stack" and int(getattr(attrs, "axis", -1)) == 0:
-        parts = [_dense_weights(x, graph) for x in src.args[0]]
-        if all(q is not None and len(q) == 1 for q in parts):
-            return [q[0] for q in parts]
-    return None
-
-
-def packed_dense(node, graph) -> tuple[str, str, np.ndarray] | None:
-    """For a native matmul call on a constant 2-D float32 weight (a dense layer), or on a
-    stack of them (the weights of horizontally fused tenants, one per slice of the
-    activations' first dimension): the dense kernel that takes the weight packed at build
-    time, the packed constant's key and array (`mtcompile.native.pack_dense`; [B, ...] for a
-    stack). None for any other node: it stays as it is."""
-    kernel = _PACKED.get(node.op)
-    parts = (_dense_weights(node.args[1], graph)
-             if kernel is not None and len(node.args) > 1 else None)
-    if not parts:
-        return None
-    values = [graph.constants[c.key] for c, _ in parts]
-    if any(v.ndim != 2 or v.dtype != np.float32 or v.shape != values[0].shape for v in values):
-        return None
-    packed = [native.pack_dense(v.T if t else v) for v, (_, t) in zip(values, parts, strict=True)]
-    keys = [f"{c.key}#{'T' if t else ''}dense{native.PANEL}" for c, t in parts]
-    w = node.args[1]
-    if not (isinstance(w, Ref) and graph.node(w.name).op == "relax.stack"):
-        return kernel, keys[0], packed[0]
-    # one weight per slice of the activations' first dimension (not broadcast over it)
-    a = node.args[0]
-    a_shape = (getattr(graph.node(a.name).ty, "shape", ())
-               if isinstance(a, Ref) and a.name in graph else ())
-    shape = getattr(node.ty, "shape", ())
-    if len(shape) < 3 or len(a_shape) != len(shape) or not shape[0] == a_shape[0] == len(parts):
-        return None
-    return kernel, "stack(" + ",".join(keys) + ")", np.stack(packed)
 
 
 def resolve_providers(target: str, kernels: str | dict[str, str] | None) -> dict[str, str]:

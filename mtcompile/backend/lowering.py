@@ -53,13 +53,14 @@ from mtcompile.ir.graph import (
     iter_refs,
 )
 from mtcompile.ir.module import Module
-from mtcompile.ir.ops import CALL_PROVIDER, is_library_call
+from mtcompile.ir.ops import library_call
 from mtcompile.ir.relax_types import (
     graph_bounds,
     lift_type,
     relax_type,
     undefined_size_vars,
 )
+from mtcompile.native import table
 
 TARGETS = ("llvm", "cuda")
 
@@ -156,18 +157,11 @@ class _Emitter:
                                  else None, n.ty.shape, n.ty.dtype)
             if call is not None:
                 return call
-        if is_library_call(n.op):  # a conv's params (attrs) are its kernel's last argument
-            op = n.op
-            packed = kernels.packed_dense(n, self.graph)
-            if packed is not None:  # a dense layer: its weight packed at build time
-                op, key, value = packed
-                if key not in self.consts:
-                    self.consts[key] = relax.const(value)
-                args[1] = self.consts[key]
-            if n.attrs is not None:
-                args.append(relax.ShapeExpr(n.attrs.flat()))
-            out_ty = relax_type(n.ty)
-            return relax.op.call_dps_packed(op, relax.Tuple(args), out_ty)
+        call = library_call(n)
+        if call is not None:  # the kernel offload-library chose; a conv's params come last
+            if call.conv is not None:
+                args.append(relax.ShapeExpr(call.conv.flat()))
+            return relax.op.call_dps_packed(call.symbol, relax.Tuple(args), relax_type(n.ty))
         attrs = n.attrs.obj if n.attrs is not None else None
         return relax.Call(tvm.ir.Op.get(n.op), args, attrs, [t.obj for t in n.ty_args])
 
@@ -579,7 +573,7 @@ def build(mod: tvm.IRModule, target: str, database=None, cpu: str = HOST_CPU,
         mod, arrays, args = weights.lift(mod)
         lifted = (arrays, args)
     calls = library_calls(mod)
-    if any(CALL_PROVIDER.get(c, "native") == "native" for c in calls):  # or a packed dense
+    if any(table.SYMBOLS[c].provider == "native" for c in calls):
         register_native()
     tgt = make_target(target, cpu)
     memory: dict[str, dict] = {}  # per function: planned and left-to-TVM bytes
@@ -615,9 +609,7 @@ def library_calls(mod: tvm.IRModule) -> list[str]:
 
     def visit(e) -> None:
         if isinstance(e, relax.Call) and e.op.same_as(dps) and isinstance(
-                e.args[0], relax.ExternFunc) and (
-                    is_library_call(str(e.args[0].global_symbol))
-                    or str(e.args[0].global_symbol) in kernels.PACKED_CALLS):
+                e.args[0], relax.ExternFunc) and str(e.args[0].global_symbol) in table.SYMBOLS:
             found.append(str(e.args[0].global_symbol))
 
     for func in mod.functions.values():

@@ -355,7 +355,8 @@ class Graph:
         return g
 
     def __str__(self) -> str:
-        lines = []
+        lines = [f"dim {d.text} = [{d.lo}, {d.hi}]"
+                 + "".join(f" {v}:{lo}:{hi}" for v, lo, hi in d.bounds) for d in self.syms()]
         for t, io in self.tenants.items():
             ins = ", ".join(f"{local}=%{node}" for local, node in io.inputs)
             lines.append(f"tenant {t}({ins})")
@@ -363,6 +364,21 @@ class Graph:
         for t, io in self.tenants.items():
             lines.append(f"return {t}: (" + ", ".join(map(str, io.outputs)) + ")")
         return "\n".join(lines)
+
+    def syms(self) -> list[Sym]:
+        """The symbolic dimensions of the nodes' types, each once, in order of appearance."""
+        found: dict[str, Sym] = {}
+
+        def visit(ty) -> None:
+            if isinstance(ty, TensorTy):
+                found.update((d.text, d) for d in ty.shape if isinstance(d, Sym))
+            elif isinstance(ty, TupleTy):
+                for f in ty.fields:
+                    visit(f)
+
+        for n in self.nodes:
+            visit(n.ty)
+        return list(found.values())
 
     def verify(self) -> None:
         """Check the invariants; raise `VerifyError` naming the first broken one."""

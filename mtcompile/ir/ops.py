@@ -3,14 +3,17 @@ view, reduction, opaque), and which dtypes and layouts a library provider takes 
 
 The kernel model (`mtcompile.analysis.schedule`), fuse-vertical, fuse-horizontal and
 offload-library read their op sets here (TVM's ``TOpPattern``, onnxruntime's kernel
-registry). Library call nodes (op ``mtcompile.native.*`` or ``mtcompile.torch.*``) are
-named here too, so that passes, lowering and the runtime's kernels agree on them.
-Imports no TVM.
+registry). Library call nodes (op ``library_call``, attrs `LibraryCall`: provider, kernel,
+variant, bias, epilogue) are typed here; the kernels they name are the rows of
+`mtcompile.native.table`, which the C++ registrations are generated from. Imports no TVM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+from mtcompile.native import table
 
 # elementwise over one tensor
 UNARY = frozenset({
@@ -53,36 +56,25 @@ HEAVY = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
 
 # the library providers: who computes a heavy op the offload-library pass turns into a
 # library call node (``native``: our C++ kernels, `mtcompile.native`; ``torch``: PyTorch's,
-# `mtcompile.runtime.library`). Each registers its kernels as ``mtcompile.<provider>.<name>``.
-LIBRARY_PROVIDERS = ("native", "torch")
+# `mtcompile.runtime.library`). Which kernels each registers is `mtcompile.native.table`.
+LIBRARY_PROVIDERS = table.PROVIDERS
+LIBRARY_CALL = "library_call"  # the op of every library call node (attrs: `LibraryCall`)
 
 
 @dataclass(frozen=True)
 class LibraryKernel:
-    """What the library providers take for one heavy op, and its kernels' names.
+    """What the library providers take for one heavy op.
 
-    name: the kernel's name (``matmul``; the bias kernel adds ``_bias``); layouts: attrs the
-    op must have (attr name -> value); bias_axis: the output axis a per-channel bias runs
-    along; bias_weight_rank: the weight rank the bias kernel needs (addmm takes a 2-D
-    weight), None for any."""
+    kernel: the kernel's name in `mtcompile.native.table`; layouts: attrs the op must have
+    (attr name -> value); bias_axis: the output axis a per-channel bias runs along;
+    bias_weight_rank: the weight rank the bias kernel needs (addmm takes a 2-D weight), None
+    for any."""
 
-    name: str
+    kernel: str
     dtypes: tuple[str, ...] = ("float32",)
     layouts: dict[str, str] = field(default_factory=dict)
     bias_axis: int = -1
     bias_weight_rank: int | None = None
-
-    def call(self, provider: str, bias: bool = False, epilogue: str = "") -> str:
-        """The name of `provider`'s kernel (with a bias argument when `bias`; applying
-        `epilogue`, one of `EPILOGUES`, to its result: native bias kernels only)."""
-        if provider not in LIBRARY_PROVIDERS:
-            raise ValueError(f"{provider!r} is no library provider; expected one of "
-                             f"{list(LIBRARY_PROVIDERS)}")
-        if epilogue and (epilogue not in EPILOGUES or provider != "native" or not bias):
-            raise ValueError(f"no {provider} kernel {self.name} with epilogue {epilogue!r} "
-                             f"(bias={bias}); native bias kernels take {list(EPILOGUES)}")
-        return (f"mtcompile.{provider}.{self.name}{'_bias' if bias else ''}"
-                f"{'_' + epilogue if epilogue else ''}")
 
 
 LIBRARY = {
@@ -91,28 +83,16 @@ LIBRARY = {
         "conv2d", bias_axis=1,
         layouts={"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW"}),
 }
-# what a native bias kernel may apply to its result before storing it: an activation, a
-# residual of the output's shape added (its argument follows the bias), or both (added first)
-EPILOGUES = ("relu", "gelu", "add", "add_relu")
+EPILOGUES = tuple(table.EPILOGUES)  # what a native bias kernel may apply (see the table)
 EPILOGUE_ACTS = {"relax.nn.relu": "relu", "relax.nn.gelu": "gelu"}  # activation op -> name
-# library call node op -> the heavy op it computes, -> its provider, -> its epilogue
-LIBRARY_CALLS = {k.call(p, b): op for op, k in LIBRARY.items()
-                 for p in LIBRARY_PROVIDERS for b in (False, True)}
-EPILOGUE_CALLS = {k.call("native", True, e): e for k in LIBRARY.values() for e in EPILOGUES}
-LIBRARY_CALLS.update({name: LIBRARY_CALLS[name.rsplit("_bias", 1)[0] + "_bias"]
-                      for name in EPILOGUE_CALLS})
-# native row kernels (softmax, layer norm over the last axis) -> the op each computes; made by
-# offload-library next to the native matmul kernels (see passes/offload_library.py)
-ROW_CALLS = {"mtcompile.native.softmax": "relax.nn.softmax",
-             "mtcompile.native.layer_norm": "relax.nn.layer_norm"}
-LIBRARY_CALLS.update(ROW_CALLS)
-CALL_PROVIDER = {name: name.split(".")[1] for name in LIBRARY_CALLS}
-BIAS_CALLS = frozenset(name for name in LIBRARY_CALLS if "_bias" in name)
+# native row kernels (softmax, layer norm over the last axis): op -> the table's kernel; made
+# by offload-library next to the native matmul kernels (see passes/offload_library.py)
+ROW_KERNELS = {"relax.nn.softmax": "softmax", "relax.nn.layer_norm": "layer_norm"}
 
 
 @dataclass(frozen=True)
 class ConvParams:
-    """The attrs of a library conv node, in the order its kernel takes them."""
+    """A library conv call's parameters (`LibraryCall.conv`), in the order its kernel takes them."""
 
     strides: tuple[int, int]
     padding: tuple[int, int, int, int]  # top, left, bottom, right
@@ -128,6 +108,70 @@ class ConvParams:
                 f"dilation={list(self.dilation)}, groups={self.groups}")
 
 
+@dataclass(frozen=True)
+class LibraryCall:
+    """A library call node's attrs: which kernel runs it, decided once by offload-library.
+
+    provider: ``native`` or ``torch``; kernel, variant: a row of `mtcompile.native.table`
+    (``matmul``, ``packed``: its weight argument packed at build time); bias: a 1-D bias
+    argument follows the inputs; epilogue: what the kernel applies to its result (``relu``,
+    ``add_relu``...: a residual argument follows the bias); conv: a conv's parameters (the
+    kernel's last argument before out). Lowering and the pictures read these; the kernel's
+    symbol comes from the table (`form`)."""
+
+    provider: str
+    kernel: str
+    variant: str = ""
+    bias: bool = False
+    epilogue: str = ""
+    conv: ConvParams | None = None
+
+    def __post_init__(self) -> None:
+        self.form  # noqa: B018  (a form the table lists, else ValueError)
+
+    @property
+    def form(self) -> table.Form:
+        """The table's form of this call (its symbol, arguments)."""
+        return table.find(self.provider, self.kernel, self.variant, self.bias, self.epilogue)
+
+    @property
+    def symbol(self) -> str:
+        """The global function lowering calls."""
+        return self.form.symbol
+
+    @property
+    def computes(self) -> str:
+        """The Relax op the call computes."""
+        return self.form.kernel.computes
+
+    @property
+    def label(self) -> str:
+        """A short name for pictures: ``native matmul[packed] +bias +add_relu``."""
+        return (f"{self.provider} {self.kernel}{f'[{self.variant}]' if self.variant else ''}"
+                f"{' +bias' if self.bias else ''}{f' +{self.epilogue}' if self.epilogue else ''}")
+
+    def replace(self, **changes) -> LibraryCall:
+        """The same call with some attributes changed."""
+        return dataclasses.replace(self, **changes)
+
+    def __str__(self) -> str:
+        parts = [f"kernel={self.kernel}", f"provider={self.provider}"]
+        parts += [f"variant={self.variant}"] if self.variant else []
+        parts += ["bias=true"] if self.bias else []
+        parts += [f"epilogue={self.epilogue}"] if self.epilogue else []
+        return ", ".join(parts + ([str(self.conv)] if self.conv is not None else []))
+
+
 def is_library_call(op: str) -> bool:
     """Whether `op` is a library call node's op."""
-    return op in LIBRARY_CALLS
+    return op == LIBRARY_CALL
+
+
+def computes(node) -> str:
+    """The Relax op a node computes: its own, or the one its library call computes."""
+    return node.attrs.computes if node.op == LIBRARY_CALL else node.op
+
+
+def library_call(node) -> LibraryCall | None:
+    """A library call node's `LibraryCall` (None for any other node)."""
+    return node.attrs if node.op == LIBRARY_CALL else None

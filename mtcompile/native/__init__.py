@@ -1,9 +1,11 @@
-"""Native heavy kernels: builds, loads and registers the C++ matmul/conv2d library calls.
+"""Native heavy kernels: builds, loads and registers the C++ library calls.
 
-`register()` compiles ``src/kernels.cc`` with the system C++ compiler (``tvm_ffi.cpp.build``),
-caches the shared library by a hash of its sources and flags, and loads it: its static init
-block registers ``mtcompile.native.matmul`` / ``matmul_bias`` / ``conv2d`` / ``conv2d_bias``
-as TVM global functions (the argument conventions of `mtcompile.runtime.library`). The BLAS
+`register()` compiles ``src/*.cc`` (one file per kernel family, ``registration.cc``) with the
+system C++ compiler (``tvm_ffi.cpp.build``) beside ``kernels_table.h``, generated from the one
+table of kernels (`mtcompile.native.table`), caches the shared library by a hash of its
+sources, that header and the flags, and loads it: its static init block registers every
+native form the table lists (``mtcompile.native.matmul_bias_relu``, ...) as a TVM global
+function (argument order: `mtcompile.native.table`). The BLAS
 is scipy-openblas32, kept single-threaded; each kernel splits its work over TVM's thread pool.
 Loading needs neither torch nor ``tvm`` (the compiler): only tvm_ffi, TVM's runtime library and the BLAS.
 """
@@ -17,20 +19,16 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["CONV2D", "CONV2D_BIAS", "DENSE_PACKED", "DENSE_PACKED_BIAS", "MATMUL", "MATMUL_BIAS",
-           "PANEL", "cache_dir", "export_options", "library_path", "object_path", "pack_dense",
-           "preload", "register", "source_hash"]
+from mtcompile.native import table
 
-MATMUL = "mtcompile.native.matmul"
-MATMUL_BIAS = "mtcompile.native.matmul_bias"
-CONV2D = "mtcompile.native.conv2d"
-CONV2D_BIAS = "mtcompile.native.conv2d_bias"
-DENSE_PACKED = "mtcompile.native.dense_packed"  # a @ w, w packed by `pack_dense`
-DENSE_PACKED_BIAS = "mtcompile.native.dense_packed_bias"
+__all__ = ["PANEL", "cache_dir", "export_options", "library_path", "object_path", "pack_dense",
+           "preload", "register", "source_hash", "table"]
+
 PANEL = 16  # columns per panel of a packed dense weight
 _SRC = Path(__file__).parent / "src"
 _CFLAGS = ("-O3", "-fno-math-errno", "-fno-gnu-unique")  # no unique symbols: dlclose unloads
 _loaded: str | None = None
+_HEADER = "kernels_table.h"  # generated into the build directory from `table`
 
 
 def _package_dir(name: str) -> Path:
@@ -82,6 +80,7 @@ def source_hash() -> str:
     h = hashlib.sha256()
     for s in sorted(_SRC.glob("*.[ch]*")):
         h.update(s.name.encode() + b"\0" + s.read_bytes())
+    h.update(_HEADER.encode() + b"\0" + table.header().encode())
     h.update(repr(_flags()).encode())
     return h.hexdigest()[:16]
 
@@ -108,6 +107,11 @@ def _build(output: str) -> str:
 
     _ninja_on_path()
     cflags, ldflags = _flags()
+    # the generated table beside the build (the installed sources may be read-only), mapped
+    # like the sources: no cache path inside the object
+    build_dir.mkdir(parents=True, exist_ok=True)
+    (build_dir / _HEADER).write_text(table.header())
+    cflags += [f"-I{build_dir}", f"-I{_SRC}", f"-ffile-prefix-map={build_dir}=mtcompile/native/src"]
     sources = [str(s) for s in sorted(_SRC.glob("*.cc"))]
     return str(tvm_ffi.cpp.build("mtcompile_native", sources=sources, extra_cflags=cflags,
                                  extra_ldflags=ldflags, build_directory=str(build_dir),

@@ -11,12 +11,11 @@ float32 shapes or machines where PyTorch's oneDNN/MKL kernels are faster.
 
 from __future__ import annotations
 
-from mtcompile.ir.ops import LIBRARY
+from mtcompile.native.table import find
 
-# the names library call nodes carry (`mtcompile.ir.ops`): one place for both sides
-_MM, _CONV = LIBRARY["relax.matmul"], LIBRARY["relax.nn.conv2d"]
-MATMUL, MATMUL_BIAS = _MM.call("torch"), _MM.call("torch", bias=True)
-CONV2D, CONV2D_BIAS = _CONV.call("torch"), _CONV.call("torch", bias=True)
+# the symbols of the table's torch forms (`mtcompile.native.table`): one place for both sides
+MATMUL, MATMUL_BIAS = find("torch", "matmul").symbol, find("torch", "matmul", bias=True).symbol
+CONV2D, CONV2D_BIAS = find("torch", "conv2d").symbol, find("torch", "conv2d", bias=True).symbol
 
 __all__ = ["CONV2D", "CONV2D_BIAS", "MATMUL", "MATMUL_BIAS", "register"]
 _registered = False

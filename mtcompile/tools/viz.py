@@ -171,7 +171,17 @@ def _label(n: dict) -> str:
     op = n["op"].removeprefix("nn.")
     if op == "input":
         return "in " + n["name"].rsplit(".", 1)[-1]
-    return op if len(op) <= 14 else op[:13] + "…"
+    call = n.get("call")
+    if call:  # the kernel (and its variant) over what it applies: bias, epilogue
+        head = call["kernel"] + ("[" + call["variant"] + "]" if call["variant"] else "")
+        tail = ("+bias" if call["bias"] else "") + ("+" + call["epilogue"] if call["epilogue"]
+                                                     else "")
+        return "\n".join(_cut(x) for x in (head, tail) if x)
+    return _cut(op)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 14 else text[:13] + "…"
 
 
 def _draw_layered(view: dict, nodes: list[dict], tenant, region) -> Picture:

@@ -26,9 +26,13 @@ namespace mtc {
 
 constexpr int kMR = 4, kMR512 = 12, kNR = 16;
 
+// The one conv geometry (every conv path reads it): images N of C channels H x W, O output
+// channels OH x OW from KH x KW kernels, G groups of Cg input and Og output channels; strides,
+// padding top/left/bottom/right, dilations. Made from a call's tensors and its 9 parameters
+// by conv.cc (`conv_geom`).
 struct ConvGeom {
-  int64_t C, H, W, KH, KW, OH, OW, Cg, Og;
-  int64_t sh, sw, pt, pl, dh, dw;
+  int64_t N, C, H, W, O, KH, KW, OH, OW, G, Cg, Og;
+  int64_t sh, sw, pt, pl, pb, pr, dh, dw;
 };
 
 // The padded, stride-split copy of one image's channels: row ih (in padded coordinates) of

@@ -1,0 +1,242 @@
+// matmul (numpy semantics, on the BLAS) and dense on a packed weight (AVX2/AVX-512 tiles of
+// dense_avx2.h): the kernels of table row "matmul" and its "packed" variant.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "call.h"
+#include "dense_avx2.h"
+
+namespace mtc {
+namespace {
+
+// ---------------------------------------------------------------- matmul
+// the shapes of out = a @ b (numpy matmul: 1-D operands, broadcast batch dims)
+struct MatmulShape {
+  int64_t M, K, N;
+  int nb;                              // batch dims
+  std::vector<int64_t> batch, sa, sb;  // batch shape; element strides in a and b (0: broadcast)
+  int64_t nbatch = 1, rows;            // batches; rows per batch (all of them when folded)
+  bool fold = true;                    // b shared by every batch and a contiguous over them
+};
+
+std::vector<int64_t> matmul_batch(const char* op, const TensorView& a, const TensorView& b) {
+  const int ra = a.ndim(), rb = b.ndim();
+  const int ba = std::max(ra - 2, 0), bb = std::max(rb - 2, 0), nb = std::max(ba, bb);
+  std::vector<int64_t> batch(nb);
+  for (int i = 0; i < nb; ++i) {
+    int ia = i - (nb - ba), ib = i - (nb - bb);
+    int64_t da = ia >= 0 ? a.size(ia) : 1, db = ib >= 0 ? b.size(ib) : 1;
+    if (da != db && da != 1 && db != 1)
+      TVM_FFI_THROW(ValueError) << op << ": batch dimensions do not broadcast: a "
+                                << shape_str(a) << ", b " << shape_str(b);
+    batch[i] = std::max(da, db);
+  }
+  return batch;
+}
+
+void matmul_check_out(const char* op, const TensorView& a, const TensorView& b,
+                      const TensorView& out, const MatmulShape& s) {
+  std::vector<int64_t> want(s.batch);
+  if (a.ndim() > 1) want.push_back(s.M);
+  if (b.ndim() > 1) want.push_back(s.N);
+  bool ok = out.ndim() == static_cast<int>(want.size());
+  for (size_t i = 0; ok && i < want.size(); ++i) ok = out.size(i) == want[i];
+  if (ok) return;
+  std::string w = "[";
+  for (size_t i = 0; i < want.size(); ++i) w += (i ? ", " : "") + std::to_string(want[i]);
+  TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected " << w
+                            << "] for a " << shape_str(a) << " @ b " << shape_str(b);
+}
+
+void matmul_strides(const TensorView& a, const TensorView& b, MatmulShape& s) {
+  const int ra = a.ndim(), rb = b.ndim(), nb = s.nb;
+  const int ba = std::max(ra - 2, 0), bb = std::max(rb - 2, 0);
+  s.sa.assign(nb, 0), s.sb.assign(nb, 0);
+  int64_t stA = s.M * s.K, stB = s.K * s.N;
+  for (int i = nb - 1; i >= 0; --i) {
+    int ia = i - (nb - ba), ib = i - (nb - bb);
+    if (ia >= 0) {
+      s.sa[i] = a.size(ia) == 1 ? 0 : stA;
+      stA *= a.size(ia);
+    }
+    if (ib >= 0) {
+      s.sb[i] = b.size(ib) == 1 ? 0 : stB;
+      stB *= b.size(ib);
+    }
+  }
+  for (int64_t d : s.batch) s.nbatch *= d;
+  for (int i = 0; i < nb; ++i) s.fold = s.fold && s.sb[i] == 0 && (s.batch[i] == 1 || s.sa[i] != 0);
+  s.rows = s.M;
+  if (s.fold) {
+    s.rows = s.M * s.nbatch;
+    s.nbatch = 1;
+  }
+}
+
+MatmulShape matmul_shape(const char* op, const TensorView& a, const TensorView& b,
+                         const TensorView& out, int64_t nbias, bool bias) {
+  const int ra = a.ndim(), rb = b.ndim();
+  MatmulShape s;
+  s.M = ra == 1 ? 1 : a.size(ra - 2), s.K = a.size(ra - 1);
+  const int64_t Kb = rb == 1 ? b.size(0) : b.size(rb - 2);
+  s.N = rb == 1 ? 1 : b.size(rb - 1);
+  if (s.K != Kb)
+    TVM_FFI_THROW(ValueError) << op << ": inner dimensions differ: a " << shape_str(a) << ", b "
+                              << shape_str(b);
+  s.batch = matmul_batch(op, a, b);
+  s.nb = static_cast<int>(s.batch.size());
+  matmul_check_out(op, a, b, out, s);
+  if (bias && nbias != s.N)
+    TVM_FFI_THROW(ValueError) << op << ": bias has " << nbias << " values, out has " << s.N
+                              << " columns";
+  matmul_strides(a, b, s);
+  return s;
+}
+
+// task `task` of `ntask`: tiles of batches x row blocks x column blocks, given out in
+// contiguous runs to the tasks
+void matmul_task(const MatmulShape& s, const float* pa, const float* pb, const float* bias,
+                 float* pc, const Epilogue& ep, int64_t task, int64_t ntask) {
+  const int64_t rows = s.rows, N = s.N, K = s.K, nbatch = s.nbatch;
+  // split rows when there are enough (8-row aligned), else columns (16-aligned), else batches
+  int64_t per_batch_parts = 1;
+  bool by_rows = true;
+  if (nbatch < ntask) {
+    per_batch_parts = (ntask + nbatch - 1) / nbatch;
+    by_rows = rows >= 8 * per_batch_parts || N < 16 * per_batch_parts;
+  }
+  const int64_t tiles = nbatch * per_batch_parts;
+  auto [t0, t1] = part(tiles, task, ntask, 1);
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t bi = t / per_batch_parts, pi = t % per_batch_parts;
+    int64_t r0 = 0, r1 = rows, c0 = 0, c1 = N;
+    if (by_rows)
+      std::tie(r0, r1) = part(rows, pi, per_batch_parts, 8);
+    else
+      std::tie(c0, c1) = part(N, pi, per_batch_parts, 16);
+    int64_t oa = 0, ob = 0, rem = bi;
+    for (int i = s.nb - 1; i >= 0 && !s.fold; --i) {
+      int64_t idx = rem % s.batch[i];
+      rem /= s.batch[i];
+      oa += idx * s.sa[i];
+      ob += idx * s.sb[i];
+    }
+    float* c = pc + bi * rows * N + r0 * N + c0;
+    if (bias) {
+      for (int64_t r = r0; r < r1; ++r)
+        std::memcpy(pc + bi * rows * N + r * N + c0, bias + c0, (c1 - c0) * sizeof(float));
+    }
+    sgemm(r1 - r0, c1 - c0, K, pa + oa + r0 * K, K, pb + ob + c0, N, bias ? 1.f : 0.f, c, N);
+    finish_block(ep, pc, bi * rows * N + r0 * N + c0, N, r1 - r0, c1 - c0);
+  }
+}
+
+// out = a @ b (numpy matmul), optional bias along the last axis of out, then the epilogue
+void matmul_impl(const char* op, TensorView a, TensorView b, const float* bias, int64_t nbias,
+                 TensorView out, const Epilogue& ep) {
+  check_tensor(op, "a", a, 1, 8);
+  check_tensor(op, "b", b, 1, 8);
+  check_tensor(op, "out", out, 0, 8);
+  const MatmulShape s = matmul_shape(op, a, b, out, nbias, bias != nullptr);
+  if (s.rows == 0 || s.N == 0 || s.nbatch == 0) return;
+  const float* pa = fdata(a);
+  const float* pb = fdata(b);
+  float* pc = fdata_mut(out);
+  const int64_t work = s.nbatch * s.rows * s.N * s.K;
+  parallel(work, std::max<int64_t>(s.nbatch, s.rows / 8 + 1) * std::max<int64_t>(1, s.N / 16),
+           [&](int64_t task, int64_t ntask) { matmul_task(s, pa, pb, bias, pc, ep, task, ntask); });
+}
+
+// ---------------------------------------------------------------- dense on a packed weight
+// out[..., n] = a[..., :] @ w[:, n] (+ bias[n]) with w packed at build time as 16-column
+// panels wp[N/16][K][16] (see dense_avx2.h; mtcompile.native.pack_dense packs it).
+// A 4-D wp [B][N/16][K][16] is B such weights, one per slice of a's first dimension (the
+// stacked weights of horizontally fused tenants): out[b] = a[b] @ w[b].
+void dense_packed_check(const char* op, TensorView a, TensorView wp, int64_t nbias,
+                        TensorView out) {
+  check_tensor(op, "a", a, 1, 8);
+  check_tensor(op, "packed weight", wp, 3, 4);
+  check_tensor(op, "out", out, 1, 8);
+  const int w0 = wp.ndim() - 3;  // a batch of weights: their count first
+  const int64_t K = a.size(a.ndim() - 1), N = out.size(out.ndim() - 1);
+  const int64_t panels = (N + kDenseNR - 1) / kDenseNR;
+  if (wp.size(w0) != panels || wp.size(w0 + 1) != K || wp.size(w0 + 2) != kDenseNR ||
+      (w0 == 1 && (a.ndim() < 2 || a.size(0) != wp.size(0))))
+    TVM_FFI_THROW(ValueError) << op << ": packed weight has shape " << shape_str(wp)
+                              << ", expected [" << (w0 ? "a's first dimension, " : "")
+                              << panels << ", " << K << ", " << kDenseNR << "] for a "
+                              << shape_str(a) << " and out " << shape_str(out);
+  bool ok = out.ndim() == a.ndim();
+  for (int i = 0; ok && i + 1 < a.ndim(); ++i) ok = out.size(i) == a.size(i);
+  if (!ok)
+    TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected a's "
+                              << shape_str(a) << " with the last dimension " << N;
+  if (nbias >= 0 && nbias != N)
+    TVM_FFI_THROW(ValueError) << op << ": bias has " << nbias << " values, out has " << N
+                              << " columns";
+}
+
+// panels [p0, p1) of rows [r0, r0 + nr) of one weight's slice: a, wp, out at that slice
+void dense_packed_tile(int64_t r0, int64_t nr, int64_t K, int64_t N, const float* pa,
+                       const float* pw, const float* bias, float* pc, int64_t p0, int64_t p1,
+                       const Epilogue& ep, int64_t at) {
+  if (kHasAvx2) {
+    dense_panels(kHasAvx512, nr, K, N, pa + r0 * K, pw, bias, pc + r0 * N, p0, p1,
+                 ep.res_at(at + r0 * N), ep.act);
+    return;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kDenseNR, nc = std::min<int64_t>(kDenseNR, N - n0);
+    float* c = pc + r0 * N + n0;
+    if (bias)
+      for (int64_t r = 0; r < nr; ++r) std::memcpy(c + r * N, bias + n0, nc * sizeof(float));
+    sgemm(nr, nc, K, pa + r0 * K, K, pw + p * K * kDenseNR, kDenseNR, bias ? 1.f : 0.f, c, N);
+    finish_block(ep, pc - at, at + r0 * N + n0, N, nr, nc);
+  }
+}
+
+void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float* bias,
+                       int64_t nbias, TensorView out, const Epilogue& ep) {
+  dense_packed_check(op, a, wp, bias != nullptr ? nbias : -1, out);
+  const int64_t B = wp.ndim() == 4 ? wp.size(0) : 1;
+  const int64_t K = a.size(a.ndim() - 1), N = out.size(out.ndim() - 1);
+  const int64_t panels = (N + kDenseNR - 1) / kDenseNR;
+  const int64_t rows = (K == 0 ? out.numel() / std::max<int64_t>(N, 1) : a.numel() / K) / B;
+  if (rows == 0 || N == 0) return;
+  const float* pa = fdata(a);
+  const float* pw = fdata(wp);
+  float* pc = fdata_mut(out);
+  // row blocks whose activations (rows x K) stay in L2 while the panels stream past them
+  const int64_t rb = std::max<int64_t>(
+      kDenseMR, (32768 / std::max<int64_t>(K, 1)) / kDenseMR * kDenseMR);
+  const int64_t blocks = (rows + rb - 1) / rb, tiles = B * blocks * panels;
+  parallel(B * rows * N * K, tiles, [&](int64_t task, int64_t ntask) {
+    auto [t0, t1] = part(tiles, task, ntask, 1);
+    for (int64_t t = t0; t < t1;) {  // a task's run may span row blocks and weights
+      const int64_t u = t / panels, end = std::min(t1, (u + 1) * panels);
+      const int64_t b = u / blocks, r0 = (u % blocks) * rb, nr = std::min(rb, rows - r0);
+      const int64_t at = b * rows * N;
+      dense_packed_tile(r0, nr, K, N, pa + b * rows * K, pw + b * panels * K * kDenseNR, bias,
+                        pc + at, t - u * panels, end - u * panels, ep, at);
+      t = end;
+    }
+  });
+}
+
+}  // namespace
+
+void matmul_run(const Call& c) {
+  TensorView w = c.in(1);
+  if (c.bias != nullptr) check_tensor(c.op, "weight", w, 2, 2);  // addmm's 2-D weight
+  matmul_impl(c.op, c.in(0), w, c.bias, c.nbias, c.out(), c.ep);
+}
+
+void dense_packed_run(const Call& c) {
+  dense_packed_impl(c.op, c.in(0), c.in(1), c.bias, c.nbias, c.out(), c.ep);
+}
+
+}  // namespace mtc
