@@ -3,8 +3,8 @@ native softmax -> native matmul(., v), each step its next one's sole input -> on
 ``attention`` library call (`mtcompile.native.table`, ``src/attention.cc``).
 
 The chain is what the importers leave of ``softmax(q @ k^T / sqrt(d)) @ v`` once
-offload-library has made its matmuls and softmax library calls: 3-D batched matmuls over
-(batch x heads), with reshapes (and a no-op ``broadcast_to``) between the steps. The fused
+offload-library has made its matmuls and softmax library calls: batched matmuls over
+(batch x heads; x tenants where fuse-horizontal stacked them), with reshapes (and a no-op ``broadcast_to``) between the steps. The fused
 kernel keeps each block of scores in a task's buffer, so the scores never reach memory as a
 tensor and one call replaces four. A chain with a masked score (an add before softmax), a
 value read elsewhere, or any other shape stays as it is.
@@ -76,7 +76,7 @@ class _Matcher:
 
     def match(self, last: Node) -> _Chain | None:
         call = ops.library_call(last)
-        if not _plain_matmul(call) or not _rank3(last):
+        if not _plain_matmul(call) or not _batched(last):
             return None
         seen: list[str] = []
         soft = self._through_views(last.args[0], seen)
@@ -92,11 +92,14 @@ class _Matcher:
         scale, product = found
         first = self._through_views(product, seen)
         if first is None or not self.sole.get(first.name) or not _plain_matmul(
-                ops.library_call(first)) or not _rank3(first):
+                ops.library_call(first)) or not _batched(first):
             return None
         seen.append(first.name)
         q, kt, v = first.args[0], first.args[1], last.args[1]
-        if not all(isinstance(a, Ref) and _rank3(self.graph.node(a.name)) for a in (q, kt, v)):
+        if not all(isinstance(a, Ref) and _batched(self.graph.node(a.name)) for a in (q, kt, v)):
+            return None
+        lead = {self.graph.node(a.name).ty.shape[:-2] for a in (q, kt, v)} | {last.ty.shape[:-2]}
+        if len(lead) != 1:  # one batch of heads (the kernel checks symbolic dims at run time)
             return None
         return _Chain(last, tuple(seen), q, kt, v, scale)
 
@@ -107,8 +110,9 @@ def _plain_matmul(call) -> bool:
             and not call.variant and not call.bias and not call.epilogue)
 
 
-def _rank3(n: Node) -> bool:
-    return isinstance(n.ty, TensorTy) and n.ty.dtype == "float32" and len(n.ty.shape) == 3
+def _batched(n: Node) -> bool:
+    """A float32 tensor of rank 3 or more: [..., rows, columns], the leading dims batched."""
+    return isinstance(n.ty, TensorTy) and n.ty.dtype == "float32" and len(n.ty.shape) >= 3
 
 
 @register

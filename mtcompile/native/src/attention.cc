@@ -1,5 +1,6 @@
-// Attention per head, fused: out[b] = softmax(scale * (q[b] @ kt[b])) @ v[b], with q [B, S, D],
-// kt [B, D, T] (the keys transposed, as the importer leaves them), v [B, T, E]. Rows of q in
+// Attention per head, fused: out[b] = softmax(scale * (q[b] @ kt[b])) @ v[b], with q [..., S, D],
+// kt [..., D, T] (the keys transposed, as the importer leaves them), v [..., T, E], b over the
+// leading dims. Rows of q in
 // blocks of kRows over the pool; a block's scores (kRows x T) stay in the task's buffer and
 // never reach memory as a tensor (the unfused graph wrote and read them four times: matmul,
 // scale, softmax, matmul), and one call replaces four. The table row "attention".
@@ -108,28 +109,39 @@ void attention_rows_generic(const float* q, const float* kt, const float* v, flo
   attention_body(q, kt, v, scale, nr, D, T, E, s, o, false);
 }
 
-void check_attention(const Call& c) {
+// q [..., S, D], kt [..., D, T], v [..., T, E], out [..., S, E] with the same leading dims
+// (heads, and the tenants of a horizontally fused call); returns their product B
+int64_t check_attention(const Call& c) {
   const TensorView q = c.in(0), kt = c.in(1), v = c.in(2), sc = c.in(3), out = c.out();
-  check_tensor(c.op, "q", q, 3, 3);
-  check_tensor(c.op, "kt", kt, 3, 3);
-  check_tensor(c.op, "v", v, 3, 3);
+  check_tensor(c.op, "q", q, 3, 8);
+  check_tensor(c.op, "kt", kt, 3, 8);
+  check_tensor(c.op, "v", v, 3, 8);
   check_tensor(c.op, "scale", sc, 1, 1);
-  check_tensor(c.op, "out", out, 3, 3);
-  const int64_t B = q.size(0), S = q.size(1), D = q.size(2), T = kt.size(2), E = v.size(2);
-  if (kt.size(0) != B || kt.size(1) != D || v.size(0) != B || v.size(1) != T ||
-      sc.size(0) != 1 || out.size(0) != B || out.size(1) != S || out.size(2) != E)
+  check_tensor(c.op, "out", out, 3, 8);
+  const int r = q.ndim();
+  bool ok = kt.ndim() == r && v.ndim() == r && out.ndim() == r && sc.size(0) == 1;
+  int64_t B = 1;
+  for (int i = 0; ok && i + 2 < r; ++i) {
+    ok = kt.size(i) == q.size(i) && v.size(i) == q.size(i) && out.size(i) == q.size(i);
+    B *= q.size(i);
+  }
+  ok = ok && kt.size(r - 2) == q.size(r - 1) && v.size(r - 2) == kt.size(r - 1) &&
+       out.size(r - 2) == q.size(r - 2) && out.size(r - 1) == v.size(r - 1);
+  if (!ok)
     TVM_FFI_THROW(ValueError) << c.op << ": q " << shape_str(q) << ", kt " << shape_str(kt)
                               << ", v " << shape_str(v) << ", scale " << shape_str(sc)
-                              << " and out " << shape_str(out) << " do not fit (expected [B, S, D], "
-                              << "[B, D, T], [B, T, E], [1] and [B, S, E])";
+                              << " and out " << shape_str(out) << " do not fit (expected [..., S, "
+                              << "D], [..., D, T], [..., T, E], [1] and [..., S, E])";
+  return B;
 }
 
 }  // namespace
 
 void attention_run(const Call& c) {
-  check_attention(c);
+  const int64_t B = check_attention(c);
   const TensorView q = c.in(0), kt = c.in(1), v = c.in(2), out = c.out();
-  const int64_t B = q.size(0), S = q.size(1), D = q.size(2), T = kt.size(2), E = v.size(2);
+  const int r = q.ndim();
+  const int64_t S = q.size(r - 2), D = q.size(r - 1), T = kt.size(r - 1), E = v.size(r - 1);
   if (B == 0 || S == 0 || E == 0) return;
   const float *pq = fdata(q), *pk = fdata(kt), *pv = fdata(v);
   const float scale = fdata(c.in(3))[0];
