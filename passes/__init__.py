@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (importing registers the passes)
     dedup,
     eliminate_dead_nodes,
     fold_batch_norm,
+    fuse_attention,
     fuse_horizontal,
     fuse_vertical,
     offload_library,
@@ -24,6 +25,7 @@ DEFAULT_PIPELINE: list[str] = [
     "eliminate-dead-nodes",  # drop values no tenant output needs
     "fold-batch-norm",  # inference batch-norm after a conv -> the conv's weight and a bias
     "offload-library",  # heavy ops whose provider is library -> library calls (bias folded)
+    "fuse-attention",  # native matmul -> scale -> softmax -> matmul chains -> one call
     "fuse-vertical",  # fusion groups: each becomes exactly one kernel
     "assign-streams",  # run_all's kernels -> streams (auto: one stream unless it pays off)
     "plan-memory",  # one arena per function: offsets by liveness over the kernels that run

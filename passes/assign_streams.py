@@ -21,6 +21,7 @@ from mtcompile.analysis.streams import AUTO_MIN_SPEEDUP, POLICIES, StreamAssignm
 from mtcompile.errors import MTCompileError
 from mtcompile.ir import ops
 from mtcompile.ir.graph import ConstRef, Graph, Ref, TensorTy
+from mtcompile.native import table
 from mtcompile.pass_infra import Pass, PassContext, PassResult, option, register
 
 # target -> (flops per us per thread, bytes per us, overhead us of a TVM kernel / library call)
@@ -45,8 +46,9 @@ def _shape(graph: Graph, arg) -> tuple[int, ...]:
 
 
 def kernel_work(graph: Graph, k: Kernel) -> tuple[float, float]:
-    """(flops, bytes moved) of one kernel: 2*M*N*K for matmul, 2*out*Cin/g*kh*kw for conv,
-    one op per output (or input, for reductions) element otherwise."""
+    """(flops, bytes moved) of one kernel: 2*M*N*K for matmul (both products of an attention
+    call), 2*out*Cin/g*kh*kw for conv, one op per output (or input, for reductions) element
+    otherwise."""
     flops = 0.0
     for name in k.nodes:
         n = graph.node(name)
@@ -59,6 +61,9 @@ def kernel_work(graph: Graph, k: Kernel) -> tuple[float, float]:
             flops += out  # the bias add that joined the call
         if op == "relax.matmul":
             flops += 2.0 * out * (_shape(graph, n.args[0]) or (1,))[-1]
+        elif op == table.ATTENTION:  # q [B, S, D] @ kt [B, D, T], then by v [B, T, E]
+            q, v = _shape(graph, n.args[0]) or (1,), _shape(graph, n.args[2]) or (1, 1)
+            flops += 2.0 * out / max(v[-1], 1) * v[-2] * (q[-1] + v[-1])
         elif op == "relax.nn.conv2d":
             w = _shape(graph, n.args[1])
             flops += 2.0 * out * math.prod(w[1:]) if w else out

@@ -19,6 +19,7 @@ PROVIDERS = ("native", "torch")  # who registers library kernels (mtcompile.<pro
 EPILOGUES = {"relu": (False, "relu"), "gelu": (False, "gelu"), "add": (True, ""),
              "add_relu": (True, "relu")}
 _ACTS = {"": "kActNone", "relu": "kActRelu", "gelu": "kActGelu"}  # C++ names (epilogue.h)
+ATTENTION = "mtcompile.attention"  # what the attention kernel computes: a chain, not one op
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Kernel:
 
     name: the kernel (``matmul``); variant: a variant of it (``packed``: the weight packed at
     build time); base: the symbols' stem (``dense_packed``); computes: the Relax op it
-    computes; inputs: its tensor arguments before a bias; entry: the C++ function that runs
+    computes (`ATTENTION`: a chain of them); inputs: its tensor arguments before a bias; entry: the C++ function that runs
     it; bias: whether it has a form with a 1-D per-channel bias after the inputs (``plain``:
     and one without); epilogues: what its bias form may apply (`EPILOGUES`, native only);
     params: whether a conv's 9 parameters follow (stride h/w, padding t/l/b/r, dilation h/w,
@@ -61,6 +62,8 @@ KERNELS = (
     Kernel("softmax", "relax.nn.softmax", ("x",), "softmax_run"),
     Kernel("layer_norm", "relax.nn.layer_norm", ("x", "gamma", "beta", "epsilon"),
            "layer_norm_run"),
+    # softmax(scale * q @ kt) @ v per head: the chain fuse-attention matches (no Relax op)
+    Kernel("attention", ATTENTION, ("q", "kt", "v", "scale"), "attention_run"),
 )
 KERNEL = {(k.name, k.variant): k for k in KERNELS}  # (name, variant) -> row
 
