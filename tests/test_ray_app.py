@@ -17,9 +17,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import psutil
 import pytest
 from conftest import seeded_input, tiny_tenants, torch_outputs
 
+# Ray replaces 127.0.0.1 with the machine's outward address unless told that this is no
+# cluster (the flag's name is historical); read when ray is imported, and by `ray start`
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+os.environ.update(LOOPBACK)
 ray = pytest.importorskip("ray", reason="the `ray` extra (ray[serve]) is not installed")
 serve = pytest.importorskip("ray.serve")
 
@@ -50,7 +55,7 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 def cluster(tiny_saved):
     from mtcompile.serving.ray_app import app
 
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")  # nothing leaves the machine
+    env = dict(os.environ, **LOOPBACK)  # 127.0.0.1 only; no usage stats
     gcs = free_port()
     head = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
             "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
@@ -61,7 +66,8 @@ def cluster(tiny_saved):
         ray.init(address=f"127.0.0.1:{gcs}", _node_ip_address="127.0.0.1",
                  log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app(tiny_saved, num_replicas=2, num_cpus=0.5), name="tiny", route_prefix="/")
+        serve.run(app(tiny_saved, num_replicas=2, num_cpus=0.5, bind_host="127.0.0.1"),
+                  name="tiny", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         with contextlib.suppress(Exception):
@@ -93,6 +99,15 @@ def test_two_replicas_answer_as_pytorch(cluster):
             assert got.shape == w.shape
             np.testing.assert_allclose(got, w, atol=1e-5, rtol=1e-5)
         return body["parameters"]["replica"]  # host:pid of the replica that answered
+
+    # every socket the cluster listens on is on loopback (head, raylet, proxy, replicas)
+    ray_pids = {p.pid for p in psutil.process_iter(["name", "cmdline"])
+                if "ray" in " ".join(p.info["cmdline"] or [])
+                or (p.info["name"] or "").startswith(("ray::", "gcs_server", "raylet"))}
+    listening = {(c.pid, c.laddr.ip) for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ray_pids}
+    assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+                             for _, ip in listening), listening
 
     jobs = [(t, 10 * i + k) for i in range(8) for k, t in enumerate(SHAPES)]
     start = time.monotonic()

@@ -49,15 +49,35 @@ def encode(name: str, array: np.ndarray) -> dict:
             "data": array.ravel().tolist()}
 
 
+def _bind_replica_grpc(host: str) -> None:
+    """Ray Serve (2.59) starts each replica's inter-deployment gRPC server on every interface
+    (``[::]:0``, not configurable); on a one-machine cluster it can listen on `host` only.
+    Defined before the deployment: `serve.deployment` pickles the class as it stands.
+    Called in the replica before Ray Serve starts that server (after the user's __init__)."""
+    from ray.serve._private import replica
+
+    add = replica.add_port_to_grpc_server
+    if getattr(add, "_mtcompile_host", None) == host:
+        return
+
+    def on_host(server, address: str):
+        return add(server, address.replace("[::]", host, 1))
+
+    on_host._mtcompile_host = host
+    replica.add_port_to_grpc_server = on_host
+
+
 @serve.deployment
 @serve.ingress(api)
 class BundleReplica:
     """One replica: the bundle loaded with `threads` and a scheduler over it."""
 
     def __init__(self, bundle_dir: str, max_delay_ms: float = 2.0, max_queue: int = 256,
-                 threads: int | None = None):
+                 threads: int | None = None, bind_host: str | None = None):
         from mtcompile.runtime.bundle import load
 
+        if bind_host is not None:
+            _bind_replica_grpc(bind_host)
         self.bundle = load(bundle_dir, threads=threads)
         self.scheduler = Scheduler(self.bundle, max_delay_ms, max_queue)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # one process per replica
@@ -121,11 +141,13 @@ class BundleReplica:
 def app(bundle_dir: str | os.PathLike, *, num_replicas: int | None = None,
         autoscaling: dict | None = None, max_ongoing_requests: int = 64,
         num_cpus: float = 1.0, threads: int | None = None, max_delay_ms: float = 2.0,
-        max_queue: int = 256):
+        max_queue: int = 256, bind_host: str | None = None):
     """The Ray Serve application: `num_replicas` fixed replicas, or `autoscaling` (Ray
     Serve's ``autoscaling_config``: ``min_replicas``, ``max_replicas``,
     ``target_ongoing_requests``, ...). `num_cpus`: Ray's CPUs per replica; `threads`: the
-    bundle's TVM pool per replica (default: `num_cpus`, at least 1)."""
+    bundle's TVM pool per replica (default: `num_cpus`, at least 1). `bind_host`: the
+    address each replica's internal gRPC server listens on (default: every interface, Ray's
+    choice; "127.0.0.1" for a one-machine cluster on loopback)."""
     if num_replicas is not None and autoscaling is not None:
         raise ValueError("give num_replicas or autoscaling, not both")
     options: dict[str, Any] = {"max_ongoing_requests": max_ongoing_requests,
@@ -136,7 +158,7 @@ def app(bundle_dir: str | os.PathLike, *, num_replicas: int | None = None,
         options["num_replicas"] = 1 if num_replicas is None else num_replicas
     threads = threads if threads is not None else max(1, int(num_cpus))
     return BundleReplica.options(**options).bind(
-        os.fspath(os.path.abspath(bundle_dir)), max_delay_ms, max_queue, threads)
+        os.fspath(os.path.abspath(bundle_dir)), max_delay_ms, max_queue, threads, bind_host)
 
 
 def build_app(args: dict[str, str]):
@@ -148,7 +170,7 @@ def build_app(args: dict[str, str]):
                for k in ("min_replicas", "max_replicas", "target_ongoing_requests")
                if k in args}
     kwargs: dict[str, Any] = {"autoscaling": scaling or None}
-    for k, kind in (("num_replicas", int), ("num_cpus", float), ("threads", int),
+    for k, kind in (("bind_host", str), ("num_replicas", int), ("num_cpus", float), ("threads", int),
                     ("max_delay_ms", float), ("max_queue", int),
                     ("max_ongoing_requests", int)):
         if k in args:
