@@ -277,6 +277,35 @@ def run(args) -> list[dict]:
     return rows
 
 
+def overhead(args) -> str:
+    """--overhead N: N requests one at a time (closed loop, one client) per tenant, through
+    the scheduler in this process and through the HTTP server: the server's cost per
+    request (MLServer, JSON, loopback) is the difference of the medians."""
+    be = backend("merged", args.bundle, args.set, args.threads)
+    m = be.manifest
+    inputs = {t: seeded_inputs(m.tenants[t], i) for i, t in enumerate(m.tenant_order)}
+    inproc = InProc(be, 0.0, args.max_queue)
+    args.clients = 1
+    web = Http("merged", argparse.Namespace(**{**vars(args), "max_delay_ms": 0.0}))
+    lines = ["| tenant | in-process p50 ms | HTTP p50 ms | server overhead ms |", "|---|---|---|---|"]
+    try:
+        for t, xs in inputs.items():
+            body = v2_body(m.tenants[t], xs)
+            med = []
+            for send, payload in ((inproc, xs), (web, body)):
+                times = []
+                for _ in range(args.overhead):
+                    start = time.perf_counter()
+                    send.send(t, payload).result(timeout=60)
+                    times.append(time.perf_counter() - start)
+                med.append(float(np.median(times[len(times) // 10:])) * 1e3)  # warm-up out
+            lines.append(f"| {t} | {med[0]:.2f} | {med[1]:.2f} | {med[1] - med[0]:.2f} |")
+    finally:
+        inproc.close()
+        web.close()
+    return "\n".join(lines) + "\n"
+
+
 def child(args) -> None:
     """--child CONTENDER: serve one contender over HTTP (the http mode's subprocess)."""
     from mtcompile.serving.server import serve
@@ -304,11 +333,20 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, help="the bundle's TVM pool (default: all cores)")
     p.add_argument("--clients", type=int, default=32, help="http mode: sender threads")
     p.add_argument("-o", "--output", help="write the markdown table here too")
+    p.add_argument("--overhead", type=int, metavar="N", help="instead of the sweep: N "
+                   "sequential requests per tenant in-process and over HTTP (window 0)")
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.overhead:
+        text = overhead(args)
+        print(text)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+        return
     args.contenders = args.contenders.split(",")
     args.mixes = args.mixes.split(",")
     args.rates = [float(r) for r in args.rates.split(",")]

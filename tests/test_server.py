@@ -24,6 +24,9 @@ pytest.importorskip("mlserver", reason="the `serve` extra is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+# two `mtcompile serve` subprocesses (MLServer's start takes seconds each on 2 cores)
+pytestmark = pytest.mark.slow
+
 WAIT = 120  # seconds any wait lasts at most
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 MODULES = {t.name: t.model for t in tiny_tenants()}
