@@ -486,6 +486,24 @@ def cmd_report(args) -> tuple[int, dict]:
                      "ok": True, "exit_code": EXIT_OK}
 
 
+def cmd_serve(args) -> tuple[int, dict]:
+    try:
+        from mtcompile.serving import server
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("mlserver", "fastapi", "uvicorn", "grpc"):
+            raise
+        raise InputError(f"`mtcompile serve` needs {e.name}, which is not installed here: "
+                         "pip install 'mtcompile[serve]'") from e
+    bundle = _load(args)
+    _say(args, f"serving {bundle.manifest.name} ({', '.join(bundle.manifest.tenant_order)}) "
+         f"on http://{args.host}:{args.port}/v2 (KServe v2); Ctrl-C stops it")
+    server.serve(bundle, port=args.port, host=args.host, grpc_port=args.grpc_port,
+                 max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+                 no_stack=args.no_stack, entries_only=args.entries_only)
+    return EXIT_OK, {"command": "serve", "bundle": args.bundle, "ok": True,
+                     "exit_code": EXIT_OK}
+
+
 def cmd_passes(args) -> tuple[int, dict]:
     import mtcompile.passes as passes
     from mtcompile.pass_infra import REGISTRY
@@ -551,7 +569,7 @@ def parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     for add in (_build_command, _run_command, _inspect_command, _demo_command, _tune_command,
-                _profile_command, _report_command, _passes_command):
+                _profile_command, _report_command, _serve_command, _passes_command):
         add(command)
     return p
 
@@ -677,6 +695,27 @@ def _report_command(command) -> None:
                     "profile by tenant (median of N runs on seeded inputs)")
     _threads_flag(rp)
     rp.set_defaults(fn=cmd_report)
+
+
+def _serve_command(command) -> None:
+    sv = command("serve", "serve a saved bundle over the KServe v2 / Open Inference Protocol "
+                 "(REST and gRPC, each tenant a model; needs the `serve` extra)")
+    sv.add_argument("bundle")
+    sv.add_argument("--port", type=_positive, default=8080, help="REST port (default 8080)")
+    sv.add_argument("--grpc-port", type=_positive, help="gRPC port (default: --port + 1)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default "
+                    "127.0.0.1; 0.0.0.0 serves every interface, as in a container)")
+    sv.add_argument("--max-delay-ms", type=float, default=2.0, metavar="MS", help="the "
+                    "scheduler's window: how long the oldest request waits for others")
+    sv.add_argument("--max-queue", type=_positive, default=256, metavar="N",
+                    help="requests each tenant may have waiting (then 503)")
+    sv.add_argument("--no-stack", action="append", default=[], metavar="TENANT",
+                    help="never stack this tenant's requests along its dynamic dim")
+    sv.add_argument("--entries-only", action="store_true", help="each tenant's own entry "
+                    "only, no merged call (for comparison)")
+    _threads_flag(sv)
+    _verify_flag(sv)
+    sv.set_defaults(fn=cmd_serve)
 
 
 def _passes_command(command) -> None:

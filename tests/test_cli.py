@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 import mtcompile
-from mtcompile.cli import EXIT_CODES, main
+from mtcompile.cli import EXIT_CODES, EXIT_INPUT, main
 from mtcompile.errors import SpecError
 from mtcompile.models import encoder_onnx
 from mtcompile.passes import DEFAULT_PIPELINE
@@ -379,3 +379,11 @@ def test_a_closed_stdout_stops_quietly_not_as_an_internal_error(built, json_flag
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and EXIT_CODES[141].startswith("stdout closed")
     assert err == "", err
+
+
+def test_serve_without_the_serve_extra_says_which(monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "mtcompile.serving.server", raising=False)
+    monkeypatch.setitem(sys.modules, "mlserver", None)  # not installed
+    assert main(["serve", "nowhere"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "`mtcompile serve` needs mlserver" in err and "pip install 'mtcompile[serve]'" in err
