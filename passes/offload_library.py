@@ -153,15 +153,21 @@ class OffloadLibrary(Pass):
             for i in (0, 1):
                 src, bias = n.args[i], n.args[1 - i]
                 call = calls.get(src.name) if isinstance(src, Ref) else None
-                if (call is None or users[call.name] != [n.name] or call.name in outputs
-                        or not bias_channels(graph, bias, call, const)):
+                if call is None or users[call.name] != [n.name] or call.name in outputs:
+                    continue
+                stacked = _stacked_bias(graph, bias, call)
+                if stacked is None and not bias_channels(graph, bias, call, const):
                     continue
                 lib = ops.LIBRARY[call.attrs.computes]
-                if lib.bias_weight_rank is not None and len(
+                if stacked is None and lib.bias_weight_rank is not None and len(
                         _ty(graph, call.args[1]).shape) != lib.bias_weight_rank:
                     continue
                 channels = call.ty.shape[lib.bias_axis]
-                if isinstance(bias, ConstRef):  # the kernel takes a 1-D bias
+                if stacked is not None:  # one bias per stacked weight, flat: the packed kernel
+                    key = const_key(stacked)
+                    constants[key] = stacked
+                    flat, pre = ConstRef(key), []
+                elif isinstance(bias, ConstRef):  # the kernel takes a 1-D bias
                     arr = graph.constants[bias.key].reshape(channels)
                     key = const_key(arr)
                     constants[key] = arr
@@ -336,11 +342,11 @@ def _dense_weights(w, graph: Graph) -> list[tuple[ConstRef, bool]] | None:
     return None
 
 
-def packed_weight(node: Node, graph: Graph) -> np.ndarray | None:
+def _dense_parts(node: Node, graph: Graph) -> tuple[list[np.ndarray], bool] | None:
     """For a native matmul call on a constant 2-D float32 weight (a dense layer), or on a
     stack of them (the weights of horizontally fused tenants, one per slice of the
-    activations' first dimension): the weight packed for the ``packed`` variant
-    (`mtcompile.native.pack_dense`; [B, ...] for a stack). None for any other node."""
+    activations' first dimension): (the weights as [K, N] arrays, whether stacked). None for
+    any other node."""
     call = ops.library_call(node)
     if call is None or (call.provider, call.kernel, call.variant) != ("native", "matmul", ""):
         return None
@@ -350,10 +356,10 @@ def packed_weight(node: Node, graph: Graph) -> np.ndarray | None:
     values = [graph.constants[c.key] for c, _ in parts]
     if any(v.ndim != 2 or v.dtype != np.float32 or v.shape != values[0].shape for v in values):
         return None
-    packed = [native.pack_dense(v.T if t else v) for v, (_, t) in zip(values, parts, strict=True)]
+    weights = [v.T if t else v for v, (_, t) in zip(values, parts, strict=True)]
     w = node.args[1]
     if not (isinstance(w, Ref) and graph.node(w.name).op == "relax.stack"):
-        return packed[0]
+        return weights, False
     # one weight per slice of the activations' first dimension (not broadcast over it)
     a = node.args[0]
     a_shape = (getattr(graph.node(a.name).ty, "shape", ())
@@ -361,7 +367,30 @@ def packed_weight(node: Node, graph: Graph) -> np.ndarray | None:
     shape = getattr(node.ty, "shape", ())
     if len(shape) < 3 or len(a_shape) != len(shape) or not shape[0] == a_shape[0] == len(parts):
         return None
-    return np.stack(packed)
+    return weights, True
+
+
+def packed_weight(node: Node, graph: Graph) -> np.ndarray | None:
+    """The weight of a dense call (`_dense_parts`) packed for the ``packed`` variant
+    (`mtcompile.native.pack_dense`; [B, ...] for a stack). None for any other node."""
+    found = _dense_parts(node, graph)
+    if found is None:
+        return None
+    weights, stacked = found
+    packed = [native.pack_dense(w) for w in weights]
+    return np.stack(packed) if stacked else packed[0]
+
+
+def _stacked_bias(graph: Graph, bias, call: Node) -> np.ndarray | None:
+    """A bias of horizontally fused dense layers: a constant [B, 1.., N] that adds one row
+    per slice to a native matmul on B stacked weights (`_dense_parts`), as the B x N values
+    the packed kernel takes (bias b for slice b). None for any other bias."""
+    found = _dense_parts(call, graph) if isinstance(bias, ConstRef) else None
+    if found is None or not found[1]:
+        return None
+    arr, shape = graph.constants[bias.key], call.ty.shape
+    want = (shape[0], *(1,) * (len(shape) - 2), shape[-1])
+    return arr.reshape(-1) if arr.dtype == np.float32 and arr.shape == want else None
 
 
 def _pack_dense(graph: Graph, nodes: list[Node]) -> tuple[list[Node], dict[str, np.ndarray]]:

@@ -13,6 +13,7 @@ from mtcompile.errors import InputError
 from mtcompile.frontend.importers import import_tenant
 from mtcompile.frontend.lift import lift
 from mtcompile.frontend.merge import merge
+from mtcompile.native import table
 from mtcompile.pass_infra import PassContext
 from mtcompile.passes.fuse_horizontal import FuseHorizontal
 
@@ -162,8 +163,9 @@ def test_same_arch_set_is_fused_whole():
 @pytest.mark.slow
 def test_fused_dense_layers_run_on_stacked_packed_weights():
     """Same-architecture tenants fused horizontally run their dense layers as one packed
-    dense call on the stacked packed weights (no batched BLAS matmul in run_all), and
-    run_all still gives each tenant's own numbers."""
+    dense call on the stacked packed weights (no batched BLAS matmul in run_all), their
+    biases and activations folded into it, and run_all still gives each tenant's own
+    numbers."""
     from mtcompile.models import mlp
     from mtcompile.runtime import profile
     from mtcompile.runtime.inputs import run_all_arrays
@@ -181,5 +183,8 @@ def test_fused_dense_layers_run_on_stacked_packed_weights():
              profile.kernel_table(b.trace("run_all", arrays, 1))["kernels"]}
     dense = [c for c in calls if c.startswith("mtcompile.native.dense_packed")]
     assert dense and sum(calls[c] for c in dense) == 2, calls  # two layers, each fused once
+    # each tenant's own bias joins the stacked call (one per weight), the ReLU its epilogue
+    assert all(table.SYMBOLS[c].bias for c in dense), calls
+    assert any(table.SYMBOLS[c].epilogue == "relu" for c in dense), calls
     assert not any(c.startswith("mtcompile.native.matmul") for c in calls), calls
 

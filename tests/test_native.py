@@ -340,6 +340,16 @@ def test_register_tiles_match_torch(isa):
         o = np.empty((3, 37, 40), np.float32)
         dense(t(a), t(np.stack([native.pack_dense(w) for w in ws])), t(b), t(o))
         close(o, np.stack([a[i].astype(np.float64) @ ws[i] + b for i in range(3)]))
+        bs = r(3 * 40)  # one bias per weight (the fused tenants' own), flat
+        dense(t(a), t(np.stack([native.pack_dense(w) for w in ws])), t(bs), t(o))
+        close(o, np.stack([a[i].astype(np.float64) @ ws[i] + bs[40 * i:40 * (i + 1)]
+                           for i in range(3)]))
+        try:
+            dense(t(a), t(np.stack([native.pack_dense(w) for w in ws])), t(bs[:80]), t(o))
+        except ValueError as e:
+            assert "bias has 80 values" in str(e) and "N per weight" in str(e), e
+        else:
+            raise AssertionError("2 biases for 3 weights were accepted")
         try:
             dense(t(a[:2]), t(np.stack([native.pack_dense(w) for w in ws])), t(b), t(o[:2]))
         except ValueError as e:

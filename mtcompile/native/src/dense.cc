@@ -155,7 +155,8 @@ void matmul_impl(const char* op, TensorView a, TensorView b, const float* bias, 
 // out[..., n] = a[..., :] @ w[:, n] (+ bias[n]) with w packed at build time as 16-column
 // panels wp[N/16][K][16] (see dense_avx2.h; mtcompile.native.pack_dense packs it).
 // A 4-D wp [B][N/16][K][16] is B such weights, one per slice of a's first dimension (the
-// stacked weights of horizontally fused tenants): out[b] = a[b] @ w[b].
+// stacked weights of horizontally fused tenants): out[b] = a[b] @ w[b] (+ bias[b * N + n]
+// where the bias has N values per weight).
 void dense_packed_check(const char* op, TensorView a, TensorView wp, int64_t nbias,
                         TensorView out) {
   check_tensor(op, "a", a, 1, 8);
@@ -175,9 +176,11 @@ void dense_packed_check(const char* op, TensorView a, TensorView wp, int64_t nbi
   if (!ok)
     TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected a's "
                               << shape_str(a) << " with the last dimension " << N;
-  if (nbias >= 0 && nbias != N)
+  if (nbias >= 0 && nbias != N && !(w0 == 1 && nbias == wp.size(0) * N))
     TVM_FFI_THROW(ValueError) << op << ": bias has " << nbias << " values, out has " << N
-                              << " columns";
+                              << " columns"
+                              << (w0 ? " (a stacked weight takes N values, or N per weight)"
+                                     : "");
 }
 
 // panels [p0, p1) of rows [r0, r0 + nr) of one weight's slice: a, wp, out at that slice
@@ -220,8 +223,9 @@ void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float*
       const int64_t u = t / panels, end = std::min(t1, (u + 1) * panels);
       const int64_t b = u / blocks, r0 = (u % blocks) * rb, nr = std::min(rb, rows - r0);
       const int64_t at = b * rows * N;
-      dense_packed_tile(r0, nr, K, N, pa + b * rows * K, pw + b * panels * K * kDenseNR, bias,
-                        pc + at, t - u * panels, end - u * panels, ep, at);
+      dense_packed_tile(r0, nr, K, N, pa + b * rows * K, pw + b * panels * K * kDenseNR,
+                        bias != nullptr && nbias != N ? bias + b * N : bias, pc + at,
+                        t - u * panels, end - u * panels, ep, at);
       t = end;
     }
   });
