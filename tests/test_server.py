@@ -1,6 +1,7 @@
 """`mtcompile serve` (MLServer, KServe v2 protocol) with a real client: the server runs in a
-subprocess on 127.0.0.1, `tritonclient.http` calls it from this process's threads, and every
-answer is checked against PyTorch. Ordering is arranged through the scheduler (a window that
+subprocess on 127.0.0.1, `tritonclient.http` (and gRPC, through MLServer's own stubs of the
+protocol: tritonclient's gRPC client needs an older protobuf) calls it from this process's
+threads, and every answer is checked against PyTorch. Ordering is arranged through the scheduler (a window that
 closes only when every tenant has a request, or at shutdown) and read back from its metrics,
 never with sleeps; every wait is bounded."""
 
@@ -45,7 +46,7 @@ class Server:
 
     def __init__(self, bundle_dir, *flags: str):
         self.port, grpc = free_port(), free_port()
-        self.url = f"127.0.0.1:{self.port}"
+        self.url, self.grpc_url = f"127.0.0.1:{self.port}", f"127.0.0.1:{grpc}"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mtcompile", "serve", str(bundle_dir), "--port", str(self.port),
@@ -132,6 +133,44 @@ def test_health_metadata_and_each_tenant_against_pytorch(server):
         x = sample(t, i)
         check(t, x, infer(server.url, t, x, c))
     c.close()
+
+
+def grpc_infer(stub, tenant: str, x: np.ndarray) -> list[np.ndarray]:
+    """One v2 inference over gRPC (MLServer's own stubs of the protocol): the outputs."""
+    from mlserver.grpc import dataplane_pb2 as pb
+
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name=INPUT[tenant], datatype="FP32", shape=list(x.shape),
+        contents=pb.InferTensorContents(fp32_contents=x.ravel().tolist()))
+    res = stub.ModelInfer(pb.ModelInferRequest(model_name=tenant, inputs=[tensor]), timeout=WAIT)
+    dtypes = {"FP32": (np.float32, "fp32_contents"), "INT64": (np.int64, "int64_contents")}
+    outs = []
+    for i, o in enumerate(res.outputs):
+        dtype, field = dtypes[o.datatype]
+        flat = (np.frombuffer(res.raw_output_contents[i], dtype) if res.raw_output_contents
+                else np.asarray(getattr(o.contents, field), dtype))
+        outs.append(flat.reshape(tuple(o.shape)))
+    return outs
+
+
+def test_grpc_each_tenant_against_pytorch_and_a_bad_shape(server):
+    import grpc
+    from mlserver.grpc import dataplane_pb2 as pb
+    from mlserver.grpc import dataplane_pb2_grpc as rpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=WAIT).live
+        assert stub.ModelReady(pb.ModelReadyRequest(name="conv"), timeout=WAIT).ready
+        for i, t in enumerate(MODULES):
+            x = sample(t, 300 + i)
+            check(t, x, grpc_infer(stub, t, x))
+        with pytest.raises(grpc.RpcError) as bad:
+            grpc_infer(stub, "lin", np.zeros((2, 9), np.float32))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expected float32[2, 8], got float32[2, 9]" in bad.value.details()
+        x = sample("lin", 8)
+        check("lin", x, grpc_infer(stub, "lin", x))  # still serving
 
 
 def test_concurrent_clients_on_several_tenants(server):
