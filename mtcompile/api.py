@@ -173,19 +173,29 @@ def compile(  # noqa: A001 - the public name the API promises
                                                name, target, s, lifted, subset_fns)
     if cached is not None:
         return cached
+    bundle = _build_uncached(tenants, target, name, cpu, threads, instruments, stages, s,
+                             lifted, subset_fns)
+    _store(cache_dir, key, key_doc, bundle, stages)
+    return bundle
+
+
+def _build_uncached(tenants: list[Tenant], target: str, name: str, cpu: str,
+                    threads: int | None, instruments, stages: _Stages, s: _Settings,
+                    lifted: tuple[list, list[Graph]],
+                    subsets: dict[str, tuple[str, ...]]) -> CompiledBundle:
+    """What `compile` does when no cached bundle serves: merge and run the pipeline over
+    the `lifted` tenants, lower and build with the manifest, and make the bundle."""
     module, imported, graphs, records = _front(
         tenants, target, s.pipeline, instruments, stages, s.providers, s.pool, lifted,
-        subset_fns)
+        subsets)
     manifest, executable, build_info = _lower_and_build(
         stages, module, stream_layout(module.functions[RUN_ALL]), target, s.database, cpu,
         dict(name=name, target=target, pipeline=s.pipeline, providers=s.providers,
              tuning_db=s.db_hash, tenants=tenants, imported=imported, module=module,
-             graphs=graphs, records=records, subsets=subset_fns),
+             graphs=graphs, records=records, subsets=subsets),
         (s.cpu_name, s.cpu_features))
-    bundle = _bundle(executable, manifest, build_info, module, records, stages, tenants,
-                     threads)
-    _store(cache_dir, key, key_doc, bundle, stages)
-    return bundle
+    return _bundle(executable, manifest, build_info, module, records, stages, tenants,
+                   threads)
 
 
 @dataclass(frozen=True)

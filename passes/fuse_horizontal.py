@@ -221,17 +221,34 @@ class FuseHorizontal(Pass):
                                           "empty: every rule")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        by_sig: dict[tuple, list[str]] = {}
         seqs = {t: [n for n in graph.nodes if n.tenants == (t,)] for t in graph.tenants}
+        groups = self._groups(graph, seqs)
+        if not groups:
+            return PassResult(graph, False)
+        added, constants, redirect, fused = self._batch(graph, groups, seqs)
+        if not fused:
+            return PassResult(graph, False)
+        out, splits = _split_uses(graph, added, constants, redirect)
+        out = EliminateDeadNodes().run(out, ctx).graph
+        return PassResult(out, True, {"groups": [list(g) for g in groups],
+                                      "batched_nodes": fused, "splits": splits})
+
+    def _groups(self, graph: Graph, seqs: dict[str, list[Node]]) -> list[list[str]]:
+        """The tenants batched together: those of one signature, in chunks of at most
+        max_group, each of at least min_group."""
+        by_sig: dict[tuple, list[str]] = {}
         for t, own in seqs.items():
             # a tenant of symbolic (dynamic) dims takes its own size each run: never stacked
             if own and not any(isinstance(n.ty, TensorTy) and n.ty.symbolic for n in own):
                 by_sig.setdefault(_signature(graph, own), []).append(t)
         groups = [ts[i:i + self.max_group] for ts in by_sig.values()
                   for i in range(0, len(ts), self.max_group)]
-        groups = [g for g in groups if len(g) >= self.min_group]
-        if not groups:
-            return PassResult(graph, False)
+        return [g for g in groups if len(g) >= self.min_group]
+
+    def _batch(self, graph: Graph, groups: list[list[str]], seqs: dict[str, list[Node]]):
+        """Batch each group's matching nodes: (the nodes added, their constants, each
+        replaced tenant node -> (batched node, its index in the group, tenant), the number
+        of batched nodes that are not inputs)."""
         added, constants, redirect, fused = {}, {}, {}, 0
         for gi, tenants in enumerate(groups):
             grp = _Group(graph, tenants, [seqs[t] for t in tenants], f"hfuse{gi}", tuple(self.ops))
@@ -246,33 +263,35 @@ class FuseHorizontal(Pass):
                         redirect[seqs[t][j].name] = (b, i, t)
             added.update(grp.added)
             constants.update(grp.constants)
-        if not fused:
-            return PassResult(graph, False)
-        typeof = graph_types(graph, added, constants)
-        splits: dict[str, str] = {}
+        return added, constants, redirect, fused
 
-        def split(ref: Ref) -> Ref:
-            if ref.name not in redirect:
-                return ref
-            if ref.name not in splits:
-                b, i, t = redirect[ref.name]
-                idx = ConstRef(const_key(np.array(i, np.int64)))
-                constants[idx.key] = np.array(i, np.int64)
-                n = make(typeof, f"{ref.name}.split", (t,), relax.op.take, [b, idx], axis=0)
-                added[n.name] = n
-                splits[ref.name] = n.name
-            return Ref(splits[ref.name])
 
-        rest = [replace(n, args=map_refs(n.args, split)) for n in graph.nodes
-                if n.name not in redirect]
-        tenants = {t: TenantIO(io.inputs, tuple(split(o) if isinstance(o, Ref) else o
-                                                for o in io.outputs))
-                   for t, io in graph.tenants.items()}
-        nodes = _topological([*rest, *added.values()], [n.name for n in graph.nodes])
-        out = Graph(tuple(nodes), tenants, {**graph.constants, **constants})
-        out = EliminateDeadNodes().run(out, ctx).graph
-        return PassResult(out, True, {"groups": [list(g) for g in groups],
-                                      "batched_nodes": fused, "splits": len(splits)})
+def _split_uses(graph: Graph, added: dict, constants: dict,
+                redirect: dict) -> tuple[Graph, int]:
+    """The graph without the `redirect`ed nodes, each use of one reading its tenant's slice
+    of the batched node (a take, added once per node); and the number of such slices."""
+    typeof = graph_types(graph, added, constants)
+    splits: dict[str, str] = {}
+
+    def split(ref: Ref) -> Ref:
+        if ref.name not in redirect:
+            return ref
+        if ref.name not in splits:
+            b, i, t = redirect[ref.name]
+            idx = ConstRef(const_key(np.array(i, np.int64)))
+            constants[idx.key] = np.array(i, np.int64)
+            n = make(typeof, f"{ref.name}.split", (t,), relax.op.take, [b, idx], axis=0)
+            added[n.name] = n
+            splits[ref.name] = n.name
+        return Ref(splits[ref.name])
+
+    rest = [replace(n, args=map_refs(n.args, split)) for n in graph.nodes
+            if n.name not in redirect]
+    tenants = {t: TenantIO(io.inputs, tuple(split(o) if isinstance(o, Ref) else o
+                                            for o in io.outputs))
+               for t, io in graph.tenants.items()}
+    nodes = _topological([*rest, *added.values()], [n.name for n in graph.nodes])
+    return Graph(tuple(nodes), tenants, {**graph.constants, **constants}), len(splits)
 
 
 def _topological(nodes: list[Node], original: list[str]) -> list[Node]:

@@ -86,16 +86,11 @@ class KernelDAG:
         return {k.name: k for k in self.kernels}
 
 
-def kernel_dag(graph: Graph, tenants: list[str] | None = None) -> KernelDAG:
-    """The kernels that compute `tenants`' outputs (all tenants: ``run_all``), in the order
-    lowering emits them (a kernel runs where its last node stands in the graph)."""
-    tenants = list(graph.tenants) if tenants is None else tenants
-    live = graph.live_nodes(tenants)
-    const = constant_only(graph)
-    position = {n.name: i for i, n in enumerate(graph.nodes)}
-
-    members: dict[str, list[Node]] = {}  # kernel name -> its nodes, in graph order
-    kernel_of: dict[str, str] = {}  # node -> kernel name
+def _kernel_members(graph: Graph, live, const) -> tuple[dict[str, list[Node]], dict[str, str]]:
+    """The live computed nodes grouped into kernels (a fusion group is one, any other node
+    its own): (kernel name -> its nodes in graph order, node -> its kernel name)."""
+    members: dict[str, list[Node]] = {}
+    kernel_of: dict[str, str] = {}
     for n in graph.nodes:
         if n.name not in live or n.op in (INPUT, TUPLE) or n.name in const:
             continue
@@ -110,32 +105,57 @@ def kernel_dag(graph: Graph, tenants: list[str] | None = None) -> KernelDAG:
         key = n.group or n.name
         kernel_of[n.name] = key
         members.setdefault(key, []).append(n)
+    return members, kernel_of
 
+
+def _kernel_reads(graph: Graph, nodes: list[Node], const, alias: dict[str, str]) -> list[str]:
+    """The tensors a kernel of `nodes` reads from outside it (other kernels' or graph
+    inputs, no constants), each once, in order of reading."""
+    inside = {n.name for n in nodes}
+    reads: list[str] = []
+    for n in nodes:
+        for i in n.inputs:
+            if i in inside or i in const:
+                continue
+            for src in tensors_of(graph, i, alias):
+                if src not in reads and src not in const:
+                    reads.append(src)
+    return reads
+
+
+def _make_kernel(graph: Graph, key: str, nodes: list[Node], reads: list[str],
+                 alias: dict[str, str]) -> Kernel:
+    """The kernel `key` of `nodes`: a view of its one read when they only reinterpret bytes,
+    else a library call or TVM kernel writing its last node's tensor. Records in `alias`
+    the tensor that holds each node's value."""
+    tail = nodes[-1]
+    if all(_is_view(graph, n) for n in nodes) and len(reads) == 1:
+        alias.update({n.name: reads[0] for n in nodes})
+        kind, tensor, nbytes = "view", None, 0
+    else:
+        kind = "library" if ops.is_library_call(tail.op) else "tvm"
+        tensor = tail.name if isinstance(tail.ty, TensorTy) else None
+        nbytes = tail.ty.nbytes if tensor else 0
+        alias.update({n.name: tail.name for n in nodes})
+    return Kernel(key, tuple(n.name for n in nodes), kind, tail.tenants, tuple(reads),
+                  tensor, nbytes)
+
+
+def kernel_dag(graph: Graph, tenants: list[str] | None = None) -> KernelDAG:
+    """The kernels that compute `tenants`' outputs (all tenants: ``run_all``), in the order
+    lowering emits them (a kernel runs where its last node stands in the graph)."""
+    tenants = list(graph.tenants) if tenants is None else tenants
+    live = graph.live_nodes(tenants)
+    const = constant_only(graph)
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    members, kernel_of = _kernel_members(graph, live, const)
     alias: dict[str, str] = {}  # node -> the node whose tensor holds its value
     out: list[Kernel] = []
     deps: dict[str, tuple[str, ...]] = {}
     for key in sorted(members, key=lambda k: position[members[k][-1].name]):
-        nodes = members[key]
-        tail, inside = nodes[-1], {n.name for n in nodes}
-        reads: list[str] = []
-        for n in nodes:
-            for i in n.inputs:
-                if i in inside or i in const:
-                    continue
-                for src in tensors_of(graph, i, alias):
-                    if src not in reads and src not in const:
-                        reads.append(src)
-        if all(_is_view(graph, n) for n in nodes) and len(reads) == 1:
-            alias.update({n.name: reads[0] for n in nodes})
-            kind, tensor, nbytes = "view", None, 0
-        else:
-            kind = "library" if ops.is_library_call(tail.op) else "tvm"
-            tensor = tail.name if isinstance(tail.ty, TensorTy) else None
-            nbytes = tail.ty.nbytes if tensor else 0
-            alias.update({n.name: tail.name for n in nodes})
+        reads = _kernel_reads(graph, members[key], const, alias)
+        out.append(_make_kernel(graph, key, members[key], reads, alias))
         deps[key] = tuple(dict.fromkeys(kernel_of[r] for r in reads if r in kernel_of))
-        out.append(Kernel(key, tuple(n.name for n in nodes), kind, tail.tenants, tuple(reads),
-                          tensor, nbytes))
     outputs = frozenset(t for name in graph.output_names() if name in live
                         for t in tensors_of(graph, name, alias)
                         if tenants_return(graph, tenants, name))

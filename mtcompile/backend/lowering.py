@@ -294,44 +294,25 @@ class _Emitter:
         dataflow blocks, so TVM's passes keep them in place and fuse nothing across them.
         Params: the shared arena storage, then the run_all inputs it reads. Returns its
         tenant outputs."""
-        g, fname = self.graph, layout.functions[i]
+        fname = layout.functions[i]
         self.top = self.top or bb
         env: dict = {}
         self.var_names[fname] = names = {}
-        storage = relax.Var("mtcompile_arena", relax.ObjectType())
-        params = [storage]
-        for node in layout.inputs[i]:
-            ty = g.node(node).ty
-            env[node] = relax.Var(node.replace(".", "_"), relax_type(ty))
-            params.append(env[node])
-        stages = layout.emission[i]
-        stage_of = {name: s for s, names_ in enumerate(stages) for name in names_}
-        imports, exports = set(layout.imports[i]), layout.exports[i]
-        # values read outside the dataflow block that computes them leave it as outputs
-        escaping = {*exports, *(o.name for o in layout.outputs[i] if isinstance(o, Ref))}
-        escaping |= {r for s, names_ in enumerate(stages) for name in names_
-                     for r in layout.reads(name) if stage_of.get(r, s) != s}
+        params = self._stream_params(layout, i, env)
+        exports, escaping = layout.exports[i], _escaping(layout, i)
         put: set[str] = set()
         with bb.function(fname, params, pure=False):
-            for s, node_names in enumerate(stages):
+            for s, node_names in enumerate(layout.emission[i]):
                 for e in layout.waits[i].get(s, ()):
                     bb.emit(_packed(WAIT, relax.prim_value(e)))
-                for r in dict.fromkeys(r for name in node_names for r in layout.reads(name)):
-                    if r in imports and r not in env:
-                        ty = g.node(r).ty
-                        env[r] = bb.emit(_packed(GET, relax.prim_value(layout.value_id[r]),
-                                                 ty=relax_type(ty)),
-                                         name_hint=f"import_{r.replace('.', '_')}")
+                self._emit_imports(bb, layout, i, node_names, env)
                 if node_names:
                     with bb.dataflow():
                         for name in node_names:
                             env[name] = self._emit_node(bb, fname, layout, name, env,
                                                         name in escaping)
                             names[name] = env[name].name
-                for x in exports:
-                    if x in env and x not in put:
-                        put.add(x)
-                        bb.emit(_packed(PUT, relax.prim_value(layout.value_id[x]), env[x]))
+                _emit_puts(bb, layout, i, env, put)
                 for e in layout.signals[i].get(s, ()):
                     bb.emit(_packed(SIGNAL, relax.prim_value(e)))
             missing = [x for x in exports if x not in put]
@@ -342,6 +323,28 @@ class _Emitter:
             bb.emit_func_output(outs)
         self.stream_attrs[fname] = json.dumps({  # arena.STREAM_ATTR: read by arena.realize
             "exports": {names[x]: layout.value_id[x] for x in exports}})
+
+    def _stream_params(self, layout: StreamLayout, i: int, env: dict) -> list[relax.Var]:
+        """Stream `i`'s params: the shared arena storage, then a var per run_all input it
+        reads (also bound in `env`)."""
+        params = [relax.Var("mtcompile_arena", relax.ObjectType())]
+        for node in layout.inputs[i]:
+            ty = self.graph.node(node).ty
+            env[node] = relax.Var(node.replace(".", "_"), relax_type(ty))
+            params.append(env[node])
+        return params
+
+    def _emit_imports(self, bb: relax.BlockBuilder, layout: StreamLayout, i: int,
+                      node_names, env: dict) -> None:
+        """A ``get`` of each value of another stream that the stage's nodes read and that
+        stream `i` has not got yet, bound in `env`."""
+        imports = set(layout.imports[i])
+        for r in dict.fromkeys(r for name in node_names for r in layout.reads(name)):
+            if r in imports and r not in env:
+                ty = self.graph.node(r).ty
+                env[r] = bb.emit(_packed(GET, relax.prim_value(layout.value_id[r]),
+                                         ty=relax_type(ty)),
+                                 name_hint=f"import_{r.replace('.', '_')}")
 
     def _emit_node(self, bb: relax.BlockBuilder, fname: str, layout: StreamLayout, name: str,
                    env: dict, output: bool) -> relax.Var:
@@ -356,6 +359,27 @@ class _Emitter:
         except Exception as e:
             raise LoweringError(f"tenant '{n.tenant}': cannot emit %{name} = {n.op}: "
                                 f"{type(e).__name__}: {e}") from e
+
+
+def _escaping(layout: StreamLayout, i: int) -> set[str]:
+    """The values of stream `i` read outside the dataflow block that computes them (its
+    exports, its outputs, those a later stage reads): they leave their block as outputs."""
+    stages = layout.emission[i]
+    stage_of = {name: s for s, names_ in enumerate(stages) for name in names_}
+    escaping = {*layout.exports[i], *(o.name for o in layout.outputs[i] if isinstance(o, Ref))}
+    escaping |= {r for s, names_ in enumerate(stages) for name in names_
+                 for r in layout.reads(name) if stage_of.get(r, s) != s}
+    return escaping
+
+
+def _emit_puts(bb: relax.BlockBuilder, layout: StreamLayout, i: int, env: dict,
+               put: set[str]) -> None:
+    """A ``put`` of each value stream `i` hands to other streams once it is computed (each
+    once: `put` keeps those done)."""
+    for x in layout.exports[i]:
+        if x in env and x not in put:
+            put.add(x)
+            bb.emit(_packed(PUT, relax.prim_value(layout.value_id[x]), env[x]))
 
 
 def _expr(d):
@@ -387,6 +411,45 @@ def _index_message(graph: Graph, n, read: IndexRead) -> str:
             f"indices must be in [{low}, {bound})")
 
 
+def _size_vars(shape: tuple, low, bound) -> dict:
+    """The size variables that the dims, `low` and `bound` use, by name, in order of use."""
+    from tvm import tirx
+
+    size_vars: dict[str, object] = {}
+    for e in (*shape, low, bound):
+        if not isinstance(e, int):
+            for v in tirx.analysis.undefined_vars(e):
+                size_vars.setdefault(v.name, v)
+    return size_vars
+
+
+def _check_header(shape: tuple, dims: list[str], dtype: str,
+                  size_vars: dict) -> tuple[list[str], str, str, list]:
+    """The index check's ``def`` and buffers: fixed-shape buffer args with no size variables;
+    otherwise handles matched to buffers of the caller's expressions, a variable that is a
+    dim of its own bound from the index's shape and the others as trailing scalar args.
+    Returns its lines, the names of the index and output buffers, and those scalars."""
+    from tvm import tirx
+
+    if not size_vars:
+        buf = f'T.Buffer(({", ".join(dims)},), "{dtype}")'
+        return [f"def check_index(a: {buf}, out: {buf}):",
+                '    T.func_attr({"tirx.noalias": True})'], "a", "out", []
+    # size variables are named <tenant>_<dim>, never mtcompile_* (a reserved prefix)
+    plain = {d.name for d in shape if isinstance(d, tirx.Var)}
+    scalars = [v for name, v in size_vars.items() if name not in plain]
+    args = "".join(f", {v.name}: T.{v.ty.dtype}" for v in scalars)
+    a, out = "mtcompile_a", "mtcompile_out"
+    # TVM's order: inputs (the index, then scalars), then the output
+    lines = [f"def check_index(mtcompile_pa: T.handle{args}, mtcompile_pout: T.handle):",
+             '    T.func_attr({"tirx.noalias": True})']
+    lines += [f"    {name} = T.{v.ty.dtype}()" for name, v in size_vars.items()
+              if name in plain]
+    lines += [f'    {b} = T.match_buffer({p}, ({", ".join(dims)},), "{dtype}")'
+              for b, p in ((a, "mtcompile_pa"), (out, "mtcompile_pout"))]
+    return lines, a, out, scalars
+
+
 def _bounds_check(shape: tuple, dtype: str, low, bound, message: str):
     """A PrimFunc copying an index tensor of `shape` (not 0-d) and `dtype` that asserts each
     value lies in [low, bound) (a failed assert raises `message` from the VM before any
@@ -398,7 +461,6 @@ def _bounds_check(shape: tuple, dtype: str, low, bound, message: str):
     FuseTIR maps a fused group's buffers by structure: ``(n * 16,)`` must stay ``n * 16``);
     a variable that is a dim of its own is bound from the index's shape, any other one
     comes in as a scalar argument (as TVM's legalized kernels take them)."""
-    from tvm import tirx
     from tvm.script import from_source
 
     def text(e) -> str:
@@ -409,30 +471,8 @@ def _bounds_check(shape: tuple, dtype: str, low, bound, message: str):
 
     dims = [text(d) for d in shape]
     at = "[" + ", ".join(f"v{i}" for i in range(len(dims))) + "]"
-    size_vars: dict[str, object] = {}
-    for e in (*shape, low, bound):
-        if not isinstance(e, int):
-            for v in tirx.analysis.undefined_vars(e):
-                size_vars.setdefault(v.name, v)
-    lines = ["@T.prim_func(private=True, s_tir=True)"]
-    if not size_vars:
-        buf = f'T.Buffer(({", ".join(dims)},), "{dtype}")'
-        lines += [f"def check_index(a: {buf}, out: {buf}):",
-                  '    T.func_attr({"tirx.noalias": True})']
-        a, out, scalars = "a", "out", []
-    else:
-        # size variables are named <tenant>_<dim>, never mtcompile_* (a reserved prefix)
-        plain = {d.name for d in shape if isinstance(d, tirx.Var)}
-        scalars = [v for name, v in size_vars.items() if name not in plain]
-        args = "".join(f", {v.name}: T.{v.ty.dtype}" for v in scalars)
-        a, out = "mtcompile_a", "mtcompile_out"
-        # TVM's order: inputs (the index, then scalars), then the output
-        lines += [f"def check_index(mtcompile_pa: T.handle{args}, mtcompile_pout: T.handle):",
-                  '    T.func_attr({"tirx.noalias": True})']
-        lines += [f"    {name} = T.{v.ty.dtype}()" for name, v in size_vars.items()
-                  if name in plain]
-        lines += [f'    {b} = T.match_buffer({p}, ({", ".join(dims)},), "{dtype}")'
-                  for b, p in ((a, "mtcompile_pa"), (out, "mtcompile_pout"))]
+    header, a, out, scalars = _check_header(shape, dims, dtype, _size_vars(shape, low, bound))
+    lines = ["@T.prim_func(private=True, s_tir=True)", *header]
     pad = "    "
     for i, d in enumerate(dims):
         lines.append(f"{pad}for i{i} in range({d}):")
@@ -462,6 +502,33 @@ def _group_inputs(members) -> list:
     return out
 
 
+def _input_ranges(module: Module) -> dict[str, tuple[int, int]]:
+    """The inputs the runtime range-checks: the manifest's ranges, from the tenants' entries
+    (an input several tenants read keeps the intersection of their ranges)."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for t in module.functions[RUN_ALL].tenants:
+        for node, (lo, hi) in input_index_ranges(module.functions[t]).items():
+            old = ranges.get(node, (lo, hi))
+            ranges[node] = (max(lo, old[0]), min(hi, old[1]))
+    return ranges
+
+
+def _attach_plans(mod: tvm.IRModule, module: Module, emitters: dict,
+                  streams: StreamLayout | None) -> None:
+    """Give each function with a memory plan (a stream function: run_all's) its arena attr,
+    and each stream function its exports attr."""
+    stream_fns = {f: RUN_ALL for f in (streams.functions if streams is not None else [])}
+    for fname, of in [*((f, f) for f in module.functions), *stream_fns.items()]:
+        plans, em = module.functions[of].analyses.get("memory"), emitters[of]
+        if plans is None:
+            continue
+        gv = mod.get_global_var(fname)
+        mod[gv] = mod[gv].with_attr(ATTR, json.dumps(
+            _arena_attr(plans.functions[of], em.var_names[fname])))
+        if fname in em.stream_attrs:
+            mod[gv] = mod[gv].with_attr(STREAM_ATTR, em.stream_attrs[fname])
+
+
 def emit_module(ir: Graph | Module, manifest: dict | None = None,
                 streams: StreamLayout | None = None, target: str = "llvm") -> tvm.IRModule:
     """One IRModule: each function of the module (a tenant's entry takes its inputs and
@@ -477,12 +544,7 @@ def emit_module(ir: Graph | Module, manifest: dict | None = None,
     module = Module.of(ir, RUN_ALL) if isinstance(ir, Graph) else ir
     consts: dict[str, relax.Expr] = {}
     bb = relax.BlockBuilder()
-    # the inputs the runtime range-checks: the manifest's ranges, from the tenants' entries
-    ranges: dict[str, tuple[int, int]] = {}
-    for t in module.functions[RUN_ALL].tenants:
-        for node, (lo, hi) in input_index_ranges(module.functions[t]).items():
-            old = ranges.get(node, (lo, hi))
-            ranges[node] = (max(lo, old[0]), min(hi, old[1]))
+    ranges = _input_ranges(module)
     emitters = {}
     for fname, g in module.functions.items():
         em = emitters[fname] = _Emitter(g, consts, bb, ranges, target == "llvm")
@@ -503,16 +565,7 @@ def emit_module(ir: Graph | Module, manifest: dict | None = None,
         with bb.function(MANIFEST_FN, []):
             bb.emit_func_output(relax.const(data, dtype="uint8"))
     mod = with_var_bounds(bb.get(), graph_bounds(run_all))
-    stream_fns = {f: RUN_ALL for f in (streams.functions if streams is not None else [])}
-    for fname, of in [*((f, f) for f in module.functions), *stream_fns.items()]:
-        plans, em = module.functions[of].analyses.get("memory"), emitters[of]
-        if plans is None:
-            continue
-        gv = mod.get_global_var(fname)
-        mod[gv] = mod[gv].with_attr(ATTR, json.dumps(
-            _arena_attr(plans.functions[of], em.var_names[fname])))
-        if fname in em.stream_attrs:
-            mod[gv] = mod[gv].with_attr(STREAM_ATTR, em.stream_attrs[fname])
+    _attach_plans(mod, module, emitters, streams)
     return mod
 
 

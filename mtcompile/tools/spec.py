@@ -129,63 +129,82 @@ def tenant_from_factory(name: str, made: Any, shapes, where: str) -> Tenant:
                     "(model, example_inputs) or (model, input_shapes)")
 
 
-def load_spec(path: str | Path) -> BuildSpec:
-    """Parse a TOML spec into a BuildSpec, with errors that name the file and the key."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict:
+    """The spec file's TOML as a dict, with errors that name the file."""
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError as e:
         raise SpecError(f"spec file {str(path)!r} does not exist") from e
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: invalid TOML: {e}") from e
+
+
+def _tenant_entries(raw: dict, path: Path) -> list:
+    """The [[tenants]] tables, once the top-level keys are known to be allowed."""
     stray = set(raw) - _TOP_KEYS
     if stray:
         raise SpecError(f"{path}: unknown key(s) {sorted(stray)}; allowed: {sorted(_TOP_KEYS)}")
     entries = raw.get("tenants")
     if not isinstance(entries, list) or not entries:
         raise SpecError(f"{path}: needs at least one [[tenants]] table")
-    tenants = []
-    for i, e in enumerate(entries):
-        name = e.get("name")
-        where = f"{path}: tenant #{i + 1}" + (f" ({name!r})" if name else "")
-        if not isinstance(name, str):
-            raise SpecError(f"{where}: needs a name")
-        bad = set(e) - _TENANT_KEYS
-        if bad:
-            raise SpecError(f"{where}: unknown key(s) {sorted(bad)}; allowed: {sorted(_TENANT_KEYS)}")
-        if ("factory" in e) == ("onnx" in e):
-            raise SpecError(f"{where}: give exactly one of 'factory' or 'onnx'")
-        shapes = _shapes(e["input_shapes"], where) if "input_shapes" in e else None
-        shared = e.get("shared_inputs", {})
-        if not isinstance(shared, dict):
-            raise SpecError(f"{where}: shared_inputs must be a table {{input = \"shared name\"}}")
-        bounds = _dim_bounds(e["dim_bounds"], where) if "dim_bounds" in e else {}
-        dynamic = (_dynamic_shapes(e["dynamic_shapes"], bounds, where)
-                   if "dynamic_shapes" in e else None)
-        try:
-            if "onnx" in e:
-                tenant = Tenant(name, str((path.parent / e["onnx"]).resolve()),
-                                input_shapes=shapes)
-            else:
-                made = call_factory(e["factory"], dict(e.get("args", {})), where)
-                tenant = tenant_from_factory(name, made, shapes, where)
-            if shared:
-                tenant = replace(tenant, shared_inputs=dict(shared))
-            if dynamic is not None:
-                tenant = replace(tenant, dynamic_shapes=dynamic)
-            elif bounds:  # names of ONNX dim_params or input_shapes dims
-                tenant = replace(tenant, dim_bounds=bounds)
-            tenants.append(tenant)
-        except SpecError:
-            raise
-        except MTCompileError as err:
-            raise SpecError(f"{where}: {err}") from err
-    pipeline = raw.get("pipeline", {})
+    return entries
+
+
+def _load_tenant(path: Path, i: int, e: dict) -> Tenant:
+    """The `i`-th [[tenants]] table `e` as a Tenant, with errors that name it and the key."""
+    name = e.get("name")
+    where = f"{path}: tenant #{i + 1}" + (f" ({name!r})" if name else "")
+    if not isinstance(name, str):
+        raise SpecError(f"{where}: needs a name")
+    bad = set(e) - _TENANT_KEYS
+    if bad:
+        raise SpecError(f"{where}: unknown key(s) {sorted(bad)}; allowed: {sorted(_TENANT_KEYS)}")
+    if ("factory" in e) == ("onnx" in e):
+        raise SpecError(f"{where}: give exactly one of 'factory' or 'onnx'")
+    shapes = _shapes(e["input_shapes"], where) if "input_shapes" in e else None
+    shared = e.get("shared_inputs", {})
+    if not isinstance(shared, dict):
+        raise SpecError(f"{where}: shared_inputs must be a table {{input = \"shared name\"}}")
+    bounds = _dim_bounds(e["dim_bounds"], where) if "dim_bounds" in e else {}
+    dynamic = (_dynamic_shapes(e["dynamic_shapes"], bounds, where)
+               if "dynamic_shapes" in e else None)
+    try:
+        if "onnx" in e:
+            tenant = Tenant(name, str((path.parent / e["onnx"]).resolve()),
+                            input_shapes=shapes)
+        else:
+            made = call_factory(e["factory"], dict(e.get("args", {})), where)
+            tenant = tenant_from_factory(name, made, shapes, where)
+        if shared:
+            tenant = replace(tenant, shared_inputs=dict(shared))
+        if dynamic is not None:
+            tenant = replace(tenant, dynamic_shapes=dynamic)
+        elif bounds:  # names of ONNX dim_params or input_shapes dims
+            tenant = replace(tenant, dim_bounds=bounds)
+        return tenant
+    except SpecError:
+        raise
+    except MTCompileError as err:
+        raise SpecError(f"{where}: {err}") from err
+
+
+def _subsets(raw: dict, path: Path) -> list:
+    """The `subsets` key: a list of lists of tenant names."""
     subsets = raw.get("subsets", [])
     if not isinstance(subsets, list) or not all(
             isinstance(g, list) and all(isinstance(t, str) for t in g) for g in subsets):
         raise SpecError(f"{path}: subsets must be a list of lists of tenant names, "
                         f"e.g. subsets = [[\"a\", \"b\"]]")
+    return subsets
+
+
+def load_spec(path: str | Path) -> BuildSpec:
+    """Parse a TOML spec into a BuildSpec, with errors that name the file and the key."""
+    path = Path(path)
+    raw = _read_toml(path)
+    tenants = [_load_tenant(path, i, e) for i, e in enumerate(_tenant_entries(raw, path))]
+    pipeline = raw.get("pipeline", {})
+    subsets = _subsets(raw, path)
     return BuildSpec(
         name=str(raw.get("name", path.stem)),
         target=str(raw.get("target", "llvm")),

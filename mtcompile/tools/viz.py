@@ -184,17 +184,12 @@ def _cut(text: str) -> str:
     return text if len(text) <= 14 else text[:13] + "…"
 
 
-def _draw_layered(view: dict, nodes: list[dict], tenant, region) -> Picture:
-    from matplotlib.collections import LineCollection
-    from matplotlib.patches import FancyBboxPatch, Patch, Rectangle
+def _draw_nodes(ax, nodes: list[dict], pos: dict, tenants: list[str],
+                colors: dict[str, str]) -> tuple[dict, dict]:
+    """A box per node coloured by its kind, a strip of the served tenants' colours under a
+    shared or fused one; returns the fusion groups' node positions and the count per kind."""
+    from matplotlib.patches import FancyBboxPatch, Rectangle
 
-    tenants, colors = view["tenants"], tenant_colors(view["tenants"])
-    pos, width, height = _layout(nodes, tenants)
-    fig = _figure(min(22.0, 2.2 + 1.25 * max(width, 2)), 1.2 + 0.45 * max(height, 3))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_axis_off()
-    edges = [(pos[i], pos[n["name"]]) for n in nodes for i in n["inputs"] if i in pos]
-    ax.add_collection(LineCollection(edges, colors="#9a9a9a", linewidths=0.7, zorder=1))
     groups: dict[str, list[tuple[float, float]]] = {}
     kinds = {"own": 0, "shared": 0, "hfused": 0}
     for n in nodes:
@@ -218,6 +213,13 @@ def _draw_layered(view: dict, nodes: list[dict], tenant, region) -> Picture:
                 color="white" if kind == "own" else "black")
         if n.get("group"):
             groups.setdefault(n["group"], []).append((x, y))
+    return groups, kinds
+
+
+def _draw_groups(ax, groups: dict[str, list[tuple[float, float]]]) -> None:
+    """A dashed box around the nodes of each fusion group."""
+    from matplotlib.patches import FancyBboxPatch
+
     for g, pts in groups.items():
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         box = FancyBboxPatch((min(xs) - 0.55, min(ys) - 0.33), max(xs) - min(xs) + 1.1,
@@ -225,8 +227,13 @@ def _draw_layered(view: dict, nodes: list[dict], tenant, region) -> Picture:
                              edgecolor="#555", linestyle="--", linewidth=0.9, zorder=2)
         box.set_gid(_gid("group", g))
         ax.add_patch(box)
-    ax.set_xlim(-0.8, max(width, 2) - 0.2)
-    ax.set_ylim(-height + 0.3, 0.7)
+
+
+def _layered_handles(nodes: list[dict], tenants: list[str], colors: dict[str, str],
+                     kinds: dict, groups: dict) -> list:
+    """Legend entries: the tenants drawn, then shared, fused and fusion groups when present."""
+    from matplotlib.patches import Patch
+
     handles = [Patch(facecolor=colors[t], label=t) for t in tenants
                if any(tenants.index(t) in n["tenants"] for n in nodes)]
     if kinds["shared"]:
@@ -238,6 +245,25 @@ def _draw_layered(view: dict, nodes: list[dict], tenant, region) -> Picture:
     if groups:
         handles.append(Patch(fill=False, edgecolor="#555", linestyle="--",
                              label=f"fusion group = 1 kernel ({len(groups)})"))
+    return handles
+
+
+def _draw_layered(view: dict, nodes: list[dict], tenant, region) -> Picture:
+    """The selected nodes in layers: edges, node boxes, fusion groups, a title and legend."""
+    from matplotlib.collections import LineCollection
+
+    tenants, colors = view["tenants"], tenant_colors(view["tenants"])
+    pos, width, height = _layout(nodes, tenants)
+    fig = _figure(min(22.0, 2.2 + 1.25 * max(width, 2)), 1.2 + 0.45 * max(height, 3))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    edges = [(pos[i], pos[n["name"]]) for n in nodes for i in n["inputs"] if i in pos]
+    ax.add_collection(LineCollection(edges, colors="#9a9a9a", linewidths=0.7, zorder=1))
+    groups, kinds = _draw_nodes(ax, nodes, pos, tenants, colors)
+    _draw_groups(ax, groups)
+    ax.set_xlim(-0.8, max(width, 2) - 0.2)
+    ax.set_ylim(-height + 0.3, 0.7)
+    handles = _layered_handles(nodes, tenants, colors, kinds, groups)
     what = f"tenant {tenant}" if tenant else "merged graph"
     where = f", positions {region[0]}..{region[1] - 1}" if region else ""
     ax.set_title(f"{what}{where}: {len(nodes)} nodes (a strip under a node: the tenants it "
@@ -247,16 +273,9 @@ def _draw_layered(view: dict, nodes: list[dict], tenant, region) -> Picture:
     return Picture(fig)
 
 
-def draw_summary(graph, tenant: str | None = None, region: tuple[int, int] | None = None,
-                 max_nodes: int = MAX_NODES) -> Picture:
-    """A large graph at a glance: where each tenant's nodes lie in graph order (shared and
-    fused marked), node counts by kind per tenant, and the most frequent ops."""
-    view = as_view(graph)
-    tenants, colors, nodes = view["tenants"], tenant_colors(view["tenants"]), view["nodes"]
-    fig = _figure(11, 3.2 + 0.45 * len(tenants))
-    grid = fig.add_gridspec(2, 2, height_ratios=[1.2, 1], hspace=0.55, wspace=0.35)
-    strip, bars, ops = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), \
-        fig.add_subplot(grid[1, 1])
+def _draw_strip(strip, nodes: list[dict], tenants: list[str], colors: dict[str, str]) -> dict:
+    """A row per tenant marking where its own, shared and fused nodes lie in graph order, a
+    row for fusion groups; returns the node count per tenant and kind."""
     counts = {t: {"own": 0, "shared": 0, "hfused": 0} for t in tenants}
     for ti, t in enumerate(tenants):
         for kind, color in (("own", colors[t]), ("shared", "#555"), ("hfused", HFUSED_COLOR)):
@@ -277,6 +296,11 @@ def draw_summary(graph, tenant: str | None = None, region: tuple[int, int] | Non
     strip.set_xlabel("graph position (pick region=(start, stop) from this axis)")
     strip.set_title("where each tenant's nodes lie: colour own, grey shared, gold horizontally "
                     "fused", fontsize=9)
+    return counts
+
+
+def _draw_kind_bars(bars, tenants: list[str], colors: dict[str, str], counts: dict) -> None:
+    """Stacked bars per tenant: its own, shared and horizontally fused node counts."""
     left = [0] * len(tenants)
     for kind, color, label in (("own", None, "own"), ("shared", "#555", "shared"),
                                ("hfused", HFUSED_COLOR, "horizontally fused")):
@@ -288,6 +312,10 @@ def draw_summary(graph, tenant: str | None = None, region: tuple[int, int] | Non
     bars.set_xlabel("nodes serving the tenant")
     bars.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.28),
                 ncol=3)
+
+
+def _draw_top_ops(ops, nodes: list[dict]) -> None:
+    """Bars of the ten most frequent ops."""
     freq: dict[str, int] = {}
     for n in nodes:
         freq[n["op"]] = freq.get(n["op"], 0) + 1
@@ -296,13 +324,34 @@ def draw_summary(graph, tenant: str | None = None, region: tuple[int, int] | Non
     ops.invert_yaxis()
     ops.set_xlabel("nodes")
     ops.set_title("most frequent ops", fontsize=9)
+
+
+def _summary_hint(view: dict, tenant: str | None, region: tuple[int, int] | None,
+                  max_nodes: int) -> str:
+    """The summary's title: sizes, why it is a summary and how to draw a part instead."""
+    tenants, nodes = view["tenants"], view["nodes"]
     chosen = len(select(view, tenant, region))
-    hint = (f"{len(nodes)} nodes, {len(tenants)} tenants; "
+    return (f"{len(nodes)} nodes, {len(tenants)} tenants; "
             + (f"the selection has {chosen} nodes (> max_nodes={max_nodes}); "
                if tenant or region else f"more than max_nodes={max_nodes}: summarized; ")
             + f"draw one tenant: draw_graph(g, tenant={tenants[0]!r}) or a region: "
             f"draw_graph(g, region=(0, {min(len(nodes), max_nodes // 2)}))")
-    fig.suptitle(hint, fontsize=9)
+
+
+def draw_summary(graph, tenant: str | None = None, region: tuple[int, int] | None = None,
+                 max_nodes: int = MAX_NODES) -> Picture:
+    """A large graph at a glance: where each tenant's nodes lie in graph order (shared and
+    fused marked), node counts by kind per tenant, and the most frequent ops."""
+    view = as_view(graph)
+    tenants, colors, nodes = view["tenants"], tenant_colors(view["tenants"]), view["nodes"]
+    fig = _figure(11, 3.2 + 0.45 * len(tenants))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.2, 1], hspace=0.55, wspace=0.35)
+    strip, bars, ops = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), \
+        fig.add_subplot(grid[1, 1])
+    counts = _draw_strip(strip, nodes, tenants, colors)
+    _draw_kind_bars(bars, tenants, colors, counts)
+    _draw_top_ops(ops, nodes)
+    fig.suptitle(_summary_hint(view, tenant, region, max_nodes), fontsize=9)
     fig.set_gid("graph-summary")
     return Picture(fig)
 
