@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.index_ranges import input_index_ranges
@@ -25,6 +26,7 @@ from mtcompile.runtime.manifest import (
     PassSpec,
     StreamsInfo,
     TenantSig,
+    output_files,
 )
 from mtcompile.version import __version__
 
@@ -128,15 +130,20 @@ def manifest(*, name: str, target: str, pipeline, providers: dict[str, str],
              entry_graph: Graph, graphs: Sequence[Graph], records,
              layout: StreamLayout | None) -> Manifest:
     """The manifest known before TVM builds the module (embedded in the library)."""
+    sigs = {it.name: tenant_sig(entry_graph, it.name, it.kind, it.source_hash,
+                                output_names(t.model))
+            for it, t in zip(imported, tenants, strict=True)}
+    files = output_files({n: [o.name for o in s.outputs] for n, s in sigs.items()})
+    sigs = {n: replace(s, outputs=tuple(replace(o, file=f) for o, f in
+                                        zip(s.outputs, files[n], strict=True)))
+            for n, s in sigs.items()}
     return Manifest(
         name=name, library=f"{name}.so", target=target, versions=versions(),
         pipeline=tuple(PassSpec(p.name, _plain(p.options())) for p in pipeline),
         kernels=dict(providers), tuning_db=str(tuning_db) if tuning_db else None,
         tenant_order=tuple(t.name for t in tenants),
         run_all_inputs=tuple(tuple(map(tuple, uses)) for _, uses in run_all_params(graph)),
-        tenants={it.name: tenant_sig(entry_graph, it.name, it.kind, it.source_hash,
-                                     output_names(t.model))
-                 for it, t in zip(imported, tenants, strict=True)},
+        tenants=sigs,
         graph=graph_stats(graph, entry_graph, graphs),
         graph_view=_plain(graph_view(graph, records)),  # nodes and per-pass rows, for reports
         streams=streams_info(graph, layout))

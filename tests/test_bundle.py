@@ -220,7 +220,7 @@ def test_manifest_json(tiny_bundle, tiny_saved):
 
 def test_signature_and_typed_manifest(tiny_bundle):
     m = tiny_bundle.manifest
-    assert isinstance(m, Manifest) and m.format == FORMAT == "mtcompile-bundle/4"
+    assert isinstance(m, Manifest) and m.format == FORMAT == "mtcompile-bundle/5"
     sig = tiny_bundle.signature("lin")
     assert sig is m.tenants["lin"] and str(sig.inputs[0]) == "x: float32[2, 8]"
     assert m.tenant_order == ("lin", "conv", "multi") and m.library == "bundle.so"

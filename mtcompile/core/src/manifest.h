@@ -1,4 +1,4 @@
-// The manifest as mtcompile-run reads it: the fields it uses, and what runtime/manifest.py
+// The manifest as the runtime core reads it: the fields it uses, and what runtime/manifest.py
 // requires of every manifest (rules library-name, run-all-inputs; contract.h).
 #pragma once
 
@@ -12,6 +12,7 @@
 #include <fstream>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,6 +24,7 @@ namespace mtc {
 // ------------------------------------------------------------------ the manifest
 struct IO {
   std::string name, dtype;
+  std::string file;  // an output's file name, as the build recorded it
   std::vector<int64_t> shape;  // -1: a symbolic (dynamic) dim, its name in `dims`
   std::vector<std::string> dims;  // per axis: the dim's name, empty when static
   std::map<std::string, std::pair<int64_t, int64_t>> bounds;  // dim name -> [lo, hi]
@@ -70,13 +72,15 @@ inline std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
 
 struct Manifest {
   std::string dir, path;  // the bundle directory, its manifest.json
-  ffi::Map<ffi::Any, ffi::Any> json;  // manifest.json as read
+  std::string text;  // manifest.json as read
+  ffi::Map<ffi::Any, ffi::Any> json;  // and parsed
   std::string library, target, library_sha256, tvm_version, cpu;
   std::vector<std::string> cpu_features;
   std::optional<WeightsTable> weights;
   std::vector<Tenant> tenants;  // in tenant_order
   std::vector<std::pair<std::string, std::string>> run_all_inputs;  // (tenant, input) each
   bool streamed = false;
+  bool verified = false;  // its signature checked with a key (open_checked)
   std::vector<std::string> torch_kernels;
 
   const Tenant& tenant(const std::string& name) const {
@@ -125,7 +129,31 @@ inline void read_run_all_inputs(Manifest& man, const ffi::Map<ffi::Any, ffi::Any
                    "once (" + pairs_repr(want) + "), found " + pairs_repr(found));
 }
 
+// rule file-name: an output's recorded file, a plain safe name ending in .npy, unique in the
+// bundle (case-insensitively: one file per name on any disk)
+inline std::string output_file(const ffi::Map<ffi::Any, ffi::Any>& io, const std::string& mpath,
+                               const std::string& key, std::set<std::string>& files) {
+  auto f = io.find(ffi::String("file"));
+  if (f == io.end() || (*f).second == nullptr)
+    throw BadInput(mpath + " is corrupt: key '" + key + "': missing");
+  auto s = (*f).second.try_cast<ffi::String>();
+  std::string name = s && (*f).second.type_index() != kTVMFFIBool ? std::string(*s) : "";
+  bool safe = name.size() > 4 && name.compare(name.size() - 4, 4, ".npy") == 0 && name[0] != '.';
+  for (char c : name)
+    safe = safe && (std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-');
+  if (!safe)
+    throw BadInput(mpath + " is corrupt: key '" + key + "': expected a file name of "
+                   "[A-Za-z0-9_.-] ending in .npy, found " + py_repr60((*f).second));
+  std::string lower = name;
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (!files.insert(lower).second)
+    throw BadInput(mpath + " is corrupt: key '" + key + "': '" + name + "' is the file of "
+                   "another output");
+  return name;
+}
+
 inline void read_tenants(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
+  std::set<std::string> files;
   auto tenants = as_map(field(m, "tenants", "the manifest"), "tenants");
   for (const ffi::Any& n : as_array(field(m, "tenant_order", "the manifest"), "tenant_order")) {
     Tenant t;
@@ -134,18 +162,29 @@ inline void read_tenants(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
     t.inputs = read_ios(field(tm, "inputs", "tenants." + t.name), "tenants." + t.name + ".inputs");
     t.outputs =
         read_ios(field(tm, "outputs", "tenants." + t.name), "tenants." + t.name + ".outputs");
+    auto outs = as_array(field(tm, "outputs", "tenants." + t.name), "tenants." + t.name + ".outputs");
+    for (size_t i = 0; i < outs.size(); ++i)
+      t.outputs[i].file = output_file(as_map(outs[i], "outputs"), man.path,
+                                      "tenants." + t.name + ".outputs[" + std::to_string(i) + "].file",
+                                      files);
     man.tenants.push_back(t);
   }
   if (man.tenants.size() != tenants.size())
     throw BadInput(man.path + " is corrupt: key 'tenant_order': does not list the tenants");
 }
 
-inline Manifest read_manifest(const std::string& dir) {
+// manifest.json of the bundle in `dir`, as read (checked by parse_manifest)
+inline std::string manifest_text(const std::string& dir) {
+  const std::string path = dir + "/manifest.json";
+  std::ifstream f(path);
+  if (!f) throw BadInput(path + ": cannot open (is " + dir + " a saved bundle?)");
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// the manifest `text` of the bundle in `dir`, checked field by field
+inline Manifest parse_manifest(const std::string& dir, const std::string& text) {
   Manifest man;
-  man.dir = dir, man.path = dir + "/manifest.json";
-  std::ifstream f(man.path);
-  if (!f) throw BadInput(man.path + ": cannot open (is " + dir + " a saved bundle?)");
-  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  man.dir = dir, man.path = dir + "/manifest.json", man.text = text;
   ffi::String err;
   ffi::Any root = ffi::json::Parse(text, &err);
   if (!err.empty()) throw BadInput(man.path + " is corrupt: not valid JSON (" + std::string(err) + ")");
@@ -186,5 +225,7 @@ inline Manifest read_manifest(const std::string& dir) {
   if (w != m.end() && (*w).second != nullptr) man.weights = read_weights((*w).second, man.path + " is corrupt: ");
   return man;
 }
+
+inline Manifest read_manifest(const std::string& dir) { return parse_manifest(dir, manifest_text(dir)); }
 
 }  // namespace mtc
