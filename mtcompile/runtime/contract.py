@@ -88,6 +88,13 @@ def open_checked(directory: str | os.PathLike, private: Path, key: bytes | None,
     return Opened(Path(str(src)), str(text), bool(verified))
 
 
+def check_loaded(directory, text: str, private: Path, where: Path) -> None:
+    """What ``mtcompile-run`` checks after `open_checked`, in its order: the library loaded,
+    its weights tables, its embedded manifest (for a manifest.json the Python reader refuses:
+    the first rule broken is named alike by both front-ends)."""
+    _call("check_loaded", str(directory), text, str(private), str(where))
+
+
 class LibraryWeights(NamedTuple):
     """A loaded library's weights symbol (address, size) and the table it carries ("": it
     has no weights), checked against each other."""

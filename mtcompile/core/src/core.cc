@@ -83,6 +83,16 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       return ok({});
     });
   });
+  // check_loaded(dir, manifest text, private path, lib name): what mtcompile-run checks after
+  // open (library.h load_checked: dlopen, weights tables, embedded manifest), for a manifest
+  // the Python reader refuses, so that both name the first rule broken in one order
+  refl::GlobalDef().def("mtcompile.core.check_loaded",
+                        [](ffi::String dir, ffi::String text, ffi::String path, ffi::String src) {
+    return guarded([&] {
+      mtc::load_checked(mtc::parse_manifest(dir, text), path, src);
+      return ok({});
+    });
+  });
   // check_embedded(dir, manifest text, the embedded manifest's text, lib name)
   refl::GlobalDef().def("mtcompile.core.check_embedded",
                         [](ffi::String dir, ffi::String text, ffi::String embedded, ffi::String src) {

@@ -216,6 +216,28 @@ inline void check_manifest_weights(const Manifest& man, const LibWeights& w) {
                      man.path);
 }
 
+// the checked private copy loaded by TVM's loader (dlopen), then, in this order for both
+// front-ends: the weights tables (the library's, then manifest.json's) and the embedded manifest
+struct Loaded {
+  ffi::Module lib, exec;  // the library, its Relax VM (initialized on the host CPU)
+  LibWeights weights;
+};
+
+inline Loaded load_checked(const Manifest& man, const std::string& private_path,
+                           const std::string& src) {
+  ffi::Module lib = ffi::Module::LoadFromFile(private_path);
+  LibWeights weights = library_weights(private_path, src);
+  check_manifest_weights(man, weights);
+  auto load = lib->GetFunction("vm_load_executable");
+  if (!load.has_value()) throw BadInput(src + ": has no readable embedded manifest");
+  ffi::Module exec = (*load)().cast<ffi::Module>();
+  constexpr int kPooled = 2;  // TVM's pooled allocator, as relax.VirtualMachine uses
+  exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
+                                                  static_cast<int>(kDLCPU), 0, kPooled);
+  check_embedded(man, exec, src);
+  return Loaded{lib, exec, std::move(weights)};
+}
+
 #ifndef MTC_TVM_VERSION
 #define MTC_TVM_VERSION ""  // unknown when built: not checked
 #endif

@@ -290,25 +290,40 @@ void add_weights(const mtc::LibWeights& w, const std::string& entry, std::vector
   }
 }
 
-// the bundle opened by the runtime core (library.h: the sequence the Python runtime runs),
-// its embedded manifest and weights checked; `entry` resolved
+void check_runnable(const Manifest& man, const std::string& entry) {
+  if (man.target != "llvm")
+    throw BadInput("this bundle was built for target '" + man.target +
+                   "'; mtcompile-run runs CPU (llvm) bundles");
+  if (!man.torch_kernels.empty())
+    throw BadInput("this bundle calls PyTorch kernels (provider 'torch' for " +
+                   man.torch_kernels[0] + "), which need Python; rebuild with kernels='native'");
+  if (entry == "run_all" && man.streamed)
+    throw BadInput("this bundle's run_all runs on several streams (the Python StreamExecutor); "
+                   "mtcompile-run runs its tenants one by one, or rebuild with one stream");
+}
+
+// the bundle opened by the runtime core (library.h: the sequence the Python runtime runs,
+// checks before dlopen, then the weights tables and the embedded manifest of the loaded
+// library); `entry` resolved, `weights` its trailing arguments
 ffi::Function open_entry(const std::string& bundle, const std::optional<std::string>& key,
                          bool require_signature, const std::string& entry,
-                         std::vector<ffi::Tensor>& args) {
+                         std::vector<ffi::Tensor>& weights) {
   const Manifest probe = mtc::read_manifest(bundle);
   mtc::PrivateCopy copy(probe.library);
   std::string src;
   const Manifest man = mtc::open_checked(bundle, key, require_signature, copy.path, &src);
-  ffi::Module lib = ffi::Module::LoadFromFile(copy.path);
-  const mtc::LibWeights weights = mtc::library_weights(copy.path, src);
-  mtc::check_manifest_weights(man, weights);  // as Python: then the embedded manifest
-  ffi::Module exec = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
-  constexpr int kPooled = 2;  // TVM's pooled allocator, as relax.VirtualMachine uses
-  exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
-                                                  static_cast<int>(kDLCPU), 0, kPooled);
-  mtc::check_embedded(man, exec, src);
-  add_weights(weights, entry, args);
-  auto fn = exec->GetFunction(entry);
+  std::optional<mtc::Loaded> loaded;
+  try {
+    loaded = mtc::load_checked(man, copy.path, src);
+  } catch (const BadInput&) {
+    throw;
+  } catch (const std::exception&) {
+    if (man.target != "llvm") check_runnable(man, entry);  // a cuda bundle, said plainly
+    throw;
+  }
+  check_runnable(man, entry);
+  add_weights(loaded->weights, entry, weights);
+  auto fn = loaded->exec->GetFunction(entry);
   if (!fn.has_value()) throw BadInput(src + ": has no entry '" + entry + "'");
   return *fn;
 }
@@ -352,18 +367,6 @@ bool parse_options(int argc, char** argv, Options& o) {
     }
   }
   return o.help || o.pos.size() == 4;
-}
-
-void check_runnable(const Manifest& man, const std::string& entry) {
-  if (man.target != "llvm")
-    throw BadInput("this bundle was built for target '" + man.target +
-                   "'; mtcompile-run runs CPU (llvm) bundles");
-  if (!man.torch_kernels.empty())
-    throw BadInput("this bundle calls PyTorch kernels (provider 'torch' for " +
-                   man.torch_kernels[0] + "), which need Python; rebuild with kernels='native'");
-  if (entry == "run_all" && man.streamed)
-    throw BadInput("this bundle's run_all runs on several streams (the Python StreamExecutor); "
-                   "mtcompile-run runs its tenants one by one, or rebuild with one stream");
 }
 
 // the entry's inputs, read and checked; `outs` gets the file of each result
@@ -410,7 +413,6 @@ int run(int argc, char** argv) {
   const std::optional<std::string> key =
       o.key_file ? std::optional<std::string>(mtc::read_key_file(*o.key_file)) : std::nullopt;
   const Manifest man = mtc::read_manifest(bundle);
-  check_runnable(man, entry);
   if (!mtc::verify_key(key) && !o.require_signature && mtc::is_signed(man))
     std::fprintf(stderr, "mtcompile-run: warning: %s: the bundle is signed; its signature is NOT "
                  "verified (no --verify-key-file)\n", bundle.c_str());
@@ -418,13 +420,16 @@ int run(int argc, char** argv) {
   const std::string n = std::to_string(o.threads ? o.threads : std::thread::hardware_concurrency());
   setenv("TVM_NUM_THREADS", n.c_str(), o.threads != 0);
   setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);
-  // inputs first: a bad input costs no load
-  std::vector<std::string> outs;  // the output files the manifest records
-  std::vector<ffi::Tensor> args = read_inputs(man, entry, in_dir, outs);
+  // the bundle first, as the Python runtime's load: both refuse a damaged artifact alike
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
-  ffi::Function fn = open_entry(bundle, key, o.require_signature, entry, args);
+  std::vector<ffi::Tensor> weights;
+  ffi::Function fn = open_entry(bundle, key, o.require_signature, entry, weights);
   const auto t1 = clock::now();
+  std::vector<std::string> outs;  // the output files the manifest records
+  std::vector<ffi::Tensor> args = read_inputs(man, entry, in_dir, outs);
+  args.insert(args.end(), weights.begin(), weights.end());
+  const auto tc = clock::now();
   ffi::Any r = call(fn, args);
   const auto t2 = clock::now();
   std::vector<ffi::Tensor> got = results(r);
@@ -436,7 +441,7 @@ int run(int argc, char** argv) {
   if (o.timing)
     std::printf("{\"load_s\": %.6f, \"first_call_s\": %.6f, \"peak_rss_kib\": %lld}\n",
                 std::chrono::duration<double>(t1 - t0).count(),
-                std::chrono::duration<double>(t2 - t1).count(),
+                std::chrono::duration<double>(t2 - tc).count(),
                 static_cast<long long>(peak_rss_kib()));
   return 0;
 }
