@@ -44,9 +44,11 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _mutate_library(rng: random.Random, d: Path, m: dict) -> str:
-    lib = d / m["library"]
+def _mutate_library(rng: random.Random, lib: Path) -> str:
     b = bytearray(lib.read_bytes())
+    if not b:  # truncated to nothing by an earlier mutation
+        lib.write_bytes(b"\x7fELF")
+        return "lib-bytes refilled"
     what = rng.choice(["flip", "overwrite", "truncate", "insert", "zero-page"])
     at = rng.randrange(len(b))
     if what == "flip":
@@ -117,14 +119,15 @@ def make_case(seed: int, index: int, original: Path, signed: Path, out: Path) ->
     shutil.copytree(signed if key else original, out)
     mpath = out / "manifest.json"
     m = json.loads(mpath.read_text())
-    changes = [_mutate_library(rng, out, m)] if key else []
+    lib = out / m["library"]  # the library's file (the manifest's field may be mutated)
+    changes = [_mutate_library(rng, lib)] if key else []
     for _ in range(rng.choice([1, 1, 1, 2, 3]) - len(changes)):
         if rng.random() < 0.3:
-            changes.append(_mutate_library(rng, out, m))
+            changes.append(_mutate_library(rng, lib))
         else:
             changes.append(_mutate_manifest(rng, m))
-    if key and isinstance(m.get("library"), str) and (out / m["library"]).is_file():
-        m["library_sha256"] = _sha256(out / m["library"])  # only the signature can tell
+    if key:
+        m["library_sha256"] = _sha256(lib)  # only the signature can tell
         changes.append("library_sha256 updated")
     mpath.write_text(json.dumps(m))
     return {"index": index, "changes": changes, "key": key}

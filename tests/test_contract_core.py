@@ -61,7 +61,7 @@ def _truncate_rehashed(d: Path) -> None:
     _edit(lambda m: m.__setitem__("library_sha256", artifact.sha256_file(lib)))(d)
 
 
-def _out(m, t="multi", i=0):
+def _out(m, t="a", i=0):
     return m["tenants"][t]["outputs"][i]
 
 
@@ -89,7 +89,7 @@ CASES = {
                               "expected each tenant input once"),
     "output renamed": (_edit(lambda m: _out(m).__setitem__("name", "renamed")), None, False,
                        "disagree on ['tenants']"),
-    "output files collide": (_edit(lambda m: _out(m, i=1).__setitem__("file", _out(m)["file"])),
+    "output files collide": (_edit(lambda m: _out(m, "b").__setitem__("file", _out(m)["file"])),
                              None, False, "is the file of another output"),
     "output file unsafe": (_edit(lambda m: _out(m).__setitem__("file", "../x.npy")), None,
                            False, "expected a file name of [A-Za-z0-9_.-]"),
@@ -102,17 +102,31 @@ CASES = {
 }
 
 
-def _damaged(tiny_bundle, tiny_saved, tmp_path, damage) -> Path:
+@pytest.fixture(scope="module")
+def weighty():
+    """Tenants whose weights the library carries in its table (test_artifact_contract's
+    Linear pair and embedding), compiled once."""
+    from test_artifact_contract import tenants
+
+    return mtcompile.compile(tenants())
+
+
+@pytest.fixture(scope="module")
+def weighty_saved(weighty, tmp_path_factory) -> Path:
+    return weighty.save(tmp_path_factory.mktemp("weighty") / "bundle")
+
+
+def _damaged(bundle, saved, tmp_path, damage) -> Path:
     d = tmp_path / "bundle"
     if isinstance(damage, str):  # a signed copy, then its damage
-        tiny_bundle.save(d, sign_key=KEY)
+        bundle.save(d, sign_key=KEY)
         if damage.endswith("edit"):
             _edit(lambda m: _out(m).__setitem__("name", "renamed"))(d)
         elif damage.endswith("rehash"):
             _flip(d)
             _edit(lambda m: m.__setitem__("library_sha256", artifact.sha256_file(_lib(d))))(d)
     else:
-        shutil.copytree(tiny_saved, d)
+        shutil.copytree(saved, d)
         damage(d)
     return d
 
@@ -120,7 +134,7 @@ def _damaged(tiny_bundle, tiny_saved, tmp_path, damage) -> Path:
 def _python(d: Path, key, require: bool) -> str:
     with pytest.raises(ArtifactError) as e:
         b = mtcompile.load(d, verify_key=key, require_signature=require)
-        b.run("lin", *seeded_inputs(b.signature("lin"), 0))
+        b.run("a", *seeded_inputs(b.signature("a"), 0))
     return str(e.value).splitlines()[0]
 
 
@@ -131,8 +145,8 @@ def _driver(d: Path, keyfile, require: bool, work: Path, sig) -> subprocess.Comp
     ins.mkdir(exist_ok=True)
     out.mkdir(exist_ok=True)
     for s, x in zip(sig.inputs, seeded_inputs(sig, 0), strict=True):
-        np.save(ins / file_name("lin", s.name), x)
-    return subprocess.run(command(d, "lin", ins, out, verify_key_file=keyfile,
+        np.save(ins / file_name("a", s.name), x)
+    return subprocess.run(command(d, "a", ins, out, verify_key_file=keyfile,
                                   require_signature=require),
                           capture_output=True, text=True, timeout=300)
 
@@ -140,19 +154,19 @@ def _driver(d: Path, keyfile, require: bool, work: Path, sig) -> subprocess.Comp
 @pytest.mark.slow  # the C++ driver: a process per case
 @pytest.mark.parametrize("case", list(CASES))
 def test_both_front_ends_refuse_a_damaged_artifact_with_the_same_first_line(
-        tiny_bundle, tiny_saved, tmp_path, case, monkeypatch):
+        weighty, weighty_saved, tmp_path, case, monkeypatch):
     damage, key, require, words = CASES[case]
     if case == "cpu feature" and ABSENT is None:
         pytest.skip("this CPU has every feature tried")
     monkeypatch.delenv(VERIFY_KEY_ENV, raising=False)
-    d = _damaged(tiny_bundle, tiny_saved, tmp_path, damage)
+    d = _damaged(weighty, weighty_saved, tmp_path, damage)
     keys = {None: None, "good": KEY, "wrong": b"another key"}
     keyfile = None
     if key is not None:
         keyfile = tmp_path / "key"
         keyfile.write_bytes(keys[key])
     py = _python(d, keys[key], require)
-    res = _driver(d, keyfile, require, tmp_path, tiny_bundle.signature("lin"))
+    res = _driver(d, keyfile, require, tmp_path, weighty.signature("a"))
     assert res.returncode == 3, (res.returncode, res.stderr[-2000:])
     line = res.stderr.strip().splitlines()[-1]
     assert line == f"mtcompile-run: {py}", (line, py)
@@ -160,10 +174,9 @@ def test_both_front_ends_refuse_a_damaged_artifact_with_the_same_first_line(
 
 
 @pytest.mark.slow  # the C++ driver
-def test_the_verify_key_of_the_environment_is_used_by_both(tiny_bundle, tmp_path,
-                                                           monkeypatch):
-    d = tiny_bundle.save(tmp_path / "signed", sign_key=KEY)
-    sig = tiny_bundle.signature("lin")
+def test_the_verify_key_of_the_environment_is_used_by_both(weighty, tmp_path, monkeypatch):
+    d = weighty.save(tmp_path / "signed", sign_key=KEY)
+    sig = weighty.signature("a")
     monkeypatch.setenv(VERIFY_KEY_ENV, KEY.decode())
     b = mtcompile.load(d, require_signature=True)
     assert b.signature_verified and b.report()["signature"]["verified"]

@@ -322,6 +322,7 @@ ffi::Function open_entry(const std::string& bundle, const std::optional<std::str
     throw;
   }
   check_runnable(man, entry);
+  if (entry != "run_all") man.tenant(entry);  // names the tenants when there is no such one
   add_weights(loaded->weights, entry, weights);
   auto fn = loaded->exec->GetFunction(entry);
   if (!fn.has_value()) throw BadInput(src + ": has no entry '" + entry + "'");
