@@ -93,6 +93,9 @@ CASES = {
                              None, False, "is the file of another output"),
     "output file unsafe": (_edit(lambda m: _out(m).__setitem__("file", "../x.npy")), None,
                            False, "expected a file name of [A-Za-z0-9_.-]"),
+    "a pass made null (fuzzer seed 3, case 18)": (
+        _edit(lambda m: m["pipeline"].__setitem__(1, None)), None, False,
+        "disagree on ['pipeline']"),
     "signature required, no key": (lambda d: None, None, True,
                                    "a verified signature is required"),
     "unsigned, a key given": (lambda d: None, "good", False, "the bundle is not signed"),
@@ -199,6 +202,17 @@ def test_require_signature_refuses_without_a_key_and_loads_with_one(tiny_bundle,
     b = mtcompile.load(signed, verify_key=KEY, require_signature=True)
     assert b.report()["signature"]["verified"]
     assert not mtcompile.load(signed).signature_verified  # no key: loads, says unverified
+
+
+def test_a_field_of_an_unforeseen_kind_is_refused_as_the_driver_refuses_it(tiny_saved,
+                                                                           tmp_path):
+    """Artifact fuzzer, seed 3, cases 18 and 119: a pass of the pipeline replaced by null
+    gave a raw TypeError from the manifest reader; now the core's checks of the loaded
+    library name it first, as mtcompile-run does."""
+    d = shutil.copytree(tiny_saved, tmp_path / "bundle")
+    _edit(lambda m: m["pipeline"].__setitem__(1, None))(d)
+    with pytest.raises(ArtifactError, match=r"disagree on \['pipeline'\]"):
+        mtcompile.load(d)
 
 
 def test_artifact_fuzzer_bounded(tiny_saved):

@@ -337,6 +337,10 @@ class Manifest:
             return _parse(d)
         except _Corrupt as e:
             raise ArtifactError(f"{where} is corrupt: {e}") from None
+        except (TypeError, AttributeError, KeyError, ValueError) as e:
+            # a value of a kind no field check foresaw (the artifact fuzzer: a pass of the
+            # pipeline replaced by null): refused, never a raw error
+            raise ArtifactError(f"{where} is corrupt: {type(e).__name__}: {e}") from None
 
 
 # in manifest.json only, not embedded
