@@ -54,30 +54,44 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
 }
 
 // ------------------------------------------------------------------ reading JSON fields
-inline ffi::Map<ffi::Any, ffi::Any> as_map(const ffi::Any& v, const std::string& key) {
+// A bad field of manifest.json, in runtime/manifest.py's words: "key '<path>': <why>"
+// (parse_manifest prefixes "<manifest.json> is corrupt: ").
+struct Corrupt : BadInput {
+  Corrupt(const std::string& path, const std::string& why)
+      : BadInput("key '" + path + "': " + why) {}
+};
+
+inline std::string py_type(const ffi::Any& v);
+inline std::string py_repr60(const ffi::Any& v);
+
+inline std::string key_path(const std::string& where, const std::string& key) {
+  return where.empty() ? key : where + "." + key;
+}
+inline Corrupt wrong_kind(const ffi::Any& v, const std::string& path, const char* kind) {
+  return Corrupt(path, std::string("expected ") + kind + ", found " + py_type(v) + " " + py_repr60(v));
+}
+inline ffi::Map<ffi::Any, ffi::Any> as_map(const ffi::Any& v, const std::string& path) {
   auto m = v.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
-  if (!m) throw BadInput("manifest: " + key + " is not an object");
+  if (!m || py_type(v) != "dict") throw wrong_kind(v, path, "dict");
   return *m;
 }
-inline ffi::Array<ffi::Any> as_array(const ffi::Any& v, const std::string& key) {
+inline ffi::Array<ffi::Any> as_array(const ffi::Any& v, const std::string& path) {
   auto a = v.try_cast<ffi::Array<ffi::Any>>();
-  if (!a) throw BadInput("manifest: " + key + " is not a list");
+  if (!a || py_type(v) != "list") throw wrong_kind(v, path, "list");
   return *a;
 }
 inline ffi::Any field(const ffi::Map<ffi::Any, ffi::Any>& m, const std::string& key,
                       const std::string& where) {
   auto it = m.find(ffi::String(key));
-  if (it == m.end() || (*it).second == nullptr)
-    throw BadInput("manifest: " + where + " has no '" + key + "'");
+  if (it == m.end()) throw Corrupt(key_path(where, key), "missing");
   return (*it).second;
 }
-inline std::string str(const ffi::Any& v, const std::string& key) {
-  auto s = v.try_cast<ffi::String>();
-  if (!s || v.type_index() == kTVMFFIBool) throw BadInput("manifest: " + key + " is not a string");
-  return std::string(*s);
+inline std::string str(const ffi::Any& v, const std::string& path) {
+  if (py_type(v) != "str") throw wrong_kind(v, path, "str");
+  return std::string(v.cast<ffi::String>());
 }
-inline int64_t integer(const ffi::Any& v, const std::string& key) {
-  if (v.type_index() != kTVMFFIInt) throw BadInput("manifest: " + key + " is not an integer");
+inline int64_t integer(const ffi::Any& v, const std::string& path) {
+  if (v.type_index() != kTVMFFIInt) throw wrong_kind(v, path, "int");
   return v.cast<int64_t>();
 }
 

@@ -8,6 +8,8 @@
 #include <tvm/ffi/extra/json.h>
 #include <tvm/ffi/string.h>
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <fstream>
 #include <map>
@@ -39,31 +41,33 @@ struct Tenant {
 
 inline std::vector<IO> read_ios(const ffi::Any& v, const std::string& where) {
   std::vector<IO> ios;
-  for (const ffi::Any& e : as_array(v, where)) {
-    auto m = as_map(e, where);
+  auto items = as_array(v, where);
+  for (size_t k = 0; k < items.size(); ++k) {
+    const std::string at = where + "[" + std::to_string(k) + "]";
+    auto m = as_map(items[k], at);
     IO io;
-    io.name = str(field(m, "name", where), where + ".name");
-    io.dtype = str(field(m, "dtype", where), where + ".dtype");
+    io.name = str(field(m, "name", at), at + ".name");
+    io.dtype = str(field(m, "dtype", at), at + ".dtype");
     auto b = m.find(ffi::String("dims"));
     if (b != m.end() && (*b).second != nullptr)
-      for (const auto& kv : as_map((*b).second, where + ".dims")) {
-        auto lh = as_array(kv.second, where + ".dims");
-        if (lh.size() != 2) throw BadInput("manifest: " + where + ".dims: expected [lo, hi]");
-        io.bounds[str(kv.first, where + ".dims")] = {
-            integer(lh[0], where + ".dims"), integer(lh[1], where + ".dims")};
+      for (const auto& kv : as_map((*b).second, at + ".dims")) {
+        auto lh = as_array(kv.second, at + ".dims");
+        if (lh.size() != 2) throw Corrupt(at + ".dims", "expected {dim name: [lo, hi]}");
+        io.bounds[str(kv.first, at + ".dims")] = {
+            integer(lh[0], at + ".dims"), integer(lh[1], at + ".dims")};
       }
-    for (const ffi::Any& d : as_array(field(m, "shape", where), where + ".shape")) {
+    for (const ffi::Any& d : as_array(field(m, "shape", at), at + ".shape")) {
       auto name = d.try_cast<ffi::String>();
-      io.shape.push_back(name ? -1 : integer(d, where + ".shape"));
+      io.shape.push_back(name ? -1 : integer(d, at + ".shape"));
       io.dims.push_back(name ? std::string(*name) : std::string());
     }
     auto r = m.find(ffi::String("index_range"));
     if (r != m.end() && (*r).second != nullptr) {
-      auto lh = as_array((*r).second, where + ".index_range");
-      if (lh.size() != 2) throw BadInput("manifest: " + where + ".index_range: expected [lo, hi]");
+      auto lh = as_array((*r).second, at + ".index_range");
+      if (lh.size() != 2) throw Corrupt(at + ".index_range", "expected [lo, hi]");
       io.ranged = true;
-      io.lo = integer(lh[0], where + ".index_range");
-      io.hi = integer(lh[1], where + ".index_range");
+      io.lo = integer(lh[0], at + ".index_range");
+      io.hi = integer(lh[1], at + ".index_range");
     }
     ios.push_back(io);
   }
@@ -111,7 +115,7 @@ inline void read_run_all_inputs(Manifest& man, const ffi::Map<ffi::Any, ffi::Any
   for (const Tenant& t : man.tenants)
     for (const IO& io : t.inputs) want.emplace_back(t.name, io.name);
   bool empty_group = false;
-  for (const ffi::Any& g : as_array(field(m, "run_all_inputs", "the manifest"), "run_all_inputs")) {
+  for (const ffi::Any& g : as_array(field(m, "run_all_inputs", ""), "run_all_inputs")) {
     auto group = as_array(g, "run_all_inputs");
     empty_group = empty_group || group.empty();
     for (size_t i = 0; i < group.size(); ++i) {
@@ -154,8 +158,8 @@ inline std::string output_file(const ffi::Map<ffi::Any, ffi::Any>& io, const std
 
 inline void read_tenants(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
   std::set<std::string> files;
-  auto tenants = as_map(field(m, "tenants", "the manifest"), "tenants");
-  for (const ffi::Any& n : as_array(field(m, "tenant_order", "the manifest"), "tenant_order")) {
+  auto tenants = as_map(field(m, "tenants", ""), "tenants");
+  for (const ffi::Any& n : as_array(field(m, "tenant_order", ""), "tenant_order")) {
     Tenant t;
     t.name = str(n, "tenant_order");
     auto tm = as_map(field(tenants, t.name, "tenants"), "tenants." + t.name);
@@ -176,8 +180,11 @@ inline void read_tenants(Manifest& man, const ffi::Map<ffi::Any, ffi::Any>& m) {
 // manifest.json of the bundle in `dir`, as read (checked by parse_manifest)
 inline std::string manifest_text(const std::string& dir) {
   const std::string path = dir + "/manifest.json";
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+    throw BadInput(dir + ": no manifest.json; is this a directory written by Bundle.save?");
   std::ifstream f(path);
-  if (!f) throw BadInput(path + ": cannot open (is " + dir + " a saved bundle?)");
+  if (!f) throw BadInput(path + " cannot be read");
   return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
 }
 
@@ -188,25 +195,28 @@ inline Manifest parse_manifest(const std::string& dir, const std::string& text) 
   ffi::String err;
   ffi::Any root = ffi::json::Parse(text, &err);
   if (!err.empty()) throw BadInput(man.path + " is corrupt: not valid JSON (" + std::string(err) + ")");
-  auto m = man.json = as_map(root, "the manifest");
+  auto root_map = root.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+  if (!root_map || py_type(root) != "dict")
+    throw BadInput(man.path + " is corrupt: expected a JSON object, found " + py_type(root));
+  auto m = man.json = *root_map;
   auto fmt = m.find(ffi::String("format"));
   std::string format = "None";
   if (fmt != m.end()) {
-    auto fs = (*fmt).second.try_cast<ffi::String>();
-    format = fs ? "'" + std::string(*fs) + "'" : canonical((*fmt).second);
+    format.clear();
+    py_repr((*fmt).second, format);  // as Python prints it: 'x', None, 5
   }
   if (format != "'" + std::string(kFormat) + "'")
     throw BadInput(man.path + ": format " + format + ", this mtcompile reads '" + kFormat +
                    "'" + (format.rfind("'mtcompile-bundle/", 0) == 0
                               ? "; rebuild the bundle with this mtcompile" : ""));
+  try {
   for (const char* k : kRequired)
-    if (m.find(ffi::String(k)) == m.end() || (*m.find(ffi::String(k))).second == nullptr)
-      throw BadInput(man.path + " is corrupt: key '" + k + "': missing");
-  man.library = str(field(m, "library", "the manifest"), "library");
+    if (m.find(ffi::String(k)) == m.end()) throw Corrupt(k, "missing");
+  man.library = str(field(m, "library", ""), "library");
   check_library_name(man.library, man.path);
-  man.target = str(field(m, "target", "the manifest"), "target");
-  man.library_sha256 = str(field(m, "library_sha256", "the manifest"), "library_sha256");
-  man.tvm_version = str(field(as_map(field(m, "versions", "the manifest"), "versions"), "tvm",
+  man.target = str(field(m, "target", ""), "target");
+  man.library_sha256 = str(field(m, "library_sha256", ""), "library_sha256");
+  man.tvm_version = str(field(as_map(field(m, "versions", ""), "versions"), "tvm",
                               "versions"), "versions.tvm");
   auto cpu = m.find(ffi::String("cpu"));
   if (cpu != m.end() && (*cpu).second != nullptr) man.cpu = str((*cpu).second, "cpu");
@@ -216,13 +226,16 @@ inline Manifest parse_manifest(const std::string& dir, const std::string& text) 
       man.cpu_features.push_back(str(f, "cpu_features"));
   read_tenants(man, m);
   read_run_all_inputs(man, m);
-  auto streams = as_map(field(m, "streams", "the manifest"), "streams");
+  auto streams = as_map(field(m, "streams", ""), "streams");
   auto run = streams.find(ffi::String("run"));
   man.streamed = run != streams.end() && (*run).second != nullptr;
-  for (const auto& kv : as_map(field(m, "kernels", "the manifest"), "kernels"))
+  for (const auto& kv : as_map(field(m, "kernels", ""), "kernels"))
     if (str(kv.second, "kernels") == "torch") man.torch_kernels.push_back(str(kv.first, "kernels"));
   auto w = m.find(ffi::String("weights"));
   if (w != m.end() && (*w).second != nullptr) man.weights = read_weights((*w).second, man.path + " is corrupt: ");
+  } catch (const Corrupt& e) {
+    throw BadInput(man.path + " is corrupt: " + e.what());
+  }
   return man;
 }
 
