@@ -35,7 +35,7 @@ from mtcompile.runtime.abi import MANIFEST
 
 log = logging.getLogger(__name__)
 KEY_FILE = "key.json"
-KEY_FORMAT = 4  # bump when what goes into the key changes
+KEY_FORMAT = 5  # bump when what goes into the key changes
 
 
 def default_dir() -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.index_ranges import input_index_ranges
@@ -27,6 +28,7 @@ from mtcompile.runtime.manifest import (
     StreamsInfo,
     SubsetFunction,
     TenantSig,
+    output_files,
 )
 from mtcompile.version import __version__
 
@@ -129,15 +131,20 @@ def manifest(*, name: str, target: str, pipeline, providers: dict[str, str],
              subsets: dict[str, tuple[str, ...]] | None = None) -> Manifest:
     """The manifest known before TVM builds the module (embedded in the library)."""
     graph = module.functions[RUN_ALL]
+    sigs = {it.name: tenant_sig(module.functions[it.name], it.name, it.kind, it.source_hash,
+                                output_names(t.model))
+            for it, t in zip(imported, tenants, strict=True)}
+    files = output_files({n: [o.name for o in s.outputs] for n, s in sigs.items()})
+    sigs = {n: replace(s, outputs=tuple(replace(o, file=f) for o, f in
+                                        zip(s.outputs, files[n], strict=True)))
+            for n, s in sigs.items()}
     return Manifest(
         name=name, library=f"{name}.so", target=target, versions=versions(),
         pipeline=tuple(PassSpec(p.name, _plain(p.options())) for p in pipeline),
         kernels=dict(providers), tuning_db=str(tuning_db) if tuning_db else None,
         tenant_order=tuple(t.name for t in tenants),
         run_all_inputs=tuple(tuple(map(tuple, uses)) for _, uses in run_all_params(graph)),
-        tenants={it.name: tenant_sig(module.functions[it.name], it.name, it.kind,
-                                     it.source_hash, output_names(t.model))
-                 for it, t in zip(imported, tenants, strict=True)},
+        tenants=sigs,
         subsets={f: SubsetFunction(ts, tuple(tuple(map(tuple, uses)) for _, uses in
                                              run_all_params(module.functions[f])))
                  for f, ts in (subsets or {}).items()},

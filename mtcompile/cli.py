@@ -282,8 +282,6 @@ def _parse_inputs(items: list[str], sig: TenantSig, tenant: str) -> list[np.ndar
 
 
 def cmd_run(args) -> tuple[int, dict]:
-    from mtcompile.runtime.contract import file_name
-
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"-o {out_dir}: is a file, not a directory (outputs are written into "
@@ -297,7 +295,7 @@ def cmd_run(args) -> tuple[int, dict]:
         raise InputError(f"-o {out_dir}: cannot make the output directory: {e}") from e
     written = []
     for spec, arr in zip(sig.outputs, outs, strict=True):
-        path = out_dir / file_name(args.tenant, spec.name)
+        path = out_dir / spec.file  # the name the build recorded: safe, unique
         np.save(path, arr)
         written.append({"name": spec.name, "path": str(path), "dtype": str(arr.dtype),
                         "shape": list(arr.shape)})
@@ -353,12 +351,15 @@ def cmd_inspect(args) -> tuple[int, dict | None]:
     """The manifest read as JSON: no TVM, no device (the library is only measured)."""
     from mtcompile.runtime import footprint
     from mtcompile.runtime.artifact import read_manifest, sha256_file, verify_signature
+    from mtcompile.runtime.contract import VERIFY_KEY_ENV
     from mtcompile.runtime.signing import state
 
     key = _key(args, "verify_key_file")
-    manifest = (verify_signature(args.bundle, key) if key is not None
-                else read_manifest(args.bundle))
-    signature = state(manifest.bundle_signature, key is not None)
+    if key is not None or os.environ.get(VERIFY_KEY_ENV):
+        manifest, verified = verify_signature(args.bundle, key)
+    else:
+        manifest, verified = read_manifest(args.bundle), False
+    signature = state(manifest.bundle_signature, verified)
     lib = Path(args.bundle) / manifest.library
     if not lib.is_file():
         log.warning(f"{lib}: the library the manifest names is missing")

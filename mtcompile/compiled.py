@@ -57,13 +57,16 @@ class CompiledBundle(Bundle):
 
 
 def load(directory: str | os.PathLike, sources: dict | None = None, *,
-         threads: int | None = None, verify_key: bytes | str | None = None) -> CompiledBundle:
-    """Load a saved bundle; checks its format, TVM version, that this CPU has the features
-    its kernels were compiled for, and that the library and the manifest agree. `sources`
-    optionally maps tenant names to their source `Tenant`s, for `verify`; threads: TVM's
-    thread pool size for this process (default: the machine's cores; a ``TVM_NUM_THREADS``
-    set by the user wins). verify_key: the bundle must carry a signature made with this key
-    (``save(..., sign_key=)``), else `ArtifactError`; without it the library's hash is
-    checked against accidental damage only."""
+         threads: int | None = None, verify_key: bytes | str | None = None,
+         require_signature: bool = False) -> CompiledBundle:
+    """Load a saved bundle; the runtime core checks its format, TVM version, that this CPU
+    has the features its kernels were compiled for, and that the library and the manifest
+    agree. `sources` optionally maps tenant names to their source `Tenant`s, for `verify`;
+    threads: TVM's thread pool size for this process (default: the machine's cores; a
+    ``TVM_NUM_THREADS`` set by the user wins). verify_key (else the environment's
+    ``MTCOMPILE_VERIFY_KEY``): the bundle must carry a signature made with this key
+    (``save(..., sign_key=)``), else `ArtifactError`; without one the library's hash is
+    checked against accidental damage only. require_signature: refuse to load without a
+    key (a service that must run signed bundles only)."""
     return CompiledBundle.load(directory, sources=sources, threads=threads,
-                               verify_key=verify_key)
+                               verify_key=verify_key, require_signature=require_signature)

@@ -172,13 +172,15 @@ def test_a_library_without_its_table_is_refused(saved):
 
 
 def test_weight_rules_check_the_table_the_library_carries():
-    table = mtcompile.runtime.manifest.WeightsInfo(
-        "mtcompile_weights", 96, ((0, (4, 4), "float32"), (64, (8,), "float64")), {})
-    contract.check_weights(table, 128, "lib")
+    from mtcompile.runtime.weights import table_json
+
+    table = table_json(mtcompile.runtime.manifest.WeightsInfo(
+        "mtcompile_weights", 96, ((0, (4, 4), "float32"), (64, (8,), "float64")), {}))
+    contract.check_table(table, 128, "lib")  # the runtime core's rules, bound
     with pytest.raises(ArtifactError, match=r"lib: weights.tensors\[1\] \(weight 1\): extent: "
                                             "expected float64\\[8\\] at offset 64 to end "
                                             "within the 100 bytes"):
-        contract.check_weights(table, 100, "lib")
+        contract.check_table(table, 100, "lib")
 
 
 # ------------------------------------------------------------------ item 3 (Python side)
@@ -336,15 +338,18 @@ def test_driver_refuses_index_inputs_outside_their_range(saved, tmp_path):
 
 # ------------------------------------------------------------------ item 5: minor findings
 def _onnx_odd_output():
-    """Relu(x) @ W: the output named ``out/y:0`` (a TF-converted model's name)."""
+    """Relu(x) @ W: the output named ``out/y:0`` (a TF-converted model's name), and its
+    Relu named ``out_y_0``: the same safe file name (issue 25: they collided)."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.arange(32 * 16, dtype=np.float32).reshape(32, 16) / 512, "w")
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"],
-                                                                  ["out/y:0"])],
+                                                                  ["out/y:0"]),
+         helper.make_node("Relu", ["out/y:0"], ["out_y_0"])],
         "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
-        [helper.make_tensor_value_info("out/y:0", TensorProto.FLOAT, [2, 16])], [w])
+        [helper.make_tensor_value_info("out/y:0", TensorProto.FLOAT, [2, 16]),
+         helper.make_tensor_value_info("out_y_0", TensorProto.FLOAT, [2, 16])], [w])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -352,8 +357,10 @@ def _onnx_odd_output():
 def odd(tmp_path_factory) -> tuple[Path, np.ndarray]:
     d = tmp_path_factory.mktemp("odd")
     b = mtcompile.compile([mtcompile.Tenant("o", _onnx_odd_output())])
-    assert b.manifest.tenants["o"].outputs[0].name == "out/y:0"
-    return b.save(d / "bundle"), b.run("o", X.numpy())[0]
+    outs = b.manifest.tenants["o"].outputs
+    assert [o.name for o in outs] == ["out/y:0", "out_y_0"]
+    assert [o.file for o in outs] == ["o.out_y_0.npy", "o.out_y_0_2.npy"]  # recorded
+    return b.save(d / "bundle"), b.run("o", X.numpy())
 
 
 def test_output_names_become_safe_file_names(odd, tmp_path):
@@ -364,7 +371,18 @@ def test_output_names_become_safe_file_names(odd, tmp_path):
     assert main(["run", str(saved), "--tenant", "o", "--input", f"x={tmp_path / 'x.npy'}",
                  "-o", str(tmp_path / "out")]) == 0  # before: exit 4
     assert contract.file_name("o", "out/y:0") == "o.out_y_0.npy"
-    np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0.npy"), want)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0.npy"), want[0])
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0_2.npy"), want[1])
+
+
+def test_output_files_are_safe_unique_and_deterministic():
+    from mtcompile.runtime.manifest import output_files
+
+    assert output_files({"t": ["a/b", "a_b", "A_B", "ok"], "u": ["a/b"]}) == {
+        "t": ["t.a_b.npy", "t.a_b_2.npy", "t.A_B_3.npy", "t.ok.npy"], "u": ["u.a_b.npy"]}
+    # across tenants too: tenant 'a.b' output 'c' and tenant 'a' output 'b.c'
+    assert output_files({"a.b": ["c"], "a": ["b.c"]}) == {"a.b": ["a.b.c.npy"],
+                                                          "a": ["a.b.c_2.npy"]}
 
 
 @pytest.mark.slow
@@ -374,7 +392,8 @@ def test_driver_writes_the_same_safe_file_names(odd, tmp_path):
     np.save(tmp_path / "in" / "o.x.npy", X.numpy())
     res = drive(saved, "o", tmp_path / "in", out=tmp_path / "out")  # before: "cannot write"
     assert res.returncode == 0, res.stderr
-    np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0.npy"), want)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0.npy"), want[0])
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0_2.npy"), want[1])
 
 
 def test_run_refuses_a_file_as_output_directory_and_a_device_as_input(odd, tmp_path, capsys):

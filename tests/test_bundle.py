@@ -200,7 +200,8 @@ def test_manifest_json(tiny_bundle, tiny_saved):
     assert m["tenant_order"] == ["lin", "conv", "multi"]
     assert m["tenants"]["lin"]["inputs"] == [{"name": "x", "shape": [2, 8], "dtype": "float32"}]
     assert m["tenants"]["conv"]["outputs"] == [{"name": "output0", "shape": [1, 5],
-                                                "dtype": "float32"}]
+                                                "dtype": "float32",
+                                                "file": "conv.output0.npy"}]
     for t in m["tenant_order"]:
         h = m["tenants"][t]["source_sha256"]
         assert len(h) == 64 and int(h, 16) >= 0

@@ -4,14 +4,13 @@
 [--verify-key-file FILE]`` loads a saved bundle with TVM's runtime library only (no Python,
 no compiler, no torch), runs one tenant or ``run_all`` on ``INPUT_DIR/<tenant>.<input>.npy``
 and writes ``OUTPUT_DIR/<tenant>.<output>.npy`` (names made safe: `contract.file_name`); it
-checks the bundle as `mtcompile.load` does (the rules of `mtcompile.runtime.contract`, in
-``src/contract.h``) and inputs against the manifest (shape, dtype, index ranges) first;
+checks the bundle with the runtime core `mtcompile.load` calls too (`mtcompile.core`, whose
+headers it includes) and inputs against the manifest (shape, dtype, index ranges) first;
 ``--timing`` prints
 ``{"load_s", "first_call_s", "peak_rss_kib"}`` as JSON. Exit status: 0 ok,
 2 usage, 3 bad input or bundle, 4 run-time error. It is the proof that a bundle is one native
-executable, and the start of a C++ serving backend (``src/run_bundle.cc``; the contract's
-rules in ``src/contract.h``, the library opened under them in ``src/library.h``, the
-manifest read in ``src/manifest.h``, SHA-256 and HMAC in ``src/sha256.h``).
+executable, and the start of a C++ serving backend (``src/run_bundle.cc``; the contract in
+``mtcompile/core/src``).
 
 `build()` compiles it with the system C++ compiler against the headers and libraries of the
 installed tvm-ffi and TVM wheels (rpaths to them), cached by a hash of source and flags.
@@ -21,12 +20,12 @@ installed tvm-ffi and TVM wheels (rpaths to them), cached by a hash of source an
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+from mtcompile import core
 from mtcompile.errors import MTCompileError
 from mtcompile.native import blas_lib_dir, cache_dir, tvm_lib_dir
 
@@ -39,24 +38,22 @@ def _flags() -> list[str]:
     import tvm_ffi.libinfo as info
 
     ffi_lib = Path(info.find_libtvm_ffi()).parent
-    includes = [info.find_include_path(), info.find_dlpack_include_path()]
     # --no-as-needed: a bundle's library links TVM's runtime and the BLAS by name, without a
     # path; the driver loads them first, from the wheels (as mtcompile.native.preload does)
     libs = [f"-L{ffi_lib}", "-ltvm_ffi", f"-Wl,-rpath,{ffi_lib}", "-Wl,--no-as-needed",
             f"-L{tvm_lib_dir()}", "-ltvm_runtime", f"-Wl,-rpath,{tvm_lib_dir()}",
             f"-L{blas_lib_dir()}", "-lscipy_openblas", f"-Wl,-rpath,{blas_lib_dir()}"]
-    # the TVM the driver links: a bundle built with another is refused (rule tvm-version)
-    try:
-        version = [f'-DMTC_TVM_VERSION="{importlib.metadata.version("apache-tvm")}"']
-    except importlib.metadata.PackageNotFoundError:  # a source build: not checked
-        version = []
-    return ["-std=c++17", "-O2", *version, *(f"-I{i}" for i in includes), str(_SRC), *libs]
+    # the runtime core's headers (the contract the Python runtime calls) and the TVM the
+    # driver links: a bundle built with another is refused (rule tvm-version)
+    return ["-std=c++17", "-O2", *core.tvm_version_flag(), *core.include_flags(), str(_SRC),
+            *libs]
 
 
 def build() -> str:
     """Compile ``mtcompile-run`` once (cached by source and flags); its path."""
     flags = _flags()
-    sources = b"".join(p.read_bytes() for p in sorted(_SRC.parent.iterdir())
+    sources = b"".join(p.name.encode() + p.read_bytes()
+                       for d in (_SRC.parent, core.SRC) for p in sorted(d.iterdir())
                        if p.suffix in (".cc", ".h"))
     key = hashlib.sha256(sources + repr(flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"driver-{key}" / "mtcompile-run"
@@ -75,10 +72,13 @@ def build() -> str:
 
 
 def command(bundle_dir, entry: str, input_dir, output_dir, threads: int | None = None,
-            timing: bool = False, verify_key_file=None) -> list:
+            timing: bool = False, verify_key_file=None, require_signature: bool = False
+            ) -> list:
     """The argument list that runs `entry` of the bundle at `bundle_dir` with the driver
-    (with `verify_key_file`: the bundle must carry a signature made with that key)."""
+    (with `verify_key_file`: the bundle must carry a signature made with that key; with
+    `require_signature`: a key, that file or MTCOMPILE_VERIFY_KEY, must be given)."""
     cmd = [build(), str(bundle_dir), entry, str(input_dir), str(output_dir)]
     return cmd + (["--threads", str(threads)] if threads else []) + (
         ["--timing"] if timing else []) + (
-        ["--verify-key-file", str(verify_key_file)] if verify_key_file else [])
+        ["--verify-key-file", str(verify_key_file)] if verify_key_file else []) + (
+        ["--require-signature"] if require_signature else [])

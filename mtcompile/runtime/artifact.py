@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import threading
 from pathlib import Path
@@ -23,11 +22,10 @@ from mtcompile import native
 from mtcompile.errors import ArtifactError, MTCompileError
 from mtcompile.runtime import contract, footprint, signing, tvmrt
 from mtcompile.runtime.abi import MANIFEST
-from mtcompile.runtime.cpu import missing_features
-from mtcompile.runtime.manifest import MUST_MATCH, Manifest
+from mtcompile.runtime.manifest import Manifest
 from mtcompile.runtime.vm import quiet_native_log
+from mtcompile.runtime.weights import arrays as weights_arrays
 from mtcompile.runtime.weights import export_addon as weights_addon
-from mtcompile.runtime.weights import mapped as weights_mapped
 
 
 def sha256_file(path: Path) -> str:
@@ -149,27 +147,6 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     return Manifest.from_json(text, path)
 
 
-def check_versions(manifest: Manifest, where: Path) -> None:
-    """Refuse a bundle built with another TVM: its executable format is not stable across
-    versions (torch and onnx versions are recorded for information only)."""
-    here = {"tvm": tvmrt.tvm_version()}
-    for k in MUST_MATCH:
-        if manifest.versions[k] != here[k]:
-            raise ArtifactError(f"{where}: built with {k.upper()} {manifest.versions[k]}, this "
-                                f"process has {k.upper()} {here[k]}; TVM's executable format "
-                                "is not stable across versions: rebuild the bundle with this TVM")
-
-
-def check_cpu(manifest: Manifest, where: Path, flags: frozenset[str] | None = None) -> None:
-    """Refuse a bundle whose kernels use instructions this CPU lacks (they would crash with
-    an illegal instruction); `flags`: the host's cpuinfo flags (default: read here)."""
-    missing = missing_features(manifest.cpu_features or (), flags)
-    if missing:
-        raise ArtifactError(f"{where}: built for CPU {manifest.cpu!r}, whose features "
-                            f"{missing} this machine's CPU lacks; rebuild it here, or with "
-                            "cpu='generic' (CLI --cpu generic) for any x86-64")
-
-
 # Loaded library modules by the sha256 of their bytes. A library linking the native kernels
 # cannot be unloaded (their C++ code has STB_GNU_UNIQUE symbols, which make glibc's dlclose
 # a no-op), so each load from a fresh path would map another copy for good (the library and
@@ -186,130 +163,57 @@ def measured_footprint(library_sha256: str) -> dict | None:
     return _FOOTPRINTS.get(library_sha256)
 
 
-def check_elf(path: Path, where: Path) -> None:
-    """Refuse a library whose ELF headers point past its end (a truncated file): dlopen
-    would map the missing pages and die with SIGBUS on first touch."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(64)
-        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-            _refuse(where, f"not a 64-bit little-endian ELF shared library ({size} bytes)")
-        phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
-        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
-        need = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
-        if need > size:
-            _refuse(where, f"truncated: its ELF headers need {need} bytes, the file has {size}")
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-    for i in range(phnum):
-        offset, _, _, filesz = struct.unpack_from("<QQQQ", table, i * phentsize + 8)
-        if offset + filesz > size:
-            _refuse(where, f"truncated: ELF segment {i} ends at byte {offset + filesz}, the "
-                    f"file has {size}")
+def verify_signature(directory: str | os.PathLike, verify_key: bytes | str | None,
+                     require_signature: bool = False) -> tuple[Manifest, bool]:
+    """(manifest, whether a key verified its signature) of a saved bundle checked as `load`
+    checks it before any dlopen (the runtime core: hash, signature with `verify_key` or
+    MTCOMPILE_VERIFY_KEY, ELF headers...); nothing is loaded."""
+    d = Path(directory)
+    key = signing.as_key(verify_key, "verify_key")
+    with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
+        opened = contract.open_checked(d, Path(tmp) / "library.so", key, require_signature)
+    return Manifest.from_json(opened.text, d / MANIFEST), opened.verified
 
 
-def _refuse(lib: Path, why: str):
-    raise ArtifactError(f"{lib}: cannot be loaded by TVM: {why}")
+def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = None,
+                 require_signature: bool = False):
+    """(manifest, (loaded library module, its weights mapped), library path, whether a key
+    verified the signature) of a saved bundle, every check of the runtime core passed except
+    the embedded manifest's (`check_embedded`, which needs a VM). The key is `verify_key`,
+    else ``MTCOMPILE_VERIFY_KEY``; with `require_signature` there must be one.
 
-
-def _copy_checked(src: Path, dst: Path, mac) -> str:
-    """Copy `src` to `dst`; the sha256 of the bytes copied (and `mac` fed them): what is
-    checked is what gets loaded, whatever happens to `src` meanwhile."""
-    h = hashlib.sha256()
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        for chunk in iter(lambda: fi.read(1 << 20), b""):
-            h.update(chunk)
-            if mac is not None:
-                mac.update(chunk)
-            fo.write(chunk)
-    return h.hexdigest()
-
-
-def _private_copy(d: Path, manifest: Manifest, raw: dict, key: bytes | None,
-                  private: Path) -> Path:
-    """Copy the bundle's library to `private` and check it against the manifest (hash, and
-    signature with `key`); returns the file it came from: ``<name>.so``, or its staged copy
-    when a save stopped after replacing the manifest (`staged_name`)."""
-    mpath = d / MANIFEST
-    want = manifest.library_sha256
-    lib = d / manifest.library
-    staged = d / staged_name(manifest.library, want)
-    found = None
-    for src in (lib, staged):
-        if not src.is_file():
-            continue
-        mac = signing.signer(key, raw) if key is not None else None
+    The core copies the library to a private file, checks it there (hash, signature, ELF
+    headers) and the library is loaded from it: dlopen hands back a library already loaded
+    from the same path, and the copy cannot change between the check and the load. The copy
+    is removed on every path; the same bytes loaded before reuse their module (`_MODULES`)."""
+    d = Path(directory)
+    key = signing.as_key(verify_key, "verify_key")
+    with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
+        private = Path(tmp) / "library.so"
+        opened = contract.open_checked(d, private, key, require_signature)
         try:
-            digest = _copy_checked(src, private, mac)
-        except OSError as e:
-            raise ArtifactError(f"{src} cannot be read: {e}") from e
-        if digest == want:
-            if mac is not None:
-                signing.check(mac, raw, mpath)
-            return src
-        found = found or digest
-    if found is None:
-        raise ArtifactError(f"{d}: the manifest names library {manifest.library!r}, which is "
-                            "missing")
-    raise ArtifactError(f"{lib} does not match {mpath}: library sha256 {found[:16]}..., "
-                        f"manifest expects {want[:16]}...; the files come from different "
-                        "builds")
-
-
-def _hashed_manifest(d: Path) -> tuple[Path, str, Manifest]:
-    """(path, text, parsed) of a saved bundle's manifest, which must record its library's
-    hash."""
-    mpath, text = _manifest_text(d)
-    manifest = Manifest.from_json(text, mpath)
-    if manifest.library_sha256 is None:
-        raise ArtifactError(f"{mpath} is corrupt: key 'library_sha256': missing")
-    return mpath, text, manifest
-
-
-def verify_signature(directory: str | os.PathLike, verify_key: bytes | str) -> Manifest:
-    """The manifest of a saved bundle whose library matches its hash and whose signature
-    was made with `verify_key` (else `ArtifactError`); nothing is loaded, no TVM needed."""
-    d = Path(directory)
-    key = signing.as_key(verify_key, "verify_key")
-    mpath, text, manifest = _hashed_manifest(d)
-    with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
-        _private_copy(d, manifest, json.loads(text), key, Path(tmp) / manifest.library)
-    return manifest
-
-
-def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = None
-                 ) -> tuple[Manifest, object, Path]:
-    """(manifest, (loaded library module, its weights mapped), library path) of a saved
-    bundle, every check
-    passed except the embedded manifest's (`check_embedded`, which needs a VM). With
-    `verify_key`, the bundle must carry a signature made with it (`signing`).
-
-    The library is copied to a private file, checked there (hash, signature, ELF headers)
-    and loaded from it: dlopen hands back a library already loaded from the same path, and
-    the copy cannot change between the check and the load. The copy is removed on every
-    path; the same bytes loaded before reuse their module (`_MODULES`)."""
-    d = Path(directory)
-    key = signing.as_key(verify_key, "verify_key")
-    mpath, text, manifest = _hashed_manifest(d)
-    check_versions(manifest, mpath)
-    check_cpu(manifest, mpath)
-    with tempfile.TemporaryDirectory(prefix="mtcompile-") as tmp:
-        private = Path(tmp) / manifest.library
-        lib = _private_copy(d, manifest, json.loads(text), key, private)
+            manifest = Manifest.from_json(opened.text, d / MANIFEST)
+        except ArtifactError:
+            # the driver's next checks first (the library's weights, its embedded manifest):
+            # a rule the core finds broken is named as mtcompile-run names it
+            tvmrt.ffi()
+            native.preload()
+            with quiet_native_log():
+                contract.check_loaded(d, opened.text, private, opened.source)
+            raise
         with _MODULES_LOCK:
             cached = _MODULES.get(manifest.library_sha256)
             if cached is None:
-                check_elf(private, lib)
-                module, _FOOTPRINTS[manifest.library_sha256] = _load(manifest, private, lib)
+                module, _FOOTPRINTS[manifest.library_sha256] = _load(manifest, private,
+                                                                     opened.source)
                 # the library's own table, checked against its weights symbol: what is
                 # cached never depends on a manifest.json
+                lib_weights = contract.library_weights(private, opened.source)
                 cached = _MODULES[manifest.library_sha256] = (
-                    module, weights_mapped(private, lib))
-    module, mapped = cached
-    if manifest.weights is not None:  # its own words first (bounds), then the equality
-        contract.check_weights(manifest.weights, mapped.size, mpath)
-    contract.check_same_weights(manifest.weights, mapped.table, mpath)
-    return manifest, (module, mapped.arrays), lib
+                    module, lib_weights, weights_arrays(lib_weights))
+    module, lib_weights, arrays = cached
+    contract.check_weights(d, opened.text, lib_weights, opened.source)
+    return manifest, (module, arrays), opened.source, opened.text, opened.verified
 
 
 def _load(manifest: Manifest, private: Path, lib: Path) -> tuple[object, dict]:
@@ -328,17 +232,14 @@ def _load(manifest: Manifest, private: Path, lib: Path) -> tuple[object, dict]:
         raise ArtifactError(f"{lib}: cannot be loaded by TVM: {e}{hint}") from e
 
 
-def check_embedded(manifest: Manifest, read_embedded, lib: Path) -> None:
-    """The manifest embedded in the library must equal ``manifest.json`` (less what is
-    known only after the build). `read_embedded()` returns the embedded bytes."""
+def check_embedded(directory, text: str, read_embedded, lib: Path) -> None:
+    """The manifest embedded in the library must equal ``manifest.json`` (`text`), less what
+    is known only after the build (the core's rule embedded-manifest). `read_embedded()`
+    returns the embedded bytes."""
     try:
-        embedded = json.loads(bytes(read_embedded()).decode())
+        embedded = bytes(read_embedded())
     except MTCompileError:
         raise  # no device, no torch for library kernels: said plainly by the VM set-up
     except Exception as e:
         raise ArtifactError(f"{lib}: has no readable embedded manifest: {e}") from e
-    readable = manifest.embedded()
-    if embedded != readable:
-        diff = sorted(k for k in set(embedded) | set(readable)
-                      if embedded.get(k) != readable.get(k))
-        raise ArtifactError(f"{lib} and {lib.parent / MANIFEST} disagree on {diff}")
+    contract.check_embedded(directory, text, embedded, lib)

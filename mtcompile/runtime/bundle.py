@@ -50,15 +50,18 @@ class Bundle:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, verify_key: bytes | str | None = None,
-             **extra) -> Bundle:
-        """A saved bundle, checked (format, TVM version, host CPU features, library hash,
-        embedded manifest, and with `verify_key` its signature); `extra` (``threads=``...)
-        goes to the constructor of `cls`."""
-        manifest, (module, weights), lib = artifact.open_library(directory, verify_key)
+             require_signature: bool = False, **extra) -> Bundle:
+        """A saved bundle, checked by the runtime core (format, TVM version, host CPU
+        features, library hash, ELF headers, weights tables, embedded manifest, and with a
+        verify key, `verify_key` or else ``MTCOMPILE_VERIFY_KEY``, its signature; with
+        `require_signature` there must be a key); `extra` (``threads=``...) goes to the
+        constructor of `cls`."""
+        manifest, (module, weights), lib, text, verified = artifact.open_library(
+            directory, verify_key, require_signature)
         bundle = cls(module, manifest, library_path=lib, weights=weights, **extra)
-        bundle.signature_verified = verify_key is not None  # open_library checked it
-        artifact.check_embedded(manifest, lambda: tvmrt.to_numpy(bundle._vms.fn(MANIFEST_FN)()),
-                                lib)
+        bundle.signature_verified = verified
+        artifact.check_embedded(directory, text,
+                                lambda: tvmrt.to_numpy(bundle._vms.fn(MANIFEST_FN)()), lib)
         return bundle
 
     # ------------------------------------------------------------------ signatures
@@ -260,11 +263,14 @@ def _as_tuple(given) -> tuple:
 
 
 def load(directory: str | os.PathLike, threads: int | None = None, *,
-         verify_key: bytes | str | None = None) -> Bundle:
-    """Load a saved bundle; checks its format, TVM version, host CPU, and that the library
-    and the manifest agree (with `verify_key`: that they carry a signature made with that
-    key). threads: TVM's pool size (default: the machine's cores)."""
-    return Bundle.load(directory, threads=threads, verify_key=verify_key)
+         verify_key: bytes | str | None = None, require_signature: bool = False) -> Bundle:
+    """Load a saved bundle; the runtime core checks its format, TVM version, host CPU, and
+    that the library and the manifest agree; with a verify key (`verify_key`, else the
+    environment's ``MTCOMPILE_VERIFY_KEY``) that they carry a signature made with it, and
+    with `require_signature` that there is such a key. threads: TVM's pool size (default:
+    the machine's cores)."""
+    return Bundle.load(directory, threads=threads, verify_key=verify_key,
+                       require_signature=require_signature)
 
 
 __all__ = ["Bundle", "load", "MTCompileError"]

@@ -1,6 +1,7 @@
-"""The artifact contract's rules that both runtimes enforce: this module for the Python
-runtime, the section "the artifact contract" of ``mtcompile/driver/src/run_bundle.cc`` for
-``mtcompile-run``. The two name the same rules (`RULES`) and say the same words.
+"""The artifact contract, bound from the native runtime core (`mtcompile.core`, C++): the one
+implementation of its rules, which ``mtcompile-run`` includes too, so both front-ends refuse
+the same things with the same first line. This module names the rules (`RULES`), loads the
+core, and turns its refusals into `ArtifactError`.
 
 A bundle's weights table (``manifest.json``'s ``weights``) is bound to the library: the
 library carries its own copy (symbol `TABLE_SYMBOL`, the table's JSON) and the end of its
@@ -9,103 +10,132 @@ library's, is checked against the weights symbol's size before a byte of it is v
 
 from __future__ import annotations
 
-import re
+import os
+from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
-
-from mtcompile.errors import ArtifactError
-from mtcompile.runtime.manifest import WeightsInfo
+from mtcompile import core
+from mtcompile.errors import ArtifactError, MTCompileError
 
 TABLE_SYMBOL = "mtcompile_weights_table"  # NUL-terminated JSON of the library's own table
 END_SYMBOL = "mtcompile_weights_end"  # one past the weights symbol's last byte
 ALIGN = 64
-# a weight's dtype -> bytes per element (the driver's kWeightDTypes holds the same)
+# a weight's dtype -> bytes per element (the core's kWeightDTypes, which checks them)
 WEIGHT_DTYPES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8,
                  "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+VERIFY_KEY_ENV = "MTCOMPILE_VERIFY_KEY"  # a service's verify key (the core reads it)
 
-# The rules, by name; run_bundle.cc names the same ones.
+# The rules, by name, in the order the core checks them (mtcompile/core/src: contract.h,
+# manifest.h, library.h).
 RULES = {
+    "format": "manifest.json's format is the one this mtcompile reads; its fields are there",
+    "library-name": "manifest.json's library is a plain file name in the bundle directory",
+    "run-all-inputs": "run_all_inputs names each tenant input exactly once",
     "tvm-version": "the bundle was built with this TVM (its executable format is not stable)",
     "cpu-features": "the host CPU has the instruction-set features the kernels were built for",
+    "signature-required": "with require_signature, a verify key is given (or "
+                          "MTCOMPILE_VERIFY_KEY set)",
     "library-hash": "the library's sha256 is manifest.json's library_sha256 (before dlopen)",
-    "library-name": "manifest.json's library is a plain file name in the bundle directory",
-    "library-elf": "the library's ELF headers and segments lie inside the file",
     "signature": "with a verify key, the HMAC of the manifest and the library matches",
-    "embedded-manifest": "the manifest the library embeds equals manifest.json (less "
-                         "library_sha256, memory, weights, bundle_signature)",
-    "weights-same": "manifest.json's weights table equals the one the library carries",
+    "library-elf": "the library's ELF headers and segments lie inside the file",
     "weights-bytes": "the table's bytes fit the library's weights symbol",
     "weight-dtype": "each weight's dtype is one of WEIGHT_DTYPES",
     "weight-offset": "each weight's offset is >= 0 and a multiple of 64",
     "weight-shape": "each weight's dims are >= 0",
     "weight-extent": "offset + prod(shape) * itemsize ends within the weights symbol",
-    "run-all-inputs": "run_all_inputs names each tenant input exactly once",
+    "weights-same": "manifest.json's weights table equals the one the library carries",
+    "embedded-manifest": "the manifest the library embeds equals manifest.json (less "
+                         "library_sha256, memory, weights, bundle_signature)",
     "index-range": "an index input's values lie in its index_range [lo, hi)",
-    "file-name": "an input or output file is <tenant>.<name>.npy, each character of the "
-                 "name outside [A-Za-z0-9_.-] replaced by '_'",
+    "file-name": "an input file is <tenant>.<name>.npy, each character of the name outside "
+                 "[A-Za-z0-9_.-] replaced by '_'; outputs are the manifest's output_files",
 }
 
 
-def _shape_text(shape) -> str:
-    return "[" + ", ".join(map(str, shape)) + "]"
+def _fn(name: str):
+    from mtcompile.runtime import tvmrt  # tvm_ffi, loaded with torch hidden
+
+    ffi = tvmrt.ffi()
+    core.load(ffi)
+    return ffi.get_global_func(f"mtcompile.core.{name}")
 
 
-def check_weights(table: WeightsInfo, size: int, where) -> None:
-    """Raise `ArtifactError` (naming the field, the weight, what was expected and found)
-    unless every weight of `table` lies inside a weights symbol of `size` bytes."""
-    sym = f"the {size} bytes of the library's weights symbol '{table.symbol}'"
-    if not 0 <= table.bytes <= size:
-        raise ArtifactError(f"{where}: weights.bytes: expected at most {sym}, found "
-                            f"{table.bytes}")
-    for i, (offset, shape, dtype) in enumerate(table.tensors):
-        field = f"{where}: weights.tensors[{i}] (weight {i})"
-        if dtype not in WEIGHT_DTYPES:
-            raise ArtifactError(f"{field}: dtype: expected one of {', '.join(WEIGHT_DTYPES)}"
-                                f", found '{dtype}'")
-        if offset < 0 or offset % ALIGN:
-            raise ArtifactError(f"{field}: offset: expected >= 0 and a multiple of {ALIGN}, "
-                                f"found {offset}")
-        if any(d < 0 for d in shape):
-            raise ArtifactError(f"{field}: shape: expected dims >= 0, found "
-                                f"{_shape_text(shape)}")
-        end = offset + int(np.prod(shape, dtype=object)) * WEIGHT_DTYPES[dtype]
-        if end > size:
-            at = f"at byte {end}" if end < 1 << 62 else "beyond byte 2**62"
-            raise ArtifactError(f"{field}: extent: expected {dtype}{_shape_text(shape)} at "
-                                f"offset {offset} to end within {sym}, found its end {at}")
+def _call(name: str, *args) -> list:
+    """The core's function `name` on `args`: its values, or its refusal raised."""
+    kind, message, *values = _fn(name)(*args)
+    if kind == "bad":
+        raise ArtifactError(str(message))
+    if kind:
+        raise MTCompileError(f"mtcompile's runtime core: {message}")
+    return list(values)
 
 
-def _rows(table: WeightsInfo) -> list[tuple[str, object]]:
-    """(field, value) of every field of `table`, in one order."""
-    rows: list[tuple[str, object]] = [("symbol", table.symbol), ("bytes", table.bytes),
-                                      ("tensors (count)", len(table.tensors))]
-    for i, (offset, shape, dtype) in enumerate(table.tensors):
-        rows += [(f"tensors[{i}].offset", offset), (f"tensors[{i}].shape", list(shape)),
-                 (f"tensors[{i}].dtype", dtype)]
-    rows.append(("args (functions)", sorted(table.args)))
-    rows += [(f"args.{f}", list(table.args[f])) for f in sorted(table.args)]
-    return rows
+class Opened(NamedTuple):
+    """A bundle checked up to its dlopen: the file its library came from, the manifest text
+    the checks read, and whether a key verified its signature."""
+
+    source: Path
+    text: str
+    verified: bool
 
 
-def check_same_weights(found: WeightsInfo | None, library: WeightsInfo | None, where) -> None:
-    """Raise unless manifest.json's table (`found`) is the library's own (`library`),
-    field for field (rule "weights-same"); a bundle without weights has neither table, or
-    an empty one in the manifest."""
-    if library is None or found is None:
-        n, m = (len(t.tensors) if t is not None else 0 for t in (library, found))
-        if n == m == 0:
-            return
-        raise ArtifactError(f"{where}: weights: expected {n} weights (the table the library "
-                            f"carries), found {m}; the manifest was edited or comes from "
-                            "another build")
-    for (field, got), (_, want) in zip(_rows(found), _rows(library), strict=False):
-        if got != want:
-            raise ArtifactError(f"{where}: weights.{field}: expected {want} (the table the "
-                                f"library carries), found {got}; the manifest was edited "
-                                "or comes from another build")
+def open_checked(directory: str | os.PathLike, private: Path, key: bytes | None,
+                 require_signature: bool) -> Opened:
+    """Check a saved bundle before any dlopen (format, library name, run_all inputs, TVM
+    version, CPU features, signature required, library hash, signature, ELF headers) and
+    copy its library to `private`, where it is checked: what is checked is what loads."""
+    src, text, verified = _call("open", str(directory), str(private), key, require_signature)
+    return Opened(Path(str(src)), str(text), bool(verified))
+
+
+def check_loaded(directory, text: str, private: Path, where: Path) -> None:
+    """What ``mtcompile-run`` checks after `open_checked`, in its order: the library loaded,
+    its weights tables, its embedded manifest (for a manifest.json the Python reader refuses:
+    the first rule broken is named alike by both front-ends)."""
+    _call("check_loaded", str(directory), text, str(private), str(where))
+
+
+class LibraryWeights(NamedTuple):
+    """A loaded library's weights symbol (address, size) and the table it carries ("": it
+    has no weights), checked against each other."""
+
+    base: int
+    size: int
+    table: str
+
+
+def library_weights(private: Path, where: Path) -> LibraryWeights:
+    """The weights of the library TVM loaded from `private` (named `where` in errors)."""
+    base, size, table = _call("library_weights", str(private), str(where))
+    return LibraryWeights(int(base), int(size), str(table))
+
+
+def check_weights(directory, text: str, lib: LibraryWeights, where: Path) -> None:
+    """manifest.json's table (in `text`) against the library's own and its symbol's size."""
+    _call("check_weights", str(directory), text, lib.table, lib.size, str(where))
+
+
+def check_table(table: str, size: int, where: str) -> None:
+    """One weights table (its JSON) against a weights symbol of `size` bytes."""
+    _call("check_table", table, size, str(where))
+
+
+def check_embedded(directory, text: str, embedded: bytes, where: Path) -> None:
+    """The manifest the library embeds must equal ``manifest.json`` (`text`)."""
+    try:
+        embedded_text = bytes(embedded).decode()
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{where}: has no readable embedded manifest: {e}") from e
+    _call("check_embedded", str(directory), text, embedded_text, str(where))
 
 
 def file_name(tenant: str, name: str) -> str:
-    """The file of a tenant's input or output (rule "file-name"): ``<tenant>.<name>.npy``
-    with every character of `name` outside ``[A-Za-z0-9_.-]`` replaced by ``_``."""
-    return f"{tenant}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy"
+    """The file of a tenant's input (rule "file-name"): ``<tenant>.<name>.npy`` with every
+    character of `name` outside ``[A-Za-z0-9_.-]`` replaced by ``_``."""
+    return str(_fn("file_name")(tenant, name))
+
+
+def missing_features(features, flags=None) -> str:
+    """The LLVM `features` whose cpuinfo flag `flags` (default: this host's) lacks, as the
+    core's refusal names them ("['avx2']"; "" when none: rule cpu-features)."""
+    return str(_fn("missing_features")(list(features), None if flags is None else list(flags)))

@@ -83,7 +83,9 @@ class IOSpec:
     ``[lo, hi)``; shared_as: the name of the run_all input several tenants share.
     A symbolic (dynamic) dim is a string in `shape`: a dim name (``"batch"``) or, for an
     output, an expression of them (``"batch * 4"``); dims: ``{dim name: (lo, hi)}``,
-    the sizes each name may take (inclusive)."""
+    the sizes each name may take (inclusive). file: an output's file name
+    (``<tenant>.<name>.npy`` made safe and unique in the bundle: `output_files`), which
+    ``mtcompile run -o`` and ``mtcompile-run`` write."""
 
     name: str
     shape: tuple[int | str, ...]
@@ -91,6 +93,7 @@ class IOSpec:
     index_range: tuple[int, int] | None = None
     shared_as: str | None = None
     dims: dict[str, tuple[int, int]] | None = None
+    file: str | None = None
 
     def __str__(self) -> str:
         text = f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
@@ -114,7 +117,39 @@ class IOSpec:
         return cls(_get(d, "name", str, where), _shape(_get(d, "shape", list, where), dims,
                                                          f"{where}.shape"),
                    _get(d, "dtype", str, where), tuple(rng) if rng is not None else None,
-                   _get(d, "shared_as", str, where, None), dims)
+                   _get(d, "shared_as", str, where, None), dims,
+                   _file(_get(d, "file", str, where, None), f"{where}.file"))
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _file(name: str | None, path: str) -> str | None:
+    if name is not None and (_SAFE.search(name) or not name.endswith(".npy")
+                             or name.startswith(".")):
+        raise _Corrupt(path, f"expected a file name of [A-Za-z0-9_.-] ending in .npy, "
+                             f"found {name!r:.60}")
+    return name
+
+
+def output_files(tenants: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each tenant's output files (`tenants`: output names by tenant, in tenant order):
+    ``<tenant>.<name>.npy`` with every character outside ``[A-Za-z0-9_.-]`` made ``_``;
+    a name taken already in the bundle (``a/b`` and ``a_b`` of one tenant) gets ``_2``,
+    ``_3``... before ``.npy``, in tenant and output order (deterministic)."""
+    used: set[str] = set()
+    out: dict[str, list[str]] = {}
+    for t, names in tenants.items():
+        files = out[t] = []
+        for name in names:
+            stem = _SAFE.sub("_", f"{t}.{name}").lstrip(".") or "_"
+            file, n = f"{stem}.npy", 1
+            while file.lower() in used:  # one name per file on case-insensitive disks too
+                n += 1
+                file = f"{stem}_{n}.npy"
+            used.add(file.lower())
+            files.append(file)
+    return out
 
 
 def signature_text(specs: tuple[IOSpec, ...]) -> str:
@@ -138,10 +173,14 @@ class TenantSig:
     def from_dict(cls, d: Any, where: str) -> TenantSig:
         if not isinstance(d, dict):
             raise _Corrupt(where, f"expected an object, found {d!r:.60}")
-        return cls(_get(d, "source", str, where), _get(d, "source_sha256", str, where),
-                   *(tuple(IOSpec.from_dict(x, f"{where}.{k}[{i}]")
-                           for i, x in enumerate(_get(d, k, list, where)))
-                     for k in ("inputs", "outputs")))
+        sig = cls(_get(d, "source", str, where), _get(d, "source_sha256", str, where),
+                  *(tuple(IOSpec.from_dict(x, f"{where}.{k}[{i}]")
+                          for i, x in enumerate(_get(d, k, list, where)))
+                    for k in ("inputs", "outputs")))
+        for i, o in enumerate(sig.outputs):
+            if o.file is None:
+                raise _Corrupt(f"{where}.outputs[{i}].file", "missing")
+        return sig
 
 
 @dataclass(frozen=True)
@@ -310,6 +349,10 @@ class Manifest:
             return _parse(d)
         except _Corrupt as e:
             raise ArtifactError(f"{where} is corrupt: {e}") from None
+        except (TypeError, AttributeError, KeyError, ValueError) as e:
+            # a value of a kind no field check foresaw (the artifact fuzzer: a pass of the
+            # pipeline replaced by null): refused, never a raw error
+            raise ArtifactError(f"{where} is corrupt: {type(e).__name__}: {e}") from None
 
 
 # in manifest.json only, not embedded

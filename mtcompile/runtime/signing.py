@@ -1,6 +1,7 @@
 """Bundle signatures: HMAC-SHA256 over the manifest and the library's bytes, with a key the
 pipeline holds. A hash in the manifest catches accidental damage; only a signature catches a
-library replaced together with the hash that describes it."""
+library replaced together with the hash that describes it. Signing (at save) is here; the
+check is the runtime core's (`mtcompile.runtime.contract`, rule signature)."""
 
 from __future__ import annotations
 
@@ -80,15 +81,3 @@ def sign(key: bytes, manifest: dict, library: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             mac.update(chunk)
     return seal(mac)
-
-
-def check(mac, manifest: dict, where: Path) -> None:
-    """Raise unless `manifest` carries the signature `mac` (fed the library) computes."""
-    found = manifest.get(FIELD)
-    if found is None:
-        raise ArtifactError(f"{where}: the bundle is not signed, and a verify key was given; "
-                            "save it with Bundle.save(path, sign_key=...)")
-    if not isinstance(found, str) or not hmac.compare_digest(found, seal(mac)):
-        raise ArtifactError(f"{where}: signature does not match the manifest and library "
-                            "with this key: the files were changed after signing, or were "
-                            "signed with another key")

@@ -9,11 +9,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -88,52 +86,19 @@ def export_addon(arrays: list[np.ndarray], table: WeightsInfo | None):
         yield [str(write_object(arrays, table, Path(tmp)))]
 
 
-def _symbol(lib: ctypes.CDLL, name: str) -> int | None:
-    try:
-        return ctypes.addressof(ctypes.c_char.in_dll(lib, name))
-    except ValueError:
-        return None
-
-
-class Mapped(NamedTuple):
-    """A loaded library's weights: arrays over its pages, the table it carries (None: it
-    has no weights) and the size of its weights symbol."""
-
-    arrays: list[np.ndarray]
-    table: WeightsInfo | None
-    size: int
-
-
-def mapped(library: Path, where: Path) -> Mapped:
-    """The weights of a library TVM has just loaded from `library` (named `where` in
-    errors), as arrays over its mapped pages (read-only in fact: nothing writes a weight),
-    with the table the library carries, checked against the size of its weights symbol
-    (`contract.check_weights`)."""
-    try:
-        # the handle TVM opened (RTLD_NOLOAD: never a second copy)
-        lib = ctypes.CDLL(str(library), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-    except OSError as e:
-        raise ArtifactError(f"{where}: cannot be opened: {e}") from e
-    text = _symbol(lib, contract.TABLE_SYMBOL)
-    if text is None:
-        return Mapped([], None, 0)
-    base, end = _symbol(lib, SYMBOL), _symbol(lib, contract.END_SYMBOL)
-    if base is None or end is None or end < base:
-        raise ArtifactError(f"{where}: carries a weights table but no weights symbol "
-                            f"{SYMBOL!r} with its end {contract.END_SYMBOL!r}")
-    try:
-        table = weights_from_json(ctypes.string_at(text).decode(), where)
-    except UnicodeDecodeError as e:
-        raise ArtifactError(f"{where}: its weights table cannot be read: {e}") from e
-    if base % ALIGN:
-        raise ArtifactError(f"{where}: weights table at a misaligned address {base:#x}")
-    contract.check_weights(table, end - base, where)
-    raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(end - base, 1)).from_address(base))
+def arrays(lib: contract.LibraryWeights) -> list[np.ndarray]:
+    """The weights of a loaded library as arrays over its mapped pages (read-only in fact:
+    nothing writes a weight), as the table it carries lays them out; the core checked the
+    table against the symbol (`contract.library_weights`)."""
+    if not lib.table:
+        return []
+    table = weights_from_json(lib.table, "the library")
+    raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(lib.size, 1)).from_address(lib.base))
     out = []
     for offset, shape, dtype in table.tensors:
         n = int(np.prod(shape, dtype=np.int64)) * contract.WEIGHT_DTYPES[dtype]
         out.append(raw[offset:offset + n].view(_dtype(dtype)).reshape(shape))
-    return Mapped(out, table, end - base)
+    return out
 
 
 class Weights:

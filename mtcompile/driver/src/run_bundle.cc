@@ -2,13 +2,14 @@
 // run one tenant or run_all on inputs read from .npy files, write the outputs as .npy files.
 //
 //   mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] [--timing]
-//                 [--verify-key-file FILE]
+//                 [--verify-key-file FILE] [--require-signature]
 //
 // ENTRY is a tenant's name or "run_all". Inputs are INPUT_DIR/<tenant>.<input>.npy (for run_all:
-// every tenant's); outputs are written to OUTPUT_DIR/<tenant>.<output>.npy (a name's characters
-// outside [A-Za-z0-9_.-] become '_'). The bundle is checked as the Python runtime checks it
-// (library.h, under the rules of contract.h: library hash before dlopen, ELF headers, embedded
-// manifest, weights table, and with --verify-key-file the signature; manifest.h: its fields),
+// every tenant's); outputs are written to OUTPUT_DIR/<file> under the file names the manifest
+// records (<tenant>.<output>.npy made safe and unique at build time). The bundle is checked as the Python runtime checks it
+// by the native runtime core the Python runtime calls too (mtcompile/core/src: library.h, under
+// the rules of contract.h: library hash before dlopen, ELF headers, embedded manifest, weights
+// table, and with --verify-key-file or MTCOMPILE_VERIFY_KEY the signature; manifest.h: fields),
 // inputs against the manifest (shape, dtype, index ranges) before the call. --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on
 // stdout. Exit status: 0 ok, 2 usage, 3 bad input or bundle, 4 run-time error.
 #include <tvm/ffi/any.h>
@@ -289,22 +290,41 @@ void add_weights(const mtc::LibWeights& w, const std::string& entry, std::vector
   }
 }
 
-// the checked library loaded, its embedded manifest and weights checked; `entry` resolved
-ffi::Function open_entry(const Manifest& man, const std::optional<std::string>& key,
-                         const std::string& entry, std::vector<ffi::Tensor>& args) {
-  mtc::check_host(man);
+void check_runnable(const Manifest& man, const std::string& entry) {
+  if (man.target != "llvm")
+    throw BadInput("this bundle was built for target '" + man.target +
+                   "'; mtcompile-run runs CPU (llvm) bundles");
+  if (!man.torch_kernels.empty())
+    throw BadInput("this bundle calls PyTorch kernels (provider 'torch' for " +
+                   man.torch_kernels[0] + "), which need Python; rebuild with kernels='native'");
+  if (entry == "run_all" && man.streamed)
+    throw BadInput("this bundle's run_all runs on several streams (the Python StreamExecutor); "
+                   "mtcompile-run runs its tenants one by one, or rebuild with one stream");
+}
+
+// the bundle opened by the runtime core (library.h: the sequence the Python runtime runs,
+// checks before dlopen, then the weights tables and the embedded manifest of the loaded
+// library); `entry` resolved, `weights` its trailing arguments
+ffi::Function open_entry(const std::string& bundle, const std::optional<std::string>& key,
+                         bool require_signature, const std::string& entry,
+                         std::vector<ffi::Tensor>& weights) {
+  const Manifest probe = mtc::read_manifest(bundle);
+  mtc::PrivateCopy copy(probe.library);
   std::string src;
-  const std::string bytes = mtc::checked_library(man, key, &src);
-  mtc::PrivateCopy copy(bytes, man.library);
-  ffi::Module lib = ffi::Module::LoadFromFile(copy.path);
-  const mtc::LibWeights weights = mtc::checked_weights(man, copy.path, src);  // as Python: then embedded
-  ffi::Module exec = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
-  constexpr int kPooled = 2;  // TVM's pooled allocator, as relax.VirtualMachine uses
-  exec->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled,
-                                                  static_cast<int>(kDLCPU), 0, kPooled);
-  mtc::check_embedded(man, exec, src);
-  add_weights(weights, entry, args);
-  auto fn = exec->GetFunction(entry);
+  const Manifest man = mtc::open_checked(bundle, key, require_signature, copy.path, &src);
+  std::optional<mtc::Loaded> loaded;
+  try {
+    loaded = mtc::load_checked(man, copy.path, src);
+  } catch (const BadInput&) {
+    throw;
+  } catch (const std::exception&) {
+    if (man.target != "llvm") check_runnable(man, entry);  // a cuda bundle, said plainly
+    throw;
+  }
+  check_runnable(man, entry);
+  if (entry != "run_all") man.tenant(entry);  // names the tenants when there is no such one
+  add_weights(loaded->weights, entry, weights);
+  auto fn = loaded->exec->GetFunction(entry);
   if (!fn.has_value()) throw BadInput(src + ": has no entry '" + entry + "'");
   return *fn;
 }
@@ -312,18 +332,20 @@ ffi::Function open_entry(const Manifest& man, const std::optional<std::string>& 
 int usage() {
   std::fprintf(stderr,
                "usage: mtcompile-run BUNDLE_DIR ENTRY INPUT_DIR OUTPUT_DIR [--threads N] "
-               "[--timing] [--verify-key-file FILE]\n"
+               "[--timing] [--verify-key-file FILE] [--require-signature]\n"
                "  ENTRY: a tenant's name, or run_all\n"
                "  inputs: INPUT_DIR/<tenant>.<input>.npy; outputs: "
                "OUTPUT_DIR/<tenant>.<output>.npy\n"
-               "  --verify-key-file: the bundle must carry a signature made with this key\n");
+               "  --verify-key-file: the bundle must carry a signature made with this key "
+               "(default: the key in MTCOMPILE_VERIFY_KEY, if set)\n"
+               "  --require-signature: refuse to run without a key to verify it with\n");
   return 2;
 }
 
 struct Options {
   std::vector<std::string> pos;
   int threads = 0;
-  bool timing = false, help = false;
+  bool timing = false, help = false, require_signature = false;
   std::optional<std::string> key_file;
 };
 
@@ -337,6 +359,8 @@ bool parse_options(int argc, char** argv, Options& o) {
       if (o.threads < 1) return false;
     } else if ((a == "--verify-key-file" || a == "--verify-key") && i + 1 < argc) {
       o.key_file = argv[++i];
+    } else if (a == "--require-signature") {
+      o.require_signature = true;
     } else if (a == "-h" || a == "--help") {
       o.help = true;
     } else {
@@ -346,33 +370,21 @@ bool parse_options(int argc, char** argv, Options& o) {
   return o.help || o.pos.size() == 4;
 }
 
-void check_runnable(const Manifest& man, const std::string& entry) {
-  if (man.target != "llvm")
-    throw BadInput("this bundle was built for target '" + man.target +
-                   "'; mtcompile-run runs CPU (llvm) bundles");
-  if (!man.torch_kernels.empty())
-    throw BadInput("this bundle calls PyTorch kernels (provider 'torch' for " +
-                   man.torch_kernels[0] + "), which need Python; rebuild with kernels='native'");
-  if (entry == "run_all" && man.streamed)
-    throw BadInput("this bundle's run_all runs on several streams (the Python StreamExecutor); "
-                   "mtcompile-run runs its tenants one by one, or rebuild with one stream");
-}
-
-// the entry's inputs, read and checked; `outs` gets (tenant, output) per result
+// the entry's inputs, read and checked; `outs` gets the file of each result
 std::vector<ffi::Tensor> read_inputs(const Manifest& man, const std::string& entry,
                                      const std::string& in_dir,
-                                     std::vector<std::pair<std::string, std::string>>& outs) {
+                                     std::vector<std::string>& outs) {
   std::vector<ffi::Tensor> args;
   if (entry == "run_all") {
     for (const auto& [t, i] : man.run_all_inputs)
       for (const IO& io : man.tenant(t).inputs)
         if (io.name == i) args.push_back(load_input(in_dir, t, io));
     for (const Tenant& t : man.tenants)
-      for (const IO& o : t.outputs) outs.emplace_back(t.name, o.name);
+      for (const IO& o : t.outputs) outs.push_back(o.file);
   } else {
     const Tenant& t = man.tenant(entry);
     for (const IO& io : t.inputs) args.push_back(load_input(in_dir, t.name, io));
-    for (const IO& o : t.outputs) outs.emplace_back(t.name, o.name);
+    for (const IO& o : t.outputs) outs.push_back(o.file);
   }
   return args;
 }
@@ -402,22 +414,23 @@ int run(int argc, char** argv) {
   const std::optional<std::string> key =
       o.key_file ? std::optional<std::string>(mtc::read_key_file(*o.key_file)) : std::nullopt;
   const Manifest man = mtc::read_manifest(bundle);
-  check_runnable(man, entry);
-  auto sig = man.json.find(ffi::String("bundle_signature"));
-  if (!key && sig != man.json.end() && (*sig).second != nullptr)
+  if (!mtc::verify_key(key) && !o.require_signature && mtc::is_signed(man))
     std::fprintf(stderr, "mtcompile-run: warning: %s: the bundle is signed; its signature is NOT "
                  "verified (no --verify-key-file)\n", bundle.c_str());
   // one pool, sized before its first use; nothing spins after a call (as the Python runtime)
   const std::string n = std::to_string(o.threads ? o.threads : std::thread::hardware_concurrency());
   setenv("TVM_NUM_THREADS", n.c_str(), o.threads != 0);
   setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);
-  // inputs first: a bad input costs no load
-  std::vector<std::pair<std::string, std::string>> outs;
-  std::vector<ffi::Tensor> args = read_inputs(man, entry, in_dir, outs);
+  // the bundle first, as the Python runtime's load: both refuse a damaged artifact alike
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
-  ffi::Function fn = open_entry(man, key, entry, args);
+  std::vector<ffi::Tensor> weights;
+  ffi::Function fn = open_entry(bundle, key, o.require_signature, entry, weights);
   const auto t1 = clock::now();
+  std::vector<std::string> outs;  // the output files the manifest records
+  std::vector<ffi::Tensor> args = read_inputs(man, entry, in_dir, outs);
+  args.insert(args.end(), weights.begin(), weights.end());
+  const auto tc = clock::now();
   ffi::Any r = call(fn, args);
   const auto t2 = clock::now();
   std::vector<ffi::Tensor> got = results(r);
@@ -425,11 +438,11 @@ int run(int argc, char** argv) {
     throw std::runtime_error("entry " + entry + " returned " + std::to_string(got.size()) +
                              " tensors, the manifest lists " + std::to_string(outs.size()));
   for (size_t i = 0; i < outs.size(); ++i)
-    write_npy(out_dir + "/" + mtc::file_name(outs[i].first, outs[i].second), got[i]);
+    write_npy(out_dir + "/" + outs[i], got[i]);
   if (o.timing)
     std::printf("{\"load_s\": %.6f, \"first_call_s\": %.6f, \"peak_rss_kib\": %lld}\n",
                 std::chrono::duration<double>(t1 - t0).count(),
-                std::chrono::duration<double>(t2 - t1).count(),
+                std::chrono::duration<double>(t2 - tc).count(),
                 static_cast<long long>(peak_rss_kib()));
   return 0;
 }

@@ -1,5 +1,6 @@
-// The artifact contract as mtcompile-run enforces it: the rules of mtcompile/runtime/contract.py
-// (RULES there), by the same names and in the same words. Every failure is a BadInput (exit 3).
+// The artifact contract's rules, the one implementation both front-ends call (the Python runtime
+// through core.cc, mtcompile-run by including it); runtime/contract.py lists them (RULES) and
+// binds them. Every failure is a BadInput (Python: ArtifactError / InputError; driver: exit 3).
 //   tvm-version, cpu-features, library-name, library-hash, library-elf, signature,
 //   embedded-manifest, weights-same, weights-bytes, weight-dtype, weight-offset, weight-shape,
 //   weight-extent, run-all-inputs, index-range, file-name
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -52,30 +54,44 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
 }
 
 // ------------------------------------------------------------------ reading JSON fields
-inline ffi::Map<ffi::Any, ffi::Any> as_map(const ffi::Any& v, const std::string& key) {
+// A bad field of manifest.json, in runtime/manifest.py's words: "key '<path>': <why>"
+// (parse_manifest prefixes "<manifest.json> is corrupt: ").
+struct Corrupt : BadInput {
+  Corrupt(const std::string& path, const std::string& why)
+      : BadInput("key '" + path + "': " + why) {}
+};
+
+inline std::string py_type(const ffi::Any& v);
+inline std::string py_repr60(const ffi::Any& v);
+
+inline std::string key_path(const std::string& where, const std::string& key) {
+  return where.empty() ? key : where + "." + key;
+}
+inline Corrupt wrong_kind(const ffi::Any& v, const std::string& path, const char* kind) {
+  return Corrupt(path, std::string("expected ") + kind + ", found " + py_type(v) + " " + py_repr60(v));
+}
+inline ffi::Map<ffi::Any, ffi::Any> as_map(const ffi::Any& v, const std::string& path) {
   auto m = v.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
-  if (!m) throw BadInput("manifest: " + key + " is not an object");
+  if (!m || py_type(v) != "dict") throw wrong_kind(v, path, "dict");
   return *m;
 }
-inline ffi::Array<ffi::Any> as_array(const ffi::Any& v, const std::string& key) {
+inline ffi::Array<ffi::Any> as_array(const ffi::Any& v, const std::string& path) {
   auto a = v.try_cast<ffi::Array<ffi::Any>>();
-  if (!a) throw BadInput("manifest: " + key + " is not a list");
+  if (!a || py_type(v) != "list") throw wrong_kind(v, path, "list");
   return *a;
 }
 inline ffi::Any field(const ffi::Map<ffi::Any, ffi::Any>& m, const std::string& key,
                       const std::string& where) {
   auto it = m.find(ffi::String(key));
-  if (it == m.end() || (*it).second == nullptr)
-    throw BadInput("manifest: " + where + " has no '" + key + "'");
+  if (it == m.end()) throw Corrupt(key_path(where, key), "missing");
   return (*it).second;
 }
-inline std::string str(const ffi::Any& v, const std::string& key) {
-  auto s = v.try_cast<ffi::String>();
-  if (!s || v.type_index() == kTVMFFIBool) throw BadInput("manifest: " + key + " is not a string");
-  return std::string(*s);
+inline std::string str(const ffi::Any& v, const std::string& path) {
+  if (py_type(v) != "str") throw wrong_kind(v, path, "str");
+  return std::string(v.cast<ffi::String>());
 }
-inline int64_t integer(const ffi::Any& v, const std::string& key) {
-  if (v.type_index() != kTVMFFIInt) throw BadInput("manifest: " + key + " is not an integer");
+inline int64_t integer(const ffi::Any& v, const std::string& path) {
+  if (v.type_index() != kTVMFFIInt) throw wrong_kind(v, path, "int");
   return v.cast<int64_t>();
 }
 
@@ -106,25 +122,34 @@ const std::pair<const char*, const char*> kLlvmToCpuinfo[] = {
     {"avx512bf16", "avx512_bf16"}, {"avx512fp16", "avx512_fp16"}, {"avxvnni", "avx_vnni"},
     {"amx-tile", "amx_tile"}, {"amx-int8", "amx_int8"}, {"amx-bf16", "amx_bf16"}};
 
-// the checked LLVM `features` whose cpuinfo flag this host lacks, as Python prints a sorted
-// list (empty where /proc/cpuinfo has no flags: nothing is checked there)
-inline std::string missing_features(const std::vector<std::string>& features) {
+// the host's cpuinfo flags (of the first processor); none where /proc/cpuinfo has none
+inline std::optional<std::set<std::string>> host_flags() {
   std::ifstream f("/proc/cpuinfo");
   std::string line;
-  std::set<std::string> flags;
-  bool found = false;
-  while (!found && std::getline(f, line)) {
+  while (std::getline(f, line)) {
     const size_t c = line.find(':');
-    if (c == std::string::npos || line.substr(0, line.find_last_not_of(" \t", c - 1) + 1) != "flags") continue;
+    if (c == std::string::npos || c == 0 ||
+        line.substr(0, line.find_last_not_of(" \t", c - 1) + 1) != "flags")
+      continue;
+    std::set<std::string> flags;
     std::istringstream words(line.substr(c + 1));
     for (std::string w; words >> w;) flags.insert(w);
-    found = true;
+    return flags;
   }
+  return std::nullopt;
+}
+
+// the checked LLVM `features` whose cpuinfo flag is not in `flags` (default: this host's), as
+// Python prints a sorted list; empty where there are no flags (nothing is checked there).
+// LLVM's tuning hints (fast-*, slow-*...) have no flag and are not checked.
+inline std::string missing_features(const std::vector<std::string>& features,
+                                    std::optional<std::set<std::string>> flags = std::nullopt) {
+  if (!flags) flags = host_flags();
   std::set<std::string> missing;
   for (std::string feat : features) {
     if (!feat.empty() && feat[0] == '+') feat.erase(0, 1);
     for (const auto& [llvm, flag] : kLlvmToCpuinfo)
-      if (found && feat == llvm && !flags.count(flag)) missing.insert(feat);
+      if (flags && feat == llvm && !flags->count(flag)) missing.insert(feat);
   }
   std::string out;
   for (const std::string& m : missing) out += (out.empty() ? "'" : ", '") + m + "'";
@@ -146,9 +171,10 @@ inline uint64_t le(const std::string& b, size_t at, int n) {
 }
 
 // a library whose ELF headers point past its end: dlopen would die with SIGBUS
-inline void check_elf(const std::string& b, const std::string& lib) {
+// (`b`: the file's first bytes, its headers; `size`: the file's, when more than `b`)
+inline void check_elf(const std::string& b, const std::string& lib, uint64_t file_size = 0) {
   const std::string pre = lib + ": cannot be loaded by TVM: ";
-  const uint64_t size = b.size();
+  const uint64_t size = std::max<uint64_t>(file_size, b.size());
   if (size < 64 || b.compare(0, 4, "\x7f" "ELF") != 0 || b[4] != 2 || b[5] != 1)
     throw BadInput(pre + "not a 64-bit little-endian ELF shared library (" +
                    std::to_string(size) + " bytes)");
@@ -159,7 +185,7 @@ inline void check_elf(const std::string& b, const std::string& lib) {
     throw BadInput(pre + "truncated: its ELF headers need " + std::to_string(need) +
                    " bytes, the file has " + std::to_string(size));
   for (uint64_t i = 0; i < phnum; ++i) {
-    if (phentsize < 40) break;
+    if (phentsize < 40 || phoff + (i + 1) * phentsize > b.size()) break;
     const uint64_t off = le(b, phoff + i * phentsize + 8, 8);
     const uint64_t filesz = le(b, phoff + i * phentsize + 32, 8);
     if (off > size || filesz > size - off)
