@@ -640,7 +640,8 @@ def test_kernel_names_are_the_table_s_rows():
         if form.provider == "native":
             assert tvm_ffi.get_global_func(form.symbol, allow_missing=True) is not None, form
     assert {f.kernel.entry for f in table.FORMS} == {
-        "matmul_run", "dense_packed_run", "conv2d_run", "softmax_run", "layer_norm_run"}
+        "matmul_run", "dense_packed_run", "conv2d_run", "softmax_run", "layer_norm_run",
+        "attention_run"}
     with pytest.raises(ValueError, match="no torch library kernel 'matmul' with bias=True, "
                                          "epilogue='relu'"):
         ops.LibraryCall("torch", "matmul", bias=True, epilogue="relu")
@@ -652,7 +653,7 @@ def test_the_generated_header_lists_every_native_form():
     """kernels_table.h, generated from the table, has one registration row per native form."""
     text = native.table.header()
     native_forms = [f for f in native.table.FORMS if f.provider == "native"]
-    assert text.count("{\"mtcompile.native.") == len(native_forms) == 20
+    assert text.count("{\"mtcompile.native.") == len(native_forms) == 21  # 20 + attention
     assert '{"mtcompile.native.conv2d_bias_add_relu", &conv2d_run, 2, true, true, true, ' \
            'kActRelu},' in text
 
