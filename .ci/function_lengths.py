@@ -25,8 +25,12 @@ def python_functions(root: Path) -> list[tuple[int, str]]:
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                     first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-                    out.append((node.end_lineno - first + 1,
-                                f"{path.relative_to(root)}:{node.lineno} {node.name}"))
+                    out.append(
+                        (
+                            node.end_lineno - first + 1,
+                            f"{path.relative_to(root)}:{node.lineno} {node.name}",
+                        )
+                    )
     return out
 
 
@@ -84,7 +88,7 @@ def main() -> None:
         found.sort(reverse=True)
         over = sum(1 for n, _ in found if n > args.over)
         print(f"{lang}: {len(found)} functions, {over} over {args.over} lines; longest:")
-        for n, where in found[:args.top]:
+        for n, where in found[: args.top]:
             print(f"  {n:4d}  {where}")
 
 

@@ -24,15 +24,19 @@ def save(bundle_dir: str, ref: str) -> None:
     b = mtcompile.load(bundle_dir)
     inputs = {t: seeded_inputs(b.signature(t), i) for i, t in enumerate(b.tenant_names)}
     out = b.run_all(inputs)
-    np.savez(ref, **{f"in.{t}.{i}": a for t, xs in inputs.items() for i, a in enumerate(xs)},
-             **{f"out.{t}.{i}": a for t, xs in out.items() for i, a in enumerate(xs)})
+    np.savez(
+        ref,
+        **{f"in.{t}.{i}": a for t, xs in inputs.items() for i, a in enumerate(xs)},
+        **{f"out.{t}.{i}": a for t, xs in out.items() for i, a in enumerate(xs)},
+    )
 
 
 def check(bundle_dir: str, ref: str) -> None:
     z = np.load(ref)
     b = mtcompile.load(bundle_dir)
-    inputs = {t: [z[f"in.{t}.{i}"] for i in range(len(b.signature(t).inputs))]
-              for t in b.tenant_names}
+    inputs = {
+        t: [z[f"in.{t}.{i}"] for i in range(len(b.signature(t).inputs))] for t in b.tenant_names
+    }
     got = b.run_all(inputs)
     for t in b.tenant_names:
         alone = b.run(t, *inputs[t])
@@ -43,10 +47,12 @@ def check(bundle_dir: str, ref: str) -> None:
     if heavy:
         raise SystemExit(f"the serving install imported {heavy[:5]}")
     fp = b.footprint()
-    print(f"serving install: {b.manifest.name} ({len(b.tenant_names)} tenants) ran with the "
-          f"full install's outputs; resident runtime {fp['runtime'] >> 20} MiB, code "
-          f"{fp['code'] >> 10} KiB, weights {fp['weights'] >> 10} KiB, arena "
-          f"{(fp['arena'] or 0) >> 10} KiB")
+    print(
+        f"serving install: {b.manifest.name} ({len(b.tenant_names)} tenants) ran with the "
+        f"full install's outputs; resident runtime {fp['runtime'] >> 20} MiB, code "
+        f"{fp['code'] >> 10} KiB, weights {fp['weights'] >> 10} KiB, arena "
+        f"{(fp['arena'] or 0) >> 10} KiB"
+    )
 
 
 def serve(bundle_dir: str, ref: str) -> None:
@@ -66,8 +72,11 @@ def serve(bundle_dir: str, ref: str) -> None:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     exe = os.path.join(os.path.dirname(sys.executable), "mtcompile")
-    proc = subprocess.Popen([exe, "serve", bundle_dir, "--port", str(ports[0]), "--grpc-port",
-                             str(ports[1])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [exe, "serve", bundle_dir, "--port", str(ports[0]), "--grpc-port", str(ports[1])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{ports[0]}"
     try:
         deadline = time.monotonic() + 120
@@ -83,12 +92,22 @@ def serve(bundle_dir: str, ref: str) -> None:
             time.sleep(0.2)
         for t in b.tenant_names:
             sig = b.signature(t)
-            body = {"inputs": [{"name": s.name, "shape": list(z[f"in.{t}.{i}"].shape),
-                                "datatype": {"float32": "FP32", "int64": "INT64"}[s.dtype],
-                                "data": z[f"in.{t}.{i}"].ravel().tolist()}
-                               for i, s in enumerate(sig.inputs)]}
-            req = urllib.request.Request(f"{url}/v2/models/{t}/infer", json.dumps(body).encode(),
-                                         {"content-type": "application/json"})
+            body = {
+                "inputs": [
+                    {
+                        "name": s.name,
+                        "shape": list(z[f"in.{t}.{i}"].shape),
+                        "datatype": {"float32": "FP32", "int64": "INT64"}[s.dtype],
+                        "data": z[f"in.{t}.{i}"].ravel().tolist(),
+                    }
+                    for i, s in enumerate(sig.inputs)
+                ]
+            }
+            req = urllib.request.Request(
+                f"{url}/v2/models/{t}/infer",
+                json.dumps(body).encode(),
+                {"content-type": "application/json"},
+            )
             with urllib.request.urlopen(req, timeout=60) as r:
                 outs = json.load(r)["outputs"]
             for i, o in enumerate(outs):
@@ -103,8 +122,10 @@ def serve(bundle_dir: str, ref: str) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    print(f"serving install + serve extra: `mtcompile serve` answered {len(b.tenant_names)} "
-          f"tenants over HTTP with the full install's outputs; resident {rss >> 10} MiB")
+    print(
+        f"serving install + serve extra: `mtcompile serve` answered {len(b.tenant_names)} "
+        f"tenants over HTTP with the full install's outputs; resident {rss >> 10} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ def chain(callee: str, calls: int) -> tvm.IRModule:
         with bb.dataflow():
             v = x
             for _ in range(calls):
-                v = bb.emit(relax.op.call_dps_packed(
-                    callee, relax.Tuple([v, v]), relax.TensorType([1, 1], "float32")))
+                v = bb.emit(
+                    relax.op.call_dps_packed(
+                        callee, relax.Tuple([v, v]), relax.TensorType([1, 1], "float32")
+                    )
+                )
             out = bb.emit_output(v)
         bb.emit_func_output(out)
     return bb.get()
@@ -55,26 +58,37 @@ def run(calls: int, repeat: int, warmup: int) -> dict:
     x = tvm.runtime.tensor(np.ones((1, 1), np.float32))
     fns = {}
     matmul = native.table.find("native", "matmul").symbol
-    for name, callee, n in [("vm entry (0 calls)", matmul, 0),
-                            ("native C++ kernel", matmul, calls),
-                            ("empty Python callback", EMPTY, calls),
-                            ("PyTorch kernel (Python)", library.MATMUL, calls)]:
+    for name, callee, n in [
+        ("vm entry (0 calls)", matmul, 0),
+        ("native C++ kernel", matmul, calls),
+        ("empty Python callback", EMPTY, calls),
+        ("PyTorch kernel (Python)", library.MATMUL, calls),
+    ]:
         ex = tvm.compile(chain(callee, n), "llvm")
         vm = relax.VirtualMachine(ex, tvm.cpu())
-        fns[name] = (lambda f=vm["main"]: f(x))
+        fns[name] = lambda f=vm["main"]: f(x)
     times = measure(fns, repeat, warmup)
     med = {k: float(np.median(v)) * 1e6 for k, v in times.items()}
     base = med.pop("vm entry (0 calls)")
-    return {"calls": calls, "repeat": repeat, "entry_us": base,
-            "per_call_us": {k: (v - base) / calls for k, v in med.items()}}
+    return {
+        "calls": calls,
+        "repeat": repeat,
+        "entry_us": base,
+        "per_call_us": {k: (v - base) / calls for k, v in med.items()},
+    }
 
 
 def table(res: dict) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lines = [f"### library call cost ({res['calls']} chained calls per function)", "",
-             f"`python -m benchmarks.calls --calls {res['calls']} --repeat {res['repeat']}` "
-             f"— {stamp}. The VM's entry alone: {res['entry_us']:.1f} us.", "",
-             "| callee | us per call |", "|---|---|"]
+    lines = [
+        f"### library call cost ({res['calls']} chained calls per function)",
+        "",
+        f"`python -m benchmarks.calls --calls {res['calls']} --repeat {res['repeat']}` "
+        f"— {stamp}. The VM's entry alone: {res['entry_us']:.1f} us.",
+        "",
+        "| callee | us per call |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.2f} |" for k, v in res["per_call_us"].items()]
     return "\n".join(lines) + "\n"
 

@@ -70,15 +70,17 @@ else:
 
 def child(root: str, *args: str) -> str:
     """Run CHILD with `root`'s checkout; its last line of output."""
-    r = subprocess.run([sys.executable, "-c", CHILD, root, *args], capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, root, *args], capture_output=True, text=True, timeout=900
+    )
     if r.returncode != 0:
         raise RuntimeError(f"checkout {root}: {' '.join(args[:1])} failed:\n{r.stderr[-2000:]}")
     return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
 
 
-def run(roots: dict[str, str], set_name: str, runs: int, calls: int, conditions: list[int],
-        work: Path) -> dict:
+def run(
+    roots: dict[str, str], set_name: str, runs: int, calls: int, conditions: list[int], work: Path
+) -> dict:
     """{condition: {"old": ms, "new": ms}}: medians over `runs` processes each."""
     for label, root in roots.items():
         child(root, "build", str(work / label), set_name)
@@ -89,22 +91,25 @@ def run(roots: dict[str, str], set_name: str, runs: int, calls: int, conditions:
             got = {label: [] for label in roots}
             for _ in range(runs):
                 for label, root in roots.items():
-                    got[label].append(json.loads(child(root, "run", str(work / label),
-                                                       str(calls))))
+                    got[label].append(json.loads(child(root, "run", str(work / label), str(calls))))
         finally:
             stop(procs)
         table[n] = {label: sorted(v)[len(v) // 2] for label, v in got.items()}
-        print(f"{n} busy: " + ", ".join(f"{k} {v:.3f} ms" for k, v in table[n].items()),
-              flush=True)
+        print(f"{n} busy: " + ", ".join(f"{k} {v:.3f} ms" for k, v in table[n].items()), flush=True)
     return table
 
 
 def to_markdown(set_name: str, roots: dict[str, str], table: dict, command: str) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"### Two checkouts: {set_name}", "",
-             f"`{command}` — {when}, {os.cpu_count()} cores. Old: {roots['old']}, new: "
-             f"{roots['new']}; `run_all` in processes of their own, median over processes.", "",
-             "| busy processes | old ms | new ms | new / old |", "|---|---|---|---|"]
+    lines = [
+        f"### Two checkouts: {set_name}",
+        "",
+        f"`{command}` — {when}, {os.cpu_count()} cores. Old: {roots['old']}, new: "
+        f"{roots['new']}; `run_all` in processes of their own, median over processes.",
+        "",
+        "| busy processes | old ms | new ms | new / old |",
+        "|---|---|---|---|",
+    ]
     for n, r in table.items():
         lines.append(f"| {n} | {r['old']:.3f} | {r['new']:.3f} | {r['new'] / r['old']:.2f} |")
     return "\n".join(lines) + "\n"

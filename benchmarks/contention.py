@@ -51,14 +51,22 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def threads_chosen() -> dict[str, int]:
     """The pool size a fresh process picks by default, alone and under ``taskset -c 0``."""
-    code = ("from mtcompile.runtime.threads import configure; "
-            "print(configure().pool)")
+    code = "from mtcompile.runtime.threads import configure; print(configure().pool)"
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
-    out = {"default": int(subprocess.run([sys.executable, "-c", code], env=env, text=True,
-                                         capture_output=True, check=True).stdout.split()[-1])}
+    out = {
+        "default": int(
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, text=True, capture_output=True, check=True
+            ).stdout.split()[-1]
+        )
+    }
     first = sorted(os.sched_getaffinity(0))[0]
-    pinned = subprocess.run(["taskset", "-c", str(first), sys.executable, "-c", code], env=env,
-                            text=True, capture_output=True)
+    pinned = subprocess.run(
+        ["taskset", "-c", str(first), sys.executable, "-c", code],
+        env=env,
+        text=True,
+        capture_output=True,
+    )
     out["taskset -c 0"] = int(pinned.stdout.split()[-1]) if pinned.returncode == 0 else -1
     return out
 
@@ -71,8 +79,7 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
     torch_inputs = {k: tuple(torch.from_numpy(x) for x in v) for k, v in inputs.items()}
     bundle = mtcompile.compile(tenants)
     protos = onnx_protos(tenants, twins)
-    eager, onnxrt = peer_runs(tenants, twins, torch_inputs,
-                              ort_sessions(tenants, twins, protos))
+    eager, onnxrt = peer_runs(tenants, twins, torch_inputs, ort_sessions(tenants, twins, protos))
     contenders = {"bundle": lambda: bundle.run_all(inputs), "onnxruntime": onnxrt}
     table: dict[str, dict[str, float]] = {}
     for n in (0, 1, 2):
@@ -89,30 +96,45 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
         notes["after OpenVINO"] = openvino.note()
     else:
         table["after OpenVINO"] = measure(contenders, repeat, warmup, before=openvino.run_all)
-    return {"set": set_name, "repeat": repeat, "ms": table, "notes": notes,
-            "threads": threads_chosen()}
+    return {
+        "set": set_name,
+        "repeat": repeat,
+        "ms": table,
+        "notes": notes,
+        "threads": threads_chosen(),
+    }
 
 
 def to_markdown(res: dict, command: str) -> str:
     base = res["ms"]["0 busy"]
     cpu = platform.processor() or platform.machine()
-    lines = [f"## Contention: {res['set']} ({datetime.date.today()}, {cpu}, "
-             f"{os.cpu_count()} cores)", "", f"`{command}`", "",
-             "Median ms of `run_all` / onnxruntime over all tenants, round by round in one "
-             "process; slowdown = median / median with 0 busy processes. 'after eager' / "
-             "'after OpenVINO': that runtime ran the set right before each timed call (its "
-             "pool in the process).", "",
-             "| condition | bundle ms | slowdown | onnxruntime ms | slowdown |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"## Contention: {res['set']} ({datetime.date.today()}, {cpu}, {os.cpu_count()} cores)",
+        "",
+        f"`{command}`",
+        "",
+        "Median ms of `run_all` / onnxruntime over all tenants, round by round in one "
+        "process; slowdown = median / median with 0 busy processes. 'after eager' / "
+        "'after OpenVINO': that runtime ran the set right before each timed call (its "
+        "pool in the process).",
+        "",
+        "| condition | bundle ms | slowdown | onnxruntime ms | slowdown |",
+        "|---|---|---|---|---|",
+    ]
     for cond, ms in res["ms"].items():
-        lines.append(f"| {cond} | {ms['bundle']:.3f} | {ms['bundle'] / base['bundle']:.2f} | "
-                     f"{ms['onnxruntime']:.3f} | "
-                     f"{ms['onnxruntime'] / base['onnxruntime']:.2f} |")
+        lines.append(
+            f"| {cond} | {ms['bundle']:.3f} | {ms['bundle'] / base['bundle']:.2f} | "
+            f"{ms['onnxruntime']:.3f} | "
+            f"{ms['onnxruntime'] / base['onnxruntime']:.2f} |"
+        )
     for cond, note in res.get("notes", {}).items():
         lines.append(f"| {cond} | not run: {note} | | | |")
     t = res["threads"]
-    lines += ["", f"Threads chosen by default: {t['default']}; under `taskset -c 0`: "
-                  f"{t['taskset -c 0']}.", ""]
+    lines += [
+        "",
+        f"Threads chosen by default: {t['default']}; under `taskset -c 0`: {t['taskset -c 0']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -126,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     command = "python -m benchmarks.contention " + " ".join(
-        argv if argv is not None else sys.argv[1:])
+        argv if argv is not None else sys.argv[1:]
+    )
     res = run(args.set, args.repeat, args.warmup)
     publish(to_markdown(res, command), res, args.write, args.json)
     return 0

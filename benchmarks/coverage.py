@@ -41,19 +41,22 @@ def ort_session(module, x: torch.Tensor):
     import onnxruntime as ort
 
     try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), \
-                redirect_stderr(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            redirect_stdout(io.StringIO()),
+            redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
-            proto = torch.onnx.export(module, (x,), dynamo=True, opset_version=18,
-                                      verbose=False).model_proto
+            proto = torch.onnx.export(
+                module, (x,), dynamo=True, opset_version=18, verbose=False
+            ).model_proto
     except Exception as e:  # the exporter's failure: a missing column, not a crash
         return None, f"export: {type(e).__name__}"
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x.numpy()}
     return (lambda: sess.run(None, feed)), None
 
@@ -63,16 +66,20 @@ def tvm_kernel_share(bundle, name: str, x: np.ndarray) -> float:
     not VM builtins)."""
     prof = bundle.profile({name: (x,)}, repeat=5, warmup=2)["tenants"][name]
     total = sum(k["total_us"] for k in prof["kernels"]) or 1.0
-    tvm = sum(k["total_us"] for k in prof["kernels"]
-              if not k["name"].startswith(("mtcompile", "vm.builtin")))
+    tvm = sum(
+        k["total_us"]
+        for k in prof["kernels"]
+        if not k["name"].startswith(("mtcompile", "vm.builtin"))
+    )
     return tvm / total
 
 
 SETTLE_S = 0.3  # before each block: the last runtime's workers stop spinning (libgomp, TBB)
 
 
-def block_times(contenders: dict, repeat: int, warmup: int,
-                passes: int = 3) -> dict[str, list[float]]:
+def block_times(
+    contenders: dict, repeat: int, warmup: int, passes: int = 3
+) -> dict[str, list[float]]:
     """Times (s) of contenders each run in blocks of its own (a pause of SETTLE_S, then
     `warmup` calls left out at the start of every block), the blocks' order rotated over
     `passes` passes: compute speed, without what one runtime's spinning threads cost the next
@@ -80,7 +87,7 @@ def block_times(contenders: dict, repeat: int, warmup: int,
     times: dict[str, list[float]] = {k: [] for k in contenders}
     names = list(contenders)
     for p in range(passes):
-        for k in names[p % len(names):] + names[:p % len(names)]:
+        for k in names[p % len(names) :] + names[: p % len(names)]:
             fn = contenders[k]
             time.sleep(SETTLE_S)
             for _ in range(warmup):
@@ -92,8 +99,7 @@ def block_times(contenders: dict, repeat: int, warmup: int,
     return times
 
 
-def round_times(contenders: dict, repeat: int, warmup: int,
-                before=None) -> dict[str, list[float]]:
+def round_times(contenders: dict, repeat: int, warmup: int, before=None) -> dict[str, list[float]]:
     """Times (s) of contenders run round by round (each once a round): what neighbours
     cost, since PyTorch's OpenMP workers spin for a while after each eager call. `before`
     (untimed) runs ahead of each timed call."""
@@ -181,10 +187,13 @@ def totals(rows: list[dict]) -> dict:
     ok = [r for r in rows if r.get("match")]
     eager = [r["ms"]["eager"] / r["ms"]["bundle"] for r in ok]
     ort = [r["ms"]["onnxruntime"] / r["ms"]["bundle"] for r in ok if "onnxruntime" in r["ms"]]
-    return {"matching": len(ok), "total": len(rows), "eager_geomean": geomean(eager),
-            "ort_geomean": geomean(ort), "slower_than_eager": [r["model"] for r in ok
-                                                               if r["ms"]["eager"]
-                                                               < r["ms"]["bundle"]]}
+    return {
+        "matching": len(ok),
+        "total": len(rows),
+        "eager_geomean": geomean(eager),
+        "ort_geomean": geomean(ort),
+        "slower_than_eager": [r["model"] for r in ok if r["ms"]["eager"] < r["ms"]["bundle"]],
+    }
 
 
 def _interleaved(row: dict) -> str:
@@ -197,23 +206,27 @@ def _interleaved(row: dict) -> str:
 def to_markdown(rows: list[dict], command: str) -> str:
     tot = totals(rows)
     cpu = platform.processor() or platform.machine()
-    lines = [f"## Real-model coverage ({datetime.date.today()}, {cpu}, {os.cpu_count()} "
-             "cores)", "", f"`{command}`", "",
-             "Each model alone, default pipeline, batch 1, 2 threads each, one process. "
-             "Compute speed: medians of each contender in blocks of its own (blocks "
-             "rotated); eager/bundle and ORT/bundle above 1: the bundle is faster. "
-             "Interleaved: the medians of rounds of bundle, eager, ORT (each contender "
-             "runs while PyTorch's OpenMP workers still spin after the eager call: what "
-             "that neighbour costs). TVM share: the bundle's kernel time in "
-             "TVM-generated kernels.", "",
-             "| model | family | result | rel. error | compile s | bundle ms | eager ms | "
-             "ORT ms | eager/bundle | ORT/bundle | interleaved: bundle / eager / ORT ms | "
-             "TVM share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Real-model coverage ({datetime.date.today()}, {cpu}, {os.cpu_count()} cores)",
+        "",
+        f"`{command}`",
+        "",
+        "Each model alone, default pipeline, batch 1, 2 threads each, one process. "
+        "Compute speed: medians of each contender in blocks of its own (blocks "
+        "rotated); eager/bundle and ORT/bundle above 1: the bundle is faster. "
+        "Interleaved: the medians of rounds of bundle, eager, ORT (each contender "
+        "runs while PyTorch's OpenMP workers still spin after the eager call: what "
+        "that neighbour costs). TVM share: the bundle's kernel time in "
+        "TVM-generated kernels.",
+        "",
+        "| model | family | result | rel. error | compile s | bundle ms | eager ms | "
+        "ORT ms | eager/bundle | ORT/bundle | interleaved: bundle / eager / ORT ms | "
+        "TVM share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['family']} | **{r['error'][:120]}** |"
-                         + " |" * 9)
+            lines.append(f"| {r['model']} | {r['family']} | **{r['error'][:120]}** |" + " |" * 9)
             continue
         ms = r["ms"]
         ort = ms.get("onnxruntime")
@@ -223,11 +236,16 @@ def to_markdown(rows: list[dict], command: str) -> str:
             f"{r['rel_err']:.1e} | {r['compile_s']:.1f} | {ms['bundle']:.3f} | "
             f"{ms['eager']:.3f} | {f'{ort:.3f}' if ort else r.get('ort_error', '-')} | "
             f"{ms['eager'] / ms['bundle']:.2f} | "
-            f"{ort_ratio} | {_interleaved(r)} | {100 * r['tvm_share']:.0f}% |")
-    lines += ["", f"**Compiled and matching: {tot['matching']} / {tot['total']}**; geomean "
-                  f"eager/bundle **{tot['eager_geomean']:.2f}**, ORT/bundle "
-                  f"**{tot['ort_geomean']:.2f}**; slower than eager: "
-                  f"{', '.join(tot['slower_than_eager']) or 'none'}.", ""]
+            f"{ort_ratio} | {_interleaved(r)} | {100 * r['tvm_share']:.0f}% |"
+        )
+    lines += [
+        "",
+        f"**Compiled and matching: {tot['matching']} / {tot['total']}**; geomean "
+        f"eager/bundle **{tot['eager_geomean']:.2f}**, ORT/bundle "
+        f"**{tot['ort_geomean']:.2f}**; slower than eager: "
+        f"{', '.join(tot['slower_than_eager']) or 'none'}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -245,15 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown models {unknown}; known: {', '.join(REAL_ZOO)}")
     command = "python -m benchmarks.coverage " + " ".join(
-        argv if argv is not None else __import__("sys").argv[1:])
+        argv if argv is not None else __import__("sys").argv[1:]
+    )
     rows = []
     for name in names:
         rows.append(run_model(name, args.repeat, args.warmup))
         r = rows[-1]
-        status = r.get("error") or (f"{'ok' if r['match'] else 'MISMATCH'} rel_err "
-                                    f"{r['rel_err']:.1e}, bundle {r['ms']['bundle']:.3f} ms, "
-                                    f"eager {r['ms']['eager']:.3f} ms, ORT "
-                                    f"{r['ms'].get('onnxruntime', float('nan')):.3f} ms")
+        status = r.get("error") or (
+            f"{'ok' if r['match'] else 'MISMATCH'} rel_err "
+            f"{r['rel_err']:.1e}, bundle {r['ms']['bundle']:.3f} ms, "
+            f"eager {r['ms']['eager']:.3f} ms, ORT "
+            f"{r['ms'].get('onnxruntime', float('nan')):.3f} ms"
+        )
         print(f"{name:<16} {status}", flush=True)
     publish(to_markdown(rows, command), rows, args.write, args.json)
     return 0

@@ -47,10 +47,12 @@ def models() -> dict[str, tuple[torch.nn.Module, str, callable]]:
     head, _ = mlp(seed=2, d_in=256, hidden=512, d_out=64)
     return {
         "vision": (vision, "x", lambda b: resnet_cnn(seed=10, batch=b)[1]),
-        "text": (text, "input_ids", lambda b: transformer_encoder(seed=11, batch=b,
-                                                                  num_classes=10)[1]),
-        "mlp": (head, "x", lambda b: mlp(seed=12, batch=b, d_in=256, hidden=512,
-                                         d_out=64)[1]),
+        "text": (
+            text,
+            "input_ids",
+            lambda b: transformer_encoder(seed=11, batch=b, num_classes=10)[1],
+        ),
+        "mlp": (head, "x", lambda b: mlp(seed=12, batch=b, d_in=256, hidden=512, d_out=64)[1]),
     }
 
 
@@ -59,8 +61,14 @@ def tenants(ms: dict, batch: int, bound: int | None) -> list[Tenant]:
     out = []
     for name, (module, arg, make) in ms.items():
         dyn = {arg: {0: Dim("batch", min=1, max=bound)}} if bound else None
-        out.append(Tenant(name, module, example_inputs=make(max(batch, 2) if bound else batch),
-                          dynamic_shapes=dyn))
+        out.append(
+            Tenant(
+                name,
+                module,
+                example_inputs=make(max(batch, 2) if bound else batch),
+                dynamic_shapes=dyn,
+            )
+        )
     return out
 
 
@@ -72,8 +80,15 @@ def ort_session(module, inputs: tuple, arg: str):
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, inputs, buf, input_names=[arg], output_names=["out"],
-                          dynamic_axes={arg: {0: "batch"}, "out": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(
+            module,
+            inputs,
+            buf,
+            input_names=[arg],
+            output_names=["out"],
+            dynamic_axes={arg: {0: "batch"}, "out": {0: "batch"}},
+            dynamo=False,
+        )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
@@ -103,8 +118,9 @@ def run(sizes: list[int], repeat: int, warmup: int) -> dict:
         worst = 0.0
         with torch.no_grad():
             for name, (m, _, _) in ms.items():
-                worst = max(worst, float(np.abs(got[name][0] - m(*torch_inputs[name]).numpy())
-                                         .max()))
+                worst = max(
+                    worst, float(np.abs(got[name][0] - m(*torch_inputs[name]).numpy()).max())
+                )
 
         def eager(torch_inputs=torch_inputs):
             with torch.no_grad():
@@ -118,31 +134,54 @@ def run(sizes: list[int], repeat: int, warmup: int) -> dict:
         # the two bundles alternate call by call (the same neighbours for both: the cost of
         # dynamism); the peers run in blocks of their own, so that no runtime's spinning
         # workers (PyTorch's after an eager call) slow whoever runs next
-        times = round_times({"dynamic bundle": lambda inputs=inputs: dyn.run_all(inputs),
-                             "static bundle": lambda b=b, inputs=inputs: static[b].run_all(inputs)},
-                            repeat, warmup)
+        times = round_times(
+            {
+                "dynamic bundle": lambda inputs=inputs: dyn.run_all(inputs),
+                "static bundle": lambda b=b, inputs=inputs: static[b].run_all(inputs),
+            },
+            repeat,
+            warmup,
+        )
         times |= block_times({"pytorch eager": eager, "onnxruntime": onnxrt}, repeat, warmup)
         base = float(np.median(times["dynamic bundle"]))
-        rows[b] = {"max_abs_err": worst, "arena_bytes": static[b].manifest.memory.arena_bytes,
-                   "times": {k: {"median_ms": 1e3 * float(np.median(ts)),
-                                 "ratio_to_dynamic": float(np.median(ts)) / base}
-                             for k, ts in times.items()}}
-    return {"sizes": sizes, "bound": bound, "repeat": repeat, "rows": rows,
-            "dynamic_arena_bytes": dyn.manifest.memory.arena_bytes, "compile_s": compile_s}
+        rows[b] = {
+            "max_abs_err": worst,
+            "arena_bytes": static[b].manifest.memory.arena_bytes,
+            "times": {
+                k: {
+                    "median_ms": 1e3 * float(np.median(ts)),
+                    "ratio_to_dynamic": float(np.median(ts)) / base,
+                }
+                for k, ts in times.items()
+            },
+        }
+    return {
+        "sizes": sizes,
+        "bound": bound,
+        "repeat": repeat,
+        "rows": rows,
+        "dynamic_arena_bytes": dyn.manifest.memory.arena_bytes,
+        "compile_s": compile_s,
+    }
 
 
 def to_markdown(res: dict, command: str) -> str:
     """The RESULTS.md section of one run."""
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
-    lines = [f"### dynamic batch: one bundle for batch 1..{res['bound']}", "",
-             f"`{command}` — {when}, {cpu}, {os.cpu_count()} cores, torch "
-             f"{torch.__version__}, {res['repeat']} rounds after warm-up. Tenants: vision "
-             "(ResNet-style CNN), text (transformer encoder), mlp; run_all of all three. "
-             "Ratio: contender time / dynamic bundle time (static: the cost of dynamism).", "",
-             "| batch | dynamic ms | static ms | static / dynamic | eager ms | eager / dynamic "
-             "| onnxruntime ms | ort / dynamic | max abs err | arena dynamic (at bound) "
-             "| arena static |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### dynamic batch: one bundle for batch 1..{res['bound']}",
+        "",
+        f"`{command}` — {when}, {cpu}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {res['repeat']} rounds after warm-up. Tenants: vision "
+        "(ResNet-style CNN), text (transformer encoder), mlp; run_all of all three. "
+        "Ratio: contender time / dynamic bundle time (static: the cost of dynamism).",
+        "",
+        "| batch | dynamic ms | static ms | static / dynamic | eager ms | eager / dynamic "
+        "| onnxruntime ms | ort / dynamic | max abs err | arena dynamic (at bound) "
+        "| arena static |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for b, r in res["rows"].items():
         t = r["times"]
         lines.append(
@@ -153,9 +192,12 @@ def to_markdown(res: dict, command: str) -> str:
             f"| {t['pytorch eager']['ratio_to_dynamic']:.2f} "
             f"| {t['onnxruntime']['median_ms']:.3f} | {t['onnxruntime']['ratio_to_dynamic']:.2f} "
             f"| {r['max_abs_err']:.1e} | {res['dynamic_arena_bytes'] / 1024:.0f} KiB "
-            f"| {r['arena_bytes'] / 1024:.0f} KiB |")
-    lines += ["", "Compile seconds: " + ", ".join(f"{k} {v:.1f}"
-                                                  for k, v in res["compile_s"].items())]
+            f"| {r['arena_bytes'] / 1024:.0f} KiB |"
+        )
+    lines += [
+        "",
+        "Compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["compile_s"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -168,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = run(sorted(set(args.sizes)), args.repeat, args.warmup)
     bad = [b for b, r in res["rows"].items() if r["max_abs_err"] > ATOL]
-    text = to_markdown(res, " ".join(["python -m benchmarks.dynamic",
-                                      *(sys.argv[1:] if argv is None else argv)]))
+    text = to_markdown(
+        res, " ".join(["python -m benchmarks.dynamic", *(sys.argv[1:] if argv is None else argv)])
+    )
     print(text)
     if args.write:
         with RESULTS.open("a") as f:

@@ -105,8 +105,13 @@ def _measure(cmd: list[str]) -> dict:
     and its peak resident set (VmHWM, which exec resets; rusage's ru_maxrss would carry the
     forking parent's)."""
     t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    res = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{res.stderr[-2000:]}")
@@ -125,8 +130,9 @@ def run(set_name: str) -> dict:
         (d / "in").mkdir()
         flat = {}
         for t in bundle.tenant_names:
-            for i, (io, a) in enumerate(zip(bundle.manifest.tenants[t].inputs, inputs[t],
-                                            strict=True)):
+            for i, (io, a) in enumerate(
+                zip(bundle.manifest.tenants[t].inputs, inputs[t], strict=True)
+            ):
                 np.save(d / "in" / f"{t}.{io.name}.npy", a)
                 flat[f"{t}.{i:02d}"] = a
         np.savez(d / "inputs.npz", **flat)
@@ -142,35 +148,55 @@ def run(set_name: str) -> dict:
             ts.save(ts_files[-1])
         (d / "out").mkdir()
         npz = str(d / "inputs.npz")
-        return {"set": set_name, "tenants": bundle.tenant_names, "contenders": {
-            "mtcompile, Python runtime (lean)": _measure(
-                [sys.executable, "-c", _PYTHON_BUNDLE, str(saved), npz]),
-            "mtcompile, Python runtime, tvm + torch imported": _measure(
-                [sys.executable, "-c", _PYTHON_BUNDLE.replace("# PRELUDE", "import torch, tvm"),
-                 str(saved), npz]),
-            "mtcompile-run (C++ driver)": _measure(
-                command(saved, "run_all", d / "in", d / "out", threads=2, timing=True)),
-            "onnxruntime": _measure([sys.executable, "-c", _ORT, str(saved), npz, *onnx_files]),
-            "pytorch eager (TorchScript)": _measure(
-                [sys.executable, "-c", _EAGER, str(saved), npz, *ts_files]),
-        }}
+        return {
+            "set": set_name,
+            "tenants": bundle.tenant_names,
+            "contenders": {
+                "mtcompile, Python runtime (lean)": _measure(
+                    [sys.executable, "-c", _PYTHON_BUNDLE, str(saved), npz]
+                ),
+                "mtcompile, Python runtime, tvm + torch imported": _measure(
+                    [
+                        sys.executable,
+                        "-c",
+                        _PYTHON_BUNDLE.replace("# PRELUDE", "import torch, tvm"),
+                        str(saved),
+                        npz,
+                    ]
+                ),
+                "mtcompile-run (C++ driver)": _measure(
+                    command(saved, "run_all", d / "in", d / "out", threads=2, timing=True)
+                ),
+                "onnxruntime": _measure([sys.executable, "-c", _ORT, str(saved), npz, *onnx_files]),
+                "pytorch eager (TorchScript)": _measure(
+                    [sys.executable, "-c", _EAGER, str(saved), npz, *ts_files]
+                ),
+            },
+        }
 
 
 def to_markdown(results: list[dict]) -> str:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     sets = " ".join(r["set"] for r in results)
-    lines = [f"### footprint: a fresh process loads and runs each set once ({sets})", "",
-             f"`python -m benchmarks.footprint --set ...` — {stamp}. Peak RSS of the process; "
-             "start to exit: spawn to exit (imports, load, one run of every tenant); load and "
-             "first call as the process times them.", "",
-             "| set | contender | peak RSS MiB | start to exit s | load s | first call ms | "
-             "imported |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### footprint: a fresh process loads and runs each set once ({sets})",
+        "",
+        f"`python -m benchmarks.footprint --set ...` — {stamp}. Peak RSS of the process; "
+        "start to exit: spawn to exit (imports, load, one run of every tenant); load and "
+        "first call as the process times them.",
+        "",
+        "| set | contender | peak RSS MiB | start to exit s | load s | first call ms | imported |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for name, c in r["contenders"].items():
             imported = ", ".join(k for k in ("tvm", "torch") if c.get(f"{k}_imported")) or (
-                "neither tvm nor torch" if "tvm_imported" in c else "")
-            lines.append(f"| {r['set']} | {name} | {c['rss_mib']:.0f} | {c['wall_s']:.2f} | "
-                         f"{c['load_s']:.2f} | {c['first_call_s'] * 1e3:.1f} | {imported} |")
+                "neither tvm nor torch" if "tvm_imported" in c else ""
+            )
+            lines.append(
+                f"| {r['set']} | {name} | {c['rss_mib']:.0f} | {c['wall_s']:.2f} | "
+                f"{c['load_s']:.2f} | {c['first_call_s'] * 1e3:.1f} | {imported} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -46,15 +46,19 @@ print(rss() - before)
 
 def rss_growth(directory: Path) -> int:
     """Bytes a fresh process's resident set grows by in its first run_all."""
-    out = subprocess.run([sys.executable, "-c", _RSS, str(directory)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS, str(directory)], check=True, capture_output=True, text=True
+    ).stdout
     return int(out.strip().splitlines()[-1])
 
 
 def variants() -> dict[str, dict]:
     no_plan = [p for p in DEFAULT_PIPELINE if p != "plan-memory"]
-    return {"arena": {}, "tvm plan": {"passes": no_plan},
-            "naive": {"pass_options": {"plan-memory": {"strategy": "naive"}}}}
+    return {
+        "arena": {},
+        "tvm plan": {"passes": no_plan},
+        "naive": {"pass_options": {"plan-memory": {"strategy": "naive"}}},
+    }
 
 
 def run(set_name: str, batch: int, repeat: int) -> dict:
@@ -75,11 +79,21 @@ def run(set_name: str, batch: int, repeat: int) -> dict:
             b.run_all(inputs)
             times[k].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    planned = {"arena": mem["arena_bytes"], "tvm plan": mem["tvm_plan_bytes"],
-               "naive": bundles["naive"].report()["memory"]["arena_bytes"]}
-    return {"set": set_name, "batch": batch, "tenants": len(tenants), "memory": mem,
-            "planned": planned, "rss": rss, "median_ms": {k: 1e3 * v for k, v in med.items()},
-            "time_ratio": {k: med[k] / med["arena"] for k in med}}
+    planned = {
+        "arena": mem["arena_bytes"],
+        "tvm plan": mem["tvm_plan_bytes"],
+        "naive": bundles["naive"].report()["memory"]["arena_bytes"],
+    }
+    return {
+        "set": set_name,
+        "batch": batch,
+        "tenants": len(tenants),
+        "memory": mem,
+        "planned": planned,
+        "rss": rss,
+        "median_ms": {k: 1e3 * v for k, v in med.items()},
+        "time_ratio": {k: med[k] / med["arena"] for k in med},
+    }
 
 
 def kib(n: int) -> str:
@@ -88,22 +102,37 @@ def kib(n: int) -> str:
 
 def to_markdown(res: dict, command: str) -> str:
     m = res["memory"]
-    lines = [f"### memory, {res['set']}: {res['tenants']} tenants, batch {res['batch']}", "",
-             f"`{command}` ({datetime.date.today()})", "",
-             "| run_all | KiB | / arena |", "|---|---:|---:|"]
-    rows = [("arena (plan-memory)", m["arena_bytes"]), ("lower bound", m["lower_bound_bytes"]),
-            ("TVM's plan, same module", m["tvm_plan_bytes"]),
-            ("no planning (naive)", m["naive_bytes"]),
-            ("tenants compiled separately (TVM's plans)", m["separate_plans_bytes"]),
-            ("tenants compiled separately (our arenas)", m["separate_arena_bytes"])]
+    lines = [
+        f"### memory, {res['set']}: {res['tenants']} tenants, batch {res['batch']}",
+        "",
+        f"`{command}` ({datetime.date.today()})",
+        "",
+        "| run_all | KiB | / arena |",
+        "|---|---:|---:|",
+    ]
+    rows = [
+        ("arena (plan-memory)", m["arena_bytes"]),
+        ("lower bound", m["lower_bound_bytes"]),
+        ("TVM's plan, same module", m["tvm_plan_bytes"]),
+        ("no planning (naive)", m["naive_bytes"]),
+        ("tenants compiled separately (TVM's plans)", m["separate_plans_bytes"]),
+        ("tenants compiled separately (our arenas)", m["separate_arena_bytes"]),
+    ]
     lines += [f"| {k} | {kib(v)} | {v / m['arena_bytes']:.2f} |" for k, v in rows]
-    lines += ["", f"Weights: {kib(m['weight_bytes_before_dedup'])} KiB for the tenants "
-              f"separately, {kib(m['weight_bytes'])} KiB stored.", "",
-              "| variant | planned KiB | RSS growth, first run_all, KiB | run_all ms (median) "
-              "| time / arena |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"Weights: {kib(m['weight_bytes_before_dedup'])} KiB for the tenants "
+        f"separately, {kib(m['weight_bytes'])} KiB stored.",
+        "",
+        "| variant | planned KiB | RSS growth, first run_all, KiB | run_all ms (median) "
+        "| time / arena |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for k in res["planned"]:
-        lines.append(f"| {k} | {kib(res['planned'][k])} | {kib(res['rss'][k])} | "
-                     f"{res['median_ms'][k]:.3f} | {res['time_ratio'][k]:.2f} |")
+        lines.append(
+            f"| {k} | {kib(res['planned'][k])} | {kib(res['rss'][k])} | "
+            f"{res['median_ms'][k]:.3f} | {res['time_ratio'][k]:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -114,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
     args = ap.parse_args(argv)
-    command = "python -m benchmarks.memory " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:])
+    command = "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:])
     for s in SETS if args.set == "all" else [args.set]:
         text = to_markdown(run(s, args.batch, args.repeat), command)
         print(text, flush=True)

@@ -47,16 +47,20 @@ def prepare(set_name: str, directory: Path) -> None:
     bundle = mtcompile.compile(tenants)
     print(f"compiled {set_name} in {time.perf_counter() - t0:.1f} s", flush=True)
     bundle.save(directory / "bundle")
-    np.savez(directory / "inputs.npz", **{f"{t.name}/{i}": np.asarray(x)
-                                          for t in tenants for i, x in enumerate(t.example_inputs)})
+    np.savez(
+        directory / "inputs.npz",
+        **{f"{t.name}/{i}": np.asarray(x) for t in tenants for i, x in enumerate(t.example_inputs)},
+    )
 
 
 def load_inputs(path: Path, names: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
     """The example inputs saved by `prepare`, as ``{tenant: (array, ...)}`` in input order."""
     with np.load(path) as z:
         keys = list(z.keys())
-        return {n: tuple(z[f"{n}/{i}"] for i in range(sum(k.startswith(f"{n}/") for k in keys)))
-                for n in names}
+        return {
+            n: tuple(z[f"{n}/{i}"] for i in range(sum(k.startswith(f"{n}/") for k in keys)))
+            for n in names
+        }
 
 
 def time_block(fn, repeat: int, warmup: int) -> list[float]:
@@ -113,11 +117,15 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
     import mtcompile
 
     with tempfile.TemporaryDirectory() as tmp:
-        child = subprocess.run([sys.executable, "-m", "benchmarks.neighbours", "--set",
-                                set_name, "--prepare", tmp], cwd=Path(__file__).parent.parent)
+        child = subprocess.run(
+            [sys.executable, "-m", "benchmarks.neighbours", "--set", set_name, "--prepare", tmp],
+            cwd=Path(__file__).parent.parent,
+        )
         if child.returncode:
-            raise SystemExit(f"compiling set {set_name!r} failed in the child process "
-                             f"(exit {child.returncode}; its error is printed above)")
+            raise SystemExit(
+                f"compiling set {set_name!r} failed in the child process "
+                f"(exit {child.returncode}; its error is printed above)"
+            )
         bundle = mtcompile.load(Path(tmp) / "bundle")
         inputs = load_inputs(Path(tmp) / "inputs.npz", bundle.tenant_names)
     torch_imported = "torch" in sys.modules  # by tvm_ffi's own `import torch`, if installed
@@ -138,13 +146,18 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
 
     eager, onnxrt = peer_runs(tenants, twins, torch_inputs, sessions)
 
-    contenders = {"bundle": lambda: bundle.run_all(inputs), "pytorch eager": eager,
-                  "onnxruntime": onnxrt}
+    contenders = {
+        "bundle": lambda: bundle.run_all(inputs),
+        "pytorch eager": eager,
+        "onnxruntime": onnxrt,
+    }
     alone["pytorch eager"] = time_block(eager, repeat, warmup)
     alone["onnxruntime"] = time_block(onnxrt, repeat, warmup)
     together = measure(contenders, repeat, warmup)
-    beside = {k: alternate(contenders[k], contenders["bundle"], repeat, warmup)
-              for k in ("pytorch eager", "onnxruntime")}
+    beside = {
+        k: alternate(contenders[k], contenders["bundle"], repeat, warmup)
+        for k in ("pytorch eager", "onnxruntime")
+    }
 
     after, compiled_ms = {}, None
     compiled_run, skipped = compiled_twins(twins, torch_inputs)
@@ -154,8 +167,10 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
 
     outs = bundle.run_all(inputs)
     with torch.no_grad():
-        err = max(float(np.max(np.abs(np.asarray(o) - twins[name](*torch_inputs[name]).numpy())))
-                  for name, (o, *_) in outs.items())
+        err = max(
+            float(np.max(np.abs(np.asarray(o) - twins[name](*torch_inputs[name]).numpy())))
+            for name, (o, *_) in outs.items()
+        )
     med = {k: 1e3 * float(np.median(v)) for k, v in alone.items()}
     rows = {}
     for k in contenders:
@@ -163,14 +178,26 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
         m_aft = 1e3 * float(np.median(after[k])) if k in after else None
         m_bes = 1e3 * float(np.median(beside[k][1])) if k in beside else None
         m_alt = 1e3 * float(np.median(beside[k][0])) if k in beside else None
-        rows[k] = {"alone_ms": med[k], "interleaved_ms": m_int, "interleaved_ratio": m_int / med[k],
-                   "beside_bundle_ms": m_bes, "alone_alternating_ms": m_alt,
-                   "beside_bundle_ratio": m_bes / m_alt if m_bes is not None else None,
-                   "after_compile_ms": m_aft,
-                   "after_compile_ratio": m_aft / med[k] if m_aft is not None else None}
-    return {"set": set_name, "tenants": bundle.tenant_names, "repeat": repeat, "rows": rows,
-            "torch_compile_ms": compiled_ms, "torch_compile_skipped": skipped,
-            "torch_imported_by_load": torch_imported, "max_abs_err": err}
+        rows[k] = {
+            "alone_ms": med[k],
+            "interleaved_ms": m_int,
+            "interleaved_ratio": m_int / med[k],
+            "beside_bundle_ms": m_bes,
+            "alone_alternating_ms": m_alt,
+            "beside_bundle_ratio": m_bes / m_alt if m_bes is not None else None,
+            "after_compile_ms": m_aft,
+            "after_compile_ratio": m_aft / med[k] if m_aft is not None else None,
+        }
+    return {
+        "set": set_name,
+        "tenants": bundle.tenant_names,
+        "repeat": repeat,
+        "rows": rows,
+        "torch_compile_ms": compiled_ms,
+        "torch_compile_skipped": skipped,
+        "torch_imported_by_load": torch_imported,
+        "max_abs_err": err,
+    }
 
 
 def to_markdown(res: dict, command: str) -> str:
@@ -178,22 +205,35 @@ def to_markdown(res: dict, command: str) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     import torch
 
-    lines = [f"### neighbours: {res['set']} ({', '.join(res['tenants'])})", "",
-             f"`{command}` — {when}, {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, torch {torch.__version__}, {res['repeat']} rounds per "
-             f"phase after warm-up. The bundle's alone phase ran before any PyTorch op "
-             f"(torch imported by then: {'yes' if res['torch_imported_by_load'] else 'no'}); "
-             f"bundle vs PyTorch max abs error {res['max_abs_err']:.2e}.", "",
-             "| contender | alone ms | interleaved ms | interleaved / alone "
-             "| beside the bundle only ms | beside / alone (alternating rounds) "
-             "| after torch.compile ms | after / alone |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### neighbours: {res['set']} ({', '.join(res['tenants'])})",
+        "",
+        f"`{command}` — {when}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {res['repeat']} rounds per "
+        f"phase after warm-up. The bundle's alone phase ran before any PyTorch op "
+        f"(torch imported by then: {'yes' if res['torch_imported_by_load'] else 'no'}); "
+        f"bundle vs PyTorch max abs error {res['max_abs_err']:.2e}.",
+        "",
+        "| contender | alone ms | interleaved ms | interleaved / alone "
+        "| beside the bundle only ms | beside / alone (alternating rounds) "
+        "| after torch.compile ms | after / alone |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for k, r in res["rows"].items():
-        aft = (f"{r['after_compile_ms']:.3f} | {r['after_compile_ratio']:.2f}"
-               if r["after_compile_ms"] is not None else " | ")
-        bes = (f"{r['beside_bundle_ms']:.3f} | {r['beside_bundle_ratio']:.2f}"
-               if r["beside_bundle_ms"] is not None else " | ")
-        lines.append(f"| {k} | {r['alone_ms']:.3f} | {r['interleaved_ms']:.3f} "
-                     f"| {r['interleaved_ratio']:.2f} | {bes} | {aft} |")
+        aft = (
+            f"{r['after_compile_ms']:.3f} | {r['after_compile_ratio']:.2f}"
+            if r["after_compile_ms"] is not None
+            else " | "
+        )
+        bes = (
+            f"{r['beside_bundle_ms']:.3f} | {r['beside_bundle_ratio']:.2f}"
+            if r["beside_bundle_ms"] is not None
+            else " | "
+        )
+        lines.append(
+            f"| {k} | {r['alone_ms']:.3f} | {r['interleaved_ms']:.3f} "
+            f"| {r['interleaved_ratio']:.2f} | {bes} | {aft} |"
+        )
     if res["torch_compile_ms"] is not None:
         lines.append(f"| torch.compile (inductor) | {res['torch_compile_ms']:.3f} | | | | | | |")
     else:
@@ -214,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         prepare(args.set, Path(args.prepare))
         return 0
-    command = "python -m benchmarks.neighbours " + " ".join(argv if argv is not None
-                                                             else sys.argv[1:])
+    command = "python -m benchmarks.neighbours " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     text = to_markdown(run(args.set, args.repeat, args.warmup), command)
     print(text, flush=True)
     if args.write:

@@ -24,8 +24,11 @@ from benchmarks.coverage import TOLERANCE
 THREADS = 2  # intra-op threads of every contender, as the bundle's pool has on this host
 # OpenVINO at full float32 (its CPU default is bf16 or f16 where the CPU has them), latency
 # mode (one stream), the same thread count as the others.
-OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                   "INFERENCE_NUM_THREADS": THREADS}
+OPENVINO_CONFIG = {
+    "INFERENCE_PRECISION_HINT": "f32",
+    "PERFORMANCE_HINT": "LATENCY",
+    "INFERENCE_NUM_THREADS": THREADS,
+}
 PEERS = ("openvino", "aotinductor", "torch.compile")  # the optional ones, `--peers` picks
 
 
@@ -79,6 +82,7 @@ def eager_peer(twins: dict, torch_inputs: dict) -> Peer:
         def call():
             with torch.no_grad():
                 return twins[name](*torch_inputs[name])
+
         return call
 
     return build(twins, make)
@@ -99,8 +103,9 @@ def openvino_peer(protos: dict, inputs: dict) -> Peer:
     core = ov.Core()
 
     def make(name):
-        model = core.read_model(protos[name].SerializeToString(),
-                                ov.Tensor(np.empty(0, np.uint8)))  # weights are embedded
+        model = core.read_model(
+            protos[name].SerializeToString(), ov.Tensor(np.empty(0, np.uint8))
+        )  # weights are embedded
         request = core.compile_model(model, "CPU", OPENVINO_CONFIG).create_infer_request()
         feed = [np.asarray(x) for x in inputs[name]]
         return lambda: request.infer(feed)
@@ -117,7 +122,8 @@ def aoti_peer(twins: dict, torch_inputs: dict) -> Peer:
         with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
             program = torch.export.export(twins[name], args)
             path = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(Path(tmp) / f"{name}.pt2"))
+                program, package_path=str(Path(tmp) / f"{name}.pt2")
+            )
             model = torch._inductor.aoti_load_package(path)
         return lambda: model(*args)
 
@@ -159,21 +165,30 @@ def check(label: str, peer: Peer, reference: dict[str, list[np.ndarray]]) -> dic
     for name, fn in peer.runners.items():
         got, want = flat(fn()), reference[name]
         if [g.shape for g in got] != [w.shape for w in want]:
-            raise PeerMismatch(f"{label} on tenant {name!r}: output shapes "
-                               f"{[g.shape for g in got]} != eager's {[w.shape for w in want]}")
-        diffs[name] = max(float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
-                          for g, w in zip(got, want, strict=True))
+            raise PeerMismatch(
+                f"{label} on tenant {name!r}: output shapes "
+                f"{[g.shape for g in got]} != eager's {[w.shape for w in want]}"
+            )
+        diffs[name] = max(
+            float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
+            for g, w in zip(got, want, strict=True)
+        )
         bound = TOLERANCE * max([1.0] + [float(np.max(np.abs(w))) for w in want if w.size])
         if not diffs[name] <= bound:
-            raise PeerMismatch(f"{label} on tenant {name!r}: max |{label} - eager| "
-                               f"{diffs[name]:.3e} > {bound:.1e} (float32 tolerance)")
+            raise PeerMismatch(
+                f"{label} on tenant {name!r}: max |{label} - eager| "
+                f"{diffs[name]:.3e} > {bound:.1e} (float32 tolerance)"
+            )
     return diffs
 
 
-def optional_peers(chosen, twins: dict, torch_inputs: dict, protos: dict,
-                   inputs: dict) -> dict[str, Peer]:
+def optional_peers(
+    chosen, twins: dict, torch_inputs: dict, protos: dict, inputs: dict
+) -> dict[str, Peer]:
     """The optional peers named in `chosen` (of `PEERS`), built in that order."""
-    makers = {"openvino": lambda: openvino_peer(protos, inputs),
-              "aotinductor": lambda: aoti_peer(twins, torch_inputs),
-              "torch.compile": lambda: compiled_peer(twins, torch_inputs)}
+    makers = {
+        "openvino": lambda: openvino_peer(protos, inputs),
+        "aotinductor": lambda: aoti_peer(twins, torch_inputs),
+        "torch.compile": lambda: compiled_peer(twins, torch_inputs),
+    }
     return {label: makers[label]() for label in PEERS if label in chosen}

@@ -131,10 +131,12 @@ def ort_sessions(tenants, twins, protos: dict | None = None):
         opts.intra_op_num_threads = THREADS
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(protos[t.name].SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
-        feed = {i.name: np.asarray(x) for i, x in zip(sess.get_inputs(), t.example_inputs,
-                                                       strict=True)}
+        sess = ort.InferenceSession(
+            protos[t.name].SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+        feed = {
+            i.name: np.asarray(x) for i, x in zip(sess.get_inputs(), t.example_inputs, strict=True)
+        }
         sessions[t.name] = (sess, feed)
     return sessions
 
@@ -147,6 +149,7 @@ def kernel_launches(bundle, entry: str, arrays) -> int:
 
 def run_all_args(bundle, inputs: dict) -> list:
     """The flat argument list of the ``run_all`` entry (a shared input appears once)."""
+
     def position(tenant: str, name: str) -> int:
         return [s.name for s in bundle.signature(tenant).inputs].index(name)
 
@@ -179,23 +182,27 @@ def build_bundles(tenants, ablation: bool) -> tuple[dict, dict, dict[str, float]
     return bundles, separate, compile_s
 
 
-def build_peers(tenants, twins, inputs: dict, torch_inputs: dict,
-                chosen=PEERS) -> tuple[dict[str, Peer], dict[str, dict[str, float]]]:
+def build_peers(
+    tenants, twins, inputs: dict, torch_inputs: dict, chosen=PEERS
+) -> tuple[dict[str, Peer], dict[str, dict[str, float]]]:
     """Eager, onnxruntime and the `chosen` optional peers, and each one's max |peer - eager|
     per tenant (`peers.check` raises where one is off)."""
     protos = onnx_protos(tenants, twins)
-    peers = {"pytorch eager": eager_peer({t.name: twins[t.name] for t in tenants},
-                                         torch_inputs),
-             "onnxruntime": ort_peer(ort_sessions(tenants, twins, protos))}
+    peers = {
+        "pytorch eager": eager_peer({t.name: twins[t.name] for t in tenants}, torch_inputs),
+        "onnxruntime": ort_peer(ort_sessions(tenants, twins, protos)),
+    }
     peers |= optional_peers(chosen, twins, torch_inputs, protos, inputs)
     reference = {k: flat(fn()) for k, fn in peers["pytorch eager"].runners.items()}
-    diffs = {label: check(label, p, reference) for label, p in peers.items()
-             if label != "pytorch eager"}
+    diffs = {
+        label: check(label, p, reference) for label, p in peers.items() if label != "pytorch eager"
+    }
     return peers, diffs
 
 
-def contenders_of(peers: dict[str, Peer], bundles: dict, separate: dict,
-                  inputs: dict) -> tuple[dict, dict[str, str]]:
+def contenders_of(
+    peers: dict[str, Peer], bundles: dict, separate: dict, inputs: dict
+) -> tuple[dict, dict[str, str]]:
     """The set-level calls of every contender that runs every tenant, and a note for each
     peer that does not (it gets no time)."""
     contenders, notes = {}, {}
@@ -217,9 +224,11 @@ def contenders_of(peers: dict[str, Peer], bundles: dict, separate: dict,
 
 def spread(times: list[float]) -> dict[str, float]:
     """Median, 10th and 90th percentile of times (s), in ms."""
-    return {"median_ms": 1e3 * float(np.median(times)),
-            "p10_ms": 1e3 * float(np.percentile(times, 10)),
-            "p90_ms": 1e3 * float(np.percentile(times, 90))}
+    return {
+        "median_ms": 1e3 * float(np.median(times)),
+        "p10_ms": 1e3 * float(np.percentile(times, 10)),
+        "p90_ms": 1e3 * float(np.percentile(times, 90)),
+    }
 
 
 def rows_of(blocked: dict, interleaved: dict, flops: int) -> dict[str, dict]:
@@ -229,14 +238,18 @@ def rows_of(blocked: dict, interleaved: dict, flops: int) -> dict[str, dict]:
     rows = {}
     for k, ts in blocked.items():
         med, med_int = float(np.median(ts)), float(np.median(interleaved[k]))
-        rows[k] = spread(ts) | {"ratio_to_bundle": med / base, "gflops": flops / med / 1e9,
-                                "interleaved_ms": 1e3 * med_int,
-                                "interleaved_ratio": med_int / base_int}
+        rows[k] = spread(ts) | {
+            "ratio_to_bundle": med / base,
+            "gflops": flops / med / 1e9,
+            "interleaved_ms": 1e3 * med_int,
+            "interleaved_ratio": med_int / base_int,
+        }
     return rows
 
 
-def per_tenant(bundle, peers: dict[str, Peer], inputs: dict, repeat: int,
-               warmup: int) -> dict[str, dict[str, float]]:
+def per_tenant(
+    bundle, peers: dict[str, Peer], inputs: dict, repeat: int, warmup: int
+) -> dict[str, dict[str, float]]:
     """Per tenant, median ms in blocks of the bundle's entry, onnxruntime and OpenVINO."""
     table = {}
     for name in inputs:
@@ -257,8 +270,9 @@ def best_peer(rows: dict[str, dict], peers) -> tuple[str, float] | None:
     return best, rows[best]["ratio_to_bundle"]
 
 
-def run(set_name: str, n: int, batch: int, repeat: int, warmup: int,
-        ablation: bool = True, chosen=PEERS) -> dict:
+def run(
+    set_name: str, n: int, batch: int, repeat: int, warmup: int, ablation: bool = True, chosen=PEERS
+) -> dict:
     """Compile the set, build and check the peers, time everything in blocks and
     interleaved, then per tenant; the results as one dict (`to_markdown` prints it)."""
     torch.set_num_threads(THREADS)
@@ -272,39 +286,59 @@ def run(set_name: str, n: int, batch: int, repeat: int, warmup: int,
     compile_s |= {k: p.compile_s for k, p in peers.items() if k in PEERS}
     contenders, notes = contenders_of(peers, bundles, separate, inputs)
     flops = graph_flops(bundles["bundle"].graph)
-    rows = rows_of(block_times(contenders, repeat, warmup),
-                   round_times(contenders, repeat, warmup), flops)
-    kernels = {label: kernel_launches(b, "run_all", run_all_args(b, inputs))
-               for label, b in bundles.items()}
-    kernels["tvm separate"] = sum(kernel_launches(b, name, inputs[name])
-                                  for name, b in separate.items())
-    return {"set": set_name, "n": len(tenants), "batch": batch, "repeat": repeat,
-            "tenants": [t.name for t in tenants], "rows": rows, "notes": notes,
-            "max_abs_diff": diffs, "compile_s": compile_s, "kernels": kernels,
-            "flops": flops, "ceiling_gflops": matmul_ceiling(),
-            "numerics_ok": numerics_ok, "best_peer": best_peer(rows, peers),
-            "per_tenant": per_tenant(bundles["bundle"], peers, inputs, repeat, warmup),
-            "profile": bundles["bundle"].profile(inputs, repeat=10)}
+    rows = rows_of(
+        block_times(contenders, repeat, warmup), round_times(contenders, repeat, warmup), flops
+    )
+    kernels = {
+        label: kernel_launches(b, "run_all", run_all_args(b, inputs))
+        for label, b in bundles.items()
+    }
+    kernels["tvm separate"] = sum(
+        kernel_launches(b, name, inputs[name]) for name, b in separate.items()
+    )
+    return {
+        "set": set_name,
+        "n": len(tenants),
+        "batch": batch,
+        "repeat": repeat,
+        "tenants": [t.name for t in tenants],
+        "rows": rows,
+        "notes": notes,
+        "max_abs_diff": diffs,
+        "compile_s": compile_s,
+        "kernels": kernels,
+        "flops": flops,
+        "ceiling_gflops": matmul_ceiling(),
+        "numerics_ok": numerics_ok,
+        "best_peer": best_peer(rows, peers),
+        "per_tenant": per_tenant(bundles["bundle"], peers, inputs, repeat, warmup),
+        "profile": bundles["bundle"].profile(inputs, repeat=10),
+    }
 
 
 def _header(res: dict, command: str) -> list[str]:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
     bundle_gflops = res["rows"]["bundle"]["gflops"]
-    return [f"### {res['set']}: {res['n']} tenants, batch {res['batch']}",
-            "", f"`{command}` — {when}, {cpu}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, {THREADS} threads each, {res['repeat']} timed calls "
-            "per contender in each column after warm-up.",
-            f"Matmul ceiling measured in the same run: {res['ceiling_gflops']:.0f} GFLOP/s; "
-            f"the set needs {res['flops'] / 1e6:.1f} MFLOP per run_all "
-            f"({1e3 * res['flops'] / 1e9 / res['ceiling_gflops']:.3f} ms at the ceiling); "
-            f"the bundle reaches {bundle_gflops:.1f} GFLOP/s in blocks, "
-            f"{100 * bundle_gflops / res['ceiling_gflops']:.1f}% of it. "
-            f"Bundle numerics within 1e-4: {'yes' if res['numerics_ok'] else 'NO'}.", "",
-            "Blocks: each contender in blocks of its own, first calls of each block left out, "
-            "blocks rotated (compute speed). Interleaved: every contender once a round (what "
-            "the neighbours' spinning workers cost whoever runs next). Ratios: time / the "
-            "bundle's time in the same column (above 1: the bundle is faster).", ""]
+    return [
+        f"### {res['set']}: {res['n']} tenants, batch {res['batch']}",
+        "",
+        f"`{command}` — {when}, {cpu}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {THREADS} threads each, {res['repeat']} timed calls "
+        "per contender in each column after warm-up.",
+        f"Matmul ceiling measured in the same run: {res['ceiling_gflops']:.0f} GFLOP/s; "
+        f"the set needs {res['flops'] / 1e6:.1f} MFLOP per run_all "
+        f"({1e3 * res['flops'] / 1e9 / res['ceiling_gflops']:.3f} ms at the ceiling); "
+        f"the bundle reaches {bundle_gflops:.1f} GFLOP/s in blocks, "
+        f"{100 * bundle_gflops / res['ceiling_gflops']:.1f}% of it. "
+        f"Bundle numerics within 1e-4: {'yes' if res['numerics_ok'] else 'NO'}.",
+        "",
+        "Blocks: each contender in blocks of its own, first calls of each block left out, "
+        "blocks rotated (compute speed). Interleaved: every contender once a round (what "
+        "the neighbours' spinning workers cost whoever runs next). Ratios: time / the "
+        "bundle's time in the same column (above 1: the bundle is faster).",
+        "",
+    ]
 
 
 def _max_diff(res: dict, label: str) -> str:
@@ -315,16 +349,21 @@ def _max_diff(res: dict, label: str) -> str:
 
 
 def _rows_table(res: dict) -> list[str]:
-    lines = ["| contender | blocks median ms | p10-p90 ms | / bundle | interleaved ms "
-             "| / bundle | GFLOP/s | % ceiling | kernels | compile s | max abs diff vs eager "
-             "| note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| contender | blocks median ms | p10-p90 ms | / bundle | interleaved ms "
+        "| / bundle | GFLOP/s | % ceiling | kernels | compile s | max abs diff vs eager "
+        "| note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for k, r in res["rows"].items():
         compile_s = f"{res['compile_s'][k]:.2f}" if k in res["compile_s"] else ""
-        lines.append(f"| {k} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}-{r['p90_ms']:.3f} "
-                     f"| {r['ratio_to_bundle']:.2f} | {r['interleaved_ms']:.3f} "
-                     f"| {r['interleaved_ratio']:.2f} | {r['gflops']:.1f} "
-                     f"| {100 * r['gflops'] / res['ceiling_gflops']:.1f} "
-                     f"| {res['kernels'].get(k, '')} | {compile_s} | {_max_diff(res, k)} | |")
+        lines.append(
+            f"| {k} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}-{r['p90_ms']:.3f} "
+            f"| {r['ratio_to_bundle']:.2f} | {r['interleaved_ms']:.3f} "
+            f"| {r['interleaved_ratio']:.2f} | {r['gflops']:.1f} "
+            f"| {100 * r['gflops'] / res['ceiling_gflops']:.1f} "
+            f"| {res['kernels'].get(k, '')} | {compile_s} | {_max_diff(res, k)} | |"
+        )
     for k, note in res["notes"].items():
         lines.append(f"| {k} |" + " |" * 10 + f" {_max_diff(res, k)} | not timed: {note} |")
     return lines
@@ -334,62 +373,93 @@ def _best_line(res: dict) -> str:
     if not res["best_peer"]:
         return "No peer was timed."
     label, ratio = res["best_peer"]
-    return (f"**Best peer (blocks): {label}, {res['rows'][label]['median_ms']:.3f} ms against "
-            f"the bundle's {res['rows']['bundle']['median_ms']:.3f} ms: peer / bundle = "
-            f"{ratio:.2f}** (above 1: the bundle is faster); interleaved, the same peer / "
-            f"bundle = {res['rows'][label]['interleaved_ratio']:.2f}.")
+    return (
+        f"**Best peer (blocks): {label}, {res['rows'][label]['median_ms']:.3f} ms against "
+        f"the bundle's {res['rows']['bundle']['median_ms']:.3f} ms: peer / bundle = "
+        f"{ratio:.2f}** (above 1: the bundle is faster); interleaved, the same peer / "
+        f"bundle = {res['rows'][label]['interleaved_ratio']:.2f}."
+    )
 
 
 def _tenant_table(res: dict) -> list[str]:
-    lines = ["Per tenant, in blocks: the bundle's entry (`bundle.run(tenant, ...)`) against "
-             "the peers' session for that tenant (ms; peer / bundle).", "",
-             "| tenant | bundle ms | onnxruntime ms | / bundle | OpenVINO ms | / bundle |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "Per tenant, in blocks: the bundle's entry (`bundle.run(tenant, ...)`) against "
+        "the peers' session for that tenant (ms; peer / bundle).",
+        "",
+        "| tenant | bundle ms | onnxruntime ms | / bundle | OpenVINO ms | / bundle |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, ms in res["per_tenant"].items():
         cells = [f"{ms['bundle']:.3f}"]
         for label in ("onnxruntime", "openvino"):
-            cells += ([f"{ms[label]:.3f}", f"{ms[label] / ms['bundle']:.2f}"] if label in ms
-                      else ["-", "-"])
+            cells += (
+                [f"{ms[label]:.3f}", f"{ms[label] / ms['bundle']:.2f}"]
+                if label in ms
+                else ["-", "-"]
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
 def _profile_lines(res: dict) -> list[str]:
-    lines = ["Where the bundle's time goes (per tenant entry: share of library kernels, "
-             "TVM-generated kernels, VM builtins; top calls):", ""]
+    lines = [
+        "Where the bundle's time goes (per tenant entry: share of library kernels, "
+        "TVM-generated kernels, VM builtins; top calls):",
+        "",
+    ]
     for t, p in res["profile"]["tenants"].items():
         shares = {"library": 0.0, "tvm": 0.0, "vm": 0.0}
         for k in p["kernels"]:
-            kind = ("library" if k["name"].startswith(("mtcompile.native", "mtcompile.torch"))
-                    else "vm" if k["name"].startswith("vm.builtin") else "tvm")
+            kind = (
+                "library"
+                if k["name"].startswith(("mtcompile.native", "mtcompile.torch"))
+                else "vm"
+                if k["name"].startswith("vm.builtin")
+                else "tvm"
+            )
             shares[kind] += k["share"]
-        top = ", ".join(f"{k['name']} x{k['calls']} {k['total_us']:.0f} us"
-                        for k in p["kernels"][:4])
-        lines.append(f"- {t}: {p['total_us']:.0f} us (library {100 * shares['library']:.0f}%, "
-                     f"TVM {100 * shares['tvm']:.0f}%, VM {100 * shares['vm']:.0f}%); {top}")
+        top = ", ".join(
+            f"{k['name']} x{k['calls']} {k['total_us']:.0f} us" for k in p["kernels"][:4]
+        )
+        lines.append(
+            f"- {t}: {p['total_us']:.0f} us (library {100 * shares['library']:.0f}%, "
+            f"TVM {100 * shares['tvm']:.0f}%, VM {100 * shares['vm']:.0f}%); {top}"
+        )
     return lines
 
 
 def to_markdown(res: dict, command: str) -> str:
     """The RESULTS.md section of one run."""
-    lines = (_header(res, command) + _rows_table(res) + ["", _best_line(res), ""]
-             + _tenant_table(res) + [""] + _profile_lines(res))
+    lines = (
+        _header(res, command)
+        + _rows_table(res)
+        + ["", _best_line(res), ""]
+        + _tenant_table(res)
+        + [""]
+        + _profile_lines(res)
+    )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", default="heterogeneous", choices=[*SETS, "all"])
-    ap.add_argument("--n", type=int, default=4,
-                    help="tenants in same-arch / shared-backbone / bert4")
+    ap.add_argument(
+        "--n", type=int, default=4, help="tenants in same-arch / shared-backbone / bert4"
+    )
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--no-ablation", action="store_true",
-                    help="skip the 'bundle -PASS' rows (one compile per pass: slow on big sets)")
-    ap.add_argument("--peers", default=",".join(PEERS),
-                    help=f"optional peers, comma-separated (default: all of {', '.join(PEERS)};"
-                         " empty: none)")
+    ap.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="skip the 'bundle -PASS' rows (one compile per pass: slow on big sets)",
+    )
+    ap.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help=f"optional peers, comma-separated (default: all of {', '.join(PEERS)}; empty: none)",
+    )
     ap.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
@@ -398,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown peers {sorted(set(chosen) - set(PEERS))}; known: {', '.join(PEERS)}")
     warnings.filterwarnings("ignore")
     sets = list(SETS) if args.set == "all" else [args.set]
-    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else
-                                                       __import__("sys").argv[1:])
+    command = "python -m benchmarks.run " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:]
+    )
     results, text = [], []
     for s in sets:
         print(f"benchmarking {s} ...", flush=True)

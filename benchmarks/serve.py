@@ -49,8 +49,9 @@ class OrtBundle:
 
         tenants = get_set(set_name)
         self.manifest = bundle.manifest
-        self._sessions = {t: s for t, (s, _) in ort_sessions(
-            tenants, torch_twins(set_name, tenants, 1)).items()}
+        self._sessions = {
+            t: s for t, (s, _) in ort_sessions(tenants, torch_twins(set_name, tenants, 1)).items()
+        }
 
     def run(self, tenant: str, *arrays):
         sess = self._sessions[tenant]
@@ -96,9 +97,22 @@ class Http:
 
     def __init__(self, contender: str, args):
         self.port = _free_port()
-        cmd = [sys.executable, "-m", "benchmarks.serve", args.bundle, "--child", contender,
-               "--port", str(self.port), "--set", args.set, "--max-delay-ms",
-               str(args.max_delay_ms), "--max-queue", str(args.max_queue)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.serve",
+            args.bundle,
+            "--child",
+            contender,
+            "--port",
+            str(self.port),
+            "--set",
+            args.set,
+            "--max-delay-ms",
+            str(args.max_delay_ms),
+            "--max-queue",
+            str(args.max_queue),
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -107,8 +121,10 @@ class Http:
         deadline = time.monotonic() + 600
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the {contender} server did not start: "
-                                   f"{self.proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(
+                    f"the {contender} server did not start: "
+                    f"{self.proc.stderr.read().decode()[-2000:]}"
+                )
             time.sleep(0.2)
 
     def _ready(self) -> bool:
@@ -123,8 +139,7 @@ class Http:
         c = getattr(self.local, "conn", None)
         if c is None:
             c = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        c.request("POST", f"/v2/models/{tenant}/infer", body,
-                  {"content-type": "application/json"})
+        c.request("POST", f"/v2/models/{tenant}/infer", body, {"content-type": "application/json"})
         r = c.getresponse()
         r.read()
         if r.status != 200:
@@ -150,9 +165,19 @@ def _free_port() -> int:
 
 
 def v2_body(sig, arrays) -> bytes:
-    return json.dumps({"inputs": [{"name": s.name, "shape": list(a.shape),
-                                   "datatype": V2[str(a.dtype)], "data": a.ravel().tolist()}
-                                  for s, a in zip(sig.inputs, arrays, strict=True)]}).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": s.name,
+                    "shape": list(a.shape),
+                    "datatype": V2[str(a.dtype)],
+                    "data": a.ravel().tolist(),
+                }
+                for s, a in zip(sig.inputs, arrays, strict=True)
+            ]
+        }
+    ).encode()
 
 
 # --------------------------------------------------------------------------- one trial
@@ -209,10 +234,16 @@ def trial(sender, payloads: dict, rates: dict[str, float], args, seed: int) -> d
     with lock:
         ms = np.asarray(lat) * 1e3
         lost = len(pending) - len(lat) - errors["failed"]
-        return {"offered": sum(rates.values()), "sent": len(plan), "done": len(lat),
-                "throughput": len(lat) / (end - t0), "lost": lost, **errors,
-                "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-                "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan")}
+        return {
+            "offered": sum(rates.values()),
+            "sent": len(plan),
+            "done": len(lat),
+            "throughput": len(lat) / (end - t0),
+            "lost": lost,
+            **errors,
+            "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+            "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+        }
 
 
 def mix_rates(tenants: list[str], mix: str, total: float) -> dict[str, float]:
@@ -225,27 +256,43 @@ def mix_rates(tenants: list[str], mix: str, total: float) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- the table
 def table(rows: list[dict], args, command: str) -> str:
-    lines = [f"# serve: {args.bundle} ({args.via}, window {args.max_delay_ms} ms, "
-             f"{args.duration} s per trial, p99 target {args.p99_ms} ms)", "",
-             f"`{command}`", "",
-             "| mix | contender | offered req/s | sent | done | throughput req/s | p50 ms | "
-             "p99 ms | rejected | failed | lost |", "|---" * 11 + "|"]
+    lines = [
+        f"# serve: {args.bundle} ({args.via}, window {args.max_delay_ms} ms, "
+        f"{args.duration} s per trial, p99 target {args.p99_ms} ms)",
+        "",
+        f"`{command}`",
+        "",
+        "| mix | contender | offered req/s | sent | done | throughput req/s | p50 ms | "
+        "p99 ms | rejected | failed | lost |",
+        "|---" * 11 + "|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mix']} | {r['contender']} | {r['offered']:.0f} | {r['sent']} | "
-                     f"{r['done']} | {r['throughput']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
-                     f"{r['rejected']} | {r['failed']} | {r['lost']} |")
-    lines += ["", "| mix | contender | sustainable req/s: the highest offered rate below the "
-              "first that misses the p99 target or drops a request |", "|---|---|---|"]
+        lines.append(
+            f"| {r['mix']} | {r['contender']} | {r['offered']:.0f} | {r['sent']} | "
+            f"{r['done']} | {r['throughput']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+            f"{r['rejected']} | {r['failed']} | {r['lost']} |"
+        )
+    lines += [
+        "",
+        "| mix | contender | sustainable req/s: the highest offered rate below the "
+        "first that misses the p99 target or drops a request |",
+        "|---|---|---|",
+    ]
     for mix in args.mixes:
         for c in args.contenders:
             best = None
-            for r in sorted((r for r in rows if r["mix"] == mix and r["contender"] == c),
-                            key=lambda r: r["offered"]):
+            for r in sorted(
+                (r for r in rows if r["mix"] == mix and r["contender"] == c),
+                key=lambda r: r["offered"],
+            ):
                 if r["p99"] > args.p99_ms or r["rejected"] + r["failed"] + r["lost"]:
                     break
                 best = r["offered"]
-            lines.append(f"| {mix} | {c} | {best:.0f} |" if best is not None else
-                         f"| {mix} | {c} | below the lowest rate tried |")
+            lines.append(
+                f"| {mix} | {c} | {best:.0f} |"
+                if best is not None
+                else f"| {mix} | {c} | below the lowest rate tried |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -260,18 +307,25 @@ def run(args) -> list[dict]:
             sender, bundle = InProc(be, args.max_delay_ms, args.max_queue), be
         m = bundle.manifest
         inputs = {t: seeded_inputs(m.tenants[t], i) for i, t in enumerate(m.tenant_order)}
-        payloads = ({t: v2_body(m.tenants[t], xs) for t, xs in inputs.items()}
-                    if args.via == "http" else inputs)
+        payloads = (
+            {t: v2_body(m.tenants[t], xs) for t, xs in inputs.items()}
+            if args.via == "http"
+            else inputs
+        )
         try:
             for mix in args.mixes:
                 for k, total in enumerate(args.rates):
-                    r = trial(sender, payloads, mix_rates(list(m.tenant_order), mix, total),
-                              args, seed=k)
+                    r = trial(
+                        sender, payloads, mix_rates(list(m.tenant_order), mix, total), args, seed=k
+                    )
                     rows.append({"mix": mix, "contender": contender, **r})
-                    print(f"{mix:7s} {contender:12s} {total:7.0f} req/s: {r['throughput']:7.1f} "
-                          f"done/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:8.2f} ms  "
-                          f"rejected {r['rejected']} failed {r['failed']} lost {r['lost']}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"{mix:7s} {contender:12s} {total:7.0f} req/s: {r['throughput']:7.1f} "
+                        f"done/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:8.2f} ms  "
+                        f"rejected {r['rejected']} failed {r['failed']} lost {r['lost']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             sender.close()
     return rows
@@ -287,7 +341,10 @@ def overhead(args) -> str:
     inproc = InProc(be, 0.0, args.max_queue)
     args.clients = 1
     web = Http("merged", argparse.Namespace(**{**vars(args), "max_delay_ms": 0.0}))
-    lines = ["| tenant | in-process p50 ms | HTTP p50 ms | server overhead ms |", "|---|---|---|---|"]
+    lines = [
+        "| tenant | in-process p50 ms | HTTP p50 ms | server overhead ms |",
+        "|---|---|---|---|",
+    ]
     try:
         for t, xs in inputs.items():
             body = v2_body(m.tenants[t], xs)
@@ -298,7 +355,7 @@ def overhead(args) -> str:
                     start = time.perf_counter()
                     send.send(t, payload).result(timeout=60)
                     times.append(time.perf_counter() - start)
-                med.append(float(np.median(times[len(times) // 10:])) * 1e3)  # warm-up out
+                med.append(float(np.median(times[len(times) // 10 :])) * 1e3)  # warm-up out
             lines.append(f"| {t} | {med[0]:.2f} | {med[1]:.2f} | {med[1] - med[0]:.2f} |")
     finally:
         inproc.close()
@@ -311,15 +368,23 @@ def child(args) -> None:
     from mtcompile.serving.server import serve
 
     be = backend(args.child, args.bundle, args.set, args.threads)
-    serve(be, port=args.port, grpc_port=_free_port(), max_delay_ms=args.max_delay_ms,
-          max_queue=args.max_queue)
+    serve(
+        be,
+        port=args.port,
+        grpc_port=_free_port(),
+        max_delay_ms=args.max_delay_ms,
+        max_queue=args.max_queue,
+    )
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("bundle", help="a saved bundle (mtcompile demo -o DIR)")
-    p.add_argument("--set", default="heterogeneous", help="the demo set it was built from "
-                   "(the onnxruntime contender's tenants)")
+    p.add_argument(
+        "--set",
+        default="heterogeneous",
+        help="the demo set it was built from (the onnxruntime contender's tenants)",
+    )
     p.add_argument("--via", choices=["inproc", "http"], default="inproc")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--mixes", default="equal,skewed")
@@ -333,8 +398,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, help="the bundle's TVM pool (default: all cores)")
     p.add_argument("--clients", type=int, default=32, help="http mode: sender threads")
     p.add_argument("-o", "--output", help="write the markdown table here too")
-    p.add_argument("--overhead", type=int, metavar="N", help="instead of the sweep: N "
-                   "sequential requests per tenant in-process and over HTTP (window 0)")
+    p.add_argument(
+        "--overhead",
+        type=int,
+        metavar="N",
+        help="instead of the sweep: N "
+        "sequential requests per tenant in-process and over HTTP (window 0)",
+    )
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

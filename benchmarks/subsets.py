@@ -48,9 +48,11 @@ def main() -> None:
         }
         times = measure(contenders, args.repeat, args.warmup)
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        print(f"{len(subset)} of {len(names)} {list(subset)}: run_some {ms['run_some']:.2f} ms, "
-              f"entries {ms['entries']:.2f} ms, entries / run_some "
-              f"{ms['entries'] / ms['run_some']:.2f}")
+        print(
+            f"{len(subset)} of {len(names)} {list(subset)}: run_some {ms['run_some']:.2f} ms, "
+            f"entries {ms['entries']:.2f} ms, entries / run_some "
+            f"{ms['entries'] / ms['run_some']:.2f}"
+        )
     times = measure({"run_all": lambda: bundle.run_all(inputs)}, args.repeat, args.warmup)
     print(f"run_all (4 of 4): {1e3 * statistics.median(times['run_all']):.2f} ms")
 

@@ -28,13 +28,32 @@ IMAGE = 32
 AUDIO = 1600  # samples of raw audio (0.1 s at 16 kHz)
 
 # one small transformer for every text and vision architecture, in each config's own names
-_BERTLIKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=128, max_position_embeddings=64, vocab_size=VOCAB)
-_DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=128, max_position_embeddings=64, vocab_size=VOCAB,
-                use_cache=False)
-_VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128, image_size=IMAGE, patch_size=8, num_channels=3)
+_BERTLIKE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    vocab_size=VOCAB,
+)
+_DECODER = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    vocab_size=VOCAB,
+    use_cache=False,
+)
+_VIT = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    image_size=IMAGE,
+    patch_size=8,
+    num_channels=3,
+)
 
 
 class MainOutput(nn.Module):
@@ -94,8 +113,9 @@ def _hf(config_cls: str, model_cls: str, **config) -> Callable[[], nn.Module]:
     return build
 
 
-def _entry(family: str, kind: str, builder: Callable[[], nn.Module], key: str | None = None,
-           **call_kwargs) -> ZooEntry:
+def _entry(
+    family: str, kind: str, builder: Callable[[], nn.Module], key: str | None = None, **call_kwargs
+) -> ZooEntry:
     def build():
         return MainOutput(builder(), key, **call_kwargs), kind
 
@@ -117,48 +137,87 @@ def _vision(config_cls, model_cls, base=None, **config):
 def _whisper_encoder() -> nn.Module:
     import transformers
 
-    cfg = transformers.WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=2,
-                                     encoder_attention_heads=4, decoder_attention_heads=4,
-                                     encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
-                                     max_source_positions=32, vocab_size=VOCAB,
-                                     pad_token_id=0, bos_token_id=1, eos_token_id=1,
-                                     decoder_start_token_id=1)
+    cfg = transformers.WhisperConfig(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_mel_bins=16,
+        max_source_positions=32,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        decoder_start_token_id=1,
+    )
     return transformers.WhisperModel(cfg).get_encoder()
 
 
 def _t5_encoder() -> nn.Module:
     import transformers
 
-    cfg = transformers.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                                vocab_size=VOCAB, use_cache=False)
+    cfg = transformers.T5Config(
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=VOCAB, use_cache=False
+    )
     return transformers.T5EncoderModel(cfg)
 
 
-_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 4),
-              num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-              do_stable_layer_norm=False, feat_extract_norm="group")
-_CONVNEXT = dict(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=IMAGE,
-                 num_labels=10)
+_AUDIO = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    conv_dim=(32, 32),
+    conv_stride=(5, 4),
+    conv_kernel=(10, 4),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    do_stable_layer_norm=False,
+    feat_extract_norm="group",
+)
+_CONVNEXT = dict(
+    hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=IMAGE, num_labels=10
+)
 _RESNET = dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
 
 REAL_ZOO: dict[str, ZooEntry] = {
     # encoders
     "bert": _text("encoder", "BertConfig", "BertModel"),
-    "distilbert": _text("encoder", "DistilBertConfig", "DistilBertModel", base={},
-                        dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=VOCAB,
-                        max_position_embeddings=64),
+    "distilbert": _text(
+        "encoder",
+        "DistilBertConfig",
+        "DistilBertModel",
+        base={},
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    ),
     "roberta": _text("encoder", "RobertaConfig", "RobertaModel", max_position_embeddings=80),
     "albert": _text("encoder", "AlbertConfig", "AlbertModel", embedding_size=32),
     "electra": _text("encoder", "ElectraConfig", "ElectraModel", embedding_size=32),
     "mpnet": _text("encoder", "MPNetConfig", "MPNetModel"),
     "deberta_v2": _text("encoder", "DebertaV2Config", "DebertaV2Model"),
     "t5_encoder": _entry("encoder", "ids", _t5_encoder),
-    "bert_eager": _entry("encoder", "ids", _hf("BertConfig", "BertModel", **_BERTLIKE,
-                                               attn_implementation="eager")),
+    "bert_eager": _entry(
+        "encoder", "ids", _hf("BertConfig", "BertModel", **_BERTLIKE, attn_implementation="eager")
+    ),
     # decoders (one forward pass, no KV cache)
-    "gpt2": _dec("GPT2Config", "GPT2Model", n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                 bos_token_id=0, eos_token_id=0),
+    "gpt2": _dec(
+        "GPT2Config",
+        "GPT2Model",
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
     "llama": _dec("LlamaConfig", "LlamaModel", num_key_value_heads=2),
     "mistral": _dec("MistralConfig", "MistralModel", num_key_value_heads=2),
     "qwen2": _dec("Qwen2Config", "Qwen2Model", num_key_value_heads=2),
@@ -166,9 +225,17 @@ REAL_ZOO: dict[str, ZooEntry] = {
     "gpt_neox": _dec("GPTNeoXConfig", "GPTNeoXModel"),
     "opt": _dec("OPTConfig", "OPTModel", ffn_dim=128, word_embed_proj_dim=64),
     "gemma": _dec("GemmaConfig", "GemmaModel", num_key_value_heads=2, head_dim=16),
-    "llama_eager": _entry("decoder", "ids", _hf("LlamaConfig", "LlamaModel", **_DECODER,
-                                                num_key_value_heads=2,
-                                                attn_implementation="eager")),
+    "llama_eager": _entry(
+        "decoder",
+        "ids",
+        _hf(
+            "LlamaConfig",
+            "LlamaModel",
+            **_DECODER,
+            num_key_value_heads=2,
+            attn_implementation="eager",
+        ),
+    ),
     # vision
     "vit": _vision("ViTConfig", "ViTModel", _VIT),
     "deit": _vision("DeiTConfig", "DeiTModel", _VIT),
@@ -176,24 +243,52 @@ REAL_ZOO: dict[str, ZooEntry] = {
     "dinov2": _vision("Dinov2Config", "Dinov2Model", _VIT),
     "convnext": _vision("ConvNextConfig", "ConvNextForImageClassification", _CONVNEXT),
     "convnextv2": _vision("ConvNextV2Config", "ConvNextV2ForImageClassification", _CONVNEXT),
-    "mobilevit": _vision("MobileViTConfig", "MobileViTModel",
-                         image_size=IMAGE, hidden_sizes=[32, 40, 48],
-                         neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_attention_heads=2,
-                         initializer_range=0.15,
-                         num_labels=10),
+    "mobilevit": _vision(
+        "MobileViTConfig",
+        "MobileViTModel",
+        image_size=IMAGE,
+        hidden_sizes=[32, 40, 48],
+        neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+        num_attention_heads=2,
+        initializer_range=0.15,
+        num_labels=10,
+    ),
     "resnet": _vision("ResNetConfig", "ResNetForImageClassification", _RESNET),
-    "regnet": _vision("RegNetConfig", "RegNetForImageClassification", embedding_size=16,
-                      hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10),
-    "swin": _vision("SwinConfig", "SwinModel", image_size=IMAGE, patch_size=4, embed_dim=16,
-                    depths=[1, 1], num_heads=[2, 2], window_size=4),
-    "mobilenet_v2": _vision("MobileNetV2Config", "MobileNetV2ForImageClassification",
-                            image_size=IMAGE, depth_multiplier=0.35, num_labels=10),
+    "regnet": _vision(
+        "RegNetConfig",
+        "RegNetForImageClassification",
+        embedding_size=16,
+        hidden_sizes=[16, 32],
+        depths=[1, 1],
+        groups_width=8,
+        num_labels=10,
+    ),
+    "swin": _vision(
+        "SwinConfig",
+        "SwinModel",
+        image_size=IMAGE,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=4,
+    ),
+    "mobilenet_v2": _vision(
+        "MobileNetV2Config",
+        "MobileNetV2ForImageClassification",
+        image_size=IMAGE,
+        depth_multiplier=0.35,
+        num_labels=10,
+    ),
     # audio
     "whisper_encoder": _entry("audio", "mel", _whisper_encoder),
     "wav2vec2": _entry("audio", "wave", _hf("Wav2Vec2Config", "Wav2Vec2Model", **_AUDIO)),
     "hubert": _entry("audio", "wave", _hf("HubertConfig", "HubertModel", **_AUDIO)),
-    "wavlm": _entry("audio", "wave", _hf("WavLMConfig", "WavLMModel", **_AUDIO,
-                                         num_buckets=16, max_bucket_distance=32)),
+    "wavlm": _entry(
+        "audio",
+        "wave",
+        _hf("WavLMConfig", "WavLMModel", **_AUDIO, num_buckets=16, max_bucket_distance=32),
+    ),
 }
 
 
@@ -244,23 +339,37 @@ def real_onnx(name: str, seed: int = 0, batch: int = 1):
     import logging
 
     model, (x,) = real_model(name, seed, batch)
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo",
-                                               "onnxscript", "onnx_ir")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
+    ]
     levels = [lg.level for lg in loggers]
     sink = io.StringIO()
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with (warnings.catch_warnings(), contextlib.redirect_stdout(sink),
-              contextlib.redirect_stderr(sink), torch.no_grad()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+            torch.no_grad(),
+        ):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=18,
-                                        external_data=False, verbose=False, report=False,
-                                        optimize=True)
+            program = torch.onnx.export(
+                model,
+                (x,),
+                dynamo=True,
+                opset_version=18,
+                external_data=False,
+                verbose=False,
+                report=False,
+                optimize=True,
+            )
     except Exception as e:
-        raise RuntimeError(f"zoo model {name!r}: torch.onnx.export failed: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                           ) from e
+        raise RuntimeError(
+            f"zoo model {name!r}: torch.onnx.export failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)

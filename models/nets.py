@@ -175,8 +175,16 @@ class ViT(nn.Module):
     """Vision transformer: conv patch embedding, class token, learned positions,
     pre-norm encoder layers, final LayerNorm, linear head on the class token."""
 
-    def __init__(self, image: int, patch: int, d_model: int, heads: int, layers: int,
-                 ffn: int, num_classes: int):
+    def __init__(
+        self,
+        image: int,
+        patch: int,
+        d_model: int,
+        heads: int,
+        layers: int,
+        ffn: int,
+        num_classes: int,
+    ):
         super().__init__()
         if image % patch:
             raise ValueError(f"image={image} is not divisible by patch={patch}")

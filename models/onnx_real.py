@@ -15,8 +15,17 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-REAL_MODELS = ("squeezenet", "inception_v1", "resnet50", "shufflenet", "densenet121",
-               "inception_v2", "bvlc_alexnet", "vgg19", "zfnet512")
+REAL_MODELS = (
+    "squeezenet",
+    "inception_v1",
+    "resnet50",
+    "shufflenet",
+    "densenet121",
+    "inception_v2",
+    "bvlc_alexnet",
+    "vgg19",
+    "zfnet512",
+)
 
 
 def _data_dir() -> str:
@@ -50,8 +59,9 @@ def real_onnx(name: str, seed: int = 0) -> onnx.ModelProto:
             arr = rng.standard_normal(shape) / np.sqrt(float(np.prod(shape[1:])))
         g.initializer.append(numpy_helper.from_array(arr.astype(np.float32), n.output[0]))
         if model.ir_version < 4:  # old IR versions list every initializer as a graph input
-            g.input.append(helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT,
-                                                         shape))
+            g.input.append(
+                helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, shape)
+            )
     del g.node[:]
     g.node.extend(kept)
     return model

@@ -53,8 +53,9 @@ def shared_backbone(n: int = 3, batch: int = 1) -> list[Tenant]:
     for i in range(n):
         model, inputs = shared_backbone_tenant(head_seed=i, backbone_seed=0, batch=batch)
         shared_inputs = shared_inputs if shared_inputs is not None else inputs
-        tenants.append(Tenant(f"head{i}", model, example_inputs=shared_inputs,
-                              shared_inputs={"x": "image"}))
+        tenants.append(
+            Tenant(f"head{i}", model, example_inputs=shared_inputs, shared_inputs={"x": "image"})
+        )
     return tenants
 
 

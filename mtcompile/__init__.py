@@ -1,7 +1,7 @@
 """mtcompile: compile several deep-learning models into one multi-tenant TVM executable.
 
-    bundle = mtcompile.compile([mtcompile.Tenant("vision", module, example_inputs=(x,)), ...])
-    bundle.run("vision", x); bundle.run_all({...}); bundle.save("out/"); mtcompile.load("out/")
+bundle = mtcompile.compile([mtcompile.Tenant("vision", module, example_inputs=(x,)), ...])
+bundle.run("vision", x); bundle.run_all({...}); bundle.save("out/"); mtcompile.load("out/")
 """
 
 from mtcompile.errors import (
@@ -39,9 +39,11 @@ def __getattr__(name):
     if name == "compile":
         missing = [p for p in _COMPILE_PACKAGES if not _installed(p)]
         if missing:
-            raise MTCompileError(f"mtcompile.compile needs {', '.join(missing)}, not installed "
-                                 "here: this is a serving install (it loads and runs saved "
-                                 "bundles); pip install 'mtcompile[compile]' to compile")
+            raise MTCompileError(
+                f"mtcompile.compile needs {', '.join(missing)}, not installed "
+                "here: this is a serving install (it loads and runs saved "
+                "bundles); pip install 'mtcompile[compile]' to compile"
+            )
         from mtcompile.api import compile
 
         return compile
@@ -56,6 +58,21 @@ def __getattr__(name):
     raise AttributeError(f"module 'mtcompile' has no attribute {name!r}")
 
 
-__all__ = ["Tenant", "compile", "load", "Bundle", "CompiledBundle", "MTCompileError", "TenantError",
-           "UnsupportedOperatorError", "InputError", "IndexOutOfRangeError", "ArtifactError",
-           "SpecError", "VerifyError", "ServingError", "QueueFullError", "SchedulerClosedError"]
+__all__ = [
+    "Tenant",
+    "compile",
+    "load",
+    "Bundle",
+    "CompiledBundle",
+    "MTCompileError",
+    "TenantError",
+    "UnsupportedOperatorError",
+    "InputError",
+    "IndexOutOfRangeError",
+    "ArtifactError",
+    "SpecError",
+    "VerifyError",
+    "ServingError",
+    "QueueFullError",
+    "SchedulerClosedError",
+]

@@ -13,7 +13,6 @@ MANIFEST_FN = "mtcompile_manifest"  # zero-argument entry returning the manifest
 ARENA_FN = f"{RUN_ALL}__arena"  # zero-argument entry: a fresh storage of run_all's arena size
 
 
-
 def subset_function(tenants) -> str:
     """The name of the merged function over `tenants` (in bundle order): ``run_some__a__b``."""
     return "__".join((RUN_SOME, *tenants))

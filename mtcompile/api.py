@@ -67,15 +67,25 @@ def _import(tenants: list[Tenant], stages: _Stages) -> tuple[list, list[Graph]]:
         it = import_tenant(t)
         imported.append(it)
         graphs.append(lift(it.mod["main"], t.name, it.input_names))
-        stages.say(f"  import {t.name} ({it.kind}): {len(graphs[-1])} nodes, "
-                   f"{time.perf_counter() - t1:.2f} s")
+        stages.say(
+            f"  import {t.name} ({it.kind}): {len(graphs[-1])} nodes, "
+            f"{time.perf_counter() - t1:.2f} s"
+        )
     stages.done("import", t0)
     return imported, graphs
 
 
-def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _Stages,
-           providers: dict[str, str], cores: int | None = None, lifted=None,
-           subsets: dict[str, tuple[str, ...]] | None = None):
+def _front(
+    tenants: list[Tenant],
+    target: str,
+    pipeline,
+    instruments,
+    stages: _Stages,
+    providers: dict[str, str],
+    cores: int | None = None,
+    lifted=None,
+    subsets: dict[str, tuple[str, ...]] | None = None,
+):
     """Import (unless `lifted`, what `_import` returned, is given), lift, merge into a
     module of functions (each tenant's entry, run_all, `subsets`: name -> tenants) and run
     the pipeline once over it: (module, imported tenants, their graphs, pass records).
@@ -97,19 +107,29 @@ def _front(tenants: list[Tenant], target: str, pipeline, instruments, stages: _S
 def _memory_plan(module: Module) -> MemoryPlan | None:
     """Every function's memory plan (None when plan-memory did not run)."""
     plans = [g.analyses["memory"] for g in module.functions.values() if "memory" in g.analyses]
-    return MemoryPlan({f: p for plan in plans for f, p in plan.functions.items()}
-                      ) if plans else None
+    return (
+        MemoryPlan({f: p for plan in plans for f, p in plan.functions.items()}) if plans else None
+    )
 
 
-def _lower_and_build(stages: _Stages, module: Module, streams, target: str,
-                     database, cpu: str, facts: dict, cpu_info: tuple):
+def _lower_and_build(
+    stages: _Stages,
+    module: Module,
+    streams,
+    target: str,
+    database,
+    cpu: str,
+    facts: dict,
+    cpu_info: tuple,
+):
     """Manifest, lowering and TVM build: (manifest, executable, build facts). A stream
     layout whose shared arena does not fit the kernels TVM emitted (an `ArenaError`: a
     bug of the kernel model, which the tests look for) is dropped with a warning, and
     run_all is built on one stream, its arena planned on TVM's kernels."""
     cpu_name, cpu_features = cpu_info
     manifest = bundle_manifest.manifest(**facts, layout=streams).with_(
-        cpu=cpu_name, cpu_features=cpu_features)
+        cpu=cpu_name, cpu_features=cpu_features
+    )
     t0 = time.perf_counter()
     mod = emit_module(module, manifest.embedded(), streams, target)
     stages.done("lower", t0)
@@ -120,11 +140,15 @@ def _lower_and_build(stages: _Stages, module: Module, streams, target: str,
         if streams is None:
             raise
         why = str(e).splitlines()[0]
-        warnings.warn(f"{why}; run_all is built on one stream instead (please report this "
-                      "model: the stream plan's kernel model is wrong)", stacklevel=3)
+        warnings.warn(
+            f"{why}; run_all is built on one stream instead (please report this "
+            "model: the stream plan's kernel model is wrong)",
+            stacklevel=3,
+        )
         stages.say("streams  dropped: the shared arena did not fit TVM's kernels")
         manifest, executable, build_info = _lower_and_build(
-            stages, module, None, target, database, cpu, facts, cpu_info)
+            stages, module, None, target, database, cpu, facts, cpu_info
+        )
         build_info["streams_dropped"] = why
         return manifest, executable, build_info
     stages.done("build", t0)
@@ -169,33 +193,58 @@ def compile(  # noqa: A001 - the public name the API promises
     s = _settings(target, name, cpu, threads, passes, pass_options, kernels, tuning_db, cache)
     stages = _Stages(progress or (lambda _msg: None))
     lifted = _import(tenants, stages)
-    cache_dir, key, key_doc, cached = _look_up(cache, instruments, stages, tenants, threads,
-                                               name, target, s, lifted, subset_fns)
+    cache_dir, key, key_doc, cached = _look_up(
+        cache, instruments, stages, tenants, threads, name, target, s, lifted, subset_fns
+    )
     if cached is not None:
         return cached
-    bundle = _build_uncached(tenants, target, name, cpu, threads, instruments, stages, s,
-                             lifted, subset_fns)
+    bundle = _build_uncached(
+        tenants, target, name, cpu, threads, instruments, stages, s, lifted, subset_fns
+    )
     _store(cache_dir, key, key_doc, bundle, stages)
     return bundle
 
 
-def _build_uncached(tenants: list[Tenant], target: str, name: str, cpu: str,
-                    threads: int | None, instruments, stages: _Stages, s: _Settings,
-                    lifted: tuple[list, list[Graph]],
-                    subsets: dict[str, tuple[str, ...]]) -> CompiledBundle:
+def _build_uncached(
+    tenants: list[Tenant],
+    target: str,
+    name: str,
+    cpu: str,
+    threads: int | None,
+    instruments,
+    stages: _Stages,
+    s: _Settings,
+    lifted: tuple[list, list[Graph]],
+    subsets: dict[str, tuple[str, ...]],
+) -> CompiledBundle:
     """What `compile` does when no cached bundle serves: merge and run the pipeline over
     the `lifted` tenants, lower and build with the manifest, and make the bundle."""
     module, imported, graphs, records = _front(
-        tenants, target, s.pipeline, instruments, stages, s.providers, s.pool, lifted,
-        subsets)
+        tenants, target, s.pipeline, instruments, stages, s.providers, s.pool, lifted, subsets
+    )
     manifest, executable, build_info = _lower_and_build(
-        stages, module, stream_layout(module.functions[RUN_ALL]), target, s.database, cpu,
-        dict(name=name, target=target, pipeline=s.pipeline, providers=s.providers,
-             tuning_db=s.db_hash, tenants=tenants, imported=imported, module=module,
-             graphs=graphs, records=records, subsets=subsets),
-        (s.cpu_name, s.cpu_features))
-    return _bundle(executable, manifest, build_info, module, records, stages, tenants,
-                   threads)
+        stages,
+        module,
+        stream_layout(module.functions[RUN_ALL]),
+        target,
+        s.database,
+        cpu,
+        dict(
+            name=name,
+            target=target,
+            pipeline=s.pipeline,
+            providers=s.providers,
+            tuning_db=s.db_hash,
+            tenants=tenants,
+            imported=imported,
+            module=module,
+            graphs=graphs,
+            records=records,
+            subsets=subsets,
+        ),
+        (s.cpu_name, s.cpu_features),
+    )
+    return _bundle(executable, manifest, build_info, module, records, stages, tenants, threads)
 
 
 @dataclass(frozen=True)
@@ -211,8 +260,17 @@ class _Settings:
     db_hash: str | None
 
 
-def _settings(target: str, name: str, cpu: str, threads: int | None, passes, pass_options,
-              kernels, tuning_db: str | None, cache=None) -> _Settings:
+def _settings(
+    target: str,
+    name: str,
+    cpu: str,
+    threads: int | None,
+    passes,
+    pass_options,
+    kernels,
+    tuning_db: str | None,
+    cache=None,
+) -> _Settings:
     """`compile`'s arguments checked and resolved, each failing before any work."""
     from mtcompile.passes import build_pipeline
 
@@ -231,13 +289,29 @@ def _settings(target: str, name: str, cpu: str, threads: int | None, passes, pas
     cache_dir = build_cache.resolve_dir(cache)
     if cache_dir is not None:
         build_cache.check_dir(cache_dir)  # an unusable cache fails before any work
-    return _Settings(cpu_name, cpu_features, pool, pipeline, providers, database,
-                     build_cache.tuning_db_hash(database) if database else None)
+    return _Settings(
+        cpu_name,
+        cpu_features,
+        pool,
+        pipeline,
+        providers,
+        database,
+        build_cache.tuning_db_hash(database) if database else None,
+    )
 
 
-def _look_up(cache, instruments, stages: _Stages, tenants: list[Tenant], threads, name: str,
-             target: str, s: _Settings, lifted: tuple[list, list[Graph]],
-             subsets: dict[str, tuple[str, ...]]) -> tuple[Any, str | None, dict | None, CompiledBundle | None]:
+def _look_up(
+    cache,
+    instruments,
+    stages: _Stages,
+    tenants: list[Tenant],
+    threads,
+    name: str,
+    target: str,
+    s: _Settings,
+    lifted: tuple[list, list[Graph]],
+    subsets: dict[str, tuple[str, ...]],
+) -> tuple[Any, str | None, dict | None, CompiledBundle | None]:
     """The build cache's directory (None: no cache), this build's key and key document, and
     the cached bundle when there is one. Instruments turn the cache off: they watch the
     passes, which a cached build skips."""
@@ -248,12 +322,23 @@ def _look_up(cache, instruments, stages: _Stages, tenants: list[Tenant], threads
     if cache_dir is None:
         return None, None, None, None
     key_doc = build_cache.key_doc(
-        name=name, target=target, cpu=s.cpu_name, cpu_features=s.cpu_features,
-        providers=s.providers, pipeline=s.pipeline, cores=s.pool, tuning_db=s.db_hash,
-        tenants=tenants, imported=lifted[0], graphs=lifted[1], subsets=subsets)
+        name=name,
+        target=target,
+        cpu=s.cpu_name,
+        cpu_features=s.cpu_features,
+        providers=s.providers,
+        pipeline=s.pipeline,
+        cores=s.pool,
+        tuning_db=s.db_hash,
+        tenants=tenants,
+        imported=lifted[0],
+        graphs=lifted[1],
+        subsets=subsets,
+    )
     key = build_cache.build_key(key_doc)
-    cached = build_cache.lookup(cache_dir, key, sources={t.name: t for t in tenants},
-                                threads=threads)
+    cached = build_cache.lookup(
+        cache_dir, key, sources={t.name: t for t in tenants}, threads=threads
+    )
     stages.say(f"cache    {'hit' if cached else 'miss'} {key[:16]} in {cache_dir}")
     if cached is not None:
         cached.compile_report = {"stages_s": stages.seconds, "cache": {"hit": True, "key": key}}
@@ -270,22 +355,48 @@ def _store(cache_dir, key: str, key_doc: dict, bundle: CompiledBundle, stages: _
     stages.done("store", t0)
 
 
-def _bundle(executable, manifest, build_info: dict, module: Module, records, stages: _Stages,
-            tenants: list[Tenant], threads) -> CompiledBundle:
+def _bundle(
+    executable,
+    manifest,
+    build_info: dict,
+    module: Module,
+    records,
+    stages: _Stages,
+    tenants: list[Tenant],
+    threads,
+) -> CompiledBundle:
     """The compiled bundle: the manifest completed with what TVM's build told (memory, the
     weights table) and the compile report."""
     arrays, args = build_info.pop("weights")
     # known once TVM has built the module, so kept beside the library's embedded manifest
-    manifest = manifest.with_(memory=bundle_manifest.memory_info(
-        _memory_plan(module), build_info["memory"], manifest),
-        weights=weights_table(arrays, args))
-    report = {"stages_s": stages.seconds, "build": build_info,
-              "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed,
-                          "nodes_after": r.nodes_after, **r.info} for r in records]}
-    return CompiledBundle(executable, manifest, weights=arrays, module=module,
-                          graph=module.functions[RUN_ALL],
-                          sources={t.name: t for t in tenants}, compile_report=report,
-                          threads=threads)
+    manifest = manifest.with_(
+        memory=bundle_manifest.memory_info(_memory_plan(module), build_info["memory"], manifest),
+        weights=weights_table(arrays, args),
+    )
+    report = {
+        "stages_s": stages.seconds,
+        "build": build_info,
+        "passes": [
+            {
+                "name": r.name,
+                "seconds": round(r.seconds, 4),
+                "changed": r.changed,
+                "nodes_after": r.nodes_after,
+                **r.info,
+            }
+            for r in records
+        ],
+    }
+    return CompiledBundle(
+        executable,
+        manifest,
+        weights=arrays,
+        module=module,
+        graph=module.functions[RUN_ALL],
+        sources={t.name: t for t in tenants},
+        compile_report=report,
+        threads=threads,
+    )
 
 
 def tune(
@@ -332,11 +443,23 @@ def tune(
     module, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say), providers)
     _check_static(module.functions[RUN_ALL])
     separate = _tasks_alone(graphs, pipeline, providers, tuning_target)
-    result = run_tuning(_prepared(module), tuning_target, out_dir, trials,
-                        progress=say, on_trials=on_trials, devices=devices, builders=builders,
-                        on_task=on_task)
-    return {**result, "tasks_tenants_alone": separate,
-            "tasks_removed_by_merge": separate - result["tasks"], "kernels": providers}
+    result = run_tuning(
+        _prepared(module),
+        tuning_target,
+        out_dir,
+        trials,
+        progress=say,
+        on_trials=on_trials,
+        devices=devices,
+        builders=builders,
+        on_task=on_task,
+    )
+    return {
+        **result,
+        "tasks_tenants_alone": separate,
+        "tasks_removed_by_merge": separate - result["tasks"],
+        "kernels": providers,
+    }
 
 
 def _devices(rpc_tracker: str | None, rpc_key: str | None, wait_s: float, say):
@@ -348,19 +471,24 @@ def _devices(rpc_tracker: str | None, rpc_key: str | None, wait_s: float, say):
     if rpc_tracker is None and rpc_key is None:
         return None
     devices = Tracker.parse(rpc_tracker or "", rpc_key, wait_s=wait_s).check()
-    say(f"tracker {rpc_tracker}: {devices.servers} server(s) with key {rpc_key!r}, "
-        f"{devices.threads} thread(s) each")
+    say(
+        f"tracker {rpc_tracker}: {devices.servers} server(s) with key {rpc_key!r}, "
+        f"{devices.threads} thread(s) each"
+    )
     return devices
 
 
 def _check_static(graph: Graph) -> None:
     """MetaSchedule tunes kernels of fixed shapes: tenants with symbolic dims are refused."""
-    dynamic = sorted({n.tenant for n in graph.nodes
-                      if isinstance(n.ty, TensorTy) and n.ty.symbolic})
+    dynamic = sorted(
+        {n.tenant for n in graph.nodes if isinstance(n.ty, TensorTy) and n.ty.symbolic}
+    )
     if dynamic:
-        raise MTCompileError(f"tune: tenants {dynamic} have symbolic (dynamic) dims; "
-                             "MetaSchedule tunes kernels of fixed shapes: tune the tenants "
-                             "with static shapes (e.g. at the bound), or build without tuning")
+        raise MTCompileError(
+            f"tune: tenants {dynamic} have symbolic (dynamic) dims; "
+            "MetaSchedule tunes kernels of fixed shapes: tune the tenants "
+            "with static shapes (e.g. at the bound), or build without tuning"
+        )
 
 
 def _prepared(ir: Graph | Module):

@@ -42,7 +42,8 @@ def default_dir() -> Path:
     """``$MTCOMPILE_CACHE_DIR/builds``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` +
     ``mtcompile/builds`` (the base the native kernels' cache uses too)."""
     base = os.environ.get("MTCOMPILE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtcompile")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtcompile"
+    )
     return Path(base) / "builds"
 
 
@@ -63,9 +64,11 @@ def check_dir(directory: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise MTCompileError(f"build cache directory {directory} cannot be used: "
-                             f"{e.strerror or e}; give a writable --cache-dir (API: cache=) "
-                             "or --no-cache (cache=None)") from e
+        raise MTCompileError(
+            f"build cache directory {directory} cannot be used: "
+            f"{e.strerror or e}; give a writable --cache-dir (API: cache=) "
+            "or --no-cache (cache=None)"
+        ) from e
 
 
 def tuning_db_hash(directory: str | os.PathLike) -> str:
@@ -76,10 +79,21 @@ def tuning_db_hash(directory: str | os.PathLike) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def key_doc(*, name: str, target: str, cpu: str | None, cpu_features: Sequence[str] | None,
-            providers: dict[str, str], pipeline, cores: int, tuning_db: str | None,
-            tenants: Sequence, imported: Sequence, graphs: Sequence,
-            subsets: dict | None = None) -> dict:
+def key_doc(
+    *,
+    name: str,
+    target: str,
+    cpu: str | None,
+    cpu_features: Sequence[str] | None,
+    providers: dict[str, str],
+    pipeline,
+    cores: int,
+    tuning_db: str | None,
+    tenants: Sequence,
+    imported: Sequence,
+    graphs: Sequence,
+    subsets: dict | None = None,
+) -> dict:
     """Everything that goes into a bundle's library and manifest, as plain JSON."""
     versions = bundle_manifest.versions()
     try:
@@ -90,26 +104,41 @@ def key_doc(*, name: str, target: str, cpu: str | None, cpu_features: Sequence[s
         versions["tvm_ffi"] = "none"
     versions.update(python=platform.python_version(), native_kernels=native.source_hash())
     return {
-        "format": KEY_FORMAT, "name": name, "target": target, "cpu": cpu,
+        "format": KEY_FORMAT,
+        "name": name,
+        "target": target,
+        "cpu": cpu,
         # TVM's own target: the GPU architecture of a cuda build, the llvm target of a CPU one
         "tvm_target": str(make_target(target, cpu or HOST_CPU)),
-        "cpu_features": sorted(cpu_features or ()), "kernels": dict(sorted(providers.items())),
-        "pipeline": [[p.name, json.loads(json.dumps(p.options(), default=str))]
-                     for p in pipeline],
-        "threads": cores, "tuning_db": tuning_db, "versions": versions,
-        "tenants": [{"name": t.name, "kind": it.kind, "source_sha256": it.source_hash,
-                     "inputs": [[local, _type(g.node(node).ty)]
-                                for local, node in g.tenants[t.name].inputs],
-                     "shared_inputs": dict(sorted((t.shared_inputs or {}).items()))}
-                    for t, it, g in zip(tenants, imported, graphs, strict=True)],
+        "cpu_features": sorted(cpu_features or ()),
+        "kernels": dict(sorted(providers.items())),
+        "pipeline": [[p.name, json.loads(json.dumps(p.options(), default=str))] for p in pipeline],
+        "threads": cores,
+        "tuning_db": tuning_db,
+        "versions": versions,
+        "tenants": [
+            {
+                "name": t.name,
+                "kind": it.kind,
+                "source_sha256": it.source_hash,
+                "inputs": [
+                    [local, _type(g.node(node).ty)] for local, node in g.tenants[t.name].inputs
+                ],
+                "shared_inputs": dict(sorted((t.shared_inputs or {}).items())),
+            }
+            for t, it, g in zip(tenants, imported, graphs, strict=True)
+        ],
         "subsets": {f: list(ts) for f, ts in sorted((subsets or {}).items())},
     }
 
 
 def _type(ty) -> list | str:
     # a symbolic dim: its name and bounds (the bounds size the memory plan)
-    return ([[d if isinstance(d, int) else [d.text, d.lo, d.hi] for d in ty.shape], ty.dtype]
-            if isinstance(ty, TensorTy) else str(ty))
+    return (
+        [[d if isinstance(d, int) else [d.text, d.lo, d.hi] for d in ty.shape], ty.dtype]
+        if isinstance(ty, TensorTy)
+        else str(ty)
+    )
 
 
 def build_key(doc: dict) -> str:
@@ -156,11 +185,21 @@ def store(directory: Path, key: str, doc: dict, bundle: CompiledBundle) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=directory))
     entry = directory / key
     try:
-        saved = artifact.save(tmp, bundle.manifest, bundle.executable,
-                               weights=bundle.weights.arrays)
-        (tmp / KEY_FILE).write_text(json.dumps(
-            {"key": key, "manifest_sha256": artifact.sha256_file(tmp / MANIFEST), "inputs": doc},
-            indent=1, sort_keys=True) + "\n")
+        saved = artifact.save(
+            tmp, bundle.manifest, bundle.executable, weights=bundle.weights.arrays
+        )
+        (tmp / KEY_FILE).write_text(
+            json.dumps(
+                {
+                    "key": key,
+                    "manifest_sha256": artifact.sha256_file(tmp / MANIFEST),
+                    "inputs": doc,
+                },
+                indent=1,
+                sort_keys=True,
+            )
+            + "\n"
+        )
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep a shared cache from others
         try:
             os.rename(tmp, entry)

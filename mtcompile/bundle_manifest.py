@@ -45,8 +45,12 @@ def versions() -> dict[str, str]:
     import torch
     import tvm
 
-    return {"mtcompile": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
-            "onnx": onnx.__version__}
+    return {
+        "mtcompile": __version__,
+        "tvm": tvm.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+    }
 
 
 def output_names(model) -> list[str] | None:
@@ -60,8 +64,9 @@ def output_names(model) -> list[str] | None:
     return None
 
 
-def tenant_sig(graph: Graph, t: str, kind: str, source_hash: str,
-               names: Sequence[str] | None = None) -> TenantSig:
+def tenant_sig(
+    graph: Graph, t: str, kind: str, source_hash: str, names: Sequence[str] | None = None
+) -> TenantSig:
     """Tenant `t`'s signature from its inputs and outputs in `graph`."""
     io = graph.tenants[t]
     ranges = input_index_ranges(graph)
@@ -69,13 +74,23 @@ def tenant_sig(graph: Graph, t: str, kind: str, source_hash: str,
     for local, node in io.inputs:
         ty = graph.node(node).ty
         shape, dims = sig_shape(ty, t)
-        inputs.append(IOSpec(local, shape, ty.dtype, ranges.get(node),
-                             node.removeprefix("shared.") if node.startswith("shared.")
-                             else None, dims))
+        inputs.append(
+            IOSpec(
+                local,
+                shape,
+                ty.dtype,
+                ranges.get(node),
+                node.removeprefix("shared.") if node.startswith("shared.") else None,
+                dims,
+            )
+        )
     outputs = []
     for i, o in enumerate(io.outputs):
-        ty = graph.node(o.name).ty if not isinstance(o, ConstRef) else TensorTy(
-            tuple(graph.constants[o.key].shape), str(graph.constants[o.key].dtype))
+        ty = (
+            graph.node(o.name).ty
+            if not isinstance(o, ConstRef)
+            else TensorTy(tuple(graph.constants[o.key].shape), str(graph.constants[o.key].dtype))
+        )
         if not isinstance(ty, TensorTy):
             raise MTCompileError(f"tenant '{t}': output {i} is not a tensor ({ty})")
         name = names[i] if names and i < len(names) else f"output{i}"
@@ -91,8 +106,9 @@ def sig_shape(ty: TensorTy, t: str) -> tuple[tuple[int | str, ...], dict | None]
         return tuple(ty.shape), None
     strip = re.compile(rf"\b{re.escape(t)}_")
     shape = tuple(strip.sub("", d.text) if isinstance(d, Sym) else d for d in ty.shape)
-    dims = {strip.sub("", n): (lo, hi) for d in ty.shape if isinstance(d, Sym)
-            for n, lo, hi in d.bounds}
+    dims = {
+        strip.sub("", n): (lo, hi) for d in ty.shape if isinstance(d, Sym) for n, lo, hi in d.bounds
+    }
     return shape, dims
 
 
@@ -106,12 +122,17 @@ def streams_info(graph: Graph, layout: StreamLayout | None) -> StreamsInfo:
     dag = layout.dag if layout is not None else kernel_dag(graph)
     view = lanes_view(a, {k.name: k.tenant for k in dag.kernels}, a.kernel_us)
     return StreamsInfo(
-        num_streams=a.num_streams, num_syncs=a.num_syncs,
-        estimated_speedup=round(a.estimated_speedup, 4), policy=a.policy,
+        num_streams=a.num_streams,
+        num_syncs=a.num_syncs,
+        estimated_speedup=round(a.estimated_speedup, 4),
+        policy=a.policy,
         logical_concurrency=a.logical_concurrency,
-        kernels_per_stream=tuple(len(s) for s in a.streams), estimate=dict(a.info),
-        lanes=tuple(_plain(view["lanes"])), syncs=tuple(map(tuple, a.syncs)),
-        run=layout.manifest() if layout is not None else None)
+        kernels_per_stream=tuple(len(s) for s in a.streams),
+        estimate=dict(a.info),
+        lanes=tuple(_plain(view["lanes"])),
+        syncs=tuple(map(tuple, a.syncs)),
+        run=layout.manifest() if layout is not None else None,
+    )
 
 
 def graph_stats(module: Module, graphs: Sequence[Graph]) -> GraphStats:
@@ -120,37 +141,67 @@ def graph_stats(module: Module, graphs: Sequence[Graph]) -> GraphStats:
     merging."""
     s = module.functions[RUN_ALL].stats()
     return GraphStats(
-        nodes=s["nodes"], nodes_per_tenant=s["nodes_per_tenant"], ops=s["ops"],
-        constants=s["constants"], weight_bytes=module.weight_bytes(),
-        weight_bytes_before_merge=int(constant_bytes_before_merge(graphs)))
+        nodes=s["nodes"],
+        nodes_per_tenant=s["nodes_per_tenant"],
+        ops=s["ops"],
+        constants=s["constants"],
+        weight_bytes=module.weight_bytes(),
+        weight_bytes_before_merge=int(constant_bytes_before_merge(graphs)),
+    )
 
 
-def manifest(*, name: str, target: str, pipeline, providers: dict[str, str],
-             tuning_db: str | None, tenants: Sequence, imported: Sequence, module: Module,
-             graphs: Sequence[Graph], records, layout: StreamLayout | None,
-             subsets: dict[str, tuple[str, ...]] | None = None) -> Manifest:
+def manifest(
+    *,
+    name: str,
+    target: str,
+    pipeline,
+    providers: dict[str, str],
+    tuning_db: str | None,
+    tenants: Sequence,
+    imported: Sequence,
+    module: Module,
+    graphs: Sequence[Graph],
+    records,
+    layout: StreamLayout | None,
+    subsets: dict[str, tuple[str, ...]] | None = None,
+) -> Manifest:
     """The manifest known before TVM builds the module (embedded in the library)."""
     graph = module.functions[RUN_ALL]
-    sigs = {it.name: tenant_sig(module.functions[it.name], it.name, it.kind, it.source_hash,
-                                output_names(t.model))
-            for it, t in zip(imported, tenants, strict=True)}
+    sigs = {
+        it.name: tenant_sig(
+            module.functions[it.name], it.name, it.kind, it.source_hash, output_names(t.model)
+        )
+        for it, t in zip(imported, tenants, strict=True)
+    }
     files = output_files({n: [o.name for o in s.outputs] for n, s in sigs.items()})
-    sigs = {n: replace(s, outputs=tuple(replace(o, file=f) for o, f in
-                                        zip(s.outputs, files[n], strict=True)))
-            for n, s in sigs.items()}
+    sigs = {
+        n: replace(
+            s, outputs=tuple(replace(o, file=f) for o, f in zip(s.outputs, files[n], strict=True))
+        )
+        for n, s in sigs.items()
+    }
     return Manifest(
-        name=name, library=f"{name}.so", target=target, versions=versions(),
+        name=name,
+        library=f"{name}.so",
+        target=target,
+        versions=versions(),
         pipeline=tuple(PassSpec(p.name, _plain(p.options())) for p in pipeline),
-        kernels=dict(providers), tuning_db=str(tuning_db) if tuning_db else None,
+        kernels=dict(providers),
+        tuning_db=str(tuning_db) if tuning_db else None,
         tenant_order=tuple(t.name for t in tenants),
         run_all_inputs=tuple(tuple(map(tuple, uses)) for _, uses in run_all_params(graph)),
         tenants=sigs,
-        subsets={f: SubsetFunction(ts, tuple(tuple(map(tuple, uses)) for _, uses in
-                                             run_all_params(module.functions[f])))
-                 for f, ts in (subsets or {}).items()},
+        subsets={
+            f: SubsetFunction(
+                ts,
+                tuple(tuple(map(tuple, uses)) for _, uses in run_all_params(module.functions[f])),
+            )
+            for f, ts in (subsets or {}).items()
+        },
         graph=graph_stats(module, graphs),
         graph_view=_plain(graph_view(graph, records)),  # nodes and per-pass rows, for reports
-        streams=streams_info(graph, layout))
+        streams=streams_info(graph, layout),
+    )
 
 
 def memory_info(plan: MemoryPlan | None, built: dict[str, dict], m: Manifest) -> MemoryInfo:
@@ -168,20 +219,29 @@ def memory_info(plan: MemoryPlan | None, built: dict[str, dict], m: Manifest) ->
         fp = plan.functions.get(fname) if plan is not None else None
         functions[fname] = {
             **{k: int(v) for k, v in built.get(fname, {}).items()},
-            **({"lower_bound_bytes": fp.lower_bound_bytes, "naive_bytes": fp.naive_bytes}
-               if fp else {})}
+            **(
+                {"lower_bound_bytes": fp.lower_bound_bytes, "naive_bytes": fp.naive_bytes}
+                if fp
+                else {}
+            ),
+        }
     # realized on the kernels TVM emitted (`arena.realize`), else the graph plan's figure
     return MemoryInfo(
         arena_bytes=int(b.get("arena_bytes", run_all.arena_bytes if run_all else 0)),
-        lower_bound_bytes=int(b.get("lower_bound_bytes",
-                                    run_all.lower_bound_bytes if run_all else 0)),
+        lower_bound_bytes=int(
+            b.get("lower_bound_bytes", run_all.lower_bound_bytes if run_all else 0)
+        ),
         naive_bytes=run_all.naive_bytes if run_all else 0,
         tvm_plan_bytes=int(b.get("tvm_plan_bytes", 0)),
         unplanned_bytes=int(b.get("unplanned_bytes", 0)),
-        separate_plans_bytes=int(sum(built.get(t, {}).get("tvm_plan_bytes", 0)
-                                     for t in tenants)),
-        separate_arena_bytes=int(sum(plan.functions[t].arena_bytes for t in tenants
-                                     if plan is not None and t in plan.functions)),
+        separate_plans_bytes=int(sum(built.get(t, {}).get("tvm_plan_bytes", 0) for t in tenants)),
+        separate_arena_bytes=int(
+            sum(
+                plan.functions[t].arena_bytes
+                for t in tenants
+                if plan is not None and t in plan.functions
+            )
+        ),
         weight_bytes=m.graph.weight_bytes,
         weight_bytes_before_dedup=m.graph.weight_bytes_before_merge,
         planned=run_all is not None,
@@ -189,4 +249,5 @@ def memory_info(plan: MemoryPlan | None, built: dict[str, dict], m: Manifest) ->
         # where the graph's kernel model disagreed with the kernels TVM emitted (the arena
         # is planned on TVM's kernels, so this changes nothing built): function -> what
         mismatches=dict(built.get("mismatches", {})),
-        timeline=_plain(run_all.timeline()) if run_all is not None else None)
+        timeline=_plain(run_all.timeline()) if run_all is not None else None,
+    )

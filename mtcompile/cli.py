@@ -30,10 +30,10 @@ EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for a tool a pip
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_INPUT: "bad input: spec, model, tuning database, inputs or bundle files (one line "
-                "'mtcompile: error: ...' on stderr)",
+    "'mtcompile: error: ...' on stderr)",
     EXIT_USAGE: "usage: unknown command or option, bad option value",
     EXIT_NUMERICS: "numerics failure: the bundle (saved) differs from the source models "
-                   "beyond --atol/--rtol",
+    "beyond --atol/--rtol",
     EXIT_INTERNAL: "internal error: a bug in mtcompile or TVM (-v prints the traceback)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
     EXIT_STDOUT_CLOSED: "stdout closed early: its reader exited (e.g. `| head`); says nothing",
@@ -67,8 +67,9 @@ def setup_logging(verbosity: int) -> None:
     handler = _StderrHandler()
     handler.setFormatter(_Formatter())
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO if verbosity == 0
-                 else logging.WARNING)
+    log.setLevel(
+        logging.DEBUG if verbosity > 0 else logging.INFO if verbosity == 0 else logging.WARNING
+    )
 
 
 class Progress:
@@ -92,8 +93,13 @@ class Progress:
         except ImportError:
             return
         self.bar = Bar(
-            TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            TextColumn("{task.description:<24}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
         self.task = self.bar.add_task(label, total=total)
 
     def __enter__(self) -> Progress:
@@ -153,10 +159,15 @@ def verify_lines(result: dict) -> list[str]:
             if o.get("warning"):
                 lines.append(f"  {'':<12} note  output{i}: {o['warning']}")
     atol, rtol = result.get("atol"), result.get("rtol")
-    tol = ("by each output's dtype and scale (float32: 1e-4 x max|source|)" if atol is None and rtol is None
-           else f"{atol or 0:g} abs + {rtol or 0:g} x max|source|")
-    lines.append(f"numerics: {'PASS' if result['ok'] else 'FAIL'} (tolerance {tol}, "
-                 "run and run_all vs the source model)")
+    tol = (
+        "by each output's dtype and scale (float32: 1e-4 x max|source|)"
+        if atol is None and rtol is None
+        else f"{atol or 0:g} abs + {rtol or 0:g} x max|source|"
+    )
+    lines.append(
+        f"numerics: {'PASS' if result['ok'] else 'FAIL'} (tolerance {tol}, "
+        "run and run_all vs the source model)"
+    )
     return lines
 
 
@@ -167,8 +178,9 @@ def _cache_option(args):
     return args.cache_dir or True
 
 
-def _compile(tenants, name: str, target: str, passes, options, args, progress,
-             subsets=()) -> object:
+def _compile(
+    tenants, name: str, target: str, passes, options, args, progress, subsets=()
+) -> object:
     import mtcompile
     from mtcompile.pass_infra import DumpToDir, PrintAfter
 
@@ -176,16 +188,26 @@ def _compile(tenants, name: str, target: str, passes, options, args, progress,
     if getattr(args, "dump_passes", None):
         instruments.append(DumpToDir(args.dump_passes))
     if getattr(args, "print_after", None):
-        instruments.append(PrintAfter(None if args.print_after == "all"
-                                      else args.print_after.split(",")))
+        instruments.append(
+            PrintAfter(None if args.print_after == "all" else args.print_after.split(","))
+        )
     if getattr(args, "passes", None) is not None:
         passes = [p for p in args.passes.split(",") if p]
-    return mtcompile.compile(tenants, target=target, passes=passes, pass_options=options,
-                             name=name, kernels=parse_kernels(getattr(args, "kernels", None)),
-                             tuning_db=getattr(args, "tuning_db", None), instruments=instruments,
-                             progress=progress, cpu=getattr(args, "cpu", None) or "host",
-                             threads=getattr(args, "threads", None), cache=_cache_option(args),
-                             subsets=subsets)
+    return mtcompile.compile(
+        tenants,
+        target=target,
+        passes=passes,
+        pass_options=options,
+        name=name,
+        kernels=parse_kernels(getattr(args, "kernels", None)),
+        tuning_db=getattr(args, "tuning_db", None),
+        instruments=instruments,
+        progress=progress,
+        cpu=getattr(args, "cpu", None) or "host",
+        threads=getattr(args, "threads", None),
+        cache=_cache_option(args),
+        subsets=subsets,
+    )
 
 
 def parse_kernels(text: str | None) -> str | dict[str, str] | None:
@@ -223,8 +245,16 @@ def cmd_build(args) -> tuple[int, dict]:
     log.info(f"building {len(spec.tenants)} tenant(s) from {args.spec} for {target}")
     # steps: each tenant's import, then import, cache, merge, passes, lower, build, store, save
     with _progress(args, len(spec.tenants) + 8, "build") as progress:
-        bundle = _compile(spec.tenants, spec.name, target, spec.passes, spec.pass_options,
-                          args, progress, spec.subsets)
+        bundle = _compile(
+            spec.tenants,
+            spec.name,
+            target,
+            spec.passes,
+            spec.pass_options,
+            args,
+            progress,
+            spec.subsets,
+        )
         t0 = time.perf_counter()
         # saved first: a failed or impossible check keeps it
         out = bundle.save(args.output, sign_key=sign_key)
@@ -232,10 +262,16 @@ def cmd_build(args) -> tuple[int, dict]:
     lib = out / bundle.manifest.library
     log.info(f"saved {lib} ({_fmt_bytes(lib.stat().st_size)}) and {out / 'manifest.json'}")
     report = bundle.compile_report
-    doc = {"command": "build", "output": str(out), "library": str(lib),
-           "library_bytes": lib.stat().st_size, "library_sha256": sha256_file(lib),
-           "manifest_sha256": sha256_file(out / "manifest.json"),
-           "cache": report.get("cache"), "stages_s": report.get("stages_s", {})}
+    doc = {
+        "command": "build",
+        "output": str(out),
+        "library": str(lib),
+        "library_bytes": lib.stat().st_size,
+        "library_sha256": sha256_file(lib),
+        "manifest_sha256": sha256_file(out / "manifest.json"),
+        "cache": report.get("cache"),
+        "stages_s": report.get("stages_s", {}),
+    }
     doc["verify"] = None if args.no_verify else _verify(bundle, args)
     code = EXIT_NUMERICS if doc["verify"] and doc["verify"]["ok"] is False else EXIT_OK
     return code, {**doc, "ok": code == EXIT_OK, "exit_code": code}
@@ -257,8 +293,10 @@ def _load(args):
     key = _key(args, "verify_key_file")
     bundle = mtcompile.load(args.bundle, threads=args.threads, verify_key=key)
     if bundle.manifest.bundle_signature is not None and key is None:
-        log.warning(f"{args.bundle}: the bundle is signed; its signature is NOT verified "
-                    "(no --verify-key-file)")
+        log.warning(
+            f"{args.bundle}: the bundle is signed; its signature is NOT verified "
+            "(no --verify-key-file)"
+        )
     return bundle
 
 
@@ -276,16 +314,20 @@ def _parse_inputs(items: list[str], sig: TenantSig, tenant: str) -> list[np.ndar
             raise InputError(f"--input {k}: cannot read {v!r} as .npy: {e}") from e
     names = [s.name for s in sig.inputs]
     if set(given) != set(names):
-        raise InputError(f"tenant '{tenant}' takes inputs ({signature_text(sig.inputs)}); got "
-                         f"{sorted(given) or 'none'}")
+        raise InputError(
+            f"tenant '{tenant}' takes inputs ({signature_text(sig.inputs)}); got "
+            f"{sorted(given) or 'none'}"
+        )
     return [given[n] for n in names]
 
 
 def cmd_run(args) -> tuple[int, dict]:
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"-o {out_dir}: is a file, not a directory (outputs are written into "
-                         "a directory as <tenant>.<output>.npy, replacing files of those names)")
+        raise InputError(
+            f"-o {out_dir}: is a file, not a directory (outputs are written into "
+            "a directory as <tenant>.<output>.npy, replacing files of those names)"
+        )
     bundle = _load(args)
     sig = bundle.signature(args.tenant)
     outs = bundle.run(args.tenant, *_parse_inputs(args.input, sig, args.tenant))
@@ -297,11 +339,22 @@ def cmd_run(args) -> tuple[int, dict]:
     for spec, arr in zip(sig.outputs, outs, strict=True):
         path = out_dir / spec.file  # the name the build recorded: safe, unique
         np.save(path, arr)
-        written.append({"name": spec.name, "path": str(path), "dtype": str(arr.dtype),
-                        "shape": list(arr.shape)})
+        written.append(
+            {
+                "name": spec.name,
+                "path": str(path),
+                "dtype": str(arr.dtype),
+                "shape": list(arr.shape),
+            }
+        )
         _say(args, f"wrote {path}  {arr.dtype}{list(arr.shape)}")
-    return EXIT_OK, {"command": "run", "tenant": args.tenant, "outputs": written, "ok": True,
-                     "exit_code": EXIT_OK}
+    return EXIT_OK, {
+        "command": "run",
+        "tenant": args.tenant,
+        "outputs": written,
+        "ok": True,
+        "exit_code": EXIT_OK,
+    }
 
 
 def describe(manifest: Manifest, library_bytes: int | None = None) -> str:
@@ -313,24 +366,33 @@ def describe(manifest: Manifest, library_bytes: int | None = None) -> str:
     v = m.versions
     lines.append("built by " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     if m.cpu is not None:
-        lines.append(f"cpu      {m.cpu} ({len(m.cpu_features or ())} LLVM features; loading "
-                     "needs them)")
+        lines.append(
+            f"cpu      {m.cpu} ({len(m.cpu_features or ())} LLVM features; loading needs them)"
+        )
     g = m.graph
-    lines.append(f"graph    {g.nodes} nodes, {g.constants} constants, weights "
-                 f"{_fmt_bytes(g.weight_bytes)} (tenants separately: "
-                 f"{_fmt_bytes(g.weight_bytes_before_merge)})")
+    lines.append(
+        f"graph    {g.nodes} nodes, {g.constants} constants, weights "
+        f"{_fmt_bytes(g.weight_bytes)} (tenants separately: "
+        f"{_fmt_bytes(g.weight_bytes_before_merge)})"
+    )
     lines.append("pipeline " + (" -> ".join(p.name for p in m.pipeline) or "(none)"))
-    lines.append("kernels  " + ", ".join(f"{k}: {v}" for k, v in sorted(m.kernels.items()))
-                 + (f"; tuning database {m.tuning_db}" if m.tuning_db else ""))
+    lines.append(
+        "kernels  "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(m.kernels.items()))
+        + (f"; tuning database {m.tuning_db}" if m.tuning_db else "")
+    )
     if m.memory is not None:
         dynamic = any(s.dims for sig in m.tenants.values() for s in sig.inputs)
-        lines.append(_memory_line(m.memory)
-                     + (" (dynamic dims at their upper bounds)" if dynamic else ""))
+        lines.append(
+            _memory_line(m.memory) + (" (dynamic dims at their upper bounds)" if dynamic else "")
+        )
     lines.append("tenants")
     for t in m.tenant_order:
         s = m.tenants[t]
-        lines.append(f"  {t:<12} [{s.source}, sha256 {s.source_sha256[:12]}]  "
-                     f"({signature_text(s.inputs)}) -> ({signature_text(s.outputs)})")
+        lines.append(
+            f"  {t:<12} [{s.source}, sha256 {s.source_sha256[:12]}]  "
+            f"({signature_text(s.inputs)}) -> ({signature_text(s.outputs)})"
+        )
     lines.append("entries  " + ", ".join(m.tenant_order) + ", run_all")
     return "\n".join(lines)
 
@@ -339,12 +401,16 @@ def _memory_line(mem: MemoryInfo) -> str:
     """run_all's arena against its lower bound, TVM's own plan, no planning, and the
     tenants' plans compiled separately."""
     if not mem.planned:
-        return (f"memory   run_all: TVM's plan {_fmt_bytes(mem.tvm_plan_bytes)} "
-                "(plan-memory not in the pipeline)")
-    return (f"memory   run_all arena {_fmt_bytes(mem.arena_bytes)} (lower bound "
-            f"{_fmt_bytes(mem.lower_bound_bytes)}, TVM's plan "
-            f"{_fmt_bytes(mem.tvm_plan_bytes)}, no planning {_fmt_bytes(mem.naive_bytes)}, "
-            f"tenants compiled separately {_fmt_bytes(mem.separate_plans_bytes)})")
+        return (
+            f"memory   run_all: TVM's plan {_fmt_bytes(mem.tvm_plan_bytes)} "
+            "(plan-memory not in the pipeline)"
+        )
+    return (
+        f"memory   run_all arena {_fmt_bytes(mem.arena_bytes)} (lower bound "
+        f"{_fmt_bytes(mem.lower_bound_bytes)}, TVM's plan "
+        f"{_fmt_bytes(mem.tvm_plan_bytes)}, no planning {_fmt_bytes(mem.naive_bytes)}, "
+        f"tenants compiled separately {_fmt_bytes(mem.separate_plans_bytes)})"
+    )
 
 
 def cmd_inspect(args) -> tuple[int, dict | None]:
@@ -364,8 +430,10 @@ def cmd_inspect(args) -> tuple[int, dict | None]:
     if not lib.is_file():
         log.warning(f"{lib}: the library the manifest names is missing")
     elif sha256_file(lib) != manifest.library_sha256:
-        log.warning(f"{lib}: does not match the manifest's library_sha256 (another build's "
-                    "files?); `mtcompile.load` refuses it")
+        log.warning(
+            f"{lib}: does not match the manifest's library_sha256 (another build's "
+            "files?); `mtcompile.load` refuses it"
+        )
     if args.json:  # the manifest says whether it is signed; stderr whether it was checked
         if signature["signed"] and not signature["verified"]:
             log.warning(f"{args.bundle}: {signature['note']}")
@@ -379,9 +447,12 @@ def cmd_inspect(args) -> tuple[int, dict | None]:
     def part(k: str) -> str:
         return "?" if fp[k] is None else _fmt_bytes(fp[k])
 
-    _say(args, f"resident (computed) runtime <= {part('runtime')} (its library files), code "
-               f"{part('code')}, weights {part('weights')}, arena {part('arena')}; "
-               "Bundle.footprint() measures them on load")
+    _say(
+        args,
+        f"resident (computed) runtime <= {part('runtime')} (its library files), code "
+        f"{part('code')}, weights {part('weights')}, arena {part('arena')}; "
+        "Bundle.footprint() measures them on load",
+    )
     return EXIT_OK, None
 
 
@@ -393,45 +464,79 @@ def cmd_tune(args) -> tuple[int, dict]:
     log.info(f"tuning {len(spec.tenants)} tenant(s) from {args.spec} into {args.output}")
     # MetaSchedule logs its task tables to stdout (and to DIR/logs): to stderr, -v only
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
-        logging.DEBUG if args.verbose > 0 else logging.WARNING)
+        logging.DEBUG if args.verbose > 0 else logging.WARNING
+    )
 
     def on_task(row: dict) -> None:
-        log.info(f"task {row['task']}: {row['trials'] - row['failed']}/{args.trials} trials "
-                 f"({row['failed']} failed), best "
-                 + ("-" if row["best_us"] is None else f"{row['best_us']:.2f} us"))
+        log.info(
+            f"task {row['task']}: {row['trials'] - row['failed']}/{args.trials} trials "
+            f"({row['failed']} failed), best "
+            + ("-" if row["best_us"] is None else f"{row['best_us']:.2f} us")
+        )
 
-    with _progress(args, len(spec.tenants) + 6, "tune") as progress, \
-            contextlib.redirect_stdout(sys.stderr):
-        res = tune(spec.tenants, args.output, args.trials, spec.passes, spec.pass_options,
-                   kernels=parse_kernels(args.kernels) or "tvm", target=args.target,
-                   rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
-                   rpc_wait_s=args.rpc_wait, builders=args.builders, progress=progress,
-                   on_trials=progress.trials, on_task=on_task)
-    _say(args, f"tasks: {res['tasks']} in the merged module, {res['tasks_tenants_alone']} for "
-         f"the tenants compiled alone ({res['tasks_removed_by_merge']} removed by merging)")
+    with (
+        _progress(args, len(spec.tenants) + 6, "tune") as progress,
+        contextlib.redirect_stdout(sys.stderr),
+    ):
+        res = tune(
+            spec.tenants,
+            args.output,
+            args.trials,
+            spec.passes,
+            spec.pass_options,
+            kernels=parse_kernels(args.kernels) or "tvm",
+            target=args.target,
+            rpc_tracker=args.rpc_tracker,
+            rpc_key=args.rpc_key,
+            rpc_wait_s=args.rpc_wait,
+            builders=args.builders,
+            progress=progress,
+            on_trials=progress.trials,
+            on_task=on_task,
+        )
+    _say(
+        args,
+        f"tasks: {res['tasks']} in the merged module, {res['tasks_tenants_alone']} for "
+        f"the tenants compiled alone ({res['tasks_removed_by_merge']} removed by merging)",
+    )
     if res["table"]:
         width = max(len("task"), *(len(r["task"]) for r in res["table"]))
         _say(args, f"{'task':<{width}}  trials  failed   best us  used by")
         for r in res["table"]:
             best = "-" if r["best_us"] is None else f"{r['best_us']:.2f}"
-            _say(args, f"{r['task']:<{width}}  {r['trials']:>6}  {r['failed']:>6}  {best:>8}  "
-                 f"{', '.join(r['tenants']) or '-'}")
-    _say(args, f"records: {res['records']} in {args.output} ({res['measured']} measured now, "
-         f"{res['resumed_from']} before), {res['seconds']:.1f} s; build with "
-         f"--tuning-db {args.output} --kernels {args.kernels or 'tvm'}")
-    return EXIT_OK, {"command": "tune", "output": str(args.output), **res, "ok": True,
-                     "exit_code": EXIT_OK}
+            _say(
+                args,
+                f"{r['task']:<{width}}  {r['trials']:>6}  {r['failed']:>6}  {best:>8}  "
+                f"{', '.join(r['tenants']) or '-'}",
+            )
+    _say(
+        args,
+        f"records: {res['records']} in {args.output} ({res['measured']} measured now, "
+        f"{res['resumed_from']} before), {res['seconds']:.1f} s; build with "
+        f"--tuning-db {args.output} --kernels {args.kernels or 'tvm'}",
+    )
+    return EXIT_OK, {
+        "command": "tune",
+        "output": str(args.output),
+        **res,
+        "ok": True,
+        "exit_code": EXIT_OK,
+    }
 
 
 def cmd_profile(args) -> tuple[int, dict]:
     bundle = _load(args)
     prof = bundle.profile(repeat=args.repeat)
     for name, p in prof["tenants"].items():
-        _say(args, f"{name}: {p['total_us']:.0f} us in {sum(k['calls'] for k in p['kernels'])} "
-             "calls")
-        for k in p["kernels"][:args.top]:
-            _say(args, f"  {100 * k['share']:5.1f}%  {k['total_us']:9.1f} us  x{k['calls']:<3} "
-                 f"{k['name']}")
+        _say(
+            args, f"{name}: {p['total_us']:.0f} us in {sum(k['calls'] for k in p['kernels'])} calls"
+        )
+        for k in p["kernels"][: args.top]:
+            _say(
+                args,
+                f"  {100 * k['share']:5.1f}%  {k['total_us']:9.1f} us  x{k['calls']:<3} "
+                f"{k['name']}",
+            )
     return EXIT_OK, {"command": "profile", **prof, "ok": True, "exit_code": EXIT_OK}
 
 
@@ -439,11 +544,12 @@ def cmd_demo(args) -> tuple[int, dict]:
     from mtcompile.models import get_set
 
     tenants = get_set(args.set, batch=args.batch)
-    log.info(f"demo set {args.set!r}: {len(tenants)} tenants "
-             f"({', '.join(t.name for t in tenants)}), batch {args.batch}")
+    log.info(
+        f"demo set {args.set!r}: {len(tenants)} tenants "
+        f"({', '.join(t.name for t in tenants)}), batch {args.batch}"
+    )
     with _progress(args, len(tenants) + 6, "demo") as progress:
-        bundle = _compile(tenants, args.set.replace("-", "_"), "llvm", None, None, args,
-                          progress)
+        bundle = _compile(tenants, args.set.replace("-", "_"), "llvm", None, None, args, progress)
         out = bundle.save(args.output)
     log.info(f"saved {out / bundle.manifest.library}")
     _say(args, describe(bundle.manifest))
@@ -457,15 +563,25 @@ def cmd_demo(args) -> tuple[int, dict]:
         bundle.run_all(inputs)
         times.append(time.perf_counter() - t0)
     median = sorted(times)[10]
-    _say(args, f"run_all  {1e3 * median:7.2f} ms median of 20 calls "
-         f"(first call {1e3 * first:.1f} ms, with VM start-up)")
+    _say(
+        args,
+        f"run_all  {1e3 * median:7.2f} ms median of 20 calls "
+        f"(first call {1e3 * first:.1f} ms, with VM start-up)",
+    )
     for name, outs in outputs.items():
         _say(args, f"  {name:<12} -> " + ", ".join(f"{o.dtype}{list(o.shape)}" for o in outs))
     result = _verify(bundle, args, inputs)
     code = EXIT_NUMERICS if result["ok"] is False else EXIT_OK
-    return code, {"command": "demo", "set": args.set, "output": str(out),
-                  "run_all_ms": round(1e3 * median, 3), "first_call_ms": round(1e3 * first, 3),
-                  "verify": result, "ok": code == EXIT_OK, "exit_code": code}
+    return code, {
+        "command": "demo",
+        "set": args.set,
+        "output": str(out),
+        "run_all_ms": round(1e3 * median, 3),
+        "first_call_ms": round(1e3 * first, 3),
+        "verify": result,
+        "ok": code == EXIT_OK,
+        "exit_code": code,
+    }
 
 
 def cmd_report(args) -> tuple[int, dict]:
@@ -474,8 +590,10 @@ def cmd_report(args) -> tuple[int, dict]:
     try:
         import matplotlib  # noqa: F401  (the report's pictures)
     except ImportError as e:
-        raise MTCompileError("mtcompile report draws with matplotlib, which is not installed: "
-                             "pip install 'mtcompile[viz]'") from e
+        raise MTCompileError(
+            "mtcompile report draws with matplotlib, which is not installed: "
+            "pip install 'mtcompile[viz]'"
+        ) from e
     profile = None
     if args.profile:  # the per-kernel profile by tenant, on seeded inputs
         import mtcompile
@@ -483,8 +601,13 @@ def cmd_report(args) -> tuple[int, dict]:
         profile = mtcompile.load(args.bundle, threads=args.threads).profile(repeat=args.profile)
     out = write_report(args.bundle, args.output, profile=profile)
     _say(args, f"wrote {out} ({out.stat().st_size // 1024} KiB, self-contained HTML)")
-    return EXIT_OK, {"command": "report", "output": str(out), "bytes": out.stat().st_size,
-                     "ok": True, "exit_code": EXIT_OK}
+    return EXIT_OK, {
+        "command": "report",
+        "output": str(out),
+        "bytes": out.stat().st_size,
+        "ok": True,
+        "exit_code": EXIT_OK,
+    }
 
 
 def cmd_serve(args) -> tuple[int, dict]:
@@ -493,16 +616,27 @@ def cmd_serve(args) -> tuple[int, dict]:
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in ("mlserver", "fastapi", "uvicorn", "grpc"):
             raise
-        raise InputError(f"`mtcompile serve` needs {e.name}, which is not installed here: "
-                         "pip install 'mtcompile[serve]'") from e
+        raise InputError(
+            f"`mtcompile serve` needs {e.name}, which is not installed here: "
+            "pip install 'mtcompile[serve]'"
+        ) from e
     bundle = _load(args)
-    _say(args, f"serving {bundle.manifest.name} ({', '.join(bundle.manifest.tenant_order)}) "
-         f"on http://{args.host}:{args.port}/v2 (KServe v2); Ctrl-C stops it")
-    server.serve(bundle, port=args.port, host=args.host, grpc_port=args.grpc_port,
-                 max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
-                 no_stack=args.no_stack, entries_only=args.entries_only)
-    return EXIT_OK, {"command": "serve", "bundle": args.bundle, "ok": True,
-                     "exit_code": EXIT_OK}
+    _say(
+        args,
+        f"serving {bundle.manifest.name} ({', '.join(bundle.manifest.tenant_order)}) "
+        f"on http://{args.host}:{args.port}/v2 (KServe v2); Ctrl-C stops it",
+    )
+    server.serve(
+        bundle,
+        port=args.port,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        max_delay_ms=args.max_delay_ms,
+        max_queue=args.max_queue,
+        no_stack=args.no_stack,
+        entries_only=args.entries_only,
+    )
+    return EXIT_OK, {"command": "serve", "bundle": args.bundle, "ok": True, "exit_code": EXIT_OK}
 
 
 def cmd_passes(args) -> tuple[int, dict]:
@@ -512,12 +646,21 @@ def cmd_passes(args) -> tuple[int, dict]:
     rows = []
     for name in sorted(REGISTRY):
         doc = (sys.modules[REGISTRY[name].__module__].__doc__ or "").strip().splitlines()
-        rows.append({"name": name, "default": name in passes.DEFAULT_PIPELINE,
-                     "doc": doc[0].split(":", 1)[-1].strip() if doc else ""})
+        rows.append(
+            {
+                "name": name,
+                "default": name in passes.DEFAULT_PIPELINE,
+                "doc": doc[0].split(":", 1)[-1].strip() if doc else "",
+            }
+        )
         _say(args, f"{name}{' (default)' if rows[-1]['default'] else ''}: {rows[-1]['doc']}")
-    return EXIT_OK, {"command": "passes", "passes": rows,
-                     "default_pipeline": list(passes.DEFAULT_PIPELINE), "ok": True,
-                     "exit_code": EXIT_OK}
+    return EXIT_OK, {
+        "command": "passes",
+        "passes": rows,
+        "default_pipeline": list(passes.DEFAULT_PIPELINE),
+        "ok": True,
+        "exit_code": EXIT_OK,
+    }
 
 
 def _positive(text: str) -> int:
@@ -547,8 +690,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if _Parser.json_wanted:
-            print(json.dumps({"ok": False, "exit_code": EXIT_USAGE,
-                              "error": f"{self.prog}: {message}"}))
+            print(
+                json.dumps(
+                    {"ok": False, "exit_code": EXIT_USAGE, "error": f"{self.prog}: {message}"}
+                )
+            )
         super().error(message)
 
 
@@ -558,19 +704,38 @@ def _epilog() -> str:
 
 def parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per verb, each with the flags every command takes."""
-    p = _Parser(prog="mtcompile", description="Compile several models into one multi-tenant "
-                "TVM executable. Logs go to stderr, results to stdout (--json: one JSON "
-                "document).", epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="mtcompile",
+        description="Compile several models into one multi-tenant "
+        "TVM executable. Logs go to stderr, results to stdout (--json: one JSON "
+        "document).",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"mtcompile {__version__}")
     common = _common_flags()
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help: str):
-        return sub.add_parser(name, help=help, parents=[common], epilog=_epilog(),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help,
+            parents=[common],
+            epilog=_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
-    for add in (_build_command, _run_command, _inspect_command, _demo_command, _tune_command,
-                _profile_command, _report_command, _serve_command, _passes_command):
+    for add in (
+        _build_command,
+        _run_command,
+        _inspect_command,
+        _demo_command,
+        _tune_command,
+        _profile_command,
+        _report_command,
+        _serve_command,
+        _passes_command,
+    ):
         add(command)
     return p
 
@@ -578,40 +743,80 @@ def parser() -> argparse.ArgumentParser:
 def _common_flags() -> argparse.ArgumentParser:
     """The flags of every command: verbosity and --json."""
     common = _Parser(add_help=False)
-    common.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log lines on stderr (debug)")
-    common.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbose",
-                        help="warnings and errors only, no progress bar")
-    common.add_argument("--json", action="store_true",
-                        help="print one JSON document on stdout (results, or the error)")
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log lines on stderr (debug)"
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_const",
+        const=-1,
+        dest="verbose",
+        help="warnings and errors only, no progress bar",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (results, or the error)",
+    )
     return common
 
 
 def _threads_flag(sp) -> None:
-    sp.add_argument("--threads", type=_positive, metavar="N", help="TVM thread pool size "
-                    "(default: the machine's cores; TVM_NUM_THREADS, if set, wins)")
+    sp.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="TVM thread pool size (default: the machine's cores; TVM_NUM_THREADS, if set, wins)",
+    )
+
 
 def _verify_flag(sp) -> None:
-    sp.add_argument("--verify-key-file", "--verify-key", metavar="FILE", help="the bundle "
-                    "must carry a signature made with the key in FILE (one trailing "
-                    "newline is not part of the key)")
+    sp.add_argument(
+        "--verify-key-file",
+        "--verify-key",
+        metavar="FILE",
+        help="the bundle "
+        "must carry a signature made with the key in FILE (one trailing "
+        "newline is not part of the key)",
+    )
 
 
 def _pass_flags(sp) -> None:
     """The flags of the commands that compile (build, demo): passes, kernels, CPU, numerics."""
-    sp.add_argument("--kernels", metavar="PROVIDER", help="heavy-op provider: native | torch | "
-                    "tvm | matmul=tvm,conv2d=torch (default: native on CPU)")
+    sp.add_argument(
+        "--kernels",
+        metavar="PROVIDER",
+        help="heavy-op provider: native | torch | "
+        "tvm | matmul=tvm,conv2d=torch (default: native on CPU)",
+    )
     sp.add_argument("--passes", help="comma-separated pass names (default pipeline if absent)")
     sp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
-    sp.add_argument("--print-after", metavar="PASSES", help="print the graph after these "
-                    "passes (comma-separated, or 'all')")
-    sp.add_argument("--cpu", default="host", help="CPU the kernels are compiled for: host "
-                    "(this machine's, default) | generic (any x86-64) | an LLVM CPU name")
+    sp.add_argument(
+        "--print-after",
+        metavar="PASSES",
+        help="print the graph after these passes (comma-separated, or 'all')",
+    )
+    sp.add_argument(
+        "--cpu",
+        default="host",
+        help="CPU the kernels are compiled for: host "
+        "(this machine's, default) | generic (any x86-64) | an LLVM CPU name",
+    )
     _threads_flag(sp)
-    sp.add_argument("--atol", type=_tolerance, default=None, help="numerics: absolute "
-                    "tolerance (default: by the outputs' dtype, 0 for float32)")
-    sp.add_argument("--rtol", type=_tolerance, default=None, help="numerics: tolerance "
-                    "relative to max|source output| (default: by dtype, 1e-4 for float32)")
+    sp.add_argument(
+        "--atol",
+        type=_tolerance,
+        default=None,
+        help="numerics: absolute tolerance (default: by the outputs' dtype, 0 for float32)",
+    )
+    sp.add_argument(
+        "--rtol",
+        type=_tolerance,
+        default=None,
+        help="numerics: tolerance "
+        "relative to max|source output| (default: by dtype, 1e-4 for float32)",
+    )
 
 
 def _build_command(command) -> None:
@@ -621,12 +826,21 @@ def _build_command(command) -> None:
     b.add_argument("--target", choices=["llvm", "cuda"], help="override the spec's target")
     b.add_argument("--no-verify", action="store_true", help="skip the numerics check")
     b.add_argument("--tuning-db", metavar="DIR", help="apply schedules written by `tune`")
-    b.add_argument("--cache-dir", metavar="DIR", help="build cache directory (default: "
-                   "$MTCOMPILE_CACHE_DIR/builds or ~/.cache/mtcompile/builds)")
+    b.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="build cache directory (default: "
+        "$MTCOMPILE_CACHE_DIR/builds or ~/.cache/mtcompile/builds)",
+    )
     b.add_argument("--no-cache", action="store_true", help="neither use nor fill the cache")
-    b.add_argument("--sign-key-file", "--sign-key", metavar="FILE", help="sign the bundle "
-                   "(HMAC-SHA256 of manifest and library) with the key in FILE (one trailing "
-                   "newline is not part of the key)")
+    b.add_argument(
+        "--sign-key-file",
+        "--sign-key",
+        metavar="FILE",
+        help="sign the bundle "
+        "(HMAC-SHA256 of manifest and library) with the key in FILE (one trailing "
+        "newline is not part of the key)",
+    )
     _pass_flags(b)
     b.set_defaults(fn=cmd_build)
 
@@ -643,8 +857,11 @@ def _run_command(command) -> None:
 
 
 def _inspect_command(command) -> None:
-    i = command("inspect", "summarize a saved bundle (reads its manifest; needs no TVM); "
-                "--json prints the whole manifest")
+    i = command(
+        "inspect",
+        "summarize a saved bundle (reads its manifest; needs no TVM); "
+        "--json prints the whole manifest",
+    )
     i.add_argument("bundle")
     _verify_flag(i)
     i.set_defaults(fn=cmd_inspect)
@@ -652,8 +869,11 @@ def _inspect_command(command) -> None:
 
 def _demo_command(command) -> None:
     d = command("demo", "build, run and check a bundled demo tenant set")
-    d.add_argument("--set", default="heterogeneous",
-                   choices=["heterogeneous", "same-arch", "shared-backbone", "bert4", "mixed"])
+    d.add_argument(
+        "--set",
+        default="heterogeneous",
+        choices=["heterogeneous", "same-arch", "shared-backbone", "bert4", "mixed"],
+    )
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("-o", "--output", default="out/demo")
     _pass_flags(d)
@@ -666,15 +886,31 @@ def _tune_command(command) -> None:
     t.add_argument("-o", "--output", required=True, help="database directory")
     t.add_argument("--trials", type=_positive, default=64, help="trials per task")
     t.add_argument("--kernels", default="tvm", help="providers the build will use (default tvm)")
-    t.add_argument("--target", help="the device measured: llvm (this machine's CPU, default) "
-                   'or a TVM target dict as JSON, e.g. \'{"kind": "llvm", "mcpu": "skylake"}\'')
-    t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on this RPC tracker's "
-                   "servers (python -m tvm.exec.rpc_tracker) instead of this machine")
+    t.add_argument(
+        "--target",
+        help="the device measured: llvm (this machine's CPU, default) "
+        'or a TVM target dict as JSON, e.g. \'{"kind": "llvm", "mcpu": "skylake"}\'',
+    )
+    t.add_argument(
+        "--rpc-tracker",
+        metavar="HOST:PORT",
+        help="measure on this RPC tracker's "
+        "servers (python -m tvm.exec.rpc_tracker) instead of this machine",
+    )
     t.add_argument("--rpc-key", metavar="KEY", help="the key of the tracker's servers to use")
-    t.add_argument("--rpc-wait", type=_positive, default=30, metavar="S", help="seconds to "
-                   "wait for the tracker and a server with the key (default 30)")
-    t.add_argument("--builders", type=_positive, metavar="N", help="parallel build workers "
-                   "(default: this machine's cores)")
+    t.add_argument(
+        "--rpc-wait",
+        type=_positive,
+        default=30,
+        metavar="S",
+        help="seconds to wait for the tracker and a server with the key (default 30)",
+    )
+    t.add_argument(
+        "--builders",
+        type=_positive,
+        metavar="N",
+        help="parallel build workers (default: this machine's cores)",
+    )
     t.set_defaults(fn=cmd_tune)
 
 
@@ -692,28 +928,58 @@ def _report_command(command) -> None:
     rp = command("report", "write a self-contained HTML report of a saved bundle")
     rp.add_argument("bundle")
     rp.add_argument("-o", "--output", default="report.html", help="HTML file to write")
-    rp.add_argument("--profile", type=int, default=0, metavar="N", help="add the per-kernel "
-                    "profile by tenant (median of N runs on seeded inputs)")
+    rp.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add the per-kernel profile by tenant (median of N runs on seeded inputs)",
+    )
     _threads_flag(rp)
     rp.set_defaults(fn=cmd_report)
 
 
 def _serve_command(command) -> None:
-    sv = command("serve", "serve a saved bundle over the KServe v2 / Open Inference Protocol "
-                 "(REST and gRPC, each tenant a model; needs the `serve` extra)")
+    sv = command(
+        "serve",
+        "serve a saved bundle over the KServe v2 / Open Inference Protocol "
+        "(REST and gRPC, each tenant a model; needs the `serve` extra)",
+    )
     sv.add_argument("bundle")
     sv.add_argument("--port", type=_positive, default=8080, help="REST port (default 8080)")
     sv.add_argument("--grpc-port", type=_positive, help="gRPC port (default: --port + 1)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default "
-                    "127.0.0.1; 0.0.0.0 serves every interface, as in a container)")
-    sv.add_argument("--max-delay-ms", type=float, default=2.0, metavar="MS", help="the "
-                    "scheduler's window: how long the oldest request waits for others")
-    sv.add_argument("--max-queue", type=_positive, default=256, metavar="N",
-                    help="requests each tenant may have waiting (then 503)")
-    sv.add_argument("--no-stack", action="append", default=[], metavar="TENANT",
-                    help="never stack this tenant's requests along its dynamic dim")
-    sv.add_argument("--entries-only", action="store_true", help="each tenant's own entry "
-                    "only, no merged call (for comparison)")
+    sv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default "
+        "127.0.0.1; 0.0.0.0 serves every interface, as in a container)",
+    )
+    sv.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="the scheduler's window: how long the oldest request waits for others",
+    )
+    sv.add_argument(
+        "--max-queue",
+        type=_positive,
+        default=256,
+        metavar="N",
+        help="requests each tenant may have waiting (then 503)",
+    )
+    sv.add_argument(
+        "--no-stack",
+        action="append",
+        default=[],
+        metavar="TENANT",
+        help="never stack this tenant's requests along its dynamic dim",
+    )
+    sv.add_argument(
+        "--entries-only",
+        action="store_true",
+        help="each tenant's own entry only, no merged call (for comparison)",
+    )
     _threads_flag(sv)
     _verify_flag(sv)
     sv.set_defaults(fn=cmd_serve)
@@ -730,12 +996,15 @@ def _missing_module(e: ModuleNotFoundError) -> tuple[int, str]:
 
     top = (e.name or "").split(".")[0]
     if top in _COMPILE_PACKAGES:
-        return EXIT_INPUT, (f"mtcompile: error: this command needs {top}, which is not "
-                            "installed here: this is a serving install (it loads and runs saved "
-                            "bundles); pip install 'mtcompile[compile]' to compile")
+        return EXIT_INPUT, (
+            f"mtcompile: error: this command needs {top}, which is not "
+            "installed here: this is a serving install (it loads and runs saved "
+            "bundles); pip install 'mtcompile[compile]' to compile"
+        )
     log.debug("".join(traceback.format_exception(e)).rstrip())
-    return EXIT_INTERNAL, (f"mtcompile: internal error: {type(e).__name__}: {e} (a bug; -v "
-                           "shows the traceback)")
+    return EXIT_INTERNAL, (
+        f"mtcompile: internal error: {type(e).__name__}: {e} (a bug; -v shows the traceback)"
+    )
 
 
 def _stdout_closed() -> int:
@@ -773,12 +1042,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line, the traceback with -v
         log.debug("".join(traceback.format_exception(e)).rstrip())
         code = EXIT_INTERNAL
-        error = (f"mtcompile: internal error: {type(e).__name__}: {e} (a bug; -v shows the "
-                 "traceback)")
+        error = (
+            f"mtcompile: internal error: {type(e).__name__}: {e} (a bug; -v shows the traceback)"
+        )
     print(error, file=sys.stderr)
     if args.json:
-        print(json.dumps({"command": args.command, "ok": False, "exit_code": code,
-                          "error": error.split(": ", 1)[1]}))
+        print(
+            json.dumps(
+                {
+                    "command": args.command,
+                    "ok": False,
+                    "exit_code": code,
+                    "error": error.split(": ", 1)[1],
+                }
+            )
+        )
     return code
 
 

@@ -18,11 +18,22 @@ class CompiledBundle(Bundle):
     the merged graph), `sources` (the tenants as given) and `compile_report`: all on a
     freshly compiled bundle; a loaded one has the `sources` passed to `load` only."""
 
-    def __init__(self, executable, manifest: Manifest, *, graph=None, sources=None,
-                 compile_report: dict | None = None, library_path: Path | None = None,
-                 threads: int | None = None, weights=None, module=None):
-        super().__init__(executable, manifest, library_path=library_path, threads=threads,
-                         weights=weights)
+    def __init__(
+        self,
+        executable,
+        manifest: Manifest,
+        *,
+        graph=None,
+        sources=None,
+        compile_report: dict | None = None,
+        library_path: Path | None = None,
+        threads: int | None = None,
+        weights=None,
+        module=None,
+    ):
+        super().__init__(
+            executable, manifest, library_path=library_path, threads=threads, weights=weights
+        )
         self.module = module
         self.graph = graph
         self.sources = sources or {}
@@ -32,8 +43,13 @@ class CompiledBundle(Bundle):
         """The runtime's report plus compile times, build facts and per-pass records."""
         return json.loads(json.dumps({**super().report(), **self.compile_report}))
 
-    def verify(self, inputs: dict[str, tuple] | None = None, seed: int = 0,
-               atol: float | None = None, rtol: float | None = None) -> dict:
+    def verify(
+        self,
+        inputs: dict[str, tuple] | None = None,
+        seed: int = 0,
+        atol: float | None = None,
+        rtol: float | None = None,
+    ) -> dict:
         """Run each tenant's source model and the bundle on the same inputs; compare.
 
         A float output passes when max|bundle - source| <= atol + rtol * max|source|; by
@@ -56,9 +72,14 @@ class CompiledBundle(Bundle):
         return bundle_html(self)
 
 
-def load(directory: str | os.PathLike, sources: dict | None = None, *,
-         threads: int | None = None, verify_key: bytes | str | None = None,
-         require_signature: bool = False) -> CompiledBundle:
+def load(
+    directory: str | os.PathLike,
+    sources: dict | None = None,
+    *,
+    threads: int | None = None,
+    verify_key: bytes | str | None = None,
+    require_signature: bool = False,
+) -> CompiledBundle:
     """Load a saved bundle; the runtime core checks its format, TVM version, that this CPU
     has the features its kernels were compiled for, and that the library and the manifest
     agree. `sources` optionally maps tenant names to their source `Tenant`s, for `verify`;
@@ -68,5 +89,10 @@ def load(directory: str | os.PathLike, sources: dict | None = None, *,
     (``save(..., sign_key=)``), else `ArtifactError`; without one the library's hash is
     checked against accidental damage only. require_signature: refuse to load without a
     key (a service that must run signed bundles only)."""
-    return CompiledBundle.load(directory, sources=sources, threads=threads,
-                               verify_key=verify_key, require_signature=require_signature)
+    return CompiledBundle.load(
+        directory,
+        sources=sources,
+        threads=threads,
+        verify_key=verify_key,
+        require_signature=require_signature,
+    )

@@ -58,9 +58,11 @@ class QueueFullError(ServingError):
 
     def __init__(self, tenant: str, bound: int):
         self.tenant, self.bound = tenant, bound
-        super().__init__(f"tenant '{tenant}': its queue is full ({bound} requests waiting, "
-                         f"max_queue={bound}); the request was not accepted: retry later, "
-                         "send more slowly, or make the Scheduler with a larger max_queue")
+        super().__init__(
+            f"tenant '{tenant}': its queue is full ({bound} requests waiting, "
+            f"max_queue={bound}); the request was not accepted: retry later, "
+            "send more slowly, or make the Scheduler with a larger max_queue"
+        )
 
 
 class SchedulerClosedError(ServingError):

@@ -56,8 +56,18 @@ def _stack(rng: random.Random, torch, nn):
         for _ in range(rng.randint(1, 4)):
             out = rng.randint(2, 48)
             layers.append(nn.Linear(width, out, bias=rng.random() < 0.8))
-            layers.append(rng.choice([nn.ReLU(), nn.GELU(), nn.Tanh(), nn.Sigmoid(),
-                                      nn.LayerNorm(out), nn.Identity()]))
+            layers.append(
+                rng.choice(
+                    [
+                        nn.ReLU(),
+                        nn.GELU(),
+                        nn.Tanh(),
+                        nn.Sigmoid(),
+                        nn.LayerNorm(out),
+                        nn.Identity(),
+                    ]
+                )
+            )
             width = out
         if rng.random() < 0.3:
             layers.append(nn.Softmax(dim=-1))
@@ -72,8 +82,18 @@ def _stack(rng: random.Random, torch, nn):
         span = (k - 1) * dil + 1  # the window must fit the padded input
         if span > min(h, w) + 2 * pad:
             k, pad, dil, span = 1, 0, 1, 1
-        layers.append(nn.Conv2d(c, out, k, stride=stride, padding=pad, dilation=dil,
-                                groups=groups, bias=rng.random() < 0.7))
+        layers.append(
+            nn.Conv2d(
+                c,
+                out,
+                k,
+                stride=stride,
+                padding=pad,
+                dilation=dil,
+                groups=groups,
+                bias=rng.random() < 0.7,
+            )
+        )
         h, w = (h + 2 * pad - span) // stride + 1, (w + 2 * pad - span) // stride + 1
         if rng.random() < 0.4:
             layers.append(nn.BatchNorm2d(out))
@@ -106,7 +126,8 @@ def _np_rand(rng: random.Random, shape):
     import numpy as np
 
     return (np.random.default_rng(rng.randrange(2**32)).standard_normal(shape) * 0.5).astype(
-        np.float32)
+        np.float32
+    )
 
 
 def _onnx_tenant(rng: random.Random, name: str, mtcompile):
@@ -121,8 +142,10 @@ def _onnx_tenant(rng: random.Random, name: str, mtcompile):
         pads = [rng.randint(0, 1) for _ in range(4)]
         stride = rng.choice([1, 2])
         w = _np_rand(rng, (o, c, k, k))
-        nodes = [helper.make_node("Conv", ["x", "w"], ["y0"], pads=pads, strides=[stride] * 2),
-                 helper.make_node(rng.choice(["Relu", "Sigmoid", "Tanh"]), ["y0"], ["y"])]
+        nodes = [
+            helper.make_node("Conv", ["x", "w"], ["y0"], pads=pads, strides=[stride] * 2),
+            helper.make_node(rng.choice(["Relu", "Sigmoid", "Tanh"]), ["y0"], ["y"]),
+        ]
         inits = [numpy_helper.from_array(w, "w")]
         xshape = [n, c, h, h]
         oh = (h + pads[0] + pads[2] - k) // stride + 1
@@ -131,9 +154,11 @@ def _onnx_tenant(rng: random.Random, name: str, mtcompile):
     else:
         f, g = rng.randint(2, 16), rng.randint(2, 16)
         w, b = _np_rand(rng, (f, g)), _np_rand(rng, (g,))
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["y0"]),
-                 helper.make_node("Add", ["y0", "b"], ["y1"]),
-                 helper.make_node("Softmax", ["y1"], ["y"], axis=rng.choice([-1, 1]))]
+        nodes = [
+            helper.make_node("MatMul", ["x", "w"], ["y0"]),
+            helper.make_node("Add", ["y0", "b"], ["y1"]),
+            helper.make_node("Softmax", ["y1"], ["y"], axis=rng.choice([-1, 1])),
+        ]
         inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
         xshape, yshape = [n, f], [n, g]
     mutation = rng.choice([None, None, None, "attr", "shape", "dtype"])
@@ -146,11 +171,17 @@ def _onnx_tenant(rng: random.Random, name: str, mtcompile):
     elif mutation == "shape":
         xshape[rng.randrange(len(xshape))] += rng.choice([-1, 1, 3])
     elif mutation == "dtype":
-        inits[0] = numpy_helper.from_array(np.asarray(
-            numpy_helper.to_array(inits[0]), dtype=rng.choice([np.float64, np.int64])), "w")
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, xshape)], [helper.make_tensor_value_info(
-            "y", TensorProto.FLOAT, yshape)], initializer=inits)
+        inits[0] = numpy_helper.from_array(
+            np.asarray(numpy_helper.to_array(inits[0]), dtype=rng.choice([np.float64, np.int64])),
+            "w",
+        )
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, yshape)],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return mtcompile.Tenant(name, model), mutation
@@ -176,11 +207,14 @@ def _pipeline(rng: random.Random):
     if "fuse-horizontal" in passes and rng.random() < 0.5:
         opts["fuse-horizontal"] = {"min_group": 2, "max_group": rng.choice([2, 3, 64])}
     if "assign-streams" in passes and rng.random() < 0.5:
-        opts["assign-streams"] = rng.choice([{"policy": "max"}, {"streams": rng.randint(1, 3)},
-                                             {"policy": "sequential"}])
+        opts["assign-streams"] = rng.choice(
+            [{"policy": "max"}, {"streams": rng.randint(1, 3)}, {"policy": "sequential"}]
+        )
     if "plan-memory" in passes and rng.random() < 0.5:
-        opts["plan-memory"] = {"strategy": rng.choice(["greedy", "naive"]),
-                               "alignment": rng.choice([16, 64, 256])}
+        opts["plan-memory"] = {
+            "strategy": rng.choice(["greedy", "naive"]),
+            "alignment": rng.choice([16, 64, 256]),
+        }
     return passes, opts
 
 
@@ -199,8 +233,9 @@ def case(seed: int, index: int) -> dict:
         r = rng.random()
         if r < 0.2 and tenants and isinstance(tenants[-1].model, nn.Module):
             prev = tenants[-1]  # the same module (shared weights) under another name
-            tenants.append(mtcompile.Tenant(f"t{i}", prev.model,
-                                            example_inputs=prev.example_inputs))
+            tenants.append(
+                mtcompile.Tenant(f"t{i}", prev.model, example_inputs=prev.example_inputs)
+            )
             notes.append("shared")
         elif r < 0.35:
             t, mutation = _onnx_tenant(rng, f"t{i}", mtcompile)
@@ -225,13 +260,24 @@ def case(seed: int, index: int) -> dict:
             warnings.simplefilter("ignore")
             result = bundle.verify()  # float32: 1e-4 of each output's scale
     except MTCompileError as e:
-        return {**desc, "outcome": "refused", "error": type(e).__name__,
-                "message": str(e).splitlines()[0][:160]}
+        return {
+            **desc,
+            "outcome": "refused",
+            "error": type(e).__name__,
+            "message": str(e).splitlines()[0][:160],
+        }
     except Exception as e:  # noqa: BLE001 - anything else is a bug the fuzzer reports
-        return {**desc, "outcome": "error", "error": type(e).__name__,
-                "message": str(e).splitlines()[0][:300] if str(e) else ""}
-    return {**desc, "outcome": "match" if result["ok"] else "mismatch",
-            **({} if result["ok"] else {"detail": json.dumps(result, default=str)[:600]})}
+        return {
+            **desc,
+            "outcome": "error",
+            "error": type(e).__name__,
+            "message": str(e).splitlines()[0][:300] if str(e) else "",
+        }
+    return {
+        **desc,
+        "outcome": "match" if result["ok"] else "mismatch",
+        **({} if result["ok"] else {"detail": json.dumps(result, default=str)[:600]}),
+    }
 
 
 def _worker(seed: int, start: int, stop: int) -> None:
@@ -249,10 +295,14 @@ def run(seed: int, count: int, timeout: float = 300.0, progress=print) -> list[d
     results: list[dict] = []
     nxt = 0
     while nxt < count:
-        cmd = [sys.executable, "-m", "mtcompile.fuzz", "--worker", str(seed), str(nxt),
-               str(count)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True, env={**os.environ, "TVM_LOG_DEBUG": "0"})
+        cmd = [sys.executable, "-m", "mtcompile.fuzz", "--worker", str(seed), str(nxt), str(count)]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "TVM_LOG_DEBUG": "0"},
+        )
         current, last = None, time.monotonic()
         import selectors
 
@@ -272,8 +322,9 @@ def run(seed: int, count: int, timeout: float = 300.0, progress=print) -> list[d
             if not line:  # the worker ended: done, or died during `current`
                 rc = proc.wait()
                 if current is not None:
-                    results.append({"seed": seed, "case": current, "outcome": "crash",
-                                    "returncode": rc})
+                    results.append(
+                        {"seed": seed, "case": current, "outcome": "crash", "returncode": rc}
+                    )
                     progress(f"case {current}: crash (exit {rc})")
                     nxt = current + 1
                 else:
@@ -281,14 +332,19 @@ def run(seed: int, count: int, timeout: float = 300.0, progress=print) -> list[d
                 break
             if not line.startswith(_MARK):
                 continue
-            msg = json.loads(line[len(_MARK):])
+            msg = json.loads(line[len(_MARK) :])
             if "start" in msg:
                 current, last = msg["start"], time.monotonic()
                 continue
             results.append(msg)
-            progress(f"case {msg['case']}: {msg['outcome']}"
-                     + (f" ({msg.get('error')}: {msg.get('message', '')[:100]})"
-                        if msg["outcome"] != "match" else ""))
+            progress(
+                f"case {msg['case']}: {msg['outcome']}"
+                + (
+                    f" ({msg.get('error')}: {msg.get('message', '')[:100]})"
+                    if msg["outcome"] != "match"
+                    else ""
+                )
+            )
             current = None
             nxt = msg["case"] + 1
         sel.close()
@@ -298,10 +354,13 @@ def run(seed: int, count: int, timeout: float = 300.0, progress=print) -> list[d
 def summary(results: list[dict]) -> dict:
     """Counts by outcome, refusals by error class, and the bugs."""
     refused = [r for r in results if r["outcome"] == "refused"]
-    return {"cases": len(results), "outcomes": dict(Counter(r["outcome"] for r in results)),
-            "refused_by": dict(Counter(r.get("error") for r in refused)),
-            "internal": [r for r in refused if r.get("error") in INTERNAL],
-            "bugs": [r for r in results if r["outcome"] in BUGS]}
+    return {
+        "cases": len(results),
+        "outcomes": dict(Counter(r["outcome"] for r in results)),
+        "refused_by": dict(Counter(r.get("error") for r in refused)),
+        "internal": [r for r in refused if r.get("error") in INTERNAL],
+        "bugs": [r for r in results if r["outcome"] in BUGS],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,18 +368,27 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         _worker(*(int(a) for a in argv[1:4]))
         return 0
-    ap = argparse.ArgumentParser(prog="python -m mtcompile.fuzz",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m mtcompile.fuzz", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
     ap.add_argument("--json", help="write every case's outcome and the summary here")
     args = ap.parse_args(argv)
-    results = run(args.seed, args.count, args.timeout,
-                  progress=lambda m: print(m, file=sys.stderr, flush=True))
+    results = run(
+        args.seed,
+        args.count,
+        args.timeout,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     s = summary(results)
-    print(json.dumps({k: v for k, v in s.items() if k not in ("bugs", "internal")}
-                     | {"internal": len(s["internal"]), "bugs": len(s["bugs"])}))
+    print(
+        json.dumps(
+            {k: v for k, v in s.items() if k not in ("bugs", "internal")}
+            | {"internal": len(s["internal"]), "bugs": len(s["bugs"])}
+        )
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": s, "cases": results}, f, indent=1, default=str)

@@ -55,13 +55,13 @@ def _mutate_library(rng: random.Random, lib: Path) -> str:
         b[at] ^= 1 << rng.randrange(8)
     elif what == "overwrite":
         n = rng.randint(1, 64)
-        b[at:at + n] = bytes(rng.randrange(256) for _ in range(n))
+        b[at : at + n] = bytes(rng.randrange(256) for _ in range(n))
     elif what == "truncate":
         del b[at:]
     elif what == "insert":
         b[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     else:
-        b[at - at % 4096:at - at % 4096 + 4096] = bytes(min(4096, len(b) - at + at % 4096))
+        b[at - at % 4096 : at - at % 4096 + 4096] = bytes(min(4096, len(b) - at + at % 4096))
     lib.write_bytes(bytes(b))
     return f"lib-bytes {what} at {at}"
 
@@ -105,8 +105,11 @@ def _mutate_manifest(rng: random.Random, m: dict) -> str:
     if isinstance(parent, dict) and key in parent and rng.random() < 0.15:
         del parent[key]
         return f"manifest del {'.'.join(map(str, path))}"
-    old = parent[key] if (isinstance(parent, dict) and key in parent) or isinstance(
-        parent, list) else None
+    old = (
+        parent[key]
+        if (isinstance(parent, dict) and key in parent) or isinstance(parent, list)
+        else None
+    )
     parent[key] = _other(rng, old)
     return f"manifest {'.'.join(map(str, path))}: {old!r:.40} -> {parent[key]!r:.40}"
 
@@ -166,10 +169,15 @@ def _worker(original: str) -> None:
             b = mtcompile.load(job["dir"], verify_key=KEY if job["key"] else None)
             got = _outputs(b, inputs)
             same = got.keys() == want.keys() and all(
-                len(got[k]) == len(want[k]) and all(
-                    a.dtype == w.dtype and a.shape == w.shape and np.array_equal(a, w,
-                                                                                 equal_nan=True)
-                    for a, w in zip(got[k], want[k], strict=True)) for k in want)
+                len(got[k]) == len(want[k])
+                and all(
+                    a.dtype == w.dtype
+                    and a.shape == w.shape
+                    and np.array_equal(a, w, equal_nan=True)
+                    for a, w in zip(got[k], want[k], strict=True)
+                )
+                for k in want
+            )
             res = {"outcome": "same" if same else "differ"}
         except MTCompileError as e:
             res = {"outcome": "refused", "line": _first_line(e), "type": type(e).__name__}
@@ -184,10 +192,14 @@ class _Worker:
         self.proc = None
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mtcompile.fuzz_artifact",
-                                      "--worker", str(self.original)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mtcompile.fuzz_artifact", "--worker", str(self.original)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         if self._read(300) != {"ready": True}:
             raise RuntimeError("the fuzz worker did not start")
 
@@ -200,7 +212,7 @@ class _Worker:
             if not line:
                 return "crash"
             if line.startswith(_MARK):
-                return json.loads(line[len(_MARK):])
+                return json.loads(line[len(_MARK) :])
 
     def run(self, d: Path, key: bool, timeout: float) -> dict:
         if self.proc is None or self.proc.poll() is not None:
@@ -237,20 +249,28 @@ def _driver(d: Path, original: Path, key: bool, work: Path, timeout: float) -> d
         keyfile.write_bytes(KEY)
     entry = "run_all" if m.streams.run is None else m.tenant_order[0]
     try:
-        res = subprocess.run(command(d, entry, work / "in", out, verify_key_file=keyfile),
-                             capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(
+            command(d, entry, work / "in", out, verify_key_file=keyfile),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"outcome": "hang"}
     lines = res.stderr.strip().splitlines()
     if res.returncode == 3:
         return {"outcome": "refused", "line": lines[-1].removeprefix("mtcompile-run: ")}
     if res.returncode != 0:
-        return {"outcome": "crash" if res.returncode < 0 or res.returncode > 128 else "error",
-                "line": f"exit {res.returncode}: {lines[-1] if lines else ''}"}
+        return {
+            "outcome": "crash" if res.returncode < 0 or res.returncode > 128 else "error",
+            "line": f"exit {res.returncode}: {lines[-1] if lines else ''}",
+        }
     ref = work / "ref"
-    same = all(np.array_equal(np.load(ref / f.name), np.load(f), equal_nan=True)
-               for f in ref.iterdir() if (out / f.name).exists()) and all(
-                   (out / f.name).exists() for f in ref.iterdir())
+    same = all(
+        np.array_equal(np.load(ref / f.name), np.load(f), equal_nan=True)
+        for f in ref.iterdir()
+        if (out / f.name).exists()
+    ) and all((out / f.name).exists() for f in ref.iterdir())
     return {"outcome": "same" if same else "differ"}
 
 
@@ -269,14 +289,24 @@ def _driver_setup(original: Path, work: Path, timeout: float) -> None:
             np.save(work / "in" / file_name(t, s.name), x)
     (work / "ref").mkdir()
     entry = "run_all" if b.manifest.streams.run is None else b.manifest.tenant_order[0]
-    res = subprocess.run(command(original, entry, work / "in", work / "ref"),
-                         capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        command(original, entry, work / "in", work / "ref"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"mtcompile-run fails on the untouched bundle: {res.stderr[-2000:]}")
 
 
-def run(original: str | os.PathLike, seed: int, count: int, driver: bool = False,
-        timeout: float = 120.0, progress=print) -> list[dict]:
+def run(
+    original: str | os.PathLike,
+    seed: int,
+    count: int,
+    driver: bool = False,
+    timeout: float = 120.0,
+    progress=print,
+) -> list[dict]:
     """Cases ``0..count-1`` of `seed` on the bundle at `original`; each case's outcome
     (and the driver's, with `driver`)."""
     original = Path(original).resolve()
@@ -297,15 +327,19 @@ def run(original: str | os.PathLike, seed: int, count: int, driver: bool = False
                 case.update(worker.run(d, case["key"], timeout))
                 if driver:
                     case["driver"] = _driver(d, original, case["key"], work, timeout)
-                    if (case["outcome"] == case["driver"]["outcome"] == "refused"
-                            and case["driver"]["line"] != case["line"]):
+                    if (
+                        case["outcome"] == case["driver"]["outcome"] == "refused"
+                        and case["driver"]["line"] != case["line"]
+                    ):
                         case["disagree"] = True
                 shutil.rmtree(d, ignore_errors=True)
                 results.append(case)
                 if progress:
-                    progress(f"case {i}: {case['outcome']}"
-                             + (f" / driver {case['driver']['outcome']}" if driver else "")
-                             + f"  {'; '.join(case['changes'])}")
+                    progress(
+                        f"case {i}: {case['outcome']}"
+                        + (f" / driver {case['driver']['outcome']}" if driver else "")
+                        + f"  {'; '.join(case['changes'])}"
+                    )
         finally:
             worker.close()
     return results
@@ -317,10 +351,17 @@ def summary(results: list[dict]) -> dict:
     drv = Counter(r["driver"]["outcome"] for r in results if "driver" in r)
     bugs = {k: py[k] + drv[k] for k in BUGS if k != "disagree"}
     bugs["disagree"] = sum(1 for r in results if r.get("disagree"))
-    return {"cases": len(results), "python": dict(py), "driver": dict(drv),
-            "refused": py["refused"], "same": py["same"], "crashes": bugs["crash"],
-            "silent_differences": bugs["differ"], "bugs": bugs,
-            "ok": not any(bugs.values())}
+    return {
+        "cases": len(results),
+        "python": dict(py),
+        "driver": dict(drv),
+        "refused": py["refused"],
+        "same": py["same"],
+        "crashes": bugs["crash"],
+        "silent_differences": bugs["differ"],
+        "bugs": bugs,
+        "ok": not any(bugs.values()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         _worker(argv[1])
         return 0
-    ap = argparse.ArgumentParser(prog="python -m mtcompile.fuzz_artifact",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m mtcompile.fuzz_artifact", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("bundle", help="a saved bundle (left untouched: cases work on copies)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", type=int, default=100)

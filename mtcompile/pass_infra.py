@@ -105,11 +105,24 @@ class Option:
         return None
 
 
-def option(default: Any, *, minimum: float | None = None, maximum: float | None = None,
-           choices: tuple | None = None, power_of_two: bool = False, doc: str = "") -> Any:
+def option(
+    default: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple | None = None,
+    power_of_two: bool = False,
+    doc: str = "",
+) -> Any:
     """A pass option field: its default and the values it takes (`Option`)."""
-    return field(default=default, metadata={"option": Option(
-        minimum, maximum, tuple(choices) if choices is not None else None, power_of_two, doc)})
+    return field(
+        default=default,
+        metadata={
+            "option": Option(
+                minimum, maximum, tuple(choices) if choices is not None else None, power_of_two, doc
+            )
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -148,9 +161,18 @@ class Pass:
         out = []
         for f in dataclasses.fields(cls):
             spec = f.metadata.get("option", Option())
-            out.append({"name": f.name, "type": _hint_text(hints.get(f.name, Any)),
-                        "default": f.default, **{k: v for k, v in dataclasses.asdict(spec).items()
-                                                 if v not in (None, False, "")}})
+            out.append(
+                {
+                    "name": f.name,
+                    "type": _hint_text(hints.get(f.name, Any)),
+                    "default": f.default,
+                    **{
+                        k: v
+                        for k, v in dataclasses.asdict(spec).items()
+                        if v not in (None, False, "")
+                    },
+                }
+            )
         return out
 
 
@@ -180,8 +202,10 @@ class PassError(MTCompileError):
     def __init__(self, pass_name: str, before: list[str], cause: BaseException):
         self.pass_name, self.before, self.cause = pass_name, before, cause
         ran = ", ".join(before) if before else "none"
-        super().__init__(f"pass '{pass_name}' failed (passes run before it: {ran}): "
-                         f"{type(cause).__name__}: {cause}")
+        super().__init__(
+            f"pass '{pass_name}' failed (passes run before it: {ran}): "
+            f"{type(cause).__name__}: {cause}"
+        )
 
 
 class PassOptionError(MTCompileError, ValueError):
@@ -208,7 +232,9 @@ def _fits(hint: Any, value: Any) -> bool:
             return False
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_fits(args[0], v) for v in value)
-        return len(args) == len(value) and all(_fits(a, v) for a, v in zip(args, value, strict=True))
+        return len(args) == len(value) and all(
+            _fits(a, v) for a, v in zip(args, value, strict=True)
+        )
     if hint in (int, float) and isinstance(value, bool):
         return False  # True is an int to Python, never a count or a rate to a pass
     if hint is float:
@@ -236,8 +262,10 @@ def check_options(p: Pass) -> None:
         value = getattr(p, f.name)
         hint = hints.get(f.name, Any)
         if not _fits(hint, value):
-            raise PassOptionError(f"pass {p.name!r}: option {f.name!r} must be "
-                                  f"{_hint_text(hint)}, got {value!r} ({type(value).__name__})")
+            raise PassOptionError(
+                f"pass {p.name!r}: option {f.name!r} must be "
+                f"{_hint_text(hint)}, got {value!r} ({type(value).__name__})"
+            )
         if isinstance(value, list):
             object.__setattr__(p, f.name, tuple(value))
         problem = f.metadata.get("option", Option()).problem(f.name, value)
@@ -251,14 +279,17 @@ def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
     if name not in REGISTRY:
         raise MTCompileError(f"unknown pass {name!r}; registered passes: {sorted(REGISTRY)}")
     if options is not None and not isinstance(options, dict):
-        raise PassOptionError(f"options of pass {name!r} must be a dict of option -> value, "
-                              f"got {options!r} ({type(options).__name__})")
+        raise PassOptionError(
+            f"options of pass {name!r} must be a dict of option -> value, "
+            f"got {options!r} ({type(options).__name__})"
+        )
     cls = REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     bad = set(options or {}) - fields
     if bad:
-        raise MTCompileError(f"pass {name!r} has no option(s) {sorted(bad)}; "
-                             f"its options: {sorted(fields) or 'none'}")
+        raise MTCompileError(
+            f"pass {name!r} has no option(s) {sorted(bad)}; its options: {sorted(fields) or 'none'}"
+        )
     return cls(**(options or {}))
 
 
@@ -271,20 +302,25 @@ def _computers(analysis: str) -> list[str]:
 
 def _missing(p: Pass, analysis: str, names: list[str]) -> str:
     fix = " or ".join(repr(n) for n in _computers(analysis)) or "a pass that computes it"
-    return (f"pass '{p.name}' requires analysis '{analysis}', which no pass before it "
-            f"computed on the graph it gets; run {fix} before '{p.name}' "
-            f"(pipeline: {', '.join(names)})")
+    return (
+        f"pass '{p.name}' requires analysis '{analysis}', which no pass before it "
+        f"computed on the graph it gets; run {fix} before '{p.name}' "
+        f"(pipeline: {', '.join(names)})"
+    )
 
 
-def _lost(analysis: str, by: str, p: Pass, why: str, later: list[Pass],
-          names: list[str]) -> str | None:
+def _lost(
+    analysis: str, by: str, p: Pass, why: str, later: list[Pass], names: list[str]
+) -> str | None:
     """The error for `p` dropping `analysis` that pass `by` computed, unless a later pass
     computes it again."""
     if any(analysis in q.computes for q in later):
         return None
-    return (f"pass '{p.name}' invalidates analysis '{analysis}' computed by '{by}' before it "
-            f"({why}), and no later pass computes it again: run '{by}' after '{p.name}' "
-            f"(pipeline: {', '.join(names)})")
+    return (
+        f"pass '{p.name}' invalidates analysis '{analysis}' computed by '{by}' before it "
+        f"({why}), and no later pass computes it again: run '{by}' after '{p.name}' "
+        f"(pipeline: {', '.join(names)})"
+    )
 
 
 def _covers(computed: str, needed: str) -> bool:
@@ -308,8 +344,7 @@ def check_pipeline(passes: list[Pass]) -> None:
         if p.preserves is not None:
             for a, by in list(have.items()):
                 if a not in p.preserves and a not in p.computes:
-                    lost = _lost(a, by.name, p, "it does not preserve it", passes[i + 1:],
-                                 names)
+                    lost = _lost(a, by.name, p, "it does not preserve it", passes[i + 1 :], names)
                     if lost:
                         raise AnalysisError(lost)
                     del have[a]
@@ -319,11 +354,14 @@ def check_pipeline(passes: list[Pass]) -> None:
 def _keep_valid(p: Pass, before: Graph, result: PassResult) -> dict[str, Any]:
     """The analyses valid after `p`: those it preserves, and those it computed."""
     after = result.graph.analyses
-    stray = sorted(a for a, v in after.items()
-                   if a not in p.computes and before.analyses.get(a) is not v)
+    stray = sorted(
+        a for a, v in after.items() if a not in p.computes and before.analyses.get(a) is not v
+    )
     if stray:
-        raise AnalysisError(f"pass '{p.name}' attached analysis {stray} that it does not "
-                            f"declare in `computes` ({list(p.computes)})")
+        raise AnalysisError(
+            f"pass '{p.name}' attached analysis {stray} that it does not "
+            f"declare in `computes` ({list(p.computes)})"
+        )
     if p.preserves is None:
         keep = set(before.analyses) if not result.changed else set()
     else:
@@ -380,8 +418,17 @@ class Timing(Instrument):
             kernels = len(kernel_dag(g).kernels)
         except Exception:  # a broken graph is the verifier's to report, not the timer's
             kernels = None
-        self.records.append(PassRecord(p.name, seconds, result.changed, len(g.nodes),
-                                       dict(result.info), kernels, g.weight_bytes()))
+        self.records.append(
+            PassRecord(
+                p.name,
+                seconds,
+                result.changed,
+                len(g.nodes),
+                dict(result.info),
+                kernels,
+                g.weight_bytes(),
+            )
+        )
 
 
 class PrintAfter(Instrument):
@@ -392,8 +439,10 @@ class PrintAfter(Instrument):
 
     def after_pass(self, p, result, index, seconds):
         if self.names is None or p.name in self.names:
-            print(f"// after {p.name} ({'changed' if result.changed else 'unchanged'})",
-                  file=self.stream or sys.stdout)
+            print(
+                f"// after {p.name} ({'changed' if result.changed else 'unchanged'})",
+                file=self.stream or sys.stdout,
+            )
             print(result.graph, file=self.stream or sys.stdout)
 
 
@@ -422,8 +471,12 @@ class VerifyAfter(Instrument):
         result.graph.verify()
 
 
-def run_passes(ir: Graph | Module, passes: list[Pass], ctx: PassContext | None = None,
-               instruments: list[Instrument] = ()) -> tuple[Graph | Module, list[PassRecord]]:
+def run_passes(
+    ir: Graph | Module,
+    passes: list[Pass],
+    ctx: PassContext | None = None,
+    instruments: list[Instrument] = (),
+) -> tuple[Graph | Module, list[PassRecord]]:
     """Run `passes` in order, each once, over a module (each on the functions of its
     scope) or over one graph (``run_all``'s); returns the result and one record per pass.
 
@@ -435,7 +488,8 @@ def run_passes(ir: Graph | Module, passes: list[Pass], ctx: PassContext | None =
     timing = Timing()
     hooks = [*instruments, timing]
     if os.environ.get(VERIFY_ENV, "") not in ("", "0") and not any(
-            isinstance(h, VerifyAfter) for h in instruments):
+        isinstance(h, VerifyAfter) for h in instruments
+    ):
         hooks.insert(0, VerifyAfter())  # debug builds and CI: the verifier after every pass
     one = isinstance(ir, Graph)
     module = Module({RUN_ALL: ir}) if one else ir
@@ -447,8 +501,9 @@ def run_passes(ir: Graph | Module, passes: list[Pass], ctx: PassContext | None =
             for h in hooks:
                 h.before_pass(p, shown(module), i)
             t0 = time.perf_counter()
-            module, changed, info = _run_one(p, module, ctx, passes[i + 1:], computed_by,
-                                             [q.name for q in passes])
+            module, changed, info = _run_one(
+                p, module, ctx, passes[i + 1 :], computed_by, [q.name for q in passes]
+            )
             seconds = time.perf_counter() - t0
             result = PassResult(shown(module), changed, info)
             for h in hooks:
@@ -461,8 +516,14 @@ def run_passes(ir: Graph | Module, passes: list[Pass], ctx: PassContext | None =
     return shown(module), timing.records
 
 
-def _run_one(p: Pass, module: Module, ctx: PassContext, later: list[Pass],
-             computed_by: dict, names: list[str]) -> tuple[Module, bool, dict]:
+def _run_one(
+    p: Pass,
+    module: Module,
+    ctx: PassContext,
+    later: list[Pass],
+    computed_by: dict,
+    names: list[str],
+) -> tuple[Module, bool, dict]:
     """Pass `p` on each function of its scope: (the module, whether some function
     changed, its facts: one function's as they are, several by function)."""
     changed, infos, out = False, {}, {}
@@ -476,13 +537,17 @@ def _run_one(p: Pass, module: Module, ctx: PassContext, later: list[Pass],
         valid = _keep_valid(p, graph, result)
         for a in graph.analyses.keys() - valid.keys():
             why = "it changed the graph" if result.changed else "it does not preserve it"
-            lost = (fname, a) in computed_by and _lost(a, computed_by[fname, a], p, why,
-                                                        later, names)
+            lost = (fname, a) in computed_by and _lost(
+                a, computed_by[fname, a], p, why, later, names
+            )
             if lost:
                 raise AnalysisError(lost)
             computed_by.pop((fname, a), None)
-        out[fname] = (result.graph if valid.keys() == result.graph.analyses.keys()
-                      else dataclasses.replace(result.graph, analyses=valid))
+        out[fname] = (
+            result.graph
+            if valid.keys() == result.graph.analyses.keys()
+            else dataclasses.replace(result.graph, analyses=valid)
+        )
         computed_by.update({(fname, a): p.name for a in p.computes if a in valid})
         changed |= result.changed
         if result.info:

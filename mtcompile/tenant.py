@@ -59,29 +59,41 @@ class Tenant:
         if self.name in RESERVED_NAMES:
             raise TenantError(f"tenant name {self.name!r} is reserved; choose another name")
         if RESERVED_PATTERN.fullmatch(self.name):
-            raise TenantError(f"tenant name {self.name!r} is reserved: names matching "
-                              f"'{RESERVED_PATTERN.pattern}' are generated symbols of the "
-                              "executable; choose another name")
+            raise TenantError(
+                f"tenant name {self.name!r} is reserved: names matching "
+                f"'{RESERVED_PATTERN.pattern}' are generated symbols of the "
+                "executable; choose another name"
+            )
         for local, shared in self.shared_inputs.items():
             if not isinstance(shared, str) or not _NAME.fullmatch(shared):
-                raise TenantError(f"tenant {self.name!r}: shared input name {shared!r} for "
-                                  f"{local!r} is not valid (a letter, then letters, digits, '_')")
+                raise TenantError(
+                    f"tenant {self.name!r}: shared input name {shared!r} for "
+                    f"{local!r} is not valid (a letter, then letters, digits, '_')"
+                )
         for dim, b in self.dim_bounds.items():
             if not isinstance(dim, str) or not _NAME.fullmatch(dim):
-                raise TenantError(f"tenant {self.name!r}: dim_bounds names {dim!r}, which is "
-                                  "not a valid dimension name (a letter, then letters, "
-                                  "digits, '_')")
-            if (not isinstance(b, tuple | list) or len(b) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in b)
-                    or not 1 <= b[0] <= b[1]):
-                raise TenantError(f"tenant {self.name!r}: dim_bounds[{dim!r}] = {b!r}; "
-                                  "expected (lo, hi) integers with 1 <= lo <= hi")
+                raise TenantError(
+                    f"tenant {self.name!r}: dim_bounds names {dim!r}, which is "
+                    "not a valid dimension name (a letter, then letters, "
+                    "digits, '_')"
+                )
+            if (
+                not isinstance(b, tuple | list)
+                or len(b) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in b)
+                or not 1 <= b[0] <= b[1]
+            ):
+                raise TenantError(
+                    f"tenant {self.name!r}: dim_bounds[{dim!r}] = {b!r}; "
+                    "expected (lo, hi) integers with 1 <= lo <= hi"
+                )
         if self.example_inputs is not None and not isinstance(self.example_inputs, tuple):
             object.__setattr__(self, "example_inputs", tuple(self.example_inputs))
 
 
-def check_subsets(subsets: Iterable[Iterable[str]] | None, order: Sequence[str]
-                  ) -> dict[str, tuple[str, ...]]:
+def check_subsets(
+    subsets: Iterable[Iterable[str]] | None, order: Sequence[str]
+) -> dict[str, tuple[str, ...]]:
     """The subset functions to build: name -> tenants in bundle order (`order`). A subset
     names known tenants, at least two and not all of them (one is its entry, all run_all)."""
     out: dict[str, tuple[str, ...]] = {}
@@ -89,15 +101,21 @@ def check_subsets(subsets: Iterable[Iterable[str]] | None, order: Sequence[str]
         names = [subset] if isinstance(subset, str) else list(subset)
         unknown = sorted(set(names) - set(order))
         if unknown or len(set(names)) != len(names):
-            raise TenantError(f"subset {names}: unknown or repeated tenant(s) "
-                              f"{unknown or names}; the tenants are {list(order)}")
+            raise TenantError(
+                f"subset {names}: unknown or repeated tenant(s) "
+                f"{unknown or names}; the tenants are {list(order)}"
+            )
         if not 2 <= len(names) < len(order):
-            raise TenantError(f"subset {names}: a subset names at least two tenants and not "
-                              "all of them (one tenant is its entry, all of them run_all)")
+            raise TenantError(
+                f"subset {names}: a subset names at least two tenants and not "
+                "all of them (one tenant is its entry, all of them run_all)"
+            )
         present = tuple(t for t in order if t in names)
         name = subset_function(present)
         if name in out and out[name] != present:
-            raise TenantError(f"subsets {list(out[name])} and {list(present)} would both be "
-                              f"the function {name!r}: rename a tenant")
+            raise TenantError(
+                f"subsets {list(out[name])} and {list(present)} would both be "
+                f"the function {name!r}: rename a tenant"
+            )
         out[name] = present
     return out

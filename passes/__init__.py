@@ -32,20 +32,24 @@ DEFAULT_PIPELINE: list[str] = [
 ]
 
 
-def build_pipeline(names: list[str] | None = None,
-                   options: dict[str, dict[str, Any]] | None = None) -> list[Pass]:
+def build_pipeline(
+    names: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None
+) -> list[Pass]:
     """Pass instances for `names` (default pipeline when None) with per-pass `options`,
     checked before any work: names, option names, types and values, and the order of the
     analyses the passes require and invalidate (`check_pipeline`)."""
     names = list(DEFAULT_PIPELINE if names is None else names)
     options = options or {}
     if not isinstance(options, dict):
-        raise MTCompileError(f"pass options must be a dict of pass name -> {{option: value}}, "
-                             f"got {type(options).__name__}")
+        raise MTCompileError(
+            f"pass options must be a dict of pass name -> {{option: value}}, "
+            f"got {type(options).__name__}"
+        )
     stray = set(options) - set(names)
     if stray:
-        raise MTCompileError(f"options given for passes not in the pipeline: {sorted(stray)} "
-                             f"(pipeline: {names})")
+        raise MTCompileError(
+            f"options given for passes not in the pipeline: {sorted(stray)} (pipeline: {names})"
+        )
     pipeline = [make_pass(n, options.get(n)) for n in names]
     check_pipeline(pipeline)
     return pipeline

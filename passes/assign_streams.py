@@ -68,10 +68,15 @@ def kernel_work(graph: Graph, k: Kernel) -> tuple[float, float]:
             w = _shape(graph, n.args[1])
             flops += 2.0 * out * math.prod(w[1:]) if w else out
         else:
-            flops += max(out, max((math.prod(_shape(graph, a)) for a in n.args
-                                   if isinstance(a, Ref)), default=0))
-    moved = k.nbytes + sum(graph.node(r).ty.nbytes for r in k.reads
-                           if r in graph and isinstance(graph.node(r).ty, TensorTy))
+            flops += max(
+                out,
+                max((math.prod(_shape(graph, a)) for a in n.args if isinstance(a, Ref)), default=0),
+            )
+    moved = k.nbytes + sum(
+        graph.node(r).ty.nbytes
+        for r in k.reads
+        if r in graph and isinstance(graph.node(r).ty, TensorTy)
+    )
     return flops, float(moved)
 
 
@@ -81,9 +86,14 @@ def kernel_costs(graph: Graph, kernels, cpu: bool, threads: int) -> dict[str, fl
     out = {}
     for k in kernels:
         f, b = kernel_work(graph, k)
-        out[k.name] = 0.0 if k.kind == "view" else (
-            (lib_over if k.kind == "library" else tvm_over)
-            + max(f / (rate * threads), b / bandwidth))
+        out[k.name] = (
+            0.0
+            if k.kind == "view"
+            else (
+                (lib_over if k.kind == "library" else tvm_over)
+                + max(f / (rate * threads), b / bandwidth)
+            )
+        )
     return out
 
 
@@ -103,27 +113,36 @@ class AssignStreams(Pass):
     computes = ("streams",)
     # a memory plan was made for the stream order before this one: it must be made again
     preserves = ()
-    streams: int | None = option(None, minimum=1, maximum=MAX_STREAMS,
-                                 doc="force at most this many streams")
-    max_streams: int | None = option(None, minimum=1, maximum=MAX_STREAMS,
-                                     doc="a cap on the streams auto may choose")
+    streams: int | None = option(
+        None, minimum=1, maximum=MAX_STREAMS, doc="force at most this many streams"
+    )
+    max_streams: int | None = option(
+        None, minimum=1, maximum=MAX_STREAMS, doc="a cap on the streams auto may choose"
+    )
     policy: str = option("auto", choices=POLICIES, doc="auto, max or sequential")
-    cores: int | None = option(None, minimum=1, maximum=4096,
-                               doc="CPU cores the streams share (None: the machine's)")
-    min_speedup: float = option(AUTO_MIN_SPEEDUP, minimum=0.0, maximum=1e6,
-                                doc="the estimated speedup auto needs to keep several streams")
+    cores: int | None = option(
+        None, minimum=1, maximum=4096, doc="CPU cores the streams share (None: the machine's)"
+    )
+    min_speedup: float = option(
+        AUTO_MIN_SPEEDUP,
+        minimum=0.0,
+        maximum=1e6,
+        doc="the estimated speedup auto needs to keep several streams",
+    )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         policy = self.policy
-        dynamic = sorted({n.tenant for n in graph.nodes
-                          if isinstance(n.ty, TensorTy) and n.ty.symbolic})
+        dynamic = sorted(
+            {n.tenant for n in graph.nodes if isinstance(n.ty, TensorTy) and n.ty.symbolic}
+        )
         if dynamic:
             # a stream function defines no size variable of the values handed to it
             if (self.streams or 1) > 1 or policy == "max":
                 raise MTCompileError(
                     f"assign-streams: tenants {dynamic} have symbolic (dynamic) dims; "
                     "several streams need fixed shapes: drop the streams option or give "
-                    "those tenants static shapes")
+                    "those tenants static shapes"
+                )
             policy = "sequential"
         dag = kernel_dag(graph)
         order = [k.name for k in dag.kernels]
@@ -135,15 +154,32 @@ class AssignStreams(Pass):
         def cost(threads: int) -> dict[str, float]:
             return kernel_costs(graph, dag.kernels, cpu, threads)
 
-        a = assign(order, dag.deps, streams=self.streams, max_streams=self.max_streams,
-                   policy=policy, cost_us=cost(cores),
-                   concurrent_cost_us=lambda n: cost(max(1, cores // n)),
-                   lanes=cores if cpu else None,
-                   min_speedup=self.min_speedup if cpu or CUDA_AUTO else math.inf,
-                   overhead_us=lambda n, syncs: n * per_stream + syncs * per_sync)
-        a = StreamAssignment(a.streams, a.syncs, a.policy, a.estimated_speedup,
-                             a.logical_concurrency, {**a.info, **({"cores": cores} if cpu else {})},
-                             kernel_us=cost(max(1, cores // a.num_streams)))
-        info = {**a.summary(), "kernels": len(order), "cost_model": "graph", "cores": cores,
-                **({"sequential_for_dynamic": dynamic} if dynamic else {})}
+        a = assign(
+            order,
+            dag.deps,
+            streams=self.streams,
+            max_streams=self.max_streams,
+            policy=policy,
+            cost_us=cost(cores),
+            concurrent_cost_us=lambda n: cost(max(1, cores // n)),
+            lanes=cores if cpu else None,
+            min_speedup=self.min_speedup if cpu or CUDA_AUTO else math.inf,
+            overhead_us=lambda n, syncs: n * per_stream + syncs * per_sync,
+        )
+        a = StreamAssignment(
+            a.streams,
+            a.syncs,
+            a.policy,
+            a.estimated_speedup,
+            a.logical_concurrency,
+            {**a.info, **({"cores": cores} if cpu else {})},
+            kernel_us=cost(max(1, cores // a.num_streams)),
+        )
+        info = {
+            **a.summary(),
+            "kernels": len(order),
+            "cost_model": "graph",
+            "cores": cores,
+            **({"sequential_for_dynamic": dynamic} if dynamic else {}),
+        }
         return PassResult(graph.with_analysis("streams", a), False, info)

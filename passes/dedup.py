@@ -39,10 +39,18 @@ class Dedup(Pass):
             kept[n.name] = n
         if not canon:
             return PassResult(graph, False)
-        tenants = {t: TenantIO(io.inputs, tuple(Ref(canon.get(o.name, o.name))
-                                                if isinstance(o, Ref) else o
-                                                for o in io.outputs))
-                   for t, io in graph.tenants.items()}
+        tenants = {
+            t: TenantIO(
+                io.inputs,
+                tuple(
+                    Ref(canon.get(o.name, o.name)) if isinstance(o, Ref) else o for o in io.outputs
+                ),
+            )
+            for t, io in graph.tenants.items()
+        }
         shared = sum(1 for n in kept.values() if len(n.tenants) > 1 and n.op != INPUT)
-        return PassResult(graph.with_nodes(kept.values(), tenants), True,
-                          {"removed_nodes": len(canon), "shared_nodes": shared})
+        return PassResult(
+            graph.with_nodes(kept.values(), tenants),
+            True,
+            {"removed_nodes": len(canon), "shared_nodes": shared},
+        )

@@ -32,8 +32,9 @@ def why_not(graph: Graph, bn: Node, users: dict[str, list[str]], outputs: set[st
         return f"conv %{conv.name} is read elsewhere too"
     if not all(isinstance(a, ConstRef) for a in (conv.args[1], *bn.args[1:])):
         return "weights or statistics are not constants"
-    if not all(str(graph.constants[a.key].dtype) == "float32"
-               for a in (conv.args[1], *bn.args[1:])):
+    if not all(
+        str(graph.constants[a.key].dtype) == "float32" for a in (conv.args[1], *bn.args[1:])
+    ):
         return "weights or statistics are not float32"
     ca, ba = conv.attrs.obj, bn.attrs.obj
     for attr, want in _CONV_LAYOUTS.items():
@@ -42,8 +43,11 @@ def why_not(graph: Graph, bn: Node, users: dict[str, list[str]], outputs: set[st
     if int(ba.axis) not in (1, -3) or not (bool(ba.center) and bool(ba.scale)):
         return "batch-norm is not a plain per-channel one over axis 1"
     items = users[bn.name]
-    if bn.name in outputs or not items or any(
-            graph.node(u).op != GET_ITEM or graph.node(u).attrs != 0 for u in items):
+    if (
+        bn.name in outputs
+        or not items
+        or any(graph.node(u).op != GET_ITEM or graph.node(u).attrs != 0 for u in items)
+    ):
         return "batch-norm statistics (items 1, 2) are read"
     if len(items) != 1:
         return "its result is read through several items"
@@ -86,10 +90,14 @@ class FoldBatchNorm(Pass):
             wkey, bkey = const_key(w), const_key(bias)
             constants[wkey], constants[bkey] = w, bias
             replaced[conv.name] = replace(conv, args=(conv.args[0], ConstRef(wkey)))
-            replaced[item] = make(typeof, item, graph.node(item).tenants, relax.op.add,
-                                  [Ref(conv.name), ConstRef(bkey)])
+            replaced[item] = make(
+                typeof,
+                item,
+                graph.node(item).tenants,
+                relax.op.add,
+                [Ref(conv.name), ConstRef(bkey)],
+            )
         nodes = [replaced.get(n.name, n) for n in graph.nodes if n.name not in item_of]
         out = Graph(tuple(nodes), graph.tenants, {**graph.constants, **constants})
         out = out.with_nodes(out.nodes)  # drop the weights and statistics no longer read
         return PassResult(out, True, {"folded": len(item_of)})
-

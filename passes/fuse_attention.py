@@ -80,8 +80,11 @@ class _Matcher:
             return None
         seen: list[str] = []
         soft = self._through_views(last.args[0], seen)
-        if soft is None or not self.sole.get(soft.name) or getattr(
-                ops.library_call(soft), "kernel", None) != "softmax":
+        if (
+            soft is None
+            or not self.sole.get(soft.name)
+            or getattr(ops.library_call(soft), "kernel", None) != "softmax"
+        ):
             return None
         seen.append(soft.name)
         scaled = self._node(soft.args[0])
@@ -91,8 +94,12 @@ class _Matcher:
         seen.append(scaled.name)
         scale, product = found
         first = self._through_views(product, seen)
-        if first is None or not self.sole.get(first.name) or not _plain_matmul(
-                ops.library_call(first)) or not _batched(first):
+        if (
+            first is None
+            or not self.sole.get(first.name)
+            or not _plain_matmul(ops.library_call(first))
+            or not _batched(first)
+        ):
             return None
         seen.append(first.name)
         q, kt, v = first.args[0], first.args[1], last.args[1]
@@ -106,8 +113,14 @@ class _Matcher:
 
 def _plain_matmul(call) -> bool:
     """A native matmul of two activations: no packed weight, no bias, no epilogue."""
-    return (call is not None and call.provider == "native" and call.kernel == "matmul"
-            and not call.variant and not call.bias and not call.epilogue)
+    return (
+        call is not None
+        and call.provider == "native"
+        and call.kernel == "matmul"
+        and not call.variant
+        and not call.bias
+        and not call.epilogue
+    )
 
 
 def _batched(n: Node) -> bool:
@@ -133,9 +146,14 @@ class FuseAttention(Pass):
             scale = np.array([c.scale], np.float32)
             key = const_key(scale)
             constants[key] = scale
-            fused[c.last.name] = Node(c.last.name, ops.LIBRARY_CALL,
-                                      (c.q, c.kt, c.v, ConstRef(key)), c.last.ty,
-                                      c.last.tenants, ops.LibraryCall("native", "attention"))
+            fused[c.last.name] = Node(
+                c.last.name,
+                ops.LIBRARY_CALL,
+                (c.q, c.kt, c.v, ConstRef(key)),
+                c.last.ty,
+                c.last.tenants,
+                ops.LibraryCall("native", "attention"),
+            )
             dropped.update(c.dropped)
         out = Graph(graph.nodes, graph.tenants, {**graph.constants, **constants})
         nodes = [fused.get(n.name, n) for n in graph.nodes if n.name not in dropped]

@@ -64,8 +64,14 @@ def _signature(graph: Graph, own: list[Node]) -> tuple:
 class _Group:
     """Builds the batched region of one group of K isomorphic tenants."""
 
-    def __init__(self, graph: Graph, tenants: list[str], seqs: list[list[Node]], prefix: str,
-                 ops: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        graph: Graph,
+        tenants: list[str],
+        seqs: list[list[Node]],
+        prefix: str,
+        ops: tuple[str, ...] = (),
+    ):
         self.graph, self.tenants, self.seqs, self.prefix = graph, tuple(tenants), seqs, prefix
         self.ops = set(ops)
         self.k = len(tenants)
@@ -140,16 +146,20 @@ class _Group:
         if n.op == "relax.take":
             return self._take(j, a)
         if n.op in UNARY or n.op in BROADCAST:
-            if n.op == "relax.matmul" and any(len(self.typeof(x).shape) < 2 for x in
-                                              n.args if isinstance(x, Ref | ConstRef)):
+            if n.op == "relax.matmul" and any(
+                len(self.typeof(x).shape) < 2 for x in n.args if isinstance(x, Ref | ConstRef)
+            ):
                 return None
             args = [self.operand(j, i, rank) for i in range(len(n.args))]
             if None in args:
                 return None
             return self.node(op_of(n), args)
         x = self.operand(j, 0)
-        if x is None or isinstance(x, ConstRef) or x.name in {r.name for r in n.args
-                                                                if isinstance(r, Ref)}:
+        if (
+            x is None
+            or isinstance(x, ConstRef)
+            or x.name in {r.name for r in n.args if isinstance(r, Ref)}
+        ):
             return None  # the first argument must be a batched value
         if n.op in ("relax.reshape", "relax.broadcast_to"):
             fn = relax.op.reshape if n.op == "relax.reshape" else relax.op.broadcast_to
@@ -157,15 +167,20 @@ class _Group:
         in_rank = len(self.typeof(x).shape) - 1
         if n.op == "relax.permute_dims":
             axes = list(a.axes) if a.axes is not None else list(reversed(range(in_rank)))
-            return self.node(relax.op.permute_dims, [x],
-                             axes=[0] + [int(ax) % in_rank + 1 for ax in axes])
+            return self.node(
+                relax.op.permute_dims, [x], axes=[0] + [int(ax) % in_rank + 1 for ax in axes]
+            )
         if n.op == "relax.nn.softmax":
             return self.node(relax.op.nn.softmax, [x], axis=_shift(int(a.axis)))
         if n.op in ("relax.mean", "relax.sum", "relax.max") and a.axis is not None:
-            fn = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum,
-                  "relax.max": relax.op.max}[n.op]
-            return self.node(fn, [x], axis=[_shift(int(ax)) for ax in a.axis],
-                             keepdims=bool(a.keepdims))
+            fn = {
+                "relax.mean": relax.op.mean,
+                "relax.sum": relax.op.sum,
+                "relax.max": relax.op.max,
+            }[n.op]
+            return self.node(
+                fn, [x], axis=[_shift(int(ax)) for ax in a.axis], keepdims=bool(a.keepdims)
+            )
         if n.op == "relax.nn.layer_norm":
             return self._layer_norm(j, x, a)
         return None
@@ -174,9 +189,13 @@ class _Group:
         """take(table_i, idx_i, axis=0) -> take(concat(tables), stack(idx) + i * rows)."""
         tables = [seq[j].args[0] for seq in self.seqs]
         idx = self.operand(j, 1)
-        if (a.axis is None or int(a.axis) != 0 or not isinstance(idx, Ref)
-                or not all(isinstance(t, ConstRef) for t in tables)
-                or idx.name not in {b.name for b in self.batched.values()}):
+        if (
+            a.axis is None
+            or int(a.axis) != 0
+            or not isinstance(idx, Ref)
+            or not all(isinstance(t, ConstRef) for t in tables)
+            or idx.name not in {b.name for b in self.batched.values()}
+        ):
             return None
         mode = str(a.mode)
         if all(t == tables[0] for t in tables):
@@ -184,17 +203,25 @@ class _Group:
         arrays = [self.graph.constants[t.key] for t in tables]
         rows = arrays[0].shape[0]
         ity = self.typeof(idx)
-        offsets = (np.arange(self.k) * rows).astype(ity.dtype).reshape(
-            (self.k,) + (1,) * (len(ity.shape) - 1))
+        offsets = (
+            (np.arange(self.k) * rows)
+            .astype(ity.dtype)
+            .reshape((self.k,) + (1,) * (len(ity.shape) - 1))
+        )
         shifted = self.node(relax.op.add, [idx, self.const(offsets)])
-        return self.node(relax.op.take, [self.const(np.concatenate(arrays)), shifted], axis=0,
-                         mode=mode)
+        return self.node(
+            relax.op.take, [self.const(np.concatenate(arrays)), shifted], axis=0, mode=mode
+        )
 
     def _layer_norm(self, j: int, x: Ref, a) -> Ref | None:
         gamma, beta = self.operand(j, 1), self.operand(j, 2)
         axes = [_shift(int(ax)) for ax in a.axes]
-        kw = {"axes": axes, "epsilon": float(a.epsilon), "center": bool(a.center),
-              "scale": bool(a.scale)}
+        kw = {
+            "axes": axes,
+            "epsilon": float(a.epsilon),
+            "center": bool(a.center),
+            "scale": bool(a.scale),
+        }
         args0 = self.seqs[0][j].args
         if gamma == args0[1] and beta == args0[2]:  # same parameters for all tenants
             return self.node(relax.op.nn.layer_norm, [x, gamma, beta], **kw)
@@ -217,8 +244,9 @@ class FuseHorizontal(Pass):
     scope: ClassVar[str] = "multi-tenant"
     min_group: int = option(2, minimum=2, doc="the fewest tenants batched together")
     max_group: int = option(64, minimum=2, maximum=4096, doc="the most tenants in one batch")
-    ops: tuple[str, ...] = option((), doc="op names to batch (e.g. relax.matmul); "
-                                          "empty: every rule")
+    ops: tuple[str, ...] = option(
+        (), doc="op names to batch (e.g. relax.matmul); empty: every rule"
+    )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         seqs = {t: [n for n in graph.nodes if n.tenants == (t,)] for t in graph.tenants}
@@ -230,8 +258,11 @@ class FuseHorizontal(Pass):
             return PassResult(graph, False)
         out, splits = _split_uses(graph, added, constants, redirect)
         out = EliminateDeadNodes().run(out, ctx).graph
-        return PassResult(out, True, {"groups": [list(g) for g in groups],
-                                      "batched_nodes": fused, "splits": splits})
+        return PassResult(
+            out,
+            True,
+            {"groups": [list(g) for g in groups], "batched_nodes": fused, "splits": splits},
+        )
 
     def _groups(self, graph: Graph, seqs: dict[str, list[Node]]) -> list[list[str]]:
         """The tenants batched together: those of one signature, in chunks of at most
@@ -241,8 +272,11 @@ class FuseHorizontal(Pass):
             # a tenant of symbolic (dynamic) dims takes its own size each run: never stacked
             if own and not any(isinstance(n.ty, TensorTy) and n.ty.symbolic for n in own):
                 by_sig.setdefault(_signature(graph, own), []).append(t)
-        groups = [ts[i:i + self.max_group] for ts in by_sig.values()
-                  for i in range(0, len(ts), self.max_group)]
+        groups = [
+            ts[i : i + self.max_group]
+            for ts in by_sig.values()
+            for i in range(0, len(ts), self.max_group)
+        ]
         return [g for g in groups if len(g) >= self.min_group]
 
     def _batch(self, graph: Graph, groups: list[list[str]], seqs: dict[str, list[Node]]):
@@ -266,8 +300,7 @@ class FuseHorizontal(Pass):
         return added, constants, redirect, fused
 
 
-def _split_uses(graph: Graph, added: dict, constants: dict,
-                redirect: dict) -> tuple[Graph, int]:
+def _split_uses(graph: Graph, added: dict, constants: dict, redirect: dict) -> tuple[Graph, int]:
     """The graph without the `redirect`ed nodes, each use of one reading its tenant's slice
     of the batched node (a take, added once per node); and the number of such slices."""
     typeof = graph_types(graph, added, constants)
@@ -285,11 +318,11 @@ def _split_uses(graph: Graph, added: dict, constants: dict,
             splits[ref.name] = n.name
         return Ref(splits[ref.name])
 
-    rest = [replace(n, args=map_refs(n.args, split)) for n in graph.nodes
-            if n.name not in redirect]
-    tenants = {t: TenantIO(io.inputs, tuple(split(o) if isinstance(o, Ref) else o
-                                            for o in io.outputs))
-               for t, io in graph.tenants.items()}
+    rest = [replace(n, args=map_refs(n.args, split)) for n in graph.nodes if n.name not in redirect]
+    tenants = {
+        t: TenantIO(io.inputs, tuple(split(o) if isinstance(o, Ref) else o for o in io.outputs))
+        for t, io in graph.tenants.items()
+    }
     nodes = _topological([*rest, *added.values()], [n.name for n in graph.nodes])
     return Graph(tuple(nodes), tenants, {**graph.constants, **constants}), len(splits)
 

@@ -65,6 +65,13 @@ class FuseVertical(Pass):
         for g in group_of.values():
             sizes[g] = sizes.get(g, 0) + 1
         library = sum(1 for k in kinds.values() if k == "library")
-        return PassResult(graph.with_nodes(nodes), True,
-                          {"groups": len(sizes), "grouped_nodes": len(group_of),
-                           "library_calls": library, "kernels": len(sizes) + library})
+        return PassResult(
+            graph.with_nodes(nodes),
+            True,
+            {
+                "groups": len(sizes),
+                "grouped_nodes": len(group_of),
+                "library_calls": library,
+                "kernels": len(sizes) + library,
+            },
+        )

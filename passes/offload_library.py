@@ -48,8 +48,11 @@ def why_not(graph: Graph, n: Node, providers: dict[str, str], const: set[str]) -
     if n.name in const:
         return "computed from constants alone (TVM folds it)"
     lib = ops.LIBRARY[n.op]
-    for what, ty in (("input", _ty(graph, n.args[0])), ("weight", _ty(graph, n.args[1])),
-                     ("result", n.ty if isinstance(n.ty, TensorTy) else None)):
+    for what, ty in (
+        ("input", _ty(graph, n.args[0])),
+        ("weight", _ty(graph, n.args[1])),
+        ("result", n.ty if isinstance(n.ty, TensorTy) else None),
+    ):
         if ty is None or ty.dtype not in lib.dtypes:
             got = ty.dtype if ty is not None else "not a tensor"
             return f"{what} dtype {got}; the library takes {'/'.join(lib.dtypes)}"
@@ -65,8 +68,12 @@ def why_not(graph: Graph, n: Node, providers: dict[str, str], const: set[str]) -
 
 
 def _conv_params(attrs) -> ops.ConvParams:
-    return ops.ConvParams(tuple(map(int, attrs.strides)), tuple(map(int, attrs.padding)),
-                          tuple(map(int, attrs.dilation)), int(attrs.groups))
+    return ops.ConvParams(
+        tuple(map(int, attrs.strides)),
+        tuple(map(int, attrs.padding)),
+        tuple(map(int, attrs.dilation)),
+        int(attrs.groups),
+    )
 
 
 def bias_channels(graph: Graph, arg, call: Node, const: set[str]) -> bool:
@@ -97,10 +104,15 @@ class OffloadLibrary(Pass):
     same-shape tensor (then a ReLU after that) -> the call with that epilogue."""
 
     name = "offload-library"
-    epilogues: bool = option(True, doc="fold an activation or residual add that alone "
-                             "reads a native bias call into the call")
-    rows: bool = option(True, doc="softmax and layer norm over the last axis -> the native "
-                        "row kernels, where matmul's provider is native (llvm)")
+    epilogues: bool = option(
+        True,
+        doc="fold an activation or residual add that alone reads a native bias call into the call",
+    )
+    rows: bool = option(
+        True,
+        doc="softmax and layer norm over the last axis -> the native "
+        "row kernels, where matmul's provider is native (llvm)",
+    )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         const = constant_only(graph)
@@ -112,13 +124,17 @@ class OffloadLibrary(Pass):
             why = why_not(graph, n, ctx.kernels, const)
             if why is None:
                 conv = _conv_params(n.attrs.obj) if n.op == "relax.nn.conv2d" else None
-                call = ops.LibraryCall(ctx.kernels[ops.HEAVY[n.op]], ops.LIBRARY[n.op].kernel,
-                                       conv=conv)
+                call = ops.LibraryCall(
+                    ctx.kernels[ops.HEAVY[n.op]], ops.LIBRARY[n.op].kernel, conv=conv
+                )
                 calls[n.name] = Node(n.name, ops.LIBRARY_CALL, n.args[:2], n.ty, n.tenants, call)
             elif ctx.kernels.get(ops.HEAVY[n.op]) in ops.LIBRARY_PROVIDERS:
                 left[n.name] = why
-        rows = {} if not (self.rows and ctx.target == "llvm" and ctx.kernels.get("matmul")
-                          == "native") else _row_calls(graph, const)
+        rows = (
+            {}
+            if not (self.rows and ctx.target == "llvm" and ctx.kernels.get("matmul") == "native")
+            else _row_calls(graph, const)
+        )
         if not calls and not rows:
             return PassResult(graph, False, {"library_calls": 0, "left_to_tvm": left})
         nodes, constants = self._fold_biases(graph, calls, const)
@@ -131,14 +147,23 @@ class OffloadLibrary(Pass):
         nodes = [rows[n.name][0] if n.name in rows else n for n in nodes]
         nodes, packed = _pack_dense(out, nodes)
         out = Graph(out.nodes, out.tenants, {**out.constants, **packed})
-        return PassResult(out.with_nodes(nodes), True, {
-            "library_calls": len(calls), "biases_folded": biased,
-            "epilogues_folded": sum(1 for n in nodes if _call(n, epilogue=True)),
-            "packed_weights": len(packed), "row_calls": len(rows), "left_to_tvm": left})
+        return PassResult(
+            out.with_nodes(nodes),
+            True,
+            {
+                "library_calls": len(calls),
+                "biases_folded": biased,
+                "epilogues_folded": sum(1 for n in nodes if _call(n, epilogue=True)),
+                "packed_weights": len(packed),
+                "row_calls": len(rows),
+                "left_to_tvm": left,
+            },
+        )
 
     @staticmethod
-    def _fold_biases(graph: Graph, calls: dict[str, Node],
-                     const: set[str]) -> tuple[list[Node], dict]:
+    def _fold_biases(
+        graph: Graph, calls: dict[str, Node], const: set[str]
+    ) -> tuple[list[Node], dict]:
         """The graph's nodes with `calls` in place, each add of a sole-use call and a
         per-channel bias turned into the bias call (named as the add); new constants."""
         users, outputs = graph.users(), graph.output_names()
@@ -159,8 +184,11 @@ class OffloadLibrary(Pass):
                 if stacked is None and not bias_channels(graph, bias, call, const):
                     continue
                 lib = ops.LIBRARY[call.attrs.computes]
-                if stacked is None and lib.bias_weight_rank is not None and len(
-                        _ty(graph, call.args[1]).shape) != lib.bias_weight_rank:
+                if (
+                    stacked is None
+                    and lib.bias_weight_rank is not None
+                    and len(_ty(graph, call.args[1]).shape) != lib.bias_weight_rank
+                ):
                     continue
                 channels = call.ty.shape[lib.bias_axis]
                 if stacked is not None:  # one bias per stacked weight, flat: the packed kernel
@@ -173,12 +201,29 @@ class OffloadLibrary(Pass):
                     constants[key] = arr
                     flat, pre = ConstRef(key), []
                 else:  # a value of constants alone: a reshape TVM folds with it
-                    pre = [make(typeof, f"{n.name}.bias", n.tenants, relax.op.reshape,
-                                [bias], shape=[channels])]
+                    pre = [
+                        make(
+                            typeof,
+                            f"{n.name}.bias",
+                            n.tenants,
+                            relax.op.reshape,
+                            [bias],
+                            shape=[channels],
+                        )
+                    ]
                     added[pre[0].name] = pre[0]
                     flat = Ref(pre[0].name)
-                into[n.name] = [*pre, Node(n.name, ops.LIBRARY_CALL, (*call.args, flat), n.ty,
-                                           n.tenants, call.attrs.replace(bias=True))]
+                into[n.name] = [
+                    *pre,
+                    Node(
+                        n.name,
+                        ops.LIBRARY_CALL,
+                        (*call.args, flat),
+                        n.ty,
+                        n.tenants,
+                        call.attrs.replace(bias=True),
+                    ),
+                ]
                 gone.add(call.name)
                 break
         out: list[Node] = []
@@ -226,16 +271,29 @@ class _EpilogueFolder:
         """The call `arg` is (or reshapes), and the reshape, if it folds into a reader."""
         src = self.cur.get(arg.name) if isinstance(arg, Ref) else None
         view = None
-        if (src is not None and src.op == "relax.reshape" and self.sole(src.name)
-                and isinstance(src.args[0], Ref)):
+        if (
+            src is not None
+            and src.op == "relax.reshape"
+            and self.sole(src.name)
+            and isinstance(src.args[0], Ref)
+        ):
             view, src = src, self.cur.get(src.args[0].name)
-            if (src is None or ops.computes(src) != "relax.matmul"
-                    or not isinstance(view.ty, TensorTy) or not view.ty.shape
-                    or view.ty.shape[-1] != src.ty.shape[-1]):
+            if (
+                src is None
+                or ops.computes(src) != "relax.matmul"
+                or not isinstance(view.ty, TensorTy)
+                or not view.ty.shape
+                or view.ty.shape[-1] != src.ty.shape[-1]
+            ):
                 return None
         call = ops.library_call(src) if src is not None else None
-        if (call is None or not call.bias or call.provider != "native"
-                or call.epilogue != epilogue or not self.sole(src.name)):
+        if (
+            call is None
+            or not call.bias
+            or call.provider != "native"
+            or call.epilogue != epilogue
+            or not self.sole(src.name)
+        ):
             return None
         return src, view
 
@@ -251,8 +309,11 @@ class _EpilogueFolder:
         if n.op == "relax.add" and len(n.args) == 2 and isinstance(n.ty, TensorTy):
             for i in (0, 1):
                 found, residual = self.foldable(n.args[i], ""), (n.args[1 - i],)
-                if (found is not None and _ty(self.graph, residual[0]) == n.ty
-                        and residual[0] not in (Ref(found[0].name), n.args[i])):
+                if (
+                    found is not None
+                    and _ty(self.graph, residual[0]) == n.ty
+                    and residual[0] not in (Ref(found[0].name), n.args[i])
+                ):
                     return found, "add", residual
         return None, "", ()
 
@@ -266,15 +327,27 @@ class _EpilogueFolder:
         args = src.args
         if view is not None:  # the call's input as a view of the node's leading shape
             k = self.typeof(args[0]).shape[-1]
-            pre = make(self.typeof, f"{n.name}.in", n.tenants, relax.op.reshape, [args[0]],
-                       shape=[*n.ty.shape[:-1], k])
+            pre = make(
+                self.typeof,
+                f"{n.name}.in",
+                n.tenants,
+                relax.op.reshape,
+                [args[0]],
+                shape=[*n.ty.shape[:-1], k],
+            )
             self.cur[pre.name] = pre
             self.added.setdefault(n.name, []).append(pre)
             args = (Ref(pre.name), *args[1:])
             self.gone.add(view.name)
         tenants = tuple(dict.fromkeys((*src.tenants, *n.tenants)))
-        self.cur[n.name] = Node(n.name, ops.LIBRARY_CALL, (*args, *residual), n.ty, tenants,
-                                src.attrs.replace(epilogue=epilogue))
+        self.cur[n.name] = Node(
+            n.name,
+            ops.LIBRARY_CALL,
+            (*args, *residual),
+            n.ty,
+            tenants,
+            src.attrs.replace(epilogue=epilogue),
+        )
         self.gone.add(src.name)
 
     def result(self, nodes: list[Node]) -> list[Node]:
@@ -294,24 +367,51 @@ def _row_calls(graph: Graph, const: set[str]) -> dict[str, tuple[Node, dict]]:
     out: dict[str, tuple[Node, dict]] = {}
     for n in graph.nodes:
         ty = n.ty
-        if (n.op not in ops.ROW_KERNELS or n.name in const
-                or not isinstance(ty, TensorTy) or ty.dtype != "float32" or not ty.shape):
+        if (
+            n.op not in ops.ROW_KERNELS
+            or n.name in const
+            or not isinstance(ty, TensorTy)
+            or ty.dtype != "float32"
+            or not ty.shape
+        ):
             continue
         attrs = n.attrs.obj
         last = len(ty.shape) - 1
         if n.op == "relax.nn.softmax":
             if int(attrs.axis) in (-1, last):
-                out[n.name] = (Node(n.name, ops.LIBRARY_CALL, n.args[:1], ty, n.tenants,
-                                    ops.LibraryCall("native", "softmax")), {})
+                out[n.name] = (
+                    Node(
+                        n.name,
+                        ops.LIBRARY_CALL,
+                        n.args[:1],
+                        ty,
+                        n.tenants,
+                        ops.LibraryCall("native", "softmax"),
+                    ),
+                    {},
+                )
             continue
         axes = [int(a) for a in attrs.axes]
         affine = [_ty(graph, a) for a in n.args[1:3]]
-        if (axes in ([-1], [last]) and bool(attrs.center) and bool(attrs.scale)
-                and all(t == TensorTy((ty.shape[-1],), "float32") for t in affine)):
+        if (
+            axes in ([-1], [last])
+            and bool(attrs.center)
+            and bool(attrs.scale)
+            and all(t == TensorTy((ty.shape[-1],), "float32") for t in affine)
+        ):
             eps = np.array([float(attrs.epsilon)], np.float32)
             key = const_key(eps)
-            out[n.name] = (Node(n.name, ops.LIBRARY_CALL, (*n.args[:3], ConstRef(key)), ty,
-                                n.tenants, ops.LibraryCall("native", "layer_norm")), {key: eps})
+            out[n.name] = (
+                Node(
+                    n.name,
+                    ops.LIBRARY_CALL,
+                    (*n.args[:3], ConstRef(key)),
+                    ty,
+                    n.tenants,
+                    ops.LibraryCall("native", "layer_norm"),
+                ),
+                {key: eps},
+            )
     return out
 
 
@@ -362,8 +462,11 @@ def _dense_parts(node: Node, graph: Graph) -> tuple[list[np.ndarray], bool] | No
         return weights, False
     # one weight per slice of the activations' first dimension (not broadcast over it)
     a = node.args[0]
-    a_shape = (getattr(graph.node(a.name).ty, "shape", ())
-               if isinstance(a, Ref) and a.name in graph else ())
+    a_shape = (
+        getattr(graph.node(a.name).ty, "shape", ())
+        if isinstance(a, Ref) and a.name in graph
+        else ()
+    )
     shape = getattr(node.ty, "shape", ())
     if len(shape) < 3 or len(a_shape) != len(shape) or not shape[0] == a_shape[0] == len(parts):
         return None
@@ -404,8 +507,11 @@ def _pack_dense(graph: Graph, nodes: list[Node]) -> tuple[list[Node], dict[str, 
         if arr is not None:
             key = const_key(arr)
             packed[key] = arr
-            n = replace(n, args=(n.args[0], ConstRef(key), *n.args[2:]),
-                        attrs=n.attrs.replace(variant="packed"))
+            n = replace(
+                n,
+                args=(n.args[0], ConstRef(key), *n.args[2:]),
+                attrs=n.attrs.replace(variant="packed"),
+            )
         out.append(n)
     if not packed:
         return out, packed

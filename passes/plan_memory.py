@@ -43,18 +43,26 @@ class PlanMemory(Pass):
     computes = ("memory",)
     preserves = ("streams",)
     # offsets are padded to it, so the arena grows with it: a page is the most that helps
-    alignment: int | None = option(None, minimum=1, maximum=4096, power_of_two=True,
-                                   doc="bytes every offset is a multiple of")
+    alignment: int | None = option(
+        None, minimum=1, maximum=4096, power_of_two=True, doc="bytes every offset is a multiple of"
+    )
     strategy: str = option("greedy", choices=STRATEGIES, doc="greedy or naive")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         alignment = self.alignment or ALIGNMENT.get(ctx.target, 256)
         streams = graph.analyses.get("streams")
         dag = kernel_dag(graph)
-        fp = plan_function(ctx.function, dag, alignment, _stream_order(streams, dag),
-                           self.strategy)
-        plan = MemoryPlan({ctx.function: fp},
-                          streams.fingerprint() if streams is not None else None)
-        return PassResult(graph.with_analysis("memory", plan), False, {
-            "arena_bytes": fp.arena_bytes, "lower_bound_bytes": fp.lower_bound_bytes,
-            "naive_bytes": fp.naive_bytes, "tensors": len(fp.slots)})
+        fp = plan_function(ctx.function, dag, alignment, _stream_order(streams, dag), self.strategy)
+        plan = MemoryPlan(
+            {ctx.function: fp}, streams.fingerprint() if streams is not None else None
+        )
+        return PassResult(
+            graph.with_analysis("memory", plan),
+            False,
+            {
+                "arena_bytes": fp.arena_bytes,
+                "lower_bound_bytes": fp.lower_bound_bytes,
+                "naive_bytes": fp.naive_bytes,
+                "tensors": len(fp.slots),
+            },
+        )

@@ -113,8 +113,14 @@ def small_graph() -> Graph:
     """Two tenants: a = relu(x @ W), b = (y, y) split back into its first item."""
     a = [
         Node("a.x", INPUT, (), F24, ("a",)),
-        Node("a.mm", "relax.matmul", (Ref("a.x"), ConstRef(WKEY)), F23, ("a",),
-             attrs("out_dtype=float32")),
+        Node(
+            "a.mm",
+            "relax.matmul",
+            (Ref("a.x"), ConstRef(WKEY)),
+            F23,
+            ("a",),
+            attrs("out_dtype=float32"),
+        ),
         Node("a.r", "relax.nn.relu", (Ref("a.mm"),), F23, ("a",)),
     ]
     b = [

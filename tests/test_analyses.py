@@ -95,14 +95,16 @@ PROVIDERS = resolve_providers("llvm", None)
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny tenants merged, no passes run: three independent tenants."""
-    module, *_ = api._front(tiny_tenants(), "llvm", [], (), api._Stages(lambda _m: None),
-                            PROVIDERS)
+    module, *_ = api._front(tiny_tenants(), "llvm", [], (), api._Stages(lambda _m: None), PROVIDERS)
     return module.functions["run_all"]
 
 
 def _planned(graph, *passes):
-    out, _ = run_passes(graph, [make_pass("eliminate-dead-nodes"), make_pass("fuse-vertical"), *passes],
-                        PassContext(kernels=PROVIDERS, cores=4))
+    out, _ = run_passes(
+        graph,
+        [make_pass("eliminate-dead-nodes"), make_pass("fuse-vertical"), *passes],
+        PassContext(kernels=PROVIDERS, cores=4),
+    )
     return out
 
 
@@ -131,15 +133,19 @@ def test_a_pass_that_changes_the_graph_drops_what_it_does_not_preserve(tiny, tem
 
 
 def test_a_pass_attaching_an_undeclared_analysis_is_refused(graph, temp_passes):
-    with pytest.raises(AnalysisError, match=r"pass 'test-scribble' attached analysis "
-                                            r"\['notes'\] that it does not declare"):
+    with pytest.raises(
+        AnalysisError,
+        match=r"pass 'test-scribble' attached analysis "
+        r"\['notes'\] that it does not declare",
+    ):
         run_passes(graph, [Scribble()])
 
 
-def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, tiny,
-                                                                      temp_passes):
-    msg = (r"pass 'test-needs-streams' requires analysis 'streams', which no pass before it "
-           r"computed on the graph it gets; run 'assign-streams' before 'test-needs-streams'")
+def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, tiny, temp_passes):
+    msg = (
+        r"pass 'test-needs-streams' requires analysis 'streams', which no pass before it "
+        r"computed on the graph it gets; run 'assign-streams' before 'test-needs-streams'"
+    )
     with pytest.raises(AnalysisError, match=msg):
         build_pipeline(["fuse-vertical", "test-needs-streams"])
     with pytest.raises(AnalysisError, match=msg):
@@ -151,8 +157,11 @@ def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, ti
     streamed, _ = run_passes(graph, [AssignStreams()], tvm)  # computed by an earlier run
     with pytest.raises(AnalysisError, match=msg):
         run_passes(streamed, [make_pass("fuse-vertical"), NeedsStreams()], tvm)
-    _, records = run_passes(tiny, build_pipeline(["assign-streams", "test-needs-streams"], MAX),
-                            PassContext(kernels=PROVIDERS, cores=4))
+    _, records = run_passes(
+        tiny,
+        build_pipeline(["assign-streams", "test-needs-streams"], MAX),
+        PassContext(kernels=PROVIDERS, cores=4),
+    )
     assert records[-1].info == {"streams": 5}  # the very assignment assign-streams made
     # a pass requiring streams on every function (only run_all has them)
     with pytest.raises(AnalysisError, match="'test-needs-streams' requires analysis 'streams'"):
@@ -164,10 +173,12 @@ def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, ti
 
 
 def test_plan_memory_then_assign_streams_is_refused_before_any_work():
-    msg = (r"pass 'assign-streams' invalidates analysis 'memory' computed by 'plan-memory' "
-           r"before it \(it does not preserve it\), and no later pass computes it again: run "
-           r"'plan-memory' after 'assign-streams' \(pipeline: fuse-vertical, plan-memory, "
-           r"assign-streams\)")
+    msg = (
+        r"pass 'assign-streams' invalidates analysis 'memory' computed by 'plan-memory' "
+        r"before it \(it does not preserve it\), and no later pass computes it again: run "
+        r"'plan-memory' after 'assign-streams' \(pipeline: fuse-vertical, plan-memory, "
+        r"assign-streams\)"
+    )
     with pytest.raises(AnalysisError, match=msg):
         build_pipeline(STALE, MAX)
     with pytest.raises(AnalysisError, match="run 'plan-memory' after 'assign-streams'"):
@@ -176,15 +187,17 @@ def test_plan_memory_then_assign_streams_is_refused_before_any_work():
     with pytest.raises(AnalysisError, match="run 'plan-memory' after 'assign-streams'"):
         mtcompile.compile([Tenant("a", model=object())], passes=STALE, pass_options=MAX)
     # computing it again after is fine
-    assert [p.name for p in build_pipeline([*STALE, "plan-memory"], MAX)] == [
-        *STALE, "plan-memory"]
+    assert [p.name for p in build_pipeline([*STALE, "plan-memory"], MAX)] == [*STALE, "plan-memory"]
 
 
 def test_the_runner_refuses_a_plan_lost_to_a_pass_that_changed_the_graph(graph):
     kernels = {"matmul": "tvm"}
-    with pytest.raises(AnalysisError, match=r"pass 'fuse-vertical' invalidates analysis "
-                                            r"'memory' computed by 'plan-memory' before it "
-                                            r"\(it changed the graph\)"):
+    with pytest.raises(
+        AnalysisError,
+        match=r"pass 'fuse-vertical' invalidates analysis "
+        r"'memory' computed by 'plan-memory' before it "
+        r"\(it changed the graph\)",
+    ):
         run_passes(graph, [PlanMemory(), make_pass("fuse-vertical")], PassContext(kernels=kernels))
     # the same passes one by one: each run starts afresh, the plan is simply dropped
     planned, _ = run_passes(graph, [PlanMemory()], PassContext(kernels=kernels))
@@ -209,9 +222,12 @@ def test_lowering_refuses_streams_over_a_plan_made_for_another_order(tiny):
     assert stream_layout(streamed) is not None
     # a sequential plan under a 5-stream assignment (what a stale pipeline used to build)
     stale = streamed.with_analysis("memory", _planned(tiny, PlanMemory()).analyses["memory"])
-    with pytest.raises(MTCompileError, match=r"run_all's memory plan was made for program "
-                                             r"order, not for the 5-stream assignment .* Run "
-                                             r"plan-memory after assign-streams"):
+    with pytest.raises(
+        MTCompileError,
+        match=r"run_all's memory plan was made for program "
+        r"order, not for the 5-stream assignment .* Run "
+        r"plan-memory after assign-streams",
+    ):
         stream_layout(stale)
 
 
@@ -237,8 +253,14 @@ def test_compile_reads_the_cores_once(monkeypatch):
     calls = []
     real = api.usable_cores
     monkeypatch.setattr(api, "usable_cores", lambda: calls.append(1) or real())
-    module, *_ = api._front(tiny_tenants(), "llvm", build_pipeline(), (),
-                            api._Stages(lambda _m: None), resolve_providers("llvm", None))
+    module, *_ = api._front(
+        tiny_tenants(),
+        "llvm",
+        build_pipeline(),
+        (),
+        api._Stages(lambda _m: None),
+        resolve_providers("llvm", None),
+    )
     assert len(calls) == 1
     assert module.functions["run_all"].analyses["streams"].info["cores"] == real()
 
@@ -246,18 +268,29 @@ def test_compile_reads_the_cores_once(monkeypatch):
 # --------------------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize("name, options, match", [
-    ("assign-streams", {"streams": 2.5}, r"option 'streams' must be int \| None, got 2.5 "
-                                         r"\(float\)"),
-    ("assign-streams", {"streams": 0}, "streams must be at least 1, got 0"),
-    ("assign-streams", {"cores": True}, r"option 'cores' must be int \| None, got True"),
-    ("assign-streams", {"policy": "fastest"}, "unknown policy 'fastest'"),
-    ("assign-streams", "max", r"options of pass 'assign-streams' must be a dict of option "
-                              r"-> value, got 'max' \(str\)"),
-    ("plan-memory", {"alignment": 0}, "alignment must be a power of two, got 0"),
-    ("plan-memory", {"strategy": 3}, r"option 'strategy' must be str, got 3 \(int\)"),
-    ("fuse-horizontal", {"ops": "relax.matmul"}, r"option 'ops' must be tuple\[str, \.\.\.\]"),
-])
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        (
+            "assign-streams",
+            {"streams": 2.5},
+            r"option 'streams' must be int \| None, got 2.5 "
+            r"\(float\)",
+        ),
+        ("assign-streams", {"streams": 0}, "streams must be at least 1, got 0"),
+        ("assign-streams", {"cores": True}, r"option 'cores' must be int \| None, got True"),
+        ("assign-streams", {"policy": "fastest"}, "unknown policy 'fastest'"),
+        (
+            "assign-streams",
+            "max",
+            r"options of pass 'assign-streams' must be a dict of option "
+            r"-> value, got 'max' \(str\)",
+        ),
+        ("plan-memory", {"alignment": 0}, "alignment must be a power of two, got 0"),
+        ("plan-memory", {"strategy": 3}, r"option 'strategy' must be str, got 3 \(int\)"),
+        ("fuse-horizontal", {"ops": "relax.matmul"}, r"option 'ops' must be tuple\[str, \.\.\.\]"),
+    ],
+)
 def test_bad_option_values_fail_when_the_pass_is_made(name, options, match):
     with pytest.raises(PassOptionError, match=match) as info:
         make_pass(name, options)
@@ -300,8 +333,14 @@ def test_one_pipeline_run_over_a_module_of_functions():
     tenants = [*_twins(), Tenant("r", m3, example_inputs=x3)]
     seen = _Seen()
     module, _, graphs, records = api._front(
-        tenants, "llvm", pipeline, [seen], api._Stages(lambda _m: None),
-        resolve_providers("llvm", None), subsets={"run_some__p__q": ("p", "q")})
+        tenants,
+        "llvm",
+        pipeline,
+        [seen],
+        api._Stages(lambda _m: None),
+        resolve_providers("llvm", None),
+        subsets={"run_some__p__q": ("p", "q")},
+    )
     # every pass once, over the whole module
     functions = ("p", "q", "r", "run_all", "run_some__p__q")
     assert seen.seen == [(p.name, functions) for p in pipeline]
@@ -334,8 +373,9 @@ def test_streams_after_the_plan_equal_sequential_bit_for_bit():
     from mtcompile.tools.verify import seeded_run_all_inputs
 
     order = ["fuse-vertical", "assign-streams", "plan-memory"]
-    seq = mtcompile.compile(tiny_tenants(), passes=order,
-                            pass_options={"assign-streams": {"streams": 1}})
+    seq = mtcompile.compile(
+        tiny_tenants(), passes=order, pass_options={"assign-streams": {"streams": 1}}
+    )
     par = mtcompile.compile(tiny_tenants(), passes=order, pass_options=MAX)
     assert seq.num_streams == 1 and par.num_streams > 1
     for r in range(60):

@@ -54,9 +54,11 @@ IDS = torch.tensor([[1, 2, 3, 63], [0, 5, 9, 60]])
 
 
 def tenants() -> list[mtcompile.Tenant]:
-    return [mtcompile.Tenant("a", Lin(1), example_inputs=(X,)),
-            mtcompile.Tenant("b", Lin(2), example_inputs=(X,)),
-            mtcompile.Tenant("emb", Emb(), example_inputs=(IDS,))]
+    return [
+        mtcompile.Tenant("a", Lin(1), example_inputs=(X,)),
+        mtcompile.Tenant("b", Lin(2), example_inputs=(X,)),
+        mtcompile.Tenant("emb", Emb(), example_inputs=(IDS,)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +82,12 @@ def edit(d: Path, change) -> None:
 
 def in_child(code: str, *args) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter (a signal kills the child, not the test)."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 LOAD_RUN = """
@@ -101,29 +107,38 @@ def _weights(m) -> dict:
 
 WEIGHT_EDITS = {
     # name: (edit of the first weight row, words the refusal says)
-    "offset past the file": (lambda r: r.__setitem__(0, 1 << 40),
-                             ["weights.tensors[0] (weight 0): extent", "to end within",
-                              "found its end at byte 1099511"]),
-    "negative offset": (lambda r: r.__setitem__(0, -64),
-                        ["weights.tensors[0] (weight 0): offset", "expected >= 0 and a "
-                         "multiple of 64, found -64"]),
-    "misaligned offset": (lambda r: r.__setitem__(0, r[0] + 4),
-                          ["weights.tensors[0] (weight 0): offset", "multiple of 64"]),
-    "huge shape": (lambda r: r.__setitem__(1, [1 << 40, 1 << 40]),
-                   ["weights.tensors[0] (weight 0): extent", "found its end beyond byte "
-                    "2**62"]),
-    "negative dim": (lambda r: r.__setitem__(1, [-1, 32]),
-                     ["weights.tensors[0] (weight 0): shape: expected dims >= 0, found "
-                      "[-1, 32]"]),
-    "unknown dtype": (lambda r: r.__setitem__(2, "float99"),
-                      ["weights.tensors[0] (weight 0): dtype: expected one of float32",
-                       "found 'float99'"]),
-    "another dtype": (lambda r: r.__setitem__(2, "int8"),
-                      ["weights.tensors[0].dtype: expected float32 (the table the library "
-                       "carries), found int8"]),
-    "offset moved inside": (lambda r: r.__setitem__(0, 0 if r[0] else 64),
-                            ["weights.tensors[0].offset: expected", "(the table the library "
-                             "carries)"]),
+    "offset past the file": (
+        lambda r: r.__setitem__(0, 1 << 40),
+        ["weights.tensors[0] (weight 0): extent", "to end within", "found its end at byte 1099511"],
+    ),
+    "negative offset": (
+        lambda r: r.__setitem__(0, -64),
+        ["weights.tensors[0] (weight 0): offset", "expected >= 0 and a multiple of 64, found -64"],
+    ),
+    "misaligned offset": (
+        lambda r: r.__setitem__(0, r[0] + 4),
+        ["weights.tensors[0] (weight 0): offset", "multiple of 64"],
+    ),
+    "huge shape": (
+        lambda r: r.__setitem__(1, [1 << 40, 1 << 40]),
+        ["weights.tensors[0] (weight 0): extent", "found its end beyond byte 2**62"],
+    ),
+    "negative dim": (
+        lambda r: r.__setitem__(1, [-1, 32]),
+        ["weights.tensors[0] (weight 0): shape: expected dims >= 0, found [-1, 32]"],
+    ),
+    "unknown dtype": (
+        lambda r: r.__setitem__(2, "float99"),
+        ["weights.tensors[0] (weight 0): dtype: expected one of float32", "found 'float99'"],
+    ),
+    "another dtype": (
+        lambda r: r.__setitem__(2, "int8"),
+        ["weights.tensors[0].dtype: expected float32 (the table the library carries), found int8"],
+    ),
+    "offset moved inside": (
+        lambda r: r.__setitem__(0, 0 if r[0] else 64),
+        ["weights.tensors[0].offset: expected", "(the table the library carries)"],
+    ),
 }
 
 
@@ -142,12 +157,18 @@ def test_an_edited_weights_table_is_refused_at_load(saved, case):
 def test_table_bytes_are_checked(saved):
     size = _weights(json.loads((saved / MANIFEST).read_text()))["bytes"]
     edit(saved, lambda m: _weights(m).__setitem__("bytes", 1 << 40))
-    with pytest.raises(ArtifactError, match=r"weights.bytes: expected at most the \d+ bytes "
-                                            "of the library's weights symbol"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"weights.bytes: expected at most the \d+ bytes "
+        "of the library's weights symbol",
+    ):
         mtcompile.load(saved)
     edit(saved, lambda m: _weights(m).__setitem__("bytes", size - 64))
-    with pytest.raises(ArtifactError, match=r"weights.bytes: expected \d+ \(the table the "
-                                            r"library carries\), found \d+"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"weights.bytes: expected \d+ \(the table the "
+        r"library carries\), found \d+",
+    ):
         mtcompile.load(saved)
 
 
@@ -166,28 +187,38 @@ def test_a_refused_table_leaves_the_untouched_bundle_right(built, saved, tmp_pat
 
 def test_a_library_without_its_table_is_refused(saved):
     edit(saved, lambda m: m.pop("weights"))
-    with pytest.raises(ArtifactError, match=r"weights: expected \d+ weights \(the table the "
-                                            r"library carries\), found 0"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"weights: expected \d+ weights \(the table the "
+        r"library carries\), found 0",
+    ):
         mtcompile.load(saved)
 
 
 def test_weight_rules_check_the_table_the_library_carries():
     from mtcompile.runtime.weights import table_json
 
-    table = table_json(mtcompile.runtime.manifest.WeightsInfo(
-        "mtcompile_weights", 96, ((0, (4, 4), "float32"), (64, (8,), "float64")), {}))
+    table = table_json(
+        mtcompile.runtime.manifest.WeightsInfo(
+            "mtcompile_weights", 96, ((0, (4, 4), "float32"), (64, (8,), "float64")), {}
+        )
+    )
     contract.check_table(table, 128, "lib")  # the runtime core's rules, bound
-    with pytest.raises(ArtifactError, match=r"lib: weights.tensors\[1\] \(weight 1\): extent: "
-                                            "expected float64\\[8\\] at offset 64 to end "
-                                            "within the 100 bytes"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"lib: weights.tensors\[1\] \(weight 1\): extent: "
+        "expected float64\\[8\\] at offset 64 to end "
+        "within the 100 bytes",
+    ):
         contract.check_table(table, 100, "lib")
 
 
 # ------------------------------------------------------------------ item 3 (Python side)
 def test_run_all_inputs_must_name_each_tenant_input_once(saved):
     edit(saved, lambda m: m["run_all_inputs"].pop())
-    with pytest.raises(ArtifactError, match="key 'run_all_inputs': expected each tenant input "
-                                            "once"):
+    with pytest.raises(
+        ArtifactError, match="key 'run_all_inputs': expected each tenant input once"
+    ):
         mtcompile.load(saved)
 
 
@@ -204,8 +235,9 @@ def test_swapped_run_all_inputs_are_refused(saved):
 
 def test_library_outside_the_bundle_directory_is_refused(saved):
     edit(saved, lambda m: m.__setitem__("library", "../base/bundle.so"))
-    with pytest.raises(ArtifactError, match="key 'library': '../base/bundle.so' is not a file "
-                                            "name"):
+    with pytest.raises(
+        ArtifactError, match="key 'library': '../base/bundle.so' is not a file name"
+    ):
         mtcompile.load(saved)
 
 
@@ -218,15 +250,20 @@ def _driver_inputs(d: Path) -> Path:
     return d
 
 
-def drive(bundle: Path, entry: str = "a", inputs: Path | None = None, key=None,
-          out: Path | None = None) -> subprocess.CompletedProcess:
+def drive(
+    bundle: Path, entry: str = "a", inputs: Path | None = None, key=None, out: Path | None = None
+) -> subprocess.CompletedProcess:
     from mtcompile.driver import command
 
     inputs = inputs or _driver_inputs(bundle.parent / "in")
     out = out or bundle.parent / "out"
     out.mkdir(exist_ok=True)
-    return subprocess.run(command(bundle, entry, inputs, out, verify_key_file=key),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command(bundle, entry, inputs, out, verify_key_file=key),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def refused(res: subprocess.CompletedProcess, *words: str) -> str:
@@ -246,8 +283,9 @@ def test_driver_runs_the_good_bundle_as_python(built, saved):
     assert res.returncode == 0, res.stderr
     want = built.run_all({"a": (X,), "b": (X,), "emb": (IDS,)})
     for t in ("a", "b", "emb"):
-        np.testing.assert_array_equal(np.load(saved.parent / "out" / f"{t}.output0.npy"),
-                                      want[t][0])
+        np.testing.assert_array_equal(
+            np.load(saved.parent / "out" / f"{t}.output0.npy"), want[t][0]
+        )
 
 
 @pytest.mark.slow
@@ -270,8 +308,11 @@ def test_driver_checks_the_library_before_loading_it(built, saved, tmp_path):
     lib = saved / "bundle.so"
     good = lib.read_bytes()
     lib.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # one byte flipped
-    refused(drive(saved), f"{lib} does not match {saved / MANIFEST}: library sha256",
-            "the files come from different builds")
+    refused(
+        drive(saved),
+        f"{lib} does not match {saved / MANIFEST}: library sha256",
+        "the files come from different builds",
+    )
     other = mtcompile.compile([mtcompile.Tenant("a", Lin(5), example_inputs=(X,))])
     shutil.copyfile(other.save(tmp_path / "other") / "bundle.so", lib)  # another build's
     refused(drive(saved), "does not match", "the files come from different builds")
@@ -291,8 +332,13 @@ def test_driver_verifies_signatures(built, tmp_path):
     res = drive(signed, "emb", key=key)
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
     res = drive(signed, "emb")  # runs, and says that nothing checked the signature
-    assert res.returncode == 0 and (f"mtcompile-run: warning: {signed}: the bundle is signed; "
-                                    "its signature is NOT verified") in res.stderr, res.stderr
+    assert (
+        res.returncode == 0
+        and (
+            f"mtcompile-run: warning: {signed}: the bundle is signed; its signature is NOT verified"
+        )
+        in res.stderr
+    ), res.stderr
     refused(drive(signed, "emb", key=wrong), f"{signed / MANIFEST}: signature does not match")
     plain = built.save(tmp_path / "plain")
     refused(drive(plain, "emb", key=key), "the bundle is not signed, and a verify key was given")
@@ -306,14 +352,20 @@ def test_driver_checks_the_manifest_as_python(saved):
     each tenant the other's input; a library outside the bundle was followed."""
     original = (saved / MANIFEST).read_text()
     edits = {
-        "index_range": (lambda m: m["tenants"]["emb"]["inputs"][0].pop("index_range"),
-                        "disagree on ['tenants']"),
+        "index_range": (
+            lambda m: m["tenants"]["emb"]["inputs"][0].pop("index_range"),
+            "disagree on ['tenants']",
+        ),
         "run_all_inputs": (_swap_run_all_inputs, "disagree on ['run_all_inputs']"),
-        "library": (lambda m: m.__setitem__("library", "../base/bundle.so"),
-                    "key 'library': '../base/bundle.so' is not a file name"),
+        "library": (
+            lambda m: m.__setitem__("library", "../base/bundle.so"),
+            "key 'library': '../base/bundle.so' is not a file name",
+        ),
         "missing": (lambda m: m.pop("graph"), "key 'graph': missing"),
-        "dropped input": (lambda m: m["run_all_inputs"].pop(),
-                          "key 'run_all_inputs': expected each tenant input once"),
+        "dropped input": (
+            lambda m: m["run_all_inputs"].pop(),
+            "key 'run_all_inputs': expected each tenant input once",
+        ),
     }
     for what, (change, words) in edits.items():
         (saved / MANIFEST).write_text(original)
@@ -332,8 +384,11 @@ def test_driver_refuses_index_inputs_outside_their_range(saved, tmp_path):
         ids = IDS.numpy().copy()
         ids[1, 2] = bad
         np.save(inputs / "emb.ids.npy", ids)
-        refused(drive(saved, "emb", inputs), "tenant 'emb', input 'ids'",
-                f"index {bad} at flat position 6 is outside [0, 64)")
+        refused(
+            drive(saved, "emb", inputs),
+            "tenant 'emb', input 'ids'",
+            f"index {bad} at flat position 6 is outside [0, 64)",
+        )
 
 
 # ------------------------------------------------------------------ item 5: minor findings
@@ -344,12 +399,19 @@ def _onnx_odd_output():
 
     w = numpy_helper.from_array(np.arange(32 * 16, dtype=np.float32).reshape(32, 16) / 512, "w")
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"],
-                                                                  ["out/y:0"]),
-         helper.make_node("Relu", ["out/y:0"], ["out_y_0"])],
-        "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
-        [helper.make_tensor_value_info("out/y:0", TensorProto.FLOAT, [2, 16]),
-         helper.make_tensor_value_info("out_y_0", TensorProto.FLOAT, [2, 16])], [w])
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("MatMul", ["r", "w"], ["out/y:0"]),
+            helper.make_node("Relu", ["out/y:0"], ["out_y_0"]),
+        ],
+        "odd",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [
+            helper.make_tensor_value_info("out/y:0", TensorProto.FLOAT, [2, 16]),
+            helper.make_tensor_value_info("out_y_0", TensorProto.FLOAT, [2, 16]),
+        ],
+        [w],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -368,8 +430,21 @@ def test_output_names_become_safe_file_names(odd, tmp_path):
 
     saved, want = odd
     np.save(tmp_path / "x.npy", X.numpy())
-    assert main(["run", str(saved), "--tenant", "o", "--input", f"x={tmp_path / 'x.npy'}",
-                 "-o", str(tmp_path / "out")]) == 0  # before: exit 4
+    assert (
+        main(
+            [
+                "run",
+                str(saved),
+                "--tenant",
+                "o",
+                "--input",
+                f"x={tmp_path / 'x.npy'}",
+                "-o",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )  # before: exit 4
     assert contract.file_name("o", "out/y:0") == "o.out_y_0.npy"
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0.npy"), want[0])
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "o.out_y_0_2.npy"), want[1])
@@ -379,10 +454,14 @@ def test_output_files_are_safe_unique_and_deterministic():
     from mtcompile.runtime.manifest import output_files
 
     assert output_files({"t": ["a/b", "a_b", "A_B", "ok"], "u": ["a/b"]}) == {
-        "t": ["t.a_b.npy", "t.a_b_2.npy", "t.A_B_3.npy", "t.ok.npy"], "u": ["u.a_b.npy"]}
+        "t": ["t.a_b.npy", "t.a_b_2.npy", "t.A_B_3.npy", "t.ok.npy"],
+        "u": ["u.a_b.npy"],
+    }
     # across tenants too: tenant 'a.b' output 'c' and tenant 'a' output 'b.c'
-    assert output_files({"a.b": ["c"], "a": ["b.c"]}) == {"a.b": ["a.b.c.npy"],
-                                                          "a": ["a.b.c_2.npy"]}
+    assert output_files({"a.b": ["c"], "a": ["b.c"]}) == {
+        "a.b": ["a.b.c.npy"],
+        "a": ["a.b.c_2.npy"],
+    }
 
 
 @pytest.mark.slow
@@ -406,15 +485,30 @@ def test_run_refuses_a_file_as_output_directory_and_a_device_as_input(odd, tmp_p
     assert main([*args, "-o", str(tmp_path / "file")]) == 1  # before: exit 4 FileExistsError
     assert f"-o {tmp_path / 'file'}: is a file, not a directory" in capsys.readouterr().err
     (tmp_path / "zero.npy").symlink_to("/dev/zero")
-    assert main(["run", str(saved), "--tenant", "o", "--input", f"x={tmp_path / 'zero.npy'}",
-                 "-o", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                "run",
+                str(saved),
+                "--tenant",
+                "o",
+                "--input",
+                f"x={tmp_path / 'zero.npy'}",
+                "-o",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert f"--input x: {tmp_path / 'zero.npy'} is not a regular file" in capsys.readouterr().err
 
 
 NPY_HEADERS = {
     # name: (the file's bytes, words the refusal says); before: exit 4 (stoll, substr)
-    "shape not numbers": (b"{'descr': '<f4', 'fortran_order': False, 'shape': (a, b), }",
-                          "shape (a, b) is malformed"),
+    "shape not numbers": (
+        b"{'descr': '<f4', 'fortran_order': False, 'shape': (a, b), }",
+        "shape (a, b) is malformed",
+    ),
     "unterminated descr": (b"{'descr': '<f4", "'descr' is malformed"),
     "no shape": (b"{'descr': '<f4', 'fortran_order': False}", "header has no 'shape'"),
     "descr at the end": (b"{'descr':", ".npy header has no 'descr'"),
@@ -425,8 +519,9 @@ NPY_HEADERS = {
 def test_driver_refuses_malformed_npy_files(saved, tmp_path):
     inputs = _driver_inputs(tmp_path / "in")
     for header, words in NPY_HEADERS.values():
-        (inputs / "a.x.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
-                                         + header)
+        (inputs / "a.x.npy").write_bytes(
+            b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+        )
         refused(drive(saved, "a", inputs), str(inputs / "a.x.npy"), words)
     np.save(inputs / "a.x.npy", X.numpy())
     data = (inputs / "a.x.npy").read_bytes()
@@ -448,15 +543,20 @@ def test_an_unusable_cache_directory_fails_before_compiling(tmp_path, monkeypatc
         raise AssertionError("compiled before checking the cache directory")
 
     monkeypatch.setattr(api, "_import", no_import)
-    with pytest.raises(mtcompile.errors.MTCompileError,
-                       match=f"build cache directory {bad} cannot be used: Not a directory"):
+    with pytest.raises(
+        mtcompile.errors.MTCompileError,
+        match=f"build cache directory {bad} cannot be used: Not a directory",
+    ):
         mtcompile.compile(tenants(), cache=bad)
     spec = tmp_path / "spec.toml"
-    spec.write_text('[[tenants]]\nname = "m"\nfactory = "mtcompile.models:mlp_fx"\n'
-                    'args = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }\n')
+    spec.write_text(
+        '[[tenants]]\nname = "m"\nfactory = "mtcompile.models:mlp_fx"\n'
+        "args = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }\n"
+    )
     assert main(["build", str(spec), "-o", str(tmp_path / "o"), "--cache-dir", str(bad)]) == 1
-    assert f"mtcompile: error: build cache directory {bad} cannot be used" in \
-        capsys.readouterr().err
+    assert (
+        f"mtcompile: error: build cache directory {bad} cannot be used" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.slow  # builds a bundle through the CLI
@@ -467,14 +567,32 @@ def test_cli_signs_verifies_and_says_whether_a_bundle_is_signed(tmp_path, capsys
     key.write_text("pipeline secret\n")
     wrong.write_text("another key\n")
     spec = tmp_path / "spec.toml"
-    spec.write_text('[[tenants]]\nname = "m"\nfactory = "mtcompile.models:mlp_fx"\n'
-                    'args = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }\n')
+    spec.write_text(
+        '[[tenants]]\nname = "m"\nfactory = "mtcompile.models:mlp_fx"\n'
+        "args = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }\n"
+    )
     out = tmp_path / "o"
-    assert main(["build", str(spec), "-o", str(out), "--no-cache", "--no-verify",
-                 "--sign-key-file", str(key)]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(spec),
+                "-o",
+                str(out),
+                "--no-cache",
+                "--no-verify",
+                "--sign-key-file",
+                str(key),
+            ]
+        )
+        == 0
+    )
     assert mtcompile.load(out, verify_key=b"pipeline secret").report()["signature"] == {
-        "signed": True, "scheme": "hmac-sha256", "verified": True,
-        "note": "signed and verified with the key given"}
+        "signed": True,
+        "scheme": "hmac-sha256",
+        "verified": True,
+        "note": "signed and verified with the key given",
+    }
     rep = mtcompile.load(out).report()["signature"]  # before: nothing said
     assert rep["signed"] and not rep["verified"] and "NOT verified" in rep["note"]
     capsys.readouterr()
@@ -521,8 +639,10 @@ def test_the_table_the_library_carries_is_checked_too(saved):
     new = f'"bytes":{"9" * len(str(size))},'.encode()
     lib.write_bytes(data.replace(old, new))
     _rehash(saved)
-    words = (f"{lib}: weights.bytes: expected at most the {size} bytes of the library's "
-             f"weights symbol 'mtcompile_weights', found {'9' * len(str(size))}")
+    words = (
+        f"{lib}: weights.bytes: expected at most the {size} bytes of the library's "
+        f"weights symbol 'mtcompile_weights', found {'9' * len(str(size))}"
+    )
     line = refused(drive(saved, "a"), words)
     with pytest.raises(ArtifactError) as e:
         mtcompile.load(saved)
@@ -530,16 +650,23 @@ def test_the_table_the_library_carries_is_checked_too(saved):
 
 
 TABLE_EDITS = {
-    "float offset": (lambda w: w["tensors"][0].__setitem__(0, 64.5),
-                     "key 'weights.tensors[0].offset': expected an integer, found 64.5"),
-    "dtype not a string": (lambda w: w["tensors"][0].__setitem__(2, 5),
-                           "key 'weights.tensors[0]': expected [offset, shape, dtype], found ["),
-    "shape not integers": (lambda w: w["tensors"][0].__setitem__(1, [2, "x"]),
-                           "key 'weights.tensors[0].shape': expected a list of integers, "
-                           "found [2, 'x']"),
+    "float offset": (
+        lambda w: w["tensors"][0].__setitem__(0, 64.5),
+        "key 'weights.tensors[0].offset': expected an integer, found 64.5",
+    ),
+    "dtype not a string": (
+        lambda w: w["tensors"][0].__setitem__(2, 5),
+        "key 'weights.tensors[0]': expected [offset, shape, dtype], found [",
+    ),
+    "shape not integers": (
+        lambda w: w["tensors"][0].__setitem__(1, [2, "x"]),
+        "key 'weights.tensors[0].shape': expected a list of integers, found [2, 'x']",
+    ),
     "args missing": (lambda w: w.pop("args"), "key 'weights.args': missing"),
-    "bytes a string": (lambda w: w.__setitem__("bytes", "12288"),
-                       "key 'weights.bytes': expected int, found str '12288'"),
+    "bytes a string": (
+        lambda w: w.__setitem__("bytes", "12288"),
+        "key 'weights.bytes': expected int, found str '12288'",
+    ),
 }
 
 

@@ -32,15 +32,36 @@ def test_time_block_counts_warmup_apart():
 
 
 def test_neighbours_table_reports_ratios_and_skipped_compile():
-    rows = {"bundle": {"alone_ms": 2.0, "interleaved_ms": 3.0, "interleaved_ratio": 1.5,
-                       "beside_bundle_ms": None, "beside_bundle_ratio": None,
-                       "after_compile_ms": None, "after_compile_ratio": None},
-            "onnxruntime": {"alone_ms": 2.0, "interleaved_ms": 3.0, "interleaved_ratio": 1.5,
-                            "beside_bundle_ms": 2.1, "beside_bundle_ratio": 1.05,
-                            "after_compile_ms": None, "after_compile_ratio": None}}
-    res = {"set": "bert4", "tenants": ["bert0"], "repeat": 3, "rows": rows,
-           "torch_compile_ms": None, "torch_compile_skipped": "RuntimeError: no compiler",
-           "torch_imported_by_load": True, "max_abs_err": 1e-6}
+    rows = {
+        "bundle": {
+            "alone_ms": 2.0,
+            "interleaved_ms": 3.0,
+            "interleaved_ratio": 1.5,
+            "beside_bundle_ms": None,
+            "beside_bundle_ratio": None,
+            "after_compile_ms": None,
+            "after_compile_ratio": None,
+        },
+        "onnxruntime": {
+            "alone_ms": 2.0,
+            "interleaved_ms": 3.0,
+            "interleaved_ratio": 1.5,
+            "beside_bundle_ms": 2.1,
+            "beside_bundle_ratio": 1.05,
+            "after_compile_ms": None,
+            "after_compile_ratio": None,
+        },
+    }
+    res = {
+        "set": "bert4",
+        "tenants": ["bert0"],
+        "repeat": 3,
+        "rows": rows,
+        "torch_compile_ms": None,
+        "torch_compile_skipped": "RuntimeError: no compiler",
+        "torch_imported_by_load": True,
+        "max_abs_err": 1e-6,
+    }
     text = to_markdown(res, "python -m benchmarks.neighbours --repeat 3")
     assert "| bundle | 2.000 | 3.000 | 1.50 |" in text
     assert "| onnxruntime | 2.000 | 3.000 | 1.50 | 2.100 | 1.05 |" in text
@@ -60,11 +81,27 @@ def test_coverage_table_counts_matches_and_geomeans():
     from benchmarks.coverage import to_markdown as coverage_md
     from benchmarks.coverage import totals
 
-    rows = [{"model": "a", "family": "encoder", "match": True, "rel_err": 1e-7, "compile_s": 2.0,
-             "ms": {"bundle": 1.0, "eager": 2.0, "onnxruntime": 0.5}, "tvm_share": 0.25},
-            {"model": "b", "family": "vision", "match": True, "rel_err": 2e-7, "compile_s": 1.0,
-             "ms": {"bundle": 2.0, "eager": 1.0, "onnxruntime": 8.0}, "tvm_share": 0.5},
-            {"model": "c", "family": "audio", "error": "TenantError: no"}]
+    rows = [
+        {
+            "model": "a",
+            "family": "encoder",
+            "match": True,
+            "rel_err": 1e-7,
+            "compile_s": 2.0,
+            "ms": {"bundle": 1.0, "eager": 2.0, "onnxruntime": 0.5},
+            "tvm_share": 0.25,
+        },
+        {
+            "model": "b",
+            "family": "vision",
+            "match": True,
+            "rel_err": 2e-7,
+            "compile_s": 1.0,
+            "ms": {"bundle": 2.0, "eager": 1.0, "onnxruntime": 8.0},
+            "tvm_share": 0.5,
+        },
+        {"model": "c", "family": "audio", "error": "TenantError: no"},
+    ]
     t = totals(rows)
     assert (t["matching"], t["total"]) == (2, 3)
     assert t["eager_geomean"] == pytest.approx(1.0) and t["ort_geomean"] == pytest.approx(2**0.5)
@@ -76,10 +113,16 @@ def test_coverage_table_counts_matches_and_geomeans():
 def test_contention_table_reports_slowdowns():
     from benchmarks.contention import to_markdown as contention_md
 
-    res = {"set": "mixed", "repeat": 3, "threads": {"default": 2, "taskset -c 0": 1},
-           "ms": {"0 busy": {"bundle": 2.0, "onnxruntime": 4.0},
-                  "2 busy": {"bundle": 3.0, "onnxruntime": 10.0},
-                  "after OpenVINO": {"bundle": 5.0, "onnxruntime": 4.4}}}
+    res = {
+        "set": "mixed",
+        "repeat": 3,
+        "threads": {"default": 2, "taskset -c 0": 1},
+        "ms": {
+            "0 busy": {"bundle": 2.0, "onnxruntime": 4.0},
+            "2 busy": {"bundle": 3.0, "onnxruntime": 10.0},
+            "after OpenVINO": {"bundle": 5.0, "onnxruntime": 4.4},
+        },
+    }
     text = contention_md(res, "python -m benchmarks.contention")
     assert "| 2 busy | 3.000 | 1.50 | 10.000 | 2.50 |" in text
     assert "| after OpenVINO | 5.000 | 2.50 | 4.400 | 1.10 |" in text

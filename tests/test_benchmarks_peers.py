@@ -58,12 +58,20 @@ def test_peer_note_groups_tenants_by_reason():
 
 def test_check_records_diffs_and_names_peer_and_tenant_when_off():
     reference = {"t0": [np.ones(4, np.float32)], "t1": [np.full(4, 10, np.float32)]}
-    close = Peer(runners={"t0": lambda: [np.ones(4, np.float32) + np.float32(2**-20)],
-                          "t1": lambda: torch.full((4,), 10.0)})
+    close = Peer(
+        runners={
+            "t0": lambda: [np.ones(4, np.float32) + np.float32(2**-20)],
+            "t1": lambda: torch.full((4,), 10.0),
+        }
+    )
     diffs = check("openvino", close, reference)
     assert diffs == {"t0": 2**-20, "t1": 0.0}
-    off = Peer(runners={"t0": lambda: [np.ones(4, np.float32)],
-                        "t1": lambda: [np.full(4, 10.01, np.float32)]})
+    off = Peer(
+        runners={
+            "t0": lambda: [np.ones(4, np.float32)],
+            "t1": lambda: [np.full(4, 10.01, np.float32)],
+        }
+    )
     with pytest.raises(PeerMismatch, match=r"openvino on tenant 't1'.*1\.0e-03"):
         check("openvino", off, reference)
     wrong_shape = Peer(runners={"t0": lambda: [np.ones(5, np.float32)]})
@@ -104,8 +112,10 @@ def test_aoti_failing_to_export_a_tenant_is_a_note():
 def test_aoti_and_torch_compile_peers_match_eager_on_a_tiny_tenant():
     model, torch_inputs, _ = tiny_tenant()
     reference = reference_of(model, torch_inputs)
-    for label, peer in (("aotinductor", aoti_peer({"tiny": model}, torch_inputs)),
-                        ("torch.compile", compiled_peer({"tiny": model}, torch_inputs))):
+    for label, peer in (
+        ("aotinductor", aoti_peer({"tiny": model}, torch_inputs)),
+        ("torch.compile", compiled_peer({"tiny": model}, torch_inputs)),
+    ):
         assert not peer.notes, peer.note()
         assert check(label, peer, reference)["tiny"] < 1e-5
 
@@ -123,8 +133,10 @@ class FakeBundle:
 
 def test_contenders_of_gives_incomplete_peers_a_note_and_no_time():
     bundle, alone = FakeBundle(), FakeBundle()
-    peers = {"onnxruntime": Peer(runners={"a": lambda: None}),
-             "aotinductor": Peer(runners={"a": lambda: None}, notes={"b": "no gcc"})}
+    peers = {
+        "onnxruntime": Peer(runners={"a": lambda: None}),
+        "aotinductor": Peer(runners={"a": lambda: None}, notes={"b": "no gcc"}),
+    }
     contenders, notes = contenders_of(peers, {"bundle": bundle}, {"a": alone}, {"a": (1,)})
     assert list(contenders) == ["onnxruntime", "tvm separate", "bundle"]
     assert notes == {"aotinductor": "no gcc (b)"}
@@ -134,20 +146,39 @@ def test_contenders_of_gives_incomplete_peers_a_note_and_no_time():
 
 
 def sample_result():
-    blocked = {"pytorch eager": [0.008] * 3, "onnxruntime": [0.003] * 3,
-               "openvino": [0.001, 0.001, 0.005], "bundle": [0.002] * 3}
+    blocked = {
+        "pytorch eager": [0.008] * 3,
+        "onnxruntime": [0.003] * 3,
+        "openvino": [0.001, 0.001, 0.005],
+        "bundle": [0.002] * 3,
+    }
     interleaved = {k: [2 * t for t in v] for k, v in blocked.items()}
     rows = rows_of(blocked, interleaved, flops=10**7)
-    return {"set": "mixed", "n": 2, "batch": 1, "repeat": 3, "tenants": ["text", "cnn"],
-            "rows": rows, "notes": {"aotinductor": "no gcc (cnn)"},
-            "max_abs_diff": {"onnxruntime": {"text": 2e-6, "cnn": 1e-6},
-                             "openvino": {"text": 3e-7, "cnn": 1e-7}, "aotinductor": {"text": 0.0}},
-            "compile_s": {"bundle": 9.0, "openvino": 0.5}, "kernels": {"bundle": 40},
-            "flops": 10**7, "ceiling_gflops": 100.0, "numerics_ok": True,
-            "best_peer": best_peer(rows, ["pytorch eager", "onnxruntime", "openvino"]),
-            "per_tenant": {"text": {"bundle": 1.0, "onnxruntime": 1.5, "openvino": 0.5},
-                           "cnn": {"bundle": 2.0, "onnxruntime": 1.0}},
-            "profile": {"tenants": {}}}
+    return {
+        "set": "mixed",
+        "n": 2,
+        "batch": 1,
+        "repeat": 3,
+        "tenants": ["text", "cnn"],
+        "rows": rows,
+        "notes": {"aotinductor": "no gcc (cnn)"},
+        "max_abs_diff": {
+            "onnxruntime": {"text": 2e-6, "cnn": 1e-6},
+            "openvino": {"text": 3e-7, "cnn": 1e-7},
+            "aotinductor": {"text": 0.0},
+        },
+        "compile_s": {"bundle": 9.0, "openvino": 0.5},
+        "kernels": {"bundle": 40},
+        "flops": 10**7,
+        "ceiling_gflops": 100.0,
+        "numerics_ok": True,
+        "best_peer": best_peer(rows, ["pytorch eager", "onnxruntime", "openvino"]),
+        "per_tenant": {
+            "text": {"bundle": 1.0, "onnxruntime": 1.5, "openvino": 0.5},
+            "cnn": {"bundle": 2.0, "onnxruntime": 1.0},
+        },
+        "profile": {"tenants": {}},
+    }
 
 
 def test_rows_report_both_columns_against_the_bundle():
@@ -169,9 +200,11 @@ def test_run_markdown_has_both_columns_notes_best_peer_and_tenants():
     assert "| onnxruntime | 3.000 | 3.000-3.000 | 1.50 | 6.000 | 1.50 | 3.3 | 3.3 |" in text
     assert "| pytorch eager |" in text and "| reference |" in text
     assert "| aotinductor |" in text and "not timed: no gcc (cnn) |" in text
-    assert "**Best peer (blocks): openvino, 1.000 ms against the bundle's 2.000 ms: " \
-           "peer / bundle = 0.50** (above 1: the bundle is faster); interleaved, the same " \
-           "peer / bundle = 0.50." in text
+    assert (
+        "**Best peer (blocks): openvino, 1.000 ms against the bundle's 2.000 ms: "
+        "peer / bundle = 0.50** (above 1: the bundle is faster); interleaved, the same "
+        "peer / bundle = 0.50." in text
+    )
     assert "| text | 1.000 | 1.500 | 1.50 | 0.500 | 0.50 |" in text
     assert "| cnn | 2.000 | 1.000 | 0.50 | - | - |" in text
     assert "Matmul ceiling measured in the same run: 100 GFLOP/s" in text

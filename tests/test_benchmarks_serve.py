@@ -27,13 +27,31 @@ def test_mixes():
 
 
 def row(offered, p99, lost=0):
-    return {"mix": "equal", "contender": "merged", "offered": offered, "sent": 1, "done": 1,
-            "throughput": 1.0, "p50": 1.0, "p99": p99, "rejected": 0, "failed": 0, "lost": lost}
+    return {
+        "mix": "equal",
+        "contender": "merged",
+        "offered": offered,
+        "sent": 1,
+        "done": 1,
+        "throughput": 1.0,
+        "p50": 1.0,
+        "p99": p99,
+        "rejected": 0,
+        "failed": 0,
+        "lost": lost,
+    }
 
 
 def test_the_sustainable_rate_stops_at_the_first_miss():
-    args = argparse.Namespace(bundle="b", via="inproc", max_delay_ms=2, duration=1, p99_ms=50,
-                              mixes=["equal"], contenders=["merged"])
+    args = argparse.Namespace(
+        bundle="b",
+        via="inproc",
+        max_delay_ms=2,
+        duration=1,
+        p99_ms=50,
+        mixes=["equal"],
+        contenders=["merged"],
+    )
     text = bench.table([row(10, 5), row(20, 80), row(40, 5)], args, "cmd")
     assert text.rstrip().endswith("| equal | merged | 10 |")  # 40 passes, after a miss
     text = bench.table([row(10, 5), row(20, 5, lost=1)], args, "cmd")
@@ -50,8 +68,9 @@ def test_a_short_trial_answers_every_request(tiny_bundle):
     sender = bench.InProc(tiny_bundle, 1.0, 1000)
     args = argparse.Namespace(duration=0.5, max_requests=60, drain=60.0)
     try:
-        r = bench.trial(sender, inputs, bench.mix_rates(list(m.tenant_order), "equal", 90),
-                        args, seed=0)
+        r = bench.trial(
+            sender, inputs, bench.mix_rates(list(m.tenant_order), "equal", 90), args, seed=0
+        )
     finally:
         sender.close()
     assert r["sent"] > 0 and r["done"] == r["sent"]

@@ -31,14 +31,24 @@ def key_of(tenants=None, **changes) -> str:
     """The cache key of a build, with one input changed by `changes`."""
     tenants = tenants or [mlp()]
     imported = [import_tenant(t) for t in tenants]
-    graphs = [lift(it.mod["main"], t.name, it.input_names)
-              for t, it in zip(tenants, imported, strict=True)]
-    args = dict(name="b", target="llvm", cpu="znver3", cpu_features=["+avx2"],
-                providers={"matmul": "native", "conv2d": "native"},
-                pipeline=build_pipeline(None, None), cores=2, tuning_db=None)
+    graphs = [
+        lift(it.mod["main"], t.name, it.input_names)
+        for t, it in zip(tenants, imported, strict=True)
+    ]
+    args = dict(
+        name="b",
+        target="llvm",
+        cpu="znver3",
+        cpu_features=["+avx2"],
+        providers={"matmul": "native", "conv2d": "native"},
+        pipeline=build_pipeline(None, None),
+        cores=2,
+        tuning_db=None,
+    )
     args.update(changes)
-    return build_cache.build_key(build_cache.key_doc(**args, tenants=tenants, imported=imported,
-                                                     graphs=graphs))
+    return build_cache.build_key(
+        build_cache.key_doc(**args, tenants=tenants, imported=imported, graphs=graphs)
+    )
 
 
 def test_the_key_changes_with_every_input_of_the_build_and_only_then():
@@ -50,8 +60,9 @@ def test_the_key_changes_with_every_input_of_the_build_and_only_then():
         "tenant name": key_of([mlp("other")]),
         "shared inputs": key_of([replace(mlp(), shared_inputs={"x": "frame"})]),
         "pipeline": key_of(pipeline=build_pipeline(["eliminate-dead-nodes"], None)),
-        "pass option": key_of(pipeline=build_pipeline(
-            None, {"plan-memory": {"strategy": "naive"}})),
+        "pass option": key_of(
+            pipeline=build_pipeline(None, {"plan-memory": {"strategy": "naive"}})
+        ),
         "target": key_of(target="cuda"),
         "cpu": key_of(cpu="generic", cpu_features=[]),
         "providers": key_of(providers={"matmul": "tvm", "conv2d": "tvm"}),
@@ -68,8 +79,11 @@ def test_the_key_covers_the_tool_versions_and_native_kernels(monkeypatch):
     monkeypatch.setattr(build_cache.native, "source_hash", lambda: "edited")
     assert key_of() != base
     monkeypatch.undo()
-    monkeypatch.setattr(build_cache.bundle_manifest, "versions",
-                        lambda: {"mtcompile": "9", "tvm": "0.27.0", "torch": "2", "onnx": "1"})
+    monkeypatch.setattr(
+        build_cache.bundle_manifest,
+        "versions",
+        lambda: {"mtcompile": "9", "tvm": "0.27.0", "torch": "2", "onnx": "1"},
+    )
     assert key_of() != base
 
 
@@ -80,8 +94,9 @@ def test_tuning_db_hash_is_its_content_not_its_path(tmp_path):
         (d / WORKLOADS).write_text('{"w": 1}\n')
         (d / RECORDS).write_text('{"r": 1}\n')
     assert build_cache.tuning_db_hash(a) == build_cache.tuning_db_hash(b)
-    assert build_cache.tuning_db_hash(a).startswith("sha256:") and str(a) not in \
-        build_cache.tuning_db_hash(a)
+    assert build_cache.tuning_db_hash(a).startswith("sha256:") and str(
+        a
+    ) not in build_cache.tuning_db_hash(a)
     (b / RECORDS).write_text('{"r": 2}\n')
     assert build_cache.tuning_db_hash(a) != build_cache.tuning_db_hash(b)
 
@@ -121,8 +136,7 @@ def test_second_build_is_served_from_the_cache_and_a_changed_tenant_rebuilds(tmp
     first = mtcompile.compile([mlp()], name="c", cache=cache)
     assert first.compile_report["cache"]["hit"] is False and first.graph is not None
     key = first.compile_report["cache"]["key"]
-    assert sorted(p.name for p in (cache / key).iterdir()) == ["c.so", "key.json",
-                                                                "manifest.json"]
+    assert sorted(p.name for p in (cache / key).iterdir()) == ["c.so", "key.json", "manifest.json"]
     again = mtcompile.compile([mlp()], name="c", cache=cache)
     assert again.compile_report["cache"] == {"hit": True, "key": key}
     assert "build" not in again.compile_report["stages_s"]  # nothing compiled
@@ -158,8 +172,10 @@ def test_two_builds_storing_one_entry_leave_one_whole_entry(tmp_path):
     assert [p.name for p in cache.iterdir()] == ["k" * 64]  # no temporary left behind
     # both bundles save by copying the one entry (their bytes are the same)
     assert bundle._library_path == other._library_path == cache / ("k" * 64) / "r.so"
-    assert other.save(tmp_path / "o").joinpath("r.so").read_bytes() == \
-        (cache / ("k" * 64) / "r.so").read_bytes()
+    assert (
+        other.save(tmp_path / "o").joinpath("r.so").read_bytes()
+        == (cache / ("k" * 64) / "r.so").read_bytes()
+    )
 
 
 @pytest.mark.slow
@@ -171,13 +187,32 @@ def test_two_uncached_builds_give_identical_bytes_without_paths(tmp_path):
     for i in range(2):
         cwd = tmp_path / f"cwd{i}"
         cwd.mkdir()
-        res = subprocess.run([sys.executable, "-m", "mtcompile", "build", str(spec), "-o",
-                              str(tmp_path / f"out{i}"), "--no-cache", "--no-verify", "-q"],
-                             cwd=cwd, env={**os.environ, "PYTHONHASHSEED": str(i + 1)},
-                             capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mtcompile",
+                "build",
+                str(spec),
+                "-o",
+                str(tmp_path / f"out{i}"),
+                "--no-cache",
+                "--no-verify",
+                "-q",
+            ],
+            cwd=cwd,
+            env={**os.environ, "PYTHONHASHSEED": str(i + 1)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert res.returncode == 0, res.stderr[-2000:]
-        outs.append({f: (tmp_path / f"out{i}" / f).read_bytes()
-                     for f in ("heterogeneous.so", "manifest.json")})
+        outs.append(
+            {
+                f: (tmp_path / f"out{i}" / f).read_bytes()
+                for f in ("heterogeneous.so", "manifest.json")
+            }
+        )
     assert outs[0] == outs[1]
     lib, manifest = outs[0]["heterogeneous.so"], outs[0]["manifest.json"]
     for path in (str(tmp_path), "/tmp/", str(spec.parent)):
@@ -188,6 +223,18 @@ def test_two_uncached_builds_give_identical_bytes_without_paths(tmp_path):
 def test_cached_entry_names_are_hashes_only(tmp_path):
     # a key is a sha256 of JSON: no path from the machine goes into an entry name
     assert len(key_of()) == 64 and all(c in "0123456789abcdef" for c in key_of())
-    assert str(Path.home()) not in json.dumps(build_cache.key_doc(
-        name="b", target="llvm", cpu=None, cpu_features=None, providers={}, pipeline=[],
-        cores=1, tuning_db=None, tenants=[], imported=[], graphs=[]))
+    assert str(Path.home()) not in json.dumps(
+        build_cache.key_doc(
+            name="b",
+            target="llvm",
+            cpu=None,
+            cpu_features=None,
+            providers={},
+            pipeline=[],
+            cores=1,
+            tuning_db=None,
+            tenants=[],
+            imported=[],
+            graphs=[],
+        )
+    )

@@ -44,7 +44,10 @@ def test_run_matches_torch_and_returns_numpy_in_order(tiny_bundle, sources):
     relu, sums, argmax = tiny_bundle.run("multi", *_inputs(sources, "multi"))
     assert relu.shape == (3, 5) and sums.shape == (3,) and argmax.dtype == np.int64
     assert [o.dtype for o in tiny_bundle.signature("multi").outputs] == [
-        "float32", "float32", "int64"]
+        "float32",
+        "float32",
+        "int64",
+    ]
 
 
 def test_run_accepts_numpy_and_torch(tiny_bundle, sources):
@@ -55,8 +58,9 @@ def test_run_accepts_numpy_and_torch(tiny_bundle, sources):
     # Non-contiguous inputs are fine too.
     xt = torch.randn(8, 2).t()
     assert not xt.is_contiguous()
-    np.testing.assert_array_equal(tiny_bundle.run("lin", xt)[0],
-                                  tiny_bundle.run("lin", xt.contiguous().numpy())[0])
+    np.testing.assert_array_equal(
+        tiny_bundle.run("lin", xt)[0], tiny_bundle.run("lin", xt.contiguous().numpy())[0]
+    )
 
 
 class Scale(torch.nn.Module):
@@ -102,11 +106,13 @@ class Twice(torch.nn.Module):
 def test_degenerate_tenants():
     # A constant output, an input returned as is, one value returned twice, an unused input.
     x = torch.ones(3)
-    b = mtcompile.compile([
-        mtcompile.Tenant("const", ConstOut(), example_inputs=(x,)),
-        mtcompile.Tenant("ident", Identity(), example_inputs=(x,)),
-        mtcompile.Tenant("twice", Twice(), example_inputs=(x, torch.zeros(2))),
-    ])
+    b = mtcompile.compile(
+        [
+            mtcompile.Tenant("const", ConstOut(), example_inputs=(x,)),
+            mtcompile.Tenant("ident", Identity(), example_inputs=(x,)),
+            mtcompile.Tenant("twice", Twice(), example_inputs=(x, torch.zeros(2))),
+        ]
+    )
     out = b.run_all({"const": x, "ident": 2 * x, "twice": (x, torch.zeros(2))})
     assert [o.tolist() for o in out["const"]] == [[0.0, 1.0, 2.0]]
     assert [o.tolist() for o in out["ident"]] == [[2.0, 2.0, 2.0]]
@@ -165,8 +171,12 @@ def test_verify_report(tiny_bundle):
 
 def test_verify_catches_a_mismatch(tiny_saved, sources):
     # Pair the compiled "lin" with a model of other weights: verify must say so.
-    wrong = dict(sources, lin=mtcompile.Tenant("lin", linear_relu(5)[0],
-                                               example_inputs=sources["lin"].example_inputs))
+    wrong = dict(
+        sources,
+        lin=mtcompile.Tenant(
+            "lin", linear_relu(5)[0], example_inputs=sources["lin"].example_inputs
+        ),
+    )
     r = mtcompile.load(tiny_saved, sources=wrong).verify(atol=ATOL)
     assert not r["ok"]
     assert not r["tenants"]["lin"]["ok"] and not r["tenants"]["lin"]["run_all_ok"]
@@ -182,8 +192,11 @@ def test_report_is_json(tiny_bundle):
     r = tiny_bundle.report()
     assert json.loads(json.dumps(r)) == r
     assert list(r["tenants"]) == ["lin", "conv", "multi"]
-    assert r["tenants"]["lin"] == {"source": "torch.export", "inputs": "x: float32[2, 8]",
-                                   "outputs": "output0: float32[2, 4]"}
+    assert r["tenants"]["lin"] == {
+        "source": "torch.export",
+        "inputs": "x: float32[2, 8]",
+        "outputs": "output0: float32[2, 4]",
+    }
     assert [p["name"] for p in r["pipeline"]] == DEFAULT_PIPELINE
     assert r["graph"]["nodes"] == len(tiny_bundle.graph)
     assert r["graph"]["nodes_per_tenant"].keys() == {"lin", "conv", "multi"}
@@ -199,9 +212,9 @@ def test_manifest_json(tiny_bundle, tiny_saved):
     assert m["target"] == "llvm" and m["library"] == "bundle.so"
     assert m["tenant_order"] == ["lin", "conv", "multi"]
     assert m["tenants"]["lin"]["inputs"] == [{"name": "x", "shape": [2, 8], "dtype": "float32"}]
-    assert m["tenants"]["conv"]["outputs"] == [{"name": "output0", "shape": [1, 5],
-                                                "dtype": "float32",
-                                                "file": "conv.output0.npy"}]
+    assert m["tenants"]["conv"]["outputs"] == [
+        {"name": "output0", "shape": [1, 5], "dtype": "float32", "file": "conv.output0.npy"}
+    ]
     for t in m["tenant_order"]:
         h = m["tenants"][t]["source_sha256"]
         assert len(h) == 64 and int(h, 16) >= 0
@@ -214,9 +227,10 @@ def test_manifest_json(tiny_bundle, tiny_saved):
     # build found out (memory, the weights table) and the hash.
     assert {k: v for k, v in m.items() if k != "library_sha256"} == tiny_bundle.manifest.to_dict()
     text = (tiny_saved / MANIFEST).read_text()
-    assert Manifest.from_json(text) == tiny_bundle.manifest.with_(library_sha256=m["library_sha256"])
-    assert set(m) - set(tiny_bundle.manifest.embedded()) == {"memory", "weights",
-                                                                 "library_sha256"}
+    assert Manifest.from_json(text) == tiny_bundle.manifest.with_(
+        library_sha256=m["library_sha256"]
+    )
+    assert set(m) - set(tiny_bundle.manifest.embedded()) == {"memory", "weights", "library_sha256"}
 
 
 def test_signature_and_typed_manifest(tiny_bundle):
@@ -234,12 +248,18 @@ def test_save_load_round_trip_in_process(tiny_bundle, tiny_saved, sources):
     assert loaded.tenant_names == tiny_bundle.tenant_names
     assert loaded.graph is None and loaded.sources == {}
     for name, t in sources.items():
-        for a, b in zip(loaded.run(name, *t.example_inputs),
-                        tiny_bundle.run(name, *t.example_inputs), strict=True):
+        for a, b in zip(
+            loaded.run(name, *t.example_inputs),
+            tiny_bundle.run(name, *t.example_inputs),
+            strict=True,
+        ):
             np.testing.assert_array_equal(a, b)
     ins = {n: t.example_inputs for n, t in sources.items()}
-    assert all(np.array_equal(a, b) for n in ins for a, b in
-               zip(loaded.run_all(ins)[n], tiny_bundle.run_all(ins)[n], strict=True))
+    assert all(
+        np.array_equal(a, b)
+        for n in ins
+        for a, b in zip(loaded.run_all(ins)[n], tiny_bundle.run_all(ins)[n], strict=True)
+    )
     assert loaded.report()["tenants"] == tiny_bundle.report()["tenants"]
     # verify needs the sources: an error without them, a verdict with them.
     with pytest.raises(MTCompileError, match="verify needs the source models"):
@@ -302,8 +322,16 @@ CHILD = textwrap.dedent("""
 """)
 
 # What a loaded bundle must not need: model code, the compiler, the tools and their libraries.
-NOT_AT_RUN_TIME = ("mtcompile.frontend", "mtcompile.passes", "mtcompile.tools",
-                   "mtcompile.analysis", "mtcompile.backend", "onnx", "networkx", "matplotlib")
+NOT_AT_RUN_TIME = (
+    "mtcompile.frontend",
+    "mtcompile.passes",
+    "mtcompile.tools",
+    "mtcompile.analysis",
+    "mtcompile.backend",
+    "onnx",
+    "networkx",
+    "matplotlib",
+)
 
 RUN_ALL_CHILD = textwrap.dedent("""
     import json, sys
@@ -324,23 +352,35 @@ def _imported(modules: list[str], prefixes) -> list[str]:
 
 # two streams compile a bundle of their own
 @pytest.mark.parametrize("streams", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_load_and_run_all_in_a_fresh_process_import_no_compiler(tiny_bundle, sources, tmp_path,
-                                                                 streams):
-    bundle = tiny_bundle if streams == 1 else mtcompile.compile(
-        list(sources.values()), pass_options={"assign-streams": {"streams": 2, "policy": "max"}})
+def test_load_and_run_all_in_a_fresh_process_import_no_compiler(
+    tiny_bundle, sources, tmp_path, streams
+):
+    bundle = (
+        tiny_bundle
+        if streams == 1
+        else mtcompile.compile(
+            list(sources.values()), pass_options={"assign-streams": {"streams": 2, "policy": "max"}}
+        )
+    )
     assert bundle.num_streams == streams
     saved = bundle.save(tmp_path / "bundle")
     inputs = {t: s.example_inputs[0].numpy() for t, s in sources.items()}
     np.savez(tmp_path / "inputs.npz", **inputs)
-    proc = subprocess.run([sys.executable, "-c", RUN_ALL_CHILD, str(saved)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_ALL_CHILD, str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     modules = json.loads(proc.stdout.strip().splitlines()[-1])
     ours = [m for m in modules if m.startswith("mtcompile")]
     print(f"load + run_all ({streams} stream(s)) imports: {ours}")  # quoted in the notes
     assert _imported(modules, NOT_AT_RUN_TIME) == []
     assert "mtcompile.runtime.bundle" in ours and ("mtcompile.runtime.executor" in ours) == (
-        streams > 1)
+        streams > 1
+    )
     want = bundle.run_all({t: (x,) for t, x in inputs.items()})
     got = np.load(tmp_path / "outputs.npz")
     for t in bundle.tenant_names:
@@ -356,8 +396,13 @@ def test_load_in_a_fresh_process(hetero_bundle, hetero_tenants, tmp_path_factory
     inputs = [x.numpy() for x in tenant.example_inputs]
     for i, a in enumerate(inputs):
         np.save(root / f"in{i}.npy", a)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(saved), name, str(len(inputs))],
-                          capture_output=True, text=True, timeout=300, cwd=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(saved), name, str(len(inputs))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     want = hetero_bundle.run(name, *inputs)
@@ -381,7 +426,10 @@ def test_heterogeneous_bundle_run_all_and_round_trip(hetero_bundle, hetero_tenan
             np.testing.assert_array_equal(a, c)
     m = json.loads((tmp_path / MANIFEST).read_text())
     assert [m["tenants"][t]["source"] for t in m["tenant_order"]] == [
-        "torch.export", "onnx", "torch.fx"]
+        "torch.export",
+        "onnx",
+        "torch.fx",
+    ]
     assert m["tenants"]["text"]["inputs"][0]["dtype"] == "int64"
     assert len({m["tenants"][t]["source_sha256"] for t in m["tenant_order"]}) == 3
 
@@ -427,7 +475,10 @@ def test_verify_warns_when_a_source_output_is_near_zero_everywhere():
         for p in m.parameters():
             p.mul_(1e-9)
     b = mtcompile.compile([mtcompile.Tenant("tiny", m, example_inputs=x)])
-    with pytest.warns(UserWarning, match=r"verify: tenant 'tiny', output 0: the source "
-                                         r"model's output is near zero everywhere"):
+    with pytest.warns(
+        UserWarning,
+        match=r"verify: tenant 'tiny', output 0: the source "
+        r"model's output is near zero everywhere",
+    ):
         r = b.verify()
     assert r["ok"] and "warning" in r["tenants"]["tiny"]["outputs"][0]

@@ -18,7 +18,9 @@ from mtcompile.models import encoder_onnx
 from mtcompile.passes import DEFAULT_PIPELINE
 from mtcompile.tools.spec import load_spec
 
-SMALL_MLP = 'factory = "mtcompile.models:mlp_fx"\nargs = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }'
+SMALL_MLP = (
+    'factory = "mtcompile.models:mlp_fx"\nargs = { batch = 2, d_in = 16, hidden = 32, d_out = 8 }'
+)
 
 
 def write_spec(tmp_path: Path, body: str, name: str = "spec.toml") -> Path:
@@ -33,7 +35,9 @@ def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     model, _ = encoder_onnx(seed=3, seq=8, d_model=32, heads=2, layers=1, ffn=64)
     onnx.save(model, str(d / "enc.onnx"))
-    spec = write_spec(d, f"""
+    spec = write_spec(
+        d,
+        f"""
 name = "small"
 [[tenants]]
 name = "mlp"
@@ -41,7 +45,8 @@ name = "mlp"
 [[tenants]]
 name = "enc"
 onnx = "enc.onnx"
-""")
+""",
+    )
     out = d / "out"
     assert main(["build", str(spec), "-o", str(out), "--cache-dir", str(d / "cache")]) == 0
     return out
@@ -53,7 +58,8 @@ def test_build_writes_library_and_manifest(built, capsys):
     assert manifest["tenant_order"] == ["mlp", "enc"]
     assert manifest["tenants"]["enc"]["source"] == "onnx"
     assert manifest["tenants"]["mlp"]["inputs"] == [
-        {"name": "x", "shape": [2, 16], "dtype": "float32"}]
+        {"name": "x", "shape": [2, 16], "dtype": "float32"}
+    ]
 
 
 @pytest.mark.slow  # builds a bundle of its own
@@ -63,14 +69,17 @@ def test_build_logs_one_line_per_stage_on_stderr_and_numerics_on_stdout(tmp_path
     res = capsys.readouterr()
     stages = ("import", "merge", "passes", "lower", "build", "save", "verify")
     for stage in stages:
-        assert any(line.startswith(stage) and line.rstrip().endswith(" s")
-                   for line in res.err.splitlines()), stage
+        assert any(
+            line.startswith(stage) and line.rstrip().endswith(" s") for line in res.err.splitlines()
+        ), stage
     # saved first, then verified: a check that cannot run (or fails) keeps the bundle
     lines = res.err.splitlines()
-    assert lines.index(next(x for x in lines if x.startswith("saved "))) < \
-        lines.index(next(x for x in lines if x.startswith("verify")))
-    assert "numerics: PASS" in res.out and not any(x.startswith(stages) for x in
-                                                   res.out.splitlines())
+    assert lines.index(next(x for x in lines if x.startswith("saved "))) < lines.index(
+        next(x for x in lines if x.startswith("verify"))
+    )
+    assert "numerics: PASS" in res.out and not any(
+        x.startswith(stages) for x in res.out.splitlines()
+    )
     # -q: warnings and errors only
     assert main(["build", str(spec), "-o", str(tmp_path / "o"), "--no-cache", "-q"]) == 0
     res = capsys.readouterr()
@@ -95,8 +104,21 @@ def test_run_writes_outputs_matching_the_api(built, tmp_path):
 
     x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    assert main(["run", str(built), "--tenant", "mlp", "--input", f"x={tmp_path / 'x.npy'}",
-                 "-o", str(tmp_path / "res")]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(built),
+                "--tenant",
+                "mlp",
+                "--input",
+                f"x={tmp_path / 'x.npy'}",
+                "-o",
+                str(tmp_path / "res"),
+            ]
+        )
+        == 0
+    )
     got = np.load(tmp_path / "res" / "mlp.output0.npy")
     want = mtcompile.load(built).run("mlp", x)[0]
     np.testing.assert_array_equal(got, want)
@@ -126,30 +148,51 @@ def test_build_bad_pass_name_fails_before_compiling(tmp_path, capsys):
 def test_dump_passes_writes_graphs(tmp_path):
     spec = write_spec(tmp_path, f'[[tenants]]\nname = "m"\n{SMALL_MLP}\n')
     dump = tmp_path / "dump"
-    assert main(["build", str(spec), "-o", str(tmp_path / "o"), "--no-verify",
-                 "--dump-passes", str(dump)]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(spec),
+                "-o",
+                str(tmp_path / "o"),
+                "--no-verify",
+                "--dump-passes",
+                str(dump),
+            ]
+        )
+        == 0
+    )
     expected = [f"{i + 1:03d}_{name}.txt" for i, name in enumerate(DEFAULT_PIPELINE)]
     assert sorted(p.name for p in dump.iterdir()) == ["000_input.txt", *expected]
     assert "%m.x = input()" in (dump / "000_input.txt").read_text()
 
 
-@pytest.mark.parametrize("body, message", [
-    ("", "needs at least one [[tenants]] table"),
-    ("[[tenants]]\nfactory = 'x:y'\n", "needs a name"),
-    ("[[tenants]]\nname = 'a'\n", "exactly one of 'factory' or 'onnx'"),
-    ("[[tenants]]\nname = 'a'\nfactory = 'nomodule_xyz:f'\n", "cannot import factory"),
-    ("[[tenants]]\nname = 'a'\nfactory = 'mtcompile.models'\n", "must look like"),
-    ("[[tenants]]\nname = 'a'\nfactory = 'mtcompile.models:mlp'\nargs = { nope = 1 }\n",
-     "rejected args"),
-    ("[[tenants]]\nname = 'a'\nonnx = 'x.onnx'\ncolour = 1\n", "unknown key(s) ['colour']"),
-    ("tenant = 1\n", "unknown key(s) ['tenant']"),
-    ("[[tenants]]\nname = 'a'\nonnx = 'x.onnx'\ninput_shapes = { x = [1, 2] }\n",
-     "input_shapes.x must be"),
-    ("[[tenants\n", "invalid TOML"),
-    ("[[tenants]]\nname = '9bad'\nonnx = 'x.onnx'\n", "is not valid"),
-    ("subsets = ['a']\n[[tenants]]\nname = 'a'\nonnx = 'x.onnx'\n",
-     "subsets must be a list of lists of tenant names"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("", "needs at least one [[tenants]] table"),
+        ("[[tenants]]\nfactory = 'x:y'\n", "needs a name"),
+        ("[[tenants]]\nname = 'a'\n", "exactly one of 'factory' or 'onnx'"),
+        ("[[tenants]]\nname = 'a'\nfactory = 'nomodule_xyz:f'\n", "cannot import factory"),
+        ("[[tenants]]\nname = 'a'\nfactory = 'mtcompile.models'\n", "must look like"),
+        (
+            "[[tenants]]\nname = 'a'\nfactory = 'mtcompile.models:mlp'\nargs = { nope = 1 }\n",
+            "rejected args",
+        ),
+        ("[[tenants]]\nname = 'a'\nonnx = 'x.onnx'\ncolour = 1\n", "unknown key(s) ['colour']"),
+        ("tenant = 1\n", "unknown key(s) ['tenant']"),
+        (
+            "[[tenants]]\nname = 'a'\nonnx = 'x.onnx'\ninput_shapes = { x = [1, 2] }\n",
+            "input_shapes.x must be",
+        ),
+        ("[[tenants\n", "invalid TOML"),
+        ("[[tenants]]\nname = '9bad'\nonnx = 'x.onnx'\n", "is not valid"),
+        (
+            "subsets = ['a']\n[[tenants]]\nname = 'a'\nonnx = 'x.onnx'\n",
+            "subsets must be a list of lists of tenant names",
+        ),
+    ],
+)
 def test_bad_specs_name_the_problem(tmp_path, body, message):
     with pytest.raises(SpecError) as e:
         load_spec(write_spec(tmp_path, body))
@@ -163,17 +206,26 @@ def test_missing_spec_file(tmp_path, capsys):
 
 
 def test_spec_defaults_and_pipeline(tmp_path):
-    spec = load_spec(write_spec(tmp_path, f"""
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            f"""
 [pipeline]
 passes = []
 [[tenants]]
 name = "m"
 {SMALL_MLP}
-""", name="mybundle.toml"))
+""",
+            name="mybundle.toml",
+        )
+    )
     assert spec.name == "mybundle" and spec.target == "llvm" and spec.passes == []
     assert spec.tenants[0].input_shapes == {"x": ((2, 16), "float32")}
     assert spec.subsets == []
-    spec = load_spec(write_spec(tmp_path, f"""
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            f"""
 subsets = [["m", "n"]]
 [[tenants]]
 name = "m"
@@ -181,12 +233,15 @@ name = "m"
 [[tenants]]
 name = "n"
 {SMALL_MLP}
-"""))
+""",
+        )
+    )
     assert spec.subsets == [("m", "n")]  # `mtcompile build` gives them to compile
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "models").glob("*.toml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "models").glob("*.toml")), ids=lambda p: p.name
+)
 def test_example_specs_run_the_default_pipeline_and_show_its_options(path):
     from mtcompile.passes import build_pipeline
 
@@ -209,8 +264,9 @@ def test_passes_lists_the_registry(capsys):
 
 
 def test_module_entry_point_runs():
-    res = subprocess.run([sys.executable, "-m", "mtcompile", "--help"], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "mtcompile", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0
     for cmd in ("build", "run", "inspect", "demo"):
         assert cmd in res.stdout
@@ -228,13 +284,15 @@ def test_demo_builds_runs_and_checks_numerics(tmp_path, capsys):
 
 
 def test_cli_error_is_one_clear_line_not_a_traceback(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "mtcompile", "inspect", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "mtcompile", "inspect", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1
     assert res.stderr.startswith("mtcompile: error:") and "Traceback" not in res.stderr
     assert "no manifest.json" in res.stderr
-
-
 
 
 # ---------------------------------------------------------------- pipelines (issue 14)
@@ -258,8 +316,19 @@ def test_every_command_prints_one_json_document(built, tmp_path, capsys):
     assert code == 0 and doc["default_pipeline"] == list(DEFAULT_PIPELINE)
     code, doc = run_json(capsys, ["inspect", str(built)])
     assert code == 0 and doc["name"] == "small"
-    code, doc = run_json(capsys, ["run", str(built), "--tenant", "mlp", "--input",
-                                  f"x={tmp_path / 'x.npy'}", "-o", str(tmp_path / "res")])
+    code, doc = run_json(
+        capsys,
+        [
+            "run",
+            str(built),
+            "--tenant",
+            "mlp",
+            "--input",
+            f"x={tmp_path / 'x.npy'}",
+            "-o",
+            str(tmp_path / "res"),
+        ],
+    )
     assert code == 0 and doc["outputs"][0]["shape"] == [2, 8]
     code, doc = run_json(capsys, ["profile", str(built), "--repeat", "1"])
     assert code == 0 and set(doc["tenants"]) == {"mlp", "enc"}
@@ -281,8 +350,10 @@ def test_build_json_and_a_second_build_from_the_cache(tmp_path, capsys):
     code, again = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "b"), *cache])
     assert code == 0 and again["cache"] == {"hit": True, "key": first["cache"]["key"]}
     assert "build" not in again["stages_s"]
-    assert (again["library_sha256"], again["manifest_sha256"]) == \
-        (first["library_sha256"], first["manifest_sha256"])
+    assert (again["library_sha256"], again["manifest_sha256"]) == (
+        first["library_sha256"],
+        first["manifest_sha256"],
+    )
     assert (tmp_path / "b" / "spec.so").read_bytes() == (tmp_path / "a" / "spec.so").read_bytes()
     # --no-cache neither reads nor writes it
     code, fresh = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "c"), "--no-cache"])
@@ -305,13 +376,17 @@ def test_exit_codes_for_each_failure_class(built, tmp_path, capsys, monkeypatch)
     assert main(["build", str(tmp_path / "none.toml"), "-o", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.startswith("mtcompile: error: spec file")
     # numerics failure: the bundle is saved all the same
-    code, doc = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "n"), *cache,
-                                  "--atol", "0", "--rtol", "0"])
+    code, doc = run_json(
+        capsys,
+        ["build", str(spec), "-o", str(tmp_path / "n"), *cache, "--atol", "0", "--rtol", "0"],
+    )
     assert (code, doc["ok"], doc["verify"]["ok"]) == (3, False, False)
     assert (tmp_path / "n" / "manifest.json").is_file()
     # ... and the same build passes with a tolerance relative to the outputs' scale
-    code, doc = run_json(capsys, ["build", str(spec), "-o", str(tmp_path / "n"), *cache,
-                                  "--atol", "0", "--rtol", "1e-5"])
+    code, doc = run_json(
+        capsys,
+        ["build", str(spec), "-o", str(tmp_path / "n"), *cache, "--atol", "0", "--rtol", "1e-5"],
+    )
     assert (code, doc["verify"]["rtol"]) == (0, 1e-5)
     # internal error: one line, no traceback unless -v
     import mtcompile.tools.spec as spec_mod
@@ -325,14 +400,22 @@ def test_exit_codes_for_each_failure_class(built, tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.slow  # builds a bundle of its own
-def test_build_saves_then_says_it_cannot_verify_without_onnxruntime(tmp_path, capsys,
-                                                                     monkeypatch):
+def test_build_saves_then_says_it_cannot_verify_without_onnxruntime(tmp_path, capsys, monkeypatch):
     model, _ = encoder_onnx(seed=3, seq=8, d_model=32, heads=2, layers=1, ffn=64)
     onnx.save(model, str(tmp_path / "enc.onnx"))
     spec = write_spec(tmp_path, '[[tenants]]\nname = "enc"\nonnx = "enc.onnx"\n')
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
-    code = main(["build", str(spec), "-o", str(tmp_path / "o"), "--json",
-                 "--cache-dir", str(tmp_path / "cache")])
+    code = main(
+        [
+            "build",
+            str(spec),
+            "-o",
+            str(tmp_path / "o"),
+            "--json",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     res = capsys.readouterr()
     doc = json.loads(res.out)
     assert code == 0 and doc["verify"]["ok"] is None and "onnxruntime" in doc["verify"]["skipped"]
@@ -341,11 +424,14 @@ def test_build_saves_then_says_it_cannot_verify_without_onnxruntime(tmp_path, ca
 
 
 def test_inspect_reads_the_manifest_without_tvm(built):
-    code = ("import sys; from mtcompile.cli import main; rc = main(['inspect', sys.argv[1]]); "
-            "assert 'tvm' not in sys.modules and 'torch' not in sys.modules, 'imported'; "
-            "sys.exit(rc)")
-    res = subprocess.run([sys.executable, "-c", code, str(built)], capture_output=True,
-                         text=True, timeout=120)
+    code = (
+        "import sys; from mtcompile.cli import main; rc = main(['inspect', sys.argv[1]]); "
+        "assert 'tvm' not in sys.modules and 'torch' not in sys.modules, 'imported'; "
+        "sys.exit(rc)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(built)], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     assert "bundle 'small'" in res.stdout and res.stderr == ""
 
@@ -373,8 +459,11 @@ def test_report_without_matplotlib_names_the_extra(built, tmp_path, capsys, monk
 @pytest.mark.parametrize("json_flag", [[], ["--json"]])
 def test_a_closed_stdout_stops_quietly_not_as_an_internal_error(built, json_flag):
     # `mtcompile inspect out | head -1`: the reader leaves before the output is written
-    proc = subprocess.Popen([sys.executable, "-m", "mtcompile", "inspect", str(built),
-                             *json_flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtcompile", "inspect", str(built), *json_flag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and EXIT_CODES[141].startswith("stdout closed")

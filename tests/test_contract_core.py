@@ -32,9 +32,19 @@ def _host_flags() -> set[str]:
     return set()
 
 
-ABSENT = next((f for f, flag in [("xop", "xop"), ("fma4", "fma4"), ("amx-tile", "amx_tile"),
-                                 ("avx512fp16", "avx512_fp16")] if flag not in _host_flags()),
-              None)
+ABSENT = next(
+    (
+        f
+        for f, flag in [
+            ("xop", "xop"),
+            ("fma4", "fma4"),
+            ("amx-tile", "amx_tile"),
+            ("avx512fp16", "avx512_fp16"),
+        ]
+        if flag not in _host_flags()
+    ),
+    None,
+)
 
 
 def _edit(change):
@@ -42,6 +52,7 @@ def _edit(change):
         m = json.loads((d / MANIFEST).read_text())
         change(m)
         (d / MANIFEST).write_text(json.dumps(m))
+
     return apply
 
 
@@ -71,33 +82,79 @@ CASES = {
     "library byte flipped": (_flip, None, False, "does not match"),
     "library truncated, rehashed": (_truncate_rehashed, None, False, "truncated"),
     "library missing": (lambda d: _lib(d).unlink(), None, False, "which is missing"),
-    "library outside the bundle": (_edit(lambda m: m.__setitem__("library", "../b/x.so")),
-                                   None, False, "is not a file name"),
-    "format": (_edit(lambda m: m.__setitem__("format", "mtcompile-bundle/3")), None, False,
-               "format 'mtcompile-bundle/3'"),
-    "tvm version": (_edit(lambda m: m["versions"].__setitem__("tvm", "0.1.0")), None, False,
-                    "built with TVM 0.1.0"),
-    "cpu feature": (_edit(lambda m: m["cpu_features"].append(f"+{ABSENT}")), None, False,
-                    "this machine's CPU lacks"),
-    "weight offset moved": (_edit(lambda m: m["weights"]["tensors"][0].__setitem__(0, 64)),
-                            None, False, "weights.tensors[0].offset"),
-    "weight dtype": (_edit(lambda m: m["weights"]["tensors"][0].__setitem__(2, "float64")),
-                     None, False, "weights."),
-    "weights table removed": (_edit(lambda m: m.pop("weights")), None, False,
-                              "(the table the library carries), found 0"),
-    "run_all input dropped": (_edit(lambda m: m["run_all_inputs"].pop()), None, False,
-                              "expected each tenant input once"),
-    "output renamed": (_edit(lambda m: _out(m).__setitem__("name", "renamed")), None, False,
-                       "disagree on ['tenants']"),
-    "output files collide": (_edit(lambda m: _out(m, "b").__setitem__("file", _out(m)["file"])),
-                             None, False, "is the file of another output"),
-    "output file unsafe": (_edit(lambda m: _out(m).__setitem__("file", "../x.npy")), None,
-                           False, "expected a file name of [A-Za-z0-9_.-]"),
+    "library outside the bundle": (
+        _edit(lambda m: m.__setitem__("library", "../b/x.so")),
+        None,
+        False,
+        "is not a file name",
+    ),
+    "format": (
+        _edit(lambda m: m.__setitem__("format", "mtcompile-bundle/3")),
+        None,
+        False,
+        "format 'mtcompile-bundle/3'",
+    ),
+    "tvm version": (
+        _edit(lambda m: m["versions"].__setitem__("tvm", "0.1.0")),
+        None,
+        False,
+        "built with TVM 0.1.0",
+    ),
+    "cpu feature": (
+        _edit(lambda m: m["cpu_features"].append(f"+{ABSENT}")),
+        None,
+        False,
+        "this machine's CPU lacks",
+    ),
+    "weight offset moved": (
+        _edit(lambda m: m["weights"]["tensors"][0].__setitem__(0, 64)),
+        None,
+        False,
+        "weights.tensors[0].offset",
+    ),
+    "weight dtype": (
+        _edit(lambda m: m["weights"]["tensors"][0].__setitem__(2, "float64")),
+        None,
+        False,
+        "weights.",
+    ),
+    "weights table removed": (
+        _edit(lambda m: m.pop("weights")),
+        None,
+        False,
+        "(the table the library carries), found 0",
+    ),
+    "run_all input dropped": (
+        _edit(lambda m: m["run_all_inputs"].pop()),
+        None,
+        False,
+        "expected each tenant input once",
+    ),
+    "output renamed": (
+        _edit(lambda m: _out(m).__setitem__("name", "renamed")),
+        None,
+        False,
+        "disagree on ['tenants']",
+    ),
+    "output files collide": (
+        _edit(lambda m: _out(m, "b").__setitem__("file", _out(m)["file"])),
+        None,
+        False,
+        "is the file of another output",
+    ),
+    "output file unsafe": (
+        _edit(lambda m: _out(m).__setitem__("file", "../x.npy")),
+        None,
+        False,
+        "expected a file name of [A-Za-z0-9_.-]",
+    ),
     "a pass made null (fuzzer seed 3, case 18)": (
-        _edit(lambda m: m["pipeline"].__setitem__(1, None)), None, False,
-        "disagree on ['pipeline']"),
-    "signature required, no key": (lambda d: None, None, True,
-                                   "a verified signature is required"),
+        _edit(lambda m: m["pipeline"].__setitem__(1, None)),
+        None,
+        False,
+        "disagree on ['pipeline']",
+    ),
+    "signature required, no key": (lambda d: None, None, True, "a verified signature is required"),
     "unsigned, a key given": (lambda d: None, "good", False, "the bundle is not signed"),
     "signed, wrong key": ("signed", "wrong", False, "signature does not match"),
     "signed, manifest edited": ("signed " + "edit", "good", True, "signature does not match"),
@@ -149,15 +206,19 @@ def _driver(d: Path, keyfile, require: bool, work: Path, sig) -> subprocess.Comp
     out.mkdir(exist_ok=True)
     for s, x in zip(sig.inputs, seeded_inputs(sig, 0), strict=True):
         np.save(ins / file_name("a", s.name), x)
-    return subprocess.run(command(d, "a", ins, out, verify_key_file=keyfile,
-                                  require_signature=require),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command(d, "a", ins, out, verify_key_file=keyfile, require_signature=require),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow  # the C++ driver: a process per case
 @pytest.mark.parametrize("case", list(CASES))
 def test_both_front_ends_refuse_a_damaged_artifact_with_the_same_first_line(
-        weighty, weighty_saved, tmp_path, case, monkeypatch):
+    weighty, weighty_saved, tmp_path, case, monkeypatch
+):
     damage, key, require, words = CASES[case]
     if case == "cpu feature" and ABSENT is None:
         pytest.skip("this CPU has every feature tried")
@@ -192,8 +253,9 @@ def test_the_verify_key_of_the_environment_is_used_by_both(weighty, tmp_path, mo
     assert res.returncode == 3 and res.stderr.strip().splitlines()[-1] == f"mtcompile-run: {py}"
 
 
-def test_require_signature_refuses_without_a_key_and_loads_with_one(tiny_bundle, tmp_path,
-                                                                    monkeypatch):
+def test_require_signature_refuses_without_a_key_and_loads_with_one(
+    tiny_bundle, tmp_path, monkeypatch
+):
     monkeypatch.delenv(VERIFY_KEY_ENV, raising=False)
     plain = tiny_bundle.save(tmp_path / "plain")
     with pytest.raises(ArtifactError, match="a verified signature is required"):
@@ -204,8 +266,7 @@ def test_require_signature_refuses_without_a_key_and_loads_with_one(tiny_bundle,
     assert not mtcompile.load(signed).signature_verified  # no key: loads, says unverified
 
 
-def test_a_field_of_an_unforeseen_kind_is_refused_as_the_driver_refuses_it(tiny_saved,
-                                                                           tmp_path):
+def test_a_field_of_an_unforeseen_kind_is_refused_as_the_driver_refuses_it(tiny_saved, tmp_path):
     """Artifact fuzzer, seed 3, cases 18 and 119: a pass of the pipeline replaced by null
     gave a raw TypeError from the manifest reader; now the core's checks of the loaded
     library name it first, as mtcompile-run does."""
@@ -219,6 +280,7 @@ def test_artifact_fuzzer_bounded(tiny_saved):
     """A short slice of the artifact fuzzer: every case refused or the same outputs."""
     results = fuzz_artifact.run(tiny_saved, seed=0, count=12, progress=None)
     s = fuzz_artifact.summary(results)
-    assert s["cases"] == 12 and s["ok"], [r for r in results if r["outcome"] not in
-                                          ("refused", "same")]
+    assert s["cases"] == 12 and s["ok"], [
+        r for r in results if r["outcome"] not in ("refused", "same")
+    ]
     assert s["refused"] > 0

@@ -12,8 +12,10 @@ import mtcompile
 from mtcompile import Tenant
 from mtcompile.errors import ArtifactError, MTCompileError
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build"),
+]
 
 
 def _has_gpu() -> bool:
@@ -26,8 +28,9 @@ def _has_gpu() -> bool:
 def cuda_bundle():
     m1, x1 = linear_relu(0)
     m2, x2 = tiny_conv(0)
-    return mtcompile.compile([Tenant("lin", m1, example_inputs=x1),
-                              Tenant("conv", m2, example_inputs=x2)], target="cuda")
+    return mtcompile.compile(
+        [Tenant("lin", m1, example_inputs=x1), Tenant("conv", m2, example_inputs=x2)], target="cuda"
+    )
 
 
 def test_cuda_build_uses_tvm_kernels_and_saves(cuda_bundle, tmp_path):

@@ -21,10 +21,19 @@ from mtcompile.tools.spec import load_spec
 def _twin_graph(shared_input: bool) -> Graph:
     """Tenants a and b compute relu(x @ W) alike; b also adds an exp. With `shared_input`
     both read one input node."""
+
     def tenant(t, x):
-        return [Node(f"{t}.mm", "relax.matmul", (Ref(x), ConstRef(WKEY)),
-                     F23, (t,), attrs("out_dtype=float32")),
-                Node(f"{t}.r", "relax.nn.relu", (Ref(f"{t}.mm"),), F23, (t,))]
+        return [
+            Node(
+                f"{t}.mm",
+                "relax.matmul",
+                (Ref(x), ConstRef(WKEY)),
+                F23,
+                (t,),
+                attrs("out_dtype=float32"),
+            ),
+            Node(f"{t}.r", "relax.nn.relu", (Ref(f"{t}.mm"),), F23, (t,)),
+        ]
 
     if shared_input:
         inputs = [Node("shared.x", INPUT, (), F24, ("a", "b"))]
@@ -32,10 +41,16 @@ def _twin_graph(shared_input: bool) -> Graph:
     else:
         inputs = [Node("a.x", INPUT, (), F24, ("a",)), Node("b.x", INPUT, (), F24, ("b",))]
         xa, xb = "a.x", "b.x"
-    nodes = [*inputs, *tenant("a", xa), *tenant("b", xb),
-             Node("b.e", "relax.exp", (Ref("b.r"),), F23, ("b",))]
-    tenants = {"a": TenantIO((("x", xa),), (Ref("a.r"),)),
-               "b": TenantIO((("x", xb),), (Ref("b.r"), Ref("b.e")))}
+    nodes = [
+        *inputs,
+        *tenant("a", xa),
+        *tenant("b", xb),
+        Node("b.e", "relax.exp", (Ref("b.r"),), F23, ("b",)),
+    ]
+    tenants = {
+        "a": TenantIO((("x", xa),), (Ref("a.r"),)),
+        "b": TenantIO((("x", xb),), (Ref("b.r"), Ref("b.e"))),
+    }
     g = Graph(tuple(nodes), tenants, {WKEY: W})
     g.verify()
     return g
@@ -47,7 +62,9 @@ def test_dedup_structure_shares_equal_work_on_a_shared_input():
     g = result.graph
     g.verify()
     # a's matmul and relu now serve b too; b's exp and outputs read them
-    assert_graph(g, f"""
+    assert_graph(
+        g,
+        f"""
         tenant a(x=%shared.x)
         tenant b(x=%shared.x)
         %shared.x = input() {{tenant=a+b}} : f32[2,4]
@@ -56,12 +73,14 @@ def test_dedup_structure_shares_equal_work_on_a_shared_input():
         %b.e = exp(%a.r) {{tenant=b}} : f32[2,3]
         return a: (%a.r)
         return b: (%a.r, %b.e)
-    """)
+    """,
+    )
 
 
 def test_dedup_structure_on_a_graph_written_as_text():
     """The same case with the input graph itself written as text (parsed back)."""
-    g = parse_graph(f"""
+    g = parse_graph(
+        f"""
         tenant a(x=%s.x)
         tenant b(x=%s.x)
         %s.x = input() {{tenant=a+b}} : f32[2,4]
@@ -70,10 +89,14 @@ def test_dedup_structure_on_a_graph_written_as_text():
         %b.mm2 = matmul(%s.x, @{WKEY[:8]}) {{out_dtype=float16}} {{tenant=b}} : f32[2,3]
         return a: (%a.mm)
         return b: (%b.mm, %b.mm2)
-    """, {WKEY: W})
+    """,
+        {WKEY: W},
+    )
     g.verify()
     out = Dedup().run(g, PassContext()).graph
-    assert_graph(out, f"""
+    assert_graph(
+        out,
+        f"""
         tenant a(x=%s.x)
         tenant b(x=%s.x)
         %s.x = input() {{tenant=a+b}} : f32[2,4]
@@ -81,7 +104,8 @@ def test_dedup_structure_on_a_graph_written_as_text():
         %b.mm2 = matmul(%s.x, @{WKEY[:8]}) {{out_dtype=float16}} {{tenant=b}} : f32[2,3]
         return a: (%a.mm)
         return b: (%a.mm, %b.mm2)
-    """)
+    """,
+    )
 
 
 def test_dedup_negative_different_inputs_share_nothing():
@@ -99,16 +123,21 @@ def test_dedup_negative_different_attrs_or_weights_share_nothing():
 def replace_node(g: Graph, name: str, **changes) -> Graph:
     from dataclasses import replace
 
-    return Graph(tuple(replace(n, **changes) if n.name == name else n for n in g.nodes),
-                 g.tenants, g.constants)
+    return Graph(
+        tuple(replace(n, **changes) if n.name == name else n for n in g.nodes),
+        g.tenants,
+        g.constants,
+    )
 
 
 def _mlp_pair(same_weights: bool, shared: bool):
     m1, (x,) = linear_relu(0)
     m2, _ = linear_relu(0 if same_weights else 1)
     share = {"x": "frame"} if shared else {}
-    return [Tenant("a", m1, example_inputs=(x,), shared_inputs=share),
-            Tenant("b", m2, example_inputs=(x,), shared_inputs=share)]
+    return [
+        Tenant("a", m1, example_inputs=(x,), shared_inputs=share),
+        Tenant("b", m2, example_inputs=(x,), shared_inputs=share),
+    ]
 
 
 @pytest.mark.slow  # compiles a bundle of its own
@@ -133,8 +162,7 @@ def test_dedup_numerics_different_weights_stay_apart():
     assert not any(len(n.tenants) > 1 for n in b.graph.nodes if n.op != INPUT)
     x = tenants[0].example_inputs[0]
     out = b.run_all({"a": (x,), "b": (x,)})
-    np.testing.assert_allclose(out["b"][0], torch_outputs(tenants[1].model, (x,))[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(out["b"][0], torch_outputs(tenants[1].model, (x,))[0], atol=1e-5)
     assert not np.allclose(out["a"][0], out["b"][0])
 
 
@@ -153,18 +181,27 @@ def test_shared_input_is_one_run_all_parameter():
 def test_shared_inputs_must_agree_on_type():
     m, (x,) = linear_relu(0)
     conv = torch.nn.Conv2d(3, 2, 1).eval()
-    tenants = [Tenant("a", m, example_inputs=(x,), shared_inputs={"x": "frame"}),
-               Tenant("b", conv, example_inputs=(torch.zeros(1, 3, 4, 4),),
-                      shared_inputs={"input": "frame"})]
-    with pytest.raises(TenantError, match=r"shared input 'frame': tenant 'a' input 'x' is "
-                                          r"f32\[2,8\] but tenant 'b' input 'input' is f32\[1,3,4,4\]"):
+    tenants = [
+        Tenant("a", m, example_inputs=(x,), shared_inputs={"x": "frame"}),
+        Tenant(
+            "b", conv, example_inputs=(torch.zeros(1, 3, 4, 4),), shared_inputs={"input": "frame"}
+        ),
+    ]
+    with pytest.raises(
+        TenantError,
+        match=r"shared input 'frame': tenant 'a' input 'x' is "
+        r"f32\[2,8\] but tenant 'b' input 'input' is f32\[1,3,4,4\]",
+    ):
         mtcompile.compile(tenants)
 
 
 def test_shared_inputs_must_name_an_input():
     m, (x,) = linear_relu(0)
-    with pytest.raises(TenantError, match=r"tenant 'a': shared_inputs names 'y', which is not an "
-                                          r"input \(inputs: \['x'\]\)"):
+    with pytest.raises(
+        TenantError,
+        match=r"tenant 'a': shared_inputs names 'y', which is not an "
+        r"input \(inputs: \['x'\]\)",
+    ):
         mtcompile.compile([Tenant("a", m, example_inputs=(x,), shared_inputs={"y": "frame"})])
     with pytest.raises(TenantError, match="shared input name '1bad'"):
         Tenant("a", m, example_inputs=(x,), shared_inputs={"x": "1bad"})
@@ -186,9 +223,11 @@ def test_merge_unifies_declared_inputs():
 
 def test_spec_shared_inputs(tmp_path):
     path = tmp_path / "s.toml"
-    path.write_text('[[tenants]]\nname = "a"\nfactory = "mtcompile.models:mlp"\n'
-                    'args = { batch = 2, d_in = 8, hidden = 8, d_out = 4 }\n'
-                    'shared_inputs = { x = "frame" }\n')
+    path.write_text(
+        '[[tenants]]\nname = "a"\nfactory = "mtcompile.models:mlp"\n'
+        "args = { batch = 2, d_in = 8, hidden = 8, d_out = 4 }\n"
+        'shared_inputs = { x = "frame" }\n'
+    )
     assert load_spec(path).tenants[0].shared_inputs == {"x": "frame"}
     path.write_text('[[tenants]]\nname = "a"\nonnx = "x.onnx"\nshared_inputs = 3\n')
     with pytest.raises(SpecError, match="shared_inputs must be a table"):
@@ -206,5 +245,6 @@ def test_shared_backbone_set_runs_the_backbone_once():
     alone = [s for s, _ in with_dedup.trace("head0", x)[0] if "conv2d" in s]
     assert len(convs) == len(alone) == 8  # three tenants, one backbone's worth of convs
     assert with_dedup.graph.stats()["nodes"] < sum(
-        len(with_dedup.graph.tenant_nodes(t.name)) for t in tenants)
+        len(with_dedup.graph.tenant_nodes(t.name)) for t in tenants
+    )
     assert with_dedup.verify()["ok"]

@@ -47,13 +47,18 @@ def _write(bundle, inputs, d) -> None:
 
 def _drive(saved, entry, in_dir, out_dir, threads=2, timing=False) -> subprocess.CompletedProcess:
     out_dir.mkdir(exist_ok=True)
-    return subprocess.run(command(saved, entry, in_dir, out_dir, threads, timing),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command(saved, entry, in_dir, out_dir, threads, timing),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _outputs(bundle, name, out_dir) -> list[np.ndarray]:
-    return [np.load(out_dir / f"{name}.{io.name}.npy")
-            for io in bundle.manifest.tenants[name].outputs]
+    return [
+        np.load(out_dir / f"{name}.{io.name}.npy") for io in bundle.manifest.tenants[name].outputs
+    ]
 
 
 @pytest.mark.parametrize("set_name", ["heterogeneous", "same-arch", "shared-backbone"])
@@ -76,8 +81,9 @@ def test_driver_equals_python_on_demo_set(set_name, tmp_path):
             np.testing.assert_array_equal(got, ref, err_msg=f"{set_name}: run_all, {name}")
         res = _drive(saved, name, tmp_path / "in", tmp_path / name)
         assert res.returncode == 0, res.stderr
-        for got, ref in zip(_outputs(loaded, name, tmp_path / name), loaded.run(name, *inputs[name]),
-                            strict=True):
+        for got, ref in zip(
+            _outputs(loaded, name, tmp_path / name), loaded.run(name, *inputs[name]), strict=True
+        ):
             np.testing.assert_array_equal(got, ref, err_msg=f"{set_name}: run {name}")
 
 
@@ -107,8 +113,12 @@ def test_bad_shape_dtype_missing_file_and_bad_entry(hetero_bundle, hetero_saved)
     saved, d, inputs = hetero_saved
     x = inputs["vision"][0]
     bad = _bad_dir(hetero_bundle, inputs, d / "shape", "vision", 0, x[:, :, :-1])
-    _refused(_drive(saved, "vision", bad, d / "o1"), "tenant 'vision', input 'x'",
-             "expected shape", str(list(x.shape)))
+    _refused(
+        _drive(saved, "vision", bad, d / "o1"),
+        "tenant 'vision', input 'x'",
+        "expected shape",
+        str(list(x.shape)),
+    )
     bad = _bad_dir(hetero_bundle, inputs, d / "dtype", "vision", 0, x.astype(np.float64))
     _refused(_drive(saved, "run_all", bad, d / "o2"), "expected float32", "'<f8'")
     _refused(_drive(saved, "vision", d / "nowhere", d / "o3"), "cannot open")
@@ -117,19 +127,25 @@ def test_bad_shape_dtype_missing_file_and_bad_entry(hetero_bundle, hetero_saved)
 
 def test_index_out_of_range_is_refused_before_the_call(hetero_bundle, hetero_saved):
     saved, d, inputs = hetero_saved
-    name, i, io = next((t, i, io) for t in hetero_bundle.tenant_names
-                       for i, io in enumerate(hetero_bundle.manifest.tenants[t].inputs)
-                       if io.index_range is not None)
+    name, i, io = next(
+        (t, i, io)
+        for t in hetero_bundle.tenant_names
+        for i, io in enumerate(hetero_bundle.manifest.tenants[t].inputs)
+        if io.index_range is not None
+    )
     ids = inputs[name][i].copy()
     ids.flat[3] = io.index_range[1]  # one past the table
     bad = _bad_dir(hetero_bundle, inputs, d / "range", name, i, ids)
-    _refused(_drive(saved, name, bad, d / "o5"), f"tenant '{name}', input '{io.name}'",
-             f"index {io.index_range[1]} at flat position 3", "outside")
+    _refused(
+        _drive(saved, name, bad, d / "o5"),
+        f"tenant '{name}', input '{io.name}'",
+        f"index {io.index_range[1]} at flat position 3",
+        "outside",
+    )
 
 
 def test_streamed_run_all_is_refused_its_tenants_run(tmp_path):
-    bundle = mtcompile.compile(tiny_tenants(),
-                               pass_options={"assign-streams": {"policy": "max"}})
+    bundle = mtcompile.compile(tiny_tenants(), pass_options={"assign-streams": {"policy": "max"}})
     assert bundle.manifest.streams.run is not None, "the set should run on several streams"
     saved = bundle.save(tmp_path / "b")
     inputs = _inputs(bundle)
@@ -137,5 +153,6 @@ def test_streamed_run_all_is_refused_its_tenants_run(tmp_path):
     _refused(_drive(saved, "run_all", tmp_path / "in", tmp_path / "o"), "several streams")
     res = _drive(saved, "lin", tmp_path / "in", tmp_path / "lin")
     assert res.returncode == 0, res.stderr
-    np.testing.assert_array_equal(_outputs(bundle, "lin", tmp_path / "lin")[0],
-                                  bundle.run("lin", *inputs["lin"])[0])
+    np.testing.assert_array_equal(
+        _outputs(bundle, "lin", tmp_path / "lin")[0], bundle.run("lin", *inputs["lin"])[0]
+    )

@@ -89,42 +89,62 @@ def test_unsupported_operator_torch_export():
     # checked after the decomposition to core ATen the importer runs: special_i0 is i0 there
     assert [op for op, _ in e.ops] == ["lgamma.default", "i0.default"]
     msg = str(e)
-    assert msg.startswith("tenant 'gamma': 2 operator(s) not supported by TVM's torch.export "
-                          "importer:")
+    assert msg.startswith(
+        "tenant 'gamma': 2 operator(s) not supported by TVM's torch.export importer:"
+    )
     # Each op points at the user's source line.
-    assert re.search(r"- lgamma\.default \(from File \".*test_errors\.py\", line \d+, in forward\)",
-                     msg), msg
+    assert re.search(
+        r"- lgamma\.default \(from File \".*test_errors\.py\", line \d+, in forward\)", msg
+    ), msg
     assert isinstance(e, TenantError)
 
 
 def test_unsupported_operator_torch_fx():
     x = (torch.rand(2, 3) + 0.5,)
-    msg = _compile_error(Tenant("gammafx", torch.fx.symbolic_trace(Gamma()), example_inputs=x),
-                         error=UnsupportedOperatorError)
+    msg = _compile_error(
+        Tenant("gammafx", torch.fx.symbolic_trace(Gamma()), example_inputs=x),
+        error=UnsupportedOperatorError,
+    )
     assert "tenant 'gammafx': 2 operator(s) not supported by TVM's torch.fx importer" in msg
     assert "- lgamma (from fx node lgamma)" in msg and "- special_i0 (" in msg
-    msg = _compile_error(Tenant("method", torch.fx.symbolic_trace(Frac()), example_inputs=x),
-                         error=UnsupportedOperatorError)
+    msg = _compile_error(
+        Tenant("method", torch.fx.symbolic_trace(Frac()), example_inputs=x),
+        error=UnsupportedOperatorError,
+    )
     assert "- Tensor.frac (from fx node frac)" in msg
-    msg = _compile_error(Tenant("sub", torch.fx.symbolic_trace(Unshuffle()),
-                                input_shapes={"x": ((1, 1, 4, 4), "float32")}),
-                         error=UnsupportedOperatorError)
+    msg = _compile_error(
+        Tenant(
+            "sub",
+            torch.fx.symbolic_trace(Unshuffle()),
+            input_shapes={"x": ((1, 1, 4, 4), "float32")},
+        ),
+        error=UnsupportedOperatorError,
+    )
     assert "- PixelUnshuffle (from submodule 'shuffle')" in msg
 
 
 def test_unsupported_operator_onnx_custom_op():
-    model = _onnx([helper.make_node("MyCustomOp", ["X"], ["Y"], domain="com.example",
-                                    name="custom0")],
-                  [_vi("X", [2, 3])], [_vi("Y", [2, 3])], domains=["com.example"])
+    model = _onnx(
+        [helper.make_node("MyCustomOp", ["X"], ["Y"], domain="com.example", name="custom0")],
+        [_vi("X", [2, 3])],
+        [_vi("Y", [2, 3])],
+        domains=["com.example"],
+    )
     msg = _compile_error(Tenant("cust", model), error=UnsupportedOperatorError)
-    assert msg == ("tenant 'cust': 1 operator(s) not supported by TVM's ONNX importer:\n"
-                   "  - com.example.MyCustomOp (from node 'custom0')")
+    assert msg == (
+        "tenant 'cust': 1 operator(s) not supported by TVM's ONNX importer:\n"
+        "  - com.example.MyCustomOp (from node 'custom0')"
+    )
 
 
 def test_onnx_custom_domain_op_named_like_a_standard_op_is_not_imported_as_it():
     # TVM's importer would take com.example.Relu for Relu and compile the wrong thing.
-    model = _onnx([helper.make_node("Relu", ["X"], ["Y"], domain="com.example", name="r")],
-                  [_vi("X", [2, 3])], [_vi("Y", [2, 3])], domains=["com.example"])
+    model = _onnx(
+        [helper.make_node("Relu", ["X"], ["Y"], domain="com.example", name="r")],
+        [_vi("X", [2, 3])],
+        [_vi("Y", [2, 3])],
+        domains=["com.example"],
+    )
     msg = _compile_error(Tenant("cust", model), error=UnsupportedOperatorError)
     assert "- com.example.Relu (from node 'r')" in msg
 
@@ -133,8 +153,11 @@ def test_unsupported_standard_onnx_op_without_node_name():
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     assert "StringNormalizer" not in _get_convert_map()
-    model = _onnx([helper.make_node("StringNormalizer", ["X"], ["Y"])],
-                  [_vi("X", [2], TensorProto.STRING)], [_vi("Y", [2], TensorProto.STRING)])
+    model = _onnx(
+        [helper.make_node("StringNormalizer", ["X"], ["Y"])],
+        [_vi("X", [2], TensorProto.STRING)],
+        [_vi("Y", [2], TensorProto.STRING)],
+    )
     msg = _compile_error(Tenant("strings", model), error=UnsupportedOperatorError)
     assert "- StringNormalizer (from node #0)" in msg
 
@@ -142,13 +165,14 @@ def test_unsupported_standard_onnx_op_without_node_name():
 # --------------------------------------------------------------------------- tenants
 
 
-@pytest.mark.parametrize("name", ["", "1abc", "a-b", "a.b", "a b", "_x", "naïve", "abc\n",
-                                  None, 3])
+@pytest.mark.parametrize("name", ["", "1abc", "a-b", "a.b", "a b", "_x", "naïve", "abc\n", None, 3])
 def test_invalid_tenant_name(name):
     with pytest.raises(TenantError) as info:
         Tenant(name, LinearReLU())
-    assert f"tenant name {name!r} is not valid: expected a letter followed by letters, digits " \
-           "or '_'" in str(info.value)
+    assert (
+        f"tenant name {name!r} is not valid: expected a letter followed by letters, digits "
+        "or '_'" in str(info.value)
+    )
 
 
 @pytest.mark.parametrize("name", ["run_all", "main", "mtcompile_manifest"])
@@ -159,29 +183,38 @@ def test_reserved_tenant_name(name):
 
 def test_duplicate_tenant_names():
     m, x = linear_relu()
-    msg = _compile_error(Tenant("a", m, example_inputs=x), Tenant("b", m, example_inputs=x),
-                         Tenant("b", m, example_inputs=x), Tenant("a", m, example_inputs=x))
+    msg = _compile_error(
+        Tenant("a", m, example_inputs=x),
+        Tenant("b", m, example_inputs=x),
+        Tenant("b", m, example_inputs=x),
+        Tenant("a", m, example_inputs=x),
+    )
     assert msg == "duplicate tenant name(s) ['a', 'b']: every tenant needs its own name"
 
 
 def test_module_without_example_inputs():
     msg = _compile_error(Tenant("noinputs", LinearReLU(), input_shapes={"x": ((2, 8), "float32")}))
-    assert msg == ("tenant 'noinputs': a torch.nn.Module needs example_inputs (a tuple of "
-                   "tensors) to be traced with torch.export")
+    assert msg == (
+        "tenant 'noinputs': a torch.nn.Module needs example_inputs (a tuple of "
+        "tensors) to be traced with torch.export"
+    )
 
 
 def test_fx_without_shapes():
     gm = torch.fx.symbolic_trace(LinearReLU())
     msg = _compile_error(Tenant("noshapes", gm))
-    assert msg == ("tenant 'noshapes': a torch.fx.GraphModule needs input_shapes ({name: "
-                   "(shape, dtype)} for inputs ['x']) or example_inputs")
+    assert msg == (
+        "tenant 'noshapes': a torch.fx.GraphModule needs input_shapes ({name: "
+        "(shape, dtype)} for inputs ['x']) or example_inputs"
+    )
 
 
 def test_fx_shapes_that_do_not_match():
     gm = torch.fx.symbolic_trace(LinearReLU())
     msg = _compile_error(Tenant("fx", gm, input_shapes={"input": ((2, 8), "float32")}))
-    assert msg == ("tenant 'fx': input_shapes names ['input'] do not match the GraphModule's "
-                   "inputs ['x']")
+    assert msg == (
+        "tenant 'fx': input_shapes names ['input'] do not match the GraphModule's inputs ['x']"
+    )
     msg = _compile_error(Tenant("fx", gm, example_inputs=(torch.rand(2, 8), torch.rand(2, 8))))
     assert msg == "tenant 'fx': 2 example inputs for a GraphModule with inputs ['x']"
 
@@ -194,9 +227,11 @@ def test_torch_export_failure():
 
 def test_unsupported_model_type():
     msg = _compile_error(Tenant("weird", {"not": "a model"}))
-    assert msg == ("tenant 'weird': model of type dict is not supported; expected "
-                   "torch.nn.Module, torch.fx.GraphModule, torch.export.ExportedProgram, "
-                   "onnx.ModelProto or a path to an .onnx file")
+    assert msg == (
+        "tenant 'weird': model of type dict is not supported; expected "
+        "torch.nn.Module, torch.fx.GraphModule, torch.export.ExportedProgram, "
+        "onnx.ModelProto or a path to an .onnx file"
+    )
 
 
 def test_compile_arguments():
@@ -220,15 +255,18 @@ def test_unreadable_onnx_file(tmp_path):
 def test_missing_onnx_file(tmp_path):
     path = tmp_path / "nope.onnx"
     assert _compile_error(Tenant("missing", path)) == (
-        f"tenant 'missing': ONNX file {str(path)!r} does not exist")
+        f"tenant 'missing': ONNX file {str(path)!r} does not exist"
+    )
     assert _compile_error(Tenant("missing", str(tmp_path))) == (  # a directory is not a file
-        f"tenant 'missing': ONNX file {str(tmp_path)!r} does not exist")
+        f"tenant 'missing': ONNX file {str(tmp_path)!r} does not exist"
+    )
 
 
 def test_invalid_onnx_model(tmp_path):
     # Relu reads "Z", which nothing defines: the checker refuses it, naming the node.
-    model = _onnx([helper.make_node("Relu", ["Z"], ["Y"], name="r0")],
-                  [_vi("X", [2, 3])], [_vi("Y", [2, 3])])
+    model = _onnx(
+        [helper.make_node("Relu", ["Z"], ["Y"], name="r0")], [_vi("X", [2, 3])], [_vi("Y", [2, 3])]
+    )
     msg = _compile_error(Tenant("broken", model))
     assert msg.startswith("tenant 'broken': invalid ONNX model: ")
     assert "'Z'" in msg and "Relu" in msg and "\n" not in msg
@@ -241,15 +279,23 @@ def test_invalid_onnx_model(tmp_path):
 
 @pytest.mark.slow  # compiles a library of its own
 def test_onnx_symbolic_dim_needs_input_shapes():
-    model = _onnx([helper.make_node("Relu", ["X"], ["Y"])], [_vi("X", [2, "seq", 3])],
-                  [_vi("Y", [2, "seq", 3])])
+    model = _onnx(
+        [helper.make_node("Relu", ["X"], ["Y"])],
+        [_vi("X", [2, "seq", 3])],
+        [_vi("Y", [2, "seq", 3])],
+    )
     msg = _compile_error(Tenant("sym", model))
-    assert msg == ("tenant 'sym': input 'X' axis 1: symbolic dim 'seq' has no bounds; give "
-                   "dim_bounds={'seq': (lo, hi)} (or a fixed size in input_shapes)")
-    msg = _compile_error(Tenant("sym", model, input_shapes={"X": ((2, 4, 3), "float32"),
-                                                            "Q": ((1,), "float32")}))
-    assert msg == ("tenant 'sym': input_shapes names ['Q'] that are not inputs of the ONNX "
-                   "model (inputs: ['X'])")
+    assert msg == (
+        "tenant 'sym': input 'X' axis 1: symbolic dim 'seq' has no bounds; give "
+        "dim_bounds={'seq': (lo, hi)} (or a fixed size in input_shapes)"
+    )
+    msg = _compile_error(
+        Tenant("sym", model, input_shapes={"X": ((2, 4, 3), "float32"), "Q": ((1,), "float32")})
+    )
+    assert msg == (
+        "tenant 'sym': input_shapes names ['Q'] that are not inputs of the ONNX "
+        "model (inputs: ['X'])"
+    )
     # With the shape given it compiles.
     b = mtcompile.compile([Tenant("sym", model, input_shapes={"X": ((2, 4, 3), "float32")})])
     x = -np.ones((2, 4, 3), np.float32)
@@ -277,15 +323,19 @@ def test_run_wrong_number_of_inputs(tiny_bundle):
 def test_run_wrong_shape(tiny_bundle):
     with pytest.raises(InputError) as info:
         tiny_bundle.run("conv", torch.zeros(1, 3, 9, 8))
-    assert str(info.value) == ("tenant 'conv', input 'x': expected float32[1, 3, 8, 8], got "
-                               "float32[1, 3, 9, 8] (signature: x: float32[1, 3, 8, 8])")
+    assert str(info.value) == (
+        "tenant 'conv', input 'x': expected float32[1, 3, 8, 8], got "
+        "float32[1, 3, 9, 8] (signature: x: float32[1, 3, 8, 8])"
+    )
 
 
 def test_run_wrong_dtype(tiny_bundle):
     with pytest.raises(InputError) as info:
         tiny_bundle.run("lin", np.zeros((2, 8)))  # float64
-    assert str(info.value) == ("tenant 'lin', input 'x': expected float32[2, 8], got "
-                               "float64[2, 8] (signature: x: float32[2, 8])")
+    assert str(info.value) == (
+        "tenant 'lin', input 'x': expected float32[2, 8], got "
+        "float64[2, 8] (signature: x: float32[2, 8])"
+    )
     with pytest.raises(InputError, match="expected float32\\[3, 5\\], got int64\\[3, 5\\]"):
         tiny_bundle.run("multi", torch.zeros(3, 5, dtype=torch.int64))
 
@@ -308,10 +358,13 @@ def test_run_out_of_range_index():
     assert b.signature("emb").inputs[0].index_range == (0, 10)
     with pytest.raises(InputError) as info:
         b.run("emb", np.array([[1, 10, 3]]))
-    assert str(info.value) == ("tenant 'emb', input 'input': values index a table of 10 rows "
-                               "and must be in [0, 10); got values in [1, 10]")
-    np.testing.assert_array_equal(b.run("emb", np.array([[0, 9, 3]]))[0][0, 1],
-                                  emb.weight[9].detach().numpy())
+    assert str(info.value) == (
+        "tenant 'emb', input 'input': values index a table of 10 rows "
+        "and must be in [0, 10); got values in [1, 10]"
+    )
+    np.testing.assert_array_equal(
+        b.run("emb", np.array([[0, 9, 3]]))[0][0, 1], emb.weight[9].detach().numpy()
+    )
 
 
 @pytest.mark.slow  # compiles a library of its own
@@ -321,10 +374,12 @@ def test_onnx_gather_accepts_negative_indices_and_checks_the_range():
 
     table = np.arange(12, dtype=np.float32).reshape(6, 2)
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["out"], axis=0)], "gather",
+        [helper.make_node("Gather", ["table", "ids"], ["out"], axis=0)],
+        "gather",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [3, 2])],
-        [onnx.numpy_helper.from_array(table, "table")])
+        [onnx.numpy_helper.from_array(table, "table")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     b = mtcompile.compile([Tenant("g", model)])
     assert b.signature("g").inputs[0].index_range == (-6, 6)
@@ -337,8 +392,10 @@ def test_run_all_missing_and_unknown_tenants(tiny_bundle):
     x = (np.zeros((2, 8), np.float32),)
     with pytest.raises(InputError) as info:
         tiny_bundle.run_all({"lin": x, "zz": x})
-    assert str(info.value) == ("run_all needs inputs for exactly the tenants ['lin', 'conv', "
-                               "'multi']; missing ['conv', 'multi'], unknown ['zz']")
+    assert str(info.value) == (
+        "run_all needs inputs for exactly the tenants ['lin', 'conv', "
+        "'multi']; missing ['conv', 'multi'], unknown ['zz']"
+    )
     with pytest.raises(InputError, match=r"missing \['lin', 'conv', 'multi'\], unknown \[\]"):
         tiny_bundle.run_all({})
     with pytest.raises(InputError, match=r"run_all takes a dict \{tenant name: tuple of inputs\}"):
@@ -346,8 +403,11 @@ def test_run_all_missing_and_unknown_tenants(tiny_bundle):
 
 
 def test_run_all_names_the_tenant_with_a_bad_input(tiny_bundle):
-    good = {"lin": (np.zeros((2, 8), np.float32),), "conv": (np.zeros((1, 3, 8, 8), np.float32),),
-            "multi": (np.zeros((3, 5), np.float32),)}
+    good = {
+        "lin": (np.zeros((2, 8), np.float32),),
+        "conv": (np.zeros((1, 3, 8, 8), np.float32),),
+        "multi": (np.zeros((3, 5), np.float32),),
+    }
     with pytest.raises(InputError, match=r"tenant 'multi', input 'x': expected float32\[3, 5\]"):
         tiny_bundle.run_all(dict(good, multi=(np.zeros((5, 3), np.float32),)))
     # After all these errors the bundle still runs: nothing reached the executable.
@@ -385,8 +445,9 @@ def test_load_works_on_the_undamaged_copy(saved):
 def test_load_missing_directory_or_manifest(tmp_path, saved):
     with pytest.raises(ArtifactError) as info:
         mtcompile.load(tmp_path / "nowhere")
-    assert str(info.value) == (f"{tmp_path / 'nowhere'}: no manifest.json; is this a directory "
-                               "written by Bundle.save?")
+    assert str(info.value) == (
+        f"{tmp_path / 'nowhere'}: no manifest.json; is this a directory written by Bundle.save?"
+    )
     (saved / MANIFEST).unlink()
     with pytest.raises(ArtifactError, match="no manifest.json; is this a directory written"):
         mtcompile.load(saved)
@@ -399,13 +460,16 @@ def test_load_missing_library(saved):
     assert str(info.value) == f"{saved}: the manifest names library 'bundle.so', which is missing"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("{not json", "is corrupt: not valid JSON (Expecting property name"),
-    ("", "is corrupt: not valid JSON (Expecting value"),
-    ("[1, 2]", "is corrupt: expected a JSON object, found list"),
-    ('"bundle"', "is corrupt: expected a JSON object, found str"),
-    ("null", "is corrupt: expected a JSON object, found NoneType"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{not json", "is corrupt: not valid JSON (Expecting property name"),
+        ("", "is corrupt: not valid JSON (Expecting value"),
+        ("[1, 2]", "is corrupt: expected a JSON object, found list"),
+        ('"bundle"', "is corrupt: expected a JSON object, found str"),
+        ("null", "is corrupt: expected a JSON object, found NoneType"),
+    ],
+)
 def test_load_invalid_manifest_json(saved, text, expected):
     (saved / MANIFEST).write_text(text)
     with pytest.raises(ArtifactError) as info:
@@ -419,14 +483,22 @@ def _delete(m: dict, path: tuple):
     del m[path[-1]]
 
 
-@pytest.mark.parametrize(("path", "key"), [
-    (("library",), "library"), (("library_sha256",), "library_sha256"),
-    (("tenants",), "tenants"), (("tenant_order",), "tenant_order"), (("target",), "target"),
-    (("versions", "tvm"), "versions.tvm"), (("run_all_inputs",), "run_all_inputs"),
-    (("streams", "num_streams"), "streams.num_streams"), (("graph", "nodes"), "graph.nodes"),
-    (("tenants", "conv", "inputs", 0, "dtype"), "tenants.conv.inputs[0].dtype"),
-    (("memory", "arena_bytes"), "memory.arena_bytes"),
-])
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        (("library",), "library"),
+        (("library_sha256",), "library_sha256"),
+        (("tenants",), "tenants"),
+        (("tenant_order",), "tenant_order"),
+        (("target",), "target"),
+        (("versions", "tvm"), "versions.tvm"),
+        (("run_all_inputs",), "run_all_inputs"),
+        (("streams", "num_streams"), "streams.num_streams"),
+        (("graph", "nodes"), "graph.nodes"),
+        (("tenants", "conv", "inputs", 0, "dtype"), "tenants.conv.inputs[0].dtype"),
+        (("memory", "arena_bytes"), "memory.arena_bytes"),
+    ],
+)
 def test_load_manifest_missing_key(saved, path, key):
     m = _manifest(saved)
     _delete(m, path)
@@ -437,16 +509,23 @@ def test_load_manifest_missing_key(saved, path, key):
         # fields the runtime core does not read: its embedded-manifest rule names them first,
         # as mtcompile-run does (one first line for both front-ends)
         top = key.split(".")[0]
-        assert str(info.value) == (f"{saved / 'bundle.so'} and {saved / MANIFEST} disagree "
-                                   f"on ['{top}']")
+        assert str(info.value) == (
+            f"{saved / 'bundle.so'} and {saved / MANIFEST} disagree on ['{top}']"
+        )
         return
     assert str(info.value) == f"{saved / MANIFEST} is corrupt: key '{key}': missing"
 
 
-@pytest.mark.parametrize(("value", "why"), [
-    (None, "expected str, found NoneType None"), (3, "expected str, found int 3"),
-    (["bundle.so"], "expected str, found list ['bundle.so']"), ("", "'' is not a file name"),
-    ("../bundle.so", "'../bundle.so' is not a file name")])
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (None, "expected str, found NoneType None"),
+        (3, "expected str, found int 3"),
+        (["bundle.so"], "expected str, found list ['bundle.so']"),
+        ("", "'' is not a file name"),
+        ("../bundle.so", "'../bundle.so' is not a file name"),
+    ],
+)
 def test_load_manifest_bad_library_name(saved, value, why):
     m = _manifest(saved)
     m["library"] = value
@@ -456,16 +535,18 @@ def test_load_manifest_bad_library_name(saved, value, why):
     assert str(info.value) == f"{saved / MANIFEST} is corrupt: key 'library': {why}"
 
 
-@pytest.mark.parametrize(("value", "found"), [(None, "NoneType None"), (12, "int 12"),
-                                              (["ab"], "list ['ab']")])
+@pytest.mark.parametrize(
+    ("value", "found"), [(None, "NoneType None"), (12, "int 12"), (["ab"], "list ['ab']")]
+)
 def test_load_manifest_bad_library_hash(saved, value, found):
     m = _manifest(saved)
     m["library_sha256"] = value
     _write_manifest(saved, m)
     with pytest.raises(ArtifactError) as info:
         mtcompile.load(saved)
-    assert str(info.value) == (f"{saved / MANIFEST} is corrupt: key 'library_sha256': "
-                               f"expected str, found {found}")
+    assert str(info.value) == (
+        f"{saved / MANIFEST} is corrupt: key 'library_sha256': expected str, found {found}"
+    )
 
 
 def test_load_manifest_wrong_kinds_name_the_key(saved):
@@ -476,8 +557,9 @@ def test_load_manifest_wrong_kinds_name_the_key(saved):
         mtcompile.load(saved)
     # the core reads '8' as a dim's name; the embedded manifest names the edit first, as
     # mtcompile-run does
-    assert str(info.value) == (f"{saved / 'bundle.so'} and {saved / MANIFEST} disagree on "
-                               "['tenants']")
+    assert str(info.value) == (
+        f"{saved / 'bundle.so'} and {saved / MANIFEST} disagree on ['tenants']"
+    )
     m["tenants"]["lin"]["inputs"][0]["shape"] = [2, 8]
     m["streams"]["num_streams"] = True
     _write_manifest(saved, m)
@@ -486,23 +568,32 @@ def test_load_manifest_wrong_kinds_name_the_key(saved):
     m["streams"]["num_streams"] = 1
     m["memory"]["arena_bytes"] = True  # not embedded, not read by the core: Python's reader
     _write_manifest(saved, m)
-    with pytest.raises(ArtifactError, match=r"key 'memory.arena_bytes': expected int, found "
-                       "bool True"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"key 'memory.arena_bytes': expected int, found "
+        "bool True",
+    ):
         mtcompile.load(saved)
 
 
-@pytest.mark.parametrize(("fmt", "hint"), [
-    ("mtcompile-bundle/0", "; rebuild the bundle with this mtcompile"),
-    ("mtcompile-bundle/1", "; rebuild the bundle with this mtcompile"),  # the dict layout
-    ("other/9", ""), (None, "")])
+@pytest.mark.parametrize(
+    ("fmt", "hint"),
+    [
+        ("mtcompile-bundle/0", "; rebuild the bundle with this mtcompile"),
+        ("mtcompile-bundle/1", "; rebuild the bundle with this mtcompile"),  # the dict layout
+        ("other/9", ""),
+        (None, ""),
+    ],
+)
 def test_load_wrong_format(saved, fmt, hint):
     m = _manifest(saved)
     m["format"] = fmt
     _write_manifest(saved, m)
     with pytest.raises(ArtifactError) as info:
         mtcompile.load(saved)
-    assert str(info.value) == (f"{saved / MANIFEST}: format {fmt!r}, this mtcompile reads "
-                               f"{FORMAT!r}{hint}")
+    assert str(info.value) == (
+        f"{saved / MANIFEST}: format {fmt!r}, this mtcompile reads {FORMAT!r}{hint}"
+    )
 
 
 def test_load_refuses_a_bundle_built_with_another_tvm(saved):
@@ -518,9 +609,11 @@ def test_load_refuses_a_bundle_built_with_another_tvm(saved):
     _write_manifest(saved, m)
     with pytest.raises(ArtifactError) as info:
         mtcompile.load(saved)
-    assert str(info.value) == (f"{saved / MANIFEST}: built with TVM 0.19.0, this process has "
-                               f"TVM {tvm.__version__}; TVM's executable format is not stable "
-                               "across versions: rebuild the bundle with this TVM")
+    assert str(info.value) == (
+        f"{saved / MANIFEST}: built with TVM 0.19.0, this process has "
+        f"TVM {tvm.__version__}; TVM's executable format is not stable "
+        "across versions: rebuild the bundle with this TVM"
+    )
 
 
 def test_load_library_from_a_different_build(saved, other_saved):
@@ -528,8 +621,9 @@ def test_load_library_from_a_different_build(saved, other_saved):
     with pytest.raises(ArtifactError) as info:
         mtcompile.load(saved)
     msg = str(info.value)
-    assert msg.startswith(f"{saved / 'bundle.so'} does not match {saved / MANIFEST}: library "
-                          "sha256 ")
+    assert msg.startswith(
+        f"{saved / 'bundle.so'} does not match {saved / MANIFEST}: library sha256 "
+    )
     assert msg.endswith("the files come from different builds")
 
 

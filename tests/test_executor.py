@@ -86,8 +86,9 @@ def _args(x):
 
 
 def test_streams_hand_tensors_over_at_events_over_many_runs(built):
-    ex = StreamExecutor(built, tvm.cpu(), ["s0", "s1"], 2, event_streams=[(0, 1), (1, 0)],
-                        stream_tenants=["a", "b"])
+    ex = StreamExecutor(
+        built, tvm.cpu(), ["s0", "s1"], 2, event_streams=[(0, 1), (1, 0)], stream_tenants=["a", "b"]
+    )
     rng = np.random.default_rng(0)
     try:
         for _ in range(40):
@@ -113,12 +114,22 @@ def test_cpu_threads_are_split_among_streams(built):
 
 @pytest.mark.slow  # builds a module of its own
 def test_injected_kernel_error_names_stream_tenant_kernel_without_hanging():
-    ex = StreamExecutor(tvm.compile(ping_pong(boom=True), "llvm"), tvm.cpu(), ["s0", "s1"], 2,
-                        event_streams=[(0, 1), (1, 0)], stream_tenants=["vision", "text"],
-                        kernel_tenant={"test.streams.boom": "vision"}, timeout_s=60)
+    ex = StreamExecutor(
+        tvm.compile(ping_pong(boom=True), "llvm"),
+        tvm.cpu(),
+        ["s0", "s1"],
+        2,
+        event_streams=[(0, 1), (1, 0)],
+        stream_tenants=["vision", "text"],
+        kernel_tenant={"test.streams.boom": "vision"},
+        timeout_s=60,
+    )
     t0 = time.monotonic()
-    with pytest.raises(StreamError, match=r"stream 0 \(tenant vision\) failed in kernel "
-                                          r"'test.streams.boom'.*injected kernel failure") as e:
+    with pytest.raises(
+        StreamError,
+        match=r"stream 0 \(tenant vision\) failed in kernel "
+        r"'test.streams.boom'.*injected kernel failure",
+    ) as e:
         ex.run(_args(np.ones(4, "float32")))
     assert time.monotonic() - t0 < 10  # stream 1 was woken, not left waiting for event 0
     assert e.value.stream == 0 and e.value.kernel == "test.streams.boom"
@@ -132,9 +143,15 @@ def test_injected_kernel_error_names_stream_tenant_kernel_without_hanging():
 def test_missing_signal_is_reported_as_a_deadlock_listing_every_blocked_stream():
     # Both streams wait for a signal that never comes. Whichever times out first aborts the
     # other; the error is the same either way: every blocked stream with its event.
-    ex = StreamExecutor(tvm.compile(ping_pong(never_signal=True), "llvm"), tvm.cpu(),
-                        ["s0", "s1"], 2, event_streams=[(0, 1), (1, 0)],
-                        stream_tenants=["a", "b"], timeout_s=0.5)
+    ex = StreamExecutor(
+        tvm.compile(ping_pong(never_signal=True), "llvm"),
+        tvm.cpu(),
+        ["s0", "s1"],
+        2,
+        event_streams=[(0, 1), (1, 0)],
+        stream_tenants=["a", "b"],
+        timeout_s=0.5,
+    )
     t0 = time.monotonic()
     with pytest.raises(DeadlockError) as e:
         ex.run(_args(np.ones(4, "float32")))
@@ -143,7 +160,8 @@ def test_missing_signal_is_reported_as_a_deadlock_listing_every_blocked_stream()
     assert str(e.value) == (
         "deadlock: no progress for 0.5 s; stream 0 (tenant a) waits for event 1 (signalled by "
         "stream 1); stream 1 (tenant b) waits for event 0 (signalled by stream 0): a missing "
-        "signal?")
+        "signal?"
+    )
     assert isinstance(e.value, StreamError) and e.value.kernel == WAIT
     ex.close()
 
@@ -169,8 +187,9 @@ def test_cuda_streams_raw_stream_per_thread():  # pragma: no cover - needs a GPU
     with tvm.target.Target("cuda"):
         mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(relax.transform.LegalizeOps()(mod))
     dev = tvm.cuda(0)
-    ex = StreamExecutor(tvm.compile(mod, "cuda"), dev, ["s0", "s1"], 2,
-                        event_streams=[(0, 1), (1, 0)])
+    ex = StreamExecutor(
+        tvm.compile(mod, "cuda"), dev, ["s0", "s1"], 2, event_streams=[(0, 1), (1, 0)]
+    )
     x = np.arange(4, dtype="float32")
     bufs = [tvm.runtime.tensor(np.zeros(4, "float32"), dev) for _ in range(2)]
     xt = tvm.runtime.tensor(x, dev)

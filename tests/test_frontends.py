@@ -27,9 +27,16 @@ def onnx_model(module, inputs, dynamic_batch: bool = False) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, inputs, buf, input_names=["x"], output_names=["y"],
-                          opset_version=17, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-                          dynamo=False)
+        torch.onnx.export(
+            module,
+            inputs,
+            buf,
+            input_names=["x"],
+            output_names=["y"],
+            opset_version=17,
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            dynamo=False,
+        )
     return onnx.load_model_from_string(buf.getvalue())
 
 
@@ -56,15 +63,22 @@ def test_each_frontend_imports_a_small_model():
     m, x = linear_relu(0)
     for tenant, kind in [
         (Tenant("te", m, example_inputs=x), "torch.export"),
-        (Tenant("fx", torch.fx.symbolic_trace(LinearReLU(0)),
-                input_shapes={"x": ((2, 8), "float32")}), "torch.fx"),
+        (
+            Tenant(
+                "fx",
+                torch.fx.symbolic_trace(LinearReLU(0)),
+                input_shapes={"x": ((2, 8), "float32")},
+            ),
+            "torch.fx",
+        ),
         (Tenant("ox", onnx_model(m, x)), "onnx"),
     ]:
         it = import_tenant(tenant)
         assert (it.name, it.kind, it.input_names) == (tenant.name, kind, ["x"])
         assert len(it.mod["main"].params) == 1
-        assert re.search(r'def main\(\w+: R\.Tensor\(\(2, 8\), dtype="float32"\)\)',
-                         it.mod["main"].script())
+        assert re.search(
+            r'def main\(\w+: R\.Tensor\(\(2, 8\), dtype="float32"\)\)', it.mod["main"].script()
+        )
 
 
 @pytest.mark.slow  # compiles a bundle of its own
@@ -98,7 +112,8 @@ def test_fx_graph_module_with_input_shapes():
     x = seeded_input(5, 2, 8)
     check(bundle, "fx", m, (x,), "torch.fx")
     assert [i.to_dict() for i in bundle.signature("fx").inputs] == [
-        {"name": "x", "shape": [2, 8], "dtype": "float32"}]
+        {"name": "x", "shape": [2, 8], "dtype": "float32"}
+    ]
 
 
 @pytest.mark.slow  # compiles a bundle of its own
@@ -144,8 +159,7 @@ def test_onnx_path_with_input_shapes_override(tmp_path):
     path = tmp_path / "dyn.onnx"
     onnx.save(onnx_model(m, x, dynamic_batch=True), str(path))
     assert onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    bundle = mtcompile.compile([Tenant("dyn", path, input_shapes={"x": ((3, 3, 8, 8),
-                                                                       "float32")})])
+    bundle = mtcompile.compile([Tenant("dyn", path, input_shapes={"x": ((3, 3, 8, 8), "float32")})])
     x3 = (seeded_input(7, 3, 3, 8, 8),)
     check(bundle, "dyn", m, x3, "onnx")
     assert bundle.signature("dyn").outputs[0].shape == (3, 5)
@@ -168,10 +182,16 @@ def test_all_frontends_in_one_bundle(tmp_path):
     assert bundle.tenant_names == ["module", "fx", "program", "proto", "path"]
     report = bundle.verify(atol=ATOL)
     assert report["ok"], report
-    for name, module, x in [("module", m1, x1), ("program", m1, x1), ("proto", m1, x1),
-                            ("fx", m2, x2), ("path", m2, x2)]:
-        np.testing.assert_allclose(bundle.run(name, *x)[0], torch_outputs(module, x)[0],
-                                   rtol=0, atol=ATOL)
+    for name, module, x in [
+        ("module", m1, x1),
+        ("program", m1, x1),
+        ("proto", m1, x1),
+        ("fx", m2, x2),
+        ("path", m2, x2),
+    ]:
+        np.testing.assert_allclose(
+            bundle.run(name, *x)[0], torch_outputs(module, x)[0], rtol=0, atol=ATOL
+        )
     # Identical weights under three frontends are still stored once.
     assert bundle.manifest.graph.weight_bytes < bundle.manifest.graph.weight_bytes_before_merge
 
@@ -183,17 +203,24 @@ def test_source_hash_follows_the_weights():
     assert h0 == import_tenant(Tenant("b", TinyConv(0), example_inputs=x)).source_hash
     assert h0 != import_tenant(Tenant("a", TinyConv(1), example_inputs=x)).source_hash
     p0 = onnx_model(m, x)
-    assert import_tenant(Tenant("a", p0)).source_hash == import_tenant(
-        Tenant("a", onnx_model(TinyConv(0), x))).source_hash
-    assert import_tenant(Tenant("a", p0)).source_hash != import_tenant(
-        Tenant("a", onnx_model(TinyConv(1), x))).source_hash
+    assert (
+        import_tenant(Tenant("a", p0)).source_hash
+        == import_tenant(Tenant("a", onnx_model(TinyConv(0), x))).source_hash
+    )
+    assert (
+        import_tenant(Tenant("a", p0)).source_hash
+        != import_tenant(Tenant("a", onnx_model(TinyConv(1), x))).source_hash
+    )
     assert len(h0) == 64 and int(h0, 16) >= 0
 
 
 @pytest.mark.slow
 def test_heterogeneous_set_matches_sources(hetero_bundle):
     assert [hetero_bundle.signature(t).source for t in hetero_bundle.tenant_names] == [
-        "torch.export", "onnx", "torch.fx"]
+        "torch.export",
+        "onnx",
+        "torch.fx",
+    ]
     report = hetero_bundle.verify(atol=ATOL)
     assert report["ok"], report
 
@@ -202,6 +229,7 @@ def test_heterogeneous_set_matches_sources(hetero_bundle):
 def test_the_same_tensor_twice_stays_two_inputs():
     """torch.export makes one graph input of a tensor passed twice; the importer copies it, so
     a tenant traced with (x, x) still computes with whatever two inputs it is given."""
+
     class Sub(torch.nn.Module):
         def forward(self, a, b):
             return a - b

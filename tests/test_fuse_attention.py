@@ -30,19 +30,30 @@ class Attention(nn.Module):
     """Self-attention over (batch, seq, d): softmax(q k^T / sqrt(d_head) [+ mask]) v per head;
     `expose` also returns the scores (then they have a second reader)."""
 
-    def __init__(self, d: int = 32, heads: int = 2, mask: bool = False, expose: bool = False,
-                 scale_first: bool = False):
+    def __init__(
+        self,
+        d: int = 32,
+        heads: int = 2,
+        mask: bool = False,
+        expose: bool = False,
+        scale_first: bool = False,
+    ):
         super().__init__()
         torch.manual_seed(0)
-        self.qkv, self.heads, self.expose, self.scale_first = nn.Linear(d, 3 * d), heads, \
-            expose, scale_first
+        self.qkv, self.heads, self.expose, self.scale_first = (
+            nn.Linear(d, 3 * d),
+            heads,
+            expose,
+            scale_first,
+        )
         self.mask = nn.Parameter(torch.randn(1, 1, 1, 1)) if mask else None
 
     def forward(self, x: torch.Tensor):
         b, s, d = x.shape
         dh = d // self.heads
-        q, k, v = (t.reshape(b, s, self.heads, dh).transpose(1, 2)
-                   for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = (
+            t.reshape(b, s, self.heads, dh).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1)
+        )
         if self.scale_first:
             q = q * (1.0 / math.sqrt(dh))
             scores = q @ k.transpose(-2, -1)
@@ -65,15 +76,24 @@ def _fused(model: nn.Module) -> int:
     return sum(1 for n in out.nodes if getattr(ops.library_call(n), "kernel", "") == "attention")
 
 
-@pytest.mark.parametrize("lead,s,d,t,e", [((4,), 64, 64, 64, 64), ((3,), 37, 64, 37, 64),
-                                          ((1,), 1, 3, 7, 9), ((2,), 17, 8, 33, 16),
-                                          ((2,), 40, 5, 1, 3), ((2, 3), 9, 8, 11, 4)])
+@pytest.mark.parametrize(
+    "lead,s,d,t,e",
+    [
+        ((4,), 64, 64, 64, 64),
+        ((3,), 37, 64, 37, 64),
+        ((1,), 1, 3, 7, 9),
+        ((2,), 17, 8, 33, 16),
+        ((2,), 40, 5, 1, 3),
+        ((2, 3), 9, 8, 11, 4),
+    ],
+)
 def test_kernel_matches_numpy(lead, s, d, t, e):
     native.register()
     fn = tvm_ffi.get_global_func(table.find("native", "attention").symbol)
     rng = np.random.default_rng(s + d + t + e)
-    q, kt, v = (rng.standard_normal((*lead, *x), dtype=np.float32)
-                for x in ((s, d), (d, t), (t, e)))
+    q, kt, v = (
+        rng.standard_normal((*lead, *x), dtype=np.float32) for x in ((s, d), (d, t), (t, e))
+    )
     out = np.full((*lead, s, e), np.nan, np.float32)
     fn(*(tvm_ffi.from_dlpack(a) for a in (q, kt, v, np.array([0.3], np.float32), out)))
     scores = (q.astype(np.float64) @ kt) * np.float32(0.3)
@@ -85,19 +105,27 @@ def test_kernel_matches_numpy(lead, s, d, t, e):
 def test_kernel_refuses_mismatched_shapes():
     native.register()
     fn = tvm_ffi.get_global_func(table.find("native", "attention").symbol)
-    q, kt, v = np.zeros((2, 4, 8), np.float32), np.zeros((2, 8, 5), np.float32), \
-        np.zeros((2, 6, 3), np.float32)  # v has 6 keys, kt 5
+    q, kt, v = (
+        np.zeros((2, 4, 8), np.float32),
+        np.zeros((2, 8, 5), np.float32),
+        np.zeros((2, 6, 3), np.float32),
+    )  # v has 6 keys, kt 5
     out = np.zeros((2, 4, 3), np.float32)
-    with pytest.raises(ValueError, match=r"attention: q \[2, 4, 8\], kt \[2, 8, 5\], v \[2, 6, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"attention: q \[2, 4, 8\], kt \[2, 8, 5\], v \[2, 6, 3\]"
+    ):
         fn(*(tvm_ffi.from_dlpack(a) for a in (q, kt, v, np.array([1.0], np.float32), out)))
 
 
-@pytest.mark.parametrize("model,want", [
-    (Attention(), 1),                      # q @ k^T / sqrt(d)
-    (Attention(scale_first=True), 0),      # q scaled before the product: no scaled product
-    (Attention(mask=True), 0),             # a mask added before softmax
-    (Attention(expose=True), 0),           # the scores are an output too
-])
+@pytest.mark.parametrize(
+    "model,want",
+    [
+        (Attention(), 1),  # q @ k^T / sqrt(d)
+        (Attention(scale_first=True), 0),  # q scaled before the product: no scaled product
+        (Attention(mask=True), 0),  # a mask added before softmax
+        (Attention(expose=True), 0),  # the scores are an output too
+    ],
+)
 def test_pass_takes_only_whole_chains(model, want):
     assert _fused(model) == want
 

@@ -74,8 +74,9 @@ def test_ops_option_limits_what_is_batched():
 
 @pytest.mark.slow  # imports and fuses a dozen tenants
 def test_max_group_splits_large_groups():
-    tenants = [Tenant(f"t{i}", LinearReLU(i), example_inputs=(seeded_input(i, 2, 8),))
-               for i in range(5)]
+    tenants = [
+        Tenant(f"t{i}", LinearReLU(i), example_inputs=(seeded_input(i, 2, 8),)) for i in range(5)
+    ]
     result = FuseHorizontal(max_group=2).run(_merged(tenants), PassContext())
     assert result.info["groups"] == [["t0", "t1"], ["t2", "t3"]]  # t4 is left alone
 
@@ -87,20 +88,24 @@ def test_numerics_match_torch_through_run_all_and_entries_stay_unfused():
     assert bundle.verify()["ok"]
     out = bundle.run_all({t.name: t.example_inputs for t in tenants})
     for t in tenants:
-        np.testing.assert_allclose(out[t.name][0], torch_outputs(t.model, t.example_inputs)[0],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            out[t.name][0], torch_outputs(t.model, t.example_inputs)[0], atol=1e-5
+        )
     # a tenant's own entry still runs from its own inputs only (no stacking of others)
     x = seeded_input(11, 2, 8)
-    np.testing.assert_allclose(bundle.run("b", x)[0], torch_outputs(tenants[1].model, (x,))[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        bundle.run("b", x)[0], torch_outputs(tenants[1].model, (x,))[0], atol=1e-5
+    )
     assert [i.to_dict() for i in bundle.manifest.tenants["a"].inputs] == [
-        {"name": "x", "shape": [2, 8], "dtype": "float32"}]
+        {"name": "x", "shape": [2, 8], "dtype": "float32"}
+    ]
 
 
 @pytest.mark.slow  # compiles bundles of its own
 def test_run_all_launches_fewer_kernels():
-    tenants = [Tenant(f"t{i}", LinearReLU(i), example_inputs=(seeded_input(i, 2, 8),))
-               for i in range(4)]
+    tenants = [
+        Tenant(f"t{i}", LinearReLU(i), example_inputs=(seeded_input(i, 2, 8),)) for i in range(4)
+    ]
     # with epilogues each tenant's Linear+ReLU is already one native call (see the
     # offload-library tests): stacking is measured against the unfolded form
     no_epilogues = {"offload-library": {"epilogues": False}}
@@ -179,12 +184,13 @@ def test_fused_dense_layers_run_on_stacked_packed_weights():
     assert b.verify(inputs)["ok"]
     m = b.manifest
     arrays = run_all_arrays(inputs, m.tenants, m.tenant_order, m.run_all_inputs)
-    calls = {k["name"]: k["calls"] for k in
-             profile.kernel_table(b.trace("run_all", arrays, 1))["kernels"]}
+    calls = {
+        k["name"]: k["calls"]
+        for k in profile.kernel_table(b.trace("run_all", arrays, 1))["kernels"]
+    }
     dense = [c for c in calls if c.startswith("mtcompile.native.dense_packed")]
     assert dense and sum(calls[c] for c in dense) == 2, calls  # two layers, each fused once
     # each tenant's own bias joins the stacked call (one per weight), the ReLU its epilogue
     assert all(table.SYMBOLS[c].bias for c in dense), calls
     assert any(table.SYMBOLS[c].epilogue == "relu" for c in dense), calls
     assert not any(c.startswith("mtcompile.native.matmul") for c in calls), calls
-

@@ -16,8 +16,7 @@ from mtcompile.passes.fuse_vertical import FuseVertical
 from mtcompile.passes.offload_library import OffloadLibrary
 
 # the default pipeline up to fuse-vertical: TVM's FuseOps decides the groups
-WITHOUT = ["dedup", "fuse-horizontal", "eliminate-dead-nodes", "fold-batch-norm",
-           "offload-library"]
+WITHOUT = ["dedup", "fuse-horizontal", "eliminate-dead-nodes", "fold-batch-norm", "offload-library"]
 
 
 def _chain(extra_user: bool = False) -> Graph:
@@ -27,8 +26,14 @@ def _chain(extra_user: bool = False) -> Graph:
     f2 = TensorTy((2,), "float32")
     nodes = [
         Node("t.x", INPUT, (), F24, ("t",)),
-        Node("t.mm", "relax.matmul", (Ref("t.x"), ConstRef(WKEY)), F23, ("t",),
-             attrs("out_dtype=float32")),
+        Node(
+            "t.mm",
+            "relax.matmul",
+            (Ref("t.x"), ConstRef(WKEY)),
+            F23,
+            ("t",),
+            attrs("out_dtype=float32"),
+        ),
         Node("t.add", "relax.add", (Ref("t.mm"), ConstRef(bkey)), F23, ("t",)),
         Node("t.relu", "relax.nn.relu", (Ref("t.add"),), F23, ("t",)),
         Node("t.sum", "relax.sum", (Ref("t.relu"),), f2, ("t",), attrs("axis=[1]")),
@@ -55,7 +60,9 @@ def test_structure_tvm_matmul_takes_its_elementwise_followers():
     result = FuseVertical().run(_chain(), PassContext(kernels={"matmul": "tvm"}))
     assert result.changed
     # the anchor takes add and relu; the reduction starts a group and takes exp
-    assert_graph(result.graph, f"""
+    assert_graph(
+        result.graph,
+        f"""
         tenant t(x=%t.x)
         %t.x = input() {{tenant=t}} : f32[2,4]
         %t.mm = matmul(%t.x, @{WKEY[:8]}) {{out_dtype=float32}} {{tenant=t, group=g0}} : f32[2,3]
@@ -64,7 +71,8 @@ def test_structure_tvm_matmul_takes_its_elementwise_followers():
         %t.sum = sum(%t.relu) {{axis=[1]}} {{tenant=t, group=g1}} : f32[2]
         %t.exp = exp(%t.sum) {{tenant=t, group=g1}} : f32[2]
         return t: (%t.exp)
-    """)
+    """,
+    )
     assert result.info["kernels"] == 2 and result.info["library_calls"] == 0
 
 
@@ -75,14 +83,17 @@ def test_library_call_is_its_own_kernel():
     assert offloaded.node("t.relu").attrs.label == "native matmul[packed] +bias +relu"
     (packed,) = offloaded.node("t.relu").args[1:2]
     result = FuseVertical().run(offloaded, ctx)
-    assert_graph(result.graph, f"""
+    assert_graph(
+        result.graph,
+        f"""
         tenant t(x=%t.x)
         %t.x = input() {{tenant=t}} : f32[2,4]
         %t.relu = library_call(%t.x, @{packed.key[:8]}, @{B3KEY[:8]}) {{kernel=matmul, provider=native, variant=packed, bias=true, epilogue=relu}} {{tenant=t}} : f32[2,3]
         %t.sum = sum(%t.relu) {{axis=[1]}} {{tenant=t, group=g0}} : f32[2]
         %t.exp = exp(%t.sum) {{tenant=t, group=g0}} : f32[2]
         return t: (%t.exp)
-    """)
+    """,
+    )
     assert groups(result.graph) == [["sum", "exp"]]  # reduction + elementwise
     assert result.graph.node("t.relu").group is None  # the library call
     assert result.info["kernels"] == 2 and result.info["library_calls"] == 1
@@ -124,8 +135,7 @@ def test_opaque_op_is_a_group_of_its_own():
     i24 = TensorTy((2, 4), "int64")
     nodes = [
         Node("t.x", INPUT, (), F24, ("t",)),
-        Node("t.gt", "relax.greater", (Ref("t.x"), Ref("t.x")), TensorTy((2, 4), "bool"),
-             ("t",)),
+        Node("t.gt", "relax.greater", (Ref("t.x"), Ref("t.x")), TensorTy((2, 4), "bool"), ("t",)),
         Node("t.cs", "relax.cumsum", (Ref("t.gt"),), i24, ("t",), attrs("axis=1")),
         Node("t.f", "relax.astype", (Ref("t.cs"),), F24, ("t",), attrs("dtype=float32")),
         Node("t.mul", "relax.multiply", (Ref("t.x"), Ref("t.f")), F24, ("t",)),
@@ -178,14 +188,20 @@ class Block(torch.nn.Module):
 @pytest.mark.slow  # compiles bundles of its own
 def test_numerics_and_one_kernel_per_group(kernels):
     x = seeded_input(5, 4, 16)
-    tenants = [Tenant("a", Block(0), example_inputs=(x,)),
-               Tenant("b", torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh()).eval(),
-                      example_inputs=(x,))]
+    tenants = [
+        Tenant("a", Block(0), example_inputs=(x,)),
+        Tenant(
+            "b",
+            torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh()).eval(),
+            example_inputs=(x,),
+        ),
+    ]
     bundle = mtcompile.compile(tenants, kernels=kernels)
     assert bundle.verify()["ok"]
     for t in tenants:
-        np.testing.assert_allclose(bundle.run(t.name, x)[0], torch_outputs(t.model, (x,))[0],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            bundle.run(t.name, x)[0], torch_outputs(t.model, (x,))[0], atol=1e-5
+        )
     info = {p["name"]: p for p in bundle.compile_report["passes"]}["fuse-vertical"]
     (calls,) = bundle.trace("run_all", [np.asarray(x), np.asarray(x)])
     launched = [s for s, _ in calls if not s.startswith("vm.builtin")]
@@ -214,5 +230,3 @@ def test_demo_sets_no_more_kernels_than_tvm_fuseops(name):
     info = {p["name"]: p for p in ours.compile_report["passes"]}["fuse-vertical"]
     assert launched(ours) == info["kernels"] <= launched(tvms)
     assert ours.verify()["ok"]
-
-

@@ -9,10 +9,12 @@ from mtcompile import fuzz
 
 
 def test_summary_counts_outcomes_and_bugs():
-    results = [{"case": 0, "outcome": "match"},
-               {"case": 1, "outcome": "refused", "error": "TenantError"},
-               {"case": 2, "outcome": "refused", "error": "LoweringError"},
-               {"case": 3, "outcome": "crash", "returncode": -11}]
+    results = [
+        {"case": 0, "outcome": "match"},
+        {"case": 1, "outcome": "refused", "error": "TenantError"},
+        {"case": 2, "outcome": "refused", "error": "LoweringError"},
+        {"case": 3, "outcome": "crash", "returncode": -11},
+    ]
     s = fuzz.summary(results)
     assert s["outcomes"] == {"match": 1, "refused": 2, "crash": 1}
     assert s["refused_by"] == {"TenantError": 1, "LoweringError": 1}

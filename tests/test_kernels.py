@@ -56,8 +56,9 @@ def test_default_providers_per_target():
     assert kernels.resolve_providers("cuda", None) == TVM
 
 
-@pytest.mark.parametrize("target, name", [("llvm", "native"), ("llvm", "torch"), ("llvm", "tvm"),
-                                            ("cuda", "tvm")])
+@pytest.mark.parametrize(
+    "target, name", [("llvm", "native"), ("llvm", "torch"), ("llvm", "tvm"), ("cuda", "tvm")]
+)
 def test_one_provider_name_for_every_kind(target, name):
     assert kernels.resolve_providers(target, name) == {"matmul": name, "conv2d": name}
 
@@ -65,23 +66,35 @@ def test_one_provider_name_for_every_kind(target, name):
 def test_provider_dict_per_kind_keeps_the_defaults_of_the_rest():
     assert kernels.resolve_providers("llvm", {"matmul": "tvm"}) == MIXED
     assert kernels.resolve_providers("llvm", MIXED) == MIXED
-    assert kernels.resolve_providers("llvm", {"conv2d": "tvm"}) == {"matmul": "native",
-                                                                    "conv2d": "tvm"}
+    assert kernels.resolve_providers("llvm", {"conv2d": "tvm"}) == {
+        "matmul": "native",
+        "conv2d": "tvm",
+    }
     assert kernels.resolve_providers("cuda", {"conv2d": "tvm"}) == TVM
     given = {"matmul": "tvm"}
     kernels.resolve_providers("llvm", given)
     assert given == {"matmul": "tvm"}  # the caller's dict is not changed
 
 
-@pytest.mark.parametrize("target, given, message", [
-    ("llvm", {"dense": "tvm"},
-     "unknown op kind 'dense' for kernels; expected ['conv2d', 'matmul']"),
-    ("llvm", "cublas", "unknown kernel provider 'cublas' for matmul; expected one of "
-                       "['native', 'torch', 'tvm']"),
-    ("llvm", {"conv2d": "library"}, "unknown kernel provider 'library' for conv2d"),
-    ("cuda", "native", "the native provider exists for target llvm only, not cuda"),
-    ("cuda", {"conv2d": "torch"}, "the torch provider exists for target llvm only, not cuda"),
-])
+@pytest.mark.parametrize(
+    "target, given, message",
+    [
+        (
+            "llvm",
+            {"dense": "tvm"},
+            "unknown op kind 'dense' for kernels; expected ['conv2d', 'matmul']",
+        ),
+        (
+            "llvm",
+            "cublas",
+            "unknown kernel provider 'cublas' for matmul; expected one of "
+            "['native', 'torch', 'tvm']",
+        ),
+        ("llvm", {"conv2d": "library"}, "unknown kernel provider 'library' for conv2d"),
+        ("cuda", "native", "the native provider exists for target llvm only, not cuda"),
+        ("cuda", {"conv2d": "torch"}, "the torch provider exists for target llvm only, not cuda"),
+    ],
+)
 def test_bad_providers_fail_clearly(target, given, message):
     with pytest.raises(MTCompileError) as e:
         kernels.resolve_providers(target, given)
@@ -155,12 +168,14 @@ class Matmuls(nn.Module):
         self.eval()
 
     def forward(self, x, y):
-        return (torch.matmul(x, y),                    # (2,3,8) @ (2,8,5)
-                torch.matmul(x, self.w3),              # (2,3,8) @ (2,8,5) weight
-                torch.matmul(x, self.w2),              # (2,3,8) @ (8,6)
-                torch.matmul(x.unsqueeze(1), self.wb),  # (2,1,3,8) @ (4,8,5) -> (2,4,3,5)
-                self.lin3(x),                          # (2,3,7), bias along the last axis
-                self.lin2(x.sum(dim=1)))               # (2,3)
+        return (
+            torch.matmul(x, y),  # (2,3,8) @ (2,8,5)
+            torch.matmul(x, self.w3),  # (2,3,8) @ (2,8,5) weight
+            torch.matmul(x, self.w2),  # (2,3,8) @ (8,6)
+            torch.matmul(x.unsqueeze(1), self.wb),  # (2,1,3,8) @ (4,8,5) -> (2,4,3,5)
+            self.lin3(x),  # (2,3,7), bias along the last axis
+            self.lin2(x.sum(dim=1)),
+        )  # (2,3)
 
 
 ASYM_PADS = [0, 2, 1, 0]  # ONNX order: top, left, bottom, right
@@ -172,10 +187,12 @@ def asym_conv_onnx() -> onnx.ModelProto:
     """One ONNX Conv with asymmetric padding and stride (2, 1) on (1, 3, 7, 7)."""
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=ASYM_PADS, strides=[2, 1])
     graph = helper.make_graph(
-        [node], "asym",
+        [node],
+        "asym",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 7, 7])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 7])],
-        initializer=[numpy_helper.from_array(ASYM_W, "w"), numpy_helper.from_array(ASYM_B, "b")])
+        initializer=[numpy_helper.from_array(ASYM_W, "w"), numpy_helper.from_array(ASYM_B, "b")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model
@@ -184,8 +201,9 @@ def asym_conv_onnx() -> onnx.ModelProto:
 def asym_conv_reference(x: torch.Tensor) -> np.ndarray:
     top, left, bottom, right = ASYM_PADS
     padded = torch.nn.functional.pad(x, (left, right, top, bottom))
-    return torch.nn.functional.conv2d(padded, torch.from_numpy(ASYM_W), torch.from_numpy(ASYM_B),
-                                      stride=(2, 1)).numpy()
+    return torch.nn.functional.conv2d(
+        padded, torch.from_numpy(ASYM_W), torch.from_numpy(ASYM_B), stride=(2, 1)
+    ).numpy()
 
 
 def numerics_cases():
@@ -197,18 +215,25 @@ def numerics_cases():
     with torch.no_grad():
         return {
             "convs": (mtcompile.Tenant("convs", convs, example_inputs=(xc,)), [convs(xc).numpy()]),
-            "mms": (mtcompile.Tenant("mms", mms, example_inputs=(xm, ym)),
-                    [o.numpy() for o in mms(xm, ym)]),
-            "asym": (mtcompile.Tenant("asym", asym_conv_onnx(), example_inputs=(xa,)),
-                     [asym_conv_reference(xa)]),
+            "mms": (
+                mtcompile.Tenant("mms", mms, example_inputs=(xm, ym)),
+                [o.numpy() for o in mms(xm, ym)],
+            ),
+            "asym": (
+                mtcompile.Tenant("asym", asym_conv_onnx(), example_inputs=(xa,)),
+                [asym_conv_reference(xa)],
+            ),
         }
 
 
 def test_onnx_conv_really_has_asymmetric_padding():
     it = import_tenant(mtcompile.Tenant("asym", asym_conv_onnx()))
-    convs = [b.value for blk in it.mod["main"].body.blocks for b in blk.bindings
-             if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") ==
-             "relax.nn.conv2d"]
+    convs = [
+        b.value
+        for blk in it.mod["main"].body.blocks
+        for b in blk.bindings
+        if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.nn.conv2d"
+    ]
     assert len(convs) == 1
     assert [int(p) for p in convs[0].attrs.padding] == ASYM_PADS
     # The ONNX importer leaves out_dtype unset (None): the conv must still be offloaded.
@@ -281,8 +306,12 @@ def test_manifest_and_inspect_show_the_providers(provider_bundle, tmp_path, caps
     assert json.loads((saved / "manifest.json").read_text())["kernels"] == bundle.manifest.kernels
     assert main(["inspect", str(saved)]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("kernels"))
-    want = {"native": "conv2d: native, matmul: native", "torch": "conv2d: torch, matmul: torch",
-            "tvm": "conv2d: tvm, matmul: tvm", "mixed": "conv2d: native, matmul: tvm"}[which]
+    want = {
+        "native": "conv2d: native, matmul: native",
+        "torch": "conv2d: torch, matmul: torch",
+        "tvm": "conv2d: tvm, matmul: tvm",
+        "mixed": "conv2d: native, matmul: tvm",
+    }[which]
     assert line.split(None, 1)[1] == want
 
 
@@ -317,8 +346,13 @@ def test_library_bundle_runs_in_a_fresh_process(tiny_bundle, tiny_saved, tmp_pat
     sources = {t.name: t for t in tiny_tenants()}
     inputs = {n: sources[n].example_inputs[0].numpy() for n in ("lin", "conv")}
     np.savez(tmp_path / "in.npz", **inputs)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_saved), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tiny_saved), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     # Nothing was registered until the bundle was loaded; loading its library registered the
@@ -363,10 +397,13 @@ def scheduled_scripts(mod: tvm.IRModule) -> dict[str, str]:
     target = make_target("llvm")
     with target:
         out = tvm.transform.Sequential(
-            cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-            + [dl.ApplyDefaultSchedule(kernels.CPUDefault())])(mod)
-    return {gv.name_hint: f.script() for gv, f in out.functions.items()
-            if isinstance(f, tirx.PrimFunc)}
+            cpu.library_dispatch_passes(target)
+            + cpu.legalize_passes(target)
+            + [dl.ApplyDefaultSchedule(kernels.CPUDefault())]
+        )(mod)
+    return {
+        gv.name_hint: f.script() for gv, f in out.functions.items() if isinstance(f, tirx.PrimFunc)
+    }
 
 
 def test_cpu_default_schedule_parallelizes_and_vectorizes():
@@ -432,8 +469,12 @@ def test_profile_matches_trace(tiny_bundle):
     assert DENSE_PACKED_BIAS + "_relu" in names["lin"]  # ReLUs joined the calls
     assert {CONV2D_BIAS + "_relu", DENSE_PACKED_BIAS} <= names["conv"]
     assert not any(s.startswith(LIBRARY_PREFIXES) for s in names["multi"])
-    assert all(s.startswith("vm.builtin.") for n in names.values() for s in n
-               if "." in s and not s.startswith(LIBRARY_PREFIXES))
+    assert all(
+        s.startswith("vm.builtin.")
+        for n in names.values()
+        for s in n
+        if "." in s and not s.startswith(LIBRARY_PREFIXES)
+    )
 
 
 def test_profile_cli_prints_per_tenant_lines(tiny_bundle, tiny_saved, capsys):
@@ -449,7 +490,7 @@ def test_profile_cli_prints_per_tenant_lines(tiny_bundle, tiny_saved, capsys):
             name = h.split(":")[0]
             (run,) = tiny_bundle.trace(name, [x.numpy() for x in sources[name].example_inputs])
             assert h.endswith(f" us in {len(run)} calls")
-            block = lines[lines.index(h) + 1:]
+            block = lines[lines.index(h) + 1 :]
             rows = list(itertools.takewhile(lambda ln: ln.startswith("  "), block))
             assert all("%" in r and " us  x" in r for r in rows)
             assert len(rows) == min(top, len({sym for sym, _ in run}))
@@ -497,9 +538,11 @@ def test_tune_two_tenants_and_build_with_the_database(tmp_path, monkeypatch):
         @tvm.transform.module_pass(opt_level=0)
         def wrapped(mod, ctx):
             out = inner(mod)
-            applied.extend(gv.name_hint for gv, f in out.functions.items()
-                           if isinstance(f, tirx.PrimFunc) and f.attrs
-                           and f.attrs.get("tirx.is_scheduled"))
+            applied.extend(
+                gv.name_hint
+                for gv, f in out.functions.items()
+                if isinstance(f, tirx.PrimFunc) and f.attrs and f.attrs.get("tirx.is_scheduled")
+            )
             return out
 
         return wrapped
@@ -532,13 +575,28 @@ def test_tune_cli_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tasks: 1 in the merged module, 1 for the tenants compiled alone" in out
     assert f"--tuning-db {db} --kernels tvm" in out
-    assert main(["build", str(spec), "-o", str(tmp_path / "out"), "--kernels", "tvm",
-                 "--tuning-db", str(db)]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(spec),
+                "-o",
+                str(tmp_path / "out"),
+                "--kernels",
+                "tvm",
+                "--tuning-db",
+                str(db),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "numerics: PASS" in out
     assert main(["inspect", str(tmp_path / "out")]) == 0
-    assert (f"kernels  conv2d: tvm, matmul: tvm; tuning database {tuning_db_hash(db)}"
-            in capsys.readouterr().out)
+    assert (
+        f"kernels  conv2d: tvm, matmul: tvm; tuning database {tuning_db_hash(db)}"
+        in capsys.readouterr().out
+    )
 
 
 def test_tuning_db_that_is_not_a_database_fails_clearly(tmp_path, capsys):
@@ -552,7 +610,8 @@ def test_tuning_db_that_is_not_a_database_fails_clearly(tmp_path, capsys):
     err = capsys.readouterr().err  # the log's lines (stderr), then the one error line
     assert err.splitlines()[-1].startswith(
         f"mtcompile: error: {not_db} is not a tuning database: expected "
-        "database_workload.json and database_tuning_record.json")
+        "database_workload.json and database_tuning_record.json"
+    )
     assert "Traceback" not in err and not out.exists()
     with pytest.raises(MTCompileError, match="is not a tuning database"):
         mtcompile.compile(small_mlps(), kernels="tvm", tuning_db=str(tmp_path / "missing"))

@@ -120,8 +120,7 @@ def test_int64_constants_keep_their_dtype():
     (arr,) = g.constants.values()
     assert arr.dtype == np.int64
     np.testing.assert_array_equal(arr, [2**40, -3, 7])
-    (binding,) = [b for b in emit_module(g)["t"].body.blocks[0].bindings
-                  if b.var.name == "t_lv"]
+    (binding,) = [b for b in emit_module(g)["t"].body.blocks[0].bindings if b.var.name == "t_lv"]
     assert str(binding.value.args[1].value.dtype) == "int64"
     vm = relax.VirtualMachine(build(emit_module(g), "llvm"), tvm.cpu())
     (out,) = _run(vm["t"], [np.array([1, 2, 3])])
@@ -179,7 +178,9 @@ def test_lowering_checks_types_against_the_graph():
     relu = next(n for n in g.nodes if n.op == "relax.nn.relu")
     wrong = TensorTy((2, 5), "float32")
     bad = replace(g, nodes=tuple(replace(n, ty=wrong) if n is relu else n for n in g.nodes))
-    with pytest.raises(LoweringError, match=rf"tenant 't': %{relu.name} = relax.nn.relu has "
-                       r"type f32\[2,4\] after emission, the graph says f32\[2,5\]"):
+    with pytest.raises(
+        LoweringError,
+        match=rf"tenant 't': %{relu.name} = relax.nn.relu has "
+        r"type f32\[2,4\] after emission, the graph says f32\[2,5\]",
+    ):
         emit_module(bad)
-

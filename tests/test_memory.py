@@ -39,14 +39,16 @@ LIBRARY = resolve_providers("llvm", None)
 
 
 def lt(name, size, first, last, readers=None):
-    return Lifetime(name, "t", size, first, last, tuple(readers or ([last] if last > first
-                                                                     else [])))
+    return Lifetime(
+        name, "t", size, first, last, tuple(readers or ([last] if last > first else []))
+    )
 
 
 def front(tenants, passes=None, options=None):
     """(run_all's graph, the module) after the pipeline."""
-    module, *_ = api._front(tenants, "llvm", build_pipeline(passes, options), (),
-                            api._Stages(lambda _m: None), LIBRARY)
+    module, *_ = api._front(
+        tenants, "llvm", build_pipeline(passes, options), (), api._Stages(lambda _m: None), LIBRARY
+    )
     return module.functions["run_all"], module
 
 
@@ -70,12 +72,17 @@ def test_a_tensor_read_by_the_kernel_that_writes_another_keeps_its_bytes():
 
 def test_best_fit_takes_the_smallest_gap_that_fits():
     # big, sep and top stay live; hole1 and hole2 die early and leave gaps between them
-    lives = [lt("big", 1024, 0, 9), lt("hole1", 256, 0, 1), lt("sep", 192, 0, 9),
-             lt("hole2", 128, 0, 1), lt("top", 96, 0, 9), lt("late", 64, 3, 4)]
+    lives = [
+        lt("big", 1024, 0, 9),
+        lt("hole1", 256, 0, 1),
+        lt("sep", 192, 0, 9),
+        lt("hole2", 128, 0, 1),
+        lt("top", 96, 0, 9),
+        lt("late", 64, 3, 4),
+    ]
     slots, arena = place(lives, 64)
     off = {s.tensor: s.offset for s in slots}
-    assert [off[t] for t in ("big", "hole1", "sep", "hole2", "top")] == [0, 1024, 1280, 1472,
-                                                                          1600]
+    assert [off[t] for t in ("big", "hole1", "sep", "hole2", "top")] == [0, 1024, 1280, 1472, 1600]
     # late fits both freed gaps; best fit picks hole2's 128 bytes, not hole1's 256
     assert off["late"] == off["hole2"]
     assert (arena, lower_bound(lives, 10)) == (1728, 1696)  # the arena ends aligned
@@ -102,11 +109,20 @@ def random_lifetimes(rng: random.Random, n: int, kernels: int) -> list[Lifetime]
     out = []
     for i in range(n):
         first = rng.randrange(kernels)
-        readers = sorted(rng.sample(range(first + 1, kernels + 1),
-                                    k=min(rng.randint(0, 3), kernels - first)))
+        readers = sorted(
+            rng.sample(range(first + 1, kernels + 1), k=min(rng.randint(0, 3), kernels - first))
+        )
         last = max(readers, default=first)
-        out.append(Lifetime(f"t{i}", "t", rng.choice([4, 64, 100, 1000, 4096, 65536]),
-                            first, last, tuple(readers)))
+        out.append(
+            Lifetime(
+                f"t{i}",
+                "t",
+                rng.choice([4, 64, 100, 1000, 4096, 65536]),
+                first,
+                last,
+                tuple(readers),
+            )
+        )
     return out
 
 
@@ -128,8 +144,7 @@ def test_streams_forbid_sharing_between_tensors_that_may_run_concurrently():
     def hb(a, b):
         return (a, b) in {(0, 1), (2, 3)}
 
-    lives = [lt("s0a", 256, 0, 1), lt("s0b", 256, 1, 1), lt("s1a", 256, 2, 3),
-             lt("s1b", 256, 3, 3)]
+    lives = [lt("s0a", 256, 0, 1), lt("s0b", 256, 1, 1), lt("s1a", 256, 2, 3), lt("s1b", 256, 3, 3)]
     slots, arena = place(lives, 64, hb)
     assert overlap_problems(slots, lives, arena, 64, hb) == []
     assert arena == 4 * 256  # on one stream two slots would do
@@ -239,8 +254,9 @@ def test_a_lone_batch_norm_writes_its_item_0_which_the_plan_places():
     from test_random_sets import random_set
 
     graph, _ = front(random_set(5))
-    bns = [k for k in kernel_dag(graph).kernels
-           if graph.node(k.nodes[0]).op == "relax.nn.batch_norm"]
+    bns = [
+        k for k in kernel_dag(graph).kernels if graph.node(k.nodes[0]).op == "relax.nn.batch_norm"
+    ]
     assert bns
     planned = {s.tensor for s in graph.analyses["memory"].functions["run_all"].slots}
     for k in bns:
@@ -273,8 +289,15 @@ def test_demo_sets_arena_is_near_the_bound_and_below_tvms_plan(name):
     tenants = get_set(name)
     bundle = mtcompile.compile(tenants)
     mem = bundle.report()["memory"]
-    for key in ("arena_bytes", "lower_bound_bytes", "tvm_plan_bytes", "naive_bytes",
-                "separate_plans_bytes", "weight_bytes", "weight_bytes_before_dedup"):
+    for key in (
+        "arena_bytes",
+        "lower_bound_bytes",
+        "tvm_plan_bytes",
+        "naive_bytes",
+        "separate_plans_bytes",
+        "weight_bytes",
+        "weight_bytes_before_dedup",
+    ):
         assert isinstance(mem[key], int), key
     assert mem["arena_bytes"] <= 1.05 * mem["lower_bound_bytes"]
     assert mem["arena_bytes"] <= mem["tvm_plan_bytes"]
@@ -316,8 +339,14 @@ def test_a_wrong_graph_plan_is_counted_and_the_arena_is_planned_on_tvms_kernels(
     counted = {f: v["model_mismatches"] for f, v in memory["functions"].items()}
     assert counted["run_all"] > 0, counted
     assert memory["arena_bytes"] > 0
-    assert any(re.search(r"(\w+) \[0, \d+\) and (\w+) \[0, \d+\) are live together and "
-                         "share bytes", p) for p in memory["mismatches"]["run_all"])
+    assert any(
+        re.search(
+            r"(\w+) \[0, \d+\) and (\w+) \[0, \d+\) are live together and "
+            "share bytes",
+            p,
+        )
+        for p in memory["mismatches"]["run_all"]
+    )
 
 
 def test_the_arena_check_names_every_conflict():
@@ -329,12 +358,15 @@ def test_the_arena_check_names_every_conflict():
     plan = {"bytes": 64, "alignment": 64, "sizes": dict.fromkeys(placed, 64)}
     # c is written after both died: it may share
     assert _check(placed, first, last, plan, names) == [
-        "a [0, 64) and b [0, 64) are live together and share bytes"]
+        "a [0, 64) and b [0, 64) are live together and share bytes"
+    ]
     too_big = _check({a: (0, 128)}, first, last, {**plan, "bytes": 128}, names)
     assert too_big == ["a: TVM allocates 128 bytes, the plan gives 64"]
     misplaced = _check({a: (32, 64)}, first, last, plan, names)
-    assert misplaced == ["a: offset 32 is not a multiple of 64",
-                         "a: bytes [32, 96) leave the arena of 64 bytes"]
+    assert misplaced == [
+        "a: offset 32 is not a multiple of 64",
+        "a: bytes [32, 96) leave the arena of 64 bytes",
+    ]
 
 
 @pytest.mark.slow
@@ -370,8 +402,12 @@ def rss_growth(directory) -> int:
     """Bytes the resident set of a fresh process grows by in its first ``run_all`` (Linux
     /proc/self/statm; TVM's allocator keeps the storage pooled after the call). Peak RSS
     (ru_maxrss) does not work here: importing torch and TVM peaks higher first."""
-    out = subprocess.run([sys.executable, "-c", RSS_GROWTH, str(directory)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_GROWTH, str(directory)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return int(out.strip().splitlines()[-1])
 
 
@@ -426,9 +462,16 @@ def test_layer_norm_beside_multihead_attention_compiles_with_plan_memory(order):
 def test_the_planner_keeps_the_smaller_of_two_placement_orders():
     """Greedy by size is not best everywhere: here placing by first use needs 256 bytes
     where by size needs 320; the plan takes the smaller (and both are valid)."""
-    lives = [Lifetime(n, "a", size, lo, hi, (hi,) if hi > lo else ()) for n, size, lo, hi in
-             [("t0", 128, 1, 2), ("t1", 128, 1, 4), ("t2", 64, 4, 7), ("t3", 192, 5, 7),
-              ("t4", 128, 3, 3)]]
+    lives = [
+        Lifetime(n, "a", size, lo, hi, (hi,) if hi > lo else ())
+        for n, size, lo, hi in [
+            ("t0", 128, 1, 2),
+            ("t1", 128, 1, 4),
+            ("t2", 64, 4, 7),
+            ("t3", 192, 5, 7),
+            ("t4", 128, 3, 3),
+        ]
+    ]
     by_size, by_first = place(lives, 64, order="size"), place(lives, 64, order="first")
     assert (by_size[1], by_first[1]) == (320, 256)
     for slots, arena in (by_size, by_first):

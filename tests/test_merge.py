@@ -59,14 +59,18 @@ def test_different_weights_are_kept_apart():
     assert all(np.all(ga.constants[k] == ga.constants[k].flat[0]) for k in shared)
     assert len(merged.constants) == len(ga.constants) + len(gb.constants) - len(shared)
     assert merged.weight_bytes() == constant_bytes_before_merge([ga, gb]) - sum(
-        ga.constants[k].nbytes for k in shared)
+        ga.constants[k].nbytes for k in shared
+    )
 
 
 @pytest.mark.slow  # compiles a bundle of its own
 def test_compile_reports_weight_bytes_before_and_after_merge():
     m, x = linear_relu(0)
-    tenants = [Tenant("a", m, example_inputs=x), Tenant("b", copy.deepcopy(m), example_inputs=x),
-               Tenant("c", linear_relu(1)[0], example_inputs=x)]
+    tenants = [
+        Tenant("a", m, example_inputs=x),
+        Tenant("b", copy.deepcopy(m), example_inputs=x),
+        Tenant("c", linear_relu(1)[0], example_inputs=x),
+    ]
     # without fuse-horizontal, whose stacked copies of the weights add bytes (tested there)
     g = mtcompile.compile(tenants, passes=["dedup", "eliminate-dead-nodes"]).manifest.graph
     one = (8 * 4 + 4) * 4  # bytes of one Linear(8, 4)
@@ -77,20 +81,29 @@ def test_compile_reports_weight_bytes_before_and_after_merge():
 
 def test_duplicate_tenant_names_are_rejected():
     g = small_graph()
-    with pytest.raises(TenantError, match=r"duplicate tenant name 'a': every tenant needs its "
-                                          r"own name"):
+    with pytest.raises(
+        TenantError,
+        match=r"duplicate tenant name 'a': every tenant needs its "
+        r"own name",
+    ):
         merge([g, g])
     m, x = linear_relu(0)
     with pytest.raises(TenantError, match=r"duplicate tenant name\(s\) \['a'\]"):
-        mtcompile.compile([Tenant("a", m, example_inputs=x), Tenant("b", m, example_inputs=x),
-                           Tenant("a", m, example_inputs=x)])
+        mtcompile.compile(
+            [
+                Tenant("a", m, example_inputs=x),
+                Tenant("b", m, example_inputs=x),
+                Tenant("a", m, example_inputs=x),
+            ]
+        )
 
 
 def test_node_name_clash_is_rejected():
     g = small_graph()
     a_only = g.with_nodes(g.tenant_nodes("a"), {"a": g.tenants["a"]})
-    renamed = replace(a_only, tenants={"c": TenantIO(a_only.tenants["a"].inputs,
-                                                     a_only.tenants["a"].outputs)})
+    renamed = replace(
+        a_only, tenants={"c": TenantIO(a_only.tenants["a"].inputs, a_only.tenants["a"].outputs)}
+    )
     with pytest.raises(TenantError, match=r"node names \['a.mm', 'a.r', 'a.x'\] appear in two"):
         merge([a_only, renamed])
 

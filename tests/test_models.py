@@ -30,8 +30,9 @@ TORCH_FACTORIES = {
     "transformer_encoder_cls": lambda seed: transformer_encoder(seed, seq=8, num_classes=3),
     "mlp": lambda seed: mlp(seed, batch=4, d_in=32, hidden=64, d_out=16, layers=3),
     "shared_backbone_tenant": lambda seed: shared_backbone_tenant(seed, backbone_seed=seed),
-    "vit": lambda seed: vit(seed, batch=2, image=32, patch=8, d_model=32, heads=2, layers=1,
-                            ffn=64, num_classes=5),
+    "vit": lambda seed: vit(
+        seed, batch=2, image=32, patch=8, d_model=32, heads=2, layers=1, ffn=64, num_classes=5
+    ),
 }
 
 

@@ -32,9 +32,17 @@ DENSE_PACKED_BIAS = _sym("matmul", "packed", bias=True)
 @pytest.fixture(scope="module")
 def kernels():
     native.register()
-    return {n: tvm_ffi.get_global_func(f"mtcompile.native.{n}")
-            for n in ("matmul", "matmul_bias", "conv2d", "conv2d_bias", "dense_packed",
-                      "dense_packed_bias")}
+    return {
+        n: tvm_ffi.get_global_func(f"mtcompile.native.{n}")
+        for n in (
+            "matmul",
+            "matmul_bias",
+            "conv2d",
+            "conv2d_bias",
+            "dense_packed",
+            "dense_packed_bias",
+        )
+    }
 
 
 def _t(a: np.ndarray):
@@ -52,15 +60,15 @@ def _rand(rng, shape):
 
 
 MATMUL_SHAPES = [
-    ((64, 256), (256, 1024)),          # rows split over the pool
-    ((3, 40), (40, 700)),              # few rows: columns split
-    ((2, 5, 64, 48), (48, 96)),        # batch folded into the rows (weight shared)
-    ((4, 64, 64), (4, 64, 64)),        # batched
-    ((2, 1, 33, 17), (3, 17, 65)),     # broadcast batch dims
-    ((1, 17, 9), (6, 9, 300)),         # a broadcast over b's batch
-    ((17,), (17, 5)),                  # 1-D left operand
-    ((2, 6, 17), (17,)),               # 1-D right operand
-    ((0, 8), (8, 4)),                  # empty
+    ((64, 256), (256, 1024)),  # rows split over the pool
+    ((3, 40), (40, 700)),  # few rows: columns split
+    ((2, 5, 64, 48), (48, 96)),  # batch folded into the rows (weight shared)
+    ((4, 64, 64), (4, 64, 64)),  # batched
+    ((2, 1, 33, 17), (3, 17, 65)),  # broadcast batch dims
+    ((1, 17, 9), (6, 9, 300)),  # a broadcast over b's batch
+    ((17,), (17, 5)),  # 1-D left operand
+    ((2, 6, 17), (17,)),  # 1-D right operand
+    ((0, 8), (8, 4)),  # empty
 ]
 
 
@@ -90,28 +98,29 @@ CONVS = [
     ((1, 3, 64, 64), 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
     ((1, 32, 32, 32), 64, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),
     ((2, 64, 16, 16), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
-    ((2, 64, 16, 16), 128, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),   # 1x1: no im2col
-    ((1, 16, 15, 13), 8, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1),     # strided 1x1
-    ((1, 8, 17, 19), 12, (3, 5), (2, 1), (0, 2, 1, 1), (1, 1), 1),     # asymmetric padding
-    ((1, 8, 20, 20), 8, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1),      # dilation
-    ((1, 8, 21, 18), 6, (3, 3), (3, 2), (1, 0, 2, 3), (2, 1), 2),      # all at once, groups 2
-    ((2, 64, 16, 16), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4),    # grouped
-    ((1, 64, 32, 32), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 64),   # depthwise
-    ((1, 16, 19, 17), 32, (5, 3), (2, 3), (2, 0, 1, 2), (1, 2), 16),   # depthwise x2, odd
-    ((0, 4, 5, 5), 4, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1),        # empty batch
+    ((2, 64, 16, 16), 128, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # 1x1: no im2col
+    ((1, 16, 15, 13), 8, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1),  # strided 1x1
+    ((1, 8, 17, 19), 12, (3, 5), (2, 1), (0, 2, 1, 1), (1, 1), 1),  # asymmetric padding
+    ((1, 8, 20, 20), 8, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1),  # dilation
+    ((1, 8, 21, 18), 6, (3, 3), (3, 2), (1, 0, 2, 3), (2, 1), 2),  # all at once, groups 2
+    ((2, 64, 16, 16), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4),  # grouped
+    ((1, 64, 32, 32), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 64),  # depthwise
+    ((1, 16, 19, 17), 32, (5, 3), (2, 3), (2, 0, 1, 2), (1, 2), 16),  # depthwise x2, odd
+    ((0, 4, 5, 5), 4, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # empty batch
     # the AVX2 direct form (16 output columns per tile; outputs at least 12 wide):
-    ((1, 8, 30, 45), 13, (3, 5), (1, 3), (0, 2, 1, 1), (1, 1), 1),     # stride 3, 13 channels
-    ((2, 12, 28, 28), 10, (3, 3), (2, 2), (1, 1, 0, 0), (2, 2), 2),    # dilated, strided, grouped
-    ((1, 16, 14, 14), 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),     # a partial tile per row
-    ((1, 4, 9, 50), 6, (1, 1), (1, 2), (0, 1, 0, 0), (1, 1), 1),       # 1x1, stride 2, odd pad
+    ((1, 8, 30, 45), 13, (3, 5), (1, 3), (0, 2, 1, 1), (1, 1), 1),  # stride 3, 13 channels
+    ((2, 12, 28, 28), 10, (3, 3), (2, 2), (1, 1, 0, 0), (2, 2), 2),  # dilated, strided, grouped
+    ((1, 16, 14, 14), 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # a partial tile per row
+    ((1, 4, 9, 50), 6, (1, 1), (1, 2), (0, 1, 0, 0), (1, 1), 1),  # 1x1, stride 2, odd pad
 ]
 
 
 def _conv_ref(x, w, bias, stride, pad, dil, groups):
     t = torch.nn.functional.pad(torch.from_numpy(x).double(), (pad[1], pad[3], pad[0], pad[2]))
     b = None if bias is None else torch.from_numpy(bias).double()
-    return torch.nn.functional.conv2d(t, torch.from_numpy(w).double(), b, stride, 0, dil,
-                                      groups).numpy()
+    return torch.nn.functional.conv2d(
+        t, torch.from_numpy(w).double(), b, stride, 0, dil, groups
+    ).numpy()
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -142,8 +151,15 @@ def test_pack_dense_layout():
 
 # a shape, out features: 6-row tiles and a partial one, a partial 16-column panel, rank 1 and 3,
 # one row (a GEMV), rows over several row blocks (K 256: 126 rows per block)
-DENSE = [((64, 256), 256), ((37, 192), 200), ((2, 5, 48), 33), ((17,), 5), ((1, 512), 2048),
-         ((300, 256), 40), ((7, 0), 9)]
+DENSE = [
+    ((64, 256), 256),
+    ((37, 192), 200),
+    ((2, 5, 48), 33),
+    ((17,), 5),
+    ((1, 512), 2048),
+    ((300, 256), 40),
+    ((7, 0), 9),
+]
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -179,11 +195,14 @@ def _epilogue_cases(rng):
         return "conv2d", [_t(x), _t(w)], [params], ref
 
     a, w = _rand(rng, (37, 70)), _rand(rng, (70, 45))
-    return [conv((1, 16, 32, 32), (16, 16, 3, 3), 1, 1), conv((2, 8, 9, 9), (12, 8, 3, 3), 2, 1),
-            conv((1, 6, 10, 10), (6, 1, 3, 3), 1, 1, groups=6),
-            conv((1, 3, 20, 20), (4, 3, 1, 1), 1, 0),
-            ("matmul", [_t(a), _t(w)], [], a.astype(np.float64) @ w),
-            ("dense_packed", [_t(a), _t(native.pack_dense(w))], [], a.astype(np.float64) @ w)]
+    return [
+        conv((1, 16, 32, 32), (16, 16, 3, 3), 1, 1),
+        conv((2, 8, 9, 9), (12, 8, 3, 3), 2, 1),
+        conv((1, 6, 10, 10), (6, 1, 3, 3), 1, 1, groups=6),
+        conv((1, 3, 20, 20), (4, 3, 1, 1), 1, 0),
+        ("matmul", [_t(a), _t(w)], [], a.astype(np.float64) @ w),
+        ("dense_packed", [_t(a), _t(native.pack_dense(w))], [], a.astype(np.float64) @ w),
+    ]
 
 
 @pytest.mark.parametrize("epilogue", ["relu", "gelu", "add", "add_relu"])
@@ -201,8 +220,7 @@ def test_epilogue_kernels_match_torch(epilogue):
             ref, args = ref + res, [*args, _t(res)]
         ref = _act(ref, epilogue.removeprefix("add").strip("_"))
         out = np.full(ref.shape, np.nan, np.float32)
-        tvm_ffi.get_global_func(f"mtcompile.native.{kernel}_bias_{epilogue}")(
-            *args, *tail, _t(out))
+        tvm_ffi.get_global_func(f"mtcompile.native.{kernel}_bias_{epilogue}")(*args, *tail, _t(out))
         _close(out, ref)
 
 
@@ -238,9 +256,13 @@ def test_softmax_and_layer_norm_rows_match_torch(shape):
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)  # NaN where torch has NaN
     x, g, b = 3 * _rand(rng, shape) + 1, _rand(rng, shape[-1:]), _rand(rng, shape[-1:])
     layer_norm(_t(x), _t(g), _t(b), _t(np.float32([1e-5])), _t(out))
-    want = torch.nn.functional.layer_norm(torch.from_numpy(x).double(), shape[-1:],
-                                          torch.from_numpy(g).double(),
-                                          torch.from_numpy(b).double(), 1e-5).numpy()
+    want = torch.nn.functional.layer_norm(
+        torch.from_numpy(x).double(),
+        shape[-1:],
+        torch.from_numpy(g).double(),
+        torch.from_numpy(b).double(),
+        1e-5,
+    ).numpy()
     _close(out, want)
     with pytest.raises(ValueError, match=r"layer_norm: gamma \[2\], beta"):
         layer_norm(_t(x), _t(np.ones(2, np.float32)), _t(b), _t(np.float32([1e-5])), _t(out))
@@ -283,8 +305,9 @@ def test_generic_paths_without_avx2():
         print("ok")
     """)
     env = {**os.environ, "MTCOMPILE_NATIVE_GENERIC": "1"}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
@@ -361,8 +384,9 @@ def test_register_tiles_match_torch(isa):
     env = {k: v for k, v in os.environ.items() if k != "MTCOMPILE_NATIVE_AVX2"}
     if isa == "avx2":
         env["MTCOMPILE_NATIVE_AVX2"] = "1"
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
@@ -405,8 +429,9 @@ def test_two_threads_split_work_on_the_pool():
         print("ok")
     """)
     env = {**os.environ, "TVM_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
@@ -415,46 +440,117 @@ def _f32(*shape):
 
 
 BAD = [
-    ("matmul", lambda: (_t(_f32(4, 8).astype(np.float64)), _t(_f32(8, 2)), _t(_f32(4, 2))),
-     "a must be float32"),
+    (
+        "matmul",
+        lambda: (_t(_f32(4, 8).astype(np.float64)), _t(_f32(8, 2)), _t(_f32(4, 2))),
+        "a must be float32",
+    ),
     ("matmul", lambda: (_t(_f32(4, 8)), _t(_f32(7, 2)), _t(_f32(4, 2))), "inner dimensions"),
     ("matmul", lambda: (_t(_f32(4, 8)), _t(_f32(8, 2)), _t(_f32(4, 3))), "out has shape"),
-    ("matmul", lambda: (_t(_f32(2, 4, 8)), _t(_f32(3, 8, 2)), _t(_f32(3, 4, 2))),
-     "do not broadcast"),
+    (
+        "matmul",
+        lambda: (_t(_f32(2, 4, 8)), _t(_f32(3, 8, 2)), _t(_f32(3, 4, 2))),
+        "do not broadcast",
+    ),
     ("matmul", lambda: (_t(_f32(8, 4).T), _t(_f32(8, 2)), _t(_f32(4, 2))), "contiguous"),
     ("matmul", lambda: (_t(np.zeros(4, np.int32)), _t(_f32(4)), _t(_f32())), "float32"),
-    ("matmul_bias", lambda: (_t(_f32(4, 8)), _t(_f32(2, 8, 2)), _t(_f32(2)), _t(_f32(4, 2))),
-     "weight must have rank 2"),
-    ("matmul_bias", lambda: (_t(_f32(4, 8)), _t(_f32(8, 2)), _t(_f32(3)), _t(_f32(4, 2))),
-     "bias has 3 values"),
-    ("conv2d", lambda: (_t(_f32(1, 4, 8)), _t(_f32(2, 4, 3, 3)),
-                        tvm_ffi.Shape([1] * 4 + [0] * 0 + [1] * 5), _t(_f32(1, 2, 6, 6))),
-     "x must have rank 4"),
-    ("conv2d", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 4, 3, 3)), tvm_ffi.Shape([1, 1, 0]),
-                        _t(_f32(1, 2, 6, 6))), "params must be 9 values"),
-    ("conv2d", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 3, 3, 3)),
-                        tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 6, 6))),
-     "do not match"),
-    ("conv2d", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 4, 3, 3)),
-                        tvm_ffi.Shape([0, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 6, 6))),
-     "bad params"),
-    ("conv2d", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 4, 3, 3)),
-                        tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 5, 6))),
-     "expected [1, 2, 6, 6]"),
-    ("conv2d", lambda: (_t(_f32(1, 4, 5, 5)), _t(_f32(2, 4, 7, 7)),
-                        tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 1, 1))),
-     "larger than the padded input"),
-    ("conv2d_bias", lambda: (_t(_f32(1, 4, 8, 8)), _t(_f32(2, 4, 3, 3)), _t(_f32(4)),
-                             tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 2, 6, 6))),
-     "bias has 4 values"),
-    ("dense_packed", lambda: (_t(_f32(4, 8)), _t(_f32(1, 7, 16)), _t(_f32(4, 5))),
-     "packed weight has shape [1, 7, 16], expected [1, 8, 16]"),
-    ("dense_packed", lambda: (_t(_f32(4, 8)), _t(_f32(8, 16)), _t(_f32(4, 5))),
-     "packed weight must have rank 3"),
-    ("dense_packed", lambda: (_t(_f32(4, 8)), _t(_f32(1, 8, 16)), _t(_f32(3, 5))),
-     "out has shape"),
-    ("dense_packed_bias", lambda: (_t(_f32(4, 8)), _t(_f32(1, 8, 16)), _t(_f32(4)),
-                                   _t(_f32(4, 5))), "bias has 4 values"),
+    (
+        "matmul_bias",
+        lambda: (_t(_f32(4, 8)), _t(_f32(2, 8, 2)), _t(_f32(2)), _t(_f32(4, 2))),
+        "weight must have rank 2",
+    ),
+    (
+        "matmul_bias",
+        lambda: (_t(_f32(4, 8)), _t(_f32(8, 2)), _t(_f32(3)), _t(_f32(4, 2))),
+        "bias has 3 values",
+    ),
+    (
+        "conv2d",
+        lambda: (
+            _t(_f32(1, 4, 8)),
+            _t(_f32(2, 4, 3, 3)),
+            tvm_ffi.Shape([1] * 4 + [0] * 0 + [1] * 5),
+            _t(_f32(1, 2, 6, 6)),
+        ),
+        "x must have rank 4",
+    ),
+    (
+        "conv2d",
+        lambda: (
+            _t(_f32(1, 4, 8, 8)),
+            _t(_f32(2, 4, 3, 3)),
+            tvm_ffi.Shape([1, 1, 0]),
+            _t(_f32(1, 2, 6, 6)),
+        ),
+        "params must be 9 values",
+    ),
+    (
+        "conv2d",
+        lambda: (
+            _t(_f32(1, 4, 8, 8)),
+            _t(_f32(2, 3, 3, 3)),
+            tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]),
+            _t(_f32(1, 2, 6, 6)),
+        ),
+        "do not match",
+    ),
+    (
+        "conv2d",
+        lambda: (
+            _t(_f32(1, 4, 8, 8)),
+            _t(_f32(2, 4, 3, 3)),
+            tvm_ffi.Shape([0, 1, 0, 0, 0, 0, 1, 1, 1]),
+            _t(_f32(1, 2, 6, 6)),
+        ),
+        "bad params",
+    ),
+    (
+        "conv2d",
+        lambda: (
+            _t(_f32(1, 4, 8, 8)),
+            _t(_f32(2, 4, 3, 3)),
+            tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]),
+            _t(_f32(1, 2, 5, 6)),
+        ),
+        "expected [1, 2, 6, 6]",
+    ),
+    (
+        "conv2d",
+        lambda: (
+            _t(_f32(1, 4, 5, 5)),
+            _t(_f32(2, 4, 7, 7)),
+            tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]),
+            _t(_f32(1, 2, 1, 1)),
+        ),
+        "larger than the padded input",
+    ),
+    (
+        "conv2d_bias",
+        lambda: (
+            _t(_f32(1, 4, 8, 8)),
+            _t(_f32(2, 4, 3, 3)),
+            _t(_f32(4)),
+            tvm_ffi.Shape([1, 1, 0, 0, 0, 0, 1, 1, 1]),
+            _t(_f32(1, 2, 6, 6)),
+        ),
+        "bias has 4 values",
+    ),
+    (
+        "dense_packed",
+        lambda: (_t(_f32(4, 8)), _t(_f32(1, 7, 16)), _t(_f32(4, 5))),
+        "packed weight has shape [1, 7, 16], expected [1, 8, 16]",
+    ),
+    (
+        "dense_packed",
+        lambda: (_t(_f32(4, 8)), _t(_f32(8, 16)), _t(_f32(4, 5))),
+        "packed weight must have rank 3",
+    ),
+    ("dense_packed", lambda: (_t(_f32(4, 8)), _t(_f32(1, 8, 16)), _t(_f32(3, 5))), "out has shape"),
+    (
+        "dense_packed_bias",
+        lambda: (_t(_f32(4, 8)), _t(_f32(1, 8, 16)), _t(_f32(4)), _t(_f32(4, 5))),
+        "bias has 4 values",
+    ),
 ]
 
 
@@ -474,16 +570,25 @@ def _module():
         return relax.TensorType(shape, "float32")
 
     bb = relax.BlockBuilder()
-    vs = [relax.Var(n, ty(s)) for n, s in
-          [("a", (8, 64, 32)), ("b", (32, 48)), ("x", (1, 8, 16, 16)), ("w", (16, 8, 3, 3)),
-           ("bias", (16,))]]
+    vs = [
+        relax.Var(n, ty(s))
+        for n, s in [
+            ("a", (8, 64, 32)),
+            ("b", (32, 48)),
+            ("x", (1, 8, 16, 16)),
+            ("w", (16, 8, 3, 3)),
+            ("bias", (16,)),
+        ]
+    ]
     with bb.function("main", vs):
         with bb.dataflow():
-            y = bb.emit(relax.op.call_dps_packed(MATMUL, relax.Tuple(vs[:2]),
-                                                 ty((8, 64, 48))))
+            y = bb.emit(relax.op.call_dps_packed(MATMUL, relax.Tuple(vs[:2]), ty((8, 64, 48))))
             params = relax.ShapeExpr([2, 2, 1, 0, 2, 1, 1, 1, 1])
-            z = bb.emit(relax.op.call_dps_packed(
-                CONV2D_BIAS, relax.Tuple([*vs[2:], params]), ty((1, 16, 9, 8))))
+            z = bb.emit(
+                relax.op.call_dps_packed(
+                    CONV2D_BIAS, relax.Tuple([*vs[2:], params]), ty((1, 16, 9, 8))
+                )
+            )
             out = bb.emit_output(relax.Tuple([y, z]))
         bb.emit_func_output(out)
     return bb.get()
@@ -536,7 +641,7 @@ def test_exported_bundle_runs_with_torch_blocked(executable, tmp_path):
         import mtcompile.native as native
         native.preload()
         assert tvm_ffi.get_global_func("{MATMUL}", allow_missing=True) is None
-        d = np.load("{tmp_path / 'io.npz'}")
+        d = np.load("{tmp_path / "io.npz"}")
         ex = tvm_ffi.load_module("{lib}")
         vm = ex["vm_load_executable"]()
         vm["vm_initialization"](1, 0, 2, 1, 0, 2)
@@ -547,8 +652,7 @@ def test_exported_bundle_runs_with_torch_blocked(executable, tmp_path):
         assert "torch" not in sys.modules and "tvm" not in sys.modules
         print("ok")
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
     # here the kernels are registered already (by `register`): loading the bundle keeps them
     import tvm
@@ -600,18 +704,28 @@ def test_demo_set_bundle_runs_saved_with_torch_blocked(hetero_bundle, tmp_path):
     b = hetero_bundle
     assert b.manifest.kernels == {"matmul": "native", "conv2d": "native"}
     assert b.compile_report["build"]["library_calls"] > 0
-    calls = {s for n in b.tenant_names for s, _ in b.trace(
-        n, list(seeded_inputs(b.signature(n), 0)))[0] if s.startswith("mtcompile.")}
+    calls = {
+        s
+        for n in b.tenant_names
+        for s, _ in b.trace(n, list(seeded_inputs(b.signature(n), 0)))[0]
+        if s.startswith("mtcompile.")
+    }
     assert {DENSE_PACKED_BIAS, CONV2D_BIAS} <= calls, calls
     report = b.verify(atol=1e-4)
     assert report["ok"], report
     inputs = {n: seeded_inputs(b.signature(n), 1) for n in b.tenant_names}
     want = b.run_all(inputs)
     saved = b.save(tmp_path / "bundle")
-    np.savez(tmp_path / "in.npz", **{f"{n}.{i}": x for n, xs in inputs.items()
-                                     for i, x in enumerate(xs)})
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_CHILD, str(saved), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    np.savez(
+        tmp_path / "in.npz", **{f"{n}.{i}": x for n, xs in inputs.items() for i, x in enumerate(xs)}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKED_CHILD, str(saved), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info == {"kernels": b.manifest.kernels, "torch": []}
@@ -629,8 +743,10 @@ def test_kernel_names_are_the_table_s_rows():
     from mtcompile.runtime import library
 
     table = native.table
-    assert [library.MATMUL, library.CONV2D_BIAS] == ["mtcompile.torch.matmul",
-                                                     "mtcompile.torch.conv2d_bias"]
+    assert [library.MATMUL, library.CONV2D_BIAS] == [
+        "mtcompile.torch.matmul",
+        "mtcompile.torch.conv2d_bias",
+    ]
     call = ops.LibraryCall("native", "matmul", variant="packed", bias=True, epilogue="add_relu")
     assert call.symbol == "mtcompile.native.dense_packed_bias_add_relu"
     assert call.form.residual and call.form.act == "relu" and call.computes == "relax.matmul"
@@ -640,10 +756,16 @@ def test_kernel_names_are_the_table_s_rows():
         if form.provider == "native":
             assert tvm_ffi.get_global_func(form.symbol, allow_missing=True) is not None, form
     assert {f.kernel.entry for f in table.FORMS} == {
-        "matmul_run", "dense_packed_run", "conv2d_run", "softmax_run", "layer_norm_run",
-        "attention_run"}
-    with pytest.raises(ValueError, match="no torch library kernel 'matmul' with bias=True, "
-                                         "epilogue='relu'"):
+        "matmul_run",
+        "dense_packed_run",
+        "conv2d_run",
+        "softmax_run",
+        "layer_norm_run",
+        "attention_run",
+    }
+    with pytest.raises(
+        ValueError, match="no torch library kernel 'matmul' with bias=True, epilogue='relu'"
+    ):
         ops.LibraryCall("torch", "matmul", bias=True, epilogue="relu")
     with pytest.raises(ValueError, match="no library library kernel"):
         ops.LibraryCall("library", "matmul")
@@ -653,9 +775,11 @@ def test_the_generated_header_lists_every_native_form():
     """kernels_table.h, generated from the table, has one registration row per native form."""
     text = native.table.header()
     native_forms = [f for f in native.table.FORMS if f.provider == "native"]
-    assert text.count("{\"mtcompile.native.") == len(native_forms) == 21  # 20 + attention
-    assert '{"mtcompile.native.conv2d_bias_add_relu", &conv2d_run, 2, true, true, true, ' \
-           'kActRelu},' in text
+    assert text.count('{"mtcompile.native.') == len(native_forms) == 21  # 20 + attention
+    assert (
+        '{"mtcompile.native.conv2d_bias_add_relu", &conv2d_run, 2, true, true, true, '
+        "kActRelu}," in text
+    )
 
 
 POOL_CHILD = textwrap.dedent("""
@@ -696,10 +820,14 @@ def test_one_pool_serves_generated_kernels_and_sleeps_after_a_call():
     """The native pool is TVM's parallel-launch function for the bundle's generated kernels
     too (an elementwise-only tenant launches on it), and once a call returned nothing spins:
     the process uses (almost) no CPU while it sleeps half a second after 20 runs."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
-    r = subprocess.run([sys.executable, "-c", POOL_CHILD], capture_output=True, text=True,
-                       timeout=300, env=env)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", POOL_CHILD], capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["generated"] >= 1, got

@@ -16,8 +16,12 @@ def test_notebook_executes_and_checks_numerics():
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # a cell that raises fails the run (CellExecutionError names the cell)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     svgs = [o for o in outputs if "image/svg+xml" in o.get("data", {})]

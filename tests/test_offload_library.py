@@ -32,8 +32,9 @@ TORCH = {"matmul": "torch", "conv2d": "torch"}  # PyTorch's kernels
 MIXED = {"matmul": "tvm", "conv2d": "native"}
 
 
-def sym(kernel: str, variant: str = "", bias: bool = False, epilogue: str = "",
-        provider: str = "native") -> str:
+def sym(
+    kernel: str, variant: str = "", bias: bool = False, epilogue: str = "", provider: str = "native"
+) -> str:
     """The symbol of a library call the table lists."""
     return table.find(provider, kernel, variant, bias, epilogue).symbol
 
@@ -80,8 +81,11 @@ def offloaded(graph: Graph, providers: dict) -> tuple[Graph, dict]:
 def ops_of(graph: Graph) -> list[str]:
     """The ops that run, in order (TVM folds values of constants alone; tuples are no ops)."""
     const = constant_only(graph)
-    return [sym_of(n) for n in graph.nodes
-            if n.op not in (INPUT, TUPLE, GET_ITEM) and n.name not in const]
+    return [
+        sym_of(n)
+        for n in graph.nodes
+        if n.op not in (INPUT, TUPLE, GET_ITEM) and n.name not in const
+    ]
 
 
 def sym_of(n) -> str:
@@ -124,8 +128,9 @@ def test_nchw_conv_becomes_a_library_call_with_its_parameters():
     w = _rng(3).standard_normal((6, 2, 3, 3)).astype(np.float32)
 
     def body(bb, x):
-        return relax.op.nn.conv2d(x, const(w), strides=(2, 1), padding=(0, 1, 1, 2),
-                                  dilation=(1, 2), groups=2)
+        return relax.op.nn.conv2d(
+            x, const(w), strides=(2, 1), padding=(0, 1, 1, 2), dilation=(1, 2), groups=2
+        )
 
     g = one_function(body, [("x", (1, 4, 9, 9), "float32")])
     out, _ = offloaded(g, LIBRARY)
@@ -133,12 +138,18 @@ def test_nchw_conv_becomes_a_library_call_with_its_parameters():
     (call,) = [n for n in out.nodes if sym_of(n) == CONV2D]
     # stride h/w, padding top/left/bottom/right, dilation h/w, groups
     assert call.attrs.conv.flat() == [2, 1, 0, 1, 1, 2, 1, 2, 2]
-    assert ("{kernel=conv2d, provider=native, strides=[2, 1], padding=[0, 1, 1, 2], "
-            "dilation=[1, 2], groups=2}") in str(call)
+    assert (
+        "{kernel=conv2d, provider=native, strides=[2, 1], padding=[0, 1, 1, 2], "
+        "dilation=[1, 2], groups=2}"
+    ) in str(call)
     x = _rng(4).standard_normal((1, 4, 9, 9)).astype(np.float32)
     want = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(torch.from_numpy(x), (1, 2, 0, 1)), torch.from_numpy(w),
-        stride=(2, 1), dilation=(1, 2), groups=2).numpy()
+        torch.nn.functional.pad(torch.from_numpy(x), (1, 2, 0, 1)),
+        torch.from_numpy(w),
+        stride=(2, 1),
+        dilation=(1, 2),
+        groups=2,
+    ).numpy()
     for providers in (LIBRARY, TORCH, TVM):
         (got,) = run(offloaded(g, providers)[0], x)
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
@@ -151,8 +162,14 @@ def test_linear_bias_is_folded_into_matmul_bias():
     assert "relax.matmul" in ops_of(g) and "relax.add" in ops_of(g)
     out, info = offloaded(g, LIBRARY)
     assert ops_of(out) == [DENSE_BIAS]
-    assert info == {"library_calls": 1, "biases_folded": 1, "epilogues_folded": 0,
-                    "packed_weights": 1, "row_calls": 0, "left_to_tvm": {}}
+    assert info == {
+        "library_calls": 1,
+        "biases_folded": 1,
+        "epilogues_folded": 0,
+        "packed_weights": 1,
+        "row_calls": 0,
+        "left_to_tvm": {},
+    }
     # one call in the tenant's entry and one in run_all: offload-library gave the native dense
     # kernel the Linear's weight packed at build time
     packed = DENSE_BIAS
@@ -208,8 +225,9 @@ def test_folded_weights_are_tvms_formula():
     w = model.conv.weight.detach().numpy() * scale.reshape(-1, 1, 1, 1)
     b = (bn.bias - bn.running_mean * torch.from_numpy(scale)).detach().numpy()
     np.testing.assert_allclose(out.constants[conv.args[1].key], w, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(out.constants[add.args[1].key], b.reshape(1, -1, 1, 1),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        out.constants[add.args[1].key], b.reshape(1, -1, 1, 1), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_tvm_provider_leaves_the_graph_alone():
@@ -237,8 +255,9 @@ def test_mixed_providers_offload_only_their_kind():
 @pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_int_matmul_stays_a_tvm_op(out_dtype):
     w = _rng(5).integers(-3, 4, (8, 4)).astype(np.int32)
-    g = one_function(lambda bb, x: relax.op.matmul(x, const(w), out_dtype=out_dtype),
-                     [("x", (2, 8), "int32")])
+    g = one_function(
+        lambda bb, x: relax.op.matmul(x, const(w), out_dtype=out_dtype), [("x", (2, 8), "int32")]
+    )
     out, info = offloaded(g, LIBRARY)
     assert ops_of(out) == ["relax.matmul"] and info["library_calls"] == 0
     (name,) = info["left_to_tvm"]
@@ -262,16 +281,16 @@ def test_negative_nhwc_conv_stays_a_tvm_op():
     w = _rng(7).standard_normal((3, 3, 4, 6)).astype(np.float32)  # HWIO
 
     def body(bb, x):
-        return relax.op.nn.conv2d(x, const(w), padding=1, data_layout="NHWC",
-                                  kernel_layout="HWIO")
+        return relax.op.nn.conv2d(x, const(w), padding=1, data_layout="NHWC", kernel_layout="HWIO")
 
     g = one_function(body, [("x", (1, 5, 5, 4), "float32")])
     out, info = offloaded(g, LIBRARY)
     assert ops_of(out) == ["relax.nn.conv2d"] and info["library_calls"] == 0
     assert list(info["left_to_tvm"].values()) == ["data_layout NHWC; the library takes NCHW"]
     x = _rng(8).standard_normal((1, 5, 5, 4)).astype(np.float32)
-    want = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
-                                      torch.from_numpy(w).permute(3, 2, 0, 1), padding=1)
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w).permute(3, 2, 0, 1), padding=1
+    )
     (got,) = run(out, x)
     np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=ATOL)
 
@@ -322,10 +341,13 @@ def _used_as_output(bb, x):
     return relax.Tuple([biased, mm])
 
 
-@pytest.mark.parametrize("body, reference", [
-    (_used_by_multiply, lambda x: (x @ W84 + B4) * (x @ W84)),
-    (_used_as_output, lambda x: ((x @ W84 + B4), x @ W84)),
-])
+@pytest.mark.parametrize(
+    "body, reference",
+    [
+        (_used_by_multiply, lambda x: (x @ W84 + B4) * (x @ W84)),
+        (_used_as_output, lambda x: ((x @ W84 + B4), x @ W84)),
+    ],
+)
 @pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_bias_is_not_folded_into_a_matmul_used_twice(body, reference):
     g = one_function(body, [("x", (2, 8), "float32")])
@@ -408,8 +430,9 @@ def test_channel_bias_of_a_conv_is_folded():
     assert out.constants[call.args[2].key].shape == (4,)
     x = _rng(14).standard_normal((1, 2, 8, 6)).astype(np.float32)
     (got,) = run(out, x)
-    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
-                                      torch.from_numpy(bias.reshape(4))).numpy()
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias.reshape(4))
+    ).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
@@ -443,12 +466,16 @@ def test_negative_a_per_channel_value_computed_at_run_time_is_not_a_bias():
 @pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_without_the_pass_heavy_ops_stay_tvm_ops():
     lin = nn.Linear(8, 4).eval()
-    bundle = mtcompile.compile([mtcompile.Tenant("t", lin, example_inputs=(torch.from_numpy(X28),))],
-                               passes=[], kernels="native")
+    bundle = mtcompile.compile(
+        [mtcompile.Tenant("t", lin, example_inputs=(torch.from_numpy(X28),))],
+        passes=[],
+        kernels="native",
+    )
     assert bundle.compile_report["build"]["library_calls"] == 0
     with torch.no_grad():
-        np.testing.assert_allclose(bundle.run("t", X28)[0], lin(torch.from_numpy(X28)).numpy(),
-                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            bundle.run("t", X28)[0], lin(torch.from_numpy(X28)).numpy(), rtol=0, atol=1e-5
+        )
 
 
 # --------------------------------------------------------------------------- epilogues
@@ -465,16 +492,31 @@ def _gelu(v):
     return np.asarray(torch.nn.functional.gelu(torch.from_numpy(v)))
 
 
-@pytest.mark.parametrize("body, op, reference", [
-    (lambda bb, x, r: relax.op.nn.relu(_linear(bb, x)), "matmul_bias_relu",
-     lambda x, r: np.maximum(x @ W84 + B4, 0)),
-    (lambda bb, x, r: relax.op.nn.gelu(_linear(bb, x)), "matmul_bias_gelu",
-     lambda x, r: _gelu(x @ W84 + B4)),
-    (lambda bb, x, r: relax.op.add(r, _linear(bb, x)), "matmul_bias_add",
-     lambda x, r: x @ W84 + B4 + r),
-    (lambda bb, x, r: relax.op.nn.relu(bb.emit(relax.op.add(_linear(bb, x), r))),
-     "matmul_bias_add_relu", lambda x, r: np.maximum(x @ W84 + B4 + r, 0)),
-])
+@pytest.mark.parametrize(
+    "body, op, reference",
+    [
+        (
+            lambda bb, x, r: relax.op.nn.relu(_linear(bb, x)),
+            "matmul_bias_relu",
+            lambda x, r: np.maximum(x @ W84 + B4, 0),
+        ),
+        (
+            lambda bb, x, r: relax.op.nn.gelu(_linear(bb, x)),
+            "matmul_bias_gelu",
+            lambda x, r: _gelu(x @ W84 + B4),
+        ),
+        (
+            lambda bb, x, r: relax.op.add(r, _linear(bb, x)),
+            "matmul_bias_add",
+            lambda x, r: x @ W84 + B4 + r,
+        ),
+        (
+            lambda bb, x, r: relax.op.nn.relu(bb.emit(relax.op.add(_linear(bb, x), r))),
+            "matmul_bias_add_relu",
+            lambda x, r: np.maximum(x @ W84 + B4 + r, 0),
+        ),
+    ],
+)
 @pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_activation_and_residual_after_a_native_bias_call_join_it(body, op, reference):
     g = one_function(body, [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
@@ -506,8 +548,10 @@ def test_resnet_block_convs_take_their_relu_and_shortcut():
     block = Block().eval()
     x = torch.randn(1, 4, 8, 8)
     out, info = offloaded(lifted(block, x), LIBRARY)
-    assert ops_of(out) == ["mtcompile.native.conv2d_bias_relu",
-                           "mtcompile.native.conv2d_bias_add_relu"]
+    assert ops_of(out) == [
+        "mtcompile.native.conv2d_bias_relu",
+        "mtcompile.native.conv2d_bias_add_relu",
+    ]
     assert info["epilogues_folded"] == 2
     (got,) = run(out, x.numpy(), tenant="t")
     with torch.no_grad():
@@ -528,14 +572,18 @@ def _broadcast_residual(bb, x, r):
     return relax.op.add(_linear(bb, x), bb.emit(relax.op.sum(r, axis=[0], keepdims=True)))
 
 
-@pytest.mark.parametrize("body, reference", [
-    (_relu_read_twice, lambda x, r: (np.maximum(x @ W84 + B4, 0) + (x @ W84 + B4),)),
-    (_relu_of_an_output, lambda x, r: (np.maximum(x @ W84 + B4, 0), x @ W84 + B4)),
-    (_broadcast_residual, lambda x, r: (x @ W84 + B4 + r.sum(0, keepdims=True),)),
-])
+@pytest.mark.parametrize(
+    "body, reference",
+    [
+        (_relu_read_twice, lambda x, r: (np.maximum(x @ W84 + B4, 0) + (x @ W84 + B4),)),
+        (_relu_of_an_output, lambda x, r: (np.maximum(x @ W84 + B4, 0), x @ W84 + B4)),
+        (_broadcast_residual, lambda x, r: (x @ W84 + B4 + r.sum(0, keepdims=True),)),
+    ],
+)
 @pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_epilogue_not_folded_where_the_call_is_read_elsewhere_or_shapes_differ(
-        body, reference):
+    body, reference
+):
     g = one_function(body, [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
     out, info = offloaded(g, LIBRARY)
     assert info["epilogues_folded"] == 0 and DENSE_BIAS in ops_of(out)
@@ -547,11 +595,14 @@ def test_negative_epilogue_not_folded_where_the_call_is_read_elsewhere_or_shapes
 @pytest.mark.parametrize("providers, options", [(TORCH, {}), (LIBRARY, {"epilogues": False})])
 @pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_negative_epilogues_only_for_native_kernels_and_when_asked(providers, options):
-    g = one_function(lambda bb, x, r: relax.op.nn.relu(_linear(bb, x)),
-                     [("x", (4, 8), "float32"), ("r", (4, 4), "float32")])
+    g = one_function(
+        lambda bb, x, r: relax.op.nn.relu(_linear(bb, x)),
+        [("x", (4, 8), "float32"), ("r", (4, 4), "float32")],
+    )
     ctx = PassContext("llvm", providers)
-    passes = build_pipeline(["fold-batch-norm", "offload-library"],
-                            {"offload-library": options} if options else None)
+    passes = build_pipeline(
+        ["fold-batch-norm", "offload-library"], {"offload-library": options} if options else None
+    )
     out, records = run_passes(g, passes, ctx)
     assert records[-1].info["epilogues_folded"] == 0 and ops_of(out)[-1] == "relax.nn.relu"
     (got,) = run(out, X48, R44)
@@ -582,7 +633,6 @@ def test_linear_on_a_3d_input_takes_gelu_and_residual_through_its_reshape():
         np.testing.assert_allclose(got, ffn(x).numpy(), rtol=0, atol=1e-5)
 
 
-
 class _Rows(nn.Module):
     """Layer norm, then a softmax over the last axis and one over another."""
 
@@ -603,8 +653,11 @@ def test_softmax_and_layer_norm_over_the_last_axis_become_native_row_calls():
         model.ln.weight.mul_(2).add_(0.5)
         want = [w.numpy() for w in model(x)]
     out, info = offloaded(lifted(model, x), LIBRARY)
-    assert ops_of(out) == [sym("layer_norm"), sym("softmax"),
-                           "relax.nn.softmax"]  # the softmax over axis 1 stays TVM's
+    assert ops_of(out) == [
+        sym("layer_norm"),
+        sym("softmax"),
+        "relax.nn.softmax",
+    ]  # the softmax over axis 1 stays TVM's
     assert info["row_calls"] == 2
     ln = next(n for n in out.nodes if sym_of(n) == sym("layer_norm"))
     np.testing.assert_array_equal(out.constants[ln.args[3].key], np.float32([1e-5]))  # epsilon
@@ -612,15 +665,22 @@ def test_softmax_and_layer_norm_over_the_last_axis_become_native_row_calls():
         np.testing.assert_allclose(got, w, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("providers, options, target", [
-    (TVM, {}, "llvm"), (TORCH, {}, "llvm"), (LIBRARY, {"rows": False}, "llvm"),
-    (LIBRARY, {}, "cuda")])
+@pytest.mark.parametrize(
+    "providers, options, target",
+    [
+        (TVM, {}, "llvm"),
+        (TORCH, {}, "llvm"),
+        (LIBRARY, {"rows": False}, "llvm"),
+        (LIBRARY, {}, "cuda"),
+    ],
+)
 def test_negative_row_calls_only_next_to_native_matmuls_on_llvm_and_when_asked(
-        providers, options, target):
+    providers, options, target
+):
     model, x = _Rows().eval(), torch.randn(2, 5, 16)
-    passes = build_pipeline(["offload-library"], {"offload-library": options} if options
-                            else None)
+    passes = build_pipeline(["offload-library"], {"offload-library": options} if options else None)
     out, records = run_passes(lifted(model, x), passes, PassContext(target, providers))
     assert records[-1].info.get("row_calls", 0) == 0
-    assert not any(n.attrs.kernel in ("softmax", "layer_norm") for n in out.nodes
-                   if ops.is_library_call(n.op))
+    assert not any(
+        n.attrs.kernel in ("softmax", "layer_norm") for n in out.nodes if ops.is_library_call(n.op)
+    )

@@ -23,8 +23,10 @@ def test_real_onnx_weights_are_seeded_random():
 @pytest.mark.slow
 def test_real_architectures_in_one_bundle_match_onnxruntime():
     # SqueezeNet (fire modules, concat) and Inception v1 (LRN, multi-branch) in one library
-    tenants = [Tenant("squeezenet", real_onnx("squeezenet")),
-               Tenant("inception", real_onnx("inception_v1"))]
+    tenants = [
+        Tenant("squeezenet", real_onnx("squeezenet")),
+        Tenant("inception", real_onnx("inception_v1")),
+    ]
     bundle = mtcompile.compile(tenants)
     result = bundle.verify()
     for name, entry in result["tenants"].items():

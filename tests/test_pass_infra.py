@@ -40,8 +40,14 @@ class DropMatmul(Pass):
     name = "test-drop-matmul"
 
     def run(self, graph, ctx):
-        return PassResult(Graph(tuple(n for n in graph.nodes if n.op != "relax.matmul"),
-                                graph.tenants, graph.constants), True)
+        return PassResult(
+            Graph(
+                tuple(n for n in graph.nodes if n.op != "relax.matmul"),
+                graph.tenants,
+                graph.constants,
+            ),
+            True,
+        )
 
 
 @dataclass(frozen=True)
@@ -100,16 +106,25 @@ def test_unknown_pass_name_lists_registered_passes():
 
 
 def test_unknown_option_lists_options(temp_passes):
-    with pytest.raises(MTCompileError, match=r"pass 'eliminate-dead-nodes' has no option\(s\) "
-                                             r"\['depth'\]; its options: none"):
+    with pytest.raises(
+        MTCompileError,
+        match=r"pass 'eliminate-dead-nodes' has no option\(s\) "
+        r"\['depth'\]; its options: none",
+    ):
         make_pass("eliminate-dead-nodes", {"depth": 2})
-    with pytest.raises(MTCompileError, match=r"pass 'test-with-options' has no option\(s\) "
-                                             r"\['a', 'b'\]; its options: \['mode', 'threshold'\]"):
+    with pytest.raises(
+        MTCompileError,
+        match=r"pass 'test-with-options' has no option\(s\) "
+        r"\['a', 'b'\]; its options: \['mode', 'threshold'\]",
+    ):
         make_pass("test-with-options", {"b": 1, "a": 2, "threshold": 1})
     p = make_pass("test-with-options", {"threshold": 7})
     assert p == WithOptions(threshold=7) and p.options() == {"threshold": 7, "mode": "fast"}
-    with pytest.raises(MTCompileError, match=r"options given for passes not in the pipeline: "
-                                             r"\['test-with-options'\]"):
+    with pytest.raises(
+        MTCompileError,
+        match=r"options given for passes not in the pipeline: "
+        r"\['test-with-options'\]",
+    ):
         build_pipeline(["eliminate-dead-nodes"], {"test-with-options": {"threshold": 1}})
 
 
@@ -146,7 +161,8 @@ def test_default_pipeline_runs(graph):
     assert [r.name for r in records] == DEFAULT_PIPELINE
     # nothing to remove, share or batch in this graph; fuse-vertical only names the groups
     assert [(n.name, n.op, n.args) for n in out.nodes] == [
-        (n.name, n.op, n.args) for n in graph.nodes]
+        (n.name, n.op, n.args) for n in graph.nodes
+    ]
     assert out.node("a.mm").group == out.node("a.r").group is not None
 
 
@@ -160,22 +176,31 @@ def test_pass_error_names_the_pass_and_the_ones_before(graph, temp_passes):
     with pytest.raises(PassError) as info:
         run_passes(graph, [EliminateDeadNodes(), WithOptions(), Explode(), EliminateDeadNodes()])
     e = info.value
-    assert str(e) == ("pass 'test-explode' failed (passes run before it: eliminate-dead-nodes, "
-                      "test-with-options): RuntimeError: boom")
+    assert str(e) == (
+        "pass 'test-explode' failed (passes run before it: eliminate-dead-nodes, "
+        "test-with-options): RuntimeError: boom"
+    )
     assert e.pass_name == "test-explode"
     assert e.before == ["eliminate-dead-nodes", "test-with-options"]
     assert isinstance(e.cause, RuntimeError) and isinstance(e, MTCompileError)
-    with pytest.raises(PassError, match=r"pass 'test-explode' failed \(passes run before it: "
-                                        r"none\)"):
+    with pytest.raises(
+        PassError,
+        match=r"pass 'test-explode' failed \(passes run before it: "
+        r"none\)",
+    ):
         run_passes(graph, [Explode()])
 
 
 def test_pass_error_through_compile(temp_passes):
     m, x = tiny_conv(0)
-    with pytest.raises(PassError, match=r"pass 'test-explode' failed \(passes run before it: "
-                                        r"eliminate-dead-nodes\): RuntimeError: boom"):
-        mtcompile.compile([Tenant("a", m, example_inputs=x)],
-                          passes=["eliminate-dead-nodes", "test-explode"])
+    with pytest.raises(
+        PassError,
+        match=r"pass 'test-explode' failed \(passes run before it: "
+        r"eliminate-dead-nodes\): RuntimeError: boom",
+    ):
+        mtcompile.compile(
+            [Tenant("a", m, example_inputs=x)], passes=["eliminate-dead-nodes", "test-explode"]
+        )
 
 
 # --------------------------------------------------------------------------- instruments
@@ -186,7 +211,9 @@ def test_timing_records_every_pass():
     g = _dead_graph()
     _, records = run_passes(g, [EliminateDeadNodes(), EliminateDeadNodes()], instruments=[timing])
     assert [(r.name, r.changed, r.nodes_after) for r in timing.records] == [
-        ("eliminate-dead-nodes", True, 7), ("eliminate-dead-nodes", False, 7)]
+        ("eliminate-dead-nodes", True, 7),
+        ("eliminate-dead-nodes", False, 7),
+    ]
     assert timing.records[0].info == {"removed_nodes": 2}
     assert all(r.seconds >= 0 for r in timing.records)
     assert [r.name for r in records] == [r.name for r in timing.records]
@@ -195,10 +222,13 @@ def test_timing_records_every_pass():
 def test_print_after(capsys):
     g = _dead_graph()
     buf = io.StringIO()
-    out, _ = run_passes(g, [EliminateDeadNodes(), EliminateDeadNodes()],
-                        instruments=[PrintAfter(stream=buf)])
-    assert buf.getvalue() == (f"// after eliminate-dead-nodes (changed)\n{out}\n"
-                              f"// after eliminate-dead-nodes (unchanged)\n{out}\n")
+    out, _ = run_passes(
+        g, [EliminateDeadNodes(), EliminateDeadNodes()], instruments=[PrintAfter(stream=buf)]
+    )
+    assert buf.getvalue() == (
+        f"// after eliminate-dead-nodes (changed)\n{out}\n"
+        f"// after eliminate-dead-nodes (unchanged)\n{out}\n"
+    )
     run_passes(g, [EliminateDeadNodes()], instruments=[PrintAfter(["eliminate-dead-nodes"])])
     assert capsys.readouterr().out == f"// after eliminate-dead-nodes (changed)\n{out}\n"
     run_passes(g, [EliminateDeadNodes()], instruments=[PrintAfter(["some-other-pass"])])
@@ -207,11 +237,15 @@ def test_print_after(capsys):
 
 def test_dump_to_dir(tmp_path):
     g = _dead_graph()
-    out, _ = run_passes(g, [EliminateDeadNodes(), EliminateDeadNodes()],
-                        instruments=[DumpToDir(tmp_path / "dump")])
+    out, _ = run_passes(
+        g, [EliminateDeadNodes(), EliminateDeadNodes()], instruments=[DumpToDir(tmp_path / "dump")]
+    )
     files = sorted(p.name for p in (tmp_path / "dump").iterdir())
-    assert files == ["000_input.txt", "001_eliminate-dead-nodes.txt",
-                     "002_eliminate-dead-nodes.txt"]
+    assert files == [
+        "000_input.txt",
+        "001_eliminate-dead-nodes.txt",
+        "002_eliminate-dead-nodes.txt",
+    ]
     assert (tmp_path / "dump" / "000_input.txt").read_text() == f"{g}\n"
     assert (tmp_path / "dump" / "001_eliminate-dead-nodes.txt").read_text() == f"{out}\n"
 
@@ -219,8 +253,9 @@ def test_dump_to_dir(tmp_path):
 @pytest.mark.slow  # compiles bundles of its own
 def test_dump_to_dir_through_compile(tmp_path):
     m, x = tiny_conv(0)
-    bundle = mtcompile.compile([Tenant("a", m, example_inputs=x)],
-                               instruments=[DumpToDir(tmp_path)])
+    bundle = mtcompile.compile(
+        [Tenant("a", m, example_inputs=x)], instruments=[DumpToDir(tmp_path)]
+    )
     expected = [f"{i + 1:03d}_{name}.txt" for i, name in enumerate(DEFAULT_PIPELINE)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000_input.txt", *expected]
     # one dump per pass: the whole module (the tenant's entry and run_all)
@@ -245,8 +280,11 @@ def test_verify_after_catches_a_broken_pass(graph, temp_passes, monkeypatch):
     # Through compile too, before anything reaches TVM.
     m, x = tiny_conv(0)
     with pytest.raises(PassError, match="pass 'test-drop-matmul' failed.*VerifyError"):
-        mtcompile.compile([Tenant("a", m, example_inputs=x)], passes=["test-drop-matmul"],
-                          instruments=[VerifyAfter()])
+        mtcompile.compile(
+            [Tenant("a", m, example_inputs=x)],
+            passes=["test-drop-matmul"],
+            instruments=[VerifyAfter()],
+        )
 
 
 # --------------------------------------------------------------------------- eliminate-dead-nodes
@@ -259,9 +297,11 @@ def _dead_graph() -> Graph:
     """small_graph plus a dead chain in tenant a (reading a constant nothing else reads)
     and an unused input of tenant b."""
     g = small_graph()
-    a_nodes = [*g.tenant_nodes("a"),
-               Node("a.d1", "relax.add", (Ref("a.x"), ConstRef(DKEY)), F24, ("a",)),
-               Node("a.d2", "relax.nn.relu", (Ref("a.d1"),), F24, ("a",))]
+    a_nodes = [
+        *g.tenant_nodes("a"),
+        Node("a.d1", "relax.add", (Ref("a.x"), ConstRef(DKEY)), F24, ("a",)),
+        Node("a.d2", "relax.nn.relu", (Ref("a.d1"),), F24, ("a",)),
+    ]
     b_nodes = [*g.tenant_nodes("b"), Node("b.unused", INPUT, (), TensorTy((3,), "int64"), ("b",))]
     tenants = dict(g.tenants, b=TenantIO((("y", "b.y"), ("u", "b.unused")), (Ref("b.g"),)))
     out = Graph(tuple(a_nodes + b_nodes), tenants, {**g.constants, DKEY: D})
@@ -273,19 +313,21 @@ def test_eliminate_dead_nodes_structure():
     g = _dead_graph()
     result = EliminateDeadNodes().run(g, PassContext())
     assert result.changed and result.info == {"removed_nodes": 2}
-    assert str(result.graph) == "\n".join([
-        "tenant a(x=%a.x)",
-        "tenant b(y=%b.y, u=%b.unused)",
-        "%a.x = input() {tenant=a} : f32[2,4]",
-        f"%a.mm = matmul(%a.x, @{WKEY[:8]}) {{out_dtype=float32}} {{tenant=a}} : f32[2,3]",
-        "%a.r = nn.relu(%a.mm) {tenant=a} : f32[2,3]",
-        "%b.y = input() {tenant=b} : f32[2,3]",
-        "%b.t = tuple(%b.y, %b.y) {tenant=b} : (f32[2,3], f32[2,3])",
-        "%b.g = get_item(%b.t) {0} {tenant=b} : f32[2,3]",
-        "%b.unused = input() {tenant=b} : i64[3]",  # inputs stay: they are the signature
-        "return a: (%a.r)",
-        "return b: (%b.g)",
-    ])
+    assert str(result.graph) == "\n".join(
+        [
+            "tenant a(x=%a.x)",
+            "tenant b(y=%b.y, u=%b.unused)",
+            "%a.x = input() {tenant=a} : f32[2,4]",
+            f"%a.mm = matmul(%a.x, @{WKEY[:8]}) {{out_dtype=float32}} {{tenant=a}} : f32[2,3]",
+            "%a.r = nn.relu(%a.mm) {tenant=a} : f32[2,3]",
+            "%b.y = input() {tenant=b} : f32[2,3]",
+            "%b.t = tuple(%b.y, %b.y) {tenant=b} : (f32[2,3], f32[2,3])",
+            "%b.g = get_item(%b.t) {0} {tenant=b} : f32[2,3]",
+            "%b.unused = input() {tenant=b} : i64[3]",  # inputs stay: they are the signature
+            "return a: (%a.r)",
+            "return b: (%b.g)",
+        ]
+    )
     assert set(result.graph.constants) == {WKEY}  # the dead chain's constant went with it
     assert set(g.constants) == {WKEY, DKEY}  # the input graph is untouched
     result.graph.verify()
@@ -302,8 +344,13 @@ def test_eliminate_dead_nodes_keeps_nodes_shared_with_a_live_tenant():
     x = Node("s.x", INPUT, (), F23, ("s", "u"))
     y = Node("s.y", "relax.nn.relu", (Ref("s.x"),), F23, ("s", "u"))
     z = Node("u.z", "relax.exp", (Ref("s.y"),), F23, ("u",))
-    g = Graph((x, y, z), {"s": TenantIO((("x", "s.x"),), (Ref("s.x"),)),
-                          "u": TenantIO((("x", "s.x"),), (Ref("u.z"),))})
+    g = Graph(
+        (x, y, z),
+        {
+            "s": TenantIO((("x", "s.x"),), (Ref("s.x"),)),
+            "u": TenantIO((("x", "s.x"),), (Ref("u.z"),)),
+        },
+    )
     result = EliminateDeadNodes().run(g, PassContext())
     assert not result.changed and [n.name for n in result.graph.nodes] == ["s.x", "s.y", "u.z"]
     g2 = replace(g, tenants=dict(g.tenants, u=TenantIO((("x", "s.x"),), (Ref("s.x"),))))
@@ -313,8 +360,7 @@ def test_eliminate_dead_nodes_keeps_nodes_shared_with_a_live_tenant():
 @pytest.mark.slow  # compiles bundles of its own
 def test_eliminate_dead_nodes_numerics():
     m, x = tiny_conv(0)
-    bundle = mtcompile.compile([Tenant("a", m, example_inputs=x)],
-                               passes=["eliminate-dead-nodes"])
+    bundle = mtcompile.compile([Tenant("a", m, example_inputs=x)], passes=["eliminate-dead-nodes"])
     (rec,) = bundle.compile_report["passes"]
     # one run over the module, facts by function: the tenant's entry holds its live nodes
     # from the start (`restrict`), run_all is the merged graph

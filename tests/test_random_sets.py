@@ -67,9 +67,19 @@ class ConvNet(nn.Module):
         for _ in range(arch.randint(1, 3)):
             groups = arch.choice([1, 1, 2]) if c % 2 == 0 else 1
             out, k = arch.choice([4, 6, 8]), arch.choice([1, 3])
-            layers += [nn.Conv2d(c, out, k, stride=arch.choice([1, 2]), padding=k // 2,
-                                 groups=groups, bias=arch.random() < 0.5),
-                       nn.BatchNorm2d(out), nn.ReLU()]
+            layers += [
+                nn.Conv2d(
+                    c,
+                    out,
+                    k,
+                    stride=arch.choice([1, 2]),
+                    padding=k // 2,
+                    groups=groups,
+                    bias=arch.random() < 0.5,
+                ),
+                nn.BatchNorm2d(out),
+                nn.ReLU(),
+            ]
             c = out
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(c, 3)
@@ -111,8 +121,9 @@ def random_set(seed: int) -> list[Tenant]:
             x, share = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + i)), {}
         if i == 0:
             arch = archs[0]
-        tenants.append(Tenant(f"t{i}", build(kind, arch, weights), example_inputs=(x,),
-                              shared_inputs=share))
+        tenants.append(
+            Tenant(f"t{i}", build(kind, arch, weights), example_inputs=(x,), shared_inputs=share)
+        )
     # a shared name must be declared by every tenant that reads that input: keep it consistent
     if sum(1 for t in tenants if t.shared_inputs) == 1:
         tenants = [Tenant(t.name, t.model, example_inputs=t.example_inputs) for t in tenants]

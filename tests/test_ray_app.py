@@ -42,8 +42,9 @@ def free_port() -> int:
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
-                                 headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), method="POST", headers={"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=WAIT) as r:
             return r.status, json.load(r)
@@ -57,17 +58,26 @@ def cluster(tiny_saved):
 
     env = dict(os.environ, **LOOPBACK)  # 127.0.0.1 only; no usage stats
     gcs = free_port()
-    head = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
-            "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-            "--include-dashboard=false", "--disable-usage-stats"]
+    head = [
+        os.path.join(os.path.dirname(sys.executable), "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
     subprocess.run(head, env=env, check=True, timeout=5 * WAIT, capture_output=True)
     port = free_port()
     try:
-        ray.init(address=f"127.0.0.1:{gcs}", _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
+        ray.init(address=f"127.0.0.1:{gcs}", _node_ip_address="127.0.0.1", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app(tiny_saved, num_replicas=2, num_cpus=0.5, bind_host="127.0.0.1"),
-                  name="tiny", route_prefix="/")
+        serve.run(
+            app(tiny_saved, num_replicas=2, num_cpus=0.5, bind_host="127.0.0.1"),
+            name="tiny",
+            route_prefix="/",
+        )
         yield f"http://127.0.0.1:{port}"
     finally:
         with contextlib.suppress(Exception):
@@ -89,9 +99,19 @@ def test_two_replicas_answer_as_pytorch(cluster):
     def one(job: tuple[str, int]) -> str:
         t, seed = job
         x = seeded_input(seed, *SHAPES[t])
-        code, body = post(f"{cluster}/v2/models/{t}/infer", {"inputs": [
-            {"name": "x", "shape": list(x.shape), "datatype": "FP32",
-             "data": x.numpy().ravel().tolist()}]})
+        code, body = post(
+            f"{cluster}/v2/models/{t}/infer",
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "shape": list(x.shape),
+                        "datatype": "FP32",
+                        "data": x.numpy().ravel().tolist(),
+                    }
+                ]
+            },
+        )
         assert code == 200, body
         want = torch_outputs(MODULES[t], (x,))
         for out, w in zip(body["outputs"], want, strict=True):
@@ -101,21 +121,30 @@ def test_two_replicas_answer_as_pytorch(cluster):
         return body["parameters"]["replica"]  # host:pid of the replica that answered
 
     # every socket the cluster listens on is on loopback (head, raylet, proxy, replicas)
-    ray_pids = {p.pid for p in psutil.process_iter(["name", "cmdline"])
-                if "ray" in " ".join(p.info["cmdline"] or [])
-                or (p.info["name"] or "").startswith(("ray::", "gcs_server", "raylet"))}
-    listening = {(c.pid, c.laddr.ip) for c in psutil.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.pid in ray_pids}
-    assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1")
-                             for _, ip in listening), listening
+    ray_pids = {
+        p.pid
+        for p in psutil.process_iter(["name", "cmdline"])
+        if "ray" in " ".join(p.info["cmdline"] or [])
+        or (p.info["name"] or "").startswith(("ray::", "gcs_server", "raylet"))
+    }
+    listening = {
+        (c.pid, c.laddr.ip)
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in ray_pids
+    }
+    assert listening and all(
+        ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening
+    ), listening
 
     jobs = [(t, 10 * i + k) for i in range(8) for k, t in enumerate(SHAPES)]
     start = time.monotonic()
     with ThreadPoolExecutor(6) as pool:
         replicas = list(pool.map(one, jobs))
     assert len(replicas) == len(jobs) and time.monotonic() - start < WAIT
-    code, body = post(f"{cluster}/v2/models/lin/infer", {"inputs": [
-        {"name": "x", "shape": [2, 9], "datatype": "FP32", "data": [0.0] * 18}]})
+    code, body = post(
+        f"{cluster}/v2/models/lin/infer",
+        {"inputs": [{"name": "x", "shape": [2, 9], "datatype": "FP32", "data": [0.0] * 18}]},
+    )
     assert code == 400 and "expected float32[2, 8], got float32[2, 9]" in body["detail"]
     code, body = post(f"{cluster}/v2/models/nope/infer", {"inputs": []})
     assert code == 404 and "unknown tenant 'nope'" in body["detail"]

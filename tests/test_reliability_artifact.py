@@ -65,18 +65,18 @@ def test_a_failed_save_leaves_the_old_or_the_new_bundle(two, tmp_path, monkeypat
     assert _listing(tmp_path) == sorted(["bundle.so", MANIFEST, *staged])
     assert len(staged) == (step == "replace 3")
     if step == "replace 3":  # the same bytes saved again, stopping at the manifest: the
-        calls.clear()        # staged library the manifest names stays
+        calls.clear()  # staged library the manifest names stays
         monkeypatch.setattr(artifact.os, "replace", replace)
         step = "replace 2"
         with pytest.raises(OSError, match="disk full"):
             new.save(tmp_path)
         monkeypatch.undo()
-        np.testing.assert_array_equal(mtcompile.load(tmp_path).run("lin", *x)[0],
-                                      new.run("lin", *x)[0])
+        np.testing.assert_array_equal(
+            mtcompile.load(tmp_path).run("lin", *x)[0], new.run("lin", *x)[0]
+        )
     new.save(tmp_path)  # a later save completes and tidies up
     assert _listing(tmp_path) == ["bundle.so", MANIFEST]
-    np.testing.assert_array_equal(mtcompile.load(tmp_path).run("lin", *x)[0],
-                                  new.run("lin", *x)[0])
+    np.testing.assert_array_equal(mtcompile.load(tmp_path).run("lin", *x)[0], new.run("lin", *x)[0])
 
 
 def test_save_onto_a_regular_file_is_an_artifact_error(two, tmp_path):
@@ -107,7 +107,7 @@ def _set_bias(lib: Path, model, value: float) -> None:
     data = bytearray(lib.read_bytes())
     at = data.find(model.fc.bias.detach().numpy().tobytes())
     assert at > 0 and data.count(model.fc.bias.detach().numpy().tobytes()) == 1
-    data[at:at + 4] = np.float32(value).tobytes()
+    data[at : at + 4] = np.float32(value).tobytes()
     lib.write_bytes(bytes(data))
 
 
@@ -147,16 +147,18 @@ def test_signature_covers_the_manifest_and_needs_a_signed_bundle(two, tmp_path):
         mtcompile.load(tmp_path / "signed", verify_key=b"k")
     old.save(tmp_path / "plain")
     assert "bundle_signature" not in json.loads((tmp_path / "plain" / MANIFEST).read_text())
-    with pytest.raises(ArtifactError, match=f"{tmp_path / 'plain' / MANIFEST}: the bundle is "
-                                            "not signed"):
+    with pytest.raises(
+        ArtifactError, match=f"{tmp_path / 'plain' / MANIFEST}: the bundle is not signed"
+    ):
         mtcompile.load(tmp_path / "plain", verify_key=b"k")
     # A loaded signed bundle saved again without a key is plainly unsigned (not a stale
     # signature), and with the key signed again; saving is deterministic.
     loaded = mtcompile.load(tmp_path / "plain")
     loaded.save(tmp_path / "resigned", sign_key=b"k")
     old.save(tmp_path / "signed2", sign_key=b"k")
-    assert ((tmp_path / "resigned" / MANIFEST).read_bytes()
-            == (tmp_path / "signed2" / MANIFEST).read_bytes())
+    assert (tmp_path / "resigned" / MANIFEST).read_bytes() == (
+        tmp_path / "signed2" / MANIFEST
+    ).read_bytes()
     assert mtcompile.load(tmp_path / "resigned", verify_key=b"k").run("lin", *x)[0].shape == (2, 4)
     with pytest.raises(ArtifactError, match="sign_key must be non-empty bytes or str"):
         old.save(tmp_path / "bad", sign_key=b"")
@@ -181,8 +183,13 @@ def test_truncated_library_is_refused_and_leaves_no_temporary_copy(two, tmp_path
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     # A subprocess: before, this load died with SIGBUS.
-    proc = subprocess.run([sys.executable, "-c", TRUNCATED_CHILD, str(d)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
+    proc = subprocess.run(
+        [sys.executable, "-c", TRUNCATED_CHILD, str(d)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith(f"ArtifactError: {lib}: cannot be loaded by TVM: truncated")
     assert list(tmp.iterdir()) == []
@@ -312,11 +319,19 @@ def test_meta_and_sparse_tensors_are_refused_by_name(two):
         with pytest.raises(MTCompileError, match=re.escape(f"tenant 'lin': {msg}")):
             mtcompile.compile([mtcompile.Tenant("lin", model, example_inputs=inputs)])
     b = two[0]
-    with pytest.raises(MTCompileError, match=re.escape(
-            "tenant 'lin', input 'x': expected dense float32[2, 8] data, got a meta tensor")):
+    with pytest.raises(
+        MTCompileError,
+        match=re.escape(
+            "tenant 'lin', input 'x': expected dense float32[2, 8] data, got a meta tensor"
+        ),
+    ):
         b.run("lin", torch.empty(2, 8, device="meta"))
-    with pytest.raises(MTCompileError, match=re.escape(
-            "tenant 'lin', input 'x': expected dense float32[2, 8] data, got a sparse tensor")):
+    with pytest.raises(
+        MTCompileError,
+        match=re.escape(
+            "tenant 'lin', input 'x': expected dense float32[2, 8] data, got a sparse tensor"
+        ),
+    ):
         b.run_all({"lin": (x[0].to_sparse(),)})
 
 

@@ -70,15 +70,22 @@ LOAD_CHILD = BLOCK + textwrap.dedent("""
 def _inputs(bundle) -> dict[str, list[np.ndarray]]:
     from mtcompile.runtime.inputs import seeded_inputs
 
-    return {t: list(seeded_inputs(bundle.signature(t), i))
-            for i, t in enumerate(bundle.tenant_names)}
+    return {
+        t: list(seeded_inputs(bundle.signature(t), i)) for i, t in enumerate(bundle.tenant_names)
+    }
 
 
 def _run_lean(saved, inputs, tmp_path) -> tuple[dict, np.lib.npyio.NpzFile]:
-    np.savez(tmp_path / "in.npz", **{f"{t}.{i}": a for t, xs in inputs.items()
-                                     for i, a in enumerate(xs)})
-    proc = subprocess.run([sys.executable, "-c", RUN_CHILD, str(saved), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    np.savez(
+        tmp_path / "in.npz", **{f"{t}.{i}": a for t, xs in inputs.items() for i, a in enumerate(xs)}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CHILD, str(saved), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(tmp_path / "out.npz")
 
@@ -112,8 +119,9 @@ def test_saved_bundle_runs_without_tvm_or_torch(tiny_bundle, tiny_saved, tmp_pat
 def test_streams_bundle_runs_without_tvm_or_torch(tmp_path):
     """run_all on two streams (the stream executor, its events and hand-overs registered
     without the compiler), twice, in a process where tvm and torch cannot be imported."""
-    bundle = mtcompile.compile(tiny_tenants(),
-                               pass_options={"assign-streams": {"streams": 2, "policy": "max"}})
+    bundle = mtcompile.compile(
+        tiny_tenants(), pass_options={"assign-streams": {"streams": 2, "policy": "max"}}
+    )
     assert bundle.num_streams == 2
     saved = bundle.save(tmp_path / "bundle")
     inputs = _inputs(bundle)
@@ -127,8 +135,9 @@ def test_torch_kernels_bundle_says_it_needs_torch(tmp_path):
     """A bundle built with kernels="torch", loaded where torch cannot be imported: an error
     on load that names the provider, the op kinds and the ways out."""
     saved = mtcompile.compile(tiny_tenants()[:1], kernels="torch").save(tmp_path / "b")
-    proc = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(saved)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_CHILD, str(saved)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["error"] == "MTCompileError", info
@@ -146,8 +155,7 @@ def test_compile_in_a_serving_install_names_the_extra():
         except mtcompile.MTCompileError as e:
             print(e)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pip install 'mtcompile[compile]'" in proc.stdout and "torch" in proc.stdout
 
@@ -160,25 +168,36 @@ def test_missing_function_is_loaded_or_named(monkeypatch):
     def make_vm(executable, dev):
         made.append(dev)
         if len(made) == 1:  # TVM's contrib sort lives in libtvm_runtime_extra.so
-            raise RuntimeError("Check failed: (func.has_value()) is false: Error: Cannot find "
-                               "ffi::Function tvm.contrib.sort.argsort in either Relax VM ...")
+            raise RuntimeError(
+                "Check failed: (func.has_value()) is false: Error: Cannot find "
+                "ffi::Function tvm.contrib.sort.argsort in either Relax VM ..."
+            )
         if executable == "nowhere":
             raise RuntimeError("Cannot find ffi::Function mtcompile.test.nowhere in either ...")
         return "vm"
 
     monkeypatch.setattr(tvmrt, "make_vm", make_vm)
     assert ThreadVMs("exe", "llvm").new_vm() == "vm" and len(made) == 2
-    with pytest.raises(ArtifactError, match=r"calls 'mtcompile\.test\.nowhere', which this "
-                                            r"process cannot provide: neither"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"calls 'mtcompile\.test\.nowhere', which this "
+        r"process cannot provide: neither",
+    ):
         ThreadVMs("nowhere", "llvm").new_vm()
-    with monkeypatch.context() as m, pytest.raises(
-            ArtifactError, match=r"'mtcompile\.test\.nowhere', which this process cannot "
-                                 r"provide: importing tvm \(the compiler"):
+    with (
+        monkeypatch.context() as m,
+        pytest.raises(
+            ArtifactError,
+            match=r"'mtcompile\.test\.nowhere', which this process cannot "
+            r"provide: importing tvm \(the compiler",
+        ),
+    ):
         m.setitem(sys.modules, "tvm", None)  # import tvm fails, as where tvm is blocked
         ThreadVMs("nowhere", "llvm").new_vm()
     with pytest.raises(MTCompileError):  # any other error passes through unchanged
-        monkeypatch.setattr(tvmrt, "make_vm", lambda e, d: (_ for _ in ()).throw(
-            MTCompileError("other")))
+        monkeypatch.setattr(
+            tvmrt, "make_vm", lambda e, d: (_ for _ in ()).throw(MTCompileError("other"))
+        )
         ThreadVMs("exe", "llvm").new_vm()
 
 
@@ -213,12 +232,17 @@ def test_footprint_measures_the_weights_once(tmp_path, capsys):
 
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
     saved = mtcompile.compile([mtcompile.Tenant("wide", _Wide(), example_inputs=(x,))]).save(
-        tmp_path / "b")
+        tmp_path / "b"
+    )
     manifest = mtcompile.load(saved).manifest
     weights = manifest.memory.weight_bytes
     assert weights > 4 << 20
-    proc = subprocess.run([sys.executable, "-c", FOOTPRINT_CHILD, str(saved)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FOOTPRINT_CHILD, str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fp = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.95 * weights <= fp["weights"] <= 1.25 * weights, (fp, weights)
@@ -241,8 +265,12 @@ def test_a_compile_command_in_a_serving_install_names_the_extra(tmp_path):
         from mtcompile.cli import main
         sys.exit(main(["demo", "-o", sys.argv[1]]))
     """)
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "pip install 'mtcompile[compile]'" in proc.stderr
     assert "internal error" not in proc.stderr
@@ -288,9 +316,12 @@ def test_load_maps_the_weights_without_copies(tmp_path):
     assert (saved / "bundle.so").stat().st_size > table.bytes  # carried by the library
     grew = {}
     for mode in ("run", "prepare"):
-        proc = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(saved),
-                               str(tmp_path / "o.npy"), mode],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", PEAK_CHILD, str(saved), str(tmp_path / "o.npy"), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         grew[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert grew["run"]["load"] < 0.25 * table.bytes, grew

@@ -49,9 +49,25 @@ class Server:
         self.url, self.grpc_url = f"127.0.0.1:{self.port}", f"127.0.0.1:{grpc}"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mtcompile", "serve", str(bundle_dir), "--port", str(self.port),
-             "--grpc-port", str(grpc), "--threads", "1", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            [
+                sys.executable,
+                "-m",
+                "mtcompile",
+                "serve",
+                str(bundle_dir),
+                "--port",
+                str(self.port),
+                "--grpc-port",
+                str(grpc),
+                "--threads",
+                "1",
+                *flags,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         client = httpclient.InferenceServerClient(self.url)
         deadline = time.monotonic() + WAIT
         while True:
@@ -98,8 +114,11 @@ def infer(url: str, tenant: str, x: np.ndarray, client=None):
         inp.set_data_from_numpy(x, binary_data=False)
         meta = client.get_model_metadata(tenant)
         names = [o["name"] for o in meta["outputs"]]
-        res = client.infer(tenant, [inp], outputs=[httpclient.InferRequestedOutput(
-            n, binary_data=False) for n in names])
+        res = client.infer(
+            tenant,
+            [inp],
+            outputs=[httpclient.InferRequestedOutput(n, binary_data=False) for n in names],
+        )
         return [res.as_numpy(n) for n in names]
     finally:
         if own:
@@ -128,7 +147,10 @@ def test_health_metadata_and_each_tenant_against_pytorch(server):
     meta = c.get_model_metadata("conv")
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 3, 8, 8]}]
     assert [o["datatype"] for o in c.get_model_metadata("multi")["outputs"]] == [
-        "FP32", "FP32", "INT64"]
+        "FP32",
+        "FP32",
+        "INT64",
+    ]
     for i, t in enumerate(MODULES):
         x = sample(t, i)
         check(t, x, infer(server.url, t, x, c))
@@ -140,15 +162,21 @@ def grpc_infer(stub, tenant: str, x: np.ndarray) -> list[np.ndarray]:
     from mlserver.grpc import dataplane_pb2 as pb
 
     tensor = pb.ModelInferRequest.InferInputTensor(
-        name=INPUT[tenant], datatype="FP32", shape=list(x.shape),
-        contents=pb.InferTensorContents(fp32_contents=x.ravel().tolist()))
+        name=INPUT[tenant],
+        datatype="FP32",
+        shape=list(x.shape),
+        contents=pb.InferTensorContents(fp32_contents=x.ravel().tolist()),
+    )
     res = stub.ModelInfer(pb.ModelInferRequest(model_name=tenant, inputs=[tensor]), timeout=WAIT)
     dtypes = {"FP32": (np.float32, "fp32_contents"), "INT64": (np.int64, "int64_contents")}
     outs = []
     for i, o in enumerate(res.outputs):
         dtype, field = dtypes[o.datatype]
-        flat = (np.frombuffer(res.raw_output_contents[i], dtype) if res.raw_output_contents
-                else np.asarray(getattr(o.contents, field), dtype))
+        flat = (
+            np.frombuffer(res.raw_output_contents[i], dtype)
+            if res.raw_output_contents
+            else np.asarray(getattr(o.contents, field), dtype)
+        )
         outs.append(flat.reshape(tuple(o.shape)))
     return outs
 
@@ -197,13 +225,22 @@ def test_bad_requests_get_the_protocols_error_and_leave_others_alone(server):
     c = httpclient.InferenceServerClient(server.url)
     failed = server.metrics()["tenants"]["lin"]["failed"]
     with ThreadPoolExecutor(2) as pool:  # good requests of two tenants meanwhile
-        good = [pool.submit(lambda t=t, i=i: (t, x := sample(t, 50 + i), infer(server.url, t, x)))
-                for i in range(4) for t in ("lin", "conv")]
+        good = [
+            pool.submit(lambda t=t, i=i: (t, x := sample(t, 50 + i), infer(server.url, t, x)))
+            for i in range(4)
+            for t in ("lin", "conv")
+        ]
         with pytest.raises(InferenceServerException) as wrong_shape:
             infer(server.url, "lin", np.zeros((2, 9), np.float32), c)
         with pytest.raises(InferenceServerException) as unknown:
-            c.infer("nope", [httpclient.InferInput("x", [2, 8], "FP32")
-                             .set_data_from_numpy(np.zeros((2, 8), np.float32), binary_data=False)])
+            c.infer(
+                "nope",
+                [
+                    httpclient.InferInput("x", [2, 8], "FP32").set_data_from_numpy(
+                        np.zeros((2, 8), np.float32), binary_data=False
+                    )
+                ],
+            )
         with pytest.raises(InferenceServerException) as wrong_name:
             inp = httpclient.InferInput("y", [2, 8], "FP32")
             inp.set_data_from_numpy(np.zeros((2, 8), np.float32), binary_data=False)
@@ -211,8 +248,10 @@ def test_bad_requests_get_the_protocols_error_and_leave_others_alone(server):
         for f in good:
             check(*f.result(timeout=WAIT))
     assert wrong_shape.value.status() == "400"
-    assert wrong_shape.value.message() == ("tenant 'lin', input 'x': expected float32[2, 8], "
-                                           "got float32[2, 9] (signature: x: float32[2, 8])")
+    assert wrong_shape.value.message() == (
+        "tenant 'lin', input 'x': expected float32[2, 8], "
+        "got float32[2, 9] (signature: x: float32[2, 8])"
+    )
     assert unknown.value.status() == "404" and "nope" in unknown.value.message()
     assert wrong_name.value.status() == "400"
     assert "takes inputs ['x']; the request has ['y']" in wrong_name.value.message()

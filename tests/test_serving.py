@@ -50,21 +50,33 @@ def bundle():
     [1, 4]) and "stat" (an mlp of static batch 2)."""
     dyn, (x,) = models.mlp(seed=0, batch=2, d_in=D_IN, hidden=32, d_out=8)
     stat, (xs,) = models.mlp(seed=1, batch=2, d_in=D_IN, hidden=32, d_out=8)
-    return mtcompile.compile([
-        Tenant("dyn", dyn, example_inputs=(x,),
-               dynamic_shapes={"x": {0: Dim("batch", min=1, max=BOUND)}}),
-        Tenant("pair", torch.fx.symbolic_trace(Pair()),
-               input_shapes={"x": (("n", 6), "float32"), "y": (("n", 4), "float32")},
-               dim_bounds={"n": (1, PAIR_BOUND)}),
-        Tenant("stat", stat, example_inputs=(xs,)),
-    ], name="serving")
+    return mtcompile.compile(
+        [
+            Tenant(
+                "dyn",
+                dyn,
+                example_inputs=(x,),
+                dynamic_shapes={"x": {0: Dim("batch", min=1, max=BOUND)}},
+            ),
+            Tenant(
+                "pair",
+                torch.fx.symbolic_trace(Pair()),
+                input_shapes={"x": (("n", 6), "float32"), "y": (("n", 4), "float32")},
+                dim_bounds={"n": (1, PAIR_BOUND)},
+            ),
+            Tenant("stat", stat, example_inputs=(xs,)),
+        ],
+        name="serving",
+    )
 
 
 def request(tenant: str, rows: int, seed: int) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     if tenant == "pair":
-        return (rng.standard_normal((rows, 6), np.float32),
-                rng.standard_normal((rows, 4), np.float32))
+        return (
+            rng.standard_normal((rows, 6), np.float32),
+            rng.standard_normal((rows, 4), np.float32),
+        )
     return (rng.standard_normal((2 if tenant == "stat" else rows, D_IN), np.float32),)
 
 
@@ -100,8 +112,12 @@ def test_batch_dim_needs_the_plain_dim_in_every_output():
 def test_outputs_equal_run_and_requests_stack(bundle):
     sizes = {"dyn": [1, 3, 2], "pair": [1, 2], "stat": [1, 1, 1]}
     s = Scheduler(bundle, start=False)
-    sent = [(t, xs, s.submit(t, *xs)) for t, ns in sizes.items()
-            for i, n in enumerate(ns) for xs in [request(t, n, seed=10 * i + n)]]
+    sent = [
+        (t, xs, s.submit(t, *xs))
+        for t, ns in sizes.items()
+        for i, n in enumerate(ns)
+        for xs in [request(t, n, seed=10 * i + n)]
+    ]
     s.start()
     for t, xs, f in sent:
         check(bundle, t, xs, f)
@@ -138,8 +154,11 @@ def test_stacking_stops_at_the_bound(bundle):
 def test_full_queue_rejects(bundle):
     s = Scheduler(bundle, max_queue=2, start=False)
     kept = [s.submit("stat", *request("stat", 2, i)) for i in range(2)]
-    with pytest.raises(QueueFullError, match=r"tenant 'stat': its queue is full \(2 requests "
-                                             r"waiting, max_queue=2\).*larger max_queue"):
+    with pytest.raises(
+        QueueFullError,
+        match=r"tenant 'stat': its queue is full \(2 requests "
+        r"waiting, max_queue=2\).*larger max_queue",
+    ):
         s.submit("stat", *request("stat", 2, 3))
     s.submit("dyn", *request("dyn", 1, 0)).cancel()  # another tenant's queue is its own
     assert s.metrics()["tenants"]["stat"]["rejected"] == 1
@@ -190,8 +209,13 @@ class Flaky:
 def test_a_bad_request_fails_alone(bundle):
     s = Scheduler(Flaky(bundle), start=False)
     bad = np.full((2, D_IN), np.nan, np.float32)
-    sent = [("dyn", request("dyn", 1, 0)), ("dyn", (bad,)), ("dyn", request("dyn", 3, 1)),
-            ("pair", request("pair", 2, 2)), ("stat", request("stat", 2, 3))]
+    sent = [
+        ("dyn", request("dyn", 1, 0)),
+        ("dyn", (bad,)),
+        ("dyn", request("dyn", 3, 1)),
+        ("pair", request("pair", 2, 2)),
+        ("stat", request("stat", 2, 3)),
+    ]
     futures = [s.submit(t, *xs) for t, xs in sent]
     s.start()
     with pytest.raises(ValueError, match="NaN in the inputs"):
@@ -213,8 +237,11 @@ class Shared:
     def __init__(self):
         spec = IOSpec("x", (2,), "float32", shared_as="frame")
         sig = TenantSig("fx", "", (spec,), (IOSpec("y", (2,), "float32"),))
-        self.manifest = SimpleNamespace(tenant_order=("a", "b"), tenants={"a": sig, "b": sig},
-                                        run_all_inputs=((("a", "x"), ("b", "x")),))
+        self.manifest = SimpleNamespace(
+            tenant_order=("a", "b"),
+            tenants={"a": sig, "b": sig},
+            run_all_inputs=((("a", "x"), ("b", "x")),),
+        )
         self.calls: list[str] = []
 
     def run(self, tenant, x):
@@ -239,8 +266,12 @@ def test_a_shared_input_merges_only_when_the_values_agree():
 
 def test_close_with_drain_loses_none(bundle):
     s = Scheduler(bundle, max_delay_ms=60_000)  # a window that only close cuts short
-    sent = [(t, xs, s.submit(t, *xs)) for i in range(12) for t in ("dyn", "pair", "stat")
-            for xs in [request(t, 1 + i % 3, i)]]
+    sent = [
+        (t, xs, s.submit(t, *xs))
+        for i in range(12)
+        for t in ("dyn", "pair", "stat")
+        for xs in [request(t, 1 + i % 3, i)]
+    ]
     s.close(drain=True)
     assert all(f.done() for _, _, f in sent)
     for t, xs, f in sent:
@@ -310,8 +341,7 @@ def test_concurrent_submitters_get_their_own_answers(bundle):
                 check(bundle, t, xs, f)
     m = s.metrics()
     assert sum(m["tenants"][t]["done"] for t in m["tenants"]) == threads * per_thread
-    assert all(m["tenants"][t]["failed"] == m["tenants"][t]["rejected"] == 0
-               for t in m["tenants"])
+    assert all(m["tenants"][t]["failed"] == m["tenants"][t]["rejected"] == 0 for t in m["tenants"])
 
 
 LEAN_CHILD = textwrap.dedent("""
@@ -341,9 +371,20 @@ def test_a_serving_host_runs_the_scheduler_without_compiler_or_torch(bundle, tmp
     bundle.save(tmp_path / "b")
     xs = {f"r{i}": request("dyn", 1 + i, i)[0] for i in range(3)}
     np.savez(tmp_path / "in.npz", **xs)
-    proc = subprocess.run([sys.executable, "-c", LEAN_CHILD, str(tmp_path / "b"),
-                           str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LEAN_CHILD,
+            str(tmp_path / "b"),
+            str(tmp_path / "in.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"imported": [], "batch_sizes": {"3": 1}}  # 1 + 2 + 3 rows, one call

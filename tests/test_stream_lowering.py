@@ -29,14 +29,17 @@ from mtcompile.tools.verify import seeded_run_all_inputs
 
 # assign-streams before plan-memory, whether or not the default pipeline has it yet
 PIPELINE = [p for p in DEFAULT_PIPELINE if p not in ("assign-streams", "plan-memory")] + [
-    "assign-streams", "plan-memory"]
+    "assign-streams",
+    "plan-memory",
+]
 MAX = {"assign-streams": {"policy": "max"}}
 
 
 def _graph(tenants, options=None, pipeline=PIPELINE):
     providers = resolve_providers("llvm", None)
-    module, *_ = _front(tenants, "llvm", build_pipeline(pipeline, options), (),
-                        _Stages(lambda _m: None), providers)
+    module, *_ = _front(
+        tenants, "llvm", build_pipeline(pipeline, options), (), _Stages(lambda _m: None), providers
+    )
     return module.functions["run_all"], providers
 
 
@@ -86,8 +89,7 @@ def _event_points(func, stages: list[set[str]]) -> list[tuple[str, int, int, lis
             if isinstance(v, relax.Call) and isinstance(v.op, relax.ExternFunc):
                 kind = str(v.op.global_symbol).rsplit(".", 1)[-1]
                 assert not isinstance(blk, relax.DataflowBlock), kind  # impure: outside
-                done = next(k for k in range(len(stages) + 1)
-                            if set().union(*stages[:k]) >= seen)
+                done = next(k for k in range(len(stages) + 1) if set().union(*stages[:k]) >= seen)
                 assert seen == set().union(*stages[:done]), (kind, "inside a stage")
                 points.append((kind, int(v.args[0].value), done, [a.name for a in v.args[1:]]))
             elif isinstance(blk, relax.DataflowBlock):
@@ -128,8 +130,11 @@ def test_event_points_are_emitted_at_lowering_between_the_stages():
             stage = next(j for j, st in enumerate(layout.emission[i]) if x in st)
             assert got.pop(("put", layout.value_id[x])) == (stage + 1, [names[x]])
         for x in layout.imports[i]:
-            first = next(j for j, st in enumerate(layout.emission[i])
-                         if any(x in layout.reads(n) for n in st))
+            first = next(
+                j
+                for j, st in enumerate(layout.emission[i])
+                if any(x in layout.reads(n) for n in st)
+            )
             assert got.pop(("get", layout.value_id[x]))[0] == first
         assert got == {}  # no other event points
         for gap in range(len(layout.emission[i]) + 1):
@@ -147,8 +152,13 @@ def test_streams_plan_is_safe_under_happens_before_and_not_smaller():
         dag = kernel_dag(graph)
         names = [k.name for k in dag.kernels]
         hb = happens_before(graph.analyses["streams"])
-        assert not overlap_problems(plan.slots, lifetimes(dag), plan.arena_bytes,
-                                    plan.alignment, lambda a, b, hb=hb, n=names: hb(n[a], n[b]))
+        assert not overlap_problems(
+            plan.slots,
+            lifetimes(dag),
+            plan.arena_bytes,
+            plan.alignment,
+            lambda a, b, hb=hb, n=names: hb(n[a], n[b]),
+        )
         assert plan.arena_bytes >= seq_graph.analyses["memory"].functions["run_all"].arena_bytes
 
 
@@ -167,7 +177,8 @@ def test_streams_manifest_with_one_stream_and_without_an_assignment():
     # the lanes are the assignment's own estimate, laid out by the simulated schedule
     a = graph.analyses["streams"]
     assert [r["end_us"] - r["start_us"] for r in m.lanes] == pytest.approx(
-        [a.kernel_us[r["kernel"]] for r in m.lanes], abs=1e-2)
+        [a.kernel_us[r["kernel"]] for r in m.lanes], abs=1e-2
+    )
     bare, _ = _graph(tiny_tenants(), pipeline=[p for p in PIPELINE if p != "assign-streams"])
     none = streams_info(bare, None)
     assert none == StreamsInfo() and (none.num_streams, none.num_syncs, none.policy) == (1, 0, None)
@@ -177,8 +188,9 @@ def test_streams_manifest_with_one_stream_and_without_an_assignment():
 
 
 def _pair(tenants):
-    seq = mtcompile.compile(tenants, passes=PIPELINE,
-                            pass_options={"assign-streams": {"streams": 1}})
+    seq = mtcompile.compile(
+        tenants, passes=PIPELINE, pass_options={"assign-streams": {"streams": 1}}
+    )
     par = mtcompile.compile(tenants, passes=PIPELINE, pass_options=MAX)
     return seq, par
 
@@ -243,8 +255,9 @@ def test_injected_kernel_error_surfaces_as_stream_error_then_recovers(hetero_ten
     assert bundle.num_streams > 1 and calls
     inputs = seeded_run_all_inputs(bundle, 0)
     # from a twin bundle: this one's stream VMs must first look the kernels up after the swap
-    expected = mtcompile.compile(hetero_tenants, passes=PIPELINE, pass_options=MAX,
-                                 kernels="torch").run_all(inputs)
+    expected = mtcompile.compile(
+        hetero_tenants, passes=PIPELINE, pass_options=MAX, kernels="torch"
+    ).run_all(inputs)
 
     def boom(*_args):
         raise ValueError("injected kernel failure")
@@ -253,8 +266,11 @@ def test_injected_kernel_error_surfaces_as_stream_error_then_recovers(hetero_ten
     tvm_ffi.register_global_func(symbol, boom, override=True)
     try:
         t0 = time.monotonic()
-        with pytest.raises(StreamError, match=rf"\(tenant \w+\) failed in kernel '{symbol}'.*"
-                                              "injected kernel failure") as e:
+        with pytest.raises(
+            StreamError,
+            match=rf"\(tenant \w+\) failed in kernel '{symbol}'.*"
+            "injected kernel failure",
+        ) as e:
             bundle.run_all(inputs)
         assert time.monotonic() - t0 < 30
         assert e.value.tenant in bundle.tenant_names
@@ -284,8 +300,11 @@ def test_a_value_handed_over_outside_the_arena_drops_the_streams_with_a_warning(
 
     monkeypatch.setattr(lowering._Emitter, "stream_function", stream_function)
     monkeypatch.setattr(lowering, "_arena_attr", without_exports)
-    with pytest.warns(UserWarning, match=r"function 'run_all__s\d+': the memory plan does "
-                                         r"not fit .*built on one stream instead"):
+    with pytest.warns(
+        UserWarning,
+        match=r"function 'run_all__s\d+': the memory plan does "
+        r"not fit .*built on one stream instead",
+    ):
         bundle = mtcompile.compile(random_set(1), passes=PIPELINE, pass_options=MAX)
     assert exported
     assert bundle.num_streams == 1  # run_all not lowered onto the streams

@@ -41,13 +41,14 @@ def random_dag(seed: int, n: int | None = None) -> tuple[list[str], dict[str, li
 
 
 def width_brute_force(order, deps) -> int:
-    closure = nx.transitive_closure_dag(nx.DiGraph([(d, k) for k, ds in deps.items()
-                                                    for d in ds]))
+    closure = nx.transitive_closure_dag(nx.DiGraph([(d, k) for k, ds in deps.items() for d in ds]))
     closure.add_nodes_from(order)
     for r in range(len(order), 0, -1):
         for subset in itertools.combinations(order, r):
-            if not any(closure.has_edge(a, b) or closure.has_edge(b, a)
-                       for a, b in itertools.combinations(subset, 2)):
+            if not any(
+                closure.has_edge(a, b) or closure.has_edge(b, a)
+                for a, b in itertools.combinations(subset, 2)
+            ):
                 return r
     return 0
 
@@ -55,17 +56,20 @@ def width_brute_force(order, deps) -> int:
 # ------------------------------------------------------------------ Dilworth widths
 
 
-@pytest.mark.parametrize("edges,extra,width", [
-    ("a>b b>c", "", 1),                                   # a chain
-    ("", "a b c d e", 5),                                 # an antichain
-    ("a>b a>c b>d c>d", "", 2),                           # a diamond
-    ("a1>a2 a2>a3 b1>b2 c1>c2 c2>c3 c3>c4", "", 3),       # three disjoint chains
-    ("s>x1 s>x2 s>x3 s>x4 x1>t x2>t x3>t x4>t", "", 4),   # fork-join of four
-    # two full layers of 3 then 2: width 3 although 3 sources feed everything
-    ("a>d a>e b>d b>e c>d c>e", "", 3),
-    # closure matters: a>b>c and a>x, c>y: chains may skip (a, c) -> width 2
-    ("a>b b>c a>x c>y x>y", "", 2),
-])
+@pytest.mark.parametrize(
+    "edges,extra,width",
+    [
+        ("a>b b>c", "", 1),  # a chain
+        ("", "a b c d e", 5),  # an antichain
+        ("a>b a>c b>d c>d", "", 2),  # a diamond
+        ("a1>a2 a2>a3 b1>b2 c1>c2 c2>c3 c3>c4", "", 3),  # three disjoint chains
+        ("s>x1 s>x2 s>x3 s>x4 x1>t x2>t x3>t x4>t", "", 4),  # fork-join of four
+        # two full layers of 3 then 2: width 3 although 3 sources feed everything
+        ("a>d a>e b>d b>e c>d c>e", "", 3),
+        # closure matters: a>b>c and a>x, c>y: chains may skip (a, c) -> width 2
+        ("a>b b>c a>x c>y x>y", "", 2),
+    ],
+)
 def test_streams_equal_dag_width(edges, extra, width):
     order, deps = dag(edges, extra)
     chains = min_chain_cover(order, deps)
@@ -127,7 +131,7 @@ def test_random_dags_run_every_dependency_in_order_without_deadlock(seed):
     assert sched.makespan <= sum(cost.values()) + 1e-9
     before = happens_before(a)
     for s in range(len(a.syncs)):  # minimal: dropping any one sync loses a dependency
-        fewer = StreamAssignment(a.streams, a.syncs[:s] + a.syncs[s + 1:])
+        fewer = StreamAssignment(a.streams, a.syncs[:s] + a.syncs[s + 1 :])
         lost = happens_before(fewer)
         assert any(not lost(d, k) for k, ds in deps.items() for d in ds)
     for x, y in itertools.combinations(order, 2):  # acyclic: never both ways
@@ -157,8 +161,7 @@ def test_max_streams_merges_the_two_cheapest_chains_in_program_order():
     assert len(chains) == 4
     # A(1) + B(2) -> AB(3); then C(3) and AB(3) are the cheapest -> ABC(6), D(4)
     merged = merge_chains(chains, 2, order, cost)
-    assert sorted(map(set, merged), key=len) == [{"d1", "d2"},
-                                                 {"a1", "a2", "b1", "b2", "c1", "c2"}]
+    assert sorted(map(set, merged), key=len) == [{"d1", "d2"}, {"a1", "a2", "b1", "b2", "c1", "c2"}]
     pos = {k: i for i, k in enumerate(order)}
     assert all(pos[x] < pos[y] for c in merged for x, y in zip(c, c[1:], strict=False))
     a = assign(order, deps, policy="max", max_streams=2, cost_us=cost)
@@ -179,8 +182,9 @@ def test_auto_keeps_streams_that_pay_and_falls_back_when_they_do_not():
     kept = assign(order, deps, cost_us=cost)  # two equal independent chains: 2x
     assert kept.num_streams == 2 and kept.estimated_speedup == pytest.approx(2.0)
     # sharing the device makes every kernel 2x slower: no gain, back to one stream
-    slow = assign(order, deps, cost_us=cost, concurrent_cost_us=lambda n: {
-        k: c * n for k, c in cost.items()})
+    slow = assign(
+        order, deps, cost_us=cost, concurrent_cost_us=lambda n: {k: c * n for k, c in cost.items()}
+    )
     assert slow.num_streams == 1 and slow.policy == "auto"
     assert slow.info["fell_back_from"] == pytest.approx(1.0)
     forced = assign(order, deps, cost_us=cost, policy="max", lanes=1)
@@ -217,8 +221,9 @@ def _demo_graph(passes):
     providers = resolve_providers("llvm", None)
     names = ["dedup", "fuse-horizontal", "eliminate-dead-nodes", "fuse-vertical"]
     pipeline = build_pipeline(names + [p for p, _ in passes], dict(passes))
-    module, _, _, records = _front(get_set("heterogeneous"), "llvm", pipeline, (),
-                                   _Stages(lambda _m: None), providers)
+    module, _, _, records = _front(
+        get_set("heterogeneous"), "llvm", pipeline, (), _Stages(lambda _m: None), providers
+    )
     return module.functions["run_all"], records[-1], providers
 
 

@@ -22,8 +22,10 @@ SUBSETS = [("p", "q"), ("p", "q", "r")]
 
 def _tenants() -> list[Tenant]:
     """p, q, r: LinearReLUs of different weights (one architecture); conv: a TinyConv."""
-    out = [Tenant(n, m, example_inputs=x)
-           for n, (m, x) in zip("pqr", (linear_relu(i) for i in range(3)), strict=True)]
+    out = [
+        Tenant(n, m, example_inputs=x)
+        for n, (m, x) in zip("pqr", (linear_relu(i) for i in range(3)), strict=True)
+    ]
     m, x = tiny_conv(0)
     return [*out, Tenant("conv", m, example_inputs=x)]
 
@@ -43,8 +45,7 @@ def watched():
     """The four tenants with two subset functions, compiled once (a few seconds), and what
     an instrument saw of the build."""
     seen = Seen()
-    return mtcompile.compile(_tenants(), subsets=SUBSETS, name="subsets",
-                             instruments=[seen]), seen
+    return mtcompile.compile(_tenants(), subsets=SUBSETS, name="subsets", instruments=[seen]), seen
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,9 @@ def sub_bundle(watched):
 
 
 def _inputs(names) -> dict[str, tuple[np.ndarray, ...]]:
-    return {t.name: tuple(x.numpy() for x in t.example_inputs) for t in _tenants()
-            if t.name in names}
+    return {
+        t.name: tuple(x.numpy() for x in t.example_inputs) for t in _tenants() if t.name in names
+    }
 
 
 def _check(bundle, got: dict, names) -> None:
@@ -80,16 +82,21 @@ def test_one_pipeline_run_per_build(watched):
 def test_the_manifest_records_each_subset_function(sub_bundle):
     subsets = sub_bundle.manifest.subsets
     assert {f: s.tenants for f, s in subsets.items()} == {
-        "run_some__p__q": ("p", "q"), "run_some__p__q__r": ("p", "q", "r")}
+        "run_some__p__q": ("p", "q"),
+        "run_some__p__q__r": ("p", "q", "r"),
+    }
     assert subsets["run_some__p__q"].inputs == ((("p", "x"),), (("q", "x"),))
-    assert sub_bundle.subsets == {("p", "q"): "run_some__p__q",
-                                  ("p", "q", "r"): "run_some__p__q__r"}
+    assert sub_bundle.subsets == {
+        ("p", "q"): "run_some__p__q",
+        ("p", "q", "r"): "run_some__p__q__r",
+    }
     # each function has its own memory plan
     assert set(sub_bundle.manifest.memory.functions) >= {"run_some__p__q", "run_some__p__q__r"}
 
 
-@pytest.mark.parametrize("names", [("p", "q"), ("p", "q", "r"), ("q", "conv"),
-                                   ("p", "q", "r", "conv"), ("r",)])
+@pytest.mark.parametrize(
+    "names", [("p", "q"), ("p", "q", "r"), ("q", "conv"), ("p", "q", "r", "conv"), ("r",)]
+)
 def test_run_some_matches_the_entries_and_torch(sub_bundle, names):
     # a built subset, one without a function of its own (the entries), all (run_all), one
     _check(sub_bundle, sub_bundle.run_some(_inputs(names)), names)
@@ -99,8 +106,11 @@ def test_subset_functions_batch_the_present_tenants_only(sub_bundle):
     (fuse,) = [r for r in sub_bundle.compile_report["passes"] if r["name"] == "fuse-horizontal"]
     # one pass run over the module: each multi-tenant function batched its own tenants
     groups = {f: info["groups"] for f, info in fuse.items() if isinstance(info, dict)}
-    assert groups == {"run_all": [["p", "q", "r"]], "run_some__p__q": [["p", "q"]],
-                      "run_some__p__q__r": [["p", "q", "r"]]}
+    assert groups == {
+        "run_all": [["p", "q", "r"]],
+        "run_some__p__q": [["p", "q"]],
+        "run_some__p__q__r": [["p", "q", "r"]],
+    }
 
 
 def test_a_saved_bundle_keeps_its_subsets(sub_bundle, tmp_path):
@@ -122,12 +132,15 @@ def test_run_some_checks_its_inputs(sub_bundle):
         sub_bundle.run_some(bad)
 
 
-@pytest.mark.parametrize("subsets, match", [
-    ([("p", "z")], r"unknown or repeated tenant\(s\) \['z'\]"),
-    ([("p", "p")], "unknown or repeated"),
-    ([("p",)], "at least two tenants and not all of them"),
-    ([("p", "q", "r", "conv")], "at least two tenants and not all of them"),
-])
+@pytest.mark.parametrize(
+    "subsets, match",
+    [
+        ([("p", "z")], r"unknown or repeated tenant\(s\) \['z'\]"),
+        ([("p", "p")], "unknown or repeated"),
+        ([("p",)], "at least two tenants and not all of them"),
+        ([("p", "q", "r", "conv")], "at least two tenants and not all of them"),
+    ],
+)
 def test_bad_subsets_are_refused_before_any_work(subsets, match):
     with pytest.raises(TenantError, match=match):
         mtcompile.compile(_tenants(), subsets=subsets)

@@ -86,20 +86,36 @@ def _host_flags() -> frozenset[str] | None:
 def test_missing_features_maps_llvm_names_to_cpuinfo_flags():
     flags = frozenset({"sse", "sse2", "pni", "avx", "bmi1"})
     # x87, fast-lzcnt: tuning, unchecked (the runtime core's table, rule cpu-features)
-    assert contract.missing_features(["avx", "+avx2", "sse3", "bmi", "fma", "x87",
-                                      "fast-lzcnt"], flags) == "['avx2', 'fma']"
+    assert (
+        contract.missing_features(
+            ["avx", "+avx2", "sse3", "bmi", "fma", "x87", "fast-lzcnt"], flags
+        )
+        == "['avx2', 'fma']"
+    )
     host = _host_flags()
     assert contract.missing_features(["avx512f"]) == (
-        "" if host is None or "avx512f" in host else "['avx512f']")
+        "" if host is None or "avx512f" in host else "['avx512f']"
+    )
     assert contract.missing_features(["avx2"], frozenset()) == "['avx2']"
 
 
 def test_load_refuses_a_cpu_without_the_recorded_features(tiny_saved, tmp_path):
     flags = _host_flags()
-    absent = next((f for f, flag in [("avx512f", "avx512f"), ("amx-tile", "amx_tile"),
-                                     ("avx512fp16", "avx512_fp16"), ("xop", "xop"),
-                                     ("fma4", "fma4"), ("sse4a", "sse4a")]
-                   if flags and flag not in flags), None)
+    absent = next(
+        (
+            f
+            for f, flag in [
+                ("avx512f", "avx512f"),
+                ("amx-tile", "amx_tile"),
+                ("avx512fp16", "avx512_fp16"),
+                ("xop", "xop"),
+                ("fma4", "fma4"),
+                ("sse4a", "sse4a"),
+            ]
+            if flags and flag not in flags
+        ),
+        None,
+    )
     if absent is None:
         pytest.skip("no /proc/cpuinfo, or this CPU has every feature tried")
     d = tmp_path / "bundle"
@@ -110,8 +126,11 @@ def test_load_refuses_a_cpu_without_the_recorded_features(tiny_saved, tmp_path):
     assert m["cpu_features"] and m["cpu"]  # written by the build
     m["cpu_features"] = sorted({*m["cpu_features"], absent})
     (d / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match=rf"features \['{absent}'\] this machine's CPU "
-                                            "lacks"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"features \['{absent}'\] this machine's CPU "
+        "lacks",
+    ):
         mtcompile.load(d)
 
 
@@ -150,10 +169,18 @@ THREADS_CHILD = textwrap.dedent("""
 
 
 def _child(mode: str, saved, env_extra: dict[str, str], prefix: tuple = ()) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
-    proc = subprocess.run([*prefix, sys.executable, "-c", THREADS_CHILD, mode, str(saved)],
-                          capture_output=True, text=True, timeout=300, env={**env, **env_extra})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")
+    }
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-c", THREADS_CHILD, mode, str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, **env_extra},
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -161,10 +188,11 @@ def _child(mode: str, saved, env_extra: dict[str, str], prefix: tuple = ()) -> d
 @pytest.mark.slow  # fresh interpreters
 def test_threads_sets_tvm_pool_and_turns_spinning_off(tiny_saved):
     got = _child("threads", tiny_saved, {})
-    assert got["pool"] == 2 and got["env"] == {"TVM_NUM_THREADS": "2",
-                                               "TVM_THREAD_POOL_SPIN_COUNT": "0"}
-    assert got["threads"] == {"requested": 2, "pool": 2, "source": "threads",
-                              "spin_count": "0"}
+    assert got["pool"] == 2 and got["env"] == {
+        "TVM_NUM_THREADS": "2",
+        "TVM_THREAD_POOL_SPIN_COUNT": "0",
+    }
+    assert got["threads"] == {"requested": 2, "pool": 2, "source": "threads", "spin_count": "0"}
     assert got["warnings"] == []
     cores = len(os.sched_getaffinity(0))
     got = _child("default", tiny_saved, {})  # default: the cores this process may use
@@ -184,15 +212,18 @@ def test_the_default_threads_follow_the_affinity_mask():
                          else vars(configure())))
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS",)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["requested"] == 1 and got["pool"] == 1, got
 
 
-@pytest.mark.parametrize("cpu_max, cores", [("50000 100000\n", 1), ("150000 100000\n", 2),
-                                            ("max 100000\n", None), ("garbage", None)])
+@pytest.mark.parametrize(
+    "cpu_max, cores",
+    [("50000 100000\n", 1), ("150000 100000\n", 2), ("max 100000\n", None), ("garbage", None)],
+)
 def test_usable_cores_reads_the_cgroup_quota(tmp_path, cpu_max, cores):
     from mtcompile.runtime.cpu import usable_cores
 
@@ -205,10 +236,11 @@ def test_usable_cores_reads_the_cgroup_quota(tmp_path, cpu_max, cores):
 
 @pytest.mark.slow  # fresh interpreters
 def test_a_user_set_tvm_num_threads_and_spin_count_win(tiny_saved):
-    got = _child("threads", tiny_saved, {"TVM_NUM_THREADS": "1",
-                                         "TVM_THREAD_POOL_SPIN_COUNT": "7"})
-    assert got["pool"] == 1 and got["env"] == {"TVM_NUM_THREADS": "1",
-                                               "TVM_THREAD_POOL_SPIN_COUNT": "7"}
+    got = _child("threads", tiny_saved, {"TVM_NUM_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "7"})
+    assert got["pool"] == 1 and got["env"] == {
+        "TVM_NUM_THREADS": "1",
+        "TVM_THREAD_POOL_SPIN_COUNT": "7",
+    }
     assert got["threads"]["source"] == "TVM_NUM_THREADS"
     assert any("threads=2 ignored: TVM_NUM_THREADS=1" in w for w in got["warnings"])
 
@@ -227,8 +259,7 @@ def test_the_native_pool_is_sized_at_will_and_a_larger_one_shrunk(tiny_saved):
 @pytest.mark.slow  # compiles a bundle of its own
 def test_streams_split_the_threads_and_bad_threads_are_refused(tmp_path):
     sources = tiny_tenants()
-    b = mtcompile.compile(sources, pass_options={
-        "assign-streams": {"streams": 2, "policy": "max"}})
+    b = mtcompile.compile(sources, pass_options={"assign-streams": {"streams": 2, "policy": "max"}})
     assert b.num_streams == 2
     b.run_all({t.name: t.example_inputs for t in sources})
     assert b._executor().threads == max(1, b.threads.pool // 2)

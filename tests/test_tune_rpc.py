@@ -45,13 +45,24 @@ class Cluster:
     def __init__(self):
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
-        self.tracker = self._spawn("tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                   "--port", str(self.port), "--port-end", str(self.port + 1))
+        self.tracker = self._spawn(
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--port-end",
+            str(self.port + 1),
+        )
         self.servers: list[subprocess.Popen] = []
 
     def _spawn(self, module: str, *args: str) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", module, *args], start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.procs.append(p)
         return p
 
@@ -74,9 +85,21 @@ class Cluster:
         list them (a server that finds no tracker yet retries)."""
         for _ in range(n):
             port = free_port()
-            self.servers.append(self._spawn(
-                "tvm.exec.rpc_server", "--tracker", self.address, "--key", KEY,
-                "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)))
+            self.servers.append(
+                self._spawn(
+                    "tvm.exec.rpc_server",
+                    "--tracker",
+                    self.address,
+                    "--key",
+                    KEY,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--port-end",
+                    str(port + 1),
+                )
+            )
         wait_for(self._tracker_up, "the tracker to listen")
         want = len([s for s in self.servers if s.poll() is None])
         wait_for(lambda: self.count() >= want, f"{want} server(s) on the tracker")
@@ -184,9 +207,16 @@ def tuned(cluster, tmp_path_factory):
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
-        res = tune(two_tenants(), str(db), trials=4, passes=PASSES,
-                   rpc_tracker=cluster.address, rpc_key=KEY, builders=2,
-                   progress=lambda line: line.startswith("tuning ") and measuring.set())
+        res = tune(
+            two_tenants(),
+            str(db),
+            trials=4,
+            passes=PASSES,
+            rpc_tracker=cluster.address,
+            rpc_key=KEY,
+            builders=2,
+            progress=lambda line: line.startswith("tuning ") and measuring.set(),
+        )
     finally:
         measuring.set()
         done.set()
@@ -223,15 +253,32 @@ def test_a_resumed_run_measures_only_the_missing_trials(cluster, tuned, tmp_path
 
     # Ctrl-C stops the run after the batch being measured, which the database keeps
     with pytest.raises(KeyboardInterrupt):
-        tune(two_tenants(), str(db), trials=6, passes=PASSES, rpc_tracker=cluster.address,
-             rpc_key=KEY, builders=2, progress=lines.append, on_trials=ctrl_c,
-             on_task=rows.append)
-    assert any(ln.startswith("tuning 1 of 1 task(s), up to 6 trial(s) each (4 already")
-               for ln in lines)
+        tune(
+            two_tenants(),
+            str(db),
+            trials=6,
+            passes=PASSES,
+            rpc_tracker=cluster.address,
+            rpc_key=KEY,
+            builders=2,
+            progress=lines.append,
+            on_trials=ctrl_c,
+            on_task=rows.append,
+        )
+    assert any(
+        ln.startswith("tuning 1 of 1 task(s), up to 6 trial(s) each (4 already") for ln in lines
+    )
     assert records(db) == 10 - ok and rows[-1]["trials"] == 10 - ok
     # run again: only candidates that failed (none on a healthy server) are measured anew
-    res = tune(two_tenants(), str(db), trials=6, passes=PASSES, rpc_tracker=cluster.address,
-               rpc_key=KEY, builders=2)
+    res = tune(
+        two_tenants(),
+        str(db),
+        trials=6,
+        passes=PASSES,
+        rpc_tracker=cluster.address,
+        rpc_key=KEY,
+        builders=2,
+    )
     assert res["resumed_from"] == 10 - ok
     assert res["measured"] == rows[-1]["failed"] - before["failed"]
     (row,) = res["table"]
@@ -256,8 +303,24 @@ def test_a_run_with_its_trials_in_the_database_measures_nothing(cluster, tuned, 
     ok = row["trials"] - row["failed"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["tune", str(spec), "-o", str(db), "--trials", str(ok), "--kernels", "tvm",
-                     "--rpc-tracker", cluster.address, "--rpc-key", KEY, "--builders", "2"])
+        code = main(
+            [
+                "tune",
+                str(spec),
+                "-o",
+                str(db),
+                "--trials",
+                str(ok),
+                "--kernels",
+                "tvm",
+                "--rpc-tracker",
+                cluster.address,
+                "--rpc-key",
+                KEY,
+                "--builders",
+                "2",
+            ]
+        )
     out = out.getvalue()
     assert code == 0, out
     assert records(db) == 4 and (db / RECORDS).read_text().endswith("\n")
@@ -275,26 +338,46 @@ def test_a_run_with_its_trials_in_the_database_measures_nothing(cluster, tuned, 
 def test_unreachable_tracker_fails_clearly_and_fast(tmp_path, capsys):
     port = free_port()  # nothing listens there
     t0 = time.monotonic()
-    with pytest.raises(TrackerError, match=rf"tracker 127\.0\.0\.1:{port}, key 'k': connecting "
-                       "failed: .*[Cc]onnection refused"):
+    with pytest.raises(
+        TrackerError,
+        match=rf"tracker 127\.0\.0\.1:{port}, key 'k': connecting "
+        "failed: .*[Cc]onnection refused",
+    ):
         tune(two_tenants(), "unused", rpc_tracker=f"127.0.0.1:{port}", rpc_key="k")
     assert time.monotonic() - t0 < 20
     spec = tmp_path / "spec.toml"
     spec.write_text(SPEC)
-    assert main(["tune", str(spec), "-o", str(tmp_path / "db"), "--rpc-tracker", "nohost",
-                 "--rpc-key", "k"]) == 1
-    assert ("mtcompile: error: RPC tracker address 'nohost': expected HOST:PORT"
-            in capsys.readouterr().err)
+    assert (
+        main(
+            [
+                "tune",
+                str(spec),
+                "-o",
+                str(tmp_path / "db"),
+                "--rpc-tracker",
+                "nohost",
+                "--rpc-key",
+                "k",
+            ]
+        )
+        == 1
+    )
+    assert (
+        "mtcompile: error: RPC tracker address 'nohost': expected HOST:PORT"
+        in capsys.readouterr().err
+    )
     with pytest.raises(TrackerError, match="a device key is needed"):
         Tracker.parse("127.0.0.1:9190", None)
 
 
 @pytest.mark.slow
 def test_a_key_no_server_offers_fails_clearly(cluster):
-    with pytest.raises(TrackerError, match=rf"tracker {cluster.address}, key 'other': no server "
-                       r"with this key within 1 s \(start one: python -m tvm.exec.rpc_server"):
-        tune(two_tenants(), "unused", rpc_tracker=cluster.address, rpc_key="other",
-             rpc_wait_s=1)
+    with pytest.raises(
+        TrackerError,
+        match=rf"tracker {cluster.address}, key 'other': no server "
+        r"with this key within 1 s \(start one: python -m tvm.exec.rpc_server",
+    ):
+        tune(two_tenants(), "unused", rpc_tracker=cluster.address, rpc_key="other", rpc_wait_s=1)
 
 
 @pytest.mark.slow
@@ -305,8 +388,11 @@ def test_losing_every_server_stops_the_run_instead_of_failing_each_candidate(clu
 
     gone = Tracker("127.0.0.1", cluster.port, "gone")
     gone.lost(0)  # no failed run: nothing to check
-    with pytest.raises(TrackerError, match=r"key 'gone': every server with this key is gone; "
-                       "the database keeps what was measured"):
+    with pytest.raises(
+        TrackerError,
+        match=r"key 'gone': every server with this key is gone; "
+        "the database keeps what was measured",
+    ):
         gone.lost(1)
     Tracker("127.0.0.1", cluster.port, KEY).lost(1)  # a server is left: the run goes on
     # a session request for a key without servers fails at once (the tracker would queue it)

@@ -56,23 +56,47 @@ def chain_graph(tenants: list[str], length: int, shared: int = 0, hfused: int = 
         for name in names:
             nodes.append(Node(name, "relax.nn.relu", (last,), F, every))
             last = Ref(name)
-        ios = {t: TenantIO((*io.inputs, ("s", "shared.s")), (*io.outputs, last))
-               for t, io in ios.items()}
+        ios = {
+            t: TenantIO((*io.inputs, ("s", "shared.s")), (*io.outputs, last))
+            for t, io in ios.items()
+        }
     g = Graph(tuple(nodes), ios, {key: w})
     g.verify()
     return g
 
 
 def timeline(n_tensors: int = 5) -> dict:
-    tensors = [{"tensor": f"t{i}", "tenant": "ab"[i % 2], "offset": 64 * (i % 3), "size": 64,
-                "first": i, "last": i + 1} for i in range(n_tensors)]
-    return {"function": "run_all", "kernels": [f"k{i}" for i in range(n_tensors + 1)],
-            "arena_bytes": 192, "lower_bound_bytes": 128, "tensors": tensors}
+    tensors = [
+        {
+            "tensor": f"t{i}",
+            "tenant": "ab"[i % 2],
+            "offset": 64 * (i % 3),
+            "size": 64,
+            "first": i,
+            "last": i + 1,
+        }
+        for i in range(n_tensors)
+    ]
+    return {
+        "function": "run_all",
+        "kernels": [f"k{i}" for i in range(n_tensors + 1)],
+        "arena_bytes": 192,
+        "lower_bound_bytes": 128,
+        "tensors": tensors,
+    }
 
 
 def lanes() -> dict:
-    rows = [{"kernel": f"k{i}", "stream": i % 2, "tenant": "ab"[i % 2],
-             "start_us": 10.0 * (i // 2), "end_us": 10.0 * (i // 2) + 8} for i in range(6)]
+    rows = [
+        {
+            "kernel": f"k{i}",
+            "stream": i % 2,
+            "tenant": "ab"[i % 2],
+            "start_us": 10.0 * (i // 2),
+            "end_us": 10.0 * (i // 2) + 8,
+        }
+        for i in range(6)
+    ]
     return {"num_streams": 2, "lanes": rows, "syncs": [["k0", "k3"], ["k1", "k4"]]}
 
 
@@ -138,8 +162,9 @@ def test_graph_view_is_compact_json_and_draws_like_the_graph():
     assert len(view["nodes"]) == 304 and view["nodes"][1]["group"] == "t0.g0"
     assert view["nodes"][1]["inputs"] == ["t0.x"] and view["nodes"][1]["type"] == "f32[1,8]"
     assert len(json.dumps(view)) < 60_000
-    assert ids(viz.draw_graph(view, tenant="t1").svg, "node") == \
-        ids(viz.draw_graph(g, tenant="t1").svg, "node")
+    assert ids(viz.draw_graph(view, tenant="t1").svg, "node") == ids(
+        viz.draw_graph(g, tenant="t1").svg, "node"
+    )
 
 
 # --------------------------------------------------------------------------- schedules
@@ -165,10 +190,22 @@ def test_stream_lanes_have_one_bar_per_kernel():
 
 
 def test_pass_summary_shows_nodes_kernels_and_bytes():
-    rows = [{"name": "dedup", "changed": True, "nodes_after": 60, "kernels_after": 28,
-             "weight_bytes_after": 3 << 20},
-            {"name": "fuse-vertical", "changed": True, "nodes_after": 57, "kernels_after": 24,
-             "weight_bytes_after": 3 << 20}]
+    rows = [
+        {
+            "name": "dedup",
+            "changed": True,
+            "nodes_after": 60,
+            "kernels_after": 28,
+            "weight_bytes_after": 3 << 20,
+        },
+        {
+            "name": "fuse-vertical",
+            "changed": True,
+            "nodes_after": 57,
+            "kernels_after": 24,
+            "weight_bytes_after": 3 << 20,
+        },
+    ]
     svg = viz.draw_passes(rows).svg
     for text in ("nodes after each pass", "kernels after each pass", ">28<", ">24<", ">3<"):
         assert text in svg
@@ -180,8 +217,9 @@ def test_timing_records_kernels_and_weight_bytes_per_pass(graph):
     from mtcompile.pass_infra import PassContext, run_passes
     from mtcompile.passes import build_pipeline
 
-    _, records = run_passes(graph, build_pipeline(["dedup", "fuse-vertical"]),
-                            PassContext(kernels={"matmul": "tvm"}))
+    _, records = run_passes(
+        graph, build_pipeline(["dedup", "fuse-vertical"]), PassContext(kernels={"matmul": "tvm"})
+    )
     rows = [viz.pass_row(r) for r in records]
     # a: matmul and relu, one kernel once fused; b's tuple and item are no kernels
     assert [r["kernels_after"] for r in rows] == [2, 1]
@@ -195,18 +233,41 @@ def manifest_with(view: dict, memory=None, streams=None) -> Manifest:
     """A manifest that has only what a test gives it (a memory timeline, stream lanes)."""
     mem = None
     if memory:
-        mem = MemoryInfo(**dict.fromkeys(("arena_bytes", "lower_bound_bytes", "naive_bytes",
-                                          "tvm_plan_bytes", "unplanned_bytes",
-                                          "separate_plans_bytes", "separate_arena_bytes",
-                                          "weight_bytes", "weight_bytes_before_dedup"), 0),
-                         planned=True, functions={}, timeline=memory)
+        mem = MemoryInfo(
+            **dict.fromkeys(
+                (
+                    "arena_bytes",
+                    "lower_bound_bytes",
+                    "naive_bytes",
+                    "tvm_plan_bytes",
+                    "unplanned_bytes",
+                    "separate_plans_bytes",
+                    "separate_arena_bytes",
+                    "weight_bytes",
+                    "weight_bytes_before_dedup",
+                ),
+                0,
+            ),
+            planned=True,
+            functions={},
+            timeline=memory,
+        )
     return Manifest(
-        name="demo", library="demo.so", target="llvm", versions={}, tuning_db=None,
-        pipeline=(PassSpec("dedup", {}),), kernels={}, tenant_order=("a",),
+        name="demo",
+        library="demo.so",
+        target="llvm",
+        versions={},
+        tuning_db=None,
+        pipeline=(PassSpec("dedup", {}),),
+        kernels={},
+        tenant_order=("a",),
         run_all_inputs=((("a", "x"),),),
         tenants={"a": TenantSig("torch", "0" * 64, (IOSpec("x", (1, 8), "float32"),), ())},
-        graph=GraphStats(3, {"a": 3}, {}, 0, 0, 0), graph_view=view,
-        streams=StreamsInfo(**streams) if streams else StreamsInfo(), memory=mem)
+        graph=GraphStats(3, {"a": 3}, {}, 0, 0, 0),
+        graph_view=view,
+        streams=StreamsInfo(**streams) if streams else StreamsInfo(),
+        memory=mem,
+    )
 
 
 def test_report_says_what_a_manifest_lacks_and_draws_what_it_has(graph):
@@ -216,9 +277,13 @@ def test_report_says_what_a_manifest_lacks_and_draws_what_it_has(graph):
     for external in ("<script", "<link", "src=", 'href="http', "url(http"):
         assert external not in bare  # self-contained: opens offline
     assert bare.count("not available in this bundle") == 3  # passes, streams, memory
-    full = render(manifest_with(dict(view, passes=[{"name": "dedup", "changed": False,
-                                                    "nodes_after": 6}]),
-                                timeline(4), lanes()))
+    full = render(
+        manifest_with(
+            dict(view, passes=[{"name": "dedup", "changed": False, "nodes_after": 6}]),
+            timeline(4),
+            lanes(),
+        )
+    )
     assert "not available" not in full
     summary_only = render(manifest_with(view, streams={"num_streams": 1, "num_syncs": 0}))
     assert "stream lanes: not available" in summary_only
@@ -257,8 +322,12 @@ def test_bundle_displays_itself_as_html(tiny_bundle):
 
 
 def test_drawing_a_pass_changed_graph_keeps_groups(graph):
-    grouped = replace(graph, nodes=tuple(replace(n, group="g1") if n.name in ("a.mm", "a.r")
-                                         else n for n in graph.nodes))
+    grouped = replace(
+        graph,
+        nodes=tuple(
+            replace(n, group="g1") if n.name in ("a.mm", "a.r") else n for n in graph.nodes
+        ),
+    )
     assert ids(viz.draw_graph(grouped).svg, "group") == ["g1"]
 
 
@@ -268,10 +337,19 @@ def _offloaded_graph() -> Graph:
 
     w, b = np.ones((8, 8), np.float32), np.ones(8, np.float32)
     x = Node("a.x", INPUT, (), F, ("a",))
-    call = Node("a.r", LIBRARY_CALL, (Ref("a.x"), ConstRef(const_key(w)), ConstRef(const_key(b))),
-                F, ("a",), LibraryCall("native", "matmul", "packed", bias=True, epilogue="relu"))
-    g = Graph((x, call), {"a": TenantIO((("x", "a.x"),), (Ref("a.r"),))},
-              {const_key(w): w, const_key(b): b})
+    call = Node(
+        "a.r",
+        LIBRARY_CALL,
+        (Ref("a.x"), ConstRef(const_key(w)), ConstRef(const_key(b))),
+        F,
+        ("a",),
+        LibraryCall("native", "matmul", "packed", bias=True, epilogue="relu"),
+    )
+    g = Graph(
+        (x, call),
+        {"a": TenantIO((("x", "a.x"),), (Ref("a.r"),))},
+        {const_key(w): w, const_key(b): b},
+    )
     g.verify()
     return g
 
@@ -280,9 +358,14 @@ def test_library_calls_are_named_by_kernel_and_epilogue_in_views_pictures_and_re
     view = viz.graph_view(_offloaded_graph())
     row = view["nodes"][1]
     assert row["op"] == "matmul[packed]+bias+relu"
-    assert row["call"] == {"provider": "native", "kernel": "matmul", "variant": "packed",
-                           "bias": True, "epilogue": "relu",
-                           "symbol": "mtcompile.native.dense_packed_bias_relu"}
+    assert row["call"] == {
+        "provider": "native",
+        "kernel": "matmul",
+        "variant": "packed",
+        "bias": True,
+        "epilogue": "relu",
+        "symbol": "mtcompile.native.dense_packed_bias_relu",
+    }
     svg = viz.draw_graph(view).svg
     assert "matmul[packed]" in svg and "+bias+relu" in svg and "mtcompile.nat" not in svg
     html = render(manifest_with(view))
@@ -293,15 +376,37 @@ def test_library_calls_are_named_by_kernel_and_epilogue_in_views_pictures_and_re
 def test_report_shows_the_numerics_check_and_the_per_kernel_profile_by_tenant():
     from mtcompile.tools.html_report import kernel_name
 
-    checks = {"ok": True, "tenants": {"a": {"run_all_ok": True, "outputs": [
-        {"ok": True, "max_abs": 1e-6, "max_rel": 2e-7}]}}}
-    prof = {"repeat": 3, "tenants": {"a": {"total_us": 12.0, "kernels": [
-        {"name": "mtcompile.native.conv2d_bias_add_relu", "calls": 2, "total_us": 10.0,
-         "mean_us": 5.0, "share": 10 / 12},
-        {"name": "vm.builtin.alloc_tensor", "calls": 1, "total_us": 2.0, "mean_us": 2.0,
-         "share": 2 / 12}]}}}
-    html = render(manifest_with(viz.graph_view(_offloaded_graph())), checks=checks,
-                  profile=prof)
+    checks = {
+        "ok": True,
+        "tenants": {
+            "a": {"run_all_ok": True, "outputs": [{"ok": True, "max_abs": 1e-6, "max_rel": 2e-7}]}
+        },
+    }
+    prof = {
+        "repeat": 3,
+        "tenants": {
+            "a": {
+                "total_us": 12.0,
+                "kernels": [
+                    {
+                        "name": "mtcompile.native.conv2d_bias_add_relu",
+                        "calls": 2,
+                        "total_us": 10.0,
+                        "mean_us": 5.0,
+                        "share": 10 / 12,
+                    },
+                    {
+                        "name": "vm.builtin.alloc_tensor",
+                        "calls": 1,
+                        "total_us": 2.0,
+                        "mean_us": 2.0,
+                        "share": 2 / 12,
+                    },
+                ],
+            }
+        },
+    }
+    html = render(manifest_with(viz.graph_view(_offloaded_graph())), checks=checks, profile=prof)
     assert "<h2>Numerics: PASS</h2>" in html and "<td>1.00e-06</td>" in html
     assert "<h2>Profile (median of 3 runs)</h2>" in html
     assert "<td>native conv2d+bias+add_relu</td><td class='num'>2</td>" in html

@@ -12,8 +12,20 @@ import mtcompile
 from mtcompile.models.hf import REAL_ZOO, real_model, real_zoo_tenants
 
 FAMILIES = {"encoder", "decoder", "vision", "audio"}
-NAMED = {"bert", "distilbert", "gpt2", "llama", "t5_encoder", "whisper_encoder", "wav2vec2",
-         "vit", "deit", "convnext", "mobilevit", "resnet"}  # the issue's must-have list
+NAMED = {
+    "bert",
+    "distilbert",
+    "gpt2",
+    "llama",
+    "t5_encoder",
+    "whisper_encoder",
+    "wav2vec2",
+    "vit",
+    "deit",
+    "convnext",
+    "mobilevit",
+    "resnet",
+}  # the issue's must-have list
 
 
 def test_the_zoo_covers_the_architectures_users_bring():
@@ -58,7 +70,7 @@ def _groups(names: list[str], most: int = 5) -> list[list[str]]:
     2 x 4): every bundle holds 4-6 tenants."""
     k = -(-len(names) // most)
     sizes = [len(names) // k + (i < len(names) % k) for i in range(k)]
-    return [names[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(k)]
+    return [names[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(k)]
 
 
 GROUPS = _groups(sorted(REAL_ZOO))

@@ -23,8 +23,7 @@ def ort_run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nda
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(proto.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
 
@@ -39,11 +38,13 @@ def test_real_onnx_exports_opset_18_with_static_inputs_and_embedded_weights(capf
     proto, (x,) = real_onnx("resnet", seed=1, batch=2)
     assert capfd.readouterr() == ("", "")  # quiet: no progress lines, no warnings
     assert isinstance(proto, onnx.ModelProto)
-    assert [(o.domain, o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")
-            ] == [("", 18)]
+    assert [(o.domain, o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [
+        ("", 18)
+    ]
     inits = {i.name for i in proto.graph.initializer}
-    assert len(inits) > 10 and not any(i.data_location == TensorProto.EXTERNAL
-                                       for i in proto.graph.initializer)
+    assert len(inits) > 10 and not any(
+        i.data_location == TensorProto.EXTERNAL for i in proto.graph.initializer
+    )
     inputs = [i for i in proto.graph.input if i.name not in inits]
     assert len(inputs) == 1
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
@@ -83,20 +84,28 @@ def _converter_model() -> onnx.ModelProto:
         n("Einsum", ["x", "x"], ["einsum"], equation="bchw,bckw->bchk"),
     ]
     inits = [
-        _const("lo", -0.5), _const("hi", 0.7), _const("nan", np.nan), _const("ten", 10.0),
-        _const("ilo", -3, np.int32), _const("ihi", 4, np.int32),
-        _const("pads", [0, 0, 1, 2, 0, 1, 0, 1], np.int64), _const("pad_value", 1.5),
-        _const("pads_hw", [1, 2, 3, 0], np.int64), _const("axes_hw", [-2, -1], np.int64),
-        _const("reps", [1, 2, 1, 3], np.int64), _const("axis2", 2, np.int64),
+        _const("lo", -0.5),
+        _const("hi", 0.7),
+        _const("nan", np.nan),
+        _const("ten", 10.0),
+        _const("ilo", -3, np.int32),
+        _const("ihi", 4, np.int32),
+        _const("pads", [0, 0, 1, 2, 0, 1, 0, 1], np.int64),
+        _const("pad_value", 1.5),
+        _const("pads_hw", [1, 2, 3, 0], np.int64),
+        _const("axes_hw", [-2, -1], np.int64),
+        _const("reps", [1, 2, 1, 3], np.int64),
+        _const("axis2", 2, np.int64),
         _const("axis_last", -1, np.int64),
     ]
-    outs = [o for node in nodes for o in node.output
-            if o not in ("mean", "x10", "xi")]
+    outs = [o for node in nodes for o in node.output if o not in ("mean", "x10", "xi")]
     graph = helper.make_graph(
-        nodes, "converters",
+        nodes,
+        "converters",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])],
         [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outs],
-        initializer=inits)
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)  # outputs' types
     assert all(o.type.tensor_type.elem_type for o in model.graph.output)
@@ -133,11 +142,17 @@ def test_an_op_left_as_a_te_computation_is_named_with_its_node():
     # Tile with repeats computed at run time: TVM's converter emits a TE kernel (dyn_tile)
     model = _one_node_model(
         helper.make_node("Tile", ["x", "reps"], ["y"], name="tile_dyn"),
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
-         helper.make_tensor_value_info("reps", TensorProto.INT64, [2])],
-        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["h", "w"]))
-    with pytest.raises(UnsupportedOperatorError, match=r"tenant 'dyn'.*\n.*Tile \(from node "
-                                                       r"'tile_dyn': TVM's converter emits"):
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("reps", TensorProto.INT64, [2]),
+        ],
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["h", "w"]),
+    )
+    with pytest.raises(
+        UnsupportedOperatorError,
+        match=r"tenant 'dyn'.*\n.*Tile \(from node "
+        r"'tile_dyn': TVM's converter emits",
+    ):
         mtcompile.compile([Tenant("dyn", model)])
 
 
@@ -145,11 +160,17 @@ def test_a_converter_failure_names_the_tenant_node_and_op():
     # CumSum's axis computed at run time: TVM's converter refuses it
     model = _one_node_model(
         helper.make_node("CumSum", ["x", "axis"], ["y"], name="scan"),
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
-         helper.make_tensor_value_info("axis", TensorProto.INT64, [])],
-        helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]))
-    with pytest.raises(TenantError, match=r"tenant 'scan_dyn': TVM's ONNX importer failed on "
-                                          r"ONNX node 'scan' \(op CumSum\): ValueError"):
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("axis", TensorProto.INT64, []),
+        ],
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
+    )
+    with pytest.raises(
+        TenantError,
+        match=r"tenant 'scan_dyn': TVM's ONNX importer failed on "
+        r"ONNX node 'scan' \(op CumSum\): ValueError",
+    ):
         mtcompile.compile([Tenant("scan_dyn", model)])
 
 
@@ -158,9 +179,11 @@ def test_a_matmul_on_an_item_of_a_split_compiles():
     # GPT-NeoX's export multiplies items of a Split: the native matmul's dense packing read
     # the weight's producer's attrs as TVM attrs, and a get_item's attrs is its index (an int)
     n = helper.make_node
-    model = _one_node_model(n("Split", ["x"], ["a", "b"], axis=0, num_outputs=2),
-                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
-                            helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 4]))
+    model = _one_node_model(
+        n("Split", ["x"], ["a", "b"], axis=0, num_outputs=2),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
+        helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 4]),
+    )
     model.graph.node.append(n("MatMul", ["a", "b"], ["y"]))
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4]))
@@ -172,8 +195,23 @@ def test_a_matmul_on_an_item_of_a_split_compiles():
 # a representative handful: encoders (RoBERTa's CumSum), decoders (GPT-2's Gemm/Split,
 # Llama's rotary and GQA, GPT-NeoX's matmuls on Split items), vision (ViT, ConvNeXt,
 # MobileNetV2's Clip, Swin's Pad), audio (Whisper, wav2vec2)
-SLOW_SET = [n for n in ("bert", "roberta", "gpt2", "llama", "gpt_neox", "vit", "convnext",
-                        "mobilenet_v2", "swin", "whisper_encoder", "wav2vec2") if n in REAL_ZOO]
+SLOW_SET = [
+    n
+    for n in (
+        "bert",
+        "roberta",
+        "gpt2",
+        "llama",
+        "gpt_neox",
+        "vit",
+        "convnext",
+        "mobilenet_v2",
+        "swin",
+        "whisper_encoder",
+        "wav2vec2",
+    )
+    if n in REAL_ZOO
+]
 
 
 @pytest.mark.slow

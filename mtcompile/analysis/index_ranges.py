@@ -20,12 +20,21 @@ from mtcompile.ir.graph import INPUT, ConstRef, Graph, Ref, Sym, TensorTy
 
 # Ops whose output holds the values of their first argument (all of them, reshaped or
 # repeated): an index range on the output is the same range on the input.
-_VALUE_KEEPING = {"relax.reshape", "relax.expand_dims", "relax.squeeze",
-                  "relax.permute_dims", "relax.broadcast_to", "relax.flatten"}
+_VALUE_KEEPING = {
+    "relax.reshape",
+    "relax.expand_dims",
+    "relax.squeeze",
+    "relax.permute_dims",
+    "relax.broadcast_to",
+    "relax.flatten",
+}
 # Indexed reads and writes TVM does not bound: op -> (table argument, index argument,
 # whether TVM wraps negative indices, so that [-extent, extent) is valid)
-GATHERS = {"relax.take": (0, 1, False), "relax.gather_elements": (0, 1, False),
-           "relax.scatter_elements": (0, 1, True)}
+GATHERS = {
+    "relax.take": (0, 1, False),
+    "relax.gather_elements": (0, 1, False),
+    "relax.scatter_elements": (0, 1, True),
+}
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,7 @@ def index_reads(graph: Graph) -> list[IndexRead]:
         low = -bound if wraps else 0
         exact = _exact_source(graph, idx, (low, bound))
         source, valid = exact if exact is not None else (None, None)
-        reads.append(IndexRead(n.name, i, axis, bound, low, _inputs_of(graph, idx), source,
-                               valid))
+        reads.append(IndexRead(n.name, i, axis, bound, low, _inputs_of(graph, idx), source, valid))
     return reads
 
 
@@ -106,16 +114,25 @@ def valid_range(read: IndexRead, always: bool) -> tuple[int, int]:
     """The [low, high) range of indices `read` accepts at every extent its table can have
     (`always`), or at some extent (else); for a table of fixed extent both are [low, bound)."""
     if always:  # the largest low, the smallest bound
-        return (read.low if isinstance(read.low, int) else read.low.hi,
-                read.bound if isinstance(read.bound, int) else read.bound.lo)
-    return (read.low if isinstance(read.low, int) else read.low.lo,
-            read.bound if isinstance(read.bound, int) else read.bound.hi)
+        return (
+            read.low if isinstance(read.low, int) else read.low.hi,
+            read.bound if isinstance(read.bound, int) else read.bound.lo,
+        )
+    return (
+        read.low if isinstance(read.low, int) else read.low.lo,
+        read.bound if isinstance(read.bound, int) else read.bound.hi,
+    )
 
 
 def _negated(d: Sym) -> Sym:
     """-d (the low end of a wrapping index range on a table of symbolic extent d)."""
-    return Sym(f"-{d.text}" if d.text.isidentifier() else f"-({d.text})", -d.hi, -d.lo,
-               d.bounds, -d.obj if d.obj is not None else None)
+    return Sym(
+        f"-{d.text}" if d.text.isidentifier() else f"-({d.text})",
+        -d.hi,
+        -d.lo,
+        d.bounds,
+        -d.obj if d.obj is not None else None,
+    )
 
 
 def _shape(graph: Graph, a) -> tuple[int, ...] | None:
@@ -159,8 +176,7 @@ def _fits(dtype: str, lo: int, hi: int) -> bool:
     return info.min <= lo and hi - 1 <= info.max
 
 
-def _exact_source(graph: Graph, idx, valid: tuple[int, int]
-                  ) -> tuple[str, tuple[int, int]] | None:
+def _exact_source(graph: Graph, idx, valid: tuple[int, int]) -> tuple[str, tuple[int, int]] | None:
     """(input, range of its values) when `idx` is exactly that input's values, moved by
     the ops above: the index is in `valid` exactly when the input is in the range."""
     a = idx
@@ -177,9 +193,12 @@ def _exact_source(graph: Graph, idx, valid: tuple[int, int]
             # an integer cast keeps the values of the valid range (and a value outside it
             # is refused before the cast could wrap it into the range)
             src = node.args[0]
-            if not (_is_int(graph, src) and _is_int(graph, a)
-                    and _fits(node.ty.dtype, lo, hi)
-                    and _fits(graph.node(src.name).ty.dtype, lo, hi)):
+            if not (
+                _is_int(graph, src)
+                and _is_int(graph, a)
+                and _fits(node.ty.dtype, lo, hi)
+                and _fits(graph.node(src.name).ty.dtype, lo, hi)
+            ):
                 return None
             a = src
         elif node.op in ("relax.add", "relax.subtract"):

@@ -67,12 +67,25 @@ class FunctionPlan:
 
     def timeline(self) -> dict:
         """JSON view for reports and notebooks."""
-        return {"function": self.function, "kernels": list(self.kernels),
-                "arena_bytes": self.arena_bytes, "lower_bound_bytes": self.lower_bound_bytes,
-                "naive_bytes": self.naive_bytes, "alignment": self.alignment,
-                "tensors": [{"tensor": s.tensor, "tenant": s.tenant, "offset": s.offset,
-                             "size": s.size, "first": s.first, "last": s.last}
-                            for s in self.slots]}
+        return {
+            "function": self.function,
+            "kernels": list(self.kernels),
+            "arena_bytes": self.arena_bytes,
+            "lower_bound_bytes": self.lower_bound_bytes,
+            "naive_bytes": self.naive_bytes,
+            "alignment": self.alignment,
+            "tensors": [
+                {
+                    "tensor": s.tensor,
+                    "tenant": s.tenant,
+                    "offset": s.offset,
+                    "size": s.size,
+                    "first": s.first,
+                    "last": s.last,
+                }
+                for s in self.slots
+            ],
+        }
 
 
 @dataclass(frozen=True)
@@ -121,8 +134,10 @@ def sequential(a: int, b: int) -> bool:
 
 def conflicts(x: Lifetime, y: Lifetime, hb: HappensBefore = sequential) -> bool:
     """True unless every access of one happens before the other is written."""
+
     def done_before(p: Lifetime, q: Lifetime) -> bool:
         return all(hb(a, q.first) for a in (p.first, *p.readers))
+
     return not (done_before(x, y) or done_before(y, x))
 
 
@@ -148,22 +163,25 @@ ORDERS = {  # the order tensors are placed in: by size (largest first), or by fi
 }
 
 
-def place_best(lives: Sequence[Lifetime], alignment: int,
-               hb: HappensBefore = sequential) -> tuple[list[Slot], int]:
+def place_best(
+    lives: Sequence[Lifetime], alignment: int, hb: HappensBefore = sequential
+) -> tuple[list[Slot], int]:
     """`place` in each of `ORDERS`; the smaller arena (neither order wins everywhere)."""
     return min((place(lives, alignment, hb, order) for order in ORDERS), key=lambda r: r[1])
 
 
-def place(lives: Sequence[Lifetime], alignment: int,
-          hb: HappensBefore = sequential, order: str = "size") -> tuple[list[Slot], int]:
+def place(
+    lives: Sequence[Lifetime], alignment: int, hb: HappensBefore = sequential, order: str = "size"
+) -> tuple[list[Slot], int]:
     """Greedy with best-fit offsets, tensors taken in `order` (`ORDERS`: by size, the
     default, or by first use); returns the slots and the arena size."""
     placed: list[tuple[Lifetime, int]] = []
     order = sorted(lives, key=ORDERS[order])
     for lt in order:
         need = align(lt.size, alignment)
-        busy = sorted((off, off + align(o.size, alignment)) for o, off in placed
-                      if conflicts(lt, o, hb))
+        busy = sorted(
+            (off, off + align(o.size, alignment)) for o, off in placed if conflicts(lt, o, hb)
+        )
         best, best_gap, prev_end = None, None, 0
         for start, end in busy:
             gap = start - prev_end
@@ -186,19 +204,37 @@ def place_naive(lives: Sequence[Lifetime], alignment: int) -> tuple[list[Slot], 
     return slots, offset
 
 
-def plan_function(function: str, dag: KernelDAG, alignment: int,
-                  hb: HappensBefore = sequential, strategy: str = "greedy") -> FunctionPlan:
+def plan_function(
+    function: str,
+    dag: KernelDAG,
+    alignment: int,
+    hb: HappensBefore = sequential,
+    strategy: str = "greedy",
+) -> FunctionPlan:
     """Liveness and offsets for one function's kernels (`strategy` greedy or naive)."""
     lives = lifetimes(dag)
-    slots, arena = place_best(lives, alignment, hb) if strategy == "greedy" else place_naive(
-        lives, alignment)
-    return FunctionPlan(function, tuple(k.name for k in dag.kernels), tuple(slots), arena,
-                        lower_bound(lives, len(dag.kernels)),
-                        sum(align(lt.size, alignment) for lt in lives), alignment, strategy)
+    slots, arena = (
+        place_best(lives, alignment, hb) if strategy == "greedy" else place_naive(lives, alignment)
+    )
+    return FunctionPlan(
+        function,
+        tuple(k.name for k in dag.kernels),
+        tuple(slots),
+        arena,
+        lower_bound(lives, len(dag.kernels)),
+        sum(align(lt.size, alignment) for lt in lives),
+        alignment,
+        strategy,
+    )
 
 
-def overlap_problems(slots: Sequence[Slot], lives: Sequence[Lifetime], arena: int,
-                     alignment: int, hb: HappensBefore = sequential) -> list[str]:
+def overlap_problems(
+    slots: Sequence[Slot],
+    lives: Sequence[Lifetime],
+    arena: int,
+    alignment: int,
+    hb: HappensBefore = sequential,
+) -> list[str]:
     """Everything wrong with a placement: a misaligned or out-of-arena slot, or two
     conflicting tensors sharing a byte. Empty when the plan is safe."""
     by_name = {lt.tensor: lt for lt in lives}
@@ -207,17 +243,21 @@ def overlap_problems(slots: Sequence[Slot], lives: Sequence[Lifetime], arena: in
         if s.offset % alignment:
             problems.append(f"{s.tensor}: offset {s.offset} is not a multiple of {alignment}")
         if s.offset < 0 or s.offset + s.size > arena:
-            problems.append(f"{s.tensor}: bytes [{s.offset}, {s.offset + s.size}) leave the "
-                            f"arena of {arena} bytes")
+            problems.append(
+                f"{s.tensor}: bytes [{s.offset}, {s.offset + s.size}) leave the "
+                f"arena of {arena} bytes"
+            )
     ordered = sorted(slots, key=lambda s: s.offset)
     for i, a in enumerate(ordered):
-        for b in ordered[i + 1:]:
+        for b in ordered[i + 1 :]:
             if b.offset >= a.offset + a.size:
                 break
             if conflicts(by_name[a.tensor], by_name[b.tensor], hb):
-                problems.append(f"{a.tensor} [{a.offset}, {a.offset + a.size}) and {b.tensor} "
-                                f"[{b.offset}, {b.offset + b.size}) are live together and "
-                                "share bytes")
+                problems.append(
+                    f"{a.tensor} [{a.offset}, {a.offset + a.size}) and {b.tensor} "
+                    f"[{b.offset}, {b.offset + b.size}) are live together and "
+                    "share bytes"
+                )
     missing = set(by_name) - {s.tensor for s in slots}
     problems += [f"{t}: not placed" for t in sorted(missing)]
     return problems

@@ -123,8 +123,9 @@ def _kernel_reads(graph: Graph, nodes: list[Node], const, alias: dict[str, str])
     return reads
 
 
-def _make_kernel(graph: Graph, key: str, nodes: list[Node], reads: list[str],
-                 alias: dict[str, str]) -> Kernel:
+def _make_kernel(
+    graph: Graph, key: str, nodes: list[Node], reads: list[str], alias: dict[str, str]
+) -> Kernel:
     """The kernel `key` of `nodes`: a view of its one read when they only reinterpret bytes,
     else a library call or TVM kernel writing its last node's tensor. Records in `alias`
     the tensor that holds each node's value."""
@@ -137,8 +138,9 @@ def _make_kernel(graph: Graph, key: str, nodes: list[Node], reads: list[str],
         tensor = tail.name if isinstance(tail.ty, TensorTy) else None
         nbytes = tail.ty.nbytes if tensor else 0
         alias.update({n.name: tail.name for n in nodes})
-    return Kernel(key, tuple(n.name for n in nodes), kind, tail.tenants, tuple(reads),
-                  tensor, nbytes)
+    return Kernel(
+        key, tuple(n.name for n in nodes), kind, tail.tenants, tuple(reads), tensor, nbytes
+    )
 
 
 def kernel_dag(graph: Graph, tenants: list[str] | None = None) -> KernelDAG:
@@ -156,9 +158,13 @@ def kernel_dag(graph: Graph, tenants: list[str] | None = None) -> KernelDAG:
         reads = _kernel_reads(graph, members[key], const, alias)
         out.append(_make_kernel(graph, key, members[key], reads, alias))
         deps[key] = tuple(dict.fromkeys(kernel_of[r] for r in reads if r in kernel_of))
-    outputs = frozenset(t for name in graph.output_names() if name in live
-                        for t in tensors_of(graph, name, alias)
-                        if tenants_return(graph, tenants, name))
+    outputs = frozenset(
+        t
+        for name in graph.output_names()
+        if name in live
+        for t in tensors_of(graph, name, alias)
+        if tenants_return(graph, tenants, name)
+    )
     return KernelDAG(tuple(out), deps, alias, outputs)
 
 

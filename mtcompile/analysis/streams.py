@@ -67,10 +67,15 @@ class StreamAssignment:
 
     def summary(self) -> dict:
         """JSON-able facts for reports: counts, policy, estimate."""
-        return {"num_streams": self.num_streams, "num_syncs": self.num_syncs,
-                "policy": self.policy, "estimated_speedup": round(self.estimated_speedup, 4),
-                "logical_concurrency": self.logical_concurrency,
-                "kernels_per_stream": [len(s) for s in self.streams], **dict(self.info)}
+        return {
+            "num_streams": self.num_streams,
+            "num_syncs": self.num_syncs,
+            "policy": self.policy,
+            "estimated_speedup": round(self.estimated_speedup, 4),
+            "logical_concurrency": self.logical_concurrency,
+            "kernels_per_stream": [len(s) for s in self.streams],
+            **dict(self.info),
+        }
 
 
 def _check_order(order: Sequence[str], deps: Deps) -> dict[str, int]:
@@ -143,8 +148,9 @@ def min_chain_cover(order: Sequence[str], deps: Deps) -> list[list[str]]:
     return chains
 
 
-def merge_chains(chains: list[list[str]], max_streams: int, order: Sequence[str],
-                 cost_us: Mapping[str, float]) -> list[list[str]]:
+def merge_chains(
+    chains: list[list[str]], max_streams: int, order: Sequence[str], cost_us: Mapping[str, float]
+) -> list[list[str]]:
     """Merge rule: while there are more than `max_streams` chains, the two with the least
     total estimated time become one (ties: the later-starting ones), its kernels in program
     order (both are subsequences of one topological order, so the merge is one too)."""
@@ -153,16 +159,19 @@ def merge_chains(chains: list[list[str]], max_streams: int, order: Sequence[str]
     pos = {k: i for i, k in enumerate(order)}
     chains = [list(c) for c in chains]
     while len(chains) > max_streams:
-        ranked = sorted(range(len(chains)), key=lambda i: (
-            sum(cost_us.get(k, 0.0) for k in chains[i]), -pos[chains[i][0]]))
+        ranked = sorted(
+            range(len(chains)),
+            key=lambda i: (sum(cost_us.get(k, 0.0) for k in chains[i]), -pos[chains[i][0]]),
+        )
         a, b = sorted(ranked[:2])
         merged = sorted(chains[a] + chains[b], key=pos.__getitem__)
         chains = [c for i, c in enumerate(chains) if i not in (a, b)] + [merged]
     return sorted(chains, key=lambda c: pos[c[0]])
 
 
-def minimal_syncs(streams: Sequence[Sequence[str]], order: Sequence[str],
-                  deps: Deps) -> list[tuple[str, str]]:
+def minimal_syncs(
+    streams: Sequence[Sequence[str]], order: Sequence[str], deps: Deps
+) -> list[tuple[str, str]]:
     """Cross-stream DAG edges left in the transitive reduction of DAG edges + stream
     program order: exactly those not implied by program order and other syncs. A smaller
     set made of DAG edges cannot exist (a reduction edge is the only path between its ends)."""
@@ -176,12 +185,19 @@ def minimal_syncs(streams: Sequence[Sequence[str]], order: Sequence[str],
     return sorted(syncs, key=lambda e: (pos[e[1]], pos[e[0]]))
 
 
-def assign(order: Sequence[str], deps: Deps, *, streams: int | None = None,
-           max_streams: int | None = None, policy: str = "auto",
-           cost_us: Mapping[str, float] | None = None,
-           concurrent_cost_us: CostFor | None = None, lanes: int | None = None,
-           min_speedup: float = AUTO_MIN_SPEEDUP,
-           overhead_us: Overhead | None = None) -> StreamAssignment:
+def assign(
+    order: Sequence[str],
+    deps: Deps,
+    *,
+    streams: int | None = None,
+    max_streams: int | None = None,
+    policy: str = "auto",
+    cost_us: Mapping[str, float] | None = None,
+    concurrent_cost_us: CostFor | None = None,
+    lanes: int | None = None,
+    min_speedup: float = AUTO_MIN_SPEEDUP,
+    overhead_us: Overhead | None = None,
+) -> StreamAssignment:
     """The stream assignment of a kernel DAG.
 
     streams=1 or policy ``sequential``: everything on one stream in program order.
@@ -208,23 +224,30 @@ def assign(order: Sequence[str], deps: Deps, *, streams: int | None = None,
         chains = [list(order)] if order else []
     else:
         chains = merge_chains(chains, cap, order, cost)
-    a = StreamAssignment(tuple(map(tuple, chains)), tuple(minimal_syncs(chains, order, deps)),
-                         policy=policy, logical_concurrency=max(width, 1))
+    a = StreamAssignment(
+        tuple(map(tuple, chains)),
+        tuple(minimal_syncs(chains, order, deps)),
+        policy=policy,
+        logical_concurrency=max(width, 1),
+    )
     est = estimate(a, order, cost, concurrent_cost_us, lanes, overhead_us)
     a = _with_estimate(a, est)
     if policy == "auto" and a.num_streams > 1 and a.estimated_speedup < min_speedup:
         seq = StreamAssignment(((*order,),), (), policy=policy, logical_concurrency=width)
-        a = _with_estimate(seq, estimate(seq, order, cost),
-                           fell_back_from=est["speedup"])
+        a = _with_estimate(seq, estimate(seq, order, cost), fell_back_from=est["speedup"])
     return a
 
 
 def _with_estimate(a: StreamAssignment, est: dict, **extra) -> StreamAssignment:
-    info = {"estimated_makespan_us": round(est["makespan_us"], 3),
-            "sequential_us": round(est["sequential_us"], 3),
-            "estimated_concurrency": round(est["concurrency"], 4), **extra}
-    return StreamAssignment(a.streams, a.syncs, a.policy, est["speedup"],
-                            a.logical_concurrency, info)
+    info = {
+        "estimated_makespan_us": round(est["makespan_us"], 3),
+        "sequential_us": round(est["sequential_us"], 3),
+        "estimated_concurrency": round(est["concurrency"], 4),
+        **extra,
+    }
+    return StreamAssignment(
+        a.streams, a.syncs, a.policy, est["speedup"], a.logical_concurrency, info
+    )
 
 
 @dataclass(frozen=True)
@@ -243,8 +266,9 @@ class DeadlockError(RuntimeError):
     """The streams wait on each other: the assignment cannot run."""
 
 
-def simulate(a: StreamAssignment, cost_us: Mapping[str, float],
-             lanes: int | None = None) -> Schedule:
+def simulate(
+    a: StreamAssignment, cost_us: Mapping[str, float], lanes: int | None = None
+) -> Schedule:
     """What the executor does, as a list schedule: each stream runs its kernels in order,
     a kernel may start when its stream's previous kernel and every producer it syncs on
     are done, and at most `lanes` kernels run at once (None: no limit; on CPU, the cores).
@@ -281,19 +305,34 @@ def simulate(a: StreamAssignment, cost_us: Mapping[str, float],
     return Schedule(start, end)
 
 
-def lanes_view(a: StreamAssignment, tenant_of: Mapping[str, str],
-               cost_us: Mapping[str, float]) -> dict:
+def lanes_view(
+    a: StreamAssignment, tenant_of: Mapping[str, str], cost_us: Mapping[str, float]
+) -> dict:
     """JSON for reports and notebooks: the simulated schedule of `a` with `cost_us`,
     ``{"lanes": [{kernel, stream, tenant, start_us, end_us}], "syncs": [[p, c], ...]}``."""
     sched = simulate(a, cost_us)
-    return {"lanes": [{"kernel": k, "stream": s, "tenant": tenant_of.get(k, "?"),
-                       "start_us": round(sched.start[k], 3), "end_us": round(sched.end[k], 3)}
-                      for s, ks in enumerate(a.streams) for k in ks],
-            "syncs": [list(e) for e in a.syncs]}
+    return {
+        "lanes": [
+            {
+                "kernel": k,
+                "stream": s,
+                "tenant": tenant_of.get(k, "?"),
+                "start_us": round(sched.start[k], 3),
+                "end_us": round(sched.end[k], 3),
+            }
+            for s, ks in enumerate(a.streams)
+            for k in ks
+        ],
+        "syncs": [list(e) for e in a.syncs],
+    }
 
 
-def check(a: StreamAssignment, order: Sequence[str], deps: Deps,
-          cost_us: Mapping[str, float] | None = None) -> Schedule:
+def check(
+    a: StreamAssignment,
+    order: Sequence[str],
+    deps: Deps,
+    cost_us: Mapping[str, float] | None = None,
+) -> Schedule:
     """Raises unless `a` runs every kernel once, without deadlock, and every dependency
     is ordered by program order and syncs (checked on the simulated schedule and by
     `happens_before`). Returns the schedule."""
@@ -313,10 +352,14 @@ def check(a: StreamAssignment, order: Sequence[str], deps: Deps,
     return sched
 
 
-def estimate(a: StreamAssignment, order: Sequence[str], cost_us: Mapping[str, float],
-             concurrent_cost_us: CostFor | None = None,
-             lanes: int | None = None,
-             overhead_us: Overhead | None = None) -> dict[str, float]:
+def estimate(
+    a: StreamAssignment,
+    order: Sequence[str],
+    cost_us: Mapping[str, float],
+    concurrent_cost_us: CostFor | None = None,
+    lanes: int | None = None,
+    overhead_us: Overhead | None = None,
+) -> dict[str, float]:
     """Predicted makespan of `a` vs one stream, from per-kernel times (e.g. measured by
     `Bundle.profile`). One stream: the sum of `cost_us`. Several: the simulated makespan
     with `concurrent_cost_us` (default `cost_us`: streams don't slow each other, as on a
@@ -325,16 +368,24 @@ def estimate(a: StreamAssignment, order: Sequence[str], cost_us: Mapping[str, fl
     concurrency: busy time over makespan."""
     seq = float(sum(cost_us.get(k, 1.0) for k in order))
     if a.num_streams <= 1:
-        return {"makespan_us": seq, "sequential_us": seq, "speedup": 1.0,
-                "concurrency": 1.0 if seq else 0.0}
+        return {
+            "makespan_us": seq,
+            "sequential_us": seq,
+            "speedup": 1.0,
+            "concurrency": 1.0 if seq else 0.0,
+        }
     cc = concurrent_cost_us if concurrent_cost_us is not None else cost_us
     cc = cc(a.num_streams) if callable(cc) else cc
     span = simulate(a, cc, lanes).makespan
     if overhead_us is not None:  # the executor's own cost per run: threads, events
         span += float(overhead_us(a.num_streams, a.num_syncs))
     busy = float(sum(cc.get(k, 1.0) for k in order))
-    return {"makespan_us": span, "sequential_us": seq,
-            "speedup": seq / span if span else 1.0, "concurrency": busy / span if span else 0.0}
+    return {
+        "makespan_us": span,
+        "sequential_us": seq,
+        "speedup": seq / span if span else 1.0,
+        "concurrency": busy / span if span else 0.0,
+    }
 
 
 def happens_before(a: StreamAssignment) -> Callable[[str, str], bool]:

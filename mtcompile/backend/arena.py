@@ -62,8 +62,10 @@ def _op_name(value) -> str | None:
 def _nbytes(ty, upper: dict[str, int] | None = None) -> int:
     """Bytes of a tensor type; a symbolic dim at its upper bound (`upper`: the function's
     ``tir_var_upper_bound``), as the plan sized it."""
-    return int(np.prod([_at_bound(s, upper or {}) for s in ty.shape], dtype=np.int64)
-               ) * np.dtype(str(ty.dtype)).itemsize
+    return (
+        int(np.prod([_at_bound(s, upper or {}) for s in ty.shape], dtype=np.int64))
+        * np.dtype(str(ty.dtype)).itemsize
+    )
 
 
 def _at_bound(dim, upper: dict[str, int]) -> int:
@@ -80,8 +82,11 @@ def _at_bound(dim, upper: dict[str, int]) -> int:
 def _upper(func: relax.Function) -> dict[str, int]:
     """The function's ``tir_var_upper_bound`` (empty when it has none)."""
     keys = func.attrs.keys() if func.attrs is not None else ()
-    return ({str(k): int(v) for k, v in func.attrs["tir_var_upper_bound"].items()}
-            if "tir_var_upper_bound" in keys else {})
+    return (
+        {str(k): int(v) for k, v in func.attrs["tir_var_upper_bound"].items()}
+        if "tir_var_upper_bound" in keys
+        else {}
+    )
 
 
 def _is_kernel_call(b) -> bool:
@@ -140,8 +145,9 @@ def liveness(func: relax.Function) -> Liveness:
     return Liveness(first, last, names, returned, roots)
 
 
-def realize(func: relax.Function, fname: str, stats: dict, tvm_bytes: int | None = None
-            ) -> relax.Function:
+def realize(
+    func: relax.Function, fname: str, stats: dict, tvm_bytes: int | None = None
+) -> relax.Function:
     """Place `func`'s intermediates in one storage; fill `stats[fname]`.
 
     A plain function is planned here, on its own liveness (`plan_on_tvm`); where TVM's own
@@ -155,32 +161,44 @@ def realize(func: relax.Function, fname: str, stats: dict, tvm_bytes: int | None
     if STREAM_ATTR in func.attrs.keys():
         placed, arena, problems = _graph_offsets(func, plan, live)
         if problems:
-            _fail(stats, f"function '{fname}': the memory plan does not fit the module TVM "
-                         "produced (the kernel model missed something):\n  "
-                         + "\n  ".join(problems[:10]))
+            _fail(
+                stats,
+                f"function '{fname}': the memory plan does not fit the module TVM "
+                "produced (the kernel model missed something):\n  " + "\n  ".join(problems[:10]),
+            )
         bound = None
     else:
-        placed, arena, bound = plan_on_tvm(func, live, int(plan["alignment"]),
-                                           plan.get("strategy", "greedy"))
+        placed, arena, bound = plan_on_tvm(
+            func, live, int(plan["alignment"]), plan.get("strategy", "greedy")
+        )
         # what the graph's model got wrong (it changes nothing here: counted for the tests)
         problems = _graph_offsets(func, plan, live)[2]
     upper = _upper(func)
     unplanned = [v for v in live.first if v not in placed and v not in live.returned]
-    stats[fname] = {"arena_bytes": arena, "graph_arena_bytes": int(plan["bytes"]),
-                    "planned_tensors": len(placed), "unplanned_tensors": len(unplanned),
-                    "unplanned_bytes": sum(_nbytes(v.ty, upper) for v in unplanned),
-                    "output_bytes": sum(_nbytes(v.ty, upper) for v in live.returned),
-                    "model_mismatches": len(problems)}
+    stats[fname] = {
+        "arena_bytes": arena,
+        "graph_arena_bytes": int(plan["bytes"]),
+        "planned_tensors": len(placed),
+        "unplanned_tensors": len(unplanned),
+        "unplanned_bytes": sum(_nbytes(v.ty, upper) for v in unplanned),
+        "output_bytes": sum(_nbytes(v.ty, upper) for v in live.returned),
+        "model_mismatches": len(problems),
+    }
     if bound is not None:
         stats[fname]["lower_bound_bytes"] = bound
     if problems:
         stats.setdefault(MISMATCHES, {})[fname] = problems[:10]
-    keep_tvm = (bound is not None and plan.get("strategy", "greedy") == "greedy"
-                and tvm_bytes is not None and tvm_bytes < arena)
+    keep_tvm = (
+        bound is not None
+        and plan.get("strategy", "greedy") == "greedy"
+        and tvm_bytes is not None
+        and tvm_bytes < arena
+    )
     stats[fname]["tvm_plan_kept"] = int(keep_tvm)
     if keep_tvm:  # TVM's block reuse fits in fewer bytes here: it plans the function
-        stats[fname].update(arena_bytes=tvm_bytes, planned_tensors=0,
-                            unplanned_tensors=len(placed) + len(unplanned))
+        stats[fname].update(
+            arena_bytes=tvm_bytes, planned_tensors=0, unplanned_tensors=len(placed) + len(unplanned)
+        )
         return func
     return _rewrite(func, placed, arena, streamed=bound is None)
 
@@ -188,8 +206,9 @@ def realize(func: relax.Function, fname: str, stats: dict, tvm_bytes: int | None
 MISMATCHES = "mismatches"  # key of the stats dict: function -> what the graph model missed
 
 
-def plan_on_tvm(func: relax.Function, live: Liveness, alignment: int,
-                strategy: str = "greedy") -> tuple[dict, int, int]:
+def plan_on_tvm(
+    func: relax.Function, live: Liveness, alignment: int, strategy: str = "greedy"
+) -> tuple[dict, int, int]:
     """Offsets for every intermediate `func` allocates (returned tensors leave the arena),
     over its liveness in binding order: (alloc var -> (offset, bytes), arena bytes, lower
     bound). `strategy`: ``greedy`` (by size, best fit) or ``naive`` (no reuse)."""
@@ -199,17 +218,15 @@ def plan_on_tvm(func: relax.Function, live: Liveness, alignment: int,
         name = f"{var.name}#{i}"  # Relax names need not be unique
         by_name[name] = var
         lo, hi = live.first[var], live.last[var]
-        lives.append(Lifetime(name, "", _nbytes(var.ty, upper), lo, hi,
-                              (hi,) if hi > lo else ()))
-    slots, arena = (place_best(lives, alignment) if strategy == "greedy"
-                    else place_naive(lives, alignment))
+        lives.append(Lifetime(name, "", _nbytes(var.ty, upper), lo, hi, (hi,) if hi > lo else ()))
+    slots, arena = (
+        place_best(lives, alignment) if strategy == "greedy" else place_naive(lives, alignment)
+    )
     n = max((lt.last for lt in lives), default=0) + 1
-    return ({by_name[s.tensor]: (s.offset, s.size) for s in slots}, arena,
-            lower_bound(lives, n))
+    return ({by_name[s.tensor]: (s.offset, s.size) for s in slots}, arena, lower_bound(lives, n))
 
 
-def _graph_offsets(func: relax.Function, plan: dict, live: Liveness
-                   ) -> tuple[dict, int, list[str]]:
+def _graph_offsets(func: relax.Function, plan: dict, live: Liveness) -> tuple[dict, int, list[str]]:
     """The graph plan's offsets for `func`'s allocations (alloc var -> (offset, bytes)),
     its arena size, and what is wrong with them against `func`'s own liveness."""
     offsets = plan["offsets"]
@@ -217,8 +234,9 @@ def _graph_offsets(func: relax.Function, plan: dict, live: Liveness
     names = {v: set(ns) for v, ns in names.items()}
     handed = {}  # alloc var -> the names lowering gave the values handed over from it
     if STREAM_ATTR in func.attrs.keys():  # a put names its value by id, which no TVM pass renames
-        exported = {int(v): n for n, v in json.loads(str(func.attrs[STREAM_ATTR]))[
-            "exports"].items()}
+        exported = {
+            int(v): n for n, v in json.loads(str(func.attrs[STREAM_ATTR]))["exports"].items()
+        }
         for arg, vid in _puts(func):
             for var in roots.get(arg, ()):
                 names[var].add(exported[vid])
@@ -229,19 +247,23 @@ def _graph_offsets(func: relax.Function, plan: dict, live: Liveness
         if hits and var not in returned:
             placed[var] = (int(offsets[hits[0]]), _nbytes(var.ty, _upper(func)))
             if len({offsets[n] for n in hits}) > 1:
-                problems.append(f"{' and '.join(hits)} are one tensor in TVM's Relax, the "
-                                f"plan gives them offsets {[offsets[n] for n in hits]}")
+                problems.append(
+                    f"{' and '.join(hits)} are one tensor in TVM's Relax, the "
+                    f"plan gives them offsets {[offsets[n] for n in hits]}"
+                )
     problems += _check(placed, first, last, plan, names)
     # a value handed over outside the arena: TVM's own plan could reuse its bytes while
     # another stream still reads it
-    problems += [f"{n}: handed to other streams but not in the shared arena"
-                 for v, ns in handed.items() if v not in placed and v not in returned
-                 for n in ns]
+    problems += [
+        f"{n}: handed to other streams but not in the shared arena"
+        for v, ns in handed.items()
+        if v not in placed and v not in returned
+        for n in ns
+    ]
     return placed, int(plan["bytes"]), problems
 
 
-def _rewrite(func: relax.Function, placed: dict, arena: int, streamed: bool
-             ) -> relax.Function:
+def _rewrite(func: relax.Function, placed: dict, arena: int, streamed: bool) -> relax.Function:
     """`func` with each placed allocation a tensor at its offset in one storage (a stream
     function's first parameter, else an ``alloc_storage`` of its own)."""
     if not placed:
@@ -250,8 +272,14 @@ def _rewrite(func: relax.Function, placed: dict, arena: int, streamed: bool
         storage, new = func.params[0], []
     else:
         storage = relax.Var("mtcompile_arena", relax.ObjectType())
-        new = [relax.VarBinding(storage, relax.op.memory.alloc_storage(
-            relax.ShapeExpr([max(arena, 64)]), 0, "global", "uint8"))]
+        new = [
+            relax.VarBinding(
+                storage,
+                relax.op.memory.alloc_storage(
+                    relax.ShapeExpr([max(arena, 64)]), 0, "global", "uint8"
+                ),
+            )
+        ]
     for blk in func.body.blocks:
         for b in blk.bindings:
             if b.var not in placed:
@@ -259,8 +287,14 @@ def _rewrite(func: relax.Function, placed: dict, arena: int, streamed: bool
                 continue
             offset, _ = placed[b.var]
             raw = relax.Var(b.var.name + "_at", b.var.ty)
-            new.append(relax.VarBinding(raw, relax.op.memory.alloc_tensor(
-                storage, offset, b.value.args[0], str(b.var.ty.dtype))))
+            new.append(
+                relax.VarBinding(
+                    raw,
+                    relax.op.memory.alloc_tensor(
+                        storage, offset, b.value.args[0], str(b.var.ty.dtype)
+                    ),
+                )
+            )
             new.append(relax.VarBinding(b.var, relax.op.memory.ensure_zero_offset(raw)))
     body = relax.SeqExpr([relax.BindingBlock(new)], func.body.body)
     return relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
@@ -268,10 +302,14 @@ def _rewrite(func: relax.Function, placed: dict, arena: int, streamed: bool
 
 def _puts(func: relax.Function) -> list[tuple[relax.Expr, int]]:
     """(the value handed over, its id) of every ``put`` event point of `func`."""
-    return [(b.value.args[1], int(b.value.args[0].value))
-            for blk in func.body.blocks for b in blk.bindings
-            if isinstance(b.value, relax.Call) and isinstance(b.value.op, relax.ExternFunc)
-            and str(b.value.op.global_symbol) == PUT]
+    return [
+        (b.value.args[1], int(b.value.args[0].value))
+        for blk in func.body.blocks
+        for b in blk.bindings
+        if isinstance(b.value, relax.Call)
+        and isinstance(b.value.op, relax.ExternFunc)
+        and str(b.value.op.global_symbol) == PUT
+    ]
 
 
 def _fail(stats: dict, message: str) -> None:
@@ -317,7 +355,8 @@ def realize_pass(stats: dict):
         out = mod
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function) or "global_symbol" not in (
-                    func.attrs.keys() if func.attrs is not None else ()):
+                func.attrs.keys() if func.attrs is not None else ()
+            ):
                 continue  # private helpers: not an entry
             name = gv.name_hint
             if ATTR in func.attrs.keys():
@@ -325,12 +364,13 @@ def realize_pass(stats: dict):
             else:
                 live = liveness(func)
                 left = [v for v in live.first if v not in live.returned]
-                stats[name] = {"arena_bytes": 0, "planned_tensors": 0,
-                               "unplanned_tensors": len(left),
-                               "unplanned_bytes": sum(_nbytes(v.ty, _upper(func))
-                                                      for v in left),
-                               "output_bytes": sum(_nbytes(v.ty, _upper(func))
-                                                   for v in live.returned)}
+                stats[name] = {
+                    "arena_bytes": 0,
+                    "planned_tensors": 0,
+                    "unplanned_tensors": len(left),
+                    "unplanned_bytes": sum(_nbytes(v.ty, _upper(func)) for v in left),
+                    "output_bytes": sum(_nbytes(v.ty, _upper(func)) for v in live.returned),
+                }
             stats[name]["tvm_plan_bytes"] = storage_bytes(tvm_plan[gv])
         return out
 

@@ -35,8 +35,9 @@ def resolve_providers(target: str, kernels: str | dict[str, str] | None) -> dict
         if kind not in chosen:
             raise MTCompileError(f"unknown op kind {kind!r} for kernels; expected {sorted(chosen)}")
         if prov not in PROVIDERS:
-            raise MTCompileError(f"unknown kernel provider {prov!r} for {kind}; "
-                                 f"expected one of {list(PROVIDERS)}")
+            raise MTCompileError(
+                f"unknown kernel provider {prov!r} for {kind}; expected one of {list(PROVIDERS)}"
+            )
         if prov in LIBRARY_PROVIDERS and target != "llvm":
             raise MTCompileError(f"the {prov} provider exists for target llvm only, not {target}")
     chosen.update(given)
@@ -81,8 +82,11 @@ class CPUDefault(CPUScheduleRule):
             n = _at_one(extent)
             if n is None:
                 continue
-            if (not r_loops and n >= 2 * self.LANES
-                    and tvm.sym.Analyzer().can_prove(tirx.floormod(extent, self.LANES) == 0)):
+            if (
+                not r_loops
+                and n >= 2 * self.LANES
+                and tvm.sym.Analyzer().can_prove(tirx.floormod(extent, self.LANES) == 0)
+            ):
                 outer, inner = sch.split(fused, [None, self.LANES])
                 sch.vectorize(inner)
                 fused = outer
@@ -152,10 +156,13 @@ def cpu_pipeline(target: tvm.target.Target, database=None, memory: dict | None =
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                + schedules() + cpu.dataflow_lower_passes(target)
+                cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + schedules()
+                + cpu.dataflow_lower_passes(target)
                 + [arena.realize_pass({} if memory is None else memory)]
-                + cpu.finalize_passes(target))
+                + cpu.finalize_passes(target)
+            )
             return seq(mod)
 
     return _pipeline
@@ -169,10 +176,12 @@ def gpu_pipeline(target: tvm.target.Target, memory: dict | None = None):
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                gpu.library_dispatch_passes(target) + gpu.legalize_passes(target)
+                gpu.library_dispatch_passes(target)
+                + gpu.legalize_passes(target)
                 + gpu.dataflow_lower_passes(target)
                 + [arena.realize_pass({} if memory is None else memory)]
-                + gpu.finalize_passes(target))
+                + gpu.finalize_passes(target)
+            )
             return seq(mod)
 
     return _pipeline
@@ -224,8 +233,14 @@ def fast_erf(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 # reductions whose float16 sums PyTorch accumulates in float32 (its CPU kernels do)
-_HALF_SUMS = {"relax.mean", "relax.sum", "relax.nn.adaptive_avg_pool1d",
-              "relax.nn.adaptive_avg_pool2d", "relax.nn.avg_pool1d", "relax.nn.avg_pool2d"}
+_HALF_SUMS = {
+    "relax.mean",
+    "relax.sum",
+    "relax.nn.adaptive_avg_pool1d",
+    "relax.nn.adaptive_avg_pool2d",
+    "relax.nn.avg_pool1d",
+    "relax.nn.avg_pool2d",
+}
 
 
 @relax.expr_functor.mutator
@@ -235,9 +250,12 @@ class _HalfSums(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if (isinstance(call.op, tvm.ir.Op) and call.op.name in _HALF_SUMS
-                and isinstance(call.args[0].ty, relax.TensorType)
-                and str(call.args[0].ty.dtype) == "float16"):
+        if (
+            isinstance(call.op, tvm.ir.Op)
+            and call.op.name in _HALF_SUMS
+            and isinstance(call.args[0].ty, relax.TensorType)
+            and str(call.args[0].ty.dtype) == "float16"
+        ):
             x = self.builder_.emit(relax.op.astype(call.args[0], "float32"))
             wide = self.builder_.normalize(relax.Call(call.op, [x, *call.args[1:]], call.attrs))
             return relax.op.astype(wide, "float16")
@@ -256,8 +274,14 @@ def half_sums(mod: tvm.IRModule) -> tvm.IRModule:
 # ops whose TIR TVM 0.27's LLVM codegen cannot emit on bool operands: a compare is an
 # fcmp of i1 values (invalid LLVM), an add/multiply/max/min fails ``CodeGenLLVM::CreateAdd``
 # (``t.MatchesCode(kDLFloat)``): its integer paths take int and uint types, not bool
-_BOOL_COMPARES = {"relax.equal", "relax.not_equal", "relax.less", "relax.less_equal",
-                  "relax.greater", "relax.greater_equal"}
+_BOOL_COMPARES = {
+    "relax.equal",
+    "relax.not_equal",
+    "relax.less",
+    "relax.less_equal",
+    "relax.greater",
+    "relax.greater_equal",
+}
 _BOOL_ARITH = {"relax.add", "relax.multiply", "relax.maximum", "relax.minimum"}
 
 
@@ -273,11 +297,15 @@ class _BoolOps(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name in _BOOL_COMPARES | _BOOL_ARITH
-                and any(_bool(a) for a in call.args)):
+        if not (
+            isinstance(call.op, tvm.ir.Op)
+            and call.op.name in _BOOL_COMPARES | _BOOL_ARITH
+            and any(_bool(a) for a in call.args)
+        ):
             return call
-        args = [self.builder_.emit(relax.op.astype(a, "uint8")) if _bool(a) else a
-                for a in call.args]
+        args = [
+            self.builder_.emit(relax.op.astype(a, "uint8")) if _bool(a) else a for a in call.args
+        ]
         wide = self.builder_.normalize(relax.Call(call.op, args, call.attrs))
         return relax.op.astype(wide, "bool") if call.op.name in _BOOL_ARITH else wide
 
@@ -296,9 +324,11 @@ def prepare(mod: tvm.IRModule) -> tvm.IRModule:
     decomposed (fold-batch-norm folded those after a conv on our graph), constants folded,
     compares and arithmetic on bool tensors done on uint8 (LLVM codegen has no bool ones),
     erf computed by a vectorizable polynomial, float16 sums accumulated in float32."""
-    seq = tvm.transform.Sequential([
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.FoldConstant(),
-        relax.transform.CanonicalizeBindings(),
-    ])
+    seq = tvm.transform.Sequential(
+        [
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FoldConstant(),
+            relax.transform.CanonicalizeBindings(),
+        ]
+    )
     return fast_erf(half_sums(bool_ops(seq(mod))))

@@ -15,10 +15,10 @@ _registered = False
 
 def _fast_take(data, indices, axis: int):
     nd = len(indices.shape)
-    shape = [*data.shape[:axis], *indices.shape, *data.shape[axis + 1:]]
+    shape = [*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]]
 
     def element(*i):
-        return data[(*i[:axis], indices[i[axis:axis + nd]], *i[axis + nd:])]
+        return data[(*i[:axis], indices[i[axis : axis + nd]], *i[axis + nd :])]
 
     return te.compute(shape, element, name="T_take", tag="injective")
 

@@ -77,9 +77,12 @@ def resolve_cpu(cpu: str = HOST_CPU) -> str:
     if cpu == HOST_CPU:
         return str(codegen.llvm_get_system_cpu())
     if cpu != GENERIC_CPU and not codegen.llvm_is_valid_cpu(
-            cpu, str(codegen.llvm_get_system_triple())):
-        raise MTCompileError(f"unknown CPU {cpu!r}: expected 'host', 'generic' or a CPU name "
-                             "LLVM knows (e.g. 'haswell', 'skylake-avx512', 'znver3')")
+        cpu, str(codegen.llvm_get_system_triple())
+    ):
+        raise MTCompileError(
+            f"unknown CPU {cpu!r}: expected 'host', 'generic' or a CPU name "
+            "LLVM knows (e.g. 'haswell', 'skylake-avx512', 'znver3')"
+        )
     return cpu
 
 
@@ -89,8 +92,7 @@ def make_target(target: str, cpu: str = HOST_CPU) -> tvm.target.Target:
     lets LLVM use its vector units (``Target("llvm")`` alone emits SSE code only)."""
     if target == "llvm":
         name = resolve_cpu(cpu)
-        return tvm.target.Target("llvm" if name == GENERIC_CPU
-                                 else {"kind": "llvm", "mcpu": name})
+        return tvm.target.Target("llvm" if name == GENERIC_CPU else {"kind": "llvm", "mcpu": name})
     if target == "cuda":
         return tvm.target.Target({"kind": "cuda"}, host={"kind": "llvm"})
     raise MTCompileError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
@@ -105,17 +107,25 @@ def _packed(name: str, *args, ty=_NONE) -> relax.Call:
 
 
 class _Emitter:
-    def __init__(self, graph: Graph, consts: dict[str, relax.Expr],
-                 top: relax.BlockBuilder | None = None,
-                 ranges: dict[str, tuple[int, int]] | None = None, checks: bool = True):
+    def __init__(
+        self,
+        graph: Graph,
+        consts: dict[str, relax.Expr],
+        top: relax.BlockBuilder | None = None,
+        ranges: dict[str, tuple[int, int]] | None = None,
+        checks: bool = True,
+    ):
         self.graph = graph
         self.consts = consts  # one Relax constant per content key, shared by every entry
         # the module's builder, where the PrimFuncs of bounds checks and NaN-keeping ops go
         # (None: the builder of the first function emitted)
         self.top = top
         # gathers the run-time input check (`ranges`) does not keep in bounds: checked here
-        self.checks = {r.node: r for r in index_reads(graph)
-                       if checks and not checked_by_inputs(r, ranges or {})}
+        self.checks = {
+            r.node: r
+            for r in index_reads(graph)
+            if checks and not checked_by_inputs(r, ranges or {})
+        }
         self.var_names: dict[str, dict[str, str]] = {}  # function -> node -> Relax var name
         self.stream_attrs: dict[str, str] = {}  # stream function -> its STREAM_ATTR
 
@@ -153,8 +163,14 @@ class _Emitter:
         if read is not None:
             args[read.arg] = self.checked_index(bb, n, read, args[read.arg])
         if n.op in nan_safe.OPS and isinstance(n.ty, TensorTy):
-            call = nan_safe.emit(self.top, n.op, args, n.attrs.obj if n.attrs is not None
-                                 else None, n.ty.shape, n.ty.dtype)
+            call = nan_safe.emit(
+                self.top,
+                n.op,
+                args,
+                n.attrs.obj if n.attrs is not None else None,
+                n.ty.shape,
+                n.ty.dtype,
+            )
             if call is not None:
                 return call
         call = library_call(n)
@@ -174,9 +190,11 @@ class _Emitter:
             values = self.graph.constants[a.key]
             lo, hi = valid_range(read, always=False)
             if values.size and (values.min() < lo or values.max() >= hi):
-                raise LoweringError(f"tenant '{n.tenant}': %{n.name} = {n.op} indexes a "
-                                    f"table of {read.bound} rows at constant indices in "
-                                    f"[{values.min()}, {values.max()}]")
+                raise LoweringError(
+                    f"tenant '{n.tenant}': %{n.name} = {n.op} indexes a "
+                    f"table of {read.bound} rows at constant indices in "
+                    f"[{values.min()}, {values.max()}]"
+                )
             lo, hi = valid_range(read, always=True)
             if not values.size or (lo <= values.min() and values.max() < hi):
                 return idx
@@ -187,14 +205,23 @@ class _Emitter:
         # a 0-d index is checked as one element; a symbolic dim (dynamic batch) is a size
         # variable of the check, bound from the index tensor's shape when it runs
         shape = list(ty.shape) or [1]
-        func, scalars = _bounds_check(tuple(_expr(d) for d in shape), ty.dtype,
-                                      _expr(read.low), _expr(read.bound),
-                                      _index_message(self.graph, n, read))
+        func, scalars = _bounds_check(
+            tuple(_expr(d) for d in shape),
+            ty.dtype,
+            _expr(read.low),
+            _expr(read.bound),
+            _index_message(self.graph, n, read),
+        )
         gv = self.top.add_func(func, "check_index")
         flat = idx if ty.shape else bb.emit(relax.op.reshape(idx, shape))
-        out = bb.emit(relax.op.call_tir(gv, [flat, *map(relax.prim_value, scalars)],
-                                        relax_type(TensorTy(tuple(shape), ty.dtype))),
-                      name_hint=f"{n.name.replace('.', '_')}_index")
+        out = bb.emit(
+            relax.op.call_tir(
+                gv,
+                [flat, *map(relax.prim_value, scalars)],
+                relax_type(TensorTy(tuple(shape), ty.dtype)),
+            ),
+            name_hint=f"{n.name.replace('.', '_')}_index",
+        )
         return out if ty.shape else bb.emit(relax.op.reshape(out, []))
 
     def arg_ty(self, a) -> TensorTy:
@@ -204,8 +231,9 @@ class _Emitter:
         c = self.graph.constants[a.key]
         return TensorTy(tuple(c.shape), str(c.dtype))
 
-    def group(self, bb: relax.BlockBuilder, fname: str, members: list, env: dict,
-              output: bool = False):
+    def group(
+        self, bb: relax.BlockBuilder, fname: str, members: list, env: dict, output: bool = False
+    ):
         """Emit a fusion group as one primitive function (TVM makes it one kernel) and call
         it (as an output of the dataflow block when `output`)."""
         inputs = _group_inputs(members)
@@ -235,15 +263,17 @@ class _Emitter:
             with gbb.dataflow():
                 for m in members[:-1]:
                     local[m.name] = gbb.emit(self.expr(m, local, gbb, m.name not in outside))
-                out = gbb.emit_output(self.expr(members[-1], local, gbb,
-                                                members[-1].name not in outside))
+                out = gbb.emit_output(
+                    self.expr(members[-1], local, gbb, members[-1].name not in outside)
+                )
             gbb.emit_func_output(out)
         gv = bb.add_func(gbb.get()[fname], fname)
         emit = bb.emit_output if output else bb.emit
         return emit(relax.Call(gv, outer), name_hint=members[-1].name.replace(".", "_"))
 
-    def function(self, bb: relax.BlockBuilder, fname: str, tenants: list[str],
-                 params: list[tuple[str, str]]) -> None:
+    def function(
+        self, bb: relax.BlockBuilder, fname: str, tenants: list[str], params: list[tuple[str, str]]
+    ) -> None:
         """Emit `fname` computing `tenants`' outputs from `params` ((node, name) pairs)."""
         g = self.graph
         self.top = self.top or bb
@@ -272,16 +302,21 @@ class _Emitter:
                             names[n.name] = env[n.name].name
                         continue
                     try:
-                        env[n.name] = bb.emit(self.expr(n, env, bb),
-                                              name_hint=n.name.replace(".", "_"))
+                        env[n.name] = bb.emit(
+                            self.expr(n, env, bb), name_hint=n.name.replace(".", "_")
+                        )
                     except Exception as e:
-                        raise LoweringError(f"tenant '{n.tenant}': cannot emit %{n.name} = "
-                                            f"{n.op}: {type(e).__name__}: {e}") from e
+                        raise LoweringError(
+                            f"tenant '{n.tenant}': cannot emit %{n.name} = "
+                            f"{n.op}: {type(e).__name__}: {e}"
+                        ) from e
                     names[n.name] = env[n.name].name
                     got = lift_type(env[n.name].ty, n.name, bounds)
                     if got != n.ty:
-                        raise LoweringError(f"tenant '{n.tenant}': %{n.name} = {n.op} has type "
-                                            f"{got} after emission, the graph says {n.ty}")
+                        raise LoweringError(
+                            f"tenant '{n.tenant}': %{n.name} = {n.op} has type "
+                            f"{got} after emission, the graph says {n.ty}"
+                        )
                 out = bb.emit_output(relax.Tuple([self.arg(o, env) for o in outputs]))
             bb.emit_func_output(out)
 
@@ -309,20 +344,26 @@ class _Emitter:
                 if node_names:
                     with bb.dataflow():
                         for name in node_names:
-                            env[name] = self._emit_node(bb, fname, layout, name, env,
-                                                        name in escaping)
+                            env[name] = self._emit_node(
+                                bb, fname, layout, name, env, name in escaping
+                            )
                             names[name] = env[name].name
                 _emit_puts(bb, layout, i, env, put)
                 for e in layout.signals[i].get(s, ()):
                     bb.emit(_packed(SIGNAL, relax.prim_value(e)))
             missing = [x for x in exports if x not in put]
             if missing:
-                raise LoweringError(f"{fname}: values handed to other streams are computed "
-                                    f"by none of its stages: {missing}")
+                raise LoweringError(
+                    f"{fname}: values handed to other streams are computed "
+                    f"by none of its stages: {missing}"
+                )
             outs = bb.emit(relax.Tuple([self.arg(o, env) for o in layout.outputs[i]]))
             bb.emit_func_output(outs)
-        self.stream_attrs[fname] = json.dumps({  # arena.STREAM_ATTR: read by arena.realize
-            "exports": {names[x]: layout.value_id[x] for x in exports}})
+        self.stream_attrs[fname] = json.dumps(
+            {  # arena.STREAM_ATTR: read by arena.realize
+                "exports": {names[x]: layout.value_id[x] for x in exports}
+            }
+        )
 
     def _stream_params(self, layout: StreamLayout, i: int, env: dict) -> list[relax.Var]:
         """Stream `i`'s params: the shared arena storage, then a var per run_all input it
@@ -334,20 +375,29 @@ class _Emitter:
             params.append(env[node])
         return params
 
-    def _emit_imports(self, bb: relax.BlockBuilder, layout: StreamLayout, i: int,
-                      node_names, env: dict) -> None:
+    def _emit_imports(
+        self, bb: relax.BlockBuilder, layout: StreamLayout, i: int, node_names, env: dict
+    ) -> None:
         """A ``get`` of each value of another stream that the stage's nodes read and that
         stream `i` has not got yet, bound in `env`."""
         imports = set(layout.imports[i])
         for r in dict.fromkeys(r for name in node_names for r in layout.reads(name)):
             if r in imports and r not in env:
                 ty = self.graph.node(r).ty
-                env[r] = bb.emit(_packed(GET, relax.prim_value(layout.value_id[r]),
-                                         ty=relax_type(ty)),
-                                 name_hint=f"import_{r.replace('.', '_')}")
+                env[r] = bb.emit(
+                    _packed(GET, relax.prim_value(layout.value_id[r]), ty=relax_type(ty)),
+                    name_hint=f"import_{r.replace('.', '_')}",
+                )
 
-    def _emit_node(self, bb: relax.BlockBuilder, fname: str, layout: StreamLayout, name: str,
-                   env: dict, output: bool) -> relax.Var:
+    def _emit_node(
+        self,
+        bb: relax.BlockBuilder,
+        fname: str,
+        layout: StreamLayout,
+        name: str,
+        env: dict,
+        output: bool,
+    ) -> relax.Var:
         """One node of a stream function (a fusion group's call for a group's last node),
         as an output of its dataflow block when `output`."""
         n = self.graph.node(name)
@@ -357,8 +407,9 @@ class _Emitter:
         try:
             return emit(self.expr(n, env, bb), name_hint=name.replace(".", "_"))
         except Exception as e:
-            raise LoweringError(f"tenant '{n.tenant}': cannot emit %{name} = {n.op}: "
-                                f"{type(e).__name__}: {e}") from e
+            raise LoweringError(
+                f"tenant '{n.tenant}': cannot emit %{name} = {n.op}: {type(e).__name__}: {e}"
+            ) from e
 
 
 def _escaping(layout: StreamLayout, i: int) -> set[str]:
@@ -367,13 +418,19 @@ def _escaping(layout: StreamLayout, i: int) -> set[str]:
     stages = layout.emission[i]
     stage_of = {name: s for s, names_ in enumerate(stages) for name in names_}
     escaping = {*layout.exports[i], *(o.name for o in layout.outputs[i] if isinstance(o, Ref))}
-    escaping |= {r for s, names_ in enumerate(stages) for name in names_
-                 for r in layout.reads(name) if stage_of.get(r, s) != s}
+    escaping |= {
+        r
+        for s, names_ in enumerate(stages)
+        for name in names_
+        for r in layout.reads(name)
+        if stage_of.get(r, s) != s
+    }
     return escaping
 
 
-def _emit_puts(bb: relax.BlockBuilder, layout: StreamLayout, i: int, env: dict,
-               put: set[str]) -> None:
+def _emit_puts(
+    bb: relax.BlockBuilder, layout: StreamLayout, i: int, env: dict, put: set[str]
+) -> None:
     """A ``put`` of each value stream `i` hands to other streams once it is computed (each
     once: `put` keeps those done)."""
     for x in layout.exports[i]:
@@ -392,23 +449,34 @@ def _index_message(graph: Graph, n, read: IndexRead) -> str:
     inputs the index comes from, and the valid range."""
     owner = {node: (t, local) for t, io in graph.tenants.items() for local, node in io.inputs}
     many = len(n.tenants) > 1
-    names = [f"'{owner[i][0]}.{owner[i][1]}'" if many else f"'{owner[i][1]}'"
-             for i in read.inputs if i in owner]
-    where = (f"input {names[0]}" if len(names) == 1 else
-             f"inputs {', '.join(names)}" if names else
-             "a constant index" if isinstance(n.args[read.arg], ConstRef) else
-             "an index computed inside the model")
-    who = ("tenants " + ", ".join(f"'{t}'" for t in n.tenants) if many
-           else f"tenant '{n.tenants[0]}'")
+    names = [
+        f"'{owner[i][0]}.{owner[i][1]}'" if many else f"'{owner[i][1]}'"
+        for i in read.inputs
+        if i in owner
+    ]
+    where = (
+        f"input {names[0]}"
+        if len(names) == 1
+        else f"inputs {', '.join(names)}"
+        if names
+        else "a constant index"
+        if isinstance(n.args[read.arg], ConstRef)
+        else "an index computed inside the model"
+    )
+    who = (
+        "tenants " + ", ".join(f"'{t}'" for t in n.tenants) if many else f"tenant '{n.tenants[0]}'"
+    )
     verb = "writes" if "scatter" in n.op else "reads"
 
     def size(d) -> str:  # a symbolic extent by the dim names the user gave (batch, not t_batch)
         return str(d) if many else re.sub(rf"\b{re.escape(n.tenants[0])}_", "", str(d))
 
     bound, low = size(read.bound), size(read.low)
-    return (f"{INDEX_CHECK} {who}, {where}: index out of range: {n.op.removeprefix('relax.')} "
-            f"(%{n.name}) {verb} a table of {bound} rows along axis {read.axis}, so its "
-            f"indices must be in [{low}, {bound})")
+    return (
+        f"{INDEX_CHECK} {who}, {where}: index out of range: {n.op.removeprefix('relax.')} "
+        f"(%{n.name}) {verb} a table of {bound} rows along axis {read.axis}, so its "
+        f"indices must be in [{low}, {bound})"
+    )
 
 
 def _size_vars(shape: tuple, low, bound) -> dict:
@@ -423,8 +491,9 @@ def _size_vars(shape: tuple, low, bound) -> dict:
     return size_vars
 
 
-def _check_header(shape: tuple, dims: list[str], dtype: str,
-                  size_vars: dict) -> tuple[list[str], str, str, list]:
+def _check_header(
+    shape: tuple, dims: list[str], dtype: str, size_vars: dict
+) -> tuple[list[str], str, str, list]:
     """The index check's ``def`` and buffers: fixed-shape buffer args with no size variables;
     otherwise handles matched to buffers of the caller's expressions, a variable that is a
     dim of its own bound from the index's shape and the others as trailing scalar args.
@@ -433,20 +502,27 @@ def _check_header(shape: tuple, dims: list[str], dtype: str,
 
     if not size_vars:
         buf = f'T.Buffer(({", ".join(dims)},), "{dtype}")'
-        return [f"def check_index(a: {buf}, out: {buf}):",
-                '    T.func_attr({"tirx.noalias": True})'], "a", "out", []
+        return (
+            [f"def check_index(a: {buf}, out: {buf}):", '    T.func_attr({"tirx.noalias": True})'],
+            "a",
+            "out",
+            [],
+        )
     # size variables are named <tenant>_<dim>, never mtcompile_* (a reserved prefix)
     plain = {d.name for d in shape if isinstance(d, tirx.Var)}
     scalars = [v for name, v in size_vars.items() if name not in plain]
     args = "".join(f", {v.name}: T.{v.ty.dtype}" for v in scalars)
     a, out = "mtcompile_a", "mtcompile_out"
     # TVM's order: inputs (the index, then scalars), then the output
-    lines = [f"def check_index(mtcompile_pa: T.handle{args}, mtcompile_pout: T.handle):",
-             '    T.func_attr({"tirx.noalias": True})']
-    lines += [f"    {name} = T.{v.ty.dtype}()" for name, v in size_vars.items()
-              if name in plain]
-    lines += [f'    {b} = T.match_buffer({p}, ({", ".join(dims)},), "{dtype}")'
-              for b, p in ((a, "mtcompile_pa"), (out, "mtcompile_pout"))]
+    lines = [
+        f"def check_index(mtcompile_pa: T.handle{args}, mtcompile_pout: T.handle):",
+        '    T.func_attr({"tirx.noalias": True})',
+    ]
+    lines += [f"    {name} = T.{v.ty.dtype}()" for name, v in size_vars.items() if name in plain]
+    lines += [
+        f'    {b} = T.match_buffer({p}, ({", ".join(dims)},), "{dtype}")'
+        for b, p in ((a, "mtcompile_pa"), (out, "mtcompile_pout"))
+    ]
     return lines, a, out, scalars
 
 
@@ -482,10 +558,12 @@ def _bounds_check(shape: tuple, dtype: str, low, bound, message: str):
     # opaque, not spatial: schedules then leave the loops serial (a vectorized assert does
     # not compile, and the check is a few compares per index)
     lines += [f"{pad}v{i} = T.axis.opaque({d}, i{i})" for i, d in enumerate(dims)]
-    lines += [f"{pad}T.reads({a}{at})", f"{pad}T.writes({out}{at})",
-              f'{pad}assert {limit(low)} <= {a}{at} and {a}{at} < {limit(bound)}, '
-              f'{message!r}',
-              f"{pad}{out}{at} = {a}{at}"]
+    lines += [
+        f"{pad}T.reads({a}{at})",
+        f"{pad}T.writes({out}{at})",
+        f"{pad}assert {limit(low)} <= {a}{at} and {a}{at} < {limit(bound)}, {message!r}",
+        f"{pad}{out}{at} = {a}{at}",
+    ]
     return from_source("\n".join(lines)), scalars
 
 
@@ -513,8 +591,9 @@ def _input_ranges(module: Module) -> dict[str, tuple[int, int]]:
     return ranges
 
 
-def _attach_plans(mod: tvm.IRModule, module: Module, emitters: dict,
-                  streams: StreamLayout | None) -> None:
+def _attach_plans(
+    mod: tvm.IRModule, module: Module, emitters: dict, streams: StreamLayout | None
+) -> None:
     """Give each function with a memory plan (a stream function: run_all's) its arena attr,
     and each stream function its exports attr."""
     stream_fns = {f: RUN_ALL for f in (streams.functions if streams is not None else [])}
@@ -523,14 +602,19 @@ def _attach_plans(mod: tvm.IRModule, module: Module, emitters: dict,
         if plans is None:
             continue
         gv = mod.get_global_var(fname)
-        mod[gv] = mod[gv].with_attr(ATTR, json.dumps(
-            _arena_attr(plans.functions[of], em.var_names[fname])))
+        mod[gv] = mod[gv].with_attr(
+            ATTR, json.dumps(_arena_attr(plans.functions[of], em.var_names[fname]))
+        )
         if fname in em.stream_attrs:
             mod[gv] = mod[gv].with_attr(STREAM_ATTR, em.stream_attrs[fname])
 
 
-def emit_module(ir: Graph | Module, manifest: dict | None = None,
-                streams: StreamLayout | None = None, target: str = "llvm") -> tvm.IRModule:
+def emit_module(
+    ir: Graph | Module,
+    manifest: dict | None = None,
+    streams: StreamLayout | None = None,
+    target: str = "llvm",
+) -> tvm.IRModule:
     """One IRModule: each function of the module (a tenant's entry takes its inputs and
     returns its outputs; ``run_all`` and a subset's function take their tenants' inputs
     and return their outputs in one flat tuple) and (optionally) the manifest entry. A
@@ -548,9 +632,11 @@ def emit_module(ir: Graph | Module, manifest: dict | None = None,
     emitters = {}
     for fname, g in module.functions.items():
         em = emitters[fname] = _Emitter(g, consts, bb, ranges, target == "llvm")
-        params = ([(node, local) for local, node in g.tenants[fname].inputs] if fname in
-                  g.tenants else [(node, "__".join(uses[0])) for node, uses in
-                                  run_all_params(g)])
+        params = (
+            [(node, local) for local, node in g.tenants[fname].inputs]
+            if fname in g.tenants
+            else [(node, "__".join(uses[0])) for node, uses in run_all_params(g)]
+        )
         em.function(bb, fname, list(g.tenants), params)
     run_all = module.functions[RUN_ALL]
     if streams is not None:
@@ -558,8 +644,11 @@ def emit_module(ir: Graph | Module, manifest: dict | None = None,
             emitters[RUN_ALL].stream_function(bb, streams, i)
         size = max(run_all.analyses["memory"].functions[RUN_ALL].arena_bytes, 64)
         with bb.function(ARENA_FN, []):
-            bb.emit_func_output(bb.emit(relax.op.memory.alloc_storage(
-                relax.ShapeExpr([size]), 0, "global", "uint8")))
+            bb.emit_func_output(
+                bb.emit(
+                    relax.op.memory.alloc_storage(relax.ShapeExpr([size]), 0, "global", "uint8")
+                )
+            )
     if manifest is not None:
         data = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
         with bb.function(MANIFEST_FN, []):
@@ -580,10 +669,12 @@ def with_var_bounds(mod: tvm.IRModule, bounds: dict[str, tuple[int, int]]) -> tv
             continue
         used = {v.name for v in relax.analysis.defined_symbolic_vars(func)}
         if used & set(bounds):
-            func = func.with_attr("tir_var_lower_bound", {n: bounds[n][0] for n in used
-                                                          if n in bounds})
-            func = func.with_attr("tir_var_upper_bound", {n: bounds[n][1] for n in used
-                                                          if n in bounds})
+            func = func.with_attr(
+                "tir_var_lower_bound", {n: bounds[n][0] for n in used if n in bounds}
+            )
+            func = func.with_attr(
+                "tir_var_upper_bound", {n: bounds[n][1] for n in used if n in bounds}
+            )
             mod[gv] = relax.utils.copy_with_new_vars(func)
     return mod
 
@@ -591,9 +682,13 @@ def with_var_bounds(mod: tvm.IRModule, bounds: dict[str, tuple[int, int]]) -> tv
 def _arena_attr(plan, var_names: dict[str, str]) -> dict:
     """A function's memory plan keyed by the Relax var names lowering emitted."""
     slots = [s for s in plan.slots if s.tensor in var_names]
-    return {"bytes": plan.arena_bytes, "alignment": plan.alignment, "strategy": plan.strategy,
-            "offsets": {var_names[s.tensor]: s.offset for s in slots},
-            "sizes": {var_names[s.tensor]: s.size for s in slots}}
+    return {
+        "bytes": plan.arena_bytes,
+        "alignment": plan.alignment,
+        "strategy": plan.strategy,
+        "offsets": {var_names[s.tensor]: s.offset for s in slots},
+        "sizes": {var_names[s.tensor]: s.size for s in slots},
+    }
 
 
 def cpu_facts(target: str, cpu: str = HOST_CPU) -> tuple[str | None, tuple[str, ...] | None]:
@@ -603,13 +698,18 @@ def cpu_facts(target: str, cpu: str = HOST_CPU) -> tuple[str | None, tuple[str, 
         return None, None
     from tvm.target import codegen
 
-    return resolve_cpu(cpu), tuple(sorted(str(f).lstrip("+") for f in
-                                          codegen.llvm_get_cpu_features(make_target(target,
-                                                                                    cpu))))
+    return resolve_cpu(cpu), tuple(
+        sorted(str(f).lstrip("+") for f in codegen.llvm_get_cpu_features(make_target(target, cpu)))
+    )
 
 
-def build(mod: tvm.IRModule, target: str, database=None, cpu: str = HOST_CPU,
-          external_weights: bool = False):
+def build(
+    mod: tvm.IRModule,
+    target: str,
+    database=None,
+    cpu: str = HOST_CPU,
+    external_weights: bool = False,
+):
     """Compile the module for `target` (its library call nodes are already emitted) and,
     on llvm, for `cpu` (`make_target`).
 
@@ -661,8 +761,12 @@ def library_calls(mod: tvm.IRModule) -> list[str]:
     found: list[str] = []
 
     def visit(e) -> None:
-        if isinstance(e, relax.Call) and e.op.same_as(dps) and isinstance(
-                e.args[0], relax.ExternFunc) and str(e.args[0].global_symbol) in table.SYMBOLS:
+        if (
+            isinstance(e, relax.Call)
+            and e.op.same_as(dps)
+            and isinstance(e.args[0], relax.ExternFunc)
+            and str(e.args[0].global_symbol) in table.SYMBOLS
+        ):
             found.append(str(e.args[0].global_symbol))
 
     for func in mod.functions.values():

@@ -15,10 +15,14 @@ import tvm
 from tvm import relax, te, tirx
 
 _REDUCTIONS = {"relax.max": True, "relax.min": False}  # -> bigger
-_POOLS = {"relax.nn.max_pool1d": "NCW", "relax.nn.max_pool2d": "NCHW",
-          "relax.nn.max_pool3d": "NCDHW"}
-OPS = frozenset({"relax.nn.relu", "relax.clip", "relax.maximum", "relax.minimum", *_REDUCTIONS,
-                 *_POOLS})
+_POOLS = {
+    "relax.nn.max_pool1d": "NCW",
+    "relax.nn.max_pool2d": "NCHW",
+    "relax.nn.max_pool3d": "NCDHW",
+}
+OPS = frozenset(
+    {"relax.nn.relu", "relax.clip", "relax.maximum", "relax.minimum", *_REDUCTIONS, *_POOLS}
+)
 
 
 def _is_float(dtype: str) -> bool:
@@ -50,8 +54,15 @@ def _broadcast(t, shape):
     rank, dims = len(shape), [_static(d) for d in t.shape]
 
     def at(*i):
-        return t(*(0 if d == 1 and _static(shape[rank - len(dims) + k]) != 1
-                   else i[rank - len(dims) + k] for k, d in enumerate(dims)))
+        return t(
+            *(
+                0
+                if d == 1 and _static(shape[rank - len(dims) + k]) != 1
+                else i[rank - len(dims) + k]
+                for k, d in enumerate(dims)
+            )
+        )
+
     return at
 
 
@@ -127,21 +138,38 @@ def emit(top: relax.BlockBuilder, op: str, args: list, attrs, out_shape, dtype: 
     if op == "relax.clip":
         if not all(tvm.ir.is_prim_expr(a) for a in args[1:]):
             return None
-        return top.call_te(_clip, args[0], args[1], args[2],
-                           primfunc_name_hint="clip_nan")
+        return top.call_te(_clip, args[0], args[1], args[2], primfunc_name_hint="clip_nan")
     if op in ("relax.maximum", "relax.minimum"):
-        return top.call_te(_extreme, args[0], args[1], shape, op == "relax.maximum",
-                           primfunc_name_hint=op.removeprefix("relax.") + "_nan")
+        return top.call_te(
+            _extreme,
+            args[0],
+            args[1],
+            shape,
+            op == "relax.maximum",
+            primfunc_name_hint=op.removeprefix("relax.") + "_nan",
+        )
     if op in _REDUCTIONS:
         axes = None if attrs.axis is None else [int(a) for a in attrs.axis]
-        return top.call_te(_reduce, args[0], axes, bool(attrs.keepdims), _REDUCTIONS[op],
-                           primfunc_name_hint=op.removeprefix("relax.") + "_nan")
+        return top.call_te(
+            _reduce,
+            args[0],
+            axes,
+            bool(attrs.keepdims),
+            _REDUCTIONS[op],
+            primfunc_name_hint=op.removeprefix("relax.") + "_nan",
+        )
     layout = _POOLS[op]
     if str(attrs.layout) != layout or str(attrs.out_layout) != layout:
         return None  # other layouts: TVM's pool (NaN may be dropped)
     nd = len(layout) - 2
     pad = [int(p) for p in attrs.padding][:nd]
-    return top.call_te(_max_pool, args[0], shape, [int(k) for k in attrs.pool_size],
-                       [int(s) for s in attrs.strides], [int(d) for d in attrs.dilation], pad,
-                       primfunc_name_hint="max_pool_nan")
-
+    return top.call_te(
+        _max_pool,
+        args[0],
+        shape,
+        [int(k) for k in attrs.pool_size],
+        [int(s) for s in attrs.strides],
+        [int(d) for d in attrs.dilation],
+        pad,
+        primfunc_name_hint="max_pool_nan",
+    )

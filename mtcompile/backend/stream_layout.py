@@ -51,8 +51,9 @@ class StreamLayout:
         (`kernel_of`) and each kernel's nodes (`kernel_nodes`)."""
         stream_of, dag = self.assignment.stream_of, self.dag
         # nodes of kernels that compute (views are free: re-emitted where needed)
-        self.owner = {node: stream_of[k.name] for k in dag.kernels if k.kind != "view"
-                      for node in k.nodes}
+        self.owner = {
+            node: stream_of[k.name] for k in dag.kernels if k.kind != "view" for node in k.nodes
+        }
         self.kernel_of = kernel_of = {node: k.name for k in dag.kernels for node in k.nodes}
         # a kernel's nodes, plus the items of its tuple result: computed on its stream, so
         # another stream imports a field (a tensor), never the tuple
@@ -74,8 +75,11 @@ class StreamLayout:
         for j, o in enumerate(outputs):
             s = 0
             if isinstance(o, Ref):
-                srcs = [self.owner[t] for t in tensors_of(graph, o.name, self.dag.alias)
-                        if t in self.owner]
+                srcs = [
+                    self.owner[t]
+                    for t in tensors_of(graph, o.name, self.dag.alias)
+                    if t in self.owner
+                ]
                 s = srcs[0] if srcs else 0
             self.outputs[s].append(o)
             self.output_index[s].append(j)
@@ -138,13 +142,17 @@ class StreamLayout:
                 return
             if self.owner.get(name, i) != i:  # computed on another stream: imported
                 if not isinstance(nd.ty, TensorTy):
-                    raise LoweringError(f"stream {i} reads %{name}, a {nd.ty} computed on "
-                                        f"stream {self.owner[name]}: only tensors cross streams")
+                    raise LoweringError(
+                        f"stream {i} reads %{name}, a {nd.ty} computed on "
+                        f"stream {self.owner[name]}: only tensors cross streams"
+                    )
                 producer = self.kernel_of[name]
                 if stage_kernel is None or not self._before(producer, stage_kernel):
-                    raise LoweringError(f"stream {i} reads %{name} of kernel {producer} "
-                                        f"(stream {self.owner[name]}) where no event orders "
-                                        "it first")
+                    raise LoweringError(
+                        f"stream {i} reads %{name} of kernel {producer} "
+                        f"(stream {self.owner[name]}) where no event orders "
+                        "it first"
+                    )
                 imp.append(name)
                 done.add(name)
                 return
@@ -192,13 +200,18 @@ class StreamLayout:
                 if group is not None:
                     kernel_tenant[f"{self.functions[s]}_{group}"] = kn.tenant
         return StreamFunctions(
-            functions=tuple(self.functions), arena_function=ARENA_FN, num_events=a.num_syncs,
+            functions=tuple(self.functions),
+            arena_function=ARENA_FN,
+            num_events=a.num_syncs,
             event_streams=tuple(map(tuple, self.event_streams)),
             stream_inputs=tuple(map(tuple, self.input_index)),
             stream_outputs=tuple(map(tuple, self.output_index)),
-            stream_tenants=tuple("+".join(dict.fromkeys(
-                t for k in ks for t in self.dag.kernel(k).tenants)) or "?" for ks in a.streams),
-            kernel_tenant=kernel_tenant)
+            stream_tenants=tuple(
+                "+".join(dict.fromkeys(t for k in ks for t in self.dag.kernel(k).tenants)) or "?"
+                for ks in a.streams
+            ),
+            kernel_tenant=kernel_tenant,
+        )
 
 
 def tuple_field(graph: Graph, node):
@@ -224,11 +237,13 @@ def stream_layout(graph: Graph) -> StreamLayout | None:
             f"assign-streams assigned run_all's kernels to {a.num_streams} streams "
             f"(policy {a.policy!r}), but no plan-memory ran after it: the streams run over "
             "one planned arena. Run plan-memory after assign-streams, or ask for one stream "
-            "(streams=1 or policy='sequential').")
+            "(streams=1 or policy='sequential')."
+        )
     if plan.streams != a.fingerprint():
         made_for = "program order" if plan.streams is None else f"assignment {plan.streams}"
         raise MTCompileError(
             f"run_all's memory plan was made for {made_for}, not for the {a.num_streams}-stream "
             f"assignment {a.fingerprint()} to lower: tensors live at once on two streams could "
-            "share bytes. Run plan-memory after assign-streams.")
+            "share bytes. Run plan-memory after assign-streams."
+        )
     return StreamLayout(graph)

@@ -28,8 +28,10 @@ def load_database(path: str | Path, target: str) -> str:
         raise MTCompileError("tuning databases are applied for target llvm only")
     d = Path(path)
     if not (d / WORKLOADS).is_file() or not (d / RECORDS).is_file():
-        raise MTCompileError(f"{d} is not a tuning database: expected {WORKLOADS} and {RECORDS} "
-                             "(written by `mtcompile tune`)")
+        raise MTCompileError(
+            f"{d} is not a tuning database: expected {WORKLOADS} and {RECORDS} "
+            "(written by `mtcompile tune`)"
+        )
     return str(d.resolve())
 
 
@@ -80,7 +82,7 @@ def repair_database(out: Path) -> int:
             continue
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
-            data = data[:data.rfind(b"\n") + 1]
+            data = data[: data.rfind(b"\n") + 1]
             path.write_bytes(data)
         if name == RECORDS:
             kept = data.count(b"\n")
@@ -97,13 +99,17 @@ def _task_tenants(fused, extracted) -> list[list[str]]:
         if isinstance(func, relax.Function):
             for callee in relax.analysis.all_global_vars(func):
                 callers.setdefault(callee.name_hint, set()).add(gv.name_hint)
-    prims = [(gv.name_hint, f.with_attr("global_symbol", "main"))
-             for gv, f in fused.functions.items() if isinstance(f, tirx.PrimFunc)]
+    prims = [
+        (gv.name_hint, f.with_attr("global_symbol", "main"))
+        for gv, f in fused.functions.items()
+        if isinstance(f, tirx.PrimFunc)
+    ]
     out = []
     for task in extracted:
         main = task.dispatched[0]["main"]
-        users = set().union(*[callers.get(name, set()) for name, f in prims
-                              if tvm_ffi.structural_equal(f, main)])
+        users = set().union(
+            *[callers.get(name, set()) for name, f in prims if tvm_ffi.structural_equal(f, main)]
+        )
         out.append(sorted(users))
     return out
 
@@ -113,8 +119,9 @@ def _measured(database, contexts) -> list[tuple[int, int, float | None]]:
     by_workload: dict[int, list] = {}
     workloads = []
     for ctx in contexts:
-        workloads.append(database.commit_workload(ctx.mod) if database.has_workload(ctx.mod)
-                         else None)
+        workloads.append(
+            database.commit_workload(ctx.mod) if database.has_workload(ctx.mod) else None
+        )
     for record in database.get_all_tuning_records():
         for i, w in enumerate(workloads):
             if w is not None and record.workload.same_as(w):
@@ -143,8 +150,9 @@ def _measure_callback(on_batch):
 
     @derived_object
     class _Batch(PyMeasureCallback):
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
-                  runner_results) -> None:
+        def apply(
+            self, task_scheduler, task_id, measure_candidates, builder_results, runner_results
+        ) -> None:
             on_batch(task_id, [_mean(r.run_secs) for r in runner_results])
 
     return _Batch()
@@ -203,19 +211,33 @@ def parse_target(spec: str | dict | None):
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError:
-            raise MTCompileError(f"tuning target {spec!r}: expected llvm or a TVM target "
-                                 'dict such as {"kind": "llvm", "mcpu": "skylake"}') from None
+            raise MTCompileError(
+                f"tuning target {spec!r}: expected llvm or a TVM target "
+                'dict such as {"kind": "llvm", "mcpu": "skylake"}'
+            ) from None
     if not isinstance(spec, dict) or spec.get("kind") != "llvm":
-        raise MTCompileError(f"tuning target {spec!r}: tuning databases are applied for "
-                             "target llvm only (a dict needs \"kind\": \"llvm\")")
+        raise MTCompileError(
+            f"tuning target {spec!r}: tuning databases are applied for "
+            'target llvm only (a dict needs "kind": "llvm")'
+        )
     try:
         return tvm.target.Target(spec)
     except Exception as e:  # noqa: BLE001 - TVM's own message names the bad key
         raise MTCompileError(f"tuning target {spec!r}: {e}") from e
 
 
-def tune(mod, target, out_dir: str | Path, trials: int, progress=print, on_trials=None,
-         *, devices=None, builders: int | None = None, on_task=None) -> dict:
+def tune(
+    mod,
+    target,
+    out_dir: str | Path,
+    trials: int,
+    progress=print,
+    on_trials=None,
+    *,
+    devices=None,
+    builders: int | None = None,
+    on_task=None,
+) -> dict:
     """Tune every TVM kernel task of `mod` up to `trials` trials each; write the database.
 
     `mod` must be lowered from a graph the same passes made (the offload-library pass with
@@ -240,28 +262,46 @@ def tune(mod, target, out_dir: str | Path, trials: int, progress=print, on_trial
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fused, extracted, contexts, weights = _tasks(mod, _with_cores(target, cores), out,
-                                                 builders, progress)
+    fused, extracted, contexts, weights = _tasks(
+        mod, _with_cores(target, cores), out, builders, progress
+    )
     kept = repair_database(out)
     database = ms.database.JSONDatabase(str(out / WORKLOADS), str(out / RECORDS))
     rows = _task_rows(database, contexts, fused, extracted)
     run = _Run(rows, trials, tracker, on_trials, on_task)
-    progress(f"tuning {len(run.todo())} of {len(contexts)} task(s), up to {trials} trial(s) "
-             f"each ({kept} already in the database), cost model {cost_model}, "
-             + (f"measured on {servers} server(s)" if tracker else "measured here"))
+    progress(
+        f"tuning {len(run.todo())} of {len(contexts)} task(s), up to {trials} trial(s) "
+        f"each ({kept} already in the database), cost model {cost_model}, "
+        + (f"measured on {servers} server(s)" if tracker else "measured here")
+    )
     if run.todo():
-        builder = ms.builder.LocalBuilder(max_workers=builders, timeout_sec=600,
-                                          initializer=light_tensor_intrin)
+        builder = ms.builder.LocalBuilder(
+            max_workers=builders, timeout_sec=600, initializer=light_tensor_intrin
+        )
         runner = tracker.runner(servers) if tracker is not None else ms.runner.LocalRunner()
         # tune_tasks has one budget for every task: tasks with the same budget left go together
         for budget, group in run.groups():
-            run.tune_group(group, budget, tasks=[contexts[i] for i in group],
-                           task_weights=[weights[i] for i in group],
-                           work_dir=str(out / "logs"), builder=builder, runner=runner,
-                           database=database, cost_model=cost_model)
-    return {"tasks": len(contexts), "records": len(database), "measured": run.measured,
-            "resumed_from": kept, "seconds": round(time.perf_counter() - t0, 1),
-            "cost_model": cost_model, "servers": servers, "table": rows}
+            run.tune_group(
+                group,
+                budget,
+                tasks=[contexts[i] for i in group],
+                task_weights=[weights[i] for i in group],
+                work_dir=str(out / "logs"),
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model=cost_model,
+            )
+    return {
+        "tasks": len(contexts),
+        "records": len(database),
+        "measured": run.measured,
+        "resumed_from": kept,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "cost_model": cost_model,
+        "servers": servers,
+        "table": rows,
+    }
 
 
 def _with_cores(target, cores: int):
@@ -280,17 +320,26 @@ def _tasks(mod, target, out: Path, builders: int, progress) -> tuple:
     fused = fused_module(mod, target)
     extracted = _tunable_tasks(ms.relax_integration.extract_tasks(fused, target), progress)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted, str(out / "logs"), num_threads=builders)
+        extracted, str(out / "logs"), num_threads=builders
+    )
     return fused, extracted, contexts, weights
 
 
 def _task_rows(database, contexts, fused, extracted) -> list[dict]:
     """A row per task (`tune`'s ``table``): trials in the database so far, failed ones among
     them, the best time and the tenants that run the kernel."""
-    return [{"task": t.task_name, "trials": n, "failed": f,
-             "best_us": None if b is None else b * 1e6, "tenants": u}
-            for t, (n, f, b), u in zip(extracted, _measured(database, contexts),
-                                       _task_tenants(fused, extracted), strict=True)]
+    return [
+        {
+            "task": t.task_name,
+            "trials": n,
+            "failed": f,
+            "best_us": None if b is None else b * 1e6,
+            "tenants": u,
+        }
+        for t, (n, f, b), u in zip(
+            extracted, _measured(database, contexts), _task_tenants(fused, extracted), strict=True
+        )
+    ]
 
 
 def _cost_model() -> str:
@@ -313,8 +362,9 @@ def _tunable_tasks(extracted: list, progress) -> list:
     bounds and kills the runner), said through `progress` when there are any."""
     gathers = [t.task_name for t in extracted if _reads_indices(t)]
     if gathers:
-        progress(f"not tuned (gathers: random indices would read out of bounds): "
-                 f"{', '.join(gathers)}")
+        progress(
+            f"not tuned (gathers: random indices would read out of bounds): {', '.join(gathers)}"
+        )
     return [t for t in extracted if not _reads_indices(t)]
 
 
@@ -352,13 +402,19 @@ class _Run:
         """MetaSchedule's ``tune_tasks`` over `group`, each task up to `budget` trials."""
         from tvm.s_tir import meta_schedule as ms
 
-        callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
-                     _measure_callback(lambda task_id, secs: self.on_batch(group, task_id, secs))]
+        callbacks = [
+            *ms.measure_callback.MeasureCallback.create("default"),
+            _measure_callback(lambda task_id, secs: self.on_batch(group, task_id, secs)),
+        ]
         try:
             with _stop_after_batch(self.interrupted):
-                ms.tune_tasks(**tune_args, max_trials_global=budget * len(group),
-                              max_trials_per_task=budget, num_trials_per_iter=min(budget, 32),
-                              measure_callbacks=callbacks)
+                ms.tune_tasks(
+                    **tune_args,
+                    max_trials_global=budget * len(group),
+                    max_trials_per_task=budget,
+                    num_trials_per_iter=min(budget, 32),
+                    measure_callbacks=callbacks,
+                )
         except Exception:
             # what the callback raised comes back through TVM as a RuntimeError
             if self.stopped:
@@ -372,7 +428,8 @@ class _Run:
         row["trials"] += len(secs)
         row["failed"] += sum(s is None for s in secs)
         times = [s * 1e6 for s in secs if s is not None] + (
-            [row["best_us"]] if row["best_us"] is not None else [])
+            [row["best_us"]] if row["best_us"] is not None else []
+        )
         row["best_us"] = min(times) if times else None
         self.measured += len(secs)
         if self.on_trials is not None:

@@ -118,7 +118,8 @@ class Tracker:
                     f"{self.where}: no server with this key within {self.wait_s:.0f} s (start "
                     f"one: python -m tvm.exec.rpc_server --tracker {self.host}:{self.port} "
                     f"--key {self.key}; list them: python -m tvm.exec.query_rpc_tracker "
-                    f"--host {self.host} --port {self.port})")
+                    f"--host {self.host} --port {self.port})"
+                )
             time.sleep(0.5)
 
     def _threads(self) -> int:
@@ -139,17 +140,22 @@ class Tracker:
         from tvm.s_tir import meta_schedule as ms
         from tvm.support.popen_pool import PopenPoolExecutor
 
-        config = ms.runner.RPCConfig(tracker_host=self.host, tracker_port=self.port,
-                                     tracker_key=self.key,
-                                     session_timeout_sec=self.session_timeout_s)
+        config = ms.runner.RPCConfig(
+            tracker_host=self.host,
+            tracker_port=self.port,
+            tracker_key=self.key,
+            session_timeout_sec=self.session_timeout_s,
+        )
         runner = ms.runner.RPCRunner(config, max_workers=workers, f_create_session=_session)
         # RPCRunner's pool has no timeout: a request for a server that never comes back
         # would block the run forever. With one, the worker is killed and the candidate
         # comes back as a failed run (RPCRunnerFuture turns TimeoutError into an error
         # result). Set on the pool it made: its workers are started (and TVM imported).
         if not isinstance(runner.pool, PopenPoolExecutor) or not hasattr(runner.pool, "_timeout"):
-            raise MTCompileError("this TVM's RPCRunner has no PopenPoolExecutor pool: cannot "
-                                 "bound its measurements in time")
+            raise MTCompileError(
+                "this TVM's RPCRunner has no PopenPoolExecutor pool: cannot "
+                "bound its measurements in time"
+            )
         runner.pool._timeout = self.session_timeout_s + self.wait_s
         return runner
 
@@ -159,15 +165,20 @@ class Tracker:
         if failed and self.servers() == 0:
             raise TrackerError(
                 f"{self.where}: every server with this key is gone; the database keeps what "
-                "was measured: start a server and run the same command again to continue")
+                "was measured: start a server and run the same command again to continue"
+            )
 
 
 def _session(config):
     """RPCRunner's session factory (run in its workers): fails at once when the tracker
     lists no server with the key, where the tracker would queue the request until one
     registers (servers in a session stay listed: only lost ones leave)."""
-    tracker = Tracker(config.tracker_host, int(config.tracker_port), config.tracker_key,
-                      session_timeout_s=config.session_timeout_sec)
+    tracker = Tracker(
+        config.tracker_host,
+        int(config.tracker_port),
+        config.tracker_key,
+        session_timeout_s=config.session_timeout_sec,
+    )
     if tracker.servers() == 0:
         raise TrackerError(f"{tracker.where}: no server with this key is left")
     return config.connect_server()

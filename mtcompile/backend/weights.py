@@ -48,8 +48,9 @@ class _ToParams(relax.PyExprMutator):
         return self.params.get(hash(op), op)
 
 
-def lift(mod: tvm.IRModule, min_bytes: int = MIN_BYTES
-         ) -> tuple[tvm.IRModule, list[np.ndarray], dict[str, list[int]]]:
+def lift(
+    mod: tvm.IRModule, min_bytes: int = MIN_BYTES
+) -> tuple[tvm.IRModule, list[np.ndarray], dict[str, list[int]]]:
     """(module, weights, args): every non-primitive Relax function of `mod` (the embedded
     manifest's aside) takes its constants of at least `min_bytes` as trailing parameters, in
     first-use order; `weights` holds each distinct one once (equal bytes, shape and dtype:
@@ -61,8 +62,11 @@ def lift(mod: tvm.IRModule, min_bytes: int = MIN_BYTES
     out = tvm.IRModule(mod.functions, attrs=mod.attrs)
     for gv, func in mod.functions_items():
         name = gv.name_hint
-        if (not isinstance(func, relax.Function) or name == MANIFEST_FN
-                or (func.attrs is not None and "Primitive" in func.attrs)):
+        if (
+            not isinstance(func, relax.Function)
+            or name == MANIFEST_FN
+            or (func.attrs is not None and "Primitive" in func.attrs)
+        ):
             continue
         found: dict[int, GenericConst] = {}
 
@@ -84,8 +88,9 @@ def lift(mod: tvm.IRModule, min_bytes: int = MIN_BYTES
             idx.append(by_content[key])
             params[h] = relax.Var(f"mtcompile_w{by_content[key]}", c.ty)
         body = _ToParams(params).visit_expr(func.body)
-        new = relax.Function([*func.params, *params.values()], body, func.ret_ty,
-                             func.is_pure, func.attrs, func.span)
+        new = relax.Function(
+            [*func.params, *params.values()], body, func.ret_ty, func.is_pure, func.attrs, func.span
+        )
         out[gv] = new
         args[name] = idx
     return out, weights, args

@@ -47,23 +47,36 @@ def _flags() -> list[str]:
     import tvm_ffi.libinfo as info
 
     ffi_lib = Path(info.find_libtvm_ffi()).parent
-    return ["-std=c++17", "-O2", "-shared", "-fPIC", *tvm_version_flag(), *include_flags(),
-            str(SRC / "core.cc"), f"-L{ffi_lib}", "-ltvm_ffi", f"-Wl,-rpath,{ffi_lib}"]
+    return [
+        "-std=c++17",
+        "-O2",
+        "-shared",
+        "-fPIC",
+        *tvm_version_flag(),
+        *include_flags(),
+        str(SRC / "core.cc"),
+        f"-L{ffi_lib}",
+        "-ltvm_ffi",
+        f"-Wl,-rpath,{ffi_lib}",
+    ]
 
 
 def library_path() -> str:
     """The core as a shared library, compiled once (cached by sources and flags)."""
     flags = _flags()
-    sources = b"".join(p.name.encode() + p.read_bytes() for p in sorted(SRC.iterdir())
-                       if p.suffix in (".cc", ".h"))
+    sources = b"".join(
+        p.name.encode() + p.read_bytes() for p in sorted(SRC.iterdir()) if p.suffix in (".cc", ".h")
+    )
     key = hashlib.sha256(sources + repr(flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"core-{key}" / "libmtcompile_core.so"
     if out.exists():
         return str(out)
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        raise MTCompileError("building mtcompile's runtime core needs a C++ compiler (g++), "
-                             "none found; build it once with `python -m mtcompile.core`")
+        raise MTCompileError(
+            "building mtcompile's runtime core needs a C++ compiler (g++), "
+            "none found; build it once with `python -m mtcompile.core`"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"libmtcompile_core.{os.getpid()}.tmp")
     res = subprocess.run([cxx, *flags, "-o", str(tmp)], capture_output=True, text=True)

@@ -40,21 +40,32 @@ def _flags() -> list[str]:
     ffi_lib = Path(info.find_libtvm_ffi()).parent
     # --no-as-needed: a bundle's library links TVM's runtime and the BLAS by name, without a
     # path; the driver loads them first, from the wheels (as mtcompile.native.preload does)
-    libs = [f"-L{ffi_lib}", "-ltvm_ffi", f"-Wl,-rpath,{ffi_lib}", "-Wl,--no-as-needed",
-            f"-L{tvm_lib_dir()}", "-ltvm_runtime", f"-Wl,-rpath,{tvm_lib_dir()}",
-            f"-L{blas_lib_dir()}", "-lscipy_openblas", f"-Wl,-rpath,{blas_lib_dir()}"]
+    libs = [
+        f"-L{ffi_lib}",
+        "-ltvm_ffi",
+        f"-Wl,-rpath,{ffi_lib}",
+        "-Wl,--no-as-needed",
+        f"-L{tvm_lib_dir()}",
+        "-ltvm_runtime",
+        f"-Wl,-rpath,{tvm_lib_dir()}",
+        f"-L{blas_lib_dir()}",
+        "-lscipy_openblas",
+        f"-Wl,-rpath,{blas_lib_dir()}",
+    ]
     # the runtime core's headers (the contract the Python runtime calls) and the TVM the
     # driver links: a bundle built with another is refused (rule tvm-version)
-    return ["-std=c++17", "-O2", *core.tvm_version_flag(), *core.include_flags(), str(_SRC),
-            *libs]
+    return ["-std=c++17", "-O2", *core.tvm_version_flag(), *core.include_flags(), str(_SRC), *libs]
 
 
 def build() -> str:
     """Compile ``mtcompile-run`` once (cached by source and flags); its path."""
     flags = _flags()
-    sources = b"".join(p.name.encode() + p.read_bytes()
-                       for d in (_SRC.parent, core.SRC) for p in sorted(d.iterdir())
-                       if p.suffix in (".cc", ".h"))
+    sources = b"".join(
+        p.name.encode() + p.read_bytes()
+        for d in (_SRC.parent, core.SRC)
+        for p in sorted(d.iterdir())
+        if p.suffix in (".cc", ".h")
+    )
     key = hashlib.sha256(sources + repr(flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"driver-{key}" / "mtcompile-run"
     if out.exists():
@@ -71,14 +82,24 @@ def build() -> str:
     return str(out)
 
 
-def command(bundle_dir, entry: str, input_dir, output_dir, threads: int | None = None,
-            timing: bool = False, verify_key_file=None, require_signature: bool = False
-            ) -> list:
+def command(
+    bundle_dir,
+    entry: str,
+    input_dir,
+    output_dir,
+    threads: int | None = None,
+    timing: bool = False,
+    verify_key_file=None,
+    require_signature: bool = False,
+) -> list:
     """The argument list that runs `entry` of the bundle at `bundle_dir` with the driver
     (with `verify_key_file`: the bundle must carry a signature made with that key; with
     `require_signature`: a key, that file or MTCOMPILE_VERIFY_KEY, must be given)."""
     cmd = [build(), str(bundle_dir), entry, str(input_dir), str(output_dir)]
-    return cmd + (["--threads", str(threads)] if threads else []) + (
-        ["--timing"] if timing else []) + (
-        ["--verify-key-file", str(verify_key_file)] if verify_key_file else []) + (
-        ["--require-signature"] if require_signature else [])
+    return (
+        cmd
+        + (["--threads", str(threads)] if threads else [])
+        + (["--timing"] if timing else [])
+        + (["--verify-key-file", str(verify_key_file)] if verify_key_file else [])
+        + (["--require-signature"] if require_signature else [])
+    )

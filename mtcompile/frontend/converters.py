@@ -45,8 +45,7 @@ def _scan(relax_op: Callable) -> Callable:
 def _converters() -> dict[str, Callable]:
     from tvm import relax
 
-    return {"cumsum.default": _scan(relax.op.cumsum),
-            "cumprod.default": _scan(relax.op.cumprod)}
+    return {"cumsum.default": _scan(relax.op.cumsum), "cumprod.default": _scan(relax.op.cumprod)}
 
 
 CONVERTERS: dict[str, Callable] = _converters()

@@ -125,18 +125,24 @@ def check_tensors(t: Tenant) -> None:
     named = [(f"example input {i}", x) for i, x in enumerate(t.example_inputs or ())]
     model = t.model
     if isinstance(model, torch.export.ExportedProgram):
-        named += [(f"weight {k!r}", v) for k, v in (*model.state_dict.items(),
-                                                    *model.constants.items())]
+        named += [
+            (f"weight {k!r}", v) for k, v in (*model.state_dict.items(), *model.constants.items())
+        ]
     elif isinstance(model, torch.nn.Module):
-        named += [(f"weight {k!r}", v) for k, v in (*model.named_parameters(),
-                                                    *model.named_buffers())]
-        named += [(f"constant {k!r}", v) for k, v in vars(model).items()
-                  if isinstance(v, torch.Tensor)]
+        named += [
+            (f"weight {k!r}", v) for k, v in (*model.named_parameters(), *model.named_buffers())
+        ]
+        named += [
+            (f"constant {k!r}", v) for k, v in vars(model).items() if isinstance(v, torch.Tensor)
+        ]
     for what, x in named:
         why = _no_data(x)
         if why is not None:
-            hint = (" load real weights (e.g. load_state_dict(..., assign=True)) before "
-                    "compiling" if x.is_meta and what.startswith("weight") else "")
+            hint = (
+                " load real weights (e.g. load_state_dict(..., assign=True)) before compiling"
+                if x.is_meta and what.startswith("weight")
+                else ""
+            )
             raise TenantError(f"tenant '{t.name}': {what} is {why}{';' if hint else ''}{hint}")
 
 
@@ -180,25 +186,37 @@ def dynamic_axes(model, args: tuple, spec) -> list[DynamicAxis]:
     if spec is None:
         return []
     try:
-        params = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         params = []
     names = [params[i] if i < len(params) else f"#{i}" for i in range(len(args))]
     if isinstance(spec, dict):
         per_input = [spec.get(n) for n in names]
     elif isinstance(spec, list | tuple):
-        per_input = list(spec)[:len(args)]
+        per_input = list(spec)[: len(args)]
     else:
         return []
     out = []
     for i, axes in enumerate(per_input):
         ndim = getattr(args[i], "ndim", 0)
-        items = (axes.items() if isinstance(axes, dict) else enumerate(axes)
-                 if isinstance(axes, list | tuple) else ())
+        items = (
+            axes.items()
+            if isinstance(axes, dict)
+            else enumerate(axes)
+            if isinstance(axes, list | tuple)
+            else ()
+        )
         for axis, d in items:
-            if (isinstance(d, Dim) and isinstance(axis, int) and not isinstance(axis, bool)
-                    and -ndim <= axis < ndim):
+            if (
+                isinstance(d, Dim)
+                and isinstance(axis, int)
+                and not isinstance(axis, bool)
+                and -ndim <= axis < ndim
+            ):
                 out.append(DynamicAxis(i, names[i], axis % ndim, d))
     return out
 
@@ -224,8 +242,7 @@ def widened_sizes(args: tuple, dims: list[DynamicAxis]) -> dict[tuple[int, int],
         for a in axes:
             have = int(args[a.index].shape[a.axis])
             want = size if a.dim is a.root else int(a.dim.fn(size))
-            if a.dim is not a.root and (have != int(a.dim.fn(1)) or have <= 0
-                                        or want % have):
+            if a.dim is not a.root and (have != int(a.dim.fn(1)) or have <= 0 or want % have):
                 continue
             out[(a.index, a.axis)] = want
     return out
@@ -242,8 +259,9 @@ def widen_examples(args: tuple, sizes: dict[tuple[int, int], int]) -> tuple:
     return tuple(out)
 
 
-def _export_error(t: Tenant, e: Exception, dims: list[DynamicAxis],
-                  widened: dict[tuple[int, int], int]) -> TenantError:
+def _export_error(
+    t: Tenant, e: Exception, dims: list[DynamicAxis], widened: dict[tuple[int, int], int]
+) -> TenantError:
     """A `TenantError` for torch.export's failure `e`; for violated dynamic-shape
     constraints it says, per Dim, what to give instead."""
     text = str(e)
@@ -253,41 +271,72 @@ def _export_error(t: Tenant, e: Exception, dims: list[DynamicAxis],
         first = violated.group(0)
     msg = f"tenant '{t.name}': torch.export failed: {type(e).__name__}: {first}"
     hints = []
-    for name in ([n.strip() for n in violated.group(1).split(",")] if violated else []):
+    for name in [n.strip() for n in violated.group(1).split(",")] if violated else []:
         axes = [a for a in dims if name in (a.dim.__name__, a.root.__name__)]
-        where = (" and ".join(f"input {a.input!r} axis {a.axis}" for a in axes)
-                 or "its inputs")
-        const = re.search(rf"You marked {re.escape(name)} as dynamic but your code "
-                          r"specialized it to be a constant \((\d+)\)", text)
+        where = " and ".join(f"input {a.input!r} axis {a.axis}" for a in axes) or "its inputs"
+        const = re.search(
+            rf"You marked {re.escape(name)} as dynamic but your code "
+            r"specialized it to be a constant \((\d+)\)",
+            text,
+        )
         value = int(const.group(1)) if const else None
-        if const and axes and value in ({0, 1} if axes[0].dim is axes[0].root
-                                        else {int(axes[0].dim.fn(v)) for v in (0, 1)}):
+        if (
+            const
+            and axes
+            and value
+            in ({0, 1} if axes[0].dim is axes[0].root else {int(axes[0].dim.fn(v)) for v in (0, 1)})
+        ):
             root = axes[0].root
             lo = max(2, int(root.min or 0))
             sizes = " and ".join(
                 f"size in [{lo}, {root.max}] along input {a.input!r} axis {a.axis}"
-                if a.dim is a.root else f"size {a.dim.__name__} (e.g. {int(a.dim.fn(lo))}) "
-                f"along input {a.input!r} axis {a.axis}" for a in axes)
-            hints.append(f"Dim {name!r}: torch.export fixes a dynamic dim whose example has "
-                         f"size 0 or 1: give example inputs with {root.__name__} in "
-                         f"[{lo}, {root.max}]: {sizes}")
+                if a.dim is a.root
+                else f"size {a.dim.__name__} (e.g. {int(a.dim.fn(lo))}) "
+                f"along input {a.input!r} axis {a.axis}"
+                for a in axes
+            )
+            hints.append(
+                f"Dim {name!r}: torch.export fixes a dynamic dim whose example has "
+                f"size 0 or 1: give example inputs with {root.__name__} in "
+                f"[{lo}, {root.max}]: {sizes}"
+            )
         elif const:
-            hints.append(f"Dim {name!r}: the model's code fixes {where} to {value}, "
-                         f"so it cannot vary: drop it from dynamic_shapes (a fixed size "
-                         f"{value}) or change the code that fixes it")
+            hints.append(
+                f"Dim {name!r}: the model's code fixes {where} to {value}, "
+                f"so it cannot vary: drop it from dynamic_shapes (a fixed size "
+                f"{value}) or change the code that fixes it"
+            )
         else:
-            reasons = list(dict.fromkeys(ln.strip()[2:] for ln in text.splitlines()
-                                         if ln.strip()[:2] == "- " and name in ln))[:2]
-            fixes = [ln.strip() for ln in text.split("Suggested fixes:", 1)[-1].splitlines()
-                     if ln.strip().startswith(f"{name} =")] if "Suggested fixes:" in text else []
-            hints.append(f"Dim {name!r} ({where}): " + "; ".join(reasons or ["see torch.export's "
-                                                                          "message"])
-                         + (f"; torch.export suggests {'; '.join(fixes)}" if fixes else ""))
+            reasons = list(
+                dict.fromkeys(
+                    ln.strip()[2:]
+                    for ln in text.splitlines()
+                    if ln.strip()[:2] == "- " and name in ln
+                )
+            )[:2]
+            fixes = (
+                [
+                    ln.strip()
+                    for ln in text.split("Suggested fixes:", 1)[-1].splitlines()
+                    if ln.strip().startswith(f"{name} =")
+                ]
+                if "Suggested fixes:" in text
+                else []
+            )
+            hints.append(
+                f"Dim {name!r} ({where}): "
+                + "; ".join(reasons or ["see torch.export's message"])
+                + (f"; torch.export suggests {'; '.join(fixes)}" if fixes else "")
+            )
     if widened:
         names = {(a.index, a.axis): a.input for a in dims}
-        hints.append("traced at a copy of the example inputs widened to " + ", ".join(
-            f"size {n} along input {names[k]!r} axis {k[1]}" for k, n in widened.items())
-            + " (torch.export fixes a dynamic dim whose example has size 1)")
+        hints.append(
+            "traced at a copy of the example inputs widened to "
+            + ", ".join(
+                f"size {n} along input {names[k]!r} axis {k[1]}" for k, n in widened.items()
+            )
+            + " (torch.export fixes a dynamic dim whose example has size 1)"
+        )
     return TenantError(msg + ("; " + "; ".join(hints) if hints else ""))
 
 
@@ -302,8 +351,10 @@ def import_tenant(t: Tenant) -> ImportedTenant:
         return _import_exported(t, model)
     if isinstance(model, torch.nn.Module):
         if t.example_inputs is None:
-            raise TenantError(f"tenant '{t.name}': a torch.nn.Module needs example_inputs "
-                              "(a tuple of tensors) to be traced with torch.export")
+            raise TenantError(
+                f"tenant '{t.name}': a torch.nn.Module needs example_inputs "
+                "(a tuple of tensors) to be traced with torch.export"
+            )
         dims, sizes = [], {}
         try:  # mtcompile compiles inference; the caller's modes come back afterwards
             args = _distinct(tuple(to_torch(x) for x in t.example_inputs))
@@ -318,18 +369,22 @@ def import_tenant(t: Tenant) -> ImportedTenant:
             raise _export_error(t, e, dims, sizes) from e
         return _import_exported(t, ep)
     if t.dynamic_shapes is not None:
-        raise TenantError(f"tenant '{t.name}': dynamic_shapes applies to a torch.nn.Module "
-                          "(torch.export's argument); an ONNX or fx tenant names its dims in "
-                          "its shapes and gives dim_bounds")
+        raise TenantError(
+            f"tenant '{t.name}': dynamic_shapes applies to a torch.nn.Module "
+            "(torch.export's argument); an ONNX or fx tenant names its dims in "
+            "its shapes and gives dim_bounds"
+        )
     try:
         import onnx
     except ImportError:  # pragma: no cover - onnx is a dependency
         onnx = None
     if isinstance(model, str | os.PathLike) or (onnx and isinstance(model, onnx.ModelProto)):
         return _import_onnx(t)
-    raise TenantError(f"tenant '{t.name}': model of type {type(model).__name__} is not "
-                      "supported; expected torch.nn.Module, torch.fx.GraphModule, "
-                      "torch.export.ExportedProgram, onnx.ModelProto or a path to an .onnx file")
+    raise TenantError(
+        f"tenant '{t.name}': model of type {type(model).__name__} is not "
+        "supported; expected torch.nn.Module, torch.fx.GraphModule, "
+        "torch.export.ExportedProgram, onnx.ModelProto or a path to an .onnx file"
+    )
 
 
 def _import_exported(t: Tenant, ep) -> ImportedTenant:
@@ -341,22 +396,29 @@ def _import_exported(t: Tenant, ep) -> ImportedTenant:
     source_code = str(ep.graph_module.code)
     ep = _decomposed(t, ep)
     known = ExportedProgramImporter().convert_map
-    missing = [(n.target.__name__, _where(n)) for n in ep.graph.nodes
-               if n.op == "call_function" and n.target.__name__ not in known
-               and n.target.__name__ not in CONVERTERS]
+    missing = [
+        (n.target.__name__, _where(n))
+        for n in ep.graph.nodes
+        if n.op == "call_function"
+        and n.target.__name__ not in known
+        and n.target.__name__ not in CONVERTERS
+    ]
     if missing:
         raise UnsupportedOperatorError(t.name, _unique(missing), "torch.export")
-    names = [s.arg.name for s in ep.graph_signature.input_specs
-             if s.kind.name == "USER_INPUT"]
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     try:
         with _quiet_torch():
-            mod = from_exported_program(ep, keep_params_as_input=False,
-                                        custom_convert_map={**_low_precision_map(known),
-                                                            **CONVERTERS},
-                                        run_ep_decomposition=False)
+            mod = from_exported_program(
+                ep,
+                keep_params_as_input=False,
+                custom_convert_map={**_low_precision_map(known), **CONVERTERS},
+                run_ep_decomposition=False,
+            )
     except Exception as e:
-        raise TenantError(f"tenant '{t.name}': TVM's torch.export importer failed: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise TenantError(
+            f"tenant '{t.name}': TVM's torch.export importer failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     mod = _canonical_dims(t, mod, names, _export_dim_names(t, names), var_bounds(mod["main"]))
     state = sorted(ep.state_dict.items()) + sorted(ep.constants.items())
     return ImportedTenant(t.name, mod, names, "torch.export", _hash_torch(source_code, state))
@@ -377,9 +439,11 @@ def _decomposed(t: Tenant, ep):
         kept = _decomposed_keeping_attention(ep)
         if kept is not None:
             return kept
-        raise TenantError(f"tenant '{t.name}': torch.export's decomposition to core ATen "
-                          f"failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        raise TenantError(
+            f"tenant '{t.name}': torch.export's decomposition to core ATen "
+            f"failed: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
 
 
 def _decomposed_keeping_attention(ep):
@@ -394,15 +458,32 @@ def _decomposed_keeping_attention(ep):
     if not any(n.target is sdpa for n in ep.graph.nodes):
         return None
 
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                  scale=None, enable_gqa=False):
+    def attention(
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ):
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             # as scaled_dot_product_attention itself: the math kernel adds a float mask
             attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(
-                attn_mask.logical_not(), float("-inf"))
+                attn_mask.logical_not(), float("-inf")
+            )
         out = torch.ops.aten._scaled_dot_product_attention_math.default(
-            query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale,
-            enable_gqa=enable_gqa)[0]
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            None,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )[0]
         return out.transpose(1, 2).contiguous().transpose(1, 2) if out.ndim == 4 else out
 
     table = torch.export.default_decompositions()
@@ -446,8 +527,7 @@ def _low_precision_map(known) -> dict:
                 v = importer.env.get(a)
                 if isinstance(v, relax.Expr) and getattr(v.ty, "dtype", None) == want:
                     saved[a] = v
-                    importer.env[a] = importer.block_builder.emit(relax.op.astype(v,
-                                                                                  "float32"))
+                    importer.env[a] = importer.block_builder.emit(relax.op.astype(v, "float32"))
         try:
             out = fn(node)
         finally:
@@ -465,10 +545,10 @@ def _export_dim_names(t: Tenant, names: list[str]) -> dict[tuple[int, int], str]
     spec = t.dynamic_shapes
     if spec is None:
         return {}
-    per_input = ([spec.get(n) for n in names] if isinstance(spec, dict) else list(spec))
+    per_input = [spec.get(n) for n in names] if isinstance(spec, dict) else list(spec)
     out = {}
     for i, axes in enumerate(per_input):
-        items = (axes.items() if isinstance(axes, dict) else enumerate(axes or ()))
+        items = axes.items() if isinstance(axes, dict) else enumerate(axes or ())
         for axis, dim in items:
             name = getattr(dim, "__name__", None)
             if isinstance(name, str) and name.isidentifier():
@@ -476,8 +556,13 @@ def _export_dim_names(t: Tenant, names: list[str]) -> dict[tuple[int, int], str]
     return out
 
 
-def _canonical_dims(t: Tenant, mod, names: list[str], dim_names: dict[tuple[int, int], str],
-                    bounds: dict[str, tuple[int, int]]):
+def _canonical_dims(
+    t: Tenant,
+    mod,
+    names: list[str],
+    dim_names: dict[tuple[int, int], str],
+    bounds: dict[str, tuple[int, int]],
+):
     """`mod` with each size variable of main's inputs renamed ``<tenant>_<dim name>`` (one
     variable per tenant and name: tenants of one bundle take their own sizes) and its
     bounds set as TVM's ``tir_var_lower/upper_bound`` attrs (what lift, memory planning
@@ -498,7 +583,8 @@ def _canonical_dims(t: Tenant, mod, names: list[str], dim_names: dict[tuple[int,
                 raise TenantError(
                     f"tenant '{t.name}': input {names[i]!r} axis {axis}: symbolic dim "
                     f"{user!r} has no bounds; declare them (torch.export.Dim(name, min=, "
-                    f"max=), or dim_bounds={{{user!r}: (lo, hi)}})")
+                    f"max=), or dim_bounds={{{user!r}: (lo, hi)}})"
+                )
             new[d] = tirx.Var(f"{t.name}_{user}", "int64")
             lo[new[d].name], hi[new[d].name] = bounds[d.name]
     if not new:
@@ -522,18 +608,25 @@ def _nonnegative_slice_axes(func):
     class Normalize(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.strided_slice"
-                    and isinstance(call.args[1], relax.Tuple)
-                    and getattr(call.args[0].ty, "ndim", -1) > 0):
+            if not (
+                isinstance(call.op, tvm.ir.Op)
+                and call.op.name == "relax.strided_slice"
+                and isinstance(call.args[1], relax.Tuple)
+                and getattr(call.args[0].ty, "ndim", -1) > 0
+            ):
                 return call
             rank = call.args[0].ty.ndim
             axes = [int(a.value) for a in call.args[1].fields]
             if all(a >= 0 for a in axes):
                 return call
-            return relax.op.strided_slice(call.args[0], [a % rank for a in axes],
-                                          call.args[2], call.args[3],
-                                          call.args[4] if len(call.args) > 4 else None,
-                                          assume_inbound=call.attrs.assume_inbound)
+            return relax.op.strided_slice(
+                call.args[0],
+                [a % rank for a in axes],
+                call.args[2],
+                call.args[3],
+                call.args[4] if len(call.args) > 4 else None,
+                assume_inbound=call.attrs.assume_inbound,
+            )
 
     return Normalize().visit_expr(func)
 
@@ -553,14 +646,17 @@ def _dims_of(t: Tenant, shapes: dict[str, tuple[list, str]]) -> tuple[dict, dict
                     raise TenantError(
                         f"tenant '{t.name}': input {inp!r} axis {axis}: symbolic dim {d!r} "
                         f"has no bounds; give dim_bounds={{{d!r}: (lo, hi)}} (or a fixed "
-                        "size in input_shapes)")
+                        "size in input_shapes)"
+                    )
                 d = made.setdefault(d, tirx.Var(d, "int64"))
             dims.append(d)
         out[inp] = (dims, dtype)
     unused = sorted(set(t.dim_bounds) - set(made))
     if unused:
-        raise TenantError(f"tenant '{t.name}': dim_bounds names {unused}, which no input "
-                          f"dimension is called (symbolic dims: {sorted(made)})")
+        raise TenantError(
+            f"tenant '{t.name}': dim_bounds names {unused}, which no input "
+            f"dimension is called (symbolic dims: {sorted(made)})"
+        )
     return out, {name: tuple(t.dim_bounds[name]) for name in made}
 
 
@@ -587,29 +683,38 @@ def _import_fx(t: Tenant) -> ImportedTenant:
     try:
         mod = from_fx(gm, [shapes[p] for p in placeholders])
     except Exception as e:
-        raise TenantError(f"tenant '{t.name}': TVM's fx importer failed: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise TenantError(
+            f"tenant '{t.name}': TVM's fx importer failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     mod = _canonical_dims(t, mod, placeholders, {}, bounds)
     state = sorted(gm.state_dict().items())
-    return ImportedTenant(t.name, mod, placeholders, "torch.fx",
-                          _hash_torch(str(gm.code), state))
+    return ImportedTenant(t.name, mod, placeholders, "torch.fx", _hash_torch(str(gm.code), state))
 
 
 def _fx_shapes(t: Tenant, placeholders: list[str]) -> dict[str, tuple[list[int], str]]:
     if t.input_shapes is not None:
         if list(t.input_shapes) != placeholders:
-            raise TenantError(f"tenant '{t.name}': input_shapes names {list(t.input_shapes)} "
-                              f"do not match the GraphModule's inputs {placeholders}")
-        return {k: ([x if isinstance(x, str) else int(x) for x in s], str(d))
-                for k, (s, d) in t.input_shapes.items()}
+            raise TenantError(
+                f"tenant '{t.name}': input_shapes names {list(t.input_shapes)} "
+                f"do not match the GraphModule's inputs {placeholders}"
+            )
+        return {
+            k: ([x if isinstance(x, str) else int(x) for x in s], str(d))
+            for k, (s, d) in t.input_shapes.items()
+        }
     if t.example_inputs is not None:
         if len(t.example_inputs) != len(placeholders):
-            raise TenantError(f"tenant '{t.name}': {len(t.example_inputs)} example inputs for "
-                              f"a GraphModule with inputs {placeholders}")
+            raise TenantError(
+                f"tenant '{t.name}': {len(t.example_inputs)} example inputs for "
+                f"a GraphModule with inputs {placeholders}"
+            )
         arrays = [to_numpy(x) for x in t.example_inputs]
         return {p: (list(a.shape), str(a.dtype)) for p, a in zip(placeholders, arrays, strict=True)}
-    raise TenantError(f"tenant '{t.name}': a torch.fx.GraphModule needs input_shapes "
-                      f"({{name: (shape, dtype)}} for inputs {placeholders}) or example_inputs")
+    raise TenantError(
+        f"tenant '{t.name}': a torch.fx.GraphModule needs input_shapes "
+        f"({{name: (shape, dtype)}} for inputs {placeholders}) or example_inputs"
+    )
 
 
 def load_onnx(t: Tenant):
@@ -624,14 +729,17 @@ def load_onnx(t: Tenant):
         try:
             model = onnx.load(str(path))
         except Exception as e:
-            raise TenantError(f"tenant '{t.name}': {str(path)!r} is not a readable ONNX file: "
-                              f"{type(e).__name__}: {e}") from e
+            raise TenantError(
+                f"tenant '{t.name}': {str(path)!r} is not a readable ONNX file: "
+                f"{type(e).__name__}: {e}"
+            ) from e
     try:
         onnx.checker.check_model(model)
     except Exception as e:
         # The checker names the node on later lines: keep them, on one line.
-        raise TenantError(f"tenant '{t.name}': invalid ONNX model: {' '.join(str(e).split())}"
-                          ) from e
+        raise TenantError(
+            f"tenant '{t.name}': invalid ONNX model: {' '.join(str(e).split())}"
+        ) from e
     if not model.graph.node:
         raise TenantError(f"tenant '{t.name}': the ONNX graph has no nodes")
     return model
@@ -652,8 +760,7 @@ def onnx_signature(t: Tenant, model) -> dict[str, tuple[tuple[int | str, ...], s
         dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
         if inp.name in given:
             shape, dtype = given.pop(inp.name)
-            sig[inp.name] = (tuple(d if isinstance(d, str) else int(d) for d in shape),
-                             str(dtype))
+            sig[inp.name] = (tuple(d if isinstance(d, str) else int(d) for d in shape), str(dtype))
             continue
         dims = []
         for i, d in enumerate(tt.shape.dim):
@@ -665,11 +772,14 @@ def onnx_signature(t: Tenant, model) -> dict[str, tuple[tuple[int | str, ...], s
                 raise TenantError(
                     f"tenant '{t.name}': ONNX input {inp.name!r} has an unnamed dimension "
                     f"{d.dim_param or '?'} at axis {i}; give input_shapes={{{inp.name!r}: "
-                    "(shape, dtype)}")
+                    "(shape, dtype)}"
+                )
         sig[inp.name] = (tuple(dims), dtype)
     if given:
-        raise TenantError(f"tenant '{t.name}': input_shapes names {sorted(given)} that are not "
-                          f"inputs of the ONNX model (inputs: {list(sig)})")
+        raise TenantError(
+            f"tenant '{t.name}': input_shapes names {sorted(given)} that are not "
+            f"inputs of the ONNX model (inputs: {list(sig)})"
+        )
     return sig
 
 
@@ -691,31 +801,49 @@ def _import_onnx(t: Tenant) -> ImportedTenant:
     known = convert_map()  # TVM's converters, some replaced by ours (onnx_converters)
     # TVM's importer looks ops up by op_type alone: a custom-domain op named like a standard
     # one (com.example.Relu) would silently compile as the standard op, so reject it here.
-    missing = [(f"{n.domain}.{n.op_type}" if n.domain not in _ONNX_DOMAINS else n.op_type,
-                f"node {n.name!r}" if n.name else f"node #{i}")
-               for i, n in enumerate(model.graph.node)
-               if n.domain not in _ONNX_DOMAINS
-               or (n.op_type not in known and n.op_type not in ("Constant", "If"))]
+    missing = [
+        (
+            f"{n.domain}.{n.op_type}" if n.domain not in _ONNX_DOMAINS else n.op_type,
+            f"node {n.name!r}" if n.name else f"node #{i}",
+        )
+        for i, n in enumerate(model.graph.node)
+        if n.domain not in _ONNX_DOMAINS
+        or (n.op_type not in known and n.op_type not in ("Constant", "If"))
+    ]
     if missing:
         raise UnsupportedOperatorError(t.name, _unique(missing), "ONNX")
     sig = onnx_signature(t, model)
     shapes, bounds = _dims_of(t, {k: (list(s), d) for k, (s, d) in sig.items()})
     try:
-        mod, origin = from_onnx(model, {k: s for k, (s, _) in shapes.items()},
-                                {k: d for k, (_, d) in sig.items()})
+        mod, origin = from_onnx(
+            model, {k: s for k, (s, _) in shapes.items()}, {k: d for k, (_, d) in sig.items()}
+        )
         mod = relax.transform.FoldConstant()(mod)
     except ConversionError as e:  # names the node and its op
         raise TenantError(f"tenant '{t.name}': TVM's ONNX importer failed on {e}") from e
     except Exception as e:
-        raise TenantError(f"tenant '{t.name}': TVM's ONNX importer failed: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise TenantError(
+            f"tenant '{t.name}': TVM's ONNX importer failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     # a converter that emitted a TE computation (call_tir) on non-constant inputs: mtcompile's
     # graph takes Relax operators only
     left = leftover_call_tir(mod["main"], origin)
     if left:
-        raise UnsupportedOperatorError(t.name, _unique([
-            (op, f"node {node!r}: TVM's converter emits a TE computation ({prim}), "
-                 "not a Relax operator") for op, node, prim in left]), "ONNX")
+        raise UnsupportedOperatorError(
+            t.name,
+            _unique(
+                [
+                    (
+                        op,
+                        f"node {node!r}: TVM's converter emits a TE computation ({prim}), "
+                        "not a Relax operator",
+                    )
+                    for op, node, prim in left
+                ]
+            ),
+            "ONNX",
+        )
     mod = _canonical_dims(t, mod, list(sig), {}, bounds)
     digest = hashlib.sha256(model.SerializeToString()).hexdigest()
     return ImportedTenant(t.name, mod, list(sig), "onnx", digest)

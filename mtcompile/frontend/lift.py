@@ -24,8 +24,9 @@ from mtcompile.ir.relax_types import lift_type, opaque
 
 
 class _Lifter:
-    def __init__(self, tenant: str, constants: dict[str, np.ndarray],
-                 bounds: dict[str, tuple[int, int]]):
+    def __init__(
+        self, tenant: str, constants: dict[str, np.ndarray], bounds: dict[str, tuple[int, int]]
+    ):
         self.tenant = tenant
         self.bounds = bounds  # size variable -> (lo, hi): symbolic dims of its types
         self.constants = constants
@@ -74,8 +75,9 @@ class _Lifter:
         var, val = b.var, getattr(b, "value", None)
         where = f"tenant '{self.tenant}', binding {var.name}"
         if not isinstance(b, relax.VarBinding):
-            raise TenantError(f"{where}: {type(b).__name__} is not supported (a shape "
-                              "computed from data?)")
+            raise TenantError(
+                f"{where}: {type(b).__name__} is not supported (a shape computed from data?)"
+            )
         ty = lift_type(var.ty, where, self.bounds)
         if isinstance(val, relax.Var):  # alias
             self.env[var] = self.arg(val, where)
@@ -91,8 +93,10 @@ class _Lifter:
             args = tuple(self.arg(a, where) for a in val.args)
             pads = getattr(val.attrs, "padding", None) if val.attrs is not None else None
             if pads is not None and any(int(p) < 0 for p in pads):  # e.g. an ONNX pads of -1
-                raise TenantError(f"{where}: {val.op.name} has negative padding "
-                                  f"{[int(p) for p in pads]}; padding must be >= 0")
+                raise TenantError(
+                    f"{where}: {val.op.name} has negative padding "
+                    f"{[int(p) for p in pads]}; padding must be >= 0"
+                )
             attrs = opaque(val.attrs) if val.attrs is not None else None
             ty_args = tuple(opaque(t) for t in val.ty_args)
             self.env[var] = self.add(var.name, val.op.name, args, ty, attrs, ty_args)

@@ -44,18 +44,24 @@ def share_inputs(graph: Graph, shared: dict[str, dict[str, str]]) -> Graph:
         locals_ = dict(io.inputs)
         for local, key in decl.items():
             if local not in locals_:
-                raise TenantError(f"tenant '{t}': shared_inputs names {local!r}, which is not "
-                                  f"an input (inputs: {list(locals_)})")
+                raise TenantError(
+                    f"tenant '{t}': shared_inputs names {local!r}, which is not "
+                    f"an input (inputs: {list(locals_)})"
+                )
             node = graph.node(locals_[local])
             if isinstance(node.ty, TensorTy) and node.ty.symbolic:
                 # each tenant's dims are its own size variables: sizes could disagree
-                raise TenantError(f"tenant '{t}': shared input {local!r} ({key!r}) has "
-                                  f"dynamic dims {node.ty}; a shared input needs a fixed "
-                                  "shape (dynamic tenants each take their own inputs)")
+                raise TenantError(
+                    f"tenant '{t}': shared input {local!r} ({key!r}) has "
+                    f"dynamic dims {node.ty}; a shared input needs a fixed "
+                    "shape (dynamic tenants each take their own inputs)"
+                )
             if key in first and first[key][2].ty != node.ty:
                 t0, l0, n0 = first[key]
-                raise TenantError(f"shared input {key!r}: tenant '{t0}' input {l0!r} is {n0.ty} "
-                                  f"but tenant '{t}' input {local!r} is {node.ty}")
+                raise TenantError(
+                    f"shared input {key!r}: tenant '{t0}' input {l0!r} is {n0.ty} "
+                    f"but tenant '{t}' input {local!r} is {node.ty}"
+                )
             first.setdefault(key, (t, local, node))
             target[node.name] = f"shared.{key}"
     users: dict[str, set[str]] = {}
@@ -67,15 +73,22 @@ def share_inputs(graph: Graph, shared: dict[str, dict[str, str]]) -> Graph:
             shared_name = target[n.name]
             if shared_name not in placed:
                 placed.add(shared_name)
-                nodes.append(replace(n, name=shared_name,
-                                     tenants=tuple(t for t in graph.tenants
-                                                   if t in users[shared_name])))
+                nodes.append(
+                    replace(
+                        n,
+                        name=shared_name,
+                        tenants=tuple(t for t in graph.tenants if t in users[shared_name]),
+                    )
+                )
             continue
         nodes.append(replace(n, args=map_refs(n.args, lambda r: Ref(target.get(r.name, r.name)))))
-    tenants = {t: TenantIO(tuple((local, target.get(name, name)) for local, name in io.inputs),
-                           tuple(Ref(target.get(o.name, o.name)) if isinstance(o, Ref) else o
-                                 for o in io.outputs))
-               for t, io in graph.tenants.items()}
+    tenants = {
+        t: TenantIO(
+            tuple((local, target.get(name, name)) for local, name in io.inputs),
+            tuple(Ref(target.get(o.name, o.name)) if isinstance(o, Ref) else o for o in io.outputs),
+        )
+        for t, io in graph.tenants.items()
+    }
     return Graph(tuple(nodes), tenants, graph.constants)
 
 

@@ -54,8 +54,7 @@ class Clip(_tvm.Clip):
         values = []  # per bound: None when absent, its value when a constant scalar
         for b in (lo, hi):
             v = _const_array(b, params)
-            values.append(None if b is None else v if v is not None and v.size == 1
-                          else False)
+            values.append(None if b is None else v if v is not None and v.size == 1 else False)
         if is_float and all(v is not False for v in values):
             lo_v = -math.inf if values[0] is None else float(values[0].reshape(()))
             hi_v = math.inf if values[1] is None else float(values[1].reshape(()))
@@ -64,8 +63,7 @@ class Clip(_tvm.Clip):
             if lo_v <= hi_v:
                 return bb.emit(relax.op.clip(x, lo_v, hi_v))
         out = x
-        for bound, op, for_min in ((lo, relax.op.maximum, True),
-                                   (hi, relax.op.minimum, False)):
+        for bound, op, for_min in ((lo, relax.op.maximum, True), (hi, relax.op.minimum, False)):
             if bound is None:
                 continue
             if is_float:
@@ -92,8 +90,7 @@ class Clip(_tvm.Clip):
 
 
 # ONNX Pad mode -> relax.nn.pad's
-_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
-              "wrap": "circular"}
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 
 
 class Pad(_tvm.Pad):
@@ -144,8 +141,13 @@ class Einsum(_tvm.Einsum):
         return bb.emit(relax.op.einsum(list(inputs), attr["equation"].decode("utf-8")))
 
 
-CONVERTERS: dict[str, type] = {"Clip": Clip, "Pad": Pad, "Tile": Tile, "CumSum": CumSum,
-                               "Einsum": Einsum}
+CONVERTERS: dict[str, type] = {
+    "Clip": Clip,
+    "Pad": Pad,
+    "Tile": Tile,
+    "CumSum": CumSum,
+    "Einsum": Einsum,
+}
 
 
 def convert_map() -> dict:
@@ -179,7 +181,8 @@ class _Importer(_tvm.ONNXGraphImporter):
         try:
             if op_name in CONVERTERS:
                 sym = CONVERTERS[op_name].get_converter(opset)(
-                    self.bb, inputs, attrs, [self._nodes, self._params])
+                    self.bb, inputs, attrs, [self._nodes, self._params]
+                )
                 if isinstance(sym, relax.Expr):
                     sym = self.bb.normalize(sym)
             else:
@@ -226,8 +229,9 @@ def from_onnx(model, shape_dict=None, dtype_dict="float32"):
     failure is a `ConversionError` naming the node and op. (The caller checks the model
     with ``onnx.checker`` first: TVM's ``from_onnx`` only warns.)"""
     if model.ir_version < 3:
-        raise ValueError(f"Model IR version {model.ir_version} not supported. "
-                         "Must be at least after 1.1.0.")
+        raise ValueError(
+            f"Model IR version {model.ir_version} not supported. Must be at least after 1.1.0."
+        )
     importer = _Importer(shape_dict, dtype_dict)
     mod = importer.from_onnx(model.graph, _model_opset(model))
     return mod, importer.origin

@@ -17,8 +17,9 @@ from mtcompile.ir.graph import ConstRef, Graph, Node, Opaque, Ref, Sym, TensorTy
 from mtcompile.ir.relax_types import lift_type, opaque, relax_type, ty_bounds
 
 
-def graph_types(graph: Graph, extra_nodes: dict | None = None,
-                extra_constants: dict | None = None) -> Callable:
+def graph_types(
+    graph: Graph, extra_nodes: dict | None = None, extra_constants: dict | None = None
+) -> Callable:
     """``typeof`` over a graph, plus nodes and constants a pass is adding."""
     nodes = extra_nodes if extra_nodes is not None else {}  # live views: the pass adds to them
     consts = extra_constants if extra_constants is not None else {}
@@ -32,8 +33,9 @@ def graph_types(graph: Graph, extra_nodes: dict | None = None,
     return typeof
 
 
-def make(typeof: Callable, name: str, tenants: tuple[str, ...], fn: Callable, args: list,
-         **kwargs) -> Node:
+def make(
+    typeof: Callable, name: str, tenants: tuple[str, ...], fn: Callable, args: list, **kwargs
+) -> Node:
     """The node ``fn(*args, **kwargs)`` (a Relax op constructor) over graph values `args`."""
     placeholders, back, tys = [], {}, []
     for i, a in enumerate(args):
@@ -50,9 +52,12 @@ def make(typeof: Callable, name: str, tenants: tuple[str, ...], fn: Callable, ar
         else:
             placeholders.append(a)
     # a shape given with symbolic dims (``shape=[*ty.shape]``): their TVM expressions
-    kwargs = {k: [d.obj if isinstance(d, Sym) else d for d in v]
-              if isinstance(v, list | tuple) and any(isinstance(d, Sym) for d in v) else v
-              for k, v in kwargs.items()}
+    kwargs = {
+        k: [d.obj if isinstance(d, Sym) else d for d in v]
+        if isinstance(v, list | tuple) and any(isinstance(d, Sym) for d in v)
+        else v
+        for k, v in kwargs.items()
+    }
     call = relax.BlockBuilder().normalize(fn(*placeholders, **kwargs))
 
     def to_arg(e):
@@ -63,10 +68,15 @@ def make(typeof: Callable, name: str, tenants: tuple[str, ...], fn: Callable, ar
         return opaque(e)
 
     assert isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
-    return Node(name, call.op.name, tuple(to_arg(a) for a in call.args),
-                lift_type(call.ty, name, ty_bounds(*tys)), tenants,
-                opaque(call.attrs) if call.attrs is not None else None,
-                tuple(opaque(t) for t in call.ty_args))
+    return Node(
+        name,
+        call.op.name,
+        tuple(to_arg(a) for a in call.args),
+        lift_type(call.ty, name, ty_bounds(*tys)),
+        tenants,
+        opaque(call.attrs) if call.attrs is not None else None,
+        tuple(opaque(t) for t in call.ty_args),
+    )
 
 
 def op_of(node: Node) -> Callable:

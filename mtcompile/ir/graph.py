@@ -94,8 +94,17 @@ class OtherTy:
 
 Ty = TensorTy | TupleTy | OtherTy
 
-_DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64",
-                "int64": "i64", "int32": "i32", "int8": "i8", "uint8": "u8", "bool": "bool"}
+_DTYPE_SHORT = {
+    "float32": "f32",
+    "float16": "f16",
+    "bfloat16": "bf16",
+    "float64": "f64",
+    "int64": "i64",
+    "int32": "i32",
+    "int8": "i8",
+    "uint8": "u8",
+    "bool": "bool",
+}
 
 
 def _short_dtype(dtype: str) -> str:
@@ -305,8 +314,9 @@ class Graph:
     def used_constants(self) -> set[str]:
         """Keys of the constants some node or output reads."""
         keys = {c.key for n in self.nodes for c in iter_const_refs(n.args)}
-        keys |= {o.key for io in self.tenants.values() for o in io.outputs
-                 if isinstance(o, ConstRef)}
+        keys |= {
+            o.key for io in self.tenants.values() for o in io.outputs if isinstance(o, ConstRef)
+        }
         return keys
 
     def tenant_nodes(self, tenant: str) -> list[Node]:
@@ -355,8 +365,11 @@ class Graph:
         return g
 
     def __str__(self) -> str:
-        lines = [f"dim {d.text} = [{d.lo}, {d.hi}]"
-                 + "".join(f" {v}:{lo}:{hi}" for v, lo, hi in d.bounds) for d in self.syms()]
+        lines = [
+            f"dim {d.text} = [{d.lo}, {d.hi}]"
+            + "".join(f" {v}:{lo}:{hi}" for v, lo, hi in d.bounds)
+            for d in self.syms()
+        ]
         for t, io in self.tenants.items():
             ins = ", ".join(f"{local}=%{node}" for local, node in io.inputs)
             lines.append(f"tenant {t}({ins})")
@@ -387,8 +400,12 @@ class Graph:
             text = str(self)
             if len(text) > 20000:
                 text = text[:20000] + "\n... (graph truncated)"
-            raise VerifyError("graph verification failed:\n  " + "\n  ".join(problems)
-                              + "\n--- graph ---\n" + text)
+            raise VerifyError(
+                "graph verification failed:\n  "
+                + "\n  ".join(problems)
+                + "\n--- graph ---\n"
+                + text
+            )
 
 
 def verify_problems(g: Graph) -> list[str]:
@@ -411,8 +428,10 @@ def verify_problems(g: Graph) -> list[str]:
             elif n.op == STACK and set(src.tenants) & set(n.tenants):
                 pass  # a stack gathers one value per tenant of a batched region
             elif not set(n.tenants) <= set(src.tenants):
-                problems.append(f"%{n.name} (tenant {n.tenant}) reads %{i} of tenant "
-                                f"{src.tenant}: a cross-tenant edge no pass declared")
+                problems.append(
+                    f"%{n.name} (tenant {n.tenant}) reads %{i} of tenant "
+                    f"{src.tenant}: a cross-tenant edge no pass declared"
+                )
         for c in iter_const_refs(n.args):
             if c.key not in g.constants:
                 problems.append(f"%{n.name} reads missing constant @{c.key}")
@@ -437,15 +456,18 @@ def _type_problems(n: Node, seen: Mapping[str, Node]) -> list[str]:
         return [f"input %{n.name} is not a tensor: {n.ty}"]
     if n.op == GET_ITEM:
         if len(n.args) != 1 or not isinstance(n.attrs, int):
-            return [f"get_item %{n.name} needs one tuple argument and an integer index, "
-                    f"has {len(n.args)} argument(s) and index {n.attrs!r}"]
+            return [
+                f"get_item %{n.name} needs one tuple argument and an integer index, "
+                f"has {len(n.args)} argument(s) and index {n.attrs!r}"
+            ]
         (src,) = n.args
         ty = seen[src.name].ty if isinstance(src, Ref) and src.name in seen else None
         if ty is not None and (not isinstance(ty, TupleTy) or not 0 <= n.attrs < len(ty.fields)):
             return [f"%{n.name} takes item {n.attrs} of %{src.name} of type {ty}"]
         if ty is not None and ty.fields[n.attrs] != n.ty:
-            return [f"%{n.name} has type {n.ty}, item {n.attrs} of %{src.name} is "
-                    f"{ty.fields[n.attrs]}"]
+            return [
+                f"%{n.name} has type {n.ty}, item {n.attrs} of %{src.name} is {ty.fields[n.attrs]}"
+            ]
     if n.op == TUPLE and isinstance(n.ty, TupleTy) and len(n.ty.fields) != len(n.args):
         return [f"tuple %{n.name} has {len(n.args)} items but type {n.ty}"]
     return []

@@ -23,10 +23,14 @@ def restrict(graph: Graph, tenants: Iterable[str]) -> Graph:
     keep = [t for t in graph.tenants if t in set(tenants)]
     live = graph.live_nodes(keep)
     inputs = {node for t in keep for _, node in graph.tenants[t].inputs}
-    nodes = [replace(n, tenants=tuple(t for t in n.tenants if t in keep))
-             for n in graph.nodes if n.name in live or (n.op == INPUT and n.name in inputs)]
-    return graph.with_nodes(nodes, {t: TenantIO(graph.tenants[t].inputs,
-                                                graph.tenants[t].outputs) for t in keep})
+    nodes = [
+        replace(n, tenants=tuple(t for t in n.tenants if t in keep))
+        for n in graph.nodes
+        if n.name in live or (n.op == INPUT and n.name in inputs)
+    ]
+    return graph.with_nodes(
+        nodes, {t: TenantIO(graph.tenants[t].inputs, graph.tenants[t].outputs) for t in keep}
+    )
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,7 @@ class Module:
     functions: Mapping[str, Graph]
 
     @classmethod
-    def of(cls, merged: Graph, run_all: str, subsets: Mapping[str, Iterable[str]] = {}
-           ) -> Module:
+    def of(cls, merged: Graph, run_all: str, subsets: Mapping[str, Iterable[str]] = {}) -> Module:
         """Each tenant's entry (named after it), `run_all` over every tenant, and a function
         per `subsets` item (name -> tenants) over just those tenants."""
         functions = {t: restrict(merged, [t]) for t in merged.tenants}
@@ -59,8 +62,9 @@ class Module:
         return int(sum(a.nbytes for a in self.constants().values()))
 
     def __str__(self) -> str:
-        return "\n".join(f"func {name}({', '.join(g.tenants)}):\n" + str(g)
-                         for name, g in self.functions.items())
+        return "\n".join(
+            f"func {name}({', '.join(g.tenants)}):\n" + str(g) for name, g in self.functions.items()
+        )
 
     def verify(self) -> None:
         """Every function's graph verified (`Graph.verify`)."""

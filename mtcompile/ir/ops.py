@@ -16,37 +16,87 @@ from dataclasses import dataclass, field
 from mtcompile.native import table
 
 # elementwise over one tensor
-UNARY = frozenset({
-    "relax.nn.relu", "relax.nn.gelu", "relax.nn.silu", "relax.tanh", "relax.exp", "relax.erf",
-    "relax.sigmoid", "relax.sqrt", "relax.rsqrt", "relax.negative", "relax.astype",
-    "relax.abs", "relax.log"})
+UNARY = frozenset(
+    {
+        "relax.nn.relu",
+        "relax.nn.gelu",
+        "relax.nn.silu",
+        "relax.tanh",
+        "relax.exp",
+        "relax.erf",
+        "relax.sigmoid",
+        "relax.sqrt",
+        "relax.rsqrt",
+        "relax.negative",
+        "relax.astype",
+        "relax.abs",
+        "relax.log",
+    }
+)
 # elementwise over several tensors, with numpy broadcasting
-BROADCAST = frozenset({
-    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.power",
-    "relax.maximum", "relax.minimum", "relax.less", "relax.greater", "relax.equal",
-    "relax.where"})
+BROADCAST = frozenset(
+    {
+        "relax.add",
+        "relax.subtract",
+        "relax.multiply",
+        "relax.divide",
+        "relax.power",
+        "relax.maximum",
+        "relax.minimum",
+        "relax.less",
+        "relax.greater",
+        "relax.equal",
+        "relax.where",
+    }
+)
 ELEMWISE = UNARY | BROADCAST | {"relax.clip"}  # clip: one tensor and two scalar bounds
 # each output element reads one input element (shapes, slices, joins, gathers)
-INJECTIVE = frozenset({
-    "relax.reshape", "relax.permute_dims", "relax.broadcast_to", "relax.expand_dims",
-    "relax.squeeze", "relax.strided_slice", "relax.concat", "relax.stack", "relax.take"})
-REDUCTION = frozenset({
-    "relax.sum", "relax.mean", "relax.max", "relax.min", "relax.nn.softmax",
-    "relax.nn.layer_norm", "relax.nn.batch_norm"})
+INJECTIVE = frozenset(
+    {
+        "relax.reshape",
+        "relax.permute_dims",
+        "relax.broadcast_to",
+        "relax.expand_dims",
+        "relax.squeeze",
+        "relax.strided_slice",
+        "relax.concat",
+        "relax.stack",
+        "relax.take",
+    }
+)
+REDUCTION = frozenset(
+    {
+        "relax.sum",
+        "relax.mean",
+        "relax.max",
+        "relax.min",
+        "relax.nn.softmax",
+        "relax.nn.layer_norm",
+        "relax.nn.batch_norm",
+    }
+)
 # ops TVM computes with an extern kernel (an ``ir_builder`` loop nest, ``op_pattern`` opaque):
 # sort and scan (``DispatchSortScan``), sampling (``DispatchSampling``), searchsorted. TVM's
 # FuseOps never fuses them with another op, and FuseTIR fails on a primitive function that
 # holds one beside another op ("Inconsistent buffers out_buf and lv mapped to the same relax
 # var"): each is a kernel of its own that takes no followers.
-OPAQUE = frozenset({
-    "relax.cumsum", "relax.cumprod", "relax.sort", "relax.argsort", "relax.topk",
-    "relax.bucketize", "relax.multinomial_from_uniform"})
+OPAQUE = frozenset(
+    {
+        "relax.cumsum",
+        "relax.cumprod",
+        "relax.sort",
+        "relax.argsort",
+        "relax.topk",
+        "relax.bucketize",
+        "relax.multinomial_from_uniform",
+    }
+)
 # ops that only reinterpret the shape of a row-major tensor: TVM turns a kernel made of
 # them alone into a view of its input (``RewriteDataflowReshape``). Inference dropout is an
 # identity copy, which TVM also makes a view (seen on SqueezeNet).
-VIEW = frozenset({
-    "relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten",
-    "relax.nn.dropout"})
+VIEW = frozenset(
+    {"relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten", "relax.nn.dropout"}
+)
 # ops that are views when their result has their input's shape (an identity copy, which
 # TVM also makes a view: ONNX Sum imports as broadcast_to + stack + sum)
 VIEW_IF_SAME_SHAPE = frozenset({"relax.broadcast_to"})
@@ -80,8 +130,10 @@ class LibraryKernel:
 LIBRARY = {
     "relax.matmul": LibraryKernel("matmul", bias_axis=-1, bias_weight_rank=2),
     "relax.nn.conv2d": LibraryKernel(
-        "conv2d", bias_axis=1,
-        layouts={"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW"}),
+        "conv2d",
+        bias_axis=1,
+        layouts={"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW"},
+    ),
 }
 EPILOGUES = tuple(table.EPILOGUES)  # what a native bias kernel may apply (see the table)
 EPILOGUE_ACTS = {"relax.nn.relu": "relu", "relax.nn.gelu": "gelu"}  # activation op -> name
@@ -104,8 +156,10 @@ class ConvParams:
         return [*self.strides, *self.padding, *self.dilation, self.groups]
 
     def __str__(self) -> str:
-        return (f"strides={list(self.strides)}, padding={list(self.padding)}, "
-                f"dilation={list(self.dilation)}, groups={self.groups}")
+        return (
+            f"strides={list(self.strides)}, padding={list(self.padding)}, "
+            f"dilation={list(self.dilation)}, groups={self.groups}"
+        )
 
 
 @dataclass(frozen=True)
@@ -147,8 +201,10 @@ class LibraryCall:
     @property
     def label(self) -> str:
         """A short name for pictures: ``native matmul[packed] +bias +add_relu``."""
-        return (f"{self.provider} {self.kernel}{f'[{self.variant}]' if self.variant else ''}"
-                f"{' +bias' if self.bias else ''}{f' +{self.epilogue}' if self.epilogue else ''}")
+        return (
+            f"{self.provider} {self.kernel}{f'[{self.variant}]' if self.variant else ''}"
+            f"{' +bias' if self.bias else ''}{f' +{self.epilogue}' if self.epilogue else ''}"
+        )
 
     def replace(self, **changes) -> LibraryCall:
         """The same call with some attributes changed."""

@@ -109,16 +109,18 @@ class _Parser:
         m = re.fullmatch(r"(\w+)\[(.*)\]", text)
         if m:
             dims = split_top(m.group(2))
-            return TensorTy(tuple(self.dim(d) for d in dims),
-                            _DTYPE_LONG.get(m.group(1), m.group(1)))
+            return TensorTy(
+                tuple(self.dim(d) for d in dims), _DTYPE_LONG.get(m.group(1), m.group(1))
+            )
         if text.startswith("(") and _close(text, 0) == len(text) - 1:
             return TupleTy(tuple(self.ty(f) for f in split_top(text[1:-1])))
         return OtherTy(text)
 
     # -- lines
     def dim_line(self, m: re.Match) -> None:
-        bounds = tuple((v, int(lo), int(hi)) for v, lo, hi in
-                       (b.split(":") for b in m.group(4).split()))
+        bounds = tuple(
+            (v, int(lo), int(hi)) for v, lo, hi in (b.split(":") for b in m.group(4).split())
+        )
         self.dims[m.group(1)] = Sym(m.group(1), int(m.group(2)), int(m.group(3)), bounds)
 
     def attrs(self, op: str, text: str):
@@ -135,7 +137,7 @@ class _Parser:
         name, op, rest = m.groups()
         end = _close("(" + rest, 0) - 1
         args = tuple(self.arg(a) for a in split_top(rest[:end]))
-        rest = rest[end + 1:]
+        rest = rest[end + 1 :]
         head, _, ty = rest.rpartition(" : ")
         groups = _bracketed(head)
         meta = dict(kv.split("=", 1) for kv in split_top(groups.pop()[1:-1]))
@@ -146,8 +148,16 @@ class _Parser:
             else:
                 attrs = self.attrs(op if op in _BARE_OPS else "relax." + op, g[1:-1])
         op = op if op in _BARE_OPS else "relax." + op
-        return Node(name, op, args, self.ty(ty), tuple(meta["tenant"].split("+")), attrs,
-                    ty_args, meta.get("group"))
+        return Node(
+            name,
+            op,
+            args,
+            self.ty(ty),
+            tuple(meta["tenant"].split("+")),
+            attrs,
+            ty_args,
+            meta.get("group"),
+        )
 
 
 def _bracketed(text: str) -> list[str]:
@@ -156,7 +166,7 @@ def _bracketed(text: str) -> list[str]:
     while i < len(text):
         if text[i] in "{<":
             j = _close(text, i)
-            out.append(text[i:j + 1])
+            out.append(text[i : j + 1])
             i = j + 1
         elif text[i] == " ":
             i += 1
@@ -175,10 +185,19 @@ def library_call_attrs(text: str) -> LibraryCall:
     def ints(key: str) -> tuple[int, ...]:
         return tuple(int(x) for x in split_top(kv[key][1:-1]))
 
-    conv = (ConvParams(ints("strides"), ints("padding"), ints("dilation"), int(kv["groups"]))
-            if "strides" in kv else None)
-    return LibraryCall(kv["provider"], kv["kernel"], kv.get("variant", ""),
-                       kv.get("bias") == "true", kv.get("epilogue", ""), conv)
+    conv = (
+        ConvParams(ints("strides"), ints("padding"), ints("dilation"), int(kv["groups"]))
+        if "strides" in kv
+        else None
+    )
+    return LibraryCall(
+        kv["provider"],
+        kv["kernel"],
+        kv.get("variant", ""),
+        kv.get("bias") == "true",
+        kv.get("epilogue", ""),
+        conv,
+    )
 
 
 def parse_graph(text: str, constants: Mapping[str, np.ndarray] | None = None) -> Graph:
@@ -195,8 +214,7 @@ def parse_graph(text: str, constants: Mapping[str, np.ndarray] | None = None) ->
         if m := _DIM.match(line):
             p.dim_line(m)
         elif m := _TENANT.match(line):
-            inputs[m.group(1)] = tuple(tuple(x.split("=%", 1))
-                                       for x in split_top(m.group(2)))
+            inputs[m.group(1)] = tuple(tuple(x.split("=%", 1)) for x in split_top(m.group(2)))
         elif m := _RETURN.match(line):
             outputs[m.group(1)] = tuple(p.arg(x) for x in split_top(m.group(2)))
         else:
@@ -227,8 +245,12 @@ def graph_diff(a: Graph, b: Graph) -> list[str]:
     diffs = []
     for t in dict.fromkeys([*a.tenants, *b.tenants]):
         ia, ib = a.tenants.get(t), b.tenants.get(t)
-        if ia is None or ib is None or ia.inputs != ib.inputs or _norm(ia.outputs) != _norm(
-                ib.outputs):
+        if (
+            ia is None
+            or ib is None
+            or ia.inputs != ib.inputs
+            or _norm(ia.outputs) != _norm(ib.outputs)
+        ):
             diffs.append(f"tenant {t}: {ia} != {ib}")
     for i in range(max(len(a.nodes), len(b.nodes))):
         na = a.nodes[i] if i < len(a.nodes) else None
@@ -239,8 +261,16 @@ def graph_diff(a: Graph, b: Graph) -> list[str]:
 
 
 def _node_key(n: Node) -> tuple:
-    return (n.name, n.op, _norm(n.args), _norm(n.ty), n.tenants, _norm(n.attrs),
-            tuple(map(str, n.ty_args)), n.group)
+    return (
+        n.name,
+        n.op,
+        _norm(n.args),
+        _norm(n.ty),
+        n.tenants,
+        _norm(n.attrs),
+        tuple(map(str, n.ty_args)),
+        n.group,
+    )
 
 
 def assert_graph(graph: Graph, expected: str) -> None:
@@ -248,5 +278,9 @@ def assert_graph(graph: Graph, expected: str) -> None:
     `expected` describes (constants by key prefix, TVM attrs by their text)."""
     diffs = graph_diff(graph, parse_graph(expected, graph.constants))
     if diffs:
-        raise AssertionError("graph differs from the expected text:\n" + "\n".join(diffs)
-                             + "\n--- graph ---\n" + str(graph))
+        raise AssertionError(
+            "graph differs from the expected text:\n"
+            + "\n".join(diffs)
+            + "\n--- graph ---\n"
+            + str(graph)
+        )

@@ -20,9 +20,11 @@ def sym_dim(e, bounds: dict[str, tuple[int, int]], where: str) -> Sym:
     names = list(tvm.tirx.analysis.undefined_vars(e))
     missing = sorted({v.name for v in names} - set(bounds))
     if missing:
-        raise TenantError(f"{where}: symbolic dimension {missing[0]} has no bounds; declare "
-                          "them (dynamic_shapes Dim(min=, max=), or dim_bounds={name: "
-                          "(lo, hi)})")
+        raise TenantError(
+            f"{where}: symbolic dimension {missing[0]} has no bounds; declare "
+            "them (dynamic_shapes Dim(min=, max=), or dim_bounds={name: "
+            "(lo, hi)})"
+        )
     at = {}
     for end in (0, 1):
         ana = tvm.sym.Analyzer()
@@ -66,8 +68,13 @@ def size_vars(*tys) -> dict[str, object]:
 def undefined_size_vars(param_tys, body_tys) -> list:
     """The size variables `body_tys` read that no parameter type defines (a variable is
     defined by a dim that is the variable alone): a function must take them explicitly."""
-    defined = {d.text for ty in param_tys if isinstance(ty, TensorTy) for d in ty.shape
-               if isinstance(d, Sym) and len(d.bounds) == 1 and d.text == d.bounds[0][0]}
+    defined = {
+        d.text
+        for ty in param_tys
+        if isinstance(ty, TensorTy)
+        for d in ty.shape
+        if isinstance(d, Sym) and len(d.bounds) == 1 and d.text == d.bounds[0][0]
+    }
     used = size_vars(*param_tys, *body_tys)
     return [v for name, v in sorted(used.items()) if name not in defined]
 
@@ -77,17 +84,21 @@ def graph_bounds(graph) -> dict[str, tuple[int, int]]:
     return ty_bounds(*(n.ty for n in graph.nodes))
 
 
-def lift_type(ty, where: str, bounds: dict[str, tuple[int, int]] | None = None
-              ) -> TensorTy | TupleTy | OtherTy:
+def lift_type(
+    ty, where: str, bounds: dict[str, tuple[int, int]] | None = None
+) -> TensorTy | TupleTy | OtherTy:
     """Our type of a Relax type; a symbolic dimension needs its variables' `bounds`."""
     if isinstance(ty, relax.TensorType):
         if ty.shape is None or not hasattr(ty.shape, "values"):
-            raise TenantError(f"{where}: tensor of unknown rank ({ty}); give input shapes "
-                              "(a dimension may be symbolic, the rank may not)")
+            raise TenantError(
+                f"{where}: tensor of unknown rank ({ty}); give input shapes "
+                "(a dimension may be symbolic, the rank may not)"
+            )
         dims = []
         for d in ty.shape.values:
-            dims.append(int(d) if isinstance(d, tvm.tirx.IntImm)
-                        else sym_dim(d, bounds or {}, where))
+            dims.append(
+                int(d) if isinstance(d, tvm.tirx.IntImm) else sym_dim(d, bounds or {}, where)
+            )
         return TensorTy(tuple(dims), str(ty.dtype))
     if isinstance(ty, relax.TupleType):
         return TupleTy(tuple(lift_type(f, where, bounds) for f in ty.fields))

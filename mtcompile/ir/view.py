@@ -24,8 +24,10 @@ def call_name(call) -> str:
     """A library call (`mtcompile.ir.ops.LibraryCall`, or a view row's ``call``) by kernel,
     variant and epilogue: ``matmul[packed]+bias+relu``."""
     get = call.get if isinstance(call, Mapping) else lambda k: getattr(call, k)
-    return (f"{get('kernel')}{f'[{v}]' if (v := get('variant')) else ''}"
-            f"{'+bias' if get('bias') else ''}{f'+{e}' if (e := get('epilogue')) else ''}")
+    return (
+        f"{get('kernel')}{f'[{v}]' if (v := get('variant')) else ''}"
+        f"{'+bias' if get('bias') else ''}{f'+{e}' if (e := get('epilogue')) else ''}"
+    )
 
 
 def graph_view(graph, records: Sequence | None = None) -> dict:
@@ -37,14 +39,24 @@ def graph_view(graph, records: Sequence | None = None) -> dict:
     index = {t: i for i, t in enumerate(tenants)}
     nodes = []
     for n in graph.nodes:
-        row = {"name": n.name, "op": n.op.removeprefix("relax."),
-               "tenants": [index[t] for t in n.tenants], "inputs": n.inputs, "type": str(n.ty)}
+        row = {
+            "name": n.name,
+            "op": n.op.removeprefix("relax."),
+            "tenants": [index[t] for t in n.tenants],
+            "inputs": n.inputs,
+            "type": str(n.ty),
+        }
         call = library_call(n)
         if call is not None:  # named by its kernel and epilogue, not by a symbol
             row["op"] = call_name(call)
-            row["call"] = {"provider": call.provider, "kernel": call.kernel,
-                           "variant": call.variant, "bias": call.bias,
-                           "epilogue": call.epilogue, "symbol": call.symbol}
+            row["call"] = {
+                "provider": call.provider,
+                "kernel": call.kernel,
+                "variant": call.variant,
+                "bias": call.bias,
+                "epilogue": call.epilogue,
+                "symbol": call.symbol,
+            }
         if n.group:
             row["group"] = n.group
         nodes.append(row)
@@ -57,6 +69,10 @@ def graph_view(graph, records: Sequence | None = None) -> dict:
 def pass_row(record) -> dict:
     """A `PassRecord` (or a compile report's pass dict) as a summary row."""
     get = record.get if isinstance(record, Mapping) else lambda k, d=None: getattr(record, k, d)
-    return {"name": get("name"), "changed": bool(get("changed")),
-            "nodes_after": get("nodes_after"), "kernels_after": get("kernels_after"),
-            "weight_bytes_after": get("weight_bytes_after")}
+    return {
+        "name": get("name"),
+        "changed": bool(get("changed")),
+        "nodes_after": get("nodes_after"),
+        "kernels_after": get("kernels_after"),
+        "weight_bytes_after": get("weight_bytes_after"),
+    }

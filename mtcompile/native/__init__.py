@@ -21,8 +21,18 @@ from pathlib import Path
 
 from mtcompile.native import table
 
-__all__ = ["PANEL", "cache_dir", "export_options", "library_path", "object_path", "pack_dense",
-           "preload", "register", "source_hash", "table"]
+__all__ = [
+    "PANEL",
+    "cache_dir",
+    "export_options",
+    "library_path",
+    "object_path",
+    "pack_dense",
+    "preload",
+    "register",
+    "source_hash",
+    "table",
+]
 
 PANEL = 16  # columns per panel of a packed dense weight
 _SRC = Path(__file__).parent / "src"
@@ -60,18 +70,27 @@ def tvm_lib_dir() -> Path:
 def cache_dir() -> Path:
     """mtcompile's cache directory: ``MTCOMPILE_CACHE_DIR``, else the user's cache dir."""
     base = os.environ.get("MTCOMPILE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtcompile")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtcompile"
+    )
     return Path(base)
 
 
 def _flags() -> tuple[list[str], list[str]]:
     blas, tvm = blas_lib_dir(), tvm_lib_dir()
-    ldflags = [f"-L{blas}", "-lscipy_openblas", f"-Wl,-rpath,{blas}",
-               f"-L{tvm}", "-ltvm_runtime", f"-Wl,-rpath,{tvm}"]
+    ldflags = [
+        f"-L{blas}",
+        "-lscipy_openblas",
+        f"-Wl,-rpath,{blas}",
+        f"-L{tvm}",
+        "-ltvm_runtime",
+        f"-Wl,-rpath,{tvm}",
+    ]
     # no checkout or site-packages path inside the object: a bundle's bytes do not depend on
     # where mtcompile and tvm-ffi are installed
-    prefix_maps = [f"-ffile-prefix-map={_SRC}=mtcompile/native/src",
-                   f"-ffile-prefix-map={_package_dir('tvm_ffi')}=tvm_ffi"]
+    prefix_maps = [
+        f"-ffile-prefix-map={_SRC}=mtcompile/native/src",
+        f"-ffile-prefix-map={_package_dir('tvm_ffi')}=tvm_ffi",
+    ]
     return [*_CFLAGS, *prefix_maps], ldflags
 
 
@@ -113,9 +132,16 @@ def _build(output: str) -> str:
     (build_dir / _HEADER).write_text(table.header())
     cflags += [f"-I{build_dir}", f"-I{_SRC}", f"-ffile-prefix-map={build_dir}=mtcompile/native/src"]
     sources = [str(s) for s in sorted(_SRC.glob("*.cc"))]
-    return str(tvm_ffi.cpp.build("mtcompile_native", sources=sources, extra_cflags=cflags,
-                                 extra_ldflags=ldflags, build_directory=str(build_dir),
-                                 output=output))
+    return str(
+        tvm_ffi.cpp.build(
+            "mtcompile_native",
+            sources=sources,
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
+            output=output,
+        )
+    )
 
 
 def library_path() -> str:
@@ -132,10 +158,17 @@ def export_options() -> dict:
     """Keyword arguments for ``Executable.export_library`` that link the kernels into the
     bundle's library: loading it registers them (first registration wins). The BLAS and
     TVM's runtime are linked by name without a path: `preload` provides them at load."""
-    return {"addons": [object_path()],
-            # --no-as-needed: the libraries come before the objects on the command line
-            "options": ["-Wl,--no-as-needed", f"-L{blas_lib_dir()}", "-lscipy_openblas",
-                        f"-L{tvm_lib_dir()}", "-ltvm_runtime"]}
+    return {
+        "addons": [object_path()],
+        # --no-as-needed: the libraries come before the objects on the command line
+        "options": [
+            "-Wl,--no-as-needed",
+            f"-L{blas_lib_dir()}",
+            "-lscipy_openblas",
+            f"-L{tvm_lib_dir()}",
+            "-ltvm_runtime",
+        ],
+    }
 
 
 def preload() -> None:

@@ -16,8 +16,12 @@ PROVIDERS = ("native", "torch")  # who registers library kernels (mtcompile.<pro
 # what a bias form may apply to its result before storing it: an activation, a residual of
 # the output's shape added (its argument follows the bias), or both (added first);
 # epilogue -> (takes a residual, activation)
-EPILOGUES = {"relu": (False, "relu"), "gelu": (False, "gelu"), "add": (True, ""),
-             "add_relu": (True, "relu")}
+EPILOGUES = {
+    "relu": (False, "relu"),
+    "gelu": (False, "gelu"),
+    "add": (True, ""),
+    "add_relu": (True, "relu"),
+}
 _ACTS = {"": "kActNone", "relu": "kActRelu", "gelu": "kActGelu"}  # C++ names (epilogue.h)
 ATTENTION = "mtcompile.attention"  # what the attention kernel computes: a chain, not one op
 
@@ -53,15 +57,39 @@ class Kernel:
 
 
 KERNELS = (
-    Kernel("matmul", "relax.matmul", ("a", "b"), "matmul_run", bias=True,
-           epilogues=tuple(EPILOGUES), providers=PROVIDERS),
-    Kernel("matmul", "relax.matmul", ("a", "packed weight"), "dense_packed_run",
-           base="dense_packed", variant="packed", bias=True, epilogues=tuple(EPILOGUES)),
-    Kernel("conv2d", "relax.nn.conv2d", ("x", "weight"), "conv2d_run", bias=True,
-           epilogues=tuple(EPILOGUES), params=True, providers=PROVIDERS),
+    Kernel(
+        "matmul",
+        "relax.matmul",
+        ("a", "b"),
+        "matmul_run",
+        bias=True,
+        epilogues=tuple(EPILOGUES),
+        providers=PROVIDERS,
+    ),
+    Kernel(
+        "matmul",
+        "relax.matmul",
+        ("a", "packed weight"),
+        "dense_packed_run",
+        base="dense_packed",
+        variant="packed",
+        bias=True,
+        epilogues=tuple(EPILOGUES),
+    ),
+    Kernel(
+        "conv2d",
+        "relax.nn.conv2d",
+        ("x", "weight"),
+        "conv2d_run",
+        bias=True,
+        epilogues=tuple(EPILOGUES),
+        params=True,
+        providers=PROVIDERS,
+    ),
     Kernel("softmax", "relax.nn.softmax", ("x",), "softmax_run"),
-    Kernel("layer_norm", "relax.nn.layer_norm", ("x", "gamma", "beta", "epsilon"),
-           "layer_norm_run"),
+    Kernel(
+        "layer_norm", "relax.nn.layer_norm", ("x", "gamma", "beta", "epsilon"), "layer_norm_run"
+    ),
     # softmax(scale * q @ kt) @ v per head: the chain fuse-attention matches (no Relax op)
     Kernel("attention", ATTENTION, ("q", "kt", "v", "scale"), "attention_run"),
 )
@@ -81,8 +109,10 @@ class Form:
     @property
     def symbol(self) -> str:
         """The global function's name (``mtcompile.native.dense_packed_bias_add_relu``)."""
-        return (f"mtcompile.{self.provider}.{self.kernel.stem}{'_bias' if self.bias else ''}"
-                f"{'_' + self.epilogue if self.epilogue else ''}")
+        return (
+            f"mtcompile.{self.provider}.{self.kernel.stem}{'_bias' if self.bias else ''}"
+            f"{'_' + self.epilogue if self.epilogue else ''}"
+        )
 
     @property
     def residual(self) -> bool:
@@ -111,8 +141,9 @@ FORMS = tuple(f for k in KERNELS for f in forms(k))
 SYMBOLS = {f.symbol: f for f in FORMS}  # symbol -> form (a lookup, not a parse)
 
 
-def find(provider: str, name: str, variant: str = "", bias: bool = False,
-         epilogue: str = "") -> Form:
+def find(
+    provider: str, name: str, variant: str = "", bias: bool = False, epilogue: str = ""
+) -> Form:
     """The form of kernel `name` (`variant`) `provider` registers; ValueError if none."""
     k = KERNEL.get((name, variant))
     f = Form(k, provider, bias, epilogue) if k is not None else None
@@ -120,7 +151,8 @@ def find(provider: str, name: str, variant: str = "", bias: bool = False,
         raise ValueError(
             f"no {provider} library kernel {name!r}{f' ({variant})' if variant else ''} with "
             f"bias={bias}, epilogue={epilogue!r}; the table has "
-            f"{sorted(SYMBOLS)}")
+            f"{sorted(SYMBOLS)}"
+        )
     return f
 
 
@@ -129,12 +161,23 @@ def header() -> str:
     native form (`mtc::KernelRow`, ``src/call.h``)."""
     native = [f for f in FORMS if f.provider == "native"]
     entries = dict.fromkeys(f.kernel.entry for f in native)
-    rows = [f'    {{"{f.symbol}", &{f.kernel.entry}, {len(f.kernel.inputs)}, '
-            f"{str(f.bias).lower()}, {str(f.residual).lower()}, "
-            f"{str(f.kernel.params).lower()}, {_ACTS[f.act]}}},"
-            for f in native]
-    return "\n".join([
-        "// Generated from mtcompile/native/table.py at build time: do not edit.",
-        "#pragma once", '#include "call.h"', "namespace mtc {",
-        *(f"void {e}(const Call& c);" for e in entries),
-        "inline const KernelRow kKernelRows[] = {", *rows, "};", "}  // namespace mtc", ""])
+    rows = [
+        f'    {{"{f.symbol}", &{f.kernel.entry}, {len(f.kernel.inputs)}, '
+        f"{str(f.bias).lower()}, {str(f.residual).lower()}, "
+        f"{str(f.kernel.params).lower()}, {_ACTS[f.act]}}},"
+        for f in native
+    ]
+    return "\n".join(
+        [
+            "// Generated from mtcompile/native/table.py at build time: do not edit.",
+            "#pragma once",
+            '#include "call.h"',
+            "namespace mtc {",
+            *(f"void {e}(const Call& c);" for e in entries),
+            "inline const KernelRow kKernelRows[] = {",
+            *rows,
+            "};",
+            "}  // namespace mtc",
+            "",
+        ]
+    )

@@ -60,9 +60,14 @@ def staged_name(library: str, digest: str) -> str:
     return f".{library}.{digest[:16]}"
 
 
-def save(directory: str | os.PathLike, manifest: Manifest, executable,
-         library_path: Path | None = None, sign_key: bytes | str | None = None,
-         weights: list | None = None) -> Manifest:
+def save(
+    directory: str | os.PathLike,
+    manifest: Manifest,
+    executable,
+    library_path: Path | None = None,
+    sign_key: bytes | str | None = None,
+    weights: list | None = None,
+) -> Manifest:
     """Write ``<name>.so`` (from `library_path` when the bundle was loaded from one, else
     exported from `executable`, with `weights` linked in as the manifest's table lays them
     out) and ``manifest.json`` into `directory`; returns the manifest with the library's
@@ -93,8 +98,10 @@ def save(directory: str | os.PathLike, manifest: Manifest, executable,
             try:
                 shutil.copyfile(library_path, tmp_lib)
             except FileNotFoundError as e:
-                raise ArtifactError(f"{library_path}, which this bundle was loaded from, is "
-                                    "gone; load the bundle again before saving") from e
+                raise ArtifactError(
+                    f"{library_path}, which this bundle was loaded from, is "
+                    "gone; load the bundle again before saving"
+                ) from e
         else:
             options = native.export_options() if links_native(manifest) else {}
             with weights_addon(weights or [], manifest.weights) as addons, quiet_native_log():
@@ -103,12 +110,15 @@ def save(directory: str | os.PathLike, manifest: Manifest, executable,
         os.chmod(tmp_lib, 0o777 & ~mask)  # as the linker makes it (mkstemp's is 0600)
         digest = sha256_file(tmp_lib)
         if library_path is not None and digest != manifest.library_sha256:
-            raise ArtifactError(f"{library_path} changed since this bundle was loaded from it; "
-                                "load it again before saving")
+            raise ArtifactError(
+                f"{library_path} changed since this bundle was loaded from it; "
+                "load it again before saving"
+            )
         saved = manifest.with_(library_sha256=digest, bundle_signature=None)
         if key is not None:
-            saved = saved.with_(bundle_signature=signing.sign(
-                key, json.loads(saved.to_json()), tmp_lib))
+            saved = saved.with_(
+                bundle_signature=signing.sign(key, json.loads(saved.to_json()), tmp_lib)
+            )
         tmp_manifest.write_text(saved.to_json())
         os.chmod(tmp_manifest, 0o666 & ~mask)
         staged = out / staged_name(manifest.library, digest)
@@ -163,8 +173,9 @@ def measured_footprint(library_sha256: str) -> dict | None:
     return _FOOTPRINTS.get(library_sha256)
 
 
-def verify_signature(directory: str | os.PathLike, verify_key: bytes | str | None,
-                     require_signature: bool = False) -> tuple[Manifest, bool]:
+def verify_signature(
+    directory: str | os.PathLike, verify_key: bytes | str | None, require_signature: bool = False
+) -> tuple[Manifest, bool]:
     """(manifest, whether a key verified its signature) of a saved bundle checked as `load`
     checks it before any dlopen (the runtime core: hash, signature with `verify_key` or
     MTCOMPILE_VERIFY_KEY, ELF headers...); nothing is loaded."""
@@ -175,8 +186,11 @@ def verify_signature(directory: str | os.PathLike, verify_key: bytes | str | Non
     return Manifest.from_json(opened.text, d / MANIFEST), opened.verified
 
 
-def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = None,
-                 require_signature: bool = False):
+def open_library(
+    directory: str | os.PathLike,
+    verify_key: bytes | str | None = None,
+    require_signature: bool = False,
+):
     """(manifest, (loaded library module, its weights mapped), library path, whether a key
     verified the signature) of a saved bundle, every check of the runtime core passed except
     the embedded manifest's (`check_embedded`, which needs a VM). The key is `verify_key`,
@@ -204,13 +218,17 @@ def open_library(directory: str | os.PathLike, verify_key: bytes | str | None = 
         with _MODULES_LOCK:
             cached = _MODULES.get(manifest.library_sha256)
             if cached is None:
-                module, _FOOTPRINTS[manifest.library_sha256] = _load(manifest, private,
-                                                                     opened.source)
+                module, _FOOTPRINTS[manifest.library_sha256] = _load(
+                    manifest, private, opened.source
+                )
                 # the library's own table, checked against its weights symbol: what is
                 # cached never depends on a manifest.json
                 lib_weights = contract.library_weights(private, opened.source)
                 cached = _MODULES[manifest.library_sha256] = (
-                    module, lib_weights, weights_arrays(lib_weights))
+                    module,
+                    lib_weights,
+                    weights_arrays(lib_weights),
+                )
     module, lib_weights, arrays = cached
     contract.check_weights(d, opened.text, lib_weights, opened.source)
     return manifest, (module, arrays), opened.source, opened.text, opened.verified
@@ -225,10 +243,14 @@ def _load(manifest: Manifest, private: Path, lib: Path) -> tuple[object, dict]:
             native.preload()
         with quiet_native_log():
             return footprint.measure_load(
-                lambda: tvmrt.load_module(str(private), manifest.target), private)
+                lambda: tvmrt.load_module(str(private), manifest.target), private
+            )
     except Exception as e:
-        hint = (" (a bundle built for cuda loads only where TVM finds a CUDA GPU and driver)"
-                if manifest.target == "cuda" else "")
+        hint = (
+            " (a bundle built for cuda loads only where TVM finds a CUDA GPU and driver)"
+            if manifest.target == "cuda"
+            else ""
+        )
         raise ArtifactError(f"{lib}: cannot be loaded by TVM: {e}{hint}") from e
 
 

@@ -31,8 +31,15 @@ from mtcompile.runtime.weights import Weights
 class Bundle:
     """A compiled multi-tenant executable and its manifest (a `Manifest`)."""
 
-    def __init__(self, executable, manifest: Manifest, *, library_path: Path | None = None,
-                 threads: int | None = None, weights: list[np.ndarray] | None = None):
+    def __init__(
+        self,
+        executable,
+        manifest: Manifest,
+        *,
+        library_path: Path | None = None,
+        threads: int | None = None,
+        weights: list[np.ndarray] | None = None,
+    ):
         self.executable = executable
         self.manifest = manifest
         # the entries' trailing parameters: arrays in memory after a compile, mapped from
@@ -41,27 +48,39 @@ class Bundle:
         self._library_path = library_path  # set when loaded: save copies it, no re-export
         # TVM's pool (the one pool of a run) sized before this bundle's first parallel call
         self.threads = configure_threads(threads)
-        self._vms = ThreadVMs(executable, manifest.target,
-                              torch=[k for k, p in manifest.kernels.items() if p == "torch"],
-                              streams=manifest.streams.run is not None,
-                              threads=self.threads.pool, weights=self.weights)
+        self._vms = ThreadVMs(
+            executable,
+            manifest.target,
+            torch=[k for k, p in manifest.kernels.items() if p == "torch"],
+            streams=manifest.streams.run is not None,
+            threads=self.threads.pool,
+            weights=self.weights,
+        )
         self._stream_executor = None
         self.signature_verified = False  # set by `load` when a verify key checked it
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, verify_key: bytes | str | None = None,
-             require_signature: bool = False, **extra) -> Bundle:
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        verify_key: bytes | str | None = None,
+        require_signature: bool = False,
+        **extra,
+    ) -> Bundle:
         """A saved bundle, checked by the runtime core (format, TVM version, host CPU
         features, library hash, ELF headers, weights tables, embedded manifest, and with a
         verify key, `verify_key` or else ``MTCOMPILE_VERIFY_KEY``, its signature; with
         `require_signature` there must be a key); `extra` (``threads=``...) goes to the
         constructor of `cls`."""
         manifest, (module, weights), lib, text, verified = artifact.open_library(
-            directory, verify_key, require_signature)
+            directory, verify_key, require_signature
+        )
         bundle = cls(module, manifest, library_path=lib, weights=weights, **extra)
         bundle.signature_verified = verified
-        artifact.check_embedded(directory, text,
-                                lambda: tvmrt.to_numpy(bundle._vms.fn(MANIFEST_FN)()), lib)
+        artifact.check_embedded(
+            directory, text, lambda: tvmrt.to_numpy(bundle._vms.fn(MANIFEST_FN)()), lib
+        )
         return bundle
 
     # ------------------------------------------------------------------ signatures
@@ -105,8 +124,11 @@ class Bundle:
         """Run every tenant in one call: ``{name: inputs}`` -> ``{name: [outputs]}``."""
         m = self.manifest
         arrays = run_all_arrays(inputs, m.tenants, m.tenant_order, m.run_all_inputs)
-        flat = (self._run_streams(arrays) if m.streams.run is not None
-                else self._vms.call(RUN_ALL, arrays))
+        flat = (
+            self._run_streams(arrays)
+            if m.streams.run is not None
+            else self._vms.call(RUN_ALL, arrays)
+        )
         return self._split(self.tenant_names, flat)
 
     @property
@@ -121,12 +143,14 @@ class Bundle:
         own entry in turn."""
         m = self.manifest
         if not isinstance(inputs, dict) or not inputs:
-            raise InputError("run_some takes a dict {tenant name: tuple of inputs} naming "
-                             "one tenant or more")
+            raise InputError(
+                "run_some takes a dict {tenant name: tuple of inputs} naming one tenant or more"
+            )
         unknown = sorted(set(inputs) - set(m.tenant_order))
         if unknown:
-            raise InputError(f"run_some: unknown tenant(s) {unknown}; this bundle has "
-                             f"{self.tenant_names}")
+            raise InputError(
+                f"run_some: unknown tenant(s) {unknown}; this bundle has {self.tenant_names}"
+            )
         present = tuple(t for t in m.tenant_order if t in inputs)
         if present == m.tenant_order:
             return self.run_all(inputs)
@@ -141,7 +165,7 @@ class Bundle:
         out, i = {}, 0
         for t in tenants:
             k = len(self.manifest.tenants[t].outputs)
-            out[t], i = flat[i:i + k], i + k
+            out[t], i = flat[i : i + k], i + k
         return out
 
     def _executor(self):
@@ -151,10 +175,16 @@ class Bundle:
             self._vms.vm()  # device check, library kernels and event points registered
             s = self.manifest.streams.run
             self._stream_executor = StreamExecutor(
-                self.executable, device_for(self.target), s.functions, s.num_events,
-                event_streams=s.event_streams, stream_tenants=s.stream_tenants,
-                kernel_tenant=s.kernel_tenant, make_vm=self._vms.new_vm,
-                threads_per_stream=max(1, self.threads.pool // len(s.functions)))
+                self.executable,
+                device_for(self.target),
+                s.functions,
+                s.num_events,
+                event_streams=s.event_streams,
+                stream_tenants=s.stream_tenants,
+                kernel_tenant=s.kernel_tenant,
+                make_vm=self._vms.new_vm,
+                threads_per_stream=max(1, self.threads.pool // len(s.functions)),
+            )
         return self._stream_executor
 
     def _run_streams(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -169,9 +199,12 @@ class Bundle:
         tensors = self._vms.tensors(arrays)
         dev = device_for(self.target)
         try:
-            results = ex.run([[storage, *(tensors[j] for j in ins),
-                               *self.weights.args(f, dev)]
-                              for f, ins in zip(s.functions, s.stream_inputs, strict=True)])
+            results = ex.run(
+                [
+                    [storage, *(tensors[j] for j in ins), *self.weights.args(f, dev)]
+                    for f, ins in zip(s.functions, s.stream_inputs, strict=True)
+                ]
+            )
         except StreamError as e:
             # later calls get fresh stream threads and VMs (they look kernels up anew); this
             # one is not closed: other threads' calls may be queued on it, and a failing call
@@ -182,7 +215,7 @@ class Bundle:
             raise
         flat: list = [None] * sum(len(o) for o in s.stream_outputs)
         for outs, res in zip(s.stream_outputs, results, strict=True):
-            for j, r in zip(outs, list(res)[:len(outs)], strict=True):  # then kept exports
+            for j, r in zip(outs, list(res)[: len(outs)], strict=True):  # then kept exports
                 flat[j] = tvmrt.to_numpy(r)
         return flat
 
@@ -191,8 +224,9 @@ class Bundle:
         """Run `entry` `repeat` times; per run, the calls it made as ``(symbol, us)``."""
         return profile.trace(self._vms, entry, arrays, repeat)
 
-    def profile(self, inputs: dict[str, Any] | None = None, repeat: int = 10,
-                warmup: int = 3) -> dict:
+    def profile(
+        self, inputs: dict[str, Any] | None = None, repeat: int = 10, warmup: int = 3
+    ) -> dict:
         """Time per kernel, grouped by tenant (each tenant's entry run `repeat` times).
 
         Returns ``{"repeat", "tenants": {name: {"total_us", "kernels": [{name, calls,
@@ -204,8 +238,11 @@ class Bundle:
         result: dict[str, Any] = {"repeat": repeat, "tenants": {}}
         for i, name in enumerate(self.tenant_names):
             given = inputs.get(name)
-            arrays = (check_inputs(name, self.signature(name), tuple(given))
-                      if given is not None else list(seeded_inputs(self.signature(name), i)))
+            arrays = (
+                check_inputs(name, self.signature(name), tuple(given))
+                if given is not None
+                else list(seeded_inputs(self.signature(name), i))
+            )
             for _ in range(warmup):
                 self._vms.call(name, arrays)
             result["tenants"][name] = profile.kernel_table(self.trace(name, arrays, repeat))
@@ -219,10 +256,14 @@ class Bundle:
         rep = {
             "name": m.name,
             "target": m.target,
-            "tenants": {t: {"source": m.tenants[t].source,
-                            "inputs": signature_text(m.tenants[t].inputs),
-                            "outputs": signature_text(m.tenants[t].outputs)}
-                        for t in self.tenant_names},
+            "tenants": {
+                t: {
+                    "source": m.tenants[t].source,
+                    "inputs": signature_text(m.tenants[t].inputs),
+                    "outputs": signature_text(m.tenants[t].outputs),
+                }
+                for t in self.tenant_names
+            },
             "pipeline": [asdict(p) for p in m.pipeline],
             "graph": asdict(m.graph),
             "versions": m.versions,
@@ -247,14 +288,19 @@ class Bundle:
         return footprint.report(self.manifest, measured, size)
 
     # ------------------------------------------------------------------ artifact
-    def save(self, directory: str | os.PathLike, *, sign_key: bytes | str | None = None
-             ) -> Path:
+    def save(self, directory: str | os.PathLike, *, sign_key: bytes | str | None = None) -> Path:
         """Write ``<name>.so`` (manifest embedded) and ``manifest.json`` into `directory`;
         a failure leaves a directory that loads the earlier bundle or this one. With
         `sign_key`, the manifest carries an HMAC-SHA256 of itself and the library, which
         ``load(..., verify_key=)`` checks."""
-        artifact.save(directory, self.manifest, self.executable, self._library_path,
-                      sign_key=sign_key, weights=self.weights.arrays)
+        artifact.save(
+            directory,
+            self.manifest,
+            self.executable,
+            self._library_path,
+            sign_key=sign_key,
+            weights=self.weights.arrays,
+        )
         return Path(directory)
 
 
@@ -262,15 +308,21 @@ def _as_tuple(given) -> tuple:
     return tuple(given) if isinstance(given, list | tuple) else (given,)
 
 
-def load(directory: str | os.PathLike, threads: int | None = None, *,
-         verify_key: bytes | str | None = None, require_signature: bool = False) -> Bundle:
+def load(
+    directory: str | os.PathLike,
+    threads: int | None = None,
+    *,
+    verify_key: bytes | str | None = None,
+    require_signature: bool = False,
+) -> Bundle:
     """Load a saved bundle; the runtime core checks its format, TVM version, host CPU, and
     that the library and the manifest agree; with a verify key (`verify_key`, else the
     environment's ``MTCOMPILE_VERIFY_KEY``) that they carry a signature made with it, and
     with `require_signature` that there is such a key. threads: TVM's pool size (default:
     the machine's cores)."""
-    return Bundle.load(directory, threads=threads, verify_key=verify_key,
-                       require_signature=require_signature)
+    return Bundle.load(
+        directory, threads=threads, verify_key=verify_key, require_signature=require_signature
+    )
 
 
 __all__ = ["Bundle", "load", "MTCompileError"]

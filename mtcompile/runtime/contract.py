@@ -21,8 +21,18 @@ TABLE_SYMBOL = "mtcompile_weights_table"  # NUL-terminated JSON of the library's
 END_SYMBOL = "mtcompile_weights_end"  # one past the weights symbol's last byte
 ALIGN = 64
 # a weight's dtype -> bytes per element (the core's kWeightDTypes, which checks them)
-WEIGHT_DTYPES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8,
-                 "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+WEIGHT_DTYPES = {
+    "float32": 4,
+    "float64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 VERIFY_KEY_ENV = "MTCOMPILE_VERIFY_KEY"  # a service's verify key (the core reads it)
 
 # The rules, by name, in the order the core checks them (mtcompile/core/src: contract.h,
@@ -34,7 +44,7 @@ RULES = {
     "tvm-version": "the bundle was built with this TVM (its executable format is not stable)",
     "cpu-features": "the host CPU has the instruction-set features the kernels were built for",
     "signature-required": "with require_signature, a verify key is given (or "
-                          "MTCOMPILE_VERIFY_KEY set)",
+    "MTCOMPILE_VERIFY_KEY set)",
     "library-hash": "the library's sha256 is manifest.json's library_sha256 (before dlopen)",
     "signature": "with a verify key, the HMAC of the manifest and the library matches",
     "library-elf": "the library's ELF headers and segments lie inside the file",
@@ -45,10 +55,10 @@ RULES = {
     "weight-extent": "offset + prod(shape) * itemsize ends within the weights symbol",
     "weights-same": "manifest.json's weights table equals the one the library carries",
     "embedded-manifest": "the manifest the library embeds equals manifest.json (less "
-                         "library_sha256, memory, weights, bundle_signature)",
+    "library_sha256, memory, weights, bundle_signature)",
     "index-range": "an index input's values lie in its index_range [lo, hi)",
     "file-name": "an input file is <tenant>.<name>.npy, each character of the name outside "
-                 "[A-Za-z0-9_.-] replaced by '_'; outputs are the manifest's output_files",
+    "[A-Za-z0-9_.-] replaced by '_'; outputs are the manifest's output_files",
 }
 
 
@@ -79,8 +89,9 @@ class Opened(NamedTuple):
     verified: bool
 
 
-def open_checked(directory: str | os.PathLike, private: Path, key: bytes | None,
-                 require_signature: bool) -> Opened:
+def open_checked(
+    directory: str | os.PathLike, private: Path, key: bytes | None, require_signature: bool
+) -> Opened:
     """Check a saved bundle before any dlopen (format, library name, run_all inputs, TVM
     version, CPU features, signature required, library hash, signature, ELF headers) and
     copy its library to `private`, where it is checked: what is checked is what loads."""

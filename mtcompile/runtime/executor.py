@@ -44,25 +44,34 @@ class StreamError(MTCompileError):
     def __init__(self, stream: int, tenant: str, kernel: str | None, cause: BaseException):
         self.stream, self.tenant, self.kernel, self.cause = stream, tenant, kernel, cause
         where = f"kernel '{kernel}'" if kernel else "an unknown kernel (did not recur alone)"
-        super().__init__(f"stream {stream} (tenant {tenant}) failed in {where}: "
-                         f"{type(cause).__name__}: {cause}")
+        super().__init__(
+            f"stream {stream} (tenant {tenant}) failed in {where}: {type(cause).__name__}: {cause}"
+        )
 
 
 class DeadlockError(StreamError):
     """Streams waited past the deadline: lists every blocked stream and the event it waits for."""
 
-    def __init__(self, blocked: Mapping[int, int], labels: Sequence[str],
-                 event_streams: Sequence[tuple[int, int]] | None, timeout_s: float):
+    def __init__(
+        self,
+        blocked: Mapping[int, int],
+        labels: Sequence[str],
+        event_streams: Sequence[tuple[int, int]] | None,
+        timeout_s: float,
+    ):
         self.blocked = dict(sorted(blocked.items()))
         first = next(iter(self.blocked))
 
         def source(e: int) -> str:
             return f"stream {event_streams[e][0]}" if event_streams else "an unknown stream"
 
-        waits = "; ".join(f"stream {s} (tenant {labels[s]}) waits for event {e} (signalled "
-                          f"by {source(e)})" for s, e in self.blocked.items())
-        MTCompileError.__init__(self, f"deadlock: no progress for {timeout_s} s; {waits}: a "
-                                "missing signal?")
+        waits = "; ".join(
+            f"stream {s} (tenant {labels[s]}) waits for event {e} (signalled by {source(e)})"
+            for s, e in self.blocked.items()
+        )
+        MTCompileError.__init__(
+            self, f"deadlock: no progress for {timeout_s} s; {waits}: a missing signal?"
+        )
         self.stream, self.tenant, self.kernel = first, labels[first], WAIT
         self.cause = None
 
@@ -108,8 +117,7 @@ def _wait(event: int) -> None:
         if run.abort.is_set():  # (TVM turns exception types into RuntimeError: record it)
             run.aborted.add(_local.stream)
             run.blocked[_local.stream] = int(event)
-            raise RuntimeError(f"stream {_local.stream} stopped while waiting for event "
-                               f"{event}")
+            raise RuntimeError(f"stream {_local.stream} stopped while waiting for event {event}")
 
 
 def _put(value: int, tensor) -> None:
@@ -121,8 +129,10 @@ def _get(value: int):
     try:
         return run.values[int(value)]
     except KeyError:
-        raise RuntimeError(f"stream {_local.stream} reads value {value} before its producer "
-                           "handed it over: a missing event") from None
+        raise RuntimeError(
+            f"stream {_local.stream} reads value {value} before its producer "
+            "handed it over: a missing event"
+        ) from None
 
 
 def register() -> None:
@@ -151,13 +161,22 @@ class StreamExecutor:
     One `run` at a time (a lock): stream threads and VMs are reused across runs.
     """
 
-    def __init__(self, executable, device, functions: Sequence[str], num_events: int, *,
-                 event_streams: Sequence[tuple[int, int]] | None = None,
-                 stream_tenants: Sequence[str] | None = None,
-                 kernel_tenant: Mapping[str, str] | None = None,
-                 make_vm: Callable[[], Any] | None = None,
-                 threads_per_stream: int | None = None,
-                 timeout_s: float = 120.0, poll_s: float = 0.02, diagnose: bool = True):
+    def __init__(
+        self,
+        executable,
+        device,
+        functions: Sequence[str],
+        num_events: int,
+        *,
+        event_streams: Sequence[tuple[int, int]] | None = None,
+        stream_tenants: Sequence[str] | None = None,
+        kernel_tenant: Mapping[str, str] | None = None,
+        make_vm: Callable[[], Any] | None = None,
+        threads_per_stream: int | None = None,
+        timeout_s: float = 120.0,
+        poll_s: float = 0.02,
+        diagnose: bool = True,
+    ):
         register()
         self.executable, self.device = executable, device
         self.functions, self.num_events = list(functions), int(num_events)
@@ -172,8 +191,9 @@ class StreamExecutor:
         self.cuda = getattr(device, "dlpack_device_type", lambda: 1)() == 2
         self._raw: list[Any] = [None] * n  # raw CUDA stream per stream
         self._vms: list[Any] = [None] * n  # touched only by the stream's own thread
-        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"mtcompile-stream{i}")
-                       for i in range(n)]
+        self._pools = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"mtcompile-stream{i}") for i in range(n)
+        ]
         self._lock = threading.Lock()
 
     # -- on the stream's thread
@@ -204,7 +224,8 @@ class StreamExecutor:
 
             dst = self.event_streams[event][1]
             tvm_ffi.get_global_func("runtime.Device_StreamSyncFromTo")(
-                self.device, self._raw[stream], self._raw[dst])
+                self.device, self._raw[stream], self._raw[dst]
+            )
 
     def _run_stream(self, i: int, run: _Run, args: Sequence, instrument=None):
         vm = self._setup(i)
@@ -231,22 +252,28 @@ class StreamExecutor:
             raise MTCompileError(f"{len(args)} argument lists for {len(self.functions)} streams")
         with self._lock:
             run = _Run(self)
-            futures = [p.submit(self._run_stream, i, run, a)
-                       for i, (p, a) in enumerate(zip(self._pools, args, strict=True))]
+            futures = [
+                p.submit(self._run_stream, i, run, a)
+                for i, (p, a) in enumerate(zip(self._pools, args, strict=True))
+            ]
             wait(futures, return_when=FIRST_EXCEPTION)
             if any(f.done() and f.exception() is not None for f in futures):
                 run.abort.set()  # wake every waiter: they stop within poll_s
             wait(futures)
-            failed = [(i, f.exception()) for i, f in enumerate(futures)
-                      if f.exception() is not None and i not in run.aborted]
+            failed = [
+                (i, f.exception())
+                for i, f in enumerate(futures)
+                if f.exception() is not None and i not in run.aborted
+            ]
             if failed:
                 i, exc = failed[0]
                 kernel = self._locate(i, args[i], run.values) if self.diagnose else None
                 tenant = self.kernel_tenant.get(kernel or "", self.stream_tenants[i])
                 raise StreamError(i, tenant, kernel, exc) from exc
             if run.deadlocked:
-                raise DeadlockError(run.blocked, self.stream_tenants, self.event_streams,
-                                    self.timeout_s)
+                raise DeadlockError(
+                    run.blocked, self.stream_tenants, self.event_streams, self.timeout_s
+                )
             return [f.result() for f in futures]
 
     def _locate(self, i: int, args: Sequence, values=None) -> str | None:
@@ -262,12 +289,18 @@ class StreamExecutor:
             return 0
 
         try:
-            self._pools[i].submit(self._run_stream, i, _Run(self, True, values), args,
-                                  instrument).result()
+            self._pools[i].submit(
+                self._run_stream, i, _Run(self, True, values), args, instrument
+            ).result()
         except Exception:
-            return next((s for s in reversed(open_calls) if not s.startswith("vm.builtin")
-                         and not s.startswith("mtcompile.streams.")),
-                        open_calls[-1] if open_calls else None)
+            return next(
+                (
+                    s
+                    for s in reversed(open_calls)
+                    if not s.startswith("vm.builtin") and not s.startswith("mtcompile.streams.")
+                ),
+                open_calls[-1] if open_calls else None,
+            )
         return None
 
     def close(self) -> None:

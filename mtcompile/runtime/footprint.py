@@ -26,8 +26,10 @@ from pathlib import Path
 from mtcompile.runtime.manifest import Manifest
 
 # mapped files counted as the shared runtime, by file name
-RUNTIME_FILES = re.compile(r"lib(tvm_runtime|tvm_runtime_extra|tvm_ffi|scipy_openblas)\.so"
-                           r"|tvm_ffi/core\..*\.so")
+RUNTIME_FILES = re.compile(
+    r"lib(tvm_runtime|tvm_runtime_extra|tvm_ffi|scipy_openblas)\.so"
+    r"|tvm_ffi/core\..*\.so"
+)
 COMPILER_FILES = re.compile(r"libtvm_compiler\.so")
 _DELETED = " (deleted)"
 MADV_PAGEOUT = 21  # <sys/mman.h>, Linux
@@ -125,8 +127,9 @@ def weight_bytes(manifest: Manifest) -> int:
     the graph's count after deduplication."""
     if manifest.weights is not None:
         return manifest.weights.bytes
-    return manifest.memory.weight_bytes if manifest.memory is not None else \
-        manifest.graph.weight_bytes
+    return (
+        manifest.memory.weight_bytes if manifest.memory is not None else manifest.graph.weight_bytes
+    )
 
 
 def runtime_file_bytes() -> int | None:
@@ -136,8 +139,11 @@ def runtime_file_bytes() -> int | None:
 
     try:  # from the wheels' metadata: importing tvm_ffi would load it (and torch)
         tvm_lib, blas = native.tvm_lib_dir(), native.blas_lib_dir()
-        ffi_lib = Path(importlib.metadata.distribution("apache-tvm-ffi").locate_file(
-            "tvm_ffi/lib/libtvm_ffi.so"))
+        ffi_lib = Path(
+            importlib.metadata.distribution("apache-tvm-ffi").locate_file(
+                "tvm_ffi/lib/libtvm_ffi.so"
+            )
+        )
     except (ImportError, importlib.metadata.PackageNotFoundError):
         return None
     files = [tvm_lib / "libtvm_runtime.so", ffi_lib, blas / "libscipy_openblas.so"]

@@ -51,8 +51,18 @@ def register() -> None:
         if pt != pb or pl != pr:  # torch pads symmetrically; pad the odd side first
             x = pad(x, (pl, pr, pt, pb))
             pt = pl = 0
-        aten_conv(x, from_dlpack(w), bias, [sh, sw], [pt, pl], [dh, dw], False, [0, 0], groups,
-                  out=from_dlpack(out))
+        aten_conv(
+            x,
+            from_dlpack(w),
+            bias,
+            [sh, sw],
+            [pt, pl],
+            [dh, dw],
+            False,
+            [0, 0],
+            groups,
+            out=from_dlpack(out),
+        )
 
     @tvm_ffi.register_global_func(CONV2D, override=True)
     def _conv2d(x, w, params, out):

@@ -50,8 +50,9 @@ def _get(d: Mapping, key: str, kind, where: str, default: Any = ...) -> Any:
 
 
 def _ints(v: Any, path: str) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                          for x in v):
+    if not isinstance(v, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) for x in v
+    ):
         raise _Corrupt(path, f"expected a list of integers, found {v!r:.60}")
     return tuple(v)
 
@@ -62,17 +63,24 @@ def _shape(v: Any, dims: dict | None, path: str) -> tuple[int | str, ...]:
     if not dims:
         return _ints(v, path)
     if not isinstance(v, list) or not all(
-            (isinstance(x, int) and not isinstance(x, bool)) or (
-                isinstance(x, str) and re.findall(r"[A-Za-z_]\w*", x)
-                and set(re.findall(r"[A-Za-z_]\w*", x)) <= set(dims)) for x in v):
-        raise _Corrupt(path, f"expected a list of integers and names of {sorted(dims)}, "
-                             f"found {v!r:.60}")
+        (isinstance(x, int) and not isinstance(x, bool))
+        or (
+            isinstance(x, str)
+            and re.findall(r"[A-Za-z_]\w*", x)
+            and set(re.findall(r"[A-Za-z_]\w*", x)) <= set(dims)
+        )
+        for x in v
+    ):
+        raise _Corrupt(
+            path, f"expected a list of integers and names of {sorted(dims)}, found {v!r:.60}"
+        )
     return tuple(v)
 
 
 def _bounds(v: Any, path: str) -> dict[str, tuple[int, int]]:
     if not isinstance(v, dict) or not all(
-            isinstance(b, list) and len(_ints(b, f"{path}.{k}")) == 2 for k, b in v.items()):
+        isinstance(b, list) and len(_ints(b, f"{path}.{k}")) == 2 for k, b in v.items()
+    ):
         raise _Corrupt(path, f"expected {{dim name: [lo, hi]}}, found {v!r:.60}")
     return {str(k): (b[0], b[1]) for k, b in v.items()}
 
@@ -98,8 +106,9 @@ class IOSpec:
     def __str__(self) -> str:
         text = f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
         if self.dims:
-            text += " (" + ", ".join(f"{k} in [{lo}, {hi}]"
-                                     for k, (lo, hi) in self.dims.items()) + ")"
+            text += (
+                " (" + ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in self.dims.items()) + ")"
+            )
         return text
 
     def to_dict(self) -> dict:
@@ -114,21 +123,27 @@ class IOSpec:
             raise _Corrupt(f"{where}.index_range", f"expected [lo, hi], found {rng!r}")
         dims = _get(d, "dims", dict, where, None)
         dims = _bounds(dims, f"{where}.dims") if dims is not None else None
-        return cls(_get(d, "name", str, where), _shape(_get(d, "shape", list, where), dims,
-                                                         f"{where}.shape"),
-                   _get(d, "dtype", str, where), tuple(rng) if rng is not None else None,
-                   _get(d, "shared_as", str, where, None), dims,
-                   _file(_get(d, "file", str, where, None), f"{where}.file"))
+        return cls(
+            _get(d, "name", str, where),
+            _shape(_get(d, "shape", list, where), dims, f"{where}.shape"),
+            _get(d, "dtype", str, where),
+            tuple(rng) if rng is not None else None,
+            _get(d, "shared_as", str, where, None),
+            dims,
+            _file(_get(d, "file", str, where, None), f"{where}.file"),
+        )
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def _file(name: str | None, path: str) -> str | None:
-    if name is not None and (_SAFE.search(name) or not name.endswith(".npy")
-                             or name.startswith(".")):
-        raise _Corrupt(path, f"expected a file name of [A-Za-z0-9_.-] ending in .npy, "
-                             f"found {name!r:.60}")
+    if name is not None and (
+        _SAFE.search(name) or not name.endswith(".npy") or name.startswith(".")
+    ):
+        raise _Corrupt(
+            path, f"expected a file name of [A-Za-z0-9_.-] ending in .npy, found {name!r:.60}"
+        )
     return name
 
 
@@ -173,10 +188,17 @@ class TenantSig:
     def from_dict(cls, d: Any, where: str) -> TenantSig:
         if not isinstance(d, dict):
             raise _Corrupt(where, f"expected an object, found {d!r:.60}")
-        sig = cls(_get(d, "source", str, where), _get(d, "source_sha256", str, where),
-                  *(tuple(IOSpec.from_dict(x, f"{where}.{k}[{i}]")
-                          for i, x in enumerate(_get(d, k, list, where)))
-                    for k in ("inputs", "outputs")))
+        sig = cls(
+            _get(d, "source", str, where),
+            _get(d, "source_sha256", str, where),
+            *(
+                tuple(
+                    IOSpec.from_dict(x, f"{where}.{k}[{i}]")
+                    for i, x in enumerate(_get(d, k, list, where))
+                )
+                for k in ("inputs", "outputs")
+            ),
+        )
         for i, o in enumerate(sig.outputs):
             if o.file is None:
                 raise _Corrupt(f"{where}.outputs[{i}].file", "missing")
@@ -338,13 +360,18 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Any, where: str | Path = "manifest") -> Manifest:
         if not isinstance(d, dict):
-            raise ArtifactError(f"{where} is corrupt: expected a JSON object, found "
-                                f"{type(d).__name__}")
+            raise ArtifactError(
+                f"{where} is corrupt: expected a JSON object, found {type(d).__name__}"
+            )
         if d.get("format") != FORMAT:
-            hint = ("; rebuild the bundle with this mtcompile"
-                    if str(d.get("format", "")).startswith("mtcompile-bundle/") else "")
-            raise ArtifactError(f"{where}: format {d.get('format')!r}, this mtcompile reads "
-                                f"{FORMAT!r}{hint}")
+            hint = (
+                "; rebuild the bundle with this mtcompile"
+                if str(d.get("format", "")).startswith("mtcompile-bundle/")
+                else ""
+            )
+            raise ArtifactError(
+                f"{where}: format {d.get('format')!r}, this mtcompile reads {FORMAT!r}{hint}"
+            )
         try:
             return _parse(d)
         except _Corrupt as e:
@@ -366,11 +393,11 @@ def _parse(d: dict) -> Manifest:
     order = tuple(_get(d, "tenant_order", list, ""))
     if not all(isinstance(t, str) for t in order):
         raise _Corrupt("tenant_order", f"expected a list of names, found {list(order)!r:.60}")
-    tenants = {t: TenantSig.from_dict(s, f"tenants.{t}")
-               for t, s in _get(d, "tenants", dict, "").items()}
+    tenants = {
+        t: TenantSig.from_dict(s, f"tenants.{t}") for t, s in _get(d, "tenants", dict, "").items()
+    }
     if sorted(order) != sorted(tenants):
-        raise _Corrupt("tenant_order", f"{list(order)} does not list the tenants "
-                       f"{sorted(tenants)}")
+        raise _Corrupt("tenant_order", f"{list(order)} does not list the tenants {sorted(tenants)}")
     versions = _get(d, "versions", dict, "")
     for k in MUST_MATCH:
         _get(versions, k, str, "versions")
@@ -380,9 +407,10 @@ def _parse(d: dict) -> Manifest:
     except (TypeError, ValueError):
         raise _Corrupt("run_all_inputs", "expected lists of [tenant, input] pairs") from None
     _check_run_all_inputs(run_all_inputs, tenants, order)
-    pipeline = tuple(PassSpec(_get(p, "name", str, f"pipeline[{i}]"),
-                              _get(p, "options", dict, f"pipeline[{i}]"))
-                     for i, p in enumerate(_get(d, "pipeline", list, "")))
+    pipeline = tuple(
+        PassSpec(_get(p, "name", str, f"pipeline[{i}]"), _get(p, "options", dict, f"pipeline[{i}]"))
+        for i, p in enumerate(_get(d, "pipeline", list, ""))
+    )
     memory = _get(d, "memory", dict, "", None)
     weights = d.get("weights")
     features = _get(d, "cpu_features", list, "", None)
@@ -391,10 +419,16 @@ def _parse(d: dict) -> Manifest:
     digest = _get(d, "library_sha256", str, "", None)
     signature = _get(d, "bundle_signature", str, "", None)
     return Manifest(
-        name=_get(d, "name", str, ""), library=lib, target=_get(d, "target", str, ""),
-        versions=versions, pipeline=pipeline, kernels=_get(d, "kernels", dict, ""),
-        tuning_db=_get(d, "tuning_db", str, "", None), tenant_order=order,
-        run_all_inputs=run_all_inputs, tenants=tenants,
+        name=_get(d, "name", str, ""),
+        library=lib,
+        target=_get(d, "target", str, ""),
+        versions=versions,
+        pipeline=pipeline,
+        kernels=_get(d, "kernels", dict, ""),
+        tuning_db=_get(d, "tuning_db", str, "", None),
+        tenant_order=order,
+        run_all_inputs=run_all_inputs,
+        tenants=tenants,
         graph=_record(GraphStats, _get(d, "graph", dict, ""), "graph"),
         graph_view=_get(d, "graph_view", dict, ""),
         streams=_streams(_get(d, "streams", dict, "")),
@@ -403,7 +437,9 @@ def _parse(d: dict) -> Manifest:
         cpu_features=tuple(features) if features is not None else None,
         memory=_record(MemoryInfo, memory, "memory") if memory is not None else None,
         weights=_weights(weights) if weights is not None else None,
-        library_sha256=digest, bundle_signature=signature)
+        library_sha256=digest,
+        bundle_signature=signature,
+    )
 
 
 def _check_run_all_inputs(uses, tenants: dict[str, TenantSig], order) -> None:
@@ -413,8 +449,10 @@ def _check_run_all_inputs(uses, tenants: dict[str, TenantSig], order) -> None:
     want = [(t, s.name) for t in order for s in tenants[t].inputs]
     found = [pair for group in uses for pair in group]
     if sorted(found) != sorted(want) or any(not g for g in uses):
-        raise _Corrupt("run_all_inputs", f"expected each tenant input once ({want!r:.200}), "
-                       f"found {found!r:.200}")
+        raise _Corrupt(
+            "run_all_inputs",
+            f"expected each tenant input once ({want!r:.200}), found {found!r:.200}",
+        )
 
 
 def _subsets(d: dict, tenants: dict[str, TenantSig], order) -> dict[str, SubsetFunction]:
@@ -427,14 +465,16 @@ def _subsets(d: dict, tenants: dict[str, TenantSig], order) -> dict[str, SubsetF
             raise _Corrupt(where, f"expected an object, found {v!r:.60}")
         ts = _get(v, "tenants", list, where)
         if [t for t in order if t in ts] != ts or len(ts) < 2:
-            raise _Corrupt(f"{where}.tenants", f"expected two or more of {list(order)} in "
-                           f"that order, found {ts!r:.60}")
+            raise _Corrupt(
+                f"{where}.tenants",
+                f"expected two or more of {list(order)} in that order, found {ts!r:.60}",
+            )
         try:
-            uses = tuple(tuple((str(t), str(n)) for t, n in u)
-                         for u in _get(v, "inputs", list, where))
+            uses = tuple(
+                tuple((str(t), str(n)) for t, n in u) for u in _get(v, "inputs", list, where)
+            )
         except (TypeError, ValueError):
-            raise _Corrupt(f"{where}.inputs", "expected lists of [tenant, input] pairs"
-                           ) from None
+            raise _Corrupt(f"{where}.inputs", "expected lists of [tenant, input] pairs") from None
         try:
             _check_run_all_inputs(uses, tenants, ts)
         except _Corrupt as e:
@@ -455,11 +495,13 @@ def _record(cls, d: dict, where: str):
     for f in fields(cls):
         ann = str(f.type)
         base = ann.split(" |")[0]
-        kind = _KINDS.get(base) or (dict if base.startswith("dict") else
-                                    list if base.startswith("tuple") else object)
+        kind = _KINDS.get(base) or (
+            dict if base.startswith("dict") else list if base.startswith("tuple") else object
+        )
         optional = "None" in ann
-        v = _get(d, f.name, (kind, type(None)) if optional else kind, where,
-                 None if optional else ...)
+        v = _get(
+            d, f.name, (kind, type(None)) if optional else kind, where, None if optional else ...
+        )
         if v is not None:
             out[f.name] = _freeze(v) if base.startswith("tuple") else v
     return cls(**out)
@@ -498,8 +540,9 @@ def weights_from_json(text: str, where: str | Path) -> WeightsInfo:
     try:
         return _weights(json.loads(text))
     except ValueError as e:
-        raise ArtifactError(f"{where}: its weights table is corrupt: not valid JSON ({e})"
-                            ) from None
+        raise ArtifactError(
+            f"{where}: its weights table is corrupt: not valid JSON ({e})"
+        ) from None
     except (_Corrupt, TypeError) as e:
         raise ArtifactError(f"{where}: its weights table is corrupt: {e}") from None
 
@@ -517,11 +560,13 @@ def _streams(d: dict) -> StreamsInfo:
 def _to_json(obj) -> Any:
     """Records -> dicts (None fields left out), tuples -> lists, recursively."""
     if hasattr(obj, "__dataclass_fields__"):
-        return {f.name: _to_json(getattr(obj, f.name)) for f in fields(obj)
-                if getattr(obj, f.name) is not None}
+        return {
+            f.name: _to_json(getattr(obj, f.name))
+            for f in fields(obj)
+            if getattr(obj, f.name) is not None
+        }
     if isinstance(obj, dict):
         return {k: _to_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_to_json(v) for v in obj]
     return obj
-

@@ -15,8 +15,7 @@ import numpy as np
 from mtcompile.runtime.vm import ThreadVMs
 
 
-def trace(vms: ThreadVMs, entry: str, arrays: Sequence[np.ndarray], repeat: int = 1
-          ) -> list[list]:
+def trace(vms: ThreadVMs, entry: str, arrays: Sequence[np.ndarray], repeat: int = 1) -> list[list]:
     """Run `entry` `repeat` times under the VM instrument; per run, the calls it made as
     ``(symbol, microseconds)`` in order (kernels, library calls and VM builtins)."""
     runs: list[list] = []

@@ -24,8 +24,7 @@ def as_key(key: bytes | str | None, what: str) -> bytes | None:
     if isinstance(key, str):
         key = key.encode()
     if not isinstance(key, bytes | bytearray) or not key:
-        raise ArtifactError(f"{what} must be non-empty bytes or str, got "
-                            f"{type(key).__name__}")
+        raise ArtifactError(f"{what} must be non-empty bytes or str, got {type(key).__name__}")
     return bytes(key)
 
 
@@ -49,11 +48,20 @@ def read_key_file(path: str | os.PathLike, what: str = "key file") -> bytes:
 def state(manifest_signature: str | None, verified: bool) -> dict:
     """What a report says of a bundle's signature: signed or not, and checked or not."""
     signed = manifest_signature is not None
-    note = ("not signed" if not signed else "signed and verified with the key given"
-            if verified else "signed, NOT verified: no key was given (load with verify_key=, "
-            "or --verify-key-file on the command line)")
-    return {"signed": signed, "scheme": SCHEME if signed else None, "verified": verified,
-            "note": note}
+    note = (
+        "not signed"
+        if not signed
+        else "signed and verified with the key given"
+        if verified
+        else "signed, NOT verified: no key was given (load with verify_key=, "
+        "or --verify-key-file on the command line)"
+    )
+    return {
+        "signed": signed,
+        "scheme": SCHEME if signed else None,
+        "verified": verified,
+        "note": note,
+    }
 
 
 def _canonical(manifest: dict) -> bytes:

@@ -81,8 +81,9 @@ def configure(threads: int | None = None) -> ThreadConfig:
     spinning off, unless the user set ``TVM_NUM_THREADS`` / ``TVM_THREAD_POOL_SPIN_COUNT``;
     then check the calling thread's pool, shrink it if it started larger, warn if it
     started smaller (TVM cannot add workers to a started pool)."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
         raise MTCompileError(f"threads must be a positive integer, got {threads!r}")
     wanted = threads or usable_cores()
     source = "threads"
@@ -93,12 +94,20 @@ def configure(threads: int | None = None) -> ThreadConfig:
             user = 0
         if user >= 1:
             if threads is not None and threads != user:
-                warnings.warn(f"threads={threads} ignored: {NUM_THREADS}={user} is set in the "
-                              "environment and wins", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"threads={threads} ignored: {NUM_THREADS}={user} is set in the "
+                    "environment and wins",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             wanted, source = user, NUM_THREADS
         else:
-            warnings.warn(f"{NUM_THREADS}={os.environ[NUM_THREADS]!r} is not a positive "
-                          f"integer; using {wanted} threads", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{NUM_THREADS}={os.environ[NUM_THREADS]!r} is not a positive "
+                f"integer; using {wanted} threads",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     if source == "threads":
         os.environ[NUM_THREADS] = _ours[NUM_THREADS] = str(wanted)
     if not user_set(SPIN_COUNT):  # nothing spins after a call returns
@@ -113,10 +122,14 @@ def configure(threads: int | None = None) -> ThreadConfig:
         tvm_ffi.get_global_func("runtime.config_threadpool")(1, wanted)
         pool = pool_size()
     if pool != wanted:
-        warnings.warn(f"TVM's thread pool of this thread started earlier with {pool} "
-                      f"thread(s) and cannot grow to the {wanted} requested; generated "
-                      f"kernels run on {pool}. Set threads (or {NUM_THREADS}) before the "
-                      "first bundle runs in this process", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"TVM's thread pool of this thread started earlier with {pool} "
+            f"thread(s) and cannot grow to the {wanted} requested; generated "
+            f"kernels run on {pool}. Set threads (or {NUM_THREADS}) before the "
+            "first bundle runs in this process",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return ThreadConfig(wanted, pool, source, os.environ[SPIN_COUNT])
 
 

@@ -67,7 +67,8 @@ def ffi(torch: bool = False):
 
             if "runtime" not in _loaded:
                 _loaded["runtime"] = ctypes.CDLL(
-                    str(native.tvm_lib_dir() / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
+                    str(native.tvm_lib_dir() / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL
+                )
     return sys.modules["tvm_ffi"]
 
 
@@ -167,8 +168,9 @@ def tensor(a: np.ndarray, dev):
             return tvm_ffi.from_dlpack(a)
         except (BufferError, TypeError, ValueError):  # no DLPack dtype (bfloat16), read-only
             pass
-    t = _fn("runtime.TVMTensorAllocWithScope")(tvm_ffi.Shape([int(d) for d in a.shape]),
-                                               tvm_ffi.dtype(str(a.dtype)), dev, None)
+    t = _fn("runtime.TVMTensorAllocWithScope")(
+        tvm_ffi.Shape([int(d) for d in a.shape]), tvm_ffi.dtype(str(a.dtype)), dev, None
+    )
     a = np.ascontiguousarray(a)
     _fn("runtime.TVMTensorCopyFromBytes")(t, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
     return t
@@ -178,7 +180,7 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of `a` whose data starts on an `ALIGN`-byte boundary."""
     buf = np.empty(a.nbytes + ALIGN, np.uint8)
     start = -buf.ctypes.data % ALIGN
-    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
     np.copyto(out, a)
     return out
 

@@ -57,8 +57,16 @@ class ThreadVMs:
     (`tvmrt.provide`); where it is in none, creating the VM fails with `ArtifactError`.
     """
 
-    def __init__(self, executable, target: str, *, torch: Sequence[str] = (),
-                 streams: bool = False, threads: int | None = None, weights=None):
+    def __init__(
+        self,
+        executable,
+        target: str,
+        *,
+        torch: Sequence[str] = (),
+        streams: bool = False,
+        threads: int | None = None,
+        weights=None,
+    ):
         self.executable, self.target = executable, target
         self.weights = weights  # `runtime.weights.Weights`: each entry's trailing params
         self.torch_ops = tuple(torch)  # the heavy op kinds PyTorch's kernels run
@@ -70,18 +78,21 @@ class ThreadVMs:
     def _setup(self):
         dev = device_for(self.target)
         if not tvmrt.device_exists(dev):
-            raise MTCompileError(f"this bundle was built for {self.target} and this machine "
-                                 "has no such device")
+            raise MTCompileError(
+                f"this bundle was built for {self.target} and this machine has no such device"
+            )
         if self.torch:
             from mtcompile.runtime import library
 
             try:
                 library.register()
             except ImportError as e:
-                raise MTCompileError("this bundle calls PyTorch kernels (kernel provider "
-                                     f"'torch': {sorted(self.torch_ops)}) and torch cannot be "
-                                     f"imported here ({e}); install torch, or rebuild it with "
-                                     "kernels='native' to run without torch") from e
+                raise MTCompileError(
+                    "this bundle calls PyTorch kernels (kernel provider "
+                    f"'torch': {sorted(self.torch_ops)}) and torch cannot be "
+                    f"imported here ({e}); install torch, or rebuild it with "
+                    "kernels='native' to run without torch"
+                ) from e
             if self.threads:  # one pool's worth of threads, as TVM's pool has
                 from mtcompile.runtime.threads import set_torch_threads
 
@@ -113,8 +124,9 @@ class ThreadVMs:
                     raise
                 why = tvmrt.provide(name)
                 if why is not None:
-                    raise ArtifactError(f"this bundle calls {name!r}, which this process "
-                                        f"cannot provide: {why}") from e
+                    raise ArtifactError(
+                        f"this bundle calls {name!r}, which this process cannot provide: {why}"
+                    ) from e
 
     def vm(self):
         """This thread's VM."""
@@ -173,5 +185,5 @@ def raise_index_error(e: BaseException) -> None:
 
     text = str(e)
     if INDEX_CHECK in text:
-        line = text[text.index(INDEX_CHECK) + len(INDEX_CHECK):].splitlines()[0].strip()
+        line = text[text.index(INDEX_CHECK) + len(INDEX_CHECK) :].splitlines()[0].strip()
         raise IndexOutOfRangeError(line) from None

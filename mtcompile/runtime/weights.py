@@ -37,8 +37,12 @@ def info(arrays: list[np.ndarray], args: dict[str, list[int]]) -> WeightsInfo:
     for a in arrays:
         rows.append((offset, tuple(int(d) for d in a.shape), str(a.dtype)))
         offset += -(-a.nbytes // ALIGN) * ALIGN
-    return WeightsInfo(symbol=SYMBOL, bytes=offset, tensors=tuple(rows),
-                       args={f: tuple(i) for f, i in args.items()})
+    return WeightsInfo(
+        symbol=SYMBOL,
+        bytes=offset,
+        tensors=tuple(rows),
+        args={f: tuple(i) for f, i in args.items()},
+    )
 
 
 def table_json(table: WeightsInfo) -> str:
@@ -60,15 +64,18 @@ def write_object(arrays: list[np.ndarray], table: WeightsInfo, workdir: Path) ->
     (workdir / "table.json").write_bytes(table_json(table).encode() + b"\0")
     end, tab = contract.END_SYMBOL, contract.TABLE_SYMBOL
     asm = workdir / "weights.s"
-    asm.write_text(f'\t.section .rodata.{SYMBOL},"a"\n\t.balign 4096\n\t.globl {SYMBOL}\n'
-                   f'\t.type {SYMBOL}, @object\n{SYMBOL}:\n\t.incbin "weights.bin"\n'
-                   f'\t.size {SYMBOL}, .-{SYMBOL}\n\t.globl {end}\n{end}:\n'
-                   f'\t.globl {tab}\n\t.type {tab}, @object\n{tab}:\n'
-                   f'\t.incbin "table.json"\n\t.size {tab}, .-{tab}\n'
-                   '\t.section .note.GNU-stack,"",@progbits\n')
+    asm.write_text(
+        f'\t.section .rodata.{SYMBOL},"a"\n\t.balign 4096\n\t.globl {SYMBOL}\n'
+        f'\t.type {SYMBOL}, @object\n{SYMBOL}:\n\t.incbin "weights.bin"\n'
+        f"\t.size {SYMBOL}, .-{SYMBOL}\n\t.globl {end}\n{end}:\n"
+        f"\t.globl {tab}\n\t.type {tab}, @object\n{tab}:\n"
+        f'\t.incbin "table.json"\n\t.size {tab}, .-{tab}\n'
+        '\t.section .note.GNU-stack,"",@progbits\n'
+    )
     obj = workdir / "weights.o"
-    done = subprocess.run(["gcc", "-c", asm.name, "-o", obj.name], cwd=workdir,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["gcc", "-c", asm.name, "-o", obj.name], cwd=workdir, capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise ArtifactError(f"cannot assemble the bundle's weights: {done.stderr.strip()}")
     blob.unlink()
@@ -97,7 +104,7 @@ def arrays(lib: contract.LibraryWeights) -> list[np.ndarray]:
     out = []
     for offset, shape, dtype in table.tensors:
         n = int(np.prod(shape, dtype=np.int64)) * contract.WEIGHT_DTYPES[dtype]
-        out.append(raw[offset:offset + n].view(_dtype(dtype)).reshape(shape))
+        out.append(raw[offset : offset + n].view(_dtype(dtype)).reshape(shape))
     return out
 
 
@@ -116,8 +123,7 @@ class Weights:
         the library file; returns the bytes touched."""
         if self.table is None:
             return 0
-        which = (range(len(self.arrays)) if function is None
-                 else self.table.args.get(function, ()))
+        which = range(len(self.arrays)) if function is None else self.table.args.get(function, ())
         touched = checksum = 0
         for i in which:
             flat = self.arrays[i].reshape(-1).view(np.uint8)
@@ -135,8 +141,7 @@ class Weights:
             else:
                 tensors = self._tensors.get(str(dev))
                 if tensors is None:
-                    tensors = self._tensors[str(dev)] = [tvmrt.tensor(a, dev)
-                                                         for a in self.arrays]
+                    tensors = self._tensors[str(dev)] = [tvmrt.tensor(a, dev) for a in self.arrays]
                 got = [tensors[i] for i in self.table.args[function]]
             self._args[key] = got
         return got

@@ -5,5 +5,11 @@ from mtcompile.errors import QueueFullError, SchedulerClosedError, ServingError
 from mtcompile.serving.batching import BatchDim, batch_dim
 from mtcompile.serving.scheduler import Scheduler
 
-__all__ = ["BatchDim", "QueueFullError", "Scheduler", "SchedulerClosedError", "ServingError",
-           "batch_dim"]
+__all__ = [
+    "BatchDim",
+    "QueueFullError",
+    "Scheduler",
+    "SchedulerClosedError",
+    "ServingError",
+    "batch_dim",
+]

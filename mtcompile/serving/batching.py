@@ -54,8 +54,7 @@ def stack_key(arrays: list[np.ndarray], bd: BatchDim | None) -> tuple:
     axis (another symbolic dim, such as a sequence length, must agree)."""
     if bd is None:
         return ()
-    return tuple(a.shape[:ax] + a.shape[ax + 1:] for a, ax in zip(arrays, bd.in_axes,
-                                                                     strict=True))
+    return tuple(a.shape[:ax] + a.shape[ax + 1 :] for a, ax in zip(arrays, bd.in_axes, strict=True))
 
 
 def stack(requests: list[list[np.ndarray]], bd: BatchDim | None) -> list[np.ndarray]:
@@ -63,12 +62,12 @@ def stack(requests: list[list[np.ndarray]], bd: BatchDim | None) -> list[np.ndar
     if len(requests) == 1:
         return requests[0]
     assert bd is not None, "only a tenant with a batch dim stacks requests"
-    return [np.concatenate([r[i] for r in requests], axis=ax)
-            for i, ax in enumerate(bd.in_axes)]
+    return [np.concatenate([r[i] for r in requests], axis=ax) for i, ax in enumerate(bd.in_axes)]
 
 
-def split(outputs: list[np.ndarray], sizes: list[int], bd: BatchDim | None
-          ) -> list[list[np.ndarray]]:
+def split(
+    outputs: list[np.ndarray], sizes: list[int], bd: BatchDim | None
+) -> list[list[np.ndarray]]:
     """Per request (of `sizes` rows each, in stacking order), its part of each output."""
     if len(sizes) == 1:
         return [list(outputs)]

@@ -51,6 +51,8 @@ class TenantMetrics:
                 "batch_sizes": dict(sorted(self._batches.items())),
                 "batch_rows": dict(sorted(self._rows.items())),
                 "calls": dict(sorted(self._calls.items())),
-                "latency_ms": {f"p{q}": (float(np.percentile(lat, q)) if lat.size else None)
-                               for q in PERCENTILES},
+                "latency_ms": {
+                    f"p{q}": (float(np.percentile(lat, q)) if lat.size else None)
+                    for q in PERCENTILES
+                },
             }

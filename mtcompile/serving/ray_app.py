@@ -23,9 +23,20 @@ from mtcompile.errors import InputError, ServingError
 from mtcompile.serving.scheduler import Scheduler
 
 # the v2 protocol's tensor datatypes and numpy's
-DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
-             "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32",
-             "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64"}
+DATATYPES = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
 _V2_NAMES = {np.dtype(v): k for k, v in DATATYPES.items()}
 
 api = FastAPI()
@@ -35,8 +46,10 @@ def decode(tensor: dict) -> np.ndarray:
     """A v2 JSON tensor (``name``, ``shape``, ``datatype``, flat ``data``) as an array."""
     dtype = DATATYPES.get(tensor.get("datatype", ""))
     if dtype is None:
-        raise InputError(f"input {tensor.get('name')!r}: datatype {tensor.get('datatype')!r} "
-                         f"is not one of {sorted(DATATYPES)}")
+        raise InputError(
+            f"input {tensor.get('name')!r}: datatype {tensor.get('datatype')!r} "
+            f"is not one of {sorted(DATATYPES)}"
+        )
     try:
         return np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])
     except (KeyError, TypeError, ValueError) as e:
@@ -45,8 +58,12 @@ def decode(tensor: dict) -> np.ndarray:
 
 def encode(name: str, array: np.ndarray) -> dict:
     """An array as a v2 JSON tensor."""
-    return {"name": name, "shape": list(array.shape), "datatype": _V2_NAMES[array.dtype],
-            "data": array.ravel().tolist()}
+    return {
+        "name": name,
+        "shape": list(array.shape),
+        "datatype": _V2_NAMES[array.dtype],
+        "data": array.ravel().tolist(),
+    }
 
 
 def _bind_replica_grpc(host: str) -> None:
@@ -72,8 +89,14 @@ def _bind_replica_grpc(host: str) -> None:
 class BundleReplica:
     """One replica: the bundle loaded with `threads` and a scheduler over it."""
 
-    def __init__(self, bundle_dir: str, max_delay_ms: float = 2.0, max_queue: int = 256,
-                 threads: int | None = None, bind_host: str | None = None):
+    def __init__(
+        self,
+        bundle_dir: str,
+        max_delay_ms: float = 2.0,
+        max_queue: int = 256,
+        threads: int | None = None,
+        bind_host: str | None = None,
+    ):
         from mtcompile.runtime.bundle import load
 
         if bind_host is not None:
@@ -96,12 +119,19 @@ class BundleReplica:
         sig = self._sig(tenant)
 
         def meta(s) -> dict:
-            return {"name": s.name, "datatype": _V2_NAMES[np.dtype(s.dtype)],
-                    "shape": [d if isinstance(d, int) else -1 for d in s.shape]}
+            return {
+                "name": s.name,
+                "datatype": _V2_NAMES[np.dtype(s.dtype)],
+                "shape": [d if isinstance(d, int) else -1 for d in s.shape],
+            }
 
-        return {"name": tenant, "versions": [self.bundle.manifest.name],
-                "platform": "mtcompile", "inputs": [meta(s) for s in sig.inputs],
-                "outputs": [meta(s) for s in sig.outputs]}
+        return {
+            "name": tenant,
+            "versions": [self.bundle.manifest.name],
+            "platform": "mtcompile",
+            "inputs": [meta(s) for s in sig.inputs],
+            "outputs": [meta(s) for s in sig.outputs],
+        }
 
     @api.post("/v2/models/{tenant}/infer")
     async def infer(self, tenant: str, body: dict = Body(...)) -> dict:  # noqa: B008
@@ -109,8 +139,9 @@ class BundleReplica:
         names = [s.name for s in sig.inputs]
         given = {t.get("name"): t for t in body.get("inputs", [])}
         if sorted(given) != sorted(names):
-            raise HTTPException(400, f"tenant '{tenant}' takes inputs {names}; the request "
-                                     f"has {list(given)}")
+            raise HTTPException(
+                400, f"tenant '{tenant}' takes inputs {names}; the request has {list(given)}"
+            )
         try:
             future = self.scheduler.submit(tenant, *[decode(given[n]) for n in names])
         except InputError as e:
@@ -121,10 +152,16 @@ class BundleReplica:
             outs = await asyncio.wrap_future(future)
         except Exception as e:
             raise HTTPException(500, f"tenant '{tenant}': {type(e).__name__}: {e}") from e
-        return {"model_name": tenant, "model_version": self.bundle.manifest.name,
-                "id": body.get("id", ""), "parameters": {"replica": self.replica},
-                "outputs": [encode(s.name, np.ascontiguousarray(o))
-                            for s, o in zip(sig.outputs, outs, strict=True)]}
+        return {
+            "model_name": tenant,
+            "model_version": self.bundle.manifest.name,
+            "id": body.get("id", ""),
+            "parameters": {"replica": self.replica},
+            "outputs": [
+                encode(s.name, np.ascontiguousarray(o))
+                for s, o in zip(sig.outputs, outs, strict=True)
+            ],
+        }
 
     @api.get("/mtcompile/metrics")
     async def metrics(self) -> dict:
@@ -133,15 +170,26 @@ class BundleReplica:
     def _sig(self, tenant: str):
         sig = self.bundle.manifest.tenants.get(tenant)
         if sig is None:
-            raise HTTPException(404, f"unknown tenant {tenant!r}; this bundle serves "
-                                     f"{list(self.bundle.manifest.tenant_order)}")
+            raise HTTPException(
+                404,
+                f"unknown tenant {tenant!r}; this bundle serves "
+                f"{list(self.bundle.manifest.tenant_order)}",
+            )
         return sig
 
 
-def app(bundle_dir: str | os.PathLike, *, num_replicas: int | None = None,
-        autoscaling: dict | None = None, max_ongoing_requests: int = 64,
-        num_cpus: float = 1.0, threads: int | None = None, max_delay_ms: float = 2.0,
-        max_queue: int = 256, bind_host: str | None = None):
+def app(
+    bundle_dir: str | os.PathLike,
+    *,
+    num_replicas: int | None = None,
+    autoscaling: dict | None = None,
+    max_ongoing_requests: int = 64,
+    num_cpus: float = 1.0,
+    threads: int | None = None,
+    max_delay_ms: float = 2.0,
+    max_queue: int = 256,
+    bind_host: str | None = None,
+):
     """The Ray Serve application: `num_replicas` fixed replicas, or `autoscaling` (Ray
     Serve's ``autoscaling_config``: ``min_replicas``, ``max_replicas``,
     ``target_ongoing_requests``, ...). `num_cpus`: Ray's CPUs per replica; `threads`: the
@@ -150,15 +198,18 @@ def app(bundle_dir: str | os.PathLike, *, num_replicas: int | None = None,
     choice; "127.0.0.1" for a one-machine cluster on loopback)."""
     if num_replicas is not None and autoscaling is not None:
         raise ValueError("give num_replicas or autoscaling, not both")
-    options: dict[str, Any] = {"max_ongoing_requests": max_ongoing_requests,
-                               "ray_actor_options": {"num_cpus": num_cpus}}
+    options: dict[str, Any] = {
+        "max_ongoing_requests": max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": num_cpus},
+    }
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = 1 if num_replicas is None else num_replicas
     threads = threads if threads is not None else max(1, int(num_cpus))
     return BundleReplica.options(**options).bind(
-        os.fspath(os.path.abspath(bundle_dir)), max_delay_ms, max_queue, threads, bind_host)
+        os.fspath(os.path.abspath(bundle_dir)), max_delay_ms, max_queue, threads, bind_host
+    )
 
 
 def build_app(args: dict[str, str]):
@@ -166,13 +217,21 @@ def build_app(args: dict[str, str]):
     min_replicas=A max_replicas=B target_ongoing_requests=T] [num_cpus=C]``."""
     args = dict(args)
     bundle = args.pop("bundle")
-    scaling = {k: float(args.pop(k)) if k == "target_ongoing_requests" else int(args.pop(k))
-               for k in ("min_replicas", "max_replicas", "target_ongoing_requests")
-               if k in args}
+    scaling = {
+        k: float(args.pop(k)) if k == "target_ongoing_requests" else int(args.pop(k))
+        for k in ("min_replicas", "max_replicas", "target_ongoing_requests")
+        if k in args
+    }
     kwargs: dict[str, Any] = {"autoscaling": scaling or None}
-    for k, kind in (("bind_host", str), ("num_replicas", int), ("num_cpus", float), ("threads", int),
-                    ("max_delay_ms", float), ("max_queue", int),
-                    ("max_ongoing_requests", int)):
+    for k, kind in (
+        ("bind_host", str),
+        ("num_replicas", int),
+        ("num_cpus", float),
+        ("threads", int),
+        ("max_delay_ms", float),
+        ("max_queue", int),
+        ("max_ongoing_requests", int),
+    ):
         if k in args:
             kwargs[k] = kind(args.pop(k))
     if args:

@@ -45,11 +45,19 @@ class Scheduler:
     that are not independent samples). `start=False`: accept requests, serve from `start()`.
     """
 
-    def __init__(self, bundle, max_delay_ms: float = 2.0, max_queue: int = 256, *,
-                 no_stack: Iterable[str] = (), start: bool = True):
+    def __init__(
+        self,
+        bundle,
+        max_delay_ms: float = 2.0,
+        max_queue: int = 256,
+        *,
+        no_stack: Iterable[str] = (),
+        start: bool = True,
+    ):
         if max_queue < 1 or max_delay_ms < 0:
-            raise ValueError(f"max_queue must be >= 1 and max_delay_ms >= 0, got "
-                             f"{max_queue} and {max_delay_ms}")
+            raise ValueError(
+                f"max_queue must be >= 1 and max_delay_ms >= 0, got {max_queue} and {max_delay_ms}"
+            )
         m = bundle.manifest
         self.bundle, self.max_queue, self.max_delay = bundle, max_queue, max_delay_ms / 1e3
         self._order = tuple(m.tenant_order)
@@ -57,10 +65,12 @@ class Scheduler:
         no_stack = set(no_stack)
         unknown = sorted(no_stack - set(self._order))
         if unknown:
-            raise InputError(f"no_stack names unknown tenants {unknown}; this bundle has "
-                             f"{list(self._order)}")
-        self._dims = {t: None if t in no_stack else batching.batch_dim(self._sigs[t])
-                      for t in self._order}
+            raise InputError(
+                f"no_stack names unknown tenants {unknown}; this bundle has {list(self._order)}"
+            )
+        self._dims = {
+            t: None if t in no_stack else batching.batch_dim(self._sigs[t]) for t in self._order
+        }
         self._shared = [g for g in m.run_all_inputs if len(g) > 1]  # run_all reads once
         self._subsets = {s.tenants for s in getattr(m, "subsets", {}).values()}
         self._queues: dict[str, deque[_Request]] = {t: deque() for t in self._order}
@@ -82,8 +92,9 @@ class Scheduler:
 
     def _start_locked(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="mtcompile-scheduler",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._loop, name="mtcompile-scheduler", daemon=True
+            )
             self._thread.start()
 
     def batch_dim(self, tenant: str) -> batching.BatchDim | None:
@@ -96,8 +107,7 @@ class Scheduler:
         that do not match the signature, a full queue or a closed scheduler."""
         sig = self._sigs.get(tenant)
         if sig is None:
-            raise InputError(f"unknown tenant {tenant!r}; this bundle serves "
-                             f"{list(self._order)}")
+            raise InputError(f"unknown tenant {tenant!r}; this bundle serves {list(self._order)}")
         metrics = self._metrics[tenant]
         try:
             # copies: the caller may reuse its buffers once submit returns
@@ -110,8 +120,10 @@ class Scheduler:
         with self._cond:
             if self._closing:
                 metrics.count("rejected")
-                raise SchedulerClosedError(f"tenant '{tenant}': the scheduler is closed and "
-                                           "accepts no request; submit to a new Scheduler")
+                raise SchedulerClosedError(
+                    f"tenant '{tenant}': the scheduler is closed and "
+                    "accepts no request; submit to a new Scheduler"
+                )
             if len(self._queues[tenant]) >= self.max_queue:
                 metrics.count("rejected")
                 raise QueueFullError(tenant, self.max_queue)
@@ -134,9 +146,13 @@ class Scheduler:
             self._cond.notify_all()
             thread = self._thread
         for r in dropped:
-            self._fail(r, SchedulerClosedError(
-                f"tenant '{r.tenant}': the request was not run: the scheduler was closed "
-                "with drain=False"))
+            self._fail(
+                r,
+                SchedulerClosedError(
+                    f"tenant '{r.tenant}': the request was not run: the scheduler was closed "
+                    "with drain=False"
+                ),
+            )
         if thread is not None:
             thread.join(timeout)
 
@@ -155,8 +171,10 @@ class Scheduler:
         with self._cond:
             depth = {t: len(q) for t, q in self._queues.items()}
             calls = dict(sorted(self._bundle_calls.items()))
-        return {"tenants": {t: self._metrics[t].snapshot(depth[t]) for t in self._order},
-                "calls": calls}
+        return {
+            "tenants": {t: self._metrics[t].snapshot(depth[t]) for t in self._order},
+            "calls": calls,
+        }
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -200,8 +218,14 @@ class Scheduler:
         those that stack with it, in order, while the rows stay within the bound."""
         q, bd = self._queues[tenant], self._dims[tenant]
         taken: list[_Request] = []
-        while q and (not taken or (bd is not None and q[0].key == taken[0].key
-                                   and sum(r.rows for r in taken) + q[0].rows <= bd.bound)):
+        while q and (
+            not taken
+            or (
+                bd is not None
+                and q[0].key == taken[0].key
+                and sum(r.rows for r in taken) + q[0].rows <= bd.bound
+            )
+        ):
             r = q.popleft()
             if r.future.set_running_or_notify_cancel():  # False: cancelled while waiting
                 taken.append(r)
@@ -209,8 +233,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the calls
     def _serve(self, batches: dict[str, list[_Request]]) -> None:
-        stacked = {t: batching.stack([r.arrays for r in reqs], self._dims[t])
-                   for t, reqs in batches.items()}
+        stacked = {
+            t: batching.stack([r.arrays for r in reqs], self._dims[t])
+            for t, reqs in batches.items()
+        }
         for kind, tenants in self._plan(stacked):
             if kind in (RUN_ALL, RUN_SOME):
                 self._run_merged(kind, batches, stacked)
@@ -234,20 +260,24 @@ class Scheduler:
             return stacked[tenant][names.index(name)]
 
         groups = [[u for u in g if u[0] in stacked] for g in self._shared]
-        return all(value(*g[0]).shape == value(*u).shape
-                   and np.array_equal(value(*g[0]), value(*u))
-                   for g in groups for u in g[1:])
+        return all(
+            value(*g[0]).shape == value(*u).shape and np.array_equal(value(*g[0]), value(*u))
+            for g in groups
+            for u in g[1:]
+        )
 
-    def _run_merged(self, kind: str, batches: dict[str, list[_Request]],
-                    stacked: dict[str, list[np.ndarray]]) -> None:
+    def _run_merged(
+        self, kind: str, batches: dict[str, list[_Request]], stacked: dict[str, list[np.ndarray]]
+    ) -> None:
         """One ``run_all`` or ``run_some`` call; if it raises, each tenant's entry serves
         its requests (so that only the request at fault fails)."""
         self._count_call(kind)
         for t, reqs in batches.items():
             self._metrics[t].call(kind, len(reqs), sum(r.rows for r in reqs))
         try:
-            outs = (self.bundle.run_all(stacked) if kind == RUN_ALL
-                    else self.bundle.run_some(stacked))
+            outs = (
+                self.bundle.run_all(stacked) if kind == RUN_ALL else self.bundle.run_some(stacked)
+            )
         except Exception:
             for t, reqs in batches.items():
                 self._run_entry(t, reqs, stacked[t], RUN)
@@ -255,8 +285,9 @@ class Scheduler:
         for t, reqs in batches.items():
             self._deliver(t, reqs, outs[t])
 
-    def _run_entry(self, tenant: str, reqs: list[_Request], arrays: list[np.ndarray],
-                   kind: str) -> None:
+    def _run_entry(
+        self, tenant: str, reqs: list[_Request], arrays: list[np.ndarray], kind: str
+    ) -> None:
         """One call of the tenant's entry; if a stacked call raises, each request is
         retried alone, so that the request at fault alone gets the exception."""
         self._count_call(kind)

@@ -71,25 +71,36 @@ class TenantModel(MLModel):
         wanted = [o.name for o in payload.outputs or []]
         unknown = sorted(set(wanted) - set(self._outputs))
         if unknown:
-            raise MLServerError(f"tenant '{self._tenant}' has no outputs {unknown}; its "
-                                f"outputs are {self._outputs}", 400)
+            raise MLServerError(
+                f"tenant '{self._tenant}' has no outputs {unknown}; its "
+                f"outputs are {self._outputs}",
+                400,
+            )
         return InferenceResponse(
-            model_name=self.name, model_version=self.version, id=payload.id,
-            outputs=[_encode(n, o) for n, o in zip(self._outputs, outs, strict=True)
-                     if not wanted or n in wanted])
+            model_name=self.name,
+            model_version=self.version,
+            id=payload.id,
+            outputs=[
+                _encode(n, o)
+                for n, o in zip(self._outputs, outs, strict=True)
+                if not wanted or n in wanted
+            ],
+        )
 
     def _decode(self, payload: InferenceRequest) -> list[np.ndarray]:
         """The request's tensors in the tenant's input order (each named once)."""
         given = [i.name for i in payload.inputs]
         if sorted(given) != sorted(self._inputs):
-            raise MLServerError(f"tenant '{self._tenant}' takes inputs {self._inputs}; the "
-                                f"request has {given}", 400)
+            raise MLServerError(
+                f"tenant '{self._tenant}' takes inputs {self._inputs}; the request has {given}", 400
+            )
         by_name = {i.name: i for i in payload.inputs}
         try:
             return [NumpyCodec.decode_input(by_name[n]) for n in self._inputs]
         except Exception as e:  # data that does not fill its shape, an unknown datatype
-            raise MLServerError(f"tenant '{self._tenant}': cannot decode the inputs: {e}",
-                                400) from e
+            raise MLServerError(
+                f"tenant '{self._tenant}': cannot decode the inputs: {e}", 400
+            ) from e
 
 
 def _encode(name: str, array: np.ndarray) -> ResponseOutput:
@@ -102,28 +113,44 @@ def _encode(name: str, array: np.ndarray) -> ResponseOutput:
 
 def _metadata(spec: IOSpec) -> MetadataTensor:
     """A tensor of the v2 metadata: a dynamic dim is -1."""
-    return MetadataTensor(name=spec.name, datatype=to_datatype(np.dtype(spec.dtype)),
-                          shape=[d if isinstance(d, int) else -1 for d in spec.shape])
+    return MetadataTensor(
+        name=spec.name,
+        datatype=to_datatype(np.dtype(spec.dtype)),
+        shape=[d if isinstance(d, int) else -1 for d in spec.shape],
+    )
 
 
 def model_settings(scheduler: Scheduler, key: str) -> list[ModelSettings]:
     """One MLServer model per tenant of the scheduler's bundle, named as the tenant."""
     m = scheduler.bundle.manifest
-    return [ModelSettings(name=t, implementation=TenantModel, platform="mtcompile",
-                          versions=[m.name], inputs=[_metadata(s) for s in m.tenants[t].inputs],
-                          outputs=[_metadata(s) for s in m.tenants[t].outputs],
-                          parameters=ModelParameters(version=m.name,
-                                                     extra={"scheduler": key, "tenant": t}))
-            for t in m.tenant_order]
+    return [
+        ModelSettings(
+            name=t,
+            implementation=TenantModel,
+            platform="mtcompile",
+            versions=[m.name],
+            inputs=[_metadata(s) for s in m.tenants[t].inputs],
+            outputs=[_metadata(s) for s in m.tenants[t].outputs],
+            parameters=ModelParameters(version=m.name, extra={"scheduler": key, "tenant": t}),
+        )
+        for t in m.tenant_order
+    ]
 
 
 def server_settings(host: str, port: int, grpc_port: int, repository: str) -> Settings:
     """MLServer's settings: models in this process, no metrics port, nothing loaded from the
     working directory (MLServer would otherwise scan it for model-settings.json)."""
-    return Settings(host=host, http_port=port, grpc_port=grpc_port, parallel_workers=0,
-                    metrics_endpoint=None, load_models_at_startup=False,
-                    model_repository_root=repository, debug=False,
-                    server_name="mtcompile")
+    return Settings(
+        host=host,
+        http_port=port,
+        grpc_port=grpc_port,
+        parallel_workers=0,
+        metrics_endpoint=None,
+        load_models_at_startup=False,
+        model_repository_root=repository,
+        debug=False,
+        server_name="mtcompile",
+    )
 
 
 async def serve_async(scheduler: Scheduler, host: str, port: int, grpc_port: int) -> None:
@@ -160,9 +187,17 @@ def _stopper(scheduler: Scheduler, server: MLServer):
     return stop
 
 
-def serve(bundle, *, port: int = 8080, host: str = "127.0.0.1", grpc_port: int | None = None,
-          max_delay_ms: float = 2.0, max_queue: int = 256, no_stack: Iterable[str] = (),
-          entries_only: bool = False) -> None:
+def serve(
+    bundle,
+    *,
+    port: int = 8080,
+    host: str = "127.0.0.1",
+    grpc_port: int | None = None,
+    max_delay_ms: float = 2.0,
+    max_queue: int = 256,
+    no_stack: Iterable[str] = (),
+    entries_only: bool = False,
+) -> None:
     """Serve a loaded bundle (or any object with its ``manifest``, ``run`` and ``run_all``)
     on `host`:`port` until SIGINT/SIGTERM. `entries_only`: each tenant's own entry serves
     its requests, never a merged call (the benchmark's contender). `grpc_port`: default
@@ -170,8 +205,13 @@ def serve(bundle, *, port: int = 8080, host: str = "127.0.0.1", grpc_port: int |
     if entries_only:
         bundle = EntriesOnly(bundle)
     scheduler = Scheduler(bundle, max_delay_ms, max_queue, no_stack=no_stack)
-    log.debug("serving %s (%s) on http://%s:%d", bundle.manifest.name,
-             ", ".join(bundle.manifest.tenant_order), host, port)
+    log.debug(
+        "serving %s (%s) on http://%s:%d",
+        bundle.manifest.name,
+        ", ".join(bundle.manifest.tenant_order),
+        host,
+        port,
+    )
     asyncio.run(serve_async(scheduler, host, port, port + 1 if grpc_port is None else grpc_port))
 
 

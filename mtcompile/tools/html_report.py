@@ -52,8 +52,9 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
         return f"<td class='num'>{v}</td>" if num else f"<td>{escape(str(v))}</td>"
 
     body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
-    return ("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
-            + body + "</table>")
+    return (
+        "<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>" + body + "</table>"
+    )
 
 
 def _pic(picture: viz.Picture) -> str:
@@ -63,8 +64,10 @@ def _pic(picture: viz.Picture) -> str:
 
 
 def _missing(what: str, key: str) -> str:
-    return (f"<p class='note'>{escape(what)}: not available in this bundle (its manifest has "
-            f"no '{escape(key)}').</p>")
+    return (
+        f"<p class='note'>{escape(what)}: not available in this bundle (its manifest has "
+        f"no '{escape(key)}').</p>"
+    )
 
 
 def kernel_name(symbol: str) -> str:
@@ -73,9 +76,14 @@ def kernel_name(symbol: str) -> str:
     form = SYMBOLS.get(symbol)
     if form is None:
         return symbol
-    return f"{form.provider} " + call_name({
-        "kernel": form.kernel.name, "variant": form.kernel.variant, "bias": form.bias,
-        "epilogue": form.epilogue})
+    return f"{form.provider} " + call_name(
+        {
+            "kernel": form.kernel.name,
+            "variant": form.kernel.variant,
+            "bias": form.bias,
+            "epilogue": form.epilogue,
+        }
+    )
 
 
 def library_calls_section(view: dict | None) -> str:
@@ -108,8 +116,15 @@ def verify_section(result: dict | None) -> str:
             continue
         for i, o in enumerate(entry["outputs"]):
             ok = o["ok"] and entry["run_all_ok"]
-            rows.append([name, f"output{i}", "ok" if ok else "FAIL",
-                         o.get("error") or f"{o['max_abs']:.2e}", f"{o.get('max_rel', 0):.2e}"])
+            rows.append(
+                [
+                    name,
+                    f"output{i}",
+                    "ok" if ok else "FAIL",
+                    o.get("error") or f"{o['max_abs']:.2e}",
+                    f"{o.get('max_rel', 0):.2e}",
+                ]
+            )
     head = f"<h2>Numerics: {'PASS' if result['ok'] else 'FAIL'}</h2>"
     return head + _table(["tenant", "output", "status", "max abs", "max rel"], rows)
 
@@ -119,11 +134,14 @@ def profile_section(result: dict | None) -> str:
     and epilogue."""
     if result is None:
         return ""
-    rows = [[t, kernel_name(k["name"]), k["calls"], round(k["total_us"], 1),
-             f"{100 * k['share']:.1f}%"]
-            for t, p in result["tenants"].items() for k in p["kernels"]]
-    return (f"<h2>Profile (median of {result['repeat']} runs)</h2>"
-            + _table(["tenant", "kernel", "calls", "us", "share"], rows))
+    rows = [
+        [t, kernel_name(k["name"]), k["calls"], round(k["total_us"], 1), f"{100 * k['share']:.1f}%"]
+        for t, p in result["tenants"].items()
+        for k in p["kernels"]
+    ]
+    return f"<h2>Profile (median of {result['repeat']} runs)</h2>" + _table(
+        ["tenant", "kernel", "calls", "us", "share"], rows
+    )
 
 
 def _build_section(manifest: Manifest) -> str:
@@ -132,26 +150,40 @@ def _build_section(manifest: Manifest) -> str:
         s = manifest.tenants[t]
         rows.append([t, s.source, signature_text(s.inputs), signature_text(s.outputs)])
     g = manifest.graph
-    facts = [["nodes (merged, after passes)", g.nodes],
-             ["constants", g.constants],
-             ["weights stored", _fmt_bytes(g.weight_bytes)],
-             ["weights of the tenants separately", _fmt_bytes(g.weight_bytes_before_merge)],
-             ["pipeline", " -> ".join(p.name for p in manifest.pipeline) or "none"],
-             ["kernel providers", ", ".join(f"{k}: {v}" for k, v in
-                                            sorted(manifest.kernels.items()))]]
-    return ("<h2>Tenants</h2>" + _table(["tenant", "source", "inputs", "outputs"], rows)
-            + "<h2>Build</h2>" + _table(["what", "value"], facts))
+    facts = [
+        ["nodes (merged, after passes)", g.nodes],
+        ["constants", g.constants],
+        ["weights stored", _fmt_bytes(g.weight_bytes)],
+        ["weights of the tenants separately", _fmt_bytes(g.weight_bytes_before_merge)],
+        ["pipeline", " -> ".join(p.name for p in manifest.pipeline) or "none"],
+        ["kernel providers", ", ".join(f"{k}: {v}" for k, v in sorted(manifest.kernels.items()))],
+    ]
+    return (
+        "<h2>Tenants</h2>"
+        + _table(["tenant", "source", "inputs", "outputs"], rows)
+        + "<h2>Build</h2>"
+        + _table(["what", "value"], facts)
+    )
 
 
 def _passes_section(view: dict | None) -> str:
     if not (view and view.get("passes")):
         return "<h2>Passes</h2>" + _missing("per-pass summary", "graph_view")
-    prow = [[r["name"], "yes" if r["changed"] else "no", r["nodes_after"],
-             r["kernels_after"] if r["kernels_after"] is not None else "-",
-             _fmt_bytes(r["weight_bytes_after"])] for r in map(viz.pass_row, view["passes"])]
-    return ("<h2>Passes</h2>" + _table(["pass", "changed", "nodes after", "kernels after",
-                                        "weights after"], prow)
-            + _pic(viz.draw_passes(view["passes"])))
+    prow = [
+        [
+            r["name"],
+            "yes" if r["changed"] else "no",
+            r["nodes_after"],
+            r["kernels_after"] if r["kernels_after"] is not None else "-",
+            _fmt_bytes(r["weight_bytes_after"]),
+        ]
+        for r in map(viz.pass_row, view["passes"])
+    ]
+    return (
+        "<h2>Passes</h2>"
+        + _table(["pass", "changed", "nodes after", "kernels after", "weights after"], prow)
+        + _pic(viz.draw_passes(view["passes"]))
+    )
 
 
 def _graph_section(view: dict | None) -> str:
@@ -161,8 +193,11 @@ def _graph_section(view: dict | None) -> str:
     for t in view["tenants"]:
         n = len(viz.select(view, t))
         if len(view["nodes"]) > viz.MAX_NODES and n <= viz.MAX_NODES:
-            out.append(f"<details><summary>tenant {escape(t)} ({n} nodes)</summary>"
-                       + _pic(viz.draw_graph(view, tenant=t)) + "</details>")
+            out.append(
+                f"<details><summary>tenant {escape(t)} ({n} nodes)</summary>"
+                + _pic(viz.draw_graph(view, tenant=t))
+                + "</details>"
+            )
     return "\n".join(out)
 
 
@@ -176,41 +211,72 @@ def _streams_section(streams: dict | None) -> str:
 def _memory_section(t: dict | None) -> str:
     if not t:
         return "<h2>Memory</h2>" + _missing("memory plan", "memory.timeline")
-    return ("<h2>Memory</h2>" + _table(["function", "tensors", "arena", "lower bound"],
-                                       [[t.get("function", ""), len(t["tensors"]),
-                                         _fmt_bytes(t["arena_bytes"]),
-                                         _fmt_bytes(t["lower_bound_bytes"])]])
-            + _pic(viz.draw_memory(t)))
+    return (
+        "<h2>Memory</h2>"
+        + _table(
+            ["function", "tensors", "arena", "lower bound"],
+            [
+                [
+                    t.get("function", ""),
+                    len(t["tensors"]),
+                    _fmt_bytes(t["arena_bytes"]),
+                    _fmt_bytes(t["lower_bound_bytes"]),
+                ]
+            ],
+        )
+        + _pic(viz.draw_memory(t))
+    )
 
 
-def sections(manifest: Manifest, memory: dict | None = None,
-             streams: dict | None = None, checks: dict | None = None,
-             profile: dict | None = None) -> str:
+def sections(
+    manifest: Manifest,
+    memory: dict | None = None,
+    streams: dict | None = None,
+    checks: dict | None = None,
+    profile: dict | None = None,
+) -> str:
     """The report body: tables and pictures of `manifest` (memory timeline and stream lanes
     default to the manifest's own), with the numerics check's results (`checks`) and the
     per-kernel profile (`profile`) when given."""
     view = manifest.graph_view
     memory = memory or (manifest.memory.timeline if manifest.memory else None)
-    return "\n".join([
-        _build_section(manifest), _passes_section(view), _graph_section(view),
-        library_calls_section(view), verify_section(checks), profile_section(profile),
-        _streams_section(streams or manifest.streams.view()), _memory_section(memory)])
+    return "\n".join(
+        [
+            _build_section(manifest),
+            _passes_section(view),
+            _graph_section(view),
+            library_calls_section(view),
+            verify_section(checks),
+            profile_section(profile),
+            _streams_section(streams or manifest.streams.view()),
+            _memory_section(memory),
+        ]
+    )
 
 
-def render(manifest: Manifest, memory: dict | None = None, streams: dict | None = None,
-           checks: dict | None = None, profile: dict | None = None) -> str:
+def render(
+    manifest: Manifest,
+    memory: dict | None = None,
+    streams: dict | None = None,
+    checks: dict | None = None,
+    profile: dict | None = None,
+) -> str:
     """A whole self-contained HTML page (inline CSS and SVG, no scripts, no links)."""
     name = escape(manifest.name)
     v = manifest.versions
-    sub = (f"target {escape(manifest.target)}, "
-           + ", ".join(f"{escape(k)} {escape(str(x))}" for k, x in sorted(v.items())))
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>mtcompile report: "
-            f"{name}</title><style>{_CSS}</style></head><body><h1>mtcompile bundle {name}</h1>"
-            f"<p>{sub}</p>{sections(manifest, memory, streams, checks, profile)}</body></html>\n")
+    sub = f"target {escape(manifest.target)}, " + ", ".join(
+        f"{escape(k)} {escape(str(x))}" for k, x in sorted(v.items())
+    )
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>mtcompile report: "
+        f"{name}</title><style>{_CSS}</style></head><body><h1>mtcompile bundle {name}</h1>"
+        f"<p>{sub}</p>{sections(manifest, memory, streams, checks, profile)}</body></html>\n"
+    )
 
 
-def write_report(directory: str | Path, out: str | Path, checks: dict | None = None,
-                 profile: dict | None = None) -> Path:
+def write_report(
+    directory: str | Path, out: str | Path, checks: dict | None = None, profile: dict | None = None
+) -> Path:
     """Render the report of the saved bundle in `directory` into the file `out` (with the
     numerics check's results and the profile, when given)."""
     html = render(read_manifest(directory), checks=checks, profile=profile)

@@ -1,28 +1,28 @@
 """TOML build specs: the tenants of a bundle, its target and its pass pipeline.
 
-    name = "demo"                  # bundle name: OUT/<name>.so
-    target = "llvm"                # or "cuda"
+name = "demo"                  # bundle name: OUT/<name>.so
+target = "llvm"                # or "cuda"
 
-    [pipeline]                     # optional; the default pipeline when absent
-    passes = ["eliminate-dead-nodes"]
-    [pipeline.options.eliminate-dead-nodes]
+[pipeline]                     # optional; the default pipeline when absent
+passes = ["eliminate-dead-nodes"]
+[pipeline.options.eliminate-dead-nodes]
 
-    [[tenants]]
-    name = "vision"
-    factory = "mtcompile.models:resnet_cnn"   # returns (module, example_inputs) or a Tenant
-    args = { seed = 0 }
+[[tenants]]
+name = "vision"
+factory = "mtcompile.models:resnet_cnn"   # returns (module, example_inputs) or a Tenant
+args = { seed = 0 }
 
-    [[tenants]]
-    name = "text"
-    onnx = "encoder.onnx"                      # relative to this file
-    input_shapes = { input_ids = [[1, 16], "int64"] }   # optional for ONNX
-    shared_inputs = { input_ids = "tokens" }   # inputs of several tenants that are one tensor
+[[tenants]]
+name = "text"
+onnx = "encoder.onnx"                      # relative to this file
+input_shapes = { input_ids = [[1, 16], "int64"] }   # optional for ONNX
+shared_inputs = { input_ids = "tokens" }   # inputs of several tenants that are one tensor
 
-    [[tenants]]                                # dynamic batch: one bundle, any size in bounds
-    name = "dyn"
-    factory = "mtcompile.models:resnet_cnn"
-    dynamic_shapes = { x = { 0 = "batch" } }   # torch.export's dynamic_shapes, dims by name
-    dim_bounds = { batch = [1, 16] }           # ONNX dim_param / input_shapes names too
+[[tenants]]                                # dynamic batch: one bundle, any size in bounds
+name = "dyn"
+factory = "mtcompile.models:resnet_cnn"
+dynamic_shapes = { x = { 0 = "batch" } }   # torch.export's dynamic_shapes, dims by name
+dim_bounds = { batch = [1, 16] }           # ONNX dim_param / input_shapes names too
 """
 
 from __future__ import annotations
@@ -37,8 +37,16 @@ from mtcompile.errors import MTCompileError, SpecError
 from mtcompile.tenant import Tenant
 
 _TOP_KEYS = {"name", "target", "pipeline", "tenants", "subsets"}
-_TENANT_KEYS = {"name", "factory", "args", "onnx", "input_shapes", "shared_inputs",
-                "dynamic_shapes", "dim_bounds"}
+_TENANT_KEYS = {
+    "name",
+    "factory",
+    "args",
+    "onnx",
+    "input_shapes",
+    "shared_inputs",
+    "dynamic_shapes",
+    "dim_bounds",
+}
 
 
 @dataclass
@@ -59,18 +67,26 @@ def _shapes(raw: Any, where: str) -> dict[str, tuple[tuple[int | str, ...], str]
         raise SpecError(f"{where}: input_shapes must be a table {{name = [[dims...], dtype]}}")
     out = {}
     for k, v in raw.items():
-        if (not isinstance(v, list) or len(v) != 2 or not isinstance(v[0], list)
-                or not all(isinstance(d, int | str) for d in v[0]) or not isinstance(v[1], str)):
-            raise SpecError(f"{where}: input_shapes.{k} must be [[dims...], \"dtype\"] (a dim "
-                            f"an integer or a name), got {v!r}")
+        if (
+            not isinstance(v, list)
+            or len(v) != 2
+            or not isinstance(v[0], list)
+            or not all(isinstance(d, int | str) for d in v[0])
+            or not isinstance(v[1], str)
+        ):
+            raise SpecError(
+                f'{where}: input_shapes.{k} must be [[dims...], "dtype"] (a dim '
+                f"an integer or a name), got {v!r}"
+            )
         out[k] = (tuple(v[0]), v[1])
     return out
 
 
 def _dim_bounds(raw: Any, where: str) -> dict[str, tuple[int, int]]:
     if not isinstance(raw, dict) or not all(
-            isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) for x in b)
-            for b in raw.values()):
+        isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) for x in b)
+        for b in raw.values()
+    ):
         raise SpecError(f"{where}: dim_bounds must be a table {{name = [lo, hi]}}, got {raw!r}")
     return {k: (b[0], b[1]) for k, b in raw.items()}
 
@@ -81,18 +97,23 @@ def _dynamic_shapes(raw: Any, bounds: dict[str, tuple[int, int]], where: str) ->
     from torch.export import Dim
 
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
-        raise SpecError(f"{where}: dynamic_shapes must be a table {{input = {{axis = \"name\"}}}}"
-                        f", got {raw!r}")
+        raise SpecError(
+            f'{where}: dynamic_shapes must be a table {{input = {{axis = "name"}}}}, got {raw!r}'
+        )
     dims, out = {}, {}
     for inp, axes in raw.items():
         out[inp] = {}
         for axis, name in axes.items():
             if not str(axis).isdigit() or not isinstance(name, str):
-                raise SpecError(f"{where}: dynamic_shapes.{inp}: expected axis = \"dim name\", "
-                                f"got {axis} = {name!r}")
+                raise SpecError(
+                    f'{where}: dynamic_shapes.{inp}: expected axis = "dim name", '
+                    f"got {axis} = {name!r}"
+                )
             if name not in bounds:
-                raise SpecError(f"{where}: dynamic_shapes.{inp}.{axis}: dim {name!r} has no "
-                                f"bounds; add dim_bounds = {{ {name} = [lo, hi] }}")
+                raise SpecError(
+                    f"{where}: dynamic_shapes.{inp}.{axis}: dim {name!r} has no "
+                    f"bounds; add dim_bounds = {{ {name} = [lo, hi] }}"
+                )
             if name not in dims:
                 dims[name] = Dim(name, min=bounds[name][0], max=bounds[name][1])
             out[inp][int(axis)] = dims[name]
@@ -125,8 +146,10 @@ def tenant_from_factory(name: str, made: Any, shapes, where: str) -> Tenant:
         return Tenant(name, model, example_inputs=tuple(extra), input_shapes=shapes)
     if shapes is not None:
         return Tenant(name, made, input_shapes=shapes)
-    raise SpecError(f"{where}: the factory returned a {type(made).__name__}; expected a Tenant, "
-                    "(model, example_inputs) or (model, input_shapes)")
+    raise SpecError(
+        f"{where}: the factory returned a {type(made).__name__}; expected a Tenant, "
+        "(model, example_inputs) or (model, input_shapes)"
+    )
 
 
 def _read_toml(path: Path) -> dict:
@@ -164,14 +187,12 @@ def _load_tenant(path: Path, i: int, e: dict) -> Tenant:
     shapes = _shapes(e["input_shapes"], where) if "input_shapes" in e else None
     shared = e.get("shared_inputs", {})
     if not isinstance(shared, dict):
-        raise SpecError(f"{where}: shared_inputs must be a table {{input = \"shared name\"}}")
+        raise SpecError(f'{where}: shared_inputs must be a table {{input = "shared name"}}')
     bounds = _dim_bounds(e["dim_bounds"], where) if "dim_bounds" in e else {}
-    dynamic = (_dynamic_shapes(e["dynamic_shapes"], bounds, where)
-               if "dynamic_shapes" in e else None)
+    dynamic = _dynamic_shapes(e["dynamic_shapes"], bounds, where) if "dynamic_shapes" in e else None
     try:
         if "onnx" in e:
-            tenant = Tenant(name, str((path.parent / e["onnx"]).resolve()),
-                            input_shapes=shapes)
+            tenant = Tenant(name, str((path.parent / e["onnx"]).resolve()), input_shapes=shapes)
         else:
             made = call_factory(e["factory"], dict(e.get("args", {})), where)
             tenant = tenant_from_factory(name, made, shapes, where)
@@ -192,9 +213,11 @@ def _subsets(raw: dict, path: Path) -> list:
     """The `subsets` key: a list of lists of tenant names."""
     subsets = raw.get("subsets", [])
     if not isinstance(subsets, list) or not all(
-            isinstance(g, list) and all(isinstance(t, str) for t in g) for g in subsets):
-        raise SpecError(f"{path}: subsets must be a list of lists of tenant names, "
-                        f"e.g. subsets = [[\"a\", \"b\"]]")
+        isinstance(g, list) and all(isinstance(t, str) for t in g) for g in subsets
+    ):
+        raise SpecError(
+            f'{path}: subsets must be a list of lists of tenant names, e.g. subsets = [["a", "b"]]'
+        )
     return subsets
 
 

@@ -46,15 +46,16 @@ def reference_outputs(tenant: Tenant, inputs: tuple[np.ndarray, ...]) -> list[np
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise MTCompileError(f"tenant '{tenant.name}': verifying an ONNX tenant needs "
-                             "onnxruntime (pip install onnxruntime)") from e
+        raise MTCompileError(
+            f"tenant '{tenant.name}': verifying an ONNX tenant needs "
+            "onnxruntime (pip install onnxruntime)"
+        ) from e
     proto = load_onnx(tenant)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # its warnings (unused initializers, ...) are not ours
-    sess = ort.InferenceSession(proto.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {i.name: a for i, a in zip(sess.get_inputs(), inputs, strict=True)}
     return list(sess.run(None, feed))
 
@@ -65,8 +66,12 @@ def reference_outputs(tenant: Tenant, inputs: tuple[np.ndarray, ...]) -> list[np
 # would pass any model whose outputs are ~1e-10); float16 and bfloat16 at their own
 # precision (PyTorch and the bundle round at different points); integer and bool outputs
 # always exactly
-TOLERANCES = {"float64": (0.0, 1e-4), "float32": (0.0, 1e-4), "float16": (1e-2, 1e-2),
-              "bfloat16": (5e-2, 2e-2)}
+TOLERANCES = {
+    "float64": (0.0, 1e-4),
+    "float32": (0.0, 1e-4),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 2e-2),
+}
 NEAR_ZERO = 1e-6  # a float output whose max|source| is at most this proves little
 _PRECISION_ORDER = ("bfloat16", "float16", "float32", "float64")
 
@@ -78,22 +83,32 @@ def tenant_precision(tenant: Tenant | None, sig) -> str:
     import torch
 
     if isinstance(model, torch.nn.Module):
-        names |= {str(t.dtype).removeprefix("torch.")
-                  for t in (*model.parameters(), *model.buffers())}
+        names |= {
+            str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *model.buffers())
+        }
     elif isinstance(model, torch.export.ExportedProgram):
-        names |= {str(t.dtype).removeprefix("torch.")
-                  for t in (*model.state_dict.values(), *model.constants.values())
-                  if isinstance(t, torch.Tensor)}
+        names |= {
+            str(t.dtype).removeprefix("torch.")
+            for t in (*model.state_dict.values(), *model.constants.values())
+            if isinstance(t, torch.Tensor)
+        }
     elif model is not None:  # ONNX: its initializers' element types
         from onnx import TensorProto
 
-        names |= {TensorProto.DataType.Name(i.data_type).lower()
-                  for i in load_onnx(tenant).graph.initializer}
+        names |= {
+            TensorProto.DataType.Name(i.data_type).lower()
+            for i in load_onnx(tenant).graph.initializer
+        }
     return next((d for d in _PRECISION_ORDER if d in names), "float32")
 
 
-def compare(got: list[np.ndarray], want: list[np.ndarray], atol: float | None = None,
-            rtol: float | None = None, precision: str = "float32") -> dict[str, Any]:
+def compare(
+    got: list[np.ndarray],
+    want: list[np.ndarray],
+    atol: float | None = None,
+    rtol: float | None = None,
+    precision: str = "float32",
+) -> dict[str, Any]:
     """Per-output errors. max_rel is max|got - want| / max|want| (error relative to scale);
     a float output is ok when max|got - want| <= atol + rtol * max|want| (None: the
     `TOLERANCES` of `precision`), an integer or bool output when equal; dtypes must agree."""
@@ -106,8 +121,12 @@ def compare(got: list[np.ndarray], want: list[np.ndarray], atol: float | None = 
     for g, w in zip(got, want, strict=True):
         w = np.asarray(w)
         if g.shape != w.shape or g.dtype != w.dtype:
-            outs.append({"ok": False, "error": f"{g.dtype}{list(g.shape)} vs source "
-                                               f"{w.dtype}{list(w.shape)}"})
+            outs.append(
+                {
+                    "ok": False,
+                    "error": f"{g.dtype}{list(g.shape)} vs source {w.dtype}{list(w.shape)}",
+                }
+            )
             ok = False
             continue
         diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
@@ -116,24 +135,39 @@ def compare(got: list[np.ndarray], want: list[np.ndarray], atol: float | None = 
         exact = w.dtype.kind in "biu"
         limit = 0.0 if exact else a_tol + r_tol * scale
         good = bool(max_abs <= limit) and not np.isnan(diff).any()
-        out = {"ok": good, "max_abs": max_abs, "max_rel": max_abs / scale if scale else max_abs,
-               "scale": scale, "atol": 0.0 if exact else a_tol, "rtol": 0.0 if exact else r_tol}
+        out = {
+            "ok": good,
+            "max_abs": max_abs,
+            "max_rel": max_abs / scale if scale else max_abs,
+            "scale": scale,
+            "atol": 0.0 if exact else a_tol,
+            "rtol": 0.0 if exact else r_tol,
+        }
         if not exact and w.size and scale <= NEAR_ZERO:
-            out["warning"] = (f"the source model's output is {'zero' if scale == 0 else 'near zero'}"
-                              f" everywhere (max|source| = {scale:.3g}): comparing it proves "
-                              "little; check with inputs or weights that give outputs of scale")
+            out["warning"] = (
+                f"the source model's output is {'zero' if scale == 0 else 'near zero'}"
+                f" everywhere (max|source| = {scale:.3g}): comparing it proves "
+                "little; check with inputs or weights that give outputs of scale"
+            )
         outs.append(out)
         ok &= good
     return {"ok": ok, "outputs": outs}
 
 
-def verify_bundle(bundle, inputs: dict[str, tuple] | None = None, seed: int = 0,
-                  atol: float | None = None, rtol: float | None = None) -> dict:
+def verify_bundle(
+    bundle,
+    inputs: dict[str, tuple] | None = None,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> dict:
     """Compare every tenant through `run`, and all of them through `run_all`; tolerances
     not given follow each tenant's precision (`TOLERANCES`)."""
     if not bundle.sources:
-        raise MTCompileError("verify needs the source models: compile the bundle in this "
-                             "process, or pass load(dir, sources={name: Tenant})")
+        raise MTCompileError(
+            "verify needs the source models: compile the bundle in this "
+            "process, or pass load(dir, sources={name: Tenant})"
+        )
     inputs = dict(inputs or {})
     for i, name in enumerate(bundle.tenant_names):
         if name not in inputs:
@@ -158,8 +192,7 @@ def verify_bundle(bundle, inputs: dict[str, tuple] | None = None, seed: int = 0,
         entry["ok"] = single["ok"] and together["ok"]
         for k, o in enumerate(entry.get("outputs", ())):
             if "warning" in o:
-                warnings.warn(f"verify: tenant '{name}', output {k}: {o['warning']}",
-                              stacklevel=3)
+                warnings.warn(f"verify: tenant '{name}', output {k}: {o['warning']}", stacklevel=3)
         result["tenants"][name] = entry
         result["ok"] &= entry["ok"]
     return result
