@@ -21,7 +21,7 @@ from pathlib import Path
 from mtcompile.errors import MTCompileError
 from mtcompile.native import cache_dir
 
-__all__ = ["SRC", "include_flags", "library_path", "load", "tvm_version_flag"]
+__all__ = ["SRC", "compile_cached", "include_flags", "library_path", "load", "tvm_version_flag"]
 
 SRC = Path(__file__).parent / "src"
 _lock = threading.Lock()
@@ -61,29 +61,44 @@ def _flags() -> list[str]:
     ]
 
 
-def library_path() -> str:
-    """The core as a shared library, compiled once (cached by sources and flags)."""
-    flags = _flags()
+def compile_cached(
+    what: str, cache: str, file_name: str, source_dirs, flags: list[str], hint: str = ""
+) -> str:
+    """Compile with the system C++ compiler (``$CXX``, g++, c++) once: the output's path,
+    cached under `cache` by the ``.cc``/``.h`` files of `source_dirs` and `flags`. `what`
+    names the build in errors; `hint` says how to build it ahead of time."""
     sources = b"".join(
-        p.name.encode() + p.read_bytes() for p in sorted(SRC.iterdir()) if p.suffix in (".cc", ".h")
+        p.name.encode() + p.read_bytes()
+        for d in source_dirs
+        for p in sorted(d.iterdir())
+        if p.suffix in (".cc", ".h")
     )
     key = hashlib.sha256(sources + repr(flags).encode()).hexdigest()[:16]
-    out = cache_dir() / f"core-{key}" / "libmtcompile_core.so"
+    out = cache_dir() / f"{cache}-{key}" / file_name
     if out.exists():
         return str(out)
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        raise MTCompileError(
-            "building mtcompile's runtime core needs a C++ compiler (g++), "
-            "none found; build it once with `python -m mtcompile.core`"
-        )
+        raise MTCompileError(f"building {what} needs a C++ compiler (g++), none found{hint}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"libmtcompile_core.{os.getpid()}.tmp")
+    tmp = out.with_name(f"{file_name}.{os.getpid()}.tmp")
     res = subprocess.run([cxx, *flags, "-o", str(tmp)], capture_output=True, text=True)
     if res.returncode != 0:
-        raise MTCompileError(f"building mtcompile's runtime core failed:\n{res.stderr[-4000:]}")
+        raise MTCompileError(f"building {what} failed:\n{res.stderr[-4000:]}")
     os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same file
     return str(out)
+
+
+def library_path() -> str:
+    """The core as a shared library, compiled once (cached by sources and flags)."""
+    return compile_cached(
+        "mtcompile's runtime core",
+        "core",
+        "libmtcompile_core.so",
+        [SRC],
+        _flags(),
+        "; build it once with `python -m mtcompile.core`",
+    )
 
 
 def load(ffi) -> str:

@@ -19,15 +19,10 @@ installed tvm-ffi and TVM wheels (rpaths to them), cached by a hash of source an
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from mtcompile import core
-from mtcompile.errors import MTCompileError
-from mtcompile.native import blas_lib_dir, cache_dir, tvm_lib_dir
+from mtcompile.native import blas_lib_dir, tvm_lib_dir
 
 __all__ = ["build", "command"]
 
@@ -59,27 +54,9 @@ def _flags() -> list[str]:
 
 def build() -> str:
     """Compile ``mtcompile-run`` once (cached by source and flags); its path."""
-    flags = _flags()
-    sources = b"".join(
-        p.name.encode() + p.read_bytes()
-        for d in (_SRC.parent, core.SRC)
-        for p in sorted(d.iterdir())
-        if p.suffix in (".cc", ".h")
+    return core.compile_cached(
+        "mtcompile-run", "driver", "mtcompile-run", [_SRC.parent, core.SRC], _flags()
     )
-    key = hashlib.sha256(sources + repr(flags).encode()).hexdigest()[:16]
-    out = cache_dir() / f"driver-{key}" / "mtcompile-run"
-    if out.exists():
-        return str(out)
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise MTCompileError("building mtcompile-run needs a C++ compiler (g++), none found")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"mtcompile-run.{os.getpid()}.tmp")
-    res = subprocess.run([cxx, *flags, "-o", str(tmp)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise MTCompileError(f"building mtcompile-run failed:\n{res.stderr[-4000:]}")
-    os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same file
-    return str(out)
 
 
 def command(
