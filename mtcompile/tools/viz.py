@@ -82,6 +82,21 @@ def _mark_tenants(legend, tenants: Sequence[str]) -> None:
             patch.set_gid(_gid("legend", text.get_text()))
 
 
+def _tenant_legend(ax, colors: dict[str, str], tenants: Sequence[str]) -> None:
+    """One swatch per tenant under the axes, marked (`_mark_tenants`)."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colors[t], label=t) for t in tenants]
+    legend = ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=min(len(handles), 6),
+        frameon=False,
+    )
+    _mark_tenants(legend, tenants)
+
+
 def tenant_colors(tenants: Sequence[str]) -> dict[str, str]:
     """One colour per tenant, in tenant order; a '+'-joined set of tenants (a shared kernel
     or tensor) is grey, as shared nodes are in the graph drawing."""
@@ -526,19 +541,8 @@ def draw_streams(lanes: Mapping) -> Picture:
     ax.set_ylim(n - 0.4, -0.6)
     ax.set_xlim(0, end * 1.01)
     ax.set_xlabel("time (us)")
-    from matplotlib.patches import Patch
 
-    handles = [Patch(color=colors[t], label=t) for t in tenants]
-    _mark_tenants(
-        ax.legend(
-            handles=handles,
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.16),
-            ncol=min(len(handles), 6),
-            frameon=False,
-        ),
-        tenants,
-    )
+    _tenant_legend(ax, colors, tenants)
     ax.set_title(
         f"{len(rows)} kernels on {n} stream(s), {len(syncs)} sync(s), makespan {end:.1f} us",
         fontsize=10,
@@ -550,7 +554,7 @@ def draw_memory(timeline: Mapping) -> Picture:
     """Memory timeline: each tensor a rectangle at its arena offset across its lifetime
     (kernel indices first..last), coloured by tenant; arena size and lower bound marked."""
     _check_keys("draw_memory", timeline, ["kernels", "arena_bytes", "lower_bound_bytes", "tensors"])
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Rectangle
 
     tensors = list(timeline["tensors"])
     tenants = _tenant_order(t["tenant"] for t in tensors)
@@ -588,17 +592,7 @@ def draw_memory(timeline: Mapping) -> Picture:
     ax.set_ylim(0, top * 1.08 or 1)
     ax.set_xlabel("kernel (execution order)")
     ax.set_ylabel("arena offset (KiB)")
-    handles = [Patch(color=colors[t], label=t) for t in tenants]
-    _mark_tenants(
-        ax.legend(
-            handles=handles,
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.16),
-            ncol=min(len(handles), 6),
-            frameon=False,
-        ),
-        tenants,
-    )
+    _tenant_legend(ax, colors, tenants)
     func = timeline.get("function", "")
     ax.set_title(
         f"memory of {func}: {len(tensors)} tensors in an arena of {arena:.1f} KiB "
