@@ -145,7 +145,7 @@ def test_dedup_numerics_shared_backbone_runs_once_and_matches_torch():
     tenants = _mlp_pair(same_weights=True, shared=True)
     b = mtcompile.compile(tenants)
     rec = {r["name"]: r for r in b.compile_report["passes"]}
-    assert rec["dedup"]["changed"] and rec["dedup"]["shared_nodes"] >= 3
+    assert rec["dedup"]["changed"] and rec["dedup"]["run_all"]["shared_nodes"] >= 3
     assert all(len(n.tenants) == 2 for n in b.graph.nodes)  # everything is shared
     x = tenants[0].example_inputs[0]
     want = torch_outputs(tenants[0].model, (x,))[0]

@@ -221,7 +221,8 @@ def test_plan_memory_attaches_a_plan_for_run_all_and_every_tenant(hetero_front):
     # tenants run one after another: run_all needs no more than its largest tenant
     assert run_all.arena_bytes == max(plan.functions[t].arena_bytes for t in graph.tenants)
     timeline = run_all.timeline()
-    assert len(timeline["kernels"]) == 49 and len(timeline["tensors"]) == 46
+    # (fuse-attention makes the text tenant's matmul, scale, softmax, matmul one call per layer)
+    assert len(timeline["kernels"]) == 43 and len(timeline["tensors"]) == 40
 
 
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
