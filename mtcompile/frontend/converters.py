@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 
 def _torch_dtype(node) -> str | None:
     """The dtype of `node`'s PyTorch output (``meta["val"]``), as TVM names it, or None."""
@@ -42,10 +44,133 @@ def _scan(relax_op: Callable) -> Callable:
     return convert
 
 
+def _static(extent) -> bool:
+    from tvm import tirx
+
+    return isinstance(extent, int | tirx.IntImm)
+
+
+def _wrapped(importer, idx, extent):
+    """`idx` (an integer index into an axis of `extent`) with PyTorch's negative indices
+    wrapped: ``where(less(i, 0), add(i, extent), i)``, the form `index_ranges` reads back
+    (a symbolic extent is added as a 1-element tensor of the call's extent)."""
+    from tvm import relax
+
+    bb, dtype = importer.block_builder, str(idx.ty.dtype)
+    if _static(extent):
+        n = relax.const(int(extent), dtype)
+    else:
+        n = bb.emit(relax.op.shape_to_tensor(relax.ShapeExpr([extent])))
+        n = n if dtype == "int64" else bb.emit(relax.op.astype(n, dtype))
+    neg = bb.emit(relax.op.less(idx, relax.const(0, dtype)))
+    return bb.emit(relax.op.where(neg, bb.emit(relax.op.add(idx, n)), idx))
+
+
+def _checked(importer, idx, extent, scale: int = 1):
+    """``take(arange(extent) * scale, wrapped idx)``: `idx` times `scale`, read through a
+    gather that lowering bounds-checks, so an index out of range is an error naming the
+    tenant and input, never a read or write past the tensor."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    idx = _wrapped(importer, idx, extent)
+    if _static(extent):
+        table = relax.const(np.arange(int(extent), dtype="int64") * scale, "int64")
+    else:  # a symbolic extent: the kernel checks at the call's extent
+        table = bb.emit(
+            relax.op.arange(
+                relax.prim_value(0), relax.prim_value(extent), relax.prim_value(1), "int64"
+            )
+        )
+    return bb.emit(relax.op.take(table, idx, axis=0))
+
+
+def _with_indices(importer, node, method: str, checked: dict):
+    """TVM's own converter `method` for `node`, its index nodes read as `checked`."""
+    env = dict(importer.env)
+    try:
+        importer.env.update(checked)
+        return getattr(importer, method)(node)
+    finally:
+        importer.env = env
+
+
+def _index_tensor(node, importer):
+    """``data[i0, i1, ...]`` (``index.Tensor``) with every index checked and PyTorch's
+    result layout. TVM's converter emits ``index_tensor``, whose kernel reads at the given
+    indices unchecked (``w[i, j]`` with j past the row's end read the next row), and for
+    indices separated by a slice (``w[i, :, j]``) gave the wrong shape. Here the indexed
+    axes (static extents) are moved to the front and flattened, read by one ``take`` at
+    ``sum_k i_k * stride_k`` (each term a checked gather, `_checked`), and the broadcast
+    index dims go where PyTorch puts them: in place of adjacent indexed axes, else first.
+    One index is a ``take`` (checked by lowering), with the negative-index wrap only."""
+    from tvm import relax
+
+    data = importer.env[node.args[0]]
+    shape = list(data.ty.shape)
+    used = [(k, importer.env[i]) for k, i in enumerate(node.args[1]) if i is not None]
+    if any(str(v.ty.dtype) == "bool" for _, v in used):  # masks: TVM's converter decides
+        return importer._index_tensor(node)
+    bb = importer.block_builder
+    if len(used) == 1:
+        k, idx = used[0]
+        return bb.emit(relax.op.take(data, _wrapped(importer, idx, shape[k]), axis=k))
+    axes = [k for k, _ in used]
+    if not all(_static(shape[k]) for k in axes):
+        if axes != list(range(axes[0], axes[0] + len(axes))):
+            raise ValueError(
+                f"index.Tensor: indices at axes {axes} of a tensor of shape {shape}: indices "
+                "separated by a slice over an axis of dynamic extent are not supported"
+            )
+        checked = {
+            i: _checked(importer, importer.env[i], shape[k])
+            for k, i in enumerate(node.args[1])
+            if i is not None
+        }
+        return _with_indices(importer, node, "_index_tensor", checked)
+    extents = [int(shape[k]) for k in axes]
+    flat = None
+    for j, (_, idx) in enumerate(used):
+        off = _checked(importer, idx, extents[j], int(np.prod(extents[j + 1 :], dtype=np.int64)))
+        flat = off if flat is None else bb.emit(relax.op.add(flat, off))
+    rest = [a for a in range(len(shape)) if a not in axes]
+    x = (
+        data
+        if axes + rest == list(range(len(shape)))
+        else bb.emit(relax.op.permute_dims(data, axes + rest))
+    )
+    x = bb.emit(relax.op.reshape(x, [int(np.prod(extents)), *(shape[a] for a in rest)]))
+    out = bb.emit(relax.op.take(x, flat, axis=0))  # broadcast index dims, then `rest`
+    nb, p0 = flat.ty.ndim, axes[0]
+    if p0 == 0 or axes != list(range(p0, p0 + len(axes))):
+        return out
+    order = [*range(nb, nb + p0), *range(nb), *range(nb + p0, nb + len(rest))]
+    return bb.emit(relax.op.permute_dims(out, order))
+
+
+def _index_put(node, importer):
+    """``index_put(_)`` with every index checked (`_checked`) before TVM's converter uses
+    it: its kernel wrote at the given indices unchecked, past the tensor for an index out
+    of range (a crash, or another tensor's bytes changed)."""
+    shape = importer.env[node.args[0]].ty.shape
+    checked = {
+        i: _checked(importer, importer.env[i], shape[k])
+        for k, i in enumerate(node.args[1])
+        if i is not None and str(importer.env[i].ty.dtype) != "bool"
+    }
+    return _with_indices(importer, node, "_index_put", checked)
+
+
 def _converters() -> dict[str, Callable]:
     from tvm import relax
 
-    return {"cumsum.default": _scan(relax.op.cumsum), "cumprod.default": _scan(relax.op.cumprod)}
+    return {
+        "cumsum.default": _scan(relax.op.cumsum),
+        "cumprod.default": _scan(relax.op.cumprod),
+        "index.Tensor": _index_tensor,
+        "index_put.default": _index_put,
+        "index_put_.default": _index_put,
+    }
 
 
 CONVERTERS: dict[str, Callable] = _converters()

@@ -141,7 +141,59 @@ class Einsum(_tvm.Einsum):
         return bb.emit(relax.op.einsum(list(inputs), attr["equation"].decode("utf-8")))
 
 
+def _checked_coords(bb, data, indices, start_axis: int):
+    """The coordinates `indices` (last axis: one slot per data axis from `start_axis`) with
+    negative ones wrapped as ONNX says, each slot read through ``take(arange(extent), c)``:
+    the same values, by gathers that lowering bounds-checks. TVM's ``gather_nd`` and
+    ``scatter_nd`` kernels read and write at their coordinates unchecked: a coordinate out
+    of range read another element (``[1, 6]`` of a 5x6 tensor read ``[2, 0]``) or wrote past
+    the tensor (a crash). A coordinate count that is not static keeps TVM's form."""
+    m = indices.ty.shape[-1]
+    if not isinstance(m, int | _tvm.tirx.IntImm):
+        return _tvm._normalize_negative_indices(
+            bb, indices, _tvm._coord_axis_extents(bb, data, indices, start_axis)
+        )
+    dtype, shape = _dtype(indices), data.ty.shape
+    slots = []
+    for k in range(int(m)):
+        c = bb.emit(relax.op.take(indices, relax.const(k, "int64"), axis=-1))
+        extent = shape[start_axis + k]
+        if isinstance(extent, int | _tvm.tirx.IntImm):
+            n = int(extent)
+            if not dtype.startswith("uint"):
+                neg = bb.emit(relax.op.less(c, relax.const(0, dtype)))
+                c = bb.emit(relax.op.where(neg, bb.emit(relax.op.add(c, relax.const(n, dtype))), c))
+            table = relax.const(np.arange(n, dtype=dtype), dtype)
+        else:  # a symbolic extent: the kernel checks at the call's extent
+            one = relax.prim_value(1)
+            table = bb.emit(
+                relax.op.arange(relax.prim_value(0), relax.prim_value(extent), one, dtype)
+            )
+        slots.append(bb.emit(relax.op.take(table, c, axis=0)))
+    return bb.emit(relax.op.stack(slots, axis=-1))
+
+
+class GatherND(_tvm.GatherND):
+    """``gather_nd`` at checked coordinates (`_checked_coords`)."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        batch_dims = attr.get("batch_dims", 0)
+        indices = _checked_coords(bb, inputs[0], inputs[1], batch_dims)
+        return relax.op.gather_nd(inputs[0], indices, batch_dims)
+
+
+class ScatterND(_tvm.ScatterND):
+    """``scatter_nd`` at checked coordinates (`_checked_coords`)."""
+
+    @staticmethod
+    def _normalize_indices(bb, data, indices):
+        return _checked_coords(bb, data, indices, 0)
+
+
 CONVERTERS: dict[str, type] = {
+    "GatherND": GatherND,
+    "ScatterND": ScatterND,
     "Clip": Clip,
     "Pad": Pad,
     "Tile": Tile,
