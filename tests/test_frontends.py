@@ -263,3 +263,25 @@ def test_cumsum_and_cumprod_of_bool_and_int_accumulate_in_int64():
     assert [g.dtype for g in got] == [w.dtype for w in want] == [np.int64] * 3 + [np.float32]
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and np.abs(g - w).max() <= 1e-4 * np.abs(w).max()
+
+
+def test_an_import_whose_output_type_differs_from_pytorch_is_refused(monkeypatch):
+    """TVM's own index.Tensor converter gave w[i, :, j] the shape [3, 4, 3] (PyTorch: [3, 4]);
+    the import compares every output's dtype and static dims with PyTorch's."""
+    from mtcompile.errors import TenantError
+    from mtcompile.frontend.converters import CONVERTERS
+
+    class SliceBetween(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(10, 4, 3))
+
+        def forward(self, i, j):
+            return self.w[i, :, j]
+
+    monkeypatch.setitem(CONVERTERS, "index.Tensor", lambda node, imp: imp._index_tensor(node))
+    i, j = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])
+    with pytest.raises(
+        TenantError, match=r"tenant 's': output 0: .*float32\[3, 4, 3\], PyTorch float32\[3, 4\]"
+    ):
+        import_tenant(Tenant("s", SliceBetween(), example_inputs=(i, j)))

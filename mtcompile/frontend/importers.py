@@ -419,9 +419,37 @@ def _import_exported(t: Tenant, ep) -> ImportedTenant:
             f"tenant '{t.name}': TVM's torch.export importer failed: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
+    _check_output_types(t, ep, mod["main"])
     mod = _canonical_dims(t, mod, names, _export_dim_names(t, names), var_bounds(mod["main"]))
     state = sorted(ep.state_dict.items()) + sorted(ep.constants.items())
     return ImportedTenant(t.name, mod, names, "torch.export", _hash_torch(source_code, state))
+
+
+def _check_output_types(t: Tenant, ep, main) -> None:
+    """Refuse an import whose outputs differ from PyTorch's in dtype or in a static dim (a
+    converter's fault: TVM's ``index.Tensor`` once gave ``w[i, :, j]`` the wrong shape),
+    naming the tenant, the output and both types, instead of building a wrong model."""
+    out = next(n for n in ep.graph.nodes if n.op == "output").args[0]
+    user = [s.kind.name == "USER_OUTPUT" for s in ep.graph_signature.output_specs]
+    vals = [getattr(a, "meta", {}).get("val") for a, u in zip(out, user, strict=False) if u]
+    ty = main.body.ty
+    fields = list(ty.fields) if hasattr(ty, "fields") else [ty]
+    if len(fields) != len(vals):
+        return  # outputs TVM's importer flattens otherwise: the lift checks what it gets
+    for k, (v, f) in enumerate(zip(vals, fields, strict=True)):
+        if v is None or not hasattr(v, "shape") or not hasattr(f, "shape") or f.shape is None:
+            continue
+        want = [int(d) if isinstance(d, int) else None for d in v.shape]
+        got = [int(d) if hasattr(d, "value") else None for d in f.shape]
+        same_dims = len(want) == len(got) and all(
+            w is None or g is None or w == g for w, g in zip(want, got, strict=True)
+        )
+        if not same_dims or str(f.dtype) != str(v.dtype).removeprefix("torch."):
+            raise TenantError(
+                f"tenant '{t.name}': output {k}: TVM's importer gives {f.dtype}{got}, "
+                f"PyTorch {str(v.dtype).removeprefix('torch.')}{want} (None: a dynamic dim); "
+                "a converter computes something else than the model"
+            )
 
 
 def _decomposed(t: Tenant, ep):
