@@ -52,6 +52,30 @@ class Puts(torch.nn.Module):
         return y * 2.0
 
 
+class Rows2(torch.nn.Module):
+    """Writes of rows at computed indices into a 2-D tensor: ``y[i] = v`` (a row broadcast
+    to each), ``index_add`` (repeated indices add up), ``index_copy``, ``index_fill``, and
+    ``y[:, j] = c`` (an indexed axis after a slice)."""
+
+    def forward(self, x, i, j):
+        y = x.clone()
+        y[i] = torch.arange(4.0)
+        rows = torch.ones(3, 4)
+        return (
+            y,
+            x.index_add(0, i, rows),
+            x.index_copy(0, i, rows),
+            x.index_fill(0, i, 2.0),
+            _put_cols(x, j),
+        )
+
+
+def _put_cols(x, j):
+    y = x.clone()
+    y[:, j] = 7.0
+    return y
+
+
 class Rows(torch.nn.Module):
     """Two indices into a tensor of dynamic extent along the first."""
 
@@ -85,6 +109,7 @@ def torch_bundle():
         [
             Tenant("gathers", Gathers(), example_inputs=(IDX, J)),
             Tenant("puts", Puts(), example_inputs=(X10, IDX)),
+            Tenant("rows2", Rows2(), example_inputs=(torch.zeros(6, 4), IDX, J)),
             Tenant("rows", Rows(), example_inputs=(torch.randn(6, 4), IDX, J), dynamic_shapes=dyn),
         ]
     )
@@ -126,6 +151,19 @@ def test_index_put_writes_where_pytorch_does_and_refuses_out_of_range(torch_bund
     for i in ([1, 2, 10], [1, 2, 10**8], [-11, 0, 0]):  # wrote past the tensor (10**8: a segfault)
         with pytest.raises(MTCompileError, match="tenant 'puts', input 'i'"):
             torch_bundle.run("puts", X10.numpy(), np.array(i))
+
+
+def test_row_writes_with_fewer_indices_than_dims_match_pytorch(torch_bundle):
+    """TVM's converter refused these (one index tensor per axis) and read values of a
+    smaller shape than the indices past their end."""
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    for i, j in (([0, 2, 5], [0, 1, 3]), ([5, 0, 3], [-4, 2, -1])):
+        ti, tj = torch.tensor(i), torch.tensor(j)
+        got = torch_bundle.run("rows2", x.numpy(), ti.numpy(), tj.numpy())
+        for g, w in zip(got, torch_outputs(Rows2(), (x, ti, tj)), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+    with pytest.raises(MTCompileError, match="tenant 'rows2', input 'i'"):
+        torch_bundle.run("rows2", x.numpy(), np.array([0, 2, 6]), np.array([0, 1, 3]))
 
 
 def test_two_indices_into_a_dynamic_extent_are_checked_at_the_call(torch_bundle):

@@ -148,17 +148,51 @@ def _index_tensor(node, importer):
     return bb.emit(relax.op.permute_dims(out, order))
 
 
+def _put_layout(axes: list[int], ndim: int, rb: int) -> tuple[int, dict[int, int]]:
+    """Where PyTorch's indexing puts things in its result: (the first position of the `rb`
+    broadcast index dims, each non-indexed axis's position). Adjacent indexed axes leave
+    the index dims in their place; indexed axes separated by a slice put them first."""
+    adjacent = axes == list(range(axes[0], axes[0] + len(axes)))
+    p0 = axes[0] if adjacent else 0
+    others = [a for a in range(ndim) if a not in axes]
+    return p0, {a: j if adjacent and a < p0 else j + rb for j, a in enumerate(others)}
+
+
 def _index_put(node, importer):
-    """``index_put(_)`` with every index checked (`_checked`) before TVM's converter uses
-    it: its kernel wrote at the given indices unchecked, past the tensor for an index out
-    of range (a crash, or another tensor's bytes changed)."""
-    shape = importer.env[node.args[0]].ty.shape
-    checked = {
-        i: _checked(importer, importer.env[i], shape[k])
-        for k, i in enumerate(node.args[1])
-        if i is not None and str(importer.env[i].ty.dtype) != "bool"
-    }
-    return _with_indices(importer, node, "_index_put", checked)
+    """``index_put`` (``y[i] = v``, ``index_add``, ``index_copy``, ``index_fill``) with every
+    index checked (`_checked`) and the write spelled out in full: one index tensor per axis
+    (an ``arange`` for an axis not indexed), each shaped to its place in PyTorch's indexing
+    layout (`_put_layout`), and the values broadcast to that shape. TVM's ``index_put``
+    kernel wrote at the given indices unchecked (past the tensor: a crash), took only one
+    index per axis, and read values of a smaller shape than the indices past their end."""
+    from tvm import relax
+
+    data, bb = importer.env[node.args[0]], importer.block_builder
+    shape, given = list(data.ty.shape), list(node.args[1])
+    if any(i is not None and str(importer.env[i].ty.dtype) == "bool" for i in given):
+        return importer._index_put(node)  # masks: TVM's converter decides
+    given += [None] * (len(shape) - len(given))
+    axes = [a for a, i in enumerate(given) if i is not None]
+    idx = {a: _checked(importer, importer.env[given[a]], shape[a]) for a in axes}
+    rb = max(v.ty.ndim for v in idx.values())
+    p0, pos = _put_layout(axes, len(shape), rb)
+    rank = len(shape) - len(axes) + rb
+    full, out_shape = [], [1] * rank
+    for a in range(len(shape)):
+        dims = [1] * rank
+        if a in idx:
+            v = idx[a]
+            first = p0 + rb - v.ty.ndim  # right-aligned in the broadcast dims
+            dims[first : first + v.ty.ndim] = list(v.ty.shape)
+        else:
+            one = relax.prim_value(1)
+            v = relax.op.arange(relax.prim_value(0), relax.prim_value(shape[a]), one, "int64")
+            dims[pos[a]] = shape[a]
+        full.append(bb.emit(relax.op.reshape(v, dims)))
+        out_shape = [d if o == 1 else o for o, d in zip(out_shape, dims, strict=True)]
+    values = bb.emit(relax.op.broadcast_to(importer.env[node.args[2]], out_shape))
+    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+    return bb.emit(relax.op.index_put(data, relax.Tuple(full), values, bool(accumulate)))
 
 
 def _converters() -> dict[str, Callable]:
