@@ -104,11 +104,16 @@ class PassContext:
 
     def _manager(self, graph: Graph) -> AnalysisManager:
         """The build's manager when it holds `graph` as this function's graph; else (a pass
-        run on its own) a manager of this graph alone."""
+        run on its own) a manager of this graph alone, with the same providers, kept for
+        this context's later questions."""
         am = self.analyses
         if am is not None and am.holds(self.function, graph):
             return am
-        return analysis_manager({self.function: graph})
+        own = self.__dict__.get("_own")
+        if own is None or not own.holds(self.function, graph):
+            own = analysis_manager({self.function: graph}, am.providers if am else None)
+            object.__setattr__(self, "_own", own)  # a cache, not a field (frozen)
+        return own
 
     def analysis(self, graph: Graph, cls: type[T]) -> T:
         """The analysis `cls` of `graph`, the graph of the function being transformed

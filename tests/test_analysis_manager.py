@@ -169,3 +169,16 @@ def test_a_pass_run_on_its_own_gets_analyses_of_its_graph(tiny_module):
     assert plan.streams is None and set(plan.functions) == {"run_all"}
     assert plan.functions["run_all"].kernels == tuple(k.name for k in kernel_dag(graph).kernels)
     assert result.analysis(StreamAssignment) is None
+
+
+def test_a_pass_on_a_graph_its_manager_does_not_hold_keeps_the_plugged_provider(tiny_module):
+    graph = tiny_module.functions["run_all"]
+    count = Counting()
+    am = analysis_manager(tiny_module.functions, {KernelDAG: count})
+    other = graph.with_nodes(graph.nodes)  # not the graph the manager holds for run_all
+    result = PlanMemory().run(other, PassContext(kernels=PROVIDERS, analyses=am))
+    assert count.graphs == [other]  # the plugged model, on the graph the pass got
+    assert am.all_cached("run_all") == {}  # the build's manager is left alone
+    assert result.analysis(MemoryPlan).functions["run_all"].kernels == tuple(
+        k.name for k in kernel_dag(other).kernels
+    )
