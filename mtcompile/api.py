@@ -26,7 +26,13 @@ from mtcompile.frontend.lift import lift
 from mtcompile.frontend.merge import merge
 from mtcompile.ir.graph import Graph, TensorTy
 from mtcompile.ir.module import Module
-from mtcompile.pass_infra import Instrument, PassContext, run_passes
+from mtcompile.pass_infra import (
+    AnalysisManager,
+    Instrument,
+    PassContext,
+    analysis_manager,
+    run_passes,
+)
 from mtcompile.runtime.cpu import usable_cores
 from mtcompile.runtime.threads import configure as configure_threads
 from mtcompile.runtime.weights import info as weights_table
@@ -88,8 +94,9 @@ def _front(
 ):
     """Import (unless `lifted`, what `_import` returned, is given), lift, merge into a
     module of functions (each tenant's entry, run_all, `subsets`: name -> tenants) and run
-    the pipeline once over it: (module, imported tenants, their graphs, pass records).
-    cores: the threads the bundle runs on (default: the machine's cores)."""
+    the pipeline once over it: (module, imported tenants, their graphs, pass records, the
+    module's `AnalysisManager`). cores: the threads the bundle runs on (default: the
+    machine's cores)."""
     imported, graphs = lifted or _import(tenants, stages)
     t0 = time.perf_counter()
     merged = merge(graphs, {t.name: t.shared_inputs for t in tenants if t.shared_inputs})
@@ -99,14 +106,15 @@ def _front(
     # the threads the bundle runs on, read once per build: passes learn machine facts from
     # the context (assign-streams splits them between streams)
     ctx = PassContext(target, providers, cores=cores or usable_cores())
-    module, records = run_passes(module, pipeline, ctx, instruments)
+    analyses = analysis_manager(module.functions)
+    module, records = run_passes(module, pipeline, ctx, instruments, analyses)
     stages.done("passes", t0)
-    return module, imported, graphs, records
+    return module, imported, graphs, records, analyses
 
 
-def _memory_plan(module: Module) -> MemoryPlan | None:
-    """Every function's memory plan (None when plan-memory did not run)."""
-    plans = [g.analyses["memory"] for g in module.functions.values() if "memory" in g.analyses]
+def _memory_plan(module: Module, analyses: AnalysisManager) -> MemoryPlan | None:
+    """Every function's memory plan, by function (None when plan-memory did not run)."""
+    plans = [p for f in module.functions if (p := analyses.cached(f, MemoryPlan)) is not None]
     return (
         MemoryPlan({f: p for plan in plans for f, p in plan.functions.items()}) if plans else None
     )
@@ -131,7 +139,8 @@ def _lower_and_build(
         cpu=cpu_name, cpu_features=cpu_features
     )
     t0 = time.perf_counter()
-    mod = emit_module(module, manifest.embedded(), streams, target)
+    memory = _memory_plan(module, facts["analyses"])
+    mod = emit_module(module, manifest.embedded(), streams, target, memory)
     stages.done("lower", t0)
     t0 = time.perf_counter()
     try:
@@ -219,13 +228,13 @@ def _build_uncached(
 ) -> CompiledBundle:
     """What `compile` does when no cached bundle serves: merge and run the pipeline over
     the `lifted` tenants, lower and build with the manifest, and make the bundle."""
-    module, imported, graphs, records = _front(
+    module, imported, graphs, records, analyses = _front(
         tenants, target, s.pipeline, instruments, stages, s.providers, s.pool, lifted, subsets
     )
     manifest, executable, build_info = _lower_and_build(
         stages,
         module,
-        stream_layout(module.functions[RUN_ALL]),
+        stream_layout(analyses),
         target,
         s.database,
         cpu,
@@ -238,13 +247,16 @@ def _build_uncached(
             tenants=tenants,
             imported=imported,
             module=module,
+            analyses=analyses,
             graphs=graphs,
             records=records,
             subsets=subsets,
         ),
         (s.cpu_name, s.cpu_features),
     )
-    return _bundle(executable, manifest, build_info, module, records, stages, tenants, threads)
+    return _bundle(
+        executable, manifest, build_info, module, analyses, records, stages, tenants, threads
+    )
 
 
 @dataclass(frozen=True)
@@ -360,17 +372,20 @@ def _bundle(
     manifest,
     build_info: dict,
     module: Module,
+    analyses: AnalysisManager,
     records,
     stages: _Stages,
     tenants: list[Tenant],
     threads,
 ) -> CompiledBundle:
     """The compiled bundle: the manifest completed with what TVM's build told (memory, the
-    weights table) and the compile report."""
+    weights table), the compile report, and the module with its analyses."""
     arrays, args = build_info.pop("weights")
     # known once TVM has built the module, so kept beside the library's embedded manifest
     manifest = manifest.with_(
-        memory=bundle_manifest.memory_info(_memory_plan(module), build_info["memory"], manifest),
+        memory=bundle_manifest.memory_info(
+            _memory_plan(module, analyses), build_info["memory"], manifest
+        ),
         weights=weights_table(arrays, args),
     )
     report = {
@@ -392,6 +407,7 @@ def _bundle(
         manifest,
         weights=arrays,
         module=module,
+        analyses=analyses,
         graph=module.functions[RUN_ALL],
         sources={t.name: t for t in tenants},
         compile_report=report,
@@ -440,7 +456,7 @@ def tune(
     devices = _devices(rpc_tracker, rpc_key, rpc_wait_s, say)  # before the front end
     pipeline = build_pipeline(passes, pass_options)
     providers = resolve_providers("llvm", kernels)
-    module, _, graphs, _ = _front(tenants, "llvm", pipeline, (), _Stages(say), providers)
+    module, _, graphs, _, _ = _front(tenants, "llvm", pipeline, (), _Stages(say), providers)
     _check_static(module.functions[RUN_ALL])
     separate = _tasks_alone(graphs, pipeline, providers, tuning_target)
     result = run_tuning(

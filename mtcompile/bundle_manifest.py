@@ -10,9 +10,10 @@ from dataclasses import replace
 
 from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.index_ranges import input_index_ranges
+from mtcompile.analysis.manager import AnalysisManager
 from mtcompile.analysis.memory import MemoryPlan
-from mtcompile.analysis.schedule import kernel_dag
-from mtcompile.analysis.streams import lanes_view
+from mtcompile.analysis.schedule import KernelDAG
+from mtcompile.analysis.streams import StreamAssignment, lanes_view
 from mtcompile.backend.stream_layout import StreamLayout, run_all_params
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.merge import constant_bytes_before_merge
@@ -112,14 +113,15 @@ def sig_shape(ty: TensorTy, t: str) -> tuple[tuple[int | str, ...], dict | None]
     return shape, dims
 
 
-def streams_info(graph: Graph, layout: StreamLayout | None) -> StreamsInfo:
-    """The stream assignment's summary, the lanes and syncs of its simulated schedule (with
-    the cost estimate the assignment was made with) and, when run_all was lowered onto the
-    streams (`layout`; not without plan-memory: no shared arena), the stream functions."""
-    a = graph.analyses.get("streams")
+def streams_info(analyses: AnalysisManager, layout: StreamLayout | None) -> StreamsInfo:
+    """run_all's stream assignment (in `analyses`): its summary, the lanes and syncs of its
+    simulated schedule (with the cost estimate the assignment was made with) and, when
+    run_all was lowered onto the streams (`layout`; not without plan-memory: no shared
+    arena), the stream functions."""
+    a = analyses.cached(RUN_ALL, StreamAssignment)
     if a is None:
         return StreamsInfo()
-    dag = layout.dag if layout is not None else kernel_dag(graph)
+    dag = layout.dag if layout is not None else analyses.get(RUN_ALL, KernelDAG)
     view = lanes_view(a, {k.name: k.tenant for k in dag.kernels}, a.kernel_us)
     return StreamsInfo(
         num_streams=a.num_streams,
@@ -160,26 +162,16 @@ def manifest(
     tenants: Sequence,
     imported: Sequence,
     module: Module,
+    analyses: AnalysisManager,
     graphs: Sequence[Graph],
     records,
     layout: StreamLayout | None,
     subsets: dict[str, tuple[str, ...]] | None = None,
 ) -> Manifest:
-    """The manifest known before TVM builds the module (embedded in the library)."""
+    """The manifest known before TVM builds the module (embedded in the library);
+    `analyses`: the module's analyses after the pipeline (run_all's streams)."""
     graph = module.functions[RUN_ALL]
-    sigs = {
-        it.name: tenant_sig(
-            module.functions[it.name], it.name, it.kind, it.source_hash, output_names(t.model)
-        )
-        for it, t in zip(imported, tenants, strict=True)
-    }
-    files = output_files({n: [o.name for o in s.outputs] for n, s in sigs.items()})
-    sigs = {
-        n: replace(
-            s, outputs=tuple(replace(o, file=f) for o, f in zip(s.outputs, files[n], strict=True))
-        )
-        for n, s in sigs.items()
-    }
+    sigs = _signatures(module, tenants, imported)
     return Manifest(
         name=name,
         library=f"{name}.so",
@@ -200,8 +192,25 @@ def manifest(
         },
         graph=graph_stats(module, graphs),
         graph_view=_plain(graph_view(graph, records)),  # nodes and per-pass rows, for reports
-        streams=streams_info(graph, layout),
+        streams=streams_info(analyses, layout),
     )
+
+
+def _signatures(module: Module, tenants: Sequence, imported: Sequence) -> dict[str, TenantSig]:
+    """Each tenant's signature, from its entry's graph, with its output files."""
+    sigs = {
+        it.name: tenant_sig(
+            module.functions[it.name], it.name, it.kind, it.source_hash, output_names(t.model)
+        )
+        for it, t in zip(imported, tenants, strict=True)
+    }
+    files = output_files({n: [o.name for o in s.outputs] for n, s in sigs.items()})
+    return {
+        n: replace(
+            s, outputs=tuple(replace(o, file=f) for o, f in zip(s.outputs, files[n], strict=True))
+        )
+        for n, s in sigs.items()
+    }
 
 
 def memory_info(plan: MemoryPlan | None, built: dict[str, dict], m: Manifest) -> MemoryInfo:

@@ -8,15 +8,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtcompile.runtime.bundle import Bundle
 from mtcompile.runtime.manifest import Manifest
 
+if TYPE_CHECKING:  # the lean import path (load + run) imports no analysis
+    from mtcompile.analysis.manager import AnalysisManager
+
 
 class CompiledBundle(Bundle):
-    """A `Bundle` with `module` (the optimized module of functions), `graph` (its run_all,
-    the merged graph), `sources` (the tenants as given) and `compile_report`: all on a
-    freshly compiled bundle; a loaded one has the `sources` passed to `load` only."""
+    """A `Bundle` with `module` (the optimized module of functions), `analyses` (its
+    `AnalysisManager`: each function's kernel DAG, streams, memory plan), `graph` (its
+    run_all, the merged graph), `sources` (the tenants as given) and `compile_report`: all
+    on a freshly compiled bundle; a loaded one has the `sources` passed to `load` only."""
 
     def __init__(
         self,
@@ -30,11 +35,13 @@ class CompiledBundle(Bundle):
         threads: int | None = None,
         weights=None,
         module=None,
+        analyses: AnalysisManager | None = None,
     ):
         super().__init__(
             executable, manifest, library_path=library_path, threads=threads, weights=weights
         )
         self.module = module
+        self.analyses = analyses
         self.graph = graph
         self.sources = sources or {}
         self.compile_report = compile_report or {}

@@ -7,32 +7,40 @@ with `option` (type hint, default, bounds, choices, what it means: the pass's `s
 and every instance is checked against it here when it is made (`check_options`), before
 any work: passes do not check their options themselves.
 
-Analyses are values on ``Graph.analyses`` about that very graph (``"streams"``: a
-`StreamAssignment` from assign-streams; ``"memory"``: a `MemoryPlan` from plan-memory,
-which records the assignment it was made for). Each pass declares, as class attributes
-(LLVM's ``PreservedAnalyses``, MLIR's analysis manager):
+Analyses are typed values about one function's graph, held by an `AnalysisManager`
+(`mtcompile.analysis.manager`) keyed by (function, analysis type), MLIR's model: derived
+ones (`KernelDAG`, `Liveness`) are computed on demand from the graph by the manager's
+providers and cached; chosen ones (`StreamAssignment` from assign-streams, `MemoryPlan`
+from plan-memory, which records the assignment it was made for) have options the user
+chose and are only ever computed by their pass. A pass reads them through its context
+(``ctx.analysis(graph, KernelDAG)``, ``ctx.cached(graph, StreamAssignment)``) and returns
+what it computed in ``PassResult.analyses``. Each pass declares analysis types, as class
+attributes (LLVM's ``PreservedAnalyses``):
 
-- ``requires``: analyses that must be present, computed on the graph the pass gets;
-- ``computes``: analyses it attaches;
+- ``requires``: analyses that must be there for the graph the pass gets (a derived one
+  always is: the manager computes it);
+- ``computes``: analyses it returns;
 - ``preserves``: analyses still valid after it; ``None`` (the default) means all of them
   when it reports no change and none when it changed the graph.
 
-`run_passes` drops every analysis a pass does not preserve (and keeps what it computes),
-so no pass reads a result computed on an older graph. The runner never recomputes an
-analysis on demand: both analyses have options the user chose (policy, streams, cores;
-alignment, strategy), and recomputing with defaults would silently build something else
-than asked. A pipeline that would need one is refused instead, naming the pass, the
-analysis and the fix: a pass whose requirement no earlier pass computed, or a pass that
-invalidates what an earlier pass computed when no later pass computes it again (e.g.
-``plan-memory, assign-streams``: the plan was made for another stream order). `build_pipeline`
-checks this before any work where the declarations decide it; the runner checks the rest
-(a pass that changed the graph) when it happens.
+After each pass, `run_passes` drops every cached analysis of each function the pass ran on
+that it does not preserve, and stores what it computed, so no pass reads a result computed
+on an older graph; a dropped derived analysis is simply computed again when next asked
+for. The runner never recomputes a chosen analysis (recomputing with defaults would
+silently build something else than asked): a pipeline that would need one is refused
+instead, naming the pass, the analysis and the fix: a pass whose requirement no earlier
+pass computed, or a pass that invalidates what an earlier pass computed when no later pass
+computes it again (e.g. ``plan-memory, assign-streams``: the plan was made for another
+stream order). `build_pipeline` checks this before any work where the declarations decide
+it; the runner checks the rest (a pass that changed the graph) when it happens.
 
 A build runs the pipeline once over a `Module` of functions (each tenant's entry,
 ``run_all``, the requested subsets). Each pass declares its ``scope``: the functions it
 transforms (every function; those over several tenants, where batching tenants pays; or
 ``run_all`` alone), and runs once over the module, on each function of its scope (with
-``PassContext.function`` naming it). Analyses live on each function's graph.
+``PassContext.function`` naming it). The manager given to `run_passes` (or made by
+`analysis_manager`) holds every function's analyses afterwards: lowering, the manifest
+and reports read them from it.
 """
 
 from __future__ import annotations
@@ -43,14 +51,25 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TextIO
+from typing import Any, ClassVar, TextIO, TypeVar
 
 from mtcompile.abi import RUN_ALL
+from mtcompile.analysis.manager import (
+    DEFAULT_PROVIDERS,
+    AnalysisError,
+    AnalysisManager,
+    Provider,
+    analysis_name,
+)
+from mtcompile.analysis.schedule import KernelDAG
 from mtcompile.errors import MTCompileError
 from mtcompile.ir.graph import Graph
 from mtcompile.ir.module import Module
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,12 @@ class PassResult:
     graph: Graph | Module
     changed: bool
     info: dict[str, Any] = field(default_factory=dict)
+    # the analyses the pass computed for the graph it returns (types in its `computes`)
+    analyses: tuple[Any, ...] = ()
+
+    def analysis(self, cls: type[T]) -> T | None:
+        """The analysis of type `cls` the pass computed, or None."""
+        return next((a for a in self.analyses if type(a) is cls), None)
 
 
 @dataclass(frozen=True)
@@ -68,12 +93,36 @@ class PassContext:
     """What passes may know about the build: the target, the kernel provider per heavy
     op kind (``{"matmul": "native", ...}``; a library call is a kernel of its own), the
     machine's CPU cores (`mtcompile.api` reads them once per build; passes never ask the
-    machine), and the function of the module the pass is transforming."""
+    machine), the function of the module the pass is transforming, and the build's
+    `AnalysisManager` (set by `run_passes`)."""
 
     target: str = "llvm"
     kernels: dict[str, str] = field(default_factory=dict)
     cores: int = 1
     function: str = RUN_ALL
+    analyses: AnalysisManager | None = field(default=None, compare=False, repr=False)
+
+    def _manager(self, graph: Graph) -> AnalysisManager:
+        """The build's manager when it holds `graph` as this function's graph; else (a pass
+        run on its own) a manager of this graph alone, with the same providers, kept for
+        this context's later questions."""
+        am = self.analyses
+        if am is not None and am.holds(self.function, graph):
+            return am
+        own = self.__dict__.get("_own")
+        if own is None or not own.holds(self.function, graph):
+            own = analysis_manager({self.function: graph}, am.providers if am else None)
+            object.__setattr__(self, "_own", own)  # a cache, not a field (frozen)
+        return own
+
+    def analysis(self, graph: Graph, cls: type[T]) -> T:
+        """The analysis `cls` of `graph`, the graph of the function being transformed
+        (`AnalysisManager.get`: computed on demand when derived)."""
+        return self._manager(graph).get(self.function, cls)
+
+    def cached(self, graph: Graph, cls: type[T]) -> T | None:
+        """The analysis `cls` of `graph` if one is there, else None (never computes)."""
+        return self._manager(graph).cached(self.function, cls)
 
 
 @dataclass(frozen=True)
@@ -135,11 +184,11 @@ class Pass:
     # the functions of the module the pass transforms (`SCOPES`): every function, those
     # over several tenants (e.g. batching tenants into one op), or run_all alone
     scope: ClassVar[str] = "function"
-    # analyses (names in ``Graph.analyses``) the pass needs, attaches, and keeps valid; see
-    # the module docstring (None: all when the pass reports no change, none when it changed)
-    requires: ClassVar[tuple[str, ...]] = ()
-    computes: ClassVar[tuple[str, ...]] = ()
-    preserves: ClassVar[tuple[str, ...] | None] = None
+    # analysis types the pass needs, computes, and keeps valid; see the module docstring
+    # (None: all when the pass reports no change, none when it changed)
+    requires: ClassVar[tuple[type, ...]] = ()
+    computes: ClassVar[tuple[type, ...]] = ()
+    preserves: ClassVar[tuple[type, ...] | None] = None
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -210,10 +259,6 @@ class PassError(MTCompileError):
 
 class PassOptionError(MTCompileError, ValueError):
     """A pass option has the wrong type or value (raised before any work)."""
-
-
-class AnalysisError(MTCompileError):
-    """A pipeline would use an analysis no pass computed, or lose one a pass computed."""
 
 
 def _fits(hint: Any, value: Any) -> bool:
@@ -296,29 +341,38 @@ def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
 # --------------------------------------------------------------------------- analyses
 
 
-def _computers(analysis: str) -> list[str]:
+def _computers(analysis: type) -> list[str]:
     return [n for n, cls in REGISTRY.items() if analysis in cls.computes]
 
 
-def _missing(p: Pass, analysis: str, names: list[str]) -> str:
+def analysis_manager(
+    functions: Mapping[str, Graph] | None = None, providers: Mapping[type, Provider] | None = None
+) -> AnalysisManager:
+    """An `AnalysisManager` over `functions` whose errors name the registered passes that
+    compute a missing analysis; `providers` replace the default derived-analysis providers
+    (e.g. another kernel model as the `KernelDAG` provider)."""
+    return AnalysisManager(functions, providers, _computers)
+
+
+def _missing(p: Pass, analysis: type, names: list[str]) -> str:
     fix = " or ".join(repr(n) for n in _computers(analysis)) or "a pass that computes it"
     return (
-        f"pass '{p.name}' requires analysis '{analysis}', which no pass before it "
-        f"computed on the graph it gets; run {fix} before '{p.name}' "
+        f"pass '{p.name}' requires analysis '{analysis_name(analysis)}', which no pass before "
+        f"it computed on the graph it gets; run {fix} before '{p.name}' "
         f"(pipeline: {', '.join(names)})"
     )
 
 
 def _lost(
-    analysis: str, by: str, p: Pass, why: str, later: list[Pass], names: list[str]
+    analysis: type, by: str, p: Pass, why: str, later: list[Pass], names: list[str]
 ) -> str | None:
     """The error for `p` dropping `analysis` that pass `by` computed, unless a later pass
     computes it again."""
     if any(analysis in q.computes for q in later):
         return None
     return (
-        f"pass '{p.name}' invalidates analysis '{analysis}' computed by '{by}' before it "
-        f"({why}), and no later pass computes it again: run '{by}' after '{p.name}' "
+        f"pass '{p.name}' invalidates analysis '{analysis_name(analysis)}' computed by '{by}' "
+        f"before it ({why}), and no later pass computes it again: run '{by}' after '{p.name}' "
         f"(pipeline: {', '.join(names)})"
     )
 
@@ -331,14 +385,17 @@ def _covers(computed: str, needed: str) -> bool:
 
 def check_pipeline(passes: list[Pass]) -> None:
     """Refuse, before any work, a pipeline whose declarations already show that a pass
-    requires an analysis no earlier pass computed on every function of its scope, or that
-    an analysis a pass computed is invalidated by a later pass that declares it does not
-    preserve it (every two scopes share run_all). Passes that preserve by default are
-    checked by `run_passes`."""
+    requires an analysis no earlier pass computed on every function of its scope (derived
+    analyses are always there: they are computed on demand), or that an analysis a pass
+    computed is invalidated by a later pass that declares it does not preserve it (every
+    two scopes share run_all). Passes that preserve by default are checked by
+    `run_passes`."""
     names = [p.name for p in passes]
-    have: dict[str, Pass] = {}  # analysis -> the pass that computed it
+    have: dict[type, Pass] = {}  # analysis -> the pass that computed it
     for i, p in enumerate(passes):
         for a in p.requires:
+            if a in DEFAULT_PROVIDERS:
+                continue
             if a not in have or not _covers(have[a].scope, p.scope):
                 raise AnalysisError(_missing(p, a, names))
         if p.preserves is not None:
@@ -351,24 +408,22 @@ def check_pipeline(passes: list[Pass]) -> None:
         have.update({a: p for a in p.computes})
 
 
-def _keep_valid(p: Pass, before: Graph, result: PassResult) -> dict[str, Any]:
-    """The analyses valid after `p`: those it preserves, and those it computed."""
-    after = result.graph.analyses
-    stray = sorted(
-        a for a, v in after.items() if a not in p.computes and before.analyses.get(a) is not v
-    )
+def _computed(p: Pass, result: PassResult) -> list[Any]:
+    """The analyses `p` returned, each of a type it declares in `computes`."""
+    stray = sorted(analysis_name(type(a)) for a in result.analyses if type(a) not in p.computes)
     if stray:
         raise AnalysisError(
-            f"pass '{p.name}' attached analysis {stray} that it does not "
-            f"declare in `computes` ({list(p.computes)})"
+            f"pass '{p.name}' returned analysis {stray} that it does not declare in "
+            f"`computes` ({[analysis_name(c) for c in p.computes]})"
         )
+    return list(result.analyses)
+
+
+def _preserved(p: Pass, changed: bool) -> tuple[type, ...] | None:
+    """What stays valid after `p` (None: everything)."""
     if p.preserves is None:
-        keep = set(before.analyses) if not result.changed else set()
-    else:
-        keep = set(p.preserves)
-    valid = {a: v for a, v in before.analyses.items() if a in keep}
-    valid.update({a: v for a, v in after.items() if a in p.computes})
-    return valid
+        return None if not changed else ()
+    return p.preserves
 
 
 # --------------------------------------------------------------------------- instruments
@@ -397,25 +452,33 @@ class PassRecord:
     weight_bytes_after: int | None = None
 
 
+def main_function(ir: Graph | Module) -> str:
+    """The function reports count: a graph's (``run_all``), a module's ``run_all`` (or its
+    first function)."""
+    if isinstance(ir, Graph) or RUN_ALL in ir.functions:
+        return RUN_ALL
+    return next(iter(ir.functions))
+
+
 def main_graph(ir: Graph | Module) -> Graph:
     """The graph reports count: a graph itself, a module's ``run_all``."""
-    if isinstance(ir, Graph):
-        return ir
-    return ir.functions.get(RUN_ALL) or next(iter(ir.functions.values()))
+    return ir if isinstance(ir, Graph) else ir.functions[main_function(ir)]
 
 
 class Timing(Instrument):
-    """Records the time and effect of every pass (the runner always uses one)."""
+    """Records the time and effect of every pass (the runner always uses one). The kernel
+    count comes from `analyses` (the runner's manager: the kernel DAG it caches) when it
+    holds the graph, else from a manager of that graph alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, analyses: AnalysisManager | None = None) -> None:
         self.records: list[PassRecord] = []
+        self.analyses = analyses
 
     def after_pass(self, p, result, index, seconds):
-        from mtcompile.analysis.schedule import kernel_dag
-
-        g = main_graph(result.graph)
+        g, fname = main_graph(result.graph), main_function(result.graph)
+        ctx = PassContext(function=fname, analyses=self.analyses)
         try:
-            kernels = len(kernel_dag(g).kernels)
+            kernels = len(ctx.analysis(g, KernelDAG).kernels)
         except Exception:  # a broken graph is the verifier's to report, not the timer's
             kernels = None
         self.records.append(
@@ -476,16 +539,20 @@ def run_passes(
     passes: list[Pass],
     ctx: PassContext | None = None,
     instruments: list[Instrument] = (),
+    analyses: AnalysisManager | None = None,
 ) -> tuple[Graph | Module, list[PassRecord]]:
     """Run `passes` in order, each once, over a module (each on the functions of its
     scope) or over one graph (``run_all``'s); returns the result and one record per pass.
 
-    After each pass only the analyses it preserves or computed stay on a function's graph;
-    a pass whose required analysis is missing, or one that invalidates an analysis an
-    earlier pass computed (when no later pass computes it again), raises `AnalysisError`
-    (see the module docstring)."""
-    ctx = ctx or PassContext()
-    timing = Timing()
+    `analyses` (a fresh `analysis_manager` when None) holds each function's analyses
+    before and after: a function whose graph is not the one it holds loses its analyses
+    first. After each pass only the analyses it preserves or computed stay cached for a
+    function; a pass whose required analysis is missing, or one that invalidates an
+    analysis an earlier pass computed (when no later pass computes it again), raises
+    `AnalysisError` (see the module docstring)."""
+    am = analyses if analyses is not None else analysis_manager()
+    ctx = dataclasses.replace(ctx or PassContext(), analyses=am)
+    timing = Timing(am)
     hooks = [*instruments, timing]
     if os.environ.get(VERIFY_ENV, "") not in ("", "0") and not any(
         isinstance(h, VerifyAfter) for h in instruments
@@ -493,8 +560,9 @@ def run_passes(
         hooks.insert(0, VerifyAfter())  # debug builds and CI: the verifier after every pass
     one = isinstance(ir, Graph)
     module = Module({RUN_ALL: ir}) if one else ir
+    am.bind(module.functions)
     shown = (lambda m: m.functions[RUN_ALL]) if one else (lambda m: m)
-    computed_by: dict[tuple[str, str], str] = {}  # (function, analysis) -> pass
+    computed_by: dict[tuple[str, type], str] = {}  # (function, analysis) -> pass
     done: list[str] = []
     for i, p in enumerate(passes):
         try:
@@ -526,16 +594,18 @@ def _run_one(
 ) -> tuple[Module, bool, dict]:
     """Pass `p` on each function of its scope: (the module, whether some function
     changed, its facts: one function's as they are, several by function)."""
+    am = ctx.analyses
     changed, infos, out = False, {}, {}
     for fname, graph in module.functions.items():
         if not p.applies_to(fname, graph):
             continue
         for a in p.requires:
-            if a not in graph.analyses:
+            if am.cached(fname, a) is None and not am.derivable(a):
                 raise AnalysisError(_missing(p, a, names))
         result = p.run(graph, dataclasses.replace(ctx, function=fname))
-        valid = _keep_valid(p, graph, result)
-        for a in graph.analyses.keys() - valid.keys():
+        computed = _computed(p, result)
+        dropped = am.update(fname, result.graph, _preserved(p, result.changed))
+        for a in set(dropped) - set(p.computes):
             why = "it changed the graph" if result.changed else "it does not preserve it"
             lost = (fname, a) in computed_by and _lost(
                 a, computed_by[fname, a], p, why, later, names
@@ -543,12 +613,10 @@ def _run_one(
             if lost:
                 raise AnalysisError(lost)
             computed_by.pop((fname, a), None)
-        out[fname] = (
-            result.graph
-            if valid.keys() == result.graph.analyses.keys()
-            else dataclasses.replace(result.graph, analyses=valid)
-        )
-        computed_by.update({(fname, a): p.name for a in p.computes if a in valid})
+        for value in computed:
+            am.put(fname, value)
+            computed_by[fname, type(value)] = p.name
+        out[fname] = result.graph
         changed |= result.changed
         if result.info:
             infos[fname] = dict(result.info)

@@ -1,5 +1,5 @@
 """assign-streams: the kernel DAG of run_all -> streams (minimum chain cover) and minimal
-syncs, attached as the graph's ``"streams"`` analysis (a `StreamAssignment`); nodes unchanged.
+syncs, returned as run_all's `StreamAssignment` analysis; nodes unchanged.
 
 No profile exists at compile time, so kernel times are estimated from the graph: per
 kernel ``overhead + max(flops / (rate * threads), bytes / bandwidth)`` with the rates of
@@ -13,10 +13,12 @@ stream. A measured profile (`Bundle.profile`) can replace these estimates later 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from mtcompile.analysis.schedule import Kernel, kernel_dag
+from mtcompile.analysis.memory import Liveness
+from mtcompile.analysis.schedule import Kernel, KernelDAG
 from mtcompile.analysis.streams import AUTO_MIN_SPEEDUP, POLICIES, StreamAssignment, assign
 from mtcompile.errors import MTCompileError
 from mtcompile.ir import ops
@@ -110,9 +112,10 @@ class AssignStreams(Pass):
 
     name = "assign-streams"
     scope = "run-all"  # lowering realizes streams for run_all; other functions run on one
-    computes = ("streams",)
-    # a memory plan was made for the stream order before this one: it must be made again
-    preserves = ()
+    computes = (StreamAssignment,)
+    # a `MemoryPlan` was made for the stream order before this one: it must be made again
+    # (the nodes are unchanged: what derives from them alone stays valid)
+    preserves = (KernelDAG, Liveness)
     streams: int | None = option(
         None, minimum=1, maximum=MAX_STREAMS, doc="force at most this many streams"
     )
@@ -131,31 +134,41 @@ class AssignStreams(Pass):
     )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        policy = self.policy
         dynamic = sorted(
             {n.tenant for n in graph.nodes if isinstance(n.ty, TensorTy) and n.ty.symbolic}
         )
-        if dynamic:
+        if dynamic and ((self.streams or 1) > 1 or self.policy == "max"):
             # a stream function defines no size variable of the values handed to it
-            if (self.streams or 1) > 1 or policy == "max":
-                raise MTCompileError(
-                    f"assign-streams: tenants {dynamic} have symbolic (dynamic) dims; "
-                    "several streams need fixed shapes: drop the streams option or give "
-                    "those tenants static shapes"
-                )
-            policy = "sequential"
-        dag = kernel_dag(graph)
-        order = [k.name for k in dag.kernels]
+            raise MTCompileError(
+                f"assign-streams: tenants {dynamic} have symbolic (dynamic) dims; "
+                "several streams need fixed shapes: drop the streams option or give "
+                "those tenants static shapes"
+            )
+        dag = ctx.analysis(graph, KernelDAG)
         cpu = ctx.target != "cuda"
         cores = max(1, self.cores or ctx.cores) if cpu else 1
+        a = self._assign(graph, dag, "sequential" if dynamic else self.policy, cpu, cores)
+        info = {
+            **a.summary(),
+            "kernels": len(dag.kernels),
+            "cost_model": "graph",
+            "cores": cores,
+            **({"sequential_for_dynamic": dynamic} if dynamic else {}),
+        }
+        return PassResult(graph, False, info, (a,))
 
+    def _assign(
+        self, graph: Graph, dag: KernelDAG, policy: str, cpu: bool, cores: int
+    ) -> StreamAssignment:
+        """The assignment of `dag`'s kernels under `policy`, costed for `cores` CPU cores
+        (`cpu`) or the GPU, with the kernel costs it was made with."""
         per_stream, per_sync = EXECUTOR_US["llvm" if cpu else "cuda"]
 
         def cost(threads: int) -> dict[str, float]:
             return kernel_costs(graph, dag.kernels, cpu, threads)
 
         a = assign(
-            order,
+            [k.name for k in dag.kernels],
             dag.deps,
             streams=self.streams,
             max_streams=self.max_streams,
@@ -166,20 +179,8 @@ class AssignStreams(Pass):
             min_speedup=self.min_speedup if cpu or CUDA_AUTO else math.inf,
             overhead_us=lambda n, syncs: n * per_stream + syncs * per_sync,
         )
-        a = StreamAssignment(
-            a.streams,
-            a.syncs,
-            a.policy,
-            a.estimated_speedup,
-            a.logical_concurrency,
-            {**a.info, **({"cores": cores} if cpu else {})},
+        return dataclasses.replace(
+            a,
+            info={**a.info, **({"cores": cores} if cpu else {})},
             kernel_us=cost(max(1, cores // a.num_streams)),
         )
-        info = {
-            **a.summary(),
-            "kernels": len(order),
-            "cost_model": "graph",
-            "cores": cores,
-            **({"sequential_for_dynamic": dynamic} if dynamic else {}),
-        }
-        return PassResult(graph.with_analysis("streams", a), False, info)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtcompile.analysis.memory import ALIGNMENT, MemoryPlan, plan_function, sequential
-from mtcompile.analysis.schedule import kernel_dag
+from mtcompile.analysis.memory import ALIGNMENT, Liveness, MemoryPlan, plan_function, sequential
+from mtcompile.analysis.schedule import KernelDAG
+from mtcompile.analysis.streams import StreamAssignment, happens_before
 from mtcompile.ir.graph import Graph
 from mtcompile.pass_infra import Pass, PassContext, PassResult, option, register
 
@@ -17,8 +18,6 @@ def _stream_order(streams, dag):
     """Happens-before over `dag`'s kernel indices from the stream assignment, if any."""
     if streams is None or streams.num_streams <= 1:
         return sequential
-    from mtcompile.analysis.streams import happens_before
-
     names = [k.name for k in dag.kernels]
     hb = happens_before(streams)
     return lambda a, b: hb(names[a], names[b])
@@ -29,8 +28,8 @@ def _stream_order(streams, dag):
 class PlanMemory(Pass):
     """Liveness over the kernel order (or the streams' happens-before order), then greedy
     by-size best-fit offsets. Tenants that run one after another in ``run_all`` share the
-    whole arena; returned tensors leave it. Attaches a `MemoryPlan` as the analysis
-    ``"memory"``, recording the stream assignment it was made for (so assign-streams
+    whole arena; returned tensors leave it. Computes the function's `MemoryPlan`,
+    recording the `StreamAssignment` it was made for, if any (so assign-streams
     invalidates it); lowering realizes it as one storage per function. Runs on every
     function of the module (``ctx.function``: its name).
 
@@ -40,8 +39,8 @@ class PlanMemory(Pass):
     """
 
     name = "plan-memory"
-    computes = ("memory",)
-    preserves = ("streams",)
+    computes = (MemoryPlan,)
+    preserves = (StreamAssignment, KernelDAG, Liveness)  # nodes unchanged
     # offsets are padded to it, so the arena grows with it: a page is the most that helps
     alignment: int | None = option(
         None, minimum=1, maximum=4096, power_of_two=True, doc="bytes every offset is a multiple of"
@@ -50,14 +49,16 @@ class PlanMemory(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         alignment = self.alignment or ALIGNMENT.get(ctx.target, 256)
-        streams = graph.analyses.get("streams")
-        dag = kernel_dag(graph)
-        fp = plan_function(ctx.function, dag, alignment, _stream_order(streams, dag), self.strategy)
+        streams = ctx.cached(graph, StreamAssignment)
+        dag = ctx.analysis(graph, KernelDAG)
+        order = _stream_order(streams, dag)
+        lives = ctx.analysis(graph, Liveness)
+        fp = plan_function(ctx.function, dag, alignment, order, self.strategy, lives)
         plan = MemoryPlan(
             {ctx.function: fp}, streams.fingerprint() if streams is not None else None
         )
         return PassResult(
-            graph.with_analysis("memory", plan),
+            graph,
             False,
             {
                 "arena_bytes": fp.arena_bytes,
@@ -65,4 +66,5 @@ class PlanMemory(Pass):
                 "naive_bytes": fp.naive_bytes,
                 "tensors": len(fp.slots),
             },
+            (plan,),
         )

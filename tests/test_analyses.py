@@ -13,6 +13,7 @@ from conftest import linear_relu, tiny_tenants
 
 import mtcompile
 from mtcompile import Tenant, api
+from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.analysis.streams import StreamAssignment
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.stream_layout import stream_layout
@@ -26,6 +27,7 @@ from mtcompile.pass_infra import (
     PassContext,
     PassOptionError,
     PassResult,
+    analysis_manager,
     check_pipeline,
     make_pass,
     register,
@@ -48,10 +50,11 @@ class NeedsStreams(Pass):
 
     name = "test-needs-streams"
     scope = "run-all"  # only run_all has streams
-    requires = ("streams",)
+    requires = (StreamAssignment,)
 
     def run(self, graph, ctx):
-        return PassResult(graph, False, {"streams": graph.analyses["streams"].num_streams})
+        a = ctx.analysis(graph, StreamAssignment)
+        return PassResult(graph, False, {"streams": a.num_streams})
 
 
 @dataclass(frozen=True)
@@ -61,23 +64,30 @@ class _Everywhere(NeedsStreams):
 
 @dataclass(frozen=True)
 class Rebuild(Pass):
-    """Reports a changed graph and declares it keeps 'streams' valid."""
+    """Reports a changed graph and declares it keeps the stream assignment valid."""
 
     name = "test-rebuild-keeps-streams"
-    preserves = ("streams",)
+    preserves = (StreamAssignment,)
 
     def run(self, graph, ctx):
         return PassResult(graph.with_nodes(graph.nodes), True)
 
 
 @dataclass(frozen=True)
+class Notes:
+    """An analysis type no pass declares."""
+
+    n: int = 1
+
+
+@dataclass(frozen=True)
 class Scribble(Pass):
-    """Attaches an analysis it does not declare."""
+    """Returns an analysis it does not declare."""
 
     name = "test-scribble"
 
     def run(self, graph, ctx):
-        return PassResult(graph.with_analysis("notes", 1), False)
+        return PassResult(graph, False, {}, (Notes(),))
 
 
 @pytest.fixture
@@ -100,50 +110,60 @@ def tiny():
 
 
 def _planned(graph, *passes):
+    """The graph after the passes, and the manager holding its analyses."""
+    am = analysis_manager()
     out, _ = run_passes(
         graph,
         [make_pass("eliminate-dead-nodes"), make_pass("fuse-vertical"), *passes],
         PassContext(kernels=PROVIDERS, cores=4),
+        analyses=am,
     )
-    return out
+    return out, am
+
+
+def _chosen(am, function="run_all"):
+    """The analyses of `function` in `am` that a pass computed (not derived ones)."""
+    return {cls for cls in am.all_cached(function) if not am.derivable(cls)}
 
 
 # --------------------------------------------------------------------------- declarations
 
 
 def test_the_passes_declare_their_analyses():
-    assert (AssignStreams.computes, AssignStreams.preserves) == (("streams",), ())
+    assert AssignStreams.computes == (StreamAssignment,)
+    assert MemoryPlan not in AssignStreams.preserves  # a plan made for another order
     assert AssignStreams.scope == "run-all"  # the other functions run on one stream
-    assert (PlanMemory.computes, PlanMemory.preserves) == (("memory",), ("streams",))
+    assert PlanMemory.computes == (MemoryPlan,) and StreamAssignment in PlanMemory.preserves
     for name in ("dedup", "fuse-horizontal", "eliminate-dead-nodes", "fuse-vertical"):
         cls = REGISTRY[name]
         assert cls.requires == cls.computes == () and cls.preserves is None, name
 
 
 def test_a_pass_that_changes_the_graph_drops_what_it_does_not_preserve(tiny, temp_passes):
-    out = _planned(tiny, AssignStreams(policy="max"), PlanMemory())
-    assert set(out.analyses) == {"streams", "memory"}
+    out, am = _planned(tiny, AssignStreams(policy="max"), PlanMemory())
+    assert _chosen(am) == {StreamAssignment, MemoryPlan}
+    before = am.all_cached("run_all")
     # unchanged graph, default declaration: everything stays
-    same, _ = run_passes(out, [make_pass("eliminate-dead-nodes")])
-    assert same.analyses == out.analyses
-    # changed graph: only what the pass declares it preserves, restored by the runner
-    renamed, _ = run_passes(out, [Rebuild()])
-    assert set(renamed.analyses) == {"streams"}
-    assert renamed.analyses["streams"] is out.analyses["streams"]
+    same, _ = run_passes(out, [make_pass("eliminate-dead-nodes")], analyses=am)
+    assert am.all_cached("run_all") == before and am.holds("run_all", same)
+    # changed graph: only what the pass declares it preserves, kept by the runner
+    renamed, _ = run_passes(out, [Rebuild()], analyses=am)
+    assert _chosen(am) == {StreamAssignment} and am.holds("run_all", renamed)
+    assert am.cached("run_all", StreamAssignment) is before[StreamAssignment]
 
 
 def test_a_pass_attaching_an_undeclared_analysis_is_refused(graph, temp_passes):
     with pytest.raises(
         AnalysisError,
-        match=r"pass 'test-scribble' attached analysis "
-        r"\['notes'\] that it does not declare",
+        match=r"pass 'test-scribble' returned analysis "
+        r"\['Notes'\] that it does not declare",
     ):
         run_passes(graph, [Scribble()])
 
 
 def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, tiny, temp_passes):
     msg = (
-        r"pass 'test-needs-streams' requires analysis 'streams', which no pass before it "
+        r"pass 'test-needs-streams' requires analysis 'StreamAssignment', which no pass before it "
         r"computed on the graph it gets; run 'assign-streams' before 'test-needs-streams'"
     )
     with pytest.raises(AnalysisError, match=msg):
@@ -152,11 +172,14 @@ def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, ti
         run_passes(graph, [NeedsStreams()])
     # a pass that changed the graph since invalidated it: the runner notices
     tvm = PassContext(kernels={"matmul": "tvm"})
-    with pytest.raises(AnalysisError, match="'fuse-vertical' invalidates analysis 'streams'"):
+    lost = "'fuse-vertical' invalidates analysis 'StreamAssignment'"
+    with pytest.raises(AnalysisError, match=lost):
         run_passes(graph, [AssignStreams(), make_pass("fuse-vertical"), NeedsStreams()], tvm)
-    streamed, _ = run_passes(graph, [AssignStreams()], tvm)  # computed by an earlier run
+    am = analysis_manager()
+    streamed, _ = run_passes(graph, [AssignStreams()], tvm, analyses=am)  # an earlier run
+    assert am.cached("run_all", StreamAssignment) is not None
     with pytest.raises(AnalysisError, match=msg):
-        run_passes(streamed, [make_pass("fuse-vertical"), NeedsStreams()], tvm)
+        run_passes(streamed, [make_pass("fuse-vertical"), NeedsStreams()], tvm, analyses=am)
     _, records = run_passes(
         tiny,
         build_pipeline(["assign-streams", "test-needs-streams"], MAX),
@@ -164,7 +187,9 @@ def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, ti
     )
     assert records[-1].info == {"streams": 5}  # the very assignment assign-streams made
     # a pass requiring streams on every function (only run_all has them)
-    with pytest.raises(AnalysisError, match="'test-needs-streams' requires analysis 'streams'"):
+    with pytest.raises(
+        AnalysisError, match="'test-needs-streams' requires analysis 'StreamAssignment'"
+    ):
         check_pipeline([AssignStreams(), _Everywhere()])
     check_pipeline([AssignStreams(), NeedsStreams()])
 
@@ -174,7 +199,7 @@ def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, ti
 
 def test_plan_memory_then_assign_streams_is_refused_before_any_work():
     msg = (
-        r"pass 'assign-streams' invalidates analysis 'memory' computed by 'plan-memory' "
+        r"pass 'assign-streams' invalidates analysis 'MemoryPlan' computed by 'plan-memory' "
         r"before it \(it does not preserve it\), and no later pass computes it again: run "
         r"'plan-memory' after 'assign-streams' \(pipeline: fuse-vertical, plan-memory, "
         r"assign-streams\)"
@@ -195,22 +220,26 @@ def test_the_runner_refuses_a_plan_lost_to_a_pass_that_changed_the_graph(graph):
     with pytest.raises(
         AnalysisError,
         match=r"pass 'fuse-vertical' invalidates analysis "
-        r"'memory' computed by 'plan-memory' before it "
+        r"'MemoryPlan' computed by 'plan-memory' before it "
         r"\(it changed the graph\)",
     ):
         run_passes(graph, [PlanMemory(), make_pass("fuse-vertical")], PassContext(kernels=kernels))
     # the same passes one by one: each run starts afresh, the plan is simply dropped
-    planned, _ = run_passes(graph, [PlanMemory()], PassContext(kernels=kernels))
-    fused, _ = run_passes(planned, [make_pass("fuse-vertical")], PassContext(kernels=kernels))
-    assert "memory" in planned.analyses and fused.analyses == {}
+    am = analysis_manager()
+    planned, _ = run_passes(graph, [PlanMemory()], PassContext(kernels=kernels), analyses=am)
+    assert _chosen(am) == {MemoryPlan}
+    fused, _ = run_passes(
+        planned, [make_pass("fuse-vertical")], PassContext(kernels=kernels), analyses=am
+    )
+    assert fused is not planned and am.holds("run_all", fused) and _chosen(am) == set()
 
 
 def test_a_memory_plan_records_the_assignment_it_was_made_for(tiny):
-    plain = _planned(tiny, PlanMemory())
-    assert plain.analyses["memory"].streams is None  # program order
-    out = _planned(tiny, AssignStreams(policy="max"), PlanMemory())
-    a = out.analyses["streams"]
-    assert a.num_streams == 5 and out.analyses["memory"].streams == a.fingerprint()
+    _, plain = _planned(tiny, PlanMemory())
+    assert plain.get("run_all", MemoryPlan).streams is None  # program order
+    _, am = _planned(tiny, AssignStreams(policy="max"), PlanMemory())
+    a = am.get("run_all", StreamAssignment)
+    assert a.num_streams == 5 and am.get("run_all", MemoryPlan).streams == a.fingerprint()
     # the fingerprint is the streams and syncs, not the estimate
     other = StreamAssignment(a.streams, a.syncs, "auto", 9.0)
     assert other.fingerprint() == a.fingerprint()
@@ -218,17 +247,17 @@ def test_a_memory_plan_records_the_assignment_it_was_made_for(tiny):
 
 
 def test_lowering_refuses_streams_over_a_plan_made_for_another_order(tiny):
-    streamed = _planned(tiny, AssignStreams(policy="max"), PlanMemory())
-    assert stream_layout(streamed) is not None
+    _, am = _planned(tiny, AssignStreams(policy="max"), PlanMemory())
+    assert stream_layout(am) is not None
     # a sequential plan under a 5-stream assignment (what a stale pipeline used to build)
-    stale = streamed.with_analysis("memory", _planned(tiny, PlanMemory()).analyses["memory"])
+    am.put("run_all", _planned(tiny, PlanMemory())[1].get("run_all", MemoryPlan))
     with pytest.raises(
         MTCompileError,
         match=r"run_all's memory plan was made for program "
         r"order, not for the 5-stream assignment .* Run "
         r"plan-memory after assign-streams",
     ):
-        stream_layout(stale)
+        stream_layout(am)
 
 
 # --------------------------------------------------------------------------- machine facts
@@ -253,7 +282,7 @@ def test_compile_reads_the_cores_once(monkeypatch):
     calls = []
     real = api.usable_cores
     monkeypatch.setattr(api, "usable_cores", lambda: calls.append(1) or real())
-    module, *_ = api._front(
+    *_, am = api._front(
         tiny_tenants(),
         "llvm",
         build_pipeline(),
@@ -262,7 +291,7 @@ def test_compile_reads_the_cores_once(monkeypatch):
         resolve_providers("llvm", None),
     )
     assert len(calls) == 1
-    assert module.functions["run_all"].analyses["streams"].info["cores"] == real()
+    assert am.get("run_all", StreamAssignment).info["cores"] == real()
 
 
 # --------------------------------------------------------------------------- options
@@ -332,7 +361,7 @@ def test_one_pipeline_run_over_a_module_of_functions():
     m3, x3 = linear_relu(2)
     tenants = [*_twins(), Tenant("r", m3, example_inputs=x3)]
     seen = _Seen()
-    module, _, graphs, records = api._front(
+    module, _, graphs, records, am = api._front(
         tenants,
         "llvm",
         pipeline,
@@ -352,13 +381,14 @@ def test_one_pipeline_run_over_a_module_of_functions():
         assert hfused and set(fns[f].tenants) == tenants_in, f
         assert {t for n in hfused for t in n.tenants} <= tenants_in, f
     # streams on run_all only; a memory plan per function, made for that function
-    assert set(fns["run_all"].analyses) == {"streams", "memory"}
+    assert _chosen(am) == {StreamAssignment, MemoryPlan}
     for f, g in fns.items():
+        assert am.holds(f, g), f
         if f != "run_all":
-            assert set(g.analyses) == {"memory"}, f
+            assert _chosen(am, f) == {MemoryPlan}, f
             assert not any(n.name.startswith("hfuse") for n in g.nodes) or len(g.tenants) > 1
-        assert set(g.analyses["memory"].functions) == {f}
-    assert set(api._memory_plan(module).functions) == set(functions)
+        assert set(am.get(f, MemoryPlan).functions) == {f}
+    assert set(api._memory_plan(module, am).functions) == set(functions)
     # a tenant's entry is the pipeline run on that tenant's graph alone
     ctx = PassContext("llvm", resolve_providers("llvm", None))
     alone, _ = run_passes(Module({"p": graphs[0]}), pipeline, ctx)

@@ -20,6 +20,7 @@ import mtcompile
 from mtcompile import api
 from mtcompile.analysis.memory import (
     Lifetime,
+    MemoryPlan,
     conflicts,
     lifetimes,
     lower_bound,
@@ -28,11 +29,11 @@ from mtcompile.analysis.memory import (
     place_best,
     place_naive,
 )
-from mtcompile.analysis.schedule import kernel_dag
+from mtcompile.analysis.schedule import KernelDAG, kernel_dag
 from mtcompile.backend.arena import _check
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.ir.graph import Node, Ref
-from mtcompile.pass_infra import PassContext, make_pass
+from mtcompile.pass_infra import PassContext, analysis_manager, make_pass
 from mtcompile.passes import build_pipeline
 
 LIBRARY = resolve_providers("llvm", None)
@@ -45,11 +46,11 @@ def lt(name, size, first, last, readers=None):
 
 
 def front(tenants, passes=None, options=None):
-    """(run_all's graph, the module) after the pipeline."""
-    module, *_ = api._front(
+    """(run_all's graph, the module, its analyses) after the pipeline."""
+    module, *_, am = api._front(
         tenants, "llvm", build_pipeline(passes, options), (), api._Stages(lambda _m: None), LIBRARY
     )
-    return module.functions["run_all"], module
+    return module.functions["run_all"], module, am
 
 
 # --------------------------------------------------------------------------- offsets
@@ -192,8 +193,9 @@ def hetero_front(hetero_tenants):
 
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_the_kernel_dag_is_the_kernels_fuse_vertical_predicts(hetero_front):
-    graph, _ = hetero_front
+    graph, _, am = hetero_front
     dag = kernel_dag(graph)
+    assert am.get("run_all", KernelDAG) == dag  # the manager's is the default model's
     kinds = {k.kind for k in dag.kernels}
     assert kinds <= {"tvm", "library", "view"}
     # BN folds into its conv (fold-batch-norm, then offload-library takes the bias) and the
@@ -207,13 +209,13 @@ def test_the_kernel_dag_is_the_kernels_fuse_vertical_predicts(hetero_front):
 
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_plan_memory_attaches_a_plan_for_run_all_and_every_tenant(hetero_front):
-    graph, module = hetero_front
+    graph, module, am = hetero_front
     # each function's plan on its own graph
     assert set(module.functions) == {"vision", "text", "mlp", "run_all"}
-    plan = api._memory_plan(module)
+    plan = api._memory_plan(module, am)
     for name, g in module.functions.items():
-        assert set(g.analyses["memory"].functions) == {name}
-        fp = g.analyses["memory"].functions[name]
+        assert am.holds(name, g) and set(am.get(name, MemoryPlan).functions) == {name}
+        fp = am.get(name, MemoryPlan).functions[name]
         lives = lifetimes(kernel_dag(g))
         assert overlap_problems(fp.slots, lives, fp.arena_bytes, 64) == [], name
         assert fp.arena_bytes <= 1.05 * fp.lower_bound_bytes, name
@@ -227,13 +229,13 @@ def test_plan_memory_attaches_a_plan_for_run_all_and_every_tenant(hetero_front):
 
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_plan_memory_options(hetero_front):
-    graph, _ = hetero_front
+    graph, _, _ = hetero_front
     ctx = PassContext("llvm", LIBRARY)
-    naive = make_pass("plan-memory", {"strategy": "naive"}).run(graph, ctx).graph
-    fp = naive.analyses["memory"].functions["run_all"]
+    naive = make_pass("plan-memory", {"strategy": "naive"}).run(graph, ctx)
+    fp = naive.analysis(MemoryPlan).functions["run_all"]
     assert fp.arena_bytes == fp.naive_bytes > 2 * fp.lower_bound_bytes
-    cuda = make_pass("plan-memory", {}).run(graph, PassContext("cuda", {})).graph
-    assert all(s.offset % 256 == 0 for s in cuda.analyses["memory"].functions["run_all"].slots)
+    cuda = make_pass("plan-memory", {}).run(graph, PassContext("cuda", {}))
+    assert all(s.offset % 256 == 0 for s in cuda.analysis(MemoryPlan).functions["run_all"].slots)
     with pytest.raises(ValueError, match="power of two"):
         make_pass("plan-memory", {"alignment": 48}).run(graph, ctx)
     with pytest.raises(ValueError, match="strategy must be one of"):
@@ -242,9 +244,15 @@ def test_plan_memory_options(hetero_front):
 
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_a_pass_that_changes_nodes_drops_the_plan(hetero_front):
-    graph, _ = hetero_front
-    assert "memory" in graph.analyses
-    assert graph.with_nodes(graph.nodes).analyses == {}
+    graph, _, am = hetero_front
+    plan = am.get("run_all", MemoryPlan)
+    own = analysis_manager({"run_all": graph})  # the fixture's manager stays as it is
+    own.put("run_all", plan)
+    own.get("run_all", KernelDAG)
+    own.bind({"run_all": graph})  # the same graph: nothing dropped
+    assert own.cached("run_all", MemoryPlan) is plan
+    own.bind({"run_all": graph.with_nodes(graph.nodes)})  # new nodes: every analysis dropped
+    assert own.all_cached("run_all") == {}
 
 
 @pytest.mark.slow  # imports through TVM and runs the pipeline
@@ -254,12 +262,12 @@ def test_a_lone_batch_norm_writes_its_item_0_which_the_plan_places():
     and gets bytes in the arena (a stream may hand it to another)."""
     from test_random_sets import random_set
 
-    graph, _ = front(random_set(5))
+    graph, _, am = front(random_set(5))
     bns = [
         k for k in kernel_dag(graph).kernels if graph.node(k.nodes[0]).op == "relax.nn.batch_norm"
     ]
     assert bns
-    planned = {s.tensor for s in graph.analyses["memory"].functions["run_all"].slots}
+    planned = {s.tensor for s in am.get("run_all", MemoryPlan).functions["run_all"].slots}
     for k in bns:
         item = graph.node(k.nodes[-1])
         assert item.op == "get_item" and item.attrs == 0 and k.tensor == item.name
@@ -271,9 +279,9 @@ def test_plans_of_random_tenant_sets_are_safe():
     from test_random_sets import random_set
 
     for seed in range(12):
-        _, module = front(random_set(seed))
+        _, module, am = front(random_set(seed))
         for name, g in module.functions.items():
-            fp = g.analyses["memory"].functions[name]
+            fp = am.get(name, MemoryPlan).functions[name]
             lives = lifetimes(kernel_dag(g))
             assert overlap_problems(fp.slots, lives, fp.arena_bytes, 64) == [], (seed, name)
             assert fp.lower_bound_bytes <= fp.arena_bytes, (seed, name)

@@ -44,7 +44,7 @@ def test_a_memory_plan_made_before_the_streams_is_refused_naming_the_passes():
         with pytest.raises(
             AnalysisError,
             match="pass 'assign-streams' invalidates analysis "
-            "'memory' computed by 'plan-memory'.*run "
+            "'MemoryPlan' computed by 'plan-memory'.*run "
             "'plan-memory' after 'assign-streams'",
         ):
             mtcompile.compile(NOT_A_MODEL, passes=passes, pass_options=MAX)

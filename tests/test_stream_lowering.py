@@ -13,9 +13,9 @@ from test_random_sets import random_set
 from tvm import relax
 
 import mtcompile
-from mtcompile.analysis.memory import lifetimes, overlap_problems
+from mtcompile.analysis.memory import MemoryPlan, lifetimes, overlap_problems
 from mtcompile.analysis.schedule import kernel_dag
-from mtcompile.analysis.streams import happens_before
+from mtcompile.analysis.streams import StreamAssignment, happens_before
 from mtcompile.api import _front, _Stages
 from mtcompile.backend import lowering
 from mtcompile.backend.kernels import resolve_providers
@@ -37,10 +37,10 @@ MAX = {"assign-streams": {"policy": "max"}}
 
 def _graph(tenants, options=None, pipeline=PIPELINE):
     providers = resolve_providers("llvm", None)
-    module, *_ = _front(
+    module, *_, am = _front(
         tenants, "llvm", build_pipeline(pipeline, options), (), _Stages(lambda _m: None), providers
     )
-    return module.functions["run_all"], providers
+    return module.functions["run_all"], am
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -55,9 +55,9 @@ def assert_same(a: dict, b: dict) -> None:
 
 @pytest.mark.slow  # imports and lowers the demo set
 def test_layout_emits_every_kernel_once_and_orders_every_import():
-    graph, providers = _graph(tiny_tenants(), MAX)
-    layout = stream_layout(graph)
-    a = graph.analyses["streams"]
+    graph, am = _graph(tiny_tenants(), MAX)
+    layout = stream_layout(am)
+    a = am.get("run_all", StreamAssignment)
     assert layout is not None and a.num_streams > 1
     before = happens_before(a)
     emitted = [x for stages in layout.emission for st in stages for x in st]
@@ -104,9 +104,9 @@ def test_event_points_are_emitted_at_lowering_between_the_stages():
     stream) and a signal right after its producer's; a value of another stream fetched
     (get) right before the stage that reads it first, handed over (put) right after the
     stage that computes it; all outside the dataflow blocks; imports are no parameters."""
-    graph, providers = _graph(random_set(5), MAX)
-    layout = stream_layout(graph)
-    a = graph.analyses["streams"]
+    graph, am = _graph(random_set(5), MAX)
+    layout = stream_layout(am)
+    a = am.get("run_all", StreamAssignment)
     assert a.syncs and any(layout.imports)
     em = _Emitter(graph, {})
     bb = relax.BlockBuilder()
@@ -146,12 +146,12 @@ def test_event_points_are_emitted_at_lowering_between_the_stages():
 @pytest.mark.slow  # imports and lowers the demo set
 def test_streams_plan_is_safe_under_happens_before_and_not_smaller():
     for tenants in (tiny_tenants(), random_set(5)):
-        graph, providers = _graph(tenants, MAX)
-        seq_graph, _ = _graph(tenants, {"assign-streams": {"policy": "sequential"}})
-        plan = graph.analyses["memory"].functions["run_all"]
+        graph, am = _graph(tenants, MAX)
+        _, seq = _graph(tenants, {"assign-streams": {"policy": "sequential"}})
+        plan = am.get("run_all", MemoryPlan).functions["run_all"]
         dag = kernel_dag(graph)
         names = [k.name for k in dag.kernels]
-        hb = happens_before(graph.analyses["streams"])
+        hb = happens_before(am.get("run_all", StreamAssignment))
         assert not overlap_problems(
             plan.slots,
             lifetimes(dag),
@@ -159,27 +159,27 @@ def test_streams_plan_is_safe_under_happens_before_and_not_smaller():
             plan.alignment,
             lambda a, b, hb=hb, n=names: hb(n[a], n[b]),
         )
-        assert plan.arena_bytes >= seq_graph.analyses["memory"].functions["run_all"].arena_bytes
+        assert plan.arena_bytes >= seq.get("run_all", MemoryPlan).functions["run_all"].arena_bytes
 
 
 @pytest.mark.slow  # imports and lowers the demo set
 def test_no_layout_without_several_streams():
-    graph, providers = _graph(tiny_tenants(), {"assign-streams": {"streams": 1}})
-    assert stream_layout(graph) is None
+    _, am = _graph(tiny_tenants(), {"assign-streams": {"streams": 1}})
+    assert stream_layout(am) is None
 
 
 @pytest.mark.slow  # imports and lowers the demo set
 def test_streams_manifest_with_one_stream_and_without_an_assignment():
-    graph, providers = _graph(tiny_tenants())  # auto: the executor's cost outweighs the gain
-    m = streams_info(graph, stream_layout(graph))
+    graph, am = _graph(tiny_tenants())  # auto: the executor's cost outweighs the gain
+    m = streams_info(am, stream_layout(am))
     assert m.num_streams == 1 and m.policy == "auto" and m.syncs == () and m.run is None
     assert len(m.lanes) == len(kernel_dag(graph).kernels)
     # the lanes are the assignment's own estimate, laid out by the simulated schedule
-    a = graph.analyses["streams"]
+    a = am.get("run_all", StreamAssignment)
     assert [r["end_us"] - r["start_us"] for r in m.lanes] == pytest.approx(
         [a.kernel_us[r["kernel"]] for r in m.lanes], abs=1e-2
     )
-    bare, _ = _graph(tiny_tenants(), pipeline=[p for p in PIPELINE if p != "assign-streams"])
+    _, bare = _graph(tiny_tenants(), pipeline=[p for p in PIPELINE if p != "assign-streams"])
     none = streams_info(bare, None)
     assert none == StreamsInfo() and (none.num_streams, none.num_syncs, none.policy) == (1, 0, None)
 

@@ -221,19 +221,20 @@ def _demo_graph(passes):
     providers = resolve_providers("llvm", None)
     names = ["dedup", "fuse-horizontal", "eliminate-dead-nodes", "fuse-vertical"]
     pipeline = build_pipeline(names + [p for p, _ in passes], dict(passes))
-    module, _, _, records = _front(
+    module, _, _, records, am = _front(
         get_set("heterogeneous"), "llvm", pipeline, (), _Stages(lambda _m: None), providers
     )
-    return module.functions["run_all"], records[-1], providers
+    return module.functions["run_all"], records[-1], am
 
 
 @pytest.mark.slow  # imports the demo set
 def test_pass_on_heterogeneous_demo():
-    from mtcompile.analysis.schedule import kernel_dag
+    from mtcompile.analysis.schedule import KernelDAG, kernel_dag
 
-    graph, record, providers = _demo_graph([("assign-streams", {"policy": "max"})])
-    a = graph.analyses["streams"]
+    graph, record, am = _demo_graph([("assign-streams", {"policy": "max"})])
+    a = am.get("run_all", StreamAssignment)
     dag_ = kernel_dag(graph)
+    assert am.get("run_all", KernelDAG) == dag_
     order = [k.name for k in dag_.kernels]
     check(a, order, dag_.deps)
     assert a.num_streams == len(min_chain_cover(order, dag_.deps)) >= 3  # 3 tenants at least
@@ -247,9 +248,9 @@ def test_pass_on_heterogeneous_demo():
 
 @pytest.mark.slow  # imports the demo set
 def test_pass_streams_one_and_auto_on_two_cores():
-    graph, record, _ = _demo_graph([("assign-streams", {"streams": 1})])
-    assert graph.analyses["streams"].num_streams == 1 and record.info["num_syncs"] == 0
-    graph, record, _ = _demo_graph([("assign-streams", {"cores": 2})])
-    a = graph.analyses["streams"]
+    _, record, am = _demo_graph([("assign-streams", {"streams": 1})])
+    assert am.get("run_all", StreamAssignment).num_streams == 1 and record.info["num_syncs"] == 0
+    _, record, am = _demo_graph([("assign-streams", {"cores": 2})])
+    a = am.get("run_all", StreamAssignment)
     # 2 cores shared by the streams: the graph cost model predicts no gain -> one stream
     assert a.policy == "auto" and a.num_streams == 1 and record.info["fell_back_from"] < 1.1

@@ -23,7 +23,7 @@ from mtcompile.runtime.manifest import (
     TenantSig,
 )
 from mtcompile.tools import viz
-from mtcompile.tools.html_report import render
+from mtcompile.tools.html_report import graph_timeline, render
 
 F = TensorTy((1, 8), "float32")
 
@@ -319,6 +319,18 @@ def test_bundle_displays_itself_as_html(tiny_bundle):
     html = tiny_bundle._repr_html_()
     assert "mtcompile bundle" in html and "<svg" in html
     assert len(ids(html, "node")) == len(tiny_bundle.graph.nodes)
+
+
+def test_a_compiled_bundle_carries_its_analyses_for_the_memory_timeline(tiny_bundle):
+    from mtcompile.analysis.memory import MemoryPlan
+
+    am = tiny_bundle.analyses
+    assert am.holds("run_all", tiny_bundle.graph)
+    timeline = graph_timeline(am)
+    assert timeline == am.get("run_all", MemoryPlan).functions["run_all"].timeline()
+    # the manifest's timeline is that plan's (a report without one draws this one)
+    assert timeline["kernels"] == tiny_bundle.report()["memory"]["timeline"]["kernels"]
+    assert graph_timeline(None) is None and graph_timeline(am, "no-such-function") is None
 
 
 def test_drawing_a_pass_changed_graph_keeps_groups(graph):

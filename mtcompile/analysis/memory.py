@@ -124,6 +124,19 @@ def lifetimes(dag: KernelDAG) -> list[Lifetime]:
     return out
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """The liveness analysis of a function: its kernels in execution order and every
+    intermediate's lifetime over them (`lifetimes`), derived from its `KernelDAG`."""
+
+    kernels: tuple[str, ...]
+    lifetimes: tuple[Lifetime, ...]
+
+    @classmethod
+    def of(cls, dag: KernelDAG) -> Liveness:
+        return cls(tuple(k.name for k in dag.kernels), tuple(lifetimes(dag)))
+
+
 HappensBefore = Callable[[int, int], bool]
 
 
@@ -210,9 +223,11 @@ def plan_function(
     alignment: int,
     hb: HappensBefore = sequential,
     strategy: str = "greedy",
+    liveness: Liveness | None = None,
 ) -> FunctionPlan:
-    """Liveness and offsets for one function's kernels (`strategy` greedy or naive)."""
-    lives = lifetimes(dag)
+    """Offsets for one function's kernels (`strategy` greedy or naive), over `liveness`
+    (the `Liveness` of `dag`; computed here when None)."""
+    lives = list((liveness or Liveness.of(dag)).lifetimes)
     slots, arena = (
         place_best(lives, alignment, hb) if strategy == "greedy" else place_naive(lives, alignment)
     )

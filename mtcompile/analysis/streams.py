@@ -202,20 +202,16 @@ def assign(
 
     streams=1 or policy ``sequential``: everything on one stream in program order.
     policy ``max``: one stream per chain of a minimum chain cover, at most `max_streams`
-    by `merge_chains`; ``streams=N`` means ``max`` with at most N streams. ``auto``: ``max``, unless its estimated speedup over
-    one stream is below `min_speedup`, then one stream. Costs (microseconds per kernel;
+    by `merge_chains`; ``streams=N`` means ``max`` with at most N streams. ``auto``:
+    ``max``, unless its estimated speedup over one stream is below `min_speedup`, then one
+    stream. Costs (microseconds per kernel;
     1 each when None) drive merging and the estimate; `concurrent_cost_us` is a kernel's
     cost while streams run at once (e.g. with its share of the CPU cores), or a function
     of the stream count giving them; `lanes`: kernels the device runs at once (`simulate`);
     `overhead_us(streams, syncs)`: the executor's cost per run, added to a multi-stream
     makespan.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown stream policy {policy!r}; expected one of {POLICIES}")
-    if streams is not None:
-        if streams < 1:
-            raise ValueError(f"streams must be >= 1, got {streams}")
-        policy = "sequential" if streams == 1 else "max"  # a stream count is an order
+    policy = _policy(policy, streams)
     cost = dict(cost_us) if cost_us is not None else dict.fromkeys(order, 1.0)
     chains = min_chain_cover(order, deps) if order else []
     width = len(chains)
@@ -236,6 +232,17 @@ def assign(
         seq = StreamAssignment(((*order,),), (), policy=policy, logical_concurrency=width)
         a = _with_estimate(seq, estimate(seq, order, cost), fell_back_from=est["speedup"])
     return a
+
+
+def _policy(policy: str, streams: int | None) -> str:
+    """The policy `assign` follows: `policy`, or what a stream count orders."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown stream policy {policy!r}; expected one of {POLICIES}")
+    if streams is None:
+        return policy
+    if streams < 1:
+        raise ValueError(f"streams must be >= 1, got {streams}")
+    return "sequential" if streams == 1 else "max"  # a stream count is an order
 
 
 def _with_estimate(a: StreamAssignment, est: dict, **extra) -> StreamAssignment:

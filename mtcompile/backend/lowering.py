@@ -35,6 +35,7 @@ from mtcompile.analysis.index_ranges import (
     input_index_ranges,
     valid_range,
 )
+from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.backend import arena, kernels, nan_safe
 from mtcompile.backend.arena import ATTR, STREAM_ATTR
 from mtcompile.backend.stream_layout import StreamLayout, run_all_params, tuple_field
@@ -592,19 +593,21 @@ def _input_ranges(module: Module) -> dict[str, tuple[int, int]]:
 
 
 def _attach_plans(
-    mod: tvm.IRModule, module: Module, emitters: dict, streams: StreamLayout | None
+    mod: tvm.IRModule,
+    module: Module,
+    emitters: dict,
+    streams: StreamLayout | None,
+    memory: MemoryPlan | None,
 ) -> None:
     """Give each function with a memory plan (a stream function: run_all's) its arena attr,
     and each stream function its exports attr."""
     stream_fns = {f: RUN_ALL for f in (streams.functions if streams is not None else [])}
+    plans = memory.functions if memory is not None else {}
     for fname, of in [*((f, f) for f in module.functions), *stream_fns.items()]:
-        plans, em = module.functions[of].analyses.get("memory"), emitters[of]
-        if plans is None:
+        if of not in plans:
             continue
-        gv = mod.get_global_var(fname)
-        mod[gv] = mod[gv].with_attr(
-            ATTR, json.dumps(_arena_attr(plans.functions[of], em.var_names[fname]))
-        )
+        em, gv = emitters[of], mod.get_global_var(fname)
+        mod[gv] = mod[gv].with_attr(ATTR, json.dumps(_arena_attr(plans[of], em.var_names[fname])))
         if fname in em.stream_attrs:
             mod[gv] = mod[gv].with_attr(STREAM_ATTR, em.stream_attrs[fname])
 
@@ -614,6 +617,7 @@ def emit_module(
     manifest: dict | None = None,
     streams: StreamLayout | None = None,
     target: str = "llvm",
+    memory: MemoryPlan | None = None,
 ) -> tvm.IRModule:
     """One IRModule: each function of the module (a tenant's entry takes its inputs and
     returns its outputs; ``run_all`` and a subset's function take their tenants' inputs
@@ -621,7 +625,8 @@ def emit_module(
     `Graph` is emitted as the module of its tenants' entries and ``run_all``.
 
     With a `streams` layout, also one function per stream of ``run_all`` and
-    ``run_all__arena`` (the storage they share). Gathers that the run-time input check does
+    ``run_all__arena`` (the storage they share). `memory`: the functions' memory plans
+    (plan-memory's, merged by function; each planned function gets its arena). Gathers that the run-time input check does
     not cover get a bounds check in the kernel on llvm; on cuda they get none yet (a
     device-side assert neither schedules nor raises there).
     """
@@ -642,20 +647,26 @@ def emit_module(
     if streams is not None:
         for i in range(len(streams.functions)):
             emitters[RUN_ALL].stream_function(bb, streams, i)
-        size = max(run_all.analyses["memory"].functions[RUN_ALL].arena_bytes, 64)
-        with bb.function(ARENA_FN, []):
-            bb.emit_func_output(
-                bb.emit(
-                    relax.op.memory.alloc_storage(relax.ShapeExpr([size]), 0, "global", "uint8")
-                )
-            )
+        _emit_arena(bb, memory)
     if manifest is not None:
         data = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
         with bb.function(MANIFEST_FN, []):
             bb.emit_func_output(relax.const(data, dtype="uint8"))
     mod = with_var_bounds(bb.get(), graph_bounds(run_all))
-    _attach_plans(mod, module, emitters, streams)
+    _attach_plans(mod, module, emitters, streams, memory)
     return mod
+
+
+def _emit_arena(bb: relax.BlockBuilder, memory: MemoryPlan | None) -> None:
+    """``run_all__arena``: the storage run_all's stream functions share, of the size of
+    run_all's planned arena."""
+    if memory is None or RUN_ALL not in memory.functions:
+        raise LoweringError("a stream layout needs run_all's memory plan (the shared arena)")
+    size = max(memory.functions[RUN_ALL].arena_bytes, 64)
+    with bb.function(ARENA_FN, []):
+        bb.emit_func_output(
+            bb.emit(relax.op.memory.alloc_storage(relax.ShapeExpr([size]), 0, "global", "uint8"))
+        )
 
 
 def with_var_bounds(mod: tvm.IRModule, bounds: dict[str, tuple[int, int]]) -> tvm.IRModule:

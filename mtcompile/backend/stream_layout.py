@@ -5,8 +5,10 @@ streams, its outputs and its event points. Lowering (`_Emitter.stream_function`)
 from __future__ import annotations
 
 from mtcompile.abi import ARENA_FN, RUN_ALL, StreamFunctions
-from mtcompile.analysis.schedule import kernel_dag, tensors_of
-from mtcompile.analysis.streams import happens_before
+from mtcompile.analysis.manager import AnalysisManager
+from mtcompile.analysis.memory import MemoryPlan
+from mtcompile.analysis.schedule import KernelDAG, tensors_of
+from mtcompile.analysis.streams import StreamAssignment, happens_before
 from mtcompile.errors import LoweringError, MTCompileError
 from mtcompile.ir.graph import GET_ITEM, INPUT, TUPLE, Graph, Ref, TensorTy
 
@@ -27,12 +29,15 @@ class StreamLayout:
     it needs: views, tuples, items, constant-only values), the run_all inputs it reads, the
     values it imports from and exports to other streams, its tenant outputs (indices into
     run_all's flat outputs), and the event points: sync `e` = (producer, consumer) is
-    signalled after the producer's stage and waited for before the consumer's."""
+    signalled after the producer's stage and waited for before the consumer's.
 
-    def __init__(self, graph: Graph):
-        a = graph.analyses["streams"]
+    graph: run_all's graph; assignment: its streams; dag: its kernels (the `KernelDAG` the
+    assignment was made on)."""
+
+    def __init__(self, graph: Graph, assignment: StreamAssignment, dag: KernelDAG):
+        a = assignment
         self.graph, self.assignment = graph, a
-        self.dag = kernel_dag(graph)
+        self.dag = dag
         self.functions = [f"{RUN_ALL}__s{i}" for i in range(a.num_streams)]
         self._own_kernels()
         live = graph.live_nodes()
@@ -141,18 +146,7 @@ class StreamLayout:
                 done.add(name)
                 return
             if self.owner.get(name, i) != i:  # computed on another stream: imported
-                if not isinstance(nd.ty, TensorTy):
-                    raise LoweringError(
-                        f"stream {i} reads %{name}, a {nd.ty} computed on "
-                        f"stream {self.owner[name]}: only tensors cross streams"
-                    )
-                producer = self.kernel_of[name]
-                if stage_kernel is None or not self._before(producer, stage_kernel):
-                    raise LoweringError(
-                        f"stream {i} reads %{name} of kernel {producer} "
-                        f"(stream {self.owner[name]}) where no event orders "
-                        "it first"
-                    )
+                self._check_import(i, name, stage_kernel)
                 imp.append(name)
                 done.add(name)
                 return
@@ -175,6 +169,23 @@ class StreamLayout:
         if tail:
             stages.append(tail)
         return ins, imp, stages
+
+    def _check_import(self, i: int, name: str, stage_kernel: str | None) -> None:
+        """Stream `i` may import node `name` (computed on another stream) in the stage of
+        `stage_kernel`: a tensor whose kernel an event orders before that stage."""
+        nd = self.graph.node(name)
+        if not isinstance(nd.ty, TensorTy):
+            raise LoweringError(
+                f"stream {i} reads %{name}, a {nd.ty} computed on "
+                f"stream {self.owner[name]}: only tensors cross streams"
+            )
+        producer = self.kernel_of[name]
+        if stage_kernel is None or not self._before(producer, stage_kernel):
+            raise LoweringError(
+                f"stream {i} reads %{name} of kernel {producer} "
+                f"(stream {self.owner[name]}) where no event orders "
+                "it first"
+            )
 
     def reads(self, name: str) -> list[str]:
         """The nodes that emitting node `name` reads (for a group's last node: what the
@@ -225,11 +236,12 @@ def tuple_field(graph: Graph, node):
     return src.args[int(node.attrs)] if src.op == TUPLE else None
 
 
-def stream_layout(graph: Graph) -> StreamLayout | None:
-    """The stream functions to emit, when the graph carries an assignment of > 1 stream
-    and a memory plan (the one arena all streams share), made for that very assignment."""
-    a = graph.analyses.get("streams")
-    plan = graph.analyses.get("memory")
+def stream_layout(analyses: AnalysisManager, function: str = RUN_ALL) -> StreamLayout | None:
+    """The stream functions to emit for `function` (run_all), when `analyses` holds a
+    `StreamAssignment` of > 1 stream for it and a `MemoryPlan` (the one arena all streams
+    share) made for that very assignment."""
+    a = analyses.cached(function, StreamAssignment)
+    plan = analyses.cached(function, MemoryPlan)
     if a is None or a.num_streams <= 1:
         return None
     if plan is None:  # running one stream instead would silently ignore what was asked
@@ -246,4 +258,5 @@ def stream_layout(graph: Graph) -> StreamLayout | None:
             f"assignment {a.fingerprint()} to lower: tensors live at once on two streams could "
             "share bytes. Run plan-memory after assign-streams."
         )
-    return StreamLayout(graph)
+    graph = analyses.graph(function)
+    return StreamLayout(graph, a, analyses.get(function, KernelDAG))

@@ -267,9 +267,8 @@ class Graph:
     nodes: tuple[Node, ...]
     tenants: Mapping[str, TenantIO]
     constants: Mapping[str, np.ndarray] = field(default_factory=dict)
-    # analysis results about these very nodes (stream assignment, memory plan), by name;
-    # `with_nodes` drops them, so a pass that changes nodes never leaves a stale one behind
-    analyses: Mapping[str, Any] = field(default_factory=dict)
+    # analyses about a graph (kernel DAG, streams, memory plan) are not kept on it: an
+    # `AnalysisManager` (mtcompile.analysis.manager) holds them by function and type
 
     # -- lookup
     def node(self, name: str) -> Node:
@@ -328,10 +327,6 @@ class Graph:
         g = Graph(tuple(nodes), dict(self.tenants if tenants is None else tenants), self.constants)
         used = g.used_constants()
         return replace(g, constants={k: v for k, v in self.constants.items() if k in used})
-
-    def with_analysis(self, name: str, value: Any) -> Graph:
-        """The same graph with one more analysis result attached."""
-        return replace(self, analyses={**self.analyses, name: value})
 
     # -- sizes
     def weight_bytes(self) -> int:

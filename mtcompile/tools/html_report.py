@@ -7,6 +7,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from mtcompile.abi import RUN_ALL
+from mtcompile.analysis.manager import AnalysisManager
+from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.errors import ArtifactError
 from mtcompile.ir.view import call_name
 from mtcompile.native.table import SYMBOLS
@@ -290,13 +293,15 @@ def bundle_html(bundle, checks: dict | None = None, profile: dict | None = None)
     """Rich display of a Bundle: the report body, with the memory timeline and stream lanes
     of its report when the manifest has none (and `checks`, `profile` when given)."""
     rep = bundle.report()
-    memory = (rep.get("memory") or {}).get("timeline") or graph_timeline(bundle.graph)
+    memory = (rep.get("memory") or {}).get("timeline") or graph_timeline(
+        getattr(bundle, "analyses", None)
+    )
     body = sections(bundle.manifest, memory, rep.get("streams"), checks, profile)
     return f"<div><b>mtcompile bundle {escape(bundle.manifest.name)}</b>{body}</div>"
 
 
-def graph_timeline(graph, function: str = "run_all") -> dict | None:
-    """The memory timeline a ``plan-memory`` pass attached to `graph`, if any."""
-    plan = getattr(graph, "analyses", {}).get("memory")
-    functions = getattr(plan, "functions", {})
-    return functions[function].timeline() if function in functions else None
+def graph_timeline(analyses: AnalysisManager | None, function: str = RUN_ALL) -> dict | None:
+    """The memory timeline of `function`'s `MemoryPlan` in `analyses` (a compiled bundle's
+    `AnalysisManager`), if ``plan-memory`` computed one."""
+    plan = analyses.cached(function, MemoryPlan) if analyses is not None else None
+    return plan.functions[function].timeline() if plan and function in plan.functions else None
