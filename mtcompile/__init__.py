@@ -6,6 +6,7 @@ bundle.run("vision", x); bundle.run_all({...}); bundle.save("out/"); mtcompile.l
 
 from mtcompile.errors import (
     ArtifactError,
+    DivisionByZeroError,
     IndexOutOfRangeError,
     InputError,
     MTCompileError,
@@ -68,6 +69,7 @@ __all__ = [
     "TenantError",
     "UnsupportedOperatorError",
     "InputError",
+    "DivisionByZeroError",
     "IndexOutOfRangeError",
     "ArtifactError",
     "SpecError",

@@ -30,6 +30,8 @@ GET = "mtcompile.streams.get"
 # The message of a bounds check lowering puts in the generated code starts with this; the
 # runtime raises `mtcompile.errors.IndexOutOfRangeError` with the rest of it
 INDEX_CHECK = "mtcompile.IndexOutOfRange:"
+# ... and of a check that an integer divisor is not 0 (`mtcompile.errors.DivisionByZeroError`)
+DIVISION_CHECK = "mtcompile.DivisionByZero:"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,12 @@ class IndexOutOfRangeError(InputError, IndexError):
     reads: the generated bounds check names the tenant and the inputs."""
 
 
+class DivisionByZeroError(InputError, ZeroDivisionError):
+    """At run time, an integer division or remainder (of inputs, or of values computed from
+    them) divides by 0: the generated check names the tenant and the inputs (PyTorch raises
+    too; the CPU would stop the process)."""
+
+
 class ArtifactError(MTCompileError):
     """A saved bundle cannot be loaded: missing, corrupt or mismatched files."""
 

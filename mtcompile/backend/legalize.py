@@ -1,14 +1,22 @@
-"""Our legalization of ``relax.take`` in TVM's "fast" mode: the same kernel as TVM's
-(`topi.take(mode="fast")`, checked structurally equal), without TVM's build-time warning
-that fast mode "segfaults when there are out-of-bounds indices". mtcompile's gathers are
-bounds-checked, at run time on inputs (`mtcompile.analysis.index_ranges`) or in a kernel
-before the gather (`lowering`'s ``check_index``), so the warning only misleads users.
+"""Our legalizations of two kinds of ops, in place of TVM's:
+
+- ``relax.take`` in TVM's "fast" mode: the same kernel as TVM's (`topi.take(mode="fast")`,
+  checked structurally equal), without TVM's build-time warning that fast mode "segfaults
+  when there are out-of-bounds indices". mtcompile's gathers are bounds-checked, at run time
+  on inputs (`mtcompile.analysis.index_ranges`) or in a kernel before the gather
+  (`lowering`'s ``check_index``), so the warning only misleads users.
+- integer division and remainder: TVM's kernels divide with the CPU's integer divide, which
+  stops the process (SIGFPE) on a divisor of 0 and on the most negative value divided by
+  -1. A divisor of 0 is refused before (`lowering`'s ``check_divisor``); here the divisor is
+  1 where it is 0 (never reached: a second guard) and where the most negative value meets
+  -1, which gives PyTorch's results there (``MIN // -1 == MIN``, ``MIN % -1 == 0``).
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import te, topi
+from tvm import te, tirx, topi
+from tvm.relax.transform.legalize_ops.binary import _binary
 
 _registered = False
 
@@ -31,10 +39,51 @@ def _take(bb, call):
     return bb.call_te(_fast_take, call.args[0], call.args[1], int(axis) % ndim)
 
 
+_DIVISIONS = {
+    "relax.divide": topi.divide,
+    "relax.floor_divide": topi.floor_divide,
+    "relax.mod": topi.mod,
+    "relax.floor_mod": topi.floor_mod,
+}
+
+
+def _never_trapping(te_op, dtype: str):
+    """`te_op(a, b)` with the divisor 1 where the CPU's divide would trap (`b` 0, or `a` the
+    most negative value and `b` -1); `a` or `b` may be a constant scalar."""
+    low = tirx.min_value(dtype)
+    signed = not dtype.startswith("uint")
+
+    def divide(a, b):
+        if not isinstance(b, te.Tensor):  # a constant divisor: 0 is refused at build time
+            if not signed or int(b) != -1:
+                return te_op(a, b)
+            at_low = topi.cast(topi.equal(a, low), dtype)
+            return te_op(a, topi.add(topi.multiply(at_low, 2), -1))  # 1 where a is MIN
+        bad = topi.equal(b, 0)
+        if signed and isinstance(a, te.Tensor):
+            bad = topi.logical_or(bad, topi.logical_and(topi.equal(a, low), topi.equal(b, -1)))
+        fix = topi.cast(bad, dtype)
+        return te_op(a, topi.add(b, topi.multiply(fix, topi.subtract(1, b))))
+
+    return divide
+
+
+def _division(te_op):
+    def legalize(bb, call):
+        dtype = str(call.ty.dtype)
+        if not dtype.startswith(("int", "uint")):
+            return _binary(te_op)(bb, call)
+        return _binary(_never_trapping(te_op, dtype))(bb, call)
+
+    return legalize
+
+
 def register() -> None:
-    """Make `_take` TVM's legalization of ``relax.take`` in this process (idempotent; it
-    replaces TVM's own registration, level 11 above TVM's default 10)."""
+    """Make `_take` and `_division` TVM's legalizations in this process (idempotent; they
+    replace TVM's own registrations, level 11 above TVM's default 10)."""
     global _registered
     if not _registered:
         tvm.ir.register_op_attr("relax.take", "FLegalize", _take, level=11)
+        for op, te_op in _DIVISIONS.items():
+            tvm.ir.register_op_attr(op, "FLegalize", _division(te_op), level=11)
         _registered = True

@@ -20,6 +20,7 @@ from tvm import relax
 
 from mtcompile.abi import (
     ARENA_FN,
+    DIVISION_CHECK,
     GET,
     INDEX_CHECK,
     MANIFEST_FN,
@@ -28,6 +29,7 @@ from mtcompile.abi import (
     SIGNAL,
     WAIT,
 )
+from mtcompile.analysis.divisors import divisor_inputs, divisors
 from mtcompile.analysis.index_ranges import (
     IndexRead,
     checked_by_inputs,
@@ -127,6 +129,8 @@ class _Emitter:
             for r in index_reads(graph)
             if checks and not checked_by_inputs(r, ranges or {})
         }
+        # integer divisions whose divisor may be 0 at run time: checked here (`divisors`)
+        self.divisors = set(divisors(graph)) if checks else set()
         self.var_names: dict[str, dict[str, str]] = {}  # function -> node -> Relax var name
         self.stream_attrs: dict[str, str] = {}  # stream function -> its STREAM_ATTR
 
@@ -163,6 +167,8 @@ class _Emitter:
         read = self.checks.get(n.name) if check else None
         if read is not None:
             args[read.arg] = self.checked_index(bb, n, read, args[read.arg])
+        if n.name in self.divisors:
+            args[1] = self.checked_divisor(bb, n, args[1])
         if n.op in nan_safe.OPS and isinstance(n.ty, TensorTy):
             call = nan_safe.emit(
                 self.top,
@@ -222,6 +228,27 @@ class _Emitter:
                 relax_type(TensorTy(tuple(shape), ty.dtype)),
             ),
             name_hint=f"{n.name.replace('.', '_')}_index",
+        )
+        return out if ty.shape else bb.emit(relax.op.reshape(out, []))
+
+    def checked_divisor(self, bb: relax.BlockBuilder, n, b: relax.Expr):
+        """Divisor `b` of integer division `n` through a kernel that raises (naming the
+        tenant and the inputs it comes from) where a value is 0: the CPU's integer divide
+        would stop the process (SIGFPE)."""
+        ty = self.graph.node(n.args[1].name).ty
+        shape = list(ty.shape) or [1]
+        func, scalars = _bounds_check(
+            tuple(_expr(d) for d in shape), ty.dtype, 0, 1, _divisor_message(self.graph, n), True
+        )
+        gv = self.top.add_func(func, "check_divisor")
+        flat = b if ty.shape else bb.emit(relax.op.reshape(b, shape))
+        out = bb.emit(
+            relax.op.call_tir(
+                gv,
+                [flat, *map(relax.prim_value, scalars)],
+                relax_type(TensorTy(tuple(shape), ty.dtype)),
+            ),
+            name_hint=f"{n.name.replace('.', '_')}_divisor",
         )
         return out if ty.shape else bb.emit(relax.op.reshape(out, []))
 
@@ -445,6 +472,19 @@ def _expr(d):
     return d.obj if isinstance(d, Sym) else d
 
 
+def _divisor_message(graph: Graph, n) -> str:
+    """What a failed divisor check of integer division `n` says: `DIVISION_CHECK`, then the
+    tenant(s) and the inputs the divisor comes from."""
+    owner = {node: (t, local) for t, io in graph.tenants.items() for local, node in io.inputs}
+    names = [f"'{owner[i][1]}'" for i in divisor_inputs(graph, n) if i in owner]
+    where = f"input{'s' if len(names) > 1 else ''} {', '.join(names)}" if names else "a value"
+    who = ", ".join(f"'{t}'" for t in n.tenants)
+    return (
+        f"{DIVISION_CHECK} tenant{'s' if len(n.tenants) > 1 else ''} {who}, {where}: integer "
+        f"division by zero: {n.op.removeprefix('relax.')} (%{n.name}) divides by a value of 0"
+    )
+
+
 def _index_message(graph: Graph, n, read: IndexRead) -> str:
     """What a failed bounds check of `read` says: `INDEX_CHECK`, then the tenant(s), the
     inputs the index comes from, and the valid range."""
@@ -527,7 +567,7 @@ def _check_header(
     return lines, a, out, scalars
 
 
-def _bounds_check(shape: tuple, dtype: str, low, bound, message: str):
+def _bounds_check(shape: tuple, dtype: str, low, bound, message: str, nonzero: bool = False):
     """A PrimFunc copying an index tensor of `shape` (not 0-d) and `dtype` that asserts each
     value lies in [low, bound) (a failed assert raises `message` from the VM before any
     access), and the size variables it takes as trailing scalar arguments.
@@ -562,7 +602,9 @@ def _bounds_check(shape: tuple, dtype: str, low, bound, message: str):
     lines += [
         f"{pad}T.reads({a}{at})",
         f"{pad}T.writes({out}{at})",
-        f"{pad}assert {limit(low)} <= {a}{at} and {a}{at} < {limit(bound)}, {message!r}",
+        f"{pad}assert {a}{at} != {limit(0)}, {message!r}"
+        if nonzero  # a divisor check
+        else f"{pad}assert {limit(low)} <= {a}{at} and {a}{at} < {limit(bound)}, {message!r}",
         f"{pad}{out}{at} = {a}{at}",
     ]
     return from_source("\n".join(lines)), scalars

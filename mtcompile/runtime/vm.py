@@ -178,12 +178,17 @@ class ThreadVMs:
 
 
 def raise_index_error(e: BaseException) -> None:
-    """Raise `IndexOutOfRangeError` if `e` is a failed bounds check of the generated code
-    (its message starts with `abi.INDEX_CHECK`); otherwise return."""
-    from mtcompile.abi import INDEX_CHECK
-    from mtcompile.errors import IndexOutOfRangeError
+    """Raise `IndexOutOfRangeError` (`DivisionByZeroError`) if `e` is a failed bounds
+    (divisor) check of the generated code, its message after `abi.INDEX_CHECK`
+    (`abi.DIVISION_CHECK`); otherwise return."""
+    from mtcompile.abi import DIVISION_CHECK, INDEX_CHECK
+    from mtcompile.errors import DivisionByZeroError, IndexOutOfRangeError
 
     text = str(e)
-    if INDEX_CHECK in text:
-        line = text[text.index(INDEX_CHECK) + len(INDEX_CHECK) :].splitlines()[0].strip()
-        raise IndexOutOfRangeError(line) from None
+    for marker, error in (
+        (INDEX_CHECK, IndexOutOfRangeError),
+        (DIVISION_CHECK, DivisionByZeroError),
+    ):
+        if marker in text:
+            line = text[text.index(marker) + len(marker) :].splitlines()[0].strip()
+            raise error(line) from None
