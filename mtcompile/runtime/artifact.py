@@ -73,10 +73,12 @@ def _bundle_directory(directory: str | os.PathLike) -> Path:
 
 
 def _write_library(
-    tmp_lib: Path, manifest: Manifest, executable, library_path: Path | None, weights
-) -> None:
-    """Write the library to `tmp_lib`: a copy of `library_path`, else `executable` exported
-    with the native kernels (when it links them) and `weights` linked in."""
+    tmp_lib: Path, manifest: Manifest, executable, library_path: Path | None, weights, mask: int
+) -> str:
+    """Write the library to `tmp_lib` (a copy of `library_path`, else `executable` exported
+    with the native kernels when it links them and `weights` linked in) with the mode a
+    fresh write gets under `mask`; returns its sha256 (a copy must hash as the manifest
+    says)."""
     if library_path is not None:
         try:
             shutil.copyfile(library_path, tmp_lib)
@@ -90,6 +92,14 @@ def _write_library(
         with weights_addon(weights or [], manifest.weights) as addons, quiet_native_log():
             options["addons"] = [*options.get("addons", []), *addons]
             executable.export_library(str(tmp_lib), **options)
+    os.chmod(tmp_lib, 0o777 & ~mask)  # as the linker makes it (mkstemp's is 0600)
+    digest = sha256_file(tmp_lib)
+    if library_path is not None and digest != manifest.library_sha256:
+        raise ArtifactError(
+            f"{library_path} changed since this bundle was loaded from it; "
+            "load it again before saving"
+        )
+    return digest
 
 
 def _saved_manifest(manifest: Manifest, digest: str, key, tmp_lib: Path) -> Manifest:
@@ -137,14 +147,7 @@ def save(
     mask = _umask()
     manifest_replaced = keep_staged = False
     try:
-        _write_library(tmp_lib, manifest, executable, library_path, weights)
-        os.chmod(tmp_lib, 0o777 & ~mask)  # as the linker makes it (mkstemp's is 0600)
-        digest = sha256_file(tmp_lib)
-        if library_path is not None and digest != manifest.library_sha256:
-            raise ArtifactError(
-                f"{library_path} changed since this bundle was loaded from it; "
-                "load it again before saving"
-            )
+        digest = _write_library(tmp_lib, manifest, executable, library_path, weights, mask)
         saved = _saved_manifest(manifest, digest, key, tmp_lib)
         tmp_manifest.write_text(saved.to_json())
         os.chmod(tmp_manifest, 0o666 & ~mask)
