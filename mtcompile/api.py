@@ -445,22 +445,15 @@ def tune(
     on_trials: ``(trials just measured, most trials in all)``; on_task: a ``table`` row,
     after each batch of measurements.
     """
-    from mtcompile.backend.tuning import parse_target
     from mtcompile.backend.tuning import tune as run_tuning
-    from mtcompile.passes import build_pipeline
 
     say = progress or (lambda _msg: None)
     tenants = _check_tenants(tenants)
-    legalize.register()
-    tuning_target = parse_target(target)
+    tuning_target = _tuning_target(target)
     devices = _devices(rpc_tracker, rpc_key, rpc_wait_s, say)  # before the front end
-    pipeline = build_pipeline(passes, pass_options)
-    providers = resolve_providers("llvm", kernels)
-    module, _, graphs, _, _ = _front(tenants, "llvm", pipeline, (), _Stages(say), providers)
-    _check_static(module.functions[RUN_ALL])
-    separate = _tasks_alone(graphs, pipeline, providers, tuning_target)
+    front = _tuning_front(tenants, passes, pass_options, kernels, tuning_target, say)
     result = run_tuning(
-        _prepared(module),
+        front.prepared,
         tuning_target,
         out_dir,
         trials,
@@ -470,11 +463,47 @@ def tune(
         builders=builders,
         on_task=on_task,
     )
+    return _with_merge_savings(result, front)
+
+
+def _tuning_target(target):
+    """The checked tuning target (`tuning.parse_target`), our legalizations registered first."""
+    from mtcompile.backend.tuning import parse_target
+
+    legalize.register()
+    return parse_target(target)
+
+
+@dataclass(frozen=True)
+class _TuningFront:
+    """What tuning extracts its tasks from, and what merging saves."""
+
+    prepared: object  # the merged module, lowered and prepared as the build prepares it
+    tasks_alone: int  # the tuning tasks of the tenants compiled alone
+    providers: dict[str, str]  # the kernel provider of each heavy op kind
+
+
+def _tuning_front(tenants, passes, pass_options, kernels, tuning_target, say) -> _TuningFront:
+    """The merged module of `tenants` as the build lowers it, and the tuning tasks of the
+    tenants compiled alone."""
+    from mtcompile.passes import build_pipeline
+
+    pipeline = build_pipeline(passes, pass_options)
+    providers = resolve_providers("llvm", kernels)
+    module, _, graphs, _, _ = _front(tenants, "llvm", pipeline, (), _Stages(say), providers)
+    _check_static(module.functions[RUN_ALL])
+    separate = _tasks_alone(graphs, pipeline, providers, tuning_target)
+    return _TuningFront(_prepared(module), separate, providers)
+
+
+def _with_merge_savings(result: dict, front: _TuningFront) -> dict:
+    """The tuning run's `result` with the tasks of the tenants alone, the tasks merging
+    removed, and the kernel providers."""
     return {
         **result,
-        "tasks_tenants_alone": separate,
-        "tasks_removed_by_merge": separate - result["tasks"],
-        "kernels": providers,
+        "tasks_tenants_alone": front.tasks_alone,
+        "tasks_removed_by_merge": front.tasks_alone - result["tasks"],
+        "kernels": front.providers,
     }
 
 

@@ -95,14 +95,6 @@ def key_doc(
     subsets: dict | None = None,
 ) -> dict:
     """Everything that goes into a bundle's library and manifest, as plain JSON."""
-    versions = bundle_manifest.versions()
-    try:
-        import tvm_ffi
-
-        versions["tvm_ffi"] = tvm_ffi.__version__
-    except (ImportError, AttributeError):  # pragma: no cover - tvm needs it
-        versions["tvm_ffi"] = "none"
-    versions.update(python=platform.python_version(), native_kernels=native.source_hash())
     return {
         "format": KEY_FORMAT,
         "name": name,
@@ -115,21 +107,38 @@ def key_doc(
         "pipeline": [[p.name, json.loads(json.dumps(p.options(), default=str))] for p in pipeline],
         "threads": cores,
         "tuning_db": tuning_db,
-        "versions": versions,
-        "tenants": [
-            {
-                "name": t.name,
-                "kind": it.kind,
-                "source_sha256": it.source_hash,
-                "inputs": [
-                    [local, _type(g.node(node).ty)] for local, node in g.tenants[t.name].inputs
-                ],
-                "shared_inputs": dict(sorted((t.shared_inputs or {}).items())),
-            }
-            for t, it, g in zip(tenants, imported, graphs, strict=True)
-        ],
+        "versions": _versions(),
+        "tenants": _tenant_docs(tenants, imported, graphs),
         "subsets": {f: list(ts) for f, ts in sorted((subsets or {}).items())},
     }
+
+
+def _versions() -> dict:
+    """The versions a build depends on: the manifest's, tvm_ffi's, Python's and the native
+    kernels' source hash."""
+    versions = bundle_manifest.versions()
+    try:
+        import tvm_ffi
+
+        versions["tvm_ffi"] = tvm_ffi.__version__
+    except (ImportError, AttributeError):  # pragma: no cover - tvm needs it
+        versions["tvm_ffi"] = "none"
+    versions.update(python=platform.python_version(), native_kernels=native.source_hash())
+    return versions
+
+
+def _tenant_docs(tenants: Sequence, imported: Sequence, graphs: Sequence) -> list[dict]:
+    """Per tenant: name, source kind and hash, input types and shared inputs."""
+    return [
+        {
+            "name": t.name,
+            "kind": it.kind,
+            "source_sha256": it.source_hash,
+            "inputs": [[local, _type(g.node(node).ty)] for local, node in g.tenants[t.name].inputs],
+            "shared_inputs": dict(sorted((t.shared_inputs or {}).items())),
+        }
+        for t, it, g in zip(tenants, imported, graphs, strict=True)
+    ]
 
 
 def _type(ty) -> list | str:

@@ -456,6 +456,49 @@ def cmd_inspect(args) -> tuple[int, dict | None]:
     return EXIT_OK, None
 
 
+def _log_task(args):
+    """The callback that logs a task's row after each measured batch."""
+
+    def on_task(row: dict) -> None:
+        log.info(
+            f"task {row['task']}: {row['trials'] - row['failed']}/{args.trials} trials "
+            f"({row['failed']} failed), best "
+            + ("-" if row["best_us"] is None else f"{row['best_us']:.2f} us")
+        )
+
+    return on_task
+
+
+def _say_task_table(args, table: list[dict]) -> None:
+    """Print the tuned tasks: trials, failed ones, best time and the tenants using each."""
+    width = max(len("task"), *(len(r["task"]) for r in table))
+    _say(args, f"{'task':<{width}}  trials  failed   best us  used by")
+    for r in table:
+        best = "-" if r["best_us"] is None else f"{r['best_us']:.2f}"
+        _say(
+            args,
+            f"{r['task']:<{width}}  {r['trials']:>6}  {r['failed']:>6}  {best:>8}  "
+            f"{', '.join(r['tenants']) or '-'}",
+        )
+
+
+def _say_tuned(args, res: dict) -> None:
+    """Print what a tuning run did: tasks (merged and alone), the task table, records."""
+    _say(
+        args,
+        f"tasks: {res['tasks']} in the merged module, {res['tasks_tenants_alone']} for "
+        f"the tenants compiled alone ({res['tasks_removed_by_merge']} removed by merging)",
+    )
+    if res["table"]:
+        _say_task_table(args, res["table"])
+    _say(
+        args,
+        f"records: {res['records']} in {args.output} ({res['measured']} measured now, "
+        f"{res['resumed_from']} before), {res['seconds']:.1f} s; build with "
+        f"--tuning-db {args.output} --kernels {args.kernels or 'tvm'}",
+    )
+
+
 def cmd_tune(args) -> tuple[int, dict]:
     from mtcompile.api import tune
     from mtcompile.tools.spec import load_spec
@@ -466,14 +509,6 @@ def cmd_tune(args) -> tuple[int, dict]:
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
         logging.DEBUG if args.verbose > 0 else logging.WARNING
     )
-
-    def on_task(row: dict) -> None:
-        log.info(
-            f"task {row['task']}: {row['trials'] - row['failed']}/{args.trials} trials "
-            f"({row['failed']} failed), best "
-            + ("-" if row["best_us"] is None else f"{row['best_us']:.2f} us")
-        )
-
     with (
         _progress(args, len(spec.tenants) + 6, "tune") as progress,
         contextlib.redirect_stdout(sys.stderr),
@@ -492,29 +527,9 @@ def cmd_tune(args) -> tuple[int, dict]:
             builders=args.builders,
             progress=progress,
             on_trials=progress.trials,
-            on_task=on_task,
+            on_task=_log_task(args),
         )
-    _say(
-        args,
-        f"tasks: {res['tasks']} in the merged module, {res['tasks_tenants_alone']} for "
-        f"the tenants compiled alone ({res['tasks_removed_by_merge']} removed by merging)",
-    )
-    if res["table"]:
-        width = max(len("task"), *(len(r["task"]) for r in res["table"]))
-        _say(args, f"{'task':<{width}}  trials  failed   best us  used by")
-        for r in res["table"]:
-            best = "-" if r["best_us"] is None else f"{r['best_us']:.2f}"
-            _say(
-                args,
-                f"{r['task']:<{width}}  {r['trials']:>6}  {r['failed']:>6}  {best:>8}  "
-                f"{', '.join(r['tenants']) or '-'}",
-            )
-    _say(
-        args,
-        f"records: {res['records']} in {args.output} ({res['measured']} measured now, "
-        f"{res['resumed_from']} before), {res['seconds']:.1f} s; build with "
-        f"--tuning-db {args.output} --kernels {args.kernels or 'tvm'}",
-    )
+    _say_tuned(args, res)
     return EXIT_OK, {
         "command": "tune",
         "output": str(args.output),

@@ -44,57 +44,80 @@ _MARK = "@@mtcompile.fuzz "  # a worker's result lines (whatever else TVM prints
 def _stack(rng: random.Random, torch, nn):
     """A random nn.Module and its example input (a random layer stack)."""
     kind = rng.choice(["mlp", "cnn", "cnn", "tokens"])
-    layers, batch = [], rng.randint(1, 3)
+    batch = rng.randint(1, 3)
     if kind == "tokens":
-        vocab, dim = rng.randint(5, 40), rng.choice([8, 16])
-        layers = [nn.Embedding(vocab, dim), nn.LayerNorm(dim), nn.Linear(dim, rng.randint(3, 20))]
-        x = torch.randint(0, vocab, (batch, rng.randint(1, 9)))
-        return nn.Sequential(*layers), x
+        return _token_stack(rng, torch, nn, batch)
     if kind == "mlp":
-        width = rng.randint(3, 40)
-        x = torch.randn(batch, width)
-        for _ in range(rng.randint(1, 4)):
-            out = rng.randint(2, 48)
-            layers.append(nn.Linear(width, out, bias=rng.random() < 0.8))
-            layers.append(
-                rng.choice(
-                    [
-                        nn.ReLU(),
-                        nn.GELU(),
-                        nn.Tanh(),
-                        nn.Sigmoid(),
-                        nn.LayerNorm(out),
-                        nn.Identity(),
-                    ]
-                )
+        return _mlp_stack(rng, torch, nn, batch)
+    return _cnn_stack(rng, torch, nn, batch)
+
+
+def _token_stack(rng: random.Random, torch, nn, batch: int):
+    """An embedding, a LayerNorm and a Linear layer, and random token ids for them."""
+    vocab, dim = rng.randint(5, 40), rng.choice([8, 16])
+    layers = [nn.Embedding(vocab, dim), nn.LayerNorm(dim), nn.Linear(dim, rng.randint(3, 20))]
+    x = torch.randint(0, vocab, (batch, rng.randint(1, 9)))
+    return nn.Sequential(*layers), x
+
+
+def _mlp_stack(rng: random.Random, torch, nn, batch: int):
+    """Linear layers, each followed by an activation or a LayerNorm, maybe a Softmax."""
+    layers = []
+    width = rng.randint(3, 40)
+    x = torch.randn(batch, width)
+    for _ in range(rng.randint(1, 4)):
+        out = rng.randint(2, 48)
+        layers.append(nn.Linear(width, out, bias=rng.random() < 0.8))
+        layers.append(
+            rng.choice(
+                [
+                    nn.ReLU(),
+                    nn.GELU(),
+                    nn.Tanh(),
+                    nn.Sigmoid(),
+                    nn.LayerNorm(out),
+                    nn.Identity(),
+                ]
             )
-            width = out
-        if rng.random() < 0.3:
-            layers.append(nn.Softmax(dim=-1))
-        return nn.Sequential(*layers), x
+        )
+        width = out
+    if rng.random() < 0.3:
+        layers.append(nn.Softmax(dim=-1))
+    return nn.Sequential(*layers), x
+
+
+def _conv_layer(rng: random.Random, nn, c: int, h: int, w: int):
+    """(a random Conv2d over `c` channels of h x w, its channels out, its output h, w)."""
+    groups = rng.choice([1, 1, 1, c]) if c > 1 else 1
+    out = groups * rng.randint(1, 4) if groups > 1 else rng.randint(1, 16)
+    k, stride = rng.choice([1, 3, 3, 5]), rng.choice([1, 1, 2])
+    pad, dil = rng.choice([0, k // 2]), rng.choice([1, 1, 2]) if k > 1 else 1
+    span = (k - 1) * dil + 1  # the window must fit the padded input
+    if span > min(h, w) + 2 * pad:
+        k, pad, dil, span = 1, 0, 1, 1
+    conv = nn.Conv2d(
+        c,
+        out,
+        k,
+        stride=stride,
+        padding=pad,
+        dilation=dil,
+        groups=groups,
+        bias=rng.random() < 0.7,
+    )
+    h, w = (h + 2 * pad - span) // stride + 1, (w + 2 * pad - span) // stride + 1
+    return conv, out, h, w
+
+
+def _cnn_stack(rng: random.Random, torch, nn, batch: int):
+    """Conv2d layers (maybe BatchNorm, an activation, a pooling after each), then global
+    average pooling and a Linear layer."""
+    layers = []
     c, h, w = rng.randint(1, 8), rng.randint(5, 40), rng.randint(5, 40)
     x = torch.randn(batch, c, h, w)
     for _ in range(rng.randint(1, 4)):
-        groups = rng.choice([1, 1, 1, c]) if c > 1 else 1
-        out = groups * rng.randint(1, 4) if groups > 1 else rng.randint(1, 16)
-        k, stride = rng.choice([1, 3, 3, 5]), rng.choice([1, 1, 2])
-        pad, dil = rng.choice([0, k // 2]), rng.choice([1, 1, 2]) if k > 1 else 1
-        span = (k - 1) * dil + 1  # the window must fit the padded input
-        if span > min(h, w) + 2 * pad:
-            k, pad, dil, span = 1, 0, 1, 1
-        layers.append(
-            nn.Conv2d(
-                c,
-                out,
-                k,
-                stride=stride,
-                padding=pad,
-                dilation=dil,
-                groups=groups,
-                bias=rng.random() < 0.7,
-            )
-        )
-        h, w = (h + 2 * pad - span) // stride + 1, (w + 2 * pad - span) // stride + 1
+        conv, out, h, w = _conv_layer(rng, nn, c, h, w)
+        layers.append(conv)
         if rng.random() < 0.4:
             layers.append(nn.BatchNorm2d(out))
         layers.append(rng.choice([nn.ReLU(), nn.Identity(), nn.Sigmoid()]))
@@ -130,37 +153,45 @@ def _np_rand(rng: random.Random, shape):
     )
 
 
-def _onnx_tenant(rng: random.Random, name: str, mtcompile):
-    """A small ONNX graph (Conv or Gemm/MatMul, activation, Softmax or Transpose), often
-    mutated: an attribute, a shape or a dtype changed."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+def _onnx_conv(rng: random.Random, n: int, c: int, h: int) -> tuple[list, list, list, list]:
+    """(nodes, initializers, input shape, output shape) of a random Conv and activation."""
+    from onnx import helper, numpy_helper
 
-    n, c, h = rng.randint(1, 2), rng.randint(1, 4), rng.randint(4, 12)
-    if rng.random() < 0.5:
-        o, k = rng.randint(1, 6), rng.choice([1, 3])
-        pads = [rng.randint(0, 1) for _ in range(4)]
-        stride = rng.choice([1, 2])
-        w = _np_rand(rng, (o, c, k, k))
-        nodes = [
-            helper.make_node("Conv", ["x", "w"], ["y0"], pads=pads, strides=[stride] * 2),
-            helper.make_node(rng.choice(["Relu", "Sigmoid", "Tanh"]), ["y0"], ["y"]),
-        ]
-        inits = [numpy_helper.from_array(w, "w")]
-        xshape = [n, c, h, h]
-        oh = (h + pads[0] + pads[2] - k) // stride + 1
-        ow = (h + pads[1] + pads[3] - k) // stride + 1
-        yshape = [n, o, oh, ow]
-    else:
-        f, g = rng.randint(2, 16), rng.randint(2, 16)
-        w, b = _np_rand(rng, (f, g)), _np_rand(rng, (g,))
-        nodes = [
-            helper.make_node("MatMul", ["x", "w"], ["y0"]),
-            helper.make_node("Add", ["y0", "b"], ["y1"]),
-            helper.make_node("Softmax", ["y1"], ["y"], axis=rng.choice([-1, 1])),
-        ]
-        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
-        xshape, yshape = [n, f], [n, g]
+    o, k = rng.randint(1, 6), rng.choice([1, 3])
+    pads = [rng.randint(0, 1) for _ in range(4)]
+    stride = rng.choice([1, 2])
+    w = _np_rand(rng, (o, c, k, k))
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y0"], pads=pads, strides=[stride] * 2),
+        helper.make_node(rng.choice(["Relu", "Sigmoid", "Tanh"]), ["y0"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(w, "w")]
+    oh = (h + pads[0] + pads[2] - k) // stride + 1
+    ow = (h + pads[1] + pads[3] - k) // stride + 1
+    return nodes, inits, [n, c, h, h], [n, o, oh, ow]
+
+
+def _onnx_matmul(rng: random.Random, n: int) -> tuple[list, list, list, list]:
+    """(nodes, initializers, input shape, output shape) of a random MatMul, Add, Softmax."""
+    from onnx import helper, numpy_helper
+
+    f, g = rng.randint(2, 16), rng.randint(2, 16)
+    w, b = _np_rand(rng, (f, g)), _np_rand(rng, (g,))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y0"]),
+        helper.make_node("Add", ["y0", "b"], ["y1"]),
+        helper.make_node("Softmax", ["y1"], ["y"], axis=rng.choice([-1, 1])),
+    ]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    return nodes, inits, [n, f], [n, g]
+
+
+def _mutate(rng: random.Random, nodes: list, inits: list, xshape: list) -> str | None:
+    """Maybe change an attribute, the input's shape or the weight's dtype (in place); which
+    one, or None."""
+    import numpy as np
+    from onnx import numpy_helper
+
     mutation = rng.choice([None, None, None, "attr", "shape", "dtype"])
     if mutation == "attr":
         node = nodes[0]
@@ -175,6 +206,20 @@ def _onnx_tenant(rng: random.Random, name: str, mtcompile):
             np.asarray(numpy_helper.to_array(inits[0]), dtype=rng.choice([np.float64, np.int64])),
             "w",
         )
+    return mutation
+
+
+def _onnx_tenant(rng: random.Random, name: str, mtcompile):
+    """A small ONNX graph (Conv or Gemm/MatMul, activation, Softmax or Transpose), often
+    mutated: an attribute, a shape or a dtype changed."""
+    from onnx import TensorProto, helper
+
+    n, c, h = rng.randint(1, 2), rng.randint(1, 4), rng.randint(4, 12)
+    if rng.random() < 0.5:
+        nodes, inits, xshape, yshape = _onnx_conv(rng, n, c, h)
+    else:
+        nodes, inits, xshape, yshape = _onnx_matmul(rng, n)
+    mutation = _mutate(rng, nodes, inits, xshape)
     graph = helper.make_graph(
         nodes,
         name,
@@ -218,16 +263,9 @@ def _pipeline(rng: random.Random):
     return passes, opts
 
 
-def case(seed: int, index: int) -> dict:
-    """Draw, compile and check one case; its outcome."""
-    import torch
-    from torch import nn
-
-    import mtcompile
-    from mtcompile.errors import MTCompileError
-
-    rng = random.Random(seed * 1_000_003 + index)
-    torch.manual_seed(rng.randrange(2**31))
+def _random_tenants(rng: random.Random, torch, nn, mtcompile) -> tuple[list, list[str]]:
+    """(tenants, a note on each): 2 or 3 torch stacks, ONNX graphs or an earlier module
+    under another name."""
     tenants, notes = [], []
     for i in range(rng.randint(2, 3)):
         r = rng.random()
@@ -245,15 +283,14 @@ def case(seed: int, index: int) -> dict:
             t, _ = _torch_tenant(rng, f"t{i}", torch, nn, mtcompile)
             tenants.append(t)
             notes.append("torch")
-    # a real architecture now and then, drawn apart so that the random stacks of a case
-    # stay what they were before the zoo joined
-    zoo = random.Random(f"zoo:{seed}:{index}")
-    if zoo.random() < 0.15:
-        t, model_name = _zoo_tenant(zoo, f"t{len(tenants)}", mtcompile)
-        tenants.append(t)
-        notes.append(f"zoo:{model_name}")
-    passes, opts = _pipeline(rng)
-    desc = {"seed": seed, "case": index, "tenants": notes, "passes": passes, "options": opts}
+    return tenants, notes
+
+
+def _outcome(desc: dict, tenants: list, passes: list[str], opts: dict, mtcompile) -> dict:
+    """Compile and verify the case `desc` describes: matched, mismatched, refused (an
+    MTCompileError) or an error (anything else, a bug)."""
+    from mtcompile.errors import MTCompileError
+
     try:
         bundle = mtcompile.compile(tenants, passes=passes, pass_options=opts)
         with warnings.catch_warnings():  # near-zero outputs of random stacks: noted below
@@ -280,6 +317,28 @@ def case(seed: int, index: int) -> dict:
     }
 
 
+def case(seed: int, index: int) -> dict:
+    """Draw, compile and check one case; its outcome."""
+    import torch
+    from torch import nn
+
+    import mtcompile
+
+    rng = random.Random(seed * 1_000_003 + index)
+    torch.manual_seed(rng.randrange(2**31))
+    tenants, notes = _random_tenants(rng, torch, nn, mtcompile)
+    # a real architecture now and then, drawn apart so that the random stacks of a case
+    # stay what they were before the zoo joined
+    zoo = random.Random(f"zoo:{seed}:{index}")
+    if zoo.random() < 0.15:
+        t, model_name = _zoo_tenant(zoo, f"t{len(tenants)}", mtcompile)
+        tenants.append(t)
+        notes.append(f"zoo:{model_name}")
+    passes, opts = _pipeline(rng)
+    desc = {"seed": seed, "case": index, "tenants": notes, "passes": passes, "options": opts}
+    return _outcome(desc, tenants, passes, opts, mtcompile)
+
+
 def _worker(seed: int, start: int, stop: int) -> None:
     """Run cases [start, stop), one JSON line each (``{"start": i}`` before each)."""
     import warnings
@@ -290,64 +349,77 @@ def _worker(seed: int, start: int, stop: int) -> None:
         print(_MARK + json.dumps(case(seed, i), default=str), flush=True)
 
 
+def _spawn_worker(seed: int, start: int, count: int) -> subprocess.Popen:
+    """A worker process that runs cases [start, count) of `seed`, its results on stdout."""
+    cmd = [sys.executable, "-m", "mtcompile.fuzz", "--worker", str(seed), str(start), str(count)]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "TVM_LOG_DEBUG": "0"},
+    )
+
+
+def _outcome_line(msg: dict) -> str:
+    """The progress line of a case's outcome (its error too, unless it matched)."""
+    return f"case {msg['case']}: {msg['outcome']}" + (
+        f" ({msg.get('error')}: {msg.get('message', '')[:100]})"
+        if msg["outcome"] != "match"
+        else ""
+    )
+
+
+def _follow(proc, seed: int, count: int, timeout: float, results: list, progress) -> int:
+    """Add a worker's outcomes to `results` until it ends, crashes or hangs (then killed,
+    and that case noted); returns the next case to run."""
+    import selectors
+
+    current, last = None, time.monotonic()
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while True:
+        if not sel.select(timeout=1.0):
+            if current is not None and time.monotonic() - last > timeout:
+                proc.kill()
+                proc.wait()
+                results.append({"seed": seed, "case": current, "outcome": "hang"})
+                progress(f"case {current}: hang (> {timeout:.0f} s)")
+                nxt = current + 1
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:  # the worker ended: done, or died during `current`
+            rc = proc.wait()
+            if current is not None:
+                results.append(
+                    {"seed": seed, "case": current, "outcome": "crash", "returncode": rc}
+                )
+                progress(f"case {current}: crash (exit {rc})")
+                nxt = current + 1
+            else:
+                nxt = count
+            break
+        if not line.startswith(_MARK):
+            continue
+        msg = json.loads(line[len(_MARK) :])
+        if "start" in msg:
+            current, last = msg["start"], time.monotonic()
+            continue
+        results.append(msg)
+        progress(_outcome_line(msg))
+        current = None
+    sel.close()
+    return nxt
+
+
 def run(seed: int, count: int, timeout: float = 300.0, progress=print) -> list[dict]:
     """Every case's outcome, each run in a worker process (restarted after a crash or hang)."""
     results: list[dict] = []
     nxt = 0
     while nxt < count:
-        cmd = [sys.executable, "-m", "mtcompile.fuzz", "--worker", str(seed), str(nxt), str(count)]
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, "TVM_LOG_DEBUG": "0"},
-        )
-        current, last = None, time.monotonic()
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while True:
-            if not sel.select(timeout=1.0):
-                if current is not None and time.monotonic() - last > timeout:
-                    proc.kill()
-                    proc.wait()
-                    results.append({"seed": seed, "case": current, "outcome": "hang"})
-                    progress(f"case {current}: hang (> {timeout:.0f} s)")
-                    nxt = current + 1
-                    break
-                continue
-            line = proc.stdout.readline()
-            if not line:  # the worker ended: done, or died during `current`
-                rc = proc.wait()
-                if current is not None:
-                    results.append(
-                        {"seed": seed, "case": current, "outcome": "crash", "returncode": rc}
-                    )
-                    progress(f"case {current}: crash (exit {rc})")
-                    nxt = current + 1
-                else:
-                    nxt = count
-                break
-            if not line.startswith(_MARK):
-                continue
-            msg = json.loads(line[len(_MARK) :])
-            if "start" in msg:
-                current, last = msg["start"], time.monotonic()
-                continue
-            results.append(msg)
-            progress(
-                f"case {msg['case']}: {msg['outcome']}"
-                + (
-                    f" ({msg.get('error')}: {msg.get('message', '')[:100]})"
-                    if msg["outcome"] != "match"
-                    else ""
-                )
-            )
-            current = None
-            nxt = msg["case"] + 1
-        sel.close()
+        proc = _spawn_worker(seed, nxt, count)
+        nxt = _follow(proc, seed, count, timeout, results, progress)
     return results
 
 

@@ -175,63 +175,81 @@ class OffloadLibrary(Pass):
         for n in graph.nodes:
             if n.op != "relax.add" or len(n.args) != 2:
                 continue
-            for i in (0, 1):
-                src, bias = n.args[i], n.args[1 - i]
-                call = calls.get(src.name) if isinstance(src, Ref) else None
-                if call is None or users[call.name] != [n.name] or call.name in outputs:
-                    continue
-                stacked = _stacked_bias(graph, bias, call)
-                if stacked is None and not bias_channels(graph, bias, call, const):
-                    continue
-                lib = ops.LIBRARY[call.attrs.computes]
-                if (
-                    stacked is None
-                    and lib.bias_weight_rank is not None
-                    and len(_ty(graph, call.args[1]).shape) != lib.bias_weight_rank
-                ):
-                    continue
-                channels = call.ty.shape[lib.bias_axis]
-                if stacked is not None:  # one bias per stacked weight, flat: the packed kernel
-                    key = const_key(stacked)
-                    constants[key] = stacked
-                    flat, pre = ConstRef(key), []
-                elif isinstance(bias, ConstRef):  # the kernel takes a 1-D bias
-                    arr = graph.constants[bias.key].reshape(channels)
-                    key = const_key(arr)
-                    constants[key] = arr
-                    flat, pre = ConstRef(key), []
-                else:  # a value of constants alone: a reshape TVM folds with it
-                    pre = [
-                        make(
-                            typeof,
-                            f"{n.name}.bias",
-                            n.tenants,
-                            relax.op.reshape,
-                            [bias],
-                            shape=[channels],
-                        )
-                    ]
-                    added[pre[0].name] = pre[0]
-                    flat = Ref(pre[0].name)
-                into[n.name] = [
-                    *pre,
-                    Node(
-                        n.name,
-                        ops.LIBRARY_CALL,
-                        (*call.args, flat),
-                        n.ty,
-                        n.tenants,
-                        call.attrs.replace(bias=True),
-                    ),
-                ]
-                gone.add(call.name)
-                break
+            found = _biased_call(graph, n, calls, users, outputs, const)
+            if found is None:
+                continue
+            call, bias, stacked = found
+            flat, pre = _flat_bias(graph, n, call, bias, stacked, typeof, added, constants)
+            into[n.name] = [
+                *pre,
+                Node(
+                    n.name,
+                    ops.LIBRARY_CALL,
+                    (*call.args, flat),
+                    n.ty,
+                    n.tenants,
+                    call.attrs.replace(bias=True),
+                ),
+            ]
+            gone.add(call.name)
         out: list[Node] = []
         for n in graph.nodes:
             if n.name in gone:
                 continue
             out.extend(into.get(n.name, [calls.get(n.name, n)]))
         return out, constants
+
+
+def _biased_call(
+    graph: Graph, n: Node, calls: dict[str, Node], users: dict, outputs, const: set[str]
+) -> tuple[Node, object, np.ndarray | None] | None:
+    """(call, bias, stacked bias or None) when the add `n` adds a per-channel bias the
+    kernel takes to a library call it alone reads (no tenant output); else None."""
+    for i in (0, 1):
+        src, bias = n.args[i], n.args[1 - i]
+        call = calls.get(src.name) if isinstance(src, Ref) else None
+        if call is None or users[call.name] != [n.name] or call.name in outputs:
+            continue
+        stacked = _stacked_bias(graph, bias, call)
+        if stacked is None and not bias_channels(graph, bias, call, const):
+            continue
+        lib = ops.LIBRARY[call.attrs.computes]
+        if (
+            stacked is None
+            and lib.bias_weight_rank is not None
+            and len(_ty(graph, call.args[1]).shape) != lib.bias_weight_rank
+        ):
+            continue
+        return call, bias, stacked
+    return None
+
+
+def _flat_bias(
+    graph: Graph,
+    n: Node,
+    call: Node,
+    bias,
+    stacked: np.ndarray | None,
+    typeof,
+    added: dict[str, Node],
+    constants: dict[str, np.ndarray],
+) -> tuple[ConstRef | Ref, list[Node]]:
+    """(the bias as the kernel's 1-D argument, the nodes that compute it first); a new
+    constant goes into `constants`, a new node into `added`."""
+    channels = call.ty.shape[ops.LIBRARY[call.attrs.computes].bias_axis]
+    if stacked is not None:  # one bias per stacked weight, flat: the packed kernel
+        key = const_key(stacked)
+        constants[key] = stacked
+        return ConstRef(key), []
+    if isinstance(bias, ConstRef):  # the kernel takes a 1-D bias
+        arr = graph.constants[bias.key].reshape(channels)
+        key = const_key(arr)
+        constants[key] = arr
+        return ConstRef(key), []
+    # a value of constants alone: a reshape TVM folds with it
+    pre = make(typeof, f"{n.name}.bias", n.tenants, relax.op.reshape, [bias], shape=[channels])
+    added[pre.name] = pre
+    return Ref(pre.name), [pre]
 
 
 def _fold_epilogues(graph: Graph, nodes: list[Node]) -> list[Node]:
@@ -375,44 +393,46 @@ def _row_calls(graph: Graph, const: set[str]) -> dict[str, tuple[Node, dict]]:
             or not ty.shape
         ):
             continue
-        attrs = n.attrs.obj
-        last = len(ty.shape) - 1
-        if n.op == "relax.nn.softmax":
-            if int(attrs.axis) in (-1, last):
-                out[n.name] = (
-                    Node(
-                        n.name,
-                        ops.LIBRARY_CALL,
-                        n.args[:1],
-                        ty,
-                        n.tenants,
-                        ops.LibraryCall("native", "softmax"),
-                    ),
-                    {},
-                )
-            continue
-        axes = [int(a) for a in attrs.axes]
-        affine = [_ty(graph, a) for a in n.args[1:3]]
-        if (
-            axes in ([-1], [last])
-            and bool(attrs.center)
-            and bool(attrs.scale)
-            and all(t == TensorTy((ty.shape[-1],), "float32") for t in affine)
-        ):
-            eps = np.array([float(attrs.epsilon)], np.float32)
-            key = const_key(eps)
-            out[n.name] = (
-                Node(
-                    n.name,
-                    ops.LIBRARY_CALL,
-                    (*n.args[:3], ConstRef(key)),
-                    ty,
-                    n.tenants,
-                    ops.LibraryCall("native", "layer_norm"),
-                ),
-                {key: eps},
-            )
+        row = _softmax_call(n) if n.op == "relax.nn.softmax" else _layer_norm_call(graph, n)
+        if row is not None:
+            out[n.name] = row
     return out
+
+
+def _softmax_call(n: Node) -> tuple[Node, dict] | None:
+    """The native softmax call for softmax `n` over its last axis (no constants); else None."""
+    if int(n.attrs.obj.axis) not in (-1, len(n.ty.shape) - 1):
+        return None
+    call = Node(
+        n.name, ops.LIBRARY_CALL, n.args[:1], n.ty, n.tenants, ops.LibraryCall("native", "softmax")
+    )
+    return call, {}
+
+
+def _layer_norm_call(graph: Graph, n: Node) -> tuple[Node, dict] | None:
+    """The native layer norm call for layer norm `n` over its last axis with a float32 scale
+    and shift of that axis's size, and its epsilon as a new constant; else None."""
+    attrs, ty = n.attrs.obj, n.ty
+    axes = [int(a) for a in attrs.axes]
+    affine = [_ty(graph, a) for a in n.args[1:3]]
+    if not (
+        axes in ([-1], [len(ty.shape) - 1])
+        and bool(attrs.center)
+        and bool(attrs.scale)
+        and all(t == TensorTy((ty.shape[-1],), "float32") for t in affine)
+    ):
+        return None
+    eps = np.array([float(attrs.epsilon)], np.float32)
+    key = const_key(eps)
+    call = Node(
+        n.name,
+        ops.LIBRARY_CALL,
+        (*n.args[:3], ConstRef(key)),
+        ty,
+        n.tenants,
+        ops.LibraryCall("native", "layer_norm"),
+    )
+    return call, {key: eps}
 
 
 def _call(n: Node, bias: bool = False, epilogue: bool = False) -> bool:

@@ -249,49 +249,22 @@ def tune(
     measured, most trials in all)`` and on_task: a task's row (as in the returned
     ``table``), after each batch. TrackerError when every server is gone mid-run.
     """
-    import os
     import time
-
-    from tvm.s_tir import meta_schedule as ms
 
     cost_model = _cost_model()
     light_tensor_intrin()
-    builders = builders or os.cpu_count() or 1
-    tracker = devices and devices.tracker
-    servers, cores = (devices.servers, devices.threads) if devices else (0, os.cpu_count() or 1)
+    builders, tracker, servers, cores = _measuring(devices, builders)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     fused, extracted, contexts, weights = _tasks(
         mod, _with_cores(target, cores), out, builders, progress
     )
-    kept = repair_database(out)
-    database = ms.database.JSONDatabase(str(out / WORKLOADS), str(out / RECORDS))
-    rows = _task_rows(database, contexts, fused, extracted)
+    kept, database, rows = _resume(out, contexts, fused, extracted)
     run = _Run(rows, trials, tracker, on_trials, on_task)
-    progress(
-        f"tuning {len(run.todo())} of {len(contexts)} task(s), up to {trials} trial(s) "
-        f"each ({kept} already in the database), cost model {cost_model}, "
-        + (f"measured on {servers} server(s)" if tracker else "measured here")
-    )
+    progress(_plan(run, len(contexts), kept, cost_model, servers, tracker))
     if run.todo():
-        builder = ms.builder.LocalBuilder(
-            max_workers=builders, timeout_sec=600, initializer=light_tensor_intrin
-        )
-        runner = tracker.runner(servers) if tracker is not None else ms.runner.LocalRunner()
-        # tune_tasks has one budget for every task: tasks with the same budget left go together
-        for budget, group in run.groups():
-            run.tune_group(
-                group,
-                budget,
-                tasks=[contexts[i] for i in group],
-                task_weights=[weights[i] for i in group],
-                work_dir=str(out / "logs"),
-                builder=builder,
-                runner=runner,
-                database=database,
-                cost_model=cost_model,
-            )
+        _tune_todo(run, contexts, weights, builders, tracker, servers, out, database, cost_model)
     return {
         "tasks": len(contexts),
         "records": len(database),
@@ -302,6 +275,62 @@ def tune(
         "servers": servers,
         "table": rows,
     }
+
+
+def _measuring(devices, builders: int | None) -> tuple[int, object, int, int]:
+    """(build workers, tracker or None, its servers, cores of a measuring device): the
+    tracker's servers measure with `devices`, else this machine does."""
+    import os
+
+    builders = builders or os.cpu_count() or 1
+    tracker = devices and devices.tracker
+    servers, cores = (devices.servers, devices.threads) if devices else (0, os.cpu_count() or 1)
+    return builders, tracker, servers, cores
+
+
+def _resume(out: Path, contexts, fused, extracted) -> tuple[int, object, list[dict]]:
+    """(records kept, database, task rows) of the database in `out`, repaired (a stopped
+    run's torn tail dropped) and opened: what earlier runs measured counts."""
+    from tvm.s_tir import meta_schedule as ms
+
+    kept = repair_database(out)
+    database = ms.database.JSONDatabase(str(out / WORKLOADS), str(out / RECORDS))
+    return kept, database, _task_rows(database, contexts, fused, extracted)
+
+
+def _plan(run, tasks: int, kept: int, cost_model: str, servers: int, tracker) -> str:
+    """The line that says what the run will tune, and where it measures."""
+    return (
+        f"tuning {len(run.todo())} of {tasks} task(s), up to {run.trials} trial(s) "
+        f"each ({kept} already in the database), cost model {cost_model}, "
+        + (f"measured on {servers} server(s)" if tracker else "measured here")
+    )
+
+
+def _tune_todo(
+    run, contexts, weights, builders: int, tracker, servers: int, out: Path, database, cost_model
+) -> None:
+    """Tune the run's tasks with trials left, one ``tune_tasks`` per group of tasks with the
+    same budget left, measured by the tracker's servers (else on this machine)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    builder = ms.builder.LocalBuilder(
+        max_workers=builders, timeout_sec=600, initializer=light_tensor_intrin
+    )
+    runner = tracker.runner(servers) if tracker is not None else ms.runner.LocalRunner()
+    # tune_tasks has one budget for every task: tasks with the same budget left go together
+    for budget, group in run.groups():
+        run.tune_group(
+            group,
+            budget,
+            tasks=[contexts[i] for i in group],
+            task_weights=[weights[i] for i in group],
+            work_dir=str(out / "logs"),
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model=cost_model,
+        )
 
 
 def _with_cores(target, cores: int):

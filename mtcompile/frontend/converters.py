@@ -128,6 +128,16 @@ def _index_tensor(node, importer):
             if i is not None
         }
         return _with_indices(importer, node, "_index_tensor", checked)
+    return _flat_gather(importer, data, used)
+
+
+def _flat_gather(importer, data, used: list):
+    """``data`` indexed by `used` ((axis, index) pairs, static extents): the indexed axes
+    moved to the front and flattened, read by one ``take`` at ``sum_k i_k * stride_k`` (each
+    term a checked gather), the index dims put where PyTorch puts them."""
+    from tvm import relax
+
+    bb, shape, axes = importer.block_builder, list(data.ty.shape), [k for k, _ in used]
     extents = [int(shape[k]) for k in axes]
     flat = None
     for j, (_, idx) in enumerate(used):

@@ -259,6 +259,84 @@ def widen_examples(args: tuple, sizes: dict[tuple[int, int], int]) -> tuple:
     return tuple(out)
 
 
+def _small_example_hint(name: str, axes: list[DynamicAxis]) -> str:
+    """The hint for a Dim that torch.export fixed because its example had size 0 or 1."""
+    root = axes[0].root
+    lo = max(2, int(root.min or 0))
+    sizes = " and ".join(
+        f"size in [{lo}, {root.max}] along input {a.input!r} axis {a.axis}"
+        if a.dim is a.root
+        else f"size {a.dim.__name__} (e.g. {int(a.dim.fn(lo))}) "
+        f"along input {a.input!r} axis {a.axis}"
+        for a in axes
+    )
+    return (
+        f"Dim {name!r}: torch.export fixes a dynamic dim whose example has "
+        f"size 0 or 1: give example inputs with {root.__name__} in "
+        f"[{lo}, {root.max}]: {sizes}"
+    )
+
+
+def _reasons_hint(name: str, where: str, text: str) -> str:
+    """The hint for a violated Dim: torch.export's reasons for it and its suggested fixes."""
+    reasons = list(
+        dict.fromkeys(
+            ln.strip()[2:] for ln in text.splitlines() if ln.strip()[:2] == "- " and name in ln
+        )
+    )[:2]
+    fixes = (
+        [
+            ln.strip()
+            for ln in text.split("Suggested fixes:", 1)[-1].splitlines()
+            if ln.strip().startswith(f"{name} =")
+        ]
+        if "Suggested fixes:" in text
+        else []
+    )
+    return (
+        f"Dim {name!r} ({where}): "
+        + "; ".join(reasons or ["see torch.export's message"])
+        + (f"; torch.export suggests {'; '.join(fixes)}" if fixes else "")
+    )
+
+
+def _dim_hint(name: str, dims: list[DynamicAxis], text: str) -> str:
+    """What to give instead for the Dim `name` whose constraints torch.export's `text`
+    says were violated."""
+    axes = [a for a in dims if name in (a.dim.__name__, a.root.__name__)]
+    where = " and ".join(f"input {a.input!r} axis {a.axis}" for a in axes) or "its inputs"
+    const = re.search(
+        rf"You marked {re.escape(name)} as dynamic but your code "
+        r"specialized it to be a constant \((\d+)\)",
+        text,
+    )
+    value = int(const.group(1)) if const else None
+    if (
+        const
+        and axes
+        and value
+        in ({0, 1} if axes[0].dim is axes[0].root else {int(axes[0].dim.fn(v)) for v in (0, 1)})
+    ):
+        return _small_example_hint(name, axes)
+    if const:
+        return (
+            f"Dim {name!r}: the model's code fixes {where} to {value}, "
+            f"so it cannot vary: drop it from dynamic_shapes (a fixed size "
+            f"{value}) or change the code that fixes it"
+        )
+    return _reasons_hint(name, where, text)
+
+
+def _widened_hint(dims: list[DynamicAxis], widened: dict[tuple[int, int], int]) -> str:
+    """The note that the model was traced at example inputs widened along `widened`."""
+    names = {(a.index, a.axis): a.input for a in dims}
+    return (
+        "traced at a copy of the example inputs widened to "
+        + ", ".join(f"size {n} along input {names[k]!r} axis {k[1]}" for k, n in widened.items())
+        + " (torch.export fixes a dynamic dim whose example has size 1)"
+    )
+
+
 def _export_error(
     t: Tenant, e: Exception, dims: list[DynamicAxis], widened: dict[tuple[int, int], int]
 ) -> TenantError:
@@ -270,73 +348,10 @@ def _export_error(
     if violated:  # its "run with TORCH_LOGS" advice: the hints below say more
         first = violated.group(0)
     msg = f"tenant '{t.name}': torch.export failed: {type(e).__name__}: {first}"
-    hints = []
-    for name in [n.strip() for n in violated.group(1).split(",")] if violated else []:
-        axes = [a for a in dims if name in (a.dim.__name__, a.root.__name__)]
-        where = " and ".join(f"input {a.input!r} axis {a.axis}" for a in axes) or "its inputs"
-        const = re.search(
-            rf"You marked {re.escape(name)} as dynamic but your code "
-            r"specialized it to be a constant \((\d+)\)",
-            text,
-        )
-        value = int(const.group(1)) if const else None
-        if (
-            const
-            and axes
-            and value
-            in ({0, 1} if axes[0].dim is axes[0].root else {int(axes[0].dim.fn(v)) for v in (0, 1)})
-        ):
-            root = axes[0].root
-            lo = max(2, int(root.min or 0))
-            sizes = " and ".join(
-                f"size in [{lo}, {root.max}] along input {a.input!r} axis {a.axis}"
-                if a.dim is a.root
-                else f"size {a.dim.__name__} (e.g. {int(a.dim.fn(lo))}) "
-                f"along input {a.input!r} axis {a.axis}"
-                for a in axes
-            )
-            hints.append(
-                f"Dim {name!r}: torch.export fixes a dynamic dim whose example has "
-                f"size 0 or 1: give example inputs with {root.__name__} in "
-                f"[{lo}, {root.max}]: {sizes}"
-            )
-        elif const:
-            hints.append(
-                f"Dim {name!r}: the model's code fixes {where} to {value}, "
-                f"so it cannot vary: drop it from dynamic_shapes (a fixed size "
-                f"{value}) or change the code that fixes it"
-            )
-        else:
-            reasons = list(
-                dict.fromkeys(
-                    ln.strip()[2:]
-                    for ln in text.splitlines()
-                    if ln.strip()[:2] == "- " and name in ln
-                )
-            )[:2]
-            fixes = (
-                [
-                    ln.strip()
-                    for ln in text.split("Suggested fixes:", 1)[-1].splitlines()
-                    if ln.strip().startswith(f"{name} =")
-                ]
-                if "Suggested fixes:" in text
-                else []
-            )
-            hints.append(
-                f"Dim {name!r} ({where}): "
-                + "; ".join(reasons or ["see torch.export's message"])
-                + (f"; torch.export suggests {'; '.join(fixes)}" if fixes else "")
-            )
+    names = [n.strip() for n in violated.group(1).split(",")] if violated else []
+    hints = [_dim_hint(name, dims, text) for name in names]
     if widened:
-        names = {(a.index, a.axis): a.input for a in dims}
-        hints.append(
-            "traced at a copy of the example inputs widened to "
-            + ", ".join(
-                f"size {n} along input {names[k]!r} axis {k[1]}" for k, n in widened.items()
-            )
-            + " (torch.export fixes a dynamic dim whose example has size 1)"
-        )
+        hints.append(_widened_hint(dims, widened))
     return TenantError(msg + ("; " + "; ".join(hints) if hints else ""))
 
 
@@ -815,17 +830,10 @@ def onnx_signature(t: Tenant, model) -> dict[str, tuple[tuple[int | str, ...], s
 _ONNX_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
-def _import_onnx(t: Tenant) -> ImportedTenant:
-    from tvm import relax
+def _check_onnx_ops(t: Tenant, model) -> None:
+    """Refuse a model with an op that TVM's ONNX importer (with our converters) lacks."""
+    from mtcompile.frontend.onnx_converters import convert_map
 
-    from mtcompile.frontend.onnx_converters import (
-        ConversionError,
-        convert_map,
-        from_onnx,
-        leftover_call_tir,
-    )
-
-    model = load_onnx(t)
     known = convert_map()  # TVM's converters, some replaced by ours (onnx_converters)
     # TVM's importer looks ops up by op_type alone: a custom-domain op named like a standard
     # one (com.example.Relu) would silently compile as the standard op, so reject it here.
@@ -840,8 +848,15 @@ def _import_onnx(t: Tenant) -> ImportedTenant:
     ]
     if missing:
         raise UnsupportedOperatorError(t.name, _unique(missing), "ONNX")
-    sig = onnx_signature(t, model)
-    shapes, bounds = _dims_of(t, {k: (list(s), d) for k, (s, d) in sig.items()})
+
+
+def _convert_onnx(t: Tenant, model, sig: dict, shapes: dict):
+    """(Relax module with constants folded, node origins) from TVM's ONNX importer; its
+    failure as a `TenantError` naming the tenant."""
+    from tvm import relax
+
+    from mtcompile.frontend.onnx_converters import ConversionError, from_onnx
+
     try:
         mod, origin = from_onnx(
             model, {k: s for k, (s, _) in shapes.items()}, {k: d for k, (_, d) in sig.items()}
@@ -854,8 +869,14 @@ def _import_onnx(t: Tenant) -> ImportedTenant:
             f"tenant '{t.name}': TVM's ONNX importer failed: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
-    # a converter that emitted a TE computation (call_tir) on non-constant inputs: mtcompile's
-    # graph takes Relax operators only
+    return mod, origin
+
+
+def _check_no_call_tir(t: Tenant, mod, origin) -> None:
+    """Refuse a module where a converter emitted a TE computation (call_tir) on non-constant
+    inputs: mtcompile's graph takes Relax operators only."""
+    from mtcompile.frontend.onnx_converters import leftover_call_tir
+
     left = leftover_call_tir(mod["main"], origin)
     if left:
         raise UnsupportedOperatorError(
@@ -872,6 +893,16 @@ def _import_onnx(t: Tenant) -> ImportedTenant:
             ),
             "ONNX",
         )
+
+
+def _import_onnx(t: Tenant) -> ImportedTenant:
+    """Import an ONNX tenant through TVM's importer, every op checked before and after."""
+    model = load_onnx(t)
+    _check_onnx_ops(t, model)
+    sig = onnx_signature(t, model)
+    shapes, bounds = _dims_of(t, {k: (list(s), d) for k, (s, d) in sig.items()})
+    mod, origin = _convert_onnx(t, model, sig, shapes)
+    _check_no_call_tir(t, mod, origin)
     mod = _canonical_dims(t, mod, list(sig), {}, bounds)
     digest = hashlib.sha256(model.SerializeToString()).hexdigest()
     return ImportedTenant(t.name, mod, list(sig), "onnx", digest)

@@ -35,8 +35,9 @@ def merge(graphs: list[Graph], shared: dict[str, dict[str, str]] | None = None) 
     return merged
 
 
-def share_inputs(graph: Graph, shared: dict[str, dict[str, str]]) -> Graph:
-    """Unify the input nodes declared under one shared name (types must agree)."""
+def _shared_targets(graph: Graph, shared: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Input node name -> the shared node that replaces it; each declared input checked (an
+    input of its tenant, of fixed shape, of the type of the others under its name)."""
     target: dict[str, str] = {}  # input node name -> shared node name
     first: dict[str, tuple[str, str, Node]] = {}  # shared name -> (tenant, local, node)
     for t, decl in shared.items():
@@ -64,6 +65,12 @@ def share_inputs(graph: Graph, shared: dict[str, dict[str, str]]) -> Graph:
                 )
             first.setdefault(key, (t, local, node))
             target[node.name] = f"shared.{key}"
+    return target
+
+
+def share_inputs(graph: Graph, shared: dict[str, dict[str, str]]) -> Graph:
+    """Unify the input nodes declared under one shared name (types must agree)."""
+    target = _shared_targets(graph, shared)
     users: dict[str, set[str]] = {}
     for name, shared_name in target.items():
         users.setdefault(shared_name, set()).update(graph.node(name).tenants)

@@ -60,6 +60,66 @@ def staged_name(library: str, digest: str) -> str:
     return f".{library}.{digest[:16]}"
 
 
+def _bundle_directory(directory: str | os.PathLike) -> Path:
+    """The directory to save a bundle into, created if missing (an existing file refused)."""
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"cannot save a bundle to {out}: it is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"cannot save a bundle to {out}: {e}") from e
+    return out
+
+
+def _write_library(
+    tmp_lib: Path, manifest: Manifest, executable, library_path: Path | None, weights, mask: int
+) -> str:
+    """Write the library to `tmp_lib` (a copy of `library_path`, else `executable` exported
+    with the native kernels when it links them and `weights` linked in) with the mode a
+    fresh write gets under `mask`; returns its sha256 (a copy must hash as the manifest
+    says)."""
+    if library_path is not None:
+        try:
+            shutil.copyfile(library_path, tmp_lib)
+        except FileNotFoundError as e:
+            raise ArtifactError(
+                f"{library_path}, which this bundle was loaded from, is "
+                "gone; load the bundle again before saving"
+            ) from e
+    else:
+        options = native.export_options() if links_native(manifest) else {}
+        with weights_addon(weights or [], manifest.weights) as addons, quiet_native_log():
+            options["addons"] = [*options.get("addons", []), *addons]
+            executable.export_library(str(tmp_lib), **options)
+    os.chmod(tmp_lib, 0o777 & ~mask)  # as the linker makes it (mkstemp's is 0600)
+    digest = sha256_file(tmp_lib)
+    if library_path is not None and digest != manifest.library_sha256:
+        raise ArtifactError(
+            f"{library_path} changed since this bundle was loaded from it; "
+            "load it again before saving"
+        )
+    return digest
+
+
+def _saved_manifest(manifest: Manifest, digest: str, key, tmp_lib: Path) -> Manifest:
+    """The manifest naming the library's hash, signed over it and `tmp_lib` with `key`."""
+    saved = manifest.with_(library_sha256=digest, bundle_signature=None)
+    if key is not None:
+        saved = saved.with_(
+            bundle_signature=signing.sign(key, json.loads(saved.to_json()), tmp_lib)
+        )
+    return saved
+
+
+def _remove_stale_staged(out: Path, library: str) -> None:
+    """Remove the staged libraries of saves that stopped before their end."""
+    stale = re.compile(re.escape(staged_name(library, "")) + "[0-9a-f]{16}")
+    for old in out.iterdir():
+        if stale.fullmatch(old.name):
+            old.unlink(missing_ok=True)
+
+
 def save(
     directory: str | os.PathLike,
     manifest: Manifest,
@@ -78,47 +138,17 @@ def save(
     is replaced (from here on the new bundle loads, from the staged library), then the
     staged library takes the bundle's name. Files get the modes a fresh write gets under
     the umask; nothing time- or path-dependent is written into them."""
-    out = Path(directory)
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"cannot save a bundle to {out}: it is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ArtifactError(f"cannot save a bundle to {out}: {e}") from e
+    out = _bundle_directory(directory)
     key = signing.as_key(sign_key, "sign_key")
     fd, tmp = tempfile.mkstemp(prefix=f".{manifest.library}.", suffix=".tmp", dir=out)
     os.close(fd)
     tmp_lib, staged = Path(tmp), None
     tmp_manifest = out / f".{MANIFEST}.tmp"
-    final_lib = out / manifest.library
     mask = _umask()
     manifest_replaced = keep_staged = False
     try:
-        if library_path is not None:
-            try:
-                shutil.copyfile(library_path, tmp_lib)
-            except FileNotFoundError as e:
-                raise ArtifactError(
-                    f"{library_path}, which this bundle was loaded from, is "
-                    "gone; load the bundle again before saving"
-                ) from e
-        else:
-            options = native.export_options() if links_native(manifest) else {}
-            with weights_addon(weights or [], manifest.weights) as addons, quiet_native_log():
-                options["addons"] = [*options.get("addons", []), *addons]
-                executable.export_library(str(tmp_lib), **options)
-        os.chmod(tmp_lib, 0o777 & ~mask)  # as the linker makes it (mkstemp's is 0600)
-        digest = sha256_file(tmp_lib)
-        if library_path is not None and digest != manifest.library_sha256:
-            raise ArtifactError(
-                f"{library_path} changed since this bundle was loaded from it; "
-                "load it again before saving"
-            )
-        saved = manifest.with_(library_sha256=digest, bundle_signature=None)
-        if key is not None:
-            saved = saved.with_(
-                bundle_signature=signing.sign(key, json.loads(saved.to_json()), tmp_lib)
-            )
+        digest = _write_library(tmp_lib, manifest, executable, library_path, weights, mask)
+        saved = _saved_manifest(manifest, digest, key, tmp_lib)
         tmp_manifest.write_text(saved.to_json())
         os.chmod(tmp_manifest, 0o666 & ~mask)
         staged = out / staged_name(manifest.library, digest)
@@ -127,17 +157,14 @@ def save(
         os.replace(tmp_lib, staged)
         os.replace(tmp_manifest, out / MANIFEST)
         manifest_replaced = True
-        os.replace(staged, final_lib)
+        os.replace(staged, out / manifest.library)
     except BaseException:
         tmp_lib.unlink(missing_ok=True)
         tmp_manifest.unlink(missing_ok=True)
         if staged is not None and not manifest_replaced and not keep_staged:
             staged.unlink(missing_ok=True)  # the old manifest does not name it
         raise
-    stale = re.compile(re.escape(staged_name(manifest.library, "")) + "[0-9a-f]{16}")
-    for old in out.iterdir():  # staged libraries of saves that stopped before their end
-        if stale.fullmatch(old.name):
-            old.unlink(missing_ok=True)
+    _remove_stale_staged(out, manifest.library)
     return saved
 
 

@@ -29,9 +29,14 @@ def register() -> None:
     import torch
     import tvm_ffi
 
+    _register_matmuls(torch, tvm_ffi)
+    _register_convs(torch, tvm_ffi)
+    _registered = True
+
+
+def _register_matmuls(torch, tvm_ffi) -> None:
+    """Register the matmul kernels (without and with a bias)."""
     from_dlpack = torch.from_dlpack
-    aten_conv = torch.ops.aten.convolution.out
-    pad = torch.nn.functional.pad
     addmm = torch.addmm
 
     @tvm_ffi.register_global_func(MATMUL, override=True)
@@ -43,6 +48,13 @@ def register() -> None:
         # w is 2-D, bias 1-D: one addmm over the rows of a (a view, no copy)
         a, w, o = from_dlpack(a), from_dlpack(w), from_dlpack(out)
         addmm(from_dlpack(bias), a.reshape(-1, a.shape[-1]), w, out=o.view(-1, o.shape[-1]))
+
+
+def _register_convs(torch, tvm_ffi) -> None:
+    """Register the conv2d kernels (without and with a bias)."""
+    from_dlpack = torch.from_dlpack
+    aten_conv = torch.ops.aten.convolution.out
+    pad = torch.nn.functional.pad
 
     def conv(x, w, bias, params, out):
         # params: stride h/w, padding top/left/bottom/right, dilation h/w, groups
@@ -71,5 +83,3 @@ def register() -> None:
     @tvm_ffi.register_global_func(CONV2D_BIAS, override=True)
     def _conv2d_bias(x, w, bias, params, out):
         conv(x, w, from_dlpack(bias), params, out)
-
-    _registered = True

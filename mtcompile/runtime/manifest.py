@@ -386,10 +386,16 @@ class Manifest:
 BUILT_AFTER = ("library_sha256", "memory", "weights", "bundle_signature")
 
 
-def _parse(d: dict) -> Manifest:
+def _library(d: dict) -> str:
+    """The library's file name (a bare name: no directory, not . or ..)."""
     lib = _get(d, "library", str, "")
     if not lib or Path(lib).name != lib or lib in (".", ".."):
         raise _Corrupt("library", f"{lib!r} is not a file name")
+    return lib
+
+
+def _tenant_sigs(d: dict) -> tuple[tuple[str, ...], dict[str, TenantSig]]:
+    """(tenant order, tenant signatures by name); the order lists each tenant once."""
     order = tuple(_get(d, "tenant_order", list, ""))
     if not all(isinstance(t, str) for t in order):
         raise _Corrupt("tenant_order", f"expected a list of names, found {list(order)!r:.60}")
@@ -398,15 +404,29 @@ def _parse(d: dict) -> Manifest:
     }
     if sorted(order) != sorted(tenants):
         raise _Corrupt("tenant_order", f"{list(order)} does not list the tenants {sorted(tenants)}")
-    versions = _get(d, "versions", dict, "")
-    for k in MUST_MATCH:
-        _get(versions, k, str, "versions")
+    return order, tenants
+
+
+def _run_all_inputs(d: dict, tenants: dict[str, TenantSig], order) -> tuple:
+    """The run_all parameters as (tenant, input) pairs each, checked against the tenants."""
     uses = _get(d, "run_all_inputs", list, "")
     try:
         run_all_inputs = tuple(tuple((str(t), str(n)) for t, n in u) for u in uses)
     except (TypeError, ValueError):
         raise _Corrupt("run_all_inputs", "expected lists of [tenant, input] pairs") from None
     _check_run_all_inputs(run_all_inputs, tenants, order)
+    return run_all_inputs
+
+
+def _parse(d: dict) -> Manifest:
+    """The manifest of a JSON document, every field checked (a `_Corrupt` names the first
+    bad one)."""
+    lib = _library(d)
+    order, tenants = _tenant_sigs(d)
+    versions = _get(d, "versions", dict, "")
+    for k in MUST_MATCH:
+        _get(versions, k, str, "versions")
+    run_all_inputs = _run_all_inputs(d, tenants, order)
     pipeline = tuple(
         PassSpec(_get(p, "name", str, f"pipeline[{i}]"), _get(p, "options", dict, f"pipeline[{i}]"))
         for i, p in enumerate(_get(d, "pipeline", list, ""))

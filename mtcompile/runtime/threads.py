@@ -85,6 +85,22 @@ def configure(threads: int | None = None) -> ThreadConfig:
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
     ):
         raise MTCompileError(f"threads must be a positive integer, got {threads!r}")
+    wanted, source = _wanted(threads)
+    if source == "threads":
+        os.environ[NUM_THREADS] = _ours[NUM_THREADS] = str(wanted)
+    if not user_set(SPIN_COUNT):  # nothing spins after a call returns
+        os.environ[SPIN_COUNT] = _ours[SPIN_COUNT] = "0"
+    native = _native_pool()
+    if native is not None:  # sized per thread at will: its threads start on first use
+        return ThreadConfig(wanted, int(native(wanted)), source, os.environ[SPIN_COUNT])
+    return ThreadConfig(wanted, _tvm_pool(wanted), source, os.environ[SPIN_COUNT])
+
+
+# The warnings below name the line that called `configure` (their helper is one frame more).
+def _wanted(threads: int | None) -> tuple[int, str]:
+    """(threads wanted, where the number comes from): ``TVM_NUM_THREADS`` when the user set
+    it to a positive integer (a different `threads` is ignored, with a warning), else
+    `threads`, else the usable cores."""
     wanted = threads or usable_cores()
     source = "threads"
     if user_set(NUM_THREADS):
@@ -98,7 +114,7 @@ def configure(threads: int | None = None) -> ThreadConfig:
                     f"threads={threads} ignored: {NUM_THREADS}={user} is set in the "
                     "environment and wins",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             wanted, source = user, NUM_THREADS
         else:
@@ -106,15 +122,14 @@ def configure(threads: int | None = None) -> ThreadConfig:
                 f"{NUM_THREADS}={os.environ[NUM_THREADS]!r} is not a positive "
                 f"integer; using {wanted} threads",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-    if source == "threads":
-        os.environ[NUM_THREADS] = _ours[NUM_THREADS] = str(wanted)
-    if not user_set(SPIN_COUNT):  # nothing spins after a call returns
-        os.environ[SPIN_COUNT] = _ours[SPIN_COUNT] = "0"
-    native = _native_pool()
-    if native is not None:  # sized per thread at will: its threads start on first use
-        return ThreadConfig(wanted, int(native(wanted)), source, os.environ[SPIN_COUNT])
+    return wanted, source
+
+
+def _tvm_pool(wanted: int) -> int:
+    """The size of the calling thread's TVM pool after shrinking it to `wanted` when it
+    started larger; a warning when it started smaller (it cannot grow)."""
     pool = pool_size()
     if pool > wanted:
         import tvm_ffi
@@ -128,9 +143,9 @@ def configure(threads: int | None = None) -> ThreadConfig:
             f"kernels run on {pool}. Set threads (or {NUM_THREADS}) before the "
             "first bundle runs in this process",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return ThreadConfig(wanted, pool, source, os.environ[SPIN_COUNT])
+    return pool
 
 
 def run_marks():

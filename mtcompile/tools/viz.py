@@ -226,13 +226,54 @@ def _cut(text: str) -> str:
     return text if len(text) <= 14 else text[:13] + "…"
 
 
+def _draw_node_box(ax, n: dict, x: float, y: float, kind: str, served: list, colors) -> None:
+    """The node's box, coloured by its kind, its label inside; under a shared or fused node
+    a strip of the served tenants' colours."""
+    from matplotlib.patches import FancyBboxPatch, Rectangle
+
+    face = {"own": colors[served[0]], "shared": SHARED_COLOR, "hfused": HFUSED_COLOR}[kind]
+    box = FancyBboxPatch(
+        (x - 0.45, y - 0.2),
+        0.9,
+        0.4,
+        boxstyle="round,pad=0.02",
+        facecolor=face,
+        edgecolor="#222" if kind != "own" else face,
+        linewidth=1.6 if kind != "own" else 0.5,
+        zorder=3,
+    )
+    box.set_gid(_gid("node", n["name"]))
+    ax.add_patch(box)
+    if kind != "own":  # a strip of the served tenants' colours under the box
+        w = 0.9 / len(served)
+        for k, t in enumerate(served):
+            ax.add_patch(
+                Rectangle(
+                    (x - 0.45 + k * w, y - 0.27),
+                    w,
+                    0.07,
+                    facecolor=colors[t],
+                    linewidth=0,
+                    zorder=3,
+                )
+            )
+    ax.text(
+        x,
+        y,
+        _label(n),
+        ha="center",
+        va="center",
+        fontsize=6.5,
+        zorder=4,
+        color="white" if kind == "own" else "black",
+    )
+
+
 def _draw_nodes(
     ax, nodes: list[dict], pos: dict, tenants: list[str], colors: dict[str, str]
 ) -> tuple[dict, dict]:
     """A box per node coloured by its kind, a strip of the served tenants' colours under a
     shared or fused one; returns the fusion groups' node positions and the count per kind."""
-    from matplotlib.patches import FancyBboxPatch, Rectangle
-
     groups: dict[str, list[tuple[float, float]]] = {}
     kinds = {"own": 0, "shared": 0, "hfused": 0}
     for n in nodes:
@@ -240,42 +281,7 @@ def _draw_nodes(
         served = [tenants[t] for t in n["tenants"]]
         kind = node_kind(n["name"], served)
         kinds[kind] += 1
-        face = {"own": colors[served[0]], "shared": SHARED_COLOR, "hfused": HFUSED_COLOR}[kind]
-        box = FancyBboxPatch(
-            (x - 0.45, y - 0.2),
-            0.9,
-            0.4,
-            boxstyle="round,pad=0.02",
-            facecolor=face,
-            edgecolor="#222" if kind != "own" else face,
-            linewidth=1.6 if kind != "own" else 0.5,
-            zorder=3,
-        )
-        box.set_gid(_gid("node", n["name"]))
-        ax.add_patch(box)
-        if kind != "own":  # a strip of the served tenants' colours under the box
-            w = 0.9 / len(served)
-            for k, t in enumerate(served):
-                ax.add_patch(
-                    Rectangle(
-                        (x - 0.45 + k * w, y - 0.27),
-                        w,
-                        0.07,
-                        facecolor=colors[t],
-                        linewidth=0,
-                        zorder=3,
-                    )
-                )
-        ax.text(
-            x,
-            y,
-            _label(n),
-            ha="center",
-            va="center",
-            fontsize=6.5,
-            zorder=4,
-            color="white" if kind == "own" else "black",
-        )
+        _draw_node_box(ax, n, x, y, kind, served, colors)
         if n.get("group"):
             groups.setdefault(n["group"], []).append((x, y))
     return groups, kinds
@@ -494,18 +500,9 @@ def _check_keys(what: str, d: Any, keys: Sequence[str]) -> None:
         raise MTCompileError(f"{what} needs a dict with keys {list(keys)}, got {got}")
 
 
-def draw_streams(lanes: Mapping) -> Picture:
-    """Stream lanes (Gantt): one row per stream, one bar per kernel from start_us to end_us
-    coloured by tenant; arrows for the syncs between streams."""
-    _check_keys("draw_streams", lanes, ["num_streams", "lanes"])
-    rows = list(lanes["lanes"])
-    tenants = _tenant_order(r["tenant"] for r in rows)
-    colors = tenant_colors(tenants)
-    n = max(int(lanes["num_streams"]), 1 + max((int(r["stream"]) for r in rows), default=0))
-    fig = _figure(12, 1.6 + 0.55 * n)
-    ax = fig.add_axes((0.08, 0.2, 0.9, 0.62))
-    end = max((float(r["end_us"]) for r in rows), default=1.0) or 1.0
-    by_kernel = {r["kernel"]: r for r in rows}
+def _draw_lane_bars(ax, rows: list, colors: dict[str, str], end: float) -> None:
+    """A bar per kernel on its stream's row from start_us to end_us, coloured by tenant,
+    labelled when wide enough."""
     for r in rows:
         s, e = float(r["start_us"]), float(r["end_us"])
         (bar,) = ax.barh(
@@ -528,6 +525,12 @@ def draw_streams(lanes: Mapping) -> Picture:
                 fontsize=6,
                 color="white",
             )
+
+
+def _draw_syncs(ax, lanes: Mapping, rows: list) -> list:
+    """An arrow from the end of each sync's producer to the start of its consumer (syncs
+    naming kernels not in `rows` are left out); the syncs drawn."""
+    by_kernel = {r["kernel"]: r for r in rows}
     syncs = [(a, b) for a, b in lanes.get("syncs", []) if a in by_kernel and b in by_kernel]
     for a, b in syncs:
         p, c = by_kernel[a], by_kernel[b]
@@ -537,6 +540,22 @@ def draw_streams(lanes: Mapping) -> Picture:
             xytext=(float(p["end_us"]), p["stream"]),
             arrowprops={"arrowstyle": "->", "color": "#c00", "lw": 0.8},
         )
+    return syncs
+
+
+def draw_streams(lanes: Mapping) -> Picture:
+    """Stream lanes (Gantt): one row per stream, one bar per kernel from start_us to end_us
+    coloured by tenant; arrows for the syncs between streams."""
+    _check_keys("draw_streams", lanes, ["num_streams", "lanes"])
+    rows = list(lanes["lanes"])
+    tenants = _tenant_order(r["tenant"] for r in rows)
+    colors = tenant_colors(tenants)
+    n = max(int(lanes["num_streams"]), 1 + max((int(r["stream"]) for r in rows), default=0))
+    fig = _figure(12, 1.6 + 0.55 * n)
+    ax = fig.add_axes((0.08, 0.2, 0.9, 0.62))
+    end = max((float(r["end_us"]) for r in rows), default=1.0) or 1.0
+    _draw_lane_bars(ax, rows, colors, end)
+    syncs = _draw_syncs(ax, lanes, rows)
     ax.set_yticks(range(n), [f"stream {i}" for i in range(n)])
     ax.set_ylim(n - 0.4, -0.6)
     ax.set_xlim(0, end * 1.01)

@@ -52,10 +52,10 @@ mtc::LibWeights table_of(const std::string& text, int64_t size, const std::strin
   return w;
 }
 
-}  // namespace
+namespace refl = tvm::ffi::reflection;
 
-TVM_FFI_STATIC_INIT_BLOCK() {
-  namespace refl = tvm::ffi::reflection;
+// Opening a bundle's library (every check of the contract) and reading its weights table.
+void register_library() {
   // open(dir, private_path, key or None, require_signature) -> [.., src, manifest text, verified]
   refl::GlobalDef().def("mtcompile.core.open", [](ffi::String dir, ffi::String private_path,
                                                   ffi::Optional<ffi::Bytes> key, bool require) {
@@ -74,6 +74,11 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       return ok({reinterpret_cast<int64_t>(w.base), w.size, ffi::String(w.text)});
     });
   });
+}
+
+// The checks of a manifest against the library's weights tables and embedded manifest, and
+// of one weights table against its symbol.
+void register_checks() {
   // check_weights(dir, manifest text, the library's table text, its symbol's size, lib name)
   refl::GlobalDef().def("mtcompile.core.check_weights",
                         [](ffi::String dir, ffi::String text, ffi::String table, int64_t size,
@@ -112,6 +117,11 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       return ok({});
     });
   });
+}
+
+// What the host offers (CPU features), file names for outputs, and the TVM version built
+// against.
+void register_host() {
   // missing_features(LLVM features, cpuinfo flags or None: this host's) -> "['avx2']" or ""
   refl::GlobalDef().def("mtcompile.core.missing_features",
                         [](ffi::Array<ffi::String> features,
@@ -125,4 +135,12 @@ TVM_FFI_STATIC_INIT_BLOCK() {
     return ffi::String(mtc::file_name(tenant, name));
   });
   refl::GlobalDef().def("mtcompile.core.tvm_version", []() { return ffi::String(MTC_TVM_VERSION); });
+}
+
+}  // namespace
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  register_library();
+  register_checks();
+  register_host();
 }
