@@ -5,7 +5,8 @@
 no compiler, no torch), runs one tenant or ``run_all`` on ``INPUT_DIR/<tenant>.<input>.npy``
 and writes ``OUTPUT_DIR/<tenant>.<output>.npy`` (names made safe: `contract.file_name`); it
 checks the bundle with the runtime core `mtcompile.load` calls too (`mtcompile.core`, whose
-headers it includes) and inputs against the manifest (shape, dtype, index ranges) first;
+headers it includes) and the inputs with the core's check of a call (`Bundle.run`'s checks
+and words; each ``<tenant>.*.npy`` file is one input given) first;
 ``--timing`` prints
 ``{"load_s", "first_call_s", "peak_rss_kib"}`` as JSON. Exit status: 0 ok,
 2 usage, 3 bad input or bundle, 4 run-time error. It is the proof that a bundle is one native
