@@ -43,6 +43,7 @@ def check(bundle_dir: str, ref: str) -> None:
         for i, (a, r) in enumerate(zip(got[t], alone, strict=True)):
             np.testing.assert_array_equal(a, z[f"out.{t}.{i}"], err_msg=f"run_all: {t} {i}")
             np.testing.assert_array_equal(r, z[f"out.{t}.{i}"], err_msg=f"run: {t} {i}")
+    _check_driver(bundle_dir, b, inputs, z)
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tvm", "torch"))
     if heavy:
         raise SystemExit(f"the serving install imported {heavy[:5]}")
@@ -53,6 +54,32 @@ def check(bundle_dir: str, ref: str) -> None:
         f"{fp['code'] >> 10} KiB, weights {fp['weights'] >> 10} KiB, arena "
         f"{(fp['arena'] or 0) >> 10} KiB"
     )
+
+
+def _check_driver(bundle_dir: str, b, inputs, z) -> None:
+    """mtcompile-run, as installed (prebuilt), runs each tenant with the same outputs."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from mtcompile import driver
+
+    with tempfile.TemporaryDirectory() as d:
+        ins, outs = Path(d) / "in", Path(d) / "out"
+        ins.mkdir()
+        outs.mkdir()
+        for t in b.tenant_names:
+            for io, a in zip(b.manifest.tenants[t].inputs, inputs[t], strict=True):
+                np.save(ins / f"{t}.{io.name}.npy", a)
+            res = subprocess.run(
+                driver.command(bundle_dir, t, ins, outs), capture_output=True, text=True
+            )
+            if res.returncode != 0:
+                raise SystemExit(f"mtcompile-run {t}: exit {res.returncode}: {res.stderr}")
+            for i, io in enumerate(b.manifest.tenants[t].outputs):
+                got = np.load(outs / io.file)
+                np.testing.assert_array_equal(got, z[f"out.{t}.{i}"], err_msg=f"driver: {t} {i}")
+    print(f"mtcompile-run ({driver.build()}) ran each tenant with the same outputs")
 
 
 def serve(bundle_dir: str, ref: str) -> None:

@@ -387,7 +387,7 @@ def test_driver_refuses_index_inputs_outside_their_range(saved, tmp_path):
         refused(
             drive(saved, "emb", inputs),
             "tenant 'emb', input 'ids'",
-            f"index {bad} at flat position 6 is outside [0, 64)",
+            f"values index a table of 64 rows and must be in [0, 64); got values in [0, {bad}]",
         )
 
 

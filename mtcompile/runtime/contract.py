@@ -10,6 +10,7 @@ library's, is checked against the weights symbol's size before a byte of it is v
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -56,6 +57,12 @@ RULES = {
     "weights-same": "manifest.json's weights table equals the one the library carries",
     "embedded-manifest": "the manifest the library embeds equals manifest.json (less "
     "library_sha256, memory, weights, bundle_signature)",
+    # a call's inputs (inputs.h), checked per call in both front-ends
+    "input-count": "a call gives each of the tenant's inputs, no more (the driver: one file "
+    "<tenant>.<name>.npy per input)",
+    "input-type": "each input has its dtype and shape (a dynamic dim: any size)",
+    "input-bounds": "a dynamic dim lies within its bounds [lo, hi]",
+    "input-dims": "a dynamic dim has one size in every input of the call",
     "index-range": "an index input's values lie in its index_range [lo, hi)",
     "file-name": "an input file is <tenant>.<name>.npy, each character of the name outside "
     "[A-Za-z0-9_.-] replaced by '_'; outputs are the manifest's output_files",
@@ -150,3 +157,10 @@ def missing_features(features, flags=None) -> str:
     """The LLVM `features` whose cpuinfo flag `flags` (default: this host's) lacks, as the
     core's refusal names them ("['avx2']"; "" when none: rule cpu-features)."""
     return str(_fn("missing_features")(list(features), None if flags is None else list(flags)))
+
+
+def input_checker(tenant: str, inputs: list[dict]):
+    """The core's check of one call's inputs to `tenant` (`inputs`: its signature's inputs,
+    as the manifest writes them), parsed once: a function of per-input records (dtype name,
+    data address or 0, ndim, dims...) that returns None, or the refusal's message."""
+    return _fn("input_checker")(tenant, json.dumps(inputs))

@@ -4,13 +4,15 @@ seeded random inputs (for profiling and verifying without user data)."""
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from mtcompile.errors import InputError
-from mtcompile.runtime.manifest import IOSpec, TenantSig, signature_text
+from mtcompile.runtime import contract
+from mtcompile.runtime.manifest import IOSpec, TenantSig
 
 INT_HIGH = 16  # random integer inputs (token ids, indices) are drawn from [0, INT_HIGH)
 
@@ -41,7 +43,9 @@ def to_array(x) -> np.ndarray:
     return np.asarray(x, order="C")
 
 
-def _checked(name: str, x, s: IOSpec, sig: Sequence[IOSpec]) -> np.ndarray:
+def _array(name: str, x, s: IOSpec) -> np.ndarray:
+    """`x` as a numpy array, or why it cannot be one (what only Python objects can be: a
+    meta or sparse torch tensor, a ragged list); the checks of its contents are the core's."""
     torch = sys.modules.get("torch")
     if (
         torch is not None
@@ -58,67 +62,42 @@ def _checked(name: str, x, s: IOSpec, sig: Sequence[IOSpec]) -> np.ndarray:
             f"{s.dtype}{list(s.shape)} data, got {kind}"
         )
     try:
-        a = to_array(x)
+        return to_array(x)
     except (TypeError, ValueError) as e:  # a float8 tensor, a ragged list
         raise InputError(
             f"tenant '{name}', input '{s.name}': cannot use a {type(x).__name__} "
             f"as an array ({e}); expected {s.dtype}{list(s.shape)}"
         ) from e
-    if (
-        len(a.shape) != len(s.shape)
-        or str(a.dtype) != s.dtype
-        or any(isinstance(d, int) and d != n for d, n in zip(s.shape, a.shape, strict=True))
-    ):
-        raise InputError(
-            f"tenant '{name}', input '{s.name}': expected {s.dtype}"
-            f"{_shape_text(s.shape)}, got {a.dtype}{list(a.shape)} (signature: "
-            f"{signature_text(tuple(sig))})"
-        )
-    for axis, (d, n) in enumerate(zip(s.shape, a.shape, strict=True)):
-        if isinstance(d, str) and d in (s.dims or {}):
-            lo, hi = s.dims[d]
-            if not lo <= n <= hi:
-                raise InputError(
-                    f"tenant '{name}', input '{s.name}': dim {axis} ('{d}') is "
-                    f"{n}, outside its bounds [{lo}, {hi}] (signature: "
-                    f"{signature_text(tuple(sig))})"
-                )
-    if s.index_range is not None and a.size:
-        lo, hi = s.index_range
-        if a.min() < lo or a.max() >= hi:
-            what = f"index a table of {hi} rows" if lo in (0, -hi) else "index a table"
-            raise InputError(
-                f"tenant '{name}', input '{s.name}': values {what} and must be "
-                f"in [{lo}, {hi}); got values in [{a.min()}, {a.max()}]"
-            )
-    return a
 
 
-def _shape_text(shape) -> str:
-    return "[" + ", ".join(map(str, shape)) + "]"
+_checkers: dict[tuple[str, int], Any] = {}  # (tenant, id(signature)) -> the core's checker
+
+
+def _checker(name: str, sig: TenantSig):
+    key = (name, id(sig))
+    checker = _checkers.get(key)
+    if checker is None:  # once per signature: the core parses it
+        checker = _checkers[key] = contract.input_checker(name, [s.to_dict() for s in sig.inputs])
+        weakref.finalize(sig, _checkers.pop, key, None)
+    return checker
 
 
 def check_inputs(name: str, sig: TenantSig, inputs: Sequence) -> list[np.ndarray]:
-    """`inputs` of tenant `name` as numpy arrays, checked against its signature (a
-    symbolic dim: within its bounds, and one size wherever its name appears)."""
+    """`inputs` of tenant `name` as numpy arrays, checked against its signature by the
+    runtime core (`contract.input_checker`: the checks mtcompile-run makes, in its words):
+    their number, dtypes and shapes, a symbolic dim within its bounds and of one size
+    wherever its name appears, an index input's values within its range."""
+    checker = _checker(name, sig)
     if len(inputs) != len(sig.inputs):
-        raise InputError(
-            f"tenant '{name}' takes {len(sig.inputs)} input(s) "
-            f"({signature_text(sig.inputs)}), got {len(inputs)}"
-        )
-    arrays = [_checked(name, x, s, sig.inputs) for x, s in zip(inputs, sig.inputs, strict=True)]
-    seen: dict[str, tuple[int, str, int]] = {}  # dim name -> (size, input, axis)
-    for s, a in zip(sig.inputs, arrays, strict=True):
-        for axis, (d, n) in enumerate(zip(s.shape, a.shape, strict=True)):
-            if not isinstance(d, str):
-                continue
-            first = seen.setdefault(d, (n, s.name, axis))
-            if first[0] != n:
-                raise InputError(
-                    f"tenant '{name}': dim '{d}' is {first[0]} in input "
-                    f"'{first[1]}' (axis {first[2]}) but {n} in input "
-                    f"'{s.name}' (axis {axis}); one name, one size"
-                )
+        raise InputError(checker(*(("", 0, 0) * len(inputs))))
+    arrays = [_array(name, x, s) for x, s in zip(inputs, sig.inputs, strict=True)]
+    records: list = []
+    for a, s in zip(arrays, sig.inputs, strict=True):  # dtype, data (index inputs), ndim, dims
+        data = a.ctypes.data if s.index_range is not None else 0
+        records += (str(a.dtype), data, a.ndim, *a.shape)
+    refusal = checker(*records)
+    if refusal is not None:
+        raise InputError(str(refusal))
     return arrays
 
 

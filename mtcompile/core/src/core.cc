@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "contract.h"
+#include "inputs.h"
 #include "library.h"
 #include "manifest.h"
 
@@ -52,10 +53,48 @@ mtc::LibWeights table_of(const std::string& text, int64_t size, const std::strin
   return w;
 }
 
-namespace refl = tvm::ffi::reflection;
+// a call's inputs as the checker gets them, per input: dtype name, data address (0: values not
+// checked), ndim, then the dims; the count of records is the count of inputs given
+std::vector<mtc::Arg> args_of(ffi::PackedArgs a) {
+  std::vector<mtc::Arg> out;
+  for (int i = 0; i < a.size();) {
+    if (i + 3 > a.size()) throw std::runtime_error("input_checker: truncated input record");
+    mtc::Arg arg;
+    arg.dtype = a[i].cast<std::string>();
+    arg.data = reinterpret_cast<const void*>(a[i + 1].cast<int64_t>());
+    const int64_t ndim = a[i + 2].cast<int64_t>();
+    if (ndim < 0 || i + 3 + ndim > a.size())
+      throw std::runtime_error("input_checker: bad ndim in an input record");
+    for (int64_t d = 0; d < ndim; ++d) arg.shape.push_back(a[i + 3 + d].cast<int64_t>());
+    out.push_back(std::move(arg));
+    i += 3 + static_cast<int>(ndim);
+  }
+  return out;
+}
 
-// Opening a bundle's library (every check of the contract) and reading its weights table.
-void register_library() {
+// input_checker(tenant, its inputs' JSON) -> a function of one call's input records (args_of)
+// that returns None, or the refusal's message (mtcompile-run's exit-3 line)
+ffi::Function input_checker(const std::string& tenant, const std::string& inputs) {
+  mtc::Tenant t;
+  t.name = tenant;
+  t.inputs = mtc::read_ios(ffi::json::Parse(inputs), "tenants." + tenant + ".inputs");
+  return ffi::Function::FromPacked([t](ffi::PackedArgs a, ffi::Any* rv) {
+    try {
+      mtc::check_inputs(t, args_of(a));
+      *rv = nullptr;
+    } catch (const mtc::BadInput& e) {
+      *rv = ffi::String(e.what());
+    }
+  });
+}
+
+}  // namespace
+
+namespace {
+
+// open, the weights tables and the loaded library
+void def_bundle_checks() {
+  namespace refl = tvm::ffi::reflection;
   // open(dir, private_path, key or None, require_signature) -> [.., src, manifest text, verified]
   refl::GlobalDef().def("mtcompile.core.open", [](ffi::String dir, ffi::String private_path,
                                                   ffi::Optional<ffi::Bytes> key, bool require) {
@@ -74,11 +113,6 @@ void register_library() {
       return ok({reinterpret_cast<int64_t>(w.base), w.size, ffi::String(w.text)});
     });
   });
-}
-
-// The checks of a manifest against the library's weights tables and embedded manifest, and
-// of one weights table against its symbol.
-void register_checks() {
   // check_weights(dir, manifest text, the library's table text, its symbol's size, lib name)
   refl::GlobalDef().def("mtcompile.core.check_weights",
                         [](ffi::String dir, ffi::String text, ffi::String table, int64_t size,
@@ -98,6 +132,11 @@ void register_checks() {
       return ok({});
     });
   });
+}
+
+// the embedded manifest, one table, the host, file names, inputs
+void def_other_checks() {
+  namespace refl = tvm::ffi::reflection;
   // check_embedded(dir, manifest text, the embedded manifest's text, lib name)
   refl::GlobalDef().def("mtcompile.core.check_embedded",
                         [](ffi::String dir, ffi::String text, ffi::String embedded, ffi::String src) {
@@ -117,11 +156,6 @@ void register_checks() {
       return ok({});
     });
   });
-}
-
-// What the host offers (CPU features), file names for outputs, and the TVM version built
-// against.
-void register_host() {
   // missing_features(LLVM features, cpuinfo flags or None: this host's) -> "['avx2']" or ""
   refl::GlobalDef().def("mtcompile.core.missing_features",
                         [](ffi::Array<ffi::String> features,
@@ -134,13 +168,15 @@ void register_host() {
   refl::GlobalDef().def("mtcompile.core.file_name", [](ffi::String tenant, ffi::String name) {
     return ffi::String(mtc::file_name(tenant, name));
   });
+  refl::GlobalDef().def("mtcompile.core.input_checker", [](ffi::String tenant, ffi::String inputs) {
+    return input_checker(tenant, inputs);
+  });
   refl::GlobalDef().def("mtcompile.core.tvm_version", []() { return ffi::String(MTC_TVM_VERSION); });
 }
 
 }  // namespace
 
 TVM_FFI_STATIC_INIT_BLOCK() {
-  register_library();
-  register_checks();
-  register_host();
+  def_bundle_checks();
+  def_other_checks();
 }

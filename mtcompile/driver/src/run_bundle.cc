@@ -10,7 +10,8 @@
 // by the native runtime core the Python runtime calls too (mtcompile/core/src: library.h, under
 // the rules of contract.h: library hash before dlopen, ELF headers, embedded manifest, weights
 // table, and with --verify-key-file or MTCOMPILE_VERIFY_KEY the signature; manifest.h: fields),
-// inputs against the manifest (shape, dtype, index ranges) before the call. --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on
+// inputs by the core's inputs.h before the call (the checks and words of the Python runtime's
+// calls: count, dtype, shape, dim bounds, index ranges). --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on
 // stdout. Exit status: 0 ok, 2 usage, 3 bad input or bundle, 4 run-time error.
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
@@ -22,9 +23,11 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include "contract.h"
+#include "inputs.h"
 #include "library.h"
 #include "manifest.h"
 
@@ -186,69 +189,68 @@ void write_npy(const std::string& path, const ffi::Tensor& t) {
 }
 
 // ------------------------------------------------------------------ inputs
-template <typename T>
-void check_range(const char* data, size_t n, const IO& io, const std::string& tenant) {
-  const T* v = reinterpret_cast<const T*>(data);
-  for (size_t i = 0; i < n; ++i)
-    if (static_cast<int64_t>(v[i]) < io.lo || static_cast<int64_t>(v[i]) >= io.hi)
-      throw BadInput("tenant '" + tenant + "', input '" + io.name + "': index " +
-                     std::to_string(static_cast<int64_t>(v[i])) + " at flat position " +
-                     std::to_string(i) + " is outside [" + std::to_string(io.lo) + ", " +
-                     std::to_string(io.hi) + ")");
+// the dtype a .npy file's descr names: the manifest's name, or the descr itself (numpy's name
+// for what mtcompile has none, '<U3'), as the Python runtime names an array's dtype
+std::string dtype_name(const std::string& descr) {
+  for (const DType& d : kDTypes)
+    if (descr == d.descr) return d.name;
+  return descr;
 }
 
-void check_npy(const Npy& npy, const IO& io, const std::string& tenant, const std::string& path) {
-  const DType& d = dtype_named(io.dtype);
-  if (npy.descr != d.descr)
-    throw BadInput("tenant '" + tenant + "', input '" + io.name + "' (" + path + "): expected " +
-                   io.dtype + " ('" + d.descr + "'), found '" + npy.descr + "'");
-  bool fits = npy.shape.size() == io.shape.size();
-  for (size_t i = 0; fits && i < io.shape.size(); ++i)
-    fits = io.shape[i] == -1 || io.shape[i] == npy.shape[i];
-  if (!fits)
-    throw BadInput("tenant '" + tenant + "', input '" + io.name + "' (" + path +
-                   "): expected shape " + shape_str(io.shape) +
-                   (std::count(io.shape.begin(), io.shape.end(), -1) ? " (-1: dynamic)" : "") +
-                   ", found " + shape_str(npy.shape));
-  for (size_t i = 0; i < io.shape.size(); ++i) {  // a dynamic dim: within its bounds
-    auto b = io.bounds.find(io.dims[i]);
-    if (io.shape[i] == -1 && b != io.bounds.end() &&
-        (npy.shape[i] < b->second.first || npy.shape[i] > b->second.second))
-      throw BadInput("tenant '" + tenant + "', input '" + io.name + "': dim " +
-                     std::to_string(i) + " ('" + io.dims[i] + "') is " +
-                     std::to_string(npy.shape[i]) + ", outside its bounds [" +
-                     std::to_string(b->second.first) + ", " + std::to_string(b->second.second) +
-                     "]");
+// how many inputs the directory gives tenant `t`: its files <tenant>.*.npy (a missing or an
+// extra one is a missing or an extra argument: rule input-count, the Python runtime's words)
+size_t count_given(const std::string& dir, const Tenant& t) {
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) throw BadInput(dir + ": cannot open the input directory");
+  const std::string prefix = t.name + ".";
+  size_t n = 0;
+  for (dirent* e = readdir(d); e != nullptr; e = readdir(d)) {
+    const std::string f = e->d_name;
+    n += f.size() > prefix.size() + 4 && f.rfind(prefix, 0) == 0 &&
+         f.compare(f.size() - 4, 4, ".npy") == 0;
   }
+  closedir(d);
+  return n;
 }
 
-ffi::Tensor load_input(const std::string& dir, const std::string& tenant, const IO& io) {
-  const std::string path = dir + "/" + mtc::file_name(tenant, io.name);
-  std::ifstream f;
-  uint64_t have = 0;
-  Npy npy = read_npy_header(f, path, &have);
-  check_npy(npy, io, tenant, path);
-  // the bytes the header promises, checked against the file before anything is allocated
-  __int128 want = dtype_named(io.dtype).dl.bits / 8;
-  for (int64_t d : npy.shape) want = std::min<__int128>(want * d, (__int128)1 << 100);
+// the data of a checked header: the bytes it promises, checked against the file first
+ffi::Tensor read_data(std::ifstream& f, const std::string& path, const mtc::Arg& a,
+                      uint64_t have) {
+  const DLDataType dl = dtype_named(a.dtype).dl;
+  __int128 want = dl.bits / 8;
+  for (int64_t d : a.shape) want = std::min<__int128>(want * d, (__int128)1 << 100);
   if (want != static_cast<__int128>(have))
     throw BadInput(path + ": " + std::to_string(have) + " data bytes, its header's " +
-                   io.dtype + shape_str(npy.shape) + " needs " +
+                   a.dtype + shape_str(a.shape) + " needs " +
                    (want < ((__int128)1 << 62) ? std::to_string(int64_t(want)) : "more"));
-  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(npy.shape.data(), npy.shape.size()),
-                                           dtype_named(io.dtype).dl, DLDevice{kDLCPU, 0});
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(a.shape.data(), a.shape.size()),
+                                           dl, DLDevice{kDLCPU, 0});
   f.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(have));
   if (static_cast<uint64_t>(f.gcount()) != have) throw BadInput(path + ": cannot read its data");
-  if (io.ranged) {  // rule index-range
-    const char* data = static_cast<const char*>(t.data_ptr());
-    const size_t n = static_cast<size_t>(t.numel());
-    if (io.dtype == "int64") check_range<int64_t>(data, n, io, tenant);
-    else if (io.dtype == "int32") check_range<int32_t>(data, n, io, tenant);
-    else if (io.dtype == "int16") check_range<int16_t>(data, n, io, tenant);
-    else if (io.dtype == "int8") check_range<int8_t>(data, n, io, tenant);
-    else if (io.dtype == "uint8") check_range<uint8_t>(data, n, io, tenant);
-  }
   return t;
+}
+
+// tenant `t`'s inputs from `dir`, checked by the runtime core as the Python runtime's are
+// (mtc::check_inputs, in two steps: the headers before a byte of data is read, then the values)
+std::vector<ffi::Tensor> read_tenant(const std::string& dir, const Tenant& t) {
+  mtc::check_count(t, count_given(dir, t));
+  std::vector<std::ifstream> files(t.inputs.size());
+  std::vector<mtc::Arg> args;
+  std::vector<uint64_t> have(t.inputs.size());
+  for (size_t k = 0; k < t.inputs.size(); ++k) {
+    const std::string path = dir + "/" + mtc::file_name(t.name, t.inputs[k].name);
+    Npy npy = read_npy_header(files[k], path, &have[k]);
+    args.push_back(mtc::Arg{dtype_name(npy.descr), npy.shape, nullptr});
+  }
+  mtc::check_signature(t, args);
+  std::vector<ffi::Tensor> out;
+  for (size_t k = 0; k < t.inputs.size(); ++k) {
+    const std::string path = dir + "/" + mtc::file_name(t.name, t.inputs[k].name);
+    out.push_back(read_data(files[k], path, args[k], have[k]));
+    args[k].data = out.back().data_ptr();
+    mtc::check_range(t, t.inputs[k], args[k]);
+  }
+  return out;
 }
 
 std::vector<ffi::Tensor> results(const ffi::Any& r) {
@@ -370,20 +372,23 @@ bool parse_options(int argc, char** argv, Options& o) {
   return o.help || o.pos.size() == 4;
 }
 
-// the entry's inputs, read and checked; `outs` gets the file of each result
+// the entry's inputs, read and checked; `outs` gets the file of each result. run_all reads every
+// tenant's inputs (each checked as that tenant's call is) and passes each shared one once.
 std::vector<ffi::Tensor> read_inputs(const Manifest& man, const std::string& entry,
                                      const std::string& in_dir,
                                      std::vector<std::string>& outs) {
   std::vector<ffi::Tensor> args;
   if (entry == "run_all") {
-    for (const auto& [t, i] : man.run_all_inputs)
-      for (const IO& io : man.tenant(t).inputs)
-        if (io.name == i) args.push_back(load_input(in_dir, t, io));
-    for (const Tenant& t : man.tenants)
+    std::map<std::pair<std::string, std::string>, ffi::Tensor> given;
+    for (const Tenant& t : man.tenants) {
+      std::vector<ffi::Tensor> ts = read_tenant(in_dir, t);
+      for (size_t k = 0; k < ts.size(); ++k) given.emplace(std::make_pair(t.name, t.inputs[k].name), ts[k]);
       for (const IO& o : t.outputs) outs.push_back(o.file);
+    }
+    for (const auto& use : man.run_all_inputs) args.push_back(given.at(use));
   } else {
     const Tenant& t = man.tenant(entry);
-    for (const IO& io : t.inputs) args.push_back(load_input(in_dir, t.name, io));
+    args = read_tenant(in_dir, t);
     for (const IO& o : t.outputs) outs.push_back(o.file);
   }
   return args;
