@@ -28,7 +28,8 @@ PUT = "mtcompile.streams.put"
 GET = "mtcompile.streams.get"
 
 # The message of a bounds check lowering puts in the generated code starts with this; the
-# runtime raises `mtcompile.errors.IndexOutOfRangeError` with the rest of it
+# runtime raises `mtcompile.errors.IndexOutOfRangeError` with the rest of it (mtcompile-run
+# prints the rest and exits 3: its `failed_check` spells both markers again)
 INDEX_CHECK = "mtcompile.IndexOutOfRange:"
 # ... and of a check that an integer divisor is not 0 (`mtcompile.errors.DivisionByZeroError`)
 DIVISION_CHECK = "mtcompile.DivisionByZero:"

@@ -58,3 +58,23 @@ def test_the_most_negative_value_divided_by_minus_one_gives_pytorch_result(bundl
     want = torch.tensor(a) // torch.tensor(b), torch.tensor(a) % torch.tensor(b)
     np.testing.assert_array_equal(got[0], want[0].numpy())
     np.testing.assert_array_equal(got[1], want[1].numpy())
+
+
+def test_the_driver_refuses_a_divisor_of_zero_with_pythons_line(bundle, tmp_path):
+    """mtcompile-run exits 3 (bad input) with the line Python raises, not 4 (internal)."""
+    import subprocess
+
+    from mtcompile.driver import command
+
+    bundle.save(tmp_path / "b")
+    a, b = A.numpy(), np.array([2, 0, -2, 4])
+    with pytest.raises(DivisionByZeroError) as e:
+        mtcompile.load(tmp_path / "b").run("div", a, b)
+    for d in ("in", "out"):
+        (tmp_path / d).mkdir()
+    np.save(tmp_path / "in" / "div.a.npy", a)
+    np.save(tmp_path / "in" / "div.b.npy", b)
+    cmd = command(tmp_path / "b", "div", tmp_path / "in", tmp_path / "out")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == f"mtcompile-run: {str(e.value).splitlines()[0]}"

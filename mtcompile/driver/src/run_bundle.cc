@@ -452,6 +452,19 @@ int run(int argc, char** argv) {
   return 0;
 }
 
+// a failed check of the generated code (mtcompile.abi INDEX_CHECK, DIVISION_CHECK): the line
+// after its marker (what the Python runtime raises), else ""
+std::string failed_check(const std::string& what) {
+  for (const char* marker : {"mtcompile.IndexOutOfRange:", "mtcompile.DivisionByZero:"}) {
+    const size_t at = what.find(marker);
+    if (at == std::string::npos) continue;
+    std::string line = what.substr(at + std::strlen(marker));
+    line = line.substr(0, line.find('\n'));
+    return line.substr(std::min(line.find_first_not_of(' '), line.size()));
+  }
+  return "";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -461,6 +474,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "mtcompile-run: %s\n", e.what());
     return 3;
   } catch (const std::exception& e) {
+    const std::string bad = failed_check(e.what());  // bad input found while running
+    if (!bad.empty()) {
+      std::fprintf(stderr, "mtcompile-run: %s\n", bad.c_str());
+      return 3;
+    }
     std::fprintf(stderr, "mtcompile-run: error: %s\n", e.what());
     return 4;
   }
