@@ -178,6 +178,40 @@ def test_shared_input_is_one_run_all_parameter():
     assert b.run("b", x)[0].shape == (2, 4)
 
 
+@pytest.mark.slow  # compiles a bundle of its own, runs the driver
+def test_the_driver_refuses_different_values_for_a_shared_input_as_python_does(tmp_path):
+    """The check lives in the core: mtcompile-run used the first tenant's file silently."""
+    import subprocess
+
+    from mtcompile.driver import command
+
+    b = mtcompile.compile(_mlp_pair(same_weights=False, shared=True))
+    b.save(tmp_path / "b")
+    x = seeded_input(1, 2, 8)
+    with pytest.raises(InputError) as e:
+        mtcompile.load(tmp_path / "b").run_all({"a": (x,), "b": (x + 1,)})
+    for d in ("in", "out"):
+        (tmp_path / d).mkdir()
+    np.save(tmp_path / "in" / "a.x.npy", x.numpy())
+    np.save(tmp_path / "in" / "b.x.npy", x.numpy() + 1)
+    run = subprocess.run(
+        command(tmp_path / "b", "run_all", tmp_path / "in", tmp_path / "out"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"mtcompile-run: {e.value}"
+    np.save(tmp_path / "in" / "b.x.npy", x.numpy())  # the same values: it runs
+    run = subprocess.run(
+        command(tmp_path / "b", "run_all", tmp_path / "in", tmp_path / "out"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+
+
 def test_shared_inputs_must_agree_on_type():
     m, (x,) = linear_relu(0)
     conv = torch.nn.Conv2d(3, 2, 1).eval()

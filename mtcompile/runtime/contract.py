@@ -164,3 +164,11 @@ def input_checker(tenant: str, inputs: list[dict]):
     as the manifest writes them), parsed once: a function of per-input records (dtype name,
     data address or 0, ndim, dims...) that returns None, or the refusal's message."""
     return _fn("input_checker")(tenant, json.dumps(inputs))
+
+
+def shared_checker(groups: list):
+    """The core's check that the tenants sharing a run_all input give it one value
+    (`groups`: run_all's parameters, each the [tenant, input] uses it serves), parsed once:
+    a function of (data address, byte count) per use of each group of several uses, in
+    order, that returns None, or the refusal's message."""
+    return _fn("shared_checker")(json.dumps([[list(u) for u in g] for g in groups]))

@@ -72,6 +72,37 @@ std::vector<mtc::Arg> args_of(ffi::PackedArgs a) {
   return out;
 }
 
+// shared_checker(run_all_inputs' JSON: lists of [tenant, input] uses) -> a function of one
+// run_all call's bytes, per use of each group of several uses in order: data address, byte
+// count; it returns None, or the refusal's message (mtcompile-run's exit-3 line)
+ffi::Function shared_checker(const std::string& groups_json) {
+  std::vector<std::vector<std::pair<std::string, std::string>>> groups;
+  for (const ffi::Any& g : ffi::json::Parse(groups_json).cast<ffi::Array<ffi::Any>>()) {
+    auto uses = g.cast<ffi::Array<ffi::Any>>();
+    if (uses.size() < 2) continue;
+    groups.emplace_back();
+    for (const ffi::Any& u : uses) {
+      auto pair = u.cast<ffi::Array<ffi::Any>>();
+      groups.back().emplace_back(pair[0].cast<std::string>(), pair[1].cast<std::string>());
+    }
+  }
+  return ffi::Function::FromPacked([groups](ffi::PackedArgs a, ffi::Any* rv) {
+    *rv = nullptr;
+    int i = 0;
+    try {
+      for (const auto& group : groups) {
+        std::vector<mtc::Bytes> uses;
+        for (size_t k = 0; k < group.size() && i + 1 < a.size(); ++k, i += 2)
+          uses.emplace_back(reinterpret_cast<const void*>(a[i].cast<int64_t>()),
+                            static_cast<size_t>(a[i + 1].cast<int64_t>()));
+        mtc::check_shared(group, uses);
+      }
+    } catch (const mtc::BadInput& e) {
+      *rv = ffi::String(e.what());
+    }
+  });
+}
+
 // input_checker(tenant, its inputs' JSON) -> a function of one call's input records (args_of)
 // that returns None, or the refusal's message (mtcompile-run's exit-3 line)
 ffi::Function input_checker(const std::string& tenant, const std::string& inputs) {
@@ -171,6 +202,8 @@ void def_other_checks() {
   refl::GlobalDef().def("mtcompile.core.input_checker", [](ffi::String tenant, ffi::String inputs) {
     return input_checker(tenant, inputs);
   });
+  refl::GlobalDef().def("mtcompile.core.shared_checker",
+                        [](ffi::String groups) { return shared_checker(groups); });
   refl::GlobalDef().def("mtcompile.core.tvm_version", []() { return ffi::String(MTC_TVM_VERSION); });
 }
 

@@ -137,4 +137,22 @@ inline void check_inputs(const Tenant& t, const std::vector<Arg>& args) {
   for (size_t k = 0; k < args.size(); ++k) check_range(t, t.inputs[k], args[k]);
 }
 
+// one input's bytes as given: where they are and how many (C order, after its checks)
+using Bytes = std::pair<const void*, size_t>;
+
+// rule shared-inputs: the tenants that share one run_all input (`group`: its (tenant, input)
+// uses) give it one value, byte for byte (`uses`: their bytes, in the group's order)
+inline void check_shared(const std::vector<std::pair<std::string, std::string>>& group,
+                         const std::vector<Bytes>& uses) {
+  for (size_t k = 1; k < uses.size() && k < group.size(); ++k) {
+    const bool same = uses[k].second == uses[0].second &&
+                      (uses[k].first == uses[0].first ||
+                       std::memcmp(uses[k].first, uses[0].first, uses[0].second) == 0);
+    if (!same)
+      throw BadInput("tenants '" + group[0].first + "' and '" + group[k].first + "' share input '" +
+                     group[0].second + "'/'" + group[k].second +
+                     "' but were given different values");
+  }
+}
+
 }  // namespace mtc

@@ -83,6 +83,8 @@ struct Manifest {
   std::optional<WeightsTable> weights;
   std::vector<Tenant> tenants;  // in tenant_order
   std::vector<std::pair<std::string, std::string>> run_all_inputs;  // (tenant, input) each
+  // run_all's parameters: the (tenant, input) uses each one serves (several: a shared input)
+  std::vector<std::vector<std::pair<std::string, std::string>>> run_all_groups;
   bool streamed = false;
   bool verified = false;  // its signature checked with a key (open_checked)
   std::vector<std::string> torch_kernels;
@@ -118,11 +120,13 @@ inline void read_run_all_inputs(Manifest& man, const ffi::Map<ffi::Any, ffi::Any
   for (const ffi::Any& g : as_array(field(m, "run_all_inputs", ""), "run_all_inputs")) {
     auto group = as_array(g, "run_all_inputs");
     empty_group = empty_group || group.empty();
+    man.run_all_groups.emplace_back();
     for (size_t i = 0; i < group.size(); ++i) {
       auto pair = as_array(group[i], "run_all_inputs");
       if (pair.size() != 2)
         throw BadInput(man.path + " is corrupt: key 'run_all_inputs': expected lists of [tenant, input] pairs");
       found.emplace_back(str(pair[0], "run_all_inputs"), str(pair[1], "run_all_inputs"));
+      man.run_all_groups.back().push_back(found.back());
       if (i == 0) man.run_all_inputs.push_back(found.back());  // one array feeds the group
     }
   }

@@ -51,6 +51,8 @@ namespace ffi = tvm::ffi;
 namespace {
 
 using mtc::BadInput;
+using mtc::Bytes;
+using mtc::check_shared;
 using mtc::IO;
 using mtc::Manifest;
 using mtc::shape_str;
@@ -372,6 +374,12 @@ bool parse_options(int argc, char** argv, Options& o) {
   return o.help || o.pos.size() == 4;
 }
 
+// a tensor's bytes (C order, as read from its .npy file)
+Bytes bytes_of(const ffi::Tensor& t) {
+  return {static_cast<const char*>(t.data_ptr()) + t.byte_offset(),
+          static_cast<size_t>(ffi::GetDataSize(*t.GetDLTensorPtr()))};
+}
+
 // the entry's inputs, read and checked; `outs` gets the file of each result. run_all reads every
 // tenant's inputs (each checked as that tenant's call is) and passes each shared one once.
 std::vector<ffi::Tensor> read_inputs(const Manifest& man, const std::string& entry,
@@ -384,6 +392,11 @@ std::vector<ffi::Tensor> read_inputs(const Manifest& man, const std::string& ent
       std::vector<ffi::Tensor> ts = read_tenant(in_dir, t);
       for (size_t k = 0; k < ts.size(); ++k) given.emplace(std::make_pair(t.name, t.inputs[k].name), ts[k]);
       for (const IO& o : t.outputs) outs.push_back(o.file);
+    }
+    for (const auto& group : man.run_all_groups) {  // tenants sharing an input: one value
+      std::vector<Bytes> uses;
+      for (const auto& use : group) uses.push_back(bytes_of(given.at(use)));
+      check_shared(group, uses);
     }
     for (const auto& use : man.run_all_inputs) args.push_back(given.at(use));
   } else {
