@@ -194,21 +194,12 @@ def test_the_driver_refuses_different_values_for_a_shared_input_as_python_does(t
         (tmp_path / d).mkdir()
     np.save(tmp_path / "in" / "a.x.npy", x.numpy())
     np.save(tmp_path / "in" / "b.x.npy", x.numpy() + 1)
-    run = subprocess.run(
-        command(tmp_path / "b", "run_all", tmp_path / "in", tmp_path / "out"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = command(tmp_path / "b", "run_all", tmp_path / "in", tmp_path / "out")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 3, run.stderr
     assert run.stderr.strip().splitlines()[-1] == f"mtcompile-run: {e.value}"
     np.save(tmp_path / "in" / "b.x.npy", x.numpy())  # the same values: it runs
-    run = subprocess.run(
-        command(tmp_path / "b", "run_all", tmp_path / "in", tmp_path / "out"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
 
 

@@ -219,17 +219,7 @@ class _Emitter:
             _expr(read.bound),
             _index_message(self.graph, n, read),
         )
-        gv = self.top.add_func(func, "check_index")
-        flat = idx if ty.shape else bb.emit(relax.op.reshape(idx, shape))
-        out = bb.emit(
-            relax.op.call_tir(
-                gv,
-                [flat, *map(relax.prim_value, scalars)],
-                relax_type(TensorTy(tuple(shape), ty.dtype)),
-            ),
-            name_hint=f"{n.name.replace('.', '_')}_index",
-        )
-        return out if ty.shape else bb.emit(relax.op.reshape(out, []))
+        return self._check_call(bb, func, "check_index", idx, ty, scalars, f"{n.name}_index")
 
     def checked_divisor(self, bb: relax.BlockBuilder, n, b: relax.Expr):
         """Divisor `b` of integer division `n` through a kernel that raises (naming the
@@ -240,15 +230,21 @@ class _Emitter:
         func, scalars = _bounds_check(
             tuple(_expr(d) for d in shape), ty.dtype, 0, 1, _divisor_message(self.graph, n), True
         )
-        gv = self.top.add_func(func, "check_divisor")
-        flat = b if ty.shape else bb.emit(relax.op.reshape(b, shape))
+        return self._check_call(bb, func, "check_divisor", b, ty, scalars, f"{n.name}_divisor")
+
+    def _check_call(self, bb, func, fname: str, x: relax.Expr, ty: TensorTy, scalars, name: str):
+        """`x` (of type `ty`) through the check kernel `func`: a 0-d value is checked as one
+        element; the kernel's size variables come as trailing scalars."""
+        shape = list(ty.shape) or [1]
+        gv = self.top.add_func(func, fname)
+        flat = x if ty.shape else bb.emit(relax.op.reshape(x, shape))
         out = bb.emit(
             relax.op.call_tir(
                 gv,
                 [flat, *map(relax.prim_value, scalars)],
                 relax_type(TensorTy(tuple(shape), ty.dtype)),
             ),
-            name_hint=f"{n.name.replace('.', '_')}_divisor",
+            name_hint=name.replace(".", "_"),
         )
         return out if ty.shape else bb.emit(relax.op.reshape(out, []))
 
