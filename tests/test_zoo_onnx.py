@@ -62,7 +62,7 @@ def _const(name: str, value, dtype=np.float32) -> onnx.TensorProto:
 def _converter_model() -> onnx.ModelProto:
     """One graph holding every case of our converters (onnx_converters): Clip with constant,
     one-sided, NaN, computed and integer bounds; Pad constant / reflect / edge (with axes);
-    Tile; reverse CumSum; Einsum."""
+    Tile; reverse CumSum; Einsum; GatherND and ScatterND (a negative coordinate)."""
     n = helper.make_node
     nodes = [
         n("Clip", ["x", "lo", "hi"], ["clip_both"], name="clip_both"),
@@ -82,6 +82,8 @@ def _converter_model() -> onnx.ModelProto:
         n("CumSum", ["x", "axis2"], ["cumsum_rev_excl"], reverse=1, exclusive=1),
         n("CumSum", ["x", "axis_last"], ["cumsum_rev"], reverse=1),
         n("Einsum", ["x", "x"], ["einsum"], equation="bchw,bckw->bchk"),
+        n("GatherND", ["x", "coords"], ["gather_nd"]),
+        n("ScatterND", ["x", "coords", "updates"], ["scatter_nd"]),
     ]
     inits = [
         _const("lo", -0.5),
@@ -97,6 +99,8 @@ def _converter_model() -> onnx.ModelProto:
         _const("reps", [1, 2, 1, 3], np.int64),
         _const("axis2", 2, np.int64),
         _const("axis_last", -1, np.int64),
+        _const("coords", [[0, 1], [1, -1]], np.int64),  # GatherND / ScatterND: [n, c] pairs
+        _const("updates", np.arange(40, dtype=np.float32).reshape(2, 4, 5)),
     ]
     outs = [o for node in nodes for o in node.output if o not in ("mean", "x10", "xi")]
     graph = helper.make_graph(

@@ -49,20 +49,29 @@ _DIVISIONS = {
 
 def _never_trapping(te_op, dtype: str):
     """`te_op(a, b)` with the divisor 1 where the CPU's divide would trap (`b` 0, or `a` the
-    most negative value and `b` -1); `a` or `b` may be a constant scalar."""
+    most negative value and `b` -1); `a` or `b` may be a constant scalar. The masks are
+    integer arithmetic, no bool values: TVM folds a compare of a constant operand into a bool
+    vector constant its LLVM codegen refuses ("IntImm can only take scalar, but boolx8")."""
     low = tirx.min_value(dtype)
     signed = not dtype.startswith("uint")
+    bits = tvm.DataType(dtype).bits
+
+    def nonzero(x):  # 1 where x != 0, else 0: the sign bit of x | -x
+        return topi.bitwise_and(
+            topi.right_shift(topi.bitwise_or(x, topi.subtract(0, x)), bits - 1), 1
+        )
+
+    def is_low(a):  # 1 where a is the most negative value, else 0
+        return topi.subtract(1, nonzero(topi.bitwise_xor(a, low)))
 
     def divide(a, b):
         if not isinstance(b, te.Tensor):  # a constant divisor: 0 is refused at build time
             if not signed or int(b) != -1:
                 return te_op(a, b)
-            at_low = topi.cast(topi.equal(a, low), dtype)
-            return te_op(a, topi.add(topi.multiply(at_low, 2), -1))  # 1 where a is MIN
-        bad = topi.equal(b, 0)
-        if signed and isinstance(a, te.Tensor):
-            bad = topi.logical_or(bad, topi.logical_and(topi.equal(a, low), topi.equal(b, -1)))
-        fix = topi.cast(bad, dtype)
+            return te_op(a, topi.add(topi.multiply(is_low(a), 2), -1))  # 1 where a is MIN
+        fix = topi.subtract(1, nonzero(b))  # 1 where b is 0
+        if signed and isinstance(a, te.Tensor):  # + 1 where a is MIN and b is -1
+            fix = topi.add(fix, topi.multiply(is_low(a), topi.subtract(1, nonzero(topi.add(b, 1)))))
         return te_op(a, topi.add(b, topi.multiply(fix, topi.subtract(1, b))))
 
     return divide
