@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -13,7 +14,7 @@ from typing import Any
 from mtcompile import build_cache, bundle_manifest
 from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.memory import MemoryPlan
-from mtcompile.backend import legalize
+from mtcompile.backend import emitted, legalize
 from mtcompile.backend.arena import ArenaError
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.lowering import HOST_CPU, TARGETS, build, cpu_facts, emit_module
@@ -98,7 +99,12 @@ def _front(
     t0 = time.perf_counter()
     # the threads the bundle runs on, read once per build: passes learn machine facts from
     # the context (assign-streams splits them between streams)
-    ctx = PassContext(target, providers, cores=cores or usable_cores())
+    ctx = PassContext(
+        target,
+        providers,
+        cores=cores or usable_cores(),
+        kernel_model=functools.partial(emitted.kernel_dag, target=target),
+    )
     module, records = run_passes(module, pipeline, ctx, instruments)
     stages.done("passes", t0)
     return module, imported, graphs, records
@@ -225,7 +231,9 @@ def _build_uncached(
     manifest, executable, build_info = _lower_and_build(
         stages,
         module,
-        stream_layout(module.functions[RUN_ALL]),
+        stream_layout(
+            module.functions[RUN_ALL], emitted.kernel_dag(module.functions[RUN_ALL], target=target)
+        ),
         target,
         s.database,
         cpu,

@@ -11,8 +11,8 @@ from dataclasses import replace
 from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.index_ranges import input_index_ranges
 from mtcompile.analysis.memory import MemoryPlan
-from mtcompile.analysis.schedule import kernel_dag
 from mtcompile.analysis.streams import lanes_view
+from mtcompile.backend.emitted import kernel_dag
 from mtcompile.backend.stream_layout import StreamLayout, run_all_params
 from mtcompile.errors import MTCompileError
 from mtcompile.frontend.merge import constant_bytes_before_merge

@@ -43,11 +43,13 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 from mtcompile.abi import RUN_ALL
+from mtcompile.analysis.schedule import KernelDAG
 from mtcompile.errors import MTCompileError
 from mtcompile.ir.graph import Graph
 from mtcompile.ir.module import Module
@@ -68,12 +70,27 @@ class PassContext:
     """What passes may know about the build: the target, the kernel provider per heavy
     op kind (``{"matmul": "native", ...}``; a library call is a kernel of its own), the
     machine's CPU cores (`mtcompile.api` reads them once per build; passes never ask the
-    machine), and the function of the module the pass is transforming."""
+    machine), the function of the module the pass is transforming, and the kernel model:
+    (graph, tenants) -> the kernels that run (`mtcompile.api` gives the kernels TVM emits,
+    `mtcompile.backend.emitted.kernel_dag`; passes may not import the backend)."""
 
     target: str = "llvm"
     kernels: dict[str, str] = field(default_factory=dict)
     cores: int = 1
     function: str = RUN_ALL
+    kernel_model: Callable[[Graph, list[str] | None], KernelDAG] | None = field(
+        default=None, compare=False
+    )
+
+    def kernel_dag(self, graph: Graph) -> KernelDAG:
+        """The kernels of `graph` (all its tenants) by the kernel model."""
+        if self.kernel_model is None:
+            raise MTCompileError(
+                f"function '{self.function}': this pass plans on the kernels TVM emits, and "
+                "the pass context has no kernel model: give PassContext(kernel_model=...) "
+                "(mtcompile.api gives mtcompile.backend.emitted.kernel_dag)"
+            )
+        return self.kernel_model(graph, None)
 
 
 @dataclass(frozen=True)
@@ -407,15 +424,14 @@ def main_graph(ir: Graph | Module) -> Graph:
 class Timing(Instrument):
     """Records the time and effect of every pass (the runner always uses one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel_model=None) -> None:
         self.records: list[PassRecord] = []
+        self.kernel_model = kernel_model  # PassContext.kernel_model: None counts no kernels
 
     def after_pass(self, p, result, index, seconds):
-        from mtcompile.analysis.schedule import kernel_dag
-
         g = main_graph(result.graph)
         try:
-            kernels = len(kernel_dag(g).kernels)
+            kernels = len(self.kernel_model(g, None).kernels) if self.kernel_model else None
         except Exception:  # a broken graph is the verifier's to report, not the timer's
             kernels = None
         self.records.append(
@@ -485,7 +501,7 @@ def run_passes(
     earlier pass computed (when no later pass computes it again), raises `AnalysisError`
     (see the module docstring)."""
     ctx = ctx or PassContext()
-    timing = Timing()
+    timing = Timing(ctx.kernel_model)
     hooks = [*instruments, timing]
     if os.environ.get(VERIFY_ENV, "") not in ("", "0") and not any(
         isinstance(h, VerifyAfter) for h in instruments

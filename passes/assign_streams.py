@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mtcompile.analysis.schedule import Kernel, kernel_dag
+from mtcompile.analysis.schedule import Kernel
 from mtcompile.analysis.streams import AUTO_MIN_SPEEDUP, POLICIES, StreamAssignment, assign
 from mtcompile.errors import MTCompileError
 from mtcompile.ir import ops
@@ -144,7 +144,7 @@ class AssignStreams(Pass):
                     "those tenants static shapes"
                 )
             policy = "sequential"
-        dag = kernel_dag(graph)
+        dag = ctx.kernel_dag(graph)
         order = [k.name for k in dag.kernels]
         cpu = ctx.target != "cuda"
         cores = max(1, self.cores or ctx.cores) if cpu else 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtcompile.analysis.memory import ALIGNMENT, MemoryPlan, plan_function, sequential
-from mtcompile.analysis.schedule import kernel_dag
 from mtcompile.ir.graph import Graph
 from mtcompile.pass_infra import Pass, PassContext, PassResult, option, register
 
@@ -51,7 +50,7 @@ class PlanMemory(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         alignment = self.alignment or ALIGNMENT.get(ctx.target, 256)
         streams = graph.analyses.get("streams")
-        dag = kernel_dag(graph)
+        dag = ctx.kernel_dag(graph)
         fp = plan_function(ctx.function, dag, alignment, _stream_order(streams, dag), self.strategy)
         plan = MemoryPlan(
             {ctx.function: fp}, streams.fingerprint() if streams is not None else None

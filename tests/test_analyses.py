@@ -14,6 +14,7 @@ from conftest import linear_relu, tiny_tenants
 import mtcompile
 from mtcompile import Tenant, api
 from mtcompile.analysis.streams import StreamAssignment
+from mtcompile.backend.emitted import kernel_dag
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.stream_layout import stream_layout
 from mtcompile.errors import MTCompileError
@@ -103,7 +104,7 @@ def _planned(graph, *passes):
     out, _ = run_passes(
         graph,
         [make_pass("eliminate-dead-nodes"), make_pass("fuse-vertical"), *passes],
-        PassContext(kernels=PROVIDERS, cores=4),
+        PassContext(kernels=PROVIDERS, cores=4, kernel_model=kernel_dag),
     )
     return out
 
@@ -151,16 +152,16 @@ def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, ti
     with pytest.raises(AnalysisError, match=msg):
         run_passes(graph, [NeedsStreams()])
     # a pass that changed the graph since invalidated it: the runner notices
-    tvm = PassContext(kernels={"matmul": "tvm"})
+    tvm = PassContext(kernels={"matmul": "tvm"}, kernel_model=kernel_dag)
     with pytest.raises(AnalysisError, match="'fuse-vertical' invalidates analysis 'streams'"):
-        run_passes(graph, [AssignStreams(), make_pass("fuse-vertical"), NeedsStreams()], tvm)
-    streamed, _ = run_passes(graph, [AssignStreams()], tvm)  # computed by an earlier run
+        run_passes(tiny, [AssignStreams(), make_pass("fuse-vertical"), NeedsStreams()], tvm)
+    streamed, _ = run_passes(tiny, [AssignStreams()], tvm)  # computed by an earlier run
     with pytest.raises(AnalysisError, match=msg):
         run_passes(streamed, [make_pass("fuse-vertical"), NeedsStreams()], tvm)
     _, records = run_passes(
         tiny,
         build_pipeline(["assign-streams", "test-needs-streams"], MAX),
-        PassContext(kernels=PROVIDERS, cores=4),
+        PassContext(kernels=PROVIDERS, cores=4, kernel_model=kernel_dag),
     )
     assert records[-1].info == {"streams": 5}  # the very assignment assign-streams made
     # a pass requiring streams on every function (only run_all has them)
@@ -190,7 +191,8 @@ def test_plan_memory_then_assign_streams_is_refused_before_any_work():
     assert [p.name for p in build_pipeline([*STALE, "plan-memory"], MAX)] == [*STALE, "plan-memory"]
 
 
-def test_the_runner_refuses_a_plan_lost_to_a_pass_that_changed_the_graph(graph):
+def test_the_runner_refuses_a_plan_lost_to_a_pass_that_changed_the_graph(tiny):
+    graph = tiny  # plan-memory plans on the kernels TVM emits: a graph TVM compiles
     kernels = {"matmul": "tvm"}
     with pytest.raises(
         AnalysisError,
@@ -198,10 +200,18 @@ def test_the_runner_refuses_a_plan_lost_to_a_pass_that_changed_the_graph(graph):
         r"'memory' computed by 'plan-memory' before it "
         r"\(it changed the graph\)",
     ):
-        run_passes(graph, [PlanMemory(), make_pass("fuse-vertical")], PassContext(kernels=kernels))
+        run_passes(
+            graph,
+            [PlanMemory(), make_pass("fuse-vertical")],
+            PassContext(kernels=kernels, kernel_model=kernel_dag),
+        )
     # the same passes one by one: each run starts afresh, the plan is simply dropped
-    planned, _ = run_passes(graph, [PlanMemory()], PassContext(kernels=kernels))
-    fused, _ = run_passes(planned, [make_pass("fuse-vertical")], PassContext(kernels=kernels))
+    planned, _ = run_passes(
+        graph, [PlanMemory()], PassContext(kernels=kernels, kernel_model=kernel_dag)
+    )
+    fused, _ = run_passes(
+        planned, [make_pass("fuse-vertical")], PassContext(kernels=kernels, kernel_model=kernel_dag)
+    )
     assert "memory" in planned.analyses and fused.analyses == {}
 
 
@@ -234,16 +244,21 @@ def test_lowering_refuses_streams_over_a_plan_made_for_another_order(tiny):
 # --------------------------------------------------------------------------- machine facts
 
 
-def test_assign_streams_reads_cores_from_the_context(graph, monkeypatch):
+def test_assign_streams_reads_cores_from_the_context(tiny, monkeypatch):
+    graph = tiny  # assign-streams works on the kernels TVM emits: a graph TVM compiles
     import os
 
     def no_machine():
         raise AssertionError("a pass asked the machine for its cores")
 
     monkeypatch.setattr(os, "cpu_count", no_machine)
-    _, records = run_passes(graph, [AssignStreams()], PassContext(cores=12))
+    _, records = run_passes(
+        graph, [AssignStreams()], PassContext(cores=12, kernel_model=kernel_dag)
+    )
     assert records[0].info["cores"] == 12
-    _, records = run_passes(graph, [AssignStreams(cores=3)], PassContext(cores=12))
+    _, records = run_passes(
+        graph, [AssignStreams(cores=3)], PassContext(cores=12, kernel_model=kernel_dag)
+    )
     assert records[0].info["cores"] == 3
     assert PassContext().cores == 1  # a hand-made context is a one-core machine
 
@@ -360,7 +375,7 @@ def test_one_pipeline_run_over_a_module_of_functions():
         assert set(g.analyses["memory"].functions) == {f}
     assert set(api._memory_plan(module).functions) == set(functions)
     # a tenant's entry is the pipeline run on that tenant's graph alone
-    ctx = PassContext("llvm", resolve_providers("llvm", None))
+    ctx = PassContext("llvm", resolve_providers("llvm", None), kernel_model=kernel_dag)
     alone, _ = run_passes(Module({"p": graphs[0]}), pipeline, ctx)
     assert str(alone.functions["p"]) == str(fns["p"])
 

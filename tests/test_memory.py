@@ -28,8 +28,8 @@ from mtcompile.analysis.memory import (
     place_best,
     place_naive,
 )
-from mtcompile.analysis.schedule import kernel_dag
 from mtcompile.backend.arena import _check
+from mtcompile.backend.emitted import kernel_dag
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.ir.graph import Node, Ref
 from mtcompile.pass_infra import PassContext, make_pass
@@ -191,7 +191,7 @@ def hetero_front(hetero_tenants):
 
 
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
-def test_the_kernel_dag_is_the_kernels_fuse_vertical_predicts(hetero_front):
+def test_the_kernel_dag_is_the_kernels_tvm_emits(hetero_front):
     graph, _ = hetero_front
     dag = kernel_dag(graph)
     kinds = {k.kind for k in dag.kernels}
@@ -228,11 +228,15 @@ def test_plan_memory_attaches_a_plan_for_run_all_and_every_tenant(hetero_front):
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_plan_memory_options(hetero_front):
     graph, _ = hetero_front
-    ctx = PassContext("llvm", LIBRARY)
+    ctx = PassContext("llvm", LIBRARY, kernel_model=kernel_dag)
     naive = make_pass("plan-memory", {"strategy": "naive"}).run(graph, ctx).graph
     fp = naive.analyses["memory"].functions["run_all"]
     assert fp.arena_bytes == fp.naive_bytes > 2 * fp.lower_bound_bytes
-    cuda = make_pass("plan-memory", {}).run(graph, PassContext("cuda", {})).graph
+    cuda = (
+        make_pass("plan-memory", {})
+        .run(graph, PassContext("cuda", {}, kernel_model=kernel_dag))
+        .graph
+    )
     assert all(s.offset % 256 == 0 for s in cuda.analyses["memory"].functions["run_all"].slots)
     with pytest.raises(ValueError, match="power of two"):
         make_pass("plan-memory", {"alignment": 48}).run(graph, ctx)

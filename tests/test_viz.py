@@ -214,15 +214,18 @@ def test_pass_summary_shows_nodes_kernels_and_bytes():
 
 
 def test_timing_records_kernels_and_weight_bytes_per_pass(graph):
+    from mtcompile.backend.emitted import kernel_dag
     from mtcompile.pass_infra import PassContext, run_passes
     from mtcompile.passes import build_pipeline
 
-    _, records = run_passes(
-        graph, build_pipeline(["dedup", "fuse-vertical"]), PassContext(kernels={"matmul": "tvm"})
-    )
+    ctx = PassContext(kernels={"matmul": "tvm"}, kernel_model=kernel_dag)
+    _, records = run_passes(graph, build_pipeline(["dedup", "fuse-vertical"]), ctx)
     rows = [viz.pass_row(r) for r in records]
-    # a: matmul and relu, one kernel once fused; b's tuple and item are no kernels
-    assert [r["kernels_after"] for r in rows] == [2, 1]
+    # a: TVM fuses the matmul and its relu into one kernel before fuse-vertical groups
+    # them too; b's tuple and item are no kernels
+    assert [r["kernels_after"] for r in rows] == [1, 1]
+    _, without_model = run_passes(graph, build_pipeline(["dedup"]), PassContext())
+    assert [r.kernels_after for r in without_model] == [None]  # no model: none counted
     assert all(r["weight_bytes_after"] == graph.weight_bytes() for r in rows)
 
 

@@ -5,7 +5,7 @@ streams, its outputs and its event points. Lowering (`_Emitter.stream_function`)
 from __future__ import annotations
 
 from mtcompile.abi import ARENA_FN, RUN_ALL, StreamFunctions
-from mtcompile.analysis.schedule import kernel_dag, tensors_of
+from mtcompile.analysis.schedule import KernelDAG, tensors_of
 from mtcompile.analysis.streams import happens_before
 from mtcompile.errors import LoweringError, MTCompileError
 from mtcompile.ir.graph import GET_ITEM, INPUT, TUPLE, Graph, Ref, TensorTy
@@ -29,10 +29,10 @@ class StreamLayout:
     run_all's flat outputs), and the event points: sync `e` = (producer, consumer) is
     signalled after the producer's stage and waited for before the consumer's."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, dag: KernelDAG):
         a = graph.analyses["streams"]
         self.graph, self.assignment = graph, a
-        self.dag = kernel_dag(graph)
+        self.dag = dag  # the kernels the assignment and the plan were made on
         self.functions = [f"{RUN_ALL}__s{i}" for i in range(a.num_streams)]
         self._own_kernels()
         live = graph.live_nodes()
@@ -225,9 +225,10 @@ def tuple_field(graph: Graph, node):
     return src.args[int(node.attrs)] if src.op == TUPLE else None
 
 
-def stream_layout(graph: Graph) -> StreamLayout | None:
+def stream_layout(graph: Graph, dag: KernelDAG | None = None) -> StreamLayout | None:
     """The stream functions to emit, when the graph carries an assignment of > 1 stream
-    and a memory plan (the one arena all streams share), made for that very assignment."""
+    and a memory plan (the one arena all streams share), made for that very assignment,
+    over `dag`: the kernels they were made on (default: those TVM emits on llvm)."""
     a = graph.analyses.get("streams")
     plan = graph.analyses.get("memory")
     if a is None or a.num_streams <= 1:
@@ -246,4 +247,8 @@ def stream_layout(graph: Graph) -> StreamLayout | None:
             f"assignment {a.fingerprint()} to lower: tensors live at once on two streams could "
             "share bytes. Run plan-memory after assign-streams."
         )
-    return StreamLayout(graph)
+    if dag is None:
+        from mtcompile.backend.emitted import kernel_dag  # emitted imports this module
+
+        dag = kernel_dag(graph)
+    return StreamLayout(graph, dag)
