@@ -104,3 +104,16 @@ def test_layer_norm_and_attention_build_on_streams_and_match_pytorch():
     assert "streams_dropped" not in report.get("build", {}), report.get("build")
     assert report["streams"]["num_streams"] >= 2
     assert bundle.verify()["ok"]
+
+
+@pytest.mark.slow  # imports and runs the pipeline on twelve random tenant sets
+def test_random_tenant_sets_have_a_kernel_dag_equal_to_tvms_kernels():
+    """Random CNN sets: batch-norms TVM decomposes and fuses (one fused function shared by
+    equal groups of several tenants), residuals, library calls."""
+    from test_random_sets import random_set
+
+    from mtcompile.passes import DEFAULT_PIPELINE
+
+    planless = [p for p in DEFAULT_PIPELINE if p not in ("assign-streams", "plan-memory")]
+    for seed in range(12):
+        check_dag(front(random_set(seed), passes=planless)[0])

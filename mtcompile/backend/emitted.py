@@ -62,8 +62,8 @@ def kernel_dag(graph: Graph, tenants: list[str] | None = None, target: str = "ll
 def fused_function(
     graph: Graph, tenants: list[str], target: str = "llvm"
 ) -> tuple[relax.Function, dict[str, set[str]], dict[str, str]]:
-    """`tenants`' function as TVM has it where arena.py realizes plans; per fused kernel
-    (its name) the graph nodes FuseOps kept the names of inside it; Relax name -> node
+    """`tenants`' function as TVM has it where arena.py realizes plans; per result FuseOps
+    named anew (its Relax name) the graph nodes fused into it; Relax name -> node
     (lowering's names, and the names FuseOps gave fused results, traced back)."""
     bb = relax.BlockBuilder()
     em = _Emitter(graph, {}, bb, checks=False)
@@ -83,12 +83,8 @@ def fused_function(
         pre = tvm.transform.Sequential(passes[:cut])(mod)
         fused = passes[cut](pre)
         final = tvm.transform.Sequential(passes[cut + 1 :])(fused)
-    inner = {
-        gv.name_hint: {by_name[b.var.name] for b in _bindings(f) if b.var.name in by_name}
-        for gv, f in _primitive(fused)
-    }
-    names = {**by_name, **_traced(graph, pre, fused, by_name)}
-    return final[FNAME], inner, names
+    traced, inner = _traced(graph, pre, fused, by_name)
+    return final[FNAME], inner, {**by_name, **traced}
 
 
 def _primitive(mod: tvm.IRModule) -> list:
@@ -115,40 +111,56 @@ def _plain(v) -> tuple:
     return ("v", v.name)
 
 
-def _traced(graph: Graph, before: tvm.IRModule, fused: tvm.IRModule, by_name) -> dict[str, str]:
-    """Relax name FuseOps gave a fused result -> the node it computes: the binding before
-    FuseOps whose call the fused function's result binding copies (a name of ours, or a
-    temporary TVM made that a named binding reads in place of one node)."""
+def _traced(graph: Graph, before: tvm.IRModule, fused: tvm.IRModule, by_name) -> tuple:
+    """Relax name FuseOps gave a fused result -> the node it computes, and -> the nodes
+    fused into it: each binding of the fused function is matched, call by call (FuseOps
+    shares one function between equal groups), to the binding before FuseOps it copies (a
+    name of ours, or a temporary TVM made that a named binding reads in place of a node)."""
     pre = before[FNAME]
     calls = {_key(b.value, _plain): b.var.name for b in _bindings(pre)}
     made = {gv: f for gv, f in _primitive(fused) if not _has(before, gv.name_hint)}
     renamed: dict[str, str] = {}  # fused result name -> name before FuseOps
+    inner: dict[str, set[str]] = {}  # fused result name -> nodes fused into it
     for b in _bindings(fused[FNAME]):
         v = b.value
         if not isinstance(v, relax.Call) or v.op not in made:
             continue
         f = made[v.op]
-        env = {p.name: a for p, a in zip(f.params, v.args, strict=False)}
-        out = next((x for x in _bindings(f) if x.var.same_as(f.body.body)), None)
-
-        def name(x, env=env):
-            outer = env.get(x.name)
-            if outer is None:
-                return _plain(x)
-            if isinstance(outer, relax.Var):
-                return ("v", renamed.get(outer.name, outer.name))
-            return _key(outer, _plain)
-
-        if out is not None and not isinstance(out.value, relax.Tuple):
-            found = calls.get(_key(out.value, name))
-            if found is not None:
-                renamed[b.var.name] = found
+        local = _trace_call(f, v.args, calls, renamed)
+        out = local.pop(f.body.body.name, None) if isinstance(f.body.body, relax.Var) else None
+        if out is not None:
+            renamed[b.var.name] = out
+        inner[b.var.name] = {by_name[x] for x in local.values() if x in by_name}
     temps = _temporaries(graph, pre, by_name)
-    return {
+    names = {
         post: by_name.get(was) or temps[was]
         for post, was in renamed.items()
         if was in by_name or was in temps
     }
+    return names, inner
+
+
+def _trace_call(f: relax.Function, args, calls: dict, renamed: dict) -> dict[str, str]:
+    """Per binding of fused function `f` called with `args`: the name before FuseOps of
+    the binding it copies (those found)."""
+    env = {p.name: a for p, a in zip(f.params, args, strict=False)}
+    local: dict[str, str] = {}
+
+    def name(x):
+        if x.name in local:
+            return ("v", local[x.name])
+        outer = env.get(x.name)
+        if outer is None:
+            return _plain(x)
+        if isinstance(outer, relax.Var):
+            return ("v", renamed.get(outer.name, outer.name))
+        return _key(outer, _plain)
+
+    for x in _bindings(f):
+        found = calls.get(_key(x.value, name))
+        if found is not None:
+            local[x.var.name] = found
+    return local
 
 
 def _has(mod: tvm.IRModule, name: str) -> bool:
@@ -215,6 +227,7 @@ class _Reader:
             p.name: n for p, n in zip(func.params, self._param_nodes(), strict=False)
         }
         self.calls = self._calls()
+        self.copies = self._copies()
         self.var_of = {
             self.by_name[b.var.name]: b.var for b in _bindings(func) if b.var.name in self.by_name
         }
@@ -269,8 +282,22 @@ class _Reader:
                 c.result = found
 
     def _named(self, alloc) -> str | None:
-        hits = sorted(n for n in self.liveness.names[alloc] if n in self.by_name)
+        """The node whose name a var bound to `alloc` itself carries (not a view of it)."""
+        hits = sorted(n for n in self.copies.get(alloc, ()) if n in self.by_name)
         return self.by_name[hits[0]] if hits else None
+
+    def _names(self, alloc) -> list[str]:
+        return self.copies.get(alloc, [])
+
+    def _copies(self) -> dict:
+        """alloc var -> names of the vars bound to it as it is (``lv = alloc``, chains)."""
+        of: dict = {v: v for v in self.liveness.first}
+        out: dict = {}
+        for b in _bindings(self.func):
+            if isinstance(b.value, relax.Var) and b.value in of:
+                of[b.var] = of[b.value]
+                out.setdefault(of[b.value], []).append(b.var.name)
+        return out
 
     def _tensors(self, e) -> list[str]:
         """The graph tensors (kernel results, inputs) Relax expression `e` may hold."""
@@ -284,7 +311,7 @@ class _Reader:
         name claims, the one computed from `c`'s reads alone that folds in every node
         TVM kept the name of inside the kernel, with the fewest nodes folded in."""
         reads = {t for a in c.reads for t in self._tensors(a)}
-        must = self.inner.get(c.callee, set())
+        must = set().union(*(self.inner.get(n, set()) for a in c.writes for n in self._names(a)))
         claimed = set(self.var_of).union(*self.inner.values())
         best = None
         for n in self.graph.nodes:
