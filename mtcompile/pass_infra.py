@@ -422,18 +422,15 @@ def main_graph(ir: Graph | Module) -> Graph:
 
 
 class Timing(Instrument):
-    """Records the time and effect of every pass (the runner always uses one)."""
+    """Records the time and effect of every pass (the runner always uses one). Kernels are
+    counted after the last pass only (`count_kernels`): the kernel model emits the function
+    through TVM's fusion, seconds on an unfused graph, and the plans already asked it there."""
 
-    def __init__(self, kernel_model=None) -> None:
+    def __init__(self) -> None:
         self.records: list[PassRecord] = []
-        self.kernel_model = kernel_model  # PassContext.kernel_model: None counts no kernels
 
     def after_pass(self, p, result, index, seconds):
         g = main_graph(result.graph)
-        try:
-            kernels = len(self.kernel_model(g, None).kernels) if self.kernel_model else None
-        except Exception:  # a broken graph is the verifier's to report, not the timer's
-            kernels = None
         self.records.append(
             PassRecord(
                 p.name,
@@ -441,10 +438,20 @@ class Timing(Instrument):
                 result.changed,
                 len(g.nodes),
                 dict(result.info),
-                kernels,
+                None,
                 g.weight_bytes(),
             )
         )
+
+    def count_kernels(self, ir: Graph | Module, kernel_model) -> None:
+        """The last record's kernels of `ir` by `kernel_model` (None: not counted)."""
+        if not self.records or kernel_model is None:
+            return
+        try:
+            kernels = len(kernel_model(main_graph(ir), None).kernels)
+        except Exception:  # a broken graph is the verifier's to report, not the timer's
+            return
+        self.records[-1] = dataclasses.replace(self.records[-1], kernels_after=kernels)
 
 
 class PrintAfter(Instrument):
@@ -501,7 +508,7 @@ def run_passes(
     earlier pass computed (when no later pass computes it again), raises `AnalysisError`
     (see the module docstring)."""
     ctx = ctx or PassContext()
-    timing = Timing(ctx.kernel_model)
+    timing = Timing()
     hooks = [*instruments, timing]
     if os.environ.get(VERIFY_ENV, "") not in ("", "0") and not any(
         isinstance(h, VerifyAfter) for h in instruments
@@ -529,6 +536,7 @@ def run_passes(
         except Exception as e:
             raise PassError(p.name, done, e) from e
         done.append(p.name)
+    timing.count_kernels(shown(module), ctx.kernel_model)
     return shown(module), timing.records
 
 

@@ -229,7 +229,7 @@ def _demo_graph(passes):
 
 @pytest.mark.slow  # imports the demo set
 def test_pass_on_heterogeneous_demo():
-    from mtcompile.analysis.schedule import kernel_dag
+    from mtcompile.backend.emitted import kernel_dag
 
     graph, record, providers = _demo_graph([("assign-streams", {"policy": "max"})])
     a = graph.analyses["streams"]
