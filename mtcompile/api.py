@@ -252,6 +252,7 @@ def _build_uncached(
         ),
         (s.cpu_name, s.cpu_features),
     )
+    emitted.forget()  # the kernel DAGs served the plans, the streams and the manifest
     return _bundle(executable, manifest, build_info, module, records, stages, tenants, threads)
 
 

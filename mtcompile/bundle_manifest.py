@@ -112,14 +112,14 @@ def sig_shape(ty: TensorTy, t: str) -> tuple[tuple[int | str, ...], dict | None]
     return shape, dims
 
 
-def streams_info(graph: Graph, layout: StreamLayout | None) -> StreamsInfo:
+def streams_info(graph: Graph, layout: StreamLayout | None, target: str = "llvm") -> StreamsInfo:
     """The stream assignment's summary, the lanes and syncs of its simulated schedule (with
     the cost estimate the assignment was made with) and, when run_all was lowered onto the
     streams (`layout`; not without plan-memory: no shared arena), the stream functions."""
     a = graph.analyses.get("streams")
     if a is None:
         return StreamsInfo()
-    dag = layout.dag if layout is not None else kernel_dag(graph)
+    dag = layout.dag if layout is not None else kernel_dag(graph, target=target)
     view = lanes_view(a, {k.name: k.tenant for k in dag.kernels}, a.kernel_us)
     return StreamsInfo(
         num_streams=a.num_streams,
@@ -200,7 +200,7 @@ def manifest(
         },
         graph=graph_stats(module, graphs),
         graph_view=_plain(graph_view(graph, records)),  # nodes and per-pass rows, for reports
-        streams=streams_info(graph, layout),
+        streams=streams_info(graph, layout, target),
     )
 
 

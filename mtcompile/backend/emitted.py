@@ -38,8 +38,13 @@ from mtcompile.ir.relax_types import graph_bounds
 from mtcompile.native import table
 
 FNAME = "mtcompile_model"  # the function emitted for the analysis
-CACHE_SIZE = 16  # graphs whose kernel DAG is kept (a build asks a few times per function)
-_cache: OrderedDict = OrderedDict()
+CACHE_SIZE = 8  # graphs whose kernel DAG is kept (a build asks a few times per function)
+_cache: OrderedDict = OrderedDict()  # holds its graphs' constants: `forget` after a build
+
+
+def forget() -> None:
+    """Drop the cached DAGs (and the graphs, weights included, they keep alive)."""
+    _cache.clear()
 
 
 def kernel_dag(graph: Graph, tenants: list[str] | None = None, target: str = "llvm") -> KernelDAG:
