@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -13,7 +14,7 @@ from typing import Any
 from mtcompile import build_cache, bundle_manifest
 from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.memory import MemoryPlan
-from mtcompile.backend import legalize
+from mtcompile.backend import emitted, legalize
 from mtcompile.backend.arena import ArenaError
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.lowering import HOST_CPU, TARGETS, build, cpu_facts, emit_module
@@ -105,8 +106,13 @@ def _front(
     t0 = time.perf_counter()
     # the threads the bundle runs on, read once per build: passes learn machine facts from
     # the context (assign-streams splits them between streams)
-    ctx = PassContext(target, providers, cores=cores or usable_cores())
-    analyses = analysis_manager(module.functions)
+    ctx = PassContext(
+        target,
+        providers,
+        cores=cores or usable_cores(),
+        kernel_model=functools.partial(emitted.kernel_dag, target=target),
+    )
+    analyses = analysis_manager(module.functions, ctx.providers())
     module, records = run_passes(module, pipeline, ctx, instruments, analyses)
     stages.done("passes", t0)
     return module, imported, graphs, records, analyses
@@ -254,6 +260,7 @@ def _build_uncached(
         ),
         (s.cpu_name, s.cpu_features),
     )
+    emitted.forget()  # the kernel DAGs served the plans, the streams and the manifest
     return _bundle(
         executable, manifest, build_info, module, analyses, records, stages, tenants, threads
     )

@@ -255,8 +255,5 @@ def memory_info(plan: MemoryPlan | None, built: dict[str, dict], m: Manifest) ->
         weight_bytes_before_dedup=m.graph.weight_bytes_before_merge,
         planned=run_all is not None,
         functions=functions,
-        # where the graph's kernel model disagreed with the kernels TVM emitted (the arena
-        # is planned on TVM's kernels, so this changes nothing built): function -> what
-        mismatches=dict(built.get("mismatches", {})),
         timeline=_plain(run_all.timeline()) if run_all is not None else None,
     )

@@ -51,7 +51,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO, TypeVar
@@ -93,14 +93,25 @@ class PassContext:
     """What passes may know about the build: the target, the kernel provider per heavy
     op kind (``{"matmul": "native", ...}``; a library call is a kernel of its own), the
     machine's CPU cores (`mtcompile.api` reads them once per build; passes never ask the
-    machine), the function of the module the pass is transforming, and the build's
-    `AnalysisManager` (set by `run_passes`)."""
+    machine), the function of the module the pass is transforming, the build's
+    `AnalysisManager` (set by `run_passes`), and the kernel model: (graph, tenants) -> the
+    kernels that run, the `KernelDAG` provider of the managers it makes (`mtcompile.api`
+    gives the kernels TVM emits, `mtcompile.backend.emitted.kernel_dag`; passes may not
+    import the backend)."""
 
     target: str = "llvm"
     kernels: dict[str, str] = field(default_factory=dict)
     cores: int = 1
     function: str = RUN_ALL
     analyses: AnalysisManager | None = field(default=None, compare=False, repr=False)
+    kernel_model: Callable[[Graph, list[str] | None], KernelDAG] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def providers(self) -> dict[type, Provider] | None:
+        """The derived-analysis providers this context brings: its kernel model, if any."""
+        model = self.kernel_model
+        return None if model is None else {KernelDAG: lambda graph: model(graph, None)}
 
     def _manager(self, graph: Graph) -> AnalysisManager:
         """The build's manager when it holds `graph` as this function's graph; else (a pass
@@ -111,7 +122,7 @@ class PassContext:
             return am
         own = self.__dict__.get("_own")
         if own is None or not own.holds(self.function, graph):
-            own = analysis_manager({self.function: graph}, am.providers if am else None)
+            own = analysis_manager({self.function: graph}, am.providers if am else self.providers())
             object.__setattr__(self, "_own", own)  # a cache, not a field (frozen)
         return own
 
@@ -466,21 +477,16 @@ def main_graph(ir: Graph | Module) -> Graph:
 
 
 class Timing(Instrument):
-    """Records the time and effect of every pass (the runner always uses one). The kernel
-    count comes from `analyses` (the runner's manager: the kernel DAG it caches) when it
-    holds the graph, else from a manager of that graph alone."""
+    """Records the time and effect of every pass (the runner always uses one). Kernels are
+    counted after the last pass only (`count_kernels`), from the manager: the kernel model
+    emits the function through TVM's fusion (seconds on an unfused graph), and the plans
+    already asked it for the final graph."""
 
-    def __init__(self, analyses: AnalysisManager | None = None) -> None:
+    def __init__(self) -> None:
         self.records: list[PassRecord] = []
-        self.analyses = analyses
 
     def after_pass(self, p, result, index, seconds):
-        g, fname = main_graph(result.graph), main_function(result.graph)
-        ctx = PassContext(function=fname, analyses=self.analyses)
-        try:
-            kernels = len(ctx.analysis(g, KernelDAG).kernels)
-        except Exception:  # a broken graph is the verifier's to report, not the timer's
-            kernels = None
+        g = main_graph(result.graph)
         self.records.append(
             PassRecord(
                 p.name,
@@ -488,10 +494,22 @@ class Timing(Instrument):
                 result.changed,
                 len(g.nodes),
                 dict(result.info),
-                kernels,
+                None,
                 g.weight_bytes(),
             )
         )
+
+    def count_kernels(self, ir: Graph | Module, analyses: AnalysisManager) -> None:
+        """The last record's kernels of `ir`'s main function (left None when the manager
+        has no kernel model or the graph is broken: the verifier reports that)."""
+        if not self.records:
+            return
+        ctx = PassContext(function=main_function(ir), analyses=analyses)
+        try:
+            kernels = len(ctx.analysis(main_graph(ir), KernelDAG).kernels)
+        except Exception:
+            return
+        self.records[-1] = dataclasses.replace(self.records[-1], kernels_after=kernels)
 
 
 class PrintAfter(Instrument):
@@ -550,9 +568,11 @@ def run_passes(
     function; a pass whose required analysis is missing, or one that invalidates an
     analysis an earlier pass computed (when no later pass computes it again), raises
     `AnalysisError` (see the module docstring)."""
+    ctx = ctx or PassContext()
     am = analyses if analyses is not None else analysis_manager()
-    ctx = dataclasses.replace(ctx or PassContext(), analyses=am)
-    timing = Timing(am)
+    am.plug(ctx.providers() or {})  # the context's kernel model, where the manager has none
+    ctx = dataclasses.replace(ctx, analyses=am)
+    timing = Timing()
     hooks = [*instruments, timing]
     if os.environ.get(VERIFY_ENV, "") not in ("", "0") and not any(
         isinstance(h, VerifyAfter) for h in instruments
@@ -581,6 +601,7 @@ def run_passes(
         except Exception as e:
             raise PassError(p.name, done, e) from e
         done.append(p.name)
+    timing.count_kernels(shown(module), am)
     return shown(module), timing.records
 
 

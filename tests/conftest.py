@@ -104,9 +104,18 @@ W = np.arange(12, dtype=np.float32).reshape(4, 3)
 WKEY = const_key(W)
 
 
-def attrs(text: str) -> Opaque:
-    """A stand-in for TVM attrs in hand-built graphs (printed as `text`)."""
-    return Opaque(None, f"test:{text}", text)
+def attrs(text: str, obj=None) -> Opaque:
+    """TVM attrs in hand-built graphs (printed as `text`; `obj`: the attrs object itself,
+    None for a graph that is never emitted)."""
+    return Opaque(obj, f"test:{text}", text)
+
+
+def matmul_attrs():
+    """The attrs of ``relax.matmul(..., out_dtype="float32")``."""
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType((2, 4), "float32"))
+    return relax.op.matmul(x, x, out_dtype="float32").attrs
 
 
 def small_graph() -> Graph:
@@ -119,7 +128,7 @@ def small_graph() -> Graph:
             (Ref("a.x"), ConstRef(WKEY)),
             F23,
             ("a",),
-            attrs("out_dtype=float32"),
+            attrs("out_dtype=float32", matmul_attrs()),
         ),
         Node("a.r", "relax.nn.relu", (Ref("a.mm"),), F23, ("a",)),
     ]

@@ -15,6 +15,7 @@ import mtcompile
 from mtcompile import Tenant, api
 from mtcompile.analysis.memory import MemoryPlan
 from mtcompile.analysis.streams import StreamAssignment
+from mtcompile.backend.emitted import kernel_dag
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.stream_layout import stream_layout
 from mtcompile.errors import MTCompileError
@@ -115,7 +116,7 @@ def _planned(graph, *passes):
     out, _ = run_passes(
         graph,
         [make_pass("eliminate-dead-nodes"), make_pass("fuse-vertical"), *passes],
-        PassContext(kernels=PROVIDERS, cores=4),
+        PassContext(kernels=PROVIDERS, cores=4, kernel_model=kernel_dag),
         analyses=am,
     )
     return out, am
@@ -171,7 +172,7 @@ def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, ti
     with pytest.raises(AnalysisError, match=msg):
         run_passes(graph, [NeedsStreams()])
     # a pass that changed the graph since invalidated it: the runner notices
-    tvm = PassContext(kernels={"matmul": "tvm"})
+    tvm = PassContext(kernels={"matmul": "tvm"}, kernel_model=kernel_dag)
     lost = "'fuse-vertical' invalidates analysis 'StreamAssignment'"
     with pytest.raises(AnalysisError, match=lost):
         run_passes(graph, [AssignStreams(), make_pass("fuse-vertical"), NeedsStreams()], tvm)
@@ -183,7 +184,7 @@ def test_a_missing_requirement_names_the_pass_the_analysis_and_the_fix(graph, ti
     _, records = run_passes(
         tiny,
         build_pipeline(["assign-streams", "test-needs-streams"], MAX),
-        PassContext(kernels=PROVIDERS, cores=4),
+        PassContext(kernels=PROVIDERS, cores=4, kernel_model=kernel_dag),
     )
     assert records[-1].info == {"streams": 5}  # the very assignment assign-streams made
     # a pass requiring streams on every function (only run_all has them)
@@ -215,7 +216,8 @@ def test_plan_memory_then_assign_streams_is_refused_before_any_work():
     assert [p.name for p in build_pipeline([*STALE, "plan-memory"], MAX)] == [*STALE, "plan-memory"]
 
 
-def test_the_runner_refuses_a_plan_lost_to_a_pass_that_changed_the_graph(graph):
+def test_the_runner_refuses_a_plan_lost_to_a_pass_that_changed_the_graph(tiny):
+    graph = tiny  # plan-memory plans on the kernels TVM emits: a graph TVM compiles
     kernels = {"matmul": "tvm"}
     with pytest.raises(
         AnalysisError,
@@ -223,13 +225,22 @@ def test_the_runner_refuses_a_plan_lost_to_a_pass_that_changed_the_graph(graph):
         r"'MemoryPlan' computed by 'plan-memory' before it "
         r"\(it changed the graph\)",
     ):
-        run_passes(graph, [PlanMemory(), make_pass("fuse-vertical")], PassContext(kernels=kernels))
+        run_passes(
+            graph,
+            [PlanMemory(), make_pass("fuse-vertical")],
+            PassContext(kernels=kernels, kernel_model=kernel_dag),
+        )
     # the same passes one by one: each run starts afresh, the plan is simply dropped
     am = analysis_manager()
-    planned, _ = run_passes(graph, [PlanMemory()], PassContext(kernels=kernels), analyses=am)
+    planned, _ = run_passes(
+        graph, [PlanMemory()], PassContext(kernels=kernels, kernel_model=kernel_dag), analyses=am
+    )
     assert _chosen(am) == {MemoryPlan}
     fused, _ = run_passes(
-        planned, [make_pass("fuse-vertical")], PassContext(kernels=kernels), analyses=am
+        planned,
+        [make_pass("fuse-vertical")],
+        PassContext(kernels=kernels, kernel_model=kernel_dag),
+        analyses=am,
     )
     assert fused is not planned and am.holds("run_all", fused) and _chosen(am) == set()
 
@@ -263,16 +274,21 @@ def test_lowering_refuses_streams_over_a_plan_made_for_another_order(tiny):
 # --------------------------------------------------------------------------- machine facts
 
 
-def test_assign_streams_reads_cores_from_the_context(graph, monkeypatch):
+def test_assign_streams_reads_cores_from_the_context(tiny, monkeypatch):
+    graph = tiny  # assign-streams works on the kernels TVM emits: a graph TVM compiles
     import os
 
     def no_machine():
         raise AssertionError("a pass asked the machine for its cores")
 
     monkeypatch.setattr(os, "cpu_count", no_machine)
-    _, records = run_passes(graph, [AssignStreams()], PassContext(cores=12))
+    _, records = run_passes(
+        graph, [AssignStreams()], PassContext(cores=12, kernel_model=kernel_dag)
+    )
     assert records[0].info["cores"] == 12
-    _, records = run_passes(graph, [AssignStreams(cores=3)], PassContext(cores=12))
+    _, records = run_passes(
+        graph, [AssignStreams(cores=3)], PassContext(cores=12, kernel_model=kernel_dag)
+    )
     assert records[0].info["cores"] == 3
     assert PassContext().cores == 1  # a hand-made context is a one-core machine
 
@@ -390,7 +406,7 @@ def test_one_pipeline_run_over_a_module_of_functions():
         assert set(am.get(f, MemoryPlan).functions) == {f}
     assert set(api._memory_plan(module, am).functions) == set(functions)
     # a tenant's entry is the pipeline run on that tenant's graph alone
-    ctx = PassContext("llvm", resolve_providers("llvm", None))
+    ctx = PassContext("llvm", resolve_providers("llvm", None), kernel_model=kernel_dag)
     alone, _ = run_passes(Module({"p": graphs[0]}), pipeline, ctx)
     assert str(alone.functions["p"]) == str(fns["p"])
 

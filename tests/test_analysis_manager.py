@@ -10,10 +10,11 @@ import pytest
 from conftest import tiny_tenants
 
 from mtcompile import api
-from mtcompile.analysis.manager import DEFAULT_PROVIDERS, Derived
+from mtcompile.analysis.manager import Derived
 from mtcompile.analysis.memory import Liveness, MemoryPlan, lifetimes
-from mtcompile.analysis.schedule import KernelDAG, kernel_dag
+from mtcompile.analysis.schedule import KernelDAG
 from mtcompile.analysis.streams import StreamAssignment
+from mtcompile.backend.emitted import kernel_dag
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.pass_infra import (
     AnalysisError,
@@ -28,7 +29,7 @@ from mtcompile.passes.assign_streams import AssignStreams
 from mtcompile.passes.plan_memory import PlanMemory
 
 PROVIDERS = resolve_providers("llvm", None)
-CTX = PassContext(kernels=PROVIDERS, cores=4)
+CTX = PassContext(kernels=PROVIDERS, cores=4, kernel_model=kernel_dag)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class RebuildKeepsKernels(Pass):
 
 
 class Counting:
-    """A kernel-DAG provider (the default model) that records each graph it is called on."""
+    """A kernel-DAG provider (the kernels TVM emits) that records each graph it is called on."""
 
     def __init__(self):
         self.graphs = []
@@ -76,11 +77,11 @@ def test_a_derived_analysis_is_computed_once_per_function_and_graph(tiny_module)
     am = analysis_manager(providers={KernelDAG: count})
     pipeline = [make_pass("eliminate-dead-nodes"), AssignStreams(policy="max"), PlanMemory()]
     module, records = run_passes(tiny_module, pipeline, CTX, analyses=am)
-    # assign-streams, plan-memory, liveness and the timer after every pass share one DAG
+    # assign-streams, plan-memory, liveness and the timer after the last pass share one DAG
     assert len(count.graphs) == len(module.functions) == 4
     assert {id(g) for g in count.graphs} == {id(g) for g in module.functions.values()}
     dag = am.cached("run_all", KernelDAG)
-    assert [r.kernels_after for r in records] == [len(dag.kernels)] * 3
+    assert [r.kernels_after for r in records] == [None, None, len(dag.kernels)]
     assert am.get("run_all", Liveness) == Liveness.of(dag)  # derived from the cached DAG
     assert len(count.graphs) == 4
 
@@ -108,7 +109,7 @@ def test_a_derived_analysis_is_dropped_by_a_change_unless_preserved(tiny_module)
 
 def test_a_graph_given_from_outside_loses_the_analyses_of_the_old_one(tiny_module):
     graph = tiny_module.functions["run_all"]
-    am = analysis_manager({"run_all": graph})
+    am = analysis_manager({"run_all": graph}, {KernelDAG: kernel_dag})
     am.get("run_all", Liveness)
     assert set(am.all_cached("run_all")) == {KernelDAG, Liveness}
     am.bind({"run_all": graph.with_nodes(graph.nodes)})
@@ -138,12 +139,13 @@ def test_a_plugged_in_kernel_model_is_what_the_passes_and_liveness_use(tiny_modu
     def first_tenant_only(g):  # another kernel model: the kernels of one tenant
         return kernel_dag(g, [first])
 
-    assert DEFAULT_PROVIDERS[KernelDAG] is kernel_dag  # the default stays the graph model
+    with pytest.raises(AnalysisError, match="has no kernel model: plug one in"):
+        analysis_manager({"run_all": graph}).get("run_all", KernelDAG)  # no default model
     ours = kernel_dag(graph, [first])
     assert 0 < len(ours.kernels) < len(kernel_dag(graph).kernels)
     am = analysis_manager(providers={KernelDAG: first_tenant_only})
     _, records = run_passes(graph, [AssignStreams(policy="max"), PlanMemory()], CTX, analyses=am)
-    assert records[0].info["kernels"] == len(ours.kernels) == records[0].kernels_after
+    assert records[0].info["kernels"] == len(ours.kernels) == records[-1].kernels_after
     assert {k for s in am.get("run_all", StreamAssignment).streams for k in s} == {
         k.name for k in ours.kernels
     }
@@ -155,7 +157,8 @@ def test_a_plugged_in_kernel_model_is_what_the_passes_and_liveness_use(tiny_modu
 def test_a_derived_provider_reads_the_analyses_it_names(tiny_module):
     graph = tiny_module.functions["run_all"]
     am = analysis_manager(
-        {"run_all": graph}, {Liveness: Derived(lambda dag: Liveness.of(dag), (KernelDAG,))}
+        {"run_all": graph},
+        {KernelDAG: kernel_dag, Liveness: Derived(lambda dag: Liveness.of(dag), (KernelDAG,))},
     )
     lives = am.get("run_all", Liveness)
     assert am.cached("run_all", KernelDAG) is not None  # computed on the way
@@ -164,7 +167,7 @@ def test_a_derived_provider_reads_the_analyses_it_names(tiny_module):
 
 def test_a_pass_run_on_its_own_gets_analyses_of_its_graph(tiny_module):
     graph = tiny_module.functions["run_all"]
-    result = PlanMemory().run(graph, PassContext(kernels=PROVIDERS))
+    result = PlanMemory().run(graph, PassContext(kernels=PROVIDERS, kernel_model=kernel_dag))
     plan = result.analysis(MemoryPlan)
     assert plan.streams is None and set(plan.functions) == {"run_all"}
     assert plan.functions["run_all"].kernels == tuple(k.name for k in kernel_dag(graph).kernels)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import subprocess
 import sys
 import textwrap
@@ -29,8 +28,9 @@ from mtcompile.analysis.memory import (
     place_best,
     place_naive,
 )
-from mtcompile.analysis.schedule import KernelDAG, kernel_dag
+from mtcompile.analysis.schedule import KernelDAG
 from mtcompile.backend.arena import _check
+from mtcompile.backend.emitted import kernel_dag
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.ir.graph import Node, Ref
 from mtcompile.pass_infra import PassContext, analysis_manager, make_pass
@@ -192,10 +192,10 @@ def hetero_front(hetero_tenants):
 
 
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
-def test_the_kernel_dag_is_the_kernels_fuse_vertical_predicts(hetero_front):
+def test_the_kernel_dag_is_the_kernels_tvm_emits(hetero_front):
     graph, _, am = hetero_front
     dag = kernel_dag(graph)
-    assert am.get("run_all", KernelDAG) == dag  # the manager's is the default model's
+    assert am.get("run_all", KernelDAG) == dag  # the build's manager asks the emitted model
     kinds = {k.kind for k in dag.kernels}
     assert kinds <= {"tvm", "library", "view"}
     # BN folds into its conv (fold-batch-norm, then offload-library takes the bias) and the
@@ -230,11 +230,11 @@ def test_plan_memory_attaches_a_plan_for_run_all_and_every_tenant(hetero_front):
 @pytest.mark.slow  # imports the demo set (`hetero_front`)
 def test_plan_memory_options(hetero_front):
     graph, _, _ = hetero_front
-    ctx = PassContext("llvm", LIBRARY)
+    ctx = PassContext("llvm", LIBRARY, kernel_model=kernel_dag)
     naive = make_pass("plan-memory", {"strategy": "naive"}).run(graph, ctx)
     fp = naive.analysis(MemoryPlan).functions["run_all"]
     assert fp.arena_bytes == fp.naive_bytes > 2 * fp.lower_bound_bytes
-    cuda = make_pass("plan-memory", {}).run(graph, PassContext("cuda", {}))
+    cuda = make_pass("plan-memory", {}).run(graph, PassContext("cuda", {}, kernel_model=kernel_dag))
     assert all(s.offset % 256 == 0 for s in cuda.analysis(MemoryPlan).functions["run_all"].slots)
     with pytest.raises(ValueError, match="power of two"):
         make_pass("plan-memory", {"alignment": 48}).run(graph, ctx)
@@ -311,7 +311,6 @@ def test_demo_sets_arena_is_near_the_bound_and_below_tvms_plan(name):
     assert mem["arena_bytes"] <= 1.05 * mem["lower_bound_bytes"]
     assert mem["arena_bytes"] <= mem["tvm_plan_bytes"]
     assert mem["unplanned_bytes"] == 0  # every intermediate TVM allocates is in the arena
-    assert mem["mismatches"] == {}  # the plan fit TVM's module as it was
     assert mem["functions"]["run_all"]["planned_tensors"] == len(mem["timeline"]["tensors"])
     assert bundle.verify()["ok"]
     # repeated calls, with the tenants' own entries run in between, give identical outputs:
@@ -327,11 +326,15 @@ def test_demo_sets_arena_is_near_the_bound_and_below_tvms_plan(name):
                 np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.slow  # compiles a bundle of its own
-def test_a_wrong_graph_plan_is_counted_and_the_arena_is_planned_on_tvms_kernels(monkeypatch):
+@pytest.mark.slow  # compiles two bundles of their own
+def test_a_wrong_graph_plan_changes_nothing_built_and_a_wrong_stream_plan_falls_back(
+    monkeypatch,
+):
     """Every planned tensor of the graph plan put at offset 0 (a kernel model gone wrong):
-    the build still plans the arena on the kernels TVM emitted, so the bundle matches its
-    sources, and the report counts and names what the graph model got wrong."""
+    a plain function's arena is planned on the kernels TVM emitted anyway, so the bundle
+    matches its sources; streamed run_all functions keep the graph plan, so the check
+    refuses it and the build falls back to one stream with a warning (the safety net for a
+    kernel-model bug; no model the tests know needs it)."""
     import mtcompile.backend.lowering as lowering
 
     real = lowering._arena_attr
@@ -345,17 +348,13 @@ def test_a_wrong_graph_plan_is_counted_and_the_arena_is_planned_on_tvms_kernels(
     bundle = mtcompile.compile(tiny_tenants())
     assert bundle.verify()["ok"]
     memory = bundle.report()["memory"]
-    counted = {f: v["model_mismatches"] for f, v in memory["functions"].items()}
-    assert counted["run_all"] > 0, counted
-    assert memory["arena_bytes"] > 0
-    assert any(
-        re.search(
-            r"(\w+) \[0, \d+\) and (\w+) \[0, \d+\) are live together and "
-            "share bytes",
-            p,
+    assert memory["arena_bytes"] > 0  # planned (on TVM's kernels, or TVM's own plan kept)
+    with pytest.warns(UserWarning, match="the memory plan does not fit the module TVM produced"):
+        streamed = mtcompile.compile(
+            tiny_tenants(), pass_options={"assign-streams": {"policy": "max"}}
         )
-        for p in memory["mismatches"]["run_all"]
-    )
+    assert "does not fit" in streamed.report()["build"]["streams_dropped"]
+    assert streamed.verify()["ok"]
 
 
 def test_the_arena_check_names_every_conflict():

@@ -11,6 +11,7 @@ from conftest import F23, F24, WKEY, small_graph, tiny_conv, torch_outputs
 
 import mtcompile
 from mtcompile import Tenant
+from mtcompile.backend.emitted import kernel_dag
 from mtcompile.errors import MTCompileError, VerifyError
 from mtcompile.ir.graph import INPUT, ConstRef, Graph, Node, Ref, TenantIO, TensorTy, const_key
 from mtcompile.pass_infra import (
@@ -156,7 +157,8 @@ def test_compile_checks_the_pipeline_before_any_work():
 
 
 def test_default_pipeline_runs(graph):
-    out, records = run_passes(graph, build_pipeline(), instruments=[VerifyAfter()])
+    ctx = PassContext(kernel_model=kernel_dag)  # plan-memory plans on TVM's kernels
+    out, records = run_passes(graph, build_pipeline(), ctx, instruments=[VerifyAfter()])
     out.verify()
     assert [r.name for r in records] == DEFAULT_PIPELINE
     # nothing to remove, share or batch in this graph; fuse-vertical only names the groups

@@ -14,10 +14,10 @@ from tvm import relax
 
 import mtcompile
 from mtcompile.analysis.memory import MemoryPlan, lifetimes, overlap_problems
-from mtcompile.analysis.schedule import kernel_dag
 from mtcompile.analysis.streams import StreamAssignment, happens_before
 from mtcompile.api import _front, _Stages
 from mtcompile.backend import lowering
+from mtcompile.backend.emitted import kernel_dag
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.lowering import _Emitter
 from mtcompile.backend.stream_layout import stream_layout

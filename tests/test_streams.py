@@ -229,7 +229,8 @@ def _demo_graph(passes):
 
 @pytest.mark.slow  # imports the demo set
 def test_pass_on_heterogeneous_demo():
-    from mtcompile.analysis.schedule import KernelDAG, kernel_dag
+    from mtcompile.analysis.schedule import KernelDAG
+    from mtcompile.backend.emitted import kernel_dag
 
     graph, record, am = _demo_graph([("assign-streams", {"policy": "max"})])
     a = am.get("run_all", StreamAssignment)

@@ -213,16 +213,19 @@ def test_pass_summary_shows_nodes_kernels_and_bytes():
         viz.draw_passes([])
 
 
-def test_timing_records_kernels_and_weight_bytes_per_pass(graph):
+def test_timing_records_weight_bytes_per_pass_and_kernels_after_the_last(graph):
+    from mtcompile.backend.emitted import kernel_dag
     from mtcompile.pass_infra import PassContext, run_passes
     from mtcompile.passes import build_pipeline
 
-    _, records = run_passes(
-        graph, build_pipeline(["dedup", "fuse-vertical"]), PassContext(kernels={"matmul": "tvm"})
-    )
+    ctx = PassContext(kernels={"matmul": "tvm"}, kernel_model=kernel_dag)
+    _, records = run_passes(graph, build_pipeline(["dedup", "fuse-vertical"]), ctx)
     rows = [viz.pass_row(r) for r in records]
-    # a: matmul and relu, one kernel once fused; b's tuple and item are no kernels
-    assert [r["kernels_after"] for r in rows] == [2, 1]
+    # kernels are counted after the last pass (the model emits through TVM's fusion): a's
+    # matmul and relu are one kernel; b's tuple and item are no kernels
+    assert [r["kernels_after"] for r in rows] == [None, 1]
+    _, without_model = run_passes(graph, build_pipeline(["dedup"]), PassContext())
+    assert [r.kernels_after for r in without_model] == [None]  # no model: none counted
     assert all(r["weight_bytes_after"] == graph.weight_bytes() for r in rows)
 
 
@@ -309,7 +312,8 @@ def test_report_command_writes_the_report_of_a_saved_bundle(tiny_saved, tmp_path
     view = manifest["graph_view"]
     assert view["tenants"] == ["lin", "conv", "multi"]
     assert [p["name"] for p in view["passes"]] == [p["name"] for p in manifest["pipeline"]]
-    assert all(p["kernels_after"] > 0 for p in view["passes"])
+    kernels = [p["kernels_after"] for p in view["passes"]]
+    assert kernels[-1] > 0 and kernels[:-1] == [None] * (len(kernels) - 1)  # the last only
     assert len(ids(html, "node")) == len(view["nodes"])  # small: drawn whole
     for t in ("lin", "conv", "multi"):
         assert f"<td>{t}</td>" in html

@@ -6,8 +6,9 @@ Two kinds of analysis:
 
 - **derived** (`KernelDAG`, `Liveness`): a function of the graph alone. A provider table
   (type -> how to compute it) says how; `get` computes one lazily, once per function and
-  graph. The layer that builds the manager may plug in its own providers (e.g. a kernel
-  model read from what TVM emits instead of `analysis.schedule.kernel_dag`).
+  graph. The kernel DAG is what TVM emits, which only the backend can say: the layer that
+  builds the manager plugs it in (`mtcompile.api`: `mtcompile.backend.emitted.kernel_dag`);
+  without it, asking for one raises `AnalysisError` saying so.
 - **chosen** (`StreamAssignment`, `MemoryPlan`): made by a pass from options the user
   chose (policy, streams, cores; alignment, strategy). Recomputing one with defaults would
   silently build something else than asked, so only a pass stores one (`put`), and `get` of
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from mtcompile.analysis.memory import Liveness
-from mtcompile.analysis.schedule import KernelDAG, kernel_dag
+from mtcompile.analysis.schedule import KernelDAG
 from mtcompile.errors import MTCompileError
 from mtcompile.ir.graph import Graph
 
@@ -43,9 +44,18 @@ class Derived:
 
 Provider = Callable[[Graph], Any] | Derived
 
+
+def _no_kernel_model(graph: Graph) -> KernelDAG:
+    raise AnalysisError(
+        "the kernel DAG is read off what TVM emits, and this analysis manager has no kernel "
+        "model: plug one in (providers={KernelDAG: ...}, or PassContext(kernel_model=...); "
+        "mtcompile.api uses mtcompile.backend.emitted.kernel_dag)"
+    )
+
+
 # the derived analyses and how to compute them by default
 DEFAULT_PROVIDERS: Mapping[type, Provider] = {
-    KernelDAG: kernel_dag,
+    KernelDAG: _no_kernel_model,
     Liveness: Derived(Liveness.of, (KernelDAG,)),
 }
 
@@ -108,6 +118,13 @@ class AnalysisManager:
         for cls in dropped:
             del self._cache[function, cls]
         return dropped
+
+    def plug(self, providers: Mapping[type, Provider]) -> None:
+        """Use `providers` for the derived analyses this manager still computes by default
+        (a kernel model given with the pass context, when the manager was made without)."""
+        for cls, provider in providers.items():
+            if self.providers.get(cls) is DEFAULT_PROVIDERS.get(cls):
+                self.providers[cls] = provider
 
     # -- the analyses
     def derivable(self, cls: type) -> bool:

@@ -3,18 +3,15 @@
 ``R.memory.alloc_storage`` per function (through ``ensure_zero_offset``, which folds the
 offset into the pointer).
 
-The plan is made on the kernels TVM emitted, by construction: liveness is computed on the
-Relax TVM produced after its fusion (following every alias: reshape views, tuples, the
-returned value) and the tensors are placed greedy by size over it (`memory.place`), the
-same planner `plan-memory` runs on our graph. The graph's plan is the model passes and
-pictures use; where it disagrees with TVM's kernels (a kernel the model did not predict),
-the disagreement is counted in the build's figures (``model_mismatches``) and changes
-nothing here.
+A plain function is planned here, on the Relax TVM produced after its fusion: liveness
+follows every alias (reshape views, tuples, the returned value) and the tensors are placed
+greedy by size over it (`memory.place`), the planner `plan-memory` runs on the graph.
 
 A stream function is the exception: its values handed to other streams must sit where the
-graph plan put them in the arena the streams share, so its plan is checked against TVM's
-liveness instead, and a plan that would let two live tensors share a byte fails with an
-`ArenaError` naming them (the build then falls back to one stream, see ``api.compile``).
+graph plan put them in the arena the streams share. That plan is made on the kernels TVM
+emits (`mtcompile.backend.emitted`), so it fits by construction; it is still checked
+against the stream function's own liveness (cheap), and a plan that would let two live
+tensors share a byte fails with an `ArenaError` naming them: a bug of the kernel model.
 """
 
 from __future__ import annotations
@@ -171,8 +168,6 @@ def realize(
         placed, arena, bound = plan_on_tvm(
             func, live, int(plan["alignment"]), plan.get("strategy", "greedy")
         )
-        # what the graph's model got wrong (it changes nothing here: counted for the tests)
-        problems = _graph_offsets(func, plan, live)[2]
     upper = _upper(func)
     unplanned = [v for v in live.first if v not in placed and v not in live.returned]
     stats[fname] = {
@@ -182,12 +177,9 @@ def realize(
         "unplanned_tensors": len(unplanned),
         "unplanned_bytes": sum(_nbytes(v.ty, upper) for v in unplanned),
         "output_bytes": sum(_nbytes(v.ty, upper) for v in live.returned),
-        "model_mismatches": len(problems),
     }
     if bound is not None:
         stats[fname]["lower_bound_bytes"] = bound
-    if problems:
-        stats.setdefault(MISMATCHES, {})[fname] = problems[:10]
     keep_tvm = (
         bound is not None
         and plan.get("strategy", "greedy") == "greedy"
@@ -201,9 +193,6 @@ def realize(
         )
         return func
     return _rewrite(func, placed, arena, streamed=bound is None)
-
-
-MISMATCHES = "mismatches"  # key of the stats dict: function -> what the graph model missed
 
 
 def plan_on_tvm(

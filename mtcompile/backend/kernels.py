@@ -140,26 +140,47 @@ def _at_one(extent) -> int | None:
     return int(value) if isinstance(value, tirx.IntImm) else None
 
 
+def schedule_passes(database=None) -> list:
+    """Our CPU kernel schedules: a tuning database's where it has one, else `CPUDefault`."""
+    passes = []
+    if database is not None:
+        passes.append(relax.transform.MetaScheduleApplyDatabase(database, enable_warning=True))
+    passes.append(dl.ApplyDefaultSchedule(CPUDefault()))
+    return passes
+
+
+def relax_prefix(target: tvm.target.Target, database=None) -> list:
+    """TVM's Relax passes up to where our memory plans are realized: library dispatch,
+    legalize, FuseOps/FuseTIR, on CPU our schedules (a kernel scheduled into a pure
+    reshape becomes a view in ``RewriteDataflowReshape``), then dataflow lowering up to
+    ``CallTIRRewrite``. The build runs them, and the kernel model
+    (`mtcompile.backend.emitted`) reads its kernels off their result."""
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as tvm_pipeline
+
+        schedules = []  # TVM's CUDA legalize passes schedule the kernels
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as tvm_pipeline
+
+        schedules = schedule_passes(database)
+    return (
+        tvm_pipeline.library_dispatch_passes(target)
+        + tvm_pipeline.legalize_passes(target)
+        + schedules
+        + tvm_pipeline.dataflow_lower_passes(target)
+    )
+
+
 def cpu_pipeline(target: tvm.target.Target, database=None, memory: dict | None = None):
     """Our CPU relax pipeline: TVM's default passes plus kernel schedules after fusion, and
     our memory plans realized before TVM plans the rest (`memory` gets their figures)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    def schedules():
-        passes = []
-        if database is not None:
-            passes.append(relax.transform.MetaScheduleApplyDatabase(database, enable_warning=True))
-        passes.append(dl.ApplyDefaultSchedule(CPUDefault()))
-        return passes
-
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
-                + schedules()
-                + cpu.dataflow_lower_passes(target)
+                relax_prefix(target, database)
                 + [arena.realize_pass({} if memory is None else memory)]
                 + cpu.finalize_passes(target)
             )
@@ -176,9 +197,7 @@ def gpu_pipeline(target: tvm.target.Target, memory: dict | None = None):
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                gpu.library_dispatch_passes(target)
-                + gpu.legalize_passes(target)
-                + gpu.dataflow_lower_passes(target)
+                relax_prefix(target)
                 + [arena.realize_pass({} if memory is None else memory)]
                 + gpu.finalize_passes(target)
             )

@@ -1,7 +1,7 @@
 """The one table of op facts: per Relax operator its kind (heavy, elementwise, injective,
-view, reduction, opaque), and which dtypes and layouts a library provider takes for a heavy op.
+reduction, opaque), and which dtypes and layouts a library provider takes for a heavy op.
 
-The kernel model (`mtcompile.analysis.schedule`), fuse-vertical, fuse-horizontal and
+`mtcompile.analysis.schedule.op_kind`, fuse-vertical, fuse-horizontal and
 offload-library read their op sets here (TVM's ``TOpPattern``, onnxruntime's kernel
 registry). Library call nodes (op ``library_call``, attrs `LibraryCall`: provider, kernel,
 variant, bias, epilogue) are typed here; the kernels they name are the rows of
@@ -91,15 +91,6 @@ OPAQUE = frozenset(
         "relax.multinomial_from_uniform",
     }
 )
-# ops that only reinterpret the shape of a row-major tensor: TVM turns a kernel made of
-# them alone into a view of its input (``RewriteDataflowReshape``). Inference dropout is an
-# identity copy, which TVM also makes a view (seen on SqueezeNet).
-VIEW = frozenset(
-    {"relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten", "relax.nn.dropout"}
-)
-# ops that are views when their result has their input's shape (an identity copy, which
-# TVM also makes a view: ONNX Sum imports as broadcast_to + stack + sum)
-VIEW_IF_SAME_SHAPE = frozenset({"relax.broadcast_to"})
 # heavy ops -> the key of `kernels` (the providers) that chooses who computes them
 HEAVY = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d"}
 

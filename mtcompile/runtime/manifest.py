@@ -243,9 +243,9 @@ class StreamsInfo:
 @dataclass(frozen=True)
 class MemoryInfo:
     """Memory of the built bundle (known once TVM has built it, so not embedded): run_all's
-    arena against its lower bound, TVM's own plan and no planning, per function figures,
-    where the graph's kernel model missed a kernel TVM emitted (`mismatches`) and run_all's
-    timeline (viz's input)."""
+    arena against its lower bound, TVM's own plan and no planning, per function figures
+    and run_all's timeline (viz's input). (Manifests of older builds also carry
+    ``mismatches``: what the predicted kernel model got wrong; it is ignored.)"""
 
     arena_bytes: int
     lower_bound_bytes: int
@@ -258,7 +258,6 @@ class MemoryInfo:
     weight_bytes_before_dedup: int
     planned: bool
     functions: dict[str, dict[str, int]]
-    mismatches: dict[str, list[str]] = field(default_factory=dict)
     timeline: dict | None = None
 
 
