@@ -1,6 +1,8 @@
 """The longest Python and C++ functions of the package (lines, definition to end).
 
-    python .ci/function_lengths.py [--top N] [--over LINES] [ROOT]
+    python .ci/function_lengths.py [--top N] [--over LINES] [--check] [ROOT]
+
+With --check it exits 1 when a function is over LINES (CI runs it so).
 
 Python: every function and method of mtcompile/ and passes/ (ast). C++: every function body of
 mtcompile/*/src (brace matching on the text, comments and strings blanked first)."""
@@ -82,14 +84,19 @@ def main() -> None:
     ap.add_argument("root", nargs="?", default=".")
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--over", type=int, default=50)
+    ap.add_argument("--check", action="store_true", help="exit 1 if a function is over")
     args = ap.parse_args()
     root = Path(args.root)
+    total = 0
     for lang, found in (("Python", python_functions(root)), ("C++", cpp_functions(root))):
         found.sort(reverse=True)
         over = sum(1 for n, _ in found if n > args.over)
+        total += over
         print(f"{lang}: {len(found)} functions, {over} over {args.over} lines; longest:")
-        for n, where in found[: args.top]:
+        for n, where in found[: max(args.top, over)]:
             print(f"  {n:4d}  {where}")
+    if args.check and total:
+        raise SystemExit(f"{total} function(s) over {args.over} lines (STYLE.md: split them)")
 
 
 if __name__ == "__main__":

@@ -552,6 +552,16 @@ class VerifyAfter(Instrument):
         result.graph.verify()
 
 
+def _hooks(instruments, timing: Timing) -> list[Instrument]:
+    """The user's instruments and the timer, after the verifier in debug builds and CI."""
+    hooks = [*instruments, timing]
+    if os.environ.get(VERIFY_ENV, "") not in ("", "0") and not any(
+        isinstance(h, VerifyAfter) for h in instruments
+    ):
+        hooks.insert(0, VerifyAfter())  # the verifier after every pass
+    return hooks
+
+
 def run_passes(
     ir: Graph | Module,
     passes: list[Pass],
@@ -573,11 +583,7 @@ def run_passes(
     am.plug(ctx.providers() or {})  # the context's kernel model, where the manager has none
     ctx = dataclasses.replace(ctx, analyses=am)
     timing = Timing()
-    hooks = [*instruments, timing]
-    if os.environ.get(VERIFY_ENV, "") not in ("", "0") and not any(
-        isinstance(h, VerifyAfter) for h in instruments
-    ):
-        hooks.insert(0, VerifyAfter())  # debug builds and CI: the verifier after every pass
+    hooks = _hooks(instruments, timing)
     one = isinstance(ir, Graph)
     module = Module({RUN_ALL: ir}) if one else ir
     am.bind(module.functions)

@@ -142,6 +142,19 @@ def liveness(func: relax.Function) -> Liveness:
     return Liveness(first, last, names, returned, roots)
 
 
+def _figures(func, live, plan: dict, arena: int, placed, unplanned) -> dict:
+    """A function's arena figures for the build's stats."""
+    upper = _upper(func)
+    return {
+        "arena_bytes": arena,
+        "graph_arena_bytes": int(plan["bytes"]),
+        "planned_tensors": len(placed),
+        "unplanned_tensors": len(unplanned),
+        "unplanned_bytes": sum(_nbytes(v.ty, upper) for v in unplanned),
+        "output_bytes": sum(_nbytes(v.ty, upper) for v in live.returned),
+    }
+
+
 def realize(
     func: relax.Function, fname: str, stats: dict, tvm_bytes: int | None = None
 ) -> relax.Function:
@@ -168,16 +181,8 @@ def realize(
         placed, arena, bound = plan_on_tvm(
             func, live, int(plan["alignment"]), plan.get("strategy", "greedy")
         )
-    upper = _upper(func)
     unplanned = [v for v in live.first if v not in placed and v not in live.returned]
-    stats[fname] = {
-        "arena_bytes": arena,
-        "graph_arena_bytes": int(plan["bytes"]),
-        "planned_tensors": len(placed),
-        "unplanned_tensors": len(unplanned),
-        "unplanned_bytes": sum(_nbytes(v.ty, upper) for v in unplanned),
-        "output_bytes": sum(_nbytes(v.ty, upper) for v in live.returned),
-    }
+    stats[fname] = _figures(func, live, plan, arena, placed, unplanned)
     if bound is not None:
         stats[fname]["lower_bound_bytes"] = bound
     keep_tvm = (
