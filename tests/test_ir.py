@@ -384,7 +384,9 @@ def _merged_and_optimized(set_name: str) -> tuple[Graph, Graph]:
         it = import_tenant(t)
         graphs.append(lift(it.mod["main"], t.name, it.input_names))
     merged = merge(graphs, {t.name: t.shared_inputs for t in tenants if t.shared_inputs})
-    ctx = PassContext("llvm", resolve_providers("llvm", None), cores=2)
+    from mtcompile.backend.emitted import kernel_dag
+
+    ctx = PassContext("llvm", resolve_providers("llvm", None), cores=2, kernel_model=kernel_dag)
     return merged, run_passes(merged, build_pipeline(), ctx)[0]
 
 

@@ -246,7 +246,7 @@ def test_plan_memory_options(hetero_front):
 def test_a_pass_that_changes_nodes_drops_the_plan(hetero_front):
     graph, _, am = hetero_front
     plan = am.get("run_all", MemoryPlan)
-    own = analysis_manager({"run_all": graph})  # the fixture's manager stays as it is
+    own = analysis_manager({"run_all": graph}, {KernelDAG: kernel_dag})  # the fixture's stays
     own.put("run_all", plan)
     own.get("run_all", KernelDAG)
     own.bind({"run_all": graph})  # the same graph: nothing dropped

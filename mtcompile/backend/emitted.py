@@ -276,6 +276,8 @@ class _Reader:
         for c in self.calls:
             if not c.result:
                 c.result = [self._fused_result(c)]
+            if len(c.result) == 1:  # one node for all it writes: a tuple (split's parts)
+                self.node_of.update({alloc: c.result[0] for alloc in c.writes})
             for alloc, node in zip(c.writes, c.result, strict=False):
                 self.node_of[alloc] = node
         return self._assemble()
@@ -285,6 +287,17 @@ class _Reader:
             found = [self._named(a) for a in c.writes]
             if all(found):
                 c.result = found
+            elif len(c.writes) > 1 and (whole := self._tuple_named(c)) is not None:
+                c.result = [whole]
+
+    def _tuple_named(self, c: _Call) -> str | None:
+        """The tuple-valued node (``split``) a kernel writing several tensors computes: the
+        one whose Relax var is bound to the tuple of exactly those tensors."""
+        for b in _bindings(self.func):
+            if isinstance(b.value, relax.Tuple) and b.var.name in self.by_name:
+                if self._roots(b.value) == set(c.writes):
+                    return self.by_name[b.var.name]
+        return None
 
     def _named(self, alloc) -> str | None:
         """The node whose name a var bound to `alloc` itself carries (not a view of it)."""
@@ -322,11 +335,15 @@ class _Reader:
         for n in self.graph.nodes:
             if n.name not in self.live or n.name in claimed or n.name in self.const:
                 continue
-            if n.op in (INPUT, TUPLE) or not isinstance(n.ty, TensorTy):
-                continue
+            if n.op in (INPUT, TUPLE) or (len(c.writes) == 1 and not isinstance(n.ty, TensorTy)):
+                continue  # a tuple-valued node (split) writes several tensors
             folded = self._folded(n.name, reads, claimed - must)
             if folded is not None and must <= folded and (best is None or len(folded) < best[0]):
                 best = (len(folded), n.name)
+        if best is None:  # it writes a value lowering made inside a node's expansion (a
+            # float16 mean's float32 cast): the last node TVM kept the name of inside it
+            inside = [n.name for n in self.graph.nodes if n.name in must and n.name in self.live]
+            best = (0, inside[-1]) if inside else None
         if best is None:
             raise MTCompileError(
                 f"the kernel model: TVM's kernel {c.callee} (binding {c.index}) writes a "
@@ -381,9 +398,9 @@ class _Reader:
             alias.update({n: c.result[0] for n in nodes if n not in alias})
             tail = self.graph.node(c.result[0])
             kind = "library" if c.library else "tvm"
-            out.append(
-                Kernel(name, nodes, kind, tail.tenants, tuple(reads), tail.name, tail.ty.nbytes)
-            )
+            tensor = tail.name if isinstance(tail.ty, TensorTy) else None  # None: a tuple
+            nbytes = tail.ty.nbytes if tensor else 0
+            out.append(Kernel(name, nodes, kind, tail.tenants, tuple(reads), tensor, nbytes))
             deps[name] = tuple(dict.fromkeys(results[r] for r in reads if r in results))
         outputs = frozenset(
             t
