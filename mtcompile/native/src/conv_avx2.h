@@ -6,7 +6,7 @@
 // 3x3 conv at 64x64 that would be 4.7 MB, twice the L2). Weights are packed once per call into
 // K-major strips of output channels: kMR (4) rows for the AVX2 tile (its 2 x 4 accumulators,
 // the two input vectors and a broadcast fit the 16 ymm registers: 6 rows spilled to the stack,
-// 60% of the FMA rate), kMR512 (12) for the AVX-512 tile (one zmm of 16 pixels per output
+// 60% of the FMA rate), kMR512 (16) for the AVX-512 tile (one zmm of 16 pixels per output
 // channel, the weight broadcast inside the FMA). Built with target attributes so that the
 // library stays generic x86-64; the caller dispatches on the CPU's features.
 #pragma once
@@ -24,7 +24,17 @@
 
 namespace mtc {
 
-constexpr int kMR = 4, kMR512 = 12, kNR = 16;
+constexpr int kMR = 4, kMR512 = 16, kNR = 16;
+
+// Output channels in strips of at most `most` rows, of near-equal height (40 rows: 14, 13, 13,
+// not 16, 16, 8: a short strip has too few accumulators per input vector loaded); strip s
+// covers rows [first(s), first(s) + rows(s)). The weights are packed and the tiles run in these.
+struct Strips {
+  int64_t n, base, extra;
+  Strips(int64_t og, int64_t most) : n((og + most - 1) / most), base(og / n), extra(og % n) {}
+  int64_t rows(int64_t s) const { return base + (s < extra ? 1 : 0); }
+  int64_t first(int64_t s) const { return s * base + std::min(s, extra); }
+};
 
 // The one conv geometry (every conv path reads it): images N of C channels H x W, O output
 // channels OH x OW from KH x KW kernels, G groups of Cg input and Og output channels; strides,
@@ -104,10 +114,12 @@ inline void pad_channels(const ConvGeom& q, const Padded& pd, const float* x, in
   }
 }
 
-// weights [Og, Kd] of one group -> strips of `strip` rows, each K-major (Kd x mr)
+// weights [Og, Kd] of one group -> strips of at most `strip` rows (`Strips`), each K-major
+// (Kd x mr)
 inline void pack_weights(const float* w, int64_t Og, int64_t Kd, int strip, float* dst) {
-  for (int64_t o0 = 0; o0 < Og; o0 += strip) {
-    const int64_t mr = std::min<int64_t>(strip, Og - o0);
+  const Strips strips(Og, strip);
+  for (int64_t s = 0; s < strips.n; ++s) {
+    const int64_t o0 = strips.first(s), mr = strips.rows(s);
     for (int64_t k = 0; k < Kd; ++k)
       for (int64_t i = 0; i < mr; ++i) dst[k * mr + i] = w[(o0 + i) * Kd + k];
     dst += mr * Kd;
@@ -190,7 +202,7 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void tile512(
     const float* res, Act act) {
   const int64_t kw_n = KW > 0 ? KW : q.KW;
   __m512 c[MR];
-#pragma GCC unroll 12
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) c[i] = _mm512_setzero_ps();
   for (int64_t r = 0; r < nrows; ++r, a += kw_n * MR) {
     const float* row = rows[r];
@@ -199,11 +211,11 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void tile512(
 #pragma GCC unroll 8
     for (int64_t kw = 0; kw < kw_n; ++kw, ak += MR) {
       const __m512 b = _mm512_loadu_ps(row + tap[kw]);
-#pragma GCC unroll 12
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(ak[i]), b, c[i]);
     }
   }
-#pragma GCC unroll 12
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
     store_row(_mm512_castps512_ps256(c[i]),
               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[i]), 1)),
@@ -292,8 +304,9 @@ inline void conv_panels(const ConvGeom& q, const Padded& pd, Tiles tiles, const 
       const int64_t c1 = std::min(q.Cg, c0 + cb);
       const float* a = wp;
       const bool last = c1 == q.Cg;  // the epilogue goes with the last channel block
-      for (int64_t o0 = 0; o0 < q.Og; o0 += tiles.strip) {
-        const int64_t mr = std::min<int64_t>(tiles.strip, q.Og - o0);
+      const Strips strips(q.Og, tiles.strip);
+      for (int64_t s = 0; s < strips.n; ++s) {
+        const int64_t o0 = strips.first(s), mr = strips.rows(s);
         const int64_t at = o0 * P + oh * q.OW + ow0;
         tiles.fn[mr](q, pd.tap.data(), a + c0 * KK * mr, rows.data() + c0 * q.KH,
                   (c1 - c0) * q.KH, out + at, P,
