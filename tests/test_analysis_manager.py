@@ -4,6 +4,7 @@ preserves them; chosen ones (user options) only ever computed by their pass."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -62,7 +63,7 @@ class Counting:
 
     def __call__(self, graph):
         self.graphs.append(graph)
-        return kernel_dag(graph)
+        return copy.copy(kernel_dag(graph))  # a new value per call (the model caches by content)
 
 
 @pytest.fixture(scope="module")

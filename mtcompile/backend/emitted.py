@@ -15,6 +15,7 @@ depends on that no other kernel writes and that are not views or constants.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -38,27 +39,37 @@ from mtcompile.ir.relax_types import graph_bounds
 from mtcompile.native import table
 
 FNAME = "mtcompile_model"  # the function emitted for the analysis
-CACHE_SIZE = 8  # graphs whose kernel DAG is kept (a build asks a few times per function)
-_cache: OrderedDict = OrderedDict()  # holds its graphs' constants: `forget` after a build
+CACHE_SIZE = 8  # kernel DAGs kept (a build asks a few times per function)
+# (graph text and constants' types, tenants, target) -> KernelDAG: by content, so that
+# functions with equal graphs (a one-tenant module's entry and run_all) share one
+_cache: OrderedDict = OrderedDict()
 
 
 def forget() -> None:
-    """Drop the cached DAGs (and the graphs, weights included, they keep alive)."""
+    """Drop the cached DAGs."""
     _cache.clear()
+
+
+def _content_key(graph: Graph, tenants: list[str], target: str) -> tuple:
+    """What the kernels depend on: the graph as printed (nodes, tenants' inputs and
+    outputs, constants by content key) and the constants' dtypes and shapes."""
+    consts = sorted((k, str(a.dtype), a.shape) for k, a in graph.constants.items())
+    text = str(graph) + repr(consts)
+    return (hashlib.sha256(text.encode()).hexdigest(), tuple(tenants), target)
 
 
 def kernel_dag(graph: Graph, tenants: list[str] | None = None, target: str = "llvm") -> KernelDAG:
     """The kernels TVM emits for `tenants`' outputs (all tenants: ``run_all``) on `target`,
-    in the order they run. Cached per graph (its nodes, tenants and constants)."""
+    in the order they run. Cached by content (`_content_key`)."""
     tenants = list(graph.tenants) if tenants is None else list(tenants)
-    key = (id(graph.nodes), id(graph.tenants), id(graph.constants), tuple(tenants), target)
+    key = _content_key(graph, tenants, target)
     hit = _cache.get(key)
-    if hit is not None and hit[0] is graph.nodes:
+    if hit is not None:
         _cache.move_to_end(key)
-        return hit[1]
+        return hit
     func, inner, names = fused_function(graph, tenants, target)
     dag = _Reader(graph, tenants, func, inner, names).dag()
-    _cache[key] = (graph.nodes, dag, graph.tenants, graph.constants)  # ids stay valid
+    _cache[key] = dag
     while len(_cache) > CACHE_SIZE:
         _cache.popitem(last=False)
     return dag
