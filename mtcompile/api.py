@@ -14,7 +14,7 @@ from typing import Any
 from mtcompile import build_cache, bundle_manifest
 from mtcompile.abi import RUN_ALL
 from mtcompile.analysis.memory import MemoryPlan
-from mtcompile.backend import emitted, legalize
+from mtcompile.backend import emitted
 from mtcompile.backend.arena import ArenaError
 from mtcompile.backend.kernels import resolve_providers
 from mtcompile.backend.lowering import HOST_CPU, TARGETS, build, cpu_facts, emit_module
@@ -22,9 +22,11 @@ from mtcompile.backend.stream_layout import stream_layout
 from mtcompile.backend.tuning import load_database
 from mtcompile.compiled import CompiledBundle
 from mtcompile.errors import MTCompileError, TenantError
+from mtcompile.frontend.fold import fold_constants
 from mtcompile.frontend.importers import import_tenant
 from mtcompile.frontend.lift import lift
 from mtcompile.frontend.merge import merge
+from mtcompile.ir import legalize
 from mtcompile.ir.graph import Graph, TensorTy
 from mtcompile.ir.module import Module
 from mtcompile.pass_infra import (
@@ -73,7 +75,7 @@ def _import(tenants: list[Tenant], stages: _Stages) -> tuple[list, list[Graph]]:
         t1 = time.perf_counter()
         it = import_tenant(t)
         imported.append(it)
-        graphs.append(lift(it.mod["main"], t.name, it.input_names))
+        graphs.append(lift(fold_constants(it.mod["main"], t.name), t.name, it.input_names))
         stages.say(
             f"  import {t.name} ({it.kind}): {len(graphs[-1])} nodes, "
             f"{time.perf_counter() - t1:.2f} s"

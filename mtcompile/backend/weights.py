@@ -20,10 +20,11 @@ from tvm import relax
 from tvm.ir.expr import GenericConst
 
 from mtcompile.abi import MANIFEST_FN
+from mtcompile.ir.graph import WEIGHT_MIN_BYTES
 
 # smaller constants (scalars of an add, shapes) stay in the executable: TVM may fold them
 # into kernels, and their bytes do not matter
-MIN_BYTES = 1024
+MIN_BYTES = WEIGHT_MIN_BYTES
 
 
 def _tensor_const(e) -> bool:

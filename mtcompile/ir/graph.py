@@ -247,6 +247,11 @@ class TenantIO:
     outputs: tuple[Ref | ConstRef, ...]
 
 
+# constants of at least this many bytes are weights: a bundle passes them to its functions as
+# parameters (the weights table); smaller ones are literals of the generated code
+WEIGHT_MIN_BYTES = 1024
+
+
 def const_key(array: np.ndarray) -> str:
     """Content hash of a constant: dtype, shape and bytes."""
     h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())

@@ -1,4 +1,5 @@
-"""Our legalizations of two kinds of ops, in place of TVM's:
+"""Our legalizations of three kinds of ops, in place of TVM's (registered by `register`: by
+`mtcompile.compile`, and by the import's constant folding, before any TVM pass legalizes):
 
 - ``relax.take`` in TVM's "fast" mode: the same kernel as TVM's (`topi.take(mode="fast")`,
   checked structurally equal), without TVM's build-time warning that fast mode "segfaults
@@ -10,12 +11,16 @@
   -1. A divisor of 0 is refused before (`lowering`'s ``check_divisor``); here the divisor is
   1 where it is 0 (never reached: a second guard) and where the most negative value meets
   -1, which gives PyTorch's results there (``MIN // -1 == MIN``, ``MIN % -1 == 0``).
+- ``full`` with an infinite or NaN fill (`_full`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import te, tirx, topi
+from tvm.ir.expr import GenericConst
+from tvm.relax import ShapeExpr
 from tvm.relax.transform.legalize_ops.binary import _binary
 
 _registered = False
@@ -87,12 +92,36 @@ def _division(te_op):
     return legalize
 
 
+def _full(original):
+    """TVM's ``full``/``full_like`` legalization (`original`), and an infinite or NaN fill
+    too: TVM hands `topi.full` the dtype as a type object, on which its float check fails
+    ("argument of type 'PrimType' is not iterable": ``torch.full(..., float("-inf"))``, a
+    causal mask, did not compile)."""
+
+    def legalize(bb, call):
+        fill = call.args[1]
+        value = fill.value.numpy() if isinstance(fill, GenericConst) else None
+        like = call.op.name == "relax.full_like"
+        shape = call.args[0].ty.shape if like else call.args[0]
+        if value is None or value.ndim or np.isfinite(value) or not isinstance(shape, ShapeExpr):
+            return original(bb, call)
+        dtype = str(call.ty.dtype)
+        return bb.call_te(
+            topi.full, list(shape.values), dtype, float(value), primfunc_name_hint="full"
+        )
+
+    return legalize
+
+
 def register() -> None:
-    """Make `_take` and `_division` TVM's legalizations in this process (idempotent; they
-    replace TVM's own registrations, level 11 above TVM's default 10)."""
+    """Make `_take`, `_division` and `_full` TVM's legalizations in this process
+    (idempotent; they replace TVM's own registrations, level 11 above TVM's default 10)."""
     global _registered
     if not _registered:
         tvm.ir.register_op_attr("relax.take", "FLegalize", _take, level=11)
+        for op in ("relax.full", "relax.full_like"):
+            original = tvm.ir.Op.get(op).get_attr("FLegalize")
+            tvm.ir.register_op_attr(op, "FLegalize", _full(original), level=11)
         for op, te_op in _DIVISIONS.items():
             tvm.ir.register_op_attr(op, "FLegalize", _division(te_op), level=11)
         _registered = True
