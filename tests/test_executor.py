@@ -3,6 +3,7 @@ tensors to each other through shared buffers at event points; errors and timeout
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -199,3 +200,20 @@ def test_cuda_streams_raw_stream_per_thread():  # pragma: no cover - needs a GPU
     out0, out1 = ex.run([[xt, *bufs], [xt, *bufs]])
     np.testing.assert_allclose(out1.numpy(), (x + 1) * 3 + 1)
     ex.close()
+
+
+def _stream_threads() -> int:
+    return sum(
+        (p / "comm").read_text().startswith("mtc-stream") for p in Path("/proc/self/task").iterdir()
+    )
+
+
+def test_a_dropped_executor_ends_its_stream_threads(built):
+    before = _stream_threads()
+    ex = StreamExecutor(built, tvm.cpu(), ["s0", "s1"], 2, event_streams=[(0, 1), (1, 0)])
+    out0, _ = ex.run(_args(np.ones(4, "float32")))
+    np.testing.assert_allclose(out0.numpy(), np.full(4, 12.0, "float32"))
+    assert _stream_threads() == before + 2
+    del ex, out0  # no close(): the hooks the core holds do not keep it alive
+    gc.collect()
+    assert _stream_threads() == before

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 from mtcompile.abi import GET, PUT, SIGNAL, WAIT
 from mtcompile.errors import MTCompileError
@@ -92,6 +93,23 @@ def _module(executable):
     return executable if isinstance(executable, _ffi().Module) else executable.jit()
 
 
+# Hooks the core calls on a stream's thread. They hold no reference to the StreamExecutor (the
+# core holds them): dropping it closes the core's executor, whose threads end with it.
+def _on_start(threads: int, cuda_device, raw: list, i: int) -> None:
+    if cuda_device is not None:  # UNTESTED on a GPU
+        raw[i] = cuda_device.create_raw_stream()
+        cuda_device.set_raw_stream(raw[i])
+        return
+    from mtcompile.runtime.threads import set_torch_threads
+
+    set_torch_threads(threads)  # library kernels: this thread's OpenMP/MKL count
+
+
+def _on_signal(device, raw: list, event_streams, event: int, stream: int) -> None:
+    dst = event_streams[event][1]  # UNTESTED on a GPU
+    _ffi().get_global_func("runtime.Device_StreamSyncFromTo")(device, raw[stream], raw[dst])
+
+
 class StreamExecutor:
     """Runs stream functions of one executable concurrently, one thread and VM each (the
     runtime core's executor).
@@ -147,24 +165,10 @@ class StreamExecutor:
             self.threads,
             float(timeout_s),
             diagnose,
-            self._on_start,
-            self._on_signal if self.cuda and self.event_streams else None,
-        )
-
-    # -- hooks, called by the core on the stream's thread
-    def _on_start(self, i: int) -> None:
-        if self.cuda:  # UNTESTED on a GPU
-            self._raw[i] = self.device.create_raw_stream()
-            self.device.set_raw_stream(self._raw[i])
-            return
-        from mtcompile.runtime.threads import set_torch_threads
-
-        set_torch_threads(self.threads)  # library kernels: this thread's OpenMP/MKL count
-
-    def _on_signal(self, event: int, stream: int) -> None:  # UNTESTED on a GPU
-        dst = self.event_streams[event][1]
-        _ffi().get_global_func("runtime.Device_StreamSyncFromTo")(
-            self.device, self._raw[stream], self._raw[dst]
+            partial(_on_start, self.threads, device if self.cuda else None, self._raw),
+            partial(_on_signal, device, self._raw, self.event_streams)
+            if self.cuda and self.event_streams
+            else None,
         )
 
     # -- on the caller's thread

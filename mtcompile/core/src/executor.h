@@ -258,6 +258,7 @@ inline Spec read_spec(const ffi::Map<ffi::Any, ffi::Any>& m, const std::string& 
   for (const ffi::Any& f : as_array(field(m, "functions", where), where + ".functions"))
     s.functions.push_back(str(f, where + ".functions"));
   s.num_events = integer(field(m, "num_events", where), where + ".num_events");
+  if (s.num_events < 0) throw Corrupt(where + ".num_events", "expected a count >= 0");
   auto es = m.find(ffi::String("event_streams"));
   if (es != m.end() && (*es).second != nullptr)
     for (const ffi::Any& p : as_array((*es).second, where + ".event_streams")) {
