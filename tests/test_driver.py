@@ -9,7 +9,6 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import tiny_tenants
 
 import mtcompile
 from mtcompile.driver import command
@@ -144,15 +143,30 @@ def test_index_out_of_range_is_refused_before_the_call(hetero_bundle, hetero_sav
     )
 
 
-def test_streamed_run_all_is_refused_its_tenants_run(tmp_path):
-    bundle = mtcompile.compile(tiny_tenants(), pass_options={"assign-streams": {"policy": "max"}})
-    assert bundle.manifest.streams.run is not None, "the set should run on several streams"
+def test_streamed_run_all_runs_on_the_core_executor_as_python_does(tmp_path):
+    """run_all of a streamed bundle runs on the runtime core's stream executor in both
+    front-ends: the driver's outputs are the Python runtime's, bit for bit; a stream failing an
+    index check fails the call with Python's line (exit 3)."""
+    from test_reliability_compile import streamed_gathers
+
+    from mtcompile.errors import IndexOutOfRangeError
+
+    bundle, inputs, bad, want = streamed_gathers()
     saved = bundle.save(tmp_path / "b")
-    inputs = _inputs(bundle)
-    _write(bundle, inputs, tmp_path / "in")
-    _refused(_drive(saved, "run_all", tmp_path / "in", tmp_path / "o"), "several streams")
-    res = _drive(saved, "lin", tmp_path / "in", tmp_path / "lin")
+    loaded = mtcompile.load(saved)
+    assert loaded.manifest.streams.run is not None
+    as_numpy = {t: [np.asarray(a) for a in v] for t, v in inputs.items()}
+    _write(bundle, as_numpy, tmp_path / "in")
+    res = _drive(saved, "run_all", tmp_path / "in", tmp_path / "o")
     assert res.returncode == 0, res.stderr
-    np.testing.assert_array_equal(
-        _outputs(bundle, "lin", tmp_path / "lin")[0], bundle.run("lin", *inputs["lin"])[0]
-    )
+    python = loaded.run_all(inputs)
+    for name in bundle.tenant_names:
+        got = _outputs(bundle, name, tmp_path / "o")
+        for g, p, w in zip(got, python[name], want[name], strict=True):
+            np.testing.assert_array_equal(g, p)
+            np.testing.assert_array_equal(g, w)
+            assert g.dtype == p.dtype
+    _write(bundle, {t: [np.asarray(a) for a in v] for t, v in bad.items()}, tmp_path / "bad")
+    with pytest.raises(IndexOutOfRangeError) as e:
+        loaded.run_all(bad)
+    _refused(_drive(saved, "run_all", tmp_path / "bad", tmp_path / "o2"), str(e.value))

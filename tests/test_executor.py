@@ -3,8 +3,10 @@ tensors to each other through shared buffers at event points; errors and timeout
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +26,9 @@ def _store(src, dst):
     # slow producer: a missing wait would let the consumer read the old buffer
     time.sleep(0.002)
     torch.from_dlpack(dst).copy_(torch.from_dlpack(src))
-    SEEN.setdefault("threads", set()).add(threading.current_thread().name)
+    # the core's stream threads are named mtc-stream<i> (the kernel's name of the thread)
+    comm = Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+    SEEN.setdefault("threads", set()).add(comm)
 
 
 @tvm_ffi.register_global_func("test.streams.boom", override=True)
@@ -98,7 +102,7 @@ def test_streams_hand_tensors_over_at_events_over_many_runs(built):
             np.testing.assert_allclose(out0.numpy(), (x + 1) * 6, rtol=1e-6)
     finally:
         ex.close()
-    assert {"mtcompile-stream0_0", "mtcompile-stream1_0"} <= SEEN["threads"]
+    assert {"mtc-stream0", "mtc-stream1"} <= SEEN["threads"]
 
 
 def test_cpu_threads_are_split_among_streams(built):
@@ -196,3 +200,20 @@ def test_cuda_streams_raw_stream_per_thread():  # pragma: no cover - needs a GPU
     out0, out1 = ex.run([[xt, *bufs], [xt, *bufs]])
     np.testing.assert_allclose(out1.numpy(), (x + 1) * 3 + 1)
     ex.close()
+
+
+def _stream_threads() -> int:
+    return sum(
+        (p / "comm").read_text().startswith("mtc-stream") for p in Path("/proc/self/task").iterdir()
+    )
+
+
+def test_a_dropped_executor_ends_its_stream_threads(built):
+    before = _stream_threads()
+    ex = StreamExecutor(built, tvm.cpu(), ["s0", "s1"], 2, event_streams=[(0, 1), (1, 0)])
+    out0, _ = ex.run(_args(np.ones(4, "float32")))
+    np.testing.assert_allclose(out0.numpy(), np.full(4, 12.0, "float32"))
+    assert _stream_threads() == before + 2
+    del ex, out0  # no close(): the hooks the core holds do not keep it alive
+    gc.collect()
+    assert _stream_threads() == before

@@ -630,11 +630,28 @@ def streamed_gathers():
     return b, inputs, {**inputs, "dbl": (torch.tensor([[1, 30, 3]]),)}, b.run_all(inputs)
 
 
+@pytest.fixture(scope="module")
+def streamed():
+    return streamed_gathers()
+
+
 @pytest.mark.slow  # compiles a bundle of its own; 1,600 calls
-def test_a_failing_streamed_run_all_fails_alone_under_concurrent_calls():
+def test_a_failing_streamed_run_all_fails_alone_under_concurrent_calls(streamed):
     """8 threads x 200 run_all on a streamed bundle; every 5th call of thread 0 reads out of
     range. Before: the failing call closed the executor the other threads' calls were
     queued on ("cannot schedule new futures after shutdown"). Now: the bad calls raise
     IndexOutOfRangeError, every good call returns the right outputs."""
-    got = hammer(*streamed_gathers())
+    got = hammer(*streamed)
     assert got == {"good_failed": 0, "wrong": 0, "refused": 40, "bad": 40}, got
+
+
+@pytest.mark.slow  # 1,600 calls
+def test_a_failing_streamed_run_all_of_a_loaded_bundle_fails_alone(streamed, tmp_path):
+    """The same on the bundle saved and loaded (its library's VMs, made by the runtime core's
+    stream threads): good calls failed 0, wrong outputs 0; the executor is one, reused after
+    every failure (its stream threads run every call)."""
+    b, inputs, bad, want = streamed
+    loaded = mtcompile.load(b.save(tmp_path / "b"))
+    got = hammer(loaded, inputs, bad, want)
+    assert got == {"good_failed": 0, "wrong": 0, "refused": 40, "bad": 40}, got
+    assert loaded._stream_executor is not None

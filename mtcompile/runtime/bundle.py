@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class Bundle:
             weights=self.weights,
         )
         self._stream_executor = None
+        self._executor_lock = threading.Lock()  # one executor, whichever thread calls first
         self.signature_verified = False  # set by `load` when a verify key checked it
 
     @classmethod
@@ -169,6 +171,10 @@ class Bundle:
         return out
 
     def _executor(self):
+        with self._executor_lock:
+            return self._stream_executor or self._new_executor()
+
+    def _new_executor(self):
         if self._stream_executor is None:
             from mtcompile.runtime.executor import StreamExecutor
 
@@ -182,15 +188,15 @@ class Bundle:
                 event_streams=s.event_streams,
                 stream_tenants=s.stream_tenants,
                 kernel_tenant=s.kernel_tenant,
-                make_vm=self._vms.new_vm,
                 threads_per_stream=max(1, self.threads.pool // len(s.functions)),
             )
         return self._stream_executor
 
     def _run_streams(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """run_all on the stream functions at once (`StreamExecutor`): one arena, made once
-        per calling thread's VM and shared by the streams of each of its runs; outputs
-        copied to numpy once every stream is done."""
+        """run_all on the stream functions at once (`StreamExecutor`, the runtime core's):
+        one arena, made once per calling thread's VM and shared by the streams of each of its
+        runs (the core runs one at a time); outputs copied to numpy once every stream is
+        done."""
         from mtcompile.runtime.executor import StreamError
 
         s = self.manifest.streams.run
@@ -206,11 +212,7 @@ class Bundle:
                 ]
             )
         except StreamError as e:
-            # later calls get fresh stream threads and VMs (they look kernels up anew); this
-            # one is not closed: other threads' calls may be queued on it, and a failing call
-            # fails alone (its threads end once no call holds it)
-            if self._stream_executor is ex:
-                self._stream_executor = None
+            # the failure is this call's alone: the core's executor stays ready for the next
             raise_index_error(e.cause)
             raise
         flat: list = [None] * sum(len(o) for o in s.stream_outputs)

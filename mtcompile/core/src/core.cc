@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "contract.h"
+#include "executor.h"
 #include "inputs.h"
 #include "library.h"
 #include "manifest.h"
@@ -207,9 +208,50 @@ void def_other_checks() {
   refl::GlobalDef().def("mtcompile.core.tvm_version", []() { return ffi::String(MTC_TVM_VERSION); });
 }
 
+// a run's outcome for the Python runtime (mtcompile.runtime.executor): ["", results...],
+// ["failed", stream, tenant, kernel ("": unknown), cause (the error)] or
+// ["deadlock", stream, tenant, blocked stream, its event, ...]
+Result outcome_of(const mtc::streams::Outcome& o) {
+  if (o.failed)
+    return Result({ffi::String("failed"), o.stream, ffi::String(o.tenant), ffi::String(o.kernel),
+                   *o.cause});
+  if (o.deadlock) {
+    Result r({ffi::String("deadlock"), o.stream, ffi::String(o.tenant)});
+    for (const auto& [stream, event] : o.blocked) r.push_back(stream), r.push_back(event);
+    return r;
+  }
+  Result r({ffi::String("")});
+  for (const ffi::Any& v : o.results) r.push_back(v);
+  return r;
+}
+
+// stream_executor(executable module, streams.run record's JSON, device type, device id, threads
+// per stream, timeout_s, diagnose, on_start or None, on_signal or None) -> [run, close]:
+// run(argument list per stream) -> outcome_of; close() stops the stream threads
+Result stream_executor(ffi::Module lib, const std::string& record, int device_type, int device_id,
+                       int threads, double timeout_s, bool diagnose,
+                       ffi::Optional<ffi::Function> on_start, ffi::Optional<ffi::Function> on_signal) {
+  mtc::streams::Spec spec =
+      mtc::streams::read_spec(mtc::as_map(ffi::json::Parse(record), "streams.run"), "streams.run");
+  spec.device_type = device_type, spec.device_id = device_id;
+  spec.threads = threads, spec.timeout_s = timeout_s, spec.diagnose = diagnose;
+  if (on_start.has_value()) spec.on_start = on_start.value();
+  if (on_signal.has_value()) spec.on_signal = on_signal.value();
+  auto ex = std::make_shared<mtc::streams::Executor>(lib, std::move(spec));
+  ffi::Function run = ffi::Function::FromTyped([ex](ffi::Array<ffi::Array<ffi::Any>> args) {
+    std::vector<std::vector<ffi::Any>> lists;
+    for (const auto& a : args) lists.emplace_back(a.begin(), a.end());
+    return outcome_of(ex->run(lists));
+  });
+  ffi::Function close = ffi::Function::FromTyped([ex]() { ex->close(); });
+  return Result({run, close});
+}
+
 }  // namespace
 
 TVM_FFI_STATIC_INIT_BLOCK() {
   def_bundle_checks();
   def_other_checks();
+  mtc::streams::register_points();
+  tvm::ffi::reflection::GlobalDef().def("mtcompile.core.stream_executor", stream_executor);
 }

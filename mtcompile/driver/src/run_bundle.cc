@@ -11,7 +11,8 @@
 // the rules of contract.h: library hash before dlopen, ELF headers, embedded manifest, weights
 // table, and with --verify-key-file or MTCOMPILE_VERIFY_KEY the signature; manifest.h: fields),
 // inputs by the core's inputs.h before the call (the checks and words of the Python runtime's
-// calls: count, dtype, shape, dim bounds, index ranges). --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on
+// calls: count, dtype, shape, dim bounds, index ranges). A run_all on several streams runs on
+// the core's stream executor (executor.h), as the Python runtime runs it. --timing prints {"load_s", "first_call_s", "peak_rss_kib"} as JSON on
 // stdout. Exit status: 0 ok, 2 usage, 3 bad input or bundle, 4 run-time error.
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
@@ -27,6 +28,7 @@
 #include <sys/stat.h>
 
 #include "contract.h"
+#include "executor.h"
 #include "inputs.h"
 #include "library.h"
 #include "manifest.h"
@@ -301,17 +303,20 @@ void check_runnable(const Manifest& man, const std::string& entry) {
   if (!man.torch_kernels.empty())
     throw BadInput("this bundle calls PyTorch kernels (provider 'torch' for " +
                    man.torch_kernels[0] + "), which need Python; rebuild with kernels='native'");
-  if (entry == "run_all" && man.streamed)
-    throw BadInput("this bundle's run_all runs on several streams (the Python StreamExecutor); "
-                   "mtcompile-run runs its tenants one by one, or rebuild with one stream");
 }
 
 // the bundle opened by the runtime core (library.h: the sequence the Python runtime runs,
 // checks before dlopen, then the weights tables and the embedded manifest of the loaded
-// library); `entry` resolved, `weights` its trailing arguments
-ffi::Function open_entry(const std::string& bundle, const std::optional<std::string>& key,
-                         bool require_signature, const std::string& entry,
-                         std::vector<ffi::Tensor>& weights) {
+// library); `entry` resolved (a streamed run_all: none, its stream functions run), `weights`
+// its trailing arguments
+struct Opened {
+  mtc::Loaded loaded;
+  std::optional<ffi::Function> fn;
+};
+
+Opened open_entry(const std::string& bundle, const std::optional<std::string>& key,
+                  bool require_signature, const std::string& entry,
+                  std::vector<ffi::Tensor>& weights) {
   const Manifest probe = mtc::read_manifest(bundle);
   mtc::PrivateCopy copy(probe.library);
   std::string src;
@@ -327,10 +332,11 @@ ffi::Function open_entry(const std::string& bundle, const std::optional<std::str
   }
   check_runnable(man, entry);
   if (entry != "run_all") man.tenant(entry);  // names the tenants when there is no such one
+  if (entry == "run_all" && man.streamed) return Opened{*loaded, std::nullopt};
   add_weights(loaded->weights, entry, weights);
   auto fn = loaded->exec->GetFunction(entry);
   if (!fn.has_value()) throw BadInput(src + ": has no entry '" + entry + "'");
-  return *fn;
+  return Opened{*loaded, *fn};
 }
 
 int usage() {
@@ -424,6 +430,65 @@ ffi::Any call(ffi::Function fn, const std::vector<ffi::Tensor>& args) {
   return r;
 }
 
+// ------------------------------------------------------------------ run_all on streams
+// each stream's run_all inputs, or flat outputs (indices): the manifest's streams.run.<key>
+std::vector<std::vector<int64_t>> index_lists(const ffi::Map<ffi::Any, ffi::Any>& rec,
+                                              const std::string& key) {
+  std::vector<std::vector<int64_t>> out;
+  const std::string at = "streams.run." + key;
+  for (const ffi::Any& l : mtc::as_array(mtc::field(rec, key, "streams.run"), at)) {
+    out.emplace_back();
+    for (const ffi::Any& i : mtc::as_array(l, at)) out.back().push_back(mtc::integer(i, at));
+  }
+  return out;
+}
+
+// each stream's arguments: the arena, its run_all inputs, its function's weights
+std::vector<std::vector<ffi::Any>> stream_args(const mtc::streams::Spec& spec,
+                                               const std::vector<std::vector<int64_t>>& ins,
+                                               const mtc::Loaded& loaded, const ffi::Any& storage,
+                                               const std::vector<ffi::Tensor>& inputs) {
+  std::vector<std::vector<ffi::Any>> args(spec.functions.size());
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::vector<ffi::Tensor> w;
+    add_weights(loaded.weights, spec.functions[i], w);
+    args[i].push_back(storage);
+    for (int64_t j : ins.at(i)) args[i].push_back(inputs.at(j));
+    args[i].insert(args[i].end(), w.begin(), w.end());
+  }
+  return args;
+}
+
+// run_all on its stream functions with the runtime core's executor, as the Python runtime runs
+// it (one arena, made by the entry's VM; `threads` split among the streams); its flat outputs
+std::vector<ffi::Tensor> run_streams(const Manifest& man, const mtc::Loaded& loaded,
+                                     const std::vector<ffi::Tensor>& inputs, int threads) {
+  const auto rec = mtc::as_map(mtc::field(mtc::as_map(mtc::field(man.json, "streams", ""),
+                                                      "streams"), "run", "streams"), "streams.run");
+  mtc::streams::Spec spec = mtc::streams::read_spec(rec, "streams.run");
+  const auto ins = index_lists(rec, "stream_inputs"), outs = index_lists(rec, "stream_outputs");
+  spec.threads = std::max(1, threads / static_cast<int>(std::max<size_t>(spec.functions.size(), 1)));
+  const std::string arena = mtc::str(mtc::field(rec, "arena_function", "streams.run"),
+                                     "streams.run.arena_function");
+  const ffi::Any storage = loaded.exec->GetFunction(arena).value()();
+  mtc::streams::Executor ex(loaded.lib, spec);
+  const mtc::streams::Outcome o = ex.run(stream_args(spec, ins, loaded, storage, inputs));
+  ex.close();
+  if (o.failed || o.deadlock) throw std::runtime_error(mtc::streams::message(o, ex.spec()));
+  std::vector<std::optional<ffi::Tensor>> flat;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const std::vector<ffi::Tensor> got = results(o.results.at(i));
+    for (size_t k = 0; k < outs[i].size(); ++k) {
+      if (flat.size() <= static_cast<size_t>(outs[i][k])) flat.resize(outs[i][k] + 1);
+      flat[outs[i][k]] = got.at(k);
+    }
+  }
+  std::vector<ffi::Tensor> out;
+  for (auto& t : flat)
+    if (t.has_value()) out.push_back(*t);
+  return out;
+}
+
 int run(int argc, char** argv) {
   Options o;
   if (!parse_options(argc, argv, o)) return usage();
@@ -439,19 +504,21 @@ int run(int argc, char** argv) {
   const std::string n = std::to_string(o.threads ? o.threads : std::thread::hardware_concurrency());
   setenv("TVM_NUM_THREADS", n.c_str(), o.threads != 0);
   setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);
+  const int pool = std::max(1, std::atoi(std::getenv("TVM_NUM_THREADS")));  // the user's wins
   // the bundle first, as the Python runtime's load: both refuse a damaged artifact alike
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   std::vector<ffi::Tensor> weights;
-  ffi::Function fn = open_entry(bundle, key, o.require_signature, entry, weights);
+  mtc::streams::register_points();  // a streamed bundle's VM looks them up when it is made
+  const Opened opened = open_entry(bundle, key, o.require_signature, entry, weights);
   const auto t1 = clock::now();
   std::vector<std::string> outs;  // the output files the manifest records
   std::vector<ffi::Tensor> args = read_inputs(man, entry, in_dir, outs);
   args.insert(args.end(), weights.begin(), weights.end());
   const auto tc = clock::now();
-  ffi::Any r = call(fn, args);
+  std::vector<ffi::Tensor> got = opened.fn ? results(call(*opened.fn, args))
+                                           : run_streams(man, opened.loaded, args, pool);
   const auto t2 = clock::now();
-  std::vector<ffi::Tensor> got = results(r);
   if (got.size() < outs.size())
     throw std::runtime_error("entry " + entry + " returned " + std::to_string(got.size()) +
                              " tensors, the manifest lists " + std::to_string(outs.size()));
