@@ -103,3 +103,16 @@ def test_an_integer_division_by_a_constant_zero_is_left_to_the_build_check():
     t = mtcompile.Tenant("div", Div(), (torch.ones(4, dtype=torch.int64),))
     with pytest.raises(mtcompile.MTCompileError, match="div"):
         mtcompile.compile([t])
+
+
+def test_a_check_torch_export_keeps_and_tvm_drops_is_said():
+    """``one_hot`` asserts its class range at run time (``_assert_async``); TVM's importer
+    drops the assert, so the compile says so (an out-of-range class gives a zero row)."""
+
+    class OneHot(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x, 5).float()
+
+    t = mtcompile.Tenant("oh", OneHot(), (torch.tensor([1, 2, 4]),))
+    with pytest.warns(UserWarning, match="tenant 'oh': the model checks at run time that"):
+        import_tenant(t)

@@ -410,6 +410,7 @@ def _import_exported(t: Tenant, ep) -> ImportedTenant:
 
     source_code = str(ep.graph_module.code)
     ep = _decomposed(t, ep)
+    _warn_dropped_asserts(t, ep)
     known = ExportedProgramImporter().convert_map
     missing = [
         (n.target.__name__, _where(n))
@@ -438,6 +439,25 @@ def _import_exported(t: Tenant, ep) -> ImportedTenant:
     mod = _canonical_dims(t, mod, names, _export_dim_names(t, names), var_bounds(mod["main"]))
     state = sorted(ep.state_dict.items()) + sorted(ep.constants.items())
     return ImportedTenant(t.name, mod, names, "torch.export", _hash_torch(source_code, state))
+
+
+def _warn_dropped_asserts(t: Tenant, ep) -> None:
+    """Warn, once per message, of the checks on values the model makes at run time
+    (``_assert_async``: ``one_hot``'s class range, ``torch._check`` on data), which TVM's
+    importer drops: an input that breaks one gets a result where PyTorch raises."""
+    said = []
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and "_assert_async" in str(n.target):
+            msg = str(n.args[1]) if len(n.args) > 1 else "(no message)"
+            if msg not in said:
+                said.append(msg)
+    for msg in said:
+        warnings.warn(
+            f"tenant '{t.name}': the model checks at run time that {msg!r}; TVM's importer "
+            "drops such checks, so an input that breaks it gets a result where PyTorch "
+            "raises: check it before calling the bundle",
+            stacklevel=4,
+        )
 
 
 def _check_output_types(t: Tenant, ep, main) -> None:
