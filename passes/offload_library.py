@@ -8,7 +8,9 @@ A library call node has op ``library_call`` and typed attrs (`mtcompile.ir.ops.L
 provider, kernel, variant, bias, epilogue, a conv's `ConvParams`), decided here once; the
 bias is a 1-D constant argument, a residual the argument after it. A native matmul on a
 constant 2-D weight (or a stack of them: horizontally fused tenants) takes the weight packed
-here (variant ``packed``, `mtcompile.native.pack_dense`). Where
+here (variant ``packed``, `mtcompile.native.pack_dense`); a native 3x3 stride-1 conv on a
+constant weight where Winograd's F(2x2, 3x3) pays (`winograd_pays`) takes the weight
+transformed here (variant ``winograd``, `mtcompile.native.winograd_weights`). Where
 matmul's provider is native (llvm), softmax and layer norm over the last axis become the
 native row kernels (``mtcompile.native.softmax`` / ``layer_norm``; TVM's reductions run
 scalar). Lowering emits such a node as ``R.call_dps_packed``; fuse-vertical, the kernel model and plan-memory read it as a kernel
@@ -113,6 +115,11 @@ class OffloadLibrary(Pass):
         doc="softmax and layer norm over the last axis -> the native "
         "row kernels, where matmul's provider is native (llvm)",
     )
+    winograd: bool = option(
+        True,
+        doc="native 3x3 stride-1 convs on a constant weight, where Winograd's F(2x2, 3x3) "
+        "pays (`winograd_pays`) -> the winograd variant, the weight transformed here",
+    )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         const = constant_only(graph)
@@ -146,6 +153,9 @@ class OffloadLibrary(Pass):
             nodes = _fold_epilogues(out, nodes)
         nodes = [rows[n.name][0] if n.name in rows else n for n in nodes]
         nodes, packed = _pack_dense(out, nodes)
+        if self.winograd:
+            nodes, transformed = _winograd(out, nodes)
+            packed.update(transformed)
         out = Graph(out.nodes, out.tenants, {**out.constants, **packed})
         return PassResult(
             out.with_nodes(nodes),
@@ -155,6 +165,9 @@ class OffloadLibrary(Pass):
                 "biases_folded": biased,
                 "epilogues_folded": sum(1 for n in nodes if _call(n, epilogue=True)),
                 "packed_weights": len(packed),
+                "winograd_convs": sum(
+                    1 for n in nodes if getattr(ops.library_call(n), "variant", "") == "winograd"
+                ),
                 "row_calls": len(rows),
                 "left_to_tvm": left,
             },
@@ -537,3 +550,52 @@ def _pack_dense(graph: Graph, nodes: list[Node]) -> tuple[list[Node], dict[str, 
         return out, packed
     live, still = view.live_nodes(), view.with_nodes(out).live_nodes()
     return [n for n in out if n.name in still or n.name not in live], packed
+
+
+def winograd_pays(call: ops.LibraryCall, weight: TensorTy, out: TensorTy) -> bool:
+    """Whether a native conv call runs faster as Winograd's F(2x2, 3x3): a 3x3 kernel at
+    stride 1, dilation 1, one group, 16+ input and output channels, float32, and tiles that
+    fill the 16 lanes of a vector nearly as well as the direct form's output columns do (it
+    does 2.25x fewer multiply-adds; at 14x14 its 7 tiles per row fill 7 of 16 lanes, the
+    direct form 14 of 16, and it is no faster)."""
+    conv = call.conv
+    if not (
+        call.provider == "native"
+        and call.kernel == "conv2d"
+        and not call.variant
+        and conv is not None
+        and conv.strides == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and weight.dtype == "float32"
+        and len(weight.shape) == 4
+        and tuple(weight.shape[2:]) == (3, 3)
+        and min(weight.shape[:2]) >= 16
+    ):
+        return False
+    ow = int(out.shape[3])
+    tiles = (ow + 1) // 2
+    lanes = tiles / (-(-tiles // 16) * 16)  # the share of lanes holding a tile
+    direct = ow / (-(-ow // 16) * 16)  # the direct form's share
+    return 2.25 * lanes / direct >= 1.5
+
+
+def _winograd(graph: Graph, nodes: list[Node]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    """`nodes` with each native conv call on a constant weight where Winograd pays
+    (`winograd_pays`) turned into the ``winograd`` variant reading the weight transformed
+    (`mtcompile.native.winograd_weights`); the transformed constants."""
+    out, made = [], {}
+    for n in nodes:
+        call = ops.library_call(n)
+        w = n.args[1] if call is not None and call.kernel == "conv2d" else None
+        if isinstance(w, ConstRef) and winograd_pays(call, _ty(graph, w), n.ty):
+            arr = native.winograd_weights(graph.constants[w.key])
+            key = const_key(arr)
+            made[key] = arr
+            n = replace(
+                n,
+                args=(n.args[0], ConstRef(key), *n.args[2:]),
+                attrs=n.attrs.replace(variant="winograd"),
+            )
+        out.append(n)
+    return out, made

@@ -144,6 +144,104 @@ def test_conv2d_matches_torch(kernels, xs, oc, k, stride, pad, dil, groups, with
         _close(out, ref)
 
 
+# x shape, out channels, padding (top, left, bottom, right) of 3x3 stride-1 convs for the
+# Winograd form: bands, partial tiles (odd sizes), a partial vector of tiles, unpadded, wide
+# and asymmetric padding, a batch, channels that split into uneven strips
+WINOGRAD_CONVS = [
+    ((1, 32, 64, 64), 32, (1, 1, 1, 1)),
+    ((2, 16, 9, 13), 24, (1, 1, 1, 1)),
+    ((1, 16, 7, 5), 17, (0, 0, 0, 0)),
+    ((1, 20, 15, 16), 33, (0, 1, 2, 1)),
+    ((3, 64, 14, 14), 40, (2, 2, 2, 2)),
+    ((1, 16, 33, 40), 16, (1, 1, 1, 1)),
+    ((1, 17, 3, 3), 16, (1, 1, 1, 1)),
+]
+
+WINOGRAD_CHECK = """
+import numpy as np, torch, tvm_ffi
+import mtcompile.native as native
+native.register()
+t = tvm_ffi.from_dlpack
+rng = np.random.default_rng(0)
+r = lambda *s: rng.standard_normal(s).astype(np.float32)
+worst = 0.0
+for xs, oc, pad in CASES:
+    x, w, b, res = r(*xs), r(oc, xs[1], 3, 3), r(oc), None
+    ref = torch.nn.functional.pad(torch.from_numpy(x).double(), (pad[1], pad[3], pad[0], pad[2]))
+    ref = torch.nn.functional.conv2d(ref, torch.from_numpy(w).double()).numpy()
+    res = r(*ref.shape)
+    params = tvm_ffi.Shape([1, 1, *pad, 1, 1, 1])
+    u = native.winograd_weights(w)
+    for form, args, want in [
+        ("", [], ref),
+        ("_bias", [b], ref + b.reshape(-1, 1, 1)),
+        ("_bias_add_relu", [b, res], np.maximum(ref + b.reshape(-1, 1, 1) + res, 0)),
+    ]:
+        out = np.full(ref.shape, np.nan, np.float32)
+        tvm_ffi.get_global_func("mtcompile.native.conv2d_winograd" + form)(
+            t(x), t(u), *map(t, args), params, t(out))
+        worst = max(worst, float(np.abs(out - want).max() / np.abs(want).max()))
+print(worst)
+"""
+
+
+@pytest.mark.parametrize(
+    "isa",
+    [
+        "",
+        pytest.param("MTCOMPILE_NATIVE_AVX2", marks=pytest.mark.slow),
+        pytest.param("MTCOMPILE_NATIVE_GENERIC", marks=pytest.mark.slow),
+    ],
+)
+def test_winograd_conv_matches_torch(isa):
+    """conv2d[winograd] on the transformed weights (`native.winograd_weights`): plain, with a
+    bias, with a residual and ReLU, against float64 torch, on each path the kernel takes (the
+    AVX-512 tiles, the AVX2 transforms with the BLAS, the generic ones)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTCOMPILE_NATIVE_")}
+    if isa:
+        env[isa] = "1"
+    script = f"CASES = {WINOGRAD_CONVS!r}\n" + WINOGRAD_CHECK
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.split()[-1]) <= RTOL
+
+
+def test_winograd_weights_are_g_w_gt():
+    """U[4i + j, o, c] = (G w[o, c] G^T)[i, j] with Winograd's F(2x2, 3x3) G."""
+    w = np.random.default_rng(1).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    u = native.winograd_weights(w)
+    assert u.shape == (16, 3, 2) and u.dtype == np.float32 and u.flags.c_contiguous
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    np.testing.assert_allclose(u[:, 2, 1].reshape(4, 4), g @ w[2, 1] @ g.T, rtol=1e-6)
+    assert u[0, 1, 0] == w[1, 0, 0, 0] and u[15, 1, 0] == w[1, 0, 2, 2]  # the corners
+
+
+def test_winograd_conv_refuses_what_it_does_not_compute():
+    native.register()
+    conv = tvm_ffi.get_global_func("mtcompile.native.conv2d_winograd")
+    x, w = _f32(1, 16, 8, 8), _f32(16, 16, 3, 3)
+    out = np.zeros((1, 16, 8, 8), np.float32)
+    ok = tvm_ffi.Shape([1, 1, 1, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"Winograd weight has shape \[16, 16, 8\], expected"):
+        conv(_t(x), _t(native.winograd_weights(w)[:, :, :8].copy()), ok, _t(out))
+    strided = tvm_ffi.Shape([2, 2, 1, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(
+        ValueError, match="takes stride 1, dilation 1 and one group, found strides 2"
+    ):
+        conv(_t(x), _t(native.winograd_weights(w)), strided, _t(out))
+    with pytest.raises(
+        ValueError, match=r"out has shape \[1, 16, 8, 8\], expected \[1, 16, 6, 6\]"
+    ):
+        conv(
+            _t(x),
+            _t(native.winograd_weights(w)),
+            tvm_ffi.Shape([1] * 2 + [0] * 4 + [1] * 3),
+            _t(out),
+        )
+
+
 def test_pack_dense_layout():
     w = np.arange(3 * 20, dtype=np.float32).reshape(3, 20)
     p = native.pack_dense(w)
@@ -763,6 +861,7 @@ def test_kernel_names_are_the_table_s_rows():
         "matmul_run",
         "dense_packed_run",
         "conv2d_run",
+        "conv2d_winograd_run",
         "softmax_run",
         "layer_norm_run",
         "attention_run",
@@ -779,7 +878,7 @@ def test_the_generated_header_lists_every_native_form():
     """kernels_table.h, generated from the table, has one registration row per native form."""
     text = native.table.header()
     native_forms = [f for f in native.table.FORMS if f.provider == "native"]
-    assert text.count('{"mtcompile.native.') == len(native_forms) == 21  # 20 + attention
+    assert text.count('{"mtcompile.native.') == len(native_forms) == 27  # 26 + attention
     assert (
         '{"mtcompile.native.conv2d_bias_add_relu", &conv2d_run, 2, true, true, true, '
         "kActRelu}," in text

@@ -69,11 +69,14 @@ def const(arr: np.ndarray) -> relax.Expr:
     return relax.const(arr, dtype=str(arr.dtype))
 
 
-def offloaded(graph: Graph, providers: dict) -> tuple[Graph, dict]:
-    """fold-batch-norm then offload-library, as the default pipeline runs them; the graph
-    and offload-library's facts."""
+def offloaded(graph: Graph, providers: dict, **options) -> tuple[Graph, dict]:
+    """fold-batch-norm then offload-library (with `options`), as the default pipeline runs
+    them; the graph and offload-library's facts."""
     ctx = PassContext("llvm", providers)
-    out, records = run_passes(graph, build_pipeline(["fold-batch-norm", "offload-library"]), ctx)
+    pipeline = build_pipeline(
+        ["fold-batch-norm", "offload-library"], {"offload-library": options} if options else None
+    )
+    out, records = run_passes(graph, pipeline, ctx)
     out.verify()
     return out, records[-1].info
 
@@ -167,6 +170,7 @@ def test_linear_bias_is_folded_into_matmul_bias():
         "biases_folded": 1,
         "epilogues_folded": 0,
         "packed_weights": 1,
+        "winograd_convs": 0,
         "row_calls": 0,
         "left_to_tvm": {},
     }
@@ -556,6 +560,64 @@ def test_resnet_block_convs_take_their_relu_and_shortcut():
     (got,) = run(out, x.numpy(), tenant="t")
     with torch.no_grad():
         np.testing.assert_allclose(got, block(x).numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # builds its graph through TVM to compare numerics
+def test_resnet_block_of_16_channels_runs_its_convs_as_winograd():
+    """At 16 channels and 32x32 the block's 3x3 convs take Winograd's F(2x2, 3x3) (their
+    weights transformed here, the epilogues kept), and match PyTorch; `winograd=False` keeps
+    the direct form."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+            self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+
+        def forward(self, x):
+            return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + x)
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = torch.randn(2, 16, 32, 32)
+    out, info = offloaded(lifted(block, x), LIBRARY)
+    assert ops_of(out) == [
+        "mtcompile.native.conv2d_winograd_bias_relu",
+        "mtcompile.native.conv2d_winograd_bias_add_relu",
+    ]
+    assert info["winograd_convs"] == 2
+    call = next(n for n in out.nodes if ops.is_library_call(n.op))
+    assert out.constants[call.args[1].key].shape == (16, 16, 16)  # [16 positions, O, C]
+    (got,) = run(out, x.numpy(), tenant="t")
+    with torch.no_grad():
+        np.testing.assert_allclose(got, block(x).numpy(), rtol=0, atol=1e-5)
+    direct, info = offloaded(lifted(block, x), LIBRARY, winograd=False)
+    assert ops_of(direct) == [
+        "mtcompile.native.conv2d_bias_relu",
+        "mtcompile.native.conv2d_bias_add_relu",
+    ]
+    assert info["winograd_convs"] == 0
+
+
+@pytest.mark.parametrize(
+    "x, w, strides, groups, why",
+    [
+        ((1, 16, 14, 14), (16, 16, 3, 3), 1, 1, "7 tiles of a row fill 7 of 16 lanes"),
+        ((1, 16, 32, 32), (16, 16, 3, 3), 2, 1, "stride 2"),
+        ((1, 8, 32, 32), (16, 8, 3, 3), 1, 1, "8 input channels"),
+        ((1, 16, 32, 32), (16, 8, 3, 3), 1, 2, "groups"),
+        ((1, 16, 32, 32), (16, 16, 5, 5), 1, 1, "a 5x5 kernel"),
+    ],
+)
+def test_negative_convs_where_winograd_does_not_pay_stay_direct(x, w, strides, groups, why):
+    wt = _rng(5).standard_normal(w).astype(np.float32)
+
+    def body(bb, v):
+        k = w[2] // 2
+        return relax.op.nn.conv2d(v, const(wt), strides=strides, padding=k, groups=groups)
+
+    out, info = offloaded(one_function(body, [("x", x, "float32")]), LIBRARY)
+    assert ops_of(out) == [CONV2D] and info["winograd_convs"] == 0, why
 
 
 def _relu_read_twice(bb, x, r):

@@ -32,6 +32,7 @@ __all__ = [
     "register",
     "source_hash",
     "table",
+    "winograd_weights",
 ]
 
 PANEL = 16  # columns per panel of a packed dense weight
@@ -190,6 +191,17 @@ def pack_dense(w):
     padded = np.zeros((k, panels * PANEL), dtype=w.dtype)
     padded[:, :n] = w
     return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
+
+
+def winograd_weights(w):
+    """A 3x3 conv's weight ``w`` [O, C, 3, 3] as the ``winograd`` variant of conv2d takes it:
+    U = G w G^T per (o, c) for Winograd's F(2x2, 3x3), [16, O, C] with position 4 * row +
+    column of the 4x4 first (computed in float64, stored as w's dtype)."""
+    import numpy as np
+
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    u = np.einsum("ik,ockl,jl->ijoc", g, w.astype(np.float64), g)
+    return np.ascontiguousarray(u.reshape(16, *w.shape[:2]).astype(w.dtype))
 
 
 def register() -> str:

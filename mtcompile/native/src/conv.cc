@@ -8,6 +8,7 @@
 
 #include "call.h"
 #include "conv_avx2.h"
+#include "conv_winograd.h"
 
 namespace mtc {
 namespace {
@@ -241,6 +242,49 @@ void conv_gemm(const ConvGeom& q, const float* px, const float* pw, const float*
   });
 }
 
+// x through U = the Winograd-transformed 3x3 weights (conv_winograd.h) into y
+void conv_winograd(const ConvGeom& q, const float* px, const float* pu, const float* bias,
+                   float* py, const Epilogue& ep) {
+  const WinoGeom g(q);
+  const int64_t units = q.N * g.bands, P = q.OH * q.OW;
+  parallel(q.N * q.O * P * q.C * 9, units, [&](int64_t task, int64_t ntask) {
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < static_cast<size_t>(g.scratch_floats(q)))
+      scratch.resize(g.scratch_floats(q));
+    auto [t0, t1] = part(units, task, ntask, 1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / g.bands, i0 = (t % g.bands) * g.bh, at = n * q.O * P;
+      winograd_band(q, g, pu, px + n * q.C * q.H * q.W, bias, py + at, i0,
+                    std::min(g.bh, g.TH - i0), scratch.data(), ep, at);
+    }
+  });
+}
+
+// the geometry of a call of the winograd variant: x [N, C, H, W], U [16, O, C], out
+// [N, O, OH, OW] of a 3x3 kernel at stride 1, dilation 1, one group
+ConvGeom winograd_geom(const char* op, const TensorView& x, const TensorView& u,
+                       const tvm::ffi::Shape& params, const TensorView& out) {
+  ConvGeom q{};
+  read_params(op, params, q);
+  if (q.sh != 1 || q.sw != 1 || q.dh != 1 || q.dw != 1 || q.G != 1)
+    TVM_FFI_THROW(ValueError) << op << ": the Winograd form takes stride 1, dilation 1 and one "
+                              << "group, found strides " << q.sh << "," << q.sw
+                              << " dilation " << q.dh << "," << q.dw << " groups " << q.G;
+  q.N = x.size(0), q.C = q.Cg = x.size(1), q.H = x.size(2), q.W = x.size(3);
+  q.O = q.Og = u.size(1), q.KH = q.KW = 3;
+  if (u.size(0) != 16 || u.size(2) != q.C)
+    TVM_FFI_THROW(ValueError) << op << ": the Winograd weight has shape " << shape_str(u)
+                              << ", expected [16, O, " << q.C << "] for x " << shape_str(x);
+  q.OH = q.H + q.pt + q.pb - 2, q.OW = q.W + q.pl + q.pr - 2;
+  if (q.OH <= 0 || q.OW <= 0)
+    TVM_FFI_THROW(ValueError) << op << ": the 3x3 kernel is larger than the padded input of x "
+                              << shape_str(x);
+  if (out.size(0) != q.N || out.size(1) != q.O || out.size(2) != q.OH || out.size(3) != q.OW)
+    TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected ["
+                              << q.N << ", " << q.O << ", " << q.OH << ", " << q.OW << "]";
+  return q;
+}
+
 }  // namespace
 
 void conv2d_run(const Call& c) {
@@ -261,6 +305,19 @@ void conv2d_run(const Call& c) {
   const int64_t lanes = (q.OW + kNR - 1) / kNR * kNR;
   if (kHasAvx2 && 4 * q.OW >= 3 * lanes) return conv_direct(q, px, pw, c.bias, py, c.ep);
   conv_gemm(q, px, pw, c.bias, py, c.ep);
+}
+
+void conv2d_winograd_run(const Call& c) {
+  TensorView x = c.in(0), u = c.in(1), out = c.out();
+  check_tensor(c.op, "x", x, 4, 4);
+  check_tensor(c.op, "Winograd weight", u, 3, 3);
+  check_tensor(c.op, "out", out, 4, 4);
+  const ConvGeom q = winograd_geom(c.op, x, u, c.params, out);
+  if (c.bias != nullptr && c.nbias != q.O)
+    TVM_FFI_THROW(ValueError) << c.op << ": bias has " << c.nbias << " values, out has " << q.O
+                              << " channels";
+  if (q.N == 0 || q.O == 0) return;
+  conv_winograd(q, fdata(x), fdata(u), c.bias, fdata_mut(out), c.ep);
 }
 
 }  // namespace mtc
