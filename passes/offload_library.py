@@ -10,7 +10,8 @@ bias is a 1-D constant argument, a residual the argument after it. A native matm
 constant 2-D weight (or a stack of them: horizontally fused tenants) takes the weight packed
 here (variant ``packed``, `mtcompile.native.pack_dense`); a native 3x3 stride-1 conv on a
 constant weight where Winograd's F(2x2, 3x3) pays (`winograd_pays`) takes the weight
-transformed here (variant ``winograd``, `mtcompile.native.winograd_weights`). Where
+transformed here (variant ``winograd``, `mtcompile.native.winograd_weights`), and a patch
+embedding (`patch_conv`) its weight packed as a dense layer's (variant ``patch``). Where
 matmul's provider is native (llvm), softmax and layer norm over the last axis become the
 native row kernels (``mtcompile.native.softmax`` / ``layer_norm``; TVM's reductions run
 scalar). Lowering emits such a node as ``R.call_dps_packed``; fuse-vertical, the kernel model and plan-memory read it as a kernel
@@ -115,10 +116,11 @@ class OffloadLibrary(Pass):
         doc="softmax and layer norm over the last axis -> the native "
         "row kernels, where matmul's provider is native (llvm)",
     )
-    winograd: bool = option(
+    conv_forms: bool = option(
         True,
-        doc="native 3x3 stride-1 convs on a constant weight, where Winograd's F(2x2, 3x3) "
-        "pays (`winograd_pays`) -> the winograd variant, the weight transformed here",
+        doc="native convs on a constant weight -> Winograd's F(2x2, 3x3) where it pays "
+        "(`winograd_pays`) and a dense layer on the patches for a patch embedding "
+        "(`patch_conv`), the weight transformed or packed here",
     )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -153,8 +155,8 @@ class OffloadLibrary(Pass):
             nodes = _fold_epilogues(out, nodes)
         nodes = [rows[n.name][0] if n.name in rows else n for n in nodes]
         nodes, packed = _pack_dense(out, nodes)
-        if self.winograd:
-            nodes, transformed = _winograd(out, nodes)
+        if self.conv_forms:
+            nodes, transformed = _conv_weights(out, nodes)
             packed.update(transformed)
         out = Graph(out.nodes, out.tenants, {**out.constants, **packed})
         return PassResult(
@@ -165,9 +167,8 @@ class OffloadLibrary(Pass):
                 "biases_folded": biased,
                 "epilogues_folded": sum(1 for n in nodes if _call(n, epilogue=True)),
                 "packed_weights": len(packed),
-                "winograd_convs": sum(
-                    1 for n in nodes if getattr(ops.library_call(n), "variant", "") == "winograd"
-                ),
+                "winograd_convs": _variants(nodes, "winograd"),
+                "patch_convs": _variants(nodes, "patch"),
                 "row_calls": len(rows),
                 "left_to_tvm": left,
             },
@@ -552,6 +553,10 @@ def _pack_dense(graph: Graph, nodes: list[Node]) -> tuple[list[Node], dict[str, 
     return [n for n in out if n.name in still or n.name not in live], packed
 
 
+def _variants(nodes: list[Node], variant: str) -> int:
+    return sum(1 for n in nodes if getattr(ops.library_call(n), "variant", "") == variant)
+
+
 def winograd_pays(call: ops.LibraryCall, weight: TensorTy, out: TensorTy) -> bool:
     """Whether a native conv call runs faster as Winograd's F(2x2, 3x3): a 3x3 kernel at
     stride 1, dilation 1, one group, 16+ input and output channels, float32, and tiles that
@@ -580,22 +585,49 @@ def winograd_pays(call: ops.LibraryCall, weight: TensorTy, out: TensorTy) -> boo
     return 2.25 * lanes / direct >= 1.5
 
 
-def _winograd(graph: Graph, nodes: list[Node]) -> tuple[list[Node], dict[str, np.ndarray]]:
+def patch_conv(call: ops.LibraryCall, weight: TensorTy) -> bool:
+    """Whether a native conv call is a patch embedding that runs as a dense layer on its
+    patches (the ``patch`` variant): its stride is its kernel's size (2+ in a direction),
+    unpadded, undilated, one group, float32."""
+    conv = call.conv
+    return (
+        call.provider == "native"
+        and call.kernel == "conv2d"
+        and not call.variant
+        and conv is not None
+        and weight.dtype == "float32"
+        and len(weight.shape) == 4
+        and conv.strides == tuple(weight.shape[2:])
+        and max(conv.strides) > 1
+        and conv.padding == (0, 0, 0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
+def _conv_weights(graph: Graph, nodes: list[Node]) -> tuple[list[Node], dict[str, np.ndarray]]:
     """`nodes` with each native conv call on a constant weight where Winograd pays
     (`winograd_pays`) turned into the ``winograd`` variant reading the weight transformed
-    (`mtcompile.native.winograd_weights`); the transformed constants."""
+    (`mtcompile.native.winograd_weights`), and each patch embedding (`patch_conv`) into the
+    ``patch`` variant reading it packed as a dense layer's (`mtcompile.native.pack_dense`);
+    the new constants."""
     out, made = [], {}
     for n in nodes:
         call = ops.library_call(n)
         w = n.args[1] if call is not None and call.kernel == "conv2d" else None
+        variant, arr = "", None
         if isinstance(w, ConstRef) and winograd_pays(call, _ty(graph, w), n.ty):
-            arr = native.winograd_weights(graph.constants[w.key])
+            variant, arr = "winograd", native.winograd_weights(graph.constants[w.key])
+        elif isinstance(w, ConstRef) and patch_conv(call, _ty(graph, w)):
+            weight = graph.constants[w.key]
+            variant, arr = "patch", native.pack_dense(weight.reshape(weight.shape[0], -1).T)
+        if arr is not None:
             key = const_key(arr)
             made[key] = arr
             n = replace(
                 n,
                 args=(n.args[0], ConstRef(key), *n.args[2:]),
-                attrs=n.attrs.replace(variant="winograd"),
+                attrs=n.attrs.replace(variant=variant),
             )
         out.append(n)
     return out, made

@@ -208,6 +208,19 @@ def test_winograd_conv_matches_torch(isa):
     assert float(r.stdout.split()[-1]) <= RTOL
 
 
+def test_patch_conv_refuses_padding_and_a_wrong_packing():
+    native.register()
+    conv = tvm_ffi.get_global_func("mtcompile.native.conv2d_patch")
+    x, out = _f32(1, 3, 32, 32), _f32(1, 24, 2, 2)
+    wp = native.pack_dense(_f32(24, 3 * 16 * 16).T)
+    with pytest.raises(ValueError, match=r"no padding.*found params \[16, 16, 1, 0, 0, 0"):
+        conv(_t(x), _t(wp), tvm_ffi.Shape([16, 16, 1, 0, 0, 0, 1, 1, 1]), _t(out))
+    with pytest.raises(
+        ValueError, match=r"packed weight has shape \[2, 768, 16\], expected \[2, 192"
+    ):
+        conv(_t(x), _t(wp), tvm_ffi.Shape([8, 8, 0, 0, 0, 0, 1, 1, 1]), _t(_f32(1, 24, 4, 4)))
+
+
 def test_winograd_weights_are_g_w_gt():
     """U[4i + j, o, c] = (G w[o, c] G^T)[i, j] with Winograd's F(2x2, 3x3) G."""
     w = np.random.default_rng(1).standard_normal((3, 2, 3, 3)).astype(np.float32)
@@ -862,6 +875,7 @@ def test_kernel_names_are_the_table_s_rows():
         "dense_packed_run",
         "conv2d_run",
         "conv2d_winograd_run",
+        "conv2d_patch_run",
         "softmax_run",
         "layer_norm_run",
         "attention_run",
@@ -878,7 +892,7 @@ def test_the_generated_header_lists_every_native_form():
     """kernels_table.h, generated from the table, has one registration row per native form."""
     text = native.table.header()
     native_forms = [f for f in native.table.FORMS if f.provider == "native"]
-    assert text.count('{"mtcompile.native.') == len(native_forms) == 27  # 26 + attention
+    assert text.count('{"mtcompile.native.') == len(native_forms) == 33  # 32 + attention
     assert (
         '{"mtcompile.native.conv2d_bias_add_relu", &conv2d_run, 2, true, true, true, '
         "kActRelu}," in text

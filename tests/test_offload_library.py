@@ -171,6 +171,7 @@ def test_linear_bias_is_folded_into_matmul_bias():
         "epilogues_folded": 0,
         "packed_weights": 1,
         "winograd_convs": 0,
+        "patch_convs": 0,
         "row_calls": 0,
         "left_to_tvm": {},
     }
@@ -565,7 +566,7 @@ def test_resnet_block_convs_take_their_relu_and_shortcut():
 @pytest.mark.slow  # builds its graph through TVM to compare numerics
 def test_resnet_block_of_16_channels_runs_its_convs_as_winograd():
     """At 16 channels and 32x32 the block's 3x3 convs take Winograd's F(2x2, 3x3) (their
-    weights transformed here, the epilogues kept), and match PyTorch; `winograd=False` keeps
+    weights transformed here, the epilogues kept), and match PyTorch; `conv_forms=False` keeps
     the direct form."""
 
     class Block(nn.Module):
@@ -591,7 +592,7 @@ def test_resnet_block_of_16_channels_runs_its_convs_as_winograd():
     (got,) = run(out, x.numpy(), tenant="t")
     with torch.no_grad():
         np.testing.assert_allclose(got, block(x).numpy(), rtol=0, atol=1e-5)
-    direct, info = offloaded(lifted(block, x), LIBRARY, winograd=False)
+    direct, info = offloaded(lifted(block, x), LIBRARY, conv_forms=False)
     assert ops_of(direct) == [
         "mtcompile.native.conv2d_bias_relu",
         "mtcompile.native.conv2d_bias_add_relu",
@@ -618,6 +619,23 @@ def test_negative_convs_where_winograd_does_not_pay_stay_direct(x, w, strides, g
 
     out, info = offloaded(one_function(body, [("x", x, "float32")]), LIBRARY)
     assert ops_of(out) == [CONV2D] and info["winograd_convs"] == 0, why
+
+
+@pytest.mark.parametrize("kernel", [(16, 16), (4, 8)])
+def test_patch_embedding_runs_as_a_dense_layer_on_its_patches(kernel):
+    """A conv whose stride is its kernel (a ViT's patch embedding) -> the patch variant on the
+    weight packed as a dense layer's, with its bias; it matches PyTorch (numerics through the
+    whole build, with the leftover rows and columns a stride that does not divide drops)."""
+    conv = nn.Conv2d(3, 24, kernel, stride=kernel).eval()
+    x = torch.randn(2, 3, 50, 46)
+    out, info = offloaded(lifted(conv, x), LIBRARY)
+    assert ops_of(out) == [sym("conv2d", "patch", bias=True)] and info["patch_convs"] == 1
+    call = next(n for n in out.nodes if ops.is_library_call(n.op))
+    k = 3 * kernel[0] * kernel[1]
+    assert out.constants[call.args[1].key].shape == (2, k, 16)  # 24 columns: 2 panels of 16
+    (got,) = run(out, x.numpy(), tenant="t")
+    with torch.no_grad():
+        np.testing.assert_allclose(got, conv(x).numpy(), rtol=0, atol=1e-5)
 
 
 def _relu_read_twice(bb, x, r):

@@ -1,5 +1,6 @@
 // matmul (numpy semantics, on the BLAS) and dense on a packed weight (AVX2/AVX-512 tiles of
-// dense_avx2.h): the kernels of table row "matmul" and its "packed" variant.
+// dense_avx2.h): the kernels of table row "matmul" and its "packed" variant; and a patch
+// embedding (conv2d's "patch" variant) as a dense layer on its patches.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -202,17 +203,13 @@ void dense_packed_tile(int64_t r0, int64_t nr, int64_t K, int64_t N, const float
   }
 }
 
-void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float* bias,
-                       int64_t nbias, TensorView out, const Epilogue& ep) {
-  dense_packed_check(op, a, wp, bias != nullptr ? nbias : -1, out);
-  const int64_t B = wp.ndim() == 4 ? wp.size(0) : 1;
-  const int64_t K = a.size(a.ndim() - 1), N = out.size(out.ndim() - 1);
+// out[b] = a[b] @ w[b] (+ bias) for B stacked weights of `rows` rows each (B = 1: one
+// weight), tiles of row blocks x panels over the pool; a bias of N values per weight where
+// nbias != N
+void dense_packed_rows(int64_t B, int64_t rows, int64_t K, int64_t N, const float* pa,
+                       const float* pw, const float* bias, int64_t nbias, float* pc,
+                       const Epilogue& ep) {
   const int64_t panels = (N + kDenseNR - 1) / kDenseNR;
-  const int64_t rows = (K == 0 ? out.numel() / std::max<int64_t>(N, 1) : a.numel() / K) / B;
-  if (rows == 0 || N == 0) return;
-  const float* pa = fdata(a);
-  const float* pw = fdata(wp);
-  float* pc = fdata_mut(out);
   // row blocks whose activations (rows x K) stay in L2 while the panels stream past them
   const int64_t rb = std::max<int64_t>(
       kDenseMR, (32768 / std::max<int64_t>(K, 1)) / kDenseMR * kDenseMR);
@@ -231,6 +228,72 @@ void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float*
   });
 }
 
+void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float* bias,
+                       int64_t nbias, TensorView out, const Epilogue& ep) {
+  dense_packed_check(op, a, wp, bias != nullptr ? nbias : -1, out);
+  const int64_t B = wp.ndim() == 4 ? wp.size(0) : 1;
+  const int64_t K = a.size(a.ndim() - 1), N = out.size(out.ndim() - 1);
+  const int64_t rows = (K == 0 ? out.numel() / std::max<int64_t>(N, 1) : a.numel() / K) / B;
+  if (rows == 0 || N == 0) return;
+  dense_packed_rows(B, rows, K, N, fdata(a), fdata(wp), bias, nbias, fdata_mut(out), ep);
+}
+
+// ---------------------------------------------------------------- patch embedding
+// conv2d[patch]: a conv whose stride is its kernel, unpadded, undilated, one group (a ViT's
+// patch embedding), as a dense layer on its patches: a[(n, oh, ow), (c, kh, kw)] =
+// x[n, c, oh * KH + kh, ow * KW + kw] times the weight [O, C * KH * KW] transposed and packed
+// at build time as dense_packed's panels; the result [N * OH * OW, O] is then transposed
+// into out [N, O, OH, OW]. (The direct conv would use 6 of 16 lanes on a 6-patch-wide
+// output, and im2col + BLAS repacks the weight on every call.)
+void conv2d_patch_impl(const char* op, TensorView x, TensorView wp, const float* bias,
+                       int64_t nbias, const tvm::ffi::Shape& params, TensorView out,
+                       const Epilogue& ep) {
+  check_tensor(op, "x", x, 4, 4);
+  check_tensor(op, "packed weight", wp, 3, 3);
+  check_tensor(op, "out", out, 4, 4);
+  if (params.size() != 9 || params[2] || params[3] || params[4] || params[5] ||
+      params[6] != 1 || params[7] != 1 || params[8] != 1 || params[0] < 1 || params[1] < 1) {
+    std::string found;
+    for (size_t i = 0; i < params.size(); ++i) found += (i ? ", " : "") + std::to_string(params[i]);
+    TVM_FFI_THROW(ValueError) << op << ": the patch form takes a stride (the kernel's size), no "
+                              << "padding, dilation 1 and one group; found params [" << found
+                              << "] (stride h/w, padding t/l/b/r, dilation h/w, groups)";
+  }
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t KH = params[0], KW = params[1], OH = H / KH, OW = W / KW, O = out.size(1);
+  const int64_t K = C * KH * KW, P = OH * OW, panels = (O + kDenseNR - 1) / kDenseNR;
+  if (wp.size(0) != panels || wp.size(1) != K || wp.size(2) != kDenseNR)
+    TVM_FFI_THROW(ValueError) << op << ": packed weight has shape " << shape_str(wp)
+                              << ", expected [" << panels << ", " << K << ", " << kDenseNR
+                              << "] for x " << shape_str(x) << " and out " << shape_str(out);
+  if (out.size(0) != N || out.size(2) != OH || out.size(3) != OW)
+    TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected ["
+                              << N << ", " << O << ", " << OH << ", " << OW << "]";
+  if (bias != nullptr && nbias != O)
+    TVM_FFI_THROW(ValueError) << op << ": bias has " << nbias << " values, out has " << O
+                              << " channels";
+  if (N * P == 0 || O == 0) return;
+  thread_local std::vector<float> a, ct;  // the calling thread's patches and result
+  if (a.size() < static_cast<size_t>(N * P * K)) a.resize(N * P * K);
+  if (ct.size() < static_cast<size_t>(N * P * O)) ct.resize(N * P * O);
+  const float* px = fdata(x);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t oh = 0; oh < OH; ++oh)
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        float* row = a.data() + ((n * OH + oh) * OW + ow) * K;
+        for (int64_t ch = 0; ch < C; ++ch)
+          for (int64_t kh = 0; kh < KH; ++kh)
+            std::memcpy(row + (ch * KH + kh) * KW,
+                        px + ((n * C + ch) * H + oh * KH + kh) * W + ow * KW, KW * sizeof(float));
+      }
+  dense_packed_rows(1, N * P, K, O, a.data(), fdata(wp), bias, O, ct.data(), Epilogue{});
+  float* po = fdata_mut(out);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t p = 0; p < P; ++p) po[(n * O + o) * P + p] = ct[(n * P + p) * O + o];
+  finish_block(ep, po, 0, P, N * O, P);
+}
+
 }  // namespace
 
 void matmul_run(const Call& c) {
@@ -241,6 +304,10 @@ void matmul_run(const Call& c) {
 
 void dense_packed_run(const Call& c) {
   dense_packed_impl(c.op, c.in(0), c.in(1), c.bias, c.nbias, c.out(), c.ep);
+}
+
+void conv2d_patch_run(const Call& c) {
+  conv2d_patch_impl(c.op, c.in(0), c.in(1), c.bias, c.nbias, c.params, c.out(), c.ep);
 }
 
 }  // namespace mtc
