@@ -587,8 +587,9 @@ def winograd_pays(call: ops.LibraryCall, weight: TensorTy, out: TensorTy) -> boo
 
 def patch_conv(call: ops.LibraryCall, weight: TensorTy) -> bool:
     """Whether a native conv call is a patch embedding that runs as a dense layer on its
-    patches (the ``patch`` variant): its stride is its kernel's size (2+ in a direction),
-    unpadded, undilated, one group, float32."""
+    patches (the ``patch`` variant): its stride is its kernel's size, 8x8 or more (a ViT's
+    16x16 at 96x96: 112 against 153 us; a 4x4 stem at 224x224 is faster direct, 466 against
+    598 us), unpadded, undilated, one group, float32."""
     conv = call.conv
     return (
         call.provider == "native"
@@ -598,7 +599,7 @@ def patch_conv(call: ops.LibraryCall, weight: TensorTy) -> bool:
         and weight.dtype == "float32"
         and len(weight.shape) == 4
         and conv.strides == tuple(weight.shape[2:])
-        and max(conv.strides) > 1
+        and min(conv.strides) >= 8
         and conv.padding == (0, 0, 0, 0)
         and conv.dilation == (1, 1)
         and conv.groups == 1
