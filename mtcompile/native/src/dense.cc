@@ -210,10 +210,13 @@ void dense_packed_rows(int64_t B, int64_t rows, int64_t K, int64_t N, const floa
                        const float* pw, const float* bias, int64_t nbias, float* pc,
                        const Epilogue& ep) {
   const int64_t panels = (N + kDenseNR - 1) / kDenseNR;
-  // row blocks whose activations (rows x K) stay in L2 while the panels stream past them
-  const int64_t rb = std::max<int64_t>(
+  // row blocks whose activations (rows x K) stay in L2 while the panels stream past them, of
+  // near-equal height: the tasks take runs of tiles in block order, so a short last block
+  // (197 rows: 168 + 29) left one thread most of the work
+  const int64_t most = std::max<int64_t>(
       kDenseMR, (32768 / std::max<int64_t>(K, 1)) / kDenseMR * kDenseMR);
-  const int64_t blocks = (rows + rb - 1) / rb, tiles = B * blocks * panels;
+  const int64_t blocks = (rows + most - 1) / most, rb = (rows + blocks - 1) / blocks;
+  const int64_t tiles = B * blocks * panels;
   parallel(B * rows * N * K, tiles, [&](int64_t task, int64_t ntask) {
     auto [t0, t1] = part(tiles, task, ntask, 1);
     for (int64_t t = t0; t < t1;) {  // a task's run may span row blocks and weights
