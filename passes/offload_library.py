@@ -14,7 +14,8 @@ transformed here (variant ``winograd``, `mtcompile.native.winograd_weights`), an
 embedding (`patch_conv`) its weight packed as a dense layer's (variant ``patch``). Where
 matmul's provider is native (llvm), softmax and layer norm over the last axis become the
 native row kernels (``mtcompile.native.softmax`` / ``layer_norm``; TVM's reductions run
-scalar). Lowering emits such a node as ``R.call_dps_packed``; fuse-vertical, the kernel model and plan-memory read it as a kernel
+scalar), and a scale and shift per slice after such a layer norm (fuse-horizontal's stacked
+tenants) join its call. Lowering emits such a node as ``R.call_dps_packed``; fuse-vertical, the kernel model and plan-memory read it as a kernel
 of its own. What the library takes is `mtcompile.ir.ops.LIBRARY`; `why_not` says why an
 op stays a TVM op. Without this pass (``passes=[]`` or a list without it) every heavy op
 stays a TVM op, whatever the providers say.
@@ -154,6 +155,8 @@ class OffloadLibrary(Pass):
         if self.epilogues:
             nodes = _fold_epilogues(out, nodes)
         nodes = [rows[n.name][0] if n.name in rows else n for n in nodes]
+        nodes, affine = _stacked_affine(out, nodes)
+        out = Graph(out.nodes, out.tenants, {**out.constants, **affine})
         nodes, packed = _pack_dense(out, nodes)
         if self.conv_forms:
             nodes, transformed = _conv_weights(out, nodes)
@@ -447,6 +450,50 @@ def _layer_norm_call(graph: Graph, n: Node) -> tuple[Node, dict] | None:
         ops.LibraryCall("native", "layer_norm"),
     )
     return call, {key: eps}
+
+
+def _stacked_affine(graph: Graph, nodes: list[Node]) -> tuple[list[Node], dict]:
+    """add(multiply(ln, G), Bt) with ln a native layer norm call read by the multiply alone,
+    the multiply by the add alone, and G, Bt float32 constants [B, 1.., N] (one scale and
+    shift per slice of the first axis: fuse-horizontal's layer norm of B tenants) -> the
+    layer norm call with gamma and beta of B x N values, named as the add (the native kernel
+    takes N per slice); the new constants."""
+    view = graph.with_nodes(nodes)
+    users, outputs = view.users(), view.output_names()
+    by_name = {n.name: n for n in nodes}
+
+    def sole(name: str) -> Node | None:
+        u = users.get(name, [])
+        return by_name[u[0]] if len(u) == 1 and name not in outputs else None
+
+    def per_slice(a, shape) -> np.ndarray | None:
+        arr = graph.constants.get(a.key) if isinstance(a, ConstRef) else None
+        want = (shape[0], *(1,) * (len(shape) - 2), shape[-1])
+        ok = arr is not None and arr.dtype == np.float32 and arr.shape == want
+        return arr.reshape(shape[0], shape[-1]) if ok and shape[0] > 1 else None
+
+    replaced, dropped, made = {}, set(), {}
+    for n in nodes:
+        call = ops.library_call(n)
+        if call is None or call.kernel != "layer_norm" or len(n.ty.shape) < 2:
+            continue
+        mul = sole(n.name)
+        add = sole(mul.name) if mul is not None and mul.op == "relax.multiply" else None
+        if add is None or add.op != "relax.add" or mul.args[0] != Ref(n.name):
+            continue
+        scale, shift = per_slice(mul.args[1], n.ty.shape), per_slice(add.args[1], n.ty.shape)
+        if scale is None or shift is None or add.args[0] != Ref(mul.name) or add.ty != n.ty:
+            continue
+        g0, b0 = (graph.constants[a.key] for a in n.args[1:3])
+        gamma, beta = (g0 * scale).reshape(-1), (b0 * scale + shift).reshape(-1)
+        args = [n.args[0]]
+        for arr in (gamma, beta):
+            made[const_key(arr)] = arr
+            args.append(ConstRef(const_key(arr)))
+        replaced[add.name] = replace(n, name=add.name, args=(*args, n.args[3]))
+        dropped |= {n.name, mul.name}
+    out = [replaced.get(n.name, n) for n in nodes if n.name not in dropped]
+    return out, made
 
 
 def _call(n: Node, bias: bool = False, epilogue: bool = False) -> bool:

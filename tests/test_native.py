@@ -383,6 +383,24 @@ def test_softmax_and_layer_norm_rows_match_torch(shape):
         layer_norm(_t(x), _t(np.ones(2, np.float32)), _t(b), _t(np.float32([1e-5])), _t(out))
 
 
+def test_layer_norm_takes_a_scale_and_shift_per_slice():
+    """gamma and beta of B x N values: slice b of x's first axis takes values [bN, (b+1)N)
+    (fuse-horizontal's layer norm of B tenants); other sizes are refused."""
+    native.register()
+    layer_norm = tvm_ffi.get_global_func("mtcompile.native.layer_norm")
+    rng = np.random.default_rng(7)
+    x, g, b = _rand(rng, (3, 5, 24)), _rand(rng, (3, 24)), _rand(rng, (3, 24))
+    out = np.empty_like(x)
+    layer_norm(_t(x), _t(g.reshape(-1)), _t(b.reshape(-1)), _t(np.float32([1e-5])), _t(out))
+    xd = torch.from_numpy(x).double()
+    norm = torch.nn.functional.layer_norm(xd, (24,), eps=1e-5).numpy()
+    _close(out, norm * g[:, None, :] + b[:, None, :])
+    with pytest.raises(ValueError, match=r"expected \[24\] or \[72\] twice"):
+        layer_norm(
+            _t(x), _t(g[:2].reshape(-1)), _t(b[:2].reshape(-1)), _t(np.float32([1e-5])), _t(out)
+        )
+
+
 @pytest.mark.slow  # rebuilds the kernels for another ISA
 def test_generic_paths_without_avx2():
     """MTCOMPILE_NATIVE_GENERIC=1 runs the paths a CPU without AVX2/FMA takes (im2col + BLAS

@@ -747,6 +747,28 @@ def test_softmax_and_layer_norm_over_the_last_axis_become_native_row_calls():
         np.testing.assert_allclose(got, w, rtol=0, atol=1e-5)
 
 
+def test_a_scale_and_shift_per_slice_after_a_layer_norm_join_the_native_call():
+    """layer_norm(x) * G + B with G, B one row per slice of the first axis (fuse-horizontal's
+    stacked tenants) -> one native layer norm call taking them, named as the add."""
+    rng = _rng(8)
+    scale, shift = (rng.standard_normal((2, 1, 8)).astype(np.float32) for _ in range(2))
+    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)
+
+    def body(bb, x):
+        ln = bb.emit(relax.op.nn.layer_norm(x, const(ones), const(zeros), axes=[-1]))
+        return relax.op.add(bb.emit(relax.op.multiply(ln, const(scale))), const(shift))
+
+    g = one_function(body, [("x", (2, 3, 8), "float32")])
+    out, _ = offloaded(g, LIBRARY)
+    assert ops_of(out) == [sym("layer_norm")]
+    (ln,) = [n for n in out.nodes if ops.is_library_call(n.op)]
+    np.testing.assert_array_equal(out.constants[ln.args[1].key], scale.reshape(-1))
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    (got,) = run(out, x)
+    want = torch.nn.functional.layer_norm(torch.from_numpy(x), (8,)).numpy() * scale + shift
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "providers, options, target",
     [

@@ -46,17 +46,23 @@ void layer_norm_run(const Call& c) {
   check_tensor(c.op, "epsilon", eps, 1, 1);
   check_tensor(c.op, "out", out, 1, 8);
   check_same_shape(c.op, x, out);
-  const int64_t n = x.size(x.ndim() - 1);
-  if (gamma.size(0) != n || beta.size(0) != n || eps.size(0) != 1)
+  // gamma and beta of n values, or n per slice of x's first dimension (the stacked scales
+  // and shifts of horizontally fused tenants: slice b takes values [b * n, (b + 1) * n))
+  const int64_t n = x.size(x.ndim() - 1), slices = x.ndim() > 1 ? x.size(0) : 1;
+  const bool stacked = slices > 1 && gamma.size(0) == slices * n;
+  if ((gamma.size(0) != n && !stacked) || beta.size(0) != gamma.size(0) || eps.size(0) != 1)
     TVM_FFI_THROW(ValueError) << c.op << ": gamma " << shape_str(gamma) << ", beta "
                               << shape_str(beta) << " and epsilon " << shape_str(eps)
                               << " do not fit x " << shape_str(x) << " (expected [" << n
-                              << "], [" << n << "], [1])";
+                              << "] or [" << slices * n << "] twice, and [1])";
   const float *px = fdata(x), *pg = fdata(gamma), *pb = fdata(beta);
   const float e = fdata(eps)[0];
   float* py = fdata_mut(out);
+  const int64_t per_slice = stacked ? x.numel() / slices : x.numel() + 1;
   over_rows(x, 4, [&](int64_t at, int64_t len) {
-    (kHasAvx2 ? layer_norm_row_avx2 : layer_norm_row_generic)(px + at, pg, pb, e, py + at, len);
+    const int64_t off = at / per_slice * n;
+    (kHasAvx2 ? layer_norm_row_avx2 : layer_norm_row_generic)(px + at, pg + off, pb + off, e,
+                                                              py + at, len);
   });
 }
 
