@@ -80,6 +80,28 @@ def _conv_params(attrs) -> ops.ConvParams:
     )
 
 
+def _library_calls(
+    graph: Graph, ctx: PassContext, const: set[str]
+) -> tuple[dict[str, Node], dict[str, str]]:
+    """The heavy ops the library takes, as library call nodes by name; and for the others
+    whose provider is a library, why each stays a TVM op."""
+    calls: dict[str, Node] = {}
+    left: dict[str, str] = {}
+    for n in graph.nodes:
+        if n.op not in ops.HEAVY:
+            continue
+        why = why_not(graph, n, ctx.kernels, const)
+        if why is None:
+            conv = _conv_params(n.attrs.obj) if n.op == "relax.nn.conv2d" else None
+            call = ops.LibraryCall(
+                ctx.kernels[ops.HEAVY[n.op]], ops.LIBRARY[n.op].kernel, conv=conv
+            )
+            calls[n.name] = Node(n.name, ops.LIBRARY_CALL, n.args[:2], n.ty, n.tenants, call)
+        elif ctx.kernels.get(ops.HEAVY[n.op]) in ops.LIBRARY_PROVIDERS:
+            left[n.name] = why
+    return calls, left
+
+
 def bias_channels(graph: Graph, arg, call: Node, const: set[str]) -> bool:
     """Whether `arg` is a constant (or a value of constants alone, in `const`) holding one
     float32 value per output channel of library call `call`, along its channel axis."""
@@ -126,20 +148,7 @@ class OffloadLibrary(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         const = constant_only(graph)
-        calls: dict[str, Node] = {}
-        left: dict[str, str] = {}  # heavy op -> why it stays a TVM op (library providers only)
-        for n in graph.nodes:
-            if n.op not in ops.HEAVY:
-                continue
-            why = why_not(graph, n, ctx.kernels, const)
-            if why is None:
-                conv = _conv_params(n.attrs.obj) if n.op == "relax.nn.conv2d" else None
-                call = ops.LibraryCall(
-                    ctx.kernels[ops.HEAVY[n.op]], ops.LIBRARY[n.op].kernel, conv=conv
-                )
-                calls[n.name] = Node(n.name, ops.LIBRARY_CALL, n.args[:2], n.ty, n.tenants, call)
-            elif ctx.kernels.get(ops.HEAVY[n.op]) in ops.LIBRARY_PROVIDERS:
-                left[n.name] = why
+        calls, left = _library_calls(graph, ctx, const)
         rows = (
             {}
             if not (self.rows and ctx.target == "llvm" and ctx.kernels.get("matmul") == "native")
@@ -158,10 +167,8 @@ class OffloadLibrary(Pass):
         nodes, affine = _stacked_affine(out, nodes)
         out = Graph(out.nodes, out.tenants, {**out.constants, **affine})
         nodes, packed = _pack_dense(out, nodes)
-        if self.conv_forms:
-            nodes, transformed = _conv_weights(out, nodes)
-            packed.update(transformed)
-        out = Graph(out.nodes, out.tenants, {**out.constants, **packed})
+        nodes, transformed = _conv_weights(out, nodes) if self.conv_forms else (nodes, {})
+        out = Graph(out.nodes, out.tenants, {**out.constants, **packed, **transformed})
         return PassResult(
             out.with_nodes(nodes),
             True,
