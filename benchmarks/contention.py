@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -71,6 +73,58 @@ def threads_chosen() -> dict[str, int]:
     return out
 
 
+# a child process: the saved bundle and the ONNX tenants with 1 thread each, quiet, timed
+# round by round as `measure` does (argv: the folder `one_thread` wrote, repeat, warmup)
+ONE_THREAD = r"""
+import json, os, sys, warnings
+warnings.filterwarnings("ignore")
+import numpy as np, onnxruntime as ort, mtcompile
+from benchmarks.coverage import measure
+folder, repeat, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+z = np.load(os.path.join(folder, "inputs.npz"))
+inputs = {}
+for k in sorted(z.files, key=lambda k: (k.split(":")[0], int(k.split(":")[1]))):
+    inputs.setdefault(k.split(":")[0], []).append(z[k])
+bundle = mtcompile.load(os.path.join(folder, "bundle"))
+sessions = []
+for name, xs in inputs.items():
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    sess = ort.InferenceSession(os.path.join(folder, name + ".onnx"), opts)
+    sessions.append((sess, {i.name: x for i, x in zip(sess.get_inputs(), xs)}))
+contenders = {
+    "bundle": lambda: bundle.run_all(inputs),
+    "onnxruntime": lambda: [s.run(None, f) for s, f in sessions],
+}
+print(json.dumps(measure(contenders, repeat, warmup)))
+"""
+
+
+def one_thread(bundle, protos: dict, inputs: dict, repeat: int, warmup: int) -> dict:
+    """The bundle's run_all and onnxruntime with one thread each, quiet (a child process with
+    ``TVM_NUM_THREADS=1``): with 2 busy processes beside it, each of a runtime's 2 threads
+    gets half a core, so this is about the best it can do there (the fair share)."""
+    with tempfile.TemporaryDirectory() as d:
+        bundle.save(os.path.join(d, "bundle"))
+        for name, proto in protos.items():
+            with open(os.path.join(d, name + ".onnx"), "wb") as f:
+                f.write(proto.SerializeToString())
+        np.savez(
+            os.path.join(d, "inputs.npz"),
+            **{f"{t}:{i}": x for t, xs in inputs.items() for i, x in enumerate(xs)},
+        )
+        env = {**os.environ, "TVM_NUM_THREADS": "1"}
+        out = subprocess.run(
+            [sys.executable, "-c", ONE_THREAD, d, str(repeat), str(warmup)],
+            env=env,
+            text=True,
+            capture_output=True,
+            check=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run(set_name: str, repeat: int, warmup: int) -> dict:
     torch.set_num_threads(2)
     tenants = get_set(set_name, **set_options(set_name, 4, 1))
@@ -81,6 +135,7 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
     protos = onnx_protos(tenants, twins)
     eager, onnxrt = peer_runs(tenants, twins, torch_inputs, ort_sessions(tenants, twins, protos))
     contenders = {"bundle": lambda: bundle.run_all(inputs), "onnxruntime": onnxrt}
+    alone = one_thread(bundle, protos, inputs, repeat, warmup)
     table: dict[str, dict[str, float]] = {}
     for n in (0, 1, 2):
         procs = busy(n)
@@ -89,6 +144,7 @@ def run(set_name: str, repeat: int, warmup: int) -> dict:
             table[f"{n} busy"] = measure(contenders, repeat, warmup)
         finally:
             stop(procs)
+    table["1 thread, quiet"] = alone
     table["after eager"] = measure(contenders, repeat, warmup, before=eager)
     notes = {}
     openvino = openvino_peer(protos, inputs)  # its pool starts here, after the rest
@@ -116,7 +172,10 @@ def to_markdown(res: dict, command: str) -> str:
         "Median ms of `run_all` / onnxruntime over all tenants, round by round in one "
         "process; slowdown = median / median with 0 busy processes. 'after eager' / "
         "'after OpenVINO': that runtime ran the set right before each timed call (its "
-        "pool in the process).",
+        "pool in the process). '1 thread, quiet': each with one thread, in a process of its "
+        "own: with 2 busy processes a runtime's 2 threads get one core between them, so "
+        "that row's slowdown is about the least it can have there (the better a runtime "
+        "scales to 2 threads, the larger it is).",
         "",
         "| condition | bundle ms | slowdown | onnxruntime ms | slowdown |",
         "|---|---|---|---|---|",

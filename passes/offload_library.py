@@ -632,7 +632,9 @@ def winograd_pays(call: ops.LibraryCall, weight: TensorTy, out: TensorTy) -> boo
         and min(weight.shape[:2]) >= 16
     ):
         return False
-    ow = int(out.shape[3])
+    if not isinstance(out.shape[3], int):  # a symbolic width: no lane count to weigh
+        return False
+    ow = out.shape[3]
     tiles = (ow + 1) // 2
     lanes = tiles / (-(-tiles // 16) * 16)  # the share of lanes holding a tile
     direct = ow / (-(-ow // 16) * 16)  # the direct form's share
