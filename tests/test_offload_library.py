@@ -536,68 +536,46 @@ def test_activation_and_residual_after_a_native_bias_call_join_it(body, op, refe
     np.testing.assert_allclose(got, reference(X48, R44), rtol=0, atol=1e-5)
 
 
+class _Block(nn.Module):
+    """A ResNet basic block of `c` channels: conv-bn-relu, conv-bn + shortcut, relu."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + x)
+
+
+@pytest.mark.parametrize("c, size, form", [(4, 8, "conv2d"), (16, 32, "conv2d_winograd")])
 @pytest.mark.slow  # builds its graph through TVM to compare numerics
-def test_resnet_block_convs_take_their_relu_and_shortcut():
-    """A basic block: conv-bn-relu, conv-bn + shortcut, relu -> two conv calls, no TVM op."""
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-            self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + x)
-
+def test_resnet_block_convs_take_their_relu_and_shortcut(c, size, form):
+    """A basic block: conv-bn-relu, conv-bn + shortcut, relu -> two conv calls, no TVM op; at
+    16 channels and 32x32 they take Winograd's F(2x2, 3x3) (their weights transformed here,
+    the epilogues kept; `conv_forms=False` keeps the direct form). Both match PyTorch."""
     torch.manual_seed(0)
-    block = Block().eval()
-    x = torch.randn(1, 4, 8, 8)
+    block = _Block(c).eval()
+    x = torch.randn(2, c, size, size)
     out, info = offloaded(lifted(block, x), LIBRARY)
     assert ops_of(out) == [
-        "mtcompile.native.conv2d_bias_relu",
-        "mtcompile.native.conv2d_bias_add_relu",
+        f"mtcompile.native.{form}_bias_relu",
+        f"mtcompile.native.{form}_bias_add_relu",
     ]
     assert info["epilogues_folded"] == 2
+    assert info["winograd_convs"] == (2 if form == "conv2d_winograd" else 0)
     (got,) = run(out, x.numpy(), tenant="t")
     with torch.no_grad():
         np.testing.assert_allclose(got, block(x).numpy(), rtol=0, atol=1e-5)
-
-
-@pytest.mark.slow  # builds its graph through TVM to compare numerics
-def test_resnet_block_of_16_channels_runs_its_convs_as_winograd():
-    """At 16 channels and 32x32 the block's 3x3 convs take Winograd's F(2x2, 3x3) (their
-    weights transformed here, the epilogues kept), and match PyTorch; `conv_forms=False` keeps
-    the direct form."""
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1, self.b1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-            self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-
-        def forward(self, x):
-            return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + x)
-
-    torch.manual_seed(0)
-    block = Block().eval()
-    x = torch.randn(2, 16, 32, 32)
-    out, info = offloaded(lifted(block, x), LIBRARY)
-    assert ops_of(out) == [
-        "mtcompile.native.conv2d_winograd_bias_relu",
-        "mtcompile.native.conv2d_winograd_bias_add_relu",
-    ]
-    assert info["winograd_convs"] == 2
-    call = next(n for n in out.nodes if ops.is_library_call(n.op))
-    assert out.constants[call.args[1].key].shape == (16, 16, 16)  # [16 positions, O, C]
-    (got,) = run(out, x.numpy(), tenant="t")
-    with torch.no_grad():
-        np.testing.assert_allclose(got, block(x).numpy(), rtol=0, atol=1e-5)
-    direct, info = offloaded(lifted(block, x), LIBRARY, conv_forms=False)
-    assert ops_of(direct) == [
-        "mtcompile.native.conv2d_bias_relu",
-        "mtcompile.native.conv2d_bias_add_relu",
-    ]
-    assert info["winograd_convs"] == 0
+    if form == "conv2d_winograd":
+        call = next(n for n in out.nodes if ops.is_library_call(n.op))
+        assert out.constants[call.args[1].key].shape == (16, c, c)  # [16 positions, O, C]
+        direct, info = offloaded(lifted(block, x), LIBRARY, conv_forms=False)
+        assert ops_of(direct) == [
+            "mtcompile.native.conv2d_bias_relu",
+            "mtcompile.native.conv2d_bias_add_relu",
+        ]
+        assert info["winograd_convs"] == 0
 
 
 @pytest.mark.parametrize(

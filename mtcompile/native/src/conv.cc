@@ -285,20 +285,28 @@ ConvGeom winograd_geom(const char* op, const TensorView& x, const TensorView& u,
   return q;
 }
 
-}  // namespace
-
-void conv2d_run(const Call& c) {
+// a call's x, weight (named `what`, of rank `rank`) and out checked, its geometry made by
+// `geom` (conv_geom, winograd_geom), and its bias checked against the output channels
+template <typename Geom>
+ConvGeom checked_call(const Call& c, const char* what, int rank, Geom geom) {
   TensorView x = c.in(0), w = c.in(1), out = c.out();
   check_tensor(c.op, "x", x, 4, 4);
-  check_tensor(c.op, "weight", w, 4, 4);
+  check_tensor(c.op, what, w, rank, rank);
   check_tensor(c.op, "out", out, 4, 4);
-  const ConvGeom q = conv_geom(c.op, x, w, c.params, out);
+  const ConvGeom q = geom(c.op, x, w, c.params, out);
   if (c.bias != nullptr && c.nbias != q.O)
     TVM_FFI_THROW(ValueError) << c.op << ": bias has " << c.nbias << " values, out has " << q.O
                               << " channels";
+  return q;
+}
+
+}  // namespace
+
+void conv2d_run(const Call& c) {
+  const ConvGeom q = checked_call(c, "weight", 4, conv_geom);
   if (q.N == 0 || q.O == 0) return;
-  const float *px = fdata(x), *pw = fdata(w);
-  float* py = fdata_mut(out);
+  const float *px = fdata(c.in(0)), *pw = fdata(c.in(1));
+  float* py = fdata_mut(c.out());
   if (q.Cg == 1) return conv_depthwise(q, px, pw, c.bias, py, c.ep);
   // the direct form computes 16 output columns at a time: narrow outputs (the 6x6 of a
   // 16x16-patch embedding) would waste most lanes, and go to im2col + GEMM instead
@@ -308,16 +316,9 @@ void conv2d_run(const Call& c) {
 }
 
 void conv2d_winograd_run(const Call& c) {
-  TensorView x = c.in(0), u = c.in(1), out = c.out();
-  check_tensor(c.op, "x", x, 4, 4);
-  check_tensor(c.op, "Winograd weight", u, 3, 3);
-  check_tensor(c.op, "out", out, 4, 4);
-  const ConvGeom q = winograd_geom(c.op, x, u, c.params, out);
-  if (c.bias != nullptr && c.nbias != q.O)
-    TVM_FFI_THROW(ValueError) << c.op << ": bias has " << c.nbias << " values, out has " << q.O
-                              << " channels";
+  const ConvGeom q = checked_call(c, "Winograd weight", 3, winograd_geom);
   if (q.N == 0 || q.O == 0) return;
-  conv_winograd(q, fdata(x), fdata(u), c.bias, fdata_mut(out), c.ep);
+  conv_winograd(q, fdata(c.in(0)), fdata(c.in(1)), c.bias, fdata_mut(c.out()), c.ep);
 }
 
 }  // namespace mtc
