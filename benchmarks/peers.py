@@ -30,6 +30,8 @@ OPENVINO_CONFIG = {
     "INFERENCE_NUM_THREADS": THREADS,
 }
 PEERS = ("openvino", "aotinductor", "torch.compile")  # the optional ones, `--peers` picks
+# a bfloat16 contender's max error relative to max|eager| (verify's "bfloat16 kernels")
+BF16_TOLERANCE = 2e-2
 
 
 class PeerMismatch(AssertionError):
@@ -93,9 +95,10 @@ def ort_peer(sessions: dict) -> Peer:
     return build(sessions, lambda name: lambda s=sessions[name]: s[0].run(None, s[1]))
 
 
-def openvino_peer(protos: dict, inputs: dict) -> Peer:
-    """OpenVINO (CPU plugin, `OPENVINO_CONFIG`): one compiled model per tenant, read from
-    the ONNX model the onnxruntime session runs (the same graph, so the same numerics)."""
+def openvino_peer(protos: dict, inputs: dict, precision: str = "f32") -> Peer:
+    """OpenVINO (CPU plugin, `OPENVINO_CONFIG` at inference precision `precision`: ``f32``
+    or ``bf16``): one compiled model per tenant, read from the ONNX model the onnxruntime
+    session runs (the same graph, so the same numerics)."""
     try:
         import openvino as ov
     except ImportError as e:
@@ -106,7 +109,8 @@ def openvino_peer(protos: dict, inputs: dict) -> Peer:
         model = core.read_model(
             protos[name].SerializeToString(), ov.Tensor(np.empty(0, np.uint8))
         )  # weights are embedded
-        request = core.compile_model(model, "CPU", OPENVINO_CONFIG).create_infer_request()
+        config = {**OPENVINO_CONFIG, "INFERENCE_PRECISION_HINT": precision}
+        request = core.compile_model(model, "CPU", config).create_infer_request()
         feed = [np.asarray(x) for x in inputs[name]]
         return lambda: request.infer(feed)
 
@@ -158,9 +162,11 @@ def flat(out) -> list[np.ndarray]:
     return [a for o in out for a in flat(o)]
 
 
-def check(label: str, peer: Peer, reference: dict[str, list[np.ndarray]]) -> dict[str, float]:
+def check(
+    label: str, peer: Peer, reference: dict[str, list[np.ndarray]], tolerance: float = TOLERANCE
+) -> dict[str, float]:
     """Max |peer - eager| per tenant; raises `PeerMismatch`, naming the peer and the tenant,
-    where one is above `TOLERANCE` times max(1, max|eager|)."""
+    where one is above `tolerance` times max(1, max|eager|)."""
     diffs = {}
     for name, fn in peer.runners.items():
         got, want = flat(fn()), reference[name]
@@ -173,11 +179,11 @@ def check(label: str, peer: Peer, reference: dict[str, list[np.ndarray]]) -> dic
             float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
             for g, w in zip(got, want, strict=True)
         )
-        bound = TOLERANCE * max([1.0] + [float(np.max(np.abs(w))) for w in want if w.size])
+        bound = tolerance * max([1.0] + [float(np.max(np.abs(w))) for w in want if w.size])
         if not diffs[name] <= bound:
             raise PeerMismatch(
-                f"{label} on tenant {name!r}: max |{label} - eager| "
-                f"{diffs[name]:.3e} > {bound:.1e} (float32 tolerance)"
+                f"{label} on tenant {name!r}: max |{label} - eager| {diffs[name]:.3e} > "
+                f"{bound:.1e} ({'bfloat16' if tolerance > TOLERANCE else 'float32'} tolerance)"
             )
     return diffs
 

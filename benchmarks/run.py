@@ -4,6 +4,7 @@ onnxruntime, OpenVINO, AOTInductor, torch.compile) and TVM per tenant.
     python -m benchmarks.run --set heterogeneous [--n 4] [--batch 1] [--repeat 50]
     python -m benchmarks.run --set bert4 --no-ablation   # user-scale sets: bert4, mixed
     python -m benchmarks.run --set mixed --no-ablation --peers openvino   # skip AOTI's compile
+    python -m benchmarks.run --set bert4 --no-ablation --bf16   # + bfloat16 bundle, OpenVINO
 
 Everything runs in ONE process, 2 threads each. Every peer's outputs are checked against
 PyTorch eager first (max abs diff in the table; a peer off beyond the float32 tolerance
@@ -32,14 +33,16 @@ import numpy as np
 import torch
 
 import mtcompile
-from benchmarks.coverage import block_times, blocks, round_times
+from benchmarks.coverage import TOLERANCE, block_times, blocks, round_times
 from benchmarks.peers import (
+    BF16_TOLERANCE,
     PEERS,
     THREADS,
     Peer,
     check,
     eager_peer,
     flat,
+    openvino_peer,
     optional_peers,
     ort_peer,
 )
@@ -47,6 +50,8 @@ from mtcompile.models import SETS, get_set, transformer_encoder
 from mtcompile.models.zoo import export_onnx
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+BF16 = " bf16"  # the suffix of the bfloat16 contenders (`--bf16`)
+BF16_OPTIONS = {"offload-library": {"precision": "bfloat16"}}
 
 
 def peer_runs(tenants, twins, torch_inputs, sessions):
@@ -81,9 +86,13 @@ def graph_flops(graph) -> int:
         elif op == "relax.nn.conv2d":
             w = _shape(graph, n.args[1])
             variant = getattr(library_call(n), "variant", "")
-            # multiply-adds per output of the conv it computes: the winograd form's weight is
-            # [16, O, C] (a 3x3 kernel), the patch form's [panels, C * KH * KW, 16]
-            macs = {"winograd": 9 * w[-1], "patch": w[1]}.get(variant, int(np.prod(w[1:])))
+            # multiply-adds per output of the conv it computes: the winograd forms' weights
+            # are transformed (a 3x3 kernel over x's C channels), the patch form's is
+            # [panels, C * KH * KW, 16]
+            wino = 9 * _shape(graph, n.args[0])[1]
+            macs = {"winograd": wino, "winograd_bf16": wino, "patch": w[1]}.get(
+                variant, int(np.prod(w[1:]))
+            )
             total += 2 * int(np.prod(n.ty.shape)) * int(macs)
     return total
 
@@ -166,9 +175,10 @@ def set_options(set_name: str, n: int, batch: int) -> dict:
     return {"batch": batch} | ({"n": n} if takes_n else {})
 
 
-def build_bundles(tenants, ablation: bool) -> tuple[dict, dict, dict[str, float]]:
-    """The bundle, one bundle per pass switched off (`ablation`), each tenant compiled alone,
-    and the compile seconds of each."""
+def build_bundles(tenants, ablation: bool, bf16: bool = False) -> tuple[dict, dict, dict]:
+    """The bundle, one bundle per pass switched off (`ablation`), with `bf16` one whose dense
+    layers compute in bfloat16 ("bundle bf16"), each tenant compiled alone, and the compile
+    seconds of each."""
     from mtcompile.passes import DEFAULT_PIPELINE
 
     variants = {"bundle": DEFAULT_PIPELINE}
@@ -179,6 +189,10 @@ def build_bundles(tenants, ablation: bool) -> tuple[dict, dict, dict[str, float]
         t0 = time.perf_counter()
         bundles[label] = mtcompile.compile(tenants, passes=passes)
         compile_s[label] = time.perf_counter() - t0
+    if bf16:
+        t0 = time.perf_counter()
+        bundles["bundle" + BF16] = mtcompile.compile(tenants, pass_options=BF16_OPTIONS)
+        compile_s["bundle" + BF16] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for t in tenants:
         separate[t.name] = mtcompile.compile([t])
@@ -187,9 +201,10 @@ def build_bundles(tenants, ablation: bool) -> tuple[dict, dict, dict[str, float]
 
 
 def build_peers(
-    tenants, twins, inputs: dict, torch_inputs: dict, chosen=PEERS
+    tenants, twins, inputs: dict, torch_inputs: dict, chosen=PEERS, bf16: bool = False
 ) -> tuple[dict[str, Peer], dict[str, dict[str, float]]]:
-    """Eager, onnxruntime and the `chosen` optional peers, and each one's max |peer - eager|
+    """Eager, onnxruntime and the `chosen` optional peers (with `bf16` and OpenVINO chosen,
+    also OpenVINO at bfloat16 precision: "openvino bf16"), and each one's max |peer - eager|
     per tenant (`peers.check` raises where one is off)."""
     protos = onnx_protos(tenants, twins)
     peers = {
@@ -197,9 +212,13 @@ def build_peers(
         "onnxruntime": ort_peer(ort_sessions(tenants, twins, protos)),
     }
     peers |= optional_peers(chosen, twins, torch_inputs, protos, inputs)
+    if bf16 and "openvino" in chosen:
+        peers["openvino" + BF16] = openvino_peer(protos, inputs, "bf16")
     reference = {k: flat(fn()) for k, fn in peers["pytorch eager"].runners.items()}
     diffs = {
-        label: check(label, p, reference) for label, p in peers.items() if label != "pytorch eager"
+        label: check(label, p, reference, BF16_TOLERANCE if label.endswith(BF16) else TOLERANCE)
+        for label, p in peers.items()
+        if label != "pytorch eager"
     }
     return peers, diffs
 
@@ -252,13 +271,18 @@ def rows_of(blocked: dict, interleaved: dict, flops: int) -> dict[str, dict]:
 
 
 def per_tenant(
-    bundle, peers: dict[str, Peer], inputs: dict, repeat: int, warmup: int
+    bundles: dict, peers: dict[str, Peer], inputs: dict, repeat: int, warmup: int
 ) -> dict[str, dict[str, float]]:
-    """Per tenant, median ms in blocks of the bundle's entry, onnxruntime and OpenVINO."""
+    """Per tenant, median ms in blocks of the bundle's entry, onnxruntime and OpenVINO (and
+    the bfloat16 bundle and OpenVINO where there are)."""
     table = {}
     for name in inputs:
-        contenders = {"bundle": lambda name=name: bundle.run(name, *inputs[name])}
-        for label in ("onnxruntime", "openvino"):
+        contenders = {
+            label: lambda b=bundles[label], name=name: b.run(name, *inputs[name])
+            for label in ("bundle", "bundle" + BF16)
+            if label in bundles
+        }
+        for label in ("onnxruntime", "openvino", "openvino" + BF16):
             if label in peers and name in peers[label].runners:
                 contenders[label] = peers[label].runners[name]
         table[name] = blocks(contenders, repeat, warmup)
@@ -266,8 +290,8 @@ def per_tenant(
 
 
 def best_peer(rows: dict[str, dict], peers) -> tuple[str, float] | None:
-    """The peer with the lowest median in blocks and its time / the bundle's."""
-    timed = [k for k in peers if k in rows]
+    """The float32 peer with the lowest median in blocks and its time / the bundle's."""
+    timed = [k for k in peers if k in rows and not k.endswith(BF16)]
     if not timed:
         return None
     best = min(timed, key=lambda k: rows[k]["median_ms"])
@@ -275,18 +299,27 @@ def best_peer(rows: dict[str, dict], peers) -> tuple[str, float] | None:
 
 
 def run(
-    set_name: str, n: int, batch: int, repeat: int, warmup: int, ablation: bool = True, chosen=PEERS
+    set_name: str,
+    n: int,
+    batch: int,
+    repeat: int,
+    warmup: int,
+    ablation: bool = True,
+    chosen=PEERS,
+    bf16: bool = False,
 ) -> dict:
     """Compile the set, build and check the peers, time everything in blocks and
-    interleaved, then per tenant; the results as one dict (`to_markdown` prints it)."""
+    interleaved, then per tenant; the results as one dict (`to_markdown` prints it). With
+    `bf16`, also the bundle and OpenVINO computing their dense layers in bfloat16."""
     torch.set_num_threads(THREADS)
     tenants = get_set(set_name, **set_options(set_name, n, batch))
     twins = torch_twins(set_name, tenants, batch)
     inputs = {t.name: tuple(np.asarray(x) for x in t.example_inputs) for t in tenants}
     torch_inputs = {k: tuple(torch.from_numpy(x) for x in v) for k, v in inputs.items()}
-    bundles, separate, compile_s = build_bundles(tenants, ablation)
+    bundles, separate, compile_s = build_bundles(tenants, ablation, bf16)
     numerics_ok = bundles["bundle"].verify(inputs)["ok"]
-    peers, diffs = build_peers(tenants, twins, inputs, torch_inputs, chosen)
+    bf16_ok = bundles["bundle" + BF16].verify(inputs)["ok"] if bf16 else None
+    peers, diffs = build_peers(tenants, twins, inputs, torch_inputs, chosen, bf16)
     compile_s |= {k: p.compile_s for k, p in peers.items() if k in PEERS}
     contenders, notes = contenders_of(peers, bundles, separate, inputs)
     flops = graph_flops(bundles["bundle"].graph)
@@ -314,8 +347,9 @@ def run(
         "flops": flops,
         "ceiling_gflops": matmul_ceiling(),
         "numerics_ok": numerics_ok,
+        "bf16_numerics_ok": bf16_ok,
         "best_peer": best_peer(rows, peers),
-        "per_tenant": per_tenant(bundles["bundle"], peers, inputs, repeat, warmup),
+        "per_tenant": per_tenant(bundles, peers, inputs, repeat, warmup),
         "profile": bundles["bundle"].profile(inputs, repeat=10),
     }
 
@@ -387,23 +421,48 @@ def _best_line(res: dict) -> str:
 
 
 def _tenant_table(res: dict) -> list[str]:
+    bf16 = any("bundle" + BF16 in ms for ms in res["per_tenant"].values())
+    pairs = [("onnxruntime", "bundle"), ("openvino", "bundle")]  # (peer, the bundle it meets)
+    pairs += [("openvino" + BF16, "bundle" + BF16)] if bf16 else []
+    head = "| tenant | bundle ms |" + (" bundle bf16 ms |" if bf16 else "")
+    head += "".join(f" {p} ms | / {b} |" for p, b in pairs)
     lines = [
         "Per tenant, in blocks: the bundle's entry (`bundle.run(tenant, ...)`) against "
-        "the peers' session for that tenant (ms; peer / bundle).",
+        "the peers' session for that tenant (ms; peer / bundle"
+        + (", a bfloat16 peer / the bfloat16 bundle" if bf16 else "")
+        + ").",
         "",
-        "| tenant | bundle ms | onnxruntime ms | / bundle | OpenVINO ms | / bundle |",
-        "|---|---|---|---|---|---|",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
     ]
     for name, ms in res["per_tenant"].items():
-        cells = [f"{ms['bundle']:.3f}"]
-        for label in ("onnxruntime", "openvino"):
-            cells += (
-                [f"{ms[label]:.3f}", f"{ms[label] / ms['bundle']:.2f}"]
-                if label in ms
-                else ["-", "-"]
-            )
+        cells = [f"{ms[b]:.3f}" for b in ("bundle", "bundle" + BF16) if b in ms]
+        for peer, b in pairs:
+            cells += [f"{ms[peer]:.3f}", f"{ms[peer] / ms[b]:.2f}"] if peer in ms else ["-", "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _bf16_line(res: dict) -> list[str]:
+    rows = res["rows"]
+    if "bundle" + BF16 not in rows:
+        return []
+    mine = rows["bundle" + BF16]["median_ms"]
+    line = (
+        f'**bfloat16 kernels** (offload-library `precision="bfloat16"`; numerics '
+        f"within {BF16_TOLERANCE:g} of max|source|: "
+        f"{'yes' if res['bf16_numerics_ok'] else 'NO'}): the bundle {mine:.3f} ms"
+    )
+    if "openvino" + BF16 in rows:
+        ov = rows["openvino" + BF16]["median_ms"]
+        line += f", OpenVINO at bf16 precision {ov:.3f} ms: OpenVINO bf16 / bundle bf16 = {ov / mine:.2f}"
+    if res["best_peer"]:
+        label = res["best_peer"][0]
+        line += (
+            f"; the best float32 peer ({label}) / bundle bf16 = "
+            f"{rows[label]['median_ms'] / mine:.2f}"
+        )
+    return [line + ".", ""]
 
 
 def _profile_lines(res: dict) -> list[str]:
@@ -439,6 +498,7 @@ def to_markdown(res: dict, command: str) -> str:
         _header(res, command)
         + _rows_table(res)
         + ["", _best_line(res), ""]
+        + _bf16_line(res)
         + _tenant_table(res)
         + [""]
         + _profile_lines(res)
@@ -465,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(PEERS),
         help=f"optional peers, comma-separated (default: all of {', '.join(PEERS)}; empty: none)",
     )
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also time a bundle whose dense layers compute in bfloat16, and OpenVINO at "
+        "bf16 precision (CPUs with AVX-512 BF16 run both at about twice the float32 rate)",
+    )
     ap.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
@@ -479,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     results, text = [], []
     for s in sets:
         print(f"benchmarking {s} ...", flush=True)
-        res = run(s, args.n, args.batch, args.repeat, args.warmup, not args.no_ablation, chosen)
+        res = run(
+            s, args.n, args.batch, args.repeat, args.warmup, not args.no_ablation, chosen, args.bf16
+        )
         results.append(res)
         text.append(to_markdown(res, command))
         print(text[-1], flush=True)

@@ -170,6 +170,7 @@ def test_linear_bias_is_folded_into_matmul_bias():
         "biases_folded": 1,
         "epilogues_folded": 0,
         "packed_weights": 1,
+        "bf16_calls": 0,
         "winograd_convs": 0,
         "patch_convs": 0,
         "row_calls": 0,

@@ -28,11 +28,13 @@ __all__ = [
     "library_path",
     "object_path",
     "pack_dense",
+    "pack_dense_bf16",
     "preload",
     "register",
     "source_hash",
     "table",
     "winograd_weights",
+    "winograd_weights_bf16",
 ]
 
 PANEL = 16  # columns per panel of a packed dense weight
@@ -193,6 +195,23 @@ def pack_dense(w):
     return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
 
 
+def pack_dense_bf16(w):
+    """A dense layer's weight ``w`` [K, N] (float32) as the panels ``dense_bf16`` takes:
+    bfloat16 bits (uint16, rounded to nearest even) [ceil(N / 16), ceil(K / 2), 32], panel p
+    holding columns 16p..16p+15 (zero past N) as pairs, element [p, j, 2c + h] being
+    w[2j + h, 16p + c] (zero past K)."""
+    import numpy as np
+
+    k, n = w.shape
+    panels, pairs = -(-n // PANEL), -(-k // 2)
+    padded = np.zeros((2 * pairs, panels * PANEL), dtype=np.float32)
+    padded[:k, :n] = w
+    rounded = _bf16_bits(padded)
+    # [2 * pairs, panels * 16] -> [panels, pairs, 16 columns, 2 halves]
+    out = rounded.reshape(pairs, 2, panels, PANEL).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(out.reshape(panels, pairs, 2 * PANEL))
+
+
 def winograd_weights(w):
     """A 3x3 conv's weight ``w`` [O, C, 3, 3] as the ``winograd`` variant of conv2d takes it:
     U = G w G^T per (o, c) for Winograd's F(2x2, 3x3), [16, O, C] with position 4 * row +
@@ -202,6 +221,28 @@ def winograd_weights(w):
     g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
     u = np.einsum("ik,ockl,jl->ijoc", g, w.astype(np.float64), g)
     return np.ascontiguousarray(u.reshape(16, *w.shape[:2]).astype(w.dtype))
+
+
+def winograd_weights_bf16(w):
+    """`winograd_weights` as the ``winograd_bf16`` variant of conv2d takes it: bfloat16 bits
+    (uint16, rounded to nearest even) [16, O, 2 * ceil(C / 2)], channels in pairs (a zero
+    past C)."""
+    import numpy as np
+
+    u = winograd_weights(w.astype(np.float32))
+    padded = np.zeros((*u.shape[:2], -(-u.shape[2] // 2) * 2), np.float32)
+    padded[..., : u.shape[2]] = u
+    return _bf16_bits(padded)
+
+
+def _bf16_bits(x):
+    """float32 array `x` as bfloat16 bits (uint16), rounded to nearest even; NaN stays NaN."""
+    import numpy as np
+
+    bits = x.view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    rounded[np.isnan(x)] = 0x7FC0
+    return rounded
 
 
 def register() -> str:

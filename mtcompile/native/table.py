@@ -31,7 +31,7 @@ class Kernel:
     """One library kernel.
 
     name: the kernel (``matmul``); variant: a variant of it (``packed``: the weight packed at
-    build time; ``winograd``: a 3x3 conv's weight transformed at build time; ``patch``: a
+    build time; ``bf16``: packed as bfloat16, the sums in float32; ``winograd``: a 3x3 conv's weight transformed at build time; ``patch``: a
     patch embedding's weight packed as a dense layer's); base: the symbols' stem (``dense_packed``); computes: the Relax op it
     computes (`ATTENTION`: a chain of them); inputs: its tensor arguments before a bias; entry: the C++ function that runs
     it; bias: whether it has a form with a 1-D per-channel bias after the inputs (``plain``:
@@ -78,6 +78,16 @@ KERNELS = (
         epilogues=tuple(EPILOGUES),
     ),
     Kernel(
+        "matmul",
+        "relax.matmul",
+        ("a", "bf16 weight"),
+        "dense_bf16_run",
+        base="dense_bf16",
+        variant="bf16",
+        bias=True,
+        epilogues=tuple(EPILOGUES),
+    ),
+    Kernel(
         "conv2d",
         "relax.nn.conv2d",
         ("x", "weight"),
@@ -94,6 +104,17 @@ KERNELS = (
         "conv2d_winograd_run",
         base="conv2d_winograd",
         variant="winograd",
+        bias=True,
+        epilogues=tuple(EPILOGUES),
+        params=True,
+    ),
+    Kernel(
+        "conv2d",
+        "relax.nn.conv2d",
+        ("x", "bf16 Winograd weight"),
+        "conv2d_winograd_bf16_run",
+        base="conv2d_winograd_bf16",
+        variant="winograd_bf16",
         bias=True,
         epilogues=tuple(EPILOGUES),
         params=True,

@@ -33,6 +33,7 @@ WEIGHT_DTYPES = {
     "int8": 1,
     "uint8": 1,
     "bool": 1,
+    "uint16": 2,  # bfloat16 bits: a dense layer's weight packed as bfloat16 (variant bf16)
 }
 VERIFY_KEY_ENV = "MTCOMPILE_VERIFY_KEY"  # a service's verify key (the core reads it)
 

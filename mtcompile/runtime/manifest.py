@@ -329,6 +329,16 @@ class Manifest:
     bundle_signature: str | None = None
     format: str = FORMAT
 
+    @property
+    def kernel_precision(self) -> str:
+        """What the bundle's native dense layers compute in: ``float32``, or ``bfloat16``
+        where offload-library's `precision` said so (`mtcompile.tools.verify` then
+        allows bfloat16's error)."""
+        for p in self.pipeline:
+            if p.name == "offload-library":
+                return str(p.options.get("precision", "float32"))
+        return "float32"
+
     def signature(self, tenant: str) -> TenantSig | None:
         return self.tenants.get(tenant)
 

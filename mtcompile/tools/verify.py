@@ -71,6 +71,9 @@ TOLERANCES = {
     "float32": (0.0, 1e-4),
     "float16": (1e-2, 1e-2),
     "bfloat16": (5e-2, 2e-2),
+    # a float32 or float64 tenant whose dense layers and Winograd convs compute in bfloat16
+    # (offload-library's precision): 1e-3 to 5e-3 of the scale on the demo sets
+    "bfloat16 kernels": (0.0, 2e-2),
 }
 NEAR_ZERO = 1e-6  # a float output whose max|source| is at most this proves little
 _PRECISION_ORDER = ("bfloat16", "float16", "float32", "float64")
@@ -186,6 +189,8 @@ def verify_bundle(
             continue
         want = reference_outputs(bundle.sources[name], inputs[name])
         precision = tenant_precision(bundle.sources[name], bundle.signature(name))
+        if precision in ("float32", "float64") and bundle.manifest.kernel_precision != "float32":
+            precision = "bfloat16 kernels"
         single = compare(bundle.run(name, *inputs[name]), want, atol, rtol, precision)
         together = compare(all_out[name], want, atol, rtol, precision)
         entry = dict(single, run_all_ok=together["ok"], precision=precision)

@@ -45,7 +45,8 @@ const char* const kBuiltAfter[] = {"library_sha256", "memory", "weights", "bundl
 // a weight's dtype -> bytes per element (contract.py WEIGHT_DTYPES, in its order)
 const std::pair<const char*, int64_t> kWeightDTypes[] = {
     {"float32", 4}, {"float64", 8}, {"float16", 2}, {"bfloat16", 2}, {"int64", 8},
-    {"int32", 4},   {"int16", 2},   {"int8", 1},    {"uint8", 1},    {"bool", 1}};
+    {"int32", 4},   {"int16", 2},   {"int8", 1},    {"uint8", 1},    {"bool", 1},
+    {"uint16", 2}};
 
 inline std::string shape_str(const std::vector<int64_t>& s) {
   std::string r = "[";

@@ -48,6 +48,7 @@ constexpr int64_t kSerialWork = 1 << 17;
 // (MTCOMPILE_NATIVE_AVX2 keeps the AVX2 ones)
 extern const bool kHasAvx2;
 extern const bool kHasAvx512;
+extern const bool kHasAvx512Bf16;  // VDPBF16PS (dense_bf16.h)
 
 // TVM's parallel-launch ABI: the process's one pool (registration.cc)
 using LaunchFn = int (*)(FTVMParallelLambda, void*, int);
@@ -124,13 +125,24 @@ inline float* fdata_mut(const TensorView& t) {
   return reinterpret_cast<float*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
 }
 
+constexpr DLDataType kFloat32{kDLFloat, 32, 1};
+constexpr DLDataType kUint16{kDLUInt, 16, 1};  // bfloat16 bits, as a packed bf16 weight holds them
+
+inline std::string dtype_str(DLDataType dt) {
+  const char* kind = dt.code == kDLFloat ? "float" : dt.code == kDLUInt ? "uint"
+                     : dt.code == kDLInt ? "int" : nullptr;
+  std::string s = kind != nullptr ? kind + std::to_string(dt.bits)
+                                  : "code " + std::to_string(dt.code) + " bits " +
+                                        std::to_string(dt.bits);
+  return dt.lanes == 1 ? s : s + "x" + std::to_string(dt.lanes);
+}
+
 inline void check_tensor(const char* op, const char* what, const TensorView& t, int min_rank,
-                         int max_rank) {
+                         int max_rank, DLDataType want = kFloat32) {
   DLDataType dt = t.dtype();
-  if (dt.code != kDLFloat || dt.bits != 32 || dt.lanes != 1)
-    TVM_FFI_THROW(TypeError) << op << ": " << what << " must be float32, found dtype code "
-                             << int(dt.code) << " bits " << int(dt.bits) << " lanes "
-                             << dt.lanes;
+  if (dt.code != want.code || dt.bits != want.bits || dt.lanes != want.lanes)
+    TVM_FFI_THROW(TypeError) << op << ": " << what << " must be " << dtype_str(want)
+                             << ", found " << dtype_str(dt);
   if (t.device().device_type != kDLCPU)
     TVM_FFI_THROW(ValueError) << op << ": " << what << " must be on the CPU, found device type "
                               << t.device().device_type;

@@ -243,25 +243,27 @@ void conv_gemm(const ConvGeom& q, const float* px, const float* pw, const float*
 }
 
 // x through U = the Winograd-transformed 3x3 weights (conv_winograd.h) into y
-void conv_winograd(const ConvGeom& q, const float* px, const float* pu, const float* bias,
+void conv_winograd(const ConvGeom& q, const float* px, const WinoWeights& w, const float* bias,
                    float* py, const Epilogue& ep) {
   const WinoGeom g(q);
   const int64_t units = q.N * g.bands, P = q.OH * q.OW;
+  const int64_t floats = g.scratch_floats(q, w.ub != nullptr);
   parallel(q.N * q.O * P * q.C * 9, units, [&](int64_t task, int64_t ntask) {
     thread_local std::vector<float> scratch;
-    if (scratch.size() < static_cast<size_t>(g.scratch_floats(q)))
-      scratch.resize(g.scratch_floats(q));
+    if (scratch.size() < static_cast<size_t>(floats)) scratch.resize(floats);
     auto [t0, t1] = part(units, task, ntask, 1);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / g.bands, i0 = (t % g.bands) * g.bh, at = n * q.O * P;
-      winograd_band(q, g, pu, px + n * q.C * q.H * q.W, bias, py + at, i0,
+      winograd_band(q, g, w, px + n * q.C * q.H * q.W, bias, py + at, i0,
                     std::min(g.bh, g.TH - i0), scratch.data(), ep, at);
     }
   });
 }
 
-// the geometry of a call of the winograd variant: x [N, C, H, W], U [16, O, C], out
-// [N, O, OH, OW] of a 3x3 kernel at stride 1, dilation 1, one group
+// the geometry of a call of the winograd variant: x [N, C, H, W], U [16, O, C] (the bf16
+// form: [16, O, 2 * ceil(C / 2)] bfloat16 bits), out [N, O, OH, OW] of a 3x3 kernel at
+// stride 1, dilation 1, one group
+template <bool kBf16>
 ConvGeom winograd_geom(const char* op, const TensorView& x, const TensorView& u,
                        const tvm::ffi::Shape& params, const TensorView& out) {
   ConvGeom q{};
@@ -272,9 +274,10 @@ ConvGeom winograd_geom(const char* op, const TensorView& x, const TensorView& u,
                               << " dilation " << q.dh << "," << q.dw << " groups " << q.G;
   q.N = x.size(0), q.C = q.Cg = x.size(1), q.H = x.size(2), q.W = x.size(3);
   q.O = q.Og = u.size(1), q.KH = q.KW = 3;
-  if (u.size(0) != 16 || u.size(2) != q.C)
+  const int64_t depth = kBf16 ? (q.C + 1) / 2 * 2 : q.C;
+  if (u.size(0) != 16 || u.size(2) != depth)
     TVM_FFI_THROW(ValueError) << op << ": the Winograd weight has shape " << shape_str(u)
-                              << ", expected [16, O, " << q.C << "] for x " << shape_str(x);
+                              << ", expected [16, O, " << depth << "] for x " << shape_str(x);
   q.OH = q.H + q.pt + q.pb - 2, q.OW = q.W + q.pl + q.pr - 2;
   if (q.OH <= 0 || q.OW <= 0)
     TVM_FFI_THROW(ValueError) << op << ": the 3x3 kernel is larger than the padded input of x "
@@ -288,10 +291,11 @@ ConvGeom winograd_geom(const char* op, const TensorView& x, const TensorView& u,
 // a call's x, weight (named `what`, of rank `rank`) and out checked, its geometry made by
 // `geom` (conv_geom, winograd_geom), and its bias checked against the output channels
 template <typename Geom>
-ConvGeom checked_call(const Call& c, const char* what, int rank, Geom geom) {
+ConvGeom checked_call(const Call& c, const char* what, int rank, Geom geom,
+                      DLDataType dtype = kFloat32) {
   TensorView x = c.in(0), w = c.in(1), out = c.out();
   check_tensor(c.op, "x", x, 4, 4);
-  check_tensor(c.op, what, w, rank, rank);
+  check_tensor(c.op, what, w, rank, rank, dtype);
   check_tensor(c.op, "out", out, 4, 4);
   const ConvGeom q = geom(c.op, x, w, c.params, out);
   if (c.bias != nullptr && c.nbias != q.O)
@@ -316,9 +320,28 @@ void conv2d_run(const Call& c) {
 }
 
 void conv2d_winograd_run(const Call& c) {
-  const ConvGeom q = checked_call(c, "Winograd weight", 3, winograd_geom);
+  const ConvGeom q = checked_call(c, "Winograd weight", 3, winograd_geom<false>);
   if (q.N == 0 || q.O == 0) return;
-  conv_winograd(q, fdata(c.in(0)), fdata(c.in(1)), c.bias, fdata_mut(c.out()), c.ep);
+  conv_winograd(q, fdata(c.in(0)), WinoWeights{fdata(c.in(1))}, c.bias, fdata_mut(c.out()), c.ep);
+}
+
+void conv2d_winograd_bf16_run(const Call& c) {
+  const ConvGeom q = checked_call(c, "Winograd weight", 3, winograd_geom<true>, kUint16);
+  if (q.N == 0 || q.O == 0) return;
+  const TensorView u = c.in(1);
+  const auto* bits = reinterpret_cast<const uint16_t*>(static_cast<const char*>(u.data_ptr()) +
+                                                       u.byte_offset());
+  if (kHasAvx512Bf16) {
+    WinoWeights w{nullptr, reinterpret_cast<const uint32_t*>(bits)};
+    return conv_winograd(q, fdata(c.in(0)), w, c.bias, fdata_mut(c.out()), c.ep);
+  }
+  // elsewhere U unpacked to float32 and V rounded: the same values on the float32 path
+  std::vector<float> uf(16 * q.O * q.C);
+  const int64_t depth = u.size(2);
+  for (int64_t r = 0; r < 16 * q.O; ++r)
+    for (int64_t ch = 0; ch < q.C; ++ch) uf[r * q.C + ch] = from_bf16(bits[r * depth + ch]);
+  conv_winograd(q, fdata(c.in(0)), WinoWeights{uf.data(), nullptr, true}, c.bias,
+                fdata_mut(c.out()), c.ep);
 }
 
 }  // namespace mtc

@@ -7,7 +7,10 @@
 // "winograd" of table row "conv2d"). The 16 positions xi are then 16 independent matrix
 // products M[xi] = U[xi] (O x C) . V[xi] (C x tiles), and each tile's output is A^T M A.
 // On AVX-512 the products run on a register tile of up to 16 output channels x 16 tiles, 16
-// tiles at a time; elsewhere on the BLAS, a band at a time.
+// tiles at a time; elsewhere on the BLAS, a band at a time. The bf16 form (variant
+// "winograd_bf16", `mtcompile.native.winograd_weights_bf16`) takes U as bfloat16 pairs over
+// input channels and rounds V to them: on AVX-512 BF16 one VDPBF16PS per pair of channels;
+// elsewhere the same rounded values through the float32 path.
 //
 // The work is split into bands of tile rows per image, fixed by the sizes (not by the
 // threads): a band pads its input rows, transforms them, and runs the products and the output
@@ -26,6 +29,7 @@
 
 #include "common.h"
 #include "conv_avx2.h"
+#include "dense_bf16.h"  // to_bf16, from_bf16
 
 namespace mtc {
 
@@ -49,8 +53,10 @@ struct WinoGeom {
   int64_t pad_floats(const ConvGeom& q) const { return q.C * (2 * bh + 2) * 2 * PW; }
   int64_t v_floats(const ConvGeom& q) const { return 16 * q.C * ldv; }
   int64_t m_floats(const ConvGeom& q) const { return 16 * q.O * (kHasAvx512 ? kNR : ldv); }
-  int64_t scratch_floats(const ConvGeom& q) const {
-    return pad_floats(q) + v_floats(q) + m_floats(q);
+  // V as bfloat16 pairs over channels (the bf16 form): 16 x ceil(C / 2) x ldv 32-bit pairs
+  int64_t vb_floats(const ConvGeom& q) const { return 16 * ((q.C + 1) / 2) * ldv; }
+  int64_t scratch_floats(const ConvGeom& q, bool bf16) const {
+    return pad_floats(q) + v_floats(q) + m_floats(q) + (bf16 ? vb_floats(q) : 0);
   }
 };
 
@@ -248,6 +254,52 @@ __attribute__((target("avx512f"))) void winograd_tile(const float* u, int64_t C,
   for (int i = 0; i < MR; ++i) _mm512_storeu_ps(m + i * kNR, acc[i]);
 }
 
+// The AVX-512 BF16 product tile: as winograd_tile with channels in pairs, u (MR rows of C2
+// pairs of U) and v (C2 rows of 16 pairs of V), one VDPBF16PS per pair of channels.
+template <int MR>
+__attribute__((target("avx512f,avx512bf16"))) void winograd_tile_bf16(const uint32_t* u,
+                                                                      int64_t C2,
+                                                                      const uint32_t* v,
+                                                                      int64_t ldv, float* m) {
+  __m512 acc[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C2; ++c) {
+    const __m512bh b = (__m512bh)_mm512_loadu_si512(v + c * ldv);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(u[i * C2 + c])),
+                                b);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) _mm512_storeu_ps(m + i * kNR, acc[i]);
+}
+
+// V (16 x C x ldv floats) of the band's tiles as bfloat16 pairs over channels: vb + (xi * C2
+// + j) * ldv + l holds channels 2j (low half) and 2j + 1 (high; zero past C) of tile l
+__attribute__((target("avx512f,avx512bf16"))) inline void winograd_pairs(const ConvGeom& q,
+                                                                         const WinoGeom& g,
+                                                                         const float* v,
+                                                                         int64_t nb,
+                                                                         uint32_t* vb) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const int64_t C2 = (q.C + 1) / 2;
+  for (int64_t xi = 0; xi < 16; ++xi)
+    for (int64_t j = 0; j < C2; ++j) {
+      const float* a = v + (xi * q.C + 2 * j) * g.ldv;
+      uint32_t* dst = vb + (xi * C2 + j) * g.ldv;
+      for (int64_t f = 0; f < nb * g.TWv; f += kNR) {
+        const __m512 even = _mm512_loadu_ps(a + f);
+        const __m512 odd = 2 * j + 1 < q.C ? _mm512_loadu_ps(a + g.ldv + f) : _mm512_setzero_ps();
+        _mm512_storeu_si512(dst + f, (__m512i)_mm512_cvtne2ps_pbh(
+                                         _mm512_permutex2var_ps(even, hi, odd),
+                                         _mm512_permutex2var_ps(even, lo, odd)));
+      }
+    }
+}
+
 using WinoTileFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
 template <int... MR>
 constexpr std::array<WinoTileFn, kMR512 + 1> wino_tiles_of(std::integer_sequence<int, 0, MR...>) {
@@ -256,34 +308,68 @@ constexpr std::array<WinoTileFn, kMR512 + 1> wino_tiles_of(std::integer_sequence
 // per row count 1..16
 constexpr std::array<WinoTileFn, kMR512 + 1> kWinoTiles =
     wino_tiles_of(std::make_integer_sequence<int, kMR512 + 1>());
+using WinoTileBf16Fn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*);
+template <int... MR>
+constexpr std::array<WinoTileBf16Fn, kMR512 + 1> wino_tiles_bf16_of(
+    std::integer_sequence<int, 0, MR...>) {
+  return {nullptr, winograd_tile_bf16<MR>...};
+}
+constexpr std::array<WinoTileBf16Fn, kMR512 + 1> kWinoTilesBf16 =
+    wino_tiles_bf16_of(std::make_integer_sequence<int, kMR512 + 1>());
+
+// U as the kernel takes it: float32 [16][O][C], or (bf16 form) bfloat16 pairs over channels
+// [16][O][ceil(C / 2)]; `round`: V is rounded to bfloat16 after its transform (the bf16
+// form's values on a host without AVX-512 BF16, where U comes unpacked as float32)
+struct WinoWeights {
+  const float* u = nullptr;
+  const uint32_t* ub = nullptr;
+  bool round = false;
+};
+
+// M for the 16 tiles from f, every position and output channel, on the AVX-512 tiles
+// (float32 U and V, or bfloat16 pairs: ub and vb)
+inline void winograd_products(const ConvGeom& q, const WinoGeom& g, const WinoWeights& w,
+                              const float* v, const uint32_t* vb, int64_t f, float* m) {
+  const Strips strips(q.O, kMR512);
+  const int64_t C2 = (q.C + 1) / 2;
+  for (int xi = 0; xi < 16; ++xi)
+    for (int64_t s = 0; s < strips.n; ++s) {
+      const int64_t o0 = strips.first(s);
+      float* mo = m + (xi * q.O + o0) * kNR;
+      if (w.ub != nullptr)
+        kWinoTilesBf16[strips.rows(s)](w.ub + (xi * q.O + o0) * C2, C2, vb + xi * C2 * g.ldv + f,
+                                       g.ldv, mo);
+      else
+        kWinoTiles[strips.rows(s)](w.u + (xi * q.O + o0) * q.C, q.C, v + xi * q.C * g.ldv + f,
+                                   g.ldv, mo);
+    }
+}
 
 // One band (tile rows [i0, i0 + nb)) of image x into y (both at the image): pad, transform,
-// the products and the output transform, then the epilogue; u: U (`winograd_weights`);
-// scratch: `scratch_floats`; at: y's first element's index in the output (for the epilogue).
-inline void winograd_band(const ConvGeom& q, const WinoGeom& g, const float* u, const float* x,
-                          const float* bias, float* y, int64_t i0, int64_t nb, float* scratch,
-                          const Epilogue& ep, int64_t at) {
+// the products and the output transform, then the epilogue; w: U (`WinoWeights`); scratch:
+// `scratch_floats`; at: y's first element's index in the output (for the epilogue).
+inline void winograd_band(const ConvGeom& q, const WinoGeom& g, const WinoWeights& w,
+                          const float* x, const float* bias, float* y, int64_t i0, int64_t nb,
+                          float* scratch, const Epilogue& ep, int64_t at) {
   float* pad = scratch;
   float* v = pad + g.pad_floats(q);
   float* m = v + g.v_floats(q);
+  uint32_t* vb = reinterpret_cast<uint32_t*>(m + g.m_floats(q));
   winograd_pad(q, g, x, i0, nb, pad);
   (kHasAvx512 ? winograd_input_512 : kHasAvx2 ? winograd_input_avx2 : winograd_input_generic)(
       q, g, pad, nb, v);
+  if (w.round)
+    for (int64_t i = 0; i < g.v_floats(q); ++i) v[i] = from_bf16(to_bf16(v[i]));
+  if (w.ub != nullptr) winograd_pairs(q, g, v, nb, vb);
   if (!kHasAvx512)  // the products of the whole band, on the BLAS
     for (int xi = 0; xi < 16; ++xi)
-      sgemm(q.O, nb * g.TWv, q.C, u + xi * q.O * q.C, q.C, v + xi * q.C * g.ldv, g.ldv, 0.f,
+      sgemm(q.O, nb * g.TWv, q.C, w.u + xi * q.O * q.C, q.C, v + xi * q.C * g.ldv, g.ldv, 0.f,
             m + xi * q.O * g.ldv, g.ldv);
-  const Strips strips(q.O, kMR512);
   for (int64_t f = 0; f < nb * g.TWv; f += kNR) {
     const int64_t i = i0 + f / g.TWv, j0 = f % g.TWv;
     if (j0 >= g.TW) continue;  // lanes past the last tile of the row
     if (kHasAvx512) {
-      for (int xi = 0; xi < 16; ++xi)
-        for (int64_t s = 0; s < strips.n; ++s) {
-          const int64_t o0 = strips.first(s);
-          kWinoTiles[strips.rows(s)](u + (xi * q.O + o0) * q.C, q.C, v + xi * q.C * g.ldv + f,
-                                     g.ldv, m + (xi * q.O + o0) * kNR);
-        }
+      winograd_products(q, g, w, v, vb, f, m);
       winograd_output_512(q, m, kNR, bias, i, j0, y);
     } else {
       (kHasAvx2 ? winograd_output_avx2 : winograd_output_generic)(q, m + f, g.ldv, bias, i, j0,

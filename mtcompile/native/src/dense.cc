@@ -1,15 +1,17 @@
 // matmul (numpy semantics, on the BLAS) and dense on a packed weight (AVX2/AVX-512 tiles of
-// dense_avx2.h): the kernels of table row "matmul" and its "packed" variant; and a patch
+// dense_avx2.h; bfloat16 pairs on AVX-512 BF16: dense_bf16.h): the kernels of table row
+// "matmul" and its "packed" and "bf16" variants; and a patch
 // embedding (conv2d's "patch" variant) as a dense layer on its patches.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "call.h"
-#include "dense_avx2.h"
+#include "dense_bf16.h"
 
 namespace mtc {
 namespace {
@@ -154,23 +156,25 @@ void matmul_impl(const char* op, TensorView a, TensorView b, const float* bias, 
 
 // ---------------------------------------------------------------- dense on a packed weight
 // out[..., n] = a[..., :] @ w[:, n] (+ bias[n]) with w packed at build time as 16-column
-// panels wp[N/16][K][16] (see dense_avx2.h; mtcompile.native.pack_dense packs it).
-// A 4-D wp [B][N/16][K][16] is B such weights, one per slice of a's first dimension (the
-// stacked weights of horizontally fused tenants): out[b] = a[b] @ w[b] (+ bias[b * N + n]
-// where the bias has N values per weight).
+// panels wp[N/16][K][16] (see dense_avx2.h; mtcompile.native.pack_dense packs it), or as
+// bfloat16 pairs wp[N/16][ceil(K/2)][16 x 2] (the "bf16" variant: dense_bf16.h,
+// mtcompile.native.pack_dense_bf16). A 4-D wp [B][...] is B such weights, one per slice of
+// a's first dimension (the stacked weights of horizontally fused tenants): out[b] = a[b] @
+// w[b] (+ bias[b * N + n] where the bias has N values per weight).
 void dense_packed_check(const char* op, TensorView a, TensorView wp, int64_t nbias,
-                        TensorView out) {
+                        TensorView out, bool bf16) {
   check_tensor(op, "a", a, 1, 8);
-  check_tensor(op, "packed weight", wp, 3, 4);
+  check_tensor(op, "packed weight", wp, 3, 4, bf16 ? kUint16 : kFloat32);
   check_tensor(op, "out", out, 1, 8);
   const int w0 = wp.ndim() - 3;  // a batch of weights: their count first
   const int64_t K = a.size(a.ndim() - 1), N = out.size(out.ndim() - 1);
   const int64_t panels = (N + kDenseNR - 1) / kDenseNR;
-  if (wp.size(w0) != panels || wp.size(w0 + 1) != K || wp.size(w0 + 2) != kDenseNR ||
+  const int64_t depth = bf16 ? (K + 1) / 2 : K, width = bf16 ? 2 * kDenseNR : kDenseNR;
+  if (wp.size(w0) != panels || wp.size(w0 + 1) != depth || wp.size(w0 + 2) != width ||
       (w0 == 1 && (a.ndim() < 2 || a.size(0) != wp.size(0))))
     TVM_FFI_THROW(ValueError) << op << ": packed weight has shape " << shape_str(wp)
                               << ", expected [" << (w0 ? "a's first dimension, " : "")
-                              << panels << ", " << K << ", " << kDenseNR << "] for a "
+                              << panels << ", " << depth << ", " << width << "] for a "
                               << shape_str(a) << " and out " << shape_str(out);
   bool ok = out.ndim() == a.ndim();
   for (int i = 0; ok && i + 1 < a.ndim(); ++i) ok = out.size(i) == a.size(i);
@@ -184,7 +188,8 @@ void dense_packed_check(const char* op, TensorView a, TensorView wp, int64_t nbi
                                      : "");
 }
 
-// panels [p0, p1) of rows [r0, r0 + nr) of one weight's slice: a, wp, out at that slice
+// panels [p0, p1) of rows [r0, r0 + nr) of one weight's slice: a, out at that slice, wp at
+// panel p0; `at`: the slice's first element in out (for the residual)
 void dense_packed_tile(int64_t r0, int64_t nr, int64_t K, int64_t N, const float* pa,
                        const float* pw, const float* bias, float* pc, int64_t p0, int64_t p1,
                        const Epilogue& ep, int64_t at) {
@@ -198,17 +203,45 @@ void dense_packed_tile(int64_t r0, int64_t nr, int64_t K, int64_t N, const float
     float* c = pc + r0 * N + n0;
     if (bias)
       for (int64_t r = 0; r < nr; ++r) std::memcpy(c + r * N, bias + n0, nc * sizeof(float));
-    sgemm(nr, nc, K, pa + r0 * K, K, pw + p * K * kDenseNR, kDenseNR, bias ? 1.f : 0.f, c, N);
+    sgemm(nr, nc, K, pa + r0 * K, K, pw + (p - p0) * K * kDenseNR, kDenseNR, bias ? 1.f : 0.f,
+          c, N);
     finish_block(ep, pc - at, at + r0 * N + n0, N, nr, nc);
   }
 }
 
-// out[b] = a[b] @ w[b] (+ bias) for B stacked weights of `rows` rows each (B = 1: one
-// weight), tiles of row blocks x panels over the pool; a bias of N values per weight where
-// nbias != N
-void dense_packed_rows(int64_t B, int64_t rows, int64_t K, int64_t N, const float* pa,
-                       const float* pw, const float* bias, int64_t nbias, float* pc,
-                       const Epilogue& ep) {
+// as dense_packed_tile on a bfloat16 weight (pw: panel p0's pairs)
+void dense_bf16_tile(int64_t r0, int64_t nr, int64_t K, int64_t N, const float* pa,
+                     const uint32_t* pw, const float* bias, float* pc, int64_t p0, int64_t p1,
+                     const Epilogue& ep, int64_t at) {
+  const int64_t K2 = (K + 1) / 2;
+  if (kHasAvx512Bf16) {
+    thread_local std::vector<uint32_t> ab;  // the rows as bfloat16 pairs
+    if (ab.size() < static_cast<size_t>(nr * K2)) ab.resize(nr * K2);
+    bf16_pairs(pa + r0 * K, nr, K, ab.data());
+    dense_panels_bf16(nr, K2, N, ab.data(), pw, bias, pc + r0 * N, p0, p1,
+                      ep.res_at(at + r0 * N), ep.act);
+    return;
+  }
+  // elsewhere the same rounded values through the float32 tiles, a panel at a time
+  thread_local std::vector<float> af, wf;
+  if (af.size() < static_cast<size_t>(nr * K)) af.resize(nr * K);
+  if (wf.size() < static_cast<size_t>(K * kDenseNR)) wf.resize(K * kDenseNR);
+  for (int64_t i = 0; i < nr * K; ++i) af[i] = from_bf16(to_bf16(pa[r0 * K + i]));
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint32_t* panel = pw + (p - p0) * K2 * kDenseNR;
+    for (int64_t k = 0; k < K; ++k)
+      for (int j = 0; j < kDenseNR; ++j)
+        wf[k * kDenseNR + j] = from_bf16((panel[k / 2 * kDenseNR + j] >> (k % 2 * 16)) & 0xffff);
+    dense_packed_tile(0, nr, K, N, af.data(), wf.data(), bias, pc + r0 * N, p, p + 1, ep,
+                      at + r0 * N);
+  }
+}
+
+// the tiles of a dense layer on B stacked weights of `rows` rows each over the pool, row
+// blocks x panels: tile(b, r0, nr, p0, p1) computes panels [p0, p1) of rows [r0, r0 + nr) of
+// slice b
+template <typename Tile>
+void dense_row_blocks(int64_t B, int64_t rows, int64_t K, int64_t N, const Tile& tile) {
   const int64_t panels = (N + kDenseNR - 1) / kDenseNR;
   // row blocks whose activations (rows x K) stay in L2 while the panels stream past them, of
   // near-equal height: the tasks take runs of tiles in block order, so a short last block
@@ -221,24 +254,46 @@ void dense_packed_rows(int64_t B, int64_t rows, int64_t K, int64_t N, const floa
     auto [t0, t1] = part(tiles, task, ntask, 1);
     for (int64_t t = t0; t < t1;) {  // a task's run may span row blocks and weights
       const int64_t u = t / panels, end = std::min(t1, (u + 1) * panels);
-      const int64_t b = u / blocks, r0 = (u % blocks) * rb, nr = std::min(rb, rows - r0);
-      const int64_t at = b * rows * N;
-      dense_packed_tile(r0, nr, K, N, pa + b * rows * K, pw + b * panels * K * kDenseNR,
-                        bias != nullptr && nbias != N ? bias + b * N : bias, pc + at,
-                        t - u * panels, end - u * panels, ep, at);
+      const int64_t b = u / blocks, r0 = (u % blocks) * rb;
+      tile(b, r0, std::min(rb, rows - r0), t - u * panels, end - u * panels);
       t = end;
     }
   });
 }
 
+// out[b] = a[b] @ w[b] (+ bias) for B stacked weights (B = 1: one weight), wp float32
+// panels or (bf16) bfloat16 pairs; a bias of N values per weight where nbias != N
+template <typename W>
+void dense_packed_rows(int64_t B, int64_t rows, int64_t K, int64_t N, const float* pa,
+                       const W* pw, const float* bias, int64_t nbias, float* pc,
+                       const Epilogue& ep) {
+  constexpr bool bf16 = std::is_same_v<W, uint32_t>;
+  const int64_t panels = (N + kDenseNR - 1) / kDenseNR, depth = bf16 ? (K + 1) / 2 : K;
+  dense_row_blocks(B, rows, K, N, [&](int64_t b, int64_t r0, int64_t nr, int64_t p0, int64_t p1) {
+    const int64_t at = b * rows * N;
+    const W* w = pw + (b * panels + p0) * depth * kDenseNR;
+    const float* bb = bias != nullptr && nbias != N ? bias + b * N : bias;
+    if constexpr (bf16)
+      dense_bf16_tile(r0, nr, K, N, pa + b * rows * K, w, bb, pc + at, p0, p1, ep, at);
+    else
+      dense_packed_tile(r0, nr, K, N, pa + b * rows * K, w, bb, pc + at, p0, p1, ep, at);
+  });
+}
+
 void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float* bias,
-                       int64_t nbias, TensorView out, const Epilogue& ep) {
-  dense_packed_check(op, a, wp, bias != nullptr ? nbias : -1, out);
+                       int64_t nbias, TensorView out, const Epilogue& ep, bool bf16) {
+  dense_packed_check(op, a, wp, bias != nullptr ? nbias : -1, out, bf16);
   const int64_t B = wp.ndim() == 4 ? wp.size(0) : 1;
   const int64_t K = a.size(a.ndim() - 1), N = out.size(out.ndim() - 1);
   const int64_t rows = (K == 0 ? out.numel() / std::max<int64_t>(N, 1) : a.numel() / K) / B;
   if (rows == 0 || N == 0) return;
-  dense_packed_rows(B, rows, K, N, fdata(a), fdata(wp), bias, nbias, fdata_mut(out), ep);
+  if (bf16)
+    dense_packed_rows(B, rows, K, N, fdata(a),
+                      reinterpret_cast<const uint32_t*>(
+                          static_cast<const char*>(wp.data_ptr()) + wp.byte_offset()),
+                      bias, nbias, fdata_mut(out), ep);
+  else
+    dense_packed_rows(B, rows, K, N, fdata(a), fdata(wp), bias, nbias, fdata_mut(out), ep);
 }
 
 // ---------------------------------------------------------------- patch embedding
@@ -306,7 +361,11 @@ void matmul_run(const Call& c) {
 }
 
 void dense_packed_run(const Call& c) {
-  dense_packed_impl(c.op, c.in(0), c.in(1), c.bias, c.nbias, c.out(), c.ep);
+  dense_packed_impl(c.op, c.in(0), c.in(1), c.bias, c.nbias, c.out(), c.ep, false);
+}
+
+void dense_bf16_run(const Call& c) {
+  dense_packed_impl(c.op, c.in(0), c.in(1), c.bias, c.nbias, c.out(), c.ep, true);
 }
 
 void conv2d_patch_run(const Call& c) {

@@ -178,10 +178,10 @@ constexpr auto kDenseTiles = dense_tiles(std::make_integer_sequence<int, kDenseM
 constexpr auto kDenseTiles512 =
     dense_tiles512(std::make_integer_sequence<int, kDenseMR512 + 1>());
 
-// panels [p0, p1) for all `rows` rows of a (rows x K) into out (rows x N), in tiles of at
-// most kDenseMR512 rows on AVX-512, else kDenseMR, of near-equal height (37 rows: 13, 12, 12,
-// not 14, 14, 9: a short tile has too few accumulators to hide the FMA latency); res (null
-// for none) and act: the epilogue, res laid out as out
+// panels [p0, p1) for all `rows` rows of a (rows x K) into out (rows x N), wp at panel p0, in
+// tiles of at most kDenseMR512 rows on AVX-512, else kDenseMR, of near-equal height (37 rows:
+// 13, 12, 12, not 14, 14, 9: a short tile has too few accumulators to hide the FMA latency);
+// res (null for none) and act: the epilogue, res laid out as out
 inline void dense_panels(bool avx512, int64_t rows, int64_t K, int64_t N, const float* a,
                          const float* wp, const float* bias, float* out, int64_t p0, int64_t p1,
                          const float* res = nullptr, Act act = kActNone) {
@@ -189,7 +189,7 @@ inline void dense_panels(bool avx512, int64_t rows, int64_t K, int64_t N, const 
   const DenseTileFn* tiles = avx512 ? kDenseTiles512.data() : kDenseTiles.data();
   const int64_t ntiles = (rows + most - 1) / most, base = rows / ntiles, extra = rows % ntiles;
   for (int64_t p = p0; p < p1; ++p) {
-    const float* panel = wp + p * K * kDenseNR;
+    const float* panel = wp + (p - p0) * K * kDenseNR;
     const int64_t n0 = p * kDenseNR;
     const int nc = static_cast<int>(std::min<int64_t>(kDenseNR, N - n0));
     const float* b = bias != nullptr ? bias + n0 : nullptr;

@@ -28,6 +28,8 @@ const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") &&
                       std::getenv("MTCOMPILE_NATIVE_GENERIC") == nullptr;
 const bool kHasAvx512 = kHasAvx2 && __builtin_cpu_supports("avx512f") &&
                         std::getenv("MTCOMPILE_NATIVE_AVX2") == nullptr;
+const bool kHasAvx512Bf16 = kHasAvx512 && __builtin_cpu_supports("avx512bf16") &&
+                            std::getenv("MTCOMPILE_NATIVE_NO_BF16") == nullptr;
 
 namespace {
 
