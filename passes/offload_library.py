@@ -23,6 +23,7 @@ stays a TVM op, whatever the providers say.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -34,6 +35,8 @@ from mtcompile.ir import ops
 from mtcompile.ir.builder import graph_types, make
 from mtcompile.ir.graph import ConstRef, Graph, Node, Ref, TensorTy, const_key
 from mtcompile.pass_infra import Pass, PassContext, PassResult, option, register
+
+log = logging.getLogger("mtcompile")
 
 
 def _ty(graph: Graph, a) -> TensorTy | None:
@@ -175,6 +178,11 @@ class OffloadLibrary(Pass):
         nodes, affine = _stacked_affine(out, nodes)
         out = Graph(out.nodes, out.tenants, {**out.constants, **affine})
         bf16 = self.precision == "bfloat16"
+        if bf16 and not native.has_bf16_dot():
+            log.warning(
+                "offload-library: precision=bfloat16 on a CPU without AVX-512 BF16: its "
+                "kernels run the rounded values on the float32 ones, at 0.77-0.94x their speed"
+            )
         nodes, packed = _pack_dense(out, nodes, bf16)
         nodes, transformed = _conv_weights(out, nodes, bf16) if self.conv_forms else (nodes, {})
         out = Graph(out.nodes, out.tenants, {**out.constants, **packed, **transformed})

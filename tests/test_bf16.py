@@ -44,6 +44,14 @@ def test_pack_dense_bf16_layout_rounding_and_padding():
     assert not as_float[:, 2, 1::2].any()  # k = 5, past K
 
 
+def test_has_bf16_dot_reads_the_cpu_flags(tmp_path):
+    with_it, without = tmp_path / "a", tmp_path / "b"
+    with_it.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16x\n")
+    assert native.has_bf16_dot(str(with_it)) and not native.has_bf16_dot(str(without))
+    assert native.has_bf16_dot(str(tmp_path / "missing"))  # unreadable: nothing to warn about
+
+
 # (a's shape, N): one row, odd K, a partial panel, tall, K = 1, batched rows
 DENSE = [((1, 17), 16), ((3, 37), 45), ((64, 256), 1024), ((197, 192), 100), ((7, 1), 9)]
 DENSE += [((2, 5, 33), 70)]

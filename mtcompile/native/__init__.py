@@ -25,6 +25,7 @@ __all__ = [
     "PANEL",
     "cache_dir",
     "export_options",
+    "has_bf16_dot",
     "library_path",
     "object_path",
     "pack_dense",
@@ -68,6 +69,17 @@ def tvm_lib_dir() -> Path:
     if lib is not None and (lib / "libtvm_runtime.so").is_file():
         return lib
     return _package_dir("tvm") / "lib"
+
+
+def has_bf16_dot(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has AVX-512 BF16 (VDPBF16PS, the bf16 kernels' fast path); True
+    where `cpuinfo` cannot be read (nothing to warn about then)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return True
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return "avx512_bf16" in flags.split()
 
 
 def cache_dir() -> Path:
