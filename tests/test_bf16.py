@@ -217,12 +217,16 @@ class TwoLinears(torch.nn.Module):
 
 @pytest.mark.slow  # compiles a bundle
 def test_a_bf16_bundle_verifies_within_bfloat16_saves_and_loads(tmp_path):
-    """Two same-architecture tenants (their dense layers stacked by fuse-horizontal) with
-    precision="bfloat16": every dense layer takes the bf16 variant, verify passes at
-    bfloat16's tolerance (and the error shows the rounding), and the saved bundle (uint16
-    weights) loads and gives the same outputs."""
+    """Two same-architecture tenants (their dense layers stacked by fuse-horizontal) and a
+    small conv with precision="bfloat16": every dense layer takes the bf16 variant, verify
+    passes the two at bfloat16's tolerance (and the error shows the rounding) and the conv,
+    which has no bf16 call, at float32's; the saved bundle (uint16 weights) loads and gives
+    the same outputs."""
     x = torch.randn(2, 10, 48, generator=torch.Generator().manual_seed(0))
     tenants = [Tenant(f"t{i}", TwoLinears(i).eval(), example_inputs=(x,)) for i in range(2)]
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    image = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    tenants.append(Tenant("small_conv", conv, example_inputs=(image,)))  # no bf16 call
     b = mtcompile.compile(tenants, pass_options={"offload-library": {"precision": "bfloat16"}})
     (offload,) = [p for p in b.compile_report["passes"] if p["name"] == "offload-library"]
     info = offload["run_all"]
@@ -233,6 +237,8 @@ def test_a_bf16_bundle_verifies_within_bfloat16_saves_and_loads(tmp_path):
         entry = r["tenants"][name]
         assert entry["precision"] == "bfloat16 kernels"
         assert 1e-5 < entry["outputs"][0]["max_rel"] <= 2e-2
+    assert r["tenants"]["small_conv"]["precision"] == "float32"  # checked at 1e-4 still
+    assert b.manifest.bf16_tenants() == {"t0", "t1"}
     b.save(tmp_path)
     loaded = mtcompile.load(tmp_path)
     assert loaded.manifest.kernel_precision == "bfloat16"

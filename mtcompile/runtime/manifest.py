@@ -286,6 +286,10 @@ class SubsetFunction:
     inputs: tuple[tuple[tuple[str, str], ...], ...]
 
 
+# library call variants that compute in bfloat16 (mtcompile.native.table)
+BF16_VARIANTS = ("bf16", "winograd_bf16")
+
+
 @dataclass(frozen=True)
 class PassSpec:
     """One pass of the pipeline the bundle was built with, and its options."""
@@ -331,13 +335,26 @@ class Manifest:
 
     @property
     def kernel_precision(self) -> str:
-        """What the bundle's native dense layers compute in: ``float32``, or ``bfloat16``
-        where offload-library's `precision` said so (`mtcompile.tools.verify` then
-        allows bfloat16's error)."""
+        """What the bundle's native dense layers and Winograd convs compute in: ``float32``,
+        or ``bfloat16`` where offload-library's `precision` said so."""
         for p in self.pipeline:
             if p.name == "offload-library":
                 return str(p.options.get("precision", "float32"))
         return "float32"
+
+    def bf16_tenants(self) -> frozenset[str]:
+        """The tenants with a library call that computes in bfloat16 (variants `BF16_VARIANTS`;
+        `mtcompile.tools.verify` allows them bfloat16's error); without a graph view, every
+        tenant where `kernel_precision` is bfloat16."""
+        names, nodes = self.graph_view.get("tenants", []), self.graph_view.get("nodes", [])
+        if not nodes:
+            return frozenset(self.tenant_order if self.kernel_precision == "bfloat16" else ())
+        return frozenset(
+            names[i]
+            for n in nodes
+            if n.get("call", {}).get("variant") in BF16_VARIANTS
+            for i in n["tenants"]
+        )
 
     def signature(self, tenant: str) -> TenantSig | None:
         return self.tenants.get(tenant)

@@ -189,7 +189,7 @@ def verify_bundle(
             continue
         want = reference_outputs(bundle.sources[name], inputs[name])
         precision = tenant_precision(bundle.sources[name], bundle.signature(name))
-        if precision in ("float32", "float64") and bundle.manifest.kernel_precision != "float32":
+        if precision in ("float32", "float64") and name in bundle.manifest.bf16_tenants():
             precision = "bfloat16 kernels"
         single = compare(bundle.run(name, *inputs[name]), want, atol, rtol, precision)
         together = compare(all_out[name], want, atol, rtol, precision)
