@@ -8,6 +8,10 @@ The heterogeneous demo set is compiled once per session and only by tests marked
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -199,3 +203,23 @@ def hetero_tenants():
 def hetero_bundle(hetero_tenants):
     """The heterogeneous demo set compiled once per session (a few seconds; slow tests only)."""
     return mtcompile.compile(hetero_tenants)
+
+
+def run_child(
+    script: str, *args, isa: str = "", env: dict | None = None, timeout: int = 300
+) -> str:
+    """Run `script` in a fresh Python (``python -c script args...``) and return its stdout,
+    asserting it exited 0 (its stderr's end otherwise). The native kernels' ISA switches
+    (``MTCOMPILE_NATIVE_*``, read when the library loads) are cleared, then `isa` set to 1 if
+    given; `env`: more variables."""
+    child = {k: v for k, v in os.environ.items() if not k.startswith("MTCOMPILE_NATIVE_")}
+    child |= ({isa: "1"} if isa else {}) | (env or {})
+    r = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout

@@ -5,14 +5,11 @@ bfloat16's tolerance, save and load."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 import tvm_ffi
+from conftest import run_child
 
 import mtcompile
 import mtcompile.native as native
@@ -105,15 +102,8 @@ def test_dense_bf16_matches_the_rounded_values_on_every_path(isa):
     VDPBF16PS (AVX-512 BF16 hosts) and on the float32 tiles that run the same rounded values
     elsewhere; and is within bfloat16's error of the float32 product, not closer than 1e-4
     (it does round)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTCOMPILE_NATIVE_")}
-    if isa:
-        env[isa] = "1"
-    script = f"CASES = {DENSE!r}\n" + BF16_CHECK
-    r = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    worst, worst32 = map(float, r.stdout.split()[-2:])
+    out = run_child(f"CASES = {DENSE!r}\n" + BF16_CHECK, isa=isa)
+    worst, worst32 = map(float, out.split()[-2:])
     assert worst <= 1e-5
     assert 1e-4 < worst32 <= 1e-2
 
@@ -161,19 +151,9 @@ print(worst)
 
 
 def _winograd_bf16(isa: str, path) -> tuple[float, list[np.ndarray]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTCOMPILE_NATIVE_")}
-    if isa:
-        env[isa] = "1"
-    r = subprocess.run(
-        [sys.executable, "-c", WINOGRAD_CHECK, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    out = run_child(WINOGRAD_CHECK, path, isa=isa)
     with np.load(path) as z:
-        return float(r.stdout.split()[-1]), [z[k] for k in z.files]
+        return float(out.split()[-1]), [z[k] for k in z.files]
 
 
 @pytest.mark.parametrize(

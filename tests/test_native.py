@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import tvm_ffi
+from conftest import run_child
 
 import mtcompile.native as native
 
@@ -197,15 +198,8 @@ def test_winograd_conv_matches_torch(isa):
     """conv2d[winograd] on the transformed weights (`native.winograd_weights`): plain, with a
     bias, with a residual and ReLU, against float64 torch, on each path the kernel takes (the
     AVX-512 tiles, the AVX2 transforms with the BLAS, the generic ones)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTCOMPILE_NATIVE_")}
-    if isa:
-        env[isa] = "1"
-    script = f"CASES = {WINOGRAD_CONVS!r}\n" + WINOGRAD_CHECK
-    r = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert float(r.stdout.split()[-1]) <= RTOL
+    out = run_child(f"CASES = {WINOGRAD_CONVS!r}\n" + WINOGRAD_CHECK, isa=isa)
+    assert float(out.split()[-1]) <= RTOL
 
 
 def test_patch_conv_refuses_padding_and_a_wrong_packing():
@@ -437,11 +431,7 @@ def test_generic_paths_without_avx2():
         close(o, torch.softmax(torch.from_numpy(a).double(), -1).numpy())
         print("ok")
     """)
-    env = {**os.environ, "MTCOMPILE_NATIVE_GENERIC": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert run_child(script, isa="MTCOMPILE_NATIVE_GENERIC").strip() == "ok"
 
 
 @pytest.mark.parametrize("isa", ["avx2", "default"])
@@ -514,13 +504,8 @@ def test_register_tiles_match_torch(isa):
             raise AssertionError("2 slices of a against 3 weights were accepted")
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "MTCOMPILE_NATIVE_AVX2"}
-    if isa == "avx2":
-        env["MTCOMPILE_NATIVE_AVX2"] = "1"
-    r = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    out = run_child(script, isa="MTCOMPILE_NATIVE_AVX2" if isa == "avx2" else "")
+    assert out.strip() == "ok"
 
 
 @pytest.mark.slow  # times the thread pool
@@ -561,11 +546,7 @@ def test_two_threads_split_work_on_the_pool():
         assert len(os.listdir("/proc/self/task")) == before + 1, "not one pool worker"
         print("ok")
     """)
-    env = {**os.environ, "TVM_NUM_THREADS": "2"}
-    r = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert run_child(script, env={"TVM_NUM_THREADS": "2"}).strip() == "ok"
 
 
 def _f32(*shape):

@@ -109,6 +109,25 @@ __attribute__((target("avx2,fma"), always_inline)) inline void dense_tile(
               act);
 }
 
+// An AVX-512 tile's MR rows of one zmm, each the sum of its KU partial sums: + bias, then
+// the epilogue, stored (ncols < 16: the valid columns only)
+template <int MR, int KU>
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void store_tile512(
+    __m512 (&c)[KU][MR], const float* bias, float* out, int64_t ldc, int ncols, const float* res,
+    Act act) {
+#pragma GCC unroll 4
+  for (int u = 1; u < KU; ++u)
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) c[0][i] = _mm512_add_ps(c[0][i], c[u][i]);
+  __m256 bv0, bv1;
+  bias_halves(bias, ncols, &bv0, &bv1);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+    store_row(_mm512_castps512_ps256(c[0][i]),
+              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[0][i]), 1)), bv0, bv1,
+              out + i * ldc, res ? res + i * ldc : nullptr, ncols, act);
+}
+
 // The AVX-512 tile: as `dense_tile`, MR rows (up to kDenseMR512) x one zmm of 16 columns, the
 // activation broadcast inside the FMA (one load and MR FMAs per k: the AVX2 tile's loads and
 // broadcasts held it to ~70% of the FMA rate).
@@ -136,17 +155,7 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void dense_til
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) c[0][i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k]), b, c[0][i]);
   }
-#pragma GCC unroll 4
-  for (int u = 1; u < KU; ++u)
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) c[0][i] = _mm512_add_ps(c[0][i], c[u][i]);
-  __m256 bv0, bv1;
-  bias_halves(bias, ncols, &bv0, &bv1);
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-    store_row(_mm512_castps512_ps256(c[0][i]),
-              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[0][i]), 1)), bv0, bv1,
-              out + i * ldc, res ? res + i * ldc : nullptr, ncols, act);
+  store_tile512<MR, KU>(c, bias, out, ldc, ncols, res, act);
 }
 
 using DenseTileFn = void (*)(int64_t, const float*, int64_t, const float*, const float*, float*,
@@ -178,28 +187,38 @@ constexpr auto kDenseTiles = dense_tiles(std::make_integer_sequence<int, kDenseM
 constexpr auto kDenseTiles512 =
     dense_tiles512(std::make_integer_sequence<int, kDenseMR512 + 1>());
 
-// panels [p0, p1) for all `rows` rows of a (rows x K) into out (rows x N), wp at panel p0, in
-// tiles of at most kDenseMR512 rows on AVX-512, else kDenseMR, of near-equal height (37 rows:
-// 13, 12, 12, not 14, 14, 9: a short tile has too few accumulators to hide the FMA latency);
-// res (null for none) and act: the epilogue, res laid out as out
-inline void dense_panels(bool avx512, int64_t rows, int64_t K, int64_t N, const float* a,
-                         const float* wp, const float* bias, float* out, int64_t p0, int64_t p1,
-                         const float* res = nullptr, Act act = kActNone) {
-  const int64_t most = avx512 ? kDenseMR512 : kDenseMR;
-  const DenseTileFn* tiles = avx512 ? kDenseTiles512.data() : kDenseTiles.data();
+// panels [p0, p1) for all `rows` rows of a (rows x depth elements: floats, or the bf16
+// kernels' pairs) into out (rows x N), wp at panel p0, in tiles of at most `most` rows of
+// near-equal height (37 rows: 13, 12, 12, not 14, 14, 9: a short tile has too few
+// accumulators to hide the FMA latency); tiles[mr] computes mr rows; res (null for none) and
+// act: the epilogue, res laid out as out
+template <typename W>
+inline void dense_panels_of(
+    int64_t rows, int64_t most, int64_t depth, int64_t N, const W* a, const W* wp,
+    const float* bias, float* out, int64_t p0, int64_t p1, const float* res, Act act,
+    void (*const* tiles)(int64_t, const W*, int64_t, const W*, const float*, float*, int64_t, int,
+                         const float*, Act)) {
   const int64_t ntiles = (rows + most - 1) / most, base = rows / ntiles, extra = rows % ntiles;
   for (int64_t p = p0; p < p1; ++p) {
-    const float* panel = wp + (p - p0) * K * kDenseNR;
+    const W* panel = wp + (p - p0) * depth * kDenseNR;
     const int64_t n0 = p * kDenseNR;
     const int nc = static_cast<int>(std::min<int64_t>(kDenseNR, N - n0));
     const float* b = bias != nullptr ? bias + n0 : nullptr;
     for (int64_t i = 0, r = 0; i < ntiles; ++i) {
       const int64_t mr = base + (i < extra ? 1 : 0);
-      tiles[mr](K, a + r * K, K, panel, b, out + r * N + n0, N, nc,
+      tiles[mr](depth, a + r * depth, depth, panel, b, out + r * N + n0, N, nc,
                 res != nullptr ? res + r * N + n0 : nullptr, act);
       r += mr;
     }
   }
+}
+
+// the float32 panels: tiles of up to kDenseMR512 rows on AVX-512, else kDenseMR
+inline void dense_panels(bool avx512, int64_t rows, int64_t K, int64_t N, const float* a,
+                         const float* wp, const float* bias, float* out, int64_t p0, int64_t p1,
+                         const float* res = nullptr, Act act = kActNone) {
+  dense_panels_of<float>(rows, avx512 ? kDenseMR512 : kDenseMR, K, N, a, wp, bias, out, p0, p1,
+                         res, act, avx512 ? kDenseTiles512.data() : kDenseTiles.data());
 }
 
 }  // namespace mtc

@@ -75,17 +75,7 @@ dense_tile_bf16(int64_t K2, const uint32_t* a, int64_t lda, const uint32_t* wp,
       c[0][i] = _mm512_dpbf16_ps(c[0][i],
                                  (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * lda + k])), b);
   }
-#pragma GCC unroll 4
-  for (int u = 1; u < KU; ++u)
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) c[0][i] = _mm512_add_ps(c[0][i], c[u][i]);
-  __m256 bv0, bv1;
-  bias_halves(bias, ncols, &bv0, &bv1);
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-    store_row(_mm512_castps512_ps256(c[0][i]),
-              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[0][i]), 1)), bv0, bv1,
-              out + i * ldc, res ? res + i * ldc : nullptr, ncols, act);
+  store_tile512<MR, KU>(c, bias, out, ldc, ncols, res, act);
 }
 
 using DenseBf16TileFn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*,
@@ -105,24 +95,12 @@ constexpr auto kDenseTilesBf16 =
     dense_tiles_bf16(std::make_integer_sequence<int, kDenseMR512 + 1>());
 
 // panels [p0, p1) for all `rows` rows of a (rows x K2 pairs) into out (rows x N), wp at
-// panel p0, in tiles of near-equal height as dense_panels; res (null for none) and act: the epilogue
+// panel p0, as dense_panels; res (null for none) and act: the epilogue
 inline void dense_panels_bf16(int64_t rows, int64_t K2, int64_t N, const uint32_t* a,
                               const uint32_t* wp, const float* bias, float* out, int64_t p0,
                               int64_t p1, const float* res, Act act) {
-  const int64_t ntiles = (rows + kDenseMR512 - 1) / kDenseMR512, base = rows / ntiles,
-                extra = rows % ntiles;
-  for (int64_t p = p0; p < p1; ++p) {
-    const uint32_t* panel = wp + (p - p0) * K2 * kDenseNR;
-    const int64_t n0 = p * kDenseNR;
-    const int nc = static_cast<int>(std::min<int64_t>(kDenseNR, N - n0));
-    const float* b = bias != nullptr ? bias + n0 : nullptr;
-    for (int64_t i = 0, r = 0; i < ntiles; ++i) {
-      const int64_t mr = base + (i < extra ? 1 : 0);
-      kDenseTilesBf16[mr](K2, a + r * K2, K2, panel, b, out + r * N + n0, N, nc,
-                          res != nullptr ? res + r * N + n0 : nullptr, act);
-      r += mr;
-    }
-  }
+  dense_panels_of<uint32_t>(rows, kDenseMR512, K2, N, a, wp, bias, out, p0, p1, res, act,
+                            kDenseTilesBf16.data());
 }
 
 }  // namespace mtc
