@@ -387,6 +387,11 @@ def describe(manifest: Manifest, library_bytes: int | None = None) -> str:
         "kernels  "
         + ", ".join(f"{k}: {v}" for k, v in sorted(m.kernels.items()))
         + (f"; tuning database {m.tuning_db}" if m.tuning_db else "")
+        + (
+            f"; bfloat16 dense layers and Winograd convs ({', '.join(sorted(bf16))})"
+            if (bf16 := m.bf16_tenants())
+            else ""
+        )
     )
     if m.memory is not None:
         dynamic = any(s.dims for sig in m.tenants.values() for s in sig.inputs)

@@ -251,6 +251,7 @@ def test_demo_takes_kernel_precision_and_says_what_tolerance_it_checked(tmp_path
     assert main(["demo", "-o", str(tmp_path / "d"), "--kernel-precision", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "numerics: PASS" in out and "with bfloat16 kernels 2e-2" in out
+    assert "; bfloat16 dense layers and Winograd convs (mlp, text" in out  # the summary says so
     loaded = mtcompile.load(tmp_path / "d")
     assert loaded.manifest.kernel_precision == "bfloat16"
     assert any(dtype == "uint16" for _, _, dtype in loaded.manifest.weights.tensors)
