@@ -87,12 +87,15 @@ def graph_flops(graph) -> int:
             w = _shape(graph, n.args[1])
             variant = getattr(library_call(n), "variant", "")
             # multiply-adds per output of the conv it computes: the winograd forms' weights
-            # are transformed (a 3x3 kernel over x's C channels), the patch form's is
-            # [panels, C * KH * KW, 16]
-            wino = 9 * _shape(graph, n.args[0])[1]
-            macs = {"winograd": wino, "winograd_bf16": wino, "patch": w[1]}.get(
-                variant, int(np.prod(w[1:]))
-            )
+            # are transformed (a 3x3 kernel over x's C channels), the patch forms' packed
+            # (a kernel the size of the stride)
+            channels = _shape(graph, n.args[0])[1]
+            if variant.startswith("winograd"):
+                macs = 9 * channels
+            elif variant.startswith("patch"):
+                macs = channels * int(np.prod(library_call(n).conv.strides))
+            else:
+                macs = int(np.prod(w[1:]))
             total += 2 * int(np.prod(n.ty.shape)) * int(macs)
     return total
 

@@ -388,7 +388,7 @@ def describe(manifest: Manifest, library_bytes: int | None = None) -> str:
         + ", ".join(f"{k}: {v}" for k, v in sorted(m.kernels.items()))
         + (f"; tuning database {m.tuning_db}" if m.tuning_db else "")
         + (
-            f"; bfloat16 dense layers and Winograd convs ({', '.join(sorted(bf16))})"
+            f"; bfloat16 dense layers and convs ({', '.join(sorted(bf16))})"
             if (bf16 := m.bf16_tenants())
             else ""
         )
@@ -834,7 +834,8 @@ def _pass_flags(sp) -> None:
     sp.add_argument(
         "--kernel-precision",
         choices=("float32", "bfloat16"),
-        help="precision of the native dense layers and Winograd convs (offload-library's "
+        help="precision of the native dense layers, Winograd convs and patch embeddings "
+        "(offload-library's "
         "precision; default: "
         "the spec's, else float32): bfloat16 is about twice as fast on CPUs with AVX-512 BF16",
     )

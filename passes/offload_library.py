@@ -145,10 +145,11 @@ class OffloadLibrary(Pass):
     precision: str = option(
         "float32",
         choices=("float32", "bfloat16"),
-        doc="native dense layers and Winograd convs on a constant weight: bfloat16 keeps the "
-        "weight as bfloat16 and rounds the activations to it, summing in float32 (variants "
-        "bf16, winograd_bf16: about twice the float32 rate on CPUs with AVX-512 BF16, half "
-        "the weight bytes; errors near 1e-3 of the output's scale, verify then allows 2e-2)",
+        doc="native dense layers, Winograd convs and patch embeddings on a constant weight: "
+        "bfloat16 keeps the weight as bfloat16 and rounds the activations to it, summing in "
+        "float32 (variants bf16, winograd_bf16, patch_bf16: about twice the float32 rate on "
+        "CPUs with AVX-512 BF16, half the weight bytes; errors near 1e-3 of the output's "
+        "scale, verify then allows 2e-2)",
     )
     conv_forms: bool = option(
         True,
@@ -194,9 +195,9 @@ class OffloadLibrary(Pass):
                 "biases_folded": biased,
                 "epilogues_folded": sum(1 for n in nodes if _call(n, epilogue=True)),
                 "packed_weights": len(packed),
-                "bf16_calls": _variants(nodes, "bf16", "winograd_bf16"),
+                "bf16_calls": _variants(nodes, "bf16", "winograd_bf16", "patch_bf16"),
                 "winograd_convs": _variants(nodes, "winograd", "winograd_bf16"),
-                "patch_convs": _variants(nodes, "patch"),
+                "patch_convs": _variants(nodes, "patch", "patch_bf16"),
                 "row_calls": len(rows),
                 "left_to_tvm": left,
             },
@@ -691,8 +692,8 @@ def _conv_weights(
     (`winograd_pays`) turned into the ``winograd`` variant reading the weight transformed
     (`mtcompile.native.winograd_weights`; with `bf16` the ``winograd_bf16`` one,
     `winograd_weights_bf16`), and each patch embedding (`patch_conv`) into the ``patch``
-    variant reading it packed as a dense layer's (`mtcompile.native.pack_dense`); the new
-    constants."""
+    variant reading it packed as a dense layer's (`mtcompile.native.pack_dense`; with `bf16`
+    ``patch_bf16``, `pack_dense_bf16`); the new constants."""
     out, made = [], {}
     for n in nodes:
         call = ops.library_call(n)
@@ -707,7 +708,9 @@ def _conv_weights(
             )
         elif isinstance(w, ConstRef) and patch_conv(call, _ty(graph, w)):
             weight = graph.constants[w.key]
-            variant, arr = "patch", native.pack_dense(weight.reshape(weight.shape[0], -1).T)
+            pack = native.pack_dense_bf16 if bf16 else native.pack_dense
+            variant = "patch_bf16" if bf16 else "patch"
+            arr = pack(np.ascontiguousarray(weight.reshape(weight.shape[0], -1).T))
         if arr is not None:
             key = const_key(arr)
             made[key] = arr

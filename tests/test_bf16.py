@@ -185,6 +185,31 @@ def test_winograd_weights_bf16_are_the_rounded_transform_in_channel_pairs():
     assert not as_float[..., 5].any()  # the pair of the odd channel: zero
 
 
+def test_patch_bf16_is_the_dense_layer_on_rounded_patches():
+    """conv2d[patch_bf16] (16x16 patches of 3 channels, a leftover row and column, a bias)
+    against float64 on the same bfloat16-rounded patches and weight; a float32 packing is
+    refused, naming the dtype."""
+    native.register()
+    rng = np.random.default_rng(3)
+    x, w, b = _rand(rng, 2, 3, 50, 34), _rand(rng, 40, 3, 16, 16), _rand(rng, 40)
+    ref = torch.nn.functional.conv2d(
+        torch.from_numpy(_bf16(x)), torch.from_numpy(_bf16(w)), stride=16
+    ).numpy() + b.reshape(-1, 1, 1)
+    out = np.full(ref.shape, np.nan, np.float32)
+    fn = tvm_ffi.get_global_func("mtcompile.native.conv2d_patch_bf16_bias")
+    t, params = tvm_ffi.from_dlpack, tvm_ffi.Shape([16, 16, 0, 0, 0, 0, 1, 1, 1])
+    wp = native.pack_dense_bf16(np.ascontiguousarray(w.reshape(40, -1).T))
+    fn(t(x), t(wp), t(b), params, t(out))
+    assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-5
+    f32 = native.pack_dense(np.ascontiguousarray(w.reshape(40, -1).T))
+    with pytest.raises(TypeError, match="packed weight must be uint16, found float32"):
+        fn(t(x), t(f32), t(b), params, t(out))
+
+
+def _rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
 class TwoLinears(torch.nn.Module):
     def __init__(self, seed: int):
         super().__init__()
@@ -244,6 +269,24 @@ def test_a_bf16_cnn_takes_winograd_bf16_and_verifies():
     assert r["ok"] and r["tenants"]["cnn"]["precision"] == "bfloat16 kernels", r
 
 
+@pytest.mark.slow  # compiles a bundle
+def test_a_bf16_vit_takes_patch_bf16_and_verifies():
+    """A small ViT with precision="bfloat16": its patch embedding takes patch_bf16, every
+    dense layer bf16, and verify passes at bfloat16's tolerance."""
+    from mtcompile.models.zoo import vit
+
+    model, inputs = vit(seed=1, image=32, patch=8, d_model=64, heads=2, layers=2, ffn=128)
+    b = mtcompile.compile(
+        [Tenant("vit", model, example_inputs=inputs)],
+        pass_options={"offload-library": {"precision": "bfloat16"}},
+    )
+    (offload,) = [p for p in b.compile_report["passes"] if p["name"] == "offload-library"]
+    info = offload["run_all"]
+    assert info["patch_convs"] == 1 and info["bf16_calls"] == info["packed_weights"] + 1
+    r = b.verify()
+    assert r["ok"] and r["tenants"]["vit"]["precision"] == "bfloat16 kernels", r
+
+
 @pytest.mark.slow  # compiles the heterogeneous demo set
 def test_demo_takes_kernel_precision_and_says_what_tolerance_it_checked(tmp_path, capsys):
     from mtcompile.cli import main
@@ -251,7 +294,7 @@ def test_demo_takes_kernel_precision_and_says_what_tolerance_it_checked(tmp_path
     assert main(["demo", "-o", str(tmp_path / "d"), "--kernel-precision", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "numerics: PASS" in out and "with bfloat16 kernels 2e-2" in out
-    assert "; bfloat16 dense layers and Winograd convs (mlp, text" in out  # the summary says so
+    assert "; bfloat16 dense layers and convs (mlp, text" in out  # the summary says so
     loaded = mtcompile.load(tmp_path / "d")
     assert loaded.manifest.kernel_precision == "bfloat16"
     assert any(dtype == "uint16" for _, _, dtype in loaded.manifest.weights.tensors)

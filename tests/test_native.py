@@ -877,6 +877,7 @@ def test_kernel_names_are_the_table_s_rows():
         "conv2d_winograd_run",
         "conv2d_winograd_bf16_run",
         "conv2d_patch_run",
+        "conv2d_patch_bf16_run",
         "softmax_run",
         "layer_norm_run",
         "attention_run",
@@ -893,7 +894,7 @@ def test_the_generated_header_lists_every_native_form():
     """kernels_table.h, generated from the table, has one registration row per native form."""
     text = native.table.header()
     native_forms = [f for f in native.table.FORMS if f.provider == "native"]
-    assert text.count('{"mtcompile.native.') == len(native_forms) == 45  # 44 + attention
+    assert text.count('{"mtcompile.native.') == len(native_forms) == 51  # 50 + attention
     assert (
         '{"mtcompile.native.conv2d_bias_add_relu", &conv2d_run, 2, true, true, true, '
         "kActRelu}," in text

@@ -32,7 +32,7 @@ class Kernel:
 
     name: the kernel (``matmul``); variant: a variant of it (``packed``: the weight packed at
     build time; ``bf16``: packed as bfloat16, the sums in float32; ``winograd``: a 3x3 conv's weight transformed at build time; ``patch``: a
-    patch embedding's weight packed as a dense layer's); base: the symbols' stem (``dense_packed``); computes: the Relax op it
+    patch embedding's weight packed as a dense layer's; ``patch_bf16``: that as bfloat16); base: the symbols' stem (``dense_packed``); computes: the Relax op it
     computes (`ATTENTION`: a chain of them); inputs: its tensor arguments before a bias; entry: the C++ function that runs
     it; bias: whether it has a form with a 1-D per-channel bias after the inputs (``plain``:
     and one without); epilogues: what its bias form may apply (`EPILOGUES`, native only);
@@ -126,6 +126,17 @@ KERNELS = (
         "conv2d_patch_run",
         base="conv2d_patch",
         variant="patch",
+        bias=True,
+        epilogues=tuple(EPILOGUES),
+        params=True,
+    ),
+    Kernel(
+        "conv2d",
+        "relax.nn.conv2d",
+        ("x", "bf16 packed weight"),
+        "conv2d_patch_bf16_run",
+        base="conv2d_patch_bf16",
+        variant="patch_bf16",
         bias=True,
         epilogues=tuple(EPILOGUES),
         params=True,

@@ -287,7 +287,7 @@ class SubsetFunction:
 
 
 # library call variants that compute in bfloat16 (mtcompile.native.table)
-BF16_VARIANTS = ("bf16", "winograd_bf16")
+BF16_VARIANTS = ("bf16", "winograd_bf16", "patch_bf16")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 // "matmul" and its "packed" and "bf16" variants; and a patch
 // embedding (conv2d's "patch" variant) as a dense layer on its patches.
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -297,17 +298,12 @@ void dense_packed_impl(const char* op, TensorView a, TensorView wp, const float*
 }
 
 // ---------------------------------------------------------------- patch embedding
-// conv2d[patch]: a conv whose stride is its kernel, unpadded, undilated, one group (a ViT's
-// patch embedding), as a dense layer on its patches: a[(n, oh, ow), (c, kh, kw)] =
-// x[n, c, oh * KH + kh, ow * KW + kw] times the weight [O, C * KH * KW] transposed and packed
-// at build time as dense_packed's panels; the result [N * OH * OW, O] is then transposed
-// into out [N, O, OH, OW]. (The direct conv would use 6 of 16 lanes on a 6-patch-wide
-// output, and im2col + BLAS repacks the weight on every call.)
-void conv2d_patch_impl(const char* op, TensorView x, TensorView wp, const float* bias,
-                       int64_t nbias, const tvm::ffi::Shape& params, TensorView out,
-                       const Epilogue& ep) {
+// a patch call's tensors and parameters checked (wp: float32 panels, or with bf16 bfloat16
+// pairs); its geometry: N, C, OH, OW, KH, KW
+std::array<int64_t, 6> patch_geom(const char* op, TensorView x, TensorView wp, int64_t nbias,
+                                  const tvm::ffi::Shape& params, TensorView out, bool bf16) {
   check_tensor(op, "x", x, 4, 4);
-  check_tensor(op, "packed weight", wp, 3, 3);
+  check_tensor(op, "packed weight", wp, 3, 3, bf16 ? kUint16 : kFloat32);
   check_tensor(op, "out", out, 4, 4);
   if (params.size() != 9 || params[2] || params[3] || params[4] || params[5] ||
       params[6] != 1 || params[7] != 1 || params[8] != 1 || params[0] < 1 || params[1] < 1) {
@@ -317,19 +313,36 @@ void conv2d_patch_impl(const char* op, TensorView x, TensorView wp, const float*
                               << "padding, dilation 1 and one group; found params [" << found
                               << "] (stride h/w, padding t/l/b/r, dilation h/w, groups)";
   }
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t KH = params[0], KW = params[1], OH = H / KH, OW = W / KW, O = out.size(1);
-  const int64_t K = C * KH * KW, P = OH * OW, panels = (O + kDenseNR - 1) / kDenseNR;
-  if (wp.size(0) != panels || wp.size(1) != K || wp.size(2) != kDenseNR)
+  const int64_t N = x.size(0), C = x.size(1), KH = params[0], KW = params[1];
+  const int64_t OH = x.size(2) / KH, OW = x.size(3) / KW, O = out.size(1), K = C * KH * KW;
+  const int64_t panels = (O + kDenseNR - 1) / kDenseNR;
+  const int64_t depth = bf16 ? (K + 1) / 2 : K, width = bf16 ? 2 * kDenseNR : kDenseNR;
+  if (wp.size(0) != panels || wp.size(1) != depth || wp.size(2) != width)
     TVM_FFI_THROW(ValueError) << op << ": packed weight has shape " << shape_str(wp)
-                              << ", expected [" << panels << ", " << K << ", " << kDenseNR
+                              << ", expected [" << panels << ", " << depth << ", " << width
                               << "] for x " << shape_str(x) << " and out " << shape_str(out);
   if (out.size(0) != N || out.size(2) != OH || out.size(3) != OW)
     TVM_FFI_THROW(ValueError) << op << ": out has shape " << shape_str(out) << ", expected ["
                               << N << ", " << O << ", " << OH << ", " << OW << "]";
-  if (bias != nullptr && nbias != O)
+  if (nbias >= 0 && nbias != O)
     TVM_FFI_THROW(ValueError) << op << ": bias has " << nbias << " values, out has " << O
                               << " channels";
+  return {N, C, OH, OW, KH, KW};
+}
+
+// conv2d[patch]: a conv whose stride is its kernel, unpadded, undilated, one group (a ViT's
+// patch embedding), as a dense layer on its patches: a[(n, oh, ow), (c, kh, kw)] =
+// x[n, c, oh * KH + kh, ow * KW + kw] times the weight [O, C * KH * KW] transposed and packed
+// at build time as dense_packed's panels (W = uint32_t: dense_bf16's pairs, the "patch_bf16"
+// variant); the result [N * OH * OW, O] is then transposed into out [N, O, OH, OW]. (The
+// direct conv would use 6 of 16 lanes on a 6-patch-wide output, and im2col + BLAS repacks
+// the weight on every call.)
+template <typename W>
+void conv2d_patch_impl(const Call& c) {
+  const TensorView x = c.in(0), wp = c.in(1), out = c.out();
+  const auto [N, C, OH, OW, KH, KW] = patch_geom(c.op, x, wp, c.bias != nullptr ? c.nbias : -1,
+                                                 c.params, out, std::is_same_v<W, uint32_t>);
+  const int64_t H = x.size(2), Wd = x.size(3), O = out.size(1), K = C * KH * KW, P = OH * OW;
   if (N * P == 0 || O == 0) return;
   thread_local std::vector<float> a, ct;  // the calling thread's patches and result
   if (a.size() < static_cast<size_t>(N * P * K)) a.resize(N * P * K);
@@ -342,14 +355,16 @@ void conv2d_patch_impl(const char* op, TensorView x, TensorView wp, const float*
         for (int64_t ch = 0; ch < C; ++ch)
           for (int64_t kh = 0; kh < KH; ++kh)
             std::memcpy(row + (ch * KH + kh) * KW,
-                        px + ((n * C + ch) * H + oh * KH + kh) * W + ow * KW, KW * sizeof(float));
+                        px + ((n * C + ch) * H + oh * KH + kh) * Wd + ow * KW, KW * sizeof(float));
       }
-  dense_packed_rows(1, N * P, K, O, a.data(), fdata(wp), bias, O, ct.data(), Epilogue{});
+  const auto* w = reinterpret_cast<const W*>(static_cast<const char*>(wp.data_ptr()) +
+                                             wp.byte_offset());
+  dense_packed_rows(1, N * P, K, O, a.data(), w, c.bias, O, ct.data(), Epilogue{});
   float* po = fdata_mut(out);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t o = 0; o < O; ++o)
       for (int64_t p = 0; p < P; ++p) po[(n * O + o) * P + p] = ct[(n * P + p) * O + o];
-  finish_block(ep, po, 0, P, N * O, P);
+  finish_block(c.ep, po, 0, P, N * O, P);
 }
 
 }  // namespace
@@ -368,8 +383,8 @@ void dense_bf16_run(const Call& c) {
   dense_packed_impl(c.op, c.in(0), c.in(1), c.bias, c.nbias, c.out(), c.ep, true);
 }
 
-void conv2d_patch_run(const Call& c) {
-  conv2d_patch_impl(c.op, c.in(0), c.in(1), c.bias, c.nbias, c.params, c.out(), c.ep);
-}
+void conv2d_patch_run(const Call& c) { conv2d_patch_impl<float>(c); }
+
+void conv2d_patch_bf16_run(const Call& c) { conv2d_patch_impl<uint32_t>(c); }
 
 }  // namespace mtc
